@@ -1,0 +1,23 @@
+"""laftr: function space distance between networks from a compact summary of the training data."""
+
+from .estimators import EstimatorConfig, FSDEstimator, available_estimators, make_estimator, register
+from .exact import exact_fsd
+from .io import SummaryFileError, load, save
+from .metrics import METRICS, discrepancy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METRICS",
+    "EstimatorConfig",
+    "FSDEstimator",
+    "SummaryFileError",
+    "available_estimators",
+    "discrepancy",
+    "exact_fsd",
+    "load",
+    "make_estimator",
+    "register",
+    "save",
+    "__version__",
+]

@@ -1,0 +1,65 @@
+"""Exact function space distance over a dataset: the ground truth every estimator is scored against."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._util import Data, iter_batches, model_device_dtype
+from .metrics import check_metric, discrepancy
+
+
+def exact_fsd(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Data,
+    metric: str = "l2",
+    outputs: Sequence[int] | None = None,
+    grad: bool = False,
+    batch_size: int = 512,
+    progress: bool = False,
+) -> torch.Tensor:
+    """``mean_x rho(f(x; model_a), f(x; model_b))`` over every example in ``data``.
+
+    ``model_a`` is the reference (theta0): ``kl`` is ``KL(p_a || p_b)``. Both models are evaluated
+    in eval mode (dropout off, batch norm on running statistics) and put back as they were.
+
+    Args:
+        model_a: reference network.
+        model_b: the other network (same output shape).
+        data: loader of ``(x, y)`` or ``x`` batches, a tensor of inputs, or an ``(X, Y)`` pair.
+        metric: ``l2``, ``mse``, ``l2-probs`` or ``kl``.
+        outputs: optional subset of output units to compare (multi-head tasks).
+        grad: keep the graph so the result can be differentiated w.r.t. ``model_b``'s parameters
+            (memory grows with the data; meant for small sets).
+        batch_size: batch size when ``data`` is a tensor.
+        progress: show a progress bar.
+
+    Returns:
+        A 0-dim tensor in ``model_b``'s dtype.
+    """
+    check_metric(metric)
+    device, dtype = model_device_dtype(model_b)
+    modes = (model_a.training, model_b.training)
+    model_a.eval()
+    model_b.eval()
+    total = None
+    count = 0
+    try:
+        ctx = torch.enable_grad() if grad else torch.no_grad()
+        with ctx:
+            for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress, desc="exact FSD"):
+                with torch.no_grad():
+                    z0 = model_a(x)
+                z = model_b(x)
+                d = discrepancy(z0.to(z.dtype), z, metric, outputs).sum()
+                total = d if total is None else total + d
+                count += x.shape[0]
+    finally:
+        model_a.train(modes[0])
+        model_b.train(modes[1])
+    assert total is not None
+    return total / count

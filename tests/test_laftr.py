@@ -1,0 +1,298 @@
+"""LAFTR against exact computations: closed form vs Monte Carlo, relu gates vs exact FSD, invariances."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import laftr
+from laftr.graph import TracedNet
+from laftr.rules import UnsupportedOpError
+from laftr.summary import fit_summary
+
+from cases import FunctionalNet, GeluNet, SmallCNN, TinyResNet, mlp, perturbed, randomize_bn
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(DT)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _data(n=120, shape=(5,), classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn((n, *shape), generator=g)
+    Y = torch.randint(0, classes, (n,), generator=g)
+    return X, Y
+
+
+def _mc_mean_se(est_kwargs, model, other, data, reps=12, samples=4000):
+    vals = []
+    for r in range(reps):
+        e = laftr.make_estimator("laftr", num_samples=samples, seed=100 + r, **est_kwargs).fit(model, data)
+        vals.append(e(other).item())
+    v = torch.tensor(vals)
+    return v.mean().item(), v.std().item() / math.sqrt(reps)
+
+
+@pytest.mark.parametrize("input_model", ["gaussian", "diag", "lowrank", "classwise", "coreset"])
+def test_exact_matches_monte_carlo(input_model):
+    model = mlp()
+    other = perturbed(model, 0.2)
+    data = _data()
+    kw = dict(input_model=input_model, rank=2, coreset_size=50)
+    exact = laftr.make_estimator("laftr-exact", **kw).fit(model, data)(other).item()
+    mean, se = _mc_mean_se(kw, model, other, data)
+    assert se > 0
+    assert abs(mean - exact) < 4 * se + 1e-12, (mean, exact, se)
+    # and the MC error shrinks with S: a 100x smaller sample is visibly noisier
+    small = [laftr.make_estimator("laftr", num_samples=40, seed=s, **kw).fit(model, data)(other).item()
+             for s in range(12)]
+    assert torch.tensor(small).std().item() > 3 * se
+
+
+@pytest.mark.parametrize("factory", [lambda: mlp(leaky=0.1), FunctionalNet, lambda: TinyResNet(c=2)])
+def test_exact_matches_monte_carlo_other_architectures(factory):
+    model = factory()
+    randomize_bn(model, torch.Generator().manual_seed(3))
+    shape = (1, 4, 4) if isinstance(model, TinyResNet) else (5,)
+    data = _data(80, shape)
+    other = perturbed(model, 0.2)
+    exact = laftr.make_estimator("laftr-exact").fit(model, data)(other).item()
+    mean, se = _mc_mean_se({}, model, other, data, reps=10, samples=3000)
+    assert abs(mean - exact) < 4 * se + 1e-12, (mean, exact, se)
+
+
+@pytest.mark.parametrize("metric", ["l2", "l2-probs", "kl", "mse"])
+@pytest.mark.parametrize("factory,shape,head", [
+    (mlp, (5,), "4"), (FunctionalNet, (5,), "head"), (SmallCNN, (1, 6, 6), "fc"),
+])
+def test_relu_gates_on_data_equal_exact_fsd_when_only_head_differs(metric, factory, shape, head):
+    model = factory()
+    randomize_bn(model, torch.Generator().manual_seed(2))
+    X, Y = _data(60, shape)
+    other = perturbed(model, 0.5, only=head)
+    est = laftr.make_estimator("laftr", metric=metric, gates="relu", input_model="coreset", coreset_size=60,
+                               num_samples=60).fit(model, (X, Y))
+    truth = laftr.exact_fsd(model, other, X, metric=metric)
+    assert truth > 1e-4
+    torch.testing.assert_close(est(other), truth, rtol=1e-10, atol=1e-12)
+    # when hidden layers change too, relu gates are no longer exact
+    moved = perturbed(model, 0.5)
+    assert not torch.allclose(est(moved), laftr.exact_fsd(model, moved, X, metric=metric), rtol=1e-6)
+
+
+def _positive_net():
+    model = mlp(4, (6, 5), 3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if not n.startswith("4"):
+                p.copy_(p.abs() + 0.05)
+    return model
+
+
+def test_bernoulli_equals_relu_gates_when_pattern_cannot_change():
+    model = _positive_net()
+    X = torch.rand(40, 4)  # positive inputs, positive weights: every unit always on
+    other = perturbed(model, 0.3)
+    kw = dict(input_model="coreset", coreset_size=40, num_samples=40)
+    bern = laftr.make_estimator("laftr", metric="kl", **kw).fit(model, X)
+    relu = laftr.make_estimator("laftr", metric="kl", gates="relu", **kw).fit(model, X)
+    assert all(torch.equal(m, torch.ones_like(m)) for m in bern.summary.site_means().values())
+    torch.testing.assert_close(bern(other), relu(other), rtol=1e-12, atol=0)
+    # the closed form on the coreset's moments is then the exact l2 FSD on those points (a linear network)
+    lin = laftr.make_estimator("laftr-exact", **kw).fit(model, X)
+    other_lin = perturbed(model, 0.01)  # small move: pattern still all-on for the perturbed net
+    torch.testing.assert_close(lin(other_lin), laftr.exact_fsd(model, other_lin, X), rtol=1e-9, atol=1e-14)
+
+
+def test_exact_finite_difference_gradient_and_regularizer_pulls_back():
+    model = mlp(4, (5,), 2)
+    data = _data(50, (4,))
+    est = laftr.make_estimator("laftr-exact").fit(model, data)
+    other = perturbed(model, 0.3)
+    params = list(other.parameters())
+    d = est(other)
+    grads = torch.autograd.grad(d, params)
+    eps = 1e-6
+    for p, g in zip(params, grads):
+        for idx in [(0,) * p.ndim, tuple(s - 1 for s in p.shape)]:
+            with torch.no_grad():
+                p[idx] += eps
+                up = est(other).item()
+                p[idx] -= 2 * eps
+                down = est(other).item()
+                p[idx] += eps
+            assert abs((up - down) / (2 * eps) - g[idx].item()) < 1e-6 * max(1.0, abs(g[idx].item()))
+    # gradient descent on the estimate moves theta toward theta0 in function space
+    X = data[0]
+    before = laftr.exact_fsd(model, other, X).item()
+    opt = torch.optim.SGD(other.parameters(), lr=0.05)
+    for _ in range(20):
+        opt.zero_grad()
+        est(other).backward()
+        opt.step()
+    assert laftr.exact_fsd(model, other, X).item() < 0.7 * before
+
+
+def test_mc_gradcheck_with_fixed_noise():
+    model = mlp(3, (4,), 2)
+    est = laftr.make_estimator("laftr", metric="kl", num_samples=16, fixed_noise=True).fit(model, _data(30, (3,)))
+    other = perturbed(model, 0.2)
+    w = other[0].weight
+    d = est(other)
+    (g,) = torch.autograd.grad(d, [w])
+    eps = 1e-6
+    with torch.no_grad():
+        w[1, 2] += eps
+        up = est(other).item()
+        w[1, 2] -= 2 * eps
+        down = est(other).item()
+        w[1, 2] += eps
+    assert abs((up - down) / (2 * eps) - g[1, 2].item()) < 1e-6
+    assert est(model).item() == 0.0
+
+
+def test_merge_of_shards_equals_fit_on_all_and_batch_size_invariance():
+    model = mlp()
+    X, Y = _data(101)
+    net = TracedNet(model)
+    p0 = {k: v.detach() for k, v in model.state_dict().items()}
+    kw = dict(classwise=True, full_cov=True, coreset_size=17, seed=5)
+    full = fit_summary(net, p0, (X, Y), batch_size=13, **kw)
+    a = fit_summary(net, p0, (X[:40], Y[:40]), batch_size=64, **kw)
+    b = fit_summary(net, p0, (X[40:], Y[40:]), batch_size=7, **kw)
+    merged = b.merge(a)
+    for k, v in full.tensors().items():
+        torch.testing.assert_close(merged.tensors()[k], v, rtol=1e-12, atol=1e-12, msg=k)
+    # the merged summary gives the same distance
+    other = perturbed(model)
+    e1 = laftr.make_estimator("laftr-exact", input_model="classwise").fit(model, (X, Y), )
+    e2 = laftr.make_estimator("laftr-exact", input_model="classwise").fit_summary_only(merged, model)
+    torch.testing.assert_close(e1(other), e2(other), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("name,kw", [("laftr-exact", {"input_model": "lowrank", "rank": 2}),
+                                     ("laftr", {"metric": "kl", "fixed_noise": True, "input_model": "classwise"}),
+                                     ("laftr", {"input_model": "coreset", "coreset_size": 10, "fixed_noise": True})])
+def test_save_load_round_trip(tmp_path, name, kw):
+    model = SmallCNN(maxpool=True) if name == "laftr" else mlp()
+    shape = (1, 6, 6) if name == "laftr" else (5,)
+    data = _data(40, shape)
+    est = laftr.make_estimator(name, **kw).fit(model, data, outputs=[0, 2])
+    other = perturbed(model)
+    path = laftr.save(est, tmp_path / "s.laftr")
+    back = laftr.load(path)
+    assert back.stored_floats() == est.stored_floats()
+    assert back.outputs == [0, 2]
+    torch.testing.assert_close(back(other), est(other), rtol=1e-12, atol=0)
+
+
+def test_outputs_restrict_the_distance():
+    model = mlp()
+    X, _ = _data()
+    other = perturbed(model, only="4")
+    full = laftr.exact_fsd(model, other, X)
+    parts = laftr.exact_fsd(model, other, X, outputs=[0]) + laftr.exact_fsd(model, other, X, outputs=[1, 2])
+    torch.testing.assert_close(full, parts)
+    e = laftr.make_estimator("laftr-exact").fit(model, X, outputs=[1, 2])
+    e_all = laftr.make_estimator("laftr-exact").fit(model, X)
+    e0 = laftr.make_estimator("laftr-exact").fit(model, X, outputs=[0])
+    torch.testing.assert_close(e(other) + e0(other), e_all(other))
+
+
+def test_stored_floats_formulas():
+    model = mlp(5, (8, 6), 3)
+    data = _data()
+    units = 8 + 6
+    expect = {"gaussian": units + 5 + 25, "diag": units + 10, "lowrank": units + 5 + 10 + 5,
+              "coreset": units + 7 * 5, "classwise": 3 * units + 3 * (1 + 5 + 25)}
+    for im, n in expect.items():
+        e = laftr.make_estimator("laftr", input_model=im, rank=2, coreset_size=7).fit(model, data)
+        assert e.stored_floats() == n, im
+
+
+def test_cnn_and_resnet_monte_carlo_run_and_are_differentiable():
+    for model, shape in [(SmallCNN(), (1, 6, 6)), (TinyResNet(), (1, 5, 5))]:
+        data = _data(30, shape)
+        for mp in ["sample", "argmax0", "separate"]:
+            e = laftr.make_estimator("laftr", metric="kl", num_samples=8, maxpool=mp).fit(model, data)
+            other = perturbed(model)
+            d = e(other)
+            assert d.ndim == 0 and d.item() > 0
+            d.backward()
+            assert all(p.grad is not None for p in other.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    model = mlp()
+    data = _data()
+    other = perturbed(model)
+    cpu = laftr.make_estimator("laftr-exact").fit(model, data)(other)
+    est = laftr.make_estimator("laftr-exact").fit(copy.deepcopy(model).cuda(), (data[0].cuda(), data[1].cuda()))
+    torch.testing.assert_close(est(copy.deepcopy(other).cuda()).cpu(), cpu)
+
+
+# ---------------------------------------------------------------------- bad input
+def test_unsupported_op_is_named():
+    with pytest.raises(UnsupportedOpError, match=r"act.*GELU"):
+        laftr.make_estimator("laftr").fit(GeluNet(), torch.randn(10, 4))
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    model = mlp()
+    X, Y = _data()
+    with pytest.raises(ValueError, match="unknown metric"):
+        laftr.make_estimator("laftr", metric="cosine")
+    with pytest.raises(ValueError, match="unknown estimator"):
+        laftr.make_estimator("laftrr")
+    with pytest.raises(ValueError, match="closed form only"):
+        laftr.make_estimator("laftr-exact", metric="kl")
+    with pytest.raises(ValueError, match="input_model"):
+        laftr.make_estimator("laftr", input_model="gmm")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        laftr.make_estimator("laftr")(model)
+    Xn = X.clone()
+    Xn[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        laftr.make_estimator("laftr").fit(model, Xn)
+    with pytest.raises(ValueError, match="labels"):
+        laftr.make_estimator("laftr", input_model="classwise").fit(model, X)
+    est = laftr.make_estimator("laftr").fit(model, X)
+    with pytest.raises(ValueError, match="architecture mismatch"):
+        est(mlp(5, (9, 6), 3))
+    with pytest.raises(ValueError, match="out of range"):
+        laftr.make_estimator("laftr", num_samples=4).fit(model, X, outputs=[7])(model)
+    path = laftr.save(est, tmp_path / "a.laftr")
+    raw = path.read_bytes()
+    (tmp_path / "trunc.laftr").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(laftr.SummaryFileError):
+        laftr.load(tmp_path / "trunc.laftr")
+    (tmp_path / "junk.laftr").write_bytes(b"not a summary at all")
+    with pytest.raises(laftr.SummaryFileError):
+        laftr.load(tmp_path / "junk.laftr")
+    with pytest.raises(FileNotFoundError):
+        laftr.load(tmp_path / "missing.laftr")
+    with pytest.raises(FileExistsError):
+        laftr.save(est, path, overwrite=False)
+    with pytest.raises(ValueError, match="shape"):
+        laftr.exact_fsd(model, mlp(5, (8, 6), 4), X)
+
+
+def test_exact_refuses_max_pool_and_huge_states():
+    model = SmallCNN(maxpool=True)
+    data = _data(20, (1, 6, 6))
+    with pytest.raises(UnsupportedOpError, match="max pooling"):
+        laftr.make_estimator("laftr-exact").fit(model, data)(model)
+    big = mlp(5, (400, 400), 3)
+    with pytest.raises(MemoryError, match="Monte Carlo"):
+        laftr.make_estimator("laftr-exact", max_state=500).fit(big, _data())(big)
