@@ -1,0 +1,47 @@
+"""Data sets for the experiments: Fashion-MNIST, MNIST, CIFAR-10/100, small bundled sets, regression tables.
+
+All loaders return a :class:`Dataset` of in-memory tensors and never download anything.
+"""
+
+from .datasets import (
+    CIFAR10_CLASSES,
+    DATASET_NAMES,
+    DEFAULT_FASHION_MNIST_DIR,
+    FASHION_MNIST_CLASSES,
+    REGRESSION_NAMES,
+    Dataset,
+    DatasetNotFoundError,
+    default_dataset,
+    fashion_mnist_available,
+    load_cifar10,
+    load_cifar100,
+    load_dataset,
+    load_digits,
+    load_fashion_mnist,
+    load_mnist,
+    load_mnist_sample,
+    load_regression,
+)
+from .idx import read_idx, write_idx
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "DATASET_NAMES",
+    "DEFAULT_FASHION_MNIST_DIR",
+    "FASHION_MNIST_CLASSES",
+    "REGRESSION_NAMES",
+    "Dataset",
+    "DatasetNotFoundError",
+    "default_dataset",
+    "fashion_mnist_available",
+    "load_cifar10",
+    "load_cifar100",
+    "load_dataset",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_mnist",
+    "load_mnist_sample",
+    "load_regression",
+    "read_idx",
+    "write_idx",
+]
