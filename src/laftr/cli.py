@@ -124,9 +124,23 @@ register_subcommand("demo", "continual-learning demo on split (Fashion-)MNIST", 
 register_subcommand("info", "describe a saved summary file", _info_args, _info_run)
 
 
+# ---------------------------------------------------------------------------------------------- plug-ins
+#: Modules that register further subcommands when imported (each calls :func:`register_subcommand`).
+PLUGINS = ("laftr.bench.cli", "laftr.continual.cli", "laftr.influence.cli")
+
+
+def _load_plugins() -> None:
+    import importlib
+
+    for name in PLUGINS:
+        importlib.import_module(name)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+
+    _load_plugins()
 
     parser = argparse.ArgumentParser(
         prog="laftr",

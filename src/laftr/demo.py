@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 import laftr
 
+from .models import mlp
 from .report import markdown_table, prepare_out_dir, pyplot, run_metadata, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -44,19 +45,6 @@ class DemoSettings:
     num_samples: int = 64
     eval_calls: int = 5  # estimator calls averaged for the reported estimate
     hidden: list[int] = field(default_factory=lambda: [256, 256])
-
-
-def make_mlp(
-    hidden: list[int] | tuple[int, ...] = (256, 256), in_features: int = 784, out: int = 10
-) -> nn.Module:
-    """``Flatten`` then an MLP ``in_features - hidden... - out`` with ReLUs."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    d = in_features
-    for h in hidden:
-        layers += [nn.Linear(d, h), nn.ReLU()]
-        d = h
-    layers.append(nn.Linear(d, out))
-    return nn.Sequential(*layers)
 
 
 def _task_split(x: torch.Tensor, y: torch.Tensor, classes: list[int], n: int | None, gen: torch.Generator):
@@ -195,7 +183,7 @@ def run_demo(
 
     # --- task A
     t0 = time.perf_counter()
-    model0 = make_mlp(st.hidden, in_features=xa[0].numel())
+    model0 = mlp(xa[0].numel(), st.hidden, 10)
     train_task(model0, xa, ya, TASK_A, st, seed, desc="task A", progress=progress)
     timings["train_A"] = time.perf_counter() - t0
 
@@ -232,7 +220,7 @@ def run_demo(
     models: dict[str, nn.Module] = {"theta0 (after A)": model0}
     for name, lam_ in (("fine-tuned on B", 0.0), (f"LAFTR-reg. on B (lam={st.lam:g})", st.lam)):
         t0 = time.perf_counter()
-        m = make_mlp(st.hidden, in_features=xa[0].numel())
+        m = mlp(xa[0].numel(), st.hidden, 10)
         m.load_state_dict(model0.state_dict())
         train_task(
             m,
