@@ -1,1 +1,1 @@
-"""(being written)."""
+"""Benchmarks shipped with the package: ``laftr fsd-bench`` (:mod:`laftr.bench.fsd`)."""
