@@ -1,7 +1,9 @@
-"""Cost of one LAFTR evaluation+backward on a 784-512-512-10 MLP over Fashion-MNIST (issue: core).
+"""Cost of one LAFTR evaluation + backward on a 784-512-512-10 MLP over Fashion-MNIST (core issue).
 
-Times (medians over repeats, same run): LAFTR MC (64 samples) and laftr-exact evaluation+backward, one
-plain training step (batch 128), exact FSD over the full training set; stored floats per input model.
+Measured in one run, medians over repeats: evaluation + backward of LAFTR Monte Carlo (64 samples) on every
+input model and of laftr-exact; one plain training step (Adam, batch 128: forward, backward, step); the exact
+FSD over the full training set (forward only, and forward + backward as a regularizer would need it); and the
+floats each input model stores.
 
     python benchmarks/core_timing.py --out benchmarks/results/core_timing.json
 """
@@ -10,34 +12,33 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 import laftr
+from laftr.data import load_fashion_mnist
+from laftr.exact import exact_fsd_and_grad
+from laftr.models import mlp, num_params
+from laftr.report import markdown_table, run_metadata, write_json_atomic
+
+INPUT_MODELS = [
+    ("laftr", {"input_model": "gaussian"}),
+    ("laftr", {"input_model": "diag"}),
+    ("laftr", {"input_model": "lowrank", "rank": 20}),
+    ("laftr", {"input_model": "classwise"}),
+    ("laftr", {"input_model": "coreset", "coreset_size": 200}),
+    ("laftr-exact", {"input_model": "gaussian"}),
+    ("laftr-exact", {"input_model": "diag"}),
+]
 
 
-def load_fmnist(root="/usr/share/datasets/fashion-mnist"):
-    def read(name):
-        with gzip.open(os.path.join(root, name)) as f:
-            raw = f.read()
-        return np.frombuffer(raw, np.uint8)
-    X = read("train-images-idx3-ubyte.gz")[16:].reshape(-1, 784).astype(np.float32) / 255
-    Y = read("train-labels-idx1-ubyte.gz")[8:].astype(np.int64)
-    return torch.from_numpy(X), torch.from_numpy(Y)
-
-
-def timeit(fn, reps):
-    fn()
+def median_time(fn, reps: int) -> float:
+    fn()  # warm-up
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -46,69 +47,82 @@ def timeit(fn, reps):
     return statistics.median(ts)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--reps", type=int, default=7)
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="results JSON (refuses to overwrite without --force)")
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-samples", type=int, default=64)
     args = ap.parse_args()
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        sys.exit(f"{out} exists; pass --force to replace it")
     torch.manual_seed(args.seed)
-    X, Y = load_fmnist()
-    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for i in range(0, 12800, 128):  # a little training so the activation pattern is realistic
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(X[i:i + 128]), Y[i:i + 128]).backward()
-        opt.step()
-    theta = copy.deepcopy(model)
-    opt = torch.optim.Adam(theta.parameters(), 1e-3)  # a continuation on shifted labels: theta moves away
-    for i in range(12800, 25600, 128):
-        opt.zero_grad()
-        nn.functional.cross_entropy(theta(X[i:i + 128]), (Y[i:i + 128] + 1) % 10).backward()
-        opt.step()
-    theta_opt = torch.optim.SGD(theta.parameters(), 1e-3)
-    res = {"command": " ".join([sys.executable.split("/")[-1]] + sys.argv), "seed": args.seed,
-           "device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "platform": platform.platform(), "n_train": len(X)}
-    try:
-        res["git_revision"] = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:  # noqa: BLE001
-        res["git_revision"] = None
+    ds = load_fashion_mnist().flat()
+    X, Y = ds.x_train, ds.y_train
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def train(model, labels, epochs=1):
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        for _ in range(epochs):
+            perm = torch.randperm(len(X), generator=gen)
+            for i in range(0, len(X) - 127, 128):
+                b = perm[i:i + 128]
+                opt.zero_grad()
+                F.cross_entropy(model(X[b]), labels[b]).backward()
+                opt.step()
+
+    model0 = mlp(784, (512, 512), 10)
+    train(model0, Y)  # theta0: one epoch on Fashion-MNIST
+    theta = copy.deepcopy(model0)
+    train(theta, (Y + 1) % 10)  # theta: one epoch on shifted labels, far from theta0 in function space
+    model0.requires_grad_(False)
+    opt = torch.optim.Adam(theta.parameters(), 1e-4)
 
     def train_step():
-        i = np.random.randint(0, len(X) - 128)
-        theta_opt.zero_grad()
-        nn.functional.cross_entropy(theta(X[i:i + 128]), Y[i:i + 128]).backward()
+        b = torch.randint(len(X), (128,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(theta(X[b]), Y[b]).backward()
+        opt.step()
 
-    res["train_step_s"] = timeit(train_step, args.reps * 3)
-    t = time.perf_counter()
-    truth = laftr.exact_fsd(model, theta, X, metric="l2").item()
-    res["exact_fsd_full_train_s"] = time.perf_counter() - t
-    res["exact_fsd_l2"] = truth
+    res = {"n_train": len(X), "params": num_params(model0), "num_samples": args.num_samples}
+    res["train_step_s"] = median_time(train_step, args.reps * 4)
+    res["exact_fsd_forward_s"] = median_time(lambda: laftr.exact_fsd(model0, theta, X, batch_size=2000), 3)
+    res["exact_fsd_forward_backward_s"] = median_time(
+        lambda: exact_fsd_and_grad(model0, theta, X, batch_size=2000), 3)
+    res["exact_fsd_l2"] = float(laftr.exact_fsd(model0, theta, X))
     rows = []
-    for name, kw in [("laftr", {"num_samples": 64}), ("laftr-exact", {}),
-                     ("laftr", {"num_samples": 64, "input_model": "diag"}),
-                     ("laftr", {"num_samples": 64, "input_model": "lowrank", "rank": 20}),
-                     ("laftr", {"num_samples": 64, "input_model": "classwise"}),
-                     ("laftr", {"num_samples": 64, "input_model": "coreset", "coreset_size": 200})]:
-        est = laftr.make_estimator(name, metric="l2", **kw)
+    for name, kw in INPUT_MODELS:
+        extra = {} if name == "laftr-exact" else {"num_samples": args.num_samples}
+        est = laftr.make_estimator(name, metric="l2", seed=args.seed, **kw, **extra)
         t = time.perf_counter()
-        est.fit(model, (X, Y))
+        est.fit(model0, (X, Y))
         fit_s = time.perf_counter() - t
 
-        def step():
-            theta_opt.zero_grad()
+        def step(est=est):
+            opt.zero_grad()
             est(theta).backward()
 
-        s = timeit(step, args.reps)
-        row = {"estimator": name, **kw, "fit_s": fit_s, "eval_backward_s": s,
-               "ratio_to_train_step": s / res["train_step_s"], "ratio_to_exact_fsd": s / res["exact_fsd_full_train_s"],
-               "stored_floats": est.stored_floats(), "estimate": est(theta).item()}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        s = median_time(step, args.reps if name == "laftr" else max(3, args.reps // 3))
+        with torch.no_grad():
+            vals = [float(est(theta)) for _ in range(5 if name == "laftr" else 1)]
+        rows.append({"estimator": name, **kw, "fit_s": fit_s, "eval_backward_ms": s * 1e3,
+                     "x_train_step": s / res["train_step_s"],
+                     "x_exact_fsd_forward": s / res["exact_fsd_forward_s"],
+                     "x_exact_fsd_forward_backward": s / res["exact_fsd_forward_backward_s"],
+                     "stored_floats": est.stored_floats(), "estimate_l2": statistics.mean(vals)})
+        print(rows[-1], flush=True)
     res["rows"] = rows
-    from laftr.io import atomic_write_bytes
-    atomic_write_bytes(args.out, json.dumps(res, indent=2).encode())
+    res["metadata"] = run_metadata(" ".join(["python"] + sys.argv), args.seed)
+    res["table_markdown"] = markdown_table(rows, ["estimator", "input_model", "stored_floats", "fit_s",
+                                                  "eval_backward_ms", "x_train_step", "x_exact_fsd_forward",
+                                                  "x_exact_fsd_forward_backward", "estimate_l2"], floatfmt=".3g")
+    write_json_atomic(out, res)
+    print(res["table_markdown"])
+    print(f"train step {res['train_step_s'] * 1e3:.2f} ms; exact FSD over {len(X)}: forward "
+          f"{res['exact_fsd_forward_s']:.2f} s, forward+backward {res['exact_fsd_forward_backward_s']:.2f} s; "
+          f"exact l2 FSD {res['exact_fsd_l2']:.4g}")
 
 
 if __name__ == "__main__":

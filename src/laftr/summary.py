@@ -236,20 +236,22 @@ def fit_summary(
             rec.group, rec.num_groups = group, G
             net.run((x,), [theta0], rec)
             xf = x.reshape(x.shape[0], -1).to(torch.float64)
-            c = torch.zeros(G, dtype=torch.float64, device=x.device).index_add_(0, group, torch.ones_like(xf[:, 0]))
-            s = torch.zeros(G, xf.shape[1], dtype=torch.float64, device=x.device).index_add_(0, group, xf)
-            q = torch.zeros(G, xf.shape[1], dtype=torch.float64, device=x.device).index_add_(0, group, xf * xf)
-            o = None
-            if full_cov:
-                o = torch.zeros(G, xf.shape[1], xf.shape[1], dtype=torch.float64, device=x.device)
-                for g in group.unique().tolist():
-                    xg = xf[group == g]
-                    o[g] = xg.T @ xg
-            counts = c if counts is None else _pad_groups(counts, max(G, counts.shape[0])) + _pad_groups(c, max(G, counts.shape[0]))
-            x_sum = s if x_sum is None else _pad_groups(x_sum, counts.shape[0]) + _pad_groups(s, counts.shape[0])
-            x_sq = q if x_sq is None else _pad_groups(x_sq, counts.shape[0]) + _pad_groups(q, counts.shape[0])
-            if o is not None:
-                x_outer = o if x_outer is None else _pad_groups(x_outer, counts.shape[0]) + _pad_groups(o, counts.shape[0])
+            if counts is None:
+                kw = {"dtype": torch.float64, "device": x.device}
+                D = xf.shape[1]
+                counts, x_sum, x_sq = torch.zeros(G, **kw), torch.zeros(G, D, **kw), torch.zeros(G, D, **kw)
+                x_outer = torch.zeros(G, D, D, **kw) if full_cov else None
+            elif counts.shape[0] < G:  # a new class: grow the group axis (rare; sums are updated in place)
+                counts, x_sum, x_sq = (_pad_groups(t, G) for t in (counts, x_sum, x_sq))
+                x_outer = None if x_outer is None else _pad_groups(x_outer, G)
+            assert x_sum is not None and x_sq is not None
+            counts.index_add_(0, group, torch.ones_like(xf[:, 0]))
+            x_sum.index_add_(0, group, xf)
+            x_sq.index_add_(0, group, xf * xf)
+            if x_outer is not None:
+                for g in (group.unique().tolist() if classwise else [0]):
+                    xg = xf[group == g] if classwise else xf
+                    x_outer[g].addmm_(xg.T, xg)
             if coreset_size > 0:
                 keys = _hash_keys(x, seed)
                 ck.append(keys)
