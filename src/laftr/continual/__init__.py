@@ -1,1 +1,34 @@
-"""(being written)."""
+"""Continual learning with function-space-distance regularizers (METHOD.md section 4).
+
+- :class:`FSDRegularizer`: ``after_task(model, data, outputs)`` / ``penalty(model)``, for any training loop;
+- :func:`run_method`: the regularized loop over a :class:`~laftr.data.tasks.TaskStream`;
+- :data:`METHODS`: method name -> estimator and config; :data:`BENCHMARKS`: the paper's benchmarks;
+- :func:`run_benchmark`: several methods and seeds -> ``results.json``, ``table.md``, heatmaps
+  (``laftr continual`` on the command line).
+"""
+
+from .benchmarks import BENCHMARKS, BenchmarkSpec, get_benchmark
+from .methods import METHODS, MethodSpec, parse_method, parse_methods
+from .metrics import average_accuracy, backward_transfer
+from .regularizer import FSDRegularizer
+from .runner import ContinualSettings, run_benchmark
+from .train import RunResult, TrainConfig, evaluate_task, run_method
+
+__all__ = [
+    "BENCHMARKS",
+    "METHODS",
+    "BenchmarkSpec",
+    "ContinualSettings",
+    "FSDRegularizer",
+    "MethodSpec",
+    "RunResult",
+    "TrainConfig",
+    "average_accuracy",
+    "backward_transfer",
+    "evaluate_task",
+    "get_benchmark",
+    "parse_method",
+    "parse_methods",
+    "run_benchmark",
+    "run_method",
+]

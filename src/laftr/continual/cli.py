@@ -1,1 +1,79 @@
-"""Subcommands of this room; registered with laftr.cli.register_subcommand on import (being written)."""
+"""``laftr continual``: continual-learning benchmarks with FSD regularizers (registered on import)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, register_subcommand
+
+DEFAULT_METHODS = "none,joint,ewc,kfac,ntk,subset,laftr,laftr-classwise,laftr-exact,laftr-coreset"
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    from .benchmarks import BENCHMARKS
+
+    p.add_argument("--benchmark", required=True, help=f"one of {', '.join(BENCHMARKS)}")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma-separated methods, optionally with overrides, e.g. "
+                        "'none,laftr[lam=10],subset[coreset_size=786]' (default: all ten)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed+N-1")
+    p.add_argument("--data-dir", default=None,
+                   help="data files (MNIST IDX files; a folder with cifar-10-batches-py/ and cifar-100-python/; "
+                        "Fashion-MNIST defaults to /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    p.add_argument("--out", required=True, help="output folder (results.json, table.md, heatmaps.png)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="'val' evaluates on a validation split carved from the training data (for tuning)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the benchmark's)")
+    p.add_argument("--n-train", type=int, default=None, help="training examples per task (default: all)")
+    p.add_argument("--n-eval", type=int, default=None, help="evaluation examples per task (default: all)")
+    p.add_argument("--num-tasks", type=int, default=None, help="tasks of a permuted benchmark (default 10)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    p.add_argument("--lam", type=float, default=None, help="penalty weight for every regularized method "
+                   "(default: the validation-tuned value of each)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..data import DatasetNotFoundError
+    from ..report import OutDirError
+    from .runner import ContinualSettings, resolve_settings, run_benchmark
+
+    prog = "laftr continual"
+    if args.seeds < 1:
+        print(f"{prog}: error: --seeds must be >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        settings = ContinualSettings(
+            benchmark=args.benchmark, methods=args.methods,
+            seeds=list(range(args.first_seed, args.first_seed + args.seeds)), split=args.split, quick=args.quick,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, n_train=args.n_train, n_eval=args.n_eval,
+            num_tasks=args.num_tasks, lam=args.lam, data_dir=args.data_dir, device=args.device,
+            threads=args.threads, progress=not args.no_progress,
+        )
+        resolve_settings(settings)
+    except (ValueError, TypeError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    command = "laftr " + " ".join(getattr(args, "_argv", []) or ["continual"])
+    try:
+        res = run_benchmark(settings, args.out, force=args.force, command=command)
+    except DatasetNotFoundError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OutDirError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    print(res["table_markdown"])
+    print(f"wall time {res['wall_time_s']:.0f} s; results in {args.out}/results.json, table.md, heatmaps.png")
+    return EXIT_OK
+
+
+register_subcommand("continual", "continual learning with FSD regularizers (split/permuted benchmarks)",
+                    _args, _run)

@@ -1,0 +1,98 @@
+"""Validation search of continual-learning hyperparameters (lam, or any method/estimator key).
+
+Every value is run on the benchmark's *validation* split (part of each task's training data held out;
+test data is never touched), one seed, usually a shorter schedule than the final runs. Each method's grid
+goes into its own folder ``<root>/<method>__<param>/results.json``; afterwards every folder under the root
+is gathered into ``benchmarks/results/continual/search_<benchmark>.json`` with the best value per method.
+
+Example::
+
+    python benchmarks/continual_search.py --benchmark split-fmnist --methods laftr,laftr-exact \
+        --grid 1,10,100,1000 --epochs 2 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from laftr.continual.runner import ContinualSettings, run_benchmark
+from laftr.report import run_metadata, write_json_atomic
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "continual"
+
+
+def gather(benchmark: str, root: Path) -> dict:
+    """Collect every finished grid under ``root`` into one summary with the best value per method."""
+    out: dict = {"benchmark": benchmark, "selection": "highest final average validation accuracy",
+                 "methods": {}}
+    for path in sorted(root.glob("*/results.json")):
+        res = json.loads(path.read_text())
+        method, param = path.parent.name.split("__", 1)
+        rows = []
+        for name, m in res["methods"].items():
+            if not m.get("summary"):
+                continue
+            s = m["summary"]
+            spec = m["spec"]
+            value = spec["lam"] if param == "lam" else spec["config"].get(param, spec.get(param))
+            rows.append({"spec": name, param: value, "val_avg_acc": s["final_avg_acc"]["mean"],
+                         "val_bwt": s["bwt"]["mean"], "time_s": s["wall_time_s"]["mean"]})
+        if not rows:
+            continue
+        best = max(rows, key=lambda r: r["val_avg_acc"])
+        entry = out["methods"].setdefault(method, {})
+        entry[param] = {"grid": rows, "best": best[param], "best_val_avg_acc": best["val_avg_acc"],
+                        "protocol": res["protocol"], "seeds": res["settings"]["seeds"],
+                        "git_revision": res["metadata"]["git_revision"], "status": res.get("status")}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benchmark", required=True)
+    p.add_argument("--methods", required=True, help="comma-separated base methods (no overrides)")
+    p.add_argument("--grid", required=True, help="comma-separated values of --param")
+    p.add_argument("--param", default="lam", help="the key searched (default lam)")
+    p.add_argument("--fixed", default="", help="extra overrides for every run, e.g. 'num_samples=40'")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--num-tasks", type=int, default=None)
+    p.add_argument("--seed", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--root", default=None, help="folder of the raw grids (default results/continual/search/<bench>)")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--gather-only", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = Path(args.root) if args.root else RESULTS / "search" / args.benchmark
+    command = "python benchmarks/continual_search.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if not args.gather_only:
+        values = [v.strip() for v in args.grid.split(",") if v.strip()]
+        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            extra = f",{args.fixed}" if args.fixed else ""
+            specs = ",".join(f"{method}[{args.param}={v}{extra}]" for v in values)
+            settings = ContinualSettings(
+                benchmark=args.benchmark, methods=specs, seeds=[args.seed], split="val", epochs=args.epochs,
+                n_train=args.n_train, num_tasks=args.num_tasks, threads=args.threads, progress=False)
+            t0 = time.perf_counter()
+            run_benchmark(settings, root / f"{method}__{args.param}", force=args.force, command=command)
+            print(f"search {method} {args.param}: {time.perf_counter() - t0:.0f} s", flush=True)
+    summary = gather(args.benchmark, root)
+    summary["metadata"] = run_metadata(command)
+    path = write_json_atomic(RESULTS / f"search_{args.benchmark}.json", summary)
+    for method, entry in summary["methods"].items():
+        for param, e in entry.items():
+            print(f"{method:18s} {param}: best {e['best']} (val acc {e['best_val_avg_acc']:.4f}); grid "
+                  + ", ".join(f"{r[param]}: {r['val_avg_acc']:.4f}" for r in e["grid"]))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

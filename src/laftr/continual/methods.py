@@ -1,0 +1,176 @@
+"""Continual-learning methods: one table mapping method names to estimators and their configurations.
+
+A method is ``none`` (fine-tuning), ``joint`` (train on all data seen so far: the ceiling), or an FSD
+regularizer: an estimator name from :func:`laftr.make_estimator` plus its config, a penalty weight
+``lam``, and optionally the number of old tasks evaluated per step. A method may be given with
+overrides in brackets, e.g. ``laftr[lam=10,num_samples=100]`` or ``subset[coreset_size=786]``; keys
+``lam`` and ``tasks_per_step`` set the method, every other key the estimator's config.
+
+``subset-eqmem`` and ``ntk-eqmem`` store as many inputs as fit in the memory of the ``laftr`` method's
+summary on the same network and data (``k = round(laftr_floats / input_dim)``), for comparisons at equal
+stored memory.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .regularizer import _check_lam
+
+__all__ = ["METHODS", "MethodSpec", "parse_method", "parse_methods"]
+
+KINDS = ("finetune", "joint", "fsd")
+_METHOD_KEYS = ("lam", "tasks_per_step")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A continual-learning method.
+
+    Attributes:
+        name: method name as given (with overrides, e.g. ``laftr[lam=10]``).
+        base: name in :data:`METHODS` (without overrides).
+        kind: ``finetune``, ``joint`` or ``fsd``.
+        estimator: registry name of the FSD estimator (``fsd`` methods).
+        config: keyword arguments of the estimator's config.
+        lam: penalty weight.
+        tasks_per_step: old tasks averaged per step (None: all).
+        match_memory: ``laftr``: choose ``coreset_size`` so the stored inputs match that method's memory.
+        description: one line for tables and docs.
+    """
+
+    name: str
+    base: str
+    kind: str
+    estimator: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    lam: float = 1.0
+    tasks_per_step: int | None = None
+    match_memory: str | None = None
+    description: str = ""
+
+    def with_overrides(self, overrides: dict[str, Any], name: str | None = None) -> MethodSpec:
+        """A copy with method keys (``lam``, ``tasks_per_step``) and estimator config keys replaced."""
+        method = {k: v for k, v in overrides.items() if k in _METHOD_KEYS}
+        cfg = {k: v for k, v in overrides.items() if k not in _METHOD_KEYS}
+        if cfg and self.kind != "fsd":
+            raise ValueError(f"method {self.base!r} has no estimator; cannot set {sorted(cfg)}")
+        if "lam" in method:
+            method["lam"] = _check_lam(method["lam"])
+        if "coreset_size" in cfg and self.match_memory:
+            method["match_memory"] = None  # an explicit k wins over memory matching
+        return dataclasses.replace(self, name=name or self.name, config={**self.config, **cfg}, **method)
+
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fsd(base: str, estimator: str, description: str, **config: Any) -> MethodSpec:
+    return MethodSpec(name=base, base=base, kind="fsd", estimator=estimator, config=config, description=description)
+
+
+#: Every method by name. Function-space methods that can use any metric use ``kl`` (the Bregman divergence
+#: of the softmax cross-entropy, of which EWC/K-FAC are quadratic approximations); ``laftr-exact`` has a
+#: closed form only for ``l2`` on logits. Default ``lam`` values are the validation-selected ones of the
+#: benchmarks (see ``laftr.continual.benchmarks``); 1.0 here is only the fallback. ``laftr-exact`` costs
+#: about 25x a Monte Carlo evaluation on a 784-256-256 MLP (O(n^3) moment propagation), so it averages over
+#: one old task drawn at random per step (an unbiased estimate of the mean over all old tasks).
+METHODS: dict[str, MethodSpec] = {
+    "none": MethodSpec("none", "none", "finetune", description="fine-tuning, no regularizer (the floor)"),
+    "joint": MethodSpec("joint", "joint", "joint", description="all data of the tasks so far (the ceiling)"),
+    "ewc": _fsd("ewc", "diag-fisher", "EWC: diagonal Fisher from per-example gradients"),
+    "kfac": _fsd("kfac", "kfac", "K-FAC Gauss-Newton (Ritter et al. 2018)"),
+    "ntk": _fsd("ntk", "ntk", "linearized network on k stored inputs", metric="kl", coreset_size=200,
+                selection="random"),
+    "subset": _fsd("subset", "subset", "exact FSD on k stored inputs (FROMP-like)", metric="kl",
+                   coreset_size=200, selection="random"),
+    "laftr": _fsd("laftr", "laftr", "LAFTR, Monte Carlo, full Gaussian input model", metric="kl",
+                  input_model="gaussian", num_samples=40),
+    "laftr-classwise": _fsd("laftr-classwise", "laftr", "LAFTR, Monte Carlo, one Gaussian (and mu) per class",
+                            metric="kl", input_model="classwise", num_samples=40),
+    "laftr-exact": dataclasses.replace(
+        _fsd("laftr-exact", "laftr-exact", "LAFTR in closed form (l2 on logits), Gaussian inputs; one old task "
+             "per step", metric="l2", input_model="gaussian"), tasks_per_step=1),
+    "laftr-coreset": _fsd("laftr-coreset", "laftr", "LAFTR, Monte Carlo, k stored inputs", metric="kl",
+                          input_model="coreset", coreset_size=200, num_samples=40),
+}
+METHODS["subset-eqmem"] = dataclasses.replace(
+    METHODS["subset"], name="subset-eqmem", base="subset-eqmem", match_memory="laftr",
+    description="subset with k chosen so k * input_dim matches the laftr summary's stored floats")
+METHODS["ntk-eqmem"] = dataclasses.replace(
+    METHODS["ntk"], name="ntk-eqmem", base="ntk-eqmem", match_memory="laftr",
+    description="ntk with k chosen so k * input_dim matches the laftr summary's stored floats")
+
+
+def _value(text: str) -> Any:
+    text = text.strip()
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_method(text: str, defaults: dict[str, dict[str, Any]] | None = None) -> MethodSpec:
+    """``"laftr"`` or ``"laftr[lam=10,num_samples=100]"`` -> :class:`MethodSpec`.
+
+    Args:
+        text: the method, optionally with ``key=value`` overrides in brackets.
+        defaults: per-method overrides applied before the ones in ``text`` (a benchmark's tuned values).
+
+    Raises:
+        ValueError: unknown method (the message lists the known ones) or malformed overrides.
+    """
+    text = text.strip()
+    base, overrides = text, {}
+    if "[" in text:
+        if not text.endswith("]"):
+            raise ValueError(f"malformed method {text!r}: expected name[key=value,...]")
+        base, inner = text[:-1].split("[", 1)
+        for item in filter(None, (s.strip() for s in inner.split(","))):
+            if "=" not in item:
+                raise ValueError(f"malformed override {item!r} in {text!r}: expected key=value")
+            k, v = item.split("=", 1)
+            overrides[k.strip()] = _value(v)
+    base = base.strip()
+    if base not in METHODS:
+        raise ValueError(f"unknown method {base!r}; choose from {', '.join(METHODS)}")
+    spec = METHODS[base]
+    if defaults and base in defaults:
+        spec = spec.with_overrides(defaults[base])
+    return spec.with_overrides(overrides, name=text)
+
+
+def parse_methods(text: str, defaults: dict[str, dict[str, Any]] | None = None) -> list[MethodSpec]:
+    """A comma-separated list of methods (commas inside brackets belong to the overrides)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced brackets in {text!r}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth != 0:
+        raise ValueError(f"unbalanced brackets in {text!r}")
+    parts.append(cur)
+    parts = [p.strip() for p in parts if p.strip()]
+    if not parts:
+        raise ValueError("no methods given")
+    specs = [parse_method(p, defaults) for p in parts]
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"methods given twice: {dup}")
+    return specs

@@ -1,0 +1,134 @@
+"""A function-space regularizer for continual learning that drops into any training loop.
+
+After each task, fit an :class:`~laftr.FSDEstimator` on that task's data at the current parameters
+(theta_j) and keep it; while training later tasks, add ``lam * mean_j D_j(theta)`` to the loss::
+
+    reg = FSDRegularizer(lambda: laftr.make_estimator("laftr", metric="kl", num_samples=40), lam=10.0)
+    for task in tasks:
+        for x, y in task.loader:
+            loss = F.cross_entropy(model(x)[:, task.outputs], y) + reg.penalty(model)
+            ...
+        reg.after_task(model, task.loader, outputs=task.outputs)
+
+The estimators compare only the outputs each task answers with (multi-head), or all outputs when
+``outputs`` is None (single head).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..estimators.base import FSDEstimator
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FSDRegularizer"]
+
+
+def _check_lam(lam: float) -> float:
+    try:
+        lam = float(lam)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"lam must be a number, got {lam!r}") from e
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+    return lam
+
+
+class FSDRegularizer:
+    """``lam * mean_j D_j(theta)`` over the estimators fitted after previous tasks.
+
+    Args:
+        make: builds a fresh, unfitted estimator for each task (e.g. a ``lambda`` around
+            :func:`laftr.make_estimator`), or ``None`` to add already-fitted estimators with :meth:`add`.
+        lam: weight of the penalty (>= 0).
+        tasks_per_step: when set and more tasks are stored, each :meth:`penalty` call averages over this
+            many old tasks drawn uniformly without replacement (an unbiased estimate of the mean over all
+            of them, for estimators too slow to evaluate for every old task at every step).
+        seed: seed of that draw.
+        eval_mode: evaluate the estimators with the model in eval mode (dropout off), restoring its mode.
+    """
+
+    def __init__(
+        self,
+        make: Callable[[], FSDEstimator] | None,
+        lam: float = 1.0,
+        *,
+        tasks_per_step: int | None = None,
+        seed: int = 0,
+        eval_mode: bool = True,
+    ) -> None:
+        self.make = make
+        self.lam = _check_lam(lam)
+        if tasks_per_step is not None and int(tasks_per_step) < 1:
+            raise ValueError(f"tasks_per_step must be >= 1 or None, got {tasks_per_step}")
+        self.tasks_per_step = None if tasks_per_step is None else int(tasks_per_step)
+        self.eval_mode = eval_mode
+        self.estimators: list[FSDEstimator] = []
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.estimators)
+
+    def after_task(self, model: nn.Module, data: Any, outputs: Sequence[int] | None = None) -> FSDEstimator:
+        """Fit a new estimator on ``data`` at ``model``'s current parameters and keep it.
+
+        Args:
+            model: the network right after training on the task (theta_j).
+            data: the task's training data: a DataLoader of ``(x, y)`` batches, or an ``(X, Y)`` pair
+                (labels as indices into ``outputs``, needed by class-conditional estimators).
+            outputs: the output units of the task (multi-head), or None for all outputs.
+
+        Returns:
+            The fitted estimator.
+        """
+        if self.make is None:
+            raise RuntimeError("this regularizer was built without an estimator factory; use add()")
+        est = self.make()
+        if not isinstance(est, FSDEstimator):
+            raise TypeError(f"the factory must return an FSDEstimator, got {type(est).__name__}")
+        est.fit(model, data, outputs=outputs)
+        self.add(est)
+        return est
+
+    def add(self, estimator: FSDEstimator) -> None:
+        """Keep an already-fitted estimator (e.g. one loaded with :func:`laftr.load`)."""
+        if not estimator.fitted:
+            raise ValueError("the estimator is not fitted")
+        self.estimators.append(estimator)
+        log.info("regularizer: %d tasks stored (%s, %d floats)", len(self.estimators), estimator.name,
+                 estimator.stored_floats())
+
+    def distances(self, model: nn.Module, which: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The estimated distance to each stored task (or to the tasks ``which``), differentiable."""
+        idx = range(len(self.estimators)) if which is None else which
+        was_training = model.training
+        if self.eval_mode:
+            model.eval()
+        try:
+            return [self.estimators[j](model) for j in idx]
+        finally:
+            if self.eval_mode:
+                model.train(was_training)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        """``lam * mean_j D_j(theta)``: a 0-dim tensor to add to the loss (zero before any task is stored)."""
+        if not self.estimators or self.lam == 0.0:
+            p = next(model.parameters(), None)
+            return torch.zeros((), device=None if p is None else p.device, dtype=None if p is None else p.dtype)
+        n = len(self.estimators)
+        which: list[int] | None = None
+        if self.tasks_per_step is not None and self.tasks_per_step < n:
+            which = torch.randperm(n, generator=self._gen)[: self.tasks_per_step].tolist()
+        ds = self.distances(model, which)
+        return self.lam * torch.stack(ds).mean()
+
+    def stored_floats(self) -> list[int]:
+        """Floats stored beyond theta_j for each task."""
+        return [int(e.stored_floats()) for e in self.estimators]

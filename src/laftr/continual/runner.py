@@ -1,0 +1,242 @@
+"""Run a benchmark for several methods and seeds; write ``results.json``, ``table.md`` and heatmaps."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..report import markdown_table, prepare_out_dir, pyplot, run_metadata, write_json_atomic
+from .benchmarks import build_stream, get_benchmark, load_stream_data
+from .methods import MethodSpec, parse_method, parse_methods
+from .metrics import mean_std
+from .regularizer import _check_lam
+from .train import RunResult, TrainConfig, run_method
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ContinualSettings", "resolve_settings", "run_benchmark", "summarize_runs"]
+
+
+@dataclass
+class ContinualSettings:
+    """Everything that defines a benchmark run (recorded in ``results.json``).
+
+    Attributes:
+        benchmark: benchmark name (see :data:`laftr.continual.BENCHMARKS`).
+        methods: comma-separated methods, optionally with overrides (``laftr[lam=10]``).
+        seeds: the seeds; each gives its own initialization, data subsample and permutations.
+        split: ``test`` (train on training data, report test accuracy) or ``val`` (hold out part of the
+            training data and report accuracy on it: for choosing hyperparameters).
+        quick: tiny smoke-test sizes (the benchmark's ``quick`` overrides).
+        epochs, batch_size, lr: schedule overrides (None: the benchmark's protocol).
+        n_train: training examples per task (None: the benchmark's).
+        n_eval: evaluation examples per task (None: all).
+        num_tasks: tasks of a permuted stream (None: the benchmark's).
+        lam: penalty weight for every regularized method, overriding tuned values (None: tuned).
+        data_dir: where the data files are.
+        device: torch device (None: CUDA if available).
+        threads: ``torch.set_num_threads`` for the run (None: leave it).
+        progress: progress bars.
+    """
+
+    benchmark: str
+    methods: str
+    seeds: list[int]
+    split: str = "test"
+    quick: bool = False
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    n_train: int | None = None
+    n_eval: int | None = None
+    num_tasks: int | None = None
+    lam: float | None = None
+    data_dir: str | None = None
+    device: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        get_benchmark(self.benchmark)
+        if not self.seeds:
+            raise ValueError("at least one seed is needed")
+        if self.split not in ("test", "val"):
+            raise ValueError(f"split must be 'test' or 'val', got {self.split!r}")
+        for name in ("epochs", "batch_size", "n_train", "n_eval", "num_tasks", "threads"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.lam is not None:
+            self.lam = _check_lam(self.lam)
+
+
+def resolve_settings(settings: ContinualSettings) -> tuple[Any, dict[str, Any], TrainConfig, list[MethodSpec], MethodSpec]:
+    """The benchmark, stream options, schedule, methods and memory reference a run will use.
+
+    Raises:
+        ValueError: unknown benchmark or method, malformed overrides, bad values.
+    """
+    bench = get_benchmark(settings.benchmark)
+    q = bench.quick if settings.quick else {}
+    if q.get("conv_width") is not None:
+        bench = dataclasses.replace(bench, conv_width=q["conv_width"])
+
+    def pick(name: str, default: Any) -> Any:
+        v = getattr(settings, name)
+        return v if v is not None else q.get(name, default)
+
+    stream_kw = {"n_train": pick("n_train", bench.n_train), "n_eval": pick("n_eval", None),
+                 "num_tasks": pick("num_tasks", None)}
+    train = TrainConfig(epochs=pick("epochs", bench.epochs), batch_size=pick("batch_size", bench.batch_size),
+                        lr=pick("lr", bench.lr), device=settings.device, progress=settings.progress)
+    methods = parse_methods(settings.methods, bench.method_defaults)
+    if settings.lam is not None:
+        methods = [m.with_overrides({"lam": settings.lam}) if m.kind == "fsd" else m for m in methods]
+    reference = parse_method("laftr", bench.method_defaults)
+    return bench, stream_kw, train, methods, reference
+
+
+def summarize_runs(runs: list[RunResult]) -> dict[str, Any]:
+    """Mean and std over seeds of final average accuracy and BWT, plus the per-seed details."""
+    return {
+        "final_avg_acc": mean_std([r.final_avg_acc for r in runs]),
+        "bwt": mean_std([r.bwt for r in runs]),
+        "wall_time_s": mean_std([r.wall_time_s for r in runs]),
+        "stored_floats_per_task": [r.stored_floats for r in runs],
+        "acc_matrix": [r.acc_matrix for r in runs],
+        "seeds": [r.seed for r in runs],
+        "runs": [r.to_dict() for r in runs],
+    }
+
+
+def _table(results: dict[str, Any]) -> str:
+    rows = []
+    for name, m in results["methods"].items():
+        if not m.get("summary"):
+            continue
+        s = m["summary"]
+        floats = [f for run in s["stored_floats_per_task"] for f in run]
+        per_task = sum(floats) / len(floats) if floats else 0
+        acc, bwt = s["final_avg_acc"], s["bwt"]
+        rows.append({
+            "method": name,
+            "avg acc (%)": f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}",
+            "BWT (%)": f"{100 * bwt['mean']:+.2f} ± {100 * bwt['std']:.2f}",
+            "stored floats / task": f"{per_task:,.0f}",
+            "lam": "" if m["spec"]["kind"] != "fsd" else f"{m['spec']['lam']:g}",
+            "seeds": acc["n"],
+            "time / seed (s)": f"{s['wall_time_s']['mean']:.0f}",
+        })
+    cols = ["method", "avg acc (%)", "BWT (%)", "stored floats / task", "lam", "seeds", "time / seed (s)"]
+    return markdown_table(rows, cols)
+
+
+def _heatmaps(path: Path, results: dict[str, Any]) -> None:
+    items = [(n, m["summary"]["acc_matrix"]) for n, m in results["methods"].items() if m.get("summary")]
+    if not items:
+        return
+    plt = pyplot()
+    cols = min(4, len(items))
+    rows = (len(items) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, mats) in zip(axes.flat, items):
+        A = torch.tensor(mats, dtype=torch.float64).mean(0)
+        T = A.shape[0]
+        masked = A.clone()
+        masked[torch.triu(torch.ones(T, T, dtype=torch.bool), 1)] = float("nan")
+        ax.axis("on")
+        im = ax.imshow(masked.numpy(), vmin=0.5 if results["stream"]["multi_head"] else 0.0, vmax=1.0,
+                       cmap="viridis")
+        for i in range(T):
+            for j in range(i + 1):
+                if T <= 10:
+                    ax.text(j, i, f"{100 * A[i, j]:.0f}", ha="center", va="center", fontsize=6, color="w")
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("task evaluated", fontsize=7)
+        ax.set_ylabel("after training task", fontsize=7)
+        ax.set_xticks(range(T), [str(j + 1) for j in range(T)], fontsize=6)
+        ax.set_yticks(range(T), [str(j + 1) for j in range(T)], fontsize=6)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="accuracy (mean over seeds)")
+    fig.suptitle(f"{results['benchmark']} ({results['settings']['split']} accuracy)", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bool = False,
+                  command: str = "laftr continual") -> dict[str, Any]:
+    """Run every method of ``settings`` for every seed and write the results into ``out_dir``.
+
+    ``results.json`` is rewritten after every (method, seed) run, so a long run that is interrupted keeps
+    what it finished. Seeds are the outer loop: every method sees the same data and initialization for a
+    given seed.
+
+    Raises:
+        ValueError: unknown benchmark or method, bad settings.
+        DatasetNotFoundError: data files missing.
+        OutDirError: ``out_dir`` is not empty and ``force`` is False.
+    """
+    bench, stream_kw, train, methods, reference = resolve_settings(settings)  # validate before touching the disk
+    out = prepare_out_dir(out_dir, force=force)
+    data = load_stream_data(bench, settings.data_dir)
+    if settings.threads is not None:
+        torch.set_num_threads(int(settings.threads))
+    device = train.resolved_device()
+    results: dict[str, Any] = {
+        "benchmark": bench.name,
+        "settings": dataclasses.asdict(settings),
+        "protocol": {"benchmark": bench.describe(), "train": dataclasses.asdict(train), "stream": stream_kw},
+        "metadata": run_metadata(command, seed=None, device=_device_name(device)),
+        "methods": {m.name: {"spec": m.describe(), "summary": None} for m in methods},
+        "stream": None,
+        "status": "running",
+    }
+    runs: dict[str, list[RunResult]] = {m.name: [] for m in methods}
+    t0 = time.perf_counter()
+    for seed in settings.seeds:
+        stream = build_stream(bench, data, seed=seed, split=settings.split, **stream_kw)
+        if results["stream"] is None:
+            results["stream"] = stream.describe()
+        model_fn = bench.build_model(stream)
+        for spec in methods:
+            log.info("%s: %s, seed %d", bench.name, spec.name, seed)
+            run = run_method(stream, spec, model_fn, train, seed=seed, memory_reference=reference)
+            runs[spec.name].append(run)
+            results["methods"][spec.name]["summary"] = summarize_runs(runs[spec.name])
+            results["wall_time_s"] = time.perf_counter() - t0
+            write_json_atomic(out / "results.json", results)
+            log.info("%s seed %d: final average accuracy %.4f, BWT %.4f (%.0f s)", spec.name, seed,
+                     run.final_avg_acc, run.bwt, run.wall_time_s)
+    results["status"] = "complete"
+    results["wall_time_s"] = time.perf_counter() - t0
+    results["table_markdown"] = _table(results)
+    write_json_atomic(out / "results.json", results)
+    (out / "table.md").write_text(_header(results) + results["table_markdown"] + "\n", encoding="utf-8")
+    _heatmaps(out / "heatmaps.png", results)
+    return results
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def _header(results: dict[str, Any]) -> str:
+    p = results["protocol"]
+    tr, st = p["train"], p["stream"]
+    return (
+        f"# {results['benchmark']} ({results['settings']['split']} accuracy)\n\n"
+        f"{len(results['settings']['seeds'])} seed(s); {tr['epochs']} epochs per task, batch {tr['batch_size']}, "
+        f"Adam lr {tr['lr']}; training examples per task: {st['n_train'] or 'all'}; "
+        f"device {results['metadata']['device']}; git {results['metadata']['git_revision']}.\n"
+        "avg acc: mean accuracy over all tasks after the last one; BWT: mean over tasks of final minus "
+        "just-learned accuracy; mean ± std over seeds.\n\n"
+    )

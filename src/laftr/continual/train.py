@@ -1,0 +1,277 @@
+"""The regularized continual-learning loop, generic over FSD estimators.
+
+For task t the loss is ``CE_t(theta) + lam * mean_{j<t} D_j(theta_j, theta)`` (METHOD.md section 4), with
+``D_j`` the estimator fitted on task j's training data at theta_j, restricted to task j's outputs. After
+each task the network is evaluated on every task's evaluation set, filling one row of the accuracy matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.tasks import Task, TaskStream
+from ..estimators.base import make_estimator
+from .methods import METHODS, MethodSpec
+from .metrics import average_accuracy, backward_transfer
+from .regularizer import FSDRegularizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunResult", "TrainConfig", "evaluate_task", "match_memory", "run_method"]
+
+
+@dataclass
+class TrainConfig:
+    """Optimization schedule, identical for every method of a benchmark.
+
+    Attributes:
+        epochs: epochs per task.
+        batch_size: training batch size.
+        lr: Adam learning rate (a fresh Adam per task).
+        eval_batch_size: batch size of evaluation.
+        device: ``cpu``, ``cuda``, ... (None: CUDA if available, else CPU).
+        progress: progress bars per task and epoch.
+    """
+
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 1e-3
+    eval_batch_size: int = 1000
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if int(self.epochs) < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if int(self.batch_size) < 1 or int(self.eval_batch_size) < 1:
+            raise ValueError("batch sizes must be >= 1")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class RunResult:
+    """One method, one seed, one stream.
+
+    Attributes:
+        acc_matrix: ``A[i][j]``, accuracy on task j's evaluation set after training task i (all j, also
+            tasks not yet trained).
+        stored_floats: floats stored beyond theta_j for each task (0 for fine-tuning; the task's
+            training inputs for ``joint``).
+        wall_time_s: total seconds; ``timings`` splits it into train / fit / eval.
+        history: per task, per epoch mean training loss and mean penalty.
+        details: resolved method settings (e.g. the k chosen for memory matching).
+    """
+
+    method: str
+    seed: int
+    acc_matrix: list[list[float]]
+    stored_floats: list[int]
+    wall_time_s: float
+    timings: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, list[float]]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_avg_acc(self) -> float:
+        return average_accuracy(self.acc_matrix)
+
+    @property
+    def bwt(self) -> float:
+        return backward_transfer(self.acc_matrix)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["final_avg_acc"] = self.final_avg_acc
+        d["bwt"] = self.bwt
+        return d
+
+
+@torch.no_grad()
+def evaluate_task(model: nn.Module, task: Task, device: torch.device, batch_size: int = 1000) -> float:
+    """Accuracy of the argmax over the task's output units on its evaluation set."""
+    was = model.training
+    model.eval()
+    correct, n = 0, 0
+    outs = torch.tensor(task.outputs, device=device)
+    try:
+        for x, y in task.eval_batches(batch_size):
+            x, y = x.to(device), y.to(device)
+            pred = model(x).index_select(1, outs).argmax(1)
+            correct += int((pred == y).sum())
+            n += len(y)
+    finally:
+        model.train(was)
+    return correct / n
+
+
+def _estimator_config(spec: MethodSpec, seed: int, task_index: int) -> dict[str, Any]:
+    cfg = dict(spec.config)
+    cfg.setdefault("seed", 1000 * seed + task_index)
+    return cfg
+
+
+def match_memory(spec: MethodSpec, reference: MethodSpec, model: nn.Module, stream: TaskStream,
+                 n_fit: int = 256) -> MethodSpec:
+    """Resolve ``coreset_size`` of a memory-matched method: ``round(floats(reference) / input_dim)``.
+
+    The reference estimator's stored floats are measured by fitting it on the first ``n_fit`` training
+    examples of task 0 (its memory depends on the network and input size, not on the amount of data).
+    """
+    if reference.kind != "fsd" or reference.estimator is None:
+        raise ValueError(f"cannot match memory to method {reference.name!r}: it stores no summary")
+    task = stream[0]
+    est = make_estimator(reference.estimator, **_estimator_config(reference, 0, 0))
+    x, y = task.train_batch(torch.arange(min(n_fit, task.n_train)))
+    est.fit(model, (x, y), outputs=task.outputs)
+    floats = int(est.stored_floats())
+    d = math.prod(stream.input_shape)
+    k = max(1, round(floats / d))
+    log.info("%s: %s stores %d floats per task -> k = %d inputs of dimension %d", spec.name, reference.name,
+             floats, k, d)
+    return dataclasses.replace(spec, config={**spec.config, "coreset_size": k}, match_memory=None)
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _train_task(
+    model: nn.Module, tasks: list[Task], cfg: TrainConfig, gen: torch.Generator, device: torch.device,
+    reg: FSDRegularizer | None, desc: str,
+) -> dict[str, list[float]]:
+    """Adam for ``cfg.epochs`` epochs over the union of ``tasks`` (one task unless joint training),
+    each example scored on its own task's outputs; plus the regularizer's penalty."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sizes = [t.n_train for t in tasks]
+    offsets = torch.tensor([0, *sizes]).cumsum(0)
+    n = int(offsets[-1])
+    outs = [torch.tensor(t.outputs, device=device) for t in tasks]
+    hist: dict[str, list[float]] = {"loss": [], "penalty": []}
+    model.train()
+    for ep in range(cfg.epochs):
+        tot, tot_pen, nb = 0.0, 0.0, 0
+        bar = tqdm(_batches(n, cfg.batch_size, gen), desc=f"{desc} epoch {ep + 1}/{cfg.epochs}",
+                   disable=not cfg.progress, leave=False, unit="batch")
+        for b in bar:
+            if len(tasks) == 1:
+                x, y = tasks[0].train_batch(b)
+                logits = model(x.to(device))
+                loss = F.cross_entropy(logits.index_select(1, outs[0]), y.to(device))
+            else:
+                tid = torch.bucketize(b, offsets[1:], right=True)
+                loss = torch.zeros((), device=device)
+                for t in tid.unique().tolist():
+                    sel = b[tid == t] - offsets[t]
+                    x, y = tasks[t].train_batch(sel)
+                    logits = model(x.to(device))
+                    loss = loss + F.cross_entropy(logits.index_select(1, outs[t]), y.to(device), reduction="sum")
+                loss = loss / len(b)
+            total = loss
+            if reg is not None and len(reg):
+                pen = reg.penalty(model)
+                total = loss + pen
+                tot_pen += float(pen.detach())
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"{desc}: the loss became {float(total)} (lam too large?)")
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            tot += float(loss.detach())
+            nb += 1
+        bar.close()
+        hist["loss"].append(tot / max(nb, 1))
+        hist["penalty"].append(tot_pen / max(nb, 1))
+        log.info("%s epoch %d: loss %.4f penalty %.4g", desc, ep + 1, hist["loss"][-1], hist["penalty"][-1])
+    return hist
+
+
+def run_method(
+    stream: TaskStream,
+    spec: MethodSpec,
+    model_fn: Callable[[], nn.Module],
+    cfg: TrainConfig,
+    seed: int = 0,
+    memory_reference: MethodSpec | None = None,
+) -> RunResult:
+    """Train ``model_fn()`` on the tasks of ``stream`` in order with method ``spec``; evaluate after each.
+
+    Args:
+        stream: the tasks.
+        spec: the method (see :data:`laftr.continual.METHODS`).
+        model_fn: builds the network (called once, under ``torch.manual_seed(seed)``, so every method of
+            one seed starts from the same initialization).
+        cfg: the optimization schedule.
+        seed: seed of initialization, batch order, dropout and the estimators' randomness.
+        memory_reference: the method whose stored floats a memory-matched method (``match_memory``) copies;
+            default the ``laftr`` entry of :data:`METHODS`.
+
+    Returns:
+        The :class:`RunResult`.
+    """
+    t_start = time.perf_counter()
+    device = cfg.resolved_device()
+    timings = {"train": 0.0, "fit": 0.0, "eval": 0.0}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = model_fn().to(device)
+        gen = torch.Generator().manual_seed(seed)
+        details: dict[str, Any] = {}
+        if spec.match_memory:
+            ref = memory_reference or METHODS[spec.match_memory]
+            spec = match_memory(spec, ref, model, stream)
+            details["coreset_size"] = spec.config["coreset_size"]
+            details["memory_reference"] = ref.name
+        reg = None
+        if spec.kind == "fsd":
+            assert spec.estimator is not None
+            counter = iter(range(len(stream)))
+
+            def make():
+                return make_estimator(spec.estimator, **_estimator_config(spec, seed, next(counter)))
+
+            reg = FSDRegularizer(make, spec.lam, tasks_per_step=spec.tasks_per_step, seed=seed)
+        T = len(stream)
+        acc: list[list[float]] = []
+        stored: list[int] = []
+        history = []
+        for t, task in enumerate(stream):
+            desc = f"{spec.name} seed {seed} task {t + 1}/{T}"
+            t0 = time.perf_counter()
+            train_on = list(stream.tasks[: t + 1]) if spec.kind == "joint" else [task]
+            history.append(_train_task(model, train_on, cfg, gen, device, reg, desc))
+            timings["train"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if reg is not None:
+                est = reg.after_task(model, task.train_data(), outputs=task.outputs if stream.multi_head else None)
+                stored.append(int(est.stored_floats()))
+            elif spec.kind == "joint":
+                stored.append(int(task.x_train.numel()))
+            else:
+                stored.append(0)
+            timings["fit"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            acc.append([evaluate_task(model, u, device, cfg.eval_batch_size) for u in stream])
+            timings["eval"] += time.perf_counter() - t0
+            log.info("%s: accuracies %s (average so far %.4f)", desc, [round(a, 4) for a in acc[-1]],
+                     average_accuracy([r[: t + 1] for r in acc]))
+    wall = time.perf_counter() - t_start
+    return RunResult(method=spec.name, seed=seed, acc_matrix=acc, stored_floats=stored, wall_time_s=wall,
+                     timings=timings, history=history, details=details)
