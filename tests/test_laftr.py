@@ -218,6 +218,10 @@ def test_stored_floats_formulas():
     for im, n in expect.items():
         e = laftr.make_estimator("laftr", input_model=im, rank=2, coreset_size=7).fit(model, data)
         assert e.stored_floats() == n, im
+    # classes absent from the data (labels 3 and 4 only) cost nothing
+    X, Y = data
+    e = laftr.make_estimator("laftr", input_model="classwise").fit(model, (X, Y % 2 + 3))
+    assert e.stored_floats() == 2 * units + 2 * (1 + 5 + 25)
 
 
 def test_cnn_and_resnet_monte_carlo_run_and_are_differentiable():

@@ -346,7 +346,7 @@ class LaftrEstimator(FSDEstimator):
             return units + 2 * d
         if c.input_model == "lowrank":
             return units + d + d * min(c.rank, d) + d
-        G = s.num_groups
+        G = int((s.counts > 0).sum())  # groups are indexed by label; classes absent from the data store nothing
         per = 1 + d + (d * d if c.classwise_cov == "full" else d)
         return G * units + G * per
 
