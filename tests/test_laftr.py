@@ -59,6 +59,20 @@ def test_exact_matches_monte_carlo(input_model):
     assert torch.tensor(small).std().item() > 3 * se
 
 
+def test_mu_outer_closed_form_of_the_original_code_is_biased():
+    """E[m m^T] = mu mu^T drops the diagonal term mu - mu^2: it misses Monte Carlo by many standard errors."""
+    model = mlp()
+    other = perturbed(model, 0.3)
+    data = _data()
+    ours = laftr.make_estimator("laftr-exact").fit(model, data)(other).item()
+    biased = laftr.make_estimator("laftr-exact", mu_outer=True).fit(model, data)(other).item()
+    mean, se = _mc_mean_se({}, model, other, data)
+    assert abs(mean - ours) < 4 * se
+    assert abs(mean - biased) > 20 * se, (mean, biased, se)
+    with pytest.raises(ValueError, match="mu_outer"):
+        laftr.make_estimator("laftr", mu_outer=True)
+
+
 @pytest.mark.parametrize("factory", [lambda: mlp(leaky=0.1), FunctionalNet, lambda: TinyResNet(c=2)])
 def test_exact_matches_monte_carlo_other_architectures(factory):
     model = factory()

@@ -228,7 +228,9 @@ def method_specs(cfg: FsdBenchConfig, matched_k: Sequence[int] = ()) -> list[Met
         specs += [MethodSpec("laftr-exact", "laftr-exact", {"input_model": "gaussian"}, "laftr",
                              metrics=tuple(sorted(QUADRATIC_METRICS))),
                   MethodSpec("laftr-exact-diag", "laftr-exact", {"input_model": "diag"}, "laftr",
-                             metrics=tuple(sorted(QUADRATIC_METRICS)))]
+                             metrics=tuple(sorted(QUADRATIC_METRICS))),
+                  MethodSpec("laftr-exact-mumu", "laftr-exact", {"input_model": "gaussian", "mu_outer": True},
+                             "laftr", metrics=tuple(sorted(QUADRATIC_METRICS)))]
     else:  # the original code pools each stream separately; ours samples the stored argmax frequencies
         specs.append(MethodSpec("laftr-pool-separate", "laftr", {**lf, "input_model": "gaussian",
                                                                  "maxpool": "separate"}, "laftr", stochastic=True))

@@ -45,6 +45,9 @@ class LaftrConfig(EstimatorConfig):
             as the original code) or ``auto``.
         fixed_noise: reuse the same samples on every call (common random numbers) instead of fresh ones.
         max_state: exact version only: the largest number of joint units it will track.
+        mu_outer: exact version only: use ``E[m m^T] = mu mu^T`` for every pair of units, the original
+            code's deterministic variant. It drops the ``mu_i - mu_i^2`` diagonal term and is biased;
+            kept only so that the bias can be measured.
     """
 
     input_model: str = "gaussian"
@@ -57,6 +60,7 @@ class LaftrConfig(EstimatorConfig):
     maxpool: str = "auto"
     fixed_noise: bool = False
     max_state: int = 12000
+    mu_outer: bool = False
 
 
 class _InputModel:
@@ -212,6 +216,8 @@ class LaftrEstimator(FSDEstimator):
                                  f"use the Monte Carlo 'laftr' estimator for {c.metric!r}")
             if c.gates != "bernoulli":
                 raise ValueError("laftr-exact needs Bernoulli gates (relu gates depend on the input)")
+        elif c.mu_outer:
+            raise ValueError("mu_outer is an option of the closed form only (laftr-exact)")
         self.summary: Summary | None = None
         self.site_signature: list[list[Any]] | None = None
         self._nets: dict[int, TracedNet] = {}
@@ -321,7 +327,7 @@ class LaftrEstimator(FSDEstimator):
                     continue
                 mu = (means[name][g] if classwise else means[name]).to(device, dtype)
                 e1 = mu + site.slope * (1 - mu)
-                e2 = mu + site.slope**2 * (1 - mu)
+                e2 = e1 * e1 if self.cfg.mu_outer else mu + site.slope**2 * (1 - mu)
                 gates[name] = (e1, e2)
             mean, second = inputs.group_moments(g)
             d = exact_l2(net, [p0, p], mean, second, self.summary.input_shape, gates, self.outputs,
