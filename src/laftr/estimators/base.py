@@ -163,9 +163,15 @@ class FSDEstimator:
         check_same_arch(self.arch, model)
 
     def theta0_on(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """theta0 moved to ``model``'s device and floating dtype."""
+        """theta0 moved to ``model``'s device and floating dtype (cached; do not modify the tensors in place)."""
         assert self.theta0 is not None
         device, dtype = model_device_dtype(model)
-        return {
-            n: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for n, t in self.theta0.items()
-        }
+        cache = self.__dict__.setdefault("_theta0_cache", {})
+        if cache.get("source") is not self.theta0:  # refitted or loaded since: start afresh
+            cache.clear()
+            cache["source"] = self.theta0
+        key = (str(device), dtype)
+        if key not in cache:
+            cache[key] = {n: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                          for n, t in self.theta0.items()}
+        return cache[key]

@@ -222,6 +222,7 @@ class LaftrEstimator(FSDEstimator):
         self.site_signature: list[list[Any]] | None = None
         self._nets: dict[int, TracedNet] = {}
         self._inputs: dict[tuple, _InputModel] = {}
+        self._mu_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self._gen: torch.Generator | None = None
 
     @property
@@ -259,6 +260,7 @@ class LaftrEstimator(FSDEstimator):
             raise ValueError(f"summary lacks statistics for sites {missing}")
         self._inputs.clear()
         self._nets.clear()
+        self._mu_cache.clear()
         self._gen = None
 
     # ------------------------------------------------------------------ evaluation
@@ -303,20 +305,27 @@ class LaftrEstimator(FSDEstimator):
         if self.cfg.gates == "relu":
             policy: Any = ReluGates(pool_mode)
         elif self.cfg.input_model == "classwise":
-            mu_g = {k: v.to(device, dtype) for k, v in self.summary.site_means(group=-1).items()}
-            pi = {k: v.to(device, dtype) for k, v in self.summary.site_means().items()}
-            policy = _GroupedBernoulli(mu_g, pi, groups, gen, self.cfg.shared_masks, pool_mode)
+            policy = _GroupedBernoulli(self._means(device, dtype, True), self._means(device, dtype, False), groups,
+                                       gen, self.cfg.shared_masks, pool_mode)
         else:
-            mu = {k: v.to(device, dtype) for k, v in self.summary.site_means().items()}
-            policy = BernoulliGates(mu, gen, self.cfg.shared_masks, pool_mode)
+            policy = BernoulliGates(self._means(device, dtype, False), gen, self.cfg.shared_masks, pool_mode)
         z0, z = net.run((x, x), [p0, p], policy)
         return discrepancy(z0.detach(), z, self.metric, self.outputs).mean()
+
+    def _means(self, device: torch.device, dtype: torch.dtype, per_group: bool) -> dict[str, torch.Tensor]:
+        """Stored activation probabilities (and max-pool frequencies), pooled or per class; cached."""
+        assert self.summary is not None
+        key = (str(device), dtype, per_group)
+        if key not in self._mu_cache:
+            means = self.summary.site_means(group=-1 if per_group else None)
+            self._mu_cache[key] = {k: v.to(device, dtype) for k, v in means.items()}
+        return self._mu_cache[key]
 
     def _exact(self, net: TracedNet, p0: dict, p: dict, inputs: _InputModel, device: torch.device,
                dtype: torch.dtype) -> torch.Tensor:
         assert self.summary is not None
         classwise = self.cfg.input_model == "classwise"
-        means = self.summary.site_means(group=-1 if classwise else None)
+        means = self._means(device, dtype, classwise)
         total = None
         for g, w in enumerate(inputs.weights.tolist()):
             if w == 0:
@@ -325,7 +334,7 @@ class LaftrEstimator(FSDEstimator):
             for name, site in net.sites.items():
                 if site.kind != "gate":
                     continue
-                mu = (means[name][g] if classwise else means[name]).to(device, dtype)
+                mu = means[name][g] if classwise else means[name]
                 e1 = mu + site.slope * (1 - mu)
                 e2 = e1 * e1 if self.cfg.mu_outer else mu + site.slope**2 * (1 - mu)
                 gates[name] = (e1, e2)
@@ -362,6 +371,8 @@ class LaftrEstimator(FSDEstimator):
 
     def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.summary = Summary.from_tensors(tensors, meta["summary"])
+        self._mu_cache.clear()
+        self._inputs.clear()
         self.site_signature = meta["sites"]
         for name, kind, _ in self.site_signature or []:
             if name not in self.summary.site_sums:
