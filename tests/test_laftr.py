@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
+from cases import FunctionalNet, GeluNet, SmallCNN, TinyResNet, mlp, perturbed, randomize_bn
 
 import laftr
 from laftr.graph import TracedNet
 from laftr.rules import UnsupportedOpError
 from laftr.summary import fit_summary
-
-from cases import FunctionalNet, GeluNet, SmallCNN, TinyResNet, mlp, perturbed, randomize_bn
 
 DT = torch.float64
 
@@ -48,7 +47,7 @@ def test_exact_matches_monte_carlo(input_model):
     model = mlp()
     other = perturbed(model, 0.2)
     data = _data()
-    kw = dict(input_model=input_model, rank=2, coreset_size=50)
+    kw = {"input_model": input_model, "rank": 2, "coreset_size": 50}
     exact = laftr.make_estimator("laftr-exact", **kw).fit(model, data)(other).item()
     mean, se = _mc_mean_se(kw, model, other, data)
     assert se > 0
@@ -117,7 +116,7 @@ def test_bernoulli_equals_relu_gates_when_pattern_cannot_change():
     model = _positive_net()
     X = torch.rand(40, 4)  # positive inputs, positive weights: every unit always on
     other = perturbed(model, 0.3)
-    kw = dict(input_model="coreset", coreset_size=40, num_samples=40)
+    kw = {"input_model": "coreset", "coreset_size": 40, "num_samples": 40}
     bern = laftr.make_estimator("laftr", metric="kl", **kw).fit(model, X)
     relu = laftr.make_estimator("laftr", metric="kl", gates="relu", **kw).fit(model, X)
     assert all(torch.equal(m, torch.ones_like(m)) for m in bern.summary.site_means().values())
@@ -180,7 +179,7 @@ def test_merge_of_shards_equals_fit_on_all_and_batch_size_invariance():
     X, Y = _data(101)
     net = TracedNet(model)
     p0 = {k: v.detach() for k, v in model.state_dict().items()}
-    kw = dict(classwise=True, full_cov=True, coreset_size=17, seed=5)
+    kw = {"classwise": True, "full_cov": True, "coreset_size": 17, "seed": 5}
     full = fit_summary(net, p0, (X, Y), batch_size=13, **kw)
     a = fit_summary(net, p0, (X[:40], Y[:40]), batch_size=64, **kw)
     b = fit_summary(net, p0, (X[40:], Y[40:]), batch_size=7, **kw)
@@ -268,7 +267,7 @@ def test_unsupported_op_is_named():
 
 def test_bad_inputs_give_clear_errors(tmp_path):
     model = mlp()
-    X, Y = _data()
+    X, _Y = _data()
     with pytest.raises(ValueError, match="unknown metric"):
         laftr.make_estimator("laftr", metric="cosine")
     with pytest.raises(ValueError, match="unknown estimator"):

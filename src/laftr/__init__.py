@@ -12,6 +12,7 @@ __all__ = [
     "EstimatorConfig",
     "FSDEstimator",
     "SummaryFileError",
+    "__version__",
     "available_estimators",
     "discrepancy",
     "exact_fsd",
@@ -19,5 +20,4 @@ __all__ = [
     "make_estimator",
     "register",
     "save",
-    "__version__",
 ]

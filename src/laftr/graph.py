@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class Pair:
     """A value in each stream. ``data`` marks values that depend on the network input."""
 
-    __slots__ = ("vals", "data")
+    __slots__ = ("data", "vals")
 
     def __init__(self, vals: tuple[Any, ...], data: bool) -> None:
         self.vals = vals
@@ -50,7 +50,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; raise :class:`UnsupportedOpError` with the reason if it cannot be."""
     try:
         return fx.symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001 - tracing failures come in many types
+    except Exception as e:
         raise UnsupportedOpError(
             f"could not trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); LAFTR needs a "
             "network whose forward has no data-dependent control flow"

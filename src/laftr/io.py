@@ -7,7 +7,6 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 

@@ -87,7 +87,7 @@ class _InputModel:
             self.weights = torch.ones(1, dtype=torch.float64)
             full = self.kind == "gaussian"
         self.mean = mean
-        G, d = mean.shape
+        _G, d = mean.shape
         if full or self.kind == "lowrank":
             if cov is None:
                 raise ValueError("this summary kept only the diagonal of the input covariance")
