@@ -1,1 +1,107 @@
-"""(placeholder: being written)."""
+"""EWC's estimator: the diagonal of the Gauss-Newton (Fisher) matrix of the FSD, from per-example gradients.
+
+``D(theta) ~= 1/2 sum_i F_ii (theta_i - theta0_i)^2`` with ``F = E_x[J^T H J]``, J the Jacobian of the
+selected outputs w.r.t. the trainable parameters at theta0 and H the metric's output Hessian at z0
+(see :mod:`laftr.estimators._common`): the second-order Taylor expansion of the FSD, kept diagonal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._util import Data, model_device_dtype
+from ._common import check_curvature_config, curvature_batches, per_example_square_grads
+from .base import EstimatorConfig, FSDEstimator, register
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class FisherConfig(EstimatorConfig):
+    """Options of the ``diag-fisher`` estimator.
+
+    Attributes:
+        fisher: ``mc`` (the "true Fisher": output vectors sampled from the metric's curvature, for ``kl``
+            labels drawn from the model's own predictions), ``exact`` (all K columns of the curvature
+            factor: the exact Gauss-Newton diagonal; K backward passes per example) or ``empirical``
+            (gradients of cross-entropy at the true labels; metric ``kl`` only, needs labels).
+        num_label_samples: output vectors sampled per example for ``mc``.
+        chunk_size: examples whose per-example gradients are computed at once (memory
+            ``chunk_size * samples * parameters`` floats).
+    """
+
+    fisher: str = "mc"
+    num_label_samples: int = 1
+    chunk_size: int = 32
+
+
+@register("diag-fisher")
+class DiagFisherEstimator(FSDEstimator):
+    """Diagonal Gauss-Newton / Fisher (EWC): ``1/2 sum_i F_ii (theta_i - theta0_i)^2``.
+
+    ``F_ii = mean_x sum_s (d/dtheta_i w_s . z(x))^2`` from per-example gradients (``torch.func``), where
+    the vectors ``w_s`` are those of :func:`laftr.estimators._common.output_vectors`. Batch-norm running
+    statistics are buffers, not parameters, and are not included. Stores one float per trainable
+    parameter.
+    """
+
+    Config = FisherConfig
+
+    def __init__(self, config: FisherConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        check_curvature_config(self.config, ("mc", "exact", "empirical"))
+        self.diag: dict[str, torch.Tensor] | None = None
+
+    def _fit(self, model: nn.Module, data: Data) -> None:
+        c: FisherConfig = self.config  # type: ignore[assignment]
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not names:
+            raise ValueError("the model has no trainable parameters")
+        acc: dict[str, torch.Tensor] | None = None
+        count = 0
+        for x, W in curvature_batches(model, data, c, self.outputs, "diag Fisher"):
+            sq = per_example_square_grads(model, x, W, names, self.outputs, c.chunk_size)
+            acc = sq if acc is None else {n: acc[n] + sq[n] for n in acc}
+            count += x.shape[0]
+        assert acc is not None
+        self.diag = {n: v / count for n, v in acc.items()}
+        if not all(torch.isfinite(v).all() for v in self.diag.values()):
+            raise ValueError("the Fisher diagonal is not finite (does the model produce NaN or inf outputs?)")
+        log.info("diag-fisher (%s): %d examples, %d parameters", c.fisher, count, self.stored_floats())
+
+    def _distance(self, model: nn.Module) -> torch.Tensor:
+        assert self.diag is not None
+        device, dtype = model_device_dtype(model)
+        p0 = self.theta0_on(model)
+        params = dict(model.named_parameters())
+        total = None
+        for n, f in self.diag.items():
+            t = (f.to(device, dtype) * (params[n] - p0[n]).pow(2)).sum()
+            total = t if total is None else total + t
+        assert total is not None
+        return 0.5 * total
+
+    def stored_floats(self) -> int:
+        return 0 if self.diag is None else sum(v.numel() for v in self.diag.values())
+
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        assert self.diag is not None
+        return {f"F/{n}": v for n, v in self.diag.items()}, {"params": list(self.diag)}
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        shapes = {n: s for n, s in self.arch or []}
+        diag = {}
+        for n in meta["params"]:
+            t = tensors[f"F/{n}"]
+            if n not in shapes or list(t.shape) != list(shapes[n]):
+                raise ValueError(f"Fisher diagonal of {n!r} does not match the stored architecture")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"Fisher diagonal of {n!r} is not finite")
+            diag[n] = t
+        self.diag = diag
+

@@ -1,1 +1,61 @@
-"""(placeholder: being written)."""
+"""The naive parametric baseline: a scaled squared Euclidean distance in weight space."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._util import Data
+from .base import EstimatorConfig, FSDEstimator, register
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class WeightConfig(EstimatorConfig):
+    """Options of the ``weight`` estimator.
+
+    Attributes:
+        scale: the distance is ``scale / 2 * ||theta - theta0||^2``.
+    """
+
+    scale: float = 1.0
+
+
+@register("weight")
+class WeightEstimator(FSDEstimator):
+    """``1/2 * scale * ||theta - theta0||^2`` over the model's trainable parameters.
+
+    It needs no data (``fit`` only records theta0) and stores nothing beyond theta0. The metric and the
+    selected outputs do not enter the estimate: weight space knows nothing about outputs.
+    """
+
+    Config = WeightConfig
+
+    def __init__(self, config: WeightConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        scale = self.config.scale  # type: ignore[attr-defined]
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not (scale >= 0 and scale < float("inf")):
+            raise ValueError(f"scale must be a finite non-negative number, got {scale!r}")
+
+    def _fit(self, model: nn.Module, data: Data) -> None:
+        log.info("weight estimator: theta0 recorded (%d parameter tensors)", len(list(model.parameters())))
+
+    def _distance(self, model: nn.Module) -> torch.Tensor:
+        p0 = self.theta0_on(model)
+        total = None
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            t = (p - p0[n]).pow(2).sum()
+            total = t if total is None else total + t
+        if total is None:
+            raise ValueError("the model has no trainable parameters")
+        return 0.5 * float(self.config.scale) * total  # type: ignore[attr-defined]
+
+    def stored_floats(self) -> int:
+        return 0
