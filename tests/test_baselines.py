@@ -144,6 +144,37 @@ def test_diag_fisher_exact_equals_dense_ggn_diagonal(metric, outputs):
     torch.testing.assert_close(single(other), est(other), rtol=1e-12, atol=0)
 
 
+class _MixedNet(nn.Module):
+    """Every branch of diag-fisher's layer taps: a conv with many positions, batch norm (per-example vmap
+    fallback), a Linear called twice (shared weights) and a Linear on (B, T, d) inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.shared = nn.Linear(4, 4)
+        self.seq = nn.Linear(4, 3, bias=False)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x)))  # (B, 2, 2, 2)
+        t = h.flatten(2).transpose(1, 2).reshape(x.shape[0], 2, 4)  # (B, T=2, 4)
+        t = F.relu(self.shared(t))
+        t = self.shared(t)  # the same layer again
+        return self.head(F.relu(self.seq(t)).mean(1))
+
+
+@pytest.mark.parametrize("metric", ["kl", "l2"])
+def test_diag_fisher_layer_taps_equal_dense_ggn_on_a_mixed_net(metric):
+    model = _MixedNet()
+    randomize_bn(model, torch.Generator().manual_seed(4))
+    X, _ = _data(5, (1, 2, 2))
+    G, slices = dense_ggn(model, X, metric)
+    est = _make("diag-fisher", metric=metric, batch_size=3).fit(model, X)
+    diag = torch.cat([est.diag[n].reshape(-1) for n in slices])
+    torch.testing.assert_close(diag, G.diagonal(), rtol=1e-10, atol=1e-14)
+
+
 def test_empirical_fisher_equals_mean_of_squared_per_example_loss_gradients():
     model = mlp(4, (5,), 4)
     X, Y = _data(8, (4,), classes=2)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._util import Data, model_device_dtype
-from ._common import check_curvature_config, curvature_batches, per_example_square_grads
+from ._common import LayerTaps, check_curvature_config, curvature_batches, find_taps, square_grads
 from .base import EstimatorConfig, FSDEstimator, register
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,11 @@ class FisherConfig(EstimatorConfig):
 class DiagFisherEstimator(FSDEstimator):
     """Diagonal Gauss-Newton / Fisher (EWC): ``1/2 sum_i F_ii (theta_i - theta0_i)^2``.
 
-    ``F_ii = mean_x sum_s (d/dtheta_i w_s . z(x))^2`` from per-example gradients (``torch.func``), where
-    the vectors ``w_s`` are those of :func:`laftr.estimators._common.output_vectors`. Batch-norm running
+    ``F_ii = mean_x sum_s (d/dtheta_i w_s . z(x))^2`` from per-example gradients, where the vectors ``w_s``
+    are those of :func:`laftr.estimators._common.output_vectors`. ``Linear``/``Conv2d`` layers get their
+    per-example squares from one batched backward pass per output vector (``(g^2)^T (a^2)`` for a layer
+    called once with one position per example; the per-example gradient from unfolded patches otherwise);
+    other parameters use ``torch.func.vmap`` of per-example gradients. Batch-norm running
     statistics are buffers, not parameters, and are not included. Stores one float per trainable
     parameter.
     """
@@ -64,10 +67,14 @@ class DiagFisherEstimator(FSDEstimator):
             raise ValueError("the model has no trainable parameters")
         acc: dict[str, torch.Tensor] | None = None
         count = 0
-        for x, W in curvature_batches(model, data, c, self.outputs, "diag Fisher"):
-            sq = per_example_square_grads(model, x, W, names, self.outputs, c.chunk_size)
-            acc = sq if acc is None else {n: acc[n] + sq[n] for n in acc}
-            count += x.shape[0]
+        # Linear/Conv2d layers: per-example squares from one batched backward pass per output vector;
+        # any other parameter (batch norm, ...): per-example gradients with torch.func.vmap
+        taps, modules, _ = find_taps(model, "fallback", "diag-fisher")
+        with LayerTaps(model, taps, modules) as tapped:
+            for x, W in curvature_batches(model, data, c, self.outputs, "diag Fisher"):
+                sq = square_grads(model, x, W, names, self.outputs, c.chunk_size, tapped)
+                acc = sq if acc is None else {n: acc[n] + sq[n] for n in acc}
+                count += x.shape[0]
         assert acc is not None
         self.diag = {n: v / count for n, v in acc.items()}
         if not all(torch.isfinite(v).all() for v in self.diag.values()):

@@ -34,12 +34,17 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._util import Data, model_device_dtype
-from ..metrics import select_outputs
-from ._common import check_curvature_config, curvature_batches, per_example_square_grads
+from ._common import (
+    LayerTaps,
+    Tap,
+    check_curvature_config,
+    curvature_batches,
+    find_taps,
+    per_example_square_grads,
+)
 from .base import EstimatorConfig, FSDEstimator, register
 
 log = logging.getLogger(__name__)
@@ -65,32 +70,6 @@ class KfacConfig(EstimatorConfig):
     chunk_size: int = 32
 
 
-@dataclasses.dataclass
-class _Layer:
-    name: str
-    kind: str  # "linear" | "conv"
-    bias: bool
-    d_in: int
-    d_out: int
-    # filled during a forward pass, one entry per call of the module
-    inp: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    out: list[torch.Tensor] = dataclasses.field(default_factory=list)
-
-
-def _patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Unfolded input patches ``(B, T, C_in*kh*kw)`` in the weight's ``(C_in, kh, kw)`` order."""
-    pad = module._reversed_padding_repeated_twice
-    if any(pad):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pad, mode=mode)
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=0, stride=module.stride)
-    return cols.transpose(1, 2)
-
-
-def _with_ones(a: torch.Tensor) -> torch.Tensor:
-    return torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
-
-
 @register("kfac")
 class KfacEstimator(FSDEstimator):
     """K-FAC (Ritter et al. 2018 style): ``1/2 sum_layers tr(G dW~ A dW~^T)``. See the module docstring."""
@@ -102,7 +81,7 @@ class KfacEstimator(FSDEstimator):
         check_curvature_config(self.config, ("mc", "exact", "empirical"))
         if self.cfg.unsupported not in ("error", "diag"):
             raise ValueError(f"unknown unsupported={self.cfg.unsupported!r}; choose 'error' or 'diag'")
-        self.layers: list[_Layer] = []
+        self.layers: list[Tap] = []
         self.A: dict[str, torch.Tensor] = {}
         self.G: dict[str, torch.Tensor] = {}
         self.diag: dict[str, torch.Tensor] = {}
@@ -112,120 +91,33 @@ class KfacEstimator(FSDEstimator):
         return self.config  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ fitting
-    def _find_layers(self, model: nn.Module) -> tuple[list[_Layer], dict[str, nn.Module], list[str]]:
-        layers: list[_Layer] = []
-        modules: dict[str, nn.Module] = {}
-        fallback: list[str] = []
-        for mname, mod in model.named_modules():
-            own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
-            if not own:
-                continue
-            prefix = f"{mname}." if mname else ""
-            why = None
-            if type(mod) in (nn.Linear, nn.Conv2d):
-                extra = [n for n, _ in own if n not in ("weight", "bias")]
-                if not mod.weight.requires_grad:
-                    why = "its weight is frozen but its bias is trainable"
-                elif extra:
-                    why = f"it has extra parameters {extra}"
-                elif isinstance(mod, nn.Conv2d) and mod.groups != 1:
-                    why = f"grouped convolution (groups={mod.groups})"
-            else:
-                why = f"K-FAC supports nn.Linear and nn.Conv2d, not {type(mod).__name__}"
-            if why is None:
-                bias = mod.bias is not None and mod.bias.requires_grad
-                if isinstance(mod, nn.Conv2d):
-                    d_in = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
-                    kind, d_out = "conv", mod.out_channels
-                else:
-                    kind, d_in, d_out = "linear", mod.in_features, mod.out_features
-                layers.append(_Layer(mname, kind, bias, d_in, d_out))
-                modules[mname] = mod
-            elif self.cfg.unsupported == "diag":
-                fallback += [prefix + n for n, _ in own]
-            else:
-                raise ValueError(f"kfac cannot handle layer {mname or '(root)'!r} ({type(mod).__name__}): {why}; "
-                                 "pass unsupported='diag' to give its parameters a diagonal Gauss-Newton term")
-        if not layers and not fallback:
-            raise ValueError("the model has no trainable parameters")
-        return layers, modules, fallback
-
     def _fit(self, model: nn.Module, data: Data) -> None:
         c = self.cfg
-        layers, modules, fallback = self._find_layers(model)
-
-        recording = [True]  # off while the diagonal fallback runs its own (vectorized) forward passes
-
-        def make_hook(layer: _Layer):
-            def hook(mod: nn.Module, inputs: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
-                if not recording[0]:
-                    return None
-                layer.inp.append(inputs[0].detach())
-                if not out.requires_grad:  # nothing upstream needs grad: a leaf loses no path
-                    out = out.detach().requires_grad_(True)
-                layer.out.append(out)
-                # a copy goes on, so an in-place op downstream (ReLU(inplace=True)) cannot overwrite the
-                # tensor whose gradient is taken
-                return out.clone()
-
-            return hook
-
-        A = {layer.name: None for layer in layers}
-        G = {layer.name: None for layer in layers}
+        layers, modules, fallback = find_taps(model, "fallback" if c.unsupported == "diag" else "error", "kfac")
+        A: dict[str, torch.Tensor] = {}
+        G: dict[str, torch.Tensor] = {}
         diag: dict[str, torch.Tensor] = {}
         count = 0
-        handles = [modules[layer.name].register_forward_hook(make_hook(layer)) for layer in layers]
-        try:
+        with LayerTaps(model, layers, modules) as taps:
             for x, W in curvature_batches(model, data, c, self.outputs, "K-FAC"):
-                for layer in layers:
-                    layer.inp, layer.out = [], []
-                with torch.enable_grad():
-                    zs = select_outputs(model(x), self.outputs)
+                inputs, per_vector = taps.grads(x, W, self.outputs)
+                for grads in per_vector:
                     for layer in layers:
-                        if not layer.out:
-                            raise ValueError(
-                                f"kfac: layer {layer.name!r} ({type(modules[layer.name]).__name__}) was not called in "
-                                "the forward pass (is its weight used directly?); pass unsupported='diag' only "
-                                "helps for modules that are not Linear/Conv2d"
-                            )
-                    owner = [i for i, layer in enumerate(layers) for _ in layer.out]
-                    outs = [o for layer in layers for o in layer.out]
-                    S = W.shape[2]
-                    gsum: dict[str, torch.Tensor] = {}
-                    for s in range(S):
-                        grads = torch.autograd.grad((zs * W[:, :, s]).sum(), outs, retain_graph=s < S - 1,
-                                                    allow_unused=True)
-                        for i, g in zip(owner, grads):
-                            if g is None:
-                                continue
-                            layer = layers[i]
-                            g = self._positions(layer, g.detach())
-                            gg = torch.einsum("bti,btj->ij", g, g)
-                            gsum[layer.name] = gg if layer.name not in gsum else gsum[layer.name] + gg
+                        g = torch.cat(grads[layer.name], dim=1)  # calls pooled as positions
+                        gg = torch.einsum("bti,btj->ij", g, g)
+                        G[layer.name] = gg if layer.name not in G else G[layer.name] + gg
                 for layer in layers:
-                    a = torch.cat([self._inputs(layer, modules[layer.name], t) for t in layer.inp], dim=1)
+                    a = torch.cat(inputs[layer.name], dim=1)
                     aa = torch.einsum("bti,btj->ij", a, a) / a.shape[1]
-                    A[layer.name] = aa if A[layer.name] is None else A[layer.name] + aa
-                    gg = gsum.get(layer.name)
-                    if gg is None:
-                        gg = torch.zeros(layer.d_out, layer.d_out, dtype=a.dtype, device=a.device)
-                    G[layer.name] = gg if G[layer.name] is None else G[layer.name] + gg
-                    layer.inp, layer.out = [], []
-                if fallback:
-                    recording[0] = False
+                    A[layer.name] = aa if layer.name not in A else A[layer.name] + aa
+                if fallback:  # hooks are idle outside taps.grads
                     sq = per_example_square_grads(model, x, W, fallback, self.outputs, c.chunk_size)
-                    recording[0] = True
                     for n, v in sq.items():
                         diag[n] = v if n not in diag else diag[n] + v
                 count += x.shape[0]
-        finally:
-            for h in handles:
-                h.remove()
-            for layer in layers:
-                layer.inp, layer.out = [], []
         self.layers = layers
-        self.A = {n: v / count for n, v in A.items()}  # type: ignore[operator]
-        self.G = {n: v / count for n, v in G.items()}  # type: ignore[operator]
+        self.A = {n: v / count for n, v in A.items()}
+        self.G = {n: v / count for n, v in G.items()}
         self.diag = {n: v / count for n, v in diag.items()}
         for kind, d in (("A", self.A), ("G", self.G), ("diagonal", self.diag)):
             for n, v in d.items():
@@ -233,19 +125,6 @@ class KfacEstimator(FSDEstimator):
                     raise ValueError(f"kfac: the {kind} factor of {n!r} is not finite")
         log.info("kfac (%s): %d examples, %d layers, %d fallback parameters, %d floats", c.fisher, count,
                  len(layers), len(fallback), self.stored_floats())
-
-    @staticmethod
-    def _positions(layer: _Layer, t: torch.Tensor) -> torch.Tensor:
-        """A layer output (or its gradient) as ``(B, T, d_out)``."""
-        if layer.kind == "conv":
-            return t.flatten(2).transpose(1, 2)
-        return t.reshape(t.shape[0], -1, t.shape[-1])
-
-    @staticmethod
-    def _inputs(layer: _Layer, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The layer's input as ``(B, T, d_in [+ 1])`` (patches for convs; ones column with a bias)."""
-        a = _patches(module, x) if layer.kind == "conv" else x.reshape(x.shape[0], -1, x.shape[-1])  # type: ignore[arg-type]
-        return _with_ones(a) if layer.bias else a
 
     # ------------------------------------------------------------------ evaluation
     def _distance(self, model: nn.Module) -> torch.Tensor:
@@ -287,7 +166,7 @@ class KfacEstimator(FSDEstimator):
         shapes = {n: list(s) for n, s in self.arch or []}
         self.layers, self.A, self.G, self.diag = [], {}, {}, {}
         for name, kind, bias, d_in, d_out in meta["layers"]:
-            layer = _Layer(name, kind, bool(bias), int(d_in), int(d_out))
+            layer = Tap(name, kind, bool(bias), int(d_in), int(d_out))
             A, G = tensors[f"A/{name}"], tensors[f"G/{name}"]
             k = d_in + int(bool(bias))
             if list(A.shape) != [k, k] or list(G.shape) != [d_out, d_out]:
