@@ -469,7 +469,6 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
     opt = torch.optim.Adam(model0.parameters(), lr=cfg.lr_a)
     steps_a = cfg.epochs_a * math.ceil(len(data.xa) / cfg.batch_size)
     _train(model0, data.xa, data.ya, cfg.task_a, steps_a, opt, cfg.batch_size, gen)
-    model0.requires_grad_(False)
     timings["train_theta0_s"] = time.perf_counter() - t0
     acc_a = _accuracy(model0, data.xa, data.ya, cfg.task_a)
     log.info("theta0: %s, %d params, task-A train accuracy %.3f", cfg.arch, num_params(model0), acc_a)
