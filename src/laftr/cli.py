@@ -126,7 +126,7 @@ register_subcommand("info", "describe a saved summary file", _info_args, _info_r
 
 # ---------------------------------------------------------------------------------------------- plug-ins
 #: Modules that register further subcommands when imported (each calls :func:`register_subcommand`).
-PLUGINS = ("laftr.bench.cli", "laftr.continual.cli", "laftr.influence.cli")
+PLUGINS = ("laftr.tools", "laftr.bench.cli", "laftr.continual.cli", "laftr.influence.cli")
 
 
 def _load_plugins() -> None:

@@ -492,7 +492,7 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
     for desc, sd in tqdm(thetas, desc="exact FSD", disable=not cfg.progress):
         live.load_state_dict(sd)
         row = dict(desc)
-        row["weight_distance"] = float(sum((sd[n] - p0).pow(2).sum() for n, p0 in model0.named_parameters()).sqrt())
+        row["weight_distance"] = float(sum((sd[n] - p0.detach()).pow(2).sum() for n, p0 in model0.named_parameters()).sqrt())
         row["pattern_change"] = _pattern_change(model0, live, data.xa)
         row["exact"] = {}
         for m in cfg.metrics:

@@ -10,6 +10,7 @@ Life cycle::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -161,6 +162,20 @@ class FSDEstimator:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_same_arch(self.arch, model)
+
+    def theta0_model(self, like: nn.Module) -> nn.Module:
+        """A copy of ``like`` (same architecture) carrying theta0's parameters and buffers, in eval mode.
+
+        Useful after :func:`laftr.load`, e.g. to compute the exact FSD against the stored reference.
+        """
+        if self.theta0 is None or self.arch is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(model, data) first")
+        check_same_arch(self.arch, like, "the stored theta0")
+        model = copy.deepcopy(like)
+        with torch.no_grad():
+            for n, t in [*model.named_parameters(), *model.named_buffers()]:
+                t.copy_(self.theta0[n])
+        return model.eval()
 
     def theta0_on(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """theta0 moved to ``model``'s device and floating dtype (cached; do not modify the tensors in place)."""
