@@ -81,8 +81,8 @@ def _fsd(base: str, estimator: str, description: str, **config: Any) -> MethodSp
 METHODS: dict[str, MethodSpec] = {
     "none": MethodSpec("none", "none", "finetune", description="fine-tuning, no regularizer (the floor)"),
     "joint": MethodSpec("joint", "joint", "joint", description="all data of the tasks so far (the ceiling)"),
-    "ewc": _fsd("ewc", "diag-fisher", "EWC: diagonal Fisher from per-example gradients"),
-    "kfac": _fsd("kfac", "kfac", "K-FAC Gauss-Newton (Ritter et al. 2018)"),
+    "ewc": _fsd("ewc", "diag-fisher", "EWC: diagonal (true) Fisher from per-example gradients", metric="kl"),
+    "kfac": _fsd("kfac", "kfac", "K-FAC (true) Fisher, Ritter et al. 2018", metric="kl"),
     "ntk": _fsd("ntk", "ntk", "linearized network on k stored inputs", metric="kl", coreset_size=200,
                 selection="random"),
     "subset": _fsd("subset", "subset", "exact FSD on k stored inputs (FROMP-like)", metric="kl",

@@ -1,0 +1,504 @@
+"""Continual learning: task streams, metrics, the FSD regularizer, the loop, the method table and the CLI.
+
+Everything runs on tiny synthetic data in the standard file formats (IDX for MNIST, python pickles for
+CIFAR), so the whole file takes well under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import laftr
+from laftr.cli import main
+from laftr.continual import (
+    METHODS,
+    FSDRegularizer,
+    TrainConfig,
+    average_accuracy,
+    backward_transfer,
+    parse_method,
+    parse_methods,
+    run_method,
+)
+from laftr.continual.cli import DEFAULT_METHODS
+from laftr.continual.metrics import mean_std
+from laftr.continual.runner import ContinualSettings, run_benchmark
+from laftr.data import Dataset, DatasetNotFoundError, write_idx
+from laftr.data.tasks import permuted_tasks, split_cifar_tasks, split_tasks
+
+# ------------------------------------------------------------------ synthetic data
+
+
+def _images(n: int, classes: int, side: int, channels: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images with a class-dependent bright block on noise, so tasks are learnable."""
+    y = rng.integers(0, classes, size=n)
+    x = rng.integers(0, 60, size=(n, channels, side, side))
+    cells = math.ceil(math.sqrt(classes))
+    step = side // cells
+    for i, c in enumerate(y):
+        r, q = divmod(int(c), cells)
+        x[i, :, r * step : (r + 1) * step, q * step : (q + 1) * step] += 180
+    return x.clip(0, 255).astype(np.uint8), y.astype(np.uint8)
+
+
+def _tiny_dataset(n_train: int = 120, n_test: int = 60, classes: int = 10, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    xt, yt = _images(n_train, classes, 8, 1, rng)
+    xe, ye = _images(n_test, classes, 8, 1, rng)
+    f = lambda a: torch.from_numpy(a.astype(np.float32) / 255)
+    return Dataset(f(xt), torch.from_numpy(yt.astype(np.int64)), f(xe), torch.from_numpy(ye.astype(np.int64)),
+                   name="tiny", num_classes=classes)
+
+
+def write_mnist(folder: Path, n_train: int = 300, n_test: int = 100) -> Path:
+    rng = np.random.default_rng(3)
+    xt, yt = _images(n_train, 10, 28, 1, rng)
+    xe, ye = _images(n_test, 10, 28, 1, rng)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / "train-images-idx3-ubyte.gz", xt[:, 0])
+    write_idx(folder / "train-labels-idx1-ubyte.gz", yt)
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", xe[:, 0])
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", ye)
+    return folder
+
+
+def _pickle(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def write_cifar(root: Path, per_batch: int = 20, n100: int = 300) -> Path:
+    """Tiny cifar-10-batches-py/ and cifar-100-python/ folders in the python-pickle format."""
+    rng = np.random.default_rng(4)
+    for i in range(1, 6):
+        x, y = _images(per_batch, 10, 32, 3, rng)
+        _pickle(root / "cifar-10-batches-py" / f"data_batch_{i}", {b"data": x.reshape(per_batch, -1),
+                                                                   b"labels": [int(v) for v in y]})
+    x, y = _images(40, 10, 32, 3, rng)
+    _pickle(root / "cifar-10-batches-py" / "test_batch", {b"data": x.reshape(40, -1), b"labels": [int(v) for v in y]})
+    for split, n in (("train", n100), ("test", n100 // 2)):
+        x, y = _images(n, 100, 32, 3, rng)
+        # make sure every one of the first 50 classes appears (5 ten-class tasks)
+        y[:50] = np.arange(50)
+        _pickle(root / "cifar-100-python" / split, {b"data": x.reshape(n, -1), b"fine_labels": [int(v) for v in y],
+                                                     b"coarse_labels": [int(v) // 5 for v in y]})
+    return root
+
+
+# ------------------------------------------------------------------ task streams
+
+
+def test_split_tasks_heads_targets_and_validation():
+    ds = _tiny_dataset()
+    s = split_tasks(ds)
+    assert len(s) == 5 and s.multi_head and s.num_outputs == 10
+    for t, task in enumerate(s):
+        assert task.outputs == [2 * t, 2 * t + 1] and task.classes == [2 * t, 2 * t + 1]
+        # local targets map back to the original labels of exactly the task's examples
+        orig = ds.y_train[torch.isin(ds.y_train, torch.tensor(task.classes))]
+        assert torch.equal(torch.tensor(task.classes)[task.y_train], orig)
+        assert set(task.y_eval.tolist()) <= {0, 1}
+    # the validation split is carved from the training data and is disjoint from what is trained on
+    v = split_tasks(ds, split="val", val_fraction=0.25, seed=1)
+    for tv, tt in zip(v, s):
+        assert len(tv.x_train) + len(tv.x_eval) == len(tt.x_train)
+        rows = {tuple(r.tolist()) for r in tt.x_train.flatten(1)}
+        ev = [tuple(r.tolist()) for r in tv.x_eval.flatten(1)]
+        tr = {tuple(r.tolist()) for r in tv.x_train.flatten(1)}
+        assert all(r in rows for r in ev) and not (set(ev) & tr)
+    sub = split_tasks(ds, [[3, 7, 1], [0, 2]], n_train=5, seed=2)
+    assert sub.num_outputs == 5 and sub[1].outputs == [3, 4] and all(t.n_train <= 5 for t in sub)
+    assert torch.equal(split_tasks(ds, n_train=5, seed=2)[0].x_train, split_tasks(ds, n_train=5, seed=2)[0].x_train)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"class_groups": [[0, 1], [1, 2]]}, "overlap"),
+        ({"class_groups": [[0]]}, "at least two"),
+        ({"class_groups": [[0, 10]]}, "0..9"),
+        ({"split": "train"}, "split"),
+        ({"val_fraction": 1.5}, "val_fraction"),
+        ({"n_train": 0}, "n_train"),
+    ],
+)
+def test_split_tasks_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        split_tasks(_tiny_dataset(), **kwargs)
+
+
+def test_permuted_tasks():
+    ds = _tiny_dataset()
+    s = permuted_tasks(ds, 4, seed=5)
+    assert len(s) == 4 and not s.multi_head and s.num_outputs == 10
+    assert s[0].perm is None and all(t.outputs == list(range(10)) for t in s)
+    perms = [t.perm for t in s.tasks[1:]]
+    for p in perms:
+        assert torch.equal(p.sort().values, torch.arange(64))
+    assert not torch.equal(perms[0], perms[1])
+    x, y = s[2].train_batch(torch.tensor([0, 3]))
+    assert torch.equal(x.flatten(1), ds.x_train[[0, 3]].flatten(1)[:, perms[1]]) and torch.equal(y, ds.y_train[[0, 3]])
+    assert x.shape == (2, 1, 8, 8)
+    # same seed, same stream; other seed, other permutations
+    assert torch.equal(permuted_tasks(ds, 4, seed=5)[3].perm, s[3].perm)
+    assert not torch.equal(permuted_tasks(ds, 4, seed=6)[3].perm, s[3].perm)
+    with pytest.raises(ValueError, match="num_tasks"):
+        permuted_tasks(ds, 0)
+
+
+def test_split_cifar_stream_from_pickles(tmp_path):
+    root = write_cifar(tmp_path)
+    s = split_cifar_tasks(root)
+    assert len(s) == 6 and s.num_outputs == 60 and s.multi_head
+    assert s[0].outputs == list(range(10)) and s[0].n_train == 100
+    assert s[3].outputs == list(range(30, 40)) and s[3].classes == list(range(20, 30))
+    assert s.input_shape == (3, 32, 32)
+    with pytest.raises(DatasetNotFoundError, match="cifar-10-batches-py"):
+        split_cifar_tasks(None)
+    with pytest.raises(DatasetNotFoundError, match="test_batch"):
+        (root / "cifar-10-batches-py" / "test_batch").unlink()
+        split_cifar_tasks(root)
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_accuracy_metrics():
+    A = [[0.9, 0.1, 0.0], [0.7, 0.8, 0.2], [0.6, 0.5, 1.0]]
+    assert average_accuracy(A) == pytest.approx((0.6 + 0.5 + 1.0) / 3)
+    assert average_accuracy(A, after=1) == pytest.approx(0.75)
+    assert backward_transfer(A) == pytest.approx(((0.6 - 0.9) + (0.5 - 0.8)) / 2)
+    assert backward_transfer([[0.5]]) == 0.0
+    with pytest.raises(ValueError, match="square"):
+        backward_transfer([[0.9, 0.1]])
+    ms = mean_std([1.0, 2.0, 3.0])
+    assert ms["mean"] == 2.0 and ms["std"] == pytest.approx(1.0) and ms["n"] == 3
+
+
+# ------------------------------------------------------------------ the regularizer
+
+
+def _mlp(d_in=64, out=4, seed=0):
+    torch.manual_seed(seed)
+    return laftr.models.mlp(d_in, (16, 12), out).double()
+
+
+def _xy(n, d=64, classes=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+
+
+def test_regularizer_penalty_is_lam_times_mean_of_estimates():
+    model = _mlp()
+    reg = FSDRegularizer(lambda: laftr.make_estimator("laftr-exact"), lam=2.5)
+    assert float(reg.penalty(model)) == 0.0 and len(reg) == 0
+    heads = [[0, 1], [2, 3], [0, 3]]
+    for j, outs in enumerate(heads):
+        reg.after_task(model, _xy(50, seed=j), outputs=outs)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    assert len(reg) == 3 and all(e.outputs == h for e, h in zip(reg.estimators, heads))
+    pen = reg.penalty(model)
+    direct = [e(model) for e in reg.estimators]
+    assert all(float(d.detach()) > 0 for d in direct)
+    torch.testing.assert_close(pen, 2.5 * torch.stack(direct).mean())
+    pen.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert reg.stored_floats() == [e.stored_floats() for e in reg.estimators]
+    # one old task per step: the penalty is lam times one of the three estimates, and all get drawn
+    sub = FSDRegularizer(None, lam=2.5, tasks_per_step=1, seed=0)
+    for e in reg.estimators:
+        sub.add(e)
+    seen = set()
+    for _ in range(30):
+        v = float(sub.penalty(model).detach())
+        k = min(range(3), key=lambda i: abs(v - 2.5 * float(direct[i])))
+        assert v == pytest.approx(2.5 * float(direct[k]), rel=1e-9)
+        seen.add(k)
+    assert seen == {0, 1, 2}
+
+
+@pytest.mark.parametrize("lam", [-1.0, float("nan"), float("inf"), "big"])
+def test_regularizer_bad_lam(lam):
+    with pytest.raises(ValueError, match="lam"):
+        FSDRegularizer(lambda: laftr.make_estimator("laftr"), lam=lam)
+
+
+def test_regularizer_bad_use():
+    with pytest.raises(ValueError, match="tasks_per_step"):
+        FSDRegularizer(None, tasks_per_step=0)
+    with pytest.raises(RuntimeError, match="factory"):
+        FSDRegularizer(None).after_task(_mlp(), _xy(10))
+    with pytest.raises(ValueError, match="not fitted"):
+        FSDRegularizer(None).add(laftr.make_estimator("laftr"))
+    with pytest.raises(TypeError, match="FSDEstimator"):
+        FSDRegularizer(lambda: object()).after_task(_mlp(), _xy(10))  # type: ignore[arg-type,return-value]
+
+
+def test_regularizer_in_a_users_loop_keeps_the_old_function():
+    """A user's own two-task loop: with the LAFTR penalty, the true (KL) FSD on task A grows far less."""
+    xa, ya = _xy(200, seed=1)
+    xb, yb = _xy(200, seed=2)
+    ya, yb = (xa[:, 0] > 0).long(), (xb[:, 1] > 0).long()
+
+    def train(model, x, y, outs, reg, steps=150):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x)[:, outs], y) + (reg.penalty(model) if reg else 0.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    base = _mlp(seed=3)
+    train(base, xa, ya, [0, 1], None)
+    theta_a = _mlp()
+    theta_a.load_state_dict(base.state_dict())
+    fsd = {}
+    for lam in (0.0, 3.0):
+        model = _mlp()
+        model.load_state_dict(base.state_dict())
+        reg = FSDRegularizer(lambda: laftr.make_estimator("laftr", metric="kl", num_samples=64), lam=lam)
+        reg.after_task(model, (xa, ya), outputs=[0, 1])
+        train(model, xb, yb, [2, 3], reg)
+        fsd[lam] = float(laftr.exact_fsd(theta_a, model, xa, metric="kl", outputs=[0, 1]))
+        assert (model(xb)[:, [2, 3]].argmax(1) == yb).double().mean() > 0.9  # task B is still learned
+    assert fsd[3.0] < 0.05 * fsd[0.0], fsd  # measured: 0.0018 vs 1.03
+
+
+# ------------------------------------------------------------------ the method table
+
+
+def test_parse_methods_and_overrides():
+    specs = parse_methods("none,laftr[lam=10,num_samples=100],subset[coreset_size=786, selection=balanced],joint")
+    assert next(s.name for s in specs) == "none" and specs[1].base == "laftr"
+    assert specs[1].lam == 10.0 and specs[1].config["num_samples"] == 100 and specs[1].config["input_model"] == "gaussian"
+    assert specs[2].config == {**METHODS["subset"].config, "coreset_size": 786, "selection": "balanced"}
+    assert parse_method("laftr-exact").tasks_per_step == 1 and parse_method("laftr-exact[tasks_per_step=None]").tasks_per_step is None
+    tuned = parse_method("laftr", {"laftr": {"lam": 7}})
+    assert tuned.lam == 7 and parse_method("laftr[lam=3]", {"laftr": {"lam": 7}}).lam == 3
+    assert parse_method("subset-eqmem").match_memory == "laftr"
+    assert parse_method("subset-eqmem[coreset_size=5]").match_memory is None
+    assert len(parse_methods(DEFAULT_METHODS)) == 10
+    # every regularized method maps to an estimator whose config accepts its settings, once registered
+    for spec in (parse_method(m) for m in METHODS):
+        if spec.kind == "fsd" and spec.estimator in laftr.available_estimators():
+            laftr.make_estimator(spec.estimator, **spec.config)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("nope", "unknown method 'nope'.*laftr-coreset"),
+        ("laftr[lam=-1]", "lam"),
+        ("laftr[lam=nan]", "lam"),
+        ("laftr[lam", "unbalanced"),
+        ("laftr[lam]", "key=value"),
+        ("none[num_samples=3]", "no estimator"),
+        ("laftr,laftr", "twice"),
+        ("laftr]", "unbalanced"),
+        ("", "no methods"),
+    ],
+)
+def test_parse_methods_bad_input(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_methods(text)
+    if "[" in text and text.count("[") == text.count("]") == 1:
+        with pytest.raises(ValueError, match=match):
+            parse_method(text)
+    with pytest.raises(ValueError, match="malformed"):
+        parse_method("laftr[lam=1")
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def test_run_method_every_method_matrix_memory_and_determinism():
+    stream = split_tasks(_tiny_dataset(), [[0, 1], [2, 3], [4, 5]], seed=0)
+    model_fn = lambda: laftr.models.mlp(64, (16,), stream.num_outputs)
+    cfg = TrainConfig(epochs=2, batch_size=32, progress=False)
+    avail = laftr.available_estimators()
+    names = [m for m, spec in METHODS.items() if spec.kind != "fsd" or spec.estimator in avail]
+    runs = {m: run_method(stream, parse_method(m), model_fn, cfg, seed=1) for m in names}
+    for r in runs.values():
+        assert len(r.acc_matrix) == 3 and all(len(row) == 3 for row in r.acc_matrix)
+        assert all(0.0 <= a <= 1.0 for row in r.acc_matrix for a in row)
+        assert set(r.timings) == {"train", "fit", "eval"} and r.wall_time_s > 0
+        assert len(r.history) == 3 and len(r.history[0]["loss"]) == 2
+        assert len(r.stored_floats) == 3
+    assert runs["none"].stored_floats == [0, 0, 0]
+    assert runs["joint"].stored_floats == [t.x_train.numel() for t in stream]
+    lf = runs["laftr"]
+    assert lf.stored_floats[0] == 16 + 64 + 64 * 64  # mu of the 16 hidden units, input mean, full covariance
+    assert lf.history[0]["penalty"] == [0.0, 0.0] and lf.history[1]["penalty"][1] > 0
+    assert runs["laftr-coreset"].stored_floats[0] == 16 + min(200, stream[0].n_train) * 64
+    for m in ("subset-eqmem", "ntk-eqmem"):
+        if m in runs:
+            assert runs[m].details["coreset_size"] == round(lf.stored_floats[0] / 64)
+    again = run_method(stream, parse_method("none"), model_fn, cfg, seed=1)
+    assert again.acc_matrix == runs["none"].acc_matrix
+    other = run_method(stream, parse_method("none"), model_fn, cfg, seed=2)
+    assert other.acc_matrix != runs["none"].acc_matrix
+
+
+def test_joint_scores_each_example_on_its_own_head():
+    """Joint training on two tasks with *different* heads must fit both: one shared head would not."""
+    ds = _tiny_dataset(n_train=300)
+    stream = split_tasks(ds, [[0, 1], [2, 3]])
+    model_fn = lambda: laftr.models.mlp(64, (32,), stream.num_outputs)
+    r = run_method(stream, parse_method("joint"), model_fn, TrainConfig(epochs=30, batch_size=32, progress=False))
+    assert min(r.acc_matrix[-1]) > 0.9, r.acc_matrix
+
+
+# ------------------------------------------------------------------ the CLI, end to end
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    return write_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+# a few methods per benchmark keep the test fast; every method runs in the loop test above
+CLI_METHODS = {"split-mnist": "none,joint,laftr,ewc", "permuted-mnist": "none,laftr-coreset[coreset_size=20],kfac"}
+
+
+@pytest.mark.parametrize("bench", ["split-mnist", "permuted-mnist"])
+def test_cli_mnist_benchmarks_end_to_end(bench, mnist_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    methods = CLI_METHODS[bench]
+    rc = main(["continual", "--benchmark", bench, "--methods", methods, "--seeds", "2", "--quick",
+               "--data-dir", str(mnist_dir), "--out", str(out), "--no-progress", "--n-train", "60"])
+    assert rc == 0, capsys.readouterr().err
+    assert "avg acc" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "complete" and res["benchmark"] == bench
+    md = res["metadata"]
+    assert md["command"].startswith("laftr continual --benchmark " + bench) and md["device"] == "cpu"
+    assert md["git_revision"] is None or len(md["git_revision"]) == 40
+    assert res["settings"]["seeds"] == [0, 1] and res["protocol"]["train"]["epochs"] == 1
+    assert res["protocol"]["stream"]["n_train"] == 60
+    T = 5 if bench == "split-mnist" else 3
+    assert res["stream"]["num_tasks"] == T
+    for name in parse_methods(methods):
+        s = res["methods"][name.name]["summary"]
+        assert set(s["final_avg_acc"]) == {"mean", "std", "n"} and s["final_avg_acc"]["n"] == 2
+        assert len(s["acc_matrix"]) == 2 and len(s["acc_matrix"][0]) == T
+        assert s["final_avg_acc"]["mean"] == pytest.approx(
+            np.mean([average_accuracy(a) for a in s["acc_matrix"]]))
+        assert s["bwt"]["mean"] == pytest.approx(np.mean([backward_transfer(a) for a in s["acc_matrix"]]))
+        assert len(s["stored_floats_per_task"][0]) == T and s["wall_time_s"]["mean"] > 0
+    if bench == "split-mnist":
+        assert res["methods"]["laftr"]["summary"]["stored_floats_per_task"][0] == [512 + 784 + 784 * 784] * T
+    table = (out / "table.md").read_text()
+    assert all(m.name.split("[")[0] in table for m in parse_methods(methods))
+    assert (out / "heatmaps.png").stat().st_size > 1000
+
+
+def test_cli_split_cifar_end_to_end(tmp_path, capsys):
+    root = write_cifar(tmp_path / "data")
+    out = tmp_path / "out"
+    rc = main(["continual", "--benchmark", "split-cifar", "--methods",
+               "none,laftr[input_model=diag,num_samples=8]", "--seeds", "1", "--quick", "--n-train", "20",
+               "--data-dir", str(root), "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["stream"]["num_tasks"] == 6 and res["stream"]["num_outputs"] == 60
+    m = res["methods"]["laftr[input_model=diag,num_samples=8]"]["summary"]
+    assert len(m["acc_matrix"][0]) == 6 and len(m["stored_floats_per_task"][0]) == 6
+    assert res["protocol"]["benchmark"]["conv_width"] == 0.25
+
+
+def test_cli_val_split_never_reads_test_files(mnist_dir, tmp_path, capsys):
+    """--split val must work from the training files alone (the test files are not consulted)."""
+    out = tmp_path / "val"
+    rc = main(["continual", "--benchmark", "split-mnist", "--methods", "none", "--seeds", "1", "--quick",
+               "--split", "val", "--data-dir", str(mnist_dir), "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["stream"]["split"] == "val"
+    n_eval = sum(t["n_eval"] for t in res["stream"]["tasks"])
+    assert n_eval == pytest.approx(0.1 * 300, abs=10)  # 10 % of the 300 training images
+
+
+@pytest.mark.parametrize(
+    "argv, code, needle",
+    [
+        (["--benchmark", "split-nope"], 2, "unknown benchmark 'split-nope'"),
+        (["--benchmark", "split-fmnist", "--methods", "none,magic"], 2, "unknown method 'magic'"),
+        (["--benchmark", "split-fmnist", "--lam", "-1"], 2, "lam must be"),
+        (["--benchmark", "split-fmnist", "--lam", "nan"], 2, "lam must be"),
+        (["--benchmark", "split-fmnist", "--seeds", "0"], 2, "--seeds"),
+        (["--benchmark", "split-fmnist", "--epochs", "0"], 2, "epochs"),
+        (["--benchmark", "split-mnist"], 2, "no data_dir"),
+        (["--benchmark", "split-cifar"], 2, "cifar-10-batches-py"),
+    ],
+)
+def test_cli_bad_input(argv, code, needle, tmp_path, capsys):
+    rc = main(["continual", *argv, "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == code
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_missing_files_named(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc = main(["continual", "--benchmark", "permuted-mnist", "--data-dir", str(empty), "--out",
+               str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte" in err and "t10k-labels-idx1-ubyte" in err
+    rc = main(["continual", "--benchmark", "split-cifar", "--data-dir", str(empty), "--out",
+               str(tmp_path / "o2"), "--no-progress"])
+    assert rc == 2 and "cifar-10-batches-py" in capsys.readouterr().err
+
+
+def test_cli_refuses_non_empty_out(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    argv = ["continual", "--benchmark", "split-mnist", "--methods", "none", "--seeds", "1", "--quick",
+            "--data-dir", str(mnist_dir), "--out", str(out), "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--force" in err
+    assert (out / "results.json").read_text() == "{}"
+    assert main([*argv, "--force"]) == 0
+    assert json.loads((out / "results.json").read_text())["status"] == "complete"
+
+
+def test_settings_bad_input():
+    with pytest.raises(ValueError, match="seed"):
+        ContinualSettings("split-fmnist", "none", [])
+    with pytest.raises(ValueError, match="split"):
+        ContinualSettings("split-fmnist", "none", [0], split="test2")
+    with pytest.raises(ValueError, match="n_train"):
+        ContinualSettings("split-fmnist", "none", [0], n_train=0)
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'"):
+        ContinualSettings("nope", "none", [0])
+    with pytest.raises(ValueError, match="unknown method"):
+        run_benchmark(ContinualSettings("split-fmnist", "none,foo", [0]), "never-created")
+
+
+def test_loop_rejects_diverging_penalty():
+    stream = split_tasks(_tiny_dataset(), [[0, 1], [2, 3]])
+
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = laftr.models.mlp(64, (8,), 4)
+
+        def forward(self, x):
+            return self.net(x) * float("inf")
+
+    with pytest.raises(FloatingPointError, match="loss"):
+        run_method(stream, parse_method("none"), Boom, TrainConfig(epochs=1, progress=False))
