@@ -1,0 +1,244 @@
+"""Classical influence functions with the damped Gauss-Newton matrix.
+
+The linear response of the PBRF (METHOD.md section 5) to removing ``z_m`` is::
+
+    theta_m - theta_s ~= (1/N) (G + lam I)^{-1} grad L(z_m, theta_s)
+    M(theta_m) - M(theta_s) ~= (1/N) grad M(theta_s)^T (G + lam I)^{-1} grad L(z_m, theta_s)
+
+with ``G = (1/N) sum_i J_i^T H_i J_i`` the Gauss-Newton matrix of the training loss (``H_i`` the output
+Hessian of the loss's Bregman divergence: the PBRF objective's Hessian at ``theta_s`` without the O(1/N)
+term). Sign convention: METHOD.md writes ``-(1/N) grad M^T (G + lam I)^{-1} grad L``, the effect of
+*upweighting* ``z_m`` by ``1/N``; removing it is the opposite, which is what this module returns so that
+every method estimates the same quantity, ``M(theta_m) - M(theta_s)``.
+
+``G`` is never formed for real networks: Gauss-Newton-vector products come from ``torch.func`` (a
+``jvp`` then a ``vjp`` per batch) and the system is solved by conjugate gradient. For tiny models
+``solver="exact"`` builds ``G`` densely and solves with a Cholesky factorization (used in the tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, jvp, vjp
+
+from .._util import model_device_dtype
+from .losses import check_task, infer_task, output_hessian_product, per_example_loss
+from .measure import Measurement, check_examples
+from .params import ParamSpace
+
+log = logging.getLogger(__name__)
+
+#: Largest ``N * K * P`` for which ``solver="exact"`` forms the dense Jacobian.
+MAX_DENSE_ENTRIES = 20_000_000
+
+
+@dataclasses.dataclass
+class CGInfo:
+    """Outcome of a conjugate-gradient solve."""
+
+    iterations: int
+    rel_residual: float
+    converged: bool
+    seconds: float
+
+
+def conjugate_gradient(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    rtol: float = 1e-8,
+    max_iter: int = 1000,
+) -> tuple[torch.Tensor, CGInfo]:
+    """Solve ``A x = b`` for a symmetric positive definite ``A`` given by ``matvec``.
+
+    Stops when ``||b - A x|| <= rtol ||b||`` (the residual is recomputed exactly at the end).
+    """
+    t0 = time.perf_counter()
+    x = torch.zeros_like(b)
+    bnorm = float(b.norm())
+    if bnorm == 0:
+        return x, CGInfo(0, 0.0, True, 0.0)
+    r = b.clone()
+    p = r.clone()
+    rs = float(r @ r)
+    it = 0
+    for it in range(1, max_iter + 1):
+        Ap = matvec(p)
+        pAp = float(p @ Ap)
+        if not pAp > 0:
+            raise ValueError(f"conjugate gradient: the matrix is not positive definite (p^T A p = {pAp:.3e})")
+        alpha = rs / pAp
+        x.add_(p, alpha=alpha)
+        r.sub_(Ap, alpha=alpha)
+        rs_new = float(r @ r)
+        if math.sqrt(rs_new) <= rtol * bnorm:
+            break
+        p.mul_(rs_new / rs).add_(r)
+        rs = rs_new
+    res = float((b - matvec(x)).norm()) / bnorm
+    return x, CGInfo(it, res, res <= 10 * rtol, time.perf_counter() - t0)
+
+
+@dataclasses.dataclass
+class InfluenceConfig:
+    """Options of the classical influence function.
+
+    Attributes:
+        damping: ``lam`` in ``(G + lam I)^{-1}`` (use the PBRF's damping to compare).
+        solver: ``cg`` (Gauss-Newton-vector products) or ``exact`` (dense G, tiny models only).
+        cg_rtol: relative residual at which conjugate gradient stops.
+        cg_max_iter: most conjugate-gradient iterations.
+        batch_size: batch size of the Gauss-Newton-vector products.
+    """
+
+    damping: float = 1e-3
+    solver: str = "cg"
+    cg_rtol: float = 1e-8
+    cg_max_iter: int = 2000
+    batch_size: int = 8192
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.damping) and self.damping >= 0):
+            raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
+        if self.solver not in ("cg", "exact"):
+            raise ValueError(f"unknown solver {self.solver!r}; choose 'cg' or 'exact'")
+        if not self.cg_rtol > 0 or self.cg_max_iter < 1 or self.batch_size < 1:
+            raise ValueError("cg_rtol, cg_max_iter and batch_size must be positive")
+
+
+class ClassicalInfluence:
+    """First-order influence of removing training examples, at ``theta_s`` = ``model``'s parameters.
+
+    Args:
+        model: the trained network (copied).
+        train: ``(X, Y)`` training tensors (``G`` is over all of ``X``; ``Y`` only sets the task).
+        task: ``regression`` or ``classification``; inferred from ``Y`` when None.
+        config: an :class:`InfluenceConfig`; keyword arguments override its fields.
+    """
+
+    def __init__(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], task: str | None = None,
+                 config: InfluenceConfig | None = None, **kwargs: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.config = dataclasses.replace(config or InfluenceConfig(), **kwargs)
+        X, Y = train
+        check_examples(X, Y, "training data")
+        self.task = check_task(task) if task is not None else infer_task(Y)
+        self.model = copy.deepcopy(model).eval()
+        self.space = ParamSpace(self.model)
+        self.device, self.dtype = model_device_dtype(self.model)
+        self.X = X.to(device=self.device, dtype=self.dtype)
+        self.num_train = int(X.shape[0])
+        self.params = {n: p.detach() for n, p in self.model.named_parameters() if n in self.space.names}
+        self.buffers = dict(self.model.named_buffers())
+        self._vjps: list[tuple[Callable, torch.Tensor]] | None = None
+        self._dense: torch.Tensor | None = None
+        self._chol: torch.Tensor | None = None
+        self._direction: torch.Tensor | None = None
+        self._direction_for: Measurement | None = None
+        self.last_info: CGInfo | None = None
+        self.matvecs = 0
+
+    # ------------------------------------------------------------------ Gauss-Newton
+    def _f(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        z = functional_call(self.model, (params, self.buffers), (x,))
+        return z.reshape(z.shape[0], -1)
+
+    def ggn_matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``G v`` (flat), one ``jvp`` and one cached ``vjp`` per training batch."""
+        if self._vjps is None:
+            self._vjps = []
+            for xb in self.X.split(self.config.batch_size):
+                zb, fn = vjp(lambda p, xb=xb: self._f(p, xb), self.params)
+                self._vjps.append((fn, zb.detach()))
+        vd = self.space.unflatten(v)
+        out = torch.zeros_like(v)
+        for (fn, zb), xb in zip(self._vjps, self.X.split(self.config.batch_size)):
+            _, jv = jvp(lambda p, xb=xb: self._f(p, xb), (self.params,), (vd,))
+            (g,) = fn(output_hessian_product(zb, jv, self.task))
+            out += self.space.flatten(g)
+        self.matvecs += 1
+        return out / self.num_train
+
+    def dense_ggn(self) -> torch.Tensor:
+        """``G`` as a dense ``(P, P)`` matrix (tiny models only)."""
+        if self._dense is None:
+            P = self.space.size
+            with torch.no_grad():
+                K = self._f(self.params, self.X[:1]).shape[1]
+            if self.num_train * K * P > MAX_DENSE_ENTRIES:
+                raise ValueError(f"the dense Jacobian would have {self.num_train * K * P:,} entries; "
+                                 "use solver='cg' for a model of this size")
+            G = torch.zeros(P, P, device=self.device, dtype=self.dtype)
+            for xb in self.X.split(self.config.batch_size):
+                jac = jacrev(lambda p, xb=xb: self._f(p, xb))(self.params)  # name -> (B, K, *shape)
+                J = torch.cat([jac[n].reshape(xb.shape[0], K, -1) for n in self.space.names], dim=2)
+                with torch.no_grad():
+                    zb = self._f(self.params, xb)
+                HJ = torch.stack([output_hessian_product(zb, J[:, :, j], self.task) for j in range(P)], dim=2)
+                G += torch.einsum("bkp,bkq->pq", J, HJ)
+            self._dense = G / self.num_train
+        return self._dense
+
+    def solve(self, b: torch.Tensor) -> torch.Tensor:
+        """``(G + lam I)^{-1} b``."""
+        lam = float(self.config.damping)
+        if self.config.solver == "exact":
+            t0 = time.perf_counter()
+            if self._chol is None:
+                A = self.dense_ggn() + lam * torch.eye(self.space.size, device=self.device, dtype=self.dtype)
+                self._chol = torch.linalg.cholesky(A)
+            x = torch.cholesky_solve(b[:, None], self._chol)[:, 0]
+            self.last_info = CGInfo(0, 0.0, True, time.perf_counter() - t0)
+            return x
+        x, info = conjugate_gradient(lambda v: self.ggn_matvec(v) + lam * v, b, self.config.cg_rtol,
+                                     self.config.cg_max_iter)
+        if not info.converged:
+            log.warning("conjugate gradient stopped after %d iterations at relative residual %.2e",
+                        info.iterations, info.rel_residual)
+        self.last_info = info
+        return x
+
+    # ------------------------------------------------------------------ influence
+    def loss_grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``grad_theta`` of the summed loss on ``(x, y)`` (flat)."""
+        check_examples(x, y, "example")
+        x = x.to(device=self.device, dtype=self.dtype)
+        y = y.to(device=self.device, dtype=self.dtype) if y.is_floating_point() else y.to(self.device)
+        params = [dict(self.model.named_parameters())[n] for n in self.space.names]
+        with torch.enable_grad():
+            for p in params:
+                p.requires_grad_(True)
+            loss = per_example_loss(self.model(x), y, self.task).sum()
+            gs = torch.autograd.grad(loss, params)
+        return self.space.flatten(list(gs))
+
+    def set_measurement(self, measurement: Measurement) -> torch.Tensor:
+        """Precompute ``s = (G + lam I)^{-1} grad M`` (one solve shared by all queries); returns ``s``."""
+        if not isinstance(measurement, Measurement):
+            raise TypeError(f"measurement must be a Measurement, got {type(measurement).__name__}")
+        if measurement.task != self.task:
+            raise ValueError(f"measurement task {measurement.task!r} differs from the model's {self.task!r}")
+        self._direction = self.solve(measurement.grad(self.model, self.space))
+        self._direction_for = measurement
+        return self._direction
+
+    def influence(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Estimated ``M(theta_m) - M(theta_s)`` for removing ``(x, y)``: ``(1/N) s^T grad L``."""
+        if self._direction is None:
+            raise RuntimeError("call set_measurement(measurement) first")
+        return float(self._direction @ self.loss_grad(x, y)) / self.num_train
+
+    def self_influence(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Estimated change of the example's own loss when it is removed:
+        ``(1/N) grad L^T (G + lam I)^{-1} grad L`` (one solve per call)."""
+        g = self.loss_grad(x, y)
+        return float(g @ self.solve(g)) / self.num_train

@@ -1,0 +1,553 @@
+"""The influence and mislabeled-detection experiments behind ``laftr influence`` and ``laftr mislabeled``.
+
+``run_influence``: train an MLP, fix a measurement ``M`` (mean loss on random test points) and random
+removed training points, answer every query with every method, and score each method's influences
+against ``pbrf``'s by Pearson and Spearman correlation. ``run_mislabeled``: flip a fraction of the
+training labels, train, rank every training example by each method's self-influence and report the
+fraction of flipped examples found versus the fraction inspected (curve and area).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..estimators.base import REGISTRY
+from ..models import mlp, num_params
+from ..report import markdown_table, prepare_out_dir, pyplot, run_metadata, write_json_atomic
+from .classical import InfluenceConfig
+from .losses import infer_task, per_example_loss
+from .measure import Measurement
+from .methods import check_method, make_method
+from .pbrf import PBRFConfig
+from .stats import curve_area, detection_curve, pearson, spearman
+
+log = logging.getLogger(__name__)
+
+INFLUENCE_DATASETS = ("boston", "autompg", "diabetes", "fashion-mnist", "mnist-sample")
+MISLABELED_DATASETS = ("fashion-mnist", "mnist-sample")
+
+#: Estimator options used unless overridden (only fields the estimator's config has are passed).
+DEFAULT_ESTIMATOR_OPTIONS: dict[str, dict[str, Any]] = {
+    "laftr": {"fixed_noise": True, "num_samples": 4096},
+    "ntk": {"coreset_size": 100},
+    "subset": {"coreset_size": 100},
+}
+
+
+def _estimator_options(user: dict[str, dict[str, Any]] | None, task: str) -> dict[str, dict[str, Any]]:
+    """Defaults merged with the user's options; keys the estimator's config lacks are dropped from the
+    defaults (and rejected when the user gave them)."""
+    user = user or {}
+    out: dict[str, dict[str, Any]] = {}
+    for name in set(REGISTRY) | set(user):
+        if name not in REGISTRY:
+            raise ValueError(f"options given for unknown estimator {name!r}; known: {sorted(REGISTRY)}")
+        fields = {f.name for f in dataclasses.fields(REGISTRY[name].Config)}
+        opts = {k: v for k, v in DEFAULT_ESTIMATOR_OPTIONS.get(name, {}).items() if k in fields}
+        if name == "laftr" and task == "classification" and "input_model" in fields:
+            opts.setdefault("input_model", "classwise")
+        for k, v in user.get(name, {}).items():
+            if k not in fields:
+                raise ValueError(f"estimator {name!r} has no option {k!r}; its options: {sorted(fields)}")
+            if k == "metric":
+                raise ValueError("the estimator's metric is the loss's Bregman divergence; do not set it")
+            opts[k] = v
+        out[name] = opts
+    return out
+
+
+def _check_methods(methods: list[str]) -> list[str]:
+    if not methods:
+        raise ValueError("give at least one method")
+    seen = []
+    for m in methods:
+        check_method(m)
+        if m not in seen:
+            seen.append(m)
+    return seen
+
+
+# --------------------------------------------------------------------------------------------- config
+@dataclasses.dataclass
+class InfluenceExperimentConfig:
+    """Options of :func:`run_influence` (``None`` fields take the data set's default; see ``resolved``).
+
+    Attributes:
+        dataset: ``boston``, ``autompg``, ``diabetes``, ``fashion-mnist`` or ``mnist-sample``.
+        methods: method names; ``pbrf`` (the reference) is added when missing.
+        seed: seed of the model's initialization, the training order and every random choice.
+        quick: a small, fast configuration for smoke tests (not a benchmark).
+        n_train: training examples used (the first ``n_train`` of the split).
+        hidden: hidden widths of the MLP.
+        epochs: training epochs (full-batch steps for regression tables).
+        lr: Adam learning rate of training.
+        batch_size: training batch size (classification; regression trains full batch).
+        n_measure: test points of the measurement ``M``.
+        n_queries: removed training points scored.
+        damping: ``lam`` of the PBRF and of the influence function.
+        epsilon: weight of the removed example (None: ``1/N``), see :class:`PBRFConfig`.
+        rtol: PBRF stopping tolerance; max_iter: its iteration cap.
+        cg_rtol: conjugate-gradient tolerance of the classical influence.
+        estimator_options: per estimator name, options of ``pbrf-<name>`` (merged with defaults).
+        progress: show progress bars.
+    """
+
+    dataset: str
+    methods: list[str]
+    seed: int = 0
+    quick: bool = False
+    n_train: int | None = None
+    hidden: tuple[int, ...] | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int = 128
+    n_measure: int = 20
+    n_queries: int | None = None
+    damping: float | None = None
+    epsilon: float | None = None
+    rtol: float = 1e-7
+    max_iter: int = 1000
+    cg_rtol: float = 1e-8
+    estimator_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    progress: bool = False
+
+    def resolved(self) -> InfluenceExperimentConfig:
+        """A copy with every ``None`` default filled in for the data set (and ``--quick``)."""
+        if self.dataset not in INFLUENCE_DATASETS:
+            raise ValueError(f"unknown data set {self.dataset!r}; choose one of {list(INFLUENCE_DATASETS)}")
+        methods = _check_methods(list(self.methods))
+        if "pbrf" not in methods:
+            methods = ["pbrf", *methods]
+        reg = self.dataset not in MISLABELED_DATASETS
+        q = self.quick
+        d = {
+            "n_train": (None if not q else 120) if reg else (10000 if not q else 500),
+            "hidden": ((50, 50) if not q else (16, 16)) if reg else ((100,) if not q else (32,)),
+            "epochs": (500 if not q else 200) if reg else (10 if not q else 3),
+            "lr": 3e-3 if reg else 1e-3,
+            "n_queries": 50 if not q else 8,
+            "damping": 0.1 if reg else 1e-3,
+        }
+        out = dataclasses.replace(self, methods=methods)
+        for k, v in d.items():
+            if getattr(out, k) is None:
+                out = dataclasses.replace(out, **{k: v})
+        _validate_common(out)
+        if out.n_measure < 1 or out.n_queries < 2:
+            raise ValueError("n_measure must be >= 1 and n_queries >= 2")
+        return out
+
+
+def _validate_common(c: Any) -> None:
+    if c.n_train is not None and c.n_train < 2:
+        raise ValueError(f"n_train must be >= 2, got {c.n_train}")
+    if not c.hidden or any(int(h) < 1 for h in c.hidden):
+        raise ValueError(f"hidden widths must be positive, got {c.hidden}")
+    if c.epochs < 0 or not c.lr > 0 or c.batch_size < 1:
+        raise ValueError("epochs must be >= 0, lr > 0 and batch_size >= 1")
+    if not (math.isfinite(c.damping) and c.damping >= 0):
+        raise ValueError(f"damping must be >= 0, got {c.damping}")
+
+
+# --------------------------------------------------------------------------------------------- data/model
+def load_tables(name: str, n_train: int | None) -> tuple[Any, str]:
+    """The data set, flattened, restricted to its first ``n_train`` training examples; and its task."""
+    from ..data import load_dataset
+
+    ds = load_dataset(name).flat()
+    if n_train is not None:
+        if n_train > ds.n_train:
+            raise ValueError(f"{name} has {ds.n_train} training examples; n_train={n_train} is too many")
+        ds = ds.subset(n_train)
+    return ds, infer_task(ds.y_train)
+
+
+def train_model(X: torch.Tensor, Y: torch.Tensor, task: str, hidden: tuple[int, ...], epochs: int, lr: float,
+                batch_size: int, seed: int, progress: bool = False) -> nn.Module:
+    """Train an MLP with Adam (full batch for regression, minibatches for classification) in float32 and
+    return it in float64, ready for influence computations."""
+    torch.manual_seed(seed)  # nn.Linear initializes from the global generator
+    out_dim = Y.shape[1] if task == "regression" else int(Y.max()) + 1
+    model = mlp(X.shape[1], tuple(hidden), out_dim, flatten=False).float()
+    X = X.float()
+    Y = Y.float() if Y.is_floating_point() else Y
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(epochs), disable=not progress, desc="training"):
+        if task == "regression":
+            batches = [torch.arange(X.shape[0])]
+        else:
+            batches = list(torch.randperm(X.shape[0], generator=gen).split(batch_size))
+        for idx in batches:
+            opt.zero_grad()
+            per_example_loss(model(X[idx]), Y[idx], task).mean().backward()
+            opt.step()
+    return model.double().eval()
+
+
+def _model_stats(model: nn.Module, X, Y, Xt, Yt, task: str) -> dict[str, float]:
+    with torch.no_grad():
+        z, zt = model(X.double()), model(Xt.double())
+        out = {"train_loss": float(per_example_loss(z, Y, task).mean()),
+               "test_loss": float(per_example_loss(zt, Yt, task).mean())}
+        if task == "classification":
+            out["train_accuracy"] = float((z.argmax(1) == Y).double().mean())
+            out["test_accuracy"] = float((zt.argmax(1) == Yt).double().mean())
+    return out
+
+
+def _targets64(Y: torch.Tensor) -> torch.Tensor:
+    return Y.double() if Y.is_floating_point() else Y
+
+
+def _summ(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        return {}
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "max": float(a.max())}
+
+
+def _solver_summary(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    if not stats or "iterations" not in stats[0]:
+        return {}
+    return {
+        "iterations": _summ([s["iterations"] for s in stats]),
+        "evaluations": _summ([s["evaluations"] for s in stats]),
+        "grad_ratio": _summ([s["grad_ratio"] for s in stats]),
+        "status": {k: sum(1 for s in stats if s["status"] == k) for k in sorted({s["status"] for s in stats})},
+    }
+
+
+# --------------------------------------------------------------------------------------------- influence
+def run_influence(config: InfluenceExperimentConfig, out_dir: str | Path, force: bool = False,
+                  command: str = "") -> dict[str, Any]:
+    """Run the influence benchmark and write ``results.json``, ``table.md`` and ``scatter.png`` to ``out_dir``.
+
+    Raises:
+        ValueError: unknown data set or method, bad options.
+        laftr.report.OutDirError: ``out_dir`` exists, is not empty, and ``force`` is False.
+    """
+    cfg = config.resolved()
+    est_opts = _estimator_options(cfg.estimator_options, "classification" if cfg.dataset in MISLABELED_DATASETS
+                                  else "regression")
+    out = prepare_out_dir(out_dir, force=force)
+    t_start = time.perf_counter()
+    ds, task = load_tables(cfg.dataset, cfg.n_train)
+    X, Y = ds.x_train, ds.y_train
+    model = train_model(X, Y, task, cfg.hidden, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, cfg.progress)
+    X64, Y64 = X.double(), _targets64(Y)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    if cfg.n_measure > ds.n_test or cfg.n_queries > ds.n_train:
+        raise ValueError(f"n_measure ({cfg.n_measure}) or n_queries ({cfg.n_queries}) exceeds the test "
+                         f"({ds.n_test}) or training ({ds.n_train}) set")
+    test_idx = torch.randperm(ds.n_test, generator=gen)[: cfg.n_measure].sort().values.tolist()
+    query_idx = torch.randperm(ds.n_train, generator=gen)[: cfg.n_queries].tolist()
+    meas = Measurement(ds.x_test[test_idx].double(), _targets64(ds.y_test[test_idx]), task)
+    pcfg = PBRFConfig(damping=cfg.damping, epsilon=cfg.epsilon, rtol=cfg.rtol, max_iter=cfg.max_iter)
+    icfg = InfluenceConfig(damping=cfg.damping, cg_rtol=cfg.cg_rtol)
+    results: dict[str, Any] = {}
+    for name in cfg.methods:
+        meth = make_method(name, pbrf=pcfg, influence=icfg, estimator_options=est_opts)
+        t0, c0 = time.perf_counter(), time.process_time()
+        meth.setup(model, (X64, Y64), task, meas)
+        setup_s, setup_cpu = time.perf_counter() - t0, time.process_time() - c0
+        vals, secs, cpus, stats, errors = [], [], [], [], []
+        for q in tqdm(query_idx, disable=not cfg.progress, desc=name):
+            try:
+                r = meth.query(q, measure=True)
+            except FloatingPointError as e:  # an estimator's PBRF without a local minimum
+                errors.append({"index": q, "error": str(e)})
+                vals.append(float("nan"))
+                continue
+            vals.append(r.influence)
+            secs.append(r.seconds)
+            cpus.append(r.cpu_seconds)
+            stats.append(r.stats)
+        results[name] = {
+            "influences": vals, "setup_s": setup_s, "setup_cpu_s": setup_cpu,
+            "seconds_per_query": float(np.mean(secs)) if secs else None,
+            "cpu_seconds_per_query": float(np.mean(cpus)) if cpus else None,
+            "stored_floats": meth.stored_floats(), "failures": errors,
+            "solver": _solver_summary(stats), "describe": meth.describe(),
+        }
+        log.info("%s: setup %.2fs, %.3fs CPU per query", name, setup_cpu,
+                 results[name]["cpu_seconds_per_query"] or 0)
+    ref = np.asarray(results["pbrf"]["influences"], dtype=np.float64)
+    t_ref = results["pbrf"]["cpu_seconds_per_query"]
+    rows = []
+    for name, r in results.items():
+        v = np.asarray(r["influences"], dtype=np.float64)
+        ok = np.isfinite(v) & np.isfinite(ref)
+        r["n_scored"] = int(ok.sum())
+        r["pearson"] = pearson(v[ok], ref[ok]) if ok.sum() >= 2 else None
+        r["spearman"] = spearman(v[ok], ref[ok]) if ok.sum() >= 2 else None
+        c = r["cpu_seconds_per_query"]
+        r["time_ratio_vs_pbrf"] = (c / t_ref) if c and t_ref else None
+        rows.append({
+            "method": name, "pearson": r["pearson"], "spearman": r["spearman"],
+            "CPU s/query": c, "setup CPU s": r["setup_cpu_s"], "time / pbrf": r["time_ratio_vs_pbrf"],
+            "stored floats": r["stored_floats"], "failed": len(r["failures"]),
+        })
+    table = markdown_table(rows, floatfmt=".3g")
+    res = {
+        "metadata": run_metadata(command, seed=cfg.seed, device="cpu"),
+        "config": dataclasses.asdict(cfg),
+        "estimator_options": est_opts,
+        "dataset": {"name": cfg.dataset, "task": task, "n_train": ds.n_train, "n_test": ds.n_test,
+                    "input_dim": int(X.shape[1])},
+        "model": {"hidden": list(cfg.hidden), "num_params": num_params(model),
+                  **_model_stats(model, X64, Y64, ds.x_test, _targets64(ds.y_test), task)},
+        "measurement": {"test_indices": test_idx, "value": float(meas(model).detach())},
+        "query_indices": query_idx,
+        "reference": "pbrf",
+        "methods": results,
+        "table_markdown": table,
+        "wall_time_s": time.perf_counter() - t_start,
+    }
+    write_json_atomic(out / "results.json", res)
+    (out / "table.md").write_text(_influence_md(res))
+    _scatter(res, out / "scatter.png")
+    return res
+
+
+def _influence_md(res: dict[str, Any]) -> str:
+    c, m = res["config"], res["model"]
+    lines = [
+        f"# Influence vs PBRF: {c['dataset']}",
+        "",
+        (f"MLP {m['hidden']} ({m['num_params']:,} parameters), N = {res['dataset']['n_train']}, "
+        f"damping {c['damping']}, epsilon {'1/N' if c['epsilon'] is None else c['epsilon']}, "
+        f"{len(res['query_indices'])} removed training points, M = mean loss on {c['n_measure']} test points. "
+        f"Train loss {m['train_loss']:.4g}, test loss {m['test_loss']:.4g}."),
+        "",
+        res["table_markdown"],
+        "",
+        (f"Command: `{res['metadata']['command']}` (git {res['metadata']['git_revision']}), "
+        f"wall time {res['wall_time_s']:.0f} s."),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _scatter(res: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    names = [n for n in res["methods"] if n != "pbrf"]
+    if not names:
+        return
+    ref = np.asarray(res["methods"]["pbrf"]["influences"], dtype=np.float64)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        r = res["methods"][name]
+        v = np.asarray(r["influences"], dtype=np.float64)
+        ok = np.isfinite(v)
+        ax.scatter(ref[ok], v[ok], s=10, alpha=0.7)
+        p, s = r["pearson"], r["spearman"]
+        ax.set_title(f"{name}\nPearson {p:.2f}, Spearman {s:.2f}" if p is not None else name, fontsize=9)
+        ax.set_xlabel("pbrf influence", fontsize=8)
+        ax.set_ylabel(f"{name}", fontsize=8)
+        ax.ticklabel_format(style="sci", scilimits=(-2, 2))
+        ax.axhline(0, lw=0.5, c="gray")
+        ax.axvline(0, lw=0.5, c="gray")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"Influence on M vs pbrf: {res['config']['dataset']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- mislabeled
+@dataclasses.dataclass
+class MislabeledConfig:
+    """Options of :func:`run_mislabeled` (``None`` fields take defaults; see ``resolved``).
+
+    Attributes:
+        dataset: ``fashion-mnist`` or ``mnist-sample``.
+        methods: method names (each ranks the training set by self-influence).
+        noise: fraction of training labels flipped to another class, in (0, 1).
+        seed, quick, n_train, hidden, epochs, lr, batch_size, damping, epsilon, rtol, max_iter, cg_rtol,
+        estimator_options, progress: as in :class:`InfluenceExperimentConfig`.
+    """
+
+    dataset: str
+    methods: list[str]
+    noise: float = 0.1
+    seed: int = 0
+    quick: bool = False
+    n_train: int | None = None
+    hidden: tuple[int, ...] | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int = 64
+    damping: float | None = None
+    epsilon: float | None = None
+    rtol: float = 1e-6
+    max_iter: int = 500
+    cg_rtol: float = 1e-6
+    estimator_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    progress: bool = False
+
+    def resolved(self) -> MislabeledConfig:
+        if self.dataset not in MISLABELED_DATASETS:
+            raise ValueError(f"mislabeled detection needs a classification data set: one of "
+                             f"{list(MISLABELED_DATASETS)}, got {self.dataset!r}")
+        if not (isinstance(self.noise, (int, float)) and 0 < self.noise < 1):
+            raise ValueError(f"noise must be a fraction in (0, 1), got {self.noise!r}")
+        methods = _check_methods(list(self.methods))
+        q = self.quick
+        d = {"n_train": 1000 if not q else 150, "hidden": (64,) if not q else (16,),
+             "epochs": 30 if not q else 5, "lr": 1e-3, "damping": 1e-3}
+        out = dataclasses.replace(self, methods=methods)
+        for k, v in d.items():
+            if getattr(out, k) is None:
+                out = dataclasses.replace(out, **{k: v})
+        _validate_common(out)
+        return out
+
+
+def flip_labels(y: torch.Tensor, fraction: float, num_classes: int, generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip ``round(fraction * N)`` random labels to a uniformly chosen *other* class.
+
+    Returns:
+        ``(noisy labels, boolean mask of flipped examples)``.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"noise fraction must be in (0, 1), got {fraction}")
+    if num_classes < 2:
+        raise ValueError("need at least two classes to flip labels")
+    n = y.shape[0]
+    k = round(fraction * n)
+    if k < 1:
+        raise ValueError(f"noise {fraction} flips no label of {n} examples")
+    idx = torch.randperm(n, generator=generator)[:k]
+    shift = torch.randint(1, num_classes, (k,), generator=generator)
+    noisy = y.clone()
+    noisy[idx] = (y[idx] + shift) % num_classes
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[idx] = True
+    return noisy, mask
+
+
+def run_mislabeled(config: MislabeledConfig, out_dir: str | Path, force: bool = False,
+                   command: str = "") -> dict[str, Any]:
+    """Run mislabeled-example detection and write ``results.json``, ``table.md`` and ``curves.png``."""
+    cfg = config.resolved()
+    est_opts = _estimator_options(cfg.estimator_options, "classification")
+    out = prepare_out_dir(out_dir, force=force)
+    t_start = time.perf_counter()
+    ds, task = load_tables(cfg.dataset, cfg.n_train)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    y_noisy, flipped = flip_labels(ds.y_train, cfg.noise, int(ds.num_classes), gen)
+    X = ds.x_train
+    model = train_model(X, y_noisy, task, cfg.hidden, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, cfg.progress)
+    X64 = X.double()
+    N = X.shape[0]
+    pcfg = PBRFConfig(damping=cfg.damping, epsilon=cfg.epsilon, rtol=cfg.rtol, max_iter=cfg.max_iter)
+    icfg = InfluenceConfig(damping=cfg.damping, cg_rtol=cfg.cg_rtol)
+    curves: dict[str, Any] = {}
+    results: dict[str, Any] = {}
+    fl = flipped.numpy()
+    for name in cfg.methods:
+        meth = make_method(name, pbrf=pcfg, influence=icfg, estimator_options=est_opts)
+        t0, c0 = time.perf_counter(), time.process_time()
+        meth.setup(model, (X64, y_noisy), task, None)
+        setup_s, setup_cpu = time.perf_counter() - t0, time.process_time() - c0
+        scores, secs, cpus, stats, errors = [], [], [], [], []
+        for i in tqdm(range(N), disable=not cfg.progress, desc=name):
+            try:
+                r = meth.query(i, measure=False, self_influence=True)
+            except FloatingPointError as e:
+                errors.append({"index": i, "error": str(e)})
+                scores.append(float("inf"))  # the estimator's response diverged: rank it first
+                continue
+            scores.append(r.self_influence)
+            secs.append(r.seconds)
+            cpus.append(r.cpu_seconds)
+            stats.append(r.stats)
+        x, yv = detection_curve(np.nan_to_num(np.asarray(scores), posinf=np.finfo(np.float64).max), fl)
+        curves[name] = (x, yv)
+        results[name] = {
+            "auc": curve_area(x, yv), "setup_s": setup_s, "setup_cpu_s": setup_cpu,
+            "seconds_per_query": float(np.mean(secs)) if secs else None,
+            "cpu_seconds_per_query": float(np.mean(cpus)) if cpus else None, "stored_floats": meth.stored_floats(),
+            "failures": errors, "solver": _solver_summary(stats), "describe": meth.describe(),
+            "self_influence": scores,
+        }
+    # references: training loss (a strong heuristic) and a seeded random ranking (the floor)
+    with torch.no_grad():
+        losses = per_example_loss(model(X64), y_noisy, task).numpy()
+    rand = torch.rand(N, generator=torch.Generator().manual_seed(cfg.seed + 3)).double().numpy()
+    refs = {"random": rand, "train-loss": losses}
+    for name, s in refs.items():
+        x, yv = detection_curve(s, fl)
+        curves[name] = (x, yv)
+        results[name] = {"auc": curve_area(x, yv), "reference": True}
+    results["random"]["expected_auc"] = 0.5
+    t_ref = results.get("pbrf", {}).get("cpu_seconds_per_query")
+    rows = []
+    for name, r in results.items():
+        ratio = r["cpu_seconds_per_query"] / t_ref if r.get("cpu_seconds_per_query") and t_ref else None
+        r["time_ratio_vs_pbrf"] = ratio
+        x, yv = curves[name]
+        found_at = {f"found@{p}": float(np.interp(p, x, yv)) for p in (0.1, 0.2)}
+        r.update(found_at)
+        rows.append({"method": name, "AUC": r["auc"], **found_at, "CPU s/query": r.get("cpu_seconds_per_query"),
+                     "time / pbrf": ratio, "stored floats": r.get("stored_floats"),
+                     "failed": len(r.get("failures", []))})
+    table = markdown_table(rows, floatfmt=".3g")
+    res = {
+        "metadata": run_metadata(command, seed=cfg.seed, device="cpu"),
+        "config": dataclasses.asdict(cfg),
+        "estimator_options": est_opts,
+        "dataset": {"name": cfg.dataset, "task": task, "n_train": N, "num_flipped": int(flipped.sum())},
+        "flipped_indices": flipped.nonzero().squeeze(1).tolist(),
+        "model": {"hidden": list(cfg.hidden), "num_params": num_params(model),
+                  **_model_stats(model, X64, y_noisy, ds.x_test, ds.y_test, task)},
+        "methods": results,
+        "curves": {k: {"inspected": x[:: max(1, N // 200)].tolist() + [1.0],
+                       "found": y[:: max(1, N // 200)].tolist() + [1.0]} for k, (x, y) in curves.items()},
+        "table_markdown": table,
+        "wall_time_s": time.perf_counter() - t_start,
+    }
+    write_json_atomic(out / "results.json", res)
+    m = res["model"]
+    (out / "table.md").write_text("\n".join([
+        f"# Mislabeled-example detection: {cfg.dataset}",
+        "",
+        (f"{res['dataset']['num_flipped']} of {N} training labels flipped (noise {cfg.noise}); MLP {m['hidden']} "
+        f"({m['num_params']:,} parameters), damping {cfg.damping}; examples ranked by self-influence. "
+        f"Test accuracy {m['test_accuracy']:.3f}. `random` is the floor (expected AUC 0.5); `train-loss` "
+        "ranks by the example's training loss (a heuristic, not an influence method)."),
+        "",
+        table,
+        "",
+        f"Command: `{command}` (git {res['metadata']['git_revision']}), wall time {res['wall_time_s']:.0f} s.",
+        "",
+    ]))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, (x, yv) in curves.items():
+        style = {"ls": "--", "c": "gray"} if name == "random" else {"ls": ":"} if name == "train-loss" else {}
+        ax.plot(x, yv, label=f"{name} (AUC {results[name]['auc']:.3f})", **style)
+    ax.set_xlabel("fraction of training data inspected")
+    ax.set_ylabel("fraction of flipped labels found")
+    ax.set_title(f"{cfg.dataset}: {int(flipped.sum())} flipped of {N}", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    return res

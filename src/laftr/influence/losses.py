@@ -1,0 +1,76 @@
+"""Training losses of the influence experiments and their Bregman divergences in output space.
+
+Two tasks:
+
+- ``regression``: ``L(z, y) = 1/2 ||z - y||^2`` (summed over outputs); its Bregman divergence in output
+  space is ``D_B(z, zs) = 1/2 ||z - zs||^2`` (the ``mse`` metric).
+- ``classification``: softmax cross-entropy ``L(z, y) = logsumexp(z) - z_y``; its Bregman divergence is
+  ``KL(softmax(zs) || softmax(z))`` (the ``kl`` metric).
+
+The output-space Hessian of ``D_B`` at ``z = zs`` (identity, or ``diag(p) - p p^T``) is what the
+Gauss-Newton matrix of the classical influence function uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TASKS = ("regression", "classification")
+
+#: Bregman divergence (a :mod:`laftr.metrics` name) of each task's loss.
+BREGMAN_METRIC = {"regression": "mse", "classification": "kl"}
+
+#: Metric names an FSD estimator may use for each task (``l2`` and ``mse`` are the same function).
+COMPATIBLE_METRICS = {"regression": frozenset({"mse", "l2"}), "classification": frozenset({"kl"})}
+
+
+def check_task(task: str) -> str:
+    """Return ``task`` if known, else raise ``ValueError``."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+    return task
+
+
+def infer_task(y: torch.Tensor) -> str:
+    """``classification`` for integer class labels of shape ``(N,)``, ``regression`` for float ``(N, K)``."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(y).__name__}")
+    if y.is_floating_point():
+        if y.ndim != 2:
+            raise ValueError(f"regression targets must have shape (N, K), got {tuple(y.shape)}")
+        return "regression"
+    if y.ndim != 1:
+        raise ValueError(f"class labels must have shape (N,), got {tuple(y.shape)}")
+    return "classification"
+
+
+def per_example_loss(z: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """The training loss of each example, shape ``(B,)``.
+
+    Args:
+        z: network outputs ``(B, K)``.
+        y: targets: ``(B, K)`` floats (regression) or ``(B,)`` class indices (classification).
+        task: ``regression`` or ``classification``.
+    """
+    check_task(task)
+    z = z.reshape(z.shape[0], -1)
+    if task == "regression":
+        if y.shape != z.shape:
+            raise ValueError(f"regression targets of shape {tuple(y.shape)} do not match outputs {tuple(z.shape)}")
+        return 0.5 * (z - y.to(z.dtype)).pow(2).sum(-1)
+    if y.ndim != 1 or y.shape[0] != z.shape[0] or y.is_floating_point():
+        raise ValueError(f"class labels must be integers of shape ({z.shape[0]},), got {tuple(y.shape)} {y.dtype}")
+    return F.cross_entropy(z, y.to(z.device), reduction="none")
+
+
+def output_hessian_product(zs: torch.Tensor, v: torch.Tensor, task: str) -> torch.Tensor:
+    """``H(zs) v`` per example, with ``H`` the output-space Hessian of the Bregman divergence at ``zs``.
+
+    Identity for squared error; ``diag(p) - p p^T`` with ``p = softmax(zs)`` for cross-entropy.
+    """
+    check_task(task)
+    if task == "regression":
+        return v
+    p = F.softmax(zs, dim=-1)
+    return p * v - p * (p * v).sum(-1, keepdim=True)

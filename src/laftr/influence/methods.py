@@ -1,0 +1,193 @@
+"""Influence methods behind one interface, by name: ``pbrf``, ``pbrf-<estimator>``, ``influence``.
+
+- ``pbrf``: the PBRF with the exact function space distance over the training set (the ground truth).
+- ``pbrf-<name>``: the PBRF with any registered FSD estimator (``laftr``, ``laftr-exact``, ``weight``,
+  ``diag-fisher``, ``kfac``, ``ntk``, ``subset``, ...), made with ``metric`` = the loss's Bregman divergence
+  and fitted once at ``theta_s``; a query touches only the removed example.
+- ``influence``: the classical influence function, ``(G + lam I)^{-1}`` by conjugate gradient;
+  ``influence-exact`` forms ``G`` densely (tiny models).
+
+Every method answers a query about training example ``m`` with the estimated change of the measurement
+``M(theta_m) - M(theta_s)`` and/or of the example's own loss (self-influence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..estimators.base import REGISTRY, FSDEstimator, available_estimators, make_estimator
+from .classical import ClassicalInfluence, InfluenceConfig
+from .losses import BREGMAN_METRIC
+from .measure import Measurement
+from .pbrf import PBRF, PBRFConfig
+
+
+def method_names() -> list[str]:
+    """Every method name accepted now (``pbrf-<name>`` for each registered estimator)."""
+    return ["pbrf", "influence", "influence-exact"] + [f"pbrf-{n}" for n in available_estimators()]
+
+
+def check_method(name: str) -> str:
+    """Return ``name`` if it is a known method, else raise ``ValueError`` listing the known ones."""
+    if not isinstance(name, str) or name not in method_names():
+        raise ValueError(f"unknown influence method {name!r}; choose from {method_names()}")
+    return name
+
+
+@dataclasses.dataclass
+class QueryResult:
+    """One query: estimated changes (None where not asked for) and the time it took (wall and CPU)."""
+
+    influence: float | None
+    self_influence: float | None
+    seconds: float
+    cpu_seconds: float
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class InfluenceMethod:
+    """Base class. ``setup`` once (timed separately), then ``query`` per removed training example."""
+
+    name = "base"
+
+    def setup(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], task: str,
+              measurement: Measurement | None) -> None:
+        raise NotImplementedError
+
+    def query(self, index: int, measure: bool = True, self_influence: bool = False) -> QueryResult:
+        raise NotImplementedError
+
+    def stored_floats(self) -> int:
+        """Floats the method keeps beyond ``theta_s`` to answer queries."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def _example(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        X, Y = self.train
+        if not 0 <= int(index) < X.shape[0]:
+            raise IndexError(f"training index {index} out of range 0..{X.shape[0] - 1}")
+        i = int(index)
+        return X[i : i + 1], Y[i : i + 1]
+
+
+class PBRFMethod(InfluenceMethod):
+    """``pbrf`` (estimator None) or ``pbrf-<estimator>``.
+
+    Args:
+        estimator: registered estimator name, or None for the exact objective.
+        estimator_options: fields of the estimator's config (``metric`` is set to the Bregman divergence).
+        config: solver options.
+    """
+
+    def __init__(self, estimator: str | None = None, estimator_options: dict[str, Any] | None = None,
+                 config: PBRFConfig | None = None) -> None:
+        if estimator is not None and estimator not in REGISTRY:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {available_estimators()}")
+        self.estimator_name = estimator
+        self.estimator_options = dict(estimator_options or {})
+        if "metric" in self.estimator_options:
+            raise ValueError("the estimator's metric is the loss's Bregman divergence; do not set it")
+        self.config = config or PBRFConfig()
+        self.name = "pbrf" if estimator is None else f"pbrf-{estimator}"
+        self.est: FSDEstimator | None = None
+        self.solver: PBRF | None = None
+
+    def setup(self, model, train, task, measurement):
+        self.train, self.task, self.measurement = train, task, measurement
+        if self.estimator_name is None:
+            self.solver = PBRF(model, train, task=task, config=self.config)
+            return
+        try:
+            self.est = make_estimator(self.estimator_name, metric=BREGMAN_METRIC[task], **self.estimator_options)
+        except TypeError as e:
+            raise ValueError(f"bad options {self.estimator_options} for estimator {self.estimator_name!r}: {e}") from e
+        self.est.fit(model, train)
+        self.solver = PBRF(model, fsd=self.est, num_train=int(train[0].shape[0]), task=task, config=self.config)
+
+    def query(self, index, measure=True, self_influence=False):
+        assert self.solver is not None, "call setup first"
+        x, y = self._example(index)
+        sol = self.solver.solve(x, y)
+        t0, c0 = time.perf_counter(), time.process_time()
+        infl = self.solver.response(sol, self.measurement) if measure and self.measurement is not None else None
+        selfi = self.solver.example_loss_change(sol, x, y) if self_influence else None
+        # the solve's time (its stationarity check excluded) plus the response evaluations
+        return QueryResult(infl, selfi, sol.seconds + time.perf_counter() - t0,
+                           sol.cpu_seconds + time.process_time() - c0, sol.stats())
+
+    def stored_floats(self) -> int:
+        if self.est is not None:
+            return int(self.est.stored_floats())
+        X, Y = self.train
+        return int(X.numel() + Y.numel())
+
+    def describe(self):
+        d: dict[str, Any] = {"name": self.name, "pbrf": dataclasses.asdict(self.config)}
+        if self.est is not None:
+            d["estimator"] = self.est.describe()
+        return d
+
+
+class ClassicalMethod(InfluenceMethod):
+    """``influence`` (conjugate gradient) or ``influence-exact`` (dense G)."""
+
+    def __init__(self, config: InfluenceConfig | None = None) -> None:
+        self.config = config or InfluenceConfig()
+        self.name = "influence" if self.config.solver == "cg" else "influence-exact"
+        self.ci: ClassicalInfluence | None = None
+
+    def setup(self, model, train, task, measurement):
+        self.train, self.task = train, task
+        self.ci = ClassicalInfluence(model, train, task=task, config=self.config)
+        self.setup_info = None
+        if measurement is not None:
+            self.ci.set_measurement(measurement)
+            self.setup_info = dataclasses.asdict(self.ci.last_info) if self.ci.last_info else None
+
+    def query(self, index, measure=True, self_influence=False):
+        assert self.ci is not None, "call setup first"
+        x, y = self._example(index)
+        t0, c0 = time.perf_counter(), time.process_time()
+        infl = self.ci.influence(x, y) if measure else None
+        stats: dict[str, Any] = {}
+        selfi = None
+        if self_influence:
+            selfi = self.ci.self_influence(x, y)
+            if self.ci.last_info is not None:
+                stats = {"cg_iterations": self.ci.last_info.iterations,
+                         "cg_rel_residual": self.ci.last_info.rel_residual}
+        return QueryResult(infl, selfi, time.perf_counter() - t0, time.process_time() - c0, stats)
+
+    def stored_floats(self) -> int:
+        X, Y = self.train
+        return int(X.numel() + Y.numel())
+
+    def describe(self):
+        return {"name": self.name, "influence": dataclasses.asdict(self.config), "setup_cg": self.setup_info}
+
+
+def make_method(name: str, *, pbrf: PBRFConfig | None = None, influence: InfluenceConfig | None = None,
+                estimator_options: dict[str, dict[str, Any]] | None = None) -> InfluenceMethod:
+    """Build a method by name.
+
+    Args:
+        name: ``pbrf``, ``influence``, ``influence-exact`` or ``pbrf-<registered estimator>``.
+        pbrf: solver options of the PBRF methods.
+        influence: options of the classical influence (its ``solver`` is set by the name).
+        estimator_options: per estimator name, the fields of its config.
+    """
+    check_method(name)
+    if name == "pbrf":
+        return PBRFMethod(None, config=pbrf)
+    if name in ("influence", "influence-exact"):
+        cfg = dataclasses.replace(influence or InfluenceConfig(), solver="cg" if name == "influence" else "exact")
+        return ClassicalMethod(cfg)
+    est = name[len("pbrf-"):]
+    return PBRFMethod(est, (estimator_options or {}).get(est, {}), config=pbrf)

@@ -1,0 +1,352 @@
+"""The proximal Bregman response function (PBRF), solved with the exact data or with any FSD estimator.
+
+For a trained ``theta_s`` on ``N`` examples and a removed example ``z_m`` (METHOD.md section 5)::
+
+    theta_m = argmin_theta  D(theta_s, theta) - eps * L(f(x_m; theta), y_m) + (lam / 2) ||theta - theta_s||^2
+
+with ``D(theta_s, theta) = (1/N) sum_i D_B(f(x_i; theta), f(x_i; theta_s))`` the function space distance
+whose discrepancy is the loss's Bregman divergence (``mse`` for squared error, ``kl`` for cross-entropy),
+and ``eps = 1/N``. The ground truth uses the exact ``D`` over the training set; ``pbrf-<estimator>``
+replaces it by an :class:`~laftr.estimators.base.FSDEstimator` fitted once at ``theta_s``, so a query
+touches only the removed example.
+
+Numerics. ``theta_m - theta_s`` is of order ``eps``, so the solver works in the rescaled variable
+``u = (theta - theta_s) / eps`` and minimizes ``J(theta_s + eps u) / eps^2`` (the same minimizer; values
+and gradients of order one) with full-batch, deterministic L-BFGS (strong Wolfe line search), warm
+started at ``theta_s`` (``u = 0``) and stopped when the gradient's largest entry falls below ``rtol`` times
+that of the removed example's loss gradient. Use float64 models: in float32 the output changes ``f(x;
+theta_m) - f(x; theta_s)`` have only a few significant digits.
+
+Optional upweighting (``epsilon`` in :class:`PBRFConfig`): solve with a larger weight ``eps`` on the
+removed example and rescale every response by ``(1/N) / eps``. In the linear-response regime (``eps``
+small enough that ``theta_m - theta_s`` is linear in ``eps``) this gives the same answer with a larger,
+better-resolved displacement; the default ``None`` is the exact ``eps = 1/N`` of the definition.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._util import check_same_arch, model_device_dtype
+from ..estimators.base import FSDEstimator
+from ..metrics import discrepancy
+from .losses import BREGMAN_METRIC, COMPATIBLE_METRICS, check_task, infer_task, per_example_loss
+from .measure import check_examples
+from .params import ParamSpace
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PBRFConfig:
+    """Options of the PBRF solver.
+
+    Attributes:
+        damping: ``lam``, the weight of the proximity term ``(lam/2) ||theta - theta_s||^2``.
+        epsilon: weight of the removed example's loss. ``None``: ``1/N`` (the definition). A larger value
+            upweights the example and every response is rescaled by ``(1/N)/epsilon`` (linear response).
+        rtol: stop when ``max|grad J|`` is below ``rtol`` times ``max|grad L(z_m)|`` (both in the rescaled
+            variable, where the gradient at ``theta_s`` is ``-grad L(z_m)``).
+        max_iter: most L-BFGS iterations per query.
+        history_size: L-BFGS memory.
+        batch_size: batch size of the exact, full-data objective.
+    """
+
+    damping: float = 1e-3
+    epsilon: float | None = None
+    rtol: float = 1e-7
+    max_iter: int = 2000
+    history_size: int = 100
+    batch_size: int = 8192
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
+            raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
+        if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"epsilon must be None or a finite number > 0, got {self.epsilon!r}")
+        if not (self.rtol > 0 and math.isfinite(self.rtol)):
+            raise ValueError(f"rtol must be > 0, got {self.rtol!r}")
+        if self.max_iter < 1 or self.history_size < 1 or self.batch_size < 1:
+            raise ValueError("max_iter, history_size and batch_size must be positive")
+
+
+@dataclasses.dataclass
+class PBRFSolution:
+    """One solve of the PBRF.
+
+    Attributes:
+        delta: ``theta_eps - theta_s`` (flat, over the trainable parameters), at the weight ``epsilon`` used.
+        scale: ``(1/N) / epsilon``: multiply responses by it (1 for the definition's ``epsilon = 1/N``).
+        iterations: L-BFGS iterations.
+        evaluations: objective evaluations (each one pass of the FSD term).
+        grad_ratio: ``||grad J(u*)|| / ||grad J(0)||`` (2-norms, rescaled variable): the stationarity check.
+        grad_ratio_max: the same with max-norms (the stopping rule's quantity).
+        converged: ``grad_ratio_max <= rtol``.
+        status: ``gradient`` (stopped by the gradient tolerance), ``stalled`` (L-BFGS, restarted with a
+            fresh history, could not lower the objective any more: on ReLU networks typically a minimum on
+            a kink of the piecewise-smooth objective, where the gradient does not vanish) or ``max_iter``.
+        seconds: wall time of the solve (without the stationarity check).
+        cpu_seconds: CPU time of this process during the solve (robust to other load on the machine).
+    """
+
+    delta: torch.Tensor
+    scale: float
+    iterations: int
+    evaluations: int
+    grad_ratio: float
+    grad_ratio_max: float
+    converged: bool
+    status: str
+    seconds: float
+    cpu_seconds: float
+
+    def stats(self) -> dict[str, Any]:
+        """Scalars for reports."""
+        return {k: getattr(self, k) for k in ("iterations", "evaluations", "grad_ratio", "grad_ratio_max",
+                                              "converged", "status", "seconds", "cpu_seconds")}
+
+
+class PBRF:
+    """Solve the PBRF at ``theta_s`` = ``model``'s current parameters.
+
+    Give either ``train`` (the ground truth, exact FSD over the training set) or ``fsd`` (a fitted
+    :class:`FSDEstimator` whose metric is the loss's Bregman divergence, with ``num_train``).
+
+    Args:
+        model: the trained network (copied; not changed).
+        train: ``(X, Y)`` training tensors, for the exact objective.
+        fsd: an estimator fitted at ``model``'s current parameters (same dtype), for ``pbrf-<name>``.
+        num_train: ``N`` (the removed example's weight is ``1/N``); defaults to ``len(X)`` with ``train``.
+        task: ``regression`` or ``classification`` (inferred from ``Y`` when ``train`` is given).
+        config: a :class:`PBRFConfig`; keyword arguments override its fields.
+
+    Raises:
+        ValueError: both or neither of ``train``/``fsd``, an estimator with another metric, fitted at other
+            parameters or on another architecture, non-finite data, unknown task.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        fsd: FSDEstimator | None = None,
+        num_train: int | None = None,
+        task: str | None = None,
+        config: PBRFConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.config = dataclasses.replace(config or PBRFConfig(), **kwargs)
+        if (train is None) == (fsd is None):
+            raise ValueError("give exactly one of train=(X, Y) (exact PBRF) or fsd=<fitted estimator>")
+        self.device, self.dtype = model_device_dtype(model)
+        if self.dtype != torch.float64:
+            log.warning("PBRF on a %s model: the response is of order 1/N and float64 is advised", self.dtype)
+        self.model = copy.deepcopy(model).eval()  # theta_s, frozen
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.work = copy.deepcopy(model).eval()  # theta during the solve
+        for p in self.work.parameters():
+            p.requires_grad_(True)
+        self.space = ParamSpace(model)
+        self.theta_s = self.space.get(self.model).clone()
+        self.fsd = fsd
+        self.X: torch.Tensor | None = None
+        self.Zs: torch.Tensor | None = None
+        if train is not None:
+            X, Y = train
+            check_examples(X, Y, "training data")
+            self.task = check_task(task) if task is not None else infer_task(Y)
+            self.num_train = int(X.shape[0]) if num_train is None else int(num_train)
+            self.X = X.to(device=self.device, dtype=self.dtype)
+            with torch.no_grad():
+                self.Zs = torch.cat([self.model(xb) for xb in self.X.split(self.config.batch_size)])
+        else:
+            if task is None:
+                raise ValueError("with an FSD estimator, task='regression' or 'classification' is required")
+            self.task = check_task(task)
+            if num_train is None or int(num_train) < 1:
+                raise ValueError("with an FSD estimator, num_train (N, the training set size) is required")
+            self.num_train = int(num_train)
+            self._check_estimator(fsd, model)
+        self.metric = BREGMAN_METRIC[self.task]
+
+    # ------------------------------------------------------------------ validation
+    def _check_estimator(self, est: FSDEstimator | None, model: nn.Module) -> None:
+        if not isinstance(est, FSDEstimator):
+            raise TypeError(f"fsd must be an FSDEstimator, got {type(est).__name__}")
+        if not est.fitted or est.theta0 is None or est.arch is None:
+            raise ValueError(f"the {est.name!r} estimator is not fitted: call est.fit(model, data) at theta_s first")
+        if est.metric not in COMPATIBLE_METRICS[self.task]:
+            raise ValueError(
+                f"the PBRF of a {self.task} loss needs rho = its Bregman divergence "
+                f"({BREGMAN_METRIC[self.task]!r}); the {est.name!r} estimator uses {est.metric!r}"
+            )
+        if est.outputs is not None:
+            raise ValueError("the PBRF compares all outputs; fit the estimator with outputs=None")
+        check_same_arch(est.arch, model, what=f"the network the {est.name!r} estimator was fitted on")
+        theta0 = est.theta0_on(model)
+        for n, p in model.named_parameters():
+            if not torch.equal(theta0[n], p.detach()):
+                raise ValueError(
+                    f"the {est.name!r} estimator was fitted at other parameters than theta_s (parameter {n!r} "
+                    "differs): fit it on this model, in this dtype, before building the PBRF"
+                )
+
+    # ------------------------------------------------------------------ objective
+    @property
+    def epsilon(self) -> float:
+        """The weight of the removed example's loss in the solved objective."""
+        return self.config.epsilon if self.config.epsilon is not None else 1.0 / self.num_train
+
+    def fsd_term(self, model: nn.Module) -> torch.Tensor:
+        """``D(theta_s, theta)`` at ``model``'s parameters (exact or estimated; differentiable).
+
+        The exact term keeps one graph over the whole training set; :meth:`solve` uses a streaming
+        version instead.
+        """
+        if self.fsd is not None:
+            return self.fsd(model)
+        assert self.X is not None and self.Zs is not None
+        return discrepancy(self.Zs, model(self.X), self.metric).mean()
+
+    def _fsd_backward(self, scale: float) -> float:
+        """Accumulate ``scale * grad D`` into the work model's ``.grad``; return ``D``."""
+        if self.fsd is not None:
+            d = self.fsd(self.work)
+            (d * scale).backward()
+            return float(d.detach())
+        assert self.X is not None and self.Zs is not None
+        total = 0.0
+        bs = self.config.batch_size
+        for xb, zb in zip(self.X.split(bs), self.Zs.split(bs)):
+            d = discrepancy(zb, self.work(xb), self.metric).sum() / self.num_train
+            (d * scale).backward()
+            total += float(d.detach())
+        return total
+
+    def _example(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_examples(x, y, "removed example")
+        if self.X is not None and tuple(x.shape[1:]) != tuple(self.X.shape[1:]):
+            raise ValueError(f"removed example has input shape {tuple(x.shape[1:])}, training inputs "
+                             f"{tuple(self.X.shape[1:])}")
+        x = x.to(device=self.device, dtype=self.dtype)
+        y = y.to(device=self.device, dtype=self.dtype) if y.is_floating_point() else y.to(self.device)
+        return x, y
+
+    def solve(self, x: torch.Tensor, y: torch.Tensor) -> PBRFSolution:
+        """Solve the PBRF for removing the example(s) ``(x, y)`` (a batch; their losses are summed).
+
+        Args:
+            x: inputs ``(B, ...)``, usually ``B = 1``.
+            y: targets ``(B, K)`` or labels ``(B,)``.
+        """
+        x, y = self._example(x, y)
+        cfg = self.config
+        eps = self.epsilon
+        lam = float(cfg.damping)
+        with torch.no_grad():
+            loss0 = float(per_example_loss(self.model(x), y, self.task).sum())
+        # gradient of the removed example's loss at theta_s sets the scale of the stopping rule
+        self.space.set(self.work, self.theta_s)
+        self.work.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            per_example_loss(self.work(x), y, self.task).sum().backward()
+        g_loss = self.space.grads(self.work)
+        if not torch.isfinite(g_loss).all():
+            raise ValueError("the removed example's loss gradient is not finite")
+        g0_max = float(g_loss.abs().max())
+        g0_norm = float(g_loss.norm())
+
+        u = torch.zeros(self.space.size, device=self.device, dtype=self.dtype, requires_grad=True)
+        counter: dict[str, Any] = {"evals": 0, "best": math.inf}
+
+        def closure() -> torch.Tensor:
+            counter["evals"] += 1
+            with torch.no_grad():
+                self.space.set(self.work, self.theta_s + eps * u)
+            self.work.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                d = self._fsd_backward(1.0 / eps**2)
+                loss = per_example_loss(self.work(x), y, self.task).sum()
+                (-loss / eps).backward()
+            value = d / eps**2 - (float(loss.detach()) - loss0) / eps + 0.5 * lam * float(u.detach().pow(2).sum())
+            g = eps * self.space.grads(self.work) + lam * u.detach()
+            if not torch.isfinite(g).all() or not math.isfinite(value):
+                raise FloatingPointError("the PBRF objective became non-finite during the solve")
+            u.grad = g
+            counter["best"] = min(counter["best"], value)
+            return torch.tensor(value, dtype=self.dtype, device=self.device)
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        iterations, value, status = 0, math.inf, "gradient"
+        restarts = 0
+        while g0_max > 0:
+            opt = torch.optim.LBFGS(
+                [u], lr=1.0, max_iter=cfg.max_iter - iterations, max_eval=int(1.5 * cfg.max_iter) + 10,
+                tolerance_grad=cfg.rtol * g0_max, tolerance_change=1e-15, history_size=cfg.history_size,
+                line_search_fn="strong_wolfe",
+            )
+            before = value
+            opt.step(closure)
+            iterations += int(opt.state[u].get("n_iter", 0))
+            value = counter["best"]
+            if float(u.grad.abs().max()) <= cfg.rtol * g0_max:
+                status = "gradient"
+                break
+            if iterations >= cfg.max_iter:
+                status = "max_iter"
+                break
+            # L-BFGS stopped without a small gradient: its line search made no progress. Restart once
+            # with a fresh history; if that does not lower the objective either, the point is a minimum
+            # on a kink of the piecewise-smooth (ReLU) objective, where the gradient need not vanish.
+            if restarts >= 1 and not value < before - 1e-12 * max(1.0, abs(before)):
+                status = "stalled"
+                break
+            restarts += 1
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        # stationarity check at the returned point (not timed)
+        closure()
+        g_end = u.grad.detach()
+        ratio = float(g_end.norm()) / g0_norm if g0_norm > 0 else 0.0
+        ratio_max = float(g_end.abs().max()) / g0_max if g0_max > 0 else 0.0
+        converged = ratio_max <= cfg.rtol
+        if status == "max_iter":
+            log.warning("PBRF solve stopped after %d iterations with max|grad| ratio %.2e > rtol %.1e",
+                        iterations, ratio_max, cfg.rtol)
+        delta = (eps * u.detach()).clone()
+        self.space.set(self.work, self.theta_s)
+        return PBRFSolution(
+            delta=delta, scale=(1.0 / self.num_train) / eps, iterations=iterations,
+            evaluations=counter["evals"] - 1, grad_ratio=ratio, grad_ratio_max=ratio_max,
+            converged=converged, status=status, seconds=seconds, cpu_seconds=cpu_seconds,
+        )
+
+    # ------------------------------------------------------------------ responses
+    def response(self, solution: PBRFSolution, fn: Callable[[nn.Module], torch.Tensor]) -> float:
+        """``scale * (fn(theta_s + delta) - fn(theta_s))``: the change of a scalar function of the network
+        (e.g. a :class:`~laftr.influence.measure.Measurement`) under the removal."""
+        with torch.no_grad():
+            base = float(fn(self.model))
+            self.space.set(self.work, self.theta_s + solution.delta)
+            try:
+                val = float(fn(self.work))
+            finally:
+                self.space.set(self.work, self.theta_s)
+        return solution.scale * (val - base)
+
+    def example_loss_change(self, solution: PBRFSolution, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Change of the summed loss on ``(x, y)`` under the removal (self-influence when ``(x, y) = z_m``)."""
+        x, y = self._example(x, y)
+        return self.response(solution, lambda m: per_example_loss(m(x), y, self.task).sum())
