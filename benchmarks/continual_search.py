@@ -31,9 +31,9 @@ def gather(benchmark: str, root: Path) -> dict:
     """Collect every finished grid under ``root`` into one summary with the best value per method."""
     out: dict = {"benchmark": benchmark, "selection": "highest final average validation accuracy",
                  "methods": {}}
-    for path in sorted(root.glob("*/results.json")):
+    for path in sorted(root.glob("*__*/results.json")):
         res = json.loads(path.read_text())
-        method, param = path.parent.name.split("__", 1)
+        method, param = path.parent.name.split("__")[:2]
         rows = []
         for name, m in res["methods"].items():
             if not m.get("summary"):
@@ -45,11 +45,13 @@ def gather(benchmark: str, root: Path) -> dict:
                          "val_bwt": s["bwt"]["mean"], "time_s": s["wall_time_s"]["mean"]})
         if not rows:
             continue
-        best = max(rows, key=lambda r: r["val_avg_acc"])
-        entry = out["methods"].setdefault(method, {})
-        entry[param] = {"grid": rows, "best": best[param], "best_val_avg_acc": best["val_avg_acc"],
-                        "protocol": res["protocol"], "seeds": res["settings"]["seeds"],
-                        "git_revision": res["metadata"]["git_revision"], "status": res.get("status")}
+        entry = out["methods"].setdefault(method, {}).setdefault(param, {"grid": [], "runs": []})
+        entry["grid"] = sorted(entry["grid"] + rows, key=lambda r: (r[param] is None, r[param]))
+        entry["runs"].append({"folder": path.parent.name, "protocol": res["protocol"],
+                              "seeds": res["settings"]["seeds"], "command": res["metadata"]["command"],
+                              "git_revision": res["metadata"]["git_revision"], "status": res.get("status")})
+        best = max(entry["grid"], key=lambda r: r["val_avg_acc"])
+        entry["best"], entry["best_val_avg_acc"] = best[param], best["val_avg_acc"]
     return out
 
 
@@ -68,10 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default=None, help="folder of the raw grids (default results/continual/search/<bench>)")
     p.add_argument("--force", action="store_true")
     p.add_argument("--gather-only", action="store_true")
+    p.add_argument("--tag", default="", help="suffix of the grid folders, to extend an earlier grid")
+    p.add_argument("--reference", action="store_true",
+                   help="also run 'none' and 'joint' on the same validation protocol (folder reference/)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = Path(args.root) if args.root else RESULTS / "search" / args.benchmark
     command = "python benchmarks/continual_search.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.reference and not args.gather_only:
+        settings = ContinualSettings(
+            benchmark=args.benchmark, methods="none,joint", seeds=[args.seed], split="val", epochs=args.epochs,
+            n_train=args.n_train, num_tasks=args.num_tasks, threads=args.threads, progress=False)
+        run_benchmark(settings, root / "reference", force=args.force, command=command)
     if not args.gather_only:
         values = [v.strip() for v in args.grid.split(",") if v.strip()]
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
@@ -81,9 +91,15 @@ def main(argv: list[str] | None = None) -> int:
                 benchmark=args.benchmark, methods=specs, seeds=[args.seed], split="val", epochs=args.epochs,
                 n_train=args.n_train, num_tasks=args.num_tasks, threads=args.threads, progress=False)
             t0 = time.perf_counter()
-            run_benchmark(settings, root / f"{method}__{args.param}", force=args.force, command=command)
+            folder = f"{method}__{args.param}" + (f"__{args.tag}" if args.tag else "")
+            run_benchmark(settings, root / folder, force=args.force, command=command)
             print(f"search {method} {args.param}: {time.perf_counter() - t0:.0f} s", flush=True)
     summary = gather(args.benchmark, root)
+    ref = root / "reference" / "results.json"
+    if ref.is_file():
+        r = json.loads(ref.read_text())
+        summary["reference"] = {n: m["summary"]["final_avg_acc"]["mean"] for n, m in r["methods"].items()
+                                if m.get("summary")}
     summary["metadata"] = run_metadata(command)
     path = write_json_atomic(RESULTS / f"search_{args.benchmark}.json", summary)
     for method, entry in summary["methods"].items():

@@ -144,7 +144,8 @@ def _heatmaps(path: Path, results: dict[str, Any]) -> None:
     plt = pyplot()
     cols = min(4, len(items))
     rows = (len(items) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 1.0, 3.0 * rows + 0.4), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, (name, mats) in zip(axes.flat, items):
@@ -158,7 +159,8 @@ def _heatmaps(path: Path, results: dict[str, Any]) -> None:
         for i in range(T):
             for j in range(i + 1):
                 if T <= 10:
-                    ax.text(j, i, f"{100 * A[i, j]:.0f}", ha="center", va="center", fontsize=6, color="w")
+                    ax.text(j, i, f"{100 * A[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                            color="k" if A[i, j] > 0.85 else "w")
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("task evaluated", fontsize=7)
         ax.set_ylabel("after training task", fontsize=7)
