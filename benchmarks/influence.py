@@ -35,7 +35,7 @@ RUNS: dict[str, dict[str, list[str]]] = {
     "regression-damping": {
         f"boston-damping{lam}": ["influence", "--dataset", "boston", "--damping", lam,
                                  "--methods", f"pbrf,influence,pbrf-laftr-exact,{BASELINES}"]
-        for lam in ("0.03", "1")
+        for lam in ("0.3", "3")
     },
     "fashion-mnist": {
         "fashion-mnist": ["influence", "--dataset", "fashion-mnist", "--n-train", "10000",

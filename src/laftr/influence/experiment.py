@@ -136,7 +136,7 @@ class InfluenceExperimentConfig:
             "epochs": (500 if not q else 200) if reg else (10 if not q else 3),
             "lr": 3e-3 if reg else 1e-3,
             "n_queries": 50 if not q else 8,
-            "damping": 0.1 if reg else 1e-3,
+            "damping": 1.0 if reg else 0.1,
         }
         out = dataclasses.replace(self, methods=methods)
         for k, v in d.items():
@@ -409,7 +409,7 @@ class MislabeledConfig:
         methods = _check_methods(list(self.methods))
         q = self.quick
         d = {"n_train": 1000 if not q else 150, "hidden": (64,) if not q else (16,),
-             "epochs": 30 if not q else 5, "lr": 1e-3, "damping": 1e-3}
+             "epochs": 30 if not q else 5, "lr": 1e-3, "damping": 0.1}
         out = dataclasses.replace(self, methods=methods)
         for k, v in d.items():
             if getattr(out, k) is None:
