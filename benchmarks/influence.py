@@ -33,9 +33,9 @@ RUNS: dict[str, dict[str, list[str]]] = {
         for name in ("boston", "autompg", "diabetes")
     },
     "regression-damping": {
-        f"boston-damping{lam}": ["influence", "--dataset", "boston", "--damping", lam,
-                                 "--methods", f"pbrf,influence,pbrf-laftr-exact,{BASELINES}"]
-        for lam in ("0.3", "3")
+        f"{name}-damping{lam}": ["influence", "--dataset", name, "--damping", lam,
+                                 "--methods", f"pbrf,influence,pbrf-laftr-exact,pbrf-laftr,{BASELINES}"]
+        for name in ("boston", "autompg", "diabetes") for lam in ("0.3", "3")
     },
     "fashion-mnist": {
         "fashion-mnist": ["influence", "--dataset", "fashion-mnist", "--n-train", "10000",

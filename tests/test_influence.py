@@ -36,6 +36,7 @@ from laftr.influence.experiment import (
     flip_labels,
 )
 from laftr.influence.params import ParamSpace
+from laftr.influence.pbrf import NoLocalMinimumError
 from laftr.metrics import discrepancy
 
 DT = torch.float64
@@ -358,6 +359,19 @@ def test_pbrf_rejects_mismatched_estimator():
         PBRF(model, fsd=l2p, num_train=40, task="regression")
     with pytest.raises(ValueError, match="not fitted"):
         PBRF(model, fsd=laftr.make_estimator("laftr-exact", metric="mse"), num_train=40, task="regression")
+
+
+def test_pbrf_without_local_minimum_fails_clearly():
+    """Too little curvature (weight estimator, tiny damping) against the removed example's concave loss term:
+    the quadratic objective is unbounded below, and the solver says so instead of returning garbage."""
+    model, X, Y, _, _ = _linear_problem()
+    est = laftr.make_estimator("weight", metric="mse", scale=0.01).fit(model, (X, Y))
+    pb = PBRF(model, fsd=est, num_train=40, task="regression", damping=0.01)
+    with pytest.raises(NoLocalMinimumError, match="no local minimum"):
+        pb.solve(X[:1], Y[:1])
+    # with enough damping the same estimator gives a proper minimum
+    pb = PBRF(model, fsd=est, num_train=40, task="regression", damping=1.0)
+    assert pb.solve(X[:1], Y[:1]).status == "gradient"
 
 
 def test_unknown_methods_and_options():

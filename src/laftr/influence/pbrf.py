@@ -12,7 +12,7 @@ touches only the removed example.
 
 Numerics. ``theta_m - theta_s`` is of order ``eps``, so the solver works in the rescaled variable
 ``u = (theta - theta_s) / eps`` and minimizes ``J(theta_s + eps u) / eps^2`` (the same minimizer; values
-and gradients of order one) with full-batch, deterministic L-BFGS (strong Wolfe line search), warm
+and gradients of order one) with full-batch, deterministic L-BFGS (backtracking line search, capped steps), warm
 started at ``theta_s`` (``u = 0``) and stopped when the gradient's largest entry falls below ``rtol`` times
 that of the removed example's loss gradient. Use float64 models: in float32 the output changes ``f(x;
 theta_m) - f(x; theta_s)`` have only a few significant digits.
@@ -58,14 +58,20 @@ class PBRFConfig:
             variable, where the gradient at ``theta_s`` is ``-grad L(z_m)``).
         max_iter: most L-BFGS iterations per query.
         history_size: L-BFGS memory.
+        max_step: longest step, in units of ``||grad L(z_m)|| / lam`` (the largest displacement, in the
+            rescaled variable, that the minimizer of a ``lam``-strongly convex objective can have).
+        trust_radius: the solve fails (:class:`NoLocalMinimumError`) when ``||u||`` exceeds this many such
+            units: the objective then has no local minimum near ``theta_s``.
         batch_size: batch size of the exact, full-data objective.
     """
 
     damping: float = 1e-3
     epsilon: float | None = None
     rtol: float = 1e-7
-    max_iter: int = 2000
-    history_size: int = 100
+    max_iter: int = 1000
+    history_size: int = 50
+    max_step: float = 1.0
+    trust_radius: float = 10.0
     batch_size: int = 8192
 
     def __post_init__(self) -> None:
@@ -77,6 +83,8 @@ class PBRFConfig:
             raise ValueError(f"rtol must be > 0, got {self.rtol!r}")
         if self.max_iter < 1 or self.history_size < 1 or self.batch_size < 1:
             raise ValueError("max_iter, history_size and batch_size must be positive")
+        if not (self.max_step > 0 and self.trust_radius > 0):
+            raise ValueError("max_step and trust_radius must be positive")
 
 
 @dataclasses.dataclass
@@ -91,9 +99,10 @@ class PBRFSolution:
         grad_ratio: ``||grad J(u*)|| / ||grad J(0)||`` (2-norms, rescaled variable): the stationarity check.
         grad_ratio_max: the same with max-norms (the stopping rule's quantity).
         converged: ``grad_ratio_max <= rtol``.
-        status: ``gradient`` (stopped by the gradient tolerance), ``stalled`` (L-BFGS, restarted with a
-            fresh history, could not lower the objective any more: on ReLU networks typically a minimum on
-            a kink of the piecewise-smooth objective, where the gradient does not vanish) or ``max_iter``.
+        status: ``gradient`` (stopped by the gradient tolerance), ``stalled`` (no step along the L-BFGS
+            direction or the negative gradient lowers the objective any more: on ReLU networks typically a
+            minimum on a kink of the piecewise-smooth objective, where the gradient does not vanish; or the
+            floating-point resolution of the objective) or ``max_iter``.
         seconds: wall time of the solve (without the stationarity check).
         cpu_seconds: CPU time of this process during the solve (robust to other load on the machine).
     """
@@ -251,6 +260,11 @@ class PBRF:
         Args:
             x: inputs ``(B, ...)``, usually ``B = 1``.
             y: targets ``(B, K)`` or labels ``(B,)``.
+
+        Raises:
+            NoLocalMinimumError: the iterates left the trust region (see :class:`PBRFConfig`): the objective
+                has no local minimum near ``theta_s`` (it is unbounded below far from it, e.g. when an
+                estimator's curvature does not dominate the removed example's negative curvature).
         """
         x, y = self._example(x, y)
         cfg = self.config
@@ -258,7 +272,7 @@ class PBRF:
         lam = float(cfg.damping)
         with torch.no_grad():
             loss0 = float(per_example_loss(self.model(x), y, self.task).sum())
-        # gradient of the removed example's loss at theta_s sets the scale of the stopping rule
+        # gradient of the removed example's loss at theta_s: the objective's gradient at u = 0 is its negative
         self.space.set(self.work, self.theta_s)
         self.work.zero_grad(set_to_none=True)
         with torch.enable_grad():
@@ -268,68 +282,47 @@ class PBRF:
             raise ValueError("the removed example's loss gradient is not finite")
         g0_max = float(g_loss.abs().max())
         g0_norm = float(g_loss.norm())
+        evals = [0]
 
-        u = torch.zeros(self.space.size, device=self.device, dtype=self.dtype, requires_grad=True)
-        counter: dict[str, Any] = {"evals": 0, "best": math.inf}
-
-        def closure() -> torch.Tensor:
-            counter["evals"] += 1
-            with torch.no_grad():
-                self.space.set(self.work, self.theta_s + eps * u)
+        def objective(u: torch.Tensor) -> tuple[float, torch.Tensor]:
+            """``J(theta_s + eps u) / eps^2`` and its gradient in ``u`` (inf where not finite)."""
+            evals[0] += 1
+            self.space.set(self.work, self.theta_s + eps * u)
             self.work.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 d = self._fsd_backward(1.0 / eps**2)
                 loss = per_example_loss(self.work(x), y, self.task).sum()
                 (-loss / eps).backward()
-            value = d / eps**2 - (float(loss.detach()) - loss0) / eps + 0.5 * lam * float(u.detach().pow(2).sum())
-            g = eps * self.space.grads(self.work) + lam * u.detach()
-            if not torch.isfinite(g).all() or not math.isfinite(value):
-                raise FloatingPointError("the PBRF objective became non-finite during the solve")
-            u.grad = g
-            counter["best"] = min(counter["best"], value)
-            return torch.tensor(value, dtype=self.dtype, device=self.device)
+            value = d / eps**2 - (float(loss.detach()) - loss0) / eps + 0.5 * lam * float(u.pow(2).sum())
+            g = eps * self.space.grads(self.work) + lam * u
+            if not (math.isfinite(value) and bool(torch.isfinite(g).all())):
+                return math.inf, g
+            return value, g
 
         t0, c0 = time.perf_counter(), time.process_time()
-        iterations, value, status = 0, math.inf, "gradient"
-        restarts = 0
-        while g0_max > 0:
-            opt = torch.optim.LBFGS(
-                [u], lr=1.0, max_iter=cfg.max_iter - iterations, max_eval=int(1.5 * cfg.max_iter) + 10,
-                tolerance_grad=cfg.rtol * g0_max, tolerance_change=1e-15, history_size=cfg.history_size,
-                line_search_fn="strong_wolfe",
-            )
-            before = value
-            opt.step(closure)
-            iterations += int(opt.state[u].get("n_iter", 0))
-            value = counter["best"]
-            if float(u.grad.abs().max()) <= cfg.rtol * g0_max:
-                status = "gradient"
-                break
-            if iterations >= cfg.max_iter:
-                status = "max_iter"
-                break
-            # L-BFGS stopped without a small gradient: its line search made no progress. Restart once
-            # with a fresh history; if that does not lower the objective either, the point is a minimum
-            # on a kink of the piecewise-smooth (ReLU) objective, where the gradient need not vanish.
-            if restarts >= 1 and not value < before - 1e-12 * max(1.0, abs(before)):
-                status = "stalled"
-                break
-            restarts += 1
+        u = torch.zeros(self.space.size, device=self.device, dtype=self.dtype)
+        if g0_max > 0:
+            scale = g0_norm / max(lam, 1e-12)  # the size of a lam-strongly convex problem's minimizer
+            u, iterations, status = _lbfgs(objective, u, tol=cfg.rtol * g0_max, max_iter=cfg.max_iter,
+                                          history=cfg.history_size, max_step=cfg.max_step * scale,
+                                          radius=cfg.trust_radius * scale)
+        else:
+            iterations, status = 0, "gradient"
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        n_evals = evals[0]
         # stationarity check at the returned point (not timed)
-        closure()
-        g_end = u.grad.detach()
+        _, g_end = objective(u)
         ratio = float(g_end.norm()) / g0_norm if g0_norm > 0 else 0.0
         ratio_max = float(g_end.abs().max()) / g0_max if g0_max > 0 else 0.0
         converged = ratio_max <= cfg.rtol
         if status == "max_iter":
             log.warning("PBRF solve stopped after %d iterations with max|grad| ratio %.2e > rtol %.1e",
                         iterations, ratio_max, cfg.rtol)
-        delta = (eps * u.detach()).clone()
+        delta = (eps * u).clone()
         self.space.set(self.work, self.theta_s)
         return PBRFSolution(
             delta=delta, scale=(1.0 / self.num_train) / eps, iterations=iterations,
-            evaluations=counter["evals"] - 1, grad_ratio=ratio, grad_ratio_max=ratio_max,
+            evaluations=n_evals, grad_ratio=ratio, grad_ratio_max=ratio_max,
             converged=converged, status=status, seconds=seconds, cpu_seconds=cpu_seconds,
         )
 
@@ -350,3 +343,106 @@ class PBRF:
         """Change of the summed loss on ``(x, y)`` under the removal (self-influence when ``(x, y) = z_m``)."""
         x, y = self._example(x, y)
         return self.response(solution, lambda m: per_example_loss(m(x), y, self.task).sum())
+
+
+class NoLocalMinimumError(FloatingPointError):
+    """The PBRF iterates left the trust region around ``theta_s``: no local minimum was found near it."""
+
+
+def _lbfgs(
+    fg: Callable[[torch.Tensor], tuple[float, torch.Tensor]],
+    u: torch.Tensor,
+    tol: float,
+    max_iter: int,
+    history: int,
+    max_step: float,
+    radius: float,
+) -> tuple[torch.Tensor, int, str]:
+    """L-BFGS with a backtracking (Armijo) line search and a cap on each step's length.
+
+    Unlike an extrapolating Wolfe line search, it cannot jump far from the start, which matters because the
+    PBRF is a local problem: far from ``theta_s`` the objective is typically unbounded below.
+
+    Returns:
+        ``(u, iterations, status)`` with status ``gradient`` (``max|grad| <= tol``), ``stalled`` (no step
+        along the quasi-Newton direction or along the negative gradient lowers the objective, or three steps
+        in a row lower it only at its floating-point resolution: a minimum on a kink of a piecewise-smooth
+        objective, or the limit of what float64 resolves) or ``max_iter``.
+
+    Raises:
+        NoLocalMinimumError: ``||u|| > radius``.
+    """
+    f, g = fg(u)
+    if not math.isfinite(f):
+        raise FloatingPointError("the PBRF objective is not finite at theta_s")
+    S: list[torch.Tensor] = []
+    Yv: list[torch.Tensor] = []
+    rho: list[float] = []
+    it = 0
+    flat = 0  # consecutive iterations whose decrease is at the floating-point resolution of f
+    for it in range(1, max_iter + 1):
+        if float(g.abs().max()) <= tol:
+            return u, it - 1, "gradient"
+        d = _two_loop(g, S, Yv, rho)
+        gd = float(g @ d)
+        if not gd < 0:  # not a descent direction: forget the curvature pairs
+            S.clear(), Yv.clear(), rho.clear()
+            d, gd = -g, -float(g @ g)
+        accepted = False
+        for attempt in range(2):
+            dn = float(d.norm())
+            if dn > max_step:
+                d, gd = d * (max_step / dn), gd * (max_step / dn)
+            t = 1.0
+            for _ in range(30):
+                u_new = u + t * d
+                f_new, g_new = fg(u_new)
+                if math.isfinite(f_new) and f_new <= f + 1e-4 * t * gd:
+                    accepted = True
+                    break
+                if math.isfinite(f_new):  # minimizer of the quadratic through f, gd and f_new, safeguarded
+                    den = 2.0 * (f_new - f - t * gd)
+                    t_q = -gd * t * t / den if den > 0 else 0.5 * t
+                    t = min(max(t_q, 0.1 * t), 0.5 * t)
+                else:
+                    t *= 0.1
+            if accepted or attempt == 1 or not S:
+                break
+            S.clear(), Yv.clear(), rho.clear()  # retry once along the negative gradient
+            d, gd = -g, -float(g @ g)
+        if not accepted:
+            return u, it - 1, "stalled"
+        s_k, y_k = u_new - u, g_new - g
+        sy = float(s_k @ y_k)
+        if sy > 1e-12 * float(s_k.norm()) * float(y_k.norm()):
+            S.append(s_k), Yv.append(y_k), rho.append(1.0 / sy)
+            if len(S) > history:
+                S.pop(0), Yv.pop(0), rho.pop(0)
+        flat = flat + 1 if f - f_new <= 1e-14 * max(1.0, abs(f)) else 0
+        u, f, g = u_new, f_new, g_new
+        if flat >= 3:
+            return u, it, "gradient" if float(g.abs().max()) <= tol else "stalled"
+        if float(u.norm()) > radius:
+            raise NoLocalMinimumError(
+                f"the PBRF iterates left the trust region (||u|| > {radius:.3g}): no local minimum near theta_s; "
+                "increase the damping"
+            )
+    if float(g.abs().max()) <= tol:
+        return u, it, "gradient"
+    return u, it, "max_iter"
+
+
+def _two_loop(g: torch.Tensor, S: list[torch.Tensor], Yv: list[torch.Tensor], rho: list[float]) -> torch.Tensor:
+    """The L-BFGS direction ``-H g`` by the two-loop recursion (``-g`` without curvature pairs)."""
+    q = g.clone()
+    alphas = []
+    for s, y, r in zip(reversed(S), reversed(Yv), reversed(rho)):
+        a = r * float(s @ q)
+        alphas.append(a)
+        q.sub_(y, alpha=a)
+    if S:
+        q.mul_(float(S[-1] @ Yv[-1]) / float(Yv[-1] @ Yv[-1]))
+    for s, y, r, a in zip(S, Yv, rho, reversed(alphas)):
+        b = r * float(y @ q)
+        q.add_(s, alpha=a - b)
+    return -q
