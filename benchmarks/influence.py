@@ -39,11 +39,16 @@ RUNS: dict[str, dict[str, list[str]]] = {
     },
     "fashion-mnist": {
         "fashion-mnist": ["influence", "--dataset", "fashion-mnist", "--n-train", "10000",
-                          "--methods", f"pbrf,influence,pbrf-laftr,{BASELINES}"],
+                          "--methods", f"pbrf,influence,pbrf-laftr,pbrf-laftr@full,{BASELINES}",
+                          "--est-opt", "laftr@full.classwise_cov=full"],
     },
     "mislabeled": {
         "mislabeled-fashion-mnist": ["mislabeled", "--dataset", "fashion-mnist", "--noise", "0.1",
                                      "--methods", "pbrf,influence,pbrf-laftr,pbrf-weight,pbrf-kfac,pbrf-ntk"],
+    },
+    "mislabeled-quick": {
+        "mislabeled-mnist-sample": ["mislabeled", "--dataset", "mnist-sample", "--noise", "0.1", "--n-train", "500",
+                                    "--methods", "pbrf,influence,pbrf-laftr,pbrf-weight,pbrf-kfac,pbrf-ntk"],
     },
 }
 

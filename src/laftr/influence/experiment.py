@@ -43,26 +43,38 @@ DEFAULT_ESTIMATOR_OPTIONS: dict[str, dict[str, Any]] = {
     "subset": {"coreset_size": 100},
 }
 
+#: LAFTR defaults for classification: one diagonal Gaussian and one set of gate probabilities per class
+#: (16.7k floats on Fashion-MNIST; the full per-class covariances would be 6.2M), 1024 Monte Carlo samples.
+CLASSIFICATION_LAFTR_OPTIONS: dict[str, Any] = {"input_model": "classwise", "classwise_cov": "diag",
+                                                "num_samples": 1024}
 
-def _estimator_options(user: dict[str, dict[str, Any]] | None, task: str) -> dict[str, dict[str, Any]]:
-    """Defaults merged with the user's options; keys the estimator's config lacks are dropped from the
-    defaults (and rejected when the user gave them)."""
+
+def _estimator_options(user: dict[str, dict[str, Any]] | None, task: str,
+                       methods: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Defaults merged with the user's options, per estimator name or tagged variant ``<name>@<tag>`` (a
+    variant starts from its estimator's defaults). Default keys the estimator's config lacks are dropped;
+    user keys it lacks are rejected."""
     user = user or {}
+    keys = set(REGISTRY) | set(user)
+    for m in methods or []:
+        if m.startswith("pbrf-") and "@" in m:
+            keys.add(m[len("pbrf-"):])
     out: dict[str, dict[str, Any]] = {}
-    for name in set(REGISTRY) | set(user):
+    for key in sorted(keys):
+        name = key.partition("@")[0]
         if name not in REGISTRY:
             raise ValueError(f"options given for unknown estimator {name!r}; known: {sorted(REGISTRY)}")
         fields = {f.name for f in dataclasses.fields(REGISTRY[name].Config)}
         opts = {k: v for k, v in DEFAULT_ESTIMATOR_OPTIONS.get(name, {}).items() if k in fields}
-        if name == "laftr" and task == "classification" and "input_model" in fields:
-            opts.setdefault("input_model", "classwise")
-        for k, v in user.get(name, {}).items():
+        if name == "laftr" and task == "classification":
+            opts.update(CLASSIFICATION_LAFTR_OPTIONS)
+        for k, v in user.get(key, {}).items():
             if k not in fields:
                 raise ValueError(f"estimator {name!r} has no option {k!r}; its options: {sorted(fields)}")
             if k == "metric":
                 raise ValueError("the estimator's metric is the loss's Bregman divergence; do not set it")
             opts[k] = v
-        out[name] = opts
+        out[key] = opts
     return out
 
 
@@ -87,7 +99,7 @@ class InfluenceExperimentConfig:
         methods: method names; ``pbrf`` (the reference) is added when missing.
         seed: seed of the model's initialization, the training order and every random choice.
         quick: a small, fast configuration for smoke tests (not a benchmark).
-        n_train: training examples used (the first ``n_train`` of the split).
+        n_train: training examples used (a seeded random subset of the split; None: all).
         hidden: hidden widths of the MLP.
         epochs: training epochs (full-batch steps for regression tables).
         lr: Adam learning rate of training.
@@ -160,24 +172,29 @@ def _validate_common(c: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------- data/model
-def load_tables(name: str, n_train: int | None) -> tuple[Any, str]:
-    """The data set, flattened, restricted to its first ``n_train`` training examples; and its task."""
+def load_tables(name: str, n_train: int | None, seed: int = 0) -> tuple[Any, str]:
+    """The data set, flattened, restricted to ``n_train`` training examples drawn at random (seeded; some
+    sets, e.g. ``mnist-sample``, are sorted by class); and its task."""
+    import dataclasses as _dc
+
     from ..data import load_dataset
 
     ds = load_dataset(name).flat()
-    if n_train is not None:
-        if n_train > ds.n_train:
-            raise ValueError(f"{name} has {ds.n_train} training examples; n_train={n_train} is too many")
-        ds = ds.subset(n_train)
+    if n_train is not None and n_train < ds.n_train:
+        idx = torch.randperm(ds.n_train, generator=torch.Generator().manual_seed(seed))[:n_train].sort().values
+        ds = _dc.replace(ds, x_train=ds.x_train[idx], y_train=ds.y_train[idx], meta={**ds.meta, "train_subset": (
+            f"sorted(torch.randperm({ds.n_train}, generator=Generator().manual_seed({seed}))[:{n_train}])")})
+    elif n_train is not None and n_train > ds.n_train:
+        raise ValueError(f"{name} has {ds.n_train} training examples; n_train={n_train} is too many")
     return ds, infer_task(ds.y_train)
 
 
 def train_model(X: torch.Tensor, Y: torch.Tensor, task: str, hidden: tuple[int, ...], epochs: int, lr: float,
-                batch_size: int, seed: int, progress: bool = False) -> nn.Module:
+                batch_size: int, seed: int, progress: bool = False, num_classes: int | None = None) -> nn.Module:
     """Train an MLP with Adam (full batch for regression, minibatches for classification) in float32 and
     return it in float64, ready for influence computations."""
     torch.manual_seed(seed)  # nn.Linear initializes from the global generator
-    out_dim = Y.shape[1] if task == "regression" else int(Y.max()) + 1
+    out_dim = Y.shape[1] if task == "regression" else (num_classes or int(Y.max()) + 1)
     model = mlp(X.shape[1], tuple(hidden), out_dim, flatten=False).float()
     X = X.float()
     Y = Y.float() if Y.is_floating_point() else Y
@@ -240,12 +257,13 @@ def run_influence(config: InfluenceExperimentConfig, out_dir: str | Path, force:
     """
     cfg = config.resolved()
     est_opts = _estimator_options(cfg.estimator_options, "classification" if cfg.dataset in MISLABELED_DATASETS
-                                  else "regression")
+                                  else "regression", cfg.methods)
     out = prepare_out_dir(out_dir, force=force)
     t_start = time.perf_counter()
-    ds, task = load_tables(cfg.dataset, cfg.n_train)
+    ds, task = load_tables(cfg.dataset, cfg.n_train, cfg.seed)
     X, Y = ds.x_train, ds.y_train
-    model = train_model(X, Y, task, cfg.hidden, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, cfg.progress)
+    model = train_model(X, Y, task, cfg.hidden, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, cfg.progress,
+                        ds.num_classes)
     X64, Y64 = X.double(), _targets64(Y)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     if cfg.n_measure > ds.n_test or cfg.n_queries > ds.n_train:
@@ -305,6 +323,7 @@ def run_influence(config: InfluenceExperimentConfig, out_dir: str | Path, force:
         "config": dataclasses.asdict(cfg),
         "estimator_options": est_opts,
         "dataset": {"name": cfg.dataset, "task": task, "n_train": ds.n_train, "n_test": ds.n_test,
+                    "train_subset": ds.meta.get("train_subset", "all"),
                     "input_dim": int(X.shape[1])},
         "model": {"hidden": list(cfg.hidden), "num_params": num_params(model),
                   **_model_stats(model, X64, Y64, ds.x_test, _targets64(ds.y_test), task)},
@@ -446,14 +465,15 @@ def run_mislabeled(config: MislabeledConfig, out_dir: str | Path, force: bool = 
                    command: str = "") -> dict[str, Any]:
     """Run mislabeled-example detection and write ``results.json``, ``table.md`` and ``curves.png``."""
     cfg = config.resolved()
-    est_opts = _estimator_options(cfg.estimator_options, "classification")
+    est_opts = _estimator_options(cfg.estimator_options, "classification", cfg.methods)
     out = prepare_out_dir(out_dir, force=force)
     t_start = time.perf_counter()
-    ds, task = load_tables(cfg.dataset, cfg.n_train)
+    ds, task = load_tables(cfg.dataset, cfg.n_train, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     y_noisy, flipped = flip_labels(ds.y_train, cfg.noise, int(ds.num_classes), gen)
     X = ds.x_train
-    model = train_model(X, y_noisy, task, cfg.hidden, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, cfg.progress)
+    model = train_model(X, y_noisy, task, cfg.hidden, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, cfg.progress,
+                        ds.num_classes)
     X64 = X.double()
     N = X.shape[0]
     pcfg = PBRFConfig(damping=cfg.damping, epsilon=cfg.epsilon, rtol=cfg.rtol, max_iter=cfg.max_iter)
@@ -513,7 +533,8 @@ def run_mislabeled(config: MislabeledConfig, out_dir: str | Path, force: bool = 
         "metadata": run_metadata(command, seed=cfg.seed, device="cpu"),
         "config": dataclasses.asdict(cfg),
         "estimator_options": est_opts,
-        "dataset": {"name": cfg.dataset, "task": task, "n_train": N, "num_flipped": int(flipped.sum())},
+        "dataset": {"name": cfg.dataset, "task": task, "n_train": N, "num_flipped": int(flipped.sum()),
+                    "train_subset": ds.meta.get("train_subset", "all")},
         "flipped_indices": flipped.nonzero().squeeze(1).tolist(),
         "model": {"hidden": list(cfg.hidden), "num_params": num_params(model),
                   **_model_stats(model, X64, y_noisy, ds.x_test, ds.y_test, task)},

@@ -32,10 +32,23 @@ def method_names() -> list[str]:
     return ["pbrf", "influence", "influence-exact"] + [f"pbrf-{n}" for n in available_estimators()]
 
 
+def split_variant(name: str) -> tuple[str, str | None]:
+    """``"pbrf-laftr@full"`` -> ``("pbrf-laftr", "full")``: a tag names a second configuration of a method."""
+    base, at, tag = name.partition("@")
+    return base, (tag if at else None)
+
+
 def check_method(name: str) -> str:
-    """Return ``name`` if it is a known method, else raise ``ValueError`` listing the known ones."""
-    if not isinstance(name, str) or name not in method_names():
-        raise ValueError(f"unknown influence method {name!r}; choose from {method_names()}")
+    """Return ``name`` if it is a known method, else raise ``ValueError`` listing the known ones.
+
+    ``pbrf-<estimator>@<tag>`` is the same method with the options given for ``<estimator>@<tag>``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a method name must be a string, got {type(name).__name__}")
+    base, tag = split_variant(name)
+    if base not in method_names() or (tag is not None and (not tag or not base.startswith("pbrf-"))):
+        raise ValueError(f"unknown influence method {name!r}; choose from {method_names()} "
+                         "(optionally pbrf-<estimator>@<tag>)")
     return name
 
 
@@ -181,7 +194,8 @@ def make_method(name: str, *, pbrf: PBRFConfig | None = None, influence: Influen
         name: ``pbrf``, ``influence``, ``influence-exact`` or ``pbrf-<registered estimator>``.
         pbrf: solver options of the PBRF methods.
         influence: options of the classical influence (its ``solver`` is set by the name).
-        estimator_options: per estimator name, the fields of its config.
+        estimator_options: per estimator name (or ``<name>@<tag>`` for a tagged variant), the fields of its
+            config.
     """
     check_method(name)
     if name == "pbrf":
@@ -189,5 +203,9 @@ def make_method(name: str, *, pbrf: PBRFConfig | None = None, influence: Influen
     if name in ("influence", "influence-exact"):
         cfg = dataclasses.replace(influence or InfluenceConfig(), solver="cg" if name == "influence" else "exact")
         return ClassicalMethod(cfg)
-    est = name[len("pbrf-"):]
-    return PBRFMethod(est, (estimator_options or {}).get(est, {}), config=pbrf)
+    base, tag = split_variant(name)
+    est = base[len("pbrf-"):]
+    key = est if tag is None else f"{est}@{tag}"
+    meth = PBRFMethod(est, (estimator_options or {}).get(key, {}), config=pbrf)
+    meth.name = name
+    return meth
