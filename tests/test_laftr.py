@@ -249,6 +249,27 @@ def test_cnn_and_resnet_monte_carlo_run_and_are_differentiable():
             assert all(p.grad is not None for p in other.parameters())
 
 
+@pytest.mark.parametrize("maxpool", ["sample", "argmax0", "separate"])
+def test_max_pool_with_a_fixed_argmax_is_exact(maxpool):
+    """No gates and a max pool whose argmax is the same on every input (a large value at a fixed position of
+    each window): every selection rule then picks theta0's positions, and LAFTR on a coreset of all the data
+    is the exact FSD (the network is affine apart from the pool)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([1.0, 2.0]).view(2, 1, 1, 1))
+        model[0].bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    X = 0.1 * torch.rand(30, 1, 4, 4, generator=g)
+    X[:, :, ::2, 1::2] += 5.0  # the top-right position of every 2x2 window wins
+    other = perturbed(model, 0.05, only="3")  # the conv stays, so theta's argmax is theta0's too
+    est = laftr.make_estimator("laftr", metric="kl", input_model="coreset", coreset_size=30, num_samples=30,
+                               maxpool=maxpool).fit(model, X)
+    pi = est.summary.site_means()["_1"]
+    assert pi.shape == (2, 4, 4) and torch.all(pi[:, 1] == 1)  # stored argmax frequencies
+    torch.testing.assert_close(est(other), laftr.exact_fsd(model, other, X, metric="kl"), rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
     model = mlp()

@@ -232,8 +232,10 @@ def method_specs(cfg: FsdBenchConfig, matched_k: Sequence[int] = ()) -> list[Met
                   MethodSpec("laftr-exact-mumu", "laftr-exact", {"input_model": "gaussian", "mu_outer": True},
                              "laftr", metrics=tuple(sorted(QUADRATIC_METRICS)))]
     else:  # the original code pools each stream separately; ours samples the stored argmax frequencies
-        specs.append(MethodSpec("laftr-pool-separate", "laftr", {**lf, "input_model": "gaussian",
-                                                                 "maxpool": "separate"}, "laftr", stochastic=True))
+        specs += [MethodSpec("laftr-pool-separate", "laftr", {**lf, "input_model": "gaussian", "maxpool": "separate"},
+                             "laftr", stochastic=True),
+                  MethodSpec("laftr-pool-argmax0", "laftr", {**lf, "input_model": "gaussian", "maxpool": "argmax0"},
+                             "laftr", stochastic=True)]
     specs += [
         MethodSpec("weight", "weight", {}, "parametric"),
         MethodSpec("diag-fisher", "diag-fisher", {"fisher": "mc"}, "parametric"),
