@@ -37,13 +37,19 @@ INPUT_MODELS = [
 ]
 
 
+CPU: dict[int, float] = {}
+
+
 def median_time(fn, reps: int) -> float:
+    """Median wall seconds of ``fn``; the median process-CPU seconds go to ``CPU[id(fn)]``."""
     fn()  # warm-up
-    ts = []
+    ts, cs = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         ts.append(time.perf_counter() - t)
+        cs.append(time.process_time() - c)
+    CPU[id(fn)] = statistics.median(cs)
     return statistics.median(ts)
 
 
@@ -54,7 +60,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     if out.exists() and not args.force:
         sys.exit(f"{out} exists; pass --force to replace it")
@@ -87,10 +96,18 @@ def main() -> None:
         opt.step()
 
     res = {"n_train": len(X), "params": num_params(model0), "num_samples": args.num_samples}
+    def fwd():
+        laftr.exact_fsd(model0, theta, X, batch_size=2000)
+
+    def fwd_bwd():
+        exact_fsd_and_grad(model0, theta, X, batch_size=2000)
+
     res["train_step_s"] = median_time(train_step, args.reps * 4)
-    res["exact_fsd_forward_s"] = median_time(lambda: laftr.exact_fsd(model0, theta, X, batch_size=2000), 3)
-    res["exact_fsd_forward_backward_s"] = median_time(
-        lambda: exact_fsd_and_grad(model0, theta, X, batch_size=2000), 3)
+    res["train_step_cpu_s"] = CPU[id(train_step)]
+    res["exact_fsd_forward_s"] = median_time(fwd, 3)
+    res["exact_fsd_forward_cpu_s"] = CPU[id(fwd)]
+    res["exact_fsd_forward_backward_s"] = median_time(fwd_bwd, 3)
+    res["exact_fsd_forward_backward_cpu_s"] = CPU[id(fwd_bwd)]
     res["exact_fsd_l2"] = float(laftr.exact_fsd(model0, theta, X))
     rows = []
     for name, kw in INPUT_MODELS:
@@ -107,7 +124,10 @@ def main() -> None:
         s = median_time(step, args.reps if name == "laftr" else max(3, args.reps // 3))
         with torch.no_grad():
             vals = [float(est(theta)) for _ in range(5 if name == "laftr" else 1)]
+        c = CPU[id(step)]
         rows.append({"estimator": name, **kw, "fit_s": fit_s, "eval_backward_ms": s * 1e3,
+                     "eval_backward_cpu_ms": c * 1e3, "cpu_x_train_step": c / res["train_step_cpu_s"],
+                     "cpu_x_exact_fsd_forward_backward": c / res["exact_fsd_forward_backward_cpu_s"],
                      "x_train_step": s / res["train_step_s"],
                      "x_exact_fsd_forward": s / res["exact_fsd_forward_s"],
                      "x_exact_fsd_forward_backward": s / res["exact_fsd_forward_backward_s"],
@@ -116,11 +136,13 @@ def main() -> None:
     res["rows"] = rows
     res["metadata"] = run_metadata(" ".join(["python"] + sys.argv), args.seed)
     res["table_markdown"] = markdown_table(rows, ["estimator", "input_model", "stored_floats", "fit_s",
-                                                  "eval_backward_ms", "x_train_step", "x_exact_fsd_forward",
-                                                  "x_exact_fsd_forward_backward", "estimate_l2"], floatfmt=".3g")
+                                                  "eval_backward_cpu_ms", "cpu_x_train_step",
+                                                  "cpu_x_exact_fsd_forward_backward", "eval_backward_ms",
+                                                  "x_train_step", "x_exact_fsd_forward_backward", "estimate_l2"],
+                                           floatfmt=".3g")
     write_json_atomic(out, res)
     print(res["table_markdown"])
-    print(f"train step {res['train_step_s'] * 1e3:.2f} ms; exact FSD over {len(X)}: forward "
+    print(f"train step {res['train_step_s'] * 1e3:.2f} ms (CPU {res['train_step_cpu_s'] * 1e3:.2f}); exact FSD over {len(X)}: forward "
           f"{res['exact_fsd_forward_s']:.2f} s, forward+backward {res['exact_fsd_forward_backward_s']:.2f} s; "
           f"exact l2 FSD {res['exact_fsd_l2']:.4g}")
 
