@@ -356,11 +356,21 @@ def test_joint_scores_each_example_on_its_own_head():
     ds = _tiny_dataset(n_train=300)
     stream = split_tasks(ds, [[0, 1], [2, 3]])
     model_fn = lambda: laftr.models.mlp(64, (32,), stream.num_outputs)
-    r = run_method(stream, parse_method("joint"), model_fn, TrainConfig(epochs=30, batch_size=32, progress=False))
+    r = run_method(stream, parse_method("joint"), model_fn, TrainConfig(epochs=20, batch_size=32, progress=False))
     assert min(r.acc_matrix[-1]) > 0.9, r.acc_matrix
 
 
 # ------------------------------------------------------------------ the CLI, end to end
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread for these tiny nets (faster on a shared machine; the CLI tests also pass
+    --threads 1); the setting is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -376,8 +386,9 @@ CLI_METHODS = {"split-mnist": "none,joint,laftr,ewc", "permuted-mnist": "none,la
 def test_cli_mnist_benchmarks_end_to_end(bench, mnist_dir, tmp_path, capsys):
     out = tmp_path / "out"
     methods = CLI_METHODS[bench]
-    rc = main(["continual", "--benchmark", bench, "--methods", methods, "--seeds", "2", "--quick",
-               "--data-dir", str(mnist_dir), "--out", str(out), "--no-progress", "--n-train", "60"])
+    seeds = 1 if bench == "split-mnist" else 2
+    rc = main(["continual", "--benchmark", bench, "--methods", methods, "--seeds", str(seeds), "--quick",
+               "--data-dir", str(mnist_dir), "--out", str(out), "--no-progress", "--n-train", "60", "--threads", "1"])
     assert rc == 0, capsys.readouterr().err
     assert "avg acc" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
@@ -385,20 +396,23 @@ def test_cli_mnist_benchmarks_end_to_end(bench, mnist_dir, tmp_path, capsys):
     md = res["metadata"]
     assert md["command"].startswith("laftr continual --benchmark " + bench) and md["device"] == "cpu"
     assert md["git_revision"] is None or len(md["git_revision"]) == 40
-    assert res["settings"]["seeds"] == [0, 1] and res["protocol"]["train"]["epochs"] == 1
+    assert res["settings"]["seeds"] == list(range(seeds)) and res["protocol"]["train"]["epochs"] == 1
     assert res["protocol"]["stream"]["n_train"] == 60
     T = 5 if bench == "split-mnist" else 3
     assert res["stream"]["num_tasks"] == T
     for name in parse_methods(methods):
         s = res["methods"][name.name]["summary"]
-        assert set(s["final_avg_acc"]) == {"mean", "std", "n"} and s["final_avg_acc"]["n"] == 2
-        assert len(s["acc_matrix"]) == 2 and len(s["acc_matrix"][0]) == T
+        assert set(s["final_avg_acc"]) == {"mean", "std", "n"} and s["final_avg_acc"]["n"] == seeds
+        assert len(s["acc_matrix"]) == seeds and len(s["acc_matrix"][0]) == T
         assert s["final_avg_acc"]["mean"] == pytest.approx(
             np.mean([average_accuracy(a) for a in s["acc_matrix"]]))
         assert s["bwt"]["mean"] == pytest.approx(np.mean([backward_transfer(a) for a in s["acc_matrix"]]))
         assert len(s["stored_floats_per_task"][0]) == T and s["wall_time_s"]["mean"] > 0
     if bench == "split-mnist":
         assert res["methods"]["laftr"]["summary"]["stored_floats_per_task"][0] == [512 + 784 + 784 * 784] * T
+    else:  # two seeds: the spread over seeds is reported
+        accs = [average_accuracy(a) for a in res["methods"]["none"]["summary"]["acc_matrix"]]
+        assert res["methods"]["none"]["summary"]["final_avg_acc"]["std"] == pytest.approx(np.std(accs, ddof=1))
     table = (out / "table.md").read_text()
     assert all(m.name.split("[")[0] in table for m in parse_methods(methods))
     assert (out / "heatmaps.png").stat().st_size > 1000
@@ -408,14 +422,14 @@ def test_cli_split_cifar_end_to_end(tmp_path, capsys):
     root = write_cifar(tmp_path / "data")
     out = tmp_path / "out"
     rc = main(["continual", "--benchmark", "split-cifar", "--methods",
-               "none,laftr[input_model=diag,num_samples=8]", "--seeds", "1", "--quick", "--n-train", "20",
-               "--data-dir", str(root), "--out", str(out), "--no-progress"])
+               "none,laftr[input_model=diag,num_samples=8]", "--seeds", "1", "--quick", "--n-train", "12",
+               "--n-eval", "20", "--data-dir", str(root), "--out", str(out), "--no-progress", "--threads", "1"])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
     assert res["stream"]["num_tasks"] == 6 and res["stream"]["num_outputs"] == 60
     m = res["methods"]["laftr[input_model=diag,num_samples=8]"]["summary"]
     assert len(m["acc_matrix"][0]) == 6 and len(m["stored_floats_per_task"][0]) == 6
-    assert res["protocol"]["benchmark"]["conv_width"] == 0.25
+    assert res["protocol"]["benchmark"]["conv_width"] == 0.25 and res["settings"]["threads"] == 1
 
 
 def test_cli_val_split_never_reads_test_files(mnist_dir, tmp_path, capsys):
@@ -441,6 +455,8 @@ def test_cli_val_split_never_reads_test_files(mnist_dir, tmp_path, capsys):
         (["--benchmark", "split-fmnist", "--epochs", "0"], 2, "epochs"),
         (["--benchmark", "split-mnist"], 2, "no data_dir"),
         (["--benchmark", "split-cifar"], 2, "cifar-10-batches-py"),
+        (["--benchmark", "split-cifar", "--methods", "none,laftr-exact"], 2, "not available on split-cifar"),
+        (["--benchmark", "split-fmnist", "--methods", "laftr[lam=1"], 2, "unbalanced"),
     ],
 )
 def test_cli_bad_input(argv, code, needle, tmp_path, capsys):

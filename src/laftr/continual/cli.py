@@ -14,9 +14,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     from .benchmarks import BENCHMARKS
 
     p.add_argument("--benchmark", required=True, help=f"one of {', '.join(BENCHMARKS)}")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
+    p.add_argument("--methods", default=None,
                    help="comma-separated methods, optionally with overrides, e.g. "
-                        "'none,laftr[lam=10],subset[coreset_size=786]' (default: all ten)")
+                        "'none,laftr[lam=10],subset[coreset_size=786]' (default: the ten of the issue, less any "
+                        "the benchmark cannot run)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed+N-1")
     p.add_argument("--data-dir", default=None,
@@ -43,15 +44,20 @@ def _args(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ..data import DatasetNotFoundError
     from ..report import OutDirError
+    from .benchmarks import BENCHMARKS
     from .runner import ContinualSettings, resolve_settings, run_benchmark
 
     prog = "laftr continual"
+    methods = args.methods
+    if methods is None:
+        excluded = BENCHMARKS[args.benchmark].excluded if args.benchmark in BENCHMARKS else {}
+        methods = ",".join(m for m in DEFAULT_METHODS.split(",") if m not in excluded)
     if args.seeds < 1:
         print(f"{prog}: error: --seeds must be >= 1", file=sys.stderr)
         return EXIT_USAGE
     try:
         settings = ContinualSettings(
-            benchmark=args.benchmark, methods=args.methods,
+            benchmark=args.benchmark, methods=methods,
             seeds=list(range(args.first_seed, args.first_seed + args.seeds)), split=args.split, quick=args.quick,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, n_train=args.n_train, n_eval=args.n_eval,
             num_tasks=args.num_tasks, lam=args.lam, data_dir=args.data_dir, device=args.device,

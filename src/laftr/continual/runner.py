@@ -96,6 +96,9 @@ def resolve_settings(settings: ContinualSettings) -> tuple[Any, dict[str, Any], 
     train = TrainConfig(epochs=pick("epochs", bench.epochs), batch_size=pick("batch_size", bench.batch_size),
                         lr=pick("lr", bench.lr), device=settings.device, progress=settings.progress)
     methods = parse_methods(settings.methods, bench.method_defaults)
+    for m in methods:
+        if m.base in bench.excluded:
+            raise ValueError(f"method {m.base!r} is not available on {bench.name}: {bench.excluded[m.base]}")
     if settings.lam is not None:
         methods = [m.with_overrides({"lam": settings.lam}) if m.kind == "fsd" else m for m in methods]
     reference = parse_method("laftr", bench.method_defaults)
