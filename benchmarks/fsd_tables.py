@@ -13,7 +13,7 @@ from laftr.report import markdown_table
 
 KEY = ["weight", "diag-fisher", "kfac", "laftr-diag", "laftr-lowrank", "laftr", "laftr-exact", "laftr-exact-mumu",
        "laftr-shared-masks", "laftr-classwise", "laftr-relu", "laftr-coreset", "laftr-pool-separate",
-       "laftr-pool-argmax0"]
+       "laftr-pool-argmax0", "laftr-pool-sample"]
 
 
 def table(res: dict, shown: tuple[str, ...] = ("l2", "kl")) -> str:

@@ -231,6 +231,12 @@ def test_stored_floats_formulas():
     for im, n in expect.items():
         e = laftr.make_estimator("laftr", input_model=im, rank=2, coreset_size=7).fit(model, data)
         assert e.stored_floats() == n, im
+    # conv net: mu per (channel, row, column); max-pool argmax frequencies only when the pool rule samples them
+    cnn, (Xc, _) = SmallCNN(), _data(20, (1, 6, 6))
+    gates, pool, dc = 3 * 6 * 6 + 4 * 4 * 4, 4 * 4 * 4, 36
+    for mp, n in (("auto", gates), ("argmax0", gates), ("separate", gates), ("sample", gates + pool)):
+        e = laftr.make_estimator("laftr", maxpool=mp).fit(cnn, Xc)
+        assert e.stored_floats() == n + dc + dc * dc, mp
     # classes absent from the data (labels 3 and 4 only) cost nothing
     X, Y = data
     e = laftr.make_estimator("laftr", input_model="classwise").fit(model, (X, Y % 2 + 3))

@@ -231,10 +231,10 @@ def method_specs(cfg: FsdBenchConfig, matched_k: Sequence[int] = ()) -> list[Met
                              metrics=tuple(sorted(QUADRATIC_METRICS))),
                   MethodSpec("laftr-exact-mumu", "laftr-exact", {"input_model": "gaussian", "mu_outer": True},
                              "laftr", metrics=tuple(sorted(QUADRATIC_METRICS)))]
-    else:  # the original code pools each stream separately; ours samples the stored argmax frequencies
+    else:  # max pooling: theta0's argmax (default), each stream its own max (the original code), or sampled
         specs += [MethodSpec("laftr-pool-separate", "laftr", {**lf, "input_model": "gaussian", "maxpool": "separate"},
                              "laftr", stochastic=True),
-                  MethodSpec("laftr-pool-argmax0", "laftr", {**lf, "input_model": "gaussian", "maxpool": "argmax0"},
+                  MethodSpec("laftr-pool-sample", "laftr", {**lf, "input_model": "gaussian", "maxpool": "sample"},
                              "laftr", stochastic=True)]
     specs += [
         MethodSpec("weight", "weight", {}, "parametric"),

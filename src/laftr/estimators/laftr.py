@@ -40,9 +40,11 @@ class LaftrConfig(EstimatorConfig):
         num_samples: Monte Carlo samples per evaluation (inputs and gate masks).
         shared_masks: one gate mask per call shared by the batch (the original code) instead of one per
             sample (lower variance).
-        maxpool: ``sample`` (stored argmax frequencies; default with Bernoulli gates), ``argmax0``
-            (theta0 stream's argmax, default with relu gates), ``separate`` (each stream its own max,
-            as the original code) or ``auto``.
+        maxpool: ``argmax0`` (both streams take the theta0 stream's argmax, as METHOD.md states; what
+            ``auto`` means), ``sample`` (each window's position drawn from the stored frequency with which it
+            was theta0's argmax on the data), or ``separate`` (each stream its own max, as the original code).
+            On the fsd-bench conv net ``argmax0`` and ``separate`` are about twice as accurate as ``sample``
+            (docs/results.md).
         fixed_noise: reuse the same samples on every call (common random numbers) instead of fresh ones.
         max_state: exact version only: the largest number of joint units it will track.
         mu_outer: exact version only: use ``E[m m^T] = mu mu^T`` for every pair of units, the original
@@ -226,6 +228,11 @@ class LaftrEstimator(FSDEstimator):
         self._gen: torch.Generator | None = None
 
     @property
+    def pool_mode(self) -> str:
+        """The max-pool rule in use (``auto`` resolved)."""
+        return "argmax0" if self.cfg.maxpool == "auto" else self.cfg.maxpool
+
+    @property
     def cfg(self) -> LaftrConfig:
         return self.config  # type: ignore[return-value]
 
@@ -300,8 +307,7 @@ class LaftrEstimator(FSDEstimator):
             return self._exact(net, p0, p, inputs, device, dtype)
         gen = self._generator(device)
         x, groups = inputs.sample(self.cfg.num_samples, gen)
-        pool_mode = self.cfg.maxpool if self.cfg.maxpool != "auto" else (
-            "sample" if self.cfg.gates == "bernoulli" else "argmax0")
+        pool_mode = self.pool_mode
         if self.cfg.gates == "relu":
             policy: Any = ReluGates(pool_mode)
         elif self.cfg.input_model == "classwise":
@@ -352,7 +358,10 @@ class LaftrEstimator(FSDEstimator):
         c = self.cfg
         s = self.summary
         d = s.dim
-        units = sum(math.prod(v.shape[1:]) for v in s.site_sums.values())
+        # one mu per gate unit; the max-pool argmax frequencies only when the pool rule samples from them
+        pools = {name for name, kind, _ in self.site_signature or [] if kind == "maxpool"}
+        units = sum(math.prod(v.shape[1:]) for k, v in s.site_sums.items()
+                    if k not in pools or self.pool_mode == "sample")
         if c.input_model == "coreset":
             return units + int(s.coreset_x.shape[0]) * d
         if c.input_model == "gaussian":
