@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true")
     p.add_argument("--gather-only", action="store_true")
     p.add_argument("--tag", default="", help="suffix of the grid folders, to extend an earlier grid")
+    p.add_argument("--name", default=None, help="name of the entry (default: the method), e.g. for a variant "
+                   "given by --fixed; needs a single method")
     p.add_argument("--reference", action="store_true",
                    help="also run 'none' and 'joint' on the same validation protocol (folder reference/)")
     args = p.parse_args(argv)
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 benchmark=args.benchmark, methods=specs, seeds=[args.seed], split="val", epochs=args.epochs,
                 n_train=args.n_train, num_tasks=args.num_tasks, threads=args.threads, progress=False)
             t0 = time.perf_counter()
-            folder = f"{method}__{args.param}" + (f"__{args.tag}" if args.tag else "")
+            folder = f"{args.name or method}__{args.param}" + (f"__{args.tag}" if args.tag else "")
             run_benchmark(settings, root / folder, force=args.force, command=command)
             print(f"search {method} {args.param}: {time.perf_counter() - t0:.0f} s", flush=True)
     summary = gather(args.benchmark, root)

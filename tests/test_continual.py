@@ -492,6 +492,37 @@ def test_cli_refuses_non_empty_out(mnist_dir, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["status"] == "complete"
 
 
+def test_cli_resume_keeps_finished_runs_and_checks_settings(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["continual", "--benchmark", "split-mnist", "--methods", "none,ewc", "--seeds", "2", "--quick",
+            "--n-train", "40", "--data-dir", str(mnist_dir), "--out", str(out), "--no-progress", "--threads", "1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    full = json.loads((out / "results.json").read_text())
+    # simulate an interruption after (none, seed 0), (ewc, seed 0), (none, seed 1)
+    cut = json.loads(json.dumps(full))
+    cut["status"] = "running"
+    for name, keep in (("none", 2), ("ewc", 1)):
+        s = cut["methods"][name]["summary"]
+        s["runs"] = s["runs"][:keep]
+    (out / "results.json").write_text(json.dumps(cut))
+    (out / "table.md").unlink()
+    # a different setting is refused and the folder is left alone
+    assert main([*argv[:-2], "--resume", "--epochs", "2"]) == 1
+    assert "settings differ" in capsys.readouterr().err and not (out / "table.md").exists()
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "complete" and res["resumed"]["earlier_runs"] == 3
+    kept = full["methods"]["none"]["summary"]["runs"]
+    assert res["methods"]["none"]["summary"]["runs"] == kept  # not rerun: identical records, timings included
+    ewc = res["methods"]["ewc"]["summary"]
+    assert ewc["seeds"] == [0, 1] and ewc["runs"][0] == full["methods"]["ewc"]["summary"]["runs"][0]
+    # the rerun seed is deterministic: same accuracies as the uninterrupted run
+    assert ewc["acc_matrix"][1] == full["methods"]["ewc"]["summary"]["acc_matrix"][1]
+    assert (out / "table.md").exists()
+    assert main([*argv[:-2], "--resume", "--out", str(tmp_path / "nothing-here")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_settings_bad_input():
     with pytest.raises(ValueError, match="seed"):
         ContinualSettings("split-fmnist", "none", [])

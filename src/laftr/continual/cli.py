@@ -26,6 +26,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     p.add_argument("--out", required=True, help="output folder (results.json, table.md, heatmaps.png)")
     p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out: keep its finished (method, seed) runs, run the rest "
+                        "(the settings must be the same)")
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="'val' evaluates on a validation split carved from the training data (for tuning)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the benchmark's)")
@@ -69,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     command = "laftr " + " ".join(getattr(args, "_argv", []) or ["continual"])
     try:
-        res = run_benchmark(settings, args.out, force=args.force, command=command)
+        res = run_benchmark(settings, args.out, force=args.force, command=command, resume=args.resume)
     except DatasetNotFoundError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

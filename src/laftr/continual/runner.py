@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..report import markdown_table, prepare_out_dir, pyplot, run_metadata, write_json_atomic
+from ..report import OutDirError, markdown_table, prepare_out_dir, pyplot, run_metadata, write_json_atomic
 from .benchmarks import build_stream, get_benchmark, load_stream_data
 from .methods import MethodSpec, parse_method, parse_methods
 from .metrics import mean_std
@@ -176,20 +177,30 @@ def _heatmaps(path: Path, results: dict[str, Any]) -> None:
 
 
 def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bool = False,
-                  command: str = "laftr continual") -> dict[str, Any]:
+                  command: str = "laftr continual", resume: bool = False) -> dict[str, Any]:
     """Run every method of ``settings`` for every seed and write the results into ``out_dir``.
 
     ``results.json`` is rewritten after every (method, seed) run, so a long run that is interrupted keeps
     what it finished. Seeds are the outer loop: every method sees the same data and initialization for a
     given seed.
 
+    With ``resume``, an interrupted run in ``out_dir`` is continued: its finished (method, seed) runs are
+    kept and only the missing ones are run. The earlier run's settings must match (apart from progress
+    bars and threads); otherwise the folder is left alone and an error says what differs.
+
     Raises:
         ValueError: unknown benchmark or method, bad settings.
         DatasetNotFoundError: data files missing.
-        OutDirError: ``out_dir`` is not empty and ``force`` is False.
+        OutDirError: ``out_dir`` is not empty and neither ``force`` nor ``resume`` is given; or ``resume``
+            and the folder holds no readable results.json of the same settings.
     """
     bench, stream_kw, train, methods, reference = resolve_settings(settings)  # validate before touching the disk
-    out = prepare_out_dir(out_dir, force=force)
+    done: dict[str, list[RunResult]] = {}
+    if resume:
+        done = _load_finished_runs(Path(out_dir), settings)
+        out = Path(out_dir)
+    else:
+        out = prepare_out_dir(out_dir, force=force)
     data = load_stream_data(bench, settings.data_dir)
     if settings.threads is not None:
         torch.set_num_threads(int(settings.threads))
@@ -204,13 +215,24 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
         "status": "running",
     }
     runs: dict[str, list[RunResult]] = {m.name: [] for m in methods}
-    t0 = time.perf_counter()
+    earlier_s = 0.0
+    if done:
+        earlier_s = float(done.pop("__wall_time_s__", 0.0))  # type: ignore[arg-type]
+        results["resumed"] = {"earlier_wall_time_s": earlier_s,
+                              "earlier_runs": sum(len(v) for v in done.values())}
+    t0 = time.perf_counter() - earlier_s
     for seed in settings.seeds:
         stream = build_stream(bench, data, seed=seed, split=settings.split, **stream_kw)
         if results["stream"] is None:
             results["stream"] = stream.describe()
         model_fn = bench.build_model(stream)
         for spec in methods:
+            kept = [r for r in done.get(spec.name, []) if r.seed == seed]
+            if kept:
+                log.info("%s: %s, seed %d: kept from the interrupted run", bench.name, spec.name, seed)
+                runs[spec.name].append(kept[0])
+                results["methods"][spec.name]["summary"] = summarize_runs(runs[spec.name])
+                continue
             log.info("%s: %s, seed %d", bench.name, spec.name, seed)
             run = run_method(stream, spec, model_fn, train, seed=seed, memory_reference=reference)
             runs[spec.name].append(run)
@@ -226,6 +248,35 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
     (out / "table.md").write_text(_header(results) + results["table_markdown"] + "\n", encoding="utf-8")
     _heatmaps(out / "heatmaps.png", results)
     return results
+
+
+_RESUME_IGNORED = ("progress", "threads")
+
+
+def _load_finished_runs(out: Path, settings: ContinualSettings) -> dict[str, Any]:
+    """Finished runs of an interrupted ``run_benchmark`` in ``out``, by method (for ``resume``)."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise OutDirError(f"cannot resume: {path} does not exist")
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        old_settings = old["settings"]
+        methods = old["methods"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OutDirError(f"cannot resume: {path} is not a results file of laftr continual ({exc})") from exc
+    new_settings = dataclasses.asdict(settings)
+    diff = sorted(k for k in set(old_settings) | set(new_settings)
+                  if k not in _RESUME_IGNORED and old_settings.get(k) != new_settings.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {old_settings.get(k)!r} there vs {new_settings.get(k)!r} now" for k in diff)
+        raise OutDirError(f"cannot resume {path}: its settings differ ({shown})")
+    done: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(RunResult)}
+    for name, m in methods.items():
+        summary = m.get("summary") or {}
+        done[name] = [RunResult(**{k: v for k, v in r.items() if k in fields}) for r in summary.get("runs", [])]
+    done["__wall_time_s__"] = float(old.get("wall_time_s", 0.0))
+    return done
 
 
 def _device_name(device: torch.device) -> str:
