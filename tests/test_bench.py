@@ -8,14 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from cases import mlp, perturbed
 
 import laftr
 from laftr.bench.fsd import FsdBenchConfig, Trajectory, agreement, pearson, run_fsd_bench, spearman
 from laftr.cli import main
 from laftr.exact import exact_fsd_and_grad
 from laftr.report import OutDirError
-
-from cases import mlp, perturbed
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -59,9 +58,9 @@ def test_exact_fsd_and_grad_streams_the_same_gradient():
 def _tiny(**kw):
     traj = [Trajectory("task-B", "adam", 1e-3, [2, 20]), Trajectory("task-A", "sgd", 0.1, [2, 20]),
             Trajectory("task-B+reg", "adam", 1e-3, [20], lam=5.0)]
-    base = dict(dataset="mnist-sample", quick=True, n_fit=300, n_other=300, hidden=[16], epochs_a=1,
-                num_samples=16, eval_calls=2, coreset_sizes=[5], trajectories=traj, progress=False,
-                metrics=["l2", "kl"], methods=["laftr", "laftr-exact", "laftr-diag"])
+    base = {"dataset": "mnist-sample", "quick": True, "n_fit": 300, "n_other": 300, "hidden": [16], "epochs_a": 1,
+            "num_samples": 16, "eval_calls": 2, "coreset_sizes": [5], "trajectories": traj, "progress": False,
+            "metrics": ["l2", "kl"], "methods": ["laftr", "laftr-exact", "laftr-diag"]}
     base.update(kw)
     return FsdBenchConfig(**base)
 

@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
+from cases import mlp, perturbed
 
 import laftr
 from laftr.cli import main
-
-from cases import mlp, perturbed
 
 
 @pytest.fixture()
@@ -53,7 +52,7 @@ def test_summarize_then_distance_matches_the_library(files, capsys):
 
 
 def test_factory_and_weights(files, capsys, monkeypatch):
-    d, model, other, X, Y = files
+    d = files[0]
     (d / "mynets.py").write_text("from torch import nn\n\ndef small():\n    return nn.Sequential(nn.Linear(5, 8), "
                                  "nn.ReLU(), nn.Linear(8, 3))\n")
     monkeypatch.chdir(d)
@@ -65,7 +64,7 @@ def test_factory_and_weights(files, capsys, monkeypatch):
 
 
 def test_bad_input(files, capsys):
-    d, model, *_ = files
+    d = files[0]
     out = d / "s.laftr"
     base = ["summarize", "--tensors", str(d / "data.pt"), "--out", str(out), "--no-progress"]
     assert main([*base, "--model", str(d / "missing.pt")]) == 2
