@@ -196,8 +196,9 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
     """
     bench, stream_kw, train, methods, reference = resolve_settings(settings)  # validate before touching the disk
     done: dict[str, list[RunResult]] = {}
+    earlier_s = 0.0
     if resume:
-        done = _load_finished_runs(Path(out_dir), settings)
+        done, earlier_s = _load_finished_runs(Path(out_dir), settings)
         out = Path(out_dir)
     else:
         out = prepare_out_dir(out_dir, force=force)
@@ -215,9 +216,7 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
         "status": "running",
     }
     runs: dict[str, list[RunResult]] = {m.name: [] for m in methods}
-    earlier_s = 0.0
-    if done:
-        earlier_s = float(done.pop("__wall_time_s__", 0.0))  # type: ignore[arg-type]
+    if resume:
         results["resumed"] = {"earlier_wall_time_s": earlier_s,
                               "earlier_runs": sum(len(v) for v in done.values())}
     t0 = time.perf_counter() - earlier_s
@@ -253,8 +252,8 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
 _RESUME_IGNORED = ("progress", "threads")
 
 
-def _load_finished_runs(out: Path, settings: ContinualSettings) -> dict[str, Any]:
-    """Finished runs of an interrupted ``run_benchmark`` in ``out``, by method (for ``resume``)."""
+def _load_finished_runs(out: Path, settings: ContinualSettings) -> tuple[dict[str, list[RunResult]], float]:
+    """Finished runs of an interrupted ``run_benchmark`` in ``out``, by method, and its wall time so far."""
     path = out / "results.json"
     if not path.is_file():
         raise OutDirError(f"cannot resume: {path} does not exist")
@@ -270,13 +269,12 @@ def _load_finished_runs(out: Path, settings: ContinualSettings) -> dict[str, Any
     if diff:
         shown = ", ".join(f"{k}: {old_settings.get(k)!r} there vs {new_settings.get(k)!r} now" for k in diff)
         raise OutDirError(f"cannot resume {path}: its settings differ ({shown})")
-    done: dict[str, Any] = {}
+    done: dict[str, list[RunResult]] = {}
     fields = {f.name for f in dataclasses.fields(RunResult)}
     for name, m in methods.items():
         summary = m.get("summary") or {}
         done[name] = [RunResult(**{k: v for k, v in r.items() if k in fields}) for r in summary.get("runs", [])]
-    done["__wall_time_s__"] = float(old.get("wall_time_s", 0.0))
-    return done
+    return done, float(old.get("wall_time_s", 0.0))
 
 
 def _device_name(device: torch.device) -> str:
