@@ -150,10 +150,7 @@ class InfluenceExperimentConfig:
             "n_queries": 50 if not q else 8,
             "damping": 1.0 if reg else 0.1,
         }
-        out = dataclasses.replace(self, methods=methods)
-        for k, v in d.items():
-            if getattr(out, k) is None:
-                out = dataclasses.replace(out, **{k: v})
+        out = _with_defaults(dataclasses.replace(self, methods=methods), d)
         _validate_common(out)
         if out.n_measure < 1 or out.n_queries < 2:
             raise ValueError("n_measure must be >= 1 and n_queries >= 2")
@@ -277,29 +274,10 @@ def run_influence(config: InfluenceExperimentConfig, out_dir: str | Path, force:
     results: dict[str, Any] = {}
     for name in cfg.methods:
         meth = make_method(name, pbrf=pcfg, influence=icfg, estimator_options=est_opts)
-        t0, c0 = time.perf_counter(), time.process_time()
-        meth.setup(model, (X64, Y64), task, meas)
-        setup_s, setup_cpu = time.perf_counter() - t0, time.process_time() - c0
-        vals, secs, cpus, stats, errors = [], [], [], [], []
-        for q in tqdm(query_idx, disable=not cfg.progress, desc=name):
-            try:
-                r = meth.query(q, measure=True)
-            except FloatingPointError as e:  # an estimator's PBRF without a local minimum
-                errors.append({"index": q, "error": str(e)})
-                vals.append(float("nan"))
-                continue
-            vals.append(r.influence)
-            secs.append(r.seconds)
-            cpus.append(r.cpu_seconds)
-            stats.append(r.stats)
-        results[name] = {
-            "influences": vals, "setup_s": setup_s, "setup_cpu_s": setup_cpu,
-            "seconds_per_query": float(np.mean(secs)) if secs else None,
-            "cpu_seconds_per_query": float(np.mean(cpus)) if cpus else None,
-            "stored_floats": meth.stored_floats(), "failures": errors,
-            "solver": _solver_summary(stats), "describe": meth.describe(),
-        }
-        log.info("%s: setup %.2fs, %.3fs CPU per query", name, setup_cpu,
+        vals, record = _query_all(meth, name, (model, (X64, Y64), task, meas), query_idx, cfg.progress,
+                                  "influence", float("nan"), measure=True)
+        results[name] = {"influences": vals, **record}
+        log.info("%s: setup %.2fs, %.3fs CPU per query", name, record["setup_cpu_s"],
                  results[name]["cpu_seconds_per_query"] or 0)
     ref = np.asarray(results["pbrf"]["influences"], dtype=np.float64)
     t_ref = results["pbrf"]["cpu_seconds_per_query"]
@@ -429,12 +407,46 @@ class MislabeledConfig:
         q = self.quick
         d = {"n_train": 1000 if not q else 150, "hidden": (64,) if not q else (16,),
              "epochs": 30 if not q else 5, "lr": 1e-3, "damping": 0.1}
-        out = dataclasses.replace(self, methods=methods)
-        for k, v in d.items():
-            if getattr(out, k) is None:
-                out = dataclasses.replace(out, **{k: v})
+        out = _with_defaults(dataclasses.replace(self, methods=methods), d)
         _validate_common(out)
         return out
+
+
+def _with_defaults(cfg: Any, defaults: dict[str, Any]) -> Any:
+    """``cfg`` with every field that is ``None`` set from ``defaults``."""
+    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+
+
+def _query_all(meth: Any, name: str, setup_args: tuple, indices: Any, progress: bool, value: str,
+               fail_value: float, **query_kw: Any) -> tuple[list[float], dict[str, Any]]:
+    """Set up one method and query it at every index, timing both.
+
+    A query whose response has no local minimum (``FloatingPointError``) is recorded as a failure and
+    contributes ``fail_value``. Returns the per-query values (attribute ``value`` of each result) and the
+    method's record: setup and per-query wall/CPU seconds, stored floats, failures, solver statistics.
+    """
+    t0, c0 = time.perf_counter(), time.process_time()
+    meth.setup(*setup_args)
+    setup_s, setup_cpu = time.perf_counter() - t0, time.process_time() - c0
+    vals, secs, cpus, stats, errors = [], [], [], [], []
+    for i in tqdm(indices, disable=not progress, desc=name):
+        try:
+            r = meth.query(i, **query_kw)
+        except FloatingPointError as e:  # an estimator's PBRF without a local minimum
+            errors.append({"index": i, "error": str(e)})
+            vals.append(fail_value)
+            continue
+        vals.append(getattr(r, value))
+        secs.append(r.seconds)
+        cpus.append(r.cpu_seconds)
+        stats.append(r.stats)
+    return vals, {
+        "setup_s": setup_s, "setup_cpu_s": setup_cpu,
+        "seconds_per_query": float(np.mean(secs)) if secs else None,
+        "cpu_seconds_per_query": float(np.mean(cpus)) if cpus else None,
+        "stored_floats": meth.stored_floats(), "failures": errors,
+        "solver": _solver_summary(stats), "describe": meth.describe(),
+    }
 
 
 def flip_labels(y: torch.Tensor, fraction: float, num_classes: int, generator: torch.Generator
@@ -483,30 +495,12 @@ def run_mislabeled(config: MislabeledConfig, out_dir: str | Path, force: bool = 
     fl = flipped.numpy()
     for name in cfg.methods:
         meth = make_method(name, pbrf=pcfg, influence=icfg, estimator_options=est_opts)
-        t0, c0 = time.perf_counter(), time.process_time()
-        meth.setup(model, (X64, y_noisy), task, None)
-        setup_s, setup_cpu = time.perf_counter() - t0, time.process_time() - c0
-        scores, secs, cpus, stats, errors = [], [], [], [], []
-        for i in tqdm(range(N), disable=not cfg.progress, desc=name):
-            try:
-                r = meth.query(i, measure=False, self_influence=True)
-            except FloatingPointError as e:
-                errors.append({"index": i, "error": str(e)})
-                scores.append(float("inf"))  # the estimator's response diverged: rank it first
-                continue
-            scores.append(r.self_influence)
-            secs.append(r.seconds)
-            cpus.append(r.cpu_seconds)
-            stats.append(r.stats)
+        # a diverged response ranks its example first (+inf)
+        scores, record = _query_all(meth, name, (model, (X64, y_noisy), task, None), range(N), cfg.progress,
+                                    "self_influence", float("inf"), measure=False, self_influence=True)
         x, yv = detection_curve(np.nan_to_num(np.asarray(scores), posinf=np.finfo(np.float64).max), fl)
         curves[name] = (x, yv)
-        results[name] = {
-            "auc": curve_area(x, yv), "setup_s": setup_s, "setup_cpu_s": setup_cpu,
-            "seconds_per_query": float(np.mean(secs)) if secs else None,
-            "cpu_seconds_per_query": float(np.mean(cpus)) if cpus else None, "stored_floats": meth.stored_floats(),
-            "failures": errors, "solver": _solver_summary(stats), "describe": meth.describe(),
-            "self_influence": scores,
-        }
+        results[name] = {"auc": curve_area(x, yv), **record, "self_influence": scores}
     # references: training loss (a strong heuristic) and a seeded random ranking (the floor)
     with torch.no_grad():
         losses = per_example_loss(model(X64), y_noisy, task).numpy()
