@@ -67,6 +67,7 @@ def main() -> None:
     out = Path(args.out)
     if out.exists() and not args.force:
         sys.exit(f"{out} exists; pass --force to replace it")
+    metadata = run_metadata(" ".join(["python"] + sys.argv), args.seed)  # the revision the run started on
     torch.manual_seed(args.seed)
     ds = load_fashion_mnist().flat()
     X, Y = ds.x_train, ds.y_train
@@ -134,7 +135,7 @@ def main() -> None:
                      "stored_floats": est.stored_floats(), "estimate_l2": statistics.mean(vals)})
         print(rows[-1], flush=True)
     res["rows"] = rows
-    res["metadata"] = run_metadata(" ".join(["python"] + sys.argv), args.seed)
+    res["metadata"] = metadata
     res["table_markdown"] = markdown_table(rows, ["estimator", "input_model", "stored_floats", "fit_s",
                                                   "eval_backward_cpu_ms", "cpu_x_train_step",
                                                   "cpu_x_exact_fsd_forward_backward", "eval_backward_ms",

@@ -458,6 +458,7 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
+    metadata = run_metadata(command, cfg.seed)  # the revision and machine the run started on
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = _load(cfg, gen)
@@ -549,7 +550,7 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
         "timings": timings,
         "methods": results,
         "thetas": theta_rows,
-        "metadata": run_metadata(command, cfg.seed),
+        "metadata": metadata,
     }
     res["exact_range"] = {m: [min(v), max(v)] for m, v in exact.items()}
     write_json_atomic(out / "results.json", res)

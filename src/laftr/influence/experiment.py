@@ -257,6 +257,7 @@ def run_influence(config: InfluenceExperimentConfig, out_dir: str | Path, force:
                                   else "regression", cfg.methods)
     out = prepare_out_dir(out_dir, force=force)
     t_start = time.perf_counter()
+    metadata = run_metadata(command, seed=cfg.seed, device="cpu")  # the revision the run started on
     ds, task = load_tables(cfg.dataset, cfg.n_train, cfg.seed)
     X, Y = ds.x_train, ds.y_train
     model = train_model(X, Y, task, cfg.hidden, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, cfg.progress,
@@ -297,7 +298,7 @@ def run_influence(config: InfluenceExperimentConfig, out_dir: str | Path, force:
         })
     table = markdown_table(rows, floatfmt=".3g")
     res = {
-        "metadata": run_metadata(command, seed=cfg.seed, device="cpu"),
+        "metadata": metadata,
         "config": dataclasses.asdict(cfg),
         "estimator_options": est_opts,
         "dataset": {"name": cfg.dataset, "task": task, "n_train": ds.n_train, "n_test": ds.n_test,
@@ -480,6 +481,7 @@ def run_mislabeled(config: MislabeledConfig, out_dir: str | Path, force: bool = 
     est_opts = _estimator_options(cfg.estimator_options, "classification", cfg.methods)
     out = prepare_out_dir(out_dir, force=force)
     t_start = time.perf_counter()
+    metadata = run_metadata(command, seed=cfg.seed, device="cpu")  # the revision the run started on
     ds, task = load_tables(cfg.dataset, cfg.n_train, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     y_noisy, flipped = flip_labels(ds.y_train, cfg.noise, int(ds.num_classes), gen)
@@ -524,7 +526,7 @@ def run_mislabeled(config: MislabeledConfig, out_dir: str | Path, force: bool = 
                      "failed": len(r.get("failures", []))})
     table = markdown_table(rows, floatfmt=".3g")
     res = {
-        "metadata": run_metadata(command, seed=cfg.seed, device="cpu"),
+        "metadata": metadata,
         "config": dataclasses.asdict(cfg),
         "estimator_options": est_opts,
         "dataset": {"name": cfg.dataset, "task": task, "n_train": N, "num_flipped": int(flipped.sum()),
