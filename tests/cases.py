@@ -96,6 +96,18 @@ class GeluNet(nn.Module):
         return self.b(self.act(self.a(x)))
 
 
+class CumprodNet(nn.Module):
+    """An op laftr has no rule for (a cumulative product over features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.cumprod(self.a(x), 1))
+
+
 def randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
     """Give batch norms non-trivial running statistics and affine parameters."""
     for m in model.modules():

@@ -1,180 +1,57 @@
-"""Tracing with torch.fx and a paired interpreter that runs several parameter sets ("streams") node by node.
+"""Tracing with torch.fx and THE interpreter that runs a network's parameter sets ("streams") node by node.
 
-The network is never mutated: each stream's parameters come from a dict (theta0's stored copy, or the
-live model's parameters), and every node is interpreted by the rule of :mod:`laftr.rules`. Gates and
-max pools are delegated to a *policy* object, which is where LAFTR's linearization lives:
+The network is never mutated: each stream's parameters come from a dict (theta0's stored copy, or the live
+model's parameters). For every node that depends on the input, the interpreter calls the method of the
+node's rule (:mod:`laftr.rules`) named by the current *mode*; it never looks at what the op is:
 
-- :class:`FitRecorder` runs theta0 alone on real data and counts how often each unit is active;
-- :class:`BernoulliGates` / :class:`ReluGates` run theta0 and theta with gates decided by theta0.
+- :class:`ForwardMode` (``forward``): every stream runs the real network (used by K-FAC and diag-Fisher to
+  tap their layers, and to check that the interpreter reproduces the model);
+- :class:`FitMode` (``fit``): theta0 alone on real data, while sites record their statistics;
+- :class:`SampleMode` (``sample``): LAFTR's Monte Carlo linearization from the stored statistics;
+- :class:`OwnMode` (``own``): theta0's own linearization on each input (``gates="relu"``);
+- :class:`MomentMode` (``moments``): the closed form, on the joint second moment (:mod:`laftr.moments`).
+
+Nodes that do not depend on the input (parameter arithmetic) run exactly in each stream, with or without a
+rule.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .rules import Kind, Rule, UnsupportedOpError, classify, describe, nondata_only_position
+from . import rules as _rules  # noqa: F401  (importing registers the built-in rules)
+from .errors import UnsupportedOpError
+from .moments import GateMoments, JointMoments, Ref
+from .rules.base import Pair, Rule, data_pairs, is_registered_module, make_rule, pairs_in, stream_of
 
 log = logging.getLogger(__name__)
 
-
-class Pair:
-    """A value in each stream. ``data`` marks values that depend on the network input."""
-
-    __slots__ = ("data", "vals")
-
-    def __init__(self, vals: tuple[Any, ...], data: bool) -> None:
-        self.vals = vals
-        self.data = data
+__all__ = ["FitMode", "ForwardMode", "Mode", "MomentMode", "OwnMode", "SampleMode", "TracedNet", "trace"]
 
 
-@dataclasses.dataclass
-class Site:
-    """A gate site (ReLU-family node) or a max-pool site, with its per-example unit shape."""
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping every module that has a rule (a user's registered activation too) as a leaf."""
 
-    name: str
-    kind: str  # "gate" or "maxpool"
-    slope: float = 0.0
-    pool: dict[str, Any] | None = None
-    shape: tuple[int, ...] | None = None  # pre-activation shape (gate) / pool statistic shape (maxpool)
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_registered_module(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; raise :class:`UnsupportedOpError` with the reason if it cannot be."""
     try:
-        return fx.symbolic_trace(model)
+        graph = _Tracer().trace(model)
+        return fx.GraphModule(model, graph, type(model).__name__)
     except Exception as e:
         raise UnsupportedOpError(
-            f"could not trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); LAFTR needs a "
+            f"could not trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); laftr needs a "
             "network whose forward has no data-dependent control flow"
         ) from e
-
-
-def _stream(v: Any, s: int) -> Any:
-    return tree_map(lambda a: a.vals[s] if isinstance(a, Pair) else a, v)
-
-
-def _pairs(v: Any) -> list[Pair]:
-    leaves, _ = tree_flatten(v)
-    return [a for a in leaves if isinstance(a, Pair)]
-
-
-class TracedNet:
-    """A traced ReLU network: its graph, the rule of every node and its gate / max-pool sites."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.gm = trace(model)
-        self.rules: dict[str, Rule] = {}
-        self.sites: dict[str, Site] = {}
-        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        if not placeholders:
-            raise UnsupportedOpError(f"{type(model).__name__}.forward takes no input")
-        for extra in placeholders[1:]:
-            if not extra.args:  # no default value
-                raise UnsupportedOpError(
-                    f"{type(model).__name__}.forward takes more than one required input ({extra.name!r}); "
-                    "LAFTR supports networks of one input tensor"
-                )
-        self.input_node = placeholders[0]
-        self._param_names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-        for node in self.gm.graph.nodes:
-            if node.op in ("call_module", "call_function", "call_method"):
-                rule = classify(node, self.gm)
-                self.rules[node.name] = rule
-                if rule.kind is Kind.GATE:
-                    self.sites[node.name] = Site(node.name, "gate", slope=rule.slope)
-                elif rule.kind is Kind.MAXPOOL:
-                    self.sites[node.name] = Site(node.name, "maxpool", pool=rule.pool)
-        self.users_left = {n.name: len(n.users) for n in self.gm.graph.nodes}
-
-    def signature(self) -> list[list[Any]]:
-        """``[[site name, kind, slope], ...]``: what a stored summary must match."""
-        return [[s.name, s.kind, s.slope] for s in self.sites.values()]
-
-    # ------------------------------------------------------------------ per-stream evaluation
-    def _call(self, node: fx.Node, s: int, params: dict[str, torch.Tensor], args: Any, kwargs: Any) -> Any:
-        a = _stream(args, s)
-        k = _stream(kwargs, s)
-        if node.op == "call_module":
-            name = str(node.target)
-            mod = self.gm.get_submodule(name)
-            return module_call(mod, name, params, a, k)
-        if node.op == "call_function":
-            return node.target(*a, **k)
-        return getattr(a[0], str(node.target))(*a[1:], **k)
-
-    def run(self, x: tuple[torch.Tensor, ...], params: Sequence[dict[str, torch.Tensor]], policy: Any) -> tuple:
-        """Run the graph with one input and one parameter dict per stream; gates/pools go to ``policy``.
-
-        Returns a tuple with the output of each stream.
-        """
-        n = len(params)
-        env: dict[str, Any] = {}
-        for node in self.gm.graph.nodes:
-            if node.op == "placeholder":
-                if node is self.input_node:
-                    env[node.name] = Pair(tuple(x), True)
-                else:
-                    env[node.name] = node.args[0]
-                continue
-            if node.op == "get_attr":
-                t = str(node.target)
-                if t in self._param_names:
-                    env[node.name] = Pair(tuple(p[t] for p in params), False)
-                else:
-                    env[node.name] = _get_attr(self.gm, t)
-                continue
-            if node.op == "output":
-                out = fx.node.map_arg(node.args[0], lambda m: env[m.name])
-                if not isinstance(out, Pair):
-                    raise UnsupportedOpError("the network must return a single tensor that depends on its input")
-                return out.vals
-            args = fx.node.map_arg(node.args, lambda m: env[m.name])
-            kwargs = fx.node.map_arg(node.kwargs, lambda m: env[m.name])
-            env[node.name] = self._eval(node, n, params, args, kwargs, policy)
-        raise AssertionError("graph has no output node")
-
-    def _eval(self, node: fx.Node, n: int, params: Sequence[dict], args: Any, kwargs: Any, policy: Any) -> Any:
-        pairs = _pairs((args, kwargs))
-        data = [p for p in pairs if p.data]
-        rule = self.rules[node.name]
-        if not data:  # parameter / constant arithmetic: per stream, no linearization involved
-            if not pairs:
-                return self._call(node, 0, params[0], args, kwargs)
-            return Pair(tuple(self._call(node, s, params[s], args, kwargs) for s in range(n)), False)
-        if rule.kind is Kind.SHAPE:
-            return self._call(node, 0, params[0], args, kwargs)
-        if rule.kind is Kind.IDENTITY:
-            return args[0]
-        if rule.kind is Kind.GATE:
-            return policy.gate(self.sites[node.name], args[0])
-        if rule.kind is Kind.MAXPOOL:
-            return policy.maxpool(self.sites[node.name], args[0])
-        if rule.kind is Kind.AFFINE:
-            self.check_affine(node, args, kwargs)
-        outs = tuple(self._call(node, s, params[s], args, kwargs) for s in range(n))
-        return Pair(outs, True)
-
-    def check_affine(self, node: fx.Node, args: Any, kwargs: Any) -> None:
-        """Raise unless at most one data-dependent input enters this (single-input) affine op."""
-        data_args = [p for p in _pairs((args, kwargs)) if p.data]
-        if len(data_args) > 1:
-            raise UnsupportedOpError(
-                f"node {node.name!r} ({describe(node, self.gm)}) combines two data-dependent tensors "
-                "multiplicatively; the network is not piecewise linear in its input"
-            )
-        for pos in nondata_only_position(node):
-            if pos < len(args) and any(p.data for p in _pairs(args[pos])):
-                raise UnsupportedOpError(
-                    f"node {node.name!r} ({describe(node, self.gm)}) divides by a data-dependent tensor"
-                )
 
 
 def _get_attr(gm: fx.GraphModule, target: str) -> Any:
@@ -184,194 +61,321 @@ def _get_attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
-def module_call(mod: nn.Module, name: str, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
-    """Call a leaf module with parameters (and buffers) taken from ``params`` by their qualified names."""
-    p = name + "."
-    if isinstance(mod, nn.Linear):
-        return F.linear(args[0], params[p + "weight"], params.get(p + "bias"))
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return mod._conv_forward(args[0], params[p + "weight"], params.get(p + "bias"))
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        return F.batch_norm(
-            args[0], params[p + "running_mean"], params[p + "running_var"], params.get(p + "weight"),
-            params.get(p + "bias"), False, 0.0, mod.eps,
-        )
-    if any(True for _ in mod.parameters()):
-        local = {k: params[p + k] for k, _ in list(mod.named_parameters()) + list(mod.named_buffers())}
-        return torch.func.functional_call(mod, local, args, kwargs)
-    return mod(*args, **kwargs)
+# ---------------------------------------------------------------------------------------------- modes
+class Mode:
+    """What the interpreter is doing; rules read what they need from it.
 
-
-# ---------------------------------------------------------------------- max-pool helpers
-def _pool_geometry(pool: dict[str, Any]) -> tuple[tuple[int, int], ...]:
-    def pair(v: Any) -> tuple[int, int]:
-        if pool["dims"] == 1:
-            v = v[0] if isinstance(v, (tuple, list)) else v
-            return (1, int(v))
-        return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-    return pair(pool["kernel_size"]), pair(pool["stride"]), pair(pool["padding"]), pair(pool["dilation"])
-
-
-def pool_windows(v: torch.Tensor, pool: dict[str, Any], pad_value: float) -> tuple[torch.Tensor, tuple]:
-    """Windows of a max pool as ``(B, C, K, L)`` (K positions per window, L windows) and the output shape."""
-    if pool.get("ceil_mode"):
-        raise UnsupportedOpError("max pooling with ceil_mode=True is not supported by window statistics")
-    k, s, p, d = _pool_geometry(pool)
-    x = v.unsqueeze(2) if pool["dims"] == 1 else v
-    if x.ndim != 4:
-        raise UnsupportedOpError(f"max pooling input of shape {tuple(v.shape)} is not supported")
-    B, C, H, W = x.shape
-    if p != (0, 0):
-        x = F.pad(x, (p[1], p[1], p[0], p[0]), value=pad_value)
-    cols = F.unfold(x, k, dilation=d, stride=s)  # (B, C*K, L)
-    K = k[0] * k[1]
-    cols = cols.view(B, C, K, -1)
-    Ho = (H + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    Wo = (W + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-    out_shape = (B, C, Wo) if pool["dims"] == 1 else (B, C, Ho, Wo)
-    return cols, out_shape
-
-
-def max_pool(v: torch.Tensor, pool: dict[str, Any], return_indices: bool = False) -> Any:
-    fn = F.max_pool1d if pool["dims"] == 1 else F.max_pool2d
-    return fn(v, pool["kernel_size"], pool["stride"], pool["padding"], pool["dilation"], pool["ceil_mode"],
-              return_indices)
-
-
-def gather_pool(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Select the positions ``idx`` (as returned by ``max_pool(..., return_indices=True)``) from ``v``."""
-    B, C = v.shape[:2]
-    return v.reshape(B, C, -1).gather(2, idx.reshape(B, C, -1)).view(idx.shape)
-
-
-# ---------------------------------------------------------------------- policies
-class FitRecorder:
-    """Single stream at theta0 on real data: the real network, while counting gate activity per group.
-
-    ``group`` is a ``(B,)`` long tensor (the class for classwise summaries, else zeros). Statistics are
-    float64 sums, so summaries of data shards add up exactly.
+    Attributes:
+        method: the rule method called for data-dependent nodes.
+        params: one parameter (and buffer) dict per stream, theta0's first.
     """
 
-    def __init__(self, sites: dict[str, Site]) -> None:
-        self.sites = sites
-        self.sums: dict[str, torch.Tensor] = {}
+    method: ClassVar[str] = "forward"
+
+    def __init__(self, params: Sequence[dict[str, torch.Tensor]]) -> None:
+        self.params = list(params)
+
+    @property
+    def num_streams(self) -> int:
+        return len(self.params)
+
+    def input(self, inputs: tuple[Any, ...]) -> Pair:
+        """The value of the network's input node."""
+        return Pair(tuple(inputs), True)
+
+    def concrete(self, v: Any, s: int) -> Any:
+        """``v`` in stream ``s`` with every data value as a tensor (for shape queries)."""
+        return stream_of(v, s)
+
+    def after_node(self, env: dict[str, Any]) -> None:
+        """Called after every node with the values still alive."""
+
+    def output(self, out: Pair) -> Any:
+        return out.vals
+
+
+class ForwardMode(Mode):
+    """Every stream runs the real network exactly. ``taps`` (optional) records the inputs and outputs of the
+    layers it names (see :mod:`laftr.estimators.taps`)."""
+
+    method = "forward"
+
+    def __init__(self, params: Sequence[dict[str, torch.Tensor]], taps: Any = None) -> None:
+        super().__init__(params)
+        self.taps = taps
+
+
+class FitMode(Mode):
+    """theta0 alone on real data; sites add float64 sums per group with :meth:`add`.
+
+    Attributes:
+        group: ``(B,)`` long tensor: the group (class, mixture component, or 0) of each example in the batch.
+        num_groups: the number of groups so far.
+        record_pools: whether max pools record how often each window position is theta0's argmax (needed
+            only by ``maxpool="sample"``).
+        sums: ``{site: {key: (G, ...) float64 sums}}``.
+    """
+
+    method = "fit"
+
+    def __init__(self, params: Sequence[dict[str, torch.Tensor]], record_pools: bool = True) -> None:
+        super().__init__(params)
         self.group: torch.Tensor | None = None
         self.num_groups = 1
+        self.record_pools = record_pools
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        self.unit_shapes: dict[str, tuple[int, ...]] = {}
 
-    def _add(self, name: str, values: torch.Tensor) -> None:
+    def add(self, site: str, key: str, values: torch.Tensor) -> None:
+        """Add ``values`` (``(B, ...)``, one row per example) to the sums of ``site``/``key`` by group."""
         assert self.group is not None
         vals = values.to(torch.float64)
         acc = torch.zeros((self.num_groups, *vals.shape[1:]), dtype=torch.float64, device=vals.device)
         acc.index_add_(0, self.group, vals)
-        if name in self.sums:
-            old = self.sums[name]
-            if old.shape[1:] != acc.shape[1:]:
-                raise ValueError(f"site {name!r}: unit shape changed between batches ({old.shape[1:]} vs "
-                                 f"{acc.shape[1:]}); inputs must all have the same shape")
-            if old.shape[0] < acc.shape[0]:
-                old = torch.cat([old, old.new_zeros((acc.shape[0] - old.shape[0], *old.shape[1:]))])
-            old[: acc.shape[0]] += acc
-            self.sums[name] = old
-        else:
-            self.sums[name] = acc
-
-    def gate(self, site: Site, pre: Pair) -> Pair:
-        s0 = pre.vals[0]
-        on = s0 > 0
-        site.shape = tuple(s0.shape[1:])
-        self._add(site.name, on)
-        out = torch.where(on, s0, s0 * site.slope)
-        return Pair((out,), True)
-
-    def maxpool(self, site: Site, pre: Pair) -> Pair:
-        s0 = pre.vals[0]
-        cols, _ = pool_windows(s0, site.pool or {}, float("-inf"))
-        win = cols.argmax(2)  # (B, C, L)
-        onehot = F.one_hot(win, cols.shape[2]).permute(0, 1, 3, 2)  # (B, C, K, L)
-        site.shape = tuple(onehot.shape[1:])
-        self._add(site.name, onehot)
-        return Pair((max_pool(s0, site.pool or {}),), True)
+        store = self.sums.setdefault(site, {})
+        old = store.get(key)
+        if old is None:
+            store[key] = acc
+            return
+        if old.shape[1:] != acc.shape[1:]:
+            raise ValueError(f"site {site!r}: unit shape changed between batches ({tuple(old.shape[1:])} vs "
+                             f"{tuple(acc.shape[1:])}); inputs must all have the same shape")
+        if old.shape[0] < acc.shape[0]:
+            old = torch.cat([old, old.new_zeros((acc.shape[0] - old.shape[0], *old.shape[1:]))])
+        old[: acc.shape[0]] += acc
+        store[key] = old
 
 
-class _PairPolicy:
-    """Shared max-pool handling for the two-stream policies."""
+class SampleMode(Mode):
+    """LAFTR's Monte Carlo: linearizations drawn from the stored laws.
 
-    pool_mode = "argmax0"
+    Attributes:
+        laws: per site, the law object its rule built (:meth:`laftr.rules.Rule.law`), on the right device.
+        groups: ``(n,)`` group of each sampled input (its class or mixture component; zeros otherwise).
+        generator: the source of randomness.
+        shared: one draw per call shared by the batch (the original code) instead of one per sample.
+        pool_mode: ``argmax0``, ``separate`` or ``sample`` (max pooling).
+    """
 
-    def __init__(self, pool_mode: str) -> None:
-        if pool_mode not in ("argmax0", "separate", "sample"):
-            raise ValueError(f"unknown maxpool mode {pool_mode!r}; choose argmax0, separate or sample")
-        self.pool_mode = pool_mode
+    method = "sample"
 
-    def maxpool(self, site: Site, pre: Pair) -> Pair:
-        pool = site.pool or {}
-        if self.pool_mode == "separate":
-            return Pair(tuple(max_pool(v, pool) for v in pre.vals), True)
-        if self.pool_mode == "argmax0":
-            out0, idx = max_pool(pre.vals[0], pool, return_indices=True)
-            return Pair((out0,) + tuple(gather_pool(v, idx) for v in pre.vals[1:]), True)
-        return self._sample_pool(site, pre)
-
-    def _sample_pool(self, site: Site, pre: Pair) -> Pair:
-        raise UnsupportedOpError("sampled max-pool selection needs stored window statistics")
-
-
-class BernoulliGates(_PairPolicy):
-    """Stochastic gating: unit i is on with probability mu_i, independently; one mask per sample
-    (or one per call shared across the batch), the same mask for both streams."""
-
-    def __init__(self, mu: dict[str, torch.Tensor], generator: torch.Generator, shared: bool = False,
-                 pool_mode: str = "sample") -> None:
-        super().__init__(pool_mode)
-        self.mu = mu
+    def __init__(self, params: Sequence[dict[str, torch.Tensor]], laws: dict[str, Any], groups: torch.Tensor,
+                 generator: torch.Generator, shared: bool = False, pool_mode: str = "argmax0") -> None:
+        super().__init__(params)
+        self.laws = laws
+        self.groups = groups
         self.generator = generator
         self.shared = shared
+        self.pool_mode = pool_mode
 
-    def gate(self, site: Site, pre: Pair) -> Pair:
-        s0 = pre.vals[0]
-        mu = self.mu[site.name].to(s0.dtype)
-        if tuple(mu.shape) != tuple(s0.shape[1:]):
-            raise ValueError(f"gate site {site.name!r}: summary has units of shape {tuple(mu.shape)}, the "
-                             f"network produces {tuple(s0.shape[1:])} (input of another size?)")
-        n = 1 if self.shared else s0.shape[0]
-        u = torch.rand((n, *mu.shape), generator=self.generator, device=s0.device, dtype=s0.dtype)
-        m = (u < mu).to(s0.dtype)
-        if site.slope != 0.0:
-            m = m + site.slope * (1 - m)
-        return Pair(tuple(v * m for v in pre.vals), True)
-
-    def _sample_pool(self, site: Site, pre: Pair) -> Pair:
-        pi = self.mu[site.name]  # (C, K, L) selection probabilities
-        v0 = pre.vals[0]
-        cols0, out_shape = pool_windows(v0, site.pool or {}, 0.0)
-        B, C, K, L = cols0.shape
-        if tuple(pi.shape) != (C, K, L):
-            raise ValueError(f"max-pool site {site.name!r}: summary has shape {tuple(pi.shape)}, network {(C, K, L)}")
-        n = 1 if self.shared else B
-        probs = pi.permute(0, 2, 1).reshape(C * L, K).to(torch.float64)
-        idx = torch.multinomial(probs, n, replacement=True, generator=_cpu_gen(self.generator, probs))
-        idx = idx.to(v0.device).view(C, L, n).permute(2, 0, 1).unsqueeze(2)  # (n, C, 1, L)
-        outs = []
-        for v in pre.vals:
-            cols, _ = pool_windows(v, site.pool or {}, 0.0)
-            outs.append(cols.gather(2, idx.expand(B, C, 1, L)).view(out_shape))
-        return Pair(tuple(outs), True)
+    def law(self, rule: Rule) -> Any:
+        law = self.laws.get(rule.name)
+        if law is None:
+            raise ValueError(f"the summary has no statistic for {rule.describe()}")
+        return law
 
 
-def _cpu_gen(gen: torch.Generator, like: torch.Tensor) -> torch.Generator:
-    return gen if gen.device == like.device else torch.Generator(like.device).manual_seed(
-        int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item()))
+class OwnMode(Mode):
+    """theta0's own linearization on each input: every nonlinearity is replaced by its tangent at theta0's value
+    (its slope and intercept there), max pools take theta0's argmax (or each stream its own)."""
+
+    method = "own"
+
+    def __init__(self, params: Sequence[dict[str, torch.Tensor]], pool_mode: str = "argmax0") -> None:
+        super().__init__(params)
+        self.pool_mode = pool_mode
 
 
-class ReluGates(_PairPolicy):
-    """Deterministic gating by theta0's own activation pattern on each input: ``m = 1[s0(x) > 0]``."""
+class MomentMode(Mode):
+    """The closed form: data values are :class:`laftr.moments.Ref` s into a :class:`JointMoments` state.
 
-    def __init__(self, pool_mode: str = "argmax0") -> None:
-        super().__init__(pool_mode)
+    Attributes:
+        state: the joint second moment.
+        laws: per site, the law object (the closed form uses group ``group``'s moments).
+        group: the mixture component being propagated.
+        mu_outer: the original code's biased variant (same-unit second moments of gates replaced by products
+            of their means).
+    """
 
-    def gate(self, site: Site, pre: Pair) -> Pair:
-        s0 = pre.vals[0]
-        on = s0 > 0
-        m = on.to(s0.dtype) if site.slope == 0.0 else torch.where(on, 1.0, site.slope).to(s0.dtype)
-        return Pair(tuple(v * m for v in pre.vals), True)
+    method = "moments"
+
+    def __init__(self, params: Sequence[dict[str, torch.Tensor]], state: JointMoments, laws: dict[str, Any],
+                 group: int = 0, mu_outer: bool = False) -> None:
+        super().__init__(params)
+        self.state = state
+        self.laws = laws
+        self.group = group
+        self.mu_outer = mu_outer
+
+    def law(self, rule: Rule) -> Any:
+        law = self.laws.get(rule.name)
+        if law is None:
+            raise ValueError(f"the summary has no statistic for {rule.describe()}")
+        return law
+
+    def input(self, inputs: tuple[Any, ...]) -> Pair:
+        return Pair((self.state.input, self.state.input), True)
+
+    def concrete(self, v: Any, s: int) -> Any:
+        def one(a: Any) -> Any:
+            if isinstance(a, Pair):
+                val = a.vals[s]
+                return self.state.M.new_zeros((1, *val.shape)) if isinstance(val, Ref) else val
+            return a
+
+        return tree_map(one, v)
+
+    def after_node(self, env: dict[str, Any]) -> None:
+        live: set[int] = set()
+        leaves, _ = tree_flatten(list(env.values()))
+        for leaf in leaves:
+            if isinstance(leaf, Pair) and leaf.data:
+                for r in leaf.vals:
+                    if isinstance(r, Ref):
+                        live.add(r.block)
+        self.state.keep_only(live)
+
+    def output(self, out: Pair) -> Any:
+        return out.vals
+
+    # ------------------------------------------------------------------ helpers for rules
+    def affine(self, rule: Rule, args: Any, kwargs: Any) -> Pair:
+        """The generic closed form of an op affine in its data inputs: the op itself on M's columns."""
+        data = data_pairs((args, kwargs))
+        stream_specific = any(not p.data for p in pairs_in((args, kwargs))) or (
+            rule.module is not None and (any(True for _ in rule.module.parameters())
+                                         or any(True for _ in rule.module.buffers())))
+        shared = not stream_specific and all(p.vals[0].block == p.vals[1].block for p in data)
+        streams = [0] if shared else [0, 1]
+
+        def make_fn(s: int) -> Callable[..., torch.Tensor]:
+            def fn(*tensors: torch.Tensor) -> torch.Tensor:
+                lookup = {id(p): t for p, t in zip(data, tensors)}
+                a, k = tree_map(lambda v: lookup[id(v)] if isinstance(v, Pair) and v.data else v, (args, kwargs))
+                return rule.call(self.params[s], stream_of(a, s), stream_of(k, s))
+
+            return fn
+
+        return self.affine_fns([make_fn(s) for s in streams], [[p.vals[s] for p in data] for s in streams],
+                               rule.name)
+
+    def affine_fns(self, fns: Sequence[Callable[..., torch.Tensor]], inputs: Sequence[Sequence[Ref]],
+                   name: str) -> Pair:
+        """New blocks from per-stream functions (one entry: shared by both streams)."""
+        refs = self.state.affine(fns, inputs, name)
+        return Pair((refs[0], refs[-1]), True)
+
+    def gate(self, pre: Pair, gm: GateMoments) -> Pair:
+        """A random per-unit affine map of ``pre`` (see :meth:`laftr.moments.JointMoments.gate`)."""
+        if self.mu_outer:
+            gm = _mu_outer(gm)
+        return Pair(self.state.gate(pre.vals, gm), True)
+
+
+def _mu_outer(gm: GateMoments) -> GateMoments:
+    """Second moments replaced by products of first moments (drops every variance term: biased)."""
+
+    def prod(first: Sequence[torch.Tensor], other: Sequence[torch.Tensor], keys: Any) -> dict:
+        return {k: first[min(k[0], len(first) - 1)] * other[min(k[1], len(other) - 1)] for k in keys}
+
+    keys = list(gm.c2)
+    return GateMoments(
+        c1=gm.c1, c2=prod(gm.c1, gm.c1, keys), r1=gm.r1,
+        cr=None if gm.r1 is None else prod(gm.c1, gm.r1, keys),
+        r2=None if gm.r1 is None else prod(gm.r1, gm.r1, keys), unit_groups=gm.unit_groups,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the network
+class TracedNet:
+    """A traced network: its graph, the rule of every node, and its sites (nodes that record statistics)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.gm = trace(model)
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if not placeholders:
+            raise UnsupportedOpError(f"{type(model).__name__}.forward takes no input")
+        for extra in placeholders[1:]:
+            if not extra.args:  # no default value
+                raise UnsupportedOpError(
+                    f"{type(model).__name__}.forward takes more than one required input ({extra.name!r}); "
+                    "laftr supports networks of one input tensor"
+                )
+        self.input_node = placeholders[0]
+        self.param_names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        # which nodes depend on the input: those need a rule; the others are parameter arithmetic
+        data_nodes = {self.input_node.name}
+        self.rules: dict[str, Rule] = {}
+        for node in self.gm.graph.nodes:
+            if node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            if any(a.name in data_nodes for a in node.all_input_nodes):
+                data_nodes.add(node.name)
+                self.rules[node.name] = make_rule(node, self.gm)
+            else:
+                self.rules[node.name] = _plain_rule(node, self.gm)
+        self.data_nodes = data_nodes
+        self.sites: dict[str, Rule] = {n: r for n, r in self.rules.items() if r.site and n in data_nodes}
+
+    def signature(self) -> list[list[Any]]:
+        """``[[site name, family, params], ...]``: what a stored summary must match."""
+        return [r.signature() for r in self.sites.values()]
+
+    def nodes_with(self, predicate: Callable[[Rule], bool]) -> list[Rule]:
+        """The rules of data-dependent nodes for which ``predicate`` holds, in graph order."""
+        return [r for n, r in self.rules.items() if n in self.data_nodes and predicate(r)]
+
+    def run(self, inputs: tuple[Any, ...], mode: Mode) -> Any:
+        """Run the graph; ``inputs`` holds the input of each stream. Returns the mode's output (a tuple with each
+        stream's output, or refs into the moment state)."""
+        env: dict[str, Any] = {}
+        users = {n.name: len(n.users) for n in self.gm.graph.nodes}
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                env[node.name] = mode.input(inputs) if node is self.input_node else node.args[0]
+                continue
+            if node.op == "get_attr":
+                t = str(node.target)
+                if t in self.param_names:
+                    env[node.name] = Pair(tuple(p[t] for p in mode.params), False)
+                else:
+                    env[node.name] = _get_attr(self.gm, t)
+                continue
+            if node.op == "output":
+                out = fx.node.map_arg(node.args[0], lambda m: env[m.name])
+                if not isinstance(out, Pair) or not out.data:
+                    raise UnsupportedOpError("the network must return a single tensor that depends on its input")
+                return mode.output(out)
+            args = fx.node.map_arg(node.args, lambda m: env[m.name])
+            kwargs = fx.node.map_arg(node.kwargs, lambda m: env[m.name])
+            env[node.name] = self._eval(node, mode, args, kwargs)
+            for inp in node.all_input_nodes:
+                users[inp.name] -= 1
+                if users[inp.name] == 0:
+                    env.pop(inp.name, None)
+            if users[node.name] == 0:
+                env.pop(node.name, None)
+            mode.after_node(env)
+        raise AssertionError("graph has no output node")
+
+    def _eval(self, node: fx.Node, mode: Mode, args: Any, kwargs: Any) -> Any:
+        rule = self.rules[node.name]
+        pairs = pairs_in((args, kwargs))
+        if not any(p.data for p in pairs):  # parameter arithmetic: exact in each stream, nothing linearized
+            if not pairs:
+                return rule.call(mode.params[0], args, kwargs)
+            return Pair(tuple(rule.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
+                              for s in range(mode.num_streams)), False)
+        return getattr(rule, mode.method)(mode, args, kwargs)
+
+    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The network's own output on ``x`` with ``params`` (one stream, plain forward pass)."""
+        return self.run((x,), ForwardMode([params]))[0]
+
+
+def _plain_rule(node: fx.Node, gm: fx.GraphModule) -> Rule:
+    """A rule for a node that never sees data: its registered rule if any, else a plain exact call."""
+    try:
+        return make_rule(node, gm)
+    except UnsupportedOpError:
+        return Rule(node, gm)

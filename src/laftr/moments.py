@@ -1,51 +1,102 @@
-"""Exact LAFTR for the ``l2`` metric: closed-form second-moment propagation (METHOD.md section 2b).
+"""The joint second-moment state of LAFTR's closed form (METHOD.md section 2b, generalized in section 6).
 
-The joint state u = [1; every live tensor of both streams] has uncentered second moment
-``M = E[u u^T]``. Each node updates it exactly for the stochastic-gated model:
+The joint state u = [1; every live tensor of both streams] has uncentered second moment ``M = E[u u^T]``.
+Rules update it through two operations (the interpreter in :mod:`laftr.graph` decides nothing itself):
 
-- affine node with map T (stream-specific weights): the new block b = T u has ``E[b u^T] = T M`` and
-  ``E[b b^T] = T M T^T``, computed by running the node's own op on the columns of M (``torch.vmap``),
-  so any affine op the MC path supports works here without a hand-written matrix;
-- gate node (unit i on with probability mu_i, value 1 or slope): ``E[g_i u_j] = e1_i E[s_i u_j]`` and
-  ``E[g_i g_k] = e1_i e1_k E[s_i s_k]`` (i != k) or ``e2_i E[s_i s_k]`` (same unit, either stream),
-  with e1, e2 the first and second moments of the gate;
-- tensors with no remaining users are dropped, so memory follows the widest cut of the graph.
+- :meth:`JointMoments.affine`: a new block b = T u with ``E[b u^T] = T M`` and ``E[b b^T] = T M T^T``,
+  computed by running the op itself on the columns of M (``torch.vmap``), so any affine op works;
+- :meth:`JointMoments.gate`: a random per-unit affine map ``y = c * s + r`` of a pre-activation block s, with
+  (c, r) independent of the state and, across units, independent unless they share a randomness group (a
+  normalizer is shared by the units of one position). Only first moments and same-group second moments of
+  (c, r) enter (:class:`GateMoments`).
 
-The output gives ``D = 1/2 E||z - z0||^2 = 1/2 sum_i (M[z_i, z_i] - 2 M[z_i, z0_i] + M[z0_i, z0_i])``.
-No sampling noise, differentiable w.r.t. theta.
+Blocks that no live value refers to are dropped, so memory follows the widest cut of the graph. The distance
+is ``D = 1/2 E||z - z0||^2 = 1/2 sum_i (M[z_i, z_i] - 2 M[z_i, z0_i] + M[z0_i, z0_i])``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import fx
-from torch.utils._pytree import tree_map
 
-from .graph import Pair, TracedNet, _get_attr, _pairs, _stream, module_call
-from .rules import Kind, UnsupportedOpError
+from .errors import UnsupportedOpError
 
 
-class _Ref:
-    """A data tensor living in the moment state: rows ``[start, start + size)`` of M."""
+class Ref:
+    """A data tensor living in the moment state: block ``block`` of M, with per-example shape ``shape``."""
 
     __slots__ = ("block", "shape")
 
     def __init__(self, block: int, shape: tuple[int, ...]) -> None:
         self.block = block
-        self.shape = shape  # per-example shape
+        self.shape = shape
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"Ref({self.block}, {self.shape})"
 
 
-class _State:
-    def __init__(self, M: torch.Tensor, max_size: int) -> None:
-        self.M = M
-        self.blocks: dict[int, tuple[int, int]] = {}
-        self.next_id = 0
+@dataclasses.dataclass
+class GateMoments:
+    """Moments of a random per-unit affine map ``y^a_i = c^a_i s^a_i + r^a_i`` (stream a, unit i).
+
+    Attributes:
+        c1: ``E[c^a]`` per stream, each ``(n,)`` (one entry when the map is the same in both streams).
+        c2: ``E[c^a_i c^b_i]`` for a unit with itself (or with a unit of its randomness group), keyed by
+            the stream pair ``(a, b)``; each ``(n,)``.
+        r1, cr, r2: the same for the intercept: ``E[r^a]``, ``E[c^a_i r^b_i]``, ``E[r^a_i r^b_i]``; None
+            when the intercept is zero (ReLU-like gates, normalizers).
+        unit_groups: None when units are independent; else ``(n,)`` group ids: units of one group share
+            their random draw (the entries of c2 then hold the group's second moment).
+    """
+
+    c1: Sequence[torch.Tensor]
+    c2: dict[tuple[int, int], torch.Tensor]
+    r1: Sequence[torch.Tensor] | None = None
+    cr: dict[tuple[int, int], torch.Tensor] | None = None
+    r2: dict[tuple[int, int], torch.Tensor] | None = None
+    unit_groups: torch.Tensor | None = None
+
+    @property
+    def stream_specific(self) -> bool:
+        return len(self.c1) > 1
+
+    def _s(self, a: int) -> int:
+        return min(a, len(self.c1) - 1)
+
+    def key(self, a: int, b: int) -> tuple[int, int]:
+        return (self._s(a), self._s(b))
+
+    def same_group(self, n: int, like: torch.Tensor) -> torch.Tensor | None:
+        if self.unit_groups is None:
+            return None
+        g = self.unit_groups.to(like.device)
+        return (g[:, None] == g[None, :]).to(like.dtype)
+
+    def inner(self, a: int, b: int, like: torch.Tensor, same: torch.Tensor | None) -> torch.Tensor:
+        """``E[c^a_i c^b_k]`` for every pair of units ``(i, k)``."""
+        ca, cb = self.c1[self._s(a)], self.c1[self._s(b)]
+        c2 = self.c2[self.key(a, b)]
+        if same is None:  # independent units: the diagonal alone differs from the product of means
+            return ca[:, None] * cb[None, :] + torch.diag(c2 - ca * cb)
+        outer = ca[:, None] * cb[None, :]
+        return outer + same * (c2[:, None] - outer)
+
+
+class JointMoments:
+    """``M = E[u u^T]`` of the joint state and the map from blocks to rows."""
+
+    def __init__(self, mean: torch.Tensor, second: torch.Tensor, input_shape: tuple[int, ...], max_size: int) -> None:
+        d = mean.numel()
+        self.M = torch.cat([torch.cat([mean.new_ones(1, 1), mean.view(1, d)], 1),
+                            torch.cat([mean.view(d, 1), second], 1)])
+        self.blocks: dict[int, tuple[int, int]] = {0: (1, d)}
+        self.next_id = 1
         self.max_size = max_size
+        self.input = Ref(0, tuple(input_shape))
 
-    def rows(self, ref: _Ref) -> slice:
+    def rows(self, ref: Ref) -> slice:
         start, size = self.blocks[ref.block]
         return slice(start, start + size)
 
@@ -70,14 +121,16 @@ class _State:
             start += size
         return ids
 
-    def drop(self, block_ids: set[int]) -> None:
-        if not block_ids:
+    def keep_only(self, live: set[int]) -> None:
+        """Drop every block not in ``live`` (the constant row stays)."""
+        dead = set(self.blocks) - live
+        if not dead:
             return
         keep = [torch.arange(1, device=self.M.device)]
         new_blocks = {}
         pos = 1
         for bid, (start, size) in sorted(self.blocks.items(), key=lambda kv: kv[1][0]):
-            if bid in block_ids:
+            if bid in dead:
                 continue
             keep.append(torch.arange(start, start + size, device=self.M.device))
             new_blocks[bid] = (pos, size)
@@ -86,168 +139,106 @@ class _State:
         self.M = self.M.index_select(0, idx).index_select(1, idx)
         self.blocks = new_blocks
 
+    def size_of(self, ref: Ref) -> int:
+        return self.blocks[ref.block][1]
 
-def exact_l2(
-    net: TracedNet,
-    params: Sequence[dict[str, torch.Tensor]],
-    mean: torch.Tensor,
-    second: torch.Tensor,
-    input_shape: tuple[int, ...],
-    gates: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    outputs: Sequence[int] | None = None,
-    max_state: int = 12000,
-) -> torch.Tensor:
-    """``1/2 E||g(x, m; theta) - g(x, m; theta0)||^2`` for x with the given first two moments.
+    # ------------------------------------------------------------------ updates
+    def affine(self, fns: Sequence[Callable[..., torch.Tensor]], inputs: Sequence[Sequence[Ref]], name: str,
+               ) -> list[Ref]:
+        """New blocks ``fns[i](inputs[i])`` (one per entry: one per stream, or one shared by both).
 
-    Args:
-        net: the traced network.
-        params: ``(theta0, theta)`` parameter dicts.
-        mean: ``E[x]`` flattened, shape ``(d,)``.
-        second: ``E[x x^T]``, shape ``(d, d)``.
-        input_shape: per-example input shape (``prod == d``).
-        gates: per gate site, ``(e1, e2)``: first and second moment of the gate of every unit.
-        outputs: output units compared (all when None).
-        max_state: refuse to track more joint units than this.
-    """
-    d = mean.numel()
-    M0 = torch.cat([torch.cat([mean.new_ones(1, 1), mean.view(1, d)], 1), torch.cat([mean.view(d, 1), second], 1)])
-    st = _State(M0, max_state)
-    st.blocks[0] = (1, d)
-    st.next_id = 1
-    x_ref = _Ref(0, tuple(input_shape))
-    env: dict[str, Any] = {}
-    users = dict(net.users_left)
-    node_blocks: dict[str, set[int]] = {}
-    param_names = net._param_names
-    for node in net.gm.graph.nodes:
-        if node.op == "placeholder":
-            if node is net.input_node:
-                env[node.name] = Pair((x_ref, x_ref), True)
-                node_blocks[node.name] = {0}
-            else:
-                env[node.name] = node.args[0]
-            continue
-        if node.op == "get_attr":
-            t = str(node.target)
-            env[node.name] = Pair(tuple(p[t] for p in params), False) if t in param_names else _get_attr(net.gm, t)
-            continue
-        if node.op == "output":
-            out = fx.node.map_arg(node.args[0], lambda m: env[m.name])
-            if not isinstance(out, Pair) or not out.data:
-                raise UnsupportedOpError("the network must return a single tensor that depends on its input")
-            r0, r1 = out.vals
-            if r0.block == r1.block:
-                return st.M.new_zeros(())
-            s0, s1 = st.rows(r0), st.rows(r1)
-            idx = torch.arange(s0.stop - s0.start, device=st.M.device)
-            if outputs is not None:
-                idx = idx[torch.as_tensor(list(outputs), device=st.M.device)]
-            a = st.M[s0.start + idx, s0.start + idx]
-            b = st.M[s1.start + idx, s1.start + idx]
-            c = st.M[s0.start + idx, s1.start + idx]
-            return 0.5 * (a + b - 2 * c).sum()
-        args = fx.node.map_arg(node.args, lambda m: env[m.name])
-        kwargs = fx.node.map_arg(node.kwargs, lambda m: env[m.name])
-        env[node.name], new_ids = _eval(net, node, st, params, args, kwargs, gates)
-        node_blocks[node.name] = new_ids
-        dead: set[int] = set()
-        for inp in node.all_input_nodes:
-            users[inp.name] -= 1
-            if users[inp.name] == 0:
-                dead |= node_blocks.get(inp.name, set())
-        live = set().union(*(node_blocks[n] for n in node_blocks if users.get(n, 0) > 0 or n == node.name))
-        st.drop(dead - live)
-    raise AssertionError("graph has no output node")
+        Args:
+            fns: per output block, the op of one example as a function of its data inputs (tensors of shape
+                ``(1, *shape)``), affine in them.
+            inputs: per output block, the refs of its data inputs (the same order as the function's arguments).
+            name: the node, for messages.
+        """
+        zeros = [[self.M.new_zeros((1, *r.shape)) for r in refs] for refs in inputs]
+        consts = [f(*z) for f, z in zip(fns, zeros)]
+        if not isinstance(consts[0], torch.Tensor):
+            raise UnsupportedOpError(f"node {name!r}: laftr-exact supports only ops that return one tensor")
+        out_shape = tuple(consts[0].shape[1:])
+        if consts[0].shape[0] != 1:
+            raise UnsupportedOpError(f"node {name!r} mixes examples of a batch; not a per-example map")
+        n_out = consts[0].numel()
 
+        def apply_T(i: int, W: torch.Tensor) -> torch.Tensor:
+            ins = [W[:, self.rows(r)].reshape(W.shape[0], 1, *r.shape) for r in inputs[i]]
+            out = torch.vmap(fns[i])(*ins).reshape(W.shape[0], n_out)
+            return out + (W[:, :1] - 1) * consts[i].reshape(1, n_out)
 
-def _eval(net: TracedNet, node: fx.Node, st: _State, params: Sequence[dict], args: Any, kwargs: Any,
-          gates: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, set[int]]:
-    pairs = _pairs((args, kwargs))
-    data = [p for p in pairs if p.data]
-    rule = net.rules[node.name]
-    if not data:
-        if not pairs:
-            return net._call(node, 0, params[0], args, kwargs), set()
-        return Pair(tuple(net._call(node, s, params[s], args, kwargs) for s in range(2)), False), set()
-    if rule.kind is Kind.SHAPE:
-        dummy = tree_map(lambda v: _dummy(v, st.M) if isinstance(v, Pair) and v.data else v, (args, kwargs))
-        return net._call(node, 0, params[0], dummy[0], dummy[1]), set()
-    if rule.kind is Kind.IDENTITY:
-        return args[0], set()
-    if rule.kind is Kind.MAXPOOL:
-        raise UnsupportedOpError(
-            f"node {node.name!r}: laftr-exact does not handle max pooling; use the Monte Carlo 'laftr' estimator"
-        )
-    if rule.kind is Kind.GATE:
-        return _gate(st, args[0], gates[node.name])
-    if rule.kind is Kind.AFFINE:
-        net.check_affine(node, args, kwargs)
-    return _affine(net, node, st, params, args, kwargs, data)
+        k = len(fns)
+        R = [apply_T(i, self.M).T for i in range(k)]  # E[out_i u^T]
+        Q = torch.cat([torch.cat([apply_T(j, R[i]) for j in range(k)], 1) for i in range(k)])
+        Q = 0.5 * (Q + Q.T)
+        ids = self.add(torch.cat(R), Q, [n_out] * k)
+        return [Ref(i, out_shape) for i in ids]
 
+    def gate(self, pre: tuple[Ref, Ref], gm: GateMoments) -> tuple[Ref, Ref]:
+        """Blocks ``y^a = c^a * s^a + r^a`` for both streams (one shared block when both the input and the map
+        are the same in both streams)."""
+        n = self.size_of(pre[0])
+        if gm.c1[0].numel() != n:
+            raise ValueError(f"gate statistics have {gm.c1[0].numel()} units, the network has {n}")
+        shared = pre[0].block == pre[1].block and not gm.stream_specific
+        streams = [0] if shared else [0, 1]
+        M = self.M
+        has_r = gm.r1 is not None
+        R_parts = []
+        for a in streams:
+            part = gm.c1[gm._s(a)][:, None] * M[self.rows(pre[a])]
+            if has_r:
+                assert gm.r1 is not None
+                part = part + gm.r1[gm._s(a)][:, None] * M[0:1, :]
+            R_parts.append(part)
+        R = torch.cat(R_parts)
+        same = gm.same_group(n, M)
+        rows = []
+        for a in streams:
+            row = []
+            for b in streams:
+                blk = gm.inner(a, b, M, same) * M[self.rows(pre[a]), self.rows(pre[b])]
+                if has_r:
+                    assert gm.r1 is not None and gm.cr is not None and gm.r2 is not None
+                    blk = blk + self._intercept_terms(gm, a, b, pre, same)
+                row.append(blk)
+            rows.append(torch.cat(row, 1))
+        Q = torch.cat(rows)
+        ids = self.add(R, Q, [n] * len(streams))
+        outs = [Ref(i, pre[0].shape) for i in ids]
+        return outs[0], outs[-1]
 
-def _dummy(p: Pair, M: torch.Tensor) -> torch.Tensor:
-    return M.new_zeros((1, *p.vals[0].shape))
+    def _intercept_terms(self, gm: GateMoments, a: int, b: int, pre: tuple[Ref, Ref],
+                         same: torch.Tensor | None) -> torch.Tensor:
+        """``E[c^a_i r^b_k] E[s^a_i] + E[r^a_i c^b_k] E[s^b_k] + E[r^a_i r^b_k]`` for every pair (i, k)."""
+        assert gm.r1 is not None and gm.cr is not None and gm.r2 is not None
+        ms_a = self.M[self.rows(pre[a]), 0]
+        ms_b = self.M[self.rows(pre[b]), 0]
+        ca, cb = gm.c1[gm._s(a)], gm.c1[gm._s(b)]
+        ra, rb = gm.r1[gm._s(a)], gm.r1[gm._s(b)]
 
+        def pairwise(x: torch.Tensor, y: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+            outer = x[:, None] * y[None, :]
+            if same is None:
+                return outer + torch.diag(second - x * y)
+            return outer + same * (second[:, None] - outer)
 
-def _gate(st: _State, pre: Pair, e: tuple[torch.Tensor, torch.Tensor]) -> tuple[Pair, set[int]]:
-    r0, r1 = pre.vals
-    e1 = e[0].reshape(-1).to(st.M)
-    e2 = e[1].reshape(-1).to(st.M)
-    if e1.numel() != st.blocks[r0.block][1]:
-        raise ValueError(f"gate statistics have {e1.numel()} units, the network has {st.blocks[r0.block][1]}")
-    inner = e1[:, None] * e1[None, :] + torch.diag(e2 - e1 * e1)
-    refs = [r0] if r0.block == r1.block else [r0, r1]
-    R = torch.cat([e1[:, None] * st.M[st.rows(r)] for r in refs])
-    Q = torch.cat([torch.cat([inner * st.M[st.rows(a), st.rows(b)] for b in refs], 1) for a in refs])
-    ids = st.add(R, Q, [e1.numel()] * len(refs))
-    outs = [_Ref(i, r0.shape) for i in ids]
-    return Pair((outs[0], outs[-1]), True), set(ids)
+        cr_ab = pairwise(ca, rb, gm.cr[gm.key(a, b)])  # E[c^a_i r^b_k]
+        rc_ab = pairwise(ra, cb, gm.cr[gm.key(b, a)])  # E[r^a_i c^b_k] (same unit: E[c^b r^a])
+        rr_ab = pairwise(ra, rb, gm.r2[gm.key(a, b)])
+        return cr_ab * ms_a[:, None] + rc_ab * ms_b[None, :] + rr_ab
 
-
-def _affine(net: TracedNet, node: fx.Node, st: _State, params: Sequence[dict], args: Any, kwargs: Any,
-            data: list[Pair]) -> tuple[Pair, set[int]]:
-    uniq: list[Pair] = []
-    for p in data:
-        if all(p is not q for q in uniq):
-            uniq.append(p)
-    stream_specific = any(not p.data for p in _pairs((args, kwargs))) or (
-        node.op == "call_module" and any(True for _ in net.gm.get_submodule(str(node.target)).parameters(recurse=True))
-    ) or (node.op == "call_module" and any(True for _ in net.gm.get_submodule(str(node.target)).buffers()))
-    shared = not stream_specific and all(p.vals[0].block == p.vals[1].block for p in uniq)
-    streams = [0] if shared else [0, 1]
-
-    def make_fn(s: int):
-        def fn(*tensors: torch.Tensor) -> torch.Tensor:
-            lookup = {id(p): t for p, t in zip(uniq, tensors)}
-            a, k = tree_map(lambda v: lookup[id(v)] if isinstance(v, Pair) and v.data else v, (args, kwargs))
-            a, k = _stream(a, s), _stream(k, s)
-            if node.op == "call_module":
-                return module_call(net.gm.get_submodule(str(node.target)), str(node.target), params[s], a, k)
-            if node.op == "call_function":
-                return node.target(*a, **k)
-            return getattr(a[0], str(node.target))(*a[1:], **k)
-
-        return fn
-
-    fns = [make_fn(s) for s in streams]
-    zeros = [st.M.new_zeros((1, *p.vals[0].shape)) for p in uniq]
-    consts = [f(*zeros) for f in fns]
-    if not isinstance(consts[0], torch.Tensor):
-        raise UnsupportedOpError(f"node {node.name!r}: laftr-exact supports only ops that return one tensor")
-    out_shape = tuple(consts[0].shape[1:])
-    if consts[0].shape[0] != 1:
-        raise UnsupportedOpError(f"node {node.name!r} mixes examples of a batch; not a per-example map")
-    n_out = consts[0].numel()
-
-    def apply_T(i: int, W: torch.Tensor) -> torch.Tensor:
-        s = streams[i]
-        ins = [W[:, st.rows(p.vals[s])].reshape(W.shape[0], 1, *p.vals[s].shape) for p in uniq]
-        out = torch.vmap(fns[i])(*ins).reshape(W.shape[0], n_out)
-        return out + (W[:, :1] - 1) * consts[i].reshape(1, n_out)
-
-    R = [apply_T(i, st.M).T for i in range(len(streams))]  # E[out_i u^T]
-    Q = torch.cat([torch.cat([apply_T(j, R[i]) for j in range(len(streams))], 1) for i in range(len(streams))])
-    Q = 0.5 * (Q + Q.T)
-    ids = st.add(torch.cat(R), Q, [n_out] * len(streams))
-    refs = [_Ref(i, out_shape) for i in ids]
-    return Pair((refs[0], refs[-1]), True), set(ids)
+    # ------------------------------------------------------------------ result
+    def l2(self, out: tuple[Ref, Ref], outputs: Sequence[int] | None) -> torch.Tensor:
+        """``1/2 E||z - z0||^2`` over the selected output units."""
+        r0, r1 = out
+        if r0.block == r1.block:
+            return self.M.new_zeros(())
+        s0, s1 = self.rows(r0), self.rows(r1)
+        idx = torch.arange(s0.stop - s0.start, device=self.M.device)
+        if outputs is not None:
+            idx = idx[torch.as_tensor(list(outputs), device=self.M.device)]
+        a = self.M[s0.start + idx, s0.start + idx]
+        b = self.M[s1.start + idx, s1.start + idx]
+        c = self.M[s0.start + idx, s1.start + idx]
+        return 0.5 * (a + b - 2 * c).sum()

@@ -31,8 +31,8 @@ from torch.func import functional_call, jacrev, vmap
 from tqdm.auto import tqdm
 
 from .._util import Data, iter_batches, model_device_dtype
+from ..inputs import hash_keys
 from ..metrics import check_metric, select_outputs
-from ..summary import _hash_keys
 from .base import EstimatorConfig, FSDEstimator
 
 log = logging.getLogger(__name__)
@@ -476,7 +476,7 @@ def select_coreset(
     """Pick ``k`` training inputs in one streaming pass, independently of batch size and order.
 
     Every example gets a seeded hash of its bytes (the same hash as LAFTR's coreset,
-    :func:`laftr.summary._hash_keys`). ``random`` keeps the ``k`` smallest keys. ``balanced`` ranks each
+    :func:`laftr.inputs.hash_keys`). ``random`` keeps the ``k`` smallest keys. ``balanced`` ranks each
     class's examples by key and takes them round-robin over classes (rank 0 of every class, then rank
     1, ...; ties between classes by key) until ``k`` are taken: equal counts per class when every class
     has enough examples and ``k`` is a multiple of the number of classes, counts differing by at most
@@ -508,7 +508,7 @@ def select_coreset(
                 raise ValueError(f"selection='balanced' needs integer class labels of shape (B,), got {y.dtype} "
                                  f"{tuple(y.shape)}")
             ys.append(y.detach().cpu().long())
-        keys.append(_hash_keys(x, seed))
+        keys.append(hash_keys(x, seed))
         xs.append(x.detach().cpu())
         allk = torch.cat(keys)
         if len(allk) > 4 * k:  # prune; the k smallest keys overall (random) or per class (balanced) survive

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import numbers
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from .._util import Data, arch_signature, check_same_arch, model_device_dtype, param_dict
+from ..errors import OptionError, UsageError
 from ..metrics import check_metric
 
 REGISTRY: dict[str, type[FSDEstimator]] = {}
@@ -45,11 +47,32 @@ def available_estimators() -> list[str]:
 def make_estimator(name: str, **kwargs: Any) -> FSDEstimator:
     """Build an estimator by registry name, e.g. ``make_estimator("laftr", metric="kl", num_samples=64)``.
 
-    Keyword arguments are the fields of that estimator's config dataclass; unknown ones raise ``TypeError``.
+    Keyword arguments are the fields of that estimator's config dataclass; an unknown one raises
+    :class:`laftr.errors.OptionError` (a ``TypeError`` and a ``ValueError``) naming it.
     """
     if name not in REGISTRY:
-        raise ValueError(f"unknown estimator {name!r}; choose one of {available_estimators()}")
+        raise UsageError(f"unknown estimator {name!r}; choose one of {available_estimators()}")
     return REGISTRY[name](**kwargs)
+
+
+def check_int(config: Any, name: str, minimum: int | None = None) -> None:
+    """Raise :class:`UsageError` unless ``config.<name>`` is an integer (not a bool) of at least ``minimum``."""
+    v = getattr(config, name)
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or (minimum is not None and v < minimum):
+        need = "an integer" if minimum is None else ("a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+        raise UsageError(f"{name} must be {need}, got {v!r}")
+
+
+def check_options(cls: type[EstimatorConfig], options: dict[str, Any], who: str) -> None:
+    """Raise :class:`OptionError` naming the first option that ``cls`` does not have (and which estimator has
+    it, if any)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in options:
+        if key in fields:
+            continue
+        owners = sorted(n for n, est in REGISTRY.items() if key in {f.name for f in dataclasses.fields(est.Config)})
+        hint = f"; {key!r} is an option of {', '.join(owners)}" if owners else ""
+        raise OptionError(f"{who} has no option {key!r} (its options: {sorted(fields)}){hint}")
 
 
 @dataclasses.dataclass
@@ -68,6 +91,11 @@ class EstimatorConfig:
     progress: bool = False
     batch_size: int = 256
 
+    def __post_init__(self) -> None:
+        check_metric(self.metric)
+        check_int(self, "seed")
+        check_int(self, "batch_size", minimum=1)
+
 
 class FSDEstimator:
     """Base class: an estimate of ``E_x rho(f(x; theta0), f(x; theta))`` from a summary stored at theta0.
@@ -80,6 +108,7 @@ class FSDEstimator:
     Config: ClassVar[type[EstimatorConfig]] = EstimatorConfig
 
     def __init__(self, config: EstimatorConfig | None = None, **kwargs: Any) -> None:
+        check_options(self.Config, kwargs, f"estimator {getattr(self, 'name', type(self).__name__)!r}")
         if config is None:
             config = self.Config(**kwargs)
         elif kwargs:

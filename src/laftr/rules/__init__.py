@@ -1,0 +1,40 @@
+"""Op rules: one class per op family, registered for module types, functions and tensor methods.
+
+Public API: :func:`register` (add or replace the rule of an op, e.g. a custom activation), the base
+classes a new rule derives from (:class:`Rule`, :class:`AffineRule`, :class:`PiecewiseLinearGate`,
+:class:`SmoothGate`, :class:`NormRule`), :func:`registered_targets` (the support matrix) and
+:class:`~laftr.errors.UnsupportedOpError`.
+
+Families: :mod:`~laftr.rules.affine` (layers, reshapes, sums, dropout, shape queries),
+:mod:`~laftr.rules.gates` (elementwise activations), :mod:`~laftr.rules.norm` (per-example
+normalization), :mod:`~laftr.rules.pooling` (max pooling).
+"""
+
+from ..errors import UnsupportedOpError
+from . import affine, gates, norm, pooling  # noqa: F401  (registration side effects)
+from .affine import AffineRule, IdentityRule, ShapeRule, SumRule
+from .base import Pair, Rule, describe, lookup, make_rule, register, registered_targets, unregister
+from .gates import GateRule, PiecewiseLinearGate, SmoothGate
+from .norm import NormRule
+from .pooling import MaxPoolRule
+
+__all__ = [
+    "AffineRule",
+    "GateRule",
+    "IdentityRule",
+    "MaxPoolRule",
+    "NormRule",
+    "Pair",
+    "PiecewiseLinearGate",
+    "Rule",
+    "ShapeRule",
+    "SmoothGate",
+    "SumRule",
+    "UnsupportedOpError",
+    "describe",
+    "lookup",
+    "make_rule",
+    "register",
+    "registered_targets",
+    "unregister",
+]

@@ -1,0 +1,369 @@
+"""The rule registry and the base class every rule derives from.
+
+A *rule* owns everything about one op family (DESIGN.md, "Rules are objects"): which module types,
+functions and tensor methods it stands for; how each stream runs the op exactly; what it records at theta0
+while a summary is fitted; how a Monte Carlo draw linearizes it (from the stored statistic, or theta0's own
+linearization on each input); and its closed-form moment update, or a refusal that names the op. The
+interpreter in :mod:`laftr.graph` never looks at what an op is: for every node it calls the rule's method
+named by the current *mode* (``fit``, ``sample``, ``own``, ``moments`` or ``forward``).
+
+Rules are registered with :func:`register`; one rule object is made per node of a traced network, so the
+constructor is the place to read and check the op's constant arguments (a slope, a pool size).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..errors import UnsupportedOpError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..graph import Mode
+
+__all__ = [
+    "Pair",
+    "Rule",
+    "describe",
+    "is_registered_module",
+    "lookup",
+    "make_rule",
+    "module_call",
+    "register",
+    "registered_targets",
+    "unregister",
+]
+
+
+class Pair:
+    """One value per stream (theta0 first). ``data`` marks values that depend on the network input.
+
+    In the closed-form mode the values of data tensors are references into the joint moment state
+    (:class:`laftr.moments.Ref`) rather than tensors.
+    """
+
+    __slots__ = ("data", "vals")
+
+    def __init__(self, vals: tuple[Any, ...], data: bool) -> None:
+        self.vals = vals
+        self.data = data
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"Pair(data={self.data}, vals={self.vals!r})"
+
+
+def stream_of(v: Any, s: int) -> Any:
+    """``v`` (a pytree that may contain :class:`Pair` s) with every pair replaced by its value in stream ``s``."""
+    return tree_map(lambda a: a.vals[s] if isinstance(a, Pair) else a, v)
+
+
+def pairs_in(v: Any) -> list[Pair]:
+    """Every :class:`Pair` among the leaves of ``v``."""
+    leaves, _ = tree_flatten(v)
+    return [a for a in leaves if isinstance(a, Pair)]
+
+
+def data_pairs(v: Any) -> list[Pair]:
+    """The data-dependent pairs among the leaves of ``v``, each once (by identity), in order."""
+    out: list[Pair] = []
+    for p in pairs_in(v):
+        if p.data and all(p is not q for q in out):
+            out.append(p)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- registry
+_MODULE_RULES: dict[type, type[Rule]] = {}
+_FUNCTION_RULES: dict[Any, type[Rule]] = {}
+_METHOD_RULES: dict[str, type[Rule]] = {}
+
+
+def _table(target: Any) -> tuple[dict[Any, type[Rule]], Any]:
+    if isinstance(target, str):
+        if not target.isidentifier():
+            raise ValueError(f"a tensor method name must be an identifier, got {target!r}")
+        return _METHOD_RULES, target
+    if isinstance(target, type):
+        if not issubclass(target, nn.Module):
+            raise TypeError(f"a module rule needs an nn.Module subclass, got {target.__name__}")
+        return _MODULE_RULES, target
+    if callable(target):
+        return _FUNCTION_RULES, target
+    raise TypeError(f"cannot register a rule for {target!r}: give a module class, a function or a method name")
+
+
+def register(*targets: Any, replace: bool = False) -> Callable[[type[Rule]], type[Rule]]:
+    """Class decorator: make ``cls`` the rule of the given module types, functions and tensor method names.
+
+    Example (a user's own activation; see :class:`laftr.rules.SmoothGate`)::
+
+        @laftr.rules.register(MySwish)
+        class SwishRule(laftr.rules.SmoothGate):
+            def value(self, s, stream): return s * torch.sigmoid(s)
+            def slope(self, s, stream): return torch.sigmoid(s) * (1 + s * (1 - torch.sigmoid(s)))
+
+    Module types are matched through their class hierarchy (a subclass uses its nearest registered base
+    class) and are kept as leaves when the network is traced, so a registered module is never traced into.
+
+    Args:
+        *targets: ``nn.Module`` subclasses, functions (as torch.fx records them, e.g. ``F.gelu``,
+            ``torch.tanh``, ``operator.add``) and tensor method names (``"relu"``).
+        replace: allow replacing an existing rule of a target (else that is an error).
+    """
+    if not targets:
+        raise ValueError("register() needs at least one module type, function or method name")
+
+    def deco(cls: type[Rule]) -> type[Rule]:
+        if not (isinstance(cls, type) and issubclass(cls, Rule)):
+            raise TypeError(f"@register decorates Rule subclasses, not {cls!r}")
+        for t in targets:
+            table, key = _table(t)
+            old = table.get(key)
+            if old is not None and old is not cls and not replace:
+                raise ValueError(f"{_name_of(key)} already has the rule {old.__name__}; pass replace=True to replace it")
+            table[key] = cls
+        return cls
+
+    return deco
+
+
+def unregister(*targets: Any) -> None:
+    """Remove the rules of ``targets`` (e.g. a test's custom rule); unknown targets are ignored."""
+    for t in targets:
+        table, key = _table(t)
+        table.pop(key, None)
+
+
+def registered_targets() -> dict[str, dict[Any, type[Rule]]]:
+    """``{"modules": {...}, "functions": {...}, "methods": {...}}``: every registered target and its rule."""
+    return {"modules": dict(_MODULE_RULES), "functions": dict(_FUNCTION_RULES), "methods": dict(_METHOD_RULES)}
+
+
+def _module_rule(mod_type: type) -> type[Rule] | None:
+    """The rule of the nearest registered base class, unless ``mod_type`` overrides its ``forward`` (then the
+    rule would not describe what the module computes)."""
+    for base in mod_type.__mro__:
+        rule = _MODULE_RULES.get(base)
+        if rule is not None:
+            return rule if getattr(mod_type, "forward", None) is getattr(base, "forward", None) else None
+    return None
+
+
+def is_registered_module(mod: nn.Module) -> bool:
+    """Whether ``mod`` (by its type or a base class) has a rule: the tracer keeps it as a leaf."""
+    return _module_rule(type(mod)) is not None
+
+
+def lookup(node: fx.Node, gm: fx.GraphModule) -> type[Rule] | None:
+    """The rule class registered for a ``call_module`` / ``call_function`` / ``call_method`` node, if any."""
+    if node.op == "call_module":
+        return _module_rule(type(gm.get_submodule(str(node.target))))
+    if node.op == "call_function":
+        try:
+            return _FUNCTION_RULES.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    if node.op == "call_method":
+        return _METHOD_RULES.get(str(node.target))
+    return None
+
+
+def make_rule(node: fx.Node, gm: fx.GraphModule) -> Rule:
+    """The rule object of ``node``; raises :class:`UnsupportedOpError` naming the node when there is none."""
+    cls = lookup(node, gm)
+    if cls is None:
+        what = {"call_module": "layer", "call_function": "function", "call_method": "tensor method"}.get(node.op, "op")
+        raise UnsupportedOpError(
+            f"node {node.name!r} ({describe(node, gm)}) is not supported: laftr has no rule for this {what} "
+            "(supported ops are listed in docs/usage.md; a custom op can be added with laftr.rules.register)"
+        )
+    return cls(node, gm)
+
+
+def _name_of(target: Any) -> str:
+    if isinstance(target, str):
+        return f"method Tensor.{target}"
+    if isinstance(target, type):
+        return f"module type {target.__name__}"
+    return f"function {getattr(target, '__module__', None) or ''}.{getattr(target, '__name__', target)}"
+
+
+def describe(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
+    """A short human description of a node's op, for error messages."""
+    if node.op == "call_module" and gm is not None:
+        return f"module {node.target!r} of type {type(gm.get_submodule(str(node.target))).__name__}"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__module__', '') or ''}.{getattr(node.target, '__name__', node.target)}"
+    if node.op == "call_method":
+        return f"method Tensor.{node.target}"
+    return f"{node.op} {node.target}"
+
+
+# ---------------------------------------------------------------------------------------------- exact calls
+#: In-place functions and their out-of-place twins: the interpreter never writes into a stream's tensors.
+_OUT_OF_PLACE: dict[Any, Any] = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, operator.imatmul: operator.matmul,
+}
+for _name in ("relu_", "clamp_", "clamp_min_", "clamp_max_", "clip_", "sigmoid_", "tanh_", "selu_", "celu_",
+              "rrelu_"):
+    if hasattr(torch, _name) and hasattr(torch, _name[:-1]):
+        _OUT_OF_PLACE[getattr(torch, _name)] = getattr(torch, _name[:-1])
+for _name in ("relu_", "elu_", "leaky_relu_", "hardtanh_", "threshold_", "celu_", "selu_", "rrelu_"):
+    if hasattr(F, _name) and hasattr(F, _name[:-1]):
+        _OUT_OF_PLACE[getattr(F, _name)] = getattr(F, _name[:-1])
+
+
+def out_of_place_function(fn: Any) -> Any:
+    """The out-of-place twin of an in-place function (``F.relu_`` -> ``F.relu``), else ``fn`` itself."""
+    try:
+        return _OUT_OF_PLACE.get(fn, fn)
+    except TypeError:
+        return fn
+
+
+def out_of_place_method(name: str) -> str:
+    """``"add_"`` -> ``"add"``; other names unchanged (dunder methods keep their name)."""
+    if name.endswith("_") and not name.endswith("__"):
+        return name[:-1]
+    return name
+
+
+def module_call(mod: nn.Module, name: str, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    """Call a leaf module with its parameters and buffers taken from ``params`` by their qualified names.
+
+    The module itself is never changed, and an ``inplace`` module writes into a copy of its input.
+    """
+    p = name + "." if name else ""
+    if isinstance(mod, nn.Linear):
+        return F.linear(args[0], params[p + "weight"], params.get(p + "bias"))
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return mod._conv_forward(args[0], params[p + "weight"], params.get(p + "bias"))
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return F.batch_norm(
+            args[0], params[p + "running_mean"], params[p + "running_var"], params.get(p + "weight"),
+            params.get(p + "bias"), False, 0.0, mod.eps,
+        )
+    if getattr(mod, "inplace", False) and args and isinstance(args[0], torch.Tensor):
+        args = (args[0].clone(), *args[1:])
+    own = list(mod.named_parameters()) + list(mod.named_buffers())
+    if own:
+        local = {k: params[p + k] for k, _ in own}
+        return torch.func.functional_call(mod, local, args, kwargs)
+    return mod(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- the base rule
+class Rule:
+    """How one node of a traced network is run and linearized in every mode.
+
+    Subclasses override the mode methods they need; the defaults are:
+
+    - :meth:`forward`: every stream runs the op exactly with its own parameters (a plain forward pass);
+    - :meth:`fit`: the same on theta0 alone (fitting runs the real network on real data), recording nothing;
+    - :meth:`sample` / :meth:`own`: refuse (a rule must say how Monte Carlo linearizes its op);
+    - :meth:`moments`: refuse (no closed form).
+
+    Attributes:
+        family: a short stable name of the op family, used in signatures and messages.
+        affine: the op is affine in its data input(s) given the parameters (checked by the registry test).
+        site: the rule records a statistic at theta0 (gates, normalizers, max pools).
+    """
+
+    family: ClassVar[str] = "op"
+    affine: ClassVar[bool] = False
+    site: ClassVar[bool] = False
+
+    def __init__(self, node: fx.Node, gm: fx.GraphModule) -> None:
+        self.node = node
+        self.name = node.name
+        self.gm = gm
+        self.module: nn.Module | None = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        self.prefix = str(node.target) if node.op == "call_module" else ""
+        self.function = out_of_place_function(node.target) if node.op == "call_function" else None
+        self.method = out_of_place_method(str(node.target)) if node.op == "call_method" else None
+        self.setup()
+
+    # ------------------------------------------------------------------ construction helpers
+    def setup(self) -> None:
+        """Read and check the op's constant arguments (override; raise with :meth:`refuse`)."""
+
+    def refuse(self, why: str) -> UnsupportedOpError:
+        """An :class:`UnsupportedOpError` naming this node, its op and ``why`` (to be raised)."""
+        return UnsupportedOpError(f"node {self.name!r} ({describe(self.node, self.gm)}) is not supported: {why}")
+
+    def const_arg(self, index: int | None, name: str, default: Any = None) -> Any:
+        """The op's argument at position ``index`` (counting the data input as 0) or keyword ``name``, which
+        must not be computed at run time."""
+        node = self.node
+        if name in node.kwargs:
+            value = node.kwargs[name]
+        elif index is not None and index < len(node.args):
+            value = node.args[index]
+        else:
+            value = default
+        if isinstance(value, fx.Node):
+            raise self.refuse(f"argument {name!r} is computed at run time; laftr needs it to be a constant")
+        return value
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able constants of the op that a stored summary must match (override for sites)."""
+        return {}
+
+    def signature(self) -> list[Any]:
+        """``[node name, family, params]``."""
+        return [self.name, self.family, self.params()]
+
+    def describe(self) -> str:
+        """The node and its op, for messages."""
+        return f"node {self.name!r} ({describe(self.node, self.gm)})"
+
+    # ------------------------------------------------------------------ exact evaluation of one stream
+    def call(self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+        """Run the op exactly on one stream's values (``args``/``kwargs`` already hold plain tensors)."""
+        if "inplace" in kwargs:
+            kwargs = {**kwargs, "inplace": False}
+        if self.module is not None:
+            return module_call(self.module, self.prefix, params, args, kwargs)
+        if self.function is not None:
+            return self.function(*args, **kwargs)
+        assert self.method is not None
+        return getattr(args[0], self.method)(*args[1:], **kwargs)
+
+    def call_streams(self, mode: Mode, args: Any, kwargs: Any, streams: Iterable[int] | None = None) -> tuple:
+        """The op run exactly in each stream (all of the mode's streams unless ``streams`` is given)."""
+        idx = range(mode.num_streams) if streams is None else streams
+        return tuple(self.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s)) for s in idx)
+
+    # ------------------------------------------------------------------ modes
+    def forward(self, mode: Mode, args: Any, kwargs: Any) -> Any:
+        """Every stream runs the op exactly."""
+        return Pair(self.call_streams(mode, args, kwargs), True)
+
+    def fit(self, mode: Mode, args: Any, kwargs: Any) -> Any:
+        """theta0 alone on real data (the real network): the exact op; sites also record their statistic."""
+        return self.forward(mode, args, kwargs)
+
+    def sample(self, mode: Mode, args: Any, kwargs: Any) -> Any:
+        """LAFTR's Monte Carlo linearization from the stored statistic."""
+        raise self.refuse(f"the rule {type(self).__name__} defines no Monte Carlo linearization")
+
+    def own(self, mode: Mode, args: Any, kwargs: Any) -> Any:
+        """theta0's own linearization on each input (``gates="relu"``)."""
+        raise self.refuse(f"the rule {type(self).__name__} defines no linearization at theta0's input")
+
+    def moments(self, mode: Mode, args: Any, kwargs: Any) -> Any:
+        """The closed-form second-moment update (laftr-exact)."""
+        raise self.refuse("laftr-exact has no closed form for this op; use the Monte Carlo 'laftr' estimator")
+
+    # ------------------------------------------------------------------ statistics (sites only)
+    def law(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
+            dtype: torch.dtype) -> Any:
+        """The stored statistic turned into what :meth:`sample` and :meth:`moments` use, per group."""
+        raise NotImplementedError(f"{type(self).__name__} records no statistic")

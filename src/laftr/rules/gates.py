@@ -1,0 +1,757 @@
+"""Elementwise activations: the general gate of METHOD.md section 6.
+
+An activation ``a = phi(s)`` is linearized at theta0's pre-activation s0 as the tangent
+``a = c * s + r`` with slope ``c = phi'(s0)`` and intercept ``r = phi(s0) - c * s0``; both streams use the same
+``(c, r)``, so ``a - a0 = c * (s - s0)``. LAFTR draws ``(c, r)`` per unit from a law fitted at theta0 on the
+data, independently across units and of the input; ``gates="relu"`` uses theta0's own tangent on each input.
+
+- :class:`PiecewiseLinearGate` (ReLU, LeakyReLU, PReLU, ReLU6, Hardtanh, clamp, Threshold, Hardsigmoid,
+  Hardshrink, Softshrink, RReLU in eval mode): the tangent is one of K pieces, so the law is exact and discrete:
+  the frequency of each piece per unit, K - 1 stored floats per unit (ReLU: the activation probability mu).
+- :class:`SmoothGate` (GELU, SiLU, Tanh, Sigmoid, Softplus, ELU, CELU, SELU, Mish, Hardswish, LogSigmoid,
+  Softsign, Tanhshrink): the law of ``(c, r)`` is continuous; we store its exact first and second moments
+  (5 floats per unit: the means of c and r and their 2x2 covariance) and sample the four-point law
+  ``mean +- sqrt(2 lambda_j) v_j`` (eigenpairs of the covariance, probability 1/4 each), whose mean and
+  covariance are exactly the stored ones and whose points stay within a few standard deviations of the mean.
+  The closed form needs only these moments, so it is exact for any law with them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..moments import GateMoments
+from .base import Pair, Rule, data_pairs, register, stream_of
+
+
+# ---------------------------------------------------------------------------------------------- laws
+class DiscreteLaw:
+    """Per group and unit, the probability of pieces ``1..K-1`` (piece 0 has the rest): ``(G, K-1, *units)``."""
+
+    def __init__(self, probs: torch.Tensor) -> None:
+        self.probs = probs
+        self.num_pieces = probs.shape[1] + 1
+
+    def draw(self, groups: torch.Tensor, gen: torch.Generator, shared: bool, like: torch.Tensor) -> torch.Tensor:
+        """Piece index per (sample, unit): ``(n, *units)`` long, or ``(1, *units)`` when shared (and ungrouped)."""
+        G, units = self.probs.shape[0], tuple(self.probs.shape[2:])
+        n = 1 if shared else int(groups.shape[0])
+        if G == 1:
+            p = self.probs[0]  # (K-1, *units)
+            u = torch.rand((n, *units), generator=gen, device=like.device, dtype=like.dtype)
+        else:
+            p = self.probs.index_select(0, groups.to(self.probs.device)).movedim(1, 0)  # (K-1, n, *units)
+            u = torch.rand((n, *units), generator=gen, device=gen.device, dtype=like.dtype).to(like.device)
+        if self.num_pieces == 2:
+            return (u < p[0]).long()
+        k = torch.zeros(u.shape if G == 1 else torch.broadcast_shapes(u.shape, p.shape[1:]), dtype=torch.long,
+                        device=u.device)
+        cum = torch.zeros_like(p[0])
+        for j in range(1, self.num_pieces):
+            cum = cum + p[j - 1]
+            k = torch.where((k == 0) & (u < cum), j, k)
+        return k
+
+    def piece_probs(self, g: int) -> list[torch.Tensor]:
+        """``[pi_0, ..., pi_{K-1}]`` of group ``g``, each ``(*units)``."""
+        rest = [self.probs[g, j] for j in range(self.num_pieces - 1)]
+        total = rest[0]
+        for t in rest[1:]:
+            total = total + t
+        return [1 - total, *rest]
+
+
+class MomentLaw:
+    """Exact first and second moments of ``(c, r)`` per group and unit; samples the four sigma points."""
+
+    KEYS: ClassVar[tuple[str, ...]] = ("c", "r", "cc", "cr", "rr")
+
+    def __init__(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        n = counts.clamp_min(1).view(-1, *([1] * (sums["c"].ndim - 1)))
+        m = {k: sums[k] / n for k in self.KEYS}  # float64 means
+        self.mean = {k: v.to(device, dtype) for k, v in m.items()}
+        vcc = m["cc"] - m["c"] ** 2
+        vcr = m["cr"] - m["c"] * m["r"]
+        vrr = m["rr"] - m["r"] ** 2
+        cov = torch.stack([torch.stack([vcc, vcr], -1), torch.stack([vcr, vrr], -1)], -2)  # (G, *units, 2, 2)
+        evals, evecs = torch.linalg.eigh(cov)
+        off = evecs * (2 * evals.clamp_min(0)).sqrt().unsqueeze(-2)  # columns: sqrt(2 lambda_j) v_j
+        center = torch.stack([m["c"], m["r"]], -1)  # (G, *units, 2)
+        pts = torch.stack([center + off[..., 0], center - off[..., 0], center + off[..., 1], center - off[..., 1]],
+                          1)  # (G, 4, *units, 2)
+        self.points_c = pts[..., 0].to(device, dtype)
+        self.points_r = pts[..., 1].to(device, dtype)
+
+    def draw(self, groups: torch.Tensor, gen: torch.Generator, shared: bool, like: torch.Tensor,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        G, units = self.points_c.shape[0], tuple(self.points_c.shape[2:])
+        n = 1 if shared else int(groups.shape[0])
+        idx = torch.randint(0, 4, (n, *units), generator=gen, device=gen.device).to(like.device)
+        if G == 1:
+            pc, pr = self.points_c[0].unsqueeze(0), self.points_r[0].unsqueeze(0)
+            rows = n
+        else:
+            g = groups.to(self.points_c.device)
+            pc, pr = self.points_c.index_select(0, g), self.points_r.index_select(0, g)
+            rows = pc.shape[0]
+            idx = idx.expand(rows, *units)
+        pc = pc.expand(rows, 4, *units)
+        pr = pr.expand(rows, 4, *units)
+        return pc.gather(1, idx.unsqueeze(1)).squeeze(1), pr.gather(1, idx.unsqueeze(1)).squeeze(1)
+
+    def moments(self, g: int) -> dict[str, torch.Tensor]:
+        return {k: v[g] for k, v in self.mean.items()}
+
+
+# ---------------------------------------------------------------------------------------------- base
+class GateRule(Rule):
+    """An elementwise activation (the data input is the op's first argument)."""
+
+    family: ClassVar[str] = "gate"
+    site: ClassVar[bool] = True
+
+    def pre(self, args: Any, kwargs: Any) -> Pair:
+        """The pre-activation pair; refuses other data-dependent arguments (a bound computed from data)."""
+        data = data_pairs((args, kwargs))
+        if len(data) != 1 or args[0] is not data[0]:
+            raise self.refuse("only its first argument may depend on the input")
+        return data[0]
+
+    def real(self, mode: Any, args: Any, kwargs: Any, s: int = 0) -> torch.Tensor:
+        """The exact op in stream ``s``."""
+        return self.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
+
+    def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        self.pre(args, kwargs)
+        return Pair(self.call_streams(mode, args, kwargs), True)
+
+
+def _flat(t: Any, n_units: int, unit_shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A piece value (a float or a tensor broadcastable to the unit shape) as ``(n,)``."""
+    if isinstance(t, torch.Tensor):
+        return t.to(like).expand(unit_shape).reshape(n_units)
+    return like.new_full((n_units,), float(t))
+
+
+class PiecewiseLinearGate(GateRule):
+    """An activation that is linear on each of ``K`` pieces: ``phi(s) = c_k s + r_k`` for s in piece k.
+
+    Subclasses give :meth:`pieces` (the ``(c_k, r_k)``, floats or tensors broadcastable to one example's
+    units, possibly depending on the stream's parameters) and :meth:`piece_index` (which piece theta0's
+    pre-activation is in). Piece 0 should be the one most units are not in (it stores nothing).
+    """
+
+    family = "piecewise"
+    stream_specific: ClassVar[bool] = False
+
+    def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        """``[(c_0, r_0), ..., (c_{K-1}, r_{K-1})]`` for one stream (its parameters and arguments); tensor values
+        broadcast against one example's units (``unit_ndim`` dimensions)."""
+        raise NotImplementedError
+
+    def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        """The piece each element of theta0's pre-activation ``s0`` lies in (long, same shape)."""
+        raise NotImplementedError
+
+    def num_pieces(self) -> int:
+        """K (the default asks :meth:`pieces` of a rule whose pieces do not depend on parameters)."""
+        return len(self.pieces({}, (), 1))
+
+    # ------------------------------------------------------------------ helpers
+    def _stream_pieces(self, mode: Any, args: Any, s: int, unit_ndim: int) -> list[tuple[Any, Any]]:
+        return self.pieces(mode.params[s], stream_of(args, s), unit_ndim)
+
+    @staticmethod
+    def _select(values: list[Any], k: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+        """The value of each element's piece; None when every piece's value is zero."""
+        if all(not isinstance(v, torch.Tensor) and float(v) == 0.0 for v in values):
+            return None
+        if all(not isinstance(v, torch.Tensor) for v in values):
+            table = torch.tensor([float(v) for v in values], dtype=like.dtype, device=like.device)
+            return table[k]
+        out = values[0] if isinstance(values[0], torch.Tensor) else like.new_tensor(float(values[0]))
+        out = out.to(like)
+        for j in range(1, len(values)):
+            v = values[j]
+            v = v.to(like) if isinstance(v, torch.Tensor) else like.new_tensor(float(v))
+            out = torch.where(k == j, v, out)
+        return out
+
+    def _apply(self, mode: Any, args: Any, pre: Pair, k: torch.Tensor) -> Pair:
+        outs = []
+        cached: tuple[Any, Any] | None = None
+        for s, v in enumerate(pre.vals):
+            if cached is None or self.stream_specific:
+                pieces = self._stream_pieces(mode, args, s, v.ndim - 1)
+                c = self._select([p[0] for p in pieces], k, v)
+                r = self._select([p[1] for p in pieces], k, v)
+                cached = (c, r)
+            c, r = cached
+            out = v * c if c is not None else torch.zeros_like(v)
+            outs.append(out if r is None else out + r)
+        return Pair(tuple(outs), True)
+
+    # ------------------------------------------------------------------ modes
+    def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        pre = self.pre(args, kwargs)
+        s0 = pre.vals[0]
+        k = self.piece_index(s0)
+        for j in range(1, self.num_pieces()):
+            mode.add(self.name, f"p{j}", k == j)
+        return Pair((self.real(mode, args, kwargs),), True)
+
+    def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        pre = self.pre(args, kwargs)
+        return self._apply(mode, args, pre, self.piece_index(pre.vals[0]))
+
+    def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        pre = self.pre(args, kwargs)
+        law: DiscreteLaw = mode.law(self)
+        s0 = pre.vals[0]
+        if tuple(law.probs.shape[2:]) != tuple(s0.shape[1:]):
+            raise ValueError(f"gate site {self.name!r}: summary has units of shape {tuple(law.probs.shape[2:])}, "
+                             f"the network produces {tuple(s0.shape[1:])} (input of another size?)")
+        k = law.draw(mode.groups, mode.generator, mode.shared, s0)
+        return self._apply(mode, args, pre, k)
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        pre = self.pre(args, kwargs)
+        law: DiscreteLaw = mode.law(self)
+        probs = [p.reshape(-1) for p in law.piece_probs(mode.group)]
+        n = probs[0].numel()
+        unit_shape = tuple(law.probs.shape[2:])
+        like = mode.state.M
+        probs = [p.to(like) for p in probs]
+        streams = [0, 1] if self.stream_specific else [0]
+        nd = len(unit_shape)
+        cs = {s: [_flat(c, n, unit_shape, like) if isinstance(c, torch.Tensor) else float(c)
+                  for c, _ in self._stream_pieces(mode, args, s, nd)] for s in streams}
+        rs = {s: [_flat(r, n, unit_shape, like) if isinstance(r, torch.Tensor) else float(r)
+                  for _, r in self._stream_pieces(mode, args, s, nd)] for s in streams}
+
+        def expect(f: Any) -> torch.Tensor:
+            total: torch.Tensor | None = None
+            for j, p in enumerate(probs):
+                t = p * f(j)
+                total = t if total is None else total + t
+            assert total is not None
+            return total
+
+        def prod(x: Any, y: Any) -> Any:
+            return x * y
+
+        c1 = [expect(lambda j, s=s: cs[s][j]) for s in streams]
+        keys = [(a, b) for a in range(len(streams)) for b in range(len(streams))]
+        c2 = {(a, b): expect(lambda j, a=a, b=b: prod(cs[streams[a]][j], cs[streams[b]][j])) for a, b in keys}
+        has_r = any(isinstance(r, torch.Tensor) or r != 0.0 for s in streams for r in rs[s])
+        gm = GateMoments(c1=c1, c2=c2)
+        if has_r:
+            gm.r1 = [expect(lambda j, s=s: rs[s][j]) for s in streams]
+            gm.cr = {(a, b): expect(lambda j, a=a, b=b: prod(cs[streams[a]][j], rs[streams[b]][j])) for a, b in keys}
+            gm.r2 = {(a, b): expect(lambda j, a=a, b=b: prod(rs[streams[a]][j], rs[streams[b]][j])) for a, b in keys}
+        return mode.gate(pre, gm)
+
+    def law(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
+            dtype: torch.dtype) -> DiscreteLaw:
+        K = self.num_pieces()
+        first = sums["p1"]
+        n = counts.clamp_min(1).view(-1, *([1] * (first.ndim - 1)))
+        probs = torch.stack([sums[f"p{j}"] / n for j in range(1, K)], 1)
+        return DiscreteLaw(probs.to(device, dtype))
+
+
+class SmoothGate(GateRule):
+    """A smooth activation. Subclasses may give :meth:`slope` (``phi'``) in closed form; the default takes it
+    from autograd, which is exact for any elementwise op, so a user's activation needs no formula.
+    """
+
+    family = "smooth"
+
+    def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        """``phi'(s)`` elementwise (default: autograd of the op itself)."""
+        with torch.enable_grad():
+            t = s.detach().requires_grad_(True)
+            a = stream_of(args, 0)
+            y = self.call(mode.params[0], (t, *a[1:]), stream_of(kwargs, 0))
+            (g,) = torch.autograd.grad(y.sum(), t)
+        return g
+
+    def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        pre = self.pre(args, kwargs)
+        s0 = pre.vals[0]
+        a0 = self.real(mode, args, kwargs)
+        c = self.slope(s0, mode, args, kwargs).to(torch.float64)
+        r = a0.to(torch.float64) - c * s0.to(torch.float64)
+        for key, val in (("c", c), ("r", r), ("cc", c * c), ("cr", c * r), ("rr", r * r)):
+            mode.add(self.name, key, val)
+        return Pair((a0,), True)
+
+    def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        pre = self.pre(args, kwargs)
+        s0 = pre.vals[0]
+        a0 = self.real(mode, args, kwargs)
+        c = self.slope(s0, mode, args, kwargs).detach()
+        return Pair((a0, *(a0 + c * (v - s0) for v in pre.vals[1:])), True)
+
+    def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        pre = self.pre(args, kwargs)
+        law: MomentLaw = mode.law(self)
+        s0 = pre.vals[0]
+        if tuple(law.points_c.shape[2:]) != tuple(s0.shape[1:]):
+            raise ValueError(f"gate site {self.name!r}: summary has units of shape "
+                             f"{tuple(law.points_c.shape[2:])}, the network produces {tuple(s0.shape[1:])}")
+        c, r = law.draw(mode.groups, mode.generator, mode.shared, s0)
+        return Pair(tuple(v * c + r for v in pre.vals), True)
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        pre = self.pre(args, kwargs)
+        law: MomentLaw = mode.law(self)
+        like = mode.state.M
+        m = {k: v.reshape(-1).to(like) for k, v in law.moments(mode.group).items()}
+        gm = GateMoments(c1=[m["c"]], c2={(0, 0): m["cc"]}, r1=[m["r"]], cr={(0, 0): m["cr"]}, r2={(0, 0): m["rr"]})
+        return mode.gate(pre, gm)
+
+    def law(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
+            dtype: torch.dtype) -> MomentLaw:
+        return MomentLaw(sums, counts, device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- piecewise ops
+def _fns(*names: str, module: Any = F) -> list[Any]:
+    """The functions of these names that exist (torch.fx records some under a private alias)."""
+    return [getattr(module, n) for n in names if hasattr(module, n)]
+
+
+@register(nn.ReLU, F.relu, torch.relu, *_fns("relu_"), *_fns("relu_", module=torch), "relu", "relu_")
+class ReluGate(PiecewiseLinearGate):
+    """``relu(s)``: pieces ``(0, 0)`` and ``(1, 0)``; the law is the activation probability mu per unit."""
+
+    family = "relu"
+
+    def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        return [(0.0, 0.0), (1.0, 0.0)]
+
+    def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        return (s0 > 0).long()
+
+
+@register(nn.LeakyReLU, F.leaky_relu, *_fns("leaky_relu_"))
+class LeakyReluGate(PiecewiseLinearGate):
+    """``leaky_relu(s, alpha)``: pieces ``(alpha, 0)`` and ``(1, 0)``."""
+
+    family = "leaky_relu"
+
+    def setup(self) -> None:
+        if self.module is not None:
+            self.alpha = float(self.module.negative_slope)
+        else:
+            self.alpha = float(self.const_arg(1, "negative_slope", 0.01))
+
+    def params(self) -> dict[str, Any]:
+        return {"negative_slope": self.alpha}
+
+    def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        return [(self.alpha, 0.0), (1.0, 0.0)]
+
+    def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        return (s0 > 0).long()
+
+
+@register(nn.RReLU, F.rrelu, *_fns("rrelu_"))
+class RReluGate(LeakyReluGate):
+    """Randomized leaky ReLU in eval mode: the fixed slope ``(lower + upper) / 2``."""
+
+    family = "rrelu"
+
+    def setup(self) -> None:
+        if self.module is not None:
+            lower, upper = float(self.module.lower), float(self.module.upper)
+        else:
+            lower = float(self.const_arg(1, "lower", 1.0 / 8))
+            upper = float(self.const_arg(2, "upper", 1.0 / 3))
+            if self.const_arg(3, "training", False):
+                raise self.refuse("randomized leaky ReLU in training mode")
+        self.alpha = (lower + upper) / 2
+
+    def call(self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+        return F.leaky_relu(args[0], self.alpha)
+
+
+@register(nn.PReLU, F.prelu, *_fns("prelu", module=torch))
+class PReluGate(PiecewiseLinearGate):
+    """``prelu(s, w)``: pieces ``(w, 0)`` and ``(1, 0)`` with the learned slope w of each stream (per channel or
+    shared): the piece is decided by theta0, the slope is the stream's own parameter."""
+
+    family = "prelu"
+    stream_specific = True
+
+    def num_pieces(self) -> int:
+        return 2
+
+    def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        w = params[f"{self.prefix}.weight" if self.prefix else "weight"] if self.module is not None else args[1]
+        w = w.reshape(()) if w.numel() == 1 else w.reshape(-1, *([1] * (unit_ndim - 1)))
+        return [(w, 0.0), (1.0, 0.0)]
+
+    def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        return (s0 > 0).long()
+
+
+class _Clip(PiecewiseLinearGate):
+    """``clip(s, lo, hi)`` with constant bounds (either may be None): pieces below, inside and above."""
+
+    family = "clip"
+    lo: float | None = None
+    hi: float | None = None
+
+    def _set_bounds(self, lo: Any, hi: Any) -> None:
+        self.lo = None if lo is None else float(lo)
+        self.hi = None if hi is None else float(hi)
+        if self.lo is None and self.hi is None:
+            raise self.refuse("clamp without bounds")
+        if self.lo is not None and self.hi is not None and not self.lo < self.hi:
+            raise self.refuse(f"clamp bounds min={self.lo} >= max={self.hi}")
+
+    def params(self) -> dict[str, Any]:
+        return {"min": self.lo, "max": self.hi}
+
+    def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        out: list[tuple[Any, Any]] = [(1.0, 0.0)]  # piece 0: inside
+        if self.lo is not None:
+            out.append((0.0, self.lo))
+        if self.hi is not None:
+            out.append((0.0, self.hi))
+        return out
+
+    def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        k = torch.zeros_like(s0, dtype=torch.long)
+        j = 1
+        if self.lo is not None:
+            k = torch.where(s0 < self.lo, j, k)
+            j += 1
+        if self.hi is not None:
+            k = torch.where(s0 > self.hi, j, k)
+        return k
+
+
+@register(nn.ReLU6, F.relu6)
+class Relu6Gate(_Clip):
+    """``relu6(s) = clip(s, 0, 6)``."""
+
+    family = "relu6"
+
+    def setup(self) -> None:
+        self._set_bounds(0.0, 6.0)
+
+    def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        # piece 0 is "below": ReLU-like units are off more often than saturated
+        return [(0.0, 0.0), (1.0, 0.0), (0.0, 6.0)]
+
+    def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        return (s0 > 0).long() + (s0 >= 6).long()
+
+
+@register(nn.Hardtanh, F.hardtanh, *_fns("hardtanh_"))
+class HardtanhGate(_Clip):
+    """``hardtanh(s, min_val, max_val)``."""
+
+    family = "hardtanh"
+
+    def setup(self) -> None:
+        if isinstance(self.module, nn.ReLU6):  # nn.ReLU6 derives from nn.Hardtanh but has its own rule
+            self._set_bounds(0.0, 6.0)
+        elif self.module is not None:
+            self._set_bounds(self.module.min_val, self.module.max_val)
+        else:
+            self._set_bounds(self.const_arg(1, "min_val", -1.0), self.const_arg(2, "max_val", 1.0))
+
+
+@register(torch.clamp, torch.clip, "clamp", "clip", "clamp_", "clip_", *_fns("clamp_", "clip_", module=torch))
+class ClampGate(_Clip):
+    """``clamp(s, min, max)`` / ``clip`` with constant bounds."""
+
+    family = "clamp"
+
+    def setup(self) -> None:
+        self._set_bounds(self.const_arg(1, "min", None), self.const_arg(2, "max", None))
+
+
+@register(torch.clamp_min, "clamp_min", *_fns("clamp_min_", module=torch), "clamp_min_")
+class ClampMinGate(_Clip):
+    """``clamp_min(s, min)``."""
+
+    family = "clamp"
+
+    def setup(self) -> None:
+        self._set_bounds(self.const_arg(1, "min", None), None)
+
+
+@register(torch.clamp_max, "clamp_max", *_fns("clamp_max_", module=torch), "clamp_max_")
+class ClampMaxGate(_Clip):
+    """``clamp_max(s, max)``."""
+
+    family = "clamp"
+
+    def setup(self) -> None:
+        self._set_bounds(None, self.const_arg(1, "max", None))
+
+
+@register(nn.Threshold, *_fns("threshold", "_threshold", "threshold_"))
+class ThresholdGate(PiecewiseLinearGate):
+    """``threshold(s, t, v)``: ``s`` where ``s > t``, else ``v``: pieces ``(0, v)`` and ``(1, 0)``."""
+
+    family = "threshold"
+
+    def setup(self) -> None:
+        if self.module is not None:
+            self.t, self.v = float(self.module.threshold), float(self.module.value)
+        else:
+            self.t, self.v = float(self.const_arg(1, "threshold")), float(self.const_arg(2, "value"))
+
+    def params(self) -> dict[str, Any]:
+        return {"threshold": self.t, "value": self.v}
+
+    def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        return [(0.0, self.v), (1.0, 0.0)]
+
+    def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        return (s0 > self.t).long()
+
+
+@register(nn.Hardsigmoid, F.hardsigmoid)
+class HardsigmoidGate(PiecewiseLinearGate):
+    """``hardsigmoid(s) = clip(s / 6 + 1/2, 0, 1)``: pieces ``(0, 0)``, ``(1/6, 1/2)``, ``(0, 1)``."""
+
+    family = "hardsigmoid"
+
+    def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        return [(0.0, 0.0), (1.0 / 6.0, 0.5), (0.0, 1.0)]
+
+    def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        return (s0 > -3).long() + (s0 >= 3).long()
+
+
+@register(nn.Hardshrink, F.hardshrink, *_fns("hardshrink", module=torch), "hardshrink")
+class HardshrinkGate(PiecewiseLinearGate):
+    """``hardshrink(s, l)``: ``s`` where ``|s| > l``, else 0."""
+
+    family = "hardshrink"
+
+    def setup(self) -> None:
+        self.lam = float(self.module.lambd) if self.module is not None else float(self.const_arg(1, "lambd", 0.5))
+
+    def params(self) -> dict[str, Any]:
+        return {"lambd": self.lam}
+
+    def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        return [(0.0, 0.0), (1.0, 0.0)]
+
+    def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        return (s0.abs() > self.lam).long()
+
+
+@register(nn.Softshrink, F.softshrink)
+class SoftshrinkGate(PiecewiseLinearGate):
+    """``softshrink(s, l)``: ``s - l`` above ``l``, ``s + l`` below ``-l``, else 0."""
+
+    family = "softshrink"
+
+    def setup(self) -> None:
+        self.lam = float(self.module.lambd) if self.module is not None else float(self.const_arg(1, "lambd", 0.5))
+
+    def params(self) -> dict[str, Any]:
+        return {"lambd": self.lam}
+
+    def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        return [(0.0, 0.0), (1.0, -self.lam), (1.0, self.lam)]
+
+    def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        return (s0 > self.lam).long() + 2 * (s0 < -self.lam).long()
+
+
+# ---------------------------------------------------------------------------------------------- smooth ops
+_SQRT_2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+
+@register(nn.GELU, F.gelu)
+class GeluGate(SmoothGate):
+    """``gelu(s)`` (``approximate="none"``: ``s Phi(s)``; ``"tanh"``: the tanh approximation)."""
+
+    family = "gelu"
+
+    def setup(self) -> None:
+        if self.module is not None:
+            self.approximate = str(self.module.approximate)
+        else:
+            self.approximate = str(self.const_arg(1, "approximate", "none"))
+        if self.approximate not in ("none", "tanh"):
+            raise self.refuse(f"approximate={self.approximate!r}")
+
+    def params(self) -> dict[str, Any]:
+        return {"approximate": self.approximate}
+
+    def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        if self.approximate == "tanh":
+            k = math.sqrt(2.0 / math.pi)
+            t = torch.tanh(k * (s + 0.044715 * s**3))
+            return 0.5 * (1 + t) + 0.5 * s * (1 - t * t) * k * (1 + 3 * 0.044715 * s * s)
+        cdf = 0.5 * (1 + torch.erf(s / _SQRT_2))
+        return cdf + s * torch.exp(-0.5 * s * s) * _INV_SQRT_2PI
+
+
+@register(nn.SiLU, F.silu)
+class SiluGate(SmoothGate):
+    """``silu(s) = s sigmoid(s)``."""
+
+    family = "silu"
+
+    def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        sg = torch.sigmoid(s)
+        return sg * (1 + s * (1 - sg))
+
+
+@register(nn.Tanh, torch.tanh, F.tanh, "tanh", "tanh_", *_fns("tanh_", module=torch))
+class TanhGate(SmoothGate):
+    """``tanh(s)``."""
+
+    family = "tanh"
+
+    def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        t = torch.tanh(s)
+        return 1 - t * t
+
+
+@register(nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid", "sigmoid_", *_fns("sigmoid_", module=torch))
+class SigmoidGate(SmoothGate):
+    """``sigmoid(s)``."""
+
+    family = "sigmoid"
+
+    def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        sg = torch.sigmoid(s)
+        return sg * (1 - sg)
+
+
+@register(nn.Softplus, F.softplus)
+class SoftplusGate(SmoothGate):
+    """``softplus(s, beta, threshold)`` (linear where ``beta s > threshold``)."""
+
+    family = "softplus"
+
+    def setup(self) -> None:
+        if self.module is not None:
+            self.beta, self.threshold = float(self.module.beta), float(self.module.threshold)
+        else:
+            self.beta = float(self.const_arg(1, "beta", 1.0))
+            self.threshold = float(self.const_arg(2, "threshold", 20.0))
+
+    def params(self) -> dict[str, Any]:
+        return {"beta": self.beta, "threshold": self.threshold}
+
+    def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        bs = self.beta * s
+        return torch.where(bs > self.threshold, torch.ones_like(s), torch.sigmoid(bs))
+
+
+@register(nn.ELU, F.elu, *_fns("elu_"))
+class EluGate(SmoothGate):
+    """``elu(s, alpha)``."""
+
+    family = "elu"
+
+    def setup(self) -> None:
+        self.alpha = float(self.module.alpha) if self.module is not None else float(self.const_arg(1, "alpha", 1.0))
+
+    def params(self) -> dict[str, Any]:
+        return {"alpha": self.alpha}
+
+    def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        return torch.where(s > 0, torch.ones_like(s), self.alpha * torch.exp(torch.clamp_max(s, 0)))
+
+
+@register(nn.CELU, F.celu, *_fns("celu_"))
+class CeluGate(SmoothGate):
+    """``celu(s, alpha)``."""
+
+    family = "celu"
+
+    def setup(self) -> None:
+        self.alpha = float(self.module.alpha) if self.module is not None else float(self.const_arg(1, "alpha", 1.0))
+
+    def params(self) -> dict[str, Any]:
+        return {"alpha": self.alpha}
+
+    def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        return torch.where(s > 0, torch.ones_like(s), torch.exp(torch.clamp_max(s, 0) / self.alpha))
+
+
+@register(nn.SELU, F.selu, *_fns("selu_"), *_fns("selu", module=torch))
+class SeluGate(SmoothGate):
+    """``selu(s)``."""
+
+    family = "selu"
+
+    def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        return _SELU_SCALE * torch.where(s > 0, torch.ones_like(s), _SELU_ALPHA * torch.exp(torch.clamp_max(s, 0)))
+
+
+@register(nn.Mish, F.mish)
+class MishGate(SmoothGate):
+    """``mish(s) = s tanh(softplus(s))``."""
+
+    family = "mish"
+
+    def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        t = torch.tanh(F.softplus(s))
+        return t + s * (1 - t * t) * torch.sigmoid(s)
+
+
+@register(nn.Hardswish, F.hardswish)
+class HardswishGate(SmoothGate):
+    """``hardswish(s) = s relu6(s + 3) / 6`` (piecewise quadratic: a smooth law)."""
+
+    family = "hardswish"
+
+    def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        mid = (2 * s + 3) / 6
+        return torch.where(s <= -3, torch.zeros_like(s), torch.where(s >= 3, torch.ones_like(s), mid))
+
+
+@register(nn.LogSigmoid, F.logsigmoid)
+class LogSigmoidGate(SmoothGate):
+    """``logsigmoid(s)``."""
+
+    family = "logsigmoid"
+
+    def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        return torch.sigmoid(-s)
+
+
+@register(nn.Softsign, F.softsign)
+class SoftsignGate(SmoothGate):
+    """``softsign(s) = s / (1 + |s|)``."""
+
+    family = "softsign"
+
+    def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        return 1 / (1 + s.abs()) ** 2
+
+
+@register(nn.Tanhshrink, F.tanhshrink)
+class TanhshrinkGate(SmoothGate):
+    """``tanhshrink(s) = s - tanh(s)``."""
+
+    family = "tanhshrink"
+
+    def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        t = torch.tanh(s)
+        return t * t

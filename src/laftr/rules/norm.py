@@ -1,0 +1,325 @@
+"""Per-example normalization (LayerNorm, RMSNorm, GroupNorm, InstanceNorm without running statistics).
+
+Each normalizes groups of D entries of one example ("positions": the leading entries of a LayerNorm input,
+the groups of a GroupNorm): ``y = gamma * (x - mean(x)) * nu + beta`` with ``nu = 1 / sqrt(var(x) + eps)``
+(RMSNorm: no centring, ``nu = 1 / sqrt(mean(x^2) + eps)``). Linearized at theta0 (METHOD.md section 6):
+
+- LAFTR (``sample``) and the closed form: the normalizer ``nu`` is decided by theta0, like a gate: a random
+  scale per position, independent of the input and across positions, shared by the position's entries and
+  by both streams. It is drawn from a law fitted at theta0 on the data: we store the exact first and second
+  moments of ``nu`` per position (2 floats) and sample the log-normal law with those moments (a normalizer
+  is positive). Given ``nu`` the op is linear in x: ``y_s = gamma_s * P(nu x_s) + beta_s``.
+- theta0's own linearization (``gates="relu"``): the exact Jacobian of the normalization at theta0's input,
+  ``dn = nu0 (P dx - n0 (n0 . P dx) / D)`` with ``n0 = nu0 P x0``, which includes the
+  ``-(x - mean)(x - mean)^T / (D sigma^3)`` term; so the estimate is first-order exact as theta -> theta0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..moments import GateMoments
+from .affine import AffineRule
+from .base import Pair, Rule, data_pairs, register, stream_of
+
+
+class ScaleLaw:
+    """Exact mean and second moment of a positive scale per group and position; samples a log-normal law."""
+
+    def __init__(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        n = counts.clamp_min(1).view(-1, *([1] * (sums["nu"].ndim - 1)))
+        m1, m2 = sums["nu"] / n, sums["nu2"] / n
+        var_log = torch.log(m2 / (m1 * m1)).clamp_min(0)  # sigma^2 of log nu
+        self.first = m1.to(device, dtype)
+        self.second = m2.to(device, dtype)
+        self.log_mean = (torch.log(m1) - var_log / 2).to(device, dtype)
+        self.log_sd = var_log.sqrt().to(device, dtype)
+
+    def draw(self, groups: torch.Tensor, gen: torch.Generator, shared: bool, like: torch.Tensor) -> torch.Tensor:
+        G, pos = self.first.shape[0], tuple(self.first.shape[1:])
+        n = 1 if shared else int(groups.shape[0])
+        z = torch.randn((n, *pos), generator=gen, device=gen.device, dtype=like.dtype).to(like.device)
+        if G == 1:
+            mu, sd = self.log_mean[0], self.log_sd[0]
+        else:
+            g = groups.to(self.first.device)
+            mu, sd = self.log_mean.index_select(0, g), self.log_sd.index_select(0, g)
+        return torch.exp(mu + sd * z)
+
+    def moments(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.first[g], self.second[g]
+
+
+class NormRule(Rule):
+    """Base of the per-example normalizations; subclasses give the geometry and the affine parameters."""
+
+    family: ClassVar[str] = "norm"
+    site: ClassVar[bool] = True
+    centered: ClassVar[bool] = True
+
+    # ------------------------------------------------------------------ geometry (override)
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``(B, *positions, D)``: the statistics are over the last axis."""
+        raise NotImplementedError
+
+    def weight_bias(self, params: dict[str, torch.Tensor], args: Any, kwargs: Any,
+                    like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The stream's ``(gamma, beta)``, broadcastable against the input (None where absent)."""
+        raise NotImplementedError
+
+    def eps_for(self, x: torch.Tensor) -> float:
+        return self.eps
+
+    # ------------------------------------------------------------------ pieces of the op
+    def inv_sigma(self, x: torch.Tensor) -> torch.Tensor:
+        """``nu`` of every position: ``(B, *positions)``."""
+        g = self.grouped(x)
+        stat = g.var(-1, unbiased=False) if self.centered else (g * g).mean(-1)
+        return torch.rsqrt(stat + self.eps_for(x))
+
+    def center(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.centered:
+            return x
+        g = self.grouped(x)
+        return (g - g.mean(-1, keepdim=True)).reshape(x.shape)
+
+    def scale(self, x: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
+        g = self.grouped(x)
+        return (g * nu.unsqueeze(-1)).reshape(x.shape)
+
+    def finish(self, v: torch.Tensor, params: dict[str, torch.Tensor], args: Any, kwargs: Any) -> torch.Tensor:
+        """``gamma * v + beta``."""
+        w, b = self.weight_bias(params, args, kwargs, v)
+        if w is not None:
+            v = v * w
+        if b is not None:
+            v = v + b
+        return v
+
+    def pre(self, args: Any, kwargs: Any) -> Pair:
+        data = data_pairs((args, kwargs))
+        if len(data) != 1 or args[0] is not data[0]:
+            raise self.refuse("only its input may depend on the data (not its weight or bias)")
+        return data[0]
+
+    def has_params(self, args: Any, kwargs: Any) -> bool:
+        if self.module is not None:
+            return any(True for _ in self.module.parameters())
+        return any(isinstance(a, Pair) and not a.data for a in (*args[1:], *kwargs.values()))
+
+    # ------------------------------------------------------------------ modes
+    def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        self.pre(args, kwargs)
+        return Pair(self.call_streams(mode, args, kwargs), True)
+
+    def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        x0 = self.pre(args, kwargs).vals[0]
+        nu = self.inv_sigma(x0.to(torch.float64))
+        mode.add(self.name, "nu", nu)
+        mode.add(self.name, "nu2", nu * nu)
+        return Pair(self.call_streams(mode, args, kwargs, [0]), True)
+
+    def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        pre = self.pre(args, kwargs)
+        law: ScaleLaw = mode.law(self)
+        x0 = pre.vals[0]
+        pos = tuple(self.grouped(x0).shape[1:-1])
+        if tuple(law.first.shape[1:]) != pos:
+            raise ValueError(f"normalization site {self.name!r}: summary has positions of shape "
+                             f"{tuple(law.first.shape[1:])}, the network produces {pos} (input of another size?)")
+        nu = law.draw(mode.groups, mode.generator, mode.shared, x0)
+        outs = []
+        for s, v in enumerate(pre.vals):
+            a, k = stream_of(args, s), stream_of(kwargs, s)
+            outs.append(self.finish(self.center(self.scale(v, nu)), mode.params[s], a, k))
+        return Pair(tuple(outs), True)
+
+    def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        pre = self.pre(args, kwargs)
+        x0 = pre.vals[0]
+        nu0 = self.inv_sigma(x0).unsqueeze(-1)
+        n0 = self.grouped(self.center(x0)) * nu0
+        D = n0.shape[-1]
+        outs = []
+        for s, v in enumerate(pre.vals):
+            dx = self.grouped(self.center(v - x0))
+            dn = nu0 * (dx - n0 * (n0 * dx).sum(-1, keepdim=True) / D)
+            a, k = stream_of(args, s), stream_of(kwargs, s)
+            outs.append(self.finish((n0 + dn).reshape(x0.shape), mode.params[s], a, k))
+        return Pair(tuple(outs), True)
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        pre = self.pre(args, kwargs)
+        law: ScaleLaw = mode.law(self)
+        ref = pre.vals[0]
+        like = mode.state.M
+        first, second = (t.reshape(-1).to(like) for t in law.moments(mode.group))
+        n = math.prod(ref.shape)
+        D = n // first.numel()
+        if D * first.numel() != n:
+            raise ValueError(f"normalization site {self.name!r}: {first.numel()} stored positions do not divide "
+                             f"{n} units")
+        gm = GateMoments(c1=[first.repeat_interleave(D)], c2={(0, 0): second.repeat_interleave(D)},
+                         unit_groups=torch.arange(n, device=like.device) // D)
+        scaled = mode.gate(pre, gm)
+        specific = self.has_params(args, kwargs) or scaled.vals[0].block != scaled.vals[1].block
+        streams = [0, 1] if specific else [0]
+
+        def make(s: int) -> Any:
+            a, k = stream_of(args, s), stream_of(kwargs, s)
+            return lambda v: self.finish(self.center(v), mode.params[s], a, k)
+
+        return mode.affine_fns([make(s) for s in streams], [[scaled.vals[s]] for s in streams], self.name)
+
+    def law(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
+            dtype: torch.dtype) -> ScaleLaw:
+        return ScaleLaw(sums, counts, device, dtype)
+
+
+def _trailing(shape: Any) -> tuple[int, ...]:
+    return (int(shape),) if isinstance(shape, int) else tuple(int(v) for v in shape)
+
+
+@register(nn.LayerNorm, F.layer_norm)
+class LayerNormRule(NormRule):
+    """``layer_norm`` over the trailing ``normalized_shape`` dimensions; positions are the leading ones."""
+
+    family = "layer_norm"
+
+    def setup(self) -> None:
+        if self.module is not None:
+            self.shape = _trailing(self.module.normalized_shape)
+            self.eps = float(self.module.eps)
+        else:
+            self.shape = _trailing(self.const_arg(1, "normalized_shape"))
+            self.eps = float(self.const_arg(4, "eps", 1e-5))
+
+    def params(self) -> dict[str, Any]:
+        return {"normalized_shape": list(self.shape), "eps": self.eps}
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        k = len(self.shape)
+        return x.reshape(*x.shape[: x.ndim - k], -1)
+
+    def weight_bias(self, params: dict[str, torch.Tensor], args: Any, kwargs: Any,
+                    like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.module is not None:
+            p = self.prefix + "."
+            return params.get(p + "weight"), params.get(p + "bias")
+        w = kwargs.get("weight", args[2] if len(args) > 2 else None)
+        b = kwargs.get("bias", args[3] if len(args) > 3 else None)
+        return w, b
+
+
+@register(*(t for t in (getattr(nn, "RMSNorm", None), getattr(F, "rms_norm", None)) if t is not None))
+class RmsNormRule(NormRule):
+    """``rms_norm``: no centring, ``nu = 1 / sqrt(mean(x^2) + eps)``; ``eps=None`` means the dtype's epsilon."""
+
+    family = "rms_norm"
+    centered = False
+
+    def setup(self) -> None:
+        if self.module is not None:
+            self.shape = _trailing(self.module.normalized_shape)
+            eps = self.module.eps
+        else:
+            self.shape = _trailing(self.const_arg(1, "normalized_shape"))
+            eps = self.const_arg(3, "eps", None)
+        self.eps = None if eps is None else float(eps)  # type: ignore[assignment]
+
+    def params(self) -> dict[str, Any]:
+        return {"normalized_shape": list(self.shape), "eps": self.eps}
+
+    def eps_for(self, x: torch.Tensor) -> float:
+        return float(torch.finfo(x.dtype).eps) if self.eps is None else self.eps
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        k = len(self.shape)
+        return x.reshape(*x.shape[: x.ndim - k], -1)
+
+    def weight_bias(self, params: dict[str, torch.Tensor], args: Any, kwargs: Any,
+                    like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.module is not None:
+            return params.get(self.prefix + ".weight"), None
+        return kwargs.get("weight", args[2] if len(args) > 2 else None), None
+
+
+@register(nn.GroupNorm, F.group_norm)
+class GroupNormRule(NormRule):
+    """``group_norm``: input ``(B, C, *spatial)``, statistics over each group of ``C / G`` channels."""
+
+    family = "group_norm"
+
+    def setup(self) -> None:
+        if self.module is not None:
+            self.groups = int(self.module.num_groups)
+            self.eps = float(self.module.eps)
+        else:
+            self.groups = int(self.const_arg(1, "num_groups"))
+            self.eps = float(self.const_arg(4, "eps", 1e-5))
+
+    def params(self) -> dict[str, Any]:
+        return {"num_groups": self.groups, "eps": self.eps}
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], self.groups, -1)
+
+    def _channel(self, t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        return None if t is None else t.reshape(-1, *([1] * (like.ndim - 2)))
+
+    def weight_bias(self, params: dict[str, torch.Tensor], args: Any, kwargs: Any,
+                    like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.module is not None:
+            p = self.prefix + "."
+            return self._channel(params.get(p + "weight"), like), self._channel(params.get(p + "bias"), like)
+        w = kwargs.get("weight", args[2] if len(args) > 2 else None)
+        b = kwargs.get("bias", args[3] if len(args) > 3 else None)
+        return self._channel(w, like), self._channel(b, like)
+
+
+@register(nn.modules.instancenorm._InstanceNorm)
+class InstanceNormRule(GroupNormRule):
+    """Instance norm: per example and channel (GroupNorm with one channel per group), or, with running
+    statistics in eval mode, a per-channel affine map like eval batch norm."""
+
+    family = "instance_norm"
+
+    def setup(self) -> None:
+        mod = self.module
+        assert mod is not None
+        self.eps = float(mod.eps)
+        self.groups = int(mod.num_features)
+        self.fixed = bool(mod.track_running_stats and mod.running_mean is not None)
+        if self.fixed:
+            self.site = False  # type: ignore[misc]
+            self.affine = True  # type: ignore[misc]
+
+    def call(self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+        p = self.prefix + "."
+        x = args[0]
+        if self.fixed:
+            return F.instance_norm(x, params[p + "running_mean"], params[p + "running_var"], params.get(p + "weight"),
+                                   params.get(p + "bias"), use_input_stats=False, eps=self.eps)
+        return F.instance_norm(x, None, None, params.get(p + "weight"), params.get(p + "bias"),
+                               use_input_stats=True, eps=self.eps)
+
+    def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        return AffineRule.forward(self, mode, args, kwargs) if self.fixed else super().fit(mode, args, kwargs)  # type: ignore[arg-type]
+
+    def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        return AffineRule.forward(self, mode, args, kwargs) if self.fixed else super().sample(mode, args, kwargs)  # type: ignore[arg-type]
+
+    def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        return AffineRule.forward(self, mode, args, kwargs) if self.fixed else super().own(mode, args, kwargs)  # type: ignore[arg-type]
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        return mode.affine(self, args, kwargs) if self.fixed else super().moments(mode, args, kwargs)
+
+    def check(self, args: Any, kwargs: Any) -> None:  # used by AffineRule.forward in the fixed case
+        self.pre(args, kwargs)
