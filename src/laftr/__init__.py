@@ -1,5 +1,7 @@
 """laftr: function space distance between networks from a compact summary of the training data."""
 
+from . import rules
+from .errors import DataError, LaftrError, OptionError, UnsupportedOpError, UsageError
 from .estimators import EstimatorConfig, FSDEstimator, available_estimators, make_estimator, register
 from .exact import exact_fsd
 from .io import SummaryFileError, load, save
@@ -9,9 +11,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METRICS",
+    "DataError",
     "EstimatorConfig",
     "FSDEstimator",
+    "LaftrError",
+    "OptionError",
     "SummaryFileError",
+    "UnsupportedOpError",
+    "UsageError",
     "__version__",
     "available_estimators",
     "discrepancy",
@@ -19,5 +26,6 @@ __all__ = [
     "load",
     "make_estimator",
     "register",
+    "rules",
     "save",
 ]

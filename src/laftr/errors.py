@@ -24,9 +24,13 @@ class DataError(LaftrError, ValueError):
     """Data that cannot be used: empty, non-finite, wrongly shaped, missing labels."""
 
 
+class SummaryFileError(LaftrError, ValueError):
+    """A summary file that is truncated, corrupted, of another format or version, or otherwise unreadable."""
+
+
 class UnsupportedOpError(LaftrError, TypeError, ValueError):
     """A network (or one of its ops or layers) that an estimator cannot handle; the message names the node,
     the op and the reason."""
 
 
-__all__ = ["DataError", "LaftrError", "OptionError", "UnsupportedOpError", "UsageError"]
+__all__ = ["DataError", "LaftrError", "OptionError", "SummaryFileError", "UnsupportedOpError", "UsageError"]

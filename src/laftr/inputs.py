@@ -534,6 +534,8 @@ class MixtureInputs(GaussianFamily):
                 "kmeans_iters": self.kmeans_iters}
 
     def prepare(self, batches: Batches) -> None:
+        if self.centers is not None:  # components given (e.g. the same ones for every shard of a data set)
+            return
         keys: list[torch.Tensor] = []
         xs: list[torch.Tensor] = []
         m = self.mixture_sample

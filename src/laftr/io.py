@@ -10,14 +10,15 @@ from pathlib import Path
 
 import torch
 
+from .errors import SummaryFileError
 from .estimators.base import REGISTRY, FSDEstimator
 
 FORMAT = "laftr-summary"
-FORMAT_VERSION = 1
+#: 2: LAFTR summaries keep named statistics per site and one input model (laftr 0.2); 1 is still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
-
-class SummaryFileError(ValueError):
-    """A summary file that is truncated, corrupted, of another format or version, or otherwise unreadable."""
+__all__ = ["FORMAT", "FORMAT_VERSION", "SummaryFileError", "atomic_write_bytes", "load", "save"]
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -94,17 +95,22 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None)
         raise SummaryFileError(f"{path} is not a readable laftr summary (truncated or corrupted?): {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SummaryFileError(f"{path} is a safetensors file but not a laftr summary (no laftr metadata)")
-    if meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
         raise SummaryFileError(
-            f"{path} has summary format version {meta.get('format_version')}, this laftr reads {FORMAT_VERSION}"
+            f"{path} has summary format version {version}, this laftr reads versions {list(READABLE_VERSIONS)}"
         )
     name = meta.get("estimator")
     if name not in REGISTRY:
         raise SummaryFileError(f"{path} holds an estimator {name!r} that this laftr does not know")
     cls = REGISTRY[name]
+    options = dict(meta.get("config") or {})
+    if version == 1:  # laftr 0.1 gave laftr and laftr-exact one config; drop the options the other one had
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        options = {k: v for k, v in options.items() if k in fields}
     try:
-        config = cls.Config(**meta["config"])
-    except TypeError as e:
+        config = cls.Config(**options)
+    except (TypeError, ValueError) as e:
         raise SummaryFileError(f"{path}: config does not match estimator {name!r}: {e}") from e
     est = cls(config)
     est.outputs = meta.get("outputs")

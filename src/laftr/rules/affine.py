@@ -63,6 +63,12 @@ class SumRule(AffineRule):
     max_data_inputs = None
 
 
+class LikeRule(AffineRule):
+    """``expand_as`` / ``view_as`` / ``reshape_as``: the second tensor gives only its shape (jointly affine)."""
+
+    max_data_inputs = None
+
+
 class DivideRule(AffineRule):
     """Division by a constant or a parameter (never by data)."""
 
@@ -189,8 +195,8 @@ _AFFINE_FUNCTIONS = (
 )
 _AFFINE_METHODS = (
     "view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "contiguous", "mean", "sum",
-    "mul", "mul_", "neg", "t", "chunk", "split", "expand", "expand_as", "view_as", "reshape_as", "narrow",
-    "clone", "__getitem__", "unflatten", "movedim", "matmul", "swapaxes",
+    "mul", "mul_", "neg", "t", "chunk", "split", "expand", "narrow",
+    "clone", "unflatten", "movedim", "matmul", "swapaxes",
 )
 _SUM_FUNCTIONS = (operator.add, operator.sub, torch.add, torch.sub, torch.cat, torch.concat, torch.stack)
 _SUM_METHODS = ("add", "sub", "add_", "sub_")
@@ -200,9 +206,10 @@ _IDENTITY = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropo
              torch.dropout)
 _SHAPE = (torch.numel, len, "size", "dim", "numel", "nelement")
 
-# in-place spellings (operator.iadd, ...) are registered too: the interpreter runs their out-of-place twins
-register(*_AFFINE_MODULES, *_AFFINE_FUNCTIONS, *_AFFINE_METHODS, operator.imul)(AffineRule)
-register(*_SUM_FUNCTIONS, *_SUM_METHODS, operator.iadd, operator.isub)(SumRule)
-register(*_DIV, operator.itruediv)(DivideRule)
+# (``x += y`` reaches torch.fx as operator.add: a Proxy has no in-place operators)
+register(*_AFFINE_MODULES, *_AFFINE_FUNCTIONS, *_AFFINE_METHODS)(AffineRule)
+register(*_SUM_FUNCTIONS, *_SUM_METHODS)(SumRule)
+register(*_DIV)(DivideRule)
+register("expand_as", "view_as", "reshape_as")(LikeRule)
 register(*_IDENTITY)(IdentityRule)
 register(*_SHAPE)(ShapeRule)

@@ -149,6 +149,9 @@ class PiecewiseLinearGate(GateRule):
 
     family = "piecewise"
     stream_specific: ClassVar[bool] = False
+    #: False for ops with jumps (Hardshrink, Threshold with value != threshold): there the FSD has a term of
+    #: first order in |theta - theta0| from examples that cross a jump, which no linearization captures.
+    continuous: ClassVar[bool] = True
 
     def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
         """``[(c_0, r_0), ..., (c_{K-1}, r_{K-1})]`` for one stream (its parameters and arguments); tensor values
@@ -517,6 +520,10 @@ class ThresholdGate(PiecewiseLinearGate):
     def params(self) -> dict[str, Any]:
         return {"threshold": self.t, "value": self.v}
 
+    @property
+    def continuous(self) -> bool:  # type: ignore[override]
+        return self.t == self.v
+
     def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
         return [(0.0, self.v), (1.0, 0.0)]
 
@@ -542,6 +549,7 @@ class HardshrinkGate(PiecewiseLinearGate):
     """``hardshrink(s, l)``: ``s`` where ``|s| > l``, else 0."""
 
     family = "hardshrink"
+    continuous = False
 
     def setup(self) -> None:
         self.lam = float(self.module.lambd) if self.module is not None else float(self.const_arg(1, "lambd", 0.5))
@@ -619,7 +627,7 @@ class SiluGate(SmoothGate):
         return sg * (1 + s * (1 - sg))
 
 
-@register(nn.Tanh, torch.tanh, F.tanh, "tanh", "tanh_", *_fns("tanh_", module=torch))
+@register(nn.Tanh, torch.tanh, "tanh", "tanh_", *_fns("tanh_", module=torch))  # F.tanh calls Tensor.tanh
 class TanhGate(SmoothGate):
     """``tanh(s)``."""
 
@@ -630,7 +638,7 @@ class TanhGate(SmoothGate):
         return 1 - t * t
 
 
-@register(nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid", "sigmoid_", *_fns("sigmoid_", module=torch))
+@register(nn.Sigmoid, torch.sigmoid, "sigmoid", "sigmoid_", *_fns("sigmoid_", module=torch))  # F.sigmoid: Tensor.sigmoid
 class SigmoidGate(SmoothGate):
     """``sigmoid(s)``."""
 
