@@ -1,6 +1,7 @@
 """Reference networks of the experiments: MLPs and the conv net of METHOD.md section 4.
 
-All are plain ``nn.Sequential`` / ``nn.Module`` ReLU networks that LAFTR traces with torch.fx. Multi-head
+All are plain ``nn.Sequential`` networks that LAFTR traces with torch.fx (ReLU by default; the MLP takes any
+activation with a rule and an optional normalization layer). Multi-head
 continual learning uses one wide output layer and restricts each task to its own slice of outputs.
 """
 
@@ -11,27 +12,44 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU,
+                                           "leaky_relu": nn.LeakyReLU, "elu": nn.ELU}
+NORMS: dict[str, type[nn.Module]] = {"layernorm": nn.LayerNorm}
+if hasattr(nn, "RMSNorm"):
+    NORMS["rmsnorm"] = nn.RMSNorm
+
 
 def mlp(
     in_features: int = 784,
     hidden: Sequence[int] = (256, 256),
     out_features: int = 10,
     flatten: bool = True,
+    activation: str = "relu",
+    norm: str | None = None,
 ) -> nn.Sequential:
-    """``[Flatten] - Linear - ReLU - ... - Linear``.
+    """``[Flatten] - Linear - [Norm] - Activation - ... - Linear``.
 
     Args:
         in_features: input dimension (784 for 28x28 images).
         hidden: widths of the hidden layers.
         out_features: number of outputs (all heads together for multi-head tasks).
         flatten: start with ``nn.Flatten`` so image tensors can be fed directly.
+        activation: ``relu`` (default), ``gelu``, ``tanh``, ``silu``, ``leaky_relu`` or ``elu``.
+        norm: None, ``layernorm`` or ``rmsnorm`` after each hidden Linear (before the activation).
     """
     if in_features < 1 or out_features < 1 or any(int(h) < 1 for h in hidden):
         raise ValueError(f"layer sizes must be positive: in {in_features}, hidden {list(hidden)}, out {out_features}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    if norm is not None and norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {sorted(NORMS)} or None")
     layers: list[nn.Module] = [nn.Flatten()] if flatten else []
     d = int(in_features)
     for h in hidden:
-        layers += [nn.Linear(d, int(h)), nn.ReLU()]
+        layers.append(nn.Linear(d, int(h)))
+        if norm is not None:
+            layers.append(NORMS[norm](int(h)))
+        layers.append(ACTIVATIONS[activation]())
         d = int(h)
     layers.append(nn.Linear(d, int(out_features)))
     return nn.Sequential(*layers)

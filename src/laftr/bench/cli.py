@@ -15,7 +15,8 @@ def _csv(text: str) -> list[str]:
 def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="fashion-mnist", help="classification data set (default fashion-mnist)")
     p.add_argument("--data-dir", default=None, help="folder of the data set's files, when its loader needs one")
-    p.add_argument("--arch", default="mlp", choices=["mlp", "cnn"], help="network (default mlp: 784-256-256-10)")
+    p.add_argument("--arch", default="mlp", choices=["mlp", "cnn", "mlp-gelu"],
+                   help="network (default mlp: 784-256-256-10 ReLU; mlp-gelu: 784-512-512-10, LayerNorm + GELU)")
     p.add_argument("--quick", action="store_true", help="small run (under 2 minutes on 2 CPU cores)")
     p.add_argument("--out", required=True, help="output folder (results.json, table.md, scatter.png, memory.png)")
     p.add_argument("--force", action="store_true", help="write into an existing non-empty output folder")

@@ -44,7 +44,7 @@ from ..report import markdown_table, prepare_out_dir, pyplot, run_metadata, writ
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("mlp", "cnn")
+ARCHS = ("mlp", "cnn", "mlp-gelu")
 KINDS = ("task-B", "permuted", "random-labels", "task-A", "task-B+reg")
 
 
@@ -98,8 +98,9 @@ class FsdBenchConfig:
     Attributes:
         dataset: a classification data set known to :func:`laftr.data.load_dataset`.
         data_dir: where its files are (when the loader needs one).
-        arch: ``mlp`` (784-hidden-10) or ``cnn`` (the conv net of METHOD.md section 4, scaled by ``width``).
-        hidden: MLP hidden widths.
+        arch: ``mlp`` (784-hidden-10, ReLU), ``mlp-gelu`` (784-512-512-10 with LayerNorm after each hidden Linear
+            and GELU) or ``cnn`` (the conv net of METHOD.md section 4, scaled by ``width``).
+        hidden: MLP hidden widths (``mlp-gelu``: 512, 512 unless given).
         width: channel/fc multiplier of the conv net.
         task_a: task A's classes (theta0's task, and the outputs compared).
         task_b: task B's classes (a continuation task).
@@ -113,6 +114,7 @@ class FsdBenchConfig:
         coreset_sizes: k of the coreset baselines (``subset``, ``ntk``); the k matching LAFTR's memory is added.
         num_samples: Monte Carlo samples of the LAFTR estimators.
         rank: rank of LAFTR's low-rank input model.
+        components: mixture components of ``laftr-mixture`` (no labels used).
         laftr_coreset: stored inputs of LAFTR's coreset input model.
         eval_calls: calls averaged for a stochastic estimator's estimate.
         trajectories: the continuations (None: :func:`default_trajectories`).
@@ -139,6 +141,7 @@ class FsdBenchConfig:
     coreset_sizes: list[int] = dataclasses.field(default_factory=lambda: [10, 40, 200, 1000])
     num_samples: int = 64
     rank: int = 20
+    components: int = 10
     laftr_coreset: int = 200
     eval_calls: int = 4
     trajectories: list[Trajectory] | None = None
@@ -155,6 +158,8 @@ class FsdBenchConfig:
         base: dict[str, Any] = {"arch": arch, "quick": quick}
         if arch == "cnn":
             base.update(n_fit=6000, n_other=6000, epochs_a=2, coreset_sizes=[10, 40, 200, 1000])
+        if arch == "mlp-gelu":
+            base.update(hidden=[512, 512])
         if quick:
             base.update(n_fit=1500 if arch == "mlp" else 600, n_other=1500 if arch == "mlp" else 600,
                         hidden=[64, 64], width=0.25, epochs_a=2, coreset_sizes=[10, 40], num_samples=32,
@@ -176,8 +181,7 @@ class FsdBenchConfig:
         if self.n_fit is not None and self.n_fit < 10:
             raise ValueError("n_fit must be at least 10 examples")
         if self.methods is not None:
-            static = {s.label for s in method_specs(dataclasses.replace(self, arch="mlp"))}
-            static |= {s.label for s in method_specs(dataclasses.replace(self, arch="cnn"))}
+            static = {s.label for a in ARCHS for s in method_specs(dataclasses.replace(self, arch=a))}
             bad = [m for m in self.methods if m not in static and not re.fullmatch(r"(subset|ntk)-\d+", m)]
             if bad or not self.methods:
                 raise ValueError(f"unknown method(s) {bad}; known: {sorted(static)} and subset-K / ntk-K")
@@ -219,12 +223,16 @@ def method_specs(cfg: FsdBenchConfig, matched_k: Sequence[int] = ()) -> list[Met
         MethodSpec("laftr-lowrank", "laftr", {**lf, "input_model": "lowrank", "rank": cfg.rank}, "laftr",
                    stochastic=True),
         MethodSpec("laftr-classwise", "laftr", {**lf, "input_model": "classwise"}, "laftr", stochastic=True),
+        MethodSpec("laftr-mixture", "laftr", {**lf, "input_model": "mixture", "components": cfg.components},
+                   "laftr", stochastic=True),
+        MethodSpec("laftr-mixture-diag", "laftr", {**lf, "input_model": "mixture", "components": cfg.components,
+                                                   "component_cov": "diag"}, "laftr", stochastic=True),
         MethodSpec("laftr-relu", "laftr", {**lf, "input_model": "gaussian", "gates": "relu"}, "laftr",
                    stochastic=True),
         MethodSpec("laftr-coreset", "laftr", {**lf, "input_model": "coreset", "coreset_size": cfg.laftr_coreset},
                    "laftr", stochastic=True),
     ]
-    if cfg.arch == "mlp":  # the closed form tracks joint second moments: MLP-sized states, no max pooling
+    if cfg.arch != "cnn":  # the closed form tracks joint second moments: MLP-sized states, no max pooling
         specs += [MethodSpec("laftr-exact", "laftr-exact", {"input_model": "gaussian"}, "laftr",
                              metrics=tuple(sorted(QUADRATIC_METRICS))),
                   MethodSpec("laftr-exact-diag", "laftr-exact", {"input_model": "diag"}, "laftr",
@@ -236,10 +244,12 @@ def method_specs(cfg: FsdBenchConfig, matched_k: Sequence[int] = ()) -> list[Met
                              "laftr", stochastic=True),
                   MethodSpec("laftr-pool-sample", "laftr", {**lf, "input_model": "gaussian", "maxpool": "sample"},
                              "laftr", stochastic=True)]
+    # K-FAC has Kronecker factors for Linear/Conv2d layers only: LayerNorm's parameters get its diagonal term
+    kfac_opts = {"fisher": "mc", **({"unsupported": "diag"} if cfg.arch == "mlp-gelu" else {})}
     specs += [
         MethodSpec("weight", "weight", {}, "parametric"),
         MethodSpec("diag-fisher", "diag-fisher", {"fisher": "mc"}, "parametric"),
-        MethodSpec("kfac", "kfac", {"fisher": "mc"}, "parametric"),
+        MethodSpec("kfac", "kfac", kfac_opts, "parametric"),
     ]
     asked = {int(m.split("-")[1]) for m in cfg.methods or [] if re.fullmatch(r"(subset|ntk)-\d+", m)}
     for k in sorted(set(cfg.coreset_sizes) | set(matched_k) | asked):
@@ -289,6 +299,8 @@ def _load(cfg: FsdBenchConfig, gen: torch.Generator) -> _Data:
 def _build(cfg: FsdBenchConfig, in_shape: tuple[int, ...], n_out: int) -> nn.Module:
     if cfg.arch == "mlp":
         return mlp(math.prod(in_shape), cfg.hidden, n_out)
+    if cfg.arch == "mlp-gelu":
+        return mlp(math.prod(in_shape), cfg.hidden, n_out, activation="gelu", norm="layernorm")
     return conv_net(in_shape, n_out, width=cfg.width)
 
 
@@ -419,14 +431,22 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (na * nb))
 
 
+def _is_gate(mod: nn.Module) -> bool:
+    from ..rules import GateRule, module_rule
+
+    rule = module_rule(mod)
+    return rule is not None and issubclass(rule, GateRule)
+
+
 @torch.no_grad()
 def _pattern_change(model0: nn.Module, model: nn.Module, x: torch.Tensor, batch: int = 1000) -> float:
-    """Fraction of (example, hidden unit) pairs whose ReLU on/off state differs between theta0 and theta."""
+    """Fraction of (example, hidden unit) pairs whose activation pattern (the sign of the pre-activation of every
+    activation module: ReLU on/off) differs between theta0 and theta."""
     acts: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
 
     def hooks(m: nn.Module, key: str) -> list[Any]:
         return [mod.register_forward_hook(lambda _m, inp, _o, key=key: acts[key].append((inp[0] > 0).flatten(1)))
-                for mod in m.modules() if isinstance(mod, nn.ReLU)]
+                for mod in m.modules() if _is_gate(mod)]
 
     hs = hooks(model0, "a") + hooks(model, "b")
     diff = tot = 0
@@ -661,7 +681,8 @@ def render_table(res: dict[str, Any]) -> str:
         ("cpu_ms_eval_backward: process CPU time of one estimator evaluation + backward (median); it is less "
          "affected by other load on the machine than the wall time ms_eval_backward. Run with --threads 1 the "
          "two agree on an idle machine."),
-        "near/far: median |log ratio| over thetas whose ReLU pattern on task A changed less/more than the median.",
+        ("near/far: median |log ratio| over thetas whose activation pattern (sign of every pre-activation) on task "
+         "A changed less/more than the median."),
         "",
     ]
     for metric in res["config"]["metrics"]:

@@ -13,7 +13,17 @@ normalization), :mod:`~laftr.rules.pooling` (max pooling).
 from ..errors import UnsupportedOpError
 from . import affine, gates, norm, pooling  # noqa: F401  (registration side effects)
 from .affine import AffineRule, IdentityRule, ShapeRule, SumRule
-from .base import Pair, Rule, describe, lookup, make_rule, register, registered_targets, unregister
+from .base import (
+    Pair,
+    Rule,
+    describe,
+    lookup,
+    make_rule,
+    module_rule,
+    register,
+    registered_targets,
+    unregister,
+)
 from .gates import GateRule, PiecewiseLinearGate, SmoothGate
 from .norm import NormRule
 from .pooling import MaxPoolRule
@@ -34,6 +44,7 @@ __all__ = [
     "describe",
     "lookup",
     "make_rule",
+    "module_rule",
     "register",
     "registered_targets",
     "unregister",

@@ -35,6 +35,7 @@ __all__ = [
     "lookup",
     "make_rule",
     "module_call",
+    "module_rule",
     "register",
     "registered_targets",
     "unregister",
@@ -153,6 +154,11 @@ def _module_rule(mod_type: type) -> type[Rule] | None:
         if rule is not None:
             return rule if getattr(mod_type, "forward", None) is getattr(base, "forward", None) else None
     return None
+
+
+def module_rule(mod: nn.Module) -> type[Rule] | None:
+    """The rule class of a module (by its type or a base class whose ``forward`` it keeps), if any."""
+    return _module_rule(type(mod))
 
 
 def is_registered_module(mod: nn.Module) -> bool:
