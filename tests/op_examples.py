@@ -66,7 +66,7 @@ AFFINE: dict[Any, Example] = {
     nn.Linear: mod(lambda: nn.Linear(6, 3), V),
     F.linear: (lambda: WithParam(lambda x, p: F.linear(x, p), (3, 6)), V),
     nn.Conv1d: mod(lambda: nn.Conv1d(4, 3, 3, padding=1), V),
-    nn.Conv2d: mod(lambda: nn.Conv2d(2, 3, 3, padding=1), IMG),
+    nn.Conv2d: mod(lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), IMG),
     nn.Conv3d: mod(lambda: nn.Conv3d(2, 2, 3, padding=1), VOL),
     F.conv1d: (lambda: WithParam(lambda x, p: F.conv1d(x, p), (3, 4, 3)), V),
     F.conv2d: (lambda: WithParam(lambda x, p: F.conv2d(x, p, padding=1), (3, 2, 3, 3)), IMG),

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 import laftr
-from laftr.estimators._common import output_hessian_factor, output_vectors
+from laftr.estimators.curvature import output_hessian_factor, output_vectors
 from laftr.metrics import discrepancy
 
 DT = torch.float64

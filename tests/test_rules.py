@@ -455,3 +455,26 @@ def test_rule_errors_name_the_node():
                                           torch.randn(8, 4))
     with pytest.raises(TypeError, match="Rule subclasses"):
         laftr.rules.register(Swish)(object)
+
+
+def test_one_support_matrix_for_every_estimator_that_walks_the_network():
+    """LAFTR, K-FAC and diag-Fisher trace the same way: an op without a rule or an untraceable forward gives each of
+    them the same UnsupportedOpError naming the node."""
+    from cases import CumprodNet
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.a(x) if x.sum() > 0 else -self.a(x)
+
+    X = torch.randn(12, 4)
+    for model, match in ((CumprodNet(), r"'cumprod'.*no rule"), (Branchy(), "could not trace")):
+        for name, kw in (("laftr", {}), ("laftr-exact", {}), ("kfac", {"unsupported": "diag"}), ("diag-fisher", {})):
+            with pytest.raises(laftr.UnsupportedOpError, match=match):
+                laftr.make_estimator(name, **kw).fit(model.to(DT), X)
+    # K-FAC's own limits are the same error type, naming the layer
+    with pytest.raises(laftr.UnsupportedOpError, match=r"'1'.*LayerNorm"):
+        laftr.make_estimator("kfac").fit(nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).to(DT), X)

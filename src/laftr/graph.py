@@ -71,6 +71,7 @@ class Mode:
     """
 
     method: ClassVar[str] = "forward"
+    taps: Any = None
 
     def __init__(self, params: Sequence[dict[str, torch.Tensor]]) -> None:
         self.params = list(params)

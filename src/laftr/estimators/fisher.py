@@ -2,7 +2,7 @@
 
 ``D(theta) ~= 1/2 sum_i F_ii (theta_i - theta0_i)^2`` with ``F = E_x[J^T H J]``, J the Jacobian of the
 selected outputs w.r.t. the trainable parameters at theta0 and H the metric's output Hessian at z0
-(see :mod:`laftr.estimators._common`): the second-order Taylor expansion of the FSD, kept diagonal.
+(see :mod:`laftr.estimators.curvature`): the second-order Taylor expansion of the FSD, kept diagonal.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from .._util import Data, model_device_dtype
-from ._common import LayerTaps, check_curvature_config, curvature_batches, find_taps, square_grads
 from .base import EstimatorConfig, FSDEstimator, register
+from .curvature import check_curvature_config, curvature_batches
+from .taps import LayerTaps, find_taps, square_grads
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class DiagFisherEstimator(FSDEstimator):
     """Diagonal Gauss-Newton / Fisher (EWC): ``1/2 sum_i F_ii (theta_i - theta0_i)^2``.
 
     ``F_ii = mean_x sum_s (d/dtheta_i w_s . z(x))^2`` from per-example gradients, where the vectors ``w_s``
-    are those of :func:`laftr.estimators._common.output_vectors`. ``Linear``/``Conv2d`` layers get their
+    are those of :func:`laftr.estimators.curvature.output_vectors`. ``Linear``/``Conv2d`` layers get their
     per-example squares from one batched backward pass per output vector (``(g^2)^T (a^2)`` for a layer
     called once with one position per example; the per-example gradient from unfolded patches otherwise);
     other parameters use ``torch.func.vmap`` of per-example gradients. Batch-norm running
@@ -69,8 +70,7 @@ class DiagFisherEstimator(FSDEstimator):
         count = 0
         # Linear/Conv2d layers: per-example squares from one batched backward pass per output vector;
         # any other parameter (batch norm, ...): per-example gradients with torch.func.vmap
-        taps, modules, _ = find_taps(model, "fallback", "diag-fisher")
-        with LayerTaps(model, taps, modules) as tapped:
+        with LayerTaps(model, find_taps(model, "fallback", "diag-fisher")) as tapped:
             for x, W in curvature_batches(model, data, c, self.outputs, "diag Fisher"):
                 sq = square_grads(model, x, W, names, self.outputs, c.chunk_size, tapped)
                 acc = sq if acc is None else {n: acc[n] + sq[n] for n in acc}

@@ -8,7 +8,7 @@ For every supported layer with weight ``W`` (``d_out x d_in``) and bias ``b``, l
 with ``A = E[a~ a~^T]`` (``a~ = [layer input; 1]``) and ``G = E[g g^T]``, g the gradient w.r.t. the layer's
 output of ``w . z_sel``, for output-space vectors ``w`` whose outer products give the metric's Hessian
 (sampled for ``fisher="mc"``, all columns of its factor for ``"exact"``; see
-:mod:`laftr.estimators._common`). A and G are averaged over examples separately (the K-FAC
+:mod:`laftr.estimators.curvature`). A and G are averaged over examples separately (the K-FAC
 independence approximation); for one example and ``exact`` the layer's term equals its dense
 Gauss-Newton block.
 
@@ -37,15 +37,9 @@ import torch
 from torch import nn
 
 from .._util import Data, model_device_dtype
-from ._common import (
-    LayerTaps,
-    Tap,
-    check_curvature_config,
-    curvature_batches,
-    find_taps,
-    per_example_square_grads,
-)
 from .base import EstimatorConfig, FSDEstimator, register
+from .curvature import check_curvature_config, curvature_batches, per_example_square_grads
+from .taps import LayerTaps, Tap, find_taps
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +87,13 @@ class KfacEstimator(FSDEstimator):
     # ------------------------------------------------------------------ fitting
     def _fit(self, model: nn.Module, data: Data) -> None:
         c = self.cfg
-        layers, modules, fallback = find_taps(model, "fallback" if c.unsupported == "diag" else "error", "kfac")
+        found = find_taps(model, "fallback" if c.unsupported == "diag" else "error", "kfac")
+        layers, fallback = found.taps, found.fallback
         A: dict[str, torch.Tensor] = {}
         G: dict[str, torch.Tensor] = {}
         diag: dict[str, torch.Tensor] = {}
         count = 0
-        with LayerTaps(model, layers, modules) as taps:
+        with LayerTaps(model, found) as taps:
             for x, W in curvature_batches(model, data, c, self.outputs, "K-FAC"):
                 inputs, per_vector = taps.grads(x, W, self.outputs)
                 for grads in per_vector:

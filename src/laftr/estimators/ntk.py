@@ -14,8 +14,9 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from ..metrics import discrepancy
-from ._common import CoresetConfig, CoresetEstimator, eval_mode
 from .base import register
+from .coreset import CoresetConfig, CoresetEstimator
+from .curvature import eval_mode
 
 
 @register("ntk")

@@ -12,8 +12,9 @@ from torch import nn
 from torch.func import functional_call
 
 from ..metrics import discrepancy
-from ._common import CoresetConfig, CoresetEstimator, eval_mode
 from .base import register
+from .coreset import CoresetConfig, CoresetEstimator
+from .curvature import eval_mode
 
 
 @register("subset")

@@ -143,24 +143,31 @@ class GetattrRule(Rule):
 
 
 # ---------------------------------------------------------------------------------------------- layers
+class _TappedLayer(AffineRule):
+    """A layer whose input and output the forward mode records when the mode's ``taps`` asks for it (K-FAC and
+    diag-Fisher, :mod:`laftr.estimators.taps`)."""
+
+    def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        out = super().forward(mode, args, kwargs)
+        taps = getattr(mode, "taps", None)
+        if taps is not None and self.module is not None and taps.wants(self.prefix):
+            (x,) = data_pairs((args, kwargs))
+            out = Pair(tuple(taps.record(self.prefix, xi, o) for xi, o in zip(x.vals, out.vals)), True)
+        return out
+
+
 @register(nn.Linear, F.linear)
-class LinearRule(AffineRule):
-    """``nn.Linear`` / ``F.linear``: a layer K-FAC and diag-Fisher tap (when called as a module)."""
+class LinearRule(_TappedLayer):
+    """``nn.Linear`` / ``F.linear``."""
 
     family = "linear"
-    tap_kind: ClassVar[str] = "linear"
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d)
-class ConvRule(AffineRule):
-    """Convolutions with zero padding (other padding modes are refused)."""
+class ConvRule(_TappedLayer):
+    """Convolutions (every padding mode: zeros, reflect, replicate and circular padding are linear too)."""
 
     family = "conv"
-    tap_kind: ClassVar[str] = "conv"
-
-    def setup(self) -> None:
-        if self.module is not None and getattr(self.module, "padding_mode", "zeros") != "zeros":
-            raise self.refuse(f"padding_mode={self.module.padding_mode!r} (only zero padding)")
 
 
 @register(nn.modules.batchnorm._BatchNorm, F.batch_norm)
