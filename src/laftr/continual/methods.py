@@ -96,6 +96,11 @@ METHODS: dict[str, MethodSpec] = {
              "per step", metric="l2", input_model="gaussian"), tasks_per_step=1),
     "laftr-coreset": _fsd("laftr-coreset", "laftr", "LAFTR, Monte Carlo, k stored inputs", metric="kl",
                           input_model="coreset", coreset_size=200, num_samples=40),
+    "laftr-diag": _fsd("laftr-diag", "laftr", "LAFTR, Monte Carlo, diagonal Gaussian inputs (about 1/300 of laftr's "
+                       "memory on 784-pixel images)", metric="kl", input_model="diag", num_samples=40),
+    "laftr-mixture": _fsd("laftr-mixture", "laftr", "LAFTR, Monte Carlo, 10-component mixture fitted without labels "
+                          "(a Gaussian and gate laws per k-means cluster)", metric="kl", input_model="mixture",
+                          components=10, num_samples=40),
 }
 METHODS["subset-eqmem"] = dataclasses.replace(
     METHODS["subset"], name="subset-eqmem", base="subset-eqmem", match_memory="laftr",
