@@ -478,3 +478,35 @@ def test_one_support_matrix_for_every_estimator_that_walks_the_network():
     # K-FAC's own limits are the same error type, naming the layer
     with pytest.raises(laftr.UnsupportedOpError, match=r"'1'.*LayerNorm"):
         laftr.make_estimator("kfac").fit(nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).to(DT), X)
+
+
+class _Call(nn.Module):
+    """``forward() = est(inner)``: lets torch.func.functional_call substitute the parameters est reads."""
+
+    def __init__(self, inner: nn.Module, est) -> None:
+        super().__init__()
+        self.inner = inner
+        self.est = est
+
+    def forward(self) -> torch.Tensor:
+        return self.est(self.inner)
+
+
+@pytest.mark.parametrize("target", [nn.GELU, nn.ReLU6, nn.PReLU, nn.LayerNorm, nn.GroupNorm], ids=_name)
+def test_gradcheck(target):
+    """torch.autograd.gradcheck of the estimate w.r.t. every parameter (float64), Monte Carlo with fixed draws,
+    theta0's own linearization, and the closed form."""
+    model = _op_net(target)
+    X, _ = _data(40)
+    other = perturbed(model, 0.2)
+    names = [n for n, _ in other.named_parameters()]
+    for name, kw in (("laftr", {"metric": "kl", "num_samples": 8, "fixed_noise": True}),
+                     ("laftr", {"metric": "l2-probs", "num_samples": 8, "fixed_noise": True, "gates": "relu"}),
+                     ("laftr-exact", {})):
+        call = _Call(other, laftr.make_estimator(name, **kw).fit(model, X))
+
+        def f(*ts, call=call):
+            return torch.func.functional_call(call, {f"inner.{n}": t for n, t in zip(names, ts)}, ())
+
+        inputs = tuple(p.detach().clone().requires_grad_(True) for p in other.parameters())
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5), (name, kw)

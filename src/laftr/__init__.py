@@ -1,5 +1,7 @@
 """laftr: function space distance between networks from a compact summary of the training data."""
 
+from importlib import metadata as _metadata
+
 from . import rules
 from .errors import DataError, LaftrError, OptionError, UnsupportedOpError, UsageError
 from .estimators import EstimatorConfig, FSDEstimator, available_estimators, make_estimator, register
@@ -7,7 +9,10 @@ from .exact import exact_fsd
 from .io import SummaryFileError, load, save
 from .metrics import METRICS, discrepancy
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("laftr")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "METRICS",
