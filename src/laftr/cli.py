@@ -114,6 +114,16 @@ def _info_run(args: argparse.Namespace) -> int:
     print("config:")
     for k, v in dataclasses.asdict(est.config).items():
         print(f"  {k} = {v!r}")
+    summary = getattr(est, "summary", None)
+    if summary is not None:  # LAFTR: what theta0 decided, per site, and the input model
+        print(f"input model:   {summary.inputs.name} ({summary.num_groups} group(s), input shape "
+              f"{list(summary.input_shape)})")
+        print(f"sites ({len(summary.site_sums)}):")
+        for site in getattr(est, "site_signature", None) or []:
+            name, family = site[0], site[1]
+            stats = summary.site_sums.get(name, {})
+            shapes = ", ".join(f"{k} {list(v.shape[1:])}" for k, v in stats.items())
+            print(f"  {name}: {family} ({shapes or 'nothing stored'})")
     print(f"architecture ({len(arch)} parameter tensors):")
     for name, shape in arch:
         print(f"  {name}: {list(shape)}")

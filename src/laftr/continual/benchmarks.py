@@ -85,11 +85,13 @@ _SPLIT_FMNIST_TUNED: dict[str, dict[str, Any]] = {
     "ewc": {"lam": 1e5}, "kfac": {"lam": 1e3}, "ntk": {"lam": 1e3}, "subset": {"lam": 100.0},
     "ntk-eqmem": {"lam": 100.0}, "subset-eqmem": {"lam": 100.0}, "laftr": {"lam": 100.0},
     "laftr-classwise": {"lam": 100.0}, "laftr-exact": {"lam": 10.0}, "laftr-coreset": {"lam": 1.0},
+    "laftr-diag": {"lam": 100.0}, "laftr-mixture": {"lam": 10.0},
 }
 _PERMUTED_FMNIST_TUNED: dict[str, dict[str, Any]] = {
     "ewc": {"lam": 10.0}, "kfac": {"lam": 10.0}, "ntk": {"lam": 10.0}, "subset": {"lam": 10.0},
     "ntk-eqmem": {"lam": 10.0}, "subset-eqmem": {"lam": 10.0}, "laftr": {"lam": 1.0},
     "laftr-classwise": {"lam": 10.0}, "laftr-exact": {"lam": 0.1}, "laftr-coreset": {"lam": 10.0},
+    "laftr-diag": {"lam": 1.0}, "laftr-mixture": {"lam": 10.0},
 }
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
