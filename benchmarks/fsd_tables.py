@@ -11,8 +11,10 @@ from pathlib import Path
 
 from laftr.report import markdown_table
 
-KEY = ["weight", "diag-fisher", "kfac", "laftr-diag", "laftr-lowrank", "laftr", "laftr-exact", "laftr-exact-mumu",
-       "laftr-shared-masks", "laftr-classwise", "laftr-relu", "laftr-coreset", "laftr-pool-separate",
+KEY = ["weight", "diag-fisher", "kfac", "laftr-diag", "laftr-lowrank", "laftr", "laftr-exact", "laftr-exact-diag",
+       "laftr-exact-mumu",
+       "laftr-shared-masks", "laftr-classwise", "laftr-mixture", "laftr-mixture-diag", "laftr-relu", "laftr-coreset",
+       "laftr-pool-separate",
        "laftr-pool-argmax0", "laftr-pool-sample"]
 
 
