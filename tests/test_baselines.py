@@ -21,13 +21,7 @@ BASELINES = ["weight", "diag-fisher", "kfac", "ntk", "subset"]
 METRICS = ["l2", "kl", "l2-probs"]
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _data(n=60, shape=(5,), classes=3, seed=0):

@@ -16,13 +16,7 @@ from laftr.summary import fit_summary
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _clusters(n_per=40, k=3, d=5, spread=8.0, seed=0):

@@ -18,12 +18,7 @@ DATA = Path(__file__).parent / "data" / "format_v1"
 EXPECTED = json.loads((DATA / "expected.json").read_text())
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -17,13 +17,7 @@ from laftr.summary import fit_summary
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _data(n=120, shape=(5,), classes=3, seed=0):

@@ -23,13 +23,7 @@ from laftr.summary import fit_summary
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _targets(pred) -> dict:
@@ -510,3 +504,32 @@ def test_gradcheck(target):
 
         inputs = tuple(p.detach().clone().requires_grad_(True) for p in other.parameters())
         assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5), (name, kw)
+
+
+@pytest.mark.parametrize("target", list(NORMS), ids=_name)
+def test_norm_law_reproduces_the_op_on_its_data(target):
+    """With each example's own normalizer nu0 the rule's linear form is the op itself (so nu0 is right), and the
+    stored law's moments are the data averages of nu0 and nu0^2."""
+    from laftr.graph import SampleMode
+
+    model = _norm_net(target).to(DT)
+    trunk = nn.Sequential(*list(model)[:3])
+    X, _ = _data(80)
+    net = TracedNet(trunk)
+    (site, rule), = net.sites.items()
+    with torch.no_grad():
+        h0 = trunk[1](trunk[0](X))
+        nu0 = rule.inv_sigma(h0)
+    p0 = param_dict(trunk, detach=True)
+    mode = SampleMode([p0], {site: _FixedScale(nu0)}, torch.zeros(len(X), dtype=torch.long), torch.Generator())
+    (y,) = net.run((X,), mode)
+    torch.testing.assert_close(y, trunk(X), rtol=1e-10, atol=1e-12)
+    summary = fit_summary(net, p0, X, "gaussian")
+    law = rule.law(summary.site_sums[site], summary.counts, torch.device("cpu"), DT)
+    m1, m2 = law.moments(0)
+    torch.testing.assert_close(m1, nu0.mean(0))
+    torch.testing.assert_close(m2, (nu0 * nu0).mean(0))
+    # the log-normal draws have those moments (up to sampling error)
+    draws = law.draw(torch.zeros(200000, dtype=torch.long), torch.Generator().manual_seed(0), False, X)
+    assert (draws > 0).all()
+    torch.testing.assert_close(draws.mean(0), m1, rtol=2e-2, atol=0)

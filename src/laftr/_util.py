@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -12,6 +12,22 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 Data = Any  # a DataLoader / iterable of (x, y) or x batches, a tensor X, or a tuple (X, Y)
+
+T = TypeVar("T", bound=type)
+
+
+def registrar(table: dict[str, Any], what: str, name: str) -> Callable[[T], T]:
+    """A class decorator that puts the class into ``table`` under ``name`` (and sets its ``name``), refusing a
+    second class under a name already taken (``what`` names the kind of thing, for the message)."""
+
+    def deco(cls: T) -> T:
+        if name in table and table[name] is not cls:
+            raise ValueError(f"{what} name {name!r} is already registered")
+        table[name] = cls
+        cls.name = name  # type: ignore[attr-defined]
+        return cls
+
+    return deco
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

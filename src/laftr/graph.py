@@ -72,9 +72,17 @@ class Mode:
 
     method: ClassVar[str] = "forward"
     taps: Any = None
+    laws: dict[str, Any] = {}  # noqa: RUF012 (read-only default; the modes that use laws set their own)
 
     def __init__(self, params: Sequence[dict[str, torch.Tensor]]) -> None:
         self.params = list(params)
+
+    def law(self, rule: Rule) -> Any:
+        """The stored law of a site (sampling and closed-form modes)."""
+        law = self.laws.get(rule.name)
+        if law is None:
+            raise ValueError(f"the summary has no statistic for {rule.describe()}")
+        return law
 
     @property
     def num_streams(self) -> int:
@@ -169,12 +177,6 @@ class SampleMode(Mode):
         self.shared = shared
         self.pool_mode = pool_mode
 
-    def law(self, rule: Rule) -> Any:
-        law = self.laws.get(rule.name)
-        if law is None:
-            raise ValueError(f"the summary has no statistic for {rule.describe()}")
-        return law
-
 
 class OwnMode(Mode):
     """theta0's own linearization on each input: every nonlinearity is replaced by its tangent at theta0's value
@@ -207,12 +209,6 @@ class MomentMode(Mode):
         self.laws = laws
         self.group = group
         self.mu_outer = mu_outer
-
-    def law(self, rule: Rule) -> Any:
-        law = self.laws.get(rule.name)
-        if law is None:
-            raise ValueError(f"the summary has no statistic for {rule.describe()}")
-        return law
 
     def input(self, inputs: tuple[Any, ...]) -> Pair:
         return Pair((self.state.input, self.state.input), True)

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ._util import registrar
 from .errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -50,15 +51,7 @@ Batches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor | None]]]
 
 def register_input_model(name: str) -> Callable[[type[InputModel]], type[InputModel]]:
     """Class decorator: make an input model available by ``name`` (``input_model=name``)."""
-
-    def deco(cls: type[InputModel]) -> type[InputModel]:
-        if name in INPUT_MODELS and INPUT_MODELS[name] is not cls:
-            raise ValueError(f"input model {name!r} is already registered")
-        INPUT_MODELS[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+    return registrar(INPUT_MODELS, "input model", name)
 
 
 def make_input_model(name: str, **options: Any) -> InputModel:

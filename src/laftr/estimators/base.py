@@ -19,24 +19,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._util import Data, arch_signature, check_same_arch, model_device_dtype, param_dict
+from .._util import Data, arch_signature, check_same_arch, model_device_dtype, param_dict, registrar
 from ..errors import OptionError, UsageError
 from ..metrics import check_metric
 
 REGISTRY: dict[str, type[FSDEstimator]] = {}
 
 
-def register(name: str):
+def register(name: str) -> Any:
     """Class decorator: make an estimator available to :func:`make_estimator` under ``name``."""
-
-    def deco(cls: type[FSDEstimator]) -> type[FSDEstimator]:
-        if name in REGISTRY and REGISTRY[name] is not cls:
-            raise ValueError(f"estimator name {name!r} is already registered")
-        REGISTRY[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+    return registrar(REGISTRY, "estimator", name)
 
 
 def available_estimators() -> list[str]:

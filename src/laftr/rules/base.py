@@ -318,6 +318,14 @@ class Rule:
             raise self.refuse(f"argument {name!r} is computed at run time; laftr needs it to be a constant")
         return value
 
+    def data_input(self, args: Any, kwargs: Any, first: bool = True) -> Pair:
+        """The op's one data-dependent input (its first argument when ``first``); refuses any other."""
+        data = data_pairs((args, kwargs))
+        if len(data) != 1 or (first and args[0] is not data[0]):
+            raise self.refuse("only its first argument may depend on the input (not a bound, slope, weight or "
+                              "bias)" if first else "expected exactly one data-dependent input")
+        return data[0]
+
     def params(self) -> dict[str, Any]:
         """JSON-able constants of the op that a stored summary must match (override for sites)."""
         return {}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..moments import GateMoments
-from .base import Pair, Rule, data_pairs, register, stream_of
+from .base import Pair, Rule, register, stream_of
 
 
 # ---------------------------------------------------------------------------------------------- laws
@@ -118,10 +118,7 @@ class GateRule(Rule):
 
     def pre(self, args: Any, kwargs: Any) -> Pair:
         """The pre-activation pair; refuses other data-dependent arguments (a bound computed from data)."""
-        data = data_pairs((args, kwargs))
-        if len(data) != 1 or args[0] is not data[0]:
-            raise self.refuse("only its first argument may depend on the input")
-        return data[0]
+        return self.data_input(args, kwargs)
 
     def real(self, mode: Any, args: Any, kwargs: Any, s: int = 0) -> torch.Tensor:
         """The exact op in stream ``s``."""

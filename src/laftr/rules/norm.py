@@ -25,7 +25,7 @@ from torch import nn
 
 from ..moments import GateMoments
 from .affine import AffineRule
-from .base import Pair, Rule, data_pairs, register, stream_of
+from .base import Pair, Rule, register, stream_of
 
 
 class ScaleLaw:
@@ -103,10 +103,7 @@ class NormRule(Rule):
         return v
 
     def pre(self, args: Any, kwargs: Any) -> Pair:
-        data = data_pairs((args, kwargs))
-        if len(data) != 1 or args[0] is not data[0]:
-            raise self.refuse("only its input may depend on the data (not its weight or bias)")
-        return data[0]
+        return self.data_input(args, kwargs)
 
     def has_params(self, args: Any, kwargs: Any) -> bool:
         if self.module is not None:
@@ -192,13 +189,16 @@ class LayerNormRule(NormRule):
 
     family = "layer_norm"
 
+    eps_position: ClassVar[int] = 4
+
     def setup(self) -> None:
         if self.module is not None:
             self.shape = _trailing(self.module.normalized_shape)
-            self.eps = float(self.module.eps)
+            eps = self.module.eps
         else:
             self.shape = _trailing(self.const_arg(1, "normalized_shape"))
-            self.eps = float(self.const_arg(4, "eps", 1e-5))
+            eps = self.const_arg(self.eps_position, "eps", 1e-5 if self.centered else None)
+        self.eps = None if eps is None else float(eps)  # type: ignore[assignment]
 
     def params(self) -> dict[str, Any]:
         return {"normalized_shape": list(self.shape), "eps": self.eps}
@@ -218,36 +218,19 @@ class LayerNormRule(NormRule):
 
 
 @register(*(t for t in (getattr(nn, "RMSNorm", None), getattr(F, "rms_norm", None)) if t is not None))
-class RmsNormRule(NormRule):
+class RmsNormRule(LayerNormRule):
     """``rms_norm``: no centring, ``nu = 1 / sqrt(mean(x^2) + eps)``; ``eps=None`` means the dtype's epsilon."""
 
     family = "rms_norm"
     centered = False
-
-    def setup(self) -> None:
-        if self.module is not None:
-            self.shape = _trailing(self.module.normalized_shape)
-            eps = self.module.eps
-        else:
-            self.shape = _trailing(self.const_arg(1, "normalized_shape"))
-            eps = self.const_arg(3, "eps", None)
-        self.eps = None if eps is None else float(eps)  # type: ignore[assignment]
-
-    def params(self) -> dict[str, Any]:
-        return {"normalized_shape": list(self.shape), "eps": self.eps}
+    eps_position = 3
 
     def eps_for(self, x: torch.Tensor) -> float:
         return float(torch.finfo(x.dtype).eps) if self.eps is None else self.eps
 
-    def grouped(self, x: torch.Tensor) -> torch.Tensor:
-        k = len(self.shape)
-        return x.reshape(*x.shape[: x.ndim - k], -1)
-
     def weight_bias(self, params: dict[str, torch.Tensor], args: Any, kwargs: Any,
                     like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.module is not None:
-            return params.get(self.prefix + ".weight"), None
-        return kwargs.get("weight", args[2] if len(args) > 2 else None), None
+        return super().weight_bias(params, args, kwargs, like)[0], None
 
 
 @register(nn.GroupNorm, F.group_norm)

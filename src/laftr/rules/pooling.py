@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedOpError
-from .base import Pair, Rule, data_pairs, register
+from .base import Pair, Rule, register
 
 
 def _pool_geometry(pool: dict[str, Any]) -> tuple[tuple[int, int], ...]:
@@ -113,10 +113,7 @@ class MaxPoolRule(Rule):
         return [self.name, self.family, self.params()]
 
     def pre(self, args: Any, kwargs: Any) -> Pair:
-        data = data_pairs((args, kwargs))
-        if len(data) != 1:
-            raise self.refuse("expected one data-dependent input")
-        return data[0]
+        return self.data_input(args, kwargs)
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
         pre = self.pre(args, kwargs)
