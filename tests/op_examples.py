@@ -126,6 +126,9 @@ AFFINE: dict[Any, Example] = {
     torch.split: lam(lambda x: torch.split(x, 2, 2)[0], V),
     torch.movedim: lam(lambda x: torch.movedim(x, 1, 2), V),
     torch.swapaxes: lam(lambda x: torch.swapaxes(x, 1, 2), V),
+    torch.unbind: lam(lambda x: torch.unbind(x, 1)[2], V),
+    torch.bmm: (lambda: WithParam(lambda x, p: torch.bmm(x, p.expand(x.shape[0], -1, -1)), (6, 2)), V),
+    torch.einsum: (lambda: WithParam(lambda x, p: torch.einsum("bij,jk->bik", x, p), (6, 2)), V),
     torch.t: lam(lambda x: torch.t(x), (5,)),
     F.interpolate: lam(lambda x: F.interpolate(x, scale_factor=2, mode="nearest"), IMG),
     F.pixel_shuffle: lam(lambda x: F.pixel_shuffle(x, 2), (4, 2, 2)),
@@ -157,6 +160,8 @@ AFFINE: dict[Any, Example] = {
     "movedim": lam(lambda x: x.movedim(2, 1), V),
     "matmul": (lambda: WithParam(lambda x, p: x.matmul(p), (6, 3)), V),
     "swapaxes": lam(lambda x: x.swapaxes(1, 2), V),
+    "unbind": lam(lambda x: x.unbind(2)[1], V),
+    "bmm": (lambda: WithParam(lambda x, p: x.bmm(p.expand(x.shape[0], -1, -1)), (6, 2)), V),
     # sums
     operator.add: (lambda: WithParam(lambda x, p: x + p + x, (6,)), V),
     operator.sub: (lambda: WithParam(lambda x, p: x - p - 2 * x, (6,)), V),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 
 import pytest
 import torch
@@ -392,8 +393,11 @@ class Swish(nn.Module):
 def test_custom_rule_end_to_end(tmp_path):
     model = nn.Sequential(nn.Linear(5, 6), Swish(), nn.Linear(6, 3)).to(DT)
     X, _ = _data()
-    with pytest.raises(laftr.UnsupportedOpError, match="multiplicatively"):
-        laftr.make_estimator("laftr").fit(model, X)  # traced into: x * sigmoid(x) is a product of data
+    # without a rule the module is traced into: x * sigmoid(1.5 x), a product of two data tensors (linearized at
+    # theta0 by the product rule) and a sigmoid gate; with the rule it is one leaf with its own law
+    traced = {n.op for n in TracedNet(model).gm.graph.nodes if n.target in (operator.mul, torch.sigmoid)}
+    assert traced == {"call_function"}
+    laftr.make_estimator("laftr").fit(model, X)
 
     @laftr.rules.register(Swish)
     class SwishRule(laftr.rules.SmoothGate):  # the slope comes from autograd
@@ -417,8 +421,9 @@ def test_custom_rule_end_to_end(tmp_path):
             laftr.rules.register(Swish)(laftr.rules.SmoothGate)
     finally:
         laftr.rules.unregister(Swish)
-    with pytest.raises(laftr.UnsupportedOpError):
-        laftr.make_estimator("laftr").fit(model, X)
+    # unregistered: traced into again (no Swish leaf)
+    assert not TracedNet(model).gm.graph.find_nodes(op="call_module", target="1")
+    assert TracedNet(model).gm.graph.find_nodes(op="call_function", target=operator.mul)
 
 
 def test_subclass_that_overrides_forward_is_not_taken_for_its_base():

@@ -59,7 +59,8 @@ def iter_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Yield ``(x, y)`` batches (``y`` may be None) from a loader, a tensor or an ``(X, Y)`` pair.
 
-    Inputs are moved to ``device``/``dtype``; labels to ``device``. Non-finite inputs raise ``ValueError``.
+    Inputs are moved to ``device``; floating inputs also to ``dtype``, while integer and bool inputs (token
+    ids, indices) keep their own dtype. Labels are moved to ``device``. Non-finite inputs raise ``ValueError``.
     """
     if isinstance(data, torch.Tensor):
         source: Iterable[Any] = (data[i : i + batch_size] for i in range(0, len(data), batch_size))
@@ -84,7 +85,7 @@ def iter_batches(
             continue
         seen = True
         if device is not None or dtype is not None:
-            x = x.to(device=device, dtype=dtype if x.is_floating_point() or dtype is not None else None)
+            x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
         if check_finite and x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError("input batch contains NaN or infinite values")
         if y is not None and device is not None:

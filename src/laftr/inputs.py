@@ -4,26 +4,41 @@ Every input model accumulates float64 sums in one streaming pass (so summaries o
 addition), says which *group* each example belongs to (gate statistics are kept per group), and turns its
 sums into a sampler (Monte Carlo) and per-group first and second moments (closed form):
 
-=============  =======================================================  ==========================================
-name           what is stored                                           stored floats (d = input size)
-=============  =======================================================  ==========================================
-``gaussian``   mean and full covariance                                 ``d + d^2``
-``diag``       mean and per-pixel variance                              ``2 d``
-``lowrank``    mean, top-r eigenvectors of the covariance + diagonal    ``d + d r + d``
-``classwise``  one Gaussian per class (labels), weighted by frequency   ``C (1 + d + d^2)`` (diag: ``C (1 + 2d)``)
-``mixture``    K Gaussians on k-means clusters (no labels needed)       ``K (1 + d + d^2)`` (diag: ``K (1 + 2d)``)
-``coreset``    k real inputs (bottom-k of a seeded hash of each one)    ``k d``
-=============  =======================================================  ==========================================
+=====================  ===============================================  ==========================================
+name                   what is stored                                   stored floats (d = input size)
+=====================  ===============================================  ==========================================
+``gaussian``           mean and full covariance                         ``d + d^2``
+``diag``               mean and per-pixel variance                      ``2 d``
+``lowrank``            mean, top-r eigenvectors of the covariance +     ``d + d r + d``
+                       diagonal
+``classwise``          one Gaussian per class (labels), weighted by     ``C (1 + d + d^2)`` (diag: ``C (1 + 2d)``)
+                       frequency
+``mixture``            K Gaussians on k-means clusters (no labels)      ``K (1 + d + d^2)`` (diag: ``K (1 + 2d)``)
+``coreset``            k real inputs (bottom-k of a seeded hash)        ``k d``
+``tokens``             per-position token frequencies (a product of     ``P V``
+                       categorical laws; P positions, V token ids)
+``tokens-classwise``   the same per class, weighted by frequency        ``C (1 + P V)``
+``tokens-mixture``     the same on k-means clusters of the one-hot      ``K (1 + P V)``
+                       sequences (no labels)
+=====================  ===============================================  ==========================================
 
-``classwise`` and ``mixture`` are *grouped*: every group (class / component) also has its own gate law, so
-the stored floats of the gates count once per group.
+``classwise``, ``mixture``, ``tokens-classwise`` and ``tokens-mixture`` are *grouped*: every group (class /
+component) also has its own gate law, so the stored floats of the gates count once per group.
+
+The Gaussian models need floating inputs: integer inputs (token ids of a transformer) raise a ``DataError``
+that points to the token models. These take integer inputs ``(B, *shape)`` with ids in ``0..V-1`` (``V`` is
+``vocab_size``, or the largest id seen + 1) and keep them integer: :meth:`InputModel.sample` draws ``int64``
+ids, while :meth:`InputModel.moments` gives the mean and second moment of the *one-hot* encoding of a sequence
+(index ``p V + v`` for id ``v`` at position ``p``), whose shape :attr:`InputModel.moment_shape` is
+``(*shape, V)``. A ``coreset`` of integer inputs likewise stores ``int64`` ids and gives one-hot moments.
 
 The mixture (ours; METHOD.md section 6) is fitted in two passes over the data: the first keeps a sample of
 ``mixture_sample`` inputs chosen by a seeded hash of their bytes (the same examples whatever the batch size,
 order or sharding) and runs k-means on it (k-means++ seeding, Lloyd iterations, the best of 3 restarts, all
 from ``seed``); the second assigns every example to its nearest centre and accumulates per-component
 counts, sums and outer products, exactly like ``classwise`` with the cluster as the label. Hard assignment
-keeps the summary a set of sums that merge exactly.
+keeps the summary a set of sums that merge exactly. ``tokens-mixture`` does the same on the one-hot encodings
+of token sequences and keeps per-component token counts.
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from ._util import registrar
 from .errors import DataError, UsageError
@@ -63,8 +79,10 @@ def make_input_model(name: str, **options: Any) -> InputModel:
 
 def hash_keys(x: torch.Tensor, seed: int) -> torch.Tensor:
     """A seeded 63-bit hash of each example's bytes (``(B,)`` int64): samples that keep the k smallest keys
-    are the same whatever the batch size, order or sharding of the data."""
-    arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+    are the same whatever the batch size, order or sharding of the data. Floating inputs are hashed as
+    float32, integer and bool inputs (token ids) as int64, whatever their own dtype."""
+    as_dtype = torch.float32 if x.is_floating_point() else torch.int64
+    arr = x.detach().to("cpu", as_dtype).reshape(x.shape[0], -1).contiguous().numpy()
     salt = int(seed).to_bytes(8, "little", signed=True)
     keys = [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8, salt=salt[:8] + b"\0" * 8).digest(), "little")
             >> 1 for row in arr]
@@ -83,6 +101,52 @@ def _cpu_generator(gen: torch.Generator) -> torch.Generator:
         return gen
     seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
     return torch.Generator().manual_seed(seed)
+
+
+def refuse_tokens(x: torch.Tensor, name: str) -> None:
+    """Raise :class:`DataError` when ``x`` holds integer (or bool) inputs: a Gaussian input model over token ids
+    is meaningless."""
+    if not x.is_floating_point():
+        raise DataError(f"the {name!r} input model is a Gaussian and needs floating inputs, got {x.dtype} inputs "
+                        f"that look like token ids; use input_model='tokens' (or 'tokens-classwise', "
+                        f"'tokens-mixture') for integer token inputs")
+
+
+def class_labels(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """The labels of a batch as groups (``(B,)`` long on ``x``'s device), checked: integer, ``(B,)``, >= 0."""
+    if y is None:
+        raise DataError("a classwise summary needs labels: give (x, y) batches")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1:
+        raise DataError(f"classwise summaries need integer class labels of shape (B,), got {y.dtype} "
+                        f"{tuple(y.shape)}")
+    if (y < 0).any():
+        raise DataError("class labels must be non-negative")
+    return y.long().to(x.device)
+
+
+def hashed_sample(batches: Batches, m: int, seed: int, rows: Callable[[torch.Tensor], torch.Tensor],
+                  ) -> torch.Tensor:
+    """One pass over ``batches``: ``rows(x)`` (one row per example, on the CPU) of the ``m`` examples with the
+    smallest :func:`hash_keys` (in key order), the same examples whatever the batch size, order or sharding."""
+    keys: list[torch.Tensor] = []
+    xs: list[torch.Tensor] = []
+    for x, _ in batches():
+        keys.append(hash_keys(x, seed))
+        xs.append(rows(x))
+        allk = torch.cat(keys)
+        if len(allk) > 4 * m:  # prune to keep memory bounded
+            order = torch.argsort(allk, stable=True)[:m]
+            keys, xs = [allk[order]], [torch.cat(xs)[order]]
+    allk, X = torch.cat(keys), torch.cat(xs)
+    return X[torch.argsort(allk, stable=True)[:m]]
+
+
+def _merge_centres(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    """The k-means centres of a merge of two mixtures: both must have used the same ones."""
+    if a is None or b is None or a.shape != b.shape or not torch.equal(a, b):
+        raise UsageError("cannot merge mixture summaries whose components differ (fit the shards with the same "
+                         "k-means centres)")
+    return a
 
 
 # ---------------------------------------------------------------------------------------------- base
@@ -142,6 +206,13 @@ class InputModel:
         return n
 
     @property
+    def moment_shape(self) -> tuple[int, ...]:
+        """The shape of the state whose moments :meth:`moments` gives: the input shape, or ``(*shape, V)`` for
+        one-hot encoded token ids."""
+        assert self.input_shape is not None
+        return self.input_shape
+
+    @property
     def num_groups(self) -> int:
         assert self.counts is not None
         return int(self.counts.shape[0])
@@ -157,7 +228,8 @@ class InputModel:
         raise NotImplementedError
 
     def moments(self, g: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``E[x]`` ``(d,)`` and ``E[x x^T]`` ``(d, d)`` of group ``g`` (the closed form)."""
+        """``E[u]`` ``(n,)`` and ``E[u u^T]`` ``(n, n)`` of group ``g`` (the closed form), ``u`` the flattened
+        state of shape :attr:`moment_shape`: the input ``x`` itself, or the one-hot encoding of token ids."""
         raise NotImplementedError
 
     def stored_floats(self) -> int:
@@ -231,6 +303,7 @@ class GaussianFamily(InputModel):
         return out
 
     def begin(self, x: torch.Tensor) -> None:
+        refuse_tokens(x, self.name)
         super().begin(x)
         d = x[0].numel()
         if self.full_sums and d > MAX_FULL_DIM:
@@ -238,6 +311,7 @@ class GaussianFamily(InputModel):
                              "input_model='diag' or a diagonal component covariance")
 
     def accumulate(self, x: torch.Tensor, y: torch.Tensor | None, group: torch.Tensor) -> None:
+        refuse_tokens(x, self.name)
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         G = int(group.max()) + 1
         if self.counts is None:
@@ -480,14 +554,8 @@ class ClasswiseInputs(GaussianFamily):
             raise UsageError("a classwise input model has a 'full' or 'diag' covariance per class")
 
     def assign(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        if y is None:
-            raise DataError("a classwise summary needs labels: give (x, y) batches")
-        if y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1:
-            raise DataError(f"classwise summaries need integer class labels of shape (B,), got {y.dtype} "
-                            f"{tuple(y.shape)}")
-        if (y < 0).any():
-            raise DataError("class labels must be non-negative")
-        return y.long().to(x.device)
+        refuse_tokens(x, self.name)
+        return class_labels(x, y)
 
 
 @register_input_model("mixture")
@@ -529,33 +597,24 @@ class MixtureInputs(GaussianFamily):
     def prepare(self, batches: Batches) -> None:
         if self.centers is not None:  # components given (e.g. the same ones for every shard of a data set)
             return
-        keys: list[torch.Tensor] = []
-        xs: list[torch.Tensor] = []
-        m = self.mixture_sample
-        for x, _ in batches():
-            keys.append(hash_keys(x, self.seed))
-            xs.append(x.detach().reshape(x.shape[0], -1).to("cpu", torch.float64))
-            allk = torch.cat(keys)
-            if len(allk) > 4 * m:
-                order = torch.argsort(allk, stable=True)[:m]
-                keys, xs = [allk[order]], [torch.cat(xs)[order]]
-        allk, X = torch.cat(keys), torch.cat(xs)
-        X = X[torch.argsort(allk, stable=True)[:m]]
+
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            refuse_tokens(x, self.name)
+            return x.detach().reshape(x.shape[0], -1).to("cpu", torch.float64)
+
+        X = hashed_sample(batches, self.mixture_sample, self.seed, rows)
         self.centers = kmeans(X, self.components, self.seed, self.kmeans_iters)
         log.info("mixture: k-means with %d components on %d inputs", self.centers.shape[0], X.shape[0])
 
     def assign(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.centers is None:
             raise UsageError("the mixture's components are not fitted (prepare() was not called)")
+        refuse_tokens(x, self.name)
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         return nearest(xf, self.centers.to(xf.device))
 
     def _merge_extra(self, other: InputModel, out: InputModel) -> None:
-        a, b = self.centers, getattr(other, "centers", None)
-        if a is None or b is None or a.shape != b.shape or not torch.equal(a, b):
-            raise UsageError("cannot merge mixture summaries whose components differ (fit the shards with the same "
-                             "k-means centres)")
-        out.centers = a  # type: ignore[attr-defined]
+        out.centers = _merge_centres(self.centers, getattr(other, "centers", None))  # type: ignore[attr-defined]
 
     def stored_floats(self) -> int:
         # the centres are kept in the file for merging and are not needed by the estimate
@@ -630,7 +689,8 @@ class CoresetInputs(InputModel):
     """``coreset_size`` real inputs: the bottom-k of a seeded hash of each example's bytes (the same set
     whatever the batch size, order or sharding). Monte Carlo uses every stored point ``S // k`` times plus a
     random subset for the remainder (unbiased; no input noise when k divides S); the closed form uses their
-    empirical moments."""
+    empirical moments. Integer inputs (token ids) are stored as ``int64`` (bool ones as bool) and given back
+    as such; their moments are those of the one-hot encoding (``V`` = the largest stored id + 1)."""
 
     def __init__(self, seed: int = 0, coreset_size: int = 200, **kw: Any) -> None:
         super().__init__(seed=seed, **kw)
@@ -640,7 +700,7 @@ class CoresetInputs(InputModel):
         self.keys: list[torch.Tensor] = []
         self.xs: list[torch.Tensor] = []
         self.ys: list[torch.Tensor] = []
-        self.X: torch.Tensor | None = None  # (k', d) float64
+        self.X: torch.Tensor | None = None  # (k', d) float64 (int64 / bool for integer / bool inputs)
         self.Y: torch.Tensor | None = None
         self.K: torch.Tensor | None = None
 
@@ -651,7 +711,7 @@ class CoresetInputs(InputModel):
         n = x.shape[0]
         self.counts = torch.tensor([n], dtype=torch.float64) if self.counts is None else self.counts + n
         self.keys.append(hash_keys(x, self.seed))
-        self.xs.append(x.detach().reshape(n, -1).to("cpu", torch.float64))
+        self.xs.append(x.detach().reshape(n, -1).to("cpu", _storage_dtype(x)))
         self.ys.append((y if y is not None else torch.full((n,), -1)).detach().cpu().long().reshape(-1))
         allk = torch.cat(self.keys)
         if len(allk) > 4 * self.k:  # prune to keep memory bounded
@@ -683,16 +743,27 @@ class CoresetInputs(InputModel):
     def sample(self, n: int, gen: torch.Generator, device: torch.device, dtype: torch.dtype,
                ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.X is not None and self.input_shape is not None
-        X = self._cached(("x", str(device), dtype), lambda: self.X.to(device, dtype))
+        X = self._cached(("x", str(device), dtype),
+                         lambda: self.X.to(device, dtype if self.X.is_floating_point() else None))
         k = X.shape[0]
         full = torch.arange(k).repeat(n // k)
         rest = torch.randperm(k, generator=gen, device=gen.device)[: n % k].cpu()
         idx = torch.cat([full, rest]).to(device)
         return X[idx].view(-1, *self.input_shape), torch.zeros(len(idx), dtype=torch.long, device=device)
 
+    @property
+    def moment_shape(self) -> tuple[int, ...]:
+        assert self.X is not None and self.input_shape is not None
+        if not _is_token_ids(self.X):
+            return self.input_shape
+        return (*self.input_shape, int(self.X.max()) + 1)
+
     def moments(self, g: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.X is not None
-        X = self.X.to(device, dtype)
+        if not _is_token_ids(self.X):
+            X = self.X.to(device, dtype)
+        else:  # token ids: the moments of their one-hot encoding
+            X = F.one_hot(self.X.long(), self.moment_shape[-1]).reshape(self.X.shape[0], -1).to(device, dtype)
         return X.mean(0), X.T @ X / X.shape[0]
 
     def stored_floats(self) -> int:
@@ -709,6 +780,333 @@ class CoresetInputs(InputModel):
             raise ValueError("coreset inputs do not match the input shape (or the coreset is empty)")
         if self.Y.shape != (self.X.shape[0],) or self.K.shape != (self.X.shape[0],):
             raise ValueError("coreset labels or keys do not match its inputs")
-        if not torch.isfinite(self.X).all():
+        if self.X.is_floating_point() and not torch.isfinite(self.X).all():
             raise ValueError("coreset inputs contain NaN or infinite values")
+        if _is_token_ids(self.X) and bool((self.X < 0).any()):
+            raise ValueError("coreset token ids must be non-negative")
         self._cache.clear()
+
+
+def _is_token_ids(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds integer ids (not floating, not bool)."""
+    return not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+
+
+def _storage_dtype(x: torch.Tensor) -> torch.dtype:
+    """How stored inputs keep ``x``: float64 when floating, int64 when integer, bool when bool."""
+    if x.is_floating_point():
+        return torch.float64
+    return torch.bool if x.dtype == torch.bool else torch.int64
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+def _padded(counts: torch.Tensor, tokens: torch.Tensor, G: int, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Example counts ``(G',)`` and token counts ``(G', P, V')`` padded with zeros to ``G`` groups and ``V`` ids
+    (unchanged where already as large)."""
+    tokens = pad_groups(tokens, G)
+    if tokens.shape[2] < V:
+        tokens = F.pad(tokens, (0, V - tokens.shape[2]))
+    return pad_groups(counts, G), tokens
+
+
+class TokenFamily(InputModel):
+    """Token inputs ``(B, *shape)`` (ids in ``0..V-1``) as a product of per-position categorical laws, from
+    float64 counts of every id at every position per group (``(G, P, V)``, P = prod(shape)).
+
+    Sampling draws every position independently (``int64`` ids); the closed form gets the moments of the
+    one-hot encoding ``u`` (index ``p V + v``): ``E[u]`` the stacked marginals, ``E[u u^T]`` their outer product
+    across positions and ``diag`` of the marginal within a position (one id per position).
+
+    Options:
+        vocab_size: V; ``None``: the largest id seen + 1 (the counts grow as larger ids come; merging pads the
+            smaller V). Ids outside ``0..V-1`` raise :class:`DataError`.
+    """
+
+    def __init__(self, seed: int = 0, vocab_size: int | None = None, **kw: Any) -> None:
+        super().__init__(seed=seed, **kw)
+        if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)
+                                       or vocab_size < 1):
+            raise UsageError(f"vocab_size must be a positive integer or None, got {vocab_size!r}")
+        self.vocab_size = vocab_size
+        self.token_counts: torch.Tensor | None = None  # (G, P, V) float64
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "vocab_size": self.vocab_size}
+
+    def init_options(self) -> dict[str, Any]:
+        """The constructor arguments of an empty model like this one."""
+        return {"seed": self.seed, "vocab_size": self.vocab_size}
+
+    @property
+    def vocab(self) -> int:
+        """V: the number of token ids the counts cover."""
+        assert self.token_counts is not None
+        return int(self.token_counts.shape[2])
+
+    @property
+    def moment_shape(self) -> tuple[int, ...]:
+        assert self.input_shape is not None
+        return (*self.input_shape, self.vocab)
+
+    # ------------------------------------------------------------------ fitting
+    def check_tokens(self, x: torch.Tensor) -> None:
+        """Raise :class:`DataError` unless ``x`` holds integer ids in range (naming the first bad one)."""
+        if not _is_token_ids(x):
+            raise DataError(f"the {self.name!r} input model needs integer inputs (token ids), got {x.dtype} inputs; "
+                            "use a Gaussian input model (e.g. 'gaussian', 'diag') for real-valued inputs")
+        if x.numel() == 0:
+            return
+        lo, hi = int(x.min()), int(x.max())
+        bad = None
+        if lo < 0:
+            bad, why = x < 0, "is negative"
+        elif self.vocab_size is not None and hi >= self.vocab_size:
+            bad, why = x >= self.vocab_size, f"is not below vocab_size={self.vocab_size}"
+        if bad is not None:
+            first = [int(i) for i in bad.nonzero()[0]]
+            pos = first[1:]
+            where = str(pos[0]) if len(pos) == 1 else str(tuple(pos))
+            raise DataError(f"token id {int(x[tuple(first)])} at position {where} (example {first[0]} of the "
+                            f"batch) {why}; token ids must be in 0..V-1")
+
+    def begin(self, x: torch.Tensor) -> None:
+        self.check_tokens(x)
+        super().begin(x)
+
+    def assign(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        self.check_tokens(x)
+        return self._groups(x, y)
+
+    def _groups(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The group of every example (subclasses: class labels, nearest component)."""
+        return super().assign(x, y)
+
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor | None, group: torch.Tensor) -> None:
+        self.check_tokens(x)
+        if self.input_shape is None:
+            self.begin(x)
+        ids = x.reshape(x.shape[0], -1).long()
+        B, P = ids.shape
+        G = int(group.max()) + 1
+        V = self.vocab_size if self.vocab_size is not None else int(ids.max()) + 1
+        if self.token_counts is None:
+            self.counts = torch.zeros(G, dtype=torch.float64, device=x.device)
+            self.token_counts = torch.zeros(G, P, V, dtype=torch.float64, device=x.device)
+        else:
+            assert self.counts is not None
+            self.counts, self.token_counts = _padded(self.counts, self.token_counts, G, V)
+        assert self.counts is not None
+        V = self.vocab
+        group = group.to(x.device)
+        self.counts.index_add_(0, group, torch.ones(B, dtype=torch.float64, device=x.device))
+        at = (group[:, None] * P + torch.arange(P, device=x.device)[None, :]) * V + ids
+        self.token_counts.view(-1).index_add_(0, at.reshape(-1), torch.ones(B * P, dtype=torch.float64,
+                                                                             device=x.device))
+
+    def pad(self, G: int) -> None:
+        """Grow the group axis to ``G`` (groups without examples; used when gate sums saw more groups)."""
+        assert self.counts is not None and self.token_counts is not None
+        self.counts, self.token_counts = _padded(self.counts, self.token_counts, G, 0)
+
+    def finish(self) -> None:
+        if self.counts is not None and self.token_counts is not None:
+            self.counts, self.token_counts = self.counts.cpu(), self.token_counts.cpu()
+        self._cache.clear()
+
+    def merge(self, other: InputModel) -> InputModel:
+        if type(other) is not type(self) or not isinstance(other, TokenFamily):
+            raise UsageError(f"cannot merge a {self.name!r} input model with a {other.name!r} one")
+        if self.options() != other.options():
+            raise UsageError(f"cannot merge input models with different options: {self.options()} vs "
+                             f"{other.options()}")
+        if self.input_shape != other.input_shape:
+            raise UsageError(f"cannot merge summaries of inputs {self.input_shape} and {other.input_shape}")
+        assert self.token_counts is not None and other.token_counts is not None
+        assert self.counts is not None and other.counts is not None
+        G, V = max(self.num_groups, other.num_groups), max(self.vocab, other.vocab)
+        out = type(self)(**self.init_options())
+        out.input_shape = self.input_shape
+        a_counts, a_tokens = _padded(self.counts, self.token_counts, G, V)
+        b_counts, b_tokens = _padded(other.counts, other.token_counts, G, V)
+        out.counts, out.token_counts = a_counts + b_counts, a_tokens + b_tokens
+        self._merge_extra(other, out)
+        return out
+
+    def _merge_extra(self, other: InputModel, out: InputModel) -> None:
+        """Subclass hook (the mixture checks that both used the same components)."""
+
+    # ------------------------------------------------------------------ use
+    def probabilities(self) -> torch.Tensor:
+        """``(G, P, V)`` float64: the probability of every id at every position, per group (zeros for a group
+        without examples)."""
+        assert self.counts is not None and self.token_counts is not None
+        return self._cached("probs", lambda: self.token_counts / self.counts.clamp_min(1)[:, None, None])
+
+    def sample(self, n: int, gen: torch.Generator, device: torch.device, dtype: torch.dtype,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` int64 id sequences ``(n, *input_shape)`` (``dtype`` is not used) and their groups ``(n,)``."""
+        probs = self.probabilities()
+        G, P, _V = probs.shape
+        cpu = _cpu_generator(gen)
+        if G == 1:
+            groups = torch.zeros(n, dtype=torch.long)
+        else:
+            groups = torch.multinomial(self.weights().float(), n, replacement=True, generator=cpu)
+        x = torch.empty(n, P, dtype=torch.int64)
+        for g in groups.unique().tolist():
+            sel = (groups == g).nonzero().squeeze(1)
+            x[sel] = torch.multinomial(probs[g], len(sel), replacement=True, generator=cpu).T
+        assert self.input_shape is not None
+        return x.view(n, *self.input_shape).to(device), groups.to(device)
+
+    def moments(self, g: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            p = self.probabilities()[g]  # (P, V)
+            P, V = p.shape
+            mean = p.reshape(-1)
+            second = mean[:, None] * mean[None, :]
+            at = torch.arange(P)
+            second.view(P, V, P, V)[at, :, at, :] = torch.diag_embed(p)  # one id per position
+            return mean.to(device, dtype), second.to(device, dtype)
+
+        return self._cached(("moments", g, str(device), dtype), make)
+
+    def stored_floats(self) -> int:
+        per = self.dim * self.vocab
+        if not self.grouped:
+            return per
+        return self.nonempty_groups() * (1 + per)
+
+    def nonempty_groups(self) -> int:
+        """Groups with examples (groups are indexed by label; absent classes store nothing)."""
+        assert self.counts is not None
+        return int((self.counts > 0).sum())
+
+    # ------------------------------------------------------------------ persistence
+    def tensors(self) -> dict[str, torch.Tensor]:
+        assert self.counts is not None and self.token_counts is not None
+        return {"counts": self.counts, "token_counts": self.token_counts}
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.input_shape = tuple(int(v) for v in meta["input_shape"])
+        counts, tokens = tensors["counts"], tensors["token_counts"]
+        if not counts.is_floating_point() or not tokens.is_floating_point():
+            raise ValueError("token counts must be stored as floats")
+        if counts.ndim != 1 or tokens.ndim != 3 or tokens.shape[0] != counts.shape[0] or tokens.shape[2] < 1:
+            raise ValueError(f"input-model tensors have inconsistent shapes: counts {tuple(counts.shape)}, "
+                             f"token counts {tuple(tokens.shape)} (expected (G,) and (G, P, V))")
+        if tokens.shape[1] != self.dim:
+            raise ValueError(f"token counts cover {tokens.shape[1]} positions, the input shape {self.input_shape} "
+                             f"has {self.dim}")
+        if self.vocab_size is not None and tokens.shape[2] != self.vocab_size:
+            raise ValueError(f"token counts cover {tokens.shape[2]} ids, vocab_size is {self.vocab_size}")
+        for t in (counts, tokens):
+            if not torch.isfinite(t).all():
+                raise ValueError("summary tensors contain NaN or infinite values")
+            if (t < 0).any():
+                raise ValueError("token and example counts must be non-negative")
+        if counts.sum() <= 0:
+            raise ValueError("example counts must not be all zero")
+        per_position = tokens.sum(2)
+        if not torch.allclose(per_position, counts[:, None].expand_as(per_position), rtol=1e-9, atol=1e-9):
+            raise ValueError("the token counts of every position must add up to the group's example count")
+        self.counts, self.token_counts = counts, tokens
+        self._cache.clear()
+
+
+@register_input_model("tokens")
+class TokenInputs(TokenFamily):
+    """Token ids as a product of per-position categorical laws (each position independent)."""
+
+
+@register_input_model("tokens-classwise")
+class TokenClasswiseInputs(TokenFamily):
+    """Per-position categorical laws (and one set of gate laws) per class, weighted by the class frequency;
+    needs integer labels."""
+
+    grouped = True
+
+    def _groups(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return class_labels(x, y)
+
+
+@register_input_model("tokens-mixture")
+class TokenMixtureInputs(TokenFamily):
+    """Per-position categorical laws (and gate laws) on K k-means clusters of the one-hot encoded sequences;
+    no labels needed. Fitted like ``mixture``: k-means on a hashed sample of ``mixture_sample`` sequences in a
+    first pass, then per-component counts of the nearest centre's examples.
+
+    Options:
+        components: K.
+        mixture_sample: sequences (chosen by hash) on which k-means runs in the first pass.
+        kmeans_iters: Lloyd iterations per restart.
+        vocab_size: as for ``tokens``.
+    """
+
+    grouped = True
+    needs_first_pass = True
+
+    def __init__(self, seed: int = 0, vocab_size: int | None = None, components: int = 10,
+                 mixture_sample: int = 4096, kmeans_iters: int = 100, **kw: Any) -> None:
+        super().__init__(seed=seed, vocab_size=vocab_size, **kw)
+        for name, v in (("components", components), ("mixture_sample", mixture_sample),
+                        ("kmeans_iters", kmeans_iters)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UsageError(f"{name} must be a positive integer, got {v!r}")
+        self.components, self.mixture_sample, self.kmeans_iters = components, mixture_sample, kmeans_iters
+        self.centers: torch.Tensor | None = None  # (K, P * V') float64 on one-hot sequences, V' <= V
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "components": self.components, "mixture_sample": self.mixture_sample,
+                "kmeans_iters": self.kmeans_iters}
+
+    def init_options(self) -> dict[str, Any]:
+        return {**super().init_options(), "components": self.components, "mixture_sample": self.mixture_sample,
+                "kmeans_iters": self.kmeans_iters}
+
+    def prepare(self, batches: Batches) -> None:
+        if self.centers is not None:  # components given (e.g. the same ones for every shard of a data set)
+            return
+        top = 0
+
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            nonlocal top
+            self.check_tokens(x)
+            top = max(top, int(x.max()) + 1)
+            return x.detach().reshape(x.shape[0], -1).to("cpu", torch.int64)
+
+        ids = hashed_sample(batches, self.mixture_sample, self.seed, rows)
+        V = self.vocab_size if self.vocab_size is not None else top
+        X = F.one_hot(ids, V).reshape(ids.shape[0], -1).to(torch.float64)
+        self.centers = kmeans(X, self.components, self.seed, self.kmeans_iters)
+        log.info("tokens-mixture: k-means with %d components on %d sequences", self.centers.shape[0], X.shape[0])
+
+    def _groups(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self.centers is None:
+            raise UsageError("the mixture's components are not fitted (prepare() was not called)")
+        ids = x.reshape(x.shape[0], -1).long()
+        P = ids.shape[1]
+        C = self.centers.to(x.device).view(self.centers.shape[0], P, -1)  # (K, P, V')
+        Vc = C.shape[2]
+        # |onehot(x) - c|^2 = P - 2 c . onehot(x) + |c|^2; ids the centres never saw (>= V') meet zeros
+        seen = ids < Vc
+        picked = C[:, torch.arange(P, device=x.device)[None, :], ids.clamp_max(Vc - 1)] * seen  # (K, B, P)
+        d2 = (C * C).sum((1, 2))[None, :] - 2 * picked.sum(2).T
+        return d2.argmin(1)
+
+    def _merge_extra(self, other: InputModel, out: InputModel) -> None:
+        out.centers = _merge_centres(self.centers, getattr(other, "centers", None))  # type: ignore[attr-defined]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = super().tensors()
+        if self.centers is not None:  # kept for merging; not needed by the estimate (not stored floats)
+            out["centers"] = self.centers
+        return out
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().restore(tensors, meta)
+        C = tensors.get("centers")
+        if C is not None and (C.ndim != 2 or C.shape[1] % self.dim != 0 or C.shape[1] // self.dim > self.vocab
+                              or not torch.isfinite(C).all()):
+            raise ValueError("mixture centres are inconsistent with the input shape and vocabulary or not finite")
+        self.centers = C

@@ -74,7 +74,10 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
 
 def load_data(dataset: str | None, data_dir: str | None, classes: list[int] | None, tensors: str | None,
               split: str = "train", limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inputs (and labels when known) from a named data set or a ``.pt`` file of tensors."""
+    """Inputs (and labels when known) from a named data set or a ``.pt`` file of tensors.
+
+    Inputs stored as bytes (``uint8``, e.g. images) become float; other integer inputs are token ids and stay
+    integer (a transformer's embedding needs them so; use ``input_model=tokens``)."""
     if (dataset is None) == (tensors is None):
         raise InputError("give exactly one of --dataset and --tensors")
     if tensors is not None:
@@ -104,7 +107,7 @@ def load_data(dataset: str | None, data_dir: str | None, classes: list[int] | No
         x, y = x[keep], y[keep]
     if limit is not None:
         x, y = x[:limit], (None if y is None else y[:limit])
-    if not x.is_floating_point():
+    if x.dtype == torch.uint8:
         x = x.float()
     return x, y
 

@@ -1,8 +1,10 @@
-"""Data sets for the experiments: Fashion-MNIST, MNIST, CIFAR-10/100, small bundled sets, regression tables.
+"""Data sets for the experiments: Fashion-MNIST, MNIST, CIFAR-10/100, small bundled sets, regression tables,
+modular arithmetic (token sequences for transformers).
 
 All loaders return a :class:`Dataset` of in-memory tensors and never download anything.
 """
 
+from .arithmetic import ARITHMETIC_TASKS, arithmetic_tasks, load_arithmetic
 from .datasets import (
     CIFAR10_CLASSES,
     DATASET_NAMES,
@@ -25,6 +27,7 @@ from .datasets import (
 from .idx import read_idx, write_idx
 
 __all__ = [
+    "ARITHMETIC_TASKS",
     "CIFAR10_CLASSES",
     "DATASET_NAMES",
     "DEFAULT_FASHION_MNIST_DIR",
@@ -32,8 +35,10 @@ __all__ = [
     "REGRESSION_NAMES",
     "Dataset",
     "DatasetNotFoundError",
+    "arithmetic_tasks",
     "default_dataset",
     "fashion_mnist_available",
+    "load_arithmetic",
     "load_cifar10",
     "load_cifar100",
     "load_dataset",

@@ -751,6 +751,13 @@ def _no_dir(name: str, fn: Callable[[], Dataset]) -> Callable[[PathLike | None],
     return load
 
 
+def _arithmetic_add() -> Dataset:
+    # imported here because arithmetic.py builds on this module
+    from .arithmetic import load_arithmetic
+
+    return load_arithmetic("add")
+
+
 _LOADERS: dict[str, Callable[[PathLike | None], Dataset]] = {
     "fashion-mnist": load_fashion_mnist,
     "mnist": _needs_dir("mnist", load_mnist, _MNIST_HINT),
@@ -766,6 +773,7 @@ _LOADERS: dict[str, Callable[[PathLike | None], Dataset]] = {
         _CIFAR_HINT.format(archive="cifar-100-python.tar.gz", folder="cifar-100-python"),
     ),
     "digits": _no_dir("digits", load_digits),
+    "arithmetic": _no_dir("arithmetic", _arithmetic_add),
     **{n: _no_dir(n, lambda n=n: load_regression(n)) for n in REGRESSION_NAMES},
 }
 DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
@@ -790,7 +798,9 @@ def load_dataset(
 
     Args:
         name: One of ``fashion-mnist``, ``mnist``, ``mnist-sample``, ``cifar10``, ``cifar100``,
-            ``digits``, or a regression table (``boston``, ``autompg``, ``diabetes``). Case-insensitive;
+            ``digits``, ``arithmetic`` (modular addition mod 113, int64 token inputs ``(N, 4)``; see
+            :func:`laftr.data.arithmetic.load_arithmetic` for the other tasks), or a regression table
+            (``boston``, ``autompg``, ``diabetes``). Case-insensitive;
             a few spellings such as ``fashion_mnist`` and ``cifar-10`` are accepted.
         data_dir: Where the files are (required for ``mnist``, ``cifar10``, ``cifar100``; optional for
             ``fashion-mnist``; ignored for the bundled sets).

@@ -32,8 +32,10 @@ class LaftrBaseConfig(EstimatorConfig):
     Attributes:
         input_model: ``gaussian`` (full covariance), ``diag``, ``lowrank`` (rank ``rank`` + diagonal),
             ``classwise`` (one Gaussian and one set of gate laws per class, weighted by class frequency),
-            ``mixture`` (the same on ``components`` k-means clusters, no labels needed) or ``coreset``
-            (``coreset_size`` real inputs). See :mod:`laftr.inputs`.
+            ``mixture`` (the same on ``components`` k-means clusters, no labels needed), ``coreset``
+            (``coreset_size`` real inputs), or for integer token inputs ``tokens`` (per-position categorical
+            laws), ``tokens-classwise`` (per class) or ``tokens-mixture`` (on ``components`` k-means clusters
+            of the one-hot sequences). See :mod:`laftr.inputs`.
         rank: rank of the ``lowrank`` input model.
         component_cov: ``full`` or ``diag`` covariance of each class's (``classwise``) or component's
             (``mixture``) Gaussian.
@@ -41,6 +43,8 @@ class LaftrBaseConfig(EstimatorConfig):
         coreset_size: number of stored inputs of the ``coreset`` input model.
         components: number of mixture components K.
         mixture_sample: inputs (chosen by a seeded hash) on which the mixture's k-means runs.
+        vocab_size: number of token ids V of the token input models (ids ``0..V-1``); None: the largest id
+            in the data + 1.
     """
 
     input_model: str = "gaussian"
@@ -50,6 +54,7 @@ class LaftrBaseConfig(EstimatorConfig):
     coreset_size: int = 200
     components: int = 10
     mixture_sample: int = 4096
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,6 +67,8 @@ class LaftrBaseConfig(EstimatorConfig):
             raise UsageError(f"component_cov (classwise_cov) must be 'full' or 'diag', got {self.component_cov!r}")
         for name in ("rank", "coreset_size", "components", "mixture_sample"):
             check_int(self, name, minimum=1)
+        if self.vocab_size is not None:
+            check_int(self, "vocab_size", minimum=1)
 
     def input_options(self) -> dict[str, Any]:
         """The options of the chosen input model."""
@@ -73,6 +80,10 @@ class LaftrBaseConfig(EstimatorConfig):
         elif self.input_model in ("classwise", "mixture"):
             opts["cov"] = self.component_cov
             if self.input_model == "mixture":
+                opts.update(components=self.components, mixture_sample=self.mixture_sample)
+        elif self.input_model.startswith("tokens"):
+            opts["vocab_size"] = None if self.vocab_size is None else int(self.vocab_size)
+            if self.input_model == "tokens-mixture":
                 opts.update(components=self.components, mixture_sample=self.mixture_sample)
         return opts
 
@@ -310,7 +321,7 @@ class LaftrExactEstimator(_LaftrBase):
             if w == 0:
                 continue
             mean, second = inputs.moments(g, device, dtype)
-            state = JointMoments(mean, second, self.summary.input_shape, self.cfg.max_state)
+            state = JointMoments(mean, second, inputs.moment_shape, self.cfg.max_state)  # one-hot for tokens
             out = net.run((None, None), MomentMode([p0, p], state, laws, g, self.cfg.mu_outer))
             d = state.l2(out, self.outputs)
             total = w * d if total is None else total + w * d

@@ -44,7 +44,7 @@ class Measurement:
     def __call__(self, model: nn.Module) -> torch.Tensor:
         """``M`` at the model's current parameters (differentiable, 0-dim)."""
         device, dtype = model_device_dtype(model)
-        z = model(self.x.to(device=device, dtype=dtype))
+        z = model(self.x.to(device=device, dtype=dtype if self.x.is_floating_point() else None))
         return per_example_loss(z, self.y.to(device), self.task).mean()
 
     def grad(self, model: nn.Module, space: ParamSpace | None = None) -> torch.Tensor:

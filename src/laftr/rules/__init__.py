@@ -11,7 +11,7 @@ normalization), :mod:`~laftr.rules.pooling` (max pooling).
 """
 
 from ..errors import UnsupportedOpError
-from . import affine, gates, norm, pooling  # noqa: F401  (registration side effects)
+from . import affine, attention, gates, norm, pooling  # noqa: F401  (registration side effects)
 from .affine import AffineRule, IdentityRule, ShapeRule, SumRule
 from .base import (
     Pair,

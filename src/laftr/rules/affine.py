@@ -143,7 +143,7 @@ class GetattrRule(Rule):
 
 
 # ---------------------------------------------------------------------------------------------- layers
-class _TappedLayer(AffineRule):
+class TappedLayer(AffineRule):
     """A layer whose input and output the forward mode records when the mode's ``taps`` asks for it (K-FAC and
     diag-Fisher, :mod:`laftr.estimators.taps`)."""
 
@@ -157,14 +157,14 @@ class _TappedLayer(AffineRule):
 
 
 @register(nn.Linear, F.linear)
-class LinearRule(_TappedLayer):
+class LinearRule(TappedLayer):
     """``nn.Linear`` / ``F.linear``."""
 
     family = "linear"
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d)
-class ConvRule(_TappedLayer):
+class ConvRule(TappedLayer):
     """Convolutions (every padding mode: zeros, reflect, replicate and circular padding are linear too)."""
 
     family = "conv"
@@ -193,17 +193,17 @@ _AFFINE_MODULES = (
     nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
     nn.ReplicationPad2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.Upsample,
 )
+# (products, matmul and einsum: laftr.rules.attention's ProductRule, affine with one data factor)
 _AFFINE_FUNCTIONS = (
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute, torch.mean,
     torch.sum, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, operator.mul, torch.mul, torch.matmul, operator.matmul, operator.getitem,
+    F.adaptive_avg_pool3d, operator.getitem,
     operator.neg, operator.pos, torch.neg, F.pad, torch.narrow, torch.chunk, torch.split, torch.movedim,
-    torch.swapaxes, torch.t, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle,
+    torch.swapaxes, torch.t, torch.unbind, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle,
 )
 _AFFINE_METHODS = (
     "view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "contiguous", "mean", "sum",
-    "mul", "mul_", "neg", "t", "chunk", "split", "expand", "narrow",
-    "clone", "unflatten", "movedim", "matmul", "swapaxes",
+    "neg", "t", "chunk", "split", "expand", "narrow", "unbind", "clone", "unflatten", "movedim", "swapaxes",
 )
 _SUM_FUNCTIONS = (operator.add, operator.sub, torch.add, torch.sub, torch.cat, torch.concat, torch.stack)
 _SUM_METHODS = ("add", "sub", "add_", "sub_")

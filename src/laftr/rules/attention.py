@@ -1,0 +1,534 @@
+"""Transformer ops: token embeddings, products of two data tensors, softmax over data, attention.
+
+Linearized at theta0 (METHOD.md section 6), every op becomes affine in the change of its data inputs:
+
+- **Embedding** ``W[t]`` of integer tokens is linear in the one-hot token: each stream looks its tokens up in its
+  own table, in every mode (the tokens are the same in both streams). In the closed form the state holds the
+  one-hot encoding and the embedding is the matrix product ``onehot @ W``.
+- **Products of two data tensors** ``f(x, y)`` (``q @ k^T``, ``attn @ v``, ``bmm``, ``einsum``, ``x * y``) are
+  bilinear; at theta0's values ``(x0, y0)`` stream s gets ``f(x0, y0) + f(x_s - x0, y0) + f(x0, y_s - y0)``
+  (exact for stream 0, first order in the change for the others). With one data input they are affine.
+- **Softmax** ``A = softmax(l)`` over data: ``A_s = A0 + J(A0) (l_s - l0)`` with ``J(A) u = A * (u - <A, u>)``,
+  the Jacobian at theta0's pattern. theta0's own linearization (``gates="relu"``) takes ``A0 = softmax(l0)`` on
+  each input; LAFTR draws ``A0`` from a law stored at theta0, independent of the input, shared by both streams
+  (stream 0 is then ``A0`` itself, as a gated unit of stream 0 is ``c s0 + r``): per row of the pattern we store
+  the exact mean pattern ``E[A0]`` and the mean squared norm ``E[sum_j A0_j^2]`` and draw from the Dirichlet law
+  with that mean whose expected squared norm is the stored one (LIFTR also moment-matches a Dirichlet). Rows
+  that theta0 makes one-hot on every input are drawn as categorical one-hot rows (the Dirichlet's limit).
+  Masked positions (``-inf`` logits, the same in both streams) stay at zero.
+- **Attention** (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) is these pieces composed: scores
+  ``q k^T * scale (+ mask)`` (bilinear), softmax, ``A v`` (bilinear), all at theta0's values. Its site stores the
+  attention pattern law of its heads.
+
+There is no closed form (``laftr-exact``) for products of two data tensors: their second moments need fourth
+moments of the state. Those rules refuse it with a message; the Monte Carlo estimator handles them.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from .affine import AffineRule, TappedLayer
+from .base import Pair, Rule, data_pairs, register, stream_of
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def bilinear_streams(f: Callable[[Tensor, Tensor], Tensor], xs: tuple[Tensor, ...],
+                     ys: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``f`` bilinear, linearized at stream 0's values: ``f(x0, y0)`` for stream 0 and
+    ``f(x0, y0) + f(x_s - x0, y0) + f(x0, y_s - y0)`` for the others."""
+    x0, y0 = xs[0], ys[0]
+    base = f(x0, y0)
+    return (base, *(base + f(x - x0, y0) + f(x0, y - y0) for x, y in zip(xs[1:], ys[1:])))
+
+
+def logit_change(l_s: Tensor, l0: Tensor) -> Tensor:
+    """``l_s - l0``, zero where both are the same infinity (a masked position)."""
+    d = l_s - l0
+    if not torch.isfinite(l0).all():
+        d = torch.where(torch.isinf(l0) & (l_s == l0), torch.zeros_like(d), d)
+    return d
+
+
+def softmax_tangent(a0: Tensor, dl: Tensor, dim: int) -> Tensor:
+    """``J(a0) dl = a0 * (dl - <a0, dl>)`` along ``dim`` (the Jacobian of softmax at the pattern ``a0``)."""
+    return a0 * (dl - (a0 * dl).sum(dim, keepdim=True))
+
+
+def gamma_draw(shape_param: Tensor, gen: torch.Generator) -> Tensor:
+    """Gamma(shape_param, 1) variates from ``gen`` (Marsaglia and Tsang's squeeze method; shapes below 1 by the
+    ``U^(1/a)`` boost; a zero shape gives 0). torch's own sampler takes no generator, hence this one."""
+    a = shape_param
+    pos = a > 0
+    a1 = torch.where(a < 1, a + 1, a).clamp_min(1.0)
+    d = a1 - 1.0 / 3.0
+    c = 1.0 / torch.sqrt(9.0 * d)
+    out = torch.ones_like(a)
+    todo = pos.clone()
+    for _ in range(64):
+        z = torch.randn(a.shape, generator=gen, device=gen.device, dtype=a.dtype).to(a.device)
+        u = torch.rand(a.shape, generator=gen, device=gen.device, dtype=a.dtype).to(a.device)
+        v = (1 + c * z) ** 3
+        ok = (v > 0) & (torch.log(u.clamp_min(1e-300)) < 0.5 * z * z + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+        take = todo & ok
+        out = torch.where(take, d * v, out)
+        todo = todo & ~ok
+        if not bool(todo.any()):
+            break
+    out = torch.where(todo, d, out)  # practically never: the acceptance rate is above 95 % per round
+    u = torch.rand(a.shape, generator=gen, device=gen.device, dtype=a.dtype).to(a.device)
+    boost = torch.where(a < 1, u.clamp_min(1e-300) ** (1.0 / a.clamp_min(1e-300)), torch.ones_like(a))
+    return torch.where(pos, out * boost, torch.zeros_like(a))
+
+
+class PatternLaw:
+    """The law of theta0's attention pattern per group: a Dirichlet per row with the stored mean pattern and the
+    stored mean squared norm (stored floats: the pattern, plus one per row)."""
+
+    #: below this concentration rows are drawn one-hot (the Dirichlet's limit; gamma variates underflow there)
+    MIN_CONCENTRATION: ClassVar[float] = 1e-3
+
+    def __init__(self, sums: dict[str, Tensor], counts: Tensor, dim: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        n = counts.clamp_min(1)
+        mean = sums["a"] / n.view(-1, *([1] * (sums["a"].ndim - 1)))
+        sq = sums["a2"] / n.view(-1, *([1] * (sums["a2"].ndim - 1)))
+        self.dim = dim  # the softmax axis, counted on one example's pattern (non-negative)
+        mean = mean / mean.sum(dim + 1, keepdim=True).clamp_min(1e-300)  # rows sum to 1 (float64 rounding)
+        msq = (mean * mean).sum(dim + 1)
+        spread = (sq - msq).clamp_min(0)
+        free = (1 - msq).clamp_min(0)
+        fixed = spread <= 1e-12 * free.clamp_min(1e-300)
+        alpha = torch.where(fixed, torch.full_like(free, math.inf), free / spread.clamp_min(1e-300) - 1)
+        self.mean = mean.to(device, dtype)
+        self.second = sq.to(device, dtype)
+        self.alpha = alpha.clamp_min(0).to(device, dtype)  # (G, *rows); inf: the row is fixed at its mean
+
+    def draw(self, groups: Tensor, gen: torch.Generator, shared: bool, like: Tensor) -> Tensor:
+        """Patterns ``(n, *pattern)`` (``n = 1`` when shared)."""
+        n = 1 if shared else int(groups.shape[0])
+        if self.mean.shape[0] == 1:
+            m = self.mean[0].unsqueeze(0).expand(n, *self.mean.shape[1:])
+            al = self.alpha[0].unsqueeze(0).expand(n, *self.alpha.shape[1:])
+        else:
+            g = groups.to(self.mean.device)[:n]
+            m, al = self.mean.index_select(0, g), self.alpha.index_select(0, g)
+        ax = self.dim + 1
+        al_b = al.unsqueeze(ax)
+        conc = (m * torch.where(torch.isinf(al_b), torch.ones_like(al_b), al_b))
+        g_ = gamma_draw(conc.to(torch.float64), gen).to(m.dtype)
+        total = g_.sum(ax, keepdim=True)
+        dirichlet = g_ / total.clamp_min(1e-300)
+        # one-hot rows where the concentration is tiny (or every gamma variate underflowed)
+        u = torch.rand(al.shape, generator=gen, device=gen.device, dtype=m.dtype).to(m.device).unsqueeze(ax)
+        cum = m.cumsum(ax)
+        first = (cum > u * cum.narrow(ax, cum.shape[ax] - 1, 1)).to(m.dtype)
+        onehot = first - torch.cat([torch.zeros_like(first.narrow(ax, 0, 1)), first.narrow(ax, 0, first.shape[ax] - 1)],
+                                   ax)
+        tiny = (al_b < self.MIN_CONCENTRATION) | (total <= 0)
+        out = torch.where(torch.isinf(al_b), m, torch.where(tiny, onehot, dirichlet))
+        return out.to(like.device, like.dtype)
+
+
+class PatternSite(Rule):
+    """A rule whose op applies a softmax over data: it records theta0's pattern and draws it for LAFTR."""
+
+    site: ClassVar[bool] = True
+
+    def record(self, mode: Any, a0: Tensor, dim: int) -> None:
+        """Add theta0's patterns ``a0`` (``(B, *pattern)``, softmax over ``dim`` of the batch tensor)."""
+        a = a0.detach().to(torch.float64)
+        mode.add(self.name, "a", a)
+        mode.add(self.name, "a2", (a * a).sum(dim))
+
+    def draw(self, mode: Any, like: Tensor, dim: int) -> Tensor:
+        law: PatternLaw = mode.law(self)
+        if tuple(law.mean.shape[1:]) != tuple(like.shape[1:]):
+            raise ValueError(f"attention site {self.name!r}: the summary has patterns of shape "
+                             f"{tuple(law.mean.shape[1:])}, the network produces {tuple(like.shape[1:])} (inputs of "
+                             "another length?)")
+        a = law.draw(mode.groups, mode.generator, mode.shared, like)
+        return a.expand_as(like) if a.shape[0] == 1 else a
+
+    def pattern_axis(self, ndim: int) -> int:
+        """The softmax axis within one example's pattern of ``ndim`` dimensions (attention: the last)."""
+        return ndim - 1
+
+    def law(self, sums: dict[str, Tensor], counts: Tensor, device: torch.device, dtype: torch.dtype) -> PatternLaw:
+        return PatternLaw(sums, counts, self.pattern_axis(sums["a"].ndim - 1), device, dtype)
+
+    def no_closed_form(self) -> Exception:
+        return self.refuse("laftr-exact has no closed form through attention (products of two data tensors need "
+                           "fourth moments); use the Monte Carlo 'laftr' estimator")
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        raise self.no_closed_form()
+
+
+def linearized_softmax(rule: PatternSite, mode: Any, logits: tuple[Tensor, ...], dim: int) -> tuple[Tensor, ...]:
+    """The softmax of each stream's logits, linearized at theta0's pattern: the exact softmax of stream 0 in the
+    ``own`` mode, a draw from the stored law in the ``sample`` mode; ``A0 + J(A0)(l_s - l0)`` for the others."""
+    l0 = logits[0]
+    if mode.method == "sample":
+        a0 = rule.draw(mode, l0, dim)
+    else:
+        a0 = torch.softmax(l0, dim)
+    return (a0, *(a0 + softmax_tangent(a0, logit_change(l, l0), dim) for l in logits[1:]))
+
+
+# ---------------------------------------------------------------------------------------------- embedding
+@register(nn.Embedding, F.embedding)
+class EmbeddingRule(TappedLayer):
+    """``nn.Embedding`` / ``F.embedding`` of integer tokens: linear in the one-hot token (each stream uses its own
+    table). K-FAC and diag-Fisher tap it as a linear layer of one-hot inputs."""
+
+    family = "embedding"
+    affine = False  # linear in the one-hot token, not in the token id
+
+    def setup(self) -> None:
+        max_norm = self.module.max_norm if self.module is not None else self.const_arg(3, "max_norm")
+        if max_norm is not None:
+            raise self.refuse("max_norm renormalizes the table on each call (not a fixed linear map)")
+
+    def check(self, args: Any, kwargs: Any) -> None:
+        data = data_pairs((args, kwargs))
+        if len(data) != 1 or args[0] is not data[0]:
+            raise self.refuse("only the token ids may depend on the input (not the embedding table)")
+        t = data[0].vals[0]
+        if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
+            raise self.refuse(f"the token ids are {t.dtype}, not integers (an input model for tokens keeps them "
+                              "integer: input_model='tokens')")
+
+    def table(self, params: dict[str, Tensor], args: Any, kwargs: Any) -> Tensor:
+        if self.module is not None:
+            return params[self.prefix + ".weight"]
+        return kwargs.get("weight", args[1] if len(args) > 1 else None)
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        self.check(args, kwargs)
+        (tok,) = data_pairs((args, kwargs))
+
+        V = tok.vals[0].shape[-1]  # the one-hot width of the input model: tokens >= V never occur in the data
+        rows = self.table(mode.params[0], stream_of(args, 0), stream_of(kwargs, 0)).shape[0]
+        if V > rows:
+            raise ValueError(f"{self.describe()}: the input model has token ids up to {V - 1}, the table has {rows} rows")
+
+        def make(s: int) -> Callable[[Tensor], Tensor]:
+            a, k = stream_of(args, s), stream_of(kwargs, s)
+            return lambda onehot: onehot @ self.table(mode.params[s], a, k)[:V].to(onehot.dtype)
+
+        return mode.affine_fns([make(0), make(1)], [[tok.vals[0]], [tok.vals[1]]], self.name)
+
+
+# ---------------------------------------------------------------------------------------------- products
+class ProductRule(AffineRule):
+    """A product that is affine in each factor: with one data factor it is affine (exact in every mode), with two
+    it is bilinear and linearized at stream 0's factors (no closed form)."""
+
+    family = "product"
+    max_data_inputs = 2
+
+    def two_factors(self, args: Any, kwargs: Any) -> tuple[Pair, Pair] | None:
+        """The two data factors ``(x, y)`` in argument order, or None when only one is data."""
+        data = data_pairs((args, kwargs))
+        if len(data) < 2:
+            return None
+        if len(data) > 2:
+            raise self.refuse("a product of more than two data-dependent tensors")
+        return data[0], data[1]
+
+    def bilinear(self, mode: Any, args: Any, kwargs: Any, x: Pair, y: Pair) -> Pair:
+        """The op with ``x`` and ``y`` linearized at stream 0's values (other arguments: stream 0's)."""
+
+        def put(t: Any, xv: Tensor, yv: Tensor) -> Any:
+            def one(v: Any) -> Any:
+                if v is x:
+                    return xv
+                if v is y:
+                    return yv
+                return v.vals[0] if isinstance(v, Pair) else v
+
+            return tree_map(one, t)
+
+        def f(xv: Tensor, yv: Tensor) -> Tensor:
+            return self.call(mode.params[0], put(args, xv, yv), put(kwargs, xv, yv))
+
+        return Pair(bilinear_streams(f, x.vals, y.vals), True)
+
+    def _linearized(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        factors = self.two_factors(args, kwargs)
+        if factors is None:
+            return self.forward(mode, args, kwargs)
+        return self.bilinear(mode, args, kwargs, *factors)
+
+    def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        return self._linearized(mode, args, kwargs)
+
+    def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        return self._linearized(mode, args, kwargs)
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        if self.two_factors(args, kwargs) is not None:
+            raise self.refuse("laftr-exact has no closed form for a product of two data-dependent tensors (it needs "
+                              "fourth moments); use the Monte Carlo 'laftr' estimator")
+        return super().moments(mode, args, kwargs)
+
+
+register(operator.mul, torch.mul, "mul", "mul_", operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm",
+         torch.einsum)(ProductRule)
+
+
+# ---------------------------------------------------------------------------------------------- softmax
+@register(nn.Softmax, F.softmax, torch.softmax, "softmax")
+class SoftmaxRule(PatternSite):
+    """Softmax over data (attention weights), linearized at theta0's pattern."""
+
+    family = "softmax"
+
+    def setup(self) -> None:
+        if self.module is not None:
+            dim = self.module.dim
+        else:
+            dim = self.const_arg(1, "dim")
+        if dim is None:
+            raise self.refuse("softmax needs an explicit dim")
+        self.dim = int(dim)
+
+    def params(self) -> dict[str, Any]:
+        return {"dim": self.dim}
+
+    def _dim(self, x: Tensor) -> int:
+        d = self.dim % x.ndim
+        if d == 0:
+            raise self.refuse("a softmax over the batch axis mixes the examples of a batch")
+        return d
+
+    def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        x = self.data_input(args, kwargs)
+        self._dim(x.vals[0])
+        return Pair(tuple(torch.softmax(v, self.dim) for v in x.vals), True)
+
+    def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        x = self.data_input(args, kwargs)
+        d = self._dim(x.vals[0])
+        a0 = torch.softmax(x.vals[0], d)
+        self.record(mode, a0, d)
+        return Pair((a0,), True)
+
+    def _linear(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        x = self.data_input(args, kwargs)
+        d = self._dim(x.vals[0])
+        return Pair(linearized_softmax(self, mode, x.vals, d), True)
+
+    sample = own = _linear
+
+    def pattern_axis(self, ndim: int) -> int:
+        return self.dim % (ndim + 1) - 1
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def _causal_bias(L: int, S: int, like: Tensor) -> Tensor:
+    keep = torch.ones(L, S, dtype=torch.bool, device=like.device).tril()
+    return torch.zeros(L, S, dtype=like.dtype, device=like.device).masked_fill(~keep, -math.inf)
+
+
+def _mask_bias(mask: Tensor | None, like: Tensor) -> Tensor | None:
+    """An attention mask as an additive bias (bool: True takes part)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(~mask, -math.inf)
+    return mask.to(like.dtype)
+
+
+def _allowed(mask: Tensor | None) -> Tensor | None:
+    """A MultiheadAttention mask in SDPA's convention (bool: True takes part); float masks are additive as is."""
+    return ~mask if mask is not None and mask.dtype == torch.bool else mask
+
+
+def attention_core(rule: PatternSite, mode: Any, qs: tuple[Tensor, ...], ks: tuple[Tensor, ...],
+                   vs: tuple[Tensor, ...], bias: Tensor | None, scale: float) -> tuple[Tensor, ...]:
+    """``softmax(q k^T * scale + bias) v`` per stream, in the mode's linearization (see the module docstring).
+
+    Shapes ``(B, ..., L, E)``, ``(B, ..., S, E)``, ``(B, ..., S, Ev)``; the pattern is ``(B, ..., L, S)``.
+    """
+    def scores(q: Tensor, k: Tensor) -> Tensor:
+        return (q @ k.transpose(-2, -1)) * scale
+
+    if mode.method in ("forward", "fit"):
+        outs = []
+        for s, (q, k, v) in enumerate(zip(qs, ks, vs)):
+            lg = scores(q, k) if bias is None else scores(q, k) + bias
+            a = torch.softmax(lg, -1)
+            if s == 0 and mode.method == "fit":
+                rule.record(mode, a, -1)
+            outs.append(a @ v)
+        return tuple(outs)
+    logits = bilinear_streams(scores, qs, ks)
+    if bias is not None:
+        logits = tuple(lg + bias for lg in logits)
+    attn = linearized_softmax(rule, mode, logits, logits[0].ndim - 1)
+    return bilinear_streams(torch.matmul, attn, vs)
+
+
+@register(F.scaled_dot_product_attention)
+class SdpaRule(PatternSite):
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)``: scores, softmax and
+    weighted sum linearized at theta0 (dropout is off when estimating, as everywhere)."""
+
+    family = "attention"
+
+    def setup(self) -> None:
+        self.is_causal = bool(self.const_arg(5, "is_causal", False))
+        scale = self.const_arg(6, "scale", None)
+        self.scale = None if scale is None else float(scale)
+        if self.const_arg(None, "enable_gqa", False):
+            raise self.refuse("grouped-query attention (enable_gqa=True)")
+
+    def params(self) -> dict[str, Any]:
+        return {"is_causal": self.is_causal, "scale": self.scale}
+
+    def _parts(self, args: Any, kwargs: Any) -> tuple[Pair, Pair, Pair, Any]:
+        names = ("query", "key", "value", "attn_mask")
+        vals = [kwargs.get(n, args[i] if i < len(args) else None) for i, n in enumerate(names)]
+        q, k, v, mask = vals
+        for n, p in zip(names[:3], (q, k, v)):
+            if not isinstance(p, Pair):
+                raise self.refuse(f"its {n} is not a tensor")
+        if isinstance(mask, Pair) and mask.data:
+            raise self.refuse("an attention mask computed from the input (give a constant or a buffer)")
+        if not any(p.data for p in (q, k, v)):
+            raise self.refuse("none of query, key, value depends on the input")
+        return q, k, v, mask
+
+    def run(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        q, k, v, mask = self._parts(args, kwargs)
+        n = mode.num_streams
+        qs, ks, vs = (tuple(p.vals[s] for s in range(n)) for p in (q, k, v))
+        like = qs[0]
+        L, S = like.shape[-2], ks[0].shape[-2]
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(like.shape[-1])
+        bias = _mask_bias(mask.vals[0] if isinstance(mask, Pair) else mask, like)
+        if self.is_causal:
+            causal = _causal_bias(L, S, like)
+            bias = causal if bias is None else bias + causal
+        return Pair(attention_core(self, mode, qs, ks, vs, bias, scale), True)
+
+    forward = fit = sample = own = run
+
+
+@register(nn.MultiheadAttention)
+class MultiheadAttentionRule(PatternSite):
+    """``nn.MultiheadAttention`` (``batch_first`` either way, ``attn_mask``, ``key_padding_mask``, ``is_causal``
+    with a mask, ``need_weights=False``): input projections, attention linearized at theta0, output projection.
+    Its projections are tapped as linear layers by K-FAC and diag-Fisher."""
+
+    family = "multihead_attention"
+
+    def setup(self) -> None:
+        mod = self.module
+        assert isinstance(mod, nn.MultiheadAttention)
+        if mod.bias_k is not None or mod.add_zero_attn:
+            raise self.refuse("add_bias_kv / add_zero_attn are not supported")
+        need = self.const_arg(4, "need_weights", True)
+        if need:
+            raise self.refuse("call it with need_weights=False (the averaged attention weights it returns "
+                              "otherwise are not linearized)")
+
+    def params(self) -> dict[str, Any]:
+        m = self.module
+        assert isinstance(m, nn.MultiheadAttention)
+        return {"heads": m.num_heads, "batch_first": m.batch_first}
+
+    def projections(self, params: dict[str, Tensor]) -> tuple[tuple[Tensor, Tensor | None], ...]:
+        """``((Wq, bq), (Wk, bk), (Wv, bv), (Wo, bo))`` of one stream."""
+        m = self.module
+        assert isinstance(m, nn.MultiheadAttention)
+        p = self.prefix + "."
+        E = m.embed_dim
+        b = params.get(p + "in_proj_bias")
+        if m._qkv_same_embed_dim:
+            W = params[p + "in_proj_weight"]
+            ws = (W[:E], W[E: 2 * E], W[2 * E:])
+        else:
+            ws = (params[p + "q_proj_weight"], params[p + "k_proj_weight"], params[p + "v_proj_weight"])
+        bs = (None, None, None) if b is None else (b[:E], b[E: 2 * E], b[2 * E:])
+        return (*zip(ws, bs), (params[p + "out_proj.weight"], params.get(p + "out_proj.bias")))  # type: ignore[return-value]
+
+    def _inputs(self, args: Any, kwargs: Any) -> tuple[Pair, Pair, Pair, Any, Any, bool]:
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+                 "is_causal")
+        vals = {n: kwargs.get(n, args[i] if i < len(args) else None) for i, n in enumerate(names)}
+        q, k, v = vals["query"], vals["key"], vals["value"]
+        for n in ("key_padding_mask", "attn_mask"):
+            if isinstance(vals[n], Pair) and vals[n].data:
+                raise self.refuse(f"a {n} computed from the input (give a constant or a buffer)")
+        return q, k, v, vals["key_padding_mask"], vals["attn_mask"], bool(vals["is_causal"] or False)
+
+    def run(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        m = self.module
+        assert isinstance(m, nn.MultiheadAttention)
+        q, k, v, kpm, amask, is_causal = self._inputs(args, kwargs)
+        n = mode.num_streams
+        H, E = m.num_heads, m.embed_dim
+        taps = getattr(mode, "taps", None)
+        tap_in = taps is not None and q is k and k is v and taps.wants(self.prefix + ".in_proj")
+        tap_out = taps is not None and taps.wants(self.prefix + ".out_proj")
+        outs_in = []
+        for s in range(n):
+            (wq, bq), (wk, bk), (wv, bv), _ = self.projections(mode.params[s])
+            qi, ki, vi = (stream_of(t, s) for t in (q, k, v))
+            if not m.batch_first:
+                qi, ki, vi = (t.transpose(0, 1) for t in (qi, ki, vi))
+            if tap_in:  # self-attention: one linear map (in_proj_weight, in_proj_bias) of one input, tapped whole
+                p = self.prefix + "."
+                joint = taps.record(self.prefix + ".in_proj", qi,
+                                    F.linear(qi, mode.params[s][p + "in_proj_weight"], mode.params[s].get(p + "in_proj_bias")))
+                outs_in.append(tuple(joint.chunk(3, -1)))
+            else:
+                outs_in.append(tuple(F.linear(t, w, b) for t, w, b in ((qi, wq, bq), (ki, wk, bk), (vi, wv, bv))))
+
+        def heads(t: Tensor) -> Tensor:
+            B, T, _ = t.shape
+            return t.view(B, T, H, E // H).transpose(1, 2)
+
+        qs = tuple(heads(o[0]) for o in outs_in)
+        ks = tuple(heads(o[1]) for o in outs_in)
+        vs = tuple(heads(o[2]) for o in outs_in)
+        like = qs[0]
+        L, S = like.shape[-2], ks[0].shape[-2]
+        # MultiheadAttention's boolean masks say True where a position may NOT take part (unlike SDPA's)
+        bias = _mask_bias(_allowed(stream_of(amask, 0)), like)
+        if bias is not None and bias.ndim == 3:  # (B * H, L, S)
+            bias = bias.view(-1, H, L, S)
+        if is_causal and bias is None:
+            bias = _causal_bias(L, S, like)
+        kb = _mask_bias(_allowed(stream_of(kpm, 0)), like)
+        if kb is not None:
+            kb = kb.view(kb.shape[0], 1, 1, S)
+            bias = kb if bias is None else bias + kb
+        att = attention_core(self, mode, qs, ks, vs, bias, 1.0 / math.sqrt(E // H))
+        outs = []
+        for s, o in enumerate(att):
+            B = o.shape[0]
+            merged = o.transpose(1, 2).reshape(B, L, E)
+            wo, bo = self.projections(mode.params[s])[3]
+            y = F.linear(merged, wo, bo)
+            if tap_out:
+                y = taps.record(self.prefix + ".out_proj", merged, y)
+            if not m.batch_first:
+                y = y.transpose(0, 1)
+            outs.append((y, None))
+        return Pair(tuple(outs), True)
+
+    forward = fit = sample = own = run

@@ -1,0 +1,429 @@
+"""Attention, softmax and products of two data tensors (laftr.rules.attention): each checked against an exact
+computation where the linearization must be exact, for convergence to the exact FSD as theta -> theta0, and for
+equality of the three ways of writing attention (by hand, SDPA, nn.MultiheadAttention) on equal weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import laftr
+from laftr._util import param_dict
+from laftr.errors import UnsupportedOpError
+from laftr.graph import TracedNet
+from laftr.rules.attention import PatternLaw, gamma_draw
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+class Attn(nn.Module):
+    """in-projection -> one attention block (manual / sdpa / mha, causal or not) -> [GELU] -> mean -> head."""
+
+    def __init__(self, kind: str = "manual", d: int = 8, heads: int = 2, T: int = 5, causal: bool = True,
+                 act: bool = True, batch_first: bool = True) -> None:
+        super().__init__()
+        self.kind, self.d, self.h, self.causal, self.act, self.batch_first = kind, d, heads, causal, act, batch_first
+        self.inp = nn.Linear(3, d)
+        if kind == "mha":
+            self.mha = nn.MultiheadAttention(d, heads, batch_first=batch_first)
+        else:
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.register_buffer("bias", torch.full((T, T), -math.inf).triu(1), persistent=False)
+        self.register_buffer("blocked", torch.ones(T, T, dtype=torch.bool).triu(1), persistent=False)
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        B, T, _ = h.shape
+        if self.kind == "mha":
+            hh = h if self.batch_first else h.transpose(0, 1)
+            a = self.mha(hh, hh, hh, attn_mask=self.blocked if self.causal else None, need_weights=False)[0]
+            a = a if self.batch_first else a.transpose(0, 1)
+        else:
+            q, k, v = (m(h).view(B, T, self.h, self.d // self.h).transpose(1, 2) for m in (self.q, self.k, self.v))
+            if self.kind == "manual":
+                s = q @ k.transpose(-2, -1) / math.sqrt(self.d // self.h)
+                if self.causal:
+                    s = s + self.bias
+                o = torch.softmax(s, dim=-1) @ v
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            a = self.o(o.transpose(1, 2).reshape(B, T, self.d))
+        h = h + a
+        if self.act:
+            h = F.gelu(h)
+        return self.head(h.mean(1))
+
+
+def copy_weights(src: Attn, dst: Attn) -> None:
+    """``src`` (manual/sdpa) -> ``dst`` (any kind), equal functions."""
+    with torch.no_grad():
+        dst.inp.load_state_dict(src.inp.state_dict())
+        dst.head.load_state_dict(src.head.state_dict())
+        if dst.kind == "mha":
+            dst.mha.in_proj_weight.copy_(torch.cat([src.q.weight, src.k.weight, src.v.weight]))
+            dst.mha.in_proj_bias.copy_(torch.cat([src.q.bias, src.k.bias, src.v.bias]))
+            dst.mha.out_proj.weight.copy_(src.o.weight)
+            dst.mha.out_proj.bias.copy_(src.o.bias)
+        else:
+            for n in "qkvo":
+                getattr(dst, n).load_state_dict(getattr(src, n).state_dict())
+
+
+def perturbed(model: nn.Module, step: float, seed: int = 3, only: tuple[str, ...] | None = None) -> nn.Module:
+    import copy
+
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            d = torch.randn(p.shape, generator=g)
+            if only is None or n.split(".")[0] in only:
+                p.add_(step * d)
+    return m
+
+
+def _data(n: int = 40, T: int = 5, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, T, 3, generator=torch.Generator().manual_seed(seed))
+
+
+KINDS = ["manual", "sdpa", "mha"]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_interpreter_reproduces_every_kind_of_attention(kind, causal):
+    torch.manual_seed(0)
+    ref = Attn("manual", causal=causal)
+    m = Attn(kind, causal=causal)
+    copy_weights(ref, m)
+    X = _data()
+    torch.testing.assert_close(TracedNet(m).forward(X, param_dict(m)), m(X), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m(X), ref(X), rtol=1e-12, atol=1e-12)
+
+
+def test_multihead_attention_sequence_first():
+    torch.manual_seed(0)
+    ref = Attn("manual")
+    m = Attn("mha", batch_first=False)
+    copy_weights(ref, m)
+    X = _data()
+    torch.testing.assert_close(TracedNet(m).forward(X, param_dict(m)), ref(X), rtol=1e-12, atol=1e-12)
+    est_a = laftr.make_estimator("laftr", metric="kl", num_samples=16).fit(ref, X)
+    est_b = laftr.make_estimator("laftr", metric="kl", num_samples=16).fit(m, X)
+    other = perturbed(ref, 0.1)
+    other_b = Attn("mha", batch_first=False)
+    copy_weights(other, other_b)
+    torch.testing.assert_close(est_b(other_b), est_a(other), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_own_linearization_tends_to_the_exact_fsd(kind):
+    """gates='relu' on a coreset holding every input: estimate / exact -> 1 as theta -> theta0, the error
+    shrinking with the step (first order)."""
+    torch.manual_seed(0)
+    ref = Attn("manual")
+    X = _data()
+    errors = []
+    for step in (1e-1, 1e-2, 1e-3):
+        m0, m1 = Attn(kind), Attn(kind)
+        copy_weights(ref, m0)
+        copy_weights(perturbed(ref, step), m1)
+        est = laftr.make_estimator("laftr", metric="l2", input_model="coreset", coreset_size=40, num_samples=40,
+                                   gates="relu").fit(m0, X)
+        errors.append(abs(float(est(m1)) / float(laftr.exact_fsd(m0, m1, X, metric="l2")) - 1))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 2e-3 and errors[1] < 2e-2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_when_only_the_value_path_changes(kind):
+    """With q and k unchanged the attention pattern is theta0's, and without a nonlinearity after it the network
+    is affine in the change: theta0's own linearization on every input IS the exact FSD."""
+    torch.manual_seed(0)
+    ref = Attn("manual", act=False)
+    X = _data()
+    m0, m1 = Attn(kind, act=False), Attn(kind, act=False)
+    copy_weights(ref, m0)
+    copy_weights(perturbed(ref, 0.3, only=("v", "o", "head")), m1)
+    for metric in ("l2", "kl"):
+        est = laftr.make_estimator("laftr", metric=metric, input_model="coreset", coreset_size=40, num_samples=40,
+                                   gates="relu").fit(m0, X)
+        torch.testing.assert_close(est(m1), laftr.exact_fsd(m0, m1, X, metric=metric), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampled_pattern_of_one_example_is_theta0s_own(kind):
+    """Fitted on one example, every stored law is a point mass (the pattern's rows have zero spread), so LAFTR's
+    sampled linearization equals theta0's own on that example."""
+    torch.manual_seed(0)
+    ref = Attn("manual", act=False)
+    X = _data(1)
+    m0, m1 = Attn(kind, act=False), Attn(kind, act=False)
+    copy_weights(ref, m0)
+    copy_weights(perturbed(ref, 0.2), m1)
+    opts = {"metric": "kl", "input_model": "coreset", "coreset_size": 1, "num_samples": 4}
+    own = laftr.make_estimator("laftr", gates="relu", **opts).fit(m0, X)
+    sampled = laftr.make_estimator("laftr", **opts).fit(m0, X)
+    torch.testing.assert_close(sampled(m1), own(m1), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("gates", ["bernoulli", "relu"])
+def test_three_ways_of_writing_attention_give_the_same_estimate(gates):
+    torch.manual_seed(0)
+    ref = Attn("manual")
+    other = perturbed(ref, 0.1)
+    X = _data()
+    values = []
+    for kind in KINDS:
+        m0, m1 = Attn(kind), Attn(kind)
+        copy_weights(ref, m0)
+        copy_weights(other, m1)
+        est = laftr.make_estimator("laftr", metric="kl", num_samples=32, gates=gates).fit(m0, X)
+        values.append(est(m1))
+        assert float(est(m0)) == 0.0
+    torch.testing.assert_close(values[1], values[0], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(values[2], values[0], rtol=1e-10, atol=1e-14)
+
+
+class _Call(nn.Module):
+    """``forward() = est(inner)``: lets torch.func.functional_call substitute the parameters est reads."""
+
+    def __init__(self, inner: nn.Module, est) -> None:
+        super().__init__()
+        self.inner = inner
+        self.est = est
+
+    def forward(self) -> torch.Tensor:
+        return self.est(self.inner)
+
+
+@pytest.mark.parametrize("gates", ["bernoulli", "relu"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_reach_every_parameter_and_pass_gradcheck(kind, gates):
+    torch.manual_seed(0)
+    m0 = Attn(kind, d=4, T=3)
+    X = torch.randn(12, 3, 3, generator=torch.Generator().manual_seed(1))
+    est = laftr.make_estimator("laftr", metric="kl", num_samples=4, fixed_noise=True, gates=gates).fit(m0, X)
+    m1 = perturbed(m0, 0.1)
+    est(m1).backward()
+    for n, p in m1.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    names = [n for n, _ in m1.named_parameters()]
+    call = _Call(m1, est)
+
+    def f(*ts):
+        return torch.func.functional_call(call, {f"inner.{n}": t for n, t in zip(names, ts)}, ())
+
+    inputs = tuple(p.detach().clone().requires_grad_(True) for p in m1.parameters())
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_product_of_two_data_tensors_tends_to_the_exact_fsd():
+    """A gated MLP (``a(x) * b(x)``, SwiGLU-like): the bilinear product linearized at theta0."""
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(F.silu(self.a(x)) * self.b(x))
+
+    torch.manual_seed(0)
+    m0 = Gated()
+    X = torch.randn(30, 4, generator=torch.Generator().manual_seed(2))
+    est = laftr.make_estimator("laftr", metric="l2", input_model="coreset", coreset_size=30, num_samples=30,
+                               gates="relu").fit(m0, X)
+    errs = []
+    for step in (1e-1, 1e-2, 1e-3):
+        m1 = perturbed(m0, step)
+        errs.append(abs(float(est(m1)) / float(laftr.exact_fsd(m0, m1, X, metric="l2")) - 1))
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 2e-3
+    # the same network with one factor fixed (b frozen) is exact under theta0's own linearization when only the
+    # output layer changes
+    m1 = perturbed(m0, 0.5, only=("out",))
+    torch.testing.assert_close(est(m1), laftr.exact_fsd(m0, m1, X, metric="l2"), rtol=1e-10, atol=1e-14)
+
+
+def test_save_and_load_keep_the_pattern_law(tmp_path):
+    torch.manual_seed(0)
+    m0 = Attn("mha")
+    X = _data()
+    est = laftr.make_estimator("laftr", metric="kl", num_samples=16).fit(m0, X)
+    m1 = perturbed(m0, 0.1)
+    path = tmp_path / "att.laftr"
+    laftr.save(est, path)
+    back = laftr.load(path)
+    torch.testing.assert_close(back(m1), est(m1), rtol=1e-12, atol=1e-15)
+    sites = {s[0]: s[1] for s in est.site_signature}
+    assert "multihead_attention" in sites.values()
+    # the pattern law's floats are counted: heads x T x T means + heads x T squared norms, per site
+    per_site = 2 * 5 * 5 + 2 * 5
+    gates = 5 * 8  # the GELU after the block: 5 moments... counted by the gate itself
+    assert est.stored_floats() >= per_site + gates
+
+
+# ---------------------------------------------------------------------------------------------- the laws
+def test_gamma_draws_have_the_right_moments_and_follow_the_generator():
+    a = torch.tensor([0.3, 1.0, 2.5, 7.0]).repeat(20000, 1)
+    g = gamma_draw(a, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(g.mean(0), a[0], rtol=3e-2, atol=0)
+    torch.testing.assert_close(g.var(0), a[0], rtol=6e-2, atol=0)
+    again = gamma_draw(a, torch.Generator().manual_seed(0))
+    assert torch.equal(g, again)
+    assert (gamma_draw(torch.zeros(5), torch.Generator()) == 0).all()
+
+
+def _law_from(patterns: torch.Tensor) -> PatternLaw:
+    sums = {"a": patterns.sum(0, keepdim=True), "a2": (patterns * patterns).sum(-1).sum(0, keepdim=True)}
+    return PatternLaw(sums, torch.tensor([float(len(patterns))]), patterns.ndim - 2, torch.device("cpu"),
+                      torch.float64)
+
+
+def test_pattern_law_matches_the_stored_moments():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 2, 4, 6, generator=g) * 1.5
+    logits[..., 0, 1:] = -math.inf  # a causal-like row: all mass on one position
+    A = torch.softmax(logits, -1)
+    law = _law_from(A)
+    draws = law.draw(torch.zeros(40000, dtype=torch.long), torch.Generator().manual_seed(1), False, A)
+    torch.testing.assert_close(draws.sum(-1), torch.ones(draws.shape[:-1]), rtol=1e-12, atol=1e-12)
+    assert (draws[..., 0, 1:] == 0).all() and (draws[..., 0, 0] == 1).all()
+    torch.testing.assert_close(draws.mean(0), A.mean(0), rtol=0, atol=1e-2)
+    torch.testing.assert_close((draws * draws).sum(-1).mean(0), (A * A).sum(-1).mean(0), rtol=0, atol=1e-2)
+
+
+def test_pattern_law_of_one_hot_rows_draws_one_hot_rows():
+    idx = torch.randint(0, 5, (300, 3), generator=torch.Generator().manual_seed(0))
+    A = F.one_hot(idx, 5).double()  # theta0 attends to one position, varying with the input
+    law = _law_from(A)
+    draws = law.draw(torch.zeros(20000, dtype=torch.long), torch.Generator().manual_seed(2), False, A)
+    assert ((draws == 0) | (draws == 1)).all() and (draws.sum(-1) == 1).all()
+    torch.testing.assert_close(draws.mean(0), A.mean(0), rtol=0, atol=1.5e-2)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+def test_laftr_exact_refuses_attention_with_a_message():
+    m0 = Attn("manual", act=False)
+    with pytest.raises(UnsupportedOpError, match="no closed form"):
+        laftr.make_estimator("laftr-exact", metric="l2").fit(m0, _data())(perturbed(m0, 0.1))
+
+
+def test_bad_attention_calls_are_named():
+    class NeedWeights(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0].mean(1)
+
+    with pytest.raises(UnsupportedOpError, match="need_weights=False"):
+        TracedNet(NeedWeights())
+
+    class DataMask(nn.Module):
+        def forward(self, x):
+            q = x.unsqueeze(1)
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=x.unsqueeze(1) @ x.unsqueeze(1).transpose(-2, -1)
+                                                  > 0).mean((1, 2))
+
+    with pytest.raises(UnsupportedOpError, match="node 'gt'"):  # a mask computed from the data is refused
+        TracedNet(DataMask())
+
+    class BatchSoftmax(nn.Module):
+        def forward(self, x):
+            return torch.softmax(x, dim=0)
+
+    with pytest.raises(UnsupportedOpError, match="batch axis"):
+        TracedNet(BatchSoftmax()).forward(torch.randn(3, 4), {})
+
+    class FloatTokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(5, 3)
+
+        def forward(self, x):
+            return self.emb(x.long()).sum(1)
+
+    # ids computed from float data are refused at the embedding (x.long() has no rule: not differentiable data)
+    with pytest.raises(UnsupportedOpError):
+        TracedNet(FloatTokens()).forward(torch.randn(3, 4), {"emb.weight": torch.randn(5, 3)})
+
+
+# ---------------------------------------------------------------------------------------------- token networks
+def _token_mlp() -> nn.Module:
+    return nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("input_model", ["tokens", "tokens-classwise", "coreset"])
+def test_embedding_closed_form_equals_monte_carlo(input_model):
+    """The closed form propagates the one-hot tokens' moments through ``onehot @ W``: it equals Monte Carlo as the
+    sample count grows (the inputs are drawn from the same categorical laws)."""
+    torch.manual_seed(0)
+    m0 = _token_mlp()
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randint(0, 6, (200, 3), generator=g), torch.randint(0, 3, (200,), generator=g)
+    m1 = perturbed(m0, 0.3)
+    exact = laftr.make_estimator("laftr-exact", input_model=input_model).fit(m0, (X, Y))
+    mc = laftr.make_estimator("laftr", input_model=input_model, num_samples=100000).fit(m0, (X, Y))
+    torch.testing.assert_close(mc(m1), exact(m1), rtol=1.5e-2, atol=0)
+    assert float(exact(m0)) == pytest.approx(0.0, abs=1e-12)
+
+
+def _arith_models(p: int = 7):
+    from laftr.data import load_arithmetic
+    from laftr.models import copy_attention_weights, transformer
+
+    ds = load_arithmetic("add", p=p)
+    V = ds.meta["vocab_size"]
+    torch.manual_seed(0)
+    ref = transformer(V, 4, p, d_model=8, heads=2, blocks=1, d_mlp=16, attention="manual")
+    other = perturbed(ref, 0.05)
+    out = {}
+    for kind in ("manual", "sdpa", "mha"):
+        a, b = (transformer(V, 4, p, d_model=8, heads=2, blocks=1, d_mlp=16, attention=kind) for _ in range(2))
+        copy_attention_weights(ref, a)
+        copy_attention_weights(other, b)
+        out[kind] = (a.eval(), b.eval())
+    return ds, out
+
+
+def test_transformer_on_tokens_end_to_end(tmp_path):
+    """A pre-LN transformer on modular arithmetic: the three attention implementations give the same LAFTR
+    estimate on equal weights, gradients reach the embeddings, and the summary saves and loads."""
+    ds, models = _arith_models()
+    values = {}
+    for kind, (m0, m1) in models.items():
+        est = laftr.make_estimator("laftr", metric="kl", input_model="tokens", num_samples=32).fit(m0, ds.x_train)
+        values[kind] = est(m1)
+        assert float(est(m0)) == 0.0
+    torch.testing.assert_close(values["sdpa"], values["manual"], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(values["mha"], values["manual"], rtol=1e-10, atol=1e-14)
+    m0, m1 = models["mha"]
+    est = laftr.make_estimator("laftr", metric="kl", input_model="tokens-mixture", components=3,
+                               num_samples=16, fixed_noise=True).fit(m0, ds.x_train)
+    est(m1).backward()
+    grads = {n: p.grad for n, p in m1.named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), [n for n, g in grads.items()
+                                                                              if g is None or g.abs().sum() == 0]
+    path = laftr.save(est, tmp_path / "tf.laftr")
+    torch.testing.assert_close(laftr.load(path)(m1), est(m1), rtol=1e-12, atol=1e-15)
+
+
+def test_transformer_own_linearization_tends_to_the_exact_fsd():
+    ds, models = _arith_models()
+    m0, _ = models["manual"]
+    X = ds.x_train  # 34 sequences, each sampled once
+    est = laftr.make_estimator("laftr", metric="kl", input_model="coreset", coreset_size=len(X), num_samples=len(X),
+                               gates="relu").fit(m0, X)
+    errs = []
+    # the embeddings start at std 0.02, so LayerNorm's curvature (1 / sigma) is large: smaller steps are needed
+    for step in (1e-2, 1e-3, 1e-4):
+        m1 = perturbed(m0, step)
+        errs.append(abs(float(est(m1)) / float(laftr.exact_fsd(m0, m1, X, metric="kl")) - 1))
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 2e-2
