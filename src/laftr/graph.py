@@ -8,6 +8,7 @@ node's rule (:mod:`laftr.rules`) named by the current *mode*; it never looks at 
   tap their layers, and to check that the interpreter reproduces the model);
 - :class:`FitMode` (``fit``): theta0 alone on real data, while sites record their statistics;
 - :class:`SampleMode` (``sample``): LAFTR's Monte Carlo linearization from the stored statistics;
+- :class:`StepMode` (``sample``): LIFTR's step-wise variant, theta0's stream re-drawn at every anchored op;
 - :class:`OwnMode` (``own``): theta0's own linearization on each input (``gates="relu"``);
 - :class:`MomentMode` (``moments``): the closed form, on the joint second moment (:mod:`laftr.moments`).
 
@@ -32,7 +33,7 @@ from .rules.base import Pair, Rule, data_pairs, is_registered_module, make_rule,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FitMode", "ForwardMode", "Mode", "MomentMode", "OwnMode", "SampleMode", "TracedNet", "trace"]
+__all__ = ["FitMode", "ForwardMode", "Mode", "MomentMode", "OwnMode", "SampleMode", "StepMode", "TracedNet", "trace"]
 
 
 class _Tracer(fx.Tracer):
@@ -96,6 +97,19 @@ class Mode:
         """``v`` in stream ``s`` with every data value as a tensor (for shape queries)."""
         return stream_of(v, s)
 
+    def begin_run(self) -> None:
+        """Called when the interpreter starts a pass over the graph."""
+
+    def before(self, rule: Rule, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        """Called before a data-dependent node's rule with its arguments; returns the arguments to use (LIFTR's
+        step-wise mode re-anchors some here, the fit mode records their moments)."""
+        return args, kwargs
+
+    def inner(self, rule: Rule, key: str, value: Pair) -> Pair:
+        """A rule hands an intermediate data value that feeds one of its internal layers (``key``), e.g. the merged
+        heads before nn.MultiheadAttention's output projection; LIFTR's modes anchor it like an op's input."""
+        return value
+
     def after_node(self, env: dict[str, Any]) -> None:
         """Called after every node with the values still alive."""
 
@@ -122,18 +136,37 @@ class FitMode(Mode):
         num_groups: the number of groups so far.
         record_pools: whether max pools record how often each window position is theta0's argmax (needed
             only by ``maxpool="sample"``).
+        record_inputs: called before every data-dependent node with its arguments (records more statistics).
         sums: ``{site: {key: (G, ...) float64 sums}}``.
     """
 
     method = "fit"
 
-    def __init__(self, params: Sequence[dict[str, torch.Tensor]], record_pools: bool = True) -> None:
+    def __init__(self, params: Sequence[dict[str, torch.Tensor]], record_pools: bool = True,
+                 record_inputs: Callable[[FitMode, Rule, Any, Any], None] | None = None) -> None:
         super().__init__(params)
+        self.record_inputs = record_inputs
         self.group: torch.Tensor | None = None
         self.num_groups = 1
         self.record_pools = record_pools
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
         self.unit_shapes: dict[str, tuple[int, ...]] = {}
+
+    def begin_run(self) -> None:
+        begin = getattr(self.record_inputs, "begin_run", None)
+        if begin is not None:
+            begin()
+
+    def before(self, rule: Rule, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        if self.record_inputs is not None:  # e.g. LIFTR's per-layer input moments
+            self.record_inputs(self, rule, args, kwargs)
+        return args, kwargs
+
+    def inner(self, rule: Rule, key: str, value: Pair) -> Pair:
+        record = getattr(self.record_inputs, "inner", None)
+        if record is not None:
+            record(self, rule, key, value)
+        return value
 
     def add(self, site: str, key: str, values: torch.Tensor) -> None:
         """Add ``values`` (``(B, ...)``, one row per example) to the sums of ``site``/``key`` by group."""
@@ -176,6 +209,53 @@ class SampleMode(Mode):
         self.generator = generator
         self.shared = shared
         self.pool_mode = pool_mode
+
+
+class StepMode(SampleMode):
+    """LIFTR's step-wise linearization: LAFTR's sampled linearizations, and at the input of every *anchored* op (one
+    whose parameters multiply data) theta0's stream is re-drawn from that input's stored law while the change
+    ``x - x0`` carried by the other stream is kept: ``(x0, x) -> (a, a + x - x0)``. Each value is re-drawn once per
+    pass (the ops that read the same tensor, e.g. the q, k and v projections, see the same draw), independently of
+    the change (METHOD.md section 6).
+
+    Attributes:
+        anchors: ``anchors(rule, args, kwargs)`` gives, for an anchored op, one entry per data input (in
+            :func:`laftr.rules.base.data_pairs` order): its law (with ``draw(groups, generator, like)``); None
+            for other ops.
+        inner_anchors: ``inner_anchors(rule, key)``: the law of a rule's internal layer input (see :meth:`inner`),
+            or None.
+    """
+
+    def __init__(self, params: Sequence[dict[str, torch.Tensor]], laws: dict[str, Any], groups: torch.Tensor,
+                 generator: torch.Generator, anchors: Callable[[Rule, Any, Any], list[Any] | None],
+                 inner_anchors: Callable[[Rule, str], Any], shared: bool = False, pool_mode: str = "argmax0") -> None:
+        super().__init__(params, laws, groups, generator, shared, pool_mode)
+        self.anchors = anchors
+        self.inner_anchors = inner_anchors
+        self._drawn: dict[int, tuple[Pair, Pair]] = {}  # id(original) -> (original, re-anchored) (kept alive)
+
+    def begin_run(self) -> None:
+        self._drawn = {}
+
+    def before(self, rule: Rule, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        laws = self.anchors(rule, args, kwargs)
+        if laws is None:
+            return args, kwargs
+        for p, law in zip(data_pairs((args, kwargs)), laws):
+            if id(p) not in self._drawn:
+                x0, *rest = p.vals
+                a = law.draw(self.groups, self.generator, x0)
+                self._drawn[id(p)] = (p, Pair((a, *(a + (v - x0) for v in rest)), True))
+        return tree_map(lambda v: self._drawn[id(v)][1] if isinstance(v, Pair) and id(v) in self._drawn else v,
+                        (args, kwargs))
+
+    def inner(self, rule: Rule, key: str, value: Pair) -> Pair:
+        law = self.inner_anchors(rule, key)
+        if law is None:
+            return value
+        x0, *rest = value.vals
+        a = law.draw(self.groups, self.generator, x0)
+        return Pair((a, *(a + (v - x0) for v in rest)), True)
 
 
 class OwnMode(Mode):
@@ -327,6 +407,7 @@ class TracedNet:
         stream's output, or refs into the moment state)."""
         env: dict[str, Any] = {}
         users = {n.name: len(n.users) for n in self.gm.graph.nodes}
+        mode.begin_run()
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 env[node.name] = mode.input(inputs) if node is self.input_node else node.args[0]
@@ -363,6 +444,7 @@ class TracedNet:
                 return rule.call(mode.params[0], args, kwargs)
             return Pair(tuple(rule.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
                               for s in range(mode.num_streams)), False)
+        args, kwargs = mode.before(rule, args, kwargs)
         return getattr(rule, mode.method)(mode, args, kwargs)
 
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -130,6 +130,7 @@ def fit_summary(
     batch_size: int = 256,
     progress: bool = False,
     record_pools: bool = True,
+    record_inputs: Any = None,
     **input_options: Any,
 ) -> Summary:
     """One streaming pass over ``data`` at theta0 (two for the mixture): site statistics and the input model.
@@ -142,6 +143,7 @@ def fit_summary(
         batch_size: used when ``data`` is a tensor.
         progress: progress bar.
         record_pools: record max-pool argmax frequencies (needed only to sample the selection).
+        record_inputs: an extra recorder called before every data-dependent node (see :class:`FitMode`).
         **input_options: options of a named input model (``seed``, ``rank``, ``cov``, ``coreset_size``, ...).
     """
     if isinstance(inputs, str):
@@ -160,7 +162,7 @@ def fit_summary(
     with torch.no_grad():
         if inputs.needs_first_pass:
             inputs.prepare(batches)
-        mode = FitMode([theta0], record_pools=record_pools)
+        mode = FitMode([theta0], record_pools=record_pools, record_inputs=record_inputs)
         for x, y in tqdm(batches(), disable=not progress, desc="LAFTR summary"):
             if inputs.input_shape is None:
                 inputs.begin(x)

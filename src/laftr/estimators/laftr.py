@@ -182,8 +182,12 @@ class _LaftrBase(FSDEstimator):
         inputs = make_input_model(c.input_model, **c.input_options())
         # max pools always record their argmax frequencies (cheap; they count as stored floats only when sampled)
         self.summary = fit_summary(net, param_dict(model, detach=True), data, inputs, batch_size=c.batch_size,
-                                   progress=c.progress)
+                                   progress=c.progress, record_inputs=self._input_recorder(net))
         self._after_summary(net)
+
+    def _input_recorder(self, net: TracedNet) -> Any:
+        """An extra recorder for :func:`fit_summary` (LIFTR's per-op input moments); None here."""
+        return None
 
     def fit_summary_only(self, summary: Summary, model: nn.Module, outputs: list[int] | None = None) -> _LaftrBase:
         """Use an existing (e.g. merged) summary fitted at ``model``'s current parameters."""
@@ -283,6 +287,14 @@ class LaftrEstimator(_LaftrBase):
         """The max-pool rule in use (``auto`` resolved)."""
         return self.cfg.pool_mode
 
+    def _mode(self, net: TracedNet, p0: dict[str, torch.Tensor], p: dict[str, torch.Tensor], groups: torch.Tensor,
+              gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Any:
+        """The interpreter mode of one evaluation: sampled linearizations, or theta0's own."""
+        if self.cfg.gates == "relu":
+            return OwnMode([p0, p], self.pool_mode)
+        return SampleMode([p0, p], self._site_laws(net, device, dtype), groups, gen, self.cfg.shared_masks,
+                          self.pool_mode)
+
     def _distance(self, model: nn.Module) -> torch.Tensor:
         assert self.summary is not None
         net = self._net(model)
@@ -291,12 +303,7 @@ class LaftrEstimator(_LaftrBase):
         p = param_dict(model)
         gen = self._generator(device)
         x, groups = self.summary.inputs.sample(self.cfg.num_samples, gen, device, dtype)
-        if self.cfg.gates == "relu":
-            mode: Any = OwnMode([p0, p], self.pool_mode)
-        else:
-            mode = SampleMode([p0, p], self._site_laws(net, device, dtype), groups, gen, self.cfg.shared_masks,
-                              self.pool_mode)
-        z0, z = net.run((x, x), mode)
+        z0, z = net.run((x, x), self._mode(net, p0, p, groups, gen, device, dtype))
         return discrepancy(z0.detach(), z, self.metric, self.outputs).mean()
 
 

@@ -518,10 +518,10 @@ class MultiheadAttentionRule(PatternSite):
             kb = kb.view(kb.shape[0], 1, 1, S)
             bias = kb if bias is None else bias + kb
         att = attention_core(self, mode, qs, ks, vs, bias, 1.0 / math.sqrt(E // H))
+        merged_all = mode.inner(self, "out_proj", Pair(tuple(o.transpose(1, 2).reshape(o.shape[0], L, E) for o in att),
+                                                       True))
         outs = []
-        for s, o in enumerate(att):
-            B = o.shape[0]
-            merged = o.transpose(1, 2).reshape(B, L, E)
+        for s, merged in enumerate(merged_all.vals):
             wo, bo = self.projections(mode.params[s])[3]
             y = F.linear(merged, wo, bo)
             if tap_out:

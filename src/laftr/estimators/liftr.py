@@ -1,0 +1,239 @@
+"""LIFTR: a step-wise linearization at theta0 (Dhawan et al., "Approximating Function Space Distance for Continual
+Learning in Transformers"; METHOD.md section 6), by Monte Carlo.
+
+LAFTR runs the theta0 stream and the theta stream from one sampled input through the whole linearized network,
+so theta0's values inside the network are those of the sampled input. LIFTR propagates only the change: at every
+op with parameters (a Linear, an embedding, a normalization's affine part, attention's projections) and at every
+product of two data tensors (attention scores and weighted sums), theta0's input ``x0`` is drawn afresh from that
+op's own stored input moments (mean and diagonal or full covariance over the last axis, per position, fitted at
+theta0), independently of the change ``dx`` arriving from below; the op then contributes ``f_theta(x0 + dx) -
+f_theta0(x0)`` (for a linear layer ``W dx + dW x0``). Elementwise activations, normalizers and softmaxes pass the
+change through linearizations drawn from the same laws LAFTR stores (Bernoulli or two-moment gates, normalizer
+laws, the Dirichlet law of the attention pattern). Ops that are additive in their parameters (``x + pos``, a
+residual sum) and parameter-free linear ops need no anchor: the change does not depend on ``x0`` there.
+
+Memory: per anchored op and data input, the mean and variance (``input_cov="diag"``) or the mean and the
+covariance over the last axis (``"full"``) per position — like K-FAC's input factors — plus LAFTR's site laws and
+its input model (which supplies the inputs of the first layers). The estimator shares LAFTR's fitting,
+persistence and Monte Carlo loop; only the interpreter mode differs (:class:`laftr.graph.StepMode`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import UsageError
+from ..graph import FitMode, StepMode, TracedNet
+from ..rules import IdentityRule, ShapeRule, SumRule
+from ..rules.affine import LikeRule
+from ..rules.base import Rule, data_pairs, pairs_in
+from .base import register
+from .laftr import LaftrConfig, LaftrEstimator
+
+
+@dataclasses.dataclass
+class LiftrConfig(LaftrConfig):
+    """Options of ``liftr`` (those of ``laftr`` plus the anchors' covariance).
+
+    Attributes:
+        input_cov: ``diag`` (mean and variance of every anchored op's input, per entry) or ``full`` (mean and
+            covariance over the input's last axis, per position).
+        input_model: as for ``laftr``; it supplies the inputs of the ops that read the network input (default
+            ``diag``; ``tokens`` for token inputs).
+    """
+
+    input_model: str = "diag"
+    input_cov: str = "diag"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.input_cov not in ("diag", "full"):
+            raise UsageError(f"input_cov must be 'diag' or 'full', got {self.input_cov!r}")
+        if self.gates != "bernoulli":
+            raise UsageError("liftr draws every linearization from its stored law (gates='bernoulli'); theta0's own "
+                             "linearization needs theta0's values on one input, which liftr does not propagate")
+
+
+def anchor_candidates(net: TracedNet) -> set[str]:
+    """The data-dependent nodes that may be anchored: every op except sums, shape-only ops and identities (for
+    them the change does not depend on theta0's input), and except those whose only data input is the network
+    input (the input model supplies theta0's input there)."""
+    out = set()
+    for name, rule in net.rules.items():
+        if name not in net.data_nodes or isinstance(rule, (SumRule, LikeRule, IdentityRule, ShapeRule)):
+            continue
+        if all(a is net.input_node for a in rule.node.all_input_nodes if a.name in net.data_nodes):
+            continue
+        out.add(name)
+    return out
+
+
+def is_anchored(rule: Rule, args: Any, kwargs: Any) -> bool:
+    """Whether the op's parameters (or buffers) multiply its data, so that its change depends on theta0's input
+    (decided at run time, where parameters are non-data pairs). Products of two data tensors are not anchored:
+    they are linearized at theta0's factors, which come from anchored ops upstream (so attention written by hand,
+    with SDPA or with nn.MultiheadAttention gives one estimate)."""
+    mod = rule.module
+    if mod is not None and any(True for _ in itertools.chain(mod.parameters(), mod.buffers())):
+        return True
+    return any(not p.data for p in pairs_in((args, kwargs)))
+
+
+def anchor_site(node: str, i: int | str) -> str:
+    """The summary entry of the law of the ``i``-th data input of anchored ``node`` (or of its internal layer
+    ``i``)."""
+    return f"{node}.in{i}" if isinstance(i, int) else f"{node}.{i}"
+
+
+class InputRecorder:
+    """Records, at theta0 while a summary is fitted, the moments of the inputs of anchored ops: once per value (the
+    first op that reads it names the entry), per group."""
+
+    def __init__(self, candidates: set[str], cov: str) -> None:
+        self.candidates = candidates
+        self.cov = cov
+        self._seen: dict[int, Any] = {}
+
+    def begin_run(self) -> None:
+        self._seen = {}
+
+    def __call__(self, mode: FitMode, rule: Rule, args: Any, kwargs: Any) -> None:
+        if rule.name not in self.candidates or not is_anchored(rule, args, kwargs):
+            return
+        for i, p in enumerate(data_pairs((args, kwargs))):
+            if id(p) in self._seen:
+                continue
+            self._seen[id(p)] = p
+            x = p.vals[0]
+            if not x.is_floating_point():
+                raise UsageError(f"liftr: {rule.describe()} reads integer data ({x.dtype}) inside the network; only "
+                                 "the network input may be token ids")
+            xf = x.detach().to(torch.float64)
+            self._add(mode, anchor_site(rule.name, i), xf)
+
+    def inner(self, mode: FitMode, rule: Rule, key: str, value: Any) -> None:
+        """The input of a rule's internal layer (e.g. nn.MultiheadAttention's output projection)."""
+        if rule.name in self.candidates:
+            self._add(mode, anchor_site(rule.name, key), value.vals[0].detach().to(torch.float64))
+
+    def _add(self, mode: FitMode, site: str, xf: torch.Tensor) -> None:
+        mode.add(site, "m", xf)
+        if self.cov == "diag":
+            mode.add(site, "s", xf * xf)
+        else:
+            mode.add(site, "o", xf.unsqueeze(-1) * xf.unsqueeze(-2))
+
+
+class InputLaw:
+    """A Gaussian per position with the stored mean and (diagonal or last-axis) covariance, per group."""
+
+    def __init__(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        n = counts.clamp_min(1)
+        m = sums["m"] / n.view(-1, *([1] * (sums["m"].ndim - 1)))
+        self.mean = m.to(device, dtype)
+        if "s" in sums:
+            var = (sums["s"] / n.view(-1, *([1] * (sums["s"].ndim - 1))) - m * m).clamp_min(0)
+            self.sd: torch.Tensor | None = var.sqrt().to(device, dtype)
+            self.factor: torch.Tensor | None = None
+        else:
+            second = sums["o"] / n.view(-1, *([1] * (sums["o"].ndim - 1)))
+            cov = second - m.unsqueeze(-1) * m.unsqueeze(-2)
+            evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.transpose(-1, -2)))
+            self.factor = (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)).to(device, dtype)
+            self.sd = None
+
+    def draw(self, groups: torch.Tensor, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+        """One draw per example of ``like`` (``(n, *shape)``), from each example's group."""
+        n = like.shape[0]
+        if tuple(self.mean.shape[1:]) != tuple(like.shape[1:]):
+            raise ValueError(f"liftr: stored input moments of shape {tuple(self.mean.shape[1:])}, the network "
+                             f"produces {tuple(like.shape[1:])} (inputs of another size?)")
+        if self.mean.shape[0] == 1:
+            mean = self.mean[0].expand(n, *self.mean.shape[1:])
+            idx = None
+        else:
+            idx = groups.to(self.mean.device)[:n]
+            mean = self.mean.index_select(0, idx)
+        z = torch.randn(like.shape, generator=gen, device=gen.device, dtype=like.dtype).to(like.device)
+        if self.sd is not None:
+            sd = self.sd[0] if idx is None else self.sd.index_select(0, idx)
+            return mean + sd * z
+        assert self.factor is not None
+        f = self.factor[0] if idx is None else self.factor.index_select(0, idx)
+        return mean + (f @ z.unsqueeze(-1)).squeeze(-1)
+
+
+class _Missing:
+    """The place of a law the summary lacks: fine when the value was drawn for an earlier op, an error otherwise."""
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+
+    def draw(self, groups: torch.Tensor, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"liftr: the summary has no input moments for {self.rule.describe()} (fitted on another "
+                         "network?)")
+
+
+@register("liftr")
+class LiftrEstimator(LaftrEstimator):
+    """LIFTR by Monte Carlo: the change propagated op by op, theta0's input of every anchored op drawn from its
+    stored moments (see the module docstring). Any metric; no closed form (yet)."""
+
+    Config: ClassVar[Any] = LiftrConfig
+
+    def __init__(self, config: LiftrConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self._anchor_laws: dict[tuple, dict[str, list[InputLaw]]] = {}  # (device, dtype) -> node -> laws
+
+    def _input_recorder(self, net: TracedNet) -> InputRecorder:
+        return InputRecorder(anchor_candidates(net), self.cfg.input_cov)
+
+    def _after_summary(self, net: TracedNet) -> None:
+        super()._after_summary(net)
+        self._anchor_laws = {}
+
+    def _anchors(self, net: TracedNet, device: torch.device, dtype: torch.dtype) -> Any:
+        """``anchors(rule, args, kwargs)`` and ``inner(rule, key)`` for :class:`laftr.graph.StepMode` (laws cached
+        per device/dtype)."""
+        assert self.summary is not None
+        key = (str(device), dtype)
+        laws = self._anchor_laws.setdefault(key, {})
+        candidates = anchor_candidates(net)
+        summary = self.summary
+
+        def anchors(rule: Rule, args: Any, kwargs: Any) -> list[Any] | None:
+            if rule.name not in candidates or not is_anchored(rule, args, kwargs):
+                return None
+            if rule.name not in laws:
+                found = []
+                for i in range(len(data_pairs((args, kwargs)))):
+                    sums = summary.site_sums.get(anchor_site(rule.name, i))
+                    found.append(None if sums is None else InputLaw(sums, summary.counts, device, dtype))
+                laws[rule.name] = found
+            return [_Missing(rule) if law is None else law for law in laws[rule.name]]
+
+        def inner(rule: Rule, key: str) -> Any:
+            site = anchor_site(rule.name, key)
+            if site not in laws:
+                sums = summary.site_sums.get(site)
+                if sums is None:
+                    raise ValueError(f"liftr: the summary has no moments for the input of {key} in {rule.describe()}")
+                laws[site] = InputLaw(sums, summary.counts, device, dtype)
+            return laws[site]
+
+        return anchors, inner
+
+    def _mode(self, net: TracedNet, p0: dict[str, torch.Tensor], p: dict[str, torch.Tensor], groups: torch.Tensor,
+              gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Any:
+        anchors, inner = self._anchors(net, device, dtype)
+        return StepMode([p0, p], self._site_laws(net, device, dtype), groups, gen, anchors, inner,
+                        self.cfg.shared_masks, self.pool_mode)
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super()._load_state(tensors, meta)
+        self._anchor_laws = {}
