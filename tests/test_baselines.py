@@ -578,9 +578,17 @@ def test_kfac_rejects_layers_it_cannot_handle():
     grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten())
     with pytest.raises(ValueError, match=r"'0'.*groups=2"):
         laftr.make_estimator("kfac").fit(grouped, torch.randn(4, 2, 5, 5))
-    emb = nn.Sequential(nn.Embedding(10, 3), nn.Flatten(), nn.Linear(6, 2))
-    with pytest.raises(ValueError, match=r"'0'.*Embedding"):
-        laftr.make_estimator("kfac").fit(emb, torch.randint(0, 10, (4, 2)))
+
+    class Tied(nn.Module):  # the embedding's table is also the output layer's weight
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 3)
+
+        def forward(self, x):
+            return F.linear(self.emb(x).mean(1), self.emb.weight)
+
+    with pytest.raises(ValueError, match=r"'emb'.*Embedding.*tied weights"):
+        laftr.make_estimator("kfac").fit(Tied(), torch.randint(0, 10, (4, 2)))
 
 
 def test_selected_outputs_out_of_range_fail_at_fit():

@@ -46,10 +46,13 @@ class DiagFisherEstimator(FSDEstimator):
     """Diagonal Gauss-Newton / Fisher (EWC): ``1/2 sum_i F_ii (theta_i - theta0_i)^2``.
 
     ``F_ii = mean_x sum_s (d/dtheta_i w_s . z(x))^2`` from per-example gradients, where the vectors ``w_s``
-    are those of :func:`laftr.estimators.curvature.output_vectors`. ``Linear``/``Conv2d`` layers get their
+    are those of :func:`laftr.estimators.curvature.output_vectors`. The layers K-FAC taps
+    (:mod:`laftr.estimators.taps`: ``Linear``/``Conv2d``, ``Embedding``, self-attention projections) get their
     per-example squares from one batched backward pass per output vector (``(g^2)^T (a^2)`` for a layer
-    called once with one position per example; the per-example gradient from unfolded patches otherwise);
-    other parameters use ``torch.func.vmap`` of per-example gradients. Batch-norm running
+    called once with one position per example; the per-example gradient from unfolded patches or positions
+    otherwise; for an embedding, ``sum_t onehot(t_t) g_t^T`` accumulated per (example, token) with
+    ``index_add``); other parameters (normalization, positional embeddings, ...) use ``torch.func.vmap`` of
+    per-example gradients. Batch-norm running
     statistics are buffers, not parameters, and are not included. Stores one float per trainable
     parameter.
     """
@@ -68,8 +71,8 @@ class DiagFisherEstimator(FSDEstimator):
             raise ValueError("the model has no trainable parameters")
         acc: dict[str, torch.Tensor] | None = None
         count = 0
-        # Linear/Conv2d layers: per-example squares from one batched backward pass per output vector;
-        # any other parameter (batch norm, ...): per-example gradients with torch.func.vmap
+        # tapped layers: per-example squares from one batched backward pass per output vector;
+        # any other parameter (batch norm, layer norm, ...): per-example gradients with torch.func.vmap
         with LayerTaps(model, find_taps(model, "fallback", "diag-fisher")) as tapped:
             for x, W in curvature_batches(model, data, c, self.outputs, "diag Fisher"):
                 sq = square_grads(model, x, W, names, self.outputs, c.chunk_size, tapped)

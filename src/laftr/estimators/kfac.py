@@ -18,13 +18,30 @@ follow KFC (Grosse & Martens, 2016): with ``T`` positions,
 and ``G = E_x[sum_t g_t g_t^T]`` (summed over positions). Only the product ``A (x) G`` matters, and it
 equals KFC's ``Omega (x) Gamma`` with the sum on A and the average on G.
 
-Supported: ``nn.Linear`` and ``nn.Conv2d`` (``groups=1``, any stride/padding/dilation/padding mode).
+Supported: ``nn.Linear`` and ``nn.Conv2d`` (``groups=1``, any stride/padding/dilation/padding mode),
+``nn.Embedding`` and the projections of ``nn.MultiheadAttention`` (see :mod:`laftr.estimators.taps`).
+
+- An **embedding** (weight ``(V, d)``, no bias) is the linear map ``W^T onehot(t)`` of the one-hot token, so
+  its input factor is ``A = E_x[(1/T) sum_t onehot(t) onehot(t)^T]``, which is exactly diagonal (one token per
+  position): only its diagonal, the token frequencies, is stored (``V`` floats, never a ``V x V`` matrix);
+  ``G`` is over the embedding dimension ``d`` as for any layer. With ``dW = W - W0`` in the weight's own
+  ``(V, d)`` orientation (the transpose of a Linear weight's), the term is
+  ``tr(G dW^T diag(A) dW) = sum_v A_v dW[v] G dW[v]^T``. The row ``padding_idx`` has ``A_v = 0`` (PyTorch gives
+  it no gradient, so it is a constant of the network and its Gauss-Newton block is zero).
+- A **self-attention** ``nn.MultiheadAttention`` with one joint input projection has two Linear-like layers:
+  ``<prefix>.in_proj`` (``in_proj_weight`` ``(3E, E)`` with ``in_proj_bias``: one Kronecker block for q, k and
+  v together, ``A`` over its input, ``G`` over ``q|k|v``) and ``<prefix>.out_proj`` (over the merged heads).
+  With separate ``q/k/v`` weights, or cross-attention, the input projection is unsupported (``out_proj``
+  keeps its block).
+
 A module called several times in one forward pass (weight sharing) has the positions of all its calls
-pooled by the same convention (A averaged over them, G summed), as in K-FAC for shared weights. Any other module with trainable parameters (batch norm, layer norm,
-embeddings, grouped convs, bare ``nn.Parameter`` s) raises a ``ValueError`` naming it, unless
-``unsupported="diag"``: its parameters then get the diagonal Gauss-Newton term of ``diag-fisher``,
-computed from the same output vectors. A layer without bias has no ones column (``A`` is
-``d_in x d_in``). Stored: ``sum (d_in + 1)^2 + d_out^2`` floats (plus one per fallback parameter).
+pooled by the same convention (A averaged over them, G summed), as in K-FAC for shared weights. Any other module
+with trainable parameters (batch norm, layer norm, grouped convs, bare ``nn.Parameter`` s such as learned
+positional embeddings, an embedding whose weight is also used directly) raises an
+:class:`~laftr.errors.UnsupportedOpError` naming it, unless ``unsupported="diag"``: its parameters then get the
+diagonal Gauss-Newton term of ``diag-fisher``, computed from the same output vectors. A layer without bias has
+no ones column (``A`` is ``d_in x d_in``). Stored: ``sum (d_in + 1)^2 + d_out^2`` floats over Linear-like
+layers, ``V + d^2`` per embedding (plus one per fallback parameter).
 """
 
 from __future__ import annotations
@@ -39,7 +56,7 @@ from torch import nn
 from .._util import Data, model_device_dtype
 from .base import EstimatorConfig, FSDEstimator, register
 from .curvature import check_curvature_config, curvature_batches, per_example_square_grads
-from .taps import LayerTaps, Tap, find_taps
+from .taps import TAP_KINDS, LayerTaps, Tap, find_taps, token_counts
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +70,10 @@ class KfacConfig(EstimatorConfig):
             ``exact`` (all K columns of the metric's Hessian factor: one backward pass per output) or
             ``empirical`` (cross-entropy gradients at the true labels; ``kl`` only, needs labels).
         num_label_samples: output vectors sampled per example for ``mc``.
-        unsupported: ``error`` (default) to refuse a model with trainable parameters outside
-            ``Linear``/``Conv2d`` layers, or ``diag`` to give those parameters a diagonal Gauss-Newton term.
+        unsupported: ``error`` (default) to refuse a model with trainable parameters outside the tapped layers
+            (``Linear``/``Conv2d``/``Embedding``, self-attention projections; LayerNorm and bare parameters such as
+            learned positional embeddings are not), or ``diag`` to give those parameters a diagonal Gauss-Newton
+            term.
         chunk_size: examples per vectorized chunk of the ``diag`` fallback's per-example gradients.
     """
 
@@ -88,6 +107,7 @@ class KfacEstimator(FSDEstimator):
     def _fit(self, model: nn.Module, data: Data) -> None:
         c = self.cfg
         found = find_taps(model, "fallback" if c.unsupported == "diag" else "error", "kfac")
+        dtype = model_device_dtype(model)[1]
         layers, fallback = found.taps, found.fallback
         A: dict[str, torch.Tensor] = {}
         G: dict[str, torch.Tensor] = {}
@@ -103,7 +123,10 @@ class KfacEstimator(FSDEstimator):
                         G[layer.name] = gg if layer.name not in G else G[layer.name] + gg
                 for layer in layers:
                     a = torch.cat(inputs[layer.name], dim=1)
-                    aa = torch.einsum("bti,btj->ij", a, a) / a.shape[1]
+                    if layer.kind == "embedding":  # the diagonal of the one-hot outer products, per position
+                        aa = token_counts(layer, a, dtype) / a.shape[1]
+                    else:
+                        aa = torch.einsum("bti,btj->ij", a, a) / a.shape[1]
                     A[layer.name] = aa if layer.name not in A else A[layer.name] + aa
                 if fallback:  # hooks are idle outside taps.grads
                     sq = per_example_square_grads(model, x, W, fallback, self.outputs, c.chunk_size)
@@ -128,13 +151,18 @@ class KfacEstimator(FSDEstimator):
         params = dict(model.named_parameters())
         total = None
         for layer in self.layers:
-            pre = f"{layer.name}." if layer.name else ""
-            dW = (params[pre + "weight"] - p0[pre + "weight"]).reshape(layer.d_out, -1)
-            if layer.bias:
-                dW = torch.cat([dW, (params[pre + "bias"] - p0[pre + "bias"])[:, None]], dim=1)
             A = self.A[layer.name].to(device, dtype)
             G = self.G[layer.name].to(device, dtype)
-            t = ((G @ dW) * (dW @ A)).sum()  # tr(G dW A dW^T), A and G symmetric
+            w = layer.weight_name
+            if layer.kind == "embedding":  # dW is (V, d); A is the diagonal over the vocabulary
+                dW = params[w] - p0[w]
+                t = (A[:, None] * (dW @ G) * dW).sum()  # sum_v A_v dW[v] G dW[v]^T
+            else:
+                dW = (params[w] - p0[w]).reshape(layer.d_out, -1)
+                if layer.bias:
+                    b = layer.bias_name
+                    dW = torch.cat([dW, (params[b] - p0[b])[:, None]], dim=1)
+                t = ((G @ dW) * (dW @ A)).sum()  # tr(G dW A dW^T), A and G symmetric
             total = t if total is None else total + t
         for n, f in self.diag.items():
             t = (f.to(device, dtype) * (params[n] - p0[n]).pow(2)).sum()
@@ -154,21 +182,29 @@ class KfacEstimator(FSDEstimator):
             t[f"G/{layer.name}"] = self.G[layer.name]
         for n, v in self.diag.items():
             t[f"diag/{n}"] = v
-        layers = [[layer.name, layer.kind, layer.bias, layer.d_in, layer.d_out] for layer in self.layers]
+        layers = [[layer.name, layer.kind, layer.bias, layer.d_in, layer.d_out, layer.weight_name, layer.bias_name]
+                  for layer in self.layers]
         return t, {"layers": layers, "diag": list(self.diag)}
 
     def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         shapes = {n: list(s) for n, s in self.arch or []}
         self.layers, self.A, self.G, self.diag = [], {}, {}, {}
-        for name, kind, bias, d_in, d_out in meta["layers"]:
-            layer = Tap(name, kind, bool(bias), int(d_in), int(d_out))
+        for entry in meta["layers"]:
+            if not isinstance(entry, list) or len(entry) not in (5, 7) or entry[1] not in TAP_KINDS:  # (5: files written before embeddings)
+                raise ValueError(f"K-FAC layer entry {entry!r} is malformed")
+            name, kind, bias, d_in, d_out = entry[:5]
+            layer = Tap(name, kind, bool(bias), int(d_in), int(d_out), *[str(n) for n in entry[5:]])
             A, G = tensors[f"A/{name}"], tensors[f"G/{name}"]
-            k = d_in + int(bool(bias))
-            if list(A.shape) != [k, k] or list(G.shape) != [d_out, d_out]:
+            k = [d_in] if kind == "embedding" else [d_in + int(bool(bias))] * 2
+            if list(A.shape) != k or list(G.shape) != [d_out, d_out]:
                 raise ValueError(f"K-FAC factors of layer {name!r} have the wrong shapes")
-            pre = f"{name}." if name else ""
-            w = shapes.get(pre + "weight")
-            if w is None or w[0] != d_out or torch.Size(w[1:]).numel() != d_in:
+            w = shapes.get(layer.weight_name)
+            if kind == "embedding":
+                fits = w == [d_in, d_out] and not layer.bias
+            else:
+                fits = w is not None and w[0] == d_out and torch.Size(w[1:]).numel() == d_in
+                fits = fits and (not layer.bias or shapes.get(layer.bias_name) == [d_out])
+            if not fits:
                 raise ValueError(f"K-FAC layer {name!r} does not match the stored architecture")
             if not (torch.isfinite(A).all() and torch.isfinite(G).all()):
                 raise ValueError(f"K-FAC factors of layer {name!r} are not finite")

@@ -1,10 +1,26 @@
 """The layers K-FAC and diag-Fisher tap, found on the same torch.fx trace that LAFTR interprets.
 
-A *tap* is an ``nn.Linear`` or ``nn.Conv2d`` (groups 1) called as a module on data: its inputs and the gradients
-of the outputs w.r.t. its output are recorded in one forward pass of the traced network (the interpreter's
-forward mode, :class:`laftr.graph.ForwardMode`) and one backward pass per output vector. Tracing first means
-every estimator refuses the same networks with the same :class:`~laftr.errors.UnsupportedOpError` (an op without
-a rule, data-dependent control flow), and that no hook is ever put on the user's modules.
+A *tap* is a layer that is linear in (a function of) its data input, whose inputs and the gradients of the
+outputs w.r.t. its output are recorded in one forward pass of the traced network (the interpreter's forward
+mode, :class:`laftr.graph.ForwardMode`) and one backward pass per output vector:
+
+- ``nn.Linear`` and ``nn.Conv2d`` (groups 1) called as modules on data (kinds ``linear`` and ``conv``);
+- ``nn.Embedding`` called as a module on token ids (kind ``embedding``): a linear map of the one-hot token.
+  Its recorded inputs are the integer ids, never one-hot matrices; its weight is ``(V, d)``, the transpose of
+  a Linear weight's ``(d_out, d_in)`` orientation (here ``d_in = V``, ``d_out = d``). The gradient of the row
+  ``padding_idx`` is zero in PyTorch (that row is a constant of the network), so its statistics are zero here
+  too;
+- ``nn.MultiheadAttention`` used for self-attention (``query is key is value``) with one joint input
+  projection (``kdim == vdim == embed_dim``): two linear taps, ``<prefix>.in_proj`` (parameters
+  ``<prefix>.in_proj_weight`` ``(3E, E)`` and ``<prefix>.in_proj_bias``; its output is ``q | k | v``
+  concatenated) and ``<prefix>.out_proj`` (the module ``<prefix>.out_proj``, applied to the merged heads). The
+  attention rule (:class:`laftr.rules.attention.MultiheadAttentionRule`) records both. An attention layer with
+  separate ``q/k/v`` projection weights, or used for cross-attention, keeps only its ``out_proj`` tap: its
+  input-projection parameters are not tappable.
+
+Tracing first means every estimator refuses the same networks with the same
+:class:`~laftr.errors.UnsupportedOpError` (an op without a rule, data-dependent control flow), and that no hook
+is ever put on the user's modules.
 """
 
 from __future__ import annotations
@@ -15,7 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from .._util import param_dict
 from ..errors import UnsupportedOpError
@@ -23,24 +39,41 @@ from ..graph import ForwardMode, TracedNet
 from ..metrics import select_outputs
 from .curvature import per_example_square_grads
 
+#: The kinds of tapped layers.
+TAP_KINDS = ("linear", "conv", "embedding")
+
 
 @dataclasses.dataclass
 class Tap:
-    """A ``Linear`` or ``Conv2d`` layer whose inputs and output gradients are recorded during a pass.
+    """A layer whose inputs and output gradients are recorded during a pass.
 
-    ``d_in`` is ``in_features`` (Linear) or ``C_in * kh * kw`` (Conv2d); ``bias`` says whether its bias is
-    trainable (then a ones column is appended to the inputs, the bias being the last column of the
-    ``d_out x (d_in + 1)`` weight matrix).
+    ``d_in`` is ``in_features`` (Linear, an attention input projection: ``E``), ``C_in * kh * kw`` (Conv2d) or
+    the vocabulary size ``V`` (Embedding); ``d_out`` is the output width (``out_features``, ``C_out``, ``3E``,
+    the embedding dimension). ``bias`` says whether its bias is trainable (then a ones column is appended to
+    the inputs, the bias being the last column of the ``d_out x (d_in + 1)`` weight matrix; embeddings have
+    none). ``weight_name`` / ``bias_name`` are the qualified parameter names (by default ``<name>.weight`` and
+    ``<name>.bias``; an attention input projection has ``<prefix>.in_proj_weight`` / ``<prefix>.in_proj_bias``).
+    ``padding_idx`` is an embedding's padding row (its gradient, hence its statistics, are zero).
     """
 
     name: str
-    kind: str  # "linear" | "conv"
+    kind: str  # one of TAP_KINDS
     bias: bool
     d_in: int
     d_out: int
+    weight_name: str = ""
+    bias_name: str = ""
+    padding_idx: int | None = None
     # filled during a forward pass, one entry per call of the module
     inp: list[torch.Tensor] = dataclasses.field(default_factory=list)
     out: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in TAP_KINDS:
+            raise ValueError(f"unknown tap kind {self.kind!r}; expected one of {list(TAP_KINDS)}")
+        pre = f"{self.name}." if self.name else ""
+        self.weight_name = self.weight_name or pre + "weight"
+        self.bias_name = self.bias_name or pre + "bias"
 
 
 @dataclasses.dataclass
@@ -51,6 +84,29 @@ class TapSet:
     taps: list[Tap]
     modules: dict[str, nn.Module]
     fallback: list[str]
+
+
+def _query_key_value(node: fx.Node) -> list[Any]:
+    """The ``query``, ``key`` and ``value`` arguments of a ``MultiheadAttention`` call node."""
+    return [node.kwargs.get(n, node.args[i] if i < len(node.args) else None)
+            for i, n in enumerate(("query", "key", "value"))]
+
+
+def _attention_in_proj(mod: nn.MultiheadAttention, calls: list[fx.Node]) -> str | None:
+    """Why the joint input projection of an attention layer cannot be tapped (None when it can)."""
+    if not calls:
+        return "it is not called in the forward pass"
+    if not mod._qkv_same_embed_dim:
+        return (f"it has separate q/k/v projection weights (kdim={mod.kdim}, vdim={mod.vdim}, "
+                f"embed_dim={mod.embed_dim})")
+    for node in calls:
+        q, k, v = _query_key_value(node)
+        if not (q is k and k is v):
+            return (f"it is used for cross-attention at node {node.name!r} (query, key and value differ); only "
+                    "self-attention's input projection is tapped")
+    if not mod.in_proj_weight.requires_grad:
+        return "its in_proj_weight is frozen but its in_proj_bias is trainable"
+    return None
 
 
 def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
@@ -68,16 +124,40 @@ def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
     """
     net = TracedNet(model)
     called = {r.prefix for r in net.nodes_with(lambda r: r.module is not None)}
+    attention_calls: dict[str, list[fx.Node]] = {}
+    for r in net.nodes_with(lambda r: isinstance(r.module, nn.MultiheadAttention)):
+        attention_calls.setdefault(r.prefix, []).append(r.node)
+    # parameters read directly by the graph (tied weights): a tap would miss those uses
+    direct = {str(n.target) for n in net.gm.graph.nodes if n.op == "get_attr"}
     taps: list[Tap] = []
     modules: dict[str, nn.Module] = {}
     fallback: list[str] = []
+
+    def refuse(mname: str, mod: nn.Module, why: str, names: list[str]) -> None:
+        if unsupported == "fallback":
+            fallback.extend(names)
+            return
+        raise UnsupportedOpError(f"{who} cannot handle layer {mname or '(root)'!r} ({type(mod).__name__}, trainable "
+                                 f"parameters {names}): {why}; pass unsupported='diag' to give its parameters a "
+                                 "diagonal Gauss-Newton term")
+
     for mname, mod in model.named_modules():
         own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
         prefix = f"{mname}." if mname else ""
+        owner, _, leaf = mname.rpartition(".")
+        parent = model.get_submodule(owner) if mname else None
         why = None
-        if type(mod) in (nn.Linear, nn.Conv2d):
+        if isinstance(parent, nn.MultiheadAttention) and leaf == "out_proj" and isinstance(mod, nn.Linear):
+            # applied with F.linear by the attention rule, which records it under this name
+            if not mod.weight.requires_grad:
+                why = "its weight is frozen but its bias is trainable"
+            elif owner not in attention_calls:
+                why = "its attention layer is not called in the forward pass"
+            elif any(prefix + n in direct for n, _ in own):
+                why = "its weight is also used directly (tied weights)"
+        elif type(mod) in (nn.Linear, nn.Conv2d):
             extra = [n for n, _ in own if n not in ("weight", "bias")]
             if not mod.weight.requires_grad:
                 why = "its weight is frozen but its bias is trainable"
@@ -87,22 +167,44 @@ def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
                 why = f"grouped convolution (groups={mod.groups})"
             elif mname not in called:
                 why = "it is not called in the forward pass (is its weight used directly?)"
+        elif type(mod) is nn.Embedding:
+            if not mod.weight.requires_grad:  # pragma: no cover - its only parameter
+                why = "its weight is frozen"
+            elif mname not in called:
+                why = "it is not called in the forward pass (is its weight used directly?)"
+            elif prefix + "weight" in direct:
+                why = "its weight is also used directly (tied weights)"
+        elif isinstance(mod, nn.MultiheadAttention):
+            names = [prefix + n for n, _ in own]
+            why = _attention_in_proj(mod, attention_calls.get(mname, []))
+            if why is None and any(n in direct for n in names):
+                why = "its input projection is also used directly (tied weights)"
+            if why is not None:
+                refuse(mname, mod, why, names)
+                continue
+            bias = mod.in_proj_bias is not None and mod.in_proj_bias.requires_grad
+            E = mod.embed_dim
+            taps.append(Tap(prefix + "in_proj", "linear", bias, E, 3 * E, prefix + "in_proj_weight",
+                            prefix + "in_proj_bias"))
+            modules[prefix + "in_proj"] = mod
+            continue
         else:
-            why = f"{who} supports nn.Linear and nn.Conv2d, not {type(mod).__name__}"
+            why = (f"{who} supports nn.Linear, nn.Conv2d, nn.Embedding and nn.MultiheadAttention, "
+                   f"not {type(mod).__name__}")
         if why is None:
-            bias = mod.bias is not None and mod.bias.requires_grad
+            bias = getattr(mod, "bias", None) is not None and mod.bias.requires_grad
             if isinstance(mod, nn.Conv2d):
                 d_in = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
                 kind, d_out = "conv", mod.out_channels
+            elif isinstance(mod, nn.Embedding):
+                kind, d_in, d_out = "embedding", mod.num_embeddings, mod.embedding_dim
             else:
                 kind, d_in, d_out = "linear", mod.in_features, mod.out_features
-            taps.append(Tap(mname, kind, bias, d_in, d_out))
+            pad = mod.padding_idx if isinstance(mod, nn.Embedding) else None
+            taps.append(Tap(mname, kind, bias, d_in, d_out, padding_idx=pad))
             modules[mname] = mod
-        elif unsupported == "fallback":
-            fallback += [prefix + n for n, _ in own]
         else:
-            raise UnsupportedOpError(f"{who} cannot handle layer {mname or '(root)'!r} ({type(mod).__name__}): {why}; "
-                                     "pass unsupported='diag' to give its parameters a diagonal Gauss-Newton term")
+            refuse(mname, mod, why, [prefix + n for n, _ in own])
     if not taps and not fallback:
         raise ValueError("the model has no trainable parameters")
     return TapSet(net, taps, modules, fallback)
@@ -126,9 +228,34 @@ def tap_positions(tap: Tap, t: torch.Tensor) -> torch.Tensor:
 
 
 def tap_inputs(tap: Tap, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as ``(B, T, d_in [+ 1])`` (patches for convs; a ones column with a bias)."""
+    """The layer's input as ``(B, T, d_in [+ 1])`` (patches for convs; a ones column with a bias).
+
+    An embedding's input is returned as its integer token ids ``(B, T)`` (the one-hot vectors are never formed).
+    """
+    if tap.kind == "embedding":
+        return x.reshape(x.shape[0], -1)
     a = _patches(module, x) if tap.kind == "conv" else x.reshape(x.shape[0], -1, x.shape[-1])  # type: ignore[arg-type]
     return torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1) if tap.bias else a
+
+
+def token_counts(tap: Tap, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``sum_{b, t} onehot(ids[b, t])``: the diagonal of an embedding's summed one-hot outer products (which are
+    diagonal: one token per position), with the count of ``padding_idx`` set to 0.
+
+    Args:
+        tap: an embedding tap (its vocabulary size ``d_in`` and ``padding_idx``).
+        ids: token ids ``(B, T)``.
+        dtype: the floating dtype of the counts.
+
+    Returns:
+        ``(V,)``.
+    """
+    flat = ids.reshape(-1)
+    out = torch.zeros(tap.d_in, dtype=dtype, device=ids.device)
+    out.index_add_(0, flat, torch.ones(flat.shape, dtype=dtype, device=ids.device))
+    if tap.padding_idx is not None:
+        out[tap.padding_idx] = 0
+    return out
 
 
 class LayerTaps:
@@ -152,7 +279,7 @@ class LayerTaps:
             tap.inp, tap.out = [], []
 
     def wants(self, name: str) -> bool:
-        """Whether the module called ``name`` is tapped (asked by the layer rules in forward mode)."""
+        """Whether the layer called ``name`` is tapped (asked by the layer rules in forward mode)."""
         return name in self._by_name
 
     def record(self, name: str, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -171,9 +298,10 @@ class LayerTaps:
 
         Returns:
             ``(inputs, per_vector)``: ``inputs[name]`` lists, per call of the layer, its input as
-            ``(B, T, d_in [+1])``; each item of ``per_vector`` (one per column s of ``W``) maps a layer name to
-            the per-example gradients ``(B, T, d_out)`` of ``sum_b W[b, :, s] . z_sel(x_b)`` w.r.t. each
-            call's output. Examples do not interact (eval mode), so these are per-example gradients.
+            ``(B, T, d_in [+1])`` (an embedding's: its token ids ``(B, T)``); each item of ``per_vector`` (one
+            per column s of ``W``) maps a layer name to the per-example gradients ``(B, T, d_out)`` of
+            ``sum_b W[b, :, s] . z_sel(x_b)`` w.r.t. each call's output. Examples do not interact (eval mode),
+            so these are per-example gradients.
         """
         for tap in self.taps:
             tap.inp, tap.out = [], []
@@ -221,6 +349,35 @@ def tapped_square_grads(inputs: list[torch.Tensor], grads: list[torch.Tensor]) -
     return (per * per).sum(0)
 
 
+def embedding_square_grads(tap: Tap, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_b (per-example gradient of an embedding's weight)^2`` from its taps, in the weight's ``(V, d)`` shape.
+
+    Example b's gradient is ``sum_t onehot(ids[b, t]) g[b, t]^T`` (over all positions of all calls): row v holds
+    the sum of the output gradients at the positions of token v. It is formed only for the (example, token)
+    pairs that occur (``index_add``), never as a ``(B, V, d)`` tensor or one-hot matrices. The row
+    ``padding_idx`` is zero (PyTorch gives it no gradient).
+
+    Args:
+        tap: the embedding's tap.
+        inputs: token ids ``(B, T)`` per call.
+        grads: output gradients ``(B, T, d)`` per call.
+
+    Returns:
+        ``(V, d)``.
+    """
+    ids = torch.cat(inputs, dim=1)
+    g = torch.cat(grads, dim=1)
+    B, T = ids.shape
+    d = g.shape[-1]
+    example = torch.arange(B, device=ids.device)[:, None].expand(B, T)
+    pairs, which = torch.unique(example * tap.d_in + ids, return_inverse=True)  # (example, token) pairs
+    per = g.new_zeros(pairs.shape[0], d).index_add_(0, which.reshape(-1), g.reshape(B * T, d))
+    out = g.new_zeros(tap.d_in, d).index_add_(0, pairs % tap.d_in, per * per)
+    if tap.padding_idx is not None:
+        out[tap.padding_idx] = 0
+    return out
+
+
 def square_grads(
     model: nn.Module,
     x: torch.Tensor,
@@ -230,9 +387,9 @@ def square_grads(
     chunk_size: int = 32,
     taps: LayerTaps | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Like :func:`laftr.estimators.curvature.per_example_square_grads`, but ``Linear``/``Conv2d`` layers in
-    ``taps`` get theirs from one batched backward pass per output vector (:func:`tapped_square_grads`); only the
-    other parameters in ``names`` go through the per-example ``vmap``.
+    """Like :func:`laftr.estimators.curvature.per_example_square_grads`, but the layers in ``taps`` get theirs
+    from one batched backward pass per output vector (:func:`tapped_square_grads`,
+    :func:`embedding_square_grads`); only the other parameters in ``names`` go through the per-example ``vmap``.
     """
     out: dict[str, torch.Tensor] = {}
     tapped: set[str] = set()
@@ -241,16 +398,22 @@ def square_grads(
         acc: dict[str, torch.Tensor] = {}
         for grads in per_vector:
             for tap in taps.taps:
-                sq = tapped_square_grads(inputs[tap.name], grads[tap.name])
+                if tap.kind == "embedding":
+                    sq = embedding_square_grads(tap, inputs[tap.name], grads[tap.name])
+                else:
+                    sq = tapped_square_grads(inputs[tap.name], grads[tap.name])
                 acc[tap.name] = sq if tap.name not in acc else acc[tap.name] + sq
+        params = dict(model.named_parameters())
         for tap in taps.taps:
-            pre = f"{tap.name}." if tap.name else ""
-            w: Any = taps.modules[tap.name].weight
-            out[pre + "weight"] = acc[tap.name][:, : tap.d_in].reshape(w.shape)
-            tapped.add(pre + "weight")
+            if tap.kind == "embedding":
+                out[tap.weight_name] = acc[tap.name]
+                tapped.add(tap.weight_name)
+                continue
+            out[tap.weight_name] = acc[tap.name][:, : tap.d_in].reshape(params[tap.weight_name].shape)
+            tapped.add(tap.weight_name)
             if tap.bias:
-                out[pre + "bias"] = acc[tap.name][:, tap.d_in]
-                tapped.add(pre + "bias")
+                out[tap.bias_name] = acc[tap.name][:, tap.d_in]
+                tapped.add(tap.bias_name)
     rest = [n for n in names if n not in tapped]
     if rest:
         out.update(per_example_square_grads(model, x, W, rest, outputs, chunk_size))
