@@ -127,3 +127,16 @@ def perturbed(model: nn.Module, scale: float = 0.1, seed: int = 1, only: str | N
             if only is None or n.startswith(only):
                 p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return other
+
+
+class EstimateCall(nn.Module):
+    """``forward() = est(inner)``: lets torch.func.functional_call substitute the parameters ``est`` reads (for
+    gradcheck of an estimate as a function of the parameters)."""
+
+    def __init__(self, inner: nn.Module, est) -> None:
+        super().__init__()
+        self.inner = inner
+        self.est = est
+
+    def forward(self) -> torch.Tensor:
+        return self.est(self.inner)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import EstimateCall
 from torch import nn
 
 import laftr
@@ -190,18 +191,6 @@ def test_three_ways_of_writing_attention_give_the_same_estimate(gates):
     torch.testing.assert_close(values[2], values[0], rtol=1e-10, atol=1e-14)
 
 
-class _Call(nn.Module):
-    """``forward() = est(inner)``: lets torch.func.functional_call substitute the parameters est reads."""
-
-    def __init__(self, inner: nn.Module, est) -> None:
-        super().__init__()
-        self.inner = inner
-        self.est = est
-
-    def forward(self) -> torch.Tensor:
-        return self.est(self.inner)
-
-
 @pytest.mark.parametrize("gates", ["bernoulli", "relu"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradients_reach_every_parameter_and_pass_gradcheck(kind, gates):
@@ -214,7 +203,7 @@ def test_gradients_reach_every_parameter_and_pass_gradcheck(kind, gates):
     for n, p in m1.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, n
     names = [n for n, _ in m1.named_parameters()]
-    call = _Call(m1, est)
+    call = EstimateCall(m1, est)
 
     def f(*ts):
         return torch.func.functional_call(call, {f"inner.{n}": t for n, t in zip(names, ts)}, ())

@@ -10,7 +10,7 @@ import operator
 
 import pytest
 import torch
-from cases import perturbed
+from cases import EstimateCall, perturbed
 from op_examples import AFFINE, NORMS, PIECEWISE, SMOOTH, Lambda
 from torch import nn
 
@@ -479,18 +479,6 @@ def test_one_support_matrix_for_every_estimator_that_walks_the_network():
         laftr.make_estimator("kfac").fit(nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).to(DT), X)
 
 
-class _Call(nn.Module):
-    """``forward() = est(inner)``: lets torch.func.functional_call substitute the parameters est reads."""
-
-    def __init__(self, inner: nn.Module, est) -> None:
-        super().__init__()
-        self.inner = inner
-        self.est = est
-
-    def forward(self) -> torch.Tensor:
-        return self.est(self.inner)
-
-
 @pytest.mark.parametrize("target", [nn.GELU, nn.ReLU6, nn.PReLU, nn.LayerNorm, nn.GroupNorm], ids=_name)
 def test_gradcheck(target):
     """torch.autograd.gradcheck of the estimate w.r.t. every parameter (float64), Monte Carlo with fixed draws,
@@ -502,7 +490,7 @@ def test_gradcheck(target):
     for name, kw in (("laftr", {"metric": "kl", "num_samples": 8, "fixed_noise": True}),
                      ("laftr", {"metric": "l2-probs", "num_samples": 8, "fixed_noise": True, "gates": "relu"}),
                      ("laftr-exact", {})):
-        call = _Call(other, laftr.make_estimator(name, **kw).fit(model, X))
+        call = EstimateCall(other, laftr.make_estimator(name, **kw).fit(model, X))
 
         def f(*ts, call=call):
             return torch.func.functional_call(call, {f"inner.{n}": t for n, t in zip(names, ts)}, ())

@@ -236,6 +236,15 @@ class InputModel:
         """Floats the estimate needs from this input model."""
         raise NotImplementedError
 
+    def nonempty_groups(self) -> int:
+        """Groups with examples (groups are indexed by label; absent classes store nothing)."""
+        assert self.counts is not None
+        return int((self.counts > 0).sum())
+
+    def per_group_floats(self, per: int) -> int:
+        """``per`` floats, or for a grouped model ``per`` plus its weight for every group with examples."""
+        return self.nonempty_groups() * (1 + per) if self.grouped else per
+
     # ------------------------------------------------------------------ persistence
     def options(self) -> dict[str, Any]:
         """The options that shaped the stored sums (JSON-able)."""
@@ -471,14 +480,7 @@ class GaussianFamily(InputModel):
             per = d + d * min(self.rank, d) + d
         else:
             per = 2 * d
-        if not self.grouped:
-            return per
-        return self.nonempty_groups() * (1 + per)
-
-    def nonempty_groups(self) -> int:
-        """Groups with examples (groups are indexed by label; absent classes store nothing)."""
-        assert self.counts is not None
-        return int((self.counts > 0).sum())
+        return self.per_group_floats(per)
 
     # ------------------------------------------------------------------ persistence
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -973,14 +975,7 @@ class TokenFamily(InputModel):
 
     def stored_floats(self) -> int:
         per = self.dim * self.vocab
-        if not self.grouped:
-            return per
-        return self.nonempty_groups() * (1 + per)
-
-    def nonempty_groups(self) -> int:
-        """Groups with examples (groups are indexed by label; absent classes store nothing)."""
-        assert self.counts is not None
-        return int((self.counts > 0).sum())
+        return self.per_group_floats(per)
 
     # ------------------------------------------------------------------ persistence
     def tensors(self) -> dict[str, torch.Tensor]:
