@@ -124,3 +124,47 @@ def test_bad_options_and_mismatched_summaries():
     del est.summary.site_sums["_2.in0"]
     with pytest.raises(ValueError, match="no input moments"):
         est(perturbed(m0, 0.1))
+
+
+# ---------------------------------------------------------------------------------------------- closed form
+def test_closed_form_last_layer_change_is_the_exact_fsd():
+    """liftr-exact with full covariances: for a change of the last layer only, E||dW a0 + db||^2 / 2 from a0's
+    exact first and second moments IS the exact FSD (no sampling: float64 rounding only)."""
+    m0 = _mlp()
+    X = _X()
+    m1 = perturbed(m0, 0.3, only=("4",))
+    est = laftr.make_estimator("liftr-exact", input_cov="full").fit(m0, X)
+    torch.testing.assert_close(est(m1), laftr.exact_fsd(m0, m1, X), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("input_model,cov", [("diag", "diag"), ("gaussian", "full"), ("classwise", "full")])
+@pytest.mark.parametrize("arch", ["relu", "gelu-layernorm"])
+def test_closed_form_equals_monte_carlo(arch, input_model, cov):
+    torch.manual_seed(0)
+    if arch == "relu":
+        m0 = _mlp()
+    else:
+        m0 = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 3))
+    X = _X()
+    Y = torch.randint(0, 3, (len(X),), generator=torch.Generator().manual_seed(2))
+    m1 = perturbed(m0, 0.3)
+    exact = laftr.make_estimator("liftr-exact", input_model=input_model, input_cov=cov).fit(m0, (X, Y))
+    mc = laftr.make_estimator("liftr", metric="l2", input_model=input_model, input_cov=cov,
+                              num_samples=100000).fit(m0, (X, Y))
+    torch.testing.assert_close(mc(m1), exact(m1), rtol=1.5e-2, atol=0)
+    assert abs(float(exact(m0))) < 1e-12
+    assert exact.stored_floats() == mc.stored_floats()
+
+
+def test_closed_form_saves_loads_and_refuses_attention(tmp_path):
+    m0 = _mlp()
+    X = _X(60)
+    est = laftr.make_estimator("liftr-exact", input_cov="full").fit(m0, X)
+    m1 = perturbed(m0, 0.2)
+    back = laftr.load(laftr.save(est, tmp_path / "lx.laftr"))
+    torch.testing.assert_close(back(m1), est(m1), rtol=1e-12, atol=0)
+    from laftr.errors import UnsupportedOpError
+
+    a = Attn("manual", act=False)
+    with pytest.raises(UnsupportedOpError, match="no closed form"):
+        laftr.make_estimator("liftr-exact").fit(a, _data())(perturbed(a, 0.1))

@@ -10,7 +10,8 @@ node's rule (:mod:`laftr.rules`) named by the current *mode*; it never looks at 
 - :class:`SampleMode` (``sample``): LAFTR's Monte Carlo linearization from the stored statistics;
 - :class:`StepMode` (``sample``): LIFTR's step-wise variant, theta0's stream re-drawn at every anchored op;
 - :class:`OwnMode` (``own``): theta0's own linearization on each input (``gates="relu"``);
-- :class:`MomentMode` (``moments``): the closed form, on the joint second moment (:mod:`laftr.moments`).
+- :class:`MomentMode` (``moments``): the closed form, on the joint second moment (:mod:`laftr.moments`);
+- :class:`StepMomentMode` (``moments``): LIFTR's closed form.
 
 Nodes that do not depend on the input (parameter arithmetic) run exactly in each stream, with or without a
 rule.
@@ -33,7 +34,8 @@ from .rules.base import Pair, Rule, data_pairs, is_registered_module, make_rule,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FitMode", "ForwardMode", "Mode", "MomentMode", "OwnMode", "SampleMode", "StepMode", "TracedNet", "trace"]
+__all__ = ["FitMode", "ForwardMode", "Mode", "MomentMode", "OwnMode", "SampleMode", "StepMode", "StepMomentMode",
+           "TracedNet", "trace"]
 
 
 class _Tracer(fx.Tracer):
@@ -303,14 +305,12 @@ class MomentMode(Mode):
         return tree_map(one, v)
 
     def after_node(self, env: dict[str, Any]) -> None:
-        live: set[int] = set()
+        self.state.keep_only(_blocks(self.live_pairs(env)))
+
+    def live_pairs(self, env: dict[str, Any]) -> list[Pair]:
+        """The data values still alive (their blocks are kept)."""
         leaves, _ = tree_flatten(list(env.values()))
-        for leaf in leaves:
-            if isinstance(leaf, Pair) and leaf.data:
-                for r in leaf.vals:
-                    if isinstance(r, Ref):
-                        live.add(r.block)
-        self.state.keep_only(live)
+        return [leaf for leaf in leaves if isinstance(leaf, Pair) and leaf.data]
 
     def output(self, out: Pair) -> Any:
         return out.vals
@@ -347,6 +347,57 @@ class MomentMode(Mode):
         if self.mu_outer:
             gm = _mu_outer(gm)
         return Pair(self.state.gate(pre.vals, gm), True)
+
+
+class StepMomentMode(MomentMode):
+    """LIFTR's step-wise linearization in closed form: at every anchored op a block independent of the state,
+    with the stored first and second moments of that op's input, replaces theta0's stream, and the other stream
+    becomes that block plus the change (see :class:`StepMode`).
+
+    Attributes:
+        anchors: as for :class:`StepMode`, but each law gives ``moments(group)`` -> ``(mean (n,), second (n, n))``.
+    """
+
+    def __init__(self, params: Sequence[dict[str, torch.Tensor]], state: JointMoments, laws: dict[str, Any],
+                 anchors: Callable[[Rule, Any, Any], list[Any] | None], group: int = 0, mu_outer: bool = False) -> None:
+        super().__init__(params, state, laws, group, mu_outer)
+        self.anchors = anchors
+        self._drawn: dict[int, tuple[Pair, Pair]] = {}
+
+    def begin_run(self) -> None:
+        self._drawn = {}
+
+    def before(self, rule: Rule, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        laws = self.anchors(rule, args, kwargs)
+        if laws is None:
+            return args, kwargs
+        for p, law in zip(data_pairs((args, kwargs)), laws):
+            if id(p) in self._drawn:
+                continue
+            r0, r1 = p.vals
+            mean, second = law.moments(self.group)
+            like = self.state.M
+            a = self.state.independent(mean.reshape(-1).to(like), second.to(like), r0.shape)
+            if r0.block == r1.block:  # no change yet: both streams are the draw
+                new = Pair((a, a), True)
+            else:
+                (moved,) = self.state.affine([lambda a_, x0, x: a_ + (x - x0)], [[a, r0, r1]], rule.name)
+                new = Pair((a, moved), True)
+            self._drawn[id(p)] = (p, new)
+        return tree_map(lambda v: self._drawn[id(v)][1] if isinstance(v, Pair) and id(v) in self._drawn else v,
+                        (args, kwargs))
+
+    def live_pairs(self, env: dict[str, Any]) -> list[Pair]:
+        """The values in ``env`` and, while their original is alive, their re-anchored versions (a later op may
+        read the same value)."""
+        live = super().live_pairs(env)
+        ids = {id(p) for p in live}
+        self._drawn = {k: v for k, v in self._drawn.items() if k in ids}
+        return live + [new for _, new in self._drawn.values()]
+
+
+def _blocks(pairs: Sequence[Pair]) -> set[int]:
+    return {r.block for p in pairs for r in p.vals if isinstance(r, Ref)}
 
 
 def _mu_outer(gm: GateMoments) -> GateMoments:

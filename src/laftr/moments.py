@@ -174,6 +174,13 @@ class JointMoments:
         ids = self.add(torch.cat(R), Q, [n_out] * k)
         return [Ref(i, out_shape) for i in ids]
 
+    def independent(self, mean: torch.Tensor, second: torch.Tensor, shape: tuple[int, ...]) -> Ref:
+        """A new block independent of the whole state, with mean ``mean`` (n,) and second moment ``second``
+        (n, n): ``E[a u^T] = E[a] E[u]^T`` (the constant row of M holds ``E[u]``)."""
+        R = mean[:, None] * self.M[0:1, :]
+        (bid,) = self.add(R, 0.5 * (second + second.T), [mean.numel()])
+        return Ref(bid, shape)
+
     def gate(self, pre: tuple[Ref, Ref], gm: GateMoments) -> tuple[Ref, Ref]:
         """Blocks ``y^a = c^a * s^a + r^a`` for both streams (one shared block when both the input and the map
         are the same in both streams)."""

@@ -315,6 +315,11 @@ class LaftrExactEstimator(_LaftrBase):
 
     Config = LaftrExactConfig
 
+    def _moment_mode(self, net: TracedNet, params: list[dict[str, torch.Tensor]], state: JointMoments,
+                     laws: dict[str, Any], group: int, device: torch.device, dtype: torch.dtype) -> MomentMode:
+        """The interpreter mode propagating the joint second moment of one group."""
+        return MomentMode(params, state, laws, group, self.cfg.mu_outer)
+
     def _distance(self, model: nn.Module) -> torch.Tensor:
         assert self.summary is not None
         net = self._net(model)
@@ -329,7 +334,7 @@ class LaftrExactEstimator(_LaftrBase):
                 continue
             mean, second = inputs.moments(g, device, dtype)
             state = JointMoments(mean, second, inputs.moment_shape, self.cfg.max_state)  # one-hot for tokens
-            out = net.run((None, None), MomentMode([p0, p], state, laws, g, self.cfg.mu_outer))
+            out = net.run((None, None), self._moment_mode(net, [p0, p], state, laws, g, device, dtype))
             d = state.l2(out, self.outputs)
             total = w * d if total is None else total + w * d
         assert total is not None

@@ -16,6 +16,8 @@ Memory: per anchored op and data input, the mean and variance (``input_cov="diag
 covariance over the last axis (``"full"``) per position — like K-FAC's input factors — plus LAFTR's site laws and
 its input model (which supplies the inputs of the first layers). The estimator shares LAFTR's fitting,
 persistence and Monte Carlo loop; only the interpreter mode differs (:class:`laftr.graph.StepMode`).
+``liftr-exact`` is the closed form for ``l2`` (:class:`laftr.graph.StepMomentMode`): each anchor is a block
+independent of the joint state with the stored first and second moments.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import UsageError
-from ..graph import FitMode, StepMode, TracedNet
+from ..graph import FitMode, StepMode, StepMomentMode, TracedNet
+from ..moments import JointMoments
 from ..rules import IdentityRule, ShapeRule, SumRule
 from ..rules.affine import LikeRule
 from ..rules.base import Rule, data_pairs, pairs_in
 from .base import register
-from .laftr import LaftrConfig, LaftrEstimator
+from .laftr import LaftrConfig, LaftrEstimator, LaftrExactConfig, LaftrExactEstimator
 
 
 @dataclasses.dataclass
@@ -51,11 +54,15 @@ class LiftrConfig(LaftrConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.input_cov not in ("diag", "full"):
-            raise UsageError(f"input_cov must be 'diag' or 'full', got {self.input_cov!r}")
+        _check_input_cov(self.input_cov)
         if self.gates != "bernoulli":
             raise UsageError("liftr draws every linearization from its stored law (gates='bernoulli'); theta0's own "
                              "linearization needs theta0's values on one input, which liftr does not propagate")
+
+
+def _check_input_cov(value: Any) -> None:
+    if value not in ("diag", "full"):
+        raise UsageError(f"input_cov must be 'diag' or 'full', got {value!r}")
 
 
 def anchor_candidates(net: TracedNet) -> set[str]:
@@ -147,6 +154,20 @@ class InputLaw:
             self.factor = (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)).to(device, dtype)
             self.sd = None
 
+    def moments(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``(n,)`` and second moment ``(n, n)`` of one example's flattened input in group ``group`` (the
+        covariance is block-diagonal over positions)."""
+        mean = self.mean[group]
+        d = mean.shape[-1] if mean.ndim else 1
+        flat = mean.reshape(-1)
+        if self.sd is not None:
+            cov = torch.diag(self.sd[group].reshape(-1) ** 2)
+        else:
+            assert self.factor is not None
+            f = self.factor[group].reshape(-1, d, d)
+            cov = torch.block_diag(*(f @ f.transpose(-1, -2)))
+        return flat, cov + flat[:, None] * flat[None, :]
+
     def draw(self, groups: torch.Tensor, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
         """One draw per example of ``like`` (``(n, *shape)``), from each example's group."""
         n = like.shape[0]
@@ -179,27 +200,30 @@ class _Missing:
                          "network?)")
 
 
-@register("liftr")
-class LiftrEstimator(LaftrEstimator):
-    """LIFTR by Monte Carlo: the change propagated op by op, theta0's input of every anchored op drawn from its
-    stored moments (see the module docstring). Any metric; no closed form (yet)."""
+class _Anchored:
+    """What ``liftr`` and ``liftr-exact`` share: the input recorder and the anchors' laws from the summary."""
 
-    Config: ClassVar[Any] = LiftrConfig
+    summary: Any
+    cfg: Any
 
-    def __init__(self, config: LiftrConfig | None = None, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        self._anchor_laws: dict[tuple, dict[str, list[InputLaw]]] = {}  # (device, dtype) -> node -> laws
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._anchor_laws: dict[tuple, dict[str, Any]] = {}  # (device, dtype) -> node / site -> laws
+
+    def _after_summary(self, net: TracedNet) -> None:
+        super()._after_summary(net)  # type: ignore[misc]
+        self._anchor_laws = {}
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super()._load_state(tensors, meta)  # type: ignore[misc]
+        self._anchor_laws = {}
 
     def _input_recorder(self, net: TracedNet) -> InputRecorder:
         return InputRecorder(anchor_candidates(net), self.cfg.input_cov)
 
-    def _after_summary(self, net: TracedNet) -> None:
-        super()._after_summary(net)
-        self._anchor_laws = {}
-
     def _anchors(self, net: TracedNet, device: torch.device, dtype: torch.dtype) -> Any:
-        """``anchors(rule, args, kwargs)`` and ``inner(rule, key)`` for :class:`laftr.graph.StepMode` (laws cached
-        per device/dtype)."""
+        """``anchors(rule, args, kwargs)`` and ``inner(rule, key)`` for the step-wise modes (laws cached per
+        device/dtype)."""
         assert self.summary is not None
         key = (str(device), dtype)
         laws = self._anchor_laws.setdefault(key, {})
@@ -228,12 +252,47 @@ class LiftrEstimator(LaftrEstimator):
 
         return anchors, inner
 
+
+@register("liftr")
+class LiftrEstimator(_Anchored, LaftrEstimator):
+    """LIFTR by Monte Carlo: the change propagated op by op, theta0's input of every anchored op drawn from its
+    stored moments (see the module docstring). Any metric; ``liftr-exact`` is its closed form for ``l2``."""
+
+    Config: ClassVar[Any] = LiftrConfig
+
     def _mode(self, net: TracedNet, p0: dict[str, torch.Tensor], p: dict[str, torch.Tensor], groups: torch.Tensor,
               gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Any:
         anchors, inner = self._anchors(net, device, dtype)
         return StepMode([p0, p], self._site_laws(net, device, dtype), groups, gen, anchors, inner,
                         self.cfg.shared_masks, self.pool_mode)
 
-    def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        super()._load_state(tensors, meta)
-        self._anchor_laws = {}
+
+@dataclasses.dataclass
+class LiftrExactConfig(LaftrExactConfig):
+    """Options of ``liftr-exact`` (those of ``laftr-exact`` plus the anchors' covariance; ``l2``/``mse``).
+
+    Attributes:
+        input_cov: ``diag`` or ``full`` (see :class:`LiftrConfig`).
+        input_model: as for ``laftr-exact`` (default ``diag``).
+    """
+
+    input_model: str = "diag"
+    input_cov: str = "diag"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_input_cov(self.input_cov)
+
+
+@register("liftr-exact")
+class LiftrExactEstimator(_Anchored, LaftrExactEstimator):
+    """LIFTR in closed form for ``l2``/``mse``: the joint second moment propagated through the step-wise
+    linearization, each anchor a block independent of the state with its input's stored moments (no sampling
+    noise; the same networks as ``laftr-exact``)."""
+
+    Config: ClassVar[Any] = LiftrExactConfig
+
+    def _moment_mode(self, net: TracedNet, params: list[dict[str, torch.Tensor]], state: JointMoments,
+                     laws: dict[str, Any], group: int, device: torch.device, dtype: torch.dtype) -> StepMomentMode:
+        anchors, _ = self._anchors(net, device, dtype)
+        return StepMomentMode(params, state, laws, anchors, group, self.cfg.mu_outer)
