@@ -416,3 +416,53 @@ def test_transformer_own_linearization_tends_to_the_exact_fsd():
         m1 = perturbed(m0, step)
         errs.append(abs(float(est(m1)) / float(laftr.exact_fsd(m0, m1, X, metric="kl")) - 1))
     assert errs[0] > errs[1] > errs[2] and errs[2] < 2e-2
+
+
+class Masked(nn.Module):
+    """Attention with an additive float mask whose last two key columns are -inf (padding): nn.MultiheadAttention
+    or SDPA by hand. (A key_padding_mask needs the batch size, which a traced network can only take from the
+    data; a mask computed from the input is refused.)"""
+
+    def __init__(self, kind: str, d: int = 8, heads: int = 2, T: int = 5) -> None:
+        super().__init__()
+        self.kind, self.d, self.h = kind, d, heads
+        self.inp = nn.Linear(3, d)
+        self.mha = nn.MultiheadAttention(d, heads, batch_first=True)
+        fmask = torch.randn(T, T, generator=torch.Generator().manual_seed(5))
+        fmask[:, -2:] = -math.inf
+        self.register_buffer("fmask", fmask, persistent=False)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        B, T, _ = h.shape
+        if self.kind == "mha":
+            a = self.mha(h, h, h, attn_mask=self.fmask, need_weights=False)[0]
+        else:
+            w, b = self.mha.in_proj_weight, self.mha.in_proj_bias
+            q, k, v = (F.linear(h, w[i * self.d:(i + 1) * self.d], b[i * self.d:(i + 1) * self.d])
+                       .view(B, T, self.h, self.d // self.h).transpose(1, 2) for i in range(3))
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.fmask)
+            a = self.mha.out_proj(o.transpose(1, 2).reshape(B, T, self.d))
+        return self.head(F.gelu(h + a).mean(1))
+
+
+@pytest.mark.parametrize("gates", ["bernoulli", "relu"])
+def test_float_masks_with_padding(gates):
+    """nn.MultiheadAttention with a float attn_mask equals SDPA with the same additive mask: in the network, in
+    the interpreter and in the estimates; masked keys get no attention in the stored law."""
+    torch.manual_seed(0)
+    a, b = Masked("mha"), Masked("sdpa")
+    b.load_state_dict(a.state_dict())
+    X = _data()
+    torch.testing.assert_close(a(X), b(X), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(TracedNet(a).forward(X, param_dict(a)), a(X), rtol=1e-12, atol=1e-12)
+    a1 = perturbed(a, 0.1)
+    b1 = Masked("sdpa")
+    b1.load_state_dict(a1.state_dict())
+    ea = laftr.make_estimator("laftr", metric="kl", num_samples=16, gates=gates).fit(a, X)
+    eb = laftr.make_estimator("laftr", metric="kl", num_samples=16, gates=gates).fit(b, X)
+    torch.testing.assert_close(ea(a1), eb(b1), rtol=1e-10, atol=1e-14)
+    assert float(ea(a)) == 0.0
+    pattern = ea.summary.site_sums["mha"]["a"]
+    assert (pattern[..., -2:] == 0).all() and (pattern.sum(-1) > 0).all()
