@@ -15,7 +15,7 @@ KEY = ["weight", "diag-fisher", "kfac", "laftr-diag", "laftr-lowrank", "laftr", 
        "laftr-exact-mumu",
        "laftr-shared-masks", "laftr-classwise", "laftr-mixture", "laftr-mixture-diag", "laftr-relu", "laftr-coreset",
        "laftr-pool-separate",
-       "laftr-pool-argmax0", "laftr-pool-sample"]
+       "laftr-pool-argmax0", "laftr-pool-sample", "liftr", "liftr-diag"]
 
 
 def table(res: dict, shown: tuple[str, ...] = ("l2", "kl")) -> str:

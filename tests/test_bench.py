@@ -11,7 +11,16 @@ import torch
 from cases import mlp, perturbed
 
 import laftr
-from laftr.bench.fsd import FsdBenchConfig, Trajectory, agreement, pearson, run_fsd_bench, spearman
+from laftr.bench.fsd import (
+    ARCHS,
+    FsdBenchConfig,
+    Trajectory,
+    agreement,
+    method_specs,
+    pearson,
+    run_fsd_bench,
+    spearman,
+)
 from laftr.cli import main
 from laftr.exact import exact_fsd_and_grad
 from laftr.report import OutDirError
@@ -104,8 +113,130 @@ def test_cli_bad_input(tmp_path, capsys):
     assert main(["fsd-bench", "--quick", "--out", str(tmp_path / "c")]) == 1
     assert "--force" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["fsd-bench", "--quick", "--out", str(tmp_path / "d"), "--arch", "transformer"])
+        main(["fsd-bench", "--quick", "--out", str(tmp_path / "d"), "--arch", "rnn"])
     with pytest.raises(ValueError, match="disjoint"):
         FsdBenchConfig(task_a=[0, 1], task_b=[1, 2]).validate()
     with pytest.raises(ValueError, match="trajectory kind"):
         FsdBenchConfig(trajectories=[Trajectory("dance", "adam", 1e-3, [1])]).validate()
+
+
+# ------------------------------------------------------------------------------------------- transformer archs
+@pytest.fixture
+def one_thread():
+    """One torch thread for the run (small networks on a shared machine), restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _expected_rows(cfg: FsdBenchConfig, res: dict) -> set[str]:
+    """Every method label the run should have: the arch's rows with the LAFTR-matched coreset sizes."""
+    return {s.label for s in method_specs(cfg, res["matched_coreset_k"])}
+
+
+def _check_rows(cfg: FsdBenchConfig, res: dict, n_thetas: int) -> dict:
+    rows = {(r["method"], r["metric"]): r for r in res["methods"]}
+    assert {m for m, _ in rows} == _expected_rows(cfg, res)
+    assert {k for _, k in rows} == set(cfg.metrics)
+    for (name, _), r in rows.items():
+        assert len(r["estimates"]) == n_thetas and np.isfinite(r["estimates"]).all(), name
+        for key in ("pearson_log", "spearman", "median_abs_log_ratio", "median_grad_cosine", "ms_eval_backward"):
+            assert np.isfinite(r[key]), (name, key)
+        # theta = theta0: every estimate is 0 (the streams agree, the parameter change is 0)
+        assert abs(r["at_theta0"]) <= 1e-6 * max(1.0, max(r["estimates"])), (name, r["at_theta0"])
+    for t in res["thetas"]:
+        assert all(np.isfinite(v) and v > 0 for v in t["exact"].values())
+        assert 0.0 <= t["pattern_change"] <= 1.0
+    assert max(t["pattern_change"] for t in res["thetas"]) > 0  # the GELU inputs change sign somewhere
+    return rows
+
+
+def test_vit_quick_run(tmp_path, one_thread):
+    traj = [Trajectory("task-B", "adam", 3e-3, [2, 15]), Trajectory("task-A", "sgd", 0.1, [3]),
+            Trajectory("task-B+reg", "adam", 3e-3, [15], lam=5.0)]
+    cfg = FsdBenchConfig.for_arch(
+        "vit", quick=True, dataset="mnist-sample", n_fit=200, n_other=200, d_model=8, heads=2, d_mlp=16,
+        epochs_a=1, num_samples=8, eval_calls=2, coreset_sizes=[5], laftr_coreset=10, components=3, rank=3,
+        trajectories=traj, metrics=["l2", "kl"], progress=False)
+    res = run_fsd_bench(cfg, tmp_path / "vit", command="test")
+    for f in ("results.json", "table.md", "scatter.png", "memory.png"):
+        assert (tmp_path / "vit" / f).stat().st_size > 0
+    assert not (tmp_path / "vit" / "trajectory.png").exists() and "trajectory" not in res
+    disk = json.loads((tmp_path / "vit" / "results.json").read_text())
+    assert disk["arch"] == "vit" and disk["theta0"]["outputs"] == [0, 1, 2, 3, 4]
+    rows = _check_rows(cfg, disk, 4)
+    names = {m for m, _ in rows}
+    assert {"laftr", "laftr-diag", "laftr-lowrank", "laftr-classwise", "laftr-mixture", "laftr-mixture-diag",
+            "laftr-relu", "laftr-coreset", "weight", "diag-fisher", "kfac"} <= names
+    assert not any(n.startswith(("laftr-exact", "laftr-pool", "liftr")) for n in names)
+    assert rows[("kfac", "kl")]["options"]["unsupported"] == "diag"
+
+
+def test_transformer_quick_run_with_the_trajectory_protocol(tmp_path, one_thread):
+    traj = [Trajectory("subtract", "adam", 3e-3, [2, 12]), Trajectory("random", "adam", 3e-3, [12]),
+            Trajectory("add", "sgd", 0.05, [4]), Trajectory("subtract+reg", "adam", 3e-3, [12], lam=5.0),
+            Trajectory("subtract", "adamw", 3e-3, [], weight_decay=0.1, track_epochs=3)]
+    cfg = FsdBenchConfig.for_arch(
+        "transformer", quick=True, p=11, d_model=16, heads=2, d_mlp=32, epochs_a=40, batch_size=32, num_samples=8,
+        eval_calls=2, coreset_sizes=[5], laftr_coreset=10, components=3, trajectories=traj,
+        metrics=["l2", "kl"], progress=False)
+    assert cfg.dataset == "arithmetic" and cfg.task_a == [] and cfg.d_model == 16
+    res = run_fsd_bench(cfg, tmp_path / "tr", command="test")
+    for f in ("results.json", "table.md", "scatter.png", "memory.png", "trajectory.png"):
+        assert (tmp_path / "tr" / f).stat().st_size > 0
+    disk = json.loads((tmp_path / "tr" / "results.json").read_text())
+    th = disk["theta0"]
+    assert th["outputs"] is None and th["input_dim"] == 4 and th["n_fit"] == round(0.7 * 11 * 11)
+    assert th["task_a_train_accuracy"] > 0.3 and 0.0 <= th["task_a_test_accuracy"] <= 1.0
+    rows = _check_rows(cfg, disk, 8)
+    names = {m for m, _ in rows}
+    assert {"laftr", "laftr-relu", "laftr-classwise", "laftr-mixture", "laftr-coreset", "weight", "diag-fisher",
+            "kfac"} <= names
+    assert ({"liftr", "liftr-diag"} <= names) == ("liftr" in laftr.available_estimators())
+    assert rows[("laftr", "l2")]["options"]["input_model"] == "tokens"
+    # the matched coreset size counts the 4 token ids of a sequence as its input dimension
+    k = res["matched_coreset_k"][0]
+    assert k == max(1, round(rows[("laftr", "l2")]["stored_floats"] / 4))
+    assert rows[(f"subset-{k} (=laftr memory)", "l2")]["stored_floats"] == min(k, th["n_fit"]) * 4
+    # LIFTR's protocol: the tracked subtract run, one theta per epoch, with its own section
+    kinds = [t["kind"] for t in disk["thetas"]]
+    assert kinds.count("subtract") == 5 and "permuted" not in kinds
+    (sec,) = disk["trajectory"]
+    assert sec["epochs"] == [1, 2, 3] and sec["label"].startswith("subtract adamw")
+    per_epoch = th["n_fit"] // 32  # every task trains on the same pairs; the last partial batch is dropped
+    assert sec["steps"] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert {(r["method"], r["metric"]) for r in sec["methods"]} == set(rows)
+    assert sec["exact"]["kl"] == [disk["thetas"][i]["exact"]["kl"] for i in sec["theta_indices"]]
+    table = (tmp_path / "tr" / "table.md").read_text()
+    assert "## trajectory: subtract adamw" in table and "test accuracy" in table
+
+
+def test_arch_and_dataset_must_match(tmp_path, capsys, one_thread):
+    assert {"vit", "transformer"} <= set(ARCHS)
+    with pytest.raises(ValueError, match="--dataset arithmetic"):
+        FsdBenchConfig(arch="transformer").validate()
+    with pytest.raises(ValueError, match="--dataset arithmetic"):
+        FsdBenchConfig.for_arch("transformer", dataset="mnist-sample").validate()
+    for arch in ("vit", "mlp", "mlp-gelu", "cnn"):
+        with pytest.raises(ValueError, match="needs --arch transformer"):
+            FsdBenchConfig.for_arch(arch, dataset="arithmetic").validate()
+    FsdBenchConfig.for_arch("transformer").validate()
+    FsdBenchConfig.for_arch("vit", quick=True).validate()
+    with pytest.raises(ValueError, match="trajectory kind"):  # image kinds mean nothing for token sequences
+        FsdBenchConfig.for_arch("transformer", trajectories=[Trajectory("permuted", "adam", 1e-3, [1])]).validate()
+    with pytest.raises(ValueError, match="trajectory kind"):
+        FsdBenchConfig.for_arch("vit", trajectories=[Trajectory("subtract", "adam", 1e-3, [1])]).validate()
+    with pytest.raises(ValueError, match="task_a"):
+        FsdBenchConfig.for_arch("transformer", task_a=[0, 1]).validate()
+    with pytest.raises(ValueError, match="bad trajectory"):
+        FsdBenchConfig.for_arch("transformer", trajectories=[Trajectory("subtract", "adam", 1e-3, [])]).validate()
+    with pytest.raises(ValueError, match="p must be"):
+        FsdBenchConfig.for_arch("transformer", p=1).validate()
+    with pytest.raises(ValueError, match="vit needs square images"):
+        run_fsd_bench(FsdBenchConfig.for_arch("vit", dataset="digits", quick=True, progress=False), tmp_path / "d")
+    assert main(["fsd-bench", "--arch", "vit", "--dataset", "arithmetic", "--out", str(tmp_path / "a")]) == 2
+    assert "needs --arch transformer" in capsys.readouterr().err
+    assert main(["fsd-bench", "--arch", "transformer", "--dataset", "mnist-sample", "--out", str(tmp_path / "b")]) == 2
+    assert "--dataset arithmetic" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, register_subcommand
+from .fsd import ARCHS
 
 
 def _csv(text: str) -> list[str]:
@@ -13,12 +14,18 @@ def _csv(text: str) -> list[str]:
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="fashion-mnist", help="classification data set (default fashion-mnist)")
+    p.add_argument("--dataset", default=None,
+                   help="data set: an image classification set for mlp, mlp-gelu, cnn and vit (default "
+                        "fashion-mnist), arithmetic for transformer (its default and only choice)")
     p.add_argument("--data-dir", default=None, help="folder of the data set's files, when its loader needs one")
-    p.add_argument("--arch", default="mlp", choices=["mlp", "cnn", "mlp-gelu"],
-                   help="network (default mlp: 784-256-256-10 ReLU; mlp-gelu: 784-512-512-10, LayerNorm + GELU)")
+    p.add_argument("--arch", default="mlp", choices=list(ARCHS),
+                   help="network (default mlp: 784-256-256-10 ReLU; mlp-gelu: 784-512-512-10, LayerNorm + GELU; "
+                        "cnn: the Split-CIFAR conv net; vit: a small vision transformer, patch 7, d_model 64, on "
+                        "images such as fashion-mnist; transformer: a pre-LN decoder, d_model 128, on "
+                        "--dataset arithmetic, modular addition mod 113 -> subtract / quadratic / random)")
     p.add_argument("--quick", action="store_true", help="small run (under 2 minutes on 2 CPU cores)")
-    p.add_argument("--out", required=True, help="output folder (results.json, table.md, scatter.png, memory.png)")
+    p.add_argument("--out", required=True,
+                   help="output folder (results.json, table.md, scatter.png, memory.png; trajectory.png for arithmetic)")
     p.add_argument("--force", action="store_true", help="write into an existing non-empty output folder")
     p.add_argument("--methods", type=_csv, default=None,
                    help="comma-separated method labels (default: all), e.g. laftr,laftr-exact,kfac,subset-200")
@@ -28,7 +35,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-fit", type=int, default=None, help="task-A training examples (default: all; cnn 6000)")
     p.add_argument("--num-samples", type=int, default=None, help="Monte Carlo samples of LAFTR (default 64)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice; 1 for --quick vit and transformer)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -59,7 +67,8 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
-    print(f"wrote {args.out}/results.json, table.md, scatter.png, memory.png in {res['timings']['total_s']:.0f} s")
+    figures = "scatter.png, memory.png" + (", trajectory.png" if "trajectory" in res else "")
+    print(f"wrote {args.out}/results.json, table.md, {figures} in {res['timings']['total_s']:.0f} s")
     return EXIT_OK
 
 

@@ -2,12 +2,15 @@
 
 Protocol (docs/fsd-bench.md):
 
-1. theta0: a network trained on task A (by default Fashion-MNIST classes 0-4, multi-head: task A's loss
-   and distances use output units 0-4 only).
+1. theta0: a network trained on task A (images: by default Fashion-MNIST classes 0-4, multi-head: task A's loss
+   and distances use output units 0-4 only; ``--arch transformer``: modular addition mod 113 on one head of all
+   113 outputs).
 2. Every estimator is fitted ONCE at theta0 on task A's training inputs; the exact FSD is over the same inputs.
-3. Many thetas from diverse continuations of theta0 (another task, permuted pixels, random labels, more
-   training on task A, function-space-regularized training on another task), each at several checkpoints, so
-   the exact FSD spans orders of magnitude.
+3. Many thetas from diverse continuations of theta0 (another task, permuted pixels or other arithmetic tasks,
+   random labels, more training on task A, function-space-regularized training on another task), each at
+   several checkpoints, so the exact FSD spans orders of magnitude. A trajectory with ``track_epochs``
+   records a theta at the end of every epoch (LIFTR's protocol: estimate vs exact while the second task trains)
+   and gets its own section in the report.
 4. For every (method, metric, theta): the estimate (mean of ``eval_calls`` calls for stochastic estimators),
    the cosine between the gradient of ONE call and the exact FSD's gradient (what a regularizer uses), and
    the wall time of evaluation + backward. Per method and metric: Pearson correlation of log values,
@@ -35,17 +38,114 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import exact_fsd, make_estimator
+from .. import available_estimators, exact_fsd, make_estimator
 from .._util import trainable_params
 from ..exact import exact_fsd_and_grad
 from ..metrics import QUADRATIC_METRICS, check_metric, discrepancy
-from ..models import conv_net, mlp, num_params
+from ..models import conv_net, mlp, num_params, transformer, vit
 from ..report import markdown_table, prepare_out_dir, pyplot, run_metadata, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("mlp", "cnn", "mlp-gelu")
-KINDS = ("task-B", "permuted", "random-labels", "task-A", "task-B+reg")
+
+# ------------------------------------------------------------------------------------------- architectures
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+    """What the benchmark does differently for one network.
+
+    Attributes:
+        inputs: ``images`` (float images; task A / task B class layout) or ``tokens`` (modular arithmetic: one
+            head, every task answers with all outputs).
+        closed_form: add the ``laftr-exact*`` rows (MLPs: no max pooling, no attention, states small enough).
+        maxpool: add LAFTR's max-pool variants (``laftr-pool-*``).
+        kfac_unsupported: K-FAC's ``unsupported`` option: ``error`` (every trainable parameter sits in a
+            Linear/Conv2d layer) or ``diag`` (LayerNorm, embeddings, class token, positional embedding and
+            attention projections without Kronecker factors get their diagonal Gauss-Newton term).
+        liftr: add the ``liftr`` rows when an estimator of that name is registered.
+        description: the network in words (CLI help, report).
+    """
+
+    inputs: str
+    closed_form: bool
+    maxpool: bool
+    kfac_unsupported: str
+    liftr: bool
+    description: str
+
+
+ARCH_SPECS: dict[str, ArchSpec] = {
+    "mlp": ArchSpec("images", True, False, "error", False, "784-256-256-10 ReLU MLP"),
+    "cnn": ArchSpec("images", False, True, "error", False, "the Split-CIFAR conv net (ReLU, max pooling), half width"),
+    "mlp-gelu": ArchSpec("images", True, False, "diag", False, "784-512-512-10 MLP, LayerNorm + GELU"),
+    "vit": ArchSpec("images", False, False, "diag", False,
+                    "ViT: 7x7 patches, d_model 64, 4 heads, 2 pre-LN blocks, GELU MLP 128, class token"),
+    "transformer": ArchSpec("tokens", False, False, "diag", True,
+                            "pre-LN decoder: d_model 128, 4 heads, 2 blocks, GELU MLP 512, causal, last-token readout"),
+}
+ARCHS = tuple(ARCH_SPECS)
+TOKEN_DATASETS = ("arithmetic",)
+"""Data sets of token sequences: they go with ``--arch transformer`` and only with it."""
+
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "transformer": {"d_model": 128, "heads": 4, "blocks": 2, "d_mlp": 512},
+    "vit": {"d_model": 64, "heads": 4, "blocks": 2, "d_mlp": 128},
+}
+"""Default sizes of the transformer networks (config fields left ``None`` take these)."""
+
+LIFTR_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (("liftr", {"input_cov": "full"}),
+                                                          ("liftr-diag", {"input_cov": "diag"}))
+"""The LIFTR rows (label, options beyond ``num_samples`` and the input model), added only when an estimator named
+``liftr`` is registered and the architecture asks for them: every anchored op's input with its full covariance
+over the last axis, or with its variances only. On token sequences the network input is modelled by the
+``tokens`` input model, on images by ``liftr``'s default."""
+
+
+# ------------------------------------------------------------------------------------------- continuations
+@dataclasses.dataclass(frozen=True)
+class TrajectoryKind:
+    """What one kind of continuation trains on.
+
+    Attributes:
+        task: the task of the loaded data it trains on (images: ``A``, ``B``, ``permuted``; arithmetic: ``add``,
+            ``subtract``, ``quadratic``, ``random``).
+        doc: one line for the docs and the config's validation message.
+        random_labels: labels drawn uniformly from the task's classes instead of the true ones.
+        regularized: add ``lam`` x the exact KL FSD to theta0 on a random task-A minibatch (a replay regularizer
+            that stays close to theta0).
+    """
+
+    task: str
+    doc: str
+    random_labels: bool = False
+    regularized: bool = False
+
+
+IMAGE_KINDS: dict[str, TrajectoryKind] = {
+    "task-B": TrajectoryKind("B", "task B's classes on their own output units"),
+    "permuted": TrajectoryKind("permuted", "all classes, pixels under a fixed permutation, all outputs"),
+    "random-labels": TrajectoryKind("A", "task A's inputs with random task-A labels", random_labels=True),
+    "task-A": TrajectoryKind("A", "more training on task A itself"),
+    "task-B+reg": TrajectoryKind("B", "task B plus lam x exact KL FSD to theta0 on a task-A minibatch",
+                                 regularized=True),
+}
+ARITHMETIC_KINDS: dict[str, TrajectoryKind] = {
+    "subtract": TrajectoryKind("subtract", "the subtract task (a - b mod p; its own operator token)"),
+    "quadratic": TrajectoryKind("quadratic", "the quadratic task (a^2 + ab + b^2 mod p)"),
+    "random": TrajectoryKind("random", "the random task (a fixed random table r[a, b])"),
+    "add": TrajectoryKind("add", "more training on add (task A) itself"),
+    "subtract+reg": TrajectoryKind("subtract", "subtract plus lam x exact KL FSD to theta0 on an add minibatch",
+                                   regularized=True),
+}
+KINDS = tuple(IMAGE_KINDS)
+"""Trajectory kinds of the image data sets (see :data:`ARITHMETIC_KINDS` for modular arithmetic)."""
+
+
+def trajectory_kinds(dataset: str) -> dict[str, TrajectoryKind]:
+    """The trajectory kinds available on ``dataset``."""
+    return ARITHMETIC_KINDS if dataset in TOKEN_DATASETS else IMAGE_KINDS
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 @dataclasses.dataclass
@@ -53,14 +153,18 @@ class Trajectory:
     """One continuation of theta0; every checkpoint (in optimizer steps) becomes a theta.
 
     Attributes:
-        kind: ``task-B`` (task B's classes on their own outputs), ``permuted`` (all classes, pixels under a
-            fixed permutation, all outputs), ``random-labels`` (task A's inputs, random task-A labels),
-            ``task-A`` (more training on task A itself), ``task-B+reg`` (task B plus ``lam`` times the exact
-            KL FSD to theta0 on a random task-A minibatch: a replay regularizer that stays close to theta0).
-        optimizer: ``adam`` or ``sgd``.
+        kind: what it trains on, one of :data:`IMAGE_KINDS` (``task-B``: task B's classes on their own outputs,
+            ``permuted``: all classes, pixels under a fixed permutation, all outputs, ``random-labels``: task A's
+            inputs, random task-A labels, ``task-A``: more training on task A itself, ``task-B+reg``: task B plus
+            ``lam`` times the exact KL FSD to theta0 on a random task-A minibatch) or, for modular arithmetic,
+            of :data:`ARITHMETIC_KINDS` (``subtract``, ``quadratic``, ``random``, ``add``, ``subtract+reg``).
+        optimizer: ``adam``, ``adamw`` or ``sgd``.
         lr: learning rate.
         checkpoints: steps (batches) after which theta is recorded.
-        lam: weight of the replay regularizer (``task-B+reg`` only).
+        lam: weight of the replay regularizer (``+reg`` kinds only).
+        weight_decay: the optimizer's weight decay.
+        track_epochs: if positive, theta is recorded at the end of each of this many epochs instead of at
+            ``checkpoints`` (LIFTR's protocol); the report follows the estimates along this trajectory.
     """
 
     kind: str
@@ -68,14 +172,46 @@ class Trajectory:
     lr: float
     checkpoints: list[int]
     lam: float = 0.0
+    weight_decay: float = 0.0
+    track_epochs: int = 0
 
     def label(self) -> str:
-        lam = f" lam={self.lam:g}" if self.kind == "task-B+reg" else ""
-        return f"{self.kind} {self.optimizer} lr={self.lr:g}{lam}"
+        lam = f" lam={self.lam:g}" if self.kind.endswith("+reg") else ""
+        wd = f" wd={self.weight_decay:g}" if self.weight_decay else ""
+        return f"{self.kind} {self.optimizer} lr={self.lr:g}{wd}{lam}"
+
+    def steps(self, n_train: int, batch_size: int) -> list[int]:
+        """The steps at which theta is recorded, for a task of ``n_train`` examples."""
+        if self.track_epochs > 0:
+            per_epoch = max(1, n_train // batch_size)  # :func:`_train` drops the last partial batch
+            return [e * per_epoch for e in range(1, self.track_epochs + 1)]
+        return sorted(set(self.checkpoints))
 
 
-def default_trajectories(quick: bool = False) -> list[Trajectory]:
-    """44 thetas (11 trajectories x 4 checkpoints), or 10 with ``quick``."""
+def default_trajectories(quick: bool = False, dataset: str = "fashion-mnist") -> list[Trajectory]:
+    """The continuations of the benchmark.
+
+    Images: 44 thetas (11 trajectories x 4 checkpoints), or 10 with ``quick``. Modular arithmetic: 44 thetas
+    (subtract at 3 learning rates, quadratic and random at 2, add with SGD at 2, subtract+reg at lam 1 and 10;
+    4 checkpoints each) plus LIFTR's protocol, subtract with AdamW (lr 1e-3, weight decay 0.1) recorded after
+    every epoch for 10 epochs; ``quick``: 10 + 4.
+    """
+    if dataset in TOKEN_DATASETS:
+        tracked = Trajectory("subtract", "adamw", 1e-3, [], weight_decay=0.1, track_epochs=4 if quick else 10)
+        if quick:
+            ck = [3, 30]
+            return [Trajectory("subtract", "adam", 1e-3, ck), Trajectory("quadratic", "adam", 1e-3, ck),
+                    Trajectory("random", "adam", 1e-3, ck), Trajectory("add", "sgd", 0.1, ck),
+                    Trajectory("subtract+reg", "adam", 1e-3, ck, lam=10.0), tracked]
+        ck = [2, 10, 50, 250]
+        return [
+            *(Trajectory("subtract", "adam", lr, ck) for lr in (3e-4, 1e-3, 3e-3)),
+            *(Trajectory("quadratic", "adam", lr, ck) for lr in (1e-3, 3e-3)),
+            *(Trajectory("random", "adam", lr, ck) for lr in (1e-4, 1e-3)),
+            *(Trajectory("add", "sgd", lr, ck) for lr in (0.01, 0.1)),
+            *(Trajectory("subtract+reg", "adam", 1e-3, ck, lam=lam) for lam in (1.0, 10.0)),
+            tracked,
+        ]
     if quick:
         ck = [3, 30]
         return [Trajectory("task-B", "adam", 1e-3, ck), Trajectory("permuted", "adam", 1e-3, ck),
@@ -96,29 +232,41 @@ class FsdBenchConfig:
     """Settings of one benchmark run (all recorded in results.json).
 
     Attributes:
-        dataset: a classification data set known to :func:`laftr.data.load_dataset`.
+        dataset: a classification data set known to :func:`laftr.data.load_dataset` (images), or ``arithmetic``
+            (modular arithmetic token sequences; ``arch`` must be ``transformer``).
         data_dir: where its files are (when the loader needs one).
         arch: ``mlp`` (784-hidden-10, ReLU), ``mlp-gelu`` (784-512-512-10 with LayerNorm after each hidden Linear
-            and GELU) or ``cnn`` (the conv net of METHOD.md section 4, scaled by ``width``).
+            and GELU), ``cnn`` (the conv net of METHOD.md section 4, scaled by ``width``), ``vit`` (a small vision
+            transformer) or ``transformer`` (a pre-LayerNorm decoder over token sequences; see :data:`ARCH_SPECS`).
         hidden: MLP hidden widths (``mlp-gelu``: 512, 512 unless given).
         width: channel/fc multiplier of the conv net.
-        task_a: task A's classes (theta0's task, and the outputs compared).
-        task_b: task B's classes (a continuation task).
+        d_model: width of the residual stream of ``vit`` / ``transformer`` (None: :data:`MODEL_SIZES`).
+        heads: attention heads (None: :data:`MODEL_SIZES`).
+        blocks: transformer blocks (None: :data:`MODEL_SIZES`).
+        d_mlp: hidden width of each block's GELU MLP (None: :data:`MODEL_SIZES`).
+        patch: side of the ViT's square patches.
+        p: modulus of the arithmetic tasks (also the number of outputs).
+        train_fraction: fraction of the ``p^2`` pairs in each arithmetic task's training part.
+        task_a: task A's classes (theta0's task, and the outputs compared); None: 0-4 on images, and empty for
+            arithmetic, where task A is ``add`` on all ``p`` outputs.
+        task_b: task B's classes (a continuation task); None: 5-9 on images, empty for arithmetic.
         n_fit: task-A training examples used for theta0, the estimators' fit and the exact FSD (None: all).
         n_other: examples of each continuation task.
         epochs_a: epochs of training on task A.
         batch_size: batch size of every training run.
         lr_a: Adam learning rate on task A.
+        schedule_a: learning-rate schedule on task A: ``constant`` or ``cosine`` (linear warm-up over the first
+            epoch, then a cosine decay to 0).
         metrics: output discrepancies compared.
         methods: method labels to run (None: all of :func:`method_specs`).
         coreset_sizes: k of the coreset baselines (``subset``, ``ntk``); the k matching LAFTR's memory is added.
-        num_samples: Monte Carlo samples of the LAFTR estimators.
+        num_samples: Monte Carlo samples of the LAFTR (and LIFTR) estimators.
         rank: rank of LAFTR's low-rank input model.
         components: mixture components of ``laftr-mixture`` (no labels used).
         laftr_coreset: stored inputs of LAFTR's coreset input model.
         eval_calls: calls averaged for a stochastic estimator's estimate.
-        trajectories: the continuations (None: :func:`default_trajectories`).
-        seed: seed of everything.
+        trajectories: the continuations (None: :func:`default_trajectories` for the data set).
+        seed: seed of everything (also of the arithmetic tasks' random table and train/test split).
         threads: torch threads (None: leave as is).
         progress: progress bars.
         quick: the settings came from :meth:`quick` (recorded).
@@ -129,13 +277,21 @@ class FsdBenchConfig:
     arch: str = "mlp"
     hidden: list[int] = dataclasses.field(default_factory=lambda: [256, 256])
     width: float = 0.5
-    task_a: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 3, 4])
-    task_b: list[int] = dataclasses.field(default_factory=lambda: [5, 6, 7, 8, 9])
+    d_model: int | None = None
+    heads: int | None = None
+    blocks: int | None = None
+    d_mlp: int | None = None
+    patch: int = 7
+    p: int = 113
+    train_fraction: float = 0.7
+    task_a: list[int] | None = None
+    task_b: list[int] | None = None
     n_fit: int | None = None
     n_other: int = 10000
     epochs_a: int = 3
     batch_size: int = 128
     lr_a: float = 1e-3
+    schedule_a: str = "constant"
     metrics: list[str] = dataclasses.field(default_factory=lambda: ["l2", "l2-probs", "kl"])
     methods: list[str] | None = None
     coreset_sizes: list[int] = dataclasses.field(default_factory=lambda: [10, 40, 200, 1000])
@@ -150,9 +306,25 @@ class FsdBenchConfig:
     progress: bool = True
     quick: bool = False
 
+    def __post_init__(self) -> None:
+        tokens = self.dataset in TOKEN_DATASETS
+        if self.task_a is None:
+            self.task_a = [] if tokens else [0, 1, 2, 3, 4]
+        if self.task_b is None:
+            self.task_b = [] if tokens else [5, 6, 7, 8, 9]
+        for key, value in MODEL_SIZES.get(self.arch, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+    @property
+    def tokens(self) -> bool:
+        """Whether the data are token sequences (modular arithmetic)."""
+        return self.dataset in TOKEN_DATASETS
+
     @classmethod
     def for_arch(cls, arch: str, quick: bool = False, **overrides: Any) -> FsdBenchConfig:
-        """Defaults for ``arch``, shrunk to a sub-two-minute run with ``quick``; ``overrides`` win."""
+        """Defaults for ``arch``, shrunk to a sub-two-minute run with ``quick``; ``overrides`` win (``None``
+        values are ignored)."""
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
         base: dict[str, Any] = {"arch": arch, "quick": quick}
@@ -160,36 +332,74 @@ class FsdBenchConfig:
             base.update(n_fit=6000, n_other=6000, epochs_a=2, coreset_sizes=[10, 40, 200, 1000])
         if arch == "mlp-gelu":
             base.update(hidden=[512, 512])
+        if arch == "vit":
+            base.update(n_fit=12000, n_other=12000, epochs_a=10)
+        if arch == "transformer":
+            base.update(dataset="arithmetic", epochs_a=30, schedule_a="cosine", lr_a=1e-3)
         if quick:
-            base.update(n_fit=1500 if arch == "mlp" else 600, n_other=1500 if arch == "mlp" else 600,
-                        hidden=[64, 64], width=0.25, epochs_a=2, coreset_sizes=[10, 40], num_samples=32,
-                        eval_calls=2, rank=5, laftr_coreset=40)
+            base.update(coreset_sizes=[10, 40], num_samples=32, eval_calls=2, rank=5, laftr_coreset=40)
+            # tiny transformers gain nothing from threads and lose much on a busy machine: one thread
+            if arch == "transformer":
+                base.update(p=23, d_model=32, heads=2, blocks=1, d_mlp=64, epochs_a=60, batch_size=64, lr_a=3e-3,
+                            n_other=400, threads=1)
+            elif arch == "vit":
+                base.update(n_fit=600, n_other=600, d_model=16, heads=2, blocks=1, d_mlp=32, epochs_a=2, threads=1)
+            else:
+                base.update(n_fit=1500 if arch == "mlp" else 600, n_other=1500 if arch == "mlp" else 600,
+                            hidden=[64, 64], width=0.25, epochs_a=2)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
     def validate(self) -> None:
+        """Raise a ValueError naming the first bad setting."""
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {list(ARCHS)}")
+        spec = ARCH_SPECS[self.arch]
+        if spec.inputs == "tokens" and not self.tokens:
+            raise ValueError(f"--arch {self.arch} takes token sequences: use --dataset "
+                             f"{' or '.join(TOKEN_DATASETS)} (got {self.dataset!r})")
+        if spec.inputs != "tokens" and self.tokens:
+            raise ValueError(f"--dataset {self.dataset} is token sequences: it needs --arch transformer "
+                             f"(--arch {self.arch} takes images)")
         for m in self.metrics:
             check_metric(m)
         if not self.metrics:
             raise ValueError("no metrics given")
-        if set(self.task_a) & set(self.task_b) or not self.task_a or not self.task_b:
+        assert self.task_a is not None and self.task_b is not None
+        if self.tokens:
+            if self.task_a or self.task_b:
+                raise ValueError("task_a / task_b choose image classes; on arithmetic task A is 'add' on all p "
+                                 "outputs and the continuations are trajectory kinds: leave them empty")
+        elif set(self.task_a) & set(self.task_b) or not self.task_a or not self.task_b:
             raise ValueError(f"task A {self.task_a} and task B {self.task_b} must be disjoint, non-empty")
         if any(k < 1 for k in self.coreset_sizes) or self.num_samples < 1 or self.eval_calls < 1:
             raise ValueError("coreset sizes, num_samples and eval_calls must be positive")
         if self.n_fit is not None and self.n_fit < 10:
             raise ValueError("n_fit must be at least 10 examples")
+        if self.schedule_a not in ("constant", "cosine"):
+            raise ValueError(f"unknown schedule_a {self.schedule_a!r}; choose 'constant' or 'cosine'")
+        for key in ("d_model", "heads", "blocks", "d_mlp", "patch", "p", "epochs_a", "batch_size", "n_other"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{key} must be a positive integer, got {v!r}")
+        if self.p < 2:
+            raise ValueError(f"the modulus p must be at least 2, got {self.p}")
+        if not 0.0 < self.train_fraction < 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction!r}")
         if self.methods is not None:
             static = {s.label for a in ARCHS for s in method_specs(dataclasses.replace(self, arch=a))}
             bad = [m for m in self.methods if m not in static and not re.fullmatch(r"(subset|ntk)-\d+", m)]
             if bad or not self.methods:
                 raise ValueError(f"unknown method(s) {bad}; known: {sorted(static)} and subset-K / ntk-K")
+        kinds = trajectory_kinds(self.dataset)
         for t in self.trajectories or []:
-            if t.kind not in KINDS:
-                raise ValueError(f"unknown trajectory kind {t.kind!r}; choose one of {list(KINDS)}")
-            if t.optimizer not in ("adam", "sgd") or t.lr <= 0 or not t.checkpoints or min(t.checkpoints) < 1:
-                raise ValueError(f"bad trajectory {t}")
+            if t.kind not in kinds:
+                raise ValueError(f"unknown trajectory kind {t.kind!r} on {self.dataset}; choose one of {list(kinds)}")
+            if (t.optimizer not in OPTIMIZERS or t.lr <= 0 or t.weight_decay < 0 or t.lam < 0
+                    or not isinstance(t.track_epochs, int) or t.track_epochs < 0
+                    or (t.track_epochs == 0 and (not t.checkpoints or min(t.checkpoints) < 1))):
+                raise ValueError(f"bad trajectory {t}: optimizer one of {list(OPTIMIZERS)}, lr > 0, lam and "
+                                 "weight_decay >= 0, and checkpoints >= 1 (or track_epochs > 0)")
 
 
 # ------------------------------------------------------------------------------------------- methods
@@ -211,11 +421,52 @@ class MethodSpec:
 def method_specs(cfg: FsdBenchConfig, matched_k: Sequence[int] = ()) -> list[MethodSpec]:
     """Every method of the benchmark for ``cfg`` (before the ``methods`` filter).
 
-    ``matched_k`` adds coreset baselines whose memory matches LAFTR's (``k = stored floats / input dim``).
+    ``matched_k`` adds coreset baselines whose memory matches LAFTR's (``k = stored floats / input dim``, the
+    input dim being the numbers stored per example: pixels, or token ids per sequence).
     """
+    arch = ARCH_SPECS[cfg.arch]
     S = cfg.num_samples
     lf = {"num_samples": S}
-    specs = [
+    if arch.inputs == "tokens":
+        specs = _token_laftr_specs(cfg)
+    else:
+        specs = _image_laftr_specs(cfg)
+    if arch.closed_form:  # the closed form tracks joint second moments: MLP-sized states, no max pooling
+        specs += [MethodSpec("laftr-exact", "laftr-exact", {"input_model": "gaussian"}, "laftr",
+                             metrics=tuple(sorted(QUADRATIC_METRICS))),
+                  MethodSpec("laftr-exact-diag", "laftr-exact", {"input_model": "diag"}, "laftr",
+                             metrics=tuple(sorted(QUADRATIC_METRICS))),
+                  MethodSpec("laftr-exact-mumu", "laftr-exact", {"input_model": "gaussian", "mu_outer": True},
+                             "laftr", metrics=tuple(sorted(QUADRATIC_METRICS)))]
+    if arch.maxpool:  # max pooling: theta0's argmax (default), each stream its own max (the original code), or sampled
+        specs += [MethodSpec("laftr-pool-separate", "laftr", {**lf, "input_model": "gaussian", "maxpool": "separate"},
+                             "laftr", stochastic=True),
+                  MethodSpec("laftr-pool-sample", "laftr", {**lf, "input_model": "gaussian", "maxpool": "sample"},
+                             "laftr", stochastic=True)]
+    if arch.liftr and "liftr" in available_estimators():
+        inputs = _token_input_options(cfg) if arch.inputs == "tokens" else {}
+        specs += [MethodSpec(label, "liftr", {**lf, **inputs, **opts}, "liftr", stochastic=True)
+                  for label, opts in LIFTR_VARIANTS]
+    # K-FAC has Kronecker factors for Linear/Conv2d layers only; where the network has other parameters
+    # (LayerNorm, embeddings, ...) they get their diagonal term
+    kfac_opts = {"fisher": "mc", **({"unsupported": "diag"} if arch.kfac_unsupported == "diag" else {})}
+    specs += [
+        MethodSpec("weight", "weight", {}, "parametric"),
+        MethodSpec("diag-fisher", "diag-fisher", {"fisher": "mc"}, "parametric"),
+        MethodSpec("kfac", "kfac", kfac_opts, "parametric"),
+    ]
+    asked = {int(m.split("-")[1]) for m in cfg.methods or [] if re.fullmatch(r"(subset|ntk)-\d+", m)}
+    for k in sorted(set(cfg.coreset_sizes) | set(matched_k) | asked):
+        tag = " (=laftr memory)" if k in matched_k and k not in cfg.coreset_sizes else ""
+        specs.append(MethodSpec(f"subset-{k}{tag}", "subset", {"coreset_size": k}, "coreset"))
+        specs.append(MethodSpec(f"ntk-{k}{tag}", "ntk", {"coreset_size": k}, "coreset"))
+    return specs
+
+
+def _image_laftr_specs(cfg: FsdBenchConfig) -> list[MethodSpec]:
+    """LAFTR's rows on images: Gaussian-family and coreset input models, sampled or theta0's own gates."""
+    lf = {"num_samples": cfg.num_samples}
+    return [
         MethodSpec("laftr", "laftr", {**lf, "input_model": "gaussian"}, "laftr", stochastic=True),
         MethodSpec("laftr-shared-masks", "laftr", {**lf, "input_model": "gaussian", "shared_masks": True}, "laftr",
                    stochastic=True),
@@ -232,48 +483,64 @@ def method_specs(cfg: FsdBenchConfig, matched_k: Sequence[int] = ()) -> list[Met
         MethodSpec("laftr-coreset", "laftr", {**lf, "input_model": "coreset", "coreset_size": cfg.laftr_coreset},
                    "laftr", stochastic=True),
     ]
-    if cfg.arch != "cnn":  # the closed form tracks joint second moments: MLP-sized states, no max pooling
-        specs += [MethodSpec("laftr-exact", "laftr-exact", {"input_model": "gaussian"}, "laftr",
-                             metrics=tuple(sorted(QUADRATIC_METRICS))),
-                  MethodSpec("laftr-exact-diag", "laftr-exact", {"input_model": "diag"}, "laftr",
-                             metrics=tuple(sorted(QUADRATIC_METRICS))),
-                  MethodSpec("laftr-exact-mumu", "laftr-exact", {"input_model": "gaussian", "mu_outer": True},
-                             "laftr", metrics=tuple(sorted(QUADRATIC_METRICS)))]
-    else:  # max pooling: theta0's argmax (default), each stream its own max (the original code), or sampled
-        specs += [MethodSpec("laftr-pool-separate", "laftr", {**lf, "input_model": "gaussian", "maxpool": "separate"},
-                             "laftr", stochastic=True),
-                  MethodSpec("laftr-pool-sample", "laftr", {**lf, "input_model": "gaussian", "maxpool": "sample"},
-                             "laftr", stochastic=True)]
-    # K-FAC has Kronecker factors for Linear/Conv2d layers only: LayerNorm's parameters get its diagonal term
-    kfac_opts = {"fisher": "mc", **({"unsupported": "diag"} if cfg.arch == "mlp-gelu" else {})}
-    specs += [
-        MethodSpec("weight", "weight", {}, "parametric"),
-        MethodSpec("diag-fisher", "diag-fisher", {"fisher": "mc"}, "parametric"),
-        MethodSpec("kfac", "kfac", kfac_opts, "parametric"),
+
+
+def _token_input_options(cfg: FsdBenchConfig) -> dict[str, Any]:
+    """The per-position categorical input model over the arithmetic vocabulary (``p + 5`` token ids)."""
+    from ..data.arithmetic import arithmetic_vocab
+
+    return {"input_model": "tokens", "vocab_size": arithmetic_vocab(cfg.p)["vocab_size"]}
+
+
+def _token_laftr_specs(cfg: FsdBenchConfig) -> list[MethodSpec]:
+    """LAFTR's rows on token sequences: per-position categorical input models (overall, per class, per k-means
+    component of the one-hot sequences) and a coreset of real sequences."""
+    tok = {"num_samples": cfg.num_samples, "vocab_size": _token_input_options(cfg)["vocab_size"]}
+    return [
+        MethodSpec("laftr", "laftr", {**tok, "input_model": "tokens"}, "laftr", stochastic=True),
+        MethodSpec("laftr-relu", "laftr", {**tok, "input_model": "tokens", "gates": "relu"}, "laftr",
+                   stochastic=True),
+        MethodSpec("laftr-classwise", "laftr", {**tok, "input_model": "tokens-classwise"}, "laftr", stochastic=True),
+        MethodSpec("laftr-mixture", "laftr", {**tok, "input_model": "tokens-mixture", "components": cfg.components},
+                   "laftr", stochastic=True),
+        MethodSpec("laftr-coreset", "laftr", {"num_samples": cfg.num_samples, "input_model": "coreset",
+                                              "coreset_size": cfg.laftr_coreset}, "laftr", stochastic=True),
     ]
-    asked = {int(m.split("-")[1]) for m in cfg.methods or [] if re.fullmatch(r"(subset|ntk)-\d+", m)}
-    for k in sorted(set(cfg.coreset_sizes) | set(matched_k) | asked):
-        tag = " (=laftr memory)" if k in matched_k and k not in cfg.coreset_sizes else ""
-        specs.append(MethodSpec(f"subset-{k}{tag}", "subset", {"coreset_size": k}, "coreset"))
-        specs.append(MethodSpec(f"ntk-{k}{tag}", "ntk", {"coreset_size": k}, "coreset"))
-    return specs
 
 
 # ------------------------------------------------------------------------------------------- data and training
 @dataclasses.dataclass
+class _Task:
+    """Training inputs and labels of one task, and the output units its loss uses (None: all)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    outputs: list[int] | None
+
+
+@dataclasses.dataclass
 class _Data:
-    xa: torch.Tensor
-    ya: torch.Tensor
-    xb: torch.Tensor
-    yb: torch.Tensor
-    xp: torch.Tensor  # permuted-pixel inputs (all classes)
-    yp: torch.Tensor
+    """The task layout of a run: task A (theta0's task: the fit, the exact FSD and the compared outputs), the
+    tasks the continuations train on (by :attr:`TrajectoryKind.task`), task A's held-out examples if any, the
+    number of outputs and, for token sequences, the vocabulary size."""
+
     name: str
+    a: _Task
+    tasks: dict[str, _Task]
+    n_out: int
+    test_a: _Task | None = None
+    vocab_size: int | None = None
 
 
 def _load(cfg: FsdBenchConfig, gen: torch.Generator) -> _Data:
+    return _load_arithmetic(cfg, gen) if cfg.tokens else _load_images(cfg, gen)
+
+
+def _load_images(cfg: FsdBenchConfig, gen: torch.Generator) -> _Data:
+    """Task A and task B (class subsets, their own output units) and all classes under a pixel permutation."""
     from ..data import load_dataset
 
+    assert cfg.task_a is not None and cfg.task_b is not None
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     if ds.task != "classification":
         raise ValueError(f"fsd-bench needs a classification data set; {ds.name} is {ds.task}")
@@ -293,14 +560,48 @@ def _load(cfg: FsdBenchConfig, gen: torch.Generator) -> _Data:
     xp, yp = pick(sorted(set(range(ds.num_classes or 10))), cfg.n_other)
     perm = torch.randperm(xp[0].numel(), generator=gen)
     xp = xp.reshape(len(xp), -1)[:, perm].reshape(xp.shape)
-    return _Data(xa, ya, xb, yb, xp, yp, ds.name)
+    a = _Task(xa, ya, list(cfg.task_a))
+    tasks = {"A": a, "B": _Task(xb, yb, list(cfg.task_b)), "permuted": _Task(xp, yp, None)}
+    return _Data(ds.name, a, tasks, n_out=max(max(cfg.task_a + cfg.task_b) + 1, int(yp.max()) + 1))
 
 
-def _build(cfg: FsdBenchConfig, in_shape: tuple[int, ...], n_out: int) -> nn.Module:
+def _load_arithmetic(cfg: FsdBenchConfig, gen: torch.Generator) -> _Data:
+    """Task A = ``add`` (its training pairs, at most ``n_fit``); every other arithmetic task's training pairs (at
+    most ``n_other``) for the continuations; all tasks on all ``p`` outputs."""
+    from ..data.arithmetic import ARITHMETIC_TASKS, load_arithmetic
+
+    def pick(x: torch.Tensor, y: torch.Tensor, n: int | None) -> _Task:
+        if n is not None and n < len(x):
+            idx = torch.randperm(len(x), generator=gen)[:n].sort().values
+            x, y = x[idx], y[idx]
+        return _Task(x, y, None)
+
+    sets = {t: load_arithmetic(t, p=cfg.p, train_fraction=cfg.train_fraction, seed=cfg.seed) for t in ARITHMETIC_TASKS}
+    add = sets["add"]
+    a = pick(add.x_train, add.y_train, cfg.n_fit)
+    tasks = {"add": a, **{t: pick(sets[t].x_train, sets[t].y_train, cfg.n_other) for t in ARITHMETIC_TASKS
+                          if t != "add"}}
+    return _Data(f"arithmetic mod {cfg.p}", a, tasks, n_out=cfg.p, test_a=_Task(add.x_test, add.y_test, None),
+                 vocab_size=int(add.meta["vocab_size"]))
+
+
+def _build(cfg: FsdBenchConfig, data: _Data) -> nn.Module:
+    in_shape = tuple(data.a.x.shape[1:])
+    n_out = data.n_out
     if cfg.arch == "mlp":
         return mlp(math.prod(in_shape), cfg.hidden, n_out)
     if cfg.arch == "mlp-gelu":
         return mlp(math.prod(in_shape), cfg.hidden, n_out, activation="gelu", norm="layernorm")
+    sizes = {"d_model": cfg.d_model, "heads": cfg.heads, "blocks": cfg.blocks, "d_mlp": cfg.d_mlp}
+    if cfg.arch == "transformer":
+        if data.vocab_size is None or len(in_shape) != 1:
+            raise ValueError(f"--arch transformer needs token sequences (N, T); got inputs of shape {in_shape}")
+        return transformer(data.vocab_size, in_shape[0], n_out, attention="manual", **sizes)
+    if cfg.arch == "vit":
+        if len(in_shape) != 3 or in_shape[1] != in_shape[2] or in_shape[1] % cfg.patch:
+            raise ValueError(f"--arch vit needs square images (C, H, W) whose side is a multiple of the patch "
+                             f"size {cfg.patch}; {data.name} has inputs of shape {in_shape}")
+        return vit(image_size=in_shape[1], patch=cfg.patch, channels=in_shape[0], out_features=n_out, **sizes)
     return conv_net(in_shape, n_out, width=cfg.width)
 
 
@@ -335,46 +636,75 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: Sequence
     model.eval()
 
 
+def _train_theta0(cfg: FsdBenchConfig, model: nn.Module, data: _Data, gen: torch.Generator) -> None:
+    """Adam on task A for ``epochs_a`` epochs, at a constant learning rate or with warm-up + cosine decay."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr_a)
+    per_epoch = math.ceil(len(data.a.x) / cfg.batch_size)
+    steps = cfg.epochs_a * per_epoch
+    on_step = None
+    if cfg.schedule_a == "cosine":
+        def factor(s: int) -> float:
+            return min(1.0, (s + 1) / per_epoch) * 0.5 * (1.0 + math.cos(math.pi * min(s, steps) / steps))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+        def on_step(_step: int) -> None:
+            sched.step()
+
+    _train(model, data.a.x, data.a.y, data.a.outputs, steps, opt, cfg.batch_size, gen, on_step=on_step)
+
+
+def _optimizer(t: Trajectory, model: nn.Module) -> torch.optim.Optimizer:
+    if t.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
 def _task_of(t: Trajectory, cfg: FsdBenchConfig, data: _Data, model0: nn.Module, gen: torch.Generator):
     """Training inputs, labels, output units and extra loss term of a trajectory."""
-    if t.kind in ("task-B", "task-B+reg"):
-        x, y, classes = data.xb, data.yb, cfg.task_b
-    elif t.kind == "permuted":
-        x, y, classes = data.xp, data.yp, None
-    elif t.kind == "random-labels":
-        x = data.xa
-        y = torch.tensor(cfg.task_a)[torch.randint(len(cfg.task_a), (len(x),), generator=gen)]
-        classes = cfg.task_a
-    else:
-        x, y, classes = data.xa, data.ya, cfg.task_a
+    kind = trajectory_kinds(cfg.dataset)[t.kind]
+    task = data.tasks[kind.task]
+    x, y, outputs = task.x, task.y, task.outputs
+    if kind.random_labels:
+        classes = outputs if outputs is not None else list(range(data.n_out))
+        y = torch.tensor(classes)[torch.randint(len(classes), (len(x),), generator=gen)]
     extra = None
-    if t.kind == "task-B+reg":
+    if kind.regularized:
+        xa, outputs_a = data.a.x, data.a.outputs
+
         def extra(m: nn.Module) -> torch.Tensor:
-            b = torch.randint(len(data.xa), (cfg.batch_size,), generator=gen)
+            b = torch.randint(len(xa), (cfg.batch_size,), generator=gen)
             with torch.no_grad():
-                z0 = model0(data.xa[b])
-            return t.lam * discrepancy(z0, m(data.xa[b]), "kl", cfg.task_a).mean()
-    return x, y, classes, extra
+                z0 = model0(xa[b])
+            return t.lam * discrepancy(z0, m(xa[b]), "kl", outputs_a).mean()
+    return x, y, outputs, extra
 
 
 def _continuations(cfg: FsdBenchConfig, model0: nn.Module, data: _Data, gen: torch.Generator,
                    ) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
     """``[(theta description, state dict), ...]`` for every checkpoint of every trajectory."""
     out: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
-    trajs = cfg.trajectories if cfg.trajectories is not None else default_trajectories(cfg.quick)
+    trajs = cfg.trajectories if cfg.trajectories is not None else default_trajectories(cfg.quick, cfg.dataset)
     for ti, t in enumerate(tqdm(trajs, desc="continuations", disable=not cfg.progress)):
         model = copy.deepcopy(model0).requires_grad_(True)
-        opt = (torch.optim.Adam(model.parameters(), lr=t.lr) if t.optimizer == "adam"
-               else torch.optim.SGD(model.parameters(), lr=t.lr))
+        opt = _optimizer(t, model)
         x, y, classes, extra = _task_of(t, cfg, data, model0, gen)
+        steps = t.steps(len(x), cfg.batch_size)
 
-        def snap(step: int, t: Trajectory = t, model: nn.Module = model, ti: int = ti) -> None:
-            if step in t.checkpoints:
+        def snap(step: int, t: Trajectory = t, model: nn.Module = model, ti: int = ti,
+                 steps: list[int] = steps) -> None:
+            if step in steps:
                 desc = {"trajectory": ti, "label": t.label(), "kind": t.kind, "optimizer": t.optimizer, "lr": t.lr,
                         "lam": t.lam, "steps": step}
+                if t.weight_decay:
+                    desc["weight_decay"] = t.weight_decay
+                if t.track_epochs:
+                    desc.update(tracked=True, epoch=steps.index(step) + 1)
                 out.append((desc, {k: v.detach().clone() for k, v in model.state_dict().items()}))
 
-        _train(model, x, y, classes, max(t.checkpoints), opt, cfg.batch_size, gen, extra, snap)
+        _train(model, x, y, classes, max(steps), opt, cfg.batch_size, gen, extra, snap)
     return out
 
 
@@ -468,9 +798,11 @@ def _pattern_change(model0: nn.Module, model: nn.Module, x: torch.Tensor, batch:
 # ------------------------------------------------------------------------------------------- the run
 def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
                   command: str = "laftr fsd-bench") -> dict[str, Any]:
-    """Run the benchmark and write ``results.json``, ``table.md``, ``scatter.png`` and ``memory.png``.
+    """Run the benchmark and write ``results.json``, ``table.md``, ``scatter.png`` and ``memory.png`` (and
+    ``trajectory.png`` when a trajectory is tracked epoch by epoch, as on arithmetic).
 
     Raises:
+        ValueError: a bad setting (see :meth:`FsdBenchConfig.validate`) or data set.
         laftr.report.OutDirError: ``out_dir`` exists and is not empty (and ``force`` is False).
     """
     cfg.validate()
@@ -482,19 +814,21 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = _load(cfg, gen)
-    in_shape = tuple(data.xa.shape[1:])
-    n_out = max(max(cfg.task_a + cfg.task_b) + 1, int(data.yp.max()) + 1)
+    xa, ya, outputs_a = data.a.x, data.a.y, data.a.outputs
+    in_shape = tuple(xa.shape[1:])
     timings: dict[str, float] = {}
 
     # theta0 on task A
     t0 = time.perf_counter()
-    model0 = _build(cfg, in_shape, n_out)
-    opt = torch.optim.Adam(model0.parameters(), lr=cfg.lr_a)
-    steps_a = cfg.epochs_a * math.ceil(len(data.xa) / cfg.batch_size)
-    _train(model0, data.xa, data.ya, cfg.task_a, steps_a, opt, cfg.batch_size, gen)
+    model0 = _build(cfg, data)
+    _train_theta0(cfg, model0, data, gen)
     timings["train_theta0_s"] = time.perf_counter() - t0
-    acc_a = _accuracy(model0, data.xa, data.ya, cfg.task_a)
-    log.info("theta0: %s, %d params, task-A train accuracy %.3f", cfg.arch, num_params(model0), acc_a)
+    acc_a = _accuracy(model0, xa, ya, outputs_a)
+    theta0_info: dict[str, Any] = {"params": num_params(model0), "task_a_train_accuracy": acc_a}
+    if data.test_a is not None:
+        theta0_info["task_a_test_accuracy"] = _accuracy(model0, data.test_a.x, data.test_a.y, outputs_a)
+        theta0_info["n_test"] = len(data.test_a.x)
+    log.info("theta0: %s, %d params, task-A accuracy %s", cfg.arch, num_params(model0), theta0_info)
 
     # a reference cost: one plain training step on a batch of 128
     wall, cpu = _time_train_step(model0, data, cfg)
@@ -518,11 +852,11 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
         live.load_state_dict(sd)
         row = dict(desc)
         row["weight_distance"] = float(sum((sd[n] - p0.detach()).pow(2).sum() for n, p0 in model0.named_parameters()).sqrt())
-        row["pattern_change"] = _pattern_change(model0, live, data.xa)
+        row["pattern_change"] = _pattern_change(model0, live, xa)
         row["exact"] = {}
         for m in cfg.metrics:
             te, ce = time.perf_counter(), time.process_time()
-            d, g = exact_fsd_and_grad(model0, live, data.xa, metric=m, outputs=cfg.task_a, batch_size=1000)
+            d, g = exact_fsd_and_grad(model0, live, xa, metric=m, outputs=outputs_a, batch_size=1000)
             exact_times.append(time.perf_counter() - te)
             exact_cpu.append(time.process_time() - ce)
             exact[m].append(float(d))
@@ -533,15 +867,17 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
     timings["exact_fsd_and_grad_ms"] = statistics.median(exact_times) * 1e3
     timings["exact_fsd_and_grad_cpu_ms"] = statistics.median(exact_cpu) * 1e3
     te, ce = time.perf_counter(), time.process_time()
-    exact_fsd(model0, live, data.xa, metric=cfg.metrics[0], outputs=cfg.task_a, batch_size=1000)
+    exact_fsd(model0, live, xa, metric=cfg.metrics[0], outputs=outputs_a, batch_size=1000)
     timings["exact_fsd_forward_ms"] = (time.perf_counter() - te) * 1e3
     timings["exact_fsd_forward_cpu_ms"] = (time.process_time() - ce) * 1e3
 
-    # the methods: LAFTR's memory decides the matched coreset sizes
+    # the methods: LAFTR's memory decides the matched coreset sizes (d_in: numbers stored per example)
     d_in = math.prod(in_shape)
-    probe = make_estimator("laftr", input_model="gaussian", num_samples=1).fit(model0, data.xa[:50])
-    diag_probe = make_estimator("laftr", input_model="diag", num_samples=1).fit(model0, data.xa[:50])
-    matched = sorted({max(1, round(e.stored_floats() / d_in)) for e in (probe, diag_probe)})
+    if cfg.tokens:
+        probes = [make_estimator("laftr", input_model="tokens", vocab_size=data.vocab_size, num_samples=1)]
+    else:
+        probes = [make_estimator("laftr", input_model=im, num_samples=1) for im in ("gaussian", "diag")]
+    matched = sorted({max(1, round(e.fit(model0, xa[:50]).stored_floats() / d_in)) for e in probes})
     specs = method_specs(cfg, matched)
     if cfg.methods is not None:
         specs = [s for s in specs if s.label.split(" ")[0] in cfg.methods]
@@ -564,8 +900,7 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
         "config": dataclasses.asdict(cfg),
         "dataset": data.name,
         "arch": cfg.arch,
-        "theta0": {"params": num_params(model0), "task_a_train_accuracy": acc_a, "n_fit": len(data.xa),
-                   "input_dim": d_in},
+        "theta0": {**theta0_info, "n_fit": len(xa), "input_dim": d_in, "outputs": outputs_a},
         "matched_coreset_k": matched,
         "timings": timings,
         "methods": results,
@@ -573,15 +908,24 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
         "metadata": metadata,
     }
     res["exact_range"] = {m: [min(v), max(v)] for m, v in exact.items()}
+    tracked = trajectory_sections(res)
+    if tracked:
+        res["trajectory"] = tracked
     write_json_atomic(out / "results.json", res)
     (out / "table.md").write_text(render_table(res), encoding="utf-8")
     plot_scatter(res, out / "scatter.png")
     plot_memory(res, out / "memory.png")
+    if tracked:
+        plot_trajectory(res, out / "trajectory.png")
     return res
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: Sequence[int]) -> float:
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: Sequence[int] | None) -> float:
+    """Accuracy of the argmax over ``classes`` (None: over all outputs)."""
     with torch.no_grad():
+        if classes is None:
+            pred = torch.cat([model(x[i: i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+            return float((pred == y).float().mean())
         pred = torch.cat([model(x[i: i + 1000])[:, list(classes)].argmax(1) for i in range(0, len(x), 1000)])
     return float((torch.tensor(classes)[pred] == y).float().mean())
 
@@ -590,11 +934,11 @@ def _time_train_step(model0: nn.Module, data: _Data, cfg: FsdBenchConfig, reps: 
     """Median wall and process-CPU seconds of one Adam step on a batch of 128."""
     m = copy.deepcopy(model0).requires_grad_(True)
     opt = torch.optim.Adam(m.parameters(), lr=1e-4)
-    x, y = data.xa[:128], data.ya[:128]
+    x, y = data.a.x[:128], data.a.y[:128]
     ts, cs = [], []
     for _ in range(reps + 2):
         t, c = time.perf_counter(), time.process_time()
-        loss = _head_ce(m(x), y, cfg.task_a)
+        loss = _head_ce(m(x), y, data.a.outputs)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -608,11 +952,11 @@ def _run_method(spec: MethodSpec, metric: str, cfg: FsdBenchConfig, model0: nn.M
                 exact_grads: list[torch.Tensor], theta_rows: list[dict[str, Any]]) -> dict[str, Any]:
     t0, c0 = time.perf_counter(), time.process_time()
     est = make_estimator(spec.estimator, metric=metric, seed=cfg.seed, **spec.options)
-    est.fit(model0, (data.xa, data.ya), outputs=cfg.task_a)
+    est.fit(model0, (data.a.x, data.a.y), outputs=data.a.outputs)
     fit_s, fit_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     calls = cfg.eval_calls if spec.stochastic else 1
-    live.load_state_dict(thetas[0][1])
-    est(live)  # warm-up (tracing, cached input models), not timed
+    live.load_state_dict(model0.state_dict())
+    at_theta0 = float(est(live).detach())  # warm-up (tracing, cached input models), not timed; 0 for a sane method
     values, cosines, times, cpu, rel_sd = [], [], [], [], []
     for (_, sd), g_exact in zip(thetas, exact_grads):
         live.load_state_dict(sd)
@@ -648,6 +992,7 @@ def _run_method(spec: MethodSpec, metric: str, cfg: FsdBenchConfig, model0: nn.M
         "cpu_ms_eval_backward": statistics.median(cpu) * 1e3,
         "median_grad_cosine": float(np.nanmedian(cosines)) if cosines else float("nan"),
         "single_call_rel_sd": statistics.median(rel_sd) if rel_sd else 0.0,
+        "at_theta0": at_theta0,
         "estimates": values,
         "grad_cosines": cosines,
         **agreement(values, exact),
@@ -660,20 +1005,71 @@ def _run_method(spec: MethodSpec, metric: str, cfg: FsdBenchConfig, model0: nn.M
 
 
 # ------------------------------------------------------------------------------------------- reporting
+def trajectory_sections(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """LIFTR's protocol: for every trajectory recorded epoch by epoch, the exact FSD and every method's estimate
+    at each epoch, with their agreement along that trajectory alone (Spearman, Pearson of logs, median |log
+    ratio|, median gradient cosine)."""
+    thetas = res["thetas"]
+    sections = []
+    for ti in sorted({r["trajectory"] for r in thetas if r.get("tracked")}):
+        idx = [i for i, r in enumerate(thetas) if r["trajectory"] == ti]
+        sec: dict[str, Any] = {
+            "trajectory": ti, "label": thetas[idx[0]]["label"], "theta_indices": idx,
+            "epochs": [thetas[i]["epoch"] for i in idx], "steps": [thetas[i]["steps"] for i in idx],
+            "exact": {m: [thetas[i]["exact"][m] for i in idx] for m in res["config"]["metrics"]}, "methods": [],
+        }
+        for r in res["methods"]:
+            est = [r["estimates"][i] for i in idx]
+            cos = [r["grad_cosines"][i] for i in idx]
+            sec["methods"].append({
+                "method": r["method"], "family": r["family"], "metric": r["metric"], "estimates": est,
+                **agreement(est, sec["exact"][r["metric"]]),
+                "median_grad_cosine": float(np.nanmedian(cos)) if cos and not all(map(math.isnan, cos)) else float("nan"),
+            })
+        sections.append(sec)
+    return sections
+
+
+def _render_trajectory(sec: dict[str, Any]) -> list[str]:
+    """Markdown of one tracked trajectory: per metric, one row per method (the coreset sweep's end points only)."""
+    shown = _scatter_methods({"methods": sec["methods"]})
+    lines = [f"## trajectory: {sec['label']}, estimate vs exact at every epoch (LIFTR's protocol)", "",
+             ("Agreement along this trajectory alone; the columns e1, e2, ... are the estimates after each epoch "
+              "(the first row is the exact FSD)."), ""]
+    cols = ["method", "spearman", "pearson_log", "median_abs_log_ratio", "median_grad_cosine",
+            *(f"e{e}" for e in sec["epochs"])]
+    for metric, ex in sec["exact"].items():
+        rows: list[dict[str, Any]] = [{"method": "exact", **{f"e{e}": v for e, v in zip(sec["epochs"], ex)}}]
+        for r in sec["methods"]:
+            if r["metric"] == metric and r["method"] in shown:
+                rows.append({**r, **{f"e{e}": v for e, v in zip(sec["epochs"], r["estimates"])}})
+        lines += [f"### metric `{metric}`", "", markdown_table(rows, cols, floatfmt=".3g"), ""]
+    return lines
+
+
 TABLE_COLUMNS = ["method", "stored_floats", "pearson_log", "spearman", "median_abs_log_ratio",
                  "median_abs_log_ratio_near", "median_abs_log_ratio_far", "median_grad_cosine",
                  "cpu_ms_eval_backward", "ms_eval_backward", "fit_s"]
 
 
 def render_table(res: dict[str, Any]) -> str:
-    """Markdown: one table per metric, methods ordered by stored floats."""
+    """Markdown: one table per metric, methods ordered by stored floats; then, for every trajectory tracked
+    epoch by epoch, the estimates along it."""
     t = res["timings"]
+    th = res["theta0"]
+    if res["config"]["task_a"]:
+        task = (f"theta0 trained on classes {res['config']['task_a']} (train accuracy "
+                f"{th['task_a_train_accuracy']:.3f}); {len(res['thetas'])} thetas; exact FSD over "
+                f"{th['n_fit']:,} task-A training inputs.")
+    else:
+        test = f", test accuracy {th['task_a_test_accuracy']:.3f}" if "task_a_test_accuracy" in th else ""
+        task = (f"theta0 trained on task A = add (train accuracy {th['task_a_train_accuracy']:.3f}{test}); "
+                f"{len(res['thetas'])} thetas; exact FSD over {th['n_fit']:,} task-A training sequences, all "
+                f"{res['config']['p']} outputs compared.")
     lines = [
-        f"# fsd-bench: {res['dataset']}, {res['arch']} ({res['theta0']['params']:,} parameters)",
+        f"# fsd-bench: {res['dataset']}, {res['arch']} ({th['params']:,} parameters)",
         "",
-        (f"theta0 trained on classes {res['config']['task_a']} (train accuracy "
-         f"{res['theta0']['task_a_train_accuracy']:.3f}); {len(res['thetas'])} thetas; exact FSD over "
-         f"{res['theta0']['n_fit']:,} task-A training inputs."),
+        task,
         (f"Reference costs (process CPU time; wall in parentheses): one training step (batch 128) "
          f"{t['train_step_cpu_ms']:.2f} ms ({t['train_step_ms']:.2f}); exact FSD + gradient over the task-A set "
          f"{t['exact_fsd_and_grad_cpu_ms']:.0f} ms ({t['exact_fsd_and_grad_ms']:.0f}); forward only "
@@ -691,6 +1087,8 @@ def render_table(res: dict[str, Any]) -> str:
         lo, hi = res["exact_range"][metric]
         lines += [f"## metric `{metric}` (exact FSD from {lo:.3g} to {hi:.3g})", "",
                   markdown_table(rows, TABLE_COLUMNS, floatfmt=".3g"), ""]
+    for sec in res.get("trajectory", []):
+        lines += _render_trajectory(sec)
     md = res["metadata"]
     lines.append(f"command: `{md['command']}`; git {md['git_revision']}; {md['device']} ({md['num_threads']} "
                  f"threads); torch {md['torch_version']}; {md['timestamp']}; total {t['total_s']:.0f} s")
@@ -786,6 +1184,34 @@ def plot_memory(res: dict[str, Any], path: Path) -> None:
             ax.set_xlabel("stored floats beyond theta0 (log; 1 = none)")
             ax.set_ylabel(key.replace("_", " "))
             ax.set_title(metric)
+    fig.tight_layout()
+    _legend(fig, axes)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_trajectory(res: dict[str, Any], path: Path) -> None:
+    """Estimate and exact FSD against the epoch of every tracked trajectory, log scale, one panel per metric."""
+    plt = pyplot()
+    secs = res.get("trajectory", [])
+    metrics = res["config"]["metrics"]
+    names = _scatter_methods(res)
+    style = _styles(names)
+    fig, axes = plt.subplots(max(len(secs), 1), len(metrics), figsize=(5.2 * len(metrics), 4.5 * max(len(secs), 1)),
+                             squeeze=False)
+    for row, sec in zip(axes, secs):
+        for ax, metric in zip(row, metrics):
+            ax.plot(sec["epochs"], np.maximum(sec["exact"][metric], 1e-12), "k-", lw=2.5, label="exact", zorder=3)
+            for r in sec["methods"]:
+                if r["metric"] != metric or r["method"] not in style:
+                    continue
+                color, marker = style[r["method"]]
+                ax.plot(sec["epochs"], np.maximum(r["estimates"], 1e-12), "-", color=color, marker=marker, ms=4,
+                        lw=1, label=r["method"], alpha=0.85)
+            ax.set_yscale("log")
+            ax.set_xlabel("epoch of the continuation")
+            ax.set_ylabel(f"FSD ({metric})")
+            ax.set_title(f"{sec['label']}: {metric}", fontsize=9)
     fig.tight_layout()
     _legend(fig, axes)
     fig.savefig(path, dpi=110, bbox_inches="tight")
