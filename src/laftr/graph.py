@@ -176,6 +176,19 @@ class FitMode(Mode):
         vals = values.to(torch.float64)
         acc = torch.zeros((self.num_groups, *vals.shape[1:]), dtype=torch.float64, device=vals.device)
         acc.index_add_(0, self.group, vals)
+        self._accumulate(site, key, acc)
+
+    def add_outer(self, site: str, key: str, x: torch.Tensor) -> None:
+        """Add the outer products over the last axis, ``x[b, ..., :, None] * x[b, ..., None, :]``, by group, without
+        forming one ``d x d`` matrix per example."""
+        assert self.group is not None
+        xf = x.to(torch.float64).reshape(x.shape[0], -1, x.shape[-1])
+        onehot = torch.nn.functional.one_hot(self.group, self.num_groups).to(xf)
+        acc = torch.einsum("bg,bpi,bpj->gpij", onehot, xf, xf).reshape(self.num_groups, *x.shape[1:], x.shape[-1])
+        self._accumulate(site, key, acc)
+
+    def _accumulate(self, site: str, key: str, acc: torch.Tensor) -> None:
+        """Add per-group sums ``acc`` (``(G, ...)``) to the stored sums."""
         store = self.sums.setdefault(site, {})
         old = store.get(key)
         if old is None:

@@ -132,7 +132,7 @@ class InputRecorder:
         if self.cov == "diag":
             mode.add(site, "s", xf * xf)
         else:
-            mode.add(site, "o", xf.unsqueeze(-1) * xf.unsqueeze(-2))
+            mode.add_outer(site, "o", xf)
 
 
 class InputLaw:
@@ -185,8 +185,13 @@ class InputLaw:
             sd = self.sd[0] if idx is None else self.sd.index_select(0, idx)
             return mean + sd * z
         assert self.factor is not None
-        f = self.factor[0] if idx is None else self.factor.index_select(0, idx)
-        return mean + (f @ z.unsqueeze(-1)).squeeze(-1)
+        d = like.shape[-1]
+        zf = z.reshape(n, -1, d)  # (n, positions, d)
+        noise = torch.empty_like(zf)
+        for g in ([0] if idx is None else idx.unique().tolist()):  # one batched product per group
+            rows = slice(None) if idx is None else (idx == g).nonzero().squeeze(1)
+            noise[rows] = torch.einsum("pij,npj->npi", self.factor[g].reshape(-1, d, d), zf[rows])
+        return mean + noise.reshape(like.shape)
 
 
 class _Missing:
