@@ -4,10 +4,14 @@
 k stored inputs, J the Jacobian w.r.t. the parameters at theta0. ``J(x) dtheta`` is one forward-mode
 product (``torch.func.jvp``), differentiable w.r.t. theta through the tangent. Buffers (batch-norm
 statistics) stay at theta0's values; the network runs in eval mode. Every parameter is linearized
-(a frozen parameter contributes only if it differs from theta0). Stores ``k * d`` floats.
+(a frozen parameter contributes only if it differs from theta0). Stores ``k * d`` floats. A network with an op
+that has no forward-mode AD (nn.MultiheadAttention's fused kernel) is differentiated through laftr's traced
+interpreter instead, which computes the same function from plain ops.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +29,15 @@ class NtkEstimator(CoresetEstimator):
 
     Config = CoresetConfig
 
+    def _traced(self, model: nn.Module) -> Any:
+        """The traced network (cached per model), used only when the model's own ops lack forward-mode AD."""
+        from ..graph import TracedNet
+
+        cache = getattr(self, "_net_cache", None)
+        if cache is None or cache[0] != id(model):
+            self._net_cache = (id(model), TracedNet(model))
+        return self._net_cache[1]
+
     def _distance(self, model: nn.Module) -> torch.Tensor:
         X = self.inputs_on(model)
         p0 = self.theta0_on(model)
@@ -37,6 +50,10 @@ class NtkEstimator(CoresetEstimator):
             return functional_call(model, (p, rest), (X,))
 
         with eval_mode(model):
-            z0, dz = jvp(f, (primals,), (tangents,))
+            try:
+                z0, dz = jvp(f, (primals,), (tangents,))
+            except NotImplementedError:  # an op without forward-mode AD (e.g. MultiheadAttention's fused kernel):
+                net = self._traced(model)  # the same function through laftr's interpreter, made of plain ops
+                z0, dz = jvp(lambda p: net.forward(X, {**p, **rest}), (primals,), (tangents,))
         z0 = z0.detach()
         return discrepancy(z0, z0 + dz, self.metric, self.outputs).mean()
