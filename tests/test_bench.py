@@ -118,6 +118,19 @@ def test_cli_bad_input(tmp_path, capsys):
         FsdBenchConfig(task_a=[0, 1], task_b=[1, 2]).validate()
     with pytest.raises(ValueError, match="trajectory kind"):
         FsdBenchConfig(trajectories=[Trajectory("dance", "adam", 1e-3, [1])]).validate()
+    assert main(["fsd-bench", "--quick", "--thetas", "near", "--out", str(tmp_path / "e")]) == 2
+    assert "--thetas" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["mlp", "transformer"])
+def test_near_thetas_are_valid_and_small_steps(arch):
+    from laftr.bench.fsd import near_trajectories
+
+    cfg = FsdBenchConfig.for_arch(arch)
+    cfg.trajectories = near_trajectories(cfg.dataset)
+    cfg.validate()
+    assert sum(len(t.checkpoints) for t in cfg.trajectories if not t.track_epochs) == 44
+    assert max(t.lr for t in cfg.trajectories if t.optimizer == "adam") <= 1e-4
 
 
 # ------------------------------------------------------------------------------------------- transformer archs

@@ -34,6 +34,9 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                    help="k of the subset/ntk baselines (default 10,40,200,1000; the LAFTR-matched k is added)")
     p.add_argument("--n-fit", type=int, default=None, help="task-A training examples (default: all; cnn 6000)")
     p.add_argument("--num-samples", type=int, default=None, help="Monte Carlo samples of LAFTR (default 64)")
+    p.add_argument("--thetas", default="default", choices=["default", "near"],
+                   help="the continuations of theta0: default (diverse, many far from theta0) or near (10-100x "
+                        "smaller learning rates and strongly regularized runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice; 1 for --quick vit and transformer)")
@@ -43,7 +46,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ..data import DatasetNotFoundError
     from ..report import OutDirError
-    from .fsd import FsdBenchConfig, run_fsd_bench
+    from .fsd import THETA_SETS, FsdBenchConfig, run_fsd_bench
 
     try:
         cfg = FsdBenchConfig.for_arch(
@@ -51,6 +54,10 @@ def _run(args: argparse.Namespace) -> int:
             metrics=args.metrics, coreset_sizes=args.coreset_sizes, n_fit=args.n_fit,
             num_samples=args.num_samples, seed=args.seed, threads=args.threads, progress=not args.no_progress,
         )
+        if args.thetas != "default":
+            if args.quick:
+                raise ValueError("--thetas applies to full runs (--quick has its own small set)")
+            cfg.trajectories = THETA_SETS[args.thetas](cfg.dataset)
         cfg.validate()
     except ValueError as e:
         print(f"laftr fsd-bench: error: {e}", file=sys.stderr)

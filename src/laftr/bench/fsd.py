@@ -227,6 +227,35 @@ def default_trajectories(quick: bool = False, dataset: str = "fashion-mnist") ->
     ]
 
 
+def near_trajectories(dataset: str = "fashion-mnist") -> list[Trajectory]:
+    """44 thetas that stay near theta0: the kinds of :func:`default_trajectories` at 10-100x smaller learning rates,
+    checkpoints after 1, 3, 10 and 30 steps, and the replay-regularized runs at lam 10 and 100 (the regime a
+    function-space regularizer keeps a network in). On modular arithmetic, where one Adam step at lr 1e-3 already
+    erases the learned task, the default thetas are almost all far; these are not. LIFTR's protocol is kept:
+    a tracked replay-regularized subtract run recorded after each of 5 epochs (54 thetas in all)."""
+    ck = [1, 3, 10, 30]
+    if dataset in TOKEN_DATASETS:
+        return [
+            *(Trajectory("subtract", "adam", lr, ck) for lr in (1e-5, 3e-5, 1e-4)),
+            *(Trajectory("quadratic", "adam", lr, ck) for lr in (3e-5, 1e-4)),
+            *(Trajectory("random", "adam", lr, ck) for lr in (1e-5, 1e-4)),
+            *(Trajectory("add", "sgd", lr, ck) for lr in (1e-3, 1e-2)),
+            *(Trajectory("subtract+reg", "adam", 1e-4, ck, lam=lam) for lam in (10.0, 100.0)),
+            Trajectory("subtract+reg", "adam", 1e-4, [], lam=10.0, track_epochs=5),
+        ]
+    return [
+        *(Trajectory("task-B", "adam", lr, ck) for lr in (1e-5, 3e-5, 1e-4)),
+        *(Trajectory("permuted", "adam", lr, ck) for lr in (3e-5, 1e-4)),
+        *(Trajectory("random-labels", "adam", lr, ck) for lr in (1e-5, 1e-4)),
+        *(Trajectory("task-A", "sgd", lr, ck) for lr in (1e-3, 1e-2)),
+        *(Trajectory("task-B+reg", "adam", 1e-4, ck, lam=lam) for lam in (10.0, 100.0)),
+    ]
+
+
+THETA_SETS: dict[str, Callable[[str], list[Trajectory]]] = {"near": near_trajectories}
+"""Named sets of continuations besides the default (``--thetas``)."""
+
+
 @dataclasses.dataclass
 class FsdBenchConfig:
     """Settings of one benchmark run (all recorded in results.json).
