@@ -9,6 +9,9 @@ Example::
 
     python benchmarks/continual_search.py --benchmark split-fmnist --methods laftr,laftr-exact \
         --grid 1,10,100,1000 --epochs 2 --threads 1
+
+With ``--arch vit`` (an image benchmark run with a vision transformer) the grids and the summary are kept
+apart from the benchmark's own network: ``search/<benchmark>-vit/`` and ``search_<benchmark>-vit.json``.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--num-tasks", type=int, default=None)
+    p.add_argument("--arch", default=None, help="network of an image benchmark (mlp, vit; default: its own)")
     p.add_argument("--seed", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--root", default=None, help="folder of the raw grids (default results/continual/search/<bench>)")
@@ -77,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run 'none' and 'joint' on the same validation protocol (folder reference/)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    root = Path(args.root) if args.root else RESULTS / "search" / args.benchmark
+    key = args.benchmark + (f"-{args.arch}" if args.arch else "")
+    root = Path(args.root) if args.root else RESULTS / "search" / key
     command = "python benchmarks/continual_search.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.reference and not args.gather_only:
         settings = ContinualSettings(
             benchmark=args.benchmark, methods="none,joint", seeds=[args.seed], split="val", epochs=args.epochs,
-            n_train=args.n_train, num_tasks=args.num_tasks, threads=args.threads, progress=False)
+            n_train=args.n_train, num_tasks=args.num_tasks, arch=args.arch, threads=args.threads, progress=False)
         run_benchmark(settings, root / "reference", force=args.force, command=command)
     if not args.gather_only:
         values = [v.strip() for v in args.grid.split(",") if v.strip()]
@@ -91,19 +96,20 @@ def main(argv: list[str] | None = None) -> int:
             specs = ",".join(f"{method}[{args.param}={v}{extra}]" for v in values)
             settings = ContinualSettings(
                 benchmark=args.benchmark, methods=specs, seeds=[args.seed], split="val", epochs=args.epochs,
-                n_train=args.n_train, num_tasks=args.num_tasks, threads=args.threads, progress=False)
+                n_train=args.n_train, num_tasks=args.num_tasks, arch=args.arch, threads=args.threads,
+                progress=False)
             t0 = time.perf_counter()
             folder = f"{args.name or method}__{args.param}" + (f"__{args.tag}" if args.tag else "")
             run_benchmark(settings, root / folder, force=args.force, command=command)
             print(f"search {method} {args.param}: {time.perf_counter() - t0:.0f} s", flush=True)
-    summary = gather(args.benchmark, root)
+    summary = gather(key, root)
     ref = root / "reference" / "results.json"
     if ref.is_file():
         r = json.loads(ref.read_text())
         summary["reference"] = {n: m["summary"]["final_avg_acc"]["mean"] for n, m in r["methods"].items()
                                 if m.get("summary")}
     summary["metadata"] = run_metadata(command)
-    path = write_json_atomic(RESULTS / f"search_{args.benchmark}.json", summary)
+    path = write_json_atomic(RESULTS / f"search_{key}.json", summary)
     for method, entry in summary["methods"].items():
         for param, e in entry.items():
             print(f"{method:18s} {param}: best {e['best']} (val acc {e['best_val_avg_acc']:.4f}); grid "

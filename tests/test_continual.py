@@ -549,3 +549,123 @@ def test_loop_rejects_diverging_penalty():
 
     with pytest.raises(FloatingPointError, match="loss"):
         run_method(stream, parse_method("none"), Boom, TrainConfig(epochs=1, progress=False))
+
+
+# ------------------------------------------------------------------ transformers: arithmetic and --arch vit
+
+
+def test_cli_arithmetic_quick_end_to_end(tmp_path, capsys):
+    """LIFTR's modular arithmetic, tiny (p = 11, a one-block transformer of width 16), two tasks, one seed."""
+    out = tmp_path / "arith"
+    methods = "none,laftr,liftr,ewc,subset"
+    rc = main(["continual", "--benchmark", "arithmetic", "--methods", methods, "--seeds", "1", "--quick",
+               "--out", str(out), "--no-progress", "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "complete" and res["benchmark"] == "arithmetic"
+    st = res["stream"]
+    assert st["num_tasks"] == 2 and st["p"] == 11 and st["num_outputs"] == 11 and not st["multi_head"]
+    assert st["task_names"] == ["add", "subtract"] and st["input_shape"] == [4]
+    bench = res["protocol"]["benchmark"]
+    assert bench["arch"] == "transformer" and bench["transformer"]["d_model"] == 16
+    assert res["protocol"]["train"]["weight_decay"] == 1.0
+    for name in methods.split(","):
+        s = res["methods"][name]["summary"]
+        accs = [a for row in s["acc_matrix"][0] for a in row]
+        assert len(s["acc_matrix"][0]) == 2 and all(math.isfinite(a) and 0.0 <= a <= 1.0 for a in accs)
+        assert math.isfinite(s["final_avg_acc"]["mean"])
+    assert res["methods"]["laftr"]["spec"]["config"]["input_model"] == "tokens"
+    assert res["methods"]["liftr"]["spec"]["config"]["input_model"] == "tokens"
+    assert min(res["methods"]["liftr"]["summary"]["stored_floats_per_task"][0]) > 0
+    assert "network transformer" in (out / "table.md").read_text()
+
+
+def test_cli_split_with_vit(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "vit"
+    rc = main(["continual", "--benchmark", "split-mnist", "--arch", "vit", "--methods", "laftr[num_samples=4]",
+               "--seeds", "1", "--quick", "--n-train", "30", "--n-eval", "20", "--data-dir", str(mnist_dir),
+               "--out", str(out), "--no-progress", "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["arch"] == "vit" and res["protocol"]["benchmark"]["arch"] == "vit"
+    s = res["methods"]["laftr[num_samples=4]"]["summary"]
+    assert len(s["acc_matrix"][0]) == 5 and all(math.isfinite(a) for row in s["acc_matrix"][0] for a in row)
+    # a ViT: the summary holds the attention, LayerNorm and GELU laws beyond the MLP's 512 gates
+    assert s["stored_floats_per_task"][0][0] != 512 + 784 + 784 * 784
+
+
+def test_token_and_transformer_benchmarks_adapt_the_methods():
+    from laftr.continual.benchmarks import get_benchmark
+    from laftr.continual.cli import default_methods
+    from laftr.continual.runner import resolve_settings
+
+    names = "laftr,laftr-classwise,laftr-mixture,laftr-coreset,liftr,liftr-full,kfac,ewc"
+    bench, _, train, specs, ref = resolve_settings(ContinualSettings("arithmetic", names, [0]))
+    cfg = {s.name: s.config for s in specs}
+    assert cfg["laftr"]["input_model"] == "tokens" and ref.config["input_model"] == "tokens"
+    assert cfg["laftr-classwise"]["input_model"] == "tokens-classwise"
+    assert cfg["laftr-mixture"]["input_model"] == "tokens-mixture"
+    assert cfg["laftr-coreset"]["input_model"] == "coreset"  # stored token sequences need no change
+    assert cfg["liftr"]["input_model"] == "tokens" and cfg["liftr-full"]["input_cov"] == "full"
+    assert cfg["kfac"]["unsupported"] == "diag" and cfg["ewc"] == METHODS["ewc"].config
+    assert bench.arch == "transformer" and train.weight_decay == 1.0 and bench.traits() == ("tokens", "transformer")
+    # overrides in brackets still win over the trait settings
+    assert parse_method("laftr[input_model=tokens-mixture]", None, ("tokens",)).config["input_model"] == "tokens-mixture"
+    # image benchmarks keep their settings; a ViT changes only what it must (kfac's diagonal fallback)
+    _, _, train, mlp_specs, _ = resolve_settings(ContinualSettings("split-fmnist", names, [0]))
+    assert {s.name: s.config for s in mlp_specs} == {n: METHODS[n].config for n in names.split(",")}
+    assert train.weight_decay == 0.0
+    _, _, _, vit_specs, _ = resolve_settings(ContinualSettings("split-fmnist", names, [0], arch="vit"))
+    vit_cfg = {s.name: s.config for s in vit_specs}
+    assert vit_cfg["kfac"]["unsupported"] == "diag" and vit_cfg["laftr"]["input_model"] == "gaussian"
+    assert vit_cfg["liftr"]["input_model"] == "diag"
+    # default method lists: laftr-exact cannot run on attention, liftr joins on transformers
+    assert default_methods("split-fmnist") == DEFAULT_METHODS
+    for bench_name, arch in (("arithmetic", None), ("arithmetic-4", None), ("split-fmnist", "vit")):
+        d = default_methods(bench_name, arch).split(",")
+        assert "laftr-exact" not in d and "liftr" in d and "laftr" in d
+    assert "laftr-diag" in get_benchmark("arithmetic").excluded
+    with pytest.raises(ValueError, match="unknown benchmark traits"):
+        parse_method("laftr", None, ("images",))
+
+
+def test_arithmetic_four_tasks_stream():
+    from laftr.continual.benchmarks import build_stream, get_benchmark
+
+    bench = get_benchmark("arithmetic-4")
+    s = build_stream(bench, None, seed=0, n_eval=7)
+    assert [t.name for t in s] == ["add", "subtract", "quadratic", "random"] and s.num_outputs == 113
+    assert all(t.n_train == round(0.7 * 113 * 113) and len(t.x_eval) == 7 for t in s)
+    assert [t.name for t in build_stream(bench, None, seed=0, num_tasks=2)] == ["add", "subtract"]
+    model = bench.build_model(s)()
+    assert model(s[0].x_train[:3]).shape == (3, 113)
+
+
+def test_train_config_weight_decay_picks_adamw():
+    model = nn.Linear(3, 2)
+    assert type(TrainConfig().optimizer(model.parameters())) is torch.optim.Adam
+    opt = TrainConfig(weight_decay=0.5).optimizer(model.parameters())
+    assert type(opt) is torch.optim.AdamW and opt.defaults["weight_decay"] == 0.5
+    for bad in (-1.0, float("nan"), "big"):
+        with pytest.raises(ValueError, match="weight_decay"):
+            TrainConfig(weight_decay=bad)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--benchmark", "arithmetic", "--methods", "none,laftr-exact"],
+         "'laftr-exact' is not available on arithmetic: attention has no closed form"),
+        (["--benchmark", "arithmetic-4", "--methods", "laftr-diag"], "cannot describe token ids"),
+        (["--benchmark", "split-fmnist", "--arch", "vit", "--methods", "laftr-exact"],
+         "not available on split-fmnist with arch 'vit': attention has no closed form"),
+        (["--benchmark", "arithmetic", "--arch", "mlp"], "its inputs are token sequences"),
+        (["--benchmark", "arithmetic", "--num-tasks", "3"], "more than the 2 tasks of arithmetic"),
+        (["--benchmark", "arithmetic", "--weight-decay", "-1"], "weight_decay must be"),
+    ],
+)
+def test_cli_transformer_benchmarks_bad_input(argv, needle, tmp_path, capsys):
+    rc = main(["continual", *argv, "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

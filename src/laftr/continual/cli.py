@@ -8,16 +8,41 @@ import sys
 from ..cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, register_subcommand
 
 DEFAULT_METHODS = "none,joint,ewc,kfac,ntk,subset,laftr,laftr-classwise,laftr-exact,laftr-coreset"
+#: Added to the default methods on networks with attention (LIFTR was made for transformers).
+TRANSFORMER_METHODS = "liftr"
+
+
+def default_methods(benchmark: str, arch: str | None = None) -> str:
+    """The methods run when ``--methods`` is not given: :data:`DEFAULT_METHODS` less those the benchmark (with
+    network ``arch``) cannot run, plus :data:`TRANSFORMER_METHODS` on attention networks. An unknown benchmark
+    or network gives :data:`DEFAULT_METHODS` (the settings then report the error)."""
+    from .benchmarks import BENCHMARKS
+
+    names = DEFAULT_METHODS.split(",")
+    if benchmark not in BENCHMARKS:
+        return DEFAULT_METHODS
+    bench = BENCHMARKS[benchmark]
+    try:
+        excluded, traits = bench.excluded_methods(arch), bench.traits(arch)
+    except ValueError:
+        return DEFAULT_METHODS
+    if "transformer" in traits:
+        names += TRANSFORMER_METHODS.split(",")
+    return ",".join(m for m in names if m not in excluded)
 
 
 def _args(p: argparse.ArgumentParser) -> None:
     from .benchmarks import BENCHMARKS
 
     p.add_argument("--benchmark", required=True, help=f"one of {', '.join(BENCHMARKS)}")
+    p.add_argument("--arch", choices=["mlp", "vit"], default=None,
+                   help="network of an image benchmark: mlp or vit (a small vision transformer, laftr.models.vit); "
+                        "default: the benchmark's own (the MLP; the conv net for split-cifar; the arithmetic "
+                        "benchmarks take only their transformer)")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods, optionally with overrides, e.g. "
                         "'none,laftr[lam=10],subset[coreset_size=786]' (default: the ten of the issue, less any "
-                        "the benchmark cannot run)")
+                        "the benchmark cannot run, plus liftr on transformers)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed+N-1")
     p.add_argument("--data-dir", default=None,
@@ -34,9 +59,13 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the benchmark's)")
     p.add_argument("--n-train", type=int, default=None, help="training examples per task (default: all)")
     p.add_argument("--n-eval", type=int, default=None, help="evaluation examples per task (default: all)")
-    p.add_argument("--num-tasks", type=int, default=None, help="tasks of a permuted benchmark (default 10)")
+    p.add_argument("--num-tasks", type=int, default=None,
+                   help="tasks of a permuted benchmark (default 10), or the first tasks of an arithmetic one")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="decoupled weight decay; above 0 trains with AdamW (default: the benchmark's, 0 except "
+                        "arithmetic's 1.0)")
     p.add_argument("--lam", type=float, default=None, help="penalty weight for every regularized method "
                    "(default: the validation-tuned value of each)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -47,14 +76,12 @@ def _args(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ..data import DatasetNotFoundError
     from ..report import OutDirError
-    from .benchmarks import BENCHMARKS
     from .runner import ContinualSettings, resolve_settings, run_benchmark
 
     prog = "laftr continual"
     methods = args.methods
     if methods is None:
-        excluded = BENCHMARKS[args.benchmark].excluded if args.benchmark in BENCHMARKS else {}
-        methods = ",".join(m for m in DEFAULT_METHODS.split(",") if m not in excluded)
+        methods = default_methods(args.benchmark, args.arch)
     if args.seeds < 1:
         print(f"{prog}: error: --seeds must be >= 1", file=sys.stderr)
         return EXIT_USAGE
@@ -63,7 +90,8 @@ def _run(args: argparse.Namespace) -> int:
             benchmark=args.benchmark, methods=methods,
             seeds=list(range(args.first_seed, args.first_seed + args.seeds)), split=args.split, quick=args.quick,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, n_train=args.n_train, n_eval=args.n_eval,
-            num_tasks=args.num_tasks, lam=args.lam, data_dir=args.data_dir, device=args.device,
+            num_tasks=args.num_tasks, arch=args.arch, weight_decay=args.weight_decay, lam=args.lam,
+            data_dir=args.data_dir, device=args.device,
             threads=args.threads, progress=not args.no_progress,
         )
         resolve_settings(settings)
@@ -84,5 +112,5 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-register_subcommand("continual", "continual learning with FSD regularizers (split/permuted benchmarks)",
+register_subcommand("continual", "continual learning with FSD regularizers (split/permuted/arithmetic benchmarks)",
                     _args, _run)

@@ -9,6 +9,12 @@ overrides in brackets, e.g. ``laftr[lam=10,num_samples=100]`` or ``subset[corese
 ``subset-eqmem`` and ``ntk-eqmem`` store as many inputs as fit in the memory of the ``laftr`` method's
 summary on the same network and data (``k = round(laftr_floats / input_dim)``), for comparisons at equal
 stored memory.
+
+A method adapts to what a benchmark is made of (its *traits*, :data:`TRAITS`): on token inputs the LAFTR
+and LIFTR methods use the token input models (``laftr`` -> ``input_model=tokens``, ``laftr-classwise`` ->
+``tokens-classwise``, ...), and on networks with attention ``kfac`` gives LayerNorm and bare parameters
+(positional embeddings, a class token) a diagonal term (``unsupported=diag``). These trait settings come
+before a benchmark's tuned values and the overrides in brackets, so both can still change them.
 """
 
 from __future__ import annotations
@@ -20,10 +26,15 @@ from typing import Any
 
 from .regularizer import _check_lam
 
-__all__ = ["METHODS", "MethodSpec", "parse_method", "parse_methods"]
+__all__ = ["METHODS", "TRAITS", "MethodSpec", "parse_method", "parse_methods"]
 
 KINDS = ("finetune", "joint", "fsd")
 _METHOD_KEYS = ("lam", "tasks_per_step")
+
+#: What a benchmark can be made of, in the order their settings are applied: ``tokens`` (the inputs are
+#: integer token ids, which no Gaussian input model describes) and ``transformer`` (the network has
+#: attention, LayerNorm and parameters outside any layer K-FAC factors).
+TRAITS: tuple[str, ...] = ("tokens", "transformer")
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,8 @@ class MethodSpec:
         tasks_per_step: old tasks averaged per step (None: all).
         match_memory: ``laftr``: choose ``coreset_size`` so the stored inputs match that method's memory.
         description: one line for tables and docs.
+        adapt: per trait (see :data:`TRAITS`), estimator config keys that replace ``config`` on benchmarks
+            with that trait (e.g. ``{"tokens": {"input_model": "tokens"}}``).
     """
 
     name: str
@@ -51,6 +64,7 @@ class MethodSpec:
     tasks_per_step: int | None = None
     match_memory: str | None = None
     description: str = ""
+    adapt: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def with_overrides(self, overrides: dict[str, Any], name: str | None = None) -> MethodSpec:
         """A copy with method keys (``lam``, ``tasks_per_step``) and estimator config keys replaced."""
@@ -64,17 +78,42 @@ class MethodSpec:
             method["match_memory"] = None  # an explicit k wins over memory matching
         return dataclasses.replace(self, name=name or self.name, config={**self.config, **cfg}, **method)
 
+    def adapted(self, traits: tuple[str, ...] | list[str] = ()) -> MethodSpec:
+        """A copy whose config carries the settings of every trait in ``traits`` (in the order of
+        :data:`TRAITS`).
+
+        Raises:
+            ValueError: an unknown trait.
+        """
+        unknown = sorted(set(traits) - set(TRAITS))
+        if unknown:
+            raise ValueError(f"unknown benchmark traits {unknown}; choose from {', '.join(TRAITS)}")
+        cfg = dict(self.config)
+        for trait in TRAITS:
+            if trait in traits:
+                cfg.update(self.adapt.get(trait, {}))
+        return dataclasses.replace(self, config=cfg) if cfg != self.config else self
+
     def describe(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _fsd(base: str, estimator: str, description: str, **config: Any) -> MethodSpec:
-    return MethodSpec(name=base, base=base, kind="fsd", estimator=estimator, config=config, description=description)
+def _fsd(base: str, estimator: str, description: str, adapt: dict[str, dict[str, Any]] | None = None,
+         **config: Any) -> MethodSpec:
+    return MethodSpec(name=base, base=base, kind="fsd", estimator=estimator, config=config, description=description,
+                      adapt=adapt or {})
+
+
+def _tokens(input_model: str) -> dict[str, dict[str, Any]]:
+    """The trait settings of a method whose input model on token inputs is ``input_model``."""
+    return {"tokens": {"input_model": input_model}}
 
 
 #: Every method by name. Function-space methods that can use any metric use ``kl`` (the Bregman divergence
 #: of the softmax cross-entropy, of which EWC/K-FAC are quadratic approximations); ``laftr-exact`` has a
-#: closed form only for ``l2`` on logits. Default ``lam`` values are the validation-selected ones of the
+#: closed form only for ``l2`` on logits (and none for attention). ``liftr`` (Dhawan et al.) uses the same Monte
+#: Carlo loop as ``laftr`` with step-wise anchors; ``liftr-full`` stores full instead of diagonal covariances of
+#: every anchored layer's input. Default ``lam`` values are the validation-selected ones of the
 #: benchmarks (see ``laftr.continual.benchmarks``); 1.0 here is only the fallback. ``laftr-exact`` costs
 #: about 25x a Monte Carlo evaluation on a 784-256-256 MLP (O(n^3) moment propagation), so it averages over
 #: one old task drawn at random per step (an unbiased estimate of the mean over all old tasks).
@@ -82,15 +121,16 @@ METHODS: dict[str, MethodSpec] = {
     "none": MethodSpec("none", "none", "finetune", description="fine-tuning, no regularizer (the floor)"),
     "joint": MethodSpec("joint", "joint", "joint", description="all data of the tasks so far (the ceiling)"),
     "ewc": _fsd("ewc", "diag-fisher", "EWC: diagonal (true) Fisher from per-example gradients", metric="kl"),
-    "kfac": _fsd("kfac", "kfac", "K-FAC (true) Fisher, Ritter et al. 2018", metric="kl"),
+    "kfac": _fsd("kfac", "kfac", "K-FAC (true) Fisher, Ritter et al. 2018", metric="kl",
+                 adapt={"transformer": {"unsupported": "diag"}}),
     "ntk": _fsd("ntk", "ntk", "linearized network on k stored inputs", metric="kl", coreset_size=200,
                 selection="random"),
     "subset": _fsd("subset", "subset", "exact FSD on k stored inputs (FROMP-like)", metric="kl",
                    coreset_size=200, selection="random"),
     "laftr": _fsd("laftr", "laftr", "LAFTR, Monte Carlo, full Gaussian input model", metric="kl",
-                  input_model="gaussian", num_samples=40),
+                  input_model="gaussian", num_samples=40, adapt=_tokens("tokens")),
     "laftr-classwise": _fsd("laftr-classwise", "laftr", "LAFTR, Monte Carlo, one Gaussian (and mu) per class",
-                            metric="kl", input_model="classwise", num_samples=40),
+                            metric="kl", input_model="classwise", num_samples=40, adapt=_tokens("tokens-classwise")),
     "laftr-exact": dataclasses.replace(
         _fsd("laftr-exact", "laftr-exact", "LAFTR in closed form (l2 on logits), Gaussian inputs; one old task "
              "per step", metric="l2", input_model="gaussian"), tasks_per_step=1),
@@ -100,7 +140,13 @@ METHODS: dict[str, MethodSpec] = {
                        "memory on 784-pixel images)", metric="kl", input_model="diag", num_samples=40),
     "laftr-mixture": _fsd("laftr-mixture", "laftr", "LAFTR, Monte Carlo, 10-component mixture fitted without labels "
                           "(a Gaussian and gate laws per k-means cluster)", metric="kl", input_model="mixture",
-                          components=10, num_samples=40),
+                          components=10, num_samples=40, adapt=_tokens("tokens-mixture")),
+    "liftr": _fsd("liftr", "liftr", "LIFTR (Dhawan et al.), Monte Carlo, step-wise: diagonal input moments of every "
+                  "layer; diagonal Gaussian network input (tokens: categorical laws)", metric="kl",
+                  input_model="diag", num_samples=40, adapt=_tokens("tokens")),
+    "liftr-full": _fsd("liftr-full", "liftr", "LIFTR with full covariances of every layer's input (per position)",
+                       metric="kl", input_model="diag", input_cov="full", num_samples=40,
+                       adapt=_tokens("tokens")),
 }
 METHODS["subset-eqmem"] = dataclasses.replace(
     METHODS["subset"], name="subset-eqmem", base="subset-eqmem", match_memory="laftr",
@@ -122,15 +168,17 @@ def _value(text: str) -> Any:
         return text
 
 
-def parse_method(text: str, defaults: dict[str, dict[str, Any]] | None = None) -> MethodSpec:
+def parse_method(text: str, defaults: dict[str, dict[str, Any]] | None = None,
+                 traits: tuple[str, ...] | list[str] = ()) -> MethodSpec:
     """``"laftr"`` or ``"laftr[lam=10,num_samples=100]"`` -> :class:`MethodSpec`.
 
     Args:
         text: the method, optionally with ``key=value`` overrides in brackets.
         defaults: per-method overrides applied before the ones in ``text`` (a benchmark's tuned values).
+        traits: what the benchmark is made of (see :data:`TRAITS`); their settings are applied first.
 
     Raises:
-        ValueError: unknown method (the message lists the known ones) or malformed overrides.
+        ValueError: unknown method (the message lists the known ones), unknown trait or malformed overrides.
     """
     text = text.strip()
     base, overrides = text, {}
@@ -146,14 +194,16 @@ def parse_method(text: str, defaults: dict[str, dict[str, Any]] | None = None) -
     base = base.strip()
     if base not in METHODS:
         raise ValueError(f"unknown method {base!r}; choose from {', '.join(METHODS)}")
-    spec = METHODS[base]
+    spec = METHODS[base].adapted(traits)
     if defaults and base in defaults:
         spec = spec.with_overrides(defaults[base])
     return spec.with_overrides(overrides, name=text)
 
 
-def parse_methods(text: str, defaults: dict[str, dict[str, Any]] | None = None) -> list[MethodSpec]:
-    """A comma-separated list of methods (commas inside brackets belong to the overrides)."""
+def parse_methods(text: str, defaults: dict[str, dict[str, Any]] | None = None,
+                  traits: tuple[str, ...] | list[str] = ()) -> list[MethodSpec]:
+    """A comma-separated list of methods (commas inside brackets belong to the overrides); ``defaults`` and
+    ``traits`` as in :func:`parse_method`."""
     parts, depth, cur = [], 0, ""
     for ch in text:
         if ch == "[":
@@ -173,7 +223,7 @@ def parse_methods(text: str, defaults: dict[str, dict[str, Any]] | None = None) 
     parts = [p.strip() for p in parts if p.strip()]
     if not parts:
         raise ValueError("no methods given")
-    specs = [parse_method(p, defaults) for p in parts]
+    specs = [parse_method(p, defaults, traits) for p in parts]
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,13 @@ class ContinualSettings:
         split: ``test`` (train on training data, report test accuracy) or ``val`` (hold out part of the
             training data and report accuracy on it: for choosing hyperparameters).
         quick: tiny smoke-test sizes (the benchmark's ``quick`` overrides).
-        epochs, batch_size, lr: schedule overrides (None: the benchmark's protocol).
+        epochs, batch_size, lr, weight_decay: schedule overrides (None: the benchmark's protocol; a weight
+            decay above 0 trains with AdamW).
         n_train: training examples per task (None: the benchmark's).
         n_eval: evaluation examples per task (None: all).
-        num_tasks: tasks of a permuted stream (None: the benchmark's).
+        num_tasks: tasks of a permuted stream, or the first tasks of an arithmetic one (None: the benchmark's).
+        arch: the network (see :data:`laftr.continual.benchmarks.ARCHS`; None: the benchmark's own, e.g. the
+            MLP of split-fmnist; ``vit`` runs an image benchmark with a vision transformer).
         lam: penalty weight for every regularized method, overriding tuned values (None: tuned).
         data_dir: where the data files are.
         device: torch device (None: CUDA if available).
@@ -57,6 +61,8 @@ class ContinualSettings:
     n_train: int | None = None
     n_eval: int | None = None
     num_tasks: int | None = None
+    arch: str | None = None
+    weight_decay: float | None = None
     lam: float | None = None
     data_dir: str | None = None
     device: str | None = None
@@ -64,7 +70,11 @@ class ContinualSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        get_benchmark(self.benchmark)
+        bench = get_benchmark(self.benchmark)
+        bench.resolve_arch(self.arch)
+        if bench.tokens and self.num_tasks is not None and self.num_tasks > len(bench.tasks):
+            raise ValueError(f"num_tasks {self.num_tasks} is more than the {len(bench.tasks)} tasks of "
+                             f"{bench.name} ({', '.join(bench.tasks)})")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
         if self.split not in ("test", "val"):
@@ -73,20 +83,36 @@ class ContinualSettings:
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        wd = self.weight_decay
+        if wd is not None and (isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd)
+                               or wd < 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
         if self.lam is not None:
             self.lam = _check_lam(self.lam)
+
+
+_SETTINGS_KEYS = frozenset(f.name for f in dataclasses.fields(ContinualSettings))
 
 
 def resolve_settings(settings: ContinualSettings) -> tuple[Any, dict[str, Any], TrainConfig, list[MethodSpec], MethodSpec]:
     """The benchmark, stream options, schedule, methods and memory reference a run will use.
 
+    The benchmark returned carries the run's network in ``arch`` and, with ``quick``, its quick overrides of
+    benchmark fields (``conv_width``, ``p``, ``transformer``, ...).
+
     Raises:
-        ValueError: unknown benchmark or method, malformed overrides, bad values.
+        ValueError: unknown benchmark, network or method, a method the benchmark cannot run, malformed
+            overrides, bad values.
     """
     bench = get_benchmark(settings.benchmark)
     q = bench.quick if settings.quick else {}
-    if q.get("conv_width") is not None:
-        bench = dataclasses.replace(bench, conv_width=q["conv_width"])
+    spec_fields = {f.name for f in dataclasses.fields(bench)}
+    replaced = {k: v for k, v in q.items() if k in spec_fields and k not in _SETTINGS_KEYS and v is not None}
+    replaced["arch"] = bench.resolve_arch(settings.arch)
+    if replaced["arch"] != bench.arch:
+        replaced["tuning"] = (f"{bench.tuning or 'not tuned'} (tuned with the {bench.arch} network; not tuned for "
+                              f"{replaced['arch']})")
+    bench = dataclasses.replace(bench, **replaced)
 
     def pick(name: str, default: Any) -> Any:
         v = getattr(settings, name)
@@ -95,14 +121,19 @@ def resolve_settings(settings: ContinualSettings) -> tuple[Any, dict[str, Any], 
     stream_kw = {"n_train": pick("n_train", bench.n_train), "n_eval": pick("n_eval", None),
                  "num_tasks": pick("num_tasks", None)}
     train = TrainConfig(epochs=pick("epochs", bench.epochs), batch_size=pick("batch_size", bench.batch_size),
-                        lr=pick("lr", bench.lr), device=settings.device, progress=settings.progress)
-    methods = parse_methods(settings.methods, bench.method_defaults)
+                        lr=pick("lr", bench.lr), weight_decay=pick("weight_decay", bench.weight_decay),
+                        device=settings.device, progress=settings.progress)
+    traits = bench.traits()
+    methods = parse_methods(settings.methods, bench.method_defaults, traits)
+    excluded = bench.excluded_methods()
     for m in methods:
-        if m.base in bench.excluded:
-            raise ValueError(f"method {m.base!r} is not available on {bench.name}: {bench.excluded[m.base]}")
+        if m.base in excluded:
+            own = bench.arch == get_benchmark(bench.name).arch
+            on = bench.name if own else f"{bench.name} with arch {bench.arch!r}"
+            raise ValueError(f"method {m.base!r} is not available on {on}: {excluded[m.base]}")
     if settings.lam is not None:
         methods = [m.with_overrides({"lam": settings.lam}) if m.kind == "fsd" else m for m in methods]
-    reference = parse_method("laftr", bench.method_defaults)
+    reference = parse_method("laftr", bench.method_defaults, traits)
     return bench, stream_kw, train, methods, reference
 
 
@@ -224,7 +255,7 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
         stream = build_stream(bench, data, seed=seed, split=settings.split, **stream_kw)
         if results["stream"] is None:
             results["stream"] = stream.describe()
-        model_fn = bench.build_model(stream)
+        model_fn = bench.build_model(stream, bench.arch)
         for spec in methods:
             kept = [r for r in done.get(spec.name, []) if r.seed == seed]
             if kept:
@@ -286,10 +317,13 @@ def _device_name(device: torch.device) -> str:
 def _header(results: dict[str, Any]) -> str:
     p = results["protocol"]
     tr, st = p["train"], p["stream"]
+    wd = tr.get("weight_decay") or 0
+    opt = f"AdamW lr {tr['lr']}, weight decay {wd}" if wd else f"Adam lr {tr['lr']}"
+    arch = p["benchmark"].get("arch", "mlp")
     return (
         f"# {results['benchmark']} ({results['settings']['split']} accuracy)\n\n"
-        f"{len(results['settings']['seeds'])} seed(s); {tr['epochs']} epochs per task, batch {tr['batch_size']}, "
-        f"Adam lr {tr['lr']}; training examples per task: {st['n_train'] or 'all'}; "
+        f"{len(results['settings']['seeds'])} seed(s); network {arch}; {tr['epochs']} epochs per task, batch "
+        f"{tr['batch_size']}, {opt}; training examples per task: {st['n_train'] or 'all'}; "
         f"device {results['metadata']['device']}; git {results['metadata']['git_revision']}.\n"
         "avg acc: mean accuracy over all tasks after the last one; BWT: mean over tasks of final minus "
         "just-learned accuracy; mean ± std over seeds.\n\n"

@@ -38,7 +38,8 @@ class TrainConfig:
     Attributes:
         epochs: epochs per task.
         batch_size: training batch size.
-        lr: Adam learning rate (a fresh Adam per task).
+        lr: Adam learning rate (a fresh optimizer per task).
+        weight_decay: decoupled weight decay; above 0 the optimizer is AdamW with it, at 0 plain Adam.
         eval_batch_size: batch size of evaluation.
         device: ``cpu``, ``cuda``, ... (None: CUDA if available, else CPU).
         progress: progress bars per task and epoch.
@@ -47,6 +48,7 @@ class TrainConfig:
     epochs: int = 15
     batch_size: int = 128
     lr: float = 1e-3
+    weight_decay: float = 0.0
     eval_batch_size: int = 1000
     device: str | None = None
     progress: bool = True
@@ -58,6 +60,15 @@ class TrainConfig:
             raise ValueError("batch sizes must be >= 1")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        wd = self.weight_decay
+        if isinstance(wd, bool) or not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+
+    def optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """A fresh optimizer for one task: Adam, or AdamW when ``weight_decay`` is above 0."""
+        if self.weight_decay > 0:
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=float(self.weight_decay))
+        return torch.optim.Adam(params, lr=self.lr)
 
     def resolved_device(self) -> torch.device:
         if self.device is None:
@@ -157,9 +168,9 @@ def _train_task(
     model: nn.Module, tasks: list[Task], cfg: TrainConfig, gen: torch.Generator, device: torch.device,
     reg: FSDRegularizer | None, desc: str,
 ) -> dict[str, list[float]]:
-    """Adam for ``cfg.epochs`` epochs over the union of ``tasks`` (one task unless joint training),
-    each example scored on its own task's outputs; plus the regularizer's penalty."""
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    """Adam (AdamW with ``cfg.weight_decay``) for ``cfg.epochs`` epochs over the union of ``tasks`` (one task
+    unless joint training), each example scored on its own task's outputs; plus the regularizer's penalty."""
+    opt = cfg.optimizer(model.parameters())
     sizes = [t.n_train for t in tasks]
     offsets = torch.tensor([0, *sizes]).cumsum(0)
     n = int(offsets[-1])
