@@ -226,7 +226,31 @@ class SampleMode(Mode):
         self.pool_mode = pool_mode
 
 
-class StepMode(SampleMode):
+class _Reanchoring:
+    """Shared by LIFTR's modes: at an anchored op, each data input is re-anchored once per pass
+    (:meth:`reanchor`, by the mode) and every later op reading the same value sees the same re-anchored value."""
+
+    anchors: Callable[[Rule, Any, Any], list[Any] | None]
+    _drawn: dict[int, tuple[Pair, Pair]]  # id(original) -> (original, re-anchored); the original is kept alive
+
+    def begin_run(self) -> None:
+        self._drawn = {}
+
+    def reanchor(self, rule: Rule, value: Pair, law: Any) -> Pair:
+        raise NotImplementedError
+
+    def before(self, rule: Rule, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        laws = self.anchors(rule, args, kwargs)
+        if laws is None:
+            return args, kwargs
+        for p, law in zip(data_pairs((args, kwargs)), laws):
+            if id(p) not in self._drawn:
+                self._drawn[id(p)] = (p, self.reanchor(rule, p, law))
+        return tree_map(lambda v: self._drawn[id(v)][1] if isinstance(v, Pair) and id(v) in self._drawn else v,
+                        (args, kwargs))
+
+
+class StepMode(_Reanchoring, SampleMode):
     """LIFTR's step-wise linearization: LAFTR's sampled linearizations, and at the input of every *anchored* op (one
     whose parameters multiply data) theta0's stream is re-drawn from that input's stored law while the change
     ``x - x0`` carried by the other stream is kept: ``(x0, x) -> (a, a + x - x0)``. Each value is re-drawn once per
@@ -247,30 +271,16 @@ class StepMode(SampleMode):
         super().__init__(params, laws, groups, generator, shared, pool_mode)
         self.anchors = anchors
         self.inner_anchors = inner_anchors
-        self._drawn: dict[int, tuple[Pair, Pair]] = {}  # id(original) -> (original, re-anchored) (kept alive)
-
-    def begin_run(self) -> None:
         self._drawn = {}
 
-    def before(self, rule: Rule, args: Any, kwargs: Any) -> tuple[Any, Any]:
-        laws = self.anchors(rule, args, kwargs)
-        if laws is None:
-            return args, kwargs
-        for p, law in zip(data_pairs((args, kwargs)), laws):
-            if id(p) not in self._drawn:
-                x0, *rest = p.vals
-                a = law.draw(self.groups, self.generator, x0)
-                self._drawn[id(p)] = (p, Pair((a, *(a + (v - x0) for v in rest)), True))
-        return tree_map(lambda v: self._drawn[id(v)][1] if isinstance(v, Pair) and id(v) in self._drawn else v,
-                        (args, kwargs))
-
-    def inner(self, rule: Rule, key: str, value: Pair) -> Pair:
-        law = self.inner_anchors(rule, key)
-        if law is None:
-            return value
+    def reanchor(self, rule: Rule, value: Pair, law: Any) -> Pair:
         x0, *rest = value.vals
         a = law.draw(self.groups, self.generator, x0)
         return Pair((a, *(a + (v - x0) for v in rest)), True)
+
+    def inner(self, rule: Rule, key: str, value: Pair) -> Pair:
+        law = self.inner_anchors(rule, key)
+        return value if law is None else self.reanchor(rule, value, law)
 
 
 class OwnMode(Mode):
@@ -362,7 +372,7 @@ class MomentMode(Mode):
         return Pair(self.state.gate(pre.vals, gm), True)
 
 
-class StepMomentMode(MomentMode):
+class StepMomentMode(_Reanchoring, MomentMode):
     """LIFTR's step-wise linearization in closed form: at every anchored op a block independent of the state,
     with the stored first and second moments of that op's input, replaces theta0's stream, and the other stream
     becomes that block plus the change (see :class:`StepMode`).
@@ -375,30 +385,17 @@ class StepMomentMode(MomentMode):
                  anchors: Callable[[Rule, Any, Any], list[Any] | None], group: int = 0, mu_outer: bool = False) -> None:
         super().__init__(params, state, laws, group, mu_outer)
         self.anchors = anchors
-        self._drawn: dict[int, tuple[Pair, Pair]] = {}
-
-    def begin_run(self) -> None:
         self._drawn = {}
 
-    def before(self, rule: Rule, args: Any, kwargs: Any) -> tuple[Any, Any]:
-        laws = self.anchors(rule, args, kwargs)
-        if laws is None:
-            return args, kwargs
-        for p, law in zip(data_pairs((args, kwargs)), laws):
-            if id(p) in self._drawn:
-                continue
-            r0, r1 = p.vals
-            mean, second = law.moments(self.group)
-            like = self.state.M
-            a = self.state.independent(mean.reshape(-1).to(like), second.to(like), r0.shape)
-            if r0.block == r1.block:  # no change yet: both streams are the draw
-                new = Pair((a, a), True)
-            else:
-                (moved,) = self.state.affine([lambda a_, x0, x: a_ + (x - x0)], [[a, r0, r1]], rule.name)
-                new = Pair((a, moved), True)
-            self._drawn[id(p)] = (p, new)
-        return tree_map(lambda v: self._drawn[id(v)][1] if isinstance(v, Pair) and id(v) in self._drawn else v,
-                        (args, kwargs))
+    def reanchor(self, rule: Rule, value: Pair, law: Any) -> Pair:
+        r0, r1 = value.vals
+        mean, second = law.moments(self.group)
+        like = self.state.M
+        a = self.state.independent(mean.reshape(-1).to(like), second.to(like), r0.shape)
+        if r0.block == r1.block:  # no change yet: both streams are the draw
+            return Pair((a, a), True)
+        (moved,) = self.state.affine([lambda a_, x0, x: a_ + (x - x0)], [[a, r0, r1]], rule.name)
+        return Pair((a, moved), True)
 
     def live_pairs(self, env: dict[str, Any]) -> list[Pair]:
         """The values in ``env`` and, while their original is alive, their re-anchored versions (a later op may
