@@ -560,8 +560,26 @@ class ClasswiseInputs(GaussianFamily):
         return class_labels(x, y)
 
 
+class KMeansOptions:
+    """The options of the mixture models' k-means (``components``, ``mixture_sample``, ``kmeans_iters``), added to
+    :meth:`InputModel.options` and to the constructor options used when merging."""
+
+    components: int
+    mixture_sample: int
+    kmeans_iters: int
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), **self._kmeans()}  # type: ignore[misc]
+
+    def init_options(self) -> dict[str, Any]:
+        return {**super().init_options(), **self._kmeans()}  # type: ignore[misc]
+
+    def _kmeans(self) -> dict[str, Any]:
+        return {"components": self.components, "mixture_sample": self.mixture_sample, "kmeans_iters": self.kmeans_iters}
+
+
 @register_input_model("mixture")
-class MixtureInputs(GaussianFamily):
+class MixtureInputs(KMeansOptions, GaussianFamily):
     """K Gaussians (and K sets of gate laws) on k-means clusters of the inputs; no labels needed.
 
     Options:
@@ -588,13 +606,6 @@ class MixtureInputs(GaussianFamily):
                 raise UsageError(f"{name} must be a positive integer, got {v!r}")
         self.centers: torch.Tensor | None = None  # (K, d) float64, used while fitting and merging
 
-    def init_options(self) -> dict[str, Any]:
-        return {**super().init_options(), "components": self.components, "mixture_sample": self.mixture_sample,
-                "kmeans_iters": self.kmeans_iters}
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "components": self.components, "mixture_sample": self.mixture_sample,
-                "kmeans_iters": self.kmeans_iters}
 
     def prepare(self, batches: Batches) -> None:
         if self.centers is not None:  # components given (e.g. the same ones for every shard of a data set)
@@ -1026,7 +1037,7 @@ class TokenClasswiseInputs(TokenFamily):
 
 
 @register_input_model("tokens-mixture")
-class TokenMixtureInputs(TokenFamily):
+class TokenMixtureInputs(KMeansOptions, TokenFamily):
     """Per-position categorical laws (and gate laws) on K k-means clusters of the one-hot encoded sequences;
     no labels needed. Fitted like ``mixture``: k-means on a hashed sample of ``mixture_sample`` sequences in a
     first pass, then per-component counts of the nearest centre's examples.
@@ -1051,13 +1062,6 @@ class TokenMixtureInputs(TokenFamily):
         self.components, self.mixture_sample, self.kmeans_iters = components, mixture_sample, kmeans_iters
         self.centers: torch.Tensor | None = None  # (K, P * V') float64 on one-hot sequences, V' <= V
 
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "components": self.components, "mixture_sample": self.mixture_sample,
-                "kmeans_iters": self.kmeans_iters}
-
-    def init_options(self) -> dict[str, Any]:
-        return {**super().init_options(), "components": self.components, "mixture_sample": self.mixture_sample,
-                "kmeans_iters": self.kmeans_iters}
 
     def prepare(self, batches: Batches) -> None:
         if self.centers is not None:  # components given (e.g. the same ones for every shard of a data set)
