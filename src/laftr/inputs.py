@@ -236,6 +236,17 @@ class InputModel:
         """Floats the estimate needs from this input model."""
         raise NotImplementedError
 
+    def check_mergeable(self, other: InputModel) -> None:
+        """Raise :class:`UsageError` unless ``other`` is the same kind of input model, with the same options, of
+        inputs of the same shape."""
+        if type(other) is not type(self):
+            raise UsageError(f"cannot merge a {self.name!r} input model with a {other.name!r} one")
+        if self.options() != other.options():
+            raise UsageError(f"cannot merge input models with different options: {self.options()} vs "
+                             f"{other.options()}")
+        if self.input_shape != other.input_shape:
+            raise UsageError(f"cannot merge summaries of inputs {self.input_shape} and {other.input_shape}")
+
     def nonempty_groups(self) -> int:
         """Groups with examples (groups are indexed by label; absent classes store nothing)."""
         assert self.counts is not None
@@ -355,13 +366,8 @@ class GaussianFamily(InputModel):
             self.x_outer = pad_groups(self.x_outer, G)
 
     def merge(self, other: InputModel) -> InputModel:
-        if type(other) is not type(self) or not isinstance(other, GaussianFamily):
-            raise UsageError(f"cannot merge a {self.name!r} input model with a {other.name!r} one")
-        if self.options() != other.options():
-            raise UsageError(f"cannot merge input models with different options: {self.options()} vs "
-                             f"{other.options()}")
-        if self.input_shape != other.input_shape:
-            raise UsageError(f"cannot merge summaries of inputs {self.input_shape} and {other.input_shape}")
+        self.check_mergeable(other)
+        assert isinstance(other, GaussianFamily)
         if (self.x_outer is None) != (other.x_outer is None):
             raise UsageError("cannot merge a full-covariance summary with a diagonal one")
         assert self.counts is not None and other.counts is not None
@@ -927,13 +933,8 @@ class TokenFamily(InputModel):
         self._cache.clear()
 
     def merge(self, other: InputModel) -> InputModel:
-        if type(other) is not type(self) or not isinstance(other, TokenFamily):
-            raise UsageError(f"cannot merge a {self.name!r} input model with a {other.name!r} one")
-        if self.options() != other.options():
-            raise UsageError(f"cannot merge input models with different options: {self.options()} vs "
-                             f"{other.options()}")
-        if self.input_shape != other.input_shape:
-            raise UsageError(f"cannot merge summaries of inputs {self.input_shape} and {other.input_shape}")
+        self.check_mergeable(other)
+        assert isinstance(other, TokenFamily)
         assert self.token_counts is not None and other.token_counts is not None
         assert self.counts is not None and other.counts is not None
         G, V = max(self.num_groups, other.num_groups), max(self.vocab, other.vocab)
