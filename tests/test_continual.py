@@ -19,6 +19,7 @@ from torch import nn
 
 import laftr
 from laftr.cli import main
+from laftr.cli.continual import DEFAULT_METHODS
 from laftr.continual import (
     METHODS,
     FSDRegularizer,
@@ -29,7 +30,6 @@ from laftr.continual import (
     parse_methods,
     run_method,
 )
-from laftr.continual.cli import DEFAULT_METHODS
 from laftr.continual.metrics import mean_std
 from laftr.continual.runner import ContinualSettings, run_benchmark
 from laftr.data import Dataset, DatasetNotFoundError, write_idx
@@ -595,8 +595,8 @@ def test_cli_split_with_vit(mnist_dir, tmp_path, capsys):
 
 
 def test_token_and_transformer_benchmarks_adapt_the_methods():
+    from laftr.cli.continual import default_methods
     from laftr.continual.benchmarks import get_benchmark
-    from laftr.continual.cli import default_methods
     from laftr.continual.runner import resolve_settings
 
     names = "laftr,laftr-classwise,laftr-mixture,laftr-coreset,liftr,liftr-full,kfac,ewc"

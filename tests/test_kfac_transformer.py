@@ -6,13 +6,10 @@ vocabulary 7, sequences of 3 tokens or fewer).
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from cases import perturbed
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from summary_files import forge, split
 from test_baselines import dense_ggn, param_delta
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
@@ -335,12 +332,9 @@ def test_kfac_file_with_a_bad_embedding_factor_is_refused(tmp_path):
     est = _kfac(metric="kl").fit(_jitter(TinyLM()), _tokens(6, 3))
     path = laftr.save(est, tmp_path / "k.laftr")
     assert laftr.load(path).stored_floats() == est.stored_floats()
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    meta = json.loads(raw[8 : 8 + n])["__metadata__"]
-    tensors = st_load(raw)
+    tensors, meta = split(path.read_bytes())
     tensors["state/A/embed"] = torch.ones(VOCAB + 1)  # one token too many: a clear error, not a silent mismatch
-    path.write_bytes(st_save(tensors, metadata=meta))
+    path.write_bytes(forge(tensors, meta))  # hashes right for the bad factor: K-FAC's own check must refuse it
     with pytest.raises(SummaryFileError, match="'embed'.*wrong shapes"):
         laftr.load(path)
 

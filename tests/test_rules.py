@@ -445,7 +445,7 @@ def test_rule_errors_name_the_node():
 
         def forward(self, x):
             h = self.a(x)
-            return torch.clamp(h, min=h.mean())  # a bound computed from the data
+            return torch.clamp(h, min=h.mean(1, keepdim=True))  # a bound computed from the data (per example)
 
     with pytest.raises(laftr.UnsupportedOpError, match=r"clamp.*computed at run time"):
         laftr.make_estimator("laftr").fit(Bad(), torch.randn(8, 4))

@@ -1,4 +1,7 @@
-"""laftr summarize / laftr distance from the shell: a user's own model and tensors, and bad input."""
+"""laftr summarize / laftr distance from the shell: a user's own model and tensors, and bad input.
+
+The model files here are whole pickled modules, so they are passed with --trust-pickle (see test_cli_errors.py
+for the refusal without it)."""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ def files(tmp_path):
 def test_summarize_then_distance_matches_the_library(files, capsys):
     d, model, other, X, Y = files
     out = d / "s.laftr"
-    rc = main(["summarize", "--model", str(d / "net0.pt"), "--tensors", str(d / "data.pt"), "--estimator",
+    rc = main(["summarize", "--model", str(d / "net0.pt"), "--trust-pickle", "--tensors", str(d / "data.pt"), "--estimator",
                "laftr-exact", "--metric", "l2", "--set", "input_model=diag", "--classes", "0,2", "--out", str(out),
                "--no-progress"])
     assert rc == 0, capsys.readouterr().err
@@ -39,7 +42,7 @@ def test_summarize_then_distance_matches_the_library(files, capsys):
     ref = laftr.make_estimator("laftr-exact", metric="l2", input_model="diag").fit(model, (X[keep], Y[keep]))
     assert est.stored_floats() == ref.stored_floats()
     torch.testing.assert_close(est(other), ref(other))
-    rc = main(["distance", str(out), "--model", str(d / "net1.pt"), "--tensors", str(d / "data.pt"),
+    rc = main(["distance", str(out), "--model", str(d / "net1.pt"), "--trust-pickle", "--tensors", str(d / "data.pt"),
                "--classes", "0,2", "--calls", "1"])
     text = capsys.readouterr().out
     assert rc == 0
@@ -57,8 +60,8 @@ def test_factory_and_weights(files, capsys, monkeypatch):
                                  "nn.ReLU(), nn.Linear(8, 3))\n")
     monkeypatch.chdir(d)
     out = d / "s.laftr"
-    assert main(["summarize", "--model", str(d / "net0.pt"), "--tensors", str(d / "data.pt"), "--out", str(out),
-                 "--set", "num_samples=32", "--no-progress"]) == 0
+    assert main(["summarize", "--model", str(d / "net0.pt"), "--trust-pickle", "--tensors", str(d / "data.pt"),
+                 "--out", str(out), "--set", "num_samples=32", "--no-progress"]) == 0
     assert main(["distance", str(out), "--model", "mynets:small", "--weights", str(d / "w1.pt"), "--calls", "3"]) == 0
     assert "laftr estimate (kl)" in capsys.readouterr().out
 
@@ -66,7 +69,7 @@ def test_factory_and_weights(files, capsys, monkeypatch):
 def test_bad_input(files, capsys):
     d = files[0]
     out = d / "s.laftr"
-    base = ["summarize", "--tensors", str(d / "data.pt"), "--out", str(out), "--no-progress"]
+    base = ["summarize", "--tensors", str(d / "data.pt"), "--out", str(out), "--no-progress", "--trust-pickle"]
     assert main([*base, "--model", str(d / "missing.pt")]) == 2
     assert "no model file" in capsys.readouterr().err
     assert main([*base, "--model", str(d / "w1.pt")]) == 2
@@ -77,14 +80,14 @@ def test_bad_input(files, capsys):
     assert "unknown metric" in capsys.readouterr().err
     assert main([*base, "--model", str(d / "net0.pt"), "--set", "input_modle=diag"]) == 2
     assert "input_modle" in capsys.readouterr().err
-    assert main(["summarize", "--model", str(d / "net0.pt"), "--out", str(out)]) == 2
+    assert main(["summarize", "--model", str(d / "net0.pt"), "--trust-pickle", "--out", str(out)]) == 2
     assert "exactly one of --dataset and --tensors" in capsys.readouterr().err
     assert main([*base, "--model", str(d / "net0.pt")]) == 0
     assert main([*base, "--model", str(d / "net0.pt")]) == 1  # exists, no --force
     assert "--force" in capsys.readouterr().err
     (d / "junk.laftr").write_bytes(b"junk")
-    assert main(["distance", str(d / "junk.laftr"), "--model", str(d / "net0.pt")]) == 2
+    assert main(["distance", str(d / "junk.laftr"), "--model", str(d / "net0.pt"), "--trust-pickle"]) == 2
     assert "not a readable laftr summary" in capsys.readouterr().err
     torch.save(mlp(5, (9,), 3), d / "wide.pt")
-    assert main(["distance", str(out), "--model", str(d / "wide.pt")]) == 2
+    assert main(["distance", str(out), "--model", str(d / "wide.pt"), "--trust-pickle"]) == 2
     assert "architecture mismatch" in capsys.readouterr().err

@@ -3,10 +3,23 @@
 from importlib import metadata as _metadata
 
 from . import rules
-from .errors import DataError, LaftrError, OptionError, UnsupportedOpError, UsageError
+from .errors import (
+    DataError,
+    FileError,
+    InputFileError,
+    LaftrError,
+    OptionError,
+    OutputExistsError,
+    OutputIsDirectoryError,
+    OutputPathError,
+    SummaryFileError,
+    UnsupportedOpError,
+    UntrustedPickleError,
+    UsageError,
+)
 from .estimators import EstimatorConfig, FSDEstimator, available_estimators, make_estimator, register
-from .exact import exact_fsd
-from .io import SummaryFileError, load, save
+from .exact import exact_fsd, exact_fsd_and_grad
+from .io import load, save
 from .metrics import METRICS, discrepancy
 
 try:
@@ -19,15 +32,22 @@ __all__ = [
     "DataError",
     "EstimatorConfig",
     "FSDEstimator",
+    "FileError",
+    "InputFileError",
     "LaftrError",
     "OptionError",
+    "OutputExistsError",
+    "OutputIsDirectoryError",
+    "OutputPathError",
     "SummaryFileError",
     "UnsupportedOpError",
+    "UntrustedPickleError",
     "UsageError",
     "__version__",
     "available_estimators",
     "discrepancy",
     "exact_fsd",
+    "exact_fsd_and_grad",
     "load",
     "make_estimator",
     "register",

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import secrets
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from .errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +43,49 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _split_batch(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) >= 1 and isinstance(batch[0], torch.Tensor):
-        y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return batch[0], y
-    if isinstance(batch, dict) and "x" in batch:
-        return batch["x"], batch.get("y")
-    raise TypeError(
-        f"cannot read a batch of type {type(batch).__name__}; expected a tensor, an (x, y) tuple or a dict with 'x'"
-    )
+        x, y = batch, None
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 1 and isinstance(batch[0], torch.Tensor):
+        x, y = batch[0], (batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None)
+    elif isinstance(batch, dict) and "x" in batch:
+        x, y = batch["x"], batch.get("y")
+    else:
+        raise DataError(
+            f"cannot read batch {index} of type {type(batch).__name__}; expected a tensor of inputs, an (x, y) "
+            "tuple or a dict with 'x'"
+        )
+    if x.ndim == 0:
+        raise DataError(f"batch {index} is a 0-dim tensor; a batch of inputs has the examples along dim 0")
+    if y is not None and (y.ndim == 0 or y.shape[0] != x.shape[0]):
+        raise DataError(
+            f"batch {index} has {x.shape[0]} inputs but labels of shape {tuple(y.shape)}: give one label per input"
+        )
+    return x, y
+
+
+def _pair(data: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether a tuple of two tensors is an ``(X, Y)`` pair (True) or two batches of inputs (refused as
+    ambiguous). A pair's ``Y`` is 1-D (class labels, scalar targets) or has another per-example shape than
+    ``X`` (targets of a multi-output regression); two input batches always share their per-example shape."""
+    X, Y = data
+    if X.ndim < 2:
+        raise DataError(
+            f"a tuple (X, Y) needs X of shape (N, ...) with at least 2 dims, got {tuple(X.shape)}; "
+            "pass a list [x1, x2, ...] for several batches of inputs"
+        )
+    if Y.ndim >= 2 and Y.shape[1:] == X.shape[1:]:
+        raise DataError(
+            f"ambiguous data: a tuple of two tensors of the same per-example shape {tuple(X.shape[1:])} could be "
+            "(inputs, targets) or two batches of inputs; pass a list [x1, x2] for batches, or X alone "
+            "(only the classwise input models and balanced coresets read labels, and they need 1-D labels)"
+        )
+    if Y.ndim == 0 or Y.shape[0] != X.shape[0]:
+        raise DataError(
+            f"(X, Y) of unequal lengths: X has {X.shape[0]} examples, Y has shape {tuple(Y.shape)}; give one "
+            "label (or target) per example"
+        )
+    return True
 
 
 def iter_batches(
@@ -57,42 +95,96 @@ def iter_batches(
     dtype: torch.dtype | None = None,
     check_finite: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Yield ``(x, y)`` batches (``y`` may be None) from a loader, a tensor or an ``(X, Y)`` pair.
+    """Yield ``(x, y)`` batches (``y`` may be None) from one of the data forms every laftr function reads:
 
-    Inputs are moved to ``device``; floating inputs also to ``dtype``, while integer and bool inputs (token
-    ids, indices) keep their own dtype. Labels are moved to ``device``. Non-finite inputs raise ``ValueError``.
+    * a tensor ``X`` of inputs ``(N, ...)`` — split into batches of ``batch_size``;
+    * a **tuple** ``(X, Y)`` of two tensors — inputs and one label (or target) per example; ``Y`` is 1-D or
+      has another per-example shape than ``X`` (a tuple of two same-shaped tensors is refused as ambiguous);
+    * anything else iterable — a DataLoader, a **list** of batches, a generator — whose items are batches:
+      a tensor of inputs, an ``(x, y)`` tuple or list (what a DataLoader yields) or a dict with ``"x"`` (and
+      ``"y"``). A list is always a list of batches, never an ``(X, Y)`` pair.
+
+    Every batch must have the per-example shape and kind (floating or integer) of the first. Inputs are moved
+    to ``device``; floating inputs also to ``dtype``, while integer and bool inputs (token ids, indices) keep
+    their own dtype. Labels are moved to ``device``. Empty data, non-finite inputs and labels that do not
+    match the inputs raise :class:`laftr.DataError`.
     """
     if isinstance(data, torch.Tensor):
+        if data.ndim == 0:
+            raise DataError("data is a 0-dim tensor; give inputs of shape (N, ...)")
         source: Iterable[Any] = (data[i : i + batch_size] for i in range(0, len(data), batch_size))
     elif (
-        isinstance(data, (tuple, list))
+        isinstance(data, tuple)
         and len(data) == 2
         and isinstance(data[0], torch.Tensor)
         and isinstance(data[1], torch.Tensor)
-        and data[0].shape[:1] == data[1].shape[:1]
-        and data[0].ndim >= 2
+        and _pair(data)
     ):
         X, Y = data
         source = ((X[i : i + batch_size], Y[i : i + batch_size]) for i in range(0, len(X), batch_size))
-    elif isinstance(data, Iterable):
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict)):
         source = data
     else:
-        raise TypeError(f"data must be a DataLoader, an iterable of batches, a tensor or (X, Y); got {type(data).__name__}")
+        raise DataError(
+            f"data must be a tensor of inputs, an (X, Y) tuple, a list of batches or a DataLoader; "
+            f"got {type(data).__name__}"
+        )
+    first: tuple[tuple[int, ...], bool] | None = None
     seen = False
-    for batch in source:
-        x, y = _split_batch(batch)
+    for index, batch in enumerate(source):
+        x, y = _split_batch(batch, index)
+        kind = (tuple(x.shape[1:]), x.is_floating_point())
+        if first is None:
+            first = kind
+        elif kind != first:
+            was = f"{'floating' if first[1] else 'integer'} inputs of per-example shape {first[0]}"
+            now = f"{'floating' if kind[1] else 'integer'} inputs of per-example shape {kind[0]}"
+            hint = ("; a list is read as a list of batches — pass an (X, Y) pair as a tuple"
+                    if index == 1 and isinstance(data, list) and len(data) == 2 else "")
+            raise DataError(f"inputs change shape or kind between batches: batch 0 has {was}, batch {index} {now}{hint}")
         if x.numel() == 0:
             continue
         seen = True
         if device is not None or dtype is not None:
             x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
         if check_finite and x.is_floating_point() and not torch.isfinite(x).all():
-            raise ValueError("input batch contains NaN or infinite values")
+            raise DataError(f"input batch {index} contains NaN or infinite values")
         if y is not None and device is not None:
             y = y.to(device)
         yield x, y
     if not seen:
-        raise ValueError("data is empty: no batches to read")
+        raise DataError("data is empty: no batches to read")
+
+
+def resolve_device(device: str | torch.device | None, what: str = "device") -> torch.device | None:
+    """``device`` as a :class:`torch.device` (None stays None), or a :class:`UsageError` in the user's terms: a
+    name torch does not know, ``meta`` (it holds no values), or CUDA / a GPU index this machine does not have."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise UsageError(f"{what} must be a device name such as 'cpu' or 'cuda:0', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"unknown {what} {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type == "meta":
+        raise UsageError(f"{what} 'meta' holds no values: laftr needs real tensors (use 'cpu' or 'cuda')")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{what} {device!r} asks for CUDA, which this PyTorch build or machine does not have")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"{what} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def check_materialized(model: nn.Module, what: str = "model") -> None:
+    """Refuse a model whose parameters or buffers live on the ``meta`` device (shapes without values)."""
+    for n, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise UsageError(
+                f"{what}'s {n!r} is on the 'meta' device (a shape without values); materialize the model first, "
+                "e.g. model.to_empty(device='cpu') and load its weights"
+            )
 
 
 def param_dict(model: nn.Module, detach: bool = False) -> dict[str, torch.Tensor]:
@@ -132,3 +224,55 @@ def check_same_arch(expected: list[list[Any]], model: nn.Module, what: str = "th
 def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """Named parameters that require grad."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, then a rename).
+
+    The file gets the mode an ordinary ``open(path, "wb")`` would give it (``0o666`` less the umask): the
+    temporary file is created with that mode by the operating system, so the umask is never read or changed.
+
+    Raises:
+        IsADirectoryError: ``path`` is a directory.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        break
+    else:  # pragma: no cover - 100 collisions of 48 random bits
+        raise FileExistsError(f"could not create a temporary file next to {path}")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable where the platform allows it (best effort)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

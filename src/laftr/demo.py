@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import laftr
 
 from .models import mlp
-from .report import markdown_table, prepare_out_dir, pyplot, run_metadata, write_json_atomic
+from .report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,8 @@ def run_demo(
         The results dictionary also written to ``results.json``.
     """
     t_start = time.perf_counter()
-    out = prepare_out_dir(out_dir, force=force)
+    folder = RunFolder(out_dir, force=force)
+    out = folder.open()
     st = DemoSettings()
     if quick:
         st.epochs, st.n_train, st.n_test, st.num_samples, st.eval_calls = 1, 2000, 1000, 32, 2
@@ -272,6 +273,7 @@ def run_demo(
     _plot(out / "demo.png", rows, ds.name)
     write_json_atomic(out / "results.json", results)
     timings["total"] = time.perf_counter() - t_start
+    out = folder.commit()
     log.info("demo finished in %.1f s; outputs in %s", timings["total"], out)
     return results
 

@@ -1,8 +1,9 @@
 """The errors laftr raises on purpose: one hierarchy under :class:`LaftrError`.
 
 Each class also derives from the built-in exception that older code (and users) caught for the same
-mistake (``ValueError`` for bad values, ``TypeError`` for unknown options), so ``except ValueError`` keeps
-working while ``except laftr.LaftrError`` catches every deliberate refusal and nothing else.
+mistake (``ValueError`` for bad values, ``TypeError`` for unknown options, ``RuntimeError`` for an output
+folder in the way), so ``except ValueError`` keeps working while ``except laftr.LaftrError`` catches every
+deliberate refusal and nothing else. The command line reports these as messages without a traceback.
 """
 
 from __future__ import annotations
@@ -24,8 +25,35 @@ class DataError(LaftrError, ValueError):
     """Data that cannot be used: empty, non-finite, wrongly shaped, missing labels."""
 
 
-class SummaryFileError(LaftrError, ValueError):
+class FileError(LaftrError):
+    """A file or folder named by the user that cannot be used (read, trusted or written); the message names it."""
+
+
+class InputFileError(FileError, ValueError):
+    """A file given as input (a model, weights, tensors or summary file) that is missing, unreadable or of the
+    wrong kind; the message names the file and says what was expected."""
+
+
+class UntrustedPickleError(InputFileError):
+    """A file that only a full unpickler can read, refused because unpickling it can run arbitrary code (the
+    command line loads such a file only with ``--trust-pickle``)."""
+
+
+class SummaryFileError(InputFileError):
     """A summary file that is truncated, corrupted, of another format or version, or otherwise unreadable."""
+
+
+class OutputPathError(FileError, RuntimeError):
+    """An output path that would overwrite something: an existing file where a folder is wanted (or the
+    reverse), or an existing file or non-empty folder without ``force``."""
+
+
+class OutputExistsError(OutputPathError, FileExistsError):
+    """A file that writing would replace without having been asked to (``laftr.save`` without ``overwrite``)."""
+
+
+class OutputIsDirectoryError(OutputPathError, IsADirectoryError):
+    """A folder where a file is to be written."""
 
 
 class UnsupportedOpError(LaftrError, TypeError, ValueError):
@@ -33,4 +61,17 @@ class UnsupportedOpError(LaftrError, TypeError, ValueError):
     the op and the reason."""
 
 
-__all__ = ["DataError", "LaftrError", "OptionError", "SummaryFileError", "UnsupportedOpError", "UsageError"]
+__all__ = [
+    "DataError",
+    "FileError",
+    "InputFileError",
+    "LaftrError",
+    "OptionError",
+    "OutputExistsError",
+    "OutputIsDirectoryError",
+    "OutputPathError",
+    "SummaryFileError",
+    "UnsupportedOpError",
+    "UntrustedPickleError",
+    "UsageError",
+]

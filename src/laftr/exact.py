@@ -8,8 +8,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._util import Data, iter_batches, model_device_dtype
-from .metrics import check_metric, discrepancy
+from ._util import Data, check_materialized, iter_batches, model_device_dtype
+from .errors import UsageError
+from .metrics import check_metric, check_outputs, discrepancy
+
+
+def _reference(model_a: nn.Module, x: torch.Tensor, where: tuple[torch.device, torch.dtype]) -> torch.Tensor:
+    """``model_a``'s outputs on ``x`` (no graph), with ``x`` moved to ``model_a``'s device and floating dtype —
+    so a float32 reference and a float64 model (or models on two devices) can be compared."""
+    device, dtype = where
+    with torch.no_grad():
+        return model_a(x.to(device=device, dtype=dtype if x.is_floating_point() else None))
 
 
 def exact_fsd(
@@ -25,7 +34,8 @@ def exact_fsd(
     """``mean_x rho(f(x; model_a), f(x; model_b))`` over every example in ``data``.
 
     ``model_a`` is the reference (theta0): ``kl`` is ``KL(p_a || p_b)``. Both models are evaluated
-    in eval mode (dropout off, batch norm on running statistics) and put back as they were.
+    in eval mode (dropout off, batch norm on running statistics) and put back as they were. Each model reads
+    the inputs in its own floating dtype and on its own device; the discrepancy is computed in ``model_b``'s.
 
     Args:
         model_a: reference network.
@@ -42,7 +52,11 @@ def exact_fsd(
         A 0-dim tensor in ``model_b``'s dtype.
     """
     check_metric(metric)
+    check_outputs(outputs)
+    check_materialized(model_a, "model_a")
+    check_materialized(model_b, "model_b")
     device, dtype = model_device_dtype(model_b)
+    ref = model_device_dtype(model_a)
     modes = (model_a.training, model_b.training)
     model_a.eval()
     model_b.eval()
@@ -52,10 +66,9 @@ def exact_fsd(
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx:
             for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress, desc="exact FSD"):
-                with torch.no_grad():
-                    z0 = model_a(x)
+                z0 = _reference(model_a, x, ref)
                 z = model_b(x)
-                d = discrepancy(z0.to(z.dtype), z, metric, outputs).sum()
+                d = discrepancy(z0.to(z), z, metric, outputs).sum()
                 total = d if total is None else total + d
                 count += x.shape[0]
     finally:
@@ -83,11 +96,15 @@ def exact_fsd_and_grad(
         ``(distance, {parameter name: gradient})``; the distance is detached.
     """
     check_metric(metric)
+    check_outputs(outputs)
+    check_materialized(model_a, "model_a")
+    check_materialized(model_b, "model_b")
     device, dtype = model_device_dtype(model_b)
+    ref = model_device_dtype(model_a)
     names = [n for n, p in model_b.named_parameters() if p.requires_grad]
     params = [p for p in model_b.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("model_b has no trainable parameters")
+        raise UsageError("model_b has no trainable parameters")
     grads = [torch.zeros_like(p) for p in params]
     modes = (model_a.training, model_b.training)
     model_a.eval()
@@ -98,10 +115,9 @@ def exact_fsd_and_grad(
     try:
         for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress, desc="exact FSD+grad"):
             chunks.append(x.shape[0])
-            with torch.no_grad():
-                z0 = model_a(x)
+            z0 = _reference(model_a, x, ref)
             with torch.enable_grad():
-                d = discrepancy(z0.to(dtype), model_b(x), metric, outputs).sum()
+                d = discrepancy(z0.to(device=device, dtype=dtype), model_b(x), metric, outputs).sum()
                 gs = torch.autograd.grad(d, params, allow_unused=True)
             for acc, g in zip(grads, gs):
                 if g is not None:

@@ -30,12 +30,12 @@ from torch.utils._pytree import tree_flatten, tree_map
 from . import rules as _rules  # noqa: F401  (importing registers the built-in rules)
 from .errors import UnsupportedOpError
 from .moments import GateMoments, JointMoments, Ref
-from .rules.base import Pair, Rule, data_pairs, is_registered_module, make_rule, pairs_in, stream_of
+from .rules.base import Pair, Rule, data_pairs, describe, is_registered_module, make_rule, pairs_in, stream_of
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FitMode", "ForwardMode", "Mode", "MomentMode", "OwnMode", "SampleMode", "StepMode", "StepMomentMode",
-           "TracedNet", "trace"]
+           "TracedNet", "check_per_example", "trace"]
 
 
 class _Tracer(fx.Tracer):
@@ -46,7 +46,14 @@ class _Tracer(fx.Tracer):
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model``; raise :class:`UnsupportedOpError` with the reason if it cannot be."""
+    """Symbolically trace ``model`` in eval mode; raise :class:`UnsupportedOpError` with the reason if it cannot be.
+
+    laftr always evaluates a network as in eval mode (dropout off, batch norm on its running statistics), so the
+    graph is traced with every submodule in eval mode, whatever mode the model is in (a model in a training loop
+    gives the same graph as at ``fit``); each submodule's own mode is put back afterwards.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         graph = _Tracer().trace(model)
         return fx.GraphModule(model, graph, type(model).__name__)
@@ -55,6 +62,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"could not trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); laftr needs a "
             "network whose forward has no data-dependent control flow"
         ) from e
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _get_attr(gm: fx.GraphModule, target: str) -> Any:
@@ -519,3 +529,167 @@ def _plain_rule(node: fx.Node, gm: fx.GraphModule) -> Rule:
         return make_rule(node, gm)
     except UnsupportedOpError:
         return Rule(node, gm)
+
+
+# ---------------------------------------------------------------------------------------------- one example at a time
+#: At most this many examples are read to check that a network maps each example on its own.
+PROBE_EXAMPLES = 5
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a traced graph on real tensors (the model's own modules) and keeps the value of every node."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values[n.name] = out
+        return out
+
+
+def _sub_batches(n: int) -> list[list[int]]:
+    """Two disjoint sub-batches of a probe of ``n >= 2`` examples, in an order that is neither the probe's nor its
+    reverse (so that flipping, rolling or indexing the batch axis shows)."""
+    return [[1], [0]] if n == 2 else [[1, 0], list(range(n - 1, 1, -1))]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if not (a.is_floating_point() or a.is_complex()):
+        return torch.equal(a, b)
+    rtol = max(1e-4, 10 * torch.finfo(a.real.dtype if a.is_complex() else a.dtype).eps)
+    wide = torch.complex128 if a.is_complex() else torch.float64
+    a, b = a.to(wide), b.to(wide)
+    finite = a[torch.isfinite(a)].abs()
+    scale = max(1.0, float(finite.max())) if finite.numel() else 1.0
+    return torch.allclose(a, b, rtol=rtol, atol=rtol * scale, equal_nan=True)
+
+
+def _tensor_mixing(a: torch.Tensor, b: torch.Tensor, n: int, idx: list[int], leading: bool) -> str | None:
+    """Why the value ``a`` (for a batch of ``n`` examples) and ``b`` (for the examples ``idx`` of that batch) show
+    that the op does not map each example on its own; None when they agree. The examples may sit along any one
+    axis, possibly merged with other axes (``(B*T, d)``); with ``leading`` they must lead the first axis."""
+    k = len(idx)
+    shapes = f"{tuple(a.shape)} for {n} examples, {tuple(b.shape)} for {k}"
+    if a.ndim != b.ndim:
+        return f"the number of axes of its value depends on the batch size ({shapes})"
+    varying = [d for d in range(a.ndim) if a.shape[d] != b.shape[d]]
+    if not varying:
+        if _close(a, b):
+            return None
+        return (f"its value (shape {tuple(a.shape)}) has no axis per example and changes with the other examples in "
+                "the batch (a reduction over the batch axis, or an example read for all of them)")
+    if len(varying) > 1:
+        return f"several axes of its value grow with the batch ({shapes}): it pairs examples"
+    d = varying[0]
+    whole, part = a.shape[d], b.shape[d]
+    if whole % n or part % k or whole // n != part // k:
+        return f"its axis {d} does not hold the same number of entries for every example ({shapes})"
+    if leading and d != 0:
+        return f"the examples are along its axis {d}, not its first axis ({shapes})"
+    m = whole // n
+    sel = torch.as_tensor(idx, device=a.device)
+    for outer in [1] if leading else [j for j in range(1, m + 1) if m % j == 0]:
+        inner = m // outer
+        if _close(a.unflatten(d, (outer, n, inner)).index_select(d + 1, sel), b.unflatten(d, (outer, k, inner))):
+            return None
+    return "the value it gives an example changes when the other examples of the batch change"
+
+
+def _mixing(full: Any, sub: Any, n: int, idx: list[int], leading: bool = False) -> str | None:
+    """:func:`_tensor_mixing` over every tensor of two values of the same structure (non-tensors are skipped)."""
+    leaves_f, spec_f = tree_flatten(full)
+    leaves_s, spec_s = tree_flatten(sub)
+    if spec_f != spec_s:
+        return "it splits the batch into a number of pieces that depends on the batch size"
+    for a, b in zip(leaves_f, leaves_s):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            why = _tensor_mixing(a, b, n, idx, leading)
+            if why is not None:
+                return why
+    return None
+
+
+_NEEDS = ("; laftr needs a network that maps each example on its own (its estimates would otherwise depend on the "
+          "batch size or the number of samples)")
+
+
+def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | None = None,
+                      untraced: str = "") -> None:
+    """Refuse a network whose output for an example depends on the other examples of its batch.
+
+    The network runs (in eval mode, without gradients) on the first :data:`PROBE_EXAMPLES` examples of ``x`` and
+    on two disjoint sub-batches of them, in another order; every op must give each example of a sub-batch what it
+    gave that example in the whole batch. This refuses reductions over the batch (``h.sum()``, ``h.mean(0)``,
+    ``h.max(0)``), ops that read other examples (indexing, flipping, rolling or splitting the batch axis, a matrix
+    product that contracts it, a softmax over it), batch norm on batch statistics (no running statistics, or
+    ``F.batch_norm(..., training=True)``) and anything else that mixes the examples, wherever the batch axis is
+    (``nn.MultiheadAttention`` with ``batch_first=False`` keeps it second). The network's output must also have
+    its examples along its first axis.
+
+    Args:
+        model: the network.
+        x: a batch of real inputs (at least two different examples; with fewer nothing is checked).
+        gm: ``model`` traced by :func:`trace`, to name the op that mixes; None (a model torch.fx cannot trace):
+            only the output is checked.
+        untraced: why ``model`` could not be traced (for the message), when ``gm`` is None.
+
+    A network that cannot run on ``x`` is not checked here: the estimator's own pass over the data reports that.
+
+    Raises:
+        UnsupportedOpError: naming the node and the op (or, without a trace, the model) and why.
+    """
+    n = min(int(x.shape[0]), PROBE_EXAMPLES)
+    if n < 2:
+        log.info("one example only: cannot check that %s maps each example on its own", type(model).__name__)
+        return
+    x = x[:n]
+    subs = _sub_batches(n)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            runs = None
+            if gm is not None:
+                try:
+                    runs = []
+                    for batch in [x, *(x[idx] for idx in subs)]:
+                        rec = _Recorder(gm)
+                        rec.run(batch)
+                        runs.append(rec.values)
+                except Exception as e:  # noqa: BLE001 (the traced graph fails where the model runs: check its output)
+                    log.debug("could not run the traced graph of %s on real data (%s: %s)", type(model).__name__,
+                              type(e).__name__, e)
+                    runs = None
+            if runs is not None and gm is not None:
+                for node in gm.graph.nodes:
+                    if node.op in ("placeholder", "get_attr"):
+                        continue
+                    leading = node.op == "output"
+                    for idx, values in zip(subs, runs[1:]):
+                        why = _mixing(runs[0][node.name], values[node.name], n, idx, leading)
+                        if why is None:
+                            continue
+                        if leading:
+                            raise UnsupportedOpError(f"the output of {type(model).__name__} does not keep the examples "
+                                                     f"of a batch apart: {why}{_NEEDS}")
+                        raise UnsupportedOpError(f"node {node.name!r} ({describe(node, gm)}) mixes the examples of a "
+                                                 f"batch: {why}{_NEEDS}")
+                return
+            try:
+                outs = [model(batch) for batch in [x, *(x[idx] for idx in subs)]]
+            except Exception as e:  # noqa: BLE001 (the model does not run on its data: the estimator's fit says why)
+                log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
+                return
+            for idx, out in zip(subs, outs[1:]):
+                why = _mixing(outs[0], out, n, idx, leading=True)
+                if why is not None:
+                    named = f"; the op that mixes them cannot be named: {untraced}" if untraced else ""
+                    raise UnsupportedOpError(f"{type(model).__name__} mixes the examples of a batch, seen in its "
+                                             f"output: {why}{_NEEDS}{named}")
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -11,10 +11,14 @@ discrepancies of shape ``(B,)``. ``z0`` is always the reference network's output
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .errors import DataError, UsageError
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -40,23 +44,51 @@ QUADRATIC_METRICS = frozenset({"l2", "mse"})
 
 
 def check_metric(name: str) -> str:
-    """Return ``name`` if it is a known metric, else raise a ``ValueError`` listing the known ones."""
+    """Return ``name`` if it is a known metric, else raise a :class:`UsageError` listing the known ones."""
     if not isinstance(name, str) or name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; choose one of {sorted(METRICS)}")
+        raise UsageError(f"unknown metric {name!r}; choose one of {sorted(METRICS)}")
     return name
 
 
+def check_outputs(outputs: Any, num_outputs: int | None = None) -> list[int] | None:
+    """``outputs`` as a list of distinct non-negative ints (None stays None), or a :class:`UsageError` naming
+    the problem: not a sequence of integers (bools and floats such as 1.5 are refused), empty, negative,
+    repeated, or — when ``num_outputs`` is given — not below the model's number of outputs."""
+    if outputs is None:
+        return None
+    if isinstance(outputs, torch.Tensor):
+        if outputs.ndim != 1 or outputs.dtype.is_floating_point or outputs.dtype == torch.bool:
+            raise UsageError(f"outputs must be a 1-d list of integer output indices, got a {outputs.dtype} tensor "
+                             f"of shape {tuple(outputs.shape)}")
+        outputs = outputs.tolist()
+    elif hasattr(outputs, "dtype") and hasattr(outputs, "tolist") and getattr(outputs, "ndim", None) == 1:
+        outputs = outputs.tolist()  # a 1-d numpy array (its integer items become ints; floats stay refused)
+    if isinstance(outputs, (str, bytes)) or not isinstance(outputs, Sequence):
+        raise UsageError(f"outputs must be a list of output indices, got {outputs!r}")
+    bad = [o for o in outputs if not isinstance(o, numbers.Integral) or isinstance(o, bool)]
+    if bad:
+        raise UsageError(f"outputs must be integer output indices, got {bad[0]!r} in {list(outputs)}")
+    out = [int(o) for o in outputs]
+    if not out:
+        raise UsageError("outputs must be None (all outputs) or a non-empty list of output indices")
+    if min(out) < 0:
+        raise UsageError(f"outputs must be non-negative output indices, got {out}")
+    if len(set(out)) != len(out):
+        raise UsageError(f"outputs repeat an index: {out} (each output unit may be compared once)")
+    if num_outputs is not None and max(out) >= num_outputs:
+        raise UsageError(f"outputs {out} out of range for a model with {num_outputs} outputs (indices 0.."
+                         f"{num_outputs - 1})")
+    return out
+
+
 def select_outputs(z: torch.Tensor, outputs: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
-    """Flatten ``z`` to ``(B, K)`` and keep only the output units in ``outputs`` (all when None)."""
+    """Flatten ``z`` to ``(B, K)`` and keep only the output units in ``outputs`` (all when None; checked by
+    :func:`check_outputs`)."""
     z = z.reshape(z.shape[0], -1)
     if outputs is None:
         return z
-    idx = torch.as_tensor(outputs, dtype=torch.long, device=z.device)
-    if idx.ndim != 1 or idx.numel() == 0:
-        raise ValueError("outputs must be a non-empty 1-d list of output indices")
-    if int(idx.max()) >= z.shape[1] or int(idx.min()) < -z.shape[1]:
-        raise ValueError(f"outputs {idx.tolist()} out of range for a model with {z.shape[1]} outputs")
-    return z.index_select(1, idx % z.shape[1])
+    idx = torch.as_tensor(check_outputs(outputs, z.shape[1]), dtype=torch.long, device=z.device)
+    return z.index_select(1, idx)
 
 
 def discrepancy(
@@ -76,5 +108,5 @@ def discrepancy(
     """
     fn = METRICS[check_metric(metric)]
     if z0.shape != z.shape:
-        raise ValueError(f"output shapes differ: {tuple(z0.shape)} vs {tuple(z.shape)}")
+        raise DataError(f"output shapes differ: {tuple(z0.shape)} vs {tuple(z.shape)}")
     return fn(select_outputs(z0, outputs), select_outputs(z, outputs))

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,11 +17,14 @@ from typing import Any
 
 import torch
 
+from ._util import atomic_write_bytes
+from .errors import OutputPathError
+
 log = logging.getLogger(__name__)
 
 
-class OutDirError(RuntimeError):
-    """The output folder exists and is not empty (and overwriting was not asked for)."""
+class OutDirError(OutputPathError):
+    """The output folder exists and is not empty (and overwriting was not asked for), or is a file."""
 
 
 def _jsonable(obj: Any) -> Any:
@@ -40,18 +44,7 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
     return path
 
 
@@ -131,21 +124,75 @@ def run_metadata(
 def prepare_out_dir(path: str | os.PathLike[str], force: bool = False) -> Path:
     """Create the output folder ``path``; refuse to reuse a non-empty existing one unless ``force``.
 
+    Prefer :class:`RunFolder` for a run's results: it never leaves a half-written run beside a finished one.
+
     Raises:
         OutDirError: ``path`` is a non-empty folder and ``force`` is False, or ``path`` is a file.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutDirError(f"output path {path} exists and is not a folder")
+    _check_target(path, force)
     if path.is_dir() and any(path.iterdir()):
-        if not force:
-            raise OutDirError(
-                f"output folder {path} exists and is not empty; choose another --out or pass --force "
-                "to overwrite its files"
-            )
         log.warning("writing into non-empty folder %s (force)", path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _check_target(path: Path, force: bool, resume: bool = False) -> None:
+    if path.exists() and not path.is_dir():
+        raise OutDirError(f"output path {path} exists and is not a folder; choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not (force or resume):
+        raise OutDirError(
+            f"output folder {path} exists and is not empty; choose another --out or pass --force to replace it"
+        )
+
+
+class RunFolder:
+    """The output folder of one run, written so that runs can never mix.
+
+    The run writes into a staging folder beside ``path`` (``.NAME.partial``); :meth:`commit` moves it into
+    place when the run is complete, replacing an earlier run at ``path`` only when ``force`` (or ``resume``)
+    was given. A run that fails or is interrupted leaves ``path`` as it was (the earlier run, or nothing) and
+    its partial results in the staging folder, which a ``resume`` continues from and ``force`` discards.
+
+    Usage::
+
+        run = RunFolder(out_dir, force=force)   # checks the target before any work
+        out = run.open()                         # the staging folder: write everything here
+        ...
+        run.commit()                             # promote to out_dir
+    """
+
+    def __init__(self, path: str | os.PathLike[str], force: bool = False, resume: bool = False) -> None:
+        self.path = Path(path)
+        self.force, self.resume = force, resume
+        self.staging = self.path.parent / f".{self.path.name}.partial"
+        _check_target(self.path, force, resume)
+        if self.staging.exists() and not (force or resume):
+            raise OutDirError(
+                f"an unfinished run of {self.path} is in {self.staging}; pass --force to discard it (or, for "
+                "laftr continual, --resume to continue it)"
+            )
+
+    def open(self) -> Path:
+        """Create (or, with ``resume``, reuse) the staging folder and return it."""
+        if self.staging.exists() and not self.resume:
+            shutil.rmtree(self.staging)
+        if self.resume and not self.staging.exists() and self.path.is_dir():
+            # continue a run that an earlier laftr wrote in place: work on a copy, the original stays
+            shutil.copytree(self.path, self.staging)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        return self.staging
+
+    def commit(self) -> Path:
+        """Move the finished run into place (the earlier one at ``path``, if any, is removed) and return it."""
+        old = None
+        if self.path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-", dir=self.path.parent))
+            os.replace(self.path, old / self.path.name)
+        os.replace(self.staging, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.path
 
 
 def pyplot():

@@ -164,10 +164,8 @@ def fit_summary(
             inputs.prepare(batches)
         mode = FitMode([theta0], record_pools=record_pools, record_inputs=record_inputs)
         for x, y in tqdm(batches(), disable=not progress, desc="LAFTR summary"):
-            if inputs.input_shape is None:
+            if inputs.input_shape is None:  # iter_batches checks that every batch has the first's shape
                 inputs.begin(x)
-            elif tuple(x.shape[1:]) != inputs.input_shape:
-                raise UsageError(f"inputs change shape between batches: {inputs.input_shape} then {tuple(x.shape[1:])}")
             group = inputs.assign(x, y)
             mode.group, mode.num_groups = group, int(group.max()) + 1
             net.run((x,), mode)

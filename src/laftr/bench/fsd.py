@@ -40,10 +40,11 @@ from tqdm.auto import tqdm
 
 from .. import available_estimators, exact_fsd, make_estimator
 from .._util import trainable_params
+from ..errors import UsageError
 from ..exact import exact_fsd_and_grad
 from ..metrics import QUADRATIC_METRICS, check_metric, discrepancy
 from ..models import conv_net, mlp, num_params, transformer, vit
-from ..report import markdown_table, prepare_out_dir, pyplot, run_metadata, write_json_atomic
+from ..report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +356,7 @@ class FsdBenchConfig:
         """Defaults for ``arch``, shrunk to a sub-two-minute run with ``quick``; ``overrides`` win (``None``
         values are ignored)."""
         if arch not in ARCHS:
-            raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
+            raise UsageError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
         base: dict[str, Any] = {"arch": arch, "quick": quick}
         if arch == "cnn":
             base.update(n_fit=6000, n_other=6000, epochs_a=2, coreset_sizes=[10, 40, 200, 1000])
@@ -382,52 +383,52 @@ class FsdBenchConfig:
     def validate(self) -> None:
         """Raise a ValueError naming the first bad setting."""
         if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; choose one of {list(ARCHS)}")
+            raise UsageError(f"unknown arch {self.arch!r}; choose one of {list(ARCHS)}")
         spec = ARCH_SPECS[self.arch]
         if spec.inputs == "tokens" and not self.tokens:
-            raise ValueError(f"--arch {self.arch} takes token sequences: use --dataset "
+            raise UsageError(f"--arch {self.arch} takes token sequences: use --dataset "
                              f"{' or '.join(TOKEN_DATASETS)} (got {self.dataset!r})")
         if spec.inputs != "tokens" and self.tokens:
-            raise ValueError(f"--dataset {self.dataset} is token sequences: it needs --arch transformer "
+            raise UsageError(f"--dataset {self.dataset} is token sequences: it needs --arch transformer "
                              f"(--arch {self.arch} takes images)")
         for m in self.metrics:
             check_metric(m)
         if not self.metrics:
-            raise ValueError("no metrics given")
+            raise UsageError("no metrics given")
         assert self.task_a is not None and self.task_b is not None
         if self.tokens:
             if self.task_a or self.task_b:
-                raise ValueError("task_a / task_b choose image classes; on arithmetic task A is 'add' on all p "
+                raise UsageError("task_a / task_b choose image classes; on arithmetic task A is 'add' on all p "
                                  "outputs and the continuations are trajectory kinds: leave them empty")
         elif set(self.task_a) & set(self.task_b) or not self.task_a or not self.task_b:
-            raise ValueError(f"task A {self.task_a} and task B {self.task_b} must be disjoint, non-empty")
+            raise UsageError(f"task A {self.task_a} and task B {self.task_b} must be disjoint, non-empty")
         if any(k < 1 for k in self.coreset_sizes) or self.num_samples < 1 or self.eval_calls < 1:
-            raise ValueError("coreset sizes, num_samples and eval_calls must be positive")
+            raise UsageError("coreset sizes, num_samples and eval_calls must be positive")
         if self.n_fit is not None and self.n_fit < 10:
-            raise ValueError("n_fit must be at least 10 examples")
+            raise UsageError("n_fit must be at least 10 examples")
         if self.schedule_a not in ("constant", "cosine"):
-            raise ValueError(f"unknown schedule_a {self.schedule_a!r}; choose 'constant' or 'cosine'")
+            raise UsageError(f"unknown schedule_a {self.schedule_a!r}; choose 'constant' or 'cosine'")
         for key in ("d_model", "heads", "blocks", "d_mlp", "patch", "p", "epochs_a", "batch_size", "n_other"):
             v = getattr(self, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{key} must be a positive integer, got {v!r}")
+                raise UsageError(f"{key} must be a positive integer, got {v!r}")
         if self.p < 2:
-            raise ValueError(f"the modulus p must be at least 2, got {self.p}")
+            raise UsageError(f"the modulus p must be at least 2, got {self.p}")
         if not 0.0 < self.train_fraction < 1.0:
-            raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction!r}")
+            raise UsageError(f"train_fraction must be in (0, 1), got {self.train_fraction!r}")
         if self.methods is not None:
             static = {s.label for a in ARCHS for s in method_specs(dataclasses.replace(self, arch=a))}
             bad = [m for m in self.methods if m not in static and not re.fullmatch(r"(subset|ntk)-\d+", m)]
             if bad or not self.methods:
-                raise ValueError(f"unknown method(s) {bad}; known: {sorted(static)} and subset-K / ntk-K")
+                raise UsageError(f"unknown method(s) {bad}; known: {sorted(static)} and subset-K / ntk-K")
         kinds = trajectory_kinds(self.dataset)
         for t in self.trajectories or []:
             if t.kind not in kinds:
-                raise ValueError(f"unknown trajectory kind {t.kind!r} on {self.dataset}; choose one of {list(kinds)}")
+                raise UsageError(f"unknown trajectory kind {t.kind!r} on {self.dataset}; choose one of {list(kinds)}")
             if (t.optimizer not in OPTIMIZERS or t.lr <= 0 or t.weight_decay < 0 or t.lam < 0
                     or not isinstance(t.track_epochs, int) or t.track_epochs < 0
                     or (t.track_epochs == 0 and (not t.checkpoints or min(t.checkpoints) < 1))):
-                raise ValueError(f"bad trajectory {t}: optimizer one of {list(OPTIMIZERS)}, lr > 0, lam and "
+                raise UsageError(f"bad trajectory {t}: optimizer one of {list(OPTIMIZERS)}, lr > 0, lam and "
                                  "weight_decay >= 0, and checkpoints >= 1 (or track_epochs > 0)")
 
 
@@ -572,14 +573,14 @@ def _load_images(cfg: FsdBenchConfig, gen: torch.Generator) -> _Data:
     assert cfg.task_a is not None and cfg.task_b is not None
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     if ds.task != "classification":
-        raise ValueError(f"fsd-bench needs a classification data set; {ds.name} is {ds.task}")
+        raise UsageError(f"fsd-bench needs a classification data set; {ds.name} is {ds.task}")
     if ds.num_classes is not None and max(cfg.task_a + cfg.task_b) >= ds.num_classes:
-        raise ValueError(f"{ds.name} has {ds.num_classes} classes; tasks {cfg.task_a} / {cfg.task_b} do not fit")
+        raise UsageError(f"{ds.name} has {ds.num_classes} classes; tasks {cfg.task_a} / {cfg.task_b} do not fit")
 
     def pick(classes: list[int], n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.nonzero(torch.isin(ds.y_train, torch.tensor(classes))).flatten()
         if len(idx) == 0:
-            raise ValueError(f"{ds.name} has no training examples of classes {classes}")
+            raise UsageError(f"{ds.name} has no training examples of classes {classes}")
         if n is not None and n < len(idx):
             idx = idx[torch.randperm(len(idx), generator=gen)[:n]].sort().values
         return ds.x_train[idx], ds.y_train[idx]
@@ -624,11 +625,11 @@ def _build(cfg: FsdBenchConfig, data: _Data) -> nn.Module:
     sizes = {"d_model": cfg.d_model, "heads": cfg.heads, "blocks": cfg.blocks, "d_mlp": cfg.d_mlp}
     if cfg.arch == "transformer":
         if data.vocab_size is None or len(in_shape) != 1:
-            raise ValueError(f"--arch transformer needs token sequences (N, T); got inputs of shape {in_shape}")
+            raise UsageError(f"--arch transformer needs token sequences (N, T); got inputs of shape {in_shape}")
         return transformer(data.vocab_size, in_shape[0], n_out, attention="manual", **sizes)
     if cfg.arch == "vit":
         if len(in_shape) != 3 or in_shape[1] != in_shape[2] or in_shape[1] % cfg.patch:
-            raise ValueError(f"--arch vit needs square images (C, H, W) whose side is a multiple of the patch "
+            raise UsageError(f"--arch vit needs square images (C, H, W) whose side is a multiple of the patch "
                              f"size {cfg.patch}; {data.name} has inputs of shape {in_shape}")
         return vit(image_size=in_shape[1], patch=cfg.patch, channels=in_shape[0], out_features=n_out, **sizes)
     return conv_net(in_shape, n_out, width=cfg.width)
@@ -835,7 +836,8 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
         laftr.report.OutDirError: ``out_dir`` exists and is not empty (and ``force`` is False).
     """
     cfg.validate()
-    out = prepare_out_dir(out_dir, force=force)
+    folder = RunFolder(out_dir, force=force)
+    out = folder.open()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
@@ -946,6 +948,7 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
     plot_memory(res, out / "memory.png")
     if tracked:
         plot_trajectory(res, out / "trajectory.png")
+    folder.commit()
     return res
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data import DatasetNotFoundError, arithmetic_tasks, load_dataset
 from ..data.tasks import TaskStream, permuted_tasks, split_cifar_tasks, split_tasks
+from ..errors import UsageError
 from ..models import conv_net, mlp, transformer, vit
 
 log = logging.getLogger(__name__)
@@ -106,11 +107,11 @@ class BenchmarkSpec:
         if arch is None:
             return self.arch
         if arch not in ARCHS:
-            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+            raise UsageError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
         allowed = _TOKEN_ARCHS if self.tokens else _IMAGE_ARCHS
         if arch not in allowed:
             kind = "token sequences" if self.tokens else "images"
-            raise ValueError(f"arch {arch!r} cannot run {self.name}: its inputs are {kind}; choose one of "
+            raise UsageError(f"arch {arch!r} cannot run {self.name}: its inputs are {kind}; choose one of "
                              f"{', '.join(allowed)}")
         return arch
 
@@ -146,7 +147,7 @@ class BenchmarkSpec:
             return lambda: transformer(vocab, seq_len, outputs, **kwargs)
         if arch == "vit":
             if len(shape) != 3 or shape[1] != shape[2]:
-                raise ValueError(f"arch 'vit' needs square images (channels, size, size); {self.name} has inputs "
+                raise UsageError(f"arch 'vit' needs square images (channels, size, size); {self.name} has inputs "
                                  f"of shape {tuple(shape)}")
             channels, size = int(shape[0]), int(shape[1])
             kwargs = dict(self.vit)
@@ -255,7 +256,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 def get_benchmark(name: str) -> BenchmarkSpec:
     """The benchmark called ``name``; ``ValueError`` listing the known ones otherwise."""
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+        raise UsageError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
     return BENCHMARKS[name]
 
 
@@ -289,7 +290,7 @@ def build_stream(spec: BenchmarkSpec, data: Any, *, seed: int, split: str = "tes
         tasks = spec.tasks
         if num_tasks is not None:
             if num_tasks > len(tasks):
-                raise ValueError(f"{spec.name} has {len(tasks)} tasks ({', '.join(tasks)}); num_tasks {num_tasks} "
+                raise UsageError(f"{spec.name} has {len(tasks)} tasks ({', '.join(tasks)}); num_tasks {num_tasks} "
                                  "is more")
             tasks = tasks[:num_tasks]
         return arithmetic_tasks(tasks, p=spec.p, train_fraction=spec.train_fraction, seed=seed, split=split,

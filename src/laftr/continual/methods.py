@@ -24,6 +24,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import UsageError
 from .regularizer import _check_lam
 
 __all__ = ["METHODS", "TRAITS", "MethodSpec", "parse_method", "parse_methods"]
@@ -71,7 +72,7 @@ class MethodSpec:
         method = {k: v for k, v in overrides.items() if k in _METHOD_KEYS}
         cfg = {k: v for k, v in overrides.items() if k not in _METHOD_KEYS}
         if cfg and self.kind != "fsd":
-            raise ValueError(f"method {self.base!r} has no estimator; cannot set {sorted(cfg)}")
+            raise UsageError(f"method {self.base!r} has no estimator; cannot set {sorted(cfg)}")
         if "lam" in method:
             method["lam"] = _check_lam(method["lam"])
         if "coreset_size" in cfg and self.match_memory:
@@ -87,7 +88,7 @@ class MethodSpec:
         """
         unknown = sorted(set(traits) - set(TRAITS))
         if unknown:
-            raise ValueError(f"unknown benchmark traits {unknown}; choose from {', '.join(TRAITS)}")
+            raise UsageError(f"unknown benchmark traits {unknown}; choose from {', '.join(TRAITS)}")
         cfg = dict(self.config)
         for trait in TRAITS:
             if trait in traits:
@@ -184,16 +185,16 @@ def parse_method(text: str, defaults: dict[str, dict[str, Any]] | None = None,
     base, overrides = text, {}
     if "[" in text:
         if not text.endswith("]"):
-            raise ValueError(f"malformed method {text!r}: expected name[key=value,...]")
+            raise UsageError(f"malformed method {text!r}: expected name[key=value,...]")
         base, inner = text[:-1].split("[", 1)
         for item in filter(None, (s.strip() for s in inner.split(","))):
             if "=" not in item:
-                raise ValueError(f"malformed override {item!r} in {text!r}: expected key=value")
+                raise UsageError(f"malformed override {item!r} in {text!r}: expected key=value")
             k, v = item.split("=", 1)
             overrides[k.strip()] = _value(v)
     base = base.strip()
     if base not in METHODS:
-        raise ValueError(f"unknown method {base!r}; choose from {', '.join(METHODS)}")
+        raise UsageError(f"unknown method {base!r}; choose from {', '.join(METHODS)}")
     spec = METHODS[base].adapted(traits)
     if defaults and base in defaults:
         spec = spec.with_overrides(defaults[base])
@@ -211,21 +212,21 @@ def parse_methods(text: str, defaults: dict[str, dict[str, Any]] | None = None,
         elif ch == "]":
             depth -= 1
             if depth < 0:
-                raise ValueError(f"unbalanced brackets in {text!r}")
+                raise UsageError(f"unbalanced brackets in {text!r}")
         if ch == "," and depth == 0:
             parts.append(cur)
             cur = ""
         else:
             cur += ch
     if depth != 0:
-        raise ValueError(f"unbalanced brackets in {text!r}")
+        raise UsageError(f"unbalanced brackets in {text!r}")
     parts.append(cur)
     parts = [p.strip() for p in parts if p.strip()]
     if not parts:
-        raise ValueError("no methods given")
+        raise UsageError("no methods given")
     specs = [parse_method(p, defaults, traits) for p in parts]
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"methods given twice: {dup}")
+        raise UsageError(f"methods given twice: {dup}")
     return specs

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..estimators.base import FSDEstimator
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,9 @@ def _check_lam(lam: float) -> float:
     try:
         lam = float(lam)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"lam must be a number, got {lam!r}") from e
+        raise UsageError(f"lam must be a number, got {lam!r}") from e
     if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+        raise UsageError(f"lam must be a finite number >= 0, got {lam}")
     return lam
 
 
@@ -67,7 +68,7 @@ class FSDRegularizer:
         self.make = make
         self.lam = _check_lam(lam)
         if tasks_per_step is not None and int(tasks_per_step) < 1:
-            raise ValueError(f"tasks_per_step must be >= 1 or None, got {tasks_per_step}")
+            raise UsageError(f"tasks_per_step must be >= 1 or None, got {tasks_per_step}")
         self.tasks_per_step = None if tasks_per_step is None else int(tasks_per_step)
         self.eval_mode = eval_mode
         self.estimators: list[FSDEstimator] = []
@@ -100,7 +101,7 @@ class FSDRegularizer:
     def add(self, estimator: FSDEstimator) -> None:
         """Keep an already-fitted estimator (e.g. one loaded with :func:`laftr.load`)."""
         if not estimator.fitted:
-            raise ValueError("the estimator is not fitted")
+            raise UsageError("the estimator is not fitted")
         self.estimators.append(estimator)
         log.info("regularizer: %d tasks stored (%s, %d floats)", len(self.estimators), estimator.name,
                  estimator.stored_floats())

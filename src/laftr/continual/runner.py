@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ..report import OutDirError, markdown_table, prepare_out_dir, pyplot, run_metadata, write_json_atomic
+from ..errors import UsageError
+from ..report import OutDirError, RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
 from .benchmarks import build_stream, get_benchmark, load_stream_data
 from .methods import MethodSpec, parse_method, parse_methods
 from .metrics import mean_std
@@ -73,20 +74,20 @@ class ContinualSettings:
         bench = get_benchmark(self.benchmark)
         bench.resolve_arch(self.arch)
         if bench.tokens and self.num_tasks is not None and self.num_tasks > len(bench.tasks):
-            raise ValueError(f"num_tasks {self.num_tasks} is more than the {len(bench.tasks)} tasks of "
+            raise UsageError(f"num_tasks {self.num_tasks} is more than the {len(bench.tasks)} tasks of "
                              f"{bench.name} ({', '.join(bench.tasks)})")
         if not self.seeds:
-            raise ValueError("at least one seed is needed")
+            raise UsageError("at least one seed is needed")
         if self.split not in ("test", "val"):
-            raise ValueError(f"split must be 'test' or 'val', got {self.split!r}")
+            raise UsageError(f"split must be 'test' or 'val', got {self.split!r}")
         for name in ("epochs", "batch_size", "n_train", "n_eval", "num_tasks", "threads"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
+                raise UsageError(f"{name} must be >= 1, got {v}")
         wd = self.weight_decay
         if wd is not None and (isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd)
                                or wd < 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+            raise UsageError(f"weight_decay must be a finite number >= 0, got {wd!r}")
         if self.lam is not None:
             self.lam = _check_lam(self.lam)
 
@@ -130,7 +131,7 @@ def resolve_settings(settings: ContinualSettings) -> tuple[Any, dict[str, Any], 
         if m.base in excluded:
             own = bench.arch == get_benchmark(bench.name).arch
             on = bench.name if own else f"{bench.name} with arch {bench.arch!r}"
-            raise ValueError(f"method {m.base!r} is not available on {on}: {excluded[m.base]}")
+            raise UsageError(f"method {m.base!r} is not available on {on}: {excluded[m.base]}")
     if settings.lam is not None:
         methods = [m.with_overrides({"lam": settings.lam}) if m.kind == "fsd" else m for m in methods]
     reference = parse_method("laftr", bench.method_defaults, traits)
@@ -211,12 +212,15 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
                   command: str = "laftr continual", resume: bool = False) -> dict[str, Any]:
     """Run every method of ``settings`` for every seed and write the results into ``out_dir``.
 
-    ``results.json`` is rewritten after every (method, seed) run, so a long run that is interrupted keeps
-    what it finished. Seeds are the outer loop: every method sees the same data and initialization for a
-    given seed.
+    The run is written into the staging folder ``.NAME.partial`` beside ``out_dir`` and moved to ``out_dir``
+    when complete (:class:`laftr.report.RunFolder`), so an earlier run there is replaced only by a finished
+    one. ``results.json`` is rewritten after every (method, seed) run, so a long run that is interrupted keeps
+    what it finished in the staging folder. Seeds are the outer loop: every method sees the same data and
+    initialization for a given seed.
 
-    With ``resume``, an interrupted run in ``out_dir`` is continued: its finished (method, seed) runs are
-    kept and only the missing ones are run. The earlier run's settings must match (apart from progress
+    With ``resume``, an interrupted run is continued (from the staging folder, or from ``out_dir`` itself when
+    an earlier laftr wrote there in place): its finished (method, seed) runs are kept and only the missing ones
+    are run. The earlier run's settings must match (apart from progress
     bars and threads); otherwise the folder is left alone and an error says what differs.
 
     Raises:
@@ -228,11 +232,10 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
     bench, stream_kw, train, methods, reference = resolve_settings(settings)  # validate before touching the disk
     done: dict[str, list[RunResult]] = {}
     earlier_s = 0.0
+    folder = RunFolder(out_dir, force=force, resume=resume)
     if resume:
-        done, earlier_s = _load_finished_runs(Path(out_dir), settings)
-        out = Path(out_dir)
-    else:
-        out = prepare_out_dir(out_dir, force=force)
+        done, earlier_s = _load_finished_runs(folder, settings)
+    out = folder.open()
     data = load_stream_data(bench, settings.data_dir)
     if settings.threads is not None:
         torch.set_num_threads(int(settings.threads))
@@ -277,17 +280,20 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
     write_json_atomic(out / "results.json", results)
     (out / "table.md").write_text(_header(results) + results["table_markdown"] + "\n", encoding="utf-8")
     _heatmaps(out / "heatmaps.png", results)
+    folder.commit()
     return results
 
 
 _RESUME_IGNORED = ("progress", "threads")
 
 
-def _load_finished_runs(out: Path, settings: ContinualSettings) -> tuple[dict[str, list[RunResult]], float]:
-    """Finished runs of an interrupted ``run_benchmark`` in ``out``, by method, and its wall time so far."""
-    path = out / "results.json"
+def _load_finished_runs(folder: RunFolder, settings: ContinualSettings) -> tuple[dict[str, list[RunResult]], float]:
+    """Finished runs of an interrupted ``run_benchmark`` (in ``folder``'s staging folder, or at its path when an
+    earlier laftr wrote there in place), by method, and its wall time so far."""
+    path = (folder.staging if folder.staging.is_dir() else folder.path) / "results.json"
     if not path.is_file():
-        raise OutDirError(f"cannot resume: {path} does not exist")
+        raise OutDirError(f"cannot resume: {folder.path / 'results.json'} does not exist and no interrupted run "
+                          f"is in {folder.staging}")
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
         old_settings = old["settings"]

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._util import resolve_device
 from ..data.tasks import Task, TaskStream
-from ..estimators.base import make_estimator
+from ..errors import UsageError
+from ..estimators.base import check_int, make_estimator
 from .methods import METHODS, MethodSpec
 from .metrics import average_accuracy, backward_transfer
 from .regularizer import FSDRegularizer
@@ -54,15 +56,14 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if int(self.epochs) < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if int(self.batch_size) < 1 or int(self.eval_batch_size) < 1:
-            raise ValueError("batch sizes must be >= 1")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            check_int(self, name, minimum=1)
+        resolve_device(self.device, "device")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+            raise UsageError(f"lr must be a positive number, got {self.lr!r}")
         wd = self.weight_decay
         if isinstance(wd, bool) or not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+            raise UsageError(f"weight_decay must be a finite number >= 0, got {wd!r}")
 
     def optimizer(self, params: Any) -> torch.optim.Optimizer:
         """A fresh optimizer for one task: Adam, or AdamW when ``weight_decay`` is above 0."""
@@ -73,7 +74,9 @@ class TrainConfig:
     def resolved_device(self) -> torch.device:
         if self.device is None:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        dev = resolve_device(self.device, "device")
+        assert dev is not None
+        return dev
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..errors import DataError, UsageError
 from .idx import read_idx
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ _CIFAR_HINT = (
 )
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(DataError, FileNotFoundError):
     """A data set's files are missing; the message names them and says how to get them."""
 
 
@@ -817,7 +818,7 @@ def load_dataset(
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in _LOADERS:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASET_NAMES)}")
+        raise UsageError(f"unknown data set {name!r}; known: {', '.join(DATASET_NAMES)}")
     ds = _LOADERS[key](data_dir)
     if limit is not None:
         ds = ds.subset(limit, limit)

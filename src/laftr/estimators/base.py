@@ -6,22 +6,52 @@ Life cycle::
     est.fit(model, train_loader)      # summarize at theta0 = the model's current parameters
     d = est(model)                    # 0-dim tensor, differentiable w.r.t. the model's parameters
     est.stored_floats()               # floats stored beyond theta0
+
+What every estimator checks, here once for all of them:
+
+- ``fit`` validates ``outputs`` (distinct non-negative integers below the model's number of outputs, found by
+  one forward pass on the first example) and refuses a network whose output for an example depends on the
+  other examples of its batch (:func:`laftr.graph.check_per_example`: ``h - h.mean(0)``, ``h + h.sum()``, batch
+  norm on batch statistics, ...), naming the op: the function space distance is not defined for it.
+- ``fit`` keeps a fingerprint of the traced forward graph (:mod:`laftr.fingerprint`; ``graph_fingerprint``,
+  also saved in the file), and the estimator refuses a model (in ``distance``/``__call__`` and
+  ``theta0_model``) whose graph differs, naming the first node that differs: an estimate takes the model to be
+  theta0's network with other parameters. A model torch.fx cannot trace gets no fingerprint (logged) and is
+  not checked; neither is a model loaded from a file written before fingerprints existed.
+- The model is always evaluated as in eval mode (dropout off, batch norm on its running statistics), whatever
+  mode it is in: a model in a training loop gets the same estimate in train and in eval mode, and the
+  estimate never depends on the composition of a training batch.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
+import logging
 import numbers
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .._util import Data, arch_signature, check_same_arch, model_device_dtype, param_dict, registrar
+from .._util import (
+    Data,
+    arch_signature,
+    check_same_arch,
+    iter_batches,
+    model_device_dtype,
+    param_dict,
+    registrar,
+)
 from ..errors import OptionError, UsageError
-from ..metrics import check_metric
+from ..fingerprint import GraphFingerprint, describe_difference, model_fingerprint
+from ..graph import PROBE_EXAMPLES, check_per_example
+from ..metrics import check_metric, check_outputs
+
+log = logging.getLogger(__name__)
 
 REGISTRY: dict[str, type[FSDEstimator]] = {}
 
@@ -94,10 +124,21 @@ class FSDEstimator:
 
     Subclasses set ``Config`` (a dataclass deriving from :class:`EstimatorConfig`) and implement
     ``_fit``, ``_distance``, ``stored_floats`` and the ``_state``/``_load_state`` pair.
+
+    Attributes:
+        outputs: the compared output units (None: all).
+        theta0: theta0's parameters and buffers.
+        arch: ``[[name, shape], ...]`` of theta0's parameters and buffers.
+        graph_fingerprint: the text form of theta0's forward-graph fingerprint
+            (:class:`laftr.fingerprint.GraphFingerprint`), or None (not traceable, or loaded from an older file).
     """
 
     name: ClassVar[str] = "base"
     Config: ClassVar[type[EstimatorConfig]] = EstimatorConfig
+    #: Whether the estimator runs the network (on the data at ``fit``, or on stored inputs when evaluated). One
+    #: that does not (``weight``) neither reads the data nor checks it: ``outputs`` is then validated only as a
+    #: list of indices, and a network that mixes the examples of a batch is not refused.
+    uses_network: ClassVar[bool] = True
 
     def __init__(self, config: EstimatorConfig | None = None, **kwargs: Any) -> None:
         check_options(self.Config, kwargs, f"estimator {getattr(self, 'name', type(self).__name__)!r}")
@@ -112,6 +153,9 @@ class FSDEstimator:
         self.outputs: list[int] | None = None
         self.theta0: dict[str, torch.Tensor] | None = None
         self.arch: list[list[Any]] | None = None
+        self.graph_fingerprint: str | None = None
+        self._fingerprint: GraphFingerprint | None = None  # with node descriptions (this session only)
+        self._graph_checked: dict[int, tuple[Any, str, tuple[int, ...]]] = {}  # id(model) -> what passed the check
 
     # ------------------------------------------------------------------ public API
     @property
@@ -125,24 +169,40 @@ class FSDEstimator:
     def fit(self, model: nn.Module, data: Data, outputs: Sequence[int] | None = None) -> FSDEstimator:
         """Summarize ``data`` at theta0 = ``model``'s current parameters (copied; the model is not changed).
 
+        The model runs in eval mode (each submodule's mode is put back afterwards).
+
         Args:
             model: the reference network.
             data: a DataLoader of ``(x, y)`` or ``x`` batches, a tensor of inputs or an ``(X, Y)`` pair.
-            outputs: optional output units that the distance compares (multi-head tasks).
+            outputs: optional output units that the distance compares (multi-head tasks): distinct
+                non-negative integers below the model's number of outputs.
+
+        Raises:
+            UsageError: bad ``outputs``.
+            UnsupportedOpError: a network that mixes the examples of a batch (naming the op), or one the
+                estimator cannot handle.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.outputs = None if outputs is None else [int(o) for o in outputs]
-        if self.outputs is not None and len(self.outputs) == 0:
-            raise ValueError("outputs must be None or a non-empty list of output indices")
-        self.theta0 = param_dict(model, detach=True)
-        self.arch = arch_signature(model)
-        was_training = model.training
+        outputs = check_outputs(outputs)
+        modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
+            fp, gm, why = model_fingerprint(model)
+            if fp is None:
+                log.info("%s: no graph fingerprint, so later models are not checked to have the same forward: %s",
+                         self.name, why)
+            if self.uses_network:
+                device, dtype = model_device_dtype(model)
+                x, data = _first_examples(data, PROBE_EXAMPLES, self.config.batch_size, device, dtype)
+                if outputs is not None:
+                    check_outputs(outputs, _num_outputs(model, x[:1]))
+                check_per_example(model, x, gm, why)
+            self._set_reference(model, outputs, fp)
             self._fit(model, data)
         finally:
-            model.train(was_training)
+            for m, training in modes:
+                m.training = training
         return self
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
@@ -177,12 +237,68 @@ class FSDEstimator:
         """Inverse of :meth:`_state`."""
 
     # ------------------------------------------------------------------ helpers
+    def _set_reference(self, model: nn.Module, outputs: Sequence[int] | None,
+                       fingerprint: GraphFingerprint | None | bool = True) -> None:
+        """Make ``model``'s current parameters theta0: record them, their architecture, the compared ``outputs``
+        (checked as a list of indices) and the fingerprint of the model's graph (``True``: computed here). For a
+        subclass that fits without :meth:`fit` (e.g. from an existing summary)."""
+        if fingerprint is True:
+            fingerprint = model_fingerprint(model)[0]
+        self.outputs = check_outputs(outputs)
+        self.theta0 = param_dict(model, detach=True)
+        self.arch = arch_signature(model)
+        self._fingerprint = fingerprint or None
+        self.graph_fingerprint = None if not fingerprint else fingerprint.text
+        self._graph_checked = {}
+        if self.graph_fingerprint is not None:
+            self._graph_checked[id(model)] = (weakref.ref(model), self.graph_fingerprint, _structure(model))
+
     def _check_ready(self, model: nn.Module) -> None:
         if self.theta0 is None or self.arch is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(model, data) first")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_same_arch(self.arch, model)
+        self._check_graph(model)
+
+    def _check_graph(self, model: nn.Module, what: str = "the fitted model") -> None:
+        """Refuse ``model`` if its forward graph differs from theta0's (see :mod:`laftr.fingerprint`).
+
+        Checked once per model object: a model that passed is remembered (by a weak reference, and the identity
+        of its submodules), so calling the estimator on it at every training step costs a dictionary lookup and
+        a walk over its submodules. Replacing a submodule (``model.act = nn.Tanh()``) is noticed; changing a
+        module in place afterwards (an attribute its forward reads, a patched ``forward``) is not.
+        """
+        text = self.graph_fingerprint
+        if text is None:
+            return
+        cache = self.__dict__.setdefault("_graph_checked", {})
+        hit = cache.get(id(model))
+        if hit is not None and hit[0]() is model and hit[1] == text and hit[2] == _structure(model):
+            return
+        mine = getattr(self, "_fingerprint", None)
+        fitted = mine if mine is not None and mine.text == text else GraphFingerprint.parse(text)
+        if fitted is None:  # written by another version of laftr: nothing to compare with
+            log.info("%s: graph fingerprint of an unknown format, not checked: %.40s", self.name, text)
+        else:
+            got, _, why = model_fingerprint(model)
+            if got is None:
+                raise UsageError(f"the model's forward cannot be traced with torch.fx ({why}), while {what}'s could: "
+                                 "its forward differs from the fitted one")
+            diff = describe_difference(fitted, got)
+            if diff is not None:
+                raise UsageError(f"{diff} (compared with {what}); an estimator takes the model to be theta0's "
+                                 "network with other parameters, so it must compute the same function of them")
+        for key in [k for k, v in cache.items() if v[0]() is None]:
+            del cache[key]
+        if len(cache) >= 16:
+            del cache[next(iter(cache))]
+        cache[id(model)] = (weakref.ref(model), text, _structure(model))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_graph_checked"] = {}  # weak references do not pickle; the check is redone
+        return state
 
     def theta0_model(self, like: nn.Module) -> nn.Module:
         """A copy of ``like`` (same architecture) carrying theta0's parameters and buffers, in eval mode.
@@ -192,6 +308,7 @@ class FSDEstimator:
         if self.theta0 is None or self.arch is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(model, data) first")
         check_same_arch(self.arch, like, "the stored theta0")
+        self._check_graph(like, "the stored theta0")
         model = copy.deepcopy(like)
         with torch.no_grad():
             for n, t in [*model.named_parameters(), *model.named_buffers()]:
@@ -211,3 +328,68 @@ class FSDEstimator:
             cache[key] = {n: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
                           for n, t in self.theta0.items()}
         return cache[key]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _structure(model: nn.Module) -> tuple[int, ...]:
+    """The identity of ``model`` and of every submodule (cheap: no names are built)."""
+    out = [id(model)]
+    stack = [model]
+    while stack:
+        for child in stack.pop()._modules.values():
+            if child is not None:
+                out.append(id(child))
+                stack.append(child)
+    return tuple(out)
+
+
+def _num_outputs(model: nn.Module, x: torch.Tensor) -> int | None:
+    """The number of output units of ``model`` (its output on one example, flattened); None when the model does
+    not run on the data (the estimator's own pass over the data then says why)."""
+    try:
+        with torch.no_grad():
+            z = model(x)
+    except Exception as e:  # noqa: BLE001
+        log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
+        return None
+    if not isinstance(z, torch.Tensor):
+        raise UsageError(f"outputs= needs a model that returns a tensor; {type(model).__name__} returns "
+                         f"{type(z).__name__}")
+    return int(z.reshape(z.shape[0], -1).shape[1]) if z.ndim else 1
+
+
+def _first_examples(data: Data, n: int, batch_size: int, device: torch.device, dtype: torch.dtype,
+                    ) -> tuple[torch.Tensor, Data]:
+    """The first ``n`` inputs of ``data`` (fewer if it has fewer), and ``data`` to read from the start again.
+
+    A one-shot iterator is given back with the batches read put in front; a loader is read without changing
+    the global random state or its generators (a shuffled loader then shuffles as if it had not been read).
+    """
+    taken: list[Any] = []
+    if isinstance(data, Iterator):
+        source: Any = data
+
+        def remember() -> Iterator[Any]:
+            for batch in source:
+                taken.append(batch)
+                yield batch
+
+        data = remember()
+    gens = [getattr(data, "generator", None), getattr(getattr(data, "sampler", None), "generator", None),
+            getattr(getattr(getattr(data, "batch_sampler", None), "sampler", None), "generator", None)]
+    states = [(g, g.get_state()) for g in gens if isinstance(g, torch.Generator)]
+    xs: list[torch.Tensor] = []
+    count = 0
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for x, _ in iter_batches(data, batch_size, device, dtype):
+                xs.append(x[: n - count])
+                count += xs[-1].shape[0]
+                if count >= n:
+                    break
+    finally:
+        for g, state in states:
+            g.set_state(state)
+    if taken:
+        data = itertools.chain(taken, source)
+    return torch.cat(xs), data

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._util import Data, iter_batches, model_device_dtype
+from ..errors import DataError, UsageError
 from ..inputs import hash_keys
 from ..metrics import select_outputs
 from .base import EstimatorConfig, FSDEstimator
@@ -45,25 +46,21 @@ def select_coreset(
         examples)``) and, for ``balanced``, their labels (else None).
     """
     if selection not in SELECTIONS:
-        raise ValueError(f"unknown selection {selection!r}; choose one of {list(SELECTIONS)}")
+        raise UsageError(f"unknown selection {selection!r}; choose one of {list(SELECTIONS)}")
     if int(k) < 1:
-        raise ValueError(f"coreset_size must be positive, got {k}")
+        raise UsageError(f"coreset_size must be positive, got {k}")
     balanced = selection == "balanced"
     keys: list[torch.Tensor] = []
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
-    shape: tuple[int, ...] | None = None
-    # batches stay on the CPU (where the hash is computed); only the chosen k move to ``device``
+    # batches stay on the CPU (where the hash is computed); only the chosen k move to ``device``;
+    # iter_batches checks that every batch has the first's per-example shape
     for x, y in tqdm(iter_batches(data, batch_size, None, dtype), disable=not progress, desc="coreset"):
-        if shape is None:
-            shape = tuple(x.shape[1:])
-        elif tuple(x.shape[1:]) != shape:
-            raise ValueError(f"inputs change shape between batches: {shape} then {tuple(x.shape[1:])}")
         if balanced:
             if y is None:
-                raise ValueError("selection='balanced' needs labels: give (x, y) batches")
+                raise DataError("selection='balanced' needs labels: give (x, y) batches")
             if y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1:
-                raise ValueError(f"selection='balanced' needs integer class labels of shape (B,), got {y.dtype} "
+                raise DataError(f"selection='balanced' needs integer class labels of shape (B,), got {y.dtype} "
                                  f"{tuple(y.shape)}")
             ys.append(y.detach().cpu().long())
         keys.append(hash_keys(x, seed))
@@ -134,9 +131,9 @@ class CoresetEstimator(FSDEstimator):
         super().__init__(config, **kwargs)
         c: CoresetConfig = self.config  # type: ignore[assignment]
         if c.selection not in SELECTIONS:
-            raise ValueError(f"unknown selection {c.selection!r}; choose one of {list(SELECTIONS)}")
+            raise UsageError(f"unknown selection {c.selection!r}; choose one of {list(SELECTIONS)}")
         if not isinstance(c.coreset_size, int) or isinstance(c.coreset_size, bool) or c.coreset_size < 1:
-            raise ValueError(f"coreset_size must be a positive integer, got {c.coreset_size!r}")
+            raise UsageError(f"coreset_size must be a positive integer, got {c.coreset_size!r}")
         self.X: torch.Tensor | None = None
 
     def _fit(self, model: nn.Module, data: Data) -> None:

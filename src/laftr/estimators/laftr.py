@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._util import Data, arch_signature, model_device_dtype, param_dict
+from .._util import Data, model_device_dtype, param_dict
 from ..errors import UsageError
 from ..graph import MomentMode, OwnMode, SampleMode, TracedNet
 from ..inputs import INPUT_MODELS, make_input_model
@@ -194,9 +194,7 @@ class _LaftrBase(FSDEstimator):
         if summary.inputs.name != self.cfg.input_model:
             raise UsageError(f"the summary has a {summary.inputs.name!r} input model, this estimator is configured "
                              f"for {self.cfg.input_model!r}")
-        self.outputs = outputs
-        self.theta0 = param_dict(model, detach=True)
-        self.arch = arch_signature(model)
+        self._set_reference(model, outputs)
         self.summary = summary
         self._after_summary(TracedNet(model))
         return self

@@ -35,6 +35,7 @@ class WeightEstimator(FSDEstimator):
     """
 
     Config = WeightConfig
+    uses_network = False  # needs no data: fit neither reads examples nor checks the forward on them
 
     def __init__(self, config: WeightConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from ..estimators.base import REGISTRY
 from ..models import mlp, num_params
-from ..report import markdown_table, prepare_out_dir, pyplot, run_metadata, write_json_atomic
+from ..report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
 from .classical import InfluenceConfig
 from .losses import infer_task, per_example_loss
 from .measure import Measurement
@@ -63,16 +64,16 @@ def _estimator_options(user: dict[str, dict[str, Any]] | None, task: str,
     for key in sorted(keys):
         name = key.partition("@")[0]
         if name not in REGISTRY:
-            raise ValueError(f"options given for unknown estimator {name!r}; known: {sorted(REGISTRY)}")
+            raise UsageError(f"options given for unknown estimator {name!r}; known: {sorted(REGISTRY)}")
         fields = {f.name for f in dataclasses.fields(REGISTRY[name].Config)}
         opts = {k: v for k, v in DEFAULT_ESTIMATOR_OPTIONS.get(name, {}).items() if k in fields}
         if name == "laftr" and task == "classification":
             opts.update(CLASSIFICATION_LAFTR_OPTIONS)
         for k, v in user.get(key, {}).items():
             if k not in fields:
-                raise ValueError(f"estimator {name!r} has no option {k!r}; its options: {sorted(fields)}")
+                raise UsageError(f"estimator {name!r} has no option {k!r}; its options: {sorted(fields)}")
             if k == "metric":
-                raise ValueError("the estimator's metric is the loss's Bregman divergence; do not set it")
+                raise UsageError("the estimator's metric is the loss's Bregman divergence; do not set it")
             opts[k] = v
         out[key] = opts
     return out
@@ -80,7 +81,7 @@ def _estimator_options(user: dict[str, dict[str, Any]] | None, task: str,
 
 def _check_methods(methods: list[str]) -> list[str]:
     if not methods:
-        raise ValueError("give at least one method")
+        raise UsageError("give at least one method")
     seen = []
     for m in methods:
         check_method(m)
@@ -136,7 +137,7 @@ class InfluenceExperimentConfig:
     def resolved(self) -> InfluenceExperimentConfig:
         """A copy with every ``None`` default filled in for the data set (and ``--quick``)."""
         if self.dataset not in INFLUENCE_DATASETS:
-            raise ValueError(f"unknown data set {self.dataset!r}; choose one of {list(INFLUENCE_DATASETS)}")
+            raise UsageError(f"unknown data set {self.dataset!r}; choose one of {list(INFLUENCE_DATASETS)}")
         methods = _check_methods(list(self.methods))
         if "pbrf" not in methods:
             methods = ["pbrf", *methods]
@@ -153,19 +154,19 @@ class InfluenceExperimentConfig:
         out = _with_defaults(dataclasses.replace(self, methods=methods), d)
         _validate_common(out)
         if out.n_measure < 1 or out.n_queries < 2:
-            raise ValueError("n_measure must be >= 1 and n_queries >= 2")
+            raise UsageError("n_measure must be >= 1 and n_queries >= 2")
         return out
 
 
 def _validate_common(c: Any) -> None:
     if c.n_train is not None and c.n_train < 2:
-        raise ValueError(f"n_train must be >= 2, got {c.n_train}")
+        raise UsageError(f"n_train must be >= 2, got {c.n_train}")
     if not c.hidden or any(int(h) < 1 for h in c.hidden):
-        raise ValueError(f"hidden widths must be positive, got {c.hidden}")
+        raise UsageError(f"hidden widths must be positive, got {c.hidden}")
     if c.epochs < 0 or not c.lr > 0 or c.batch_size < 1:
-        raise ValueError("epochs must be >= 0, lr > 0 and batch_size >= 1")
+        raise UsageError("epochs must be >= 0, lr > 0 and batch_size >= 1")
     if not (math.isfinite(c.damping) and c.damping >= 0):
-        raise ValueError(f"damping must be >= 0, got {c.damping}")
+        raise UsageError(f"damping must be >= 0, got {c.damping}")
 
 
 # --------------------------------------------------------------------------------------------- data/model
@@ -182,7 +183,7 @@ def load_tables(name: str, n_train: int | None, seed: int = 0) -> tuple[Any, str
         ds = _dc.replace(ds, x_train=ds.x_train[idx], y_train=ds.y_train[idx], meta={**ds.meta, "train_subset": (
             f"sorted(torch.randperm({ds.n_train}, generator=Generator().manual_seed({seed}))[:{n_train}])")})
     elif n_train is not None and n_train > ds.n_train:
-        raise ValueError(f"{name} has {ds.n_train} training examples; n_train={n_train} is too many")
+        raise UsageError(f"{name} has {ds.n_train} training examples; n_train={n_train} is too many")
     return ds, infer_task(ds.y_train)
 
 
@@ -255,7 +256,8 @@ def run_influence(config: InfluenceExperimentConfig, out_dir: str | Path, force:
     cfg = config.resolved()
     est_opts = _estimator_options(cfg.estimator_options, "classification" if cfg.dataset in MISLABELED_DATASETS
                                   else "regression", cfg.methods)
-    out = prepare_out_dir(out_dir, force=force)
+    folder = RunFolder(out_dir, force=force)
+    out = folder.open()
     t_start = time.perf_counter()
     metadata = run_metadata(command, seed=cfg.seed, device="cpu")  # the revision the run started on
     ds, task = load_tables(cfg.dataset, cfg.n_train, cfg.seed)
@@ -265,7 +267,7 @@ def run_influence(config: InfluenceExperimentConfig, out_dir: str | Path, force:
     X64, Y64 = X.double(), _targets64(Y)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     if cfg.n_measure > ds.n_test or cfg.n_queries > ds.n_train:
-        raise ValueError(f"n_measure ({cfg.n_measure}) or n_queries ({cfg.n_queries}) exceeds the test "
+        raise UsageError(f"n_measure ({cfg.n_measure}) or n_queries ({cfg.n_queries}) exceeds the test "
                          f"({ds.n_test}) or training ({ds.n_train}) set")
     test_idx = torch.randperm(ds.n_test, generator=gen)[: cfg.n_measure].sort().values.tolist()
     query_idx = torch.randperm(ds.n_train, generator=gen)[: cfg.n_queries].tolist()
@@ -316,6 +318,7 @@ def run_influence(config: InfluenceExperimentConfig, out_dir: str | Path, force:
     write_json_atomic(out / "results.json", res)
     (out / "table.md").write_text(_influence_md(res))
     _scatter(res, out / "scatter.png")
+    folder.commit()
     return res
 
 
@@ -400,10 +403,10 @@ class MislabeledConfig:
 
     def resolved(self) -> MislabeledConfig:
         if self.dataset not in MISLABELED_DATASETS:
-            raise ValueError(f"mislabeled detection needs a classification data set: one of "
+            raise UsageError(f"mislabeled detection needs a classification data set: one of "
                              f"{list(MISLABELED_DATASETS)}, got {self.dataset!r}")
         if not (isinstance(self.noise, (int, float)) and 0 < self.noise < 1):
-            raise ValueError(f"noise must be a fraction in (0, 1), got {self.noise!r}")
+            raise UsageError(f"noise must be a fraction in (0, 1), got {self.noise!r}")
         methods = _check_methods(list(self.methods))
         q = self.quick
         d = {"n_train": 1000 if not q else 150, "hidden": (64,) if not q else (16,),
@@ -458,13 +461,13 @@ def flip_labels(y: torch.Tensor, fraction: float, num_classes: int, generator: t
         ``(noisy labels, boolean mask of flipped examples)``.
     """
     if not 0 < fraction < 1:
-        raise ValueError(f"noise fraction must be in (0, 1), got {fraction}")
+        raise UsageError(f"noise fraction must be in (0, 1), got {fraction}")
     if num_classes < 2:
-        raise ValueError("need at least two classes to flip labels")
+        raise UsageError("need at least two classes to flip labels")
     n = y.shape[0]
     k = round(fraction * n)
     if k < 1:
-        raise ValueError(f"noise {fraction} flips no label of {n} examples")
+        raise UsageError(f"noise {fraction} flips no label of {n} examples")
     idx = torch.randperm(n, generator=generator)[:k]
     shift = torch.randint(1, num_classes, (k,), generator=generator)
     noisy = y.clone()
@@ -479,7 +482,8 @@ def run_mislabeled(config: MislabeledConfig, out_dir: str | Path, force: bool = 
     """Run mislabeled-example detection and write ``results.json``, ``table.md`` and ``curves.png``."""
     cfg = config.resolved()
     est_opts = _estimator_options(cfg.estimator_options, "classification", cfg.methods)
-    out = prepare_out_dir(out_dir, force=force)
+    folder = RunFolder(out_dir, force=force)
+    out = folder.open()
     t_start = time.perf_counter()
     metadata = run_metadata(command, seed=cfg.seed, device="cpu")  # the revision the run started on
     ds, task = load_tables(cfg.dataset, cfg.n_train, cfg.seed)
@@ -566,5 +570,6 @@ def run_mislabeled(config: MislabeledConfig, out_dir: str | Path, force: bool = 
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
+    folder.commit()
     plt.close(fig)
     return res

@@ -1,12 +1,13 @@
-"""``laftr continual``: continual-learning benchmarks with FSD regularizers (registered on import)."""
+"""``laftr continual``: continual-learning benchmarks with FSD regularizers."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ..cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, register_subcommand
+from ..errors import UsageError
+from .common import EXIT_OK, Subcommand, command_line, user_options
 
+#: The methods run when ``--methods`` is not given (less those a benchmark cannot run).
 DEFAULT_METHODS = "none,joint,ewc,kfac,ntk,subset,laftr,laftr-classwise,laftr-exact,laftr-coreset"
 #: Added to the default methods on networks with attention (LIFTR was made for transformers).
 TRANSFORMER_METHODS = "liftr"
@@ -16,7 +17,7 @@ def default_methods(benchmark: str, arch: str | None = None) -> str:
     """The methods run when ``--methods`` is not given: :data:`DEFAULT_METHODS` less those the benchmark (with
     network ``arch``) cannot run, plus :data:`TRANSFORMER_METHODS` on attention networks. An unknown benchmark
     or network gives :data:`DEFAULT_METHODS` (the settings then report the error)."""
-    from .benchmarks import BENCHMARKS
+    from ..continual.benchmarks import BENCHMARKS
 
     names = DEFAULT_METHODS.split(",")
     if benchmark not in BENCHMARKS:
@@ -24,7 +25,7 @@ def default_methods(benchmark: str, arch: str | None = None) -> str:
     bench = BENCHMARKS[benchmark]
     try:
         excluded, traits = bench.excluded_methods(arch), bench.traits(arch)
-    except ValueError:
+    except ValueError:  # an arch the benchmark does not take: the settings report it
         return DEFAULT_METHODS
     if "transformer" in traits:
         names += TRANSFORMER_METHODS.split(",")
@@ -32,7 +33,7 @@ def default_methods(benchmark: str, arch: str | None = None) -> str:
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    from .benchmarks import BENCHMARKS
+    from ..continual.benchmarks import BENCHMARKS
 
     p.add_argument("--benchmark", required=True, help=f"one of {', '.join(BENCHMARKS)}")
     p.add_argument("--arch", choices=["mlp", "vit"], default=None,
@@ -41,8 +42,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                         "benchmarks take only their transformer)")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods, optionally with overrides, e.g. "
-                        "'none,laftr[lam=10],subset[coreset_size=786]' (default: the ten of the issue, less any "
-                        "the benchmark cannot run, plus liftr on transformers)")
+                        f"'none,laftr[lam=10],subset[coreset_size=786]' (default: {DEFAULT_METHODS.replace(',', ', ')}; "
+                        f"less any the benchmark cannot run, plus {TRANSFORMER_METHODS} on transformers)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed+N-1")
     p.add_argument("--data-dir", default=None,
@@ -74,18 +75,12 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..data import DatasetNotFoundError
-    from ..report import OutDirError
-    from .runner import ContinualSettings, resolve_settings, run_benchmark
+    from ..continual.runner import ContinualSettings, resolve_settings, run_benchmark
 
-    prog = "laftr continual"
-    methods = args.methods
-    if methods is None:
-        methods = default_methods(args.benchmark, args.arch)
     if args.seeds < 1:
-        print(f"{prog}: error: --seeds must be >= 1", file=sys.stderr)
-        return EXIT_USAGE
-    try:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    methods = args.methods if args.methods is not None else default_methods(args.benchmark, args.arch)
+    with user_options():
         settings = ContinualSettings(
             benchmark=args.benchmark, methods=methods,
             seeds=list(range(args.first_seed, args.first_seed + args.seeds)), split=args.split, quick=args.quick,
@@ -95,22 +90,11 @@ def _run(args: argparse.Namespace) -> int:
             threads=args.threads, progress=not args.no_progress,
         )
         resolve_settings(settings)
-    except (ValueError, TypeError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    command = "laftr " + " ".join(getattr(args, "_argv", []) or ["continual"])
-    try:
-        res = run_benchmark(settings, args.out, force=args.force, command=command, resume=args.resume)
-    except DatasetNotFoundError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except OutDirError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_FAIL
+    res = run_benchmark(settings, args.out, force=args.force, command=command_line(args), resume=args.resume)
     print(res["table_markdown"])
     print(f"wall time {res['wall_time_s']:.0f} s; results in {args.out}/results.json, table.md, heatmaps.png")
     return EXIT_OK
 
 
-register_subcommand("continual", "continual learning with FSD regularizers (split/permuted/arithmetic benchmarks)",
-                    _args, _run)
+COMMANDS = (Subcommand("continual",
+                       "continual learning with FSD regularizers (split/permuted/arithmetic benchmarks)", _args, _run),)

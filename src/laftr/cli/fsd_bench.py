@@ -1,19 +1,16 @@
-"""``laftr fsd-bench``: registered with :func:`laftr.cli.register_subcommand` on import."""
+"""``laftr fsd-bench``: FSD estimators scored against the exact FSD (accuracy, memory, time)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
 
-from ..cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, register_subcommand
-from .fsd import ARCHS
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+from ..bench.fsd import ARCHS
+from ..errors import UsageError
+from .common import EXIT_OK, Subcommand, command_line, csv_list, int_list, user_options
 
 
-def _add_args(p: argparse.ArgumentParser) -> None:
+def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None,
                    help="data set: an image classification set for mlp, mlp-gelu, cnn and vit (default "
                         "fashion-mnist), arithmetic for transformer (its default and only choice)")
@@ -27,10 +24,10 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True,
                    help="output folder (results.json, table.md, scatter.png, memory.png; trajectory.png for arithmetic)")
     p.add_argument("--force", action="store_true", help="write into an existing non-empty output folder")
-    p.add_argument("--methods", type=_csv, default=None,
+    p.add_argument("--methods", type=csv_list, default=None,
                    help="comma-separated method labels (default: all), e.g. laftr,laftr-exact,kfac,subset-200")
-    p.add_argument("--metrics", type=_csv, default=None, help="comma-separated metrics (default l2,l2-probs,kl)")
-    p.add_argument("--coreset-sizes", type=lambda s: [int(v) for v in _csv(s)], default=None,
+    p.add_argument("--metrics", type=csv_list, default=None, help="comma-separated metrics (default l2,l2-probs,kl)")
+    p.add_argument("--coreset-sizes", type=int_list, default=None,
                    help="k of the subset/ntk baselines (default 10,40,200,1000; the LAFTR-matched k is added)")
     p.add_argument("--n-fit", type=int, default=None, help="task-A training examples (default: all; cnn 6000)")
     p.add_argument("--num-samples", type=int, default=None, help="Monte Carlo samples of LAFTR (default 64)")
@@ -44,40 +41,25 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..data import DatasetNotFoundError
-    from ..report import OutDirError
-    from .fsd import THETA_SETS, FsdBenchConfig, run_fsd_bench
+    from ..bench.fsd import THETA_SETS, FsdBenchConfig, run_fsd_bench
 
-    try:
+    if args.thetas != "default" and args.quick:
+        raise UsageError("--thetas applies to full runs (--quick has its own small set)")
+    with user_options():
         cfg = FsdBenchConfig.for_arch(
             args.arch, quick=args.quick, dataset=args.dataset, data_dir=args.data_dir, methods=args.methods,
             metrics=args.metrics, coreset_sizes=args.coreset_sizes, n_fit=args.n_fit,
             num_samples=args.num_samples, seed=args.seed, threads=args.threads, progress=not args.no_progress,
         )
         if args.thetas != "default":
-            if args.quick:
-                raise ValueError("--thetas applies to full runs (--quick has its own small set)")
             cfg.trajectories = THETA_SETS[args.thetas](cfg.dataset)
         cfg.validate()
-    except ValueError as e:
-        print(f"laftr fsd-bench: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    command = "laftr " + " ".join(getattr(args, "_argv", ["fsd-bench"]))
-    try:
-        res = run_fsd_bench(cfg, args.out, force=args.force, command=command)
-    except OutDirError as e:
-        print(f"laftr fsd-bench: error: {e}", file=sys.stderr)
-        return EXIT_FAIL
-    except (DatasetNotFoundError, ValueError) as e:
-        print(f"laftr fsd-bench: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    from pathlib import Path
-
+    res = run_fsd_bench(cfg, args.out, force=args.force, command=command_line(args))
     print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
     figures = "scatter.png, memory.png" + (", trajectory.png" if "trajectory" in res else "")
     print(f"wrote {args.out}/results.json, table.md, {figures} in {res['timings']['total_s']:.0f} s")
     return EXIT_OK
 
 
-register_subcommand("fsd-bench", "score FSD estimators against the exact FSD (accuracy, memory, time)",
-                    _add_args, _run)
+COMMANDS = (Subcommand("fsd-bench", "score FSD estimators against the exact FSD (accuracy, memory, time)",
+                       _args, _run),)

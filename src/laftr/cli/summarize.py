@@ -1,0 +1,138 @@
+"""``laftr summarize`` and ``laftr distance``: fit and use a summary for your own network from the shell.
+
+A network is named by ``package.module:factory`` (a callable returning the module, importable from the current
+folder or your environment) with ``--weights`` (a state dict saved with ``torch.save(model.state_dict(), ...)``,
+or a safetensors file), or by a file holding a whole pickled module (``torch.save(model, "net.pt")``) together
+with ``--trust-pickle``: unpickling runs code stored in the file, so such files are refused without it.
+
+Data is a data set known to :func:`laftr.data.load_dataset` (``--dataset``, optionally restricted to some
+``--classes``) or a ``.pt`` file holding a tensor of inputs or an ``(inputs, labels)`` pair (``--tensors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import LaftrError, OutputPathError, UsageError
+from .common import EXIT_OK, Subcommand, int_list, positive_int
+from .loading import check_model_accepts, load_data, load_model, parse_options, read_summary
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="package.module:factory (a function returning the network; with --weights), or a file "
+                        "holding a whole pickled module (needs --trust-pickle)")
+    p.add_argument("--weights", default=None,
+                   help="the network's weights: a state dict saved with torch.save(model.state_dict(), FILE) or a "
+                        "safetensors file (read without unpickling code)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow --model FILE to be a pickled module (torch.save(model, FILE)). Unpickling RUNS CODE "
+                        "stored in the file: use only for files you made or trust")
+
+
+def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("data" if required else "data (for the exact FSD)")
+    g.add_argument("--dataset", default=None, help="a data set name (fashion-mnist, mnist, mnist-sample, digits, ...)")
+    g.add_argument("--data-dir", default=None, help="folder of the data set's files, when its loader needs one")
+    g.add_argument("--tensors", default=None,
+                   help="a .pt file holding a tensor of inputs or an (inputs, labels) pair (torch.save)")
+    g.add_argument("--classes", type=int_list, default=None, help="keep only these classes, e.g. 0,1,2,3,4")
+    g.add_argument("--limit", type=positive_int, default=None, help="use at most this many examples (>= 1)")
+
+
+# ---------------------------------------------------------------------------------------------- summarize
+def _summarize_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    _data_args(p, required=True)
+    p.add_argument("--estimator", default="laftr", help="laftr (default), laftr-exact or any baseline name")
+    p.add_argument("--metric", default="kl", help="l2, mse, l2-probs or kl (default kl)")
+    p.add_argument("--outputs", type=int_list, default=None,
+                   help="compare only these output units (a task's head), e.g. 0,1,2")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an estimator option, e.g. input_model=diag")
+    p.add_argument("--out", required=True, help="the summary file to write (e.g. task1.laftr)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _check_out_file(out: Path, force: bool) -> None:
+    if out.is_dir():
+        raise OutputPathError(f"--out {out} is a folder; name the summary file to write, e.g. {out / 'task.laftr'}")
+    if out.exists() and not force:
+        raise OutputPathError(f"{out} exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise OutputPathError(f"cannot write {out}: folder {out.parent} does not exist")
+
+
+def _summarize_run(args: argparse.Namespace) -> int:
+    from .. import make_estimator, save
+
+    out = Path(args.out)
+    _check_out_file(out, args.force)
+    options = parse_options(args.set)
+    est = make_estimator(args.estimator, metric=args.metric, progress=not args.no_progress, **options)
+    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+    x, y = load_data(args.dataset, args.data_dir, args.classes, args.tensors, limit=args.limit)
+    check_model_accepts(model, x, f"--model {args.model}", outputs=args.outputs)
+    t = time.perf_counter()
+    est.fit(model, x if y is None else (x, y), outputs=args.outputs)
+    fit_s = time.perf_counter() - t
+    save(est, out, overwrite=bool(args.force))
+    n_theta = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out} ({out.stat().st_size:,} bytes): {est.name}, metric {est.metric}, fitted on {len(x):,} "
+          f"examples in {fit_s:.1f} s")
+    print(f"stored floats beyond theta0: {est.stored_floats():,} (theta0: {n_theta:,}; the data: "
+          f"{x.numel():,} floats)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- distance
+def _distance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("summary", help="a summary file written by laftr summarize or laftr.save")
+    _model_args(p)
+    _data_args(p, required=False)
+    p.add_argument("--calls", type=positive_int, default=8,
+                   help="estimator calls averaged (Monte Carlo; default 8)")
+
+
+def _distance_run(args: argparse.Namespace) -> int:
+    from .. import exact_fsd
+
+    est = read_summary(args.summary)
+    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+    try:
+        model0 = est.theta0_model(model)  # checks that the network has the summary's architecture
+    except LaftrError:
+        raise
+    except ValueError as e:  # laftr's architecture check raises a bare ValueError naming the parameter
+        raise UsageError(f"--model {args.model} does not fit {args.summary}: {e}") from e
+    x = None
+    if args.dataset is not None or args.tensors is not None:
+        x, _ = load_data(args.dataset, args.data_dir, args.classes, args.tensors, limit=args.limit)
+        check_model_accepts(model, x, f"--model {args.model}")
+    t = time.perf_counter()
+    with torch.no_grad():
+        vals = [float(est(model)) for _ in range(args.calls)]
+    per_call = (time.perf_counter() - t) / args.calls
+    truth = None if x is None else float(exact_fsd(model0, model, x, metric=est.metric, outputs=est.outputs))
+    mean = statistics.mean(vals)
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    print(f"{est.name} estimate ({est.metric}): {mean:.6g}" + (f" ± {sd / math.sqrt(len(vals)):.2g} (s.e. over "
+          f"{len(vals)} calls)" if sd > 0 else "") + f"; {per_call * 1e3:.1f} ms per call")
+    if truth is not None and x is not None:
+        print(f"exact FSD over {len(x):,} examples: {truth:.6g} (estimate / exact = {mean / truth:.3g})"
+              if truth > 0 else f"exact FSD over {len(x):,} examples: {truth:.6g}")
+    return EXIT_OK
+
+
+COMMANDS = (
+    Subcommand("summarize", "fit an FSD summary of your data at your network's weights and save it",
+               _summarize_args, _summarize_run),
+    Subcommand("distance", "estimate the FSD from a saved summary to a network's weights",
+               _distance_args, _distance_run),
+)

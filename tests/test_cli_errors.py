@@ -1,0 +1,273 @@
+"""The command line's one error guard: user mistakes give a message and exit 2 (an output path in the way: 1),
+Ctrl-C exits 130, internal errors keep their traceback and exit 1; model files are unpickled only with
+--trust-pickle; module:factory + weights (torch state dict or safetensors) work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import laftr
+from laftr.cli import SUBCOMMANDS, main
+from laftr.cli.loading import check_model_accepts, load_model
+
+FACTORY_MODULE = "cli_errors_nets"  # a name no other test module imports
+
+
+class _Marker:
+    """Unpickling this creates the file ``path`` (a stand-in for any code a crafted pickle can run)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture()
+def files(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    (tmp_path / f"{FACTORY_MODULE}.py").write_text(
+        "from torch import nn\n\n"
+        "def small():\n    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))\n\n"
+        "def image_mlp():\n    return nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, FACTORY_MODULE, raising=False)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    torch.save(model, tmp_path / "net.pt")  # a whole pickled module
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    torch.save((torch.randn(40, 5), torch.randint(0, 3, (40,))), tmp_path / "data.pt")
+    torch.save((torch.rand(40, 1, 8, 8), torch.randint(0, 3, (40,))), tmp_path / "images.pt")
+    (tmp_path / "notes.txt").write_text("these are not tensors\n")
+    return tmp_path, model
+
+
+def _summarize(d, *extra):
+    return ["summarize", "--tensors", str(d / "data.pt"), "--estimator", "weight", "--no-progress",
+            "--out", str(d / "s.laftr"), *extra]
+
+
+# ---------------------------------------------------------------------------------------------- pickles
+def test_crafted_pickle_is_refused_and_runs_nothing(files, capsys):
+    d, _ = files
+    marker = d / "marker-created-by-unpickling"
+    with open(d / "evil.pt", "wb") as f:
+        import pickle
+
+        pickle.dump(_Marker(str(marker)), f)
+    assert main(_summarize(d, "--model", str(d / "evil.pt"))) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert "laftr summarize: error:" in err and "Traceback" not in err
+    assert "can run code" in err and "--trust-pickle" in err and "package.module:factory" in err
+    # never unpickled as weights or tensors, --trust-pickle or not
+    net = ["--model", f"{FACTORY_MODULE}:small", "--out", str(d / "s.laftr"), "--trust-pickle"]
+    for argv in (["summarize", *net, "--weights", str(d / "evil.pt"), "--tensors", str(d / "data.pt")],
+                 ["summarize", *net, "--tensors", str(d / "evil.pt")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert not marker.exists() and "can run code" in err and "Traceback" not in err
+    assert not (d / "s.laftr").exists()
+
+
+def test_pickled_module_needs_trust_pickle(files, capsys):
+    d, model = files
+    assert main(_summarize(d, "--model", str(d / "net.pt"))) == 2
+    err = capsys.readouterr().err
+    assert "net.pt is a pickle" in err and "can run code" in err and "--trust-pickle" in err
+    assert not (d / "s.laftr").exists()
+    assert main(_summarize(d, "--model", str(d / "net.pt"), "--trust-pickle")) == 0
+    est = laftr.load(d / "s.laftr")
+    assert all(torch.equal(est.theta0[n], p) for n, p in model.named_parameters())
+
+
+def _help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_trust_pickle_help_says_it_runs_code(capsys):
+    help_text = _help("summarize", capsys)
+    assert "--trust-pickle" in help_text and "RUNS CODE" in help_text
+
+
+# ---------------------------------------------------------------------------------------------- factory + weights
+@pytest.mark.parametrize("weights", ["w.pt", "w.safetensors"])
+def test_factory_with_weights(files, capsys, weights):
+    d, model = files
+    assert main(_summarize(d, "--model", f"{FACTORY_MODULE}:small", "--weights", str(d / weights))) == 0, \
+        capsys.readouterr().err
+    est = laftr.load(d / "s.laftr")
+    assert all(torch.equal(est.theta0[n], p) for n, p in model.named_parameters())
+    loaded = load_model(f"{FACTORY_MODULE}:small", str(d / weights))
+    assert not loaded.training and all(torch.equal(a, b) for a, b in zip(loaded.parameters(), model.parameters()))
+
+
+def test_bad_weights_and_tensor_files(files, capsys):
+    d, _ = files
+    base = ["--model", f"{FACTORY_MODULE}:small"]
+    assert main(_summarize(d, *base, "--weights", str(d / "notes.txt"))) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt is not a file written by torch.save" in err and "Traceback" not in err
+    assert main(["summarize", *base, "--tensors", str(d / "notes.txt"), "--out", str(d / "s.laftr")]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt is not a file written by torch.save" in err and "tensor file" in err
+    (d / "x.pt").write_bytes(b"x")  # torch's restricted unpickler calls this a refused pickle: it is not one
+    assert main(["summarize", *base, "--tensors", str(d / "x.pt"), "--out", str(d / "s.laftr")]) == 2
+    err = capsys.readouterr().err
+    assert "x.pt is not a file written by torch.save" in err and "run code" not in err
+    (d / "empty.pt").write_bytes(b"")
+    assert main(_summarize(d, *base, "--weights", str(d / "empty.pt"))) == 2
+    assert "empty.pt is empty" in capsys.readouterr().err
+    assert main(_summarize(d, *base, "--weights", str(d / "data.pt"))) == 2  # a tuple, not a state dict
+    assert "not a state dict" in capsys.readouterr().err
+    assert main(_summarize(d, "--model", f"{FACTORY_MODULE}:image_mlp", "--weights", str(d / "w.pt"))) == 2
+    assert "do not fit" in capsys.readouterr().err
+    assert main(_summarize(d, *base, "--weights", str(d / "nothing.pt"))) == 2
+    assert "no weights file at" in capsys.readouterr().err
+    assert main(_summarize(d, "--model", str(d / "w.safetensors"))) == 2
+    assert "--weights" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- model vs data
+def test_shape_mismatch_names_shapes_and_suggests_flatten(files, capsys):
+    d, _ = files
+    argv = ["summarize", "--model", f"{FACTORY_MODULE}:image_mlp", "--tensors", str(d / "images.pt"),
+            "--out", str(d / "s.laftr"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "laftr summarize: error:" in err
+    assert "[1, 8, 8]" in err  # the data's per-example shape
+    assert "in_features=64" in err and "last dimension is 64" in err  # what the first layer expects
+    assert "nn.Flatten()" in err
+    # flat data of the wrong width: no Flatten advice, both widths named
+    with pytest.raises(laftr.DataError, match=r"shape \[5\].*last dimension is 64.*5 features"):
+        check_model_accepts(nn.Linear(64, 3), torch.randn(4, 5))
+    with pytest.raises(laftr.DataError, match=r"int64 but the first layer computes with floats.*nn.Embedding"):
+        check_model_accepts(nn.Linear(5, 3), torch.randint(0, 9, (4, 5)))
+    with pytest.raises(laftr.DataError, match=r"token ids in \[0, 10\)"):
+        check_model_accepts(nn.Embedding(10, 4), torch.randint(20, 30, (4, 5)))
+    # a bug in the model's own code is not a shape problem: it keeps its traceback (exit 1)
+    class Buggy(nn.Module):
+        def forward(self, x):
+            return x / 0 + undefined_name  # noqa: F821
+
+    with pytest.raises(NameError):
+        check_model_accepts(Buggy(), torch.randn(4, 5))
+
+
+def test_distance_shape_mismatch_and_outputs_range(files, capsys):
+    d, _ = files
+    assert main(_summarize(d, "--model", f"{FACTORY_MODULE}:small", "--weights", str(d / "w.pt"))) == 0
+    capsys.readouterr()
+    assert main(["distance", str(d / "s.laftr"), "--model", f"{FACTORY_MODULE}:small", "--weights",
+                 str(d / "w.pt"), "--tensors", str(d / "images.pt"), "--calls", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "[1, 8, 8]" in err and "last dimension is 5" in err and "Traceback" not in err
+    assert main(_summarize(d, "--model", f"{FACTORY_MODULE}:small", "--weights", str(d / "w.pt"), "--force",
+                           "--outputs", "0,7")) == 2
+    assert "--outputs [7] out of range" in capsys.readouterr().err
+
+
+def test_limit_must_be_positive(files, capsys):
+    d, _ = files
+    for bad in ("-5", "0", "x"):
+        with pytest.raises(SystemExit) as e:
+            main(_summarize(d, "--model", f"{FACTORY_MODULE}:small", "--limit", bad))
+        assert e.value.code == 2
+        assert "--limit" in capsys.readouterr().err
+    assert main(_summarize(d, "--model", f"{FACTORY_MODULE}:small", "--limit", "7")) == 0
+    assert "fitted on 7 examples" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- output paths
+def test_out_in_the_way(files, capsys):
+    d, _ = files
+    (d / "folder").mkdir()
+    assert main(["summarize", "--model", f"{FACTORY_MODULE}:small", "--tensors", str(d / "data.pt"),
+                 "--out", str(d / "folder")]) == 1
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "Traceback" not in err
+    assert main(["demo", "--quick", "--out", str(d / "notes.txt"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "laftr demo: error:" in err and "not a folder" in err and "Traceback" not in err
+    assert (d / "notes.txt").read_text() == "these are not tensors\n"
+
+
+# ---------------------------------------------------------------------------------------------- the guard
+def _fake_run(monkeypatch, exc: BaseException) -> None:
+    help_text, add_args, _ = SUBCOMMANDS["info"]
+
+    def run(args):
+        raise exc
+
+    monkeypatch.setitem(SUBCOMMANDS, "info", (help_text, add_args, run))
+
+
+def test_ctrl_c_exits_130_without_traceback(monkeypatch, capsys):
+    _fake_run(monkeypatch, KeyboardInterrupt())
+    assert main(["info", "x.laftr"]) == 130
+    err = capsys.readouterr().err
+    assert "laftr info: interrupted" in err and "Traceback" not in err
+
+
+def test_internal_error_keeps_traceback_and_exits_1(monkeypatch, capsys):
+    _fake_run(monkeypatch, ZeroDivisionError("a bug"))
+    assert main(["info", "x.laftr"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError: a bug" in err and "internal error" in err
+    # a bare ValueError from inside a run is not taken for a usage error any more
+    _fake_run(monkeypatch, ValueError("deep inside"))
+    assert main(["info", "x.laftr"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exc, code", [
+    (laftr.UsageError("bad option"), 2), (laftr.DataError("bad data"), 2), (laftr.InputFileError("bad file"), 2),
+    (laftr.UnsupportedOpError("no rule"), 2), (laftr.OutputPathError("in the way"), 1),
+])
+def test_user_errors_exit_codes(monkeypatch, capsys, exc, code):
+    _fake_run(monkeypatch, exc)
+    assert main(["info", "x.laftr"]) == code
+    err = capsys.readouterr().err
+    assert err.strip() == f"laftr info: error: {exc}"
+
+
+def test_missing_summary_file(tmp_path, capsys):
+    assert main(["info", str(tmp_path)]) == 2
+    assert "is a folder, not a summary file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- structure
+def test_public_errors_form_one_hierarchy():
+    for name in ("UsageError", "OptionError", "DataError", "FileError", "InputFileError", "UntrustedPickleError",
+                 "SummaryFileError", "OutputPathError", "UnsupportedOpError"):
+        cls = getattr(laftr, name)
+        assert issubclass(cls, laftr.LaftrError) and name in laftr.__all__, name
+    assert issubclass(laftr.SummaryFileError, laftr.InputFileError)
+    assert issubclass(laftr.InputFileError, ValueError) and issubclass(laftr.OutputPathError, RuntimeError)
+
+
+def test_library_does_not_import_the_cli():
+    code = ("import sys, laftr, laftr.demo, laftr.bench.fsd, laftr.continual.runner, laftr.influence.experiment; "
+            "print(sorted(m for m in sys.modules if m.startswith('laftr.cli')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_continual_help_lists_the_default_methods(capsys):
+    text = _help("continual", capsys)
+    assert "the ten of the issue" not in text
+    assert "none, joint, ewc, kfac, ntk, subset, laftr, laftr-classwise, laftr-exact, laftr-coreset" in text

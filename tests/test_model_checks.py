@@ -1,0 +1,473 @@
+"""What every estimator checks about the model it is given (issue items 3, 4 and 5).
+
+- the model evaluated must have theta0's forward graph (same parameters are not enough: ``h + h`` vs ``h``);
+- a network that mixes the examples of a batch is refused at ``fit``, naming the op;
+- ``outputs`` must be distinct non-negative integers below the model's number of outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import SmallCNN, mlp, perturbed, randomize_bn
+from torch import nn
+
+import laftr
+from laftr.estimators import REGISTRY
+from laftr.estimators import base as estimator_base
+from laftr.fingerprint import GraphFingerprint, describe_difference, graph_fingerprint, model_fingerprint
+from laftr.graph import check_per_example, trace
+
+ALL = laftr.available_estimators()
+#: Options that keep each estimator's fit small and its Monte Carlo estimate repeatable.
+OPTIONS = {
+    "laftr": {"num_samples": 16, "fixed_noise": True},
+    "liftr": {"num_samples": 16, "fixed_noise": True},
+    "ntk": {"coreset_size": 16},
+    "subset": {"coreset_size": 16},
+    "kfac": {"fisher": "exact", "unsupported": "diag"},
+    "diag-fisher": {"fisher": "exact"},
+}
+
+
+def _make(name: str, **kw):
+    return laftr.make_estimator(name, **{**OPTIONS.get(name, {}), **kw})
+
+
+def _data(n: int = 40, d: int = 5, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+class Twice(nn.Module):
+    """``b(relu(a(x)))``, or with ``twice`` ``b(h + h)``: the same parameters, another function."""
+
+    def __init__(self, twice: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 8)
+        self.b = nn.Linear(8, 3)
+        self.twice = twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        if self.twice:
+            h = h + h
+        return self.b(h)
+
+
+def _twins() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    model = Twice()
+    other = Twice(twice=True)
+    other.load_state_dict(model.state_dict())
+    return model, other
+
+
+# ---------------------------------------------------------------------- item 3: another forward
+@pytest.mark.parametrize("name", ALL)
+def test_another_forward_with_the_same_parameters_is_refused(name, float64):
+    model, other = _twins()
+    X = _data()
+    assert laftr.exact_fsd(model, other, X) > 0.01  # the two networks differ, though their parameters agree
+    est = _make(name).fit(model, X)
+    with pytest.raises(laftr.UsageError, match=r"differs from the fitted one at node 3: fitted `b\[Linear\]\(relu\)`, "
+                                               r"this model `add\(relu, relu\)`"):
+        est(other)
+    with pytest.raises(laftr.UsageError, match="node 3"):
+        est.distance(other)
+    with pytest.raises(laftr.UsageError, match="node 3"):
+        est.theta0_model(other)
+    # refused every time, not only on the first call
+    with pytest.raises(laftr.UsageError):
+        est(other)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_same_forward_passes_whatever_the_copy(name, float64):
+    model, _ = _twins()
+    X = _data()
+    est = _make(name).fit(model, X)
+    d0 = est(model)
+    fresh = Twice()  # the same constructor, other weights
+    same = [copy.deepcopy(model), fresh, copy.deepcopy(model).float(), copy.deepcopy(model).to("cpu"),
+            copy.deepcopy(model).train()]
+    for m in same:
+        assert torch.isfinite(est(m))
+    assert isinstance(est.theta0_model(fresh), Twice)
+    torch.testing.assert_close(est(model), d0)
+
+
+def test_fingerprint_ignores_values_dtype_device_and_identity():
+    torch.manual_seed(0)
+    model = mlp()
+    ref = graph_fingerprint(trace(model))
+    for m in (copy.deepcopy(model), mlp(), copy.deepcopy(model).double(), copy.deepcopy(model).to("cpu"),
+              copy.deepcopy(model).train(), perturbed(model)):
+        assert graph_fingerprint(trace(m)).text == ref.text
+    assert GraphFingerprint.parse(ref.text).node_digests == ref.node_digests
+    assert GraphFingerprint.parse("fx0:abc:") is None and GraphFingerprint.parse(None) is None
+
+
+@pytest.mark.parametrize("a,b", [
+    (lambda: mlp(leaky=0.1), lambda: mlp(leaky=0.2)),  # a leaf module's constant
+    (lambda: mlp(), lambda: mlp(leaky=0.01)),  # another module class, no parameters of its own
+    (lambda: mlp(), lambda: nn.Sequential(*list(mlp())[:-1], nn.Identity(), *list(mlp())[-1:])),  # one more node
+])
+def test_fingerprint_sees_modules_and_constants(a, b):
+    fa, fb = graph_fingerprint(trace(a())), graph_fingerprint(trace(b()))
+    assert fa.text != fb.text
+    assert describe_difference(fa, fb).startswith("the model's forward differs from the fitted one at node")
+    assert describe_difference(fa, graph_fingerprint(trace(a()))) is None
+
+
+def test_a_module_constant_is_named():
+    model = mlp(leaky=0.1)
+    est = laftr.make_estimator("weight").fit(model, _data())
+    other = mlp(leaky=0.2)
+    with pytest.raises(laftr.UsageError, match=r"at node 2: fitted `1\[LeakyReLU\]\(_0\)`, this model "
+                                               r"`1\[LeakyReLU\]\(_0\)` \(the same op with other constant settings"):
+        est(other)
+
+
+class Scaled(nn.Module):
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 3)
+        self.c = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) * self.c
+
+
+def test_fingerprint_includes_constant_arguments():
+    model = Scaled(2.0)
+    est = laftr.make_estimator("weight").fit(model, _data())
+    other = Scaled(3.0)
+    other.load_state_dict(model.state_dict())
+    with pytest.raises(laftr.UsageError, match=r"fitted `mul\(a, 2.0\)`, this model `mul\(a, 3.0\)`"):
+        est(other)
+
+
+def test_a_replaced_submodule_is_noticed_after_the_first_call():
+    torch.manual_seed(0)
+    model = mlp()
+    est = laftr.make_estimator("laftr", num_samples=4).fit(model, _data())
+    est(model)
+    model[1] = nn.Tanh()
+    with pytest.raises(laftr.UsageError, match="node 2"):
+        est(model)
+
+
+def test_the_check_traces_each_model_once(monkeypatch):
+    torch.manual_seed(0)
+    model = mlp()
+    est = laftr.make_estimator("weight").fit(model, _data())
+    other = perturbed(model)
+    calls = []
+    real = estimator_base.model_fingerprint
+    monkeypatch.setattr(estimator_base, "model_fingerprint", lambda m: calls.append(m) or real(m))
+    for _ in range(1000):
+        est(model)  # the fitted model itself: never traced again
+        est(other)  # traced once
+    assert len(calls) == 1
+
+
+def test_an_estimator_read_from_a_file_checks_its_fingerprint(tmp_path):
+    model, other = _twins()
+    est = laftr.make_estimator("laftr-exact").fit(model, _data())
+    # what laftr.load restores: the fingerprint's text, without the node descriptions
+    bare = laftr.make_estimator("laftr-exact")
+    bare.__dict__.update({k: v for k, v in est.__dict__.items() if k not in ("_fingerprint", "_graph_checked")})
+    bare._fingerprint = None
+    bare._graph_checked = {}
+    with pytest.raises(laftr.UsageError, match=r"at node 3: fitted another op \(the fitted graph's node descriptions "
+                                               r"are not stored in the file\), this model `add\(relu, relu\)`"):
+        bare(other)
+    fresh = Twice()
+    torch.testing.assert_close(bare(fresh), est(fresh))
+    # a file written before fingerprints existed: nothing to check against
+    bare.graph_fingerprint = None
+    bare(other)
+    # the real round trip (io.py keeps ``graph_fingerprint`` in the file's metadata)
+    loaded = laftr.load(laftr.save(est, tmp_path / "twice.laftr"))
+    assert loaded.graph_fingerprint == est.graph_fingerprint
+    with pytest.raises(laftr.UsageError, match="node 3"):
+        loaded(other)
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self, twice: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 3)
+        self.twice = twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if h.sum() > 1e9:
+            return -h
+        return h + h if self.twice else h
+
+
+@pytest.mark.parametrize("name", ["weight", "subset", "ntk"])
+def test_untraceable_models_keep_working_without_a_fingerprint(name, caplog):
+    torch.manual_seed(0)
+    model = Branchy()
+    with caplog.at_level("INFO", logger="laftr.estimators.base"):
+        est = _make(name).fit(model, _data())
+    assert est.graph_fingerprint is None
+    assert "no graph fingerprint" in caplog.text
+    assert torch.isfinite(est(perturbed(model)))
+    # a traceable fit refuses a model torch.fx cannot trace
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.a(x)
+
+    traced = _make(name).fit(Plain(), _data())
+    with pytest.raises(laftr.UsageError, match="cannot be traced"):
+        traced(Branchy())
+
+
+# ---------------------------------------------------------------------- item 4: examples mixed by the batch
+class Mixer(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.b = nn.Linear(6, 3)
+        self.kind = kind
+        self.bn = nn.BatchNorm1d(6, track_running_stats=False)
+        self.register_buffer("mean", torch.zeros(6))
+        self.register_buffer("var", torch.ones(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        k = self.kind
+        if k == "center":
+            h = h - h.mean(0)
+        elif k == "total":
+            h = h + h.sum()
+        elif k == "max":
+            h = h - h.max(0).values
+        elif k == "batchnorm":
+            h = self.bn(h)
+        elif k == "f.batch_norm":
+            h = F.batch_norm(h, self.mean, self.var, training=True)
+        elif k == "index":
+            h = h + h[0]
+        elif k == "roll":
+            h = torch.roll(h, 1, 0)
+        elif k == "flip":
+            h = h.flip(0)
+        elif k == "gram":
+            h = (h @ h.T) @ h
+        elif k == "contract":
+            h = h @ (h.T @ h)
+        elif k == "per-batch-size":
+            h = h / x.shape[0]
+        return self.b(h)
+
+
+MIXERS = {"center": "mean", "total": "sum_1", "max": "max_1", "batchnorm": "bn", "f.batch_norm": "batch_norm",
+          "index": "getitem", "roll": "roll", "flip": "flip", "gram": "matmul", "contract": "matmul",
+          "per-batch-size": "truediv"}
+NETWORK_USERS = [n for n in ALL if REGISTRY[n].uses_network]
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+def test_networks_that_mix_the_examples_are_refused_at_fit(kind):
+    torch.manual_seed(0)
+    model = Mixer(kind)
+    X = _data()
+    for name in NETWORK_USERS:
+        with pytest.raises(laftr.UnsupportedOpError, match=rf"node '{MIXERS[kind]}' \(.*\) mixes the examples of a batch"):
+            _make(name).fit(model, X)
+    assert model.training  # put back
+
+
+def test_mixing_makes_the_exact_fsd_depend_on_the_batch_size(float64):
+    """Why they are refused: the function space distance is not defined for them."""
+    torch.manual_seed(0)
+    model = Mixer("center")
+    other = perturbed(model, 0.3)
+    X = _data()
+    assert abs(laftr.exact_fsd(model, other, X, batch_size=4) - laftr.exact_fsd(model, other, X, batch_size=40)) > 1e-3
+
+
+def test_untraceable_mixing_is_refused_from_the_output():
+    class Centered(Branchy):
+        def forward(self, x):
+            h = super().forward(x)
+            return h - h.mean(0)
+
+    for name in ("subset", "ntk"):
+        with pytest.raises(laftr.UnsupportedOpError, match="Centered mixes the examples of a batch, seen in its output.*"
+                                                       "cannot be named: could not trace Centered"):
+            _make(name).fit(Centered(), _data())
+
+
+class TimeFirst(nn.Module):
+    """Batch on the second axis inside (nn.MultiheadAttention with batch_first=False), then a mean over time."""
+
+    def __init__(self, time_major_output: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.att = nn.MultiheadAttention(8, 2)
+        self.b = nn.Linear(8, 3)
+        self.time_major_output = time_major_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 4)
+        s = self.a(x).transpose(0, 1)
+        s, _ = self.att(s, s, s, need_weights=False)
+        if self.time_major_output:
+            return self.b(s)  # (T, B, 3): the examples are not along the first axis
+        return self.b(s.mean(0))
+
+
+def test_the_batch_may_sit_on_another_axis_inside():
+    torch.manual_seed(0)
+    X = torch.randn(12, 3, 4)
+    for name in ("subset", "ntk", "kfac"):
+        assert torch.isfinite(_make(name).fit(TimeFirst(), X)(TimeFirst()))
+    with pytest.raises(laftr.UnsupportedOpError, match="examples are along its axis 1, not its first axis"):
+        _make("subset").fit(TimeFirst(time_major_output=True), X)
+
+
+def test_merged_batch_axes_pass():
+    class Rows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(2, 4)
+            self.b = nn.Linear(12, 3)
+
+        def forward(self, x):  # (B, 6) -> (B*3, 2) -> (B, 12)
+            h = F.relu(self.a(x.reshape(-1, 2)))
+            return self.b(h.reshape(x.shape[0], -1))
+
+    torch.manual_seed(0)
+    X = torch.randn(20, 6)
+    _make("subset").fit(Rows(), X)
+    check_per_example(Rows(), X, trace(Rows()))
+
+
+def test_check_needs_two_examples():
+    model = Mixer("center")
+    check_per_example(model, _data(1), trace(model))  # one example: nothing to compare, nothing refused
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_batch_norm_in_train_mode_is_evaluated_on_running_statistics(name, float64):
+    """A model in a training loop (train mode) gets the estimate it gets in eval mode, and it is not changed: the
+    estimate never depends on the composition of a training batch."""
+    torch.manual_seed(0)
+    model = SmallCNN(maxpool=False)
+    randomize_bn(model, torch.Generator().manual_seed(1))
+    X = torch.randn(24, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    model.train()
+    model.bn.eval()  # a user's frozen batch norm inside a model in train mode
+    est = _make(name, **({"input_model": "diag"} if name.startswith("laftr") else {})).fit(model, X)
+    assert model.training and not model.bn.training  # each submodule's mode put back
+    other = perturbed(model, 0.1)
+    randomize_bn(other, torch.Generator().manual_seed(3))
+    other.train()
+    state = copy.deepcopy(other.state_dict())
+    d_train = est(other)
+    assert other.training
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, state[k]), k  # running statistics untouched
+    d_eval = est(copy.deepcopy(other).eval())
+    torch.testing.assert_close(d_train, d_eval, rtol=1e-12, atol=0)
+
+
+def test_trace_is_in_eval_mode_and_puts_modes_back():
+    class Drop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return F.dropout(self.a(x), 0.5, self.training)
+
+    m = Drop().train()
+    m.a.eval()
+    gm = trace(m)
+    assert m.training and not m.a.training
+    (node,) = [n for n in gm.graph.nodes if n.target is F.dropout]
+    assert node.kwargs["training"] is False
+
+
+# ---------------------------------------------------------------------- item 5: outputs
+@pytest.mark.parametrize("outputs,match", [
+    ([-1], "non-negative"),
+    ([0, 0], "repeat"),
+    ([1.5], "integer"),
+    ([True], "integer"),
+    ([0, True], "integer"),
+    ([], "non-empty"),
+    ("01", "list of output indices"),
+    (3, "list of output indices"),
+    (torch.tensor([0.0, 1.0]), "integer"),
+])
+@pytest.mark.parametrize("name", ALL)
+def test_bad_outputs_are_refused_at_fit(name, outputs, match):
+    model = mlp()
+    with pytest.raises(laftr.UsageError, match=match):
+        _make(name).fit(model, _data(), outputs=outputs)
+
+
+@pytest.mark.parametrize("name", NETWORK_USERS)
+def test_outputs_must_exist_in_the_model(name):
+    model = mlp(d_out=10)
+    with pytest.raises(laftr.UsageError, match=r"outputs \[3, 99\] out of range for a model with 10 outputs"):
+        _make(name).fit(model, _data(), outputs=[3, 99])
+    est = _make(name).fit(model, _data(), outputs=torch.tensor([9, 0]))
+    assert est.outputs == [9, 0]
+
+
+def test_kl_on_one_repeated_output_was_always_zero():
+    """Why repeats are refused: softmax over [z_0, z_0] is constant, so ``kl`` compared nothing."""
+    torch.manual_seed(0)
+    model = mlp()
+    other = perturbed(model, 1.0)
+    X = _data()
+    z0, z = model(X).detach(), other(X).detach()
+    assert float(F.kl_div(F.log_softmax(z[:, [0, 0]], -1), F.softmax(z0[:, [0, 0]], -1), reduction="sum")) == 0.0
+    with pytest.raises(laftr.UsageError, match="repeat"):
+        laftr.make_estimator("laftr", metric="kl").fit(model, X, outputs=[0, 0])
+
+
+# ---------------------------------------------------------------------- data is read once, as before
+def test_a_one_shot_iterator_is_read_in_full():
+    torch.manual_seed(0)
+    model = mlp()
+    X = _data(30)
+    batches = iter([X[i : i + 4] for i in range(0, 30, 4)])
+    est = laftr.make_estimator("subset", coreset_size=100).fit(model, batches)
+    assert est.X.shape[0] == 30
+
+
+def test_a_shuffled_loader_shuffles_as_if_not_peeked():
+    X = _data(30)
+
+    def loader(seed):
+        return torch.utils.data.DataLoader(X, batch_size=7, shuffle=True,
+                                           generator=torch.Generator().manual_seed(seed))
+
+    peeked, plain = loader(3), loader(3)
+    model = mlp()
+    rng = torch.get_rng_state()
+    laftr.make_estimator("subset", coreset_size=100).fit(model, peeked)
+    list(plain)  # the fit reads the loader once
+    assert torch.equal(peeked.generator.get_state(), plain.generator.get_state())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_model_fingerprint_of_an_untraceable_model():
+    fp, gm, why = model_fingerprint(Branchy())
+    assert fp is None and gm is None and "could not trace" in why
