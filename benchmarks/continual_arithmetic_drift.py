@@ -12,6 +12,7 @@ estimate grows with the true distance from the first steps on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -26,6 +27,9 @@ from laftr.continual.benchmarks import build_stream
 from laftr.report import run_metadata, write_json_atomic
 
 METHODS = ("laftr", "laftr[gates=relu]", "liftr", "ewc", "kfac", "subset")
+#: ``--diagnose``: theta0's own linearization evaluated on 2,000 real add pairs (no input model, no sampling
+#: noise: every stored pair once), i.e. the exact FSD of the network linearized at theta_add.
+LINEARIZED = "laftr[gates=relu,input_model=coreset,coreset_size=2000,num_samples=2000]"
 CHECKPOINTS = (1, 2, 3, 5, 10, 20, 30)
 
 
@@ -51,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="weight decay while subtract trains (default: the benchmark's, 1.0)")
+    p.add_argument("--diagnose", action="store_true",
+                   help=f"also track the linearized network's exact FSD ({LINEARIZED}) and parameter norms")
     args = p.parse_args(argv)
+    methods = (*METHODS, LINEARIZED) if args.diagnose else METHODS
     torch.set_num_threads(args.threads)
     command = "python benchmarks/continual_arithmetic_drift.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
@@ -65,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     add, sub = stream[0], stream[1]
     _train(model, add.x_train, add.y_train, cfg, cfg.epochs, gen)
+    flat0 = torch.cat([q.detach().flatten() for q in model.parameters()])
     theta0 = build()
     theta0.load_state_dict(model.state_dict())
     theta0.eval()
     estimators = {}
-    for name in METHODS:
+    for name in methods:
         spec = parse_method(name, None, bench.traits())
         est = laftr.make_estimator(spec.estimator, **{"seed": args.seed, **spec.config})
         est.fit(model, add.train_data())
@@ -86,13 +96,19 @@ def main(argv: list[str] | None = None) -> int:
                    "exact_kl": float(laftr.exact_fsd(theta0, model, add.x_train, metric="kl"))}
             for name, est in estimators.items():
                 row[name] = float(est(model))
+            if args.diagnose:
+                flat = torch.cat([q.detach().flatten() for q in model.parameters()])
+                row["param_norm_ratio"] = float(flat.norm() / flat0.norm())
+                row["relative_change"] = float((flat - flat0).norm() / flat0.norm())
         model.train()
         rows.append(row)
         print(json.dumps({k: round(v, 4) for k, v in row.items()}), flush=True)
 
-    _train(model, sub.x_train, sub.y_train, cfg, cfg.epochs, gen, hook)
+    sub_cfg = cfg if args.weight_decay is None else dataclasses.replace(cfg, weight_decay=args.weight_decay)
+    _train(model, sub.x_train, sub.y_train, sub_cfg, cfg.epochs, gen, hook)
     out = {"benchmark": "arithmetic", "what": "FSD estimates vs exact KL on add while subtract trains unregularized",
-           "methods": {n: parse_method(n, None, bench.traits()).describe() for n in METHODS},
+           "subtract_weight_decay": sub_cfg.weight_decay,
+           "methods": {n: parse_method(n, None, bench.traits()).describe() for n in methods},
            "rows": rows, "wall_time_s": time.perf_counter() - t_start,
            "metadata": run_metadata(command, seed=args.seed, device="cpu")}
     write_json_atomic(args.out, out)
