@@ -19,11 +19,10 @@ import sys
 import time
 
 import torch
-from continual_arithmetic_drift import _train
+from continual_arithmetic_drift import _train, train_add
 
 import laftr
-from laftr.continual import TrainConfig, get_benchmark, parse_method
-from laftr.continual.benchmarks import build_stream
+from laftr.continual import parse_method
 from laftr.report import run_metadata, write_json_atomic
 
 LINEARIZED = "laftr[gates=relu,input_model=coreset,coreset_size=2000,num_samples=2000]"
@@ -53,19 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/arithmetic_linearization_groups.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
     metadata = run_metadata(command, seed=args.seed, device="cpu")
-    bench = get_benchmark("arithmetic")
-    stream = build_stream(bench, None, seed=args.seed)
-    cfg = TrainConfig(epochs=bench.epochs, batch_size=bench.batch_size, lr=bench.lr,
-                      weight_decay=bench.weight_decay, progress=False)
-    build = bench.build_model(stream)
-    torch.manual_seed(args.seed)
-    model = build()
-    gen = torch.Generator().manual_seed(args.seed)
-    add, sub = stream[0], stream[1]
-    _train(model, add.x_train, add.y_train, cfg, cfg.epochs, gen)
-    theta0 = build()
-    theta0.load_state_dict(model.state_dict())
-    theta0.eval()
+    run = train_add(args.seed)
+    bench, cfg, build, model, gen, add, sub, theta0 = (run.bench, run.cfg, run.build, run.model, run.gen, run.add,
+                                                       run.sub, run.theta0)
     ests = {}
     for name in ("laftr", LINEARIZED):
         spec = parse_method(name, None, bench.traits())

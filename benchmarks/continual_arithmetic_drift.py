@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,38 @@ def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainC
             hook(ep)
 
 
+@dataclasses.dataclass
+class AddRun:
+    """The benchmark's network trained on add (``model``, trained further by the caller) and a frozen copy."""
+
+    bench: Any
+    cfg: TrainConfig
+    build: Callable[[], torch.nn.Module]
+    model: torch.nn.Module
+    theta0: torch.nn.Module
+    gen: torch.Generator
+    add: Any
+    sub: Any
+
+
+def train_add(seed: int) -> AddRun:
+    """Train the ``arithmetic`` benchmark's transformer on add with the benchmark's schedule (seeded)."""
+    bench = get_benchmark("arithmetic")
+    stream = build_stream(bench, None, seed=seed)
+    cfg = TrainConfig(epochs=bench.epochs, batch_size=bench.batch_size, lr=bench.lr,
+                      weight_decay=bench.weight_decay, progress=False)
+    build = bench.build_model(stream)
+    torch.manual_seed(seed)
+    model = build()
+    gen = torch.Generator().manual_seed(seed)
+    add, sub = stream[0], stream[1]
+    _train(model, add.x_train, add.y_train, cfg, cfg.epochs, gen)
+    theta0 = build()
+    theta0.load_state_dict(model.state_dict())
+    theta0.eval()
+    return AddRun(bench, cfg, build, model, theta0, gen, add, sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -64,20 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     command = "python benchmarks/continual_arithmetic_drift.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
-    bench = get_benchmark("arithmetic")
-    stream = build_stream(bench, None, seed=args.seed)
-    cfg = TrainConfig(epochs=bench.epochs, batch_size=bench.batch_size, lr=bench.lr,
-                      weight_decay=bench.weight_decay, progress=False)
-    build = bench.build_model(stream)
-    torch.manual_seed(args.seed)
-    model = build()
-    gen = torch.Generator().manual_seed(args.seed)
-    add, sub = stream[0], stream[1]
-    _train(model, add.x_train, add.y_train, cfg, cfg.epochs, gen)
+    run = train_add(args.seed)
+    bench, cfg, model, gen, add, sub, theta0 = run.bench, run.cfg, run.model, run.gen, run.add, run.sub, run.theta0
     flat0 = torch.cat([q.detach().flatten() for q in model.parameters()])
-    theta0 = build()
-    theta0.load_state_dict(model.state_dict())
-    theta0.eval()
     estimators = {}
     for name in methods:
         spec = parse_method(name, None, bench.traits())
