@@ -78,7 +78,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     "mlp": ArchSpec("images", True, False, "error", False, "784-256-256-10 ReLU MLP"),
     "cnn": ArchSpec("images", False, True, "error", False, "the Split-CIFAR conv net (ReLU, max pooling), half width"),
     "mlp-gelu": ArchSpec("images", True, False, "diag", False, "784-512-512-10 MLP, LayerNorm + GELU"),
-    "vit": ArchSpec("images", False, False, "diag", False,
+    "vit": ArchSpec("images", False, False, "diag", True,
                     "ViT: 7x7 patches, d_model 64, 4 heads, 2 pre-LN blocks, GELU MLP 128, class token"),
     "transformer": ArchSpec("tokens", False, False, "diag", True,
                             "pre-LN decoder: d_model 128, 4 heads, 2 blocks, GELU MLP 512, causal, last-token readout"),
