@@ -194,3 +194,17 @@ def test_train_config_values_are_checked(field, value):
 
     with pytest.raises(UsageError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_meta_models_are_refused_at_fit_and_bad_devices_at_load(tmp_path):
+    m0, _ = _pair_of_models()
+    X, _ = _data()
+    meta = copy.deepcopy(m0).to("meta")
+    for name in laftr.available_estimators():
+        with pytest.raises(UsageError, match="'meta' device"):
+            laftr.make_estimator(name).fit(meta, X)
+    path = laftr.save(laftr.make_estimator("laftr").fit(m0, X), tmp_path / "s.laftr")
+    for bad, match in (("meta", "holds no values"), ("gpu", "unknown device 'gpu'")):
+        with pytest.raises(UsageError, match=match):
+            laftr.load(path, device=bad)
+    assert laftr.load(path, device="cpu").fitted

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._util import atomic_write_bytes
+from ._util import atomic_write_bytes, resolve_device
 from .errors import DataError, OptionError, OutputExistsError, OutputIsDirectoryError, SummaryFileError
 from .estimators.base import REGISTRY, FSDEstimator
 
@@ -181,7 +181,9 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None)
         FileNotFoundError: there is no file at ``path``.
         SummaryFileError: the file is truncated, corrupted, changed since it was written, of another format or
             version, or otherwise not a readable laftr summary; the message says what is wrong.
+        UsageError: ``device`` is not a device this machine has (or is ``meta``).
     """
+    resolve_device(device, "device")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no summary file at {path}")
@@ -218,7 +220,7 @@ def _load_bytes(raw: bytes, name: str, device: str | torch.device | None = None)
         if list(theta0[n].shape) != list(shape):
             raise SummaryFileError(f"{name}: parameter {n!r} has shape {list(theta0[n].shape)}, header says {shape}")
     if device is not None:
-        dev = torch.device(device)
+        dev = resolve_device(device, "device")
         theta0 = {k: v.to(dev) for k, v in theta0.items()}
         state = {k: v.to(dev) for k, v in state.items()}
     est.theta0 = theta0

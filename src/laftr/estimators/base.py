@@ -40,6 +40,7 @@ from torch import nn
 from .._util import (
     Data,
     arch_signature,
+    check_materialized,
     check_same_arch,
     iter_batches,
     model_device_dtype,
@@ -185,6 +186,7 @@ class FSDEstimator:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         outputs = check_outputs(outputs)
+        check_materialized(model)
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
