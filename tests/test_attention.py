@@ -316,12 +316,16 @@ def test_bad_attention_calls_are_named():
         TracedNet(NeedWeights())
 
     class DataMask(nn.Module):
-        def forward(self, x):
-            q = x.unsqueeze(1)
-            return F.scaled_dot_product_attention(q, q, q, attn_mask=x.unsqueeze(1) @ x.unsqueeze(1).transpose(-2, -1)
-                                                  > 0).mean((1, 2))
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
 
-    with pytest.raises(UnsupportedOpError, match="node 'gt'"):  # a mask computed from the data is refused
+        def forward(self, x):
+            q = self.lin(x).unsqueeze(1)
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=q @ q.transpose(-2, -1) > 0).mean((1, 2))
+
+    # a mask computed from data with parameters on the way is refused (from the input alone it is allowed)
+    with pytest.raises(UnsupportedOpError, match="node 'gt'"):
         TracedNet(DataMask())
 
     class BatchSoftmax(nn.Module):
@@ -420,8 +424,7 @@ def test_transformer_own_linearization_tends_to_the_exact_fsd():
 
 class Masked(nn.Module):
     """Attention with an additive float mask whose last two key columns are -inf (padding): nn.MultiheadAttention
-    or SDPA by hand. (A key_padding_mask needs the batch size, which a traced network can only take from the
-    data; a mask computed from the input is refused.)"""
+    or SDPA by hand. (Masks computed from the tokens are tested with :class:`PaddedLM`.)"""
 
     def __init__(self, kind: str, d: int = 8, heads: int = 2, T: int = 5) -> None:
         super().__init__()
@@ -506,3 +509,118 @@ def test_ntk_through_multihead_attention_equals_the_manual_network():
         est = laftr.make_estimator("ntk", metric="kl", coreset_size=12).fit(m0, ds.x_train)
         values.append(est(m1))
     torch.testing.assert_close(values[1], values[0], rtol=1e-10, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------- masks from the input
+PAD = 0
+
+
+class PaddedLM(nn.Module):
+    """Token sequences padded with PAD at the end: attention hides the padding through a mask computed from the
+    tokens inside the network -- ``key_padding_mask = tokens == PAD`` for nn.MultiheadAttention, or a boolean
+    ``attn_mask = tokens != PAD`` for SDPA by hand; mean pooling over the sequence."""
+
+    def __init__(self, kind: str, vocab: int = 6, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.kind, self.d, self.h = kind, d, heads
+        self.emb = nn.Embedding(vocab, d)
+        self.mha = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        B, T, _ = h.shape
+        if self.kind == "mha":
+            a = self.mha(h, h, h, key_padding_mask=x == PAD, need_weights=False)[0]
+        else:
+            w, b = self.mha.in_proj_weight, self.mha.in_proj_bias
+            q, k, v = (F.linear(h, w[i * self.d:(i + 1) * self.d], b[i * self.d:(i + 1) * self.d])
+                       .view(B, T, self.h, self.d // self.h).transpose(1, 2) for i in range(3))
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=(x != PAD)[:, None, None, :])
+            a = self.mha.out_proj(o.transpose(1, 2).reshape(B, T, self.d))
+        return self.head(F.gelu(h + a).mean(1))
+
+
+def _padded_tokens(n: int = 60, T: int = 5, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, 6, (n, T), generator=g)
+    lengths = torch.randint(1, T + 1, (n,), generator=g)  # the first token is never padding
+    return x.masked_fill(torch.arange(T)[None, :] >= lengths[:, None], PAD)
+
+
+def _padded_models():
+    torch.manual_seed(0)
+    a = PaddedLM("mha").double()
+    b = PaddedLM("sdpa").double()
+    b.load_state_dict(a.state_dict())
+    a1 = perturbed(a, 0.1)
+    b1 = PaddedLM("sdpa").double()
+    b1.load_state_dict(a1.state_dict())
+    return a, b, a1, b1
+
+
+@pytest.mark.parametrize("gates", ["bernoulli", "relu"])
+def test_padding_masks_computed_from_the_tokens(gates):
+    """A mask computed from the input alone is exact (the same in every stream): nn.MultiheadAttention with
+    key_padding_mask = tokens == PAD and SDPA with the complementary boolean mask agree in the network, in the
+    interpreter and in LAFTR's and LIFTR's estimates; the estimates are zero at theta0 and differentiable."""
+    X = _padded_tokens()
+    a, b, a1, b1 = _padded_models()
+    torch.testing.assert_close(a(X), b(X), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(TracedNet(a).forward(X, param_dict(a)), a(X), rtol=1e-12, atol=1e-12)
+    for name in ("laftr", "liftr"):
+        kw = {"metric": "kl", "input_model": "tokens", "num_samples": 32, "fixed_noise": True}
+        if name == "laftr":
+            kw["gates"] = gates
+        ea = laftr.make_estimator(name, **kw).fit(a, X)
+        eb = laftr.make_estimator(name, **kw).fit(b, X)
+        da = ea(a1)
+        torch.testing.assert_close(da, eb(b1), rtol=1e-10, atol=1e-14)
+        assert torch.isfinite(da) and float(da) > 0 and float(ea(a)) == 0.0
+        da.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in a1.parameters())
+        a1.zero_grad()
+
+
+def test_padding_mask_own_linearization_tends_to_the_exact_fsd():
+    """theta0's own linearization on every stored sequence, each used once: its estimate / exact -> 1 as theta ->
+    theta0, with the padding hidden exactly as the network hides it."""
+    X = _padded_tokens(40)
+    a, _, _, _ = _padded_models()
+    est = laftr.make_estimator("laftr", metric="kl", input_model="coreset", coreset_size=len(X), num_samples=len(X),
+                               gates="relu").fit(a, X)
+    errs = []
+    for step in (1e-1, 1e-2, 1e-3):
+        a1 = perturbed(a, step)
+        errs.append(abs(float(est(a1)) / float(laftr.exact_fsd(a, a1, X, metric="kl")) - 1))
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-2, errs
+
+
+def test_masks_from_the_input_are_refused_where_they_cannot_be_evaluated():
+    X = _padded_tokens()
+    a, _, a1, _ = _padded_models()
+    with pytest.raises(UnsupportedOpError, match="computed from the network input"):
+        laftr.make_estimator("liftr-exact", metric="l2", input_model="tokens").fit(a, X)(a1)
+
+    class FromLayer(nn.Module):  # a mask that depends on parameters is still refused, naming the node
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = PaddedLM("mha")
+
+        def forward(self, x):
+            h = self.inner.emb(x)
+            return self.inner.mha(h, h, h, key_padding_mask=h.sum(-1) > 0, need_weights=False)[0].mean(1)
+
+    with pytest.raises(UnsupportedOpError, match="node 'gt'"):
+        TracedNet(FromLayer())
+
+
+def test_drawn_patterns_stay_within_each_example_mask():
+    from laftr.rules.attention import _within_mask
+
+    l0 = torch.tensor([[0.0, 0.0, -math.inf], [0.0, -math.inf, -math.inf], [0.0, 1.0, 2.0]])
+    drawn = torch.tensor([[0.2, 0.3, 0.5], [0.0, 0.4, 0.6], [0.1, 0.2, 0.7]])
+    got = _within_mask(drawn, l0, -1)
+    torch.testing.assert_close(got, torch.tensor([[0.4, 0.6, 0.0], [1.0, 0.0, 0.0], [0.1, 0.2, 0.7]]))
+    same = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.1, 0.2, 0.7]])
+    assert _within_mask(same, l0, -1) is same  # nothing drawn on hidden keys: untouched, bit for bit

@@ -30,7 +30,18 @@ from torch.utils._pytree import tree_flatten, tree_map
 from . import rules as _rules  # noqa: F401  (importing registers the built-in rules)
 from .errors import UnsupportedOpError
 from .moments import GateMoments, JointMoments, Ref
-from .rules.base import Pair, Rule, data_pairs, describe, is_registered_module, make_rule, pairs_in, stream_of
+from .rules.base import (
+    Pair,
+    Rule,
+    changing_pairs,
+    data_pairs,
+    describe,
+    is_registered_module,
+    lookup,
+    make_rule,
+    pairs_in,
+    stream_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +264,7 @@ class _Reanchoring:
         laws = self.anchors(rule, args, kwargs)
         if laws is None:
             return args, kwargs
-        for p, law in zip(data_pairs((args, kwargs)), laws):
+        for p, law in zip(changing_pairs((args, kwargs)), laws):
             if id(p) not in self._drawn:
                 self._drawn[id(p)] = (p, self.reanchor(rule, p, law))
         return tree_map(lambda v: self._drawn[id(v)][1] if isinstance(v, Pair) and id(v) in self._drawn else v,
@@ -269,7 +280,7 @@ class StepMode(_Reanchoring, SampleMode):
 
     Attributes:
         anchors: ``anchors(rule, args, kwargs)`` gives, for an anchored op, one entry per data input (in
-            :func:`laftr.rules.base.data_pairs` order): its law (with ``draw(groups, generator, like)``); None
+            :func:`laftr.rules.base.changing_pairs` order): its law (with ``draw(groups, generator, like)``); None
             for other ops.
         inner_anchors: ``inner_anchors(rule, key)``: the law of a rule's internal layer input (see :meth:`inner`),
             or None.
@@ -451,19 +462,47 @@ class TracedNet:
                 )
         self.input_node = placeholders[0]
         self.param_names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-        # which nodes depend on the input: those need a rule; the others are parameter arithmetic
+        # which nodes depend on the input: those need a rule; the others are parameter arithmetic. Nodes computed
+        # from the input alone (no parameter or buffer on the way) that have no rule -- comparisons, masks -- are
+        # evaluated exactly on each stream's input (the same in every stream): ``exact_inputs``
         data_nodes = {self.input_node.name}
+        input_only = {self.input_node.name}
+        self.exact_inputs: set[str] = set()
         self.rules: dict[str, Rule] = {}
         for node in self.gm.graph.nodes:
             if node.op not in ("call_module", "call_function", "call_method"):
                 continue
             if any(a.name in data_nodes for a in node.all_input_nodes):
                 data_nodes.add(node.name)
-                self.rules[node.name] = make_rule(node, self.gm)
+                if self._reads_input_only(node, input_only):
+                    input_only.add(node.name)
+                    if lookup(node, self.gm) is None:  # an op with no rule at all (a rule that refuses, refuses)
+                        self.rules[node.name] = Rule(node, self.gm)
+                        self.exact_inputs.add(node.name)
+                    else:
+                        self.rules[node.name] = make_rule(node, self.gm)
+                else:
+                    self.rules[node.name] = make_rule(node, self.gm)
             else:
                 self.rules[node.name] = _plain_rule(node, self.gm)
         self.data_nodes = data_nodes
+        self.input_only = input_only
         self.sites: dict[str, Rule] = {n: r for n, r in self.rules.items() if r.site and n in data_nodes}
+
+    def _reads_input_only(self, node: fx.Node, input_only: set[str]) -> bool:
+        """Whether ``node`` is a function of the network input alone: its inputs are the input or such nodes (no
+        parameter or buffer), and a module it calls holds none."""
+        for a in node.all_input_nodes:
+            if a.name in input_only:
+                continue
+            if a.op == "get_attr" and str(a.target) not in self.param_names:
+                continue  # a constant tensor attribute
+            return False
+        if node.op == "call_module":
+            mod = self.gm.get_submodule(str(node.target))
+            if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
+                return False
+        return True
 
     def signature(self) -> list[list[Any]]:
         """``[[site name, family, params], ...]``: what a stored summary must match."""
@@ -515,12 +554,38 @@ class TracedNet:
                 return rule.call(mode.params[0], args, kwargs)
             return Pair(tuple(rule.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
                               for s in range(mode.num_streams)), False)
+        if node.name in self.input_only and (node.name in self.exact_inputs
+                                             or all(p.fixed for p in data_pairs((args, kwargs)))):
+            # a function of the input alone (e.g. a padding mask, or its reshaped view): exact in every stream
+            if mode.method == "moments":
+                raise UnsupportedOpError(
+                    f"{rule.describe()} is computed from the network input (a mask, a comparison): the closed form "
+                    "works with the input's moments, not its values, and cannot evaluate it; use the Monte Carlo "
+                    "estimator (laftr, liftr)")
+            out = tuple(rule.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
+                        for s in range(mode.num_streams))
+            sources = data_pairs((args, kwargs))
+            if not (all(p.fixed for p in sources) or _is_mask(out[0])
+                    or all(not _floating(p.vals[0]) for p in sources)):
+                raise UnsupportedOpError(
+                    f"{rule.describe()} turns the floating network input into a non-boolean value without a rule "
+                    "(e.g. ids cast from floats): an input model draws floating inputs, so its result would be "
+                    "meaningless; keep token ids integer, or compute only masks (comparisons) from the input")
+            return Pair(out, True, fixed=True)
         args, kwargs = mode.before(rule, args, kwargs)
         return getattr(rule, mode.method)(mode, args, kwargs)
 
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The network's own output on ``x`` with ``params`` (one stream, plain forward pass)."""
         return self.run((x,), ForwardMode([params]))[0]
+
+
+def _floating(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+
+
+def _is_mask(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and v.dtype == torch.bool
 
 
 def _plain_rule(node: fx.Node, gm: fx.GraphModule) -> Rule:

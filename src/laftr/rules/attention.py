@@ -175,12 +175,27 @@ class PatternSite(Rule):
         raise self.no_closed_form()
 
 
+def _within_mask(a: Tensor, l0: Tensor, dim: int) -> Tensor:
+    """A drawn pattern restricted to the keys this example may attend to (finite logits) and renormalized. The
+    stored law puts no mass on keys a constant mask hides, so this changes nothing then; with a mask computed
+    from each input (padding) the law mixes examples, and a draw must not attend to this one's padding (a row
+    whose drawn mass is all on hidden keys gets the uniform pattern over its visible ones)."""
+    hidden = torch.isneginf(l0)
+    if not bool((a.masked_fill(~hidden, 0) != 0).any()):
+        return a
+    a = a.masked_fill(hidden, 0)
+    total = a.sum(dim, keepdim=True)
+    visible = (~hidden).to(a.dtype)
+    uniform = visible / visible.sum(dim, keepdim=True).clamp_min(1)
+    return torch.where(total > 0, a / total.clamp_min(torch.finfo(a.dtype).tiny), uniform)
+
+
 def linearized_softmax(rule: PatternSite, mode: Any, logits: tuple[Tensor, ...], dim: int) -> tuple[Tensor, ...]:
     """The softmax of each stream's logits, linearized at theta0's pattern: the exact softmax of stream 0 in the
     ``own`` mode, a draw from the stored law in the ``sample`` mode; ``A0 + J(A0)(l_s - l0)`` for the others."""
     l0 = logits[0]
     if mode.method == "sample":
-        a0 = rule.draw(mode, l0, dim)
+        a0 = _within_mask(rule.draw(mode, l0, dim), l0, dim)
     else:
         a0 = torch.softmax(l0, dim)
     return (a0, *(a0 + softmax_tangent(a0, logit_change(l, l0), dim) for l in logits[1:]))
@@ -405,8 +420,9 @@ class SdpaRule(PatternSite):
         for n, p in zip(names[:3], (q, k, v)):
             if not isinstance(p, Pair):
                 raise self.refuse(f"its {n} is not a tensor")
-        if isinstance(mask, Pair) and mask.data:
-            raise self.refuse("an attention mask computed from the input (give a constant or a buffer)")
+        if isinstance(mask, Pair) and mask.data and not mask.fixed:
+            raise self.refuse("an attention mask computed with parameters (a mask may be a constant, a buffer or "
+                              "computed from the network input alone, e.g. tokens == pad)")
         if not any(p.data for p in (q, k, v)):
             raise self.refuse("none of query, key, value depends on the input")
         return q, k, v, mask
@@ -471,8 +487,9 @@ class MultiheadAttentionRule(PatternSite):
         vals = {n: kwargs.get(n, args[i] if i < len(args) else None) for i, n in enumerate(names)}
         q, k, v = vals["query"], vals["key"], vals["value"]
         for n in ("key_padding_mask", "attn_mask"):
-            if isinstance(vals[n], Pair) and vals[n].data:
-                raise self.refuse(f"a {n} computed from the input (give a constant or a buffer)")
+            if isinstance(vals[n], Pair) and vals[n].data and not vals[n].fixed:
+                raise self.refuse(f"a {n} computed with parameters (a mask may be a constant, a buffer or computed "
+                                  "from the network input alone, e.g. tokens == pad)")
         return q, k, v, vals["key_padding_mask"], vals["attn_mask"], bool(vals["is_causal"] or False)
 
     def run(self, mode: Any, args: Any, kwargs: Any) -> Any:

@@ -43,17 +43,20 @@ __all__ = [
 
 
 class Pair:
-    """One value per stream (theta0 first). ``data`` marks values that depend on the network input.
+    """One value per stream (theta0 first). ``data`` marks values that depend on the network input; ``fixed``
+    marks data values computed from the network input alone (no parameter on the way, e.g. a padding mask
+    ``tokens == pad``): exact and the same in every stream.
 
     In the closed-form mode the values of data tensors are references into the joint moment state
     (:class:`laftr.moments.Ref`) rather than tensors.
     """
 
-    __slots__ = ("data", "vals")
+    __slots__ = ("data", "fixed", "vals")
 
-    def __init__(self, vals: tuple[Any, ...], data: bool) -> None:
+    def __init__(self, vals: tuple[Any, ...], data: bool, fixed: bool = False) -> None:
         self.vals = vals
         self.data = data
+        self.fixed = fixed
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"Pair(data={self.data}, vals={self.vals!r})"
@@ -77,6 +80,12 @@ def data_pairs(v: Any) -> list[Pair]:
         if p.data and all(p is not q for q in out):
             out.append(p)
     return out
+
+
+def changing_pairs(v: Any) -> list[Pair]:
+    """The data pairs of ``v`` that can differ between streams: :func:`data_pairs` without the ``fixed`` ones
+    (functions of the network input alone, such as padding masks)."""
+    return [p for p in data_pairs(v) if not p.fixed]
 
 
 # ---------------------------------------------------------------------------------------------- registry
