@@ -624,3 +624,20 @@ def test_drawn_patterns_stay_within_each_example_mask():
     torch.testing.assert_close(got, torch.tensor([[0.4, 0.6, 0.0], [1.0, 0.0, 0.0], [0.1, 0.2, 0.7]]))
     same = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.1, 0.2, 0.7]])
     assert _within_mask(same, l0, -1) is same  # nothing drawn on hidden keys: untouched, bit for bit
+
+
+def test_every_estimator_runs_on_a_network_with_a_padding_mask():
+    X = _padded_tokens()
+    a, _, a1, _ = _padded_models()
+    tokens = {"input_model": "tokens"}
+    options = {"laftr": tokens, "liftr": tokens, "laftr-exact": tokens, "liftr-exact": tokens,
+               "kfac": {"unsupported": "diag", "fisher": "exact"}, "diag-fisher": {"fisher": "exact"}}
+    for name in laftr.available_estimators():
+        est = laftr.make_estimator(name, metric="l2" if name.endswith("-exact") else "kl", **options.get(name, {}))
+        if name.endswith("-exact"):
+            with pytest.raises(UnsupportedOpError, match="node 'eq'.*computed from the network input"):
+                est.fit(a, X)(a1)
+            continue
+        est.fit(a, X)
+        d = est(a1)
+        assert torch.isfinite(d) and float(d) > 0 and abs(float(est(a))) < 1e-12, name
