@@ -43,19 +43,19 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "SummaryFileError", "atomic_write_bytes",
 # ---------------------------------------------------------------------------------------------- writing files
 def _is_laftr_summary(path: Path) -> bool:
     """Whether ``path`` is a regular file whose safetensors header carries laftr metadata (only the header is
-    read; the file may otherwise be damaged)."""
+    read, with the checks :func:`_parse` applies to it; the file may otherwise be damaged)."""
     try:
         if not path.is_file():
             return False
         size = path.stat().st_size
         with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > min(size - 8, _MAX_HEADER):
-                return False
-            header = json.loads(f.read(n).decode("utf-8"))
-        meta = json.loads(header["__metadata__"]["laftr"])
-        return isinstance(meta, dict) and meta.get("format") == FORMAT
-    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError):
+            head = f.read(8)
+            n = int.from_bytes(head, "little")
+            if len(head) == 8 and n <= min(size - 8, _MAX_HEADER):
+                head += f.read(n)
+        _laftr_meta(head, size, str(path))
+        return True
+    except (OSError, SummaryFileError):
         return False  # anything unreadable is, for this question, simply not a summary
 
 
@@ -183,15 +183,16 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None)
             version, or otherwise not a readable laftr summary; the message says what is wrong.
         UsageError: ``device`` is not a device this machine has (or is ``meta``).
     """
-    resolve_device(device, "device")
+    dev = resolve_device(device, "device")  # before reading: a bad device is the caller's mistake, not the file's
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no summary file at {path}")
-    return _load_bytes(path.read_bytes(), str(path), device)
+    return _load_bytes(path.read_bytes(), str(path), dev)
 
 
 def _load_bytes(raw: bytes, name: str, device: str | torch.device | None = None) -> FSDEstimator:
     """:func:`load` from the bytes of a file; ``name`` names it in error messages."""
+    dev = resolve_device(device, "device")
     tensors, meta = _parse(raw, name)
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_VERSIONS:
@@ -219,8 +220,7 @@ def _load_bytes(raw: bytes, name: str, device: str | torch.device | None = None)
     for n, shape in arch:
         if list(theta0[n].shape) != list(shape):
             raise SummaryFileError(f"{name}: parameter {n!r} has shape {list(theta0[n].shape)}, header says {shape}")
-    if device is not None:
-        dev = resolve_device(device, "device")
+    if dev is not None:
         theta0 = {k: v.to(dev) for k, v in theta0.items()}
         state = {k: v.to(dev) for k, v in state.items()}
     est.theta0 = theta0
@@ -234,18 +234,17 @@ def _load_bytes(raw: bytes, name: str, device: str | torch.device | None = None)
     return est
 
 
-def _parse(raw: bytes, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the laftr metadata of a file, or :class:`SummaryFileError`."""
-    from safetensors.torch import load as st_load
-
+def _laftr_meta(head: bytes, size: int, name: str) -> dict[str, Any]:
+    """The laftr metadata from the start of a file of ``size`` bytes (``head`` holds at least its length field and
+    header), or :class:`SummaryFileError` saying why there is none."""
     unreadable = f"{name} is not a readable laftr summary (truncated or corrupted?)"
-    if len(raw) < 8:
-        raise SummaryFileError(f"{unreadable}: only {len(raw)} bytes")
-    n = int.from_bytes(raw[:8], "little")
-    if n > min(len(raw) - 8, _MAX_HEADER):
-        raise SummaryFileError(f"{unreadable}: its header length field says {n:,} bytes, the file has {len(raw):,}")
+    if size < 8:
+        raise SummaryFileError(f"{unreadable}: only {size} bytes")
+    n = int.from_bytes(head[:8], "little")
+    if n > min(size - 8, _MAX_HEADER):
+        raise SummaryFileError(f"{unreadable}: its header length field says {n:,} bytes, the file has {size:,}")
     try:
-        header = json.loads(raw[8 : 8 + n].decode("utf-8"))
+        header = json.loads(head[8 : 8 + n].decode("utf-8"))
     except MemoryError:
         raise
     except Exception as e:
@@ -264,6 +263,15 @@ def _parse(raw: bytes, name: str) -> tuple[dict[str, torch.Tensor], dict[str, An
         raise SummaryFileError(f"{unreadable}: its laftr metadata is not valid JSON: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SummaryFileError(f"{name} is a safetensors file but not a laftr summary (no laftr metadata)")
+    return meta
+
+
+def _parse(raw: bytes, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the laftr metadata of a file, or :class:`SummaryFileError`."""
+    from safetensors.torch import load as st_load
+
+    meta = _laftr_meta(raw, len(raw), name)
+    unreadable = f"{name} is not a readable laftr summary (truncated or corrupted?)"
     try:
         tensors = st_load(raw)
     except MemoryError:
