@@ -554,26 +554,29 @@ class TracedNet:
                 return rule.call(mode.params[0], args, kwargs)
             return Pair(tuple(rule.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
                               for s in range(mode.num_streams)), False)
-        if node.name in self.input_only and (node.name in self.exact_inputs
-                                             or all(p.fixed for p in data_pairs((args, kwargs)))):
-            # a function of the input alone (e.g. a padding mask, or its reshaped view): exact in every stream
-            if mode.method == "moments":
-                raise UnsupportedOpError(
-                    f"{rule.describe()} is computed from the network input (a mask, a comparison): the closed form "
-                    "works with the input's moments, not its values, and cannot evaluate it; use the Monte Carlo "
-                    "estimator (laftr, liftr)")
-            out = tuple(rule.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
-                        for s in range(mode.num_streams))
+        if node.name in self.input_only:
             sources = data_pairs((args, kwargs))
-            if not (all(p.fixed for p in sources) or _is_mask(out[0])
-                    or all(not _floating(p.vals[0]) for p in sources)):
-                raise UnsupportedOpError(
-                    f"{rule.describe()} turns the floating network input into a non-boolean value without a rule "
-                    "(e.g. ids cast from floats): an input model draws floating inputs, so its result would be "
-                    "meaningless; keep token ids integer, or compute only masks (comparisons) from the input")
-            return Pair(out, True, fixed=True)
+            if node.name in self.exact_inputs or all(p.fixed for p in sources):
+                return self._exact_from_input(rule, mode, args, kwargs, sources)
         args, kwargs = mode.before(rule, args, kwargs)
         return getattr(rule, mode.method)(mode, args, kwargs)
+
+    def _exact_from_input(self, rule: Rule, mode: Mode, args: Any, kwargs: Any, sources: list[Pair]) -> Pair:
+        """A value computed from the network input alone (a padding mask, or its reshaped view): evaluated exactly
+        on each stream's input, the same in every stream (``fixed``)."""
+        if mode.method == "moments":
+            raise UnsupportedOpError(
+                f"{rule.describe()} is computed from the network input (a mask, a comparison): the closed form "
+                "works with the input's moments, not its values, and cannot evaluate it; use the Monte Carlo "
+                "estimator (laftr, liftr)")
+        out = tuple(rule.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
+                    for s in range(mode.num_streams))
+        if not (all(p.fixed for p in sources) or _is_mask(out[0]) or all(not _floating(p.vals[0]) for p in sources)):
+            raise UnsupportedOpError(
+                f"{rule.describe()} turns the floating network input into a non-boolean value without a rule "
+                "(e.g. ids cast from floats): an input model draws floating inputs, so its result would be "
+                "meaningless; keep token ids integer, or compute only masks (comparisons) from the input")
+        return Pair(out, True, fixed=True)
 
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The network's own output on ``x`` with ``params`` (one stream, plain forward pass)."""
