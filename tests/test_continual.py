@@ -629,6 +629,33 @@ def test_token_and_transformer_benchmarks_adapt_the_methods():
         parse_method("laftr", None, ("images",))
 
 
+def test_vit_defaults_are_the_vit_search_winners():
+    """``--arch vit`` on Split Fashion-MNIST runs with the lam its own validation search chose (read from the
+    committed search file), the unsearched methods with the MLP's; a network without its own search says so."""
+    import json
+    from pathlib import Path
+
+    from laftr.continual.runner import resolve_settings
+
+    search = json.loads((Path(__file__).parents[1] / "benchmarks/results/continual/search_split-fmnist-vit.json")
+                        .read_text())
+    names = ",".join(search["methods"]) + ",ntk,laftr-classwise"
+    bench, _, _, specs, _ = resolve_settings(ContinualSettings("split-fmnist", names, [0], arch="vit"))
+    lam = {s.name: s.lam for s in specs}
+    for method, entry in search["methods"].items():
+        grid = entry["lam"]["grid"]
+        best = max(grid, key=lambda g: g["val_avg_acc"])
+        assert lam[method] == best["lam"], method
+        assert best["lam"] not in (min(g["lam"] for g in grid), max(g["lam"] for g in grid)), method  # interior
+    _, _, _, mlp_specs, _ = resolve_settings(ContinualSettings("split-fmnist", names, [0]))
+    mlp_lam = {s.name: s.lam for s in mlp_specs}
+    assert lam["ntk"] == mlp_lam["ntk"] and lam["laftr-classwise"] == mlp_lam["laftr-classwise"]
+    assert lam["laftr"] != mlp_lam["laftr"]
+    assert "search_split-fmnist-vit.json" in bench.tuning and "arch_tuning" not in bench.describe()
+    other, *_ = resolve_settings(ContinualSettings("split-mnist", "laftr", [0], arch="vit"))
+    assert "not tuned for vit" in other.tuning
+
+
 def test_arithmetic_four_tasks_stream():
     from laftr.continual.benchmarks import build_stream, get_benchmark
 

@@ -110,7 +110,9 @@ def resolve_settings(settings: ContinualSettings) -> tuple[Any, dict[str, Any], 
     spec_fields = {f.name for f in dataclasses.fields(bench)}
     replaced = {k: v for k, v in q.items() if k in spec_fields and k not in _SETTINGS_KEYS and v is not None}
     replaced["arch"] = bench.resolve_arch(settings.arch)
-    if replaced["arch"] != bench.arch:
+    if replaced["arch"] in bench.arch_tuning:
+        replaced["method_defaults"], replaced["tuning"] = bench.arch_tuning[replaced["arch"]]
+    elif replaced["arch"] != bench.arch:
         replaced["tuning"] = (f"{bench.tuning or 'not tuned'} (tuned with the {bench.arch} network; not tuned for "
                               f"{replaced['arch']})")
     bench = dataclasses.replace(bench, **replaced)
