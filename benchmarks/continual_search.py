@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--num-tasks", type=int, default=None)
     p.add_argument("--arch", default=None, help="network of an image benchmark (mlp, vit; default: its own)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="schedule override (default: the benchmark's); the results go to <benchmark>-wd<W>")
     p.add_argument("--seed", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--root", default=None, help="folder of the raw grids (default results/continual/search/<bench>)")
@@ -81,13 +83,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run 'none' and 'joint' on the same validation protocol (folder reference/)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    key = args.benchmark + (f"-{args.arch}" if args.arch else "")
+    key = (args.benchmark + (f"-{args.arch}" if args.arch else "")
+           + (f"-wd{args.weight_decay:g}" if args.weight_decay is not None else ""))
     root = Path(args.root) if args.root else RESULTS / "search" / key
     command = "python benchmarks/continual_search.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.reference and not args.gather_only:
         settings = ContinualSettings(
             benchmark=args.benchmark, methods="none,joint", seeds=[args.seed], split="val", epochs=args.epochs,
-            n_train=args.n_train, num_tasks=args.num_tasks, arch=args.arch, threads=args.threads, progress=False)
+            n_train=args.n_train, num_tasks=args.num_tasks, arch=args.arch, weight_decay=args.weight_decay,
+                threads=args.threads, progress=False)
         run_benchmark(settings, root / "reference", force=args.force, command=command)
     if not args.gather_only:
         values = [v.strip() for v in args.grid.split(",") if v.strip()]
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             specs = ",".join(f"{method}[{args.param}={v}{extra}]" for v in values)
             settings = ContinualSettings(
                 benchmark=args.benchmark, methods=specs, seeds=[args.seed], split="val", epochs=args.epochs,
-                n_train=args.n_train, num_tasks=args.num_tasks, arch=args.arch, threads=args.threads,
+                n_train=args.n_train, num_tasks=args.num_tasks, arch=args.arch, weight_decay=args.weight_decay,
+                threads=args.threads,
                 progress=False)
             t0 = time.perf_counter()
             folder = f"{args.name or method}__{args.param}" + (f"__{args.tag}" if args.tag else "")
