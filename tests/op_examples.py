@@ -38,6 +38,18 @@ class WithParam(nn.Module):
         return self.fn(x, self.p)
 
 
+class WithMask(nn.Module):
+    """``fn(x, mask)`` with a fixed boolean buffer ``mask`` of the per-example shape (ops that select entries)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], Any], shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.register_buffer("mask", torch.rand(shape, generator=torch.Generator().manual_seed(5)) < 0.4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, self.mask)
+
+
 def lam(fn: Callable[[torch.Tensor], Any], shape: tuple[int, ...]) -> Example:
     return (lambda: Lambda(fn), shape)
 
@@ -193,6 +205,12 @@ AFFINE: dict[Any, Example] = {
     F.alpha_dropout: lam(lambda x: F.alpha_dropout(x, 0.5, training=False), V),
     F.feature_alpha_dropout: lam(lambda x: F.feature_alpha_dropout(x, 0.5, training=False), IMG),
     torch.dropout: lam(lambda x: torch.dropout(x, 0.5, False), V),
+    # selection by a mask that is the same in both streams (a buffer here)
+    "masked_fill": (lambda: WithMask(lambda x, m: x.masked_fill(m, 0.75), V), V),
+    "masked_fill_": (lambda: WithMask(lambda x, m: (2 * x).masked_fill_(m, -1.5), V), V),
+    torch.masked_fill: (lambda: WithMask(lambda x, m: torch.masked_fill(x, m, 0.0), V), V),
+    torch.where: (lambda: WithMask(lambda x, m: torch.where(m, x, 3 * x + 1), V), V),
+    "where": (lambda: WithMask(lambda x, m: x.where(m, 2.0), V), V),
     # attributes
     getattr: lam(lambda x: x.mT, V),
 }

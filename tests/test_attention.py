@@ -21,6 +21,9 @@ from laftr.rules.attention import PatternLaw, gamma_draw
 pytestmark = pytest.mark.usefixtures("float64")
 
 
+MANUAL = ("manual", "masked_fill", "where")  # attention by hand; the causal mask added, filled in, or selected
+
+
 class Attn(nn.Module):
     """in-projection -> one attention block (manual / sdpa / mha, causal or not) -> [GELU] -> mean -> head."""
 
@@ -46,10 +49,14 @@ class Attn(nn.Module):
             a = a if self.batch_first else a.transpose(0, 1)
         else:
             q, k, v = (m(h).view(B, T, self.h, self.d // self.h).transpose(1, 2) for m in (self.q, self.k, self.v))
-            if self.kind == "manual":
+            if self.kind in MANUAL:
                 s = q @ k.transpose(-2, -1) / math.sqrt(self.d // self.h)
-                if self.causal:
+                if self.causal and self.kind == "manual":
                     s = s + self.bias
+                elif self.causal and self.kind == "masked_fill":  # nanoGPT's way
+                    s = s.masked_fill(self.blocked, float("-inf"))
+                elif self.causal:
+                    s = torch.where(self.blocked, -math.inf, s)
                 o = torch.softmax(s, dim=-1) @ v
             else:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
@@ -542,7 +549,12 @@ class PaddedLM(nn.Module):
             w, b = self.mha.in_proj_weight, self.mha.in_proj_bias
             q, k, v = (F.linear(h, w[i * self.d:(i + 1) * self.d], b[i * self.d:(i + 1) * self.d])
                        .view(B, T, self.h, self.d // self.h).transpose(1, 2) for i in range(3))
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=(x != PAD)[:, None, None, :])
+            if self.kind == "masked_fill":  # by hand: the scores of padded keys filled with -inf
+                s = (q @ k.transpose(-2, -1) / math.sqrt(self.d // self.h)).masked_fill(
+                    (x == PAD)[:, None, None, :], float("-inf"))
+                o = torch.softmax(s, dim=-1) @ v
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=(x != PAD)[:, None, None, :])
             a = self.mha.out_proj(o.transpose(1, 2).reshape(B, T, self.d))
         return self.head(F.gelu(h + a).mean(1))
 
@@ -641,3 +653,101 @@ def test_every_estimator_runs_on_a_network_with_a_padding_mask():
         est.fit(a, X)
         d = est(a1)
         assert torch.isfinite(d) and float(d) > 0 and abs(float(est(a))) < 1e-12, name
+
+
+# ---------------------------------------------------------------------------------------------- masked_fill, where
+@pytest.mark.parametrize("gates", ["bernoulli", "relu"])
+def test_causal_masks_filled_in_or_selected_equal_the_additive_mask(gates):
+    """``scores.masked_fill(blocked, -inf)`` (nanoGPT) and ``torch.where(blocked, -inf, scores)`` with a buffer
+    mask are the additive causal mask written another way: the network, LAFTR's and LIFTR's estimates agree on
+    equal weights, vanish at theta0 and reach every parameter."""
+    torch.manual_seed(0)
+    ref = Attn("manual")
+    other = perturbed(ref, 0.1)
+    X = _data()
+    names = ("laftr", "liftr") if gates == "bernoulli" else ("laftr",)
+    want = {}
+    for kind in MANUAL:
+        m0, m1 = Attn(kind), Attn(kind)
+        copy_weights(ref, m0)
+        copy_weights(other, m1)
+        torch.testing.assert_close(m0(X), ref(X), rtol=1e-12, atol=1e-12)
+        for name in names:
+            kw = {"gates": gates} if name == "laftr" else {}
+            est = laftr.make_estimator(name, metric="kl", num_samples=16, fixed_noise=True, **kw).fit(m0, X)
+            d = est(m1)
+            assert float(est(m0)) == 0.0 and float(d) > 0
+            if kind == "manual":
+                want[name] = d.detach()
+                continue
+            torch.testing.assert_close(d.detach(), want[name], rtol=1e-10, atol=1e-14)
+            d.backward()
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m1.parameters()), (kind, name)
+            m1.zero_grad()
+
+
+def test_padding_filled_in_from_the_tokens_equals_the_sdpa_mask():
+    """A padding mask computed from the tokens and used by masked_fill is exact in every stream, as SDPA's."""
+    X = _padded_tokens()
+    a, _, a1, _ = _padded_models()
+    b, b1 = PaddedLM("masked_fill").double(), PaddedLM("masked_fill").double()
+    b.load_state_dict(a.state_dict())
+    b1.load_state_dict(a1.state_dict())
+    sd, sd1 = PaddedLM("sdpa").double(), PaddedLM("sdpa").double()
+    sd.load_state_dict(a.state_dict())
+    sd1.load_state_dict(a1.state_dict())
+    torch.testing.assert_close(b(X), a(X), rtol=1e-12, atol=1e-12)
+    for name in ("laftr", "liftr"):
+        kw = {"metric": "kl", "input_model": "tokens", "num_samples": 32, "fixed_noise": True}
+        want = laftr.make_estimator(name, **kw).fit(sd, X)(sd1)
+        got = laftr.make_estimator(name, **kw).fit(b, X)(b1)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
+def test_select_ops_closed_form_equals_monte_carlo_and_refuses_infinite_fills():
+    """An MLP with a fixed mask filled with a finite value (and a where between two data tensors): the closed form
+    is the Monte Carlo estimator's expectation; an -inf fill is refused by name in the closed form only."""
+
+    class Masked(nn.Module):
+        def __init__(self, fill: float) -> None:
+            super().__init__()
+            self.fill = fill
+            self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+            self.register_buffer("m", torch.tensor([True, False, False, True, False, False]))
+
+        def forward(self, x):
+            h = torch.relu(self.a(x)).masked_fill(self.m, self.fill)
+            return self.b(torch.where(self.m, 2 * h, h - 1) if math.isfinite(self.fill) else h)
+
+    torch.manual_seed(0)
+    model = Masked(0.4)
+    other = perturbed(model, 0.15)
+    g = torch.Generator().manual_seed(0)
+    X = 1.5 * torch.randn(120, 5, generator=g)
+    exact = laftr.make_estimator("laftr-exact").fit(model, X)(other).item()
+    vals = torch.tensor([laftr.make_estimator("laftr", num_samples=3000, seed=10 + r).fit(model, X)(other).item()
+                         for r in range(10)])
+    mean, se = vals.mean().item(), vals.std().item() / math.sqrt(len(vals))
+    assert se > 0 and abs(mean - exact) < 4.5 * se, (mean, exact, se)
+    inf_model = Masked(-math.inf)
+    with pytest.raises(UnsupportedOpError, match="node 'masked_fill'.*finite fill values"):
+        laftr.make_estimator("laftr-exact").fit(inf_model, X)(perturbed(inf_model, 0.1))
+
+
+def test_select_ops_refuse_masks_and_fills_that_depend_on_the_parameters():
+    class Gate(nn.Module):  # h.masked_fill(h < 0, 0) is a ReLU written as a selection: no stored law
+        def __init__(self, how: str) -> None:
+            super().__init__()
+            self.how = how
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            if self.how == "masked_fill":
+                return h.masked_fill(h < 0, 0.0)
+            return torch.where(h > 0, h, 0.1 * h)
+
+    X = torch.randn(10, 4)
+    for how in ("masked_fill", "where"):
+        with pytest.raises(UnsupportedOpError, match="node '(lt|gt)'"):
+            laftr.make_estimator("laftr").fit(Gate(how), X)

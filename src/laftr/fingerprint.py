@@ -12,8 +12,8 @@ name, a parameter's qualified name, a leaf module's qualified name, class and co
 slope, a stride or a number of heads), and the structure of its arguments with references to other nodes
 replaced by their index and constants written out. It does not depend on parameter values, dtype or device
 (floating dtypes and devices baked into a graph as constants are written generically), nor on module
-identity: a ``copy.deepcopy``, a float64 copy, a ``.to()`` copy and a fresh model from the same constructor have
-the same fingerprint. Constant tensors that are not parameters or buffers enter by their shape only.
+identity: a ``copy.deepcopy``, a float64 copy, a ``.to()`` copy and a fresh model from the same constructor
+have the same fingerprint. Constant tensors that are not parameters or buffers enter by their shape only.
 
 Its text form (what a saved estimator keeps) is ``fx1:<sha256 of the description>:<8 hex digits per node>``:
 the per-node digests locate the first differing node even against a fingerprint read from a file; the
@@ -26,6 +26,7 @@ import enum
 import hashlib
 import logging
 import numbers
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["GraphFingerprint", "describe_difference", "graph_fingerprint", "model_fingerprint"]
 
-#: Version tag of the canonical description; a fingerprint with another tag is not compared (see :func:`parse`).
+#: Version tag of the canonical description; a fingerprint with another tag is not compared (:func:`parse`).
 TAG = "fx1"
 _NODE_DIGITS = 8
 
@@ -79,7 +80,7 @@ class GraphFingerprint:
         return cls(parts[1], tuple(nodes[i : i + _NODE_DIGITS] for i in range(0, len(nodes), _NODE_DIGITS)))
 
 
-# ---------------------------------------------------------------------------------------------- canonical form
+# --------------------------------------------------------------------------------------------- canonical form
 def _function_name(f: Any) -> str:
     module = getattr(f, "__module__", None) or ""
     name = getattr(f, "__name__", None) or type(f).__name__
@@ -92,6 +93,9 @@ def _dtype(d: torch.dtype) -> str:
     if d.is_complex:
         return "<complex dtype>"
     return str(d)
+
+
+_FOLDED = re.compile(r"_tensor_constant\d+")
 
 
 def _const(v: Any, index: dict[fx.Node, int] | None) -> str:
@@ -113,7 +117,8 @@ def _const(v: Any, index: dict[fx.Node, int] | None) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_const(a, index) for a in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{_const(k, index)}: {_const(a, index)}" for k, a in sorted(v.items(), key=lambda kv: repr(kv[0]))) + "}"
+        return "{" + ", ".join(f"{_const(k, index)}: {_const(a, index)}"
+                               for k, a in sorted(v.items(), key=lambda kv: repr(kv[0]))) + "}"
     if isinstance(v, slice):
         return f"{_const(v.start, index)}:{_const(v.stop, index)}:{_const(v.step, index)}"
     if v is Ellipsis:
@@ -132,13 +137,17 @@ def _const(v: Any, index: dict[fx.Node, int] | None) -> str:
 
 
 def _module_attrs(mod: nn.Module) -> str:
-    """A leaf module's constant configuration: its public attributes that are numbers, strings, tuples of them,
-    or tensors (by shape); parameters, buffers and submodules are not attributes."""
+    """A leaf module's constant configuration.
+
+    Its public attributes that are numbers, strings, tuples of them, or tensors (by shape); parameters,
+    buffers and submodules are not attributes.
+    """
     items = []
     for k, v in sorted(vars(mod).items()):
         if k.startswith("_") or k in _IGNORED_ATTRS:
             continue
-        if v is None or isinstance(v, (numbers.Number, str, tuple, list, torch.Size, torch.Tensor, enum.Enum)):
+        if v is None or isinstance(v, (numbers.Number, str, tuple, list, torch.Size, torch.Tensor,
+                                       enum.Enum)):
             items.append(f"{k}={_const(v, {})}")
     return ", ".join(items)
 
@@ -151,7 +160,7 @@ def _canonical(node: fx.Node, gm: fx.GraphModule, index: dict[fx.Node, int], par
         what = "input"  # the argument's name does not matter, its default value does
     elif node.op == "get_attr":
         t = str(target)
-        if t in params:
+        if t in params and not _FOLDED.fullmatch(t):
             what = f"param {t}"
         else:
             try:
@@ -160,7 +169,10 @@ def _canonical(node: fx.Node, gm: fx.GraphModule, index: dict[fx.Node, int], par
                     obj = getattr(obj, part)
             except AttributeError:
                 obj = None
-            what = f"constant {t} {_const(obj, {})}"
+            # torch.fx numbers the tensors it folds at trace time (``_tensor_constant3``) across traces: the
+            # number is not part of the function
+            name = "<folded>" if _FOLDED.fullmatch(t) else t
+            what = f"constant {name} {_const(obj, {})}"
     elif node.op == "call_function":
         what = f"function {_function_name(target)}"
     elif node.op == "call_method":
@@ -236,7 +248,7 @@ def describe_difference(fitted: GraphFingerprint, got: GraphFingerprint) -> str 
             return f"{who} another op (the fitted graph's node descriptions are not stored in the file)"
         return f"{who} `{fp.nodes[j]}`"
 
-    if i == len(a) == len(b):  # the node digests agree but not the whole (a hash collision of a node): no name
+    if i == len(a) == len(b):  # node digests agree, the whole does not (a node's hash collision): no name
         return "the model's forward differs from the fitted one"
     where = f"the model's forward differs from the fitted one at node {i}: {at(fitted, i, 'fitted')}, " \
             f"{at(got, i, 'this model')}"

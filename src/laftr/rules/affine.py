@@ -8,14 +8,16 @@ queries of a tensor's shape.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
-from .base import Pair, Rule, data_pairs, pairs_in, register
+from .base import Pair, Rule, data_pairs, out_of_place_method, pairs_in, register
 
 
 class AffineRule(Rule):
@@ -36,23 +38,27 @@ class AffineRule(Rule):
         """Refuse data in places where the op would not be affine in it."""
         data = data_pairs((args, kwargs))
         if self.max_data_inputs is not None and len(data) > self.max_data_inputs:
-            raise self.refuse("it combines two data-dependent tensors multiplicatively, so the network is not "
-                              "linear in its input once theta0 has fixed its gates")
+            raise self.refuse("it combines two data-dependent tensors multiplicatively, so the network is "
+                              "not linear in its input once theta0 has fixed its gates")
         for pos in self.data_free_positions:
             if pos < len(args) and any(p.data for p in pairs_in(args[pos])):
                 raise self.refuse("it divides by a data-dependent tensor")
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Every stream runs the op exactly, after refusing data where it would not be affine."""
         self.check(args, kwargs)
         return Pair(self.call_streams(mode, args, kwargs), True)
 
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The op is affine in its data: Monte Carlo runs it exactly in every stream."""
         return self.forward(mode, args, kwargs)
 
     def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The op is affine in its data: it is its own linearization at theta0."""
         return self.forward(mode, args, kwargs)
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The generic closed form: the op applied to the columns of the joint moment state."""
         self.check(args, kwargs)
         return mode.affine(self, args, kwargs)
 
@@ -64,7 +70,10 @@ class SumRule(AffineRule):
 
 
 class LikeRule(AffineRule):
-    """``expand_as`` / ``view_as`` / ``reshape_as``: the second tensor gives only its shape (jointly affine)."""
+    """``expand_as`` / ``view_as`` / ``reshape_as``: the second tensor gives only its shape.
+
+    The op is jointly affine in both.
+    """
 
     max_data_inputs = None
 
@@ -75,6 +84,46 @@ class DivideRule(AffineRule):
     data_free_positions = (1,)
 
 
+class SelectRule(SumRule):
+    """``masked_fill`` and ``where`` with a mask that is the same in every stream.
+
+    The mask is a constant or buffer (a causal mask) or a value computed from the network input alone (a
+    padding mask, ``tokens == pad``). Every output entry is then an entry of one data input or a constant,
+    picked the same way in both streams, so the op is affine in its data and each stream runs it exactly
+    (``-inf`` fills included: the softmax after it sees them in both streams). A mask that depends on the
+    parameters would be a gate (``h.masked_fill(h < 0, 0)`` is a ReLU) and is refused (usually already at the
+    comparison that makes it). The closed form needs finite fills.
+    """
+
+    # per target: the (position, keyword) of the mask (a data-dependent fill value would be a reduction over
+    # the batch, refused before any rule runs)
+    _MASK_AT: ClassVar[dict[Any, tuple[int, str]]] = {
+        "masked_fill": (1, "mask"), torch.masked_fill: (1, "mask"), torch.where: (0, "condition"),
+        "where": (1, "condition"),
+    }
+
+    def check(self, args: Any, kwargs: Any) -> None:
+        """Refuse a mask that can differ between streams."""
+        t = self.node.target
+        pos, key = self._MASK_AT[out_of_place_method(t) if isinstance(t, str) else t]
+        mask = args[pos] if pos < len(args) else kwargs.get(key)
+        if any(p.data and not p.fixed for p in pairs_in(mask)):
+            raise self.refuse("its mask depends on the network's parameters (e.g. h > 0), which makes it a "
+                              "gate with no stored law; use an activation (relu) or compute the mask from "
+                              "the input or a buffer")
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The generic affine closed form, for finite fills only."""
+        self.check(args, kwargs)
+        for v in tree_flatten((args, kwargs))[0]:
+            finite = (not isinstance(v, float) or math.isfinite(v)) and (
+                not isinstance(v, torch.Tensor) or not v.is_floating_point() or bool(torch.isfinite(v).all()))
+            if not finite:
+                raise self.refuse("the closed form needs finite fill values (an -inf mask belongs to "
+                                  "attention, which has no closed form); use the Monte Carlo estimator")
+        return mode.affine(self, args, kwargs)
+
+
 class IdentityRule(Rule):
     """Ops that are the identity when estimating (dropout is off): the data input passes unchanged."""
 
@@ -82,6 +131,7 @@ class IdentityRule(Rule):
     affine = True
 
     def _through(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The op's one data input, unchanged (the same in every mode)."""
         data = data_pairs((args, kwargs))
         if len(data) != 1:
             raise self.refuse("expected exactly one data-dependent input")
@@ -100,6 +150,7 @@ class ShapeRule(Rule):
     family = "shape"
 
     def _query(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The shape query answered on theta0's stream (the same in every mode and stream)."""
         a, k = mode.concrete((args, kwargs), 0)
         return self.call(mode.params[0], a, k)
 
@@ -117,6 +168,7 @@ class GetattrRule(Rule):
     family = "getattr"
 
     def setup(self) -> None:
+        """Pick the shape query or the transpose this attribute stands for; refuse any other attribute."""
         attr = self.node.args[1] if len(self.node.args) > 1 else None
         if attr in _SHAPE_ATTRS:
             self._impl: Rule = ShapeRule(self.node, self.gm)
@@ -124,35 +176,44 @@ class GetattrRule(Rule):
             self._impl = AffineRule(self.node, self.gm)
         else:
             raise self.refuse(f"attribute {attr!r} of a data tensor")
-        self.affine = isinstance(self._impl, AffineRule)  # type: ignore[misc]
+        self.affine = isinstance(self._impl, AffineRule)  # type: ignore[misc]  # per instance, by attribute
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The chosen rule's forward pass (a shape query or a transpose)."""
         return self._impl.forward(mode, args, kwargs)
 
     def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The chosen rule's fit pass."""
         return self._impl.fit(mode, args, kwargs)
 
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The chosen rule's Monte Carlo pass."""
         return self._impl.sample(mode, args, kwargs)
 
     def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The chosen rule's pass with theta0's own linearization."""
         return self._impl.own(mode, args, kwargs)
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The chosen rule's closed form."""
         return self._impl.moments(mode, args, kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- layers
 class TappedLayer(AffineRule):
-    """A layer whose input and output the forward mode records when the mode's ``taps`` asks for it (K-FAC and
-    diag-Fisher, :mod:`laftr.estimators.taps`)."""
+    """A layer whose input and output the forward mode records when the mode's ``taps`` asks for them.
+
+    K-FAC and diag-Fisher ask for them (:mod:`laftr.estimators.taps`).
+    """
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Every stream runs the layer exactly, recording its input and output when the mode's taps ask."""
         out = super().forward(mode, args, kwargs)
         taps = getattr(mode, "taps", None)
         if taps is not None and self.module is not None and taps.wants(self.prefix):
             (x,) = data_pairs((args, kwargs))
-            out = Pair(tuple(taps.record(self.prefix, xi, o) for xi, o in zip(x.vals, out.vals)), True)
+            recorded = (taps.record(self.prefix, xi, o) for xi, o in zip(x.vals, out.vals, strict=True))
+            out = Pair(tuple(recorded), True)
         return out
 
 
@@ -177,6 +238,7 @@ class BatchNormRule(AffineRule):
     family = "batch_norm"
 
     def setup(self) -> None:
+        """Refuse batch norm without running statistics or in training mode (batch statistics)."""
         if self.module is not None:
             if self.module.running_mean is None or self.module.running_var is None:
                 raise self.refuse("batch norm without running statistics is not a per-example affine map")
@@ -217,6 +279,7 @@ _SHAPE = (torch.numel, len, "size", "dim", "numel", "nelement")
 register(*_AFFINE_MODULES, *_AFFINE_FUNCTIONS, *_AFFINE_METHODS)(AffineRule)
 register(*_SUM_FUNCTIONS, *_SUM_METHODS)(SumRule)
 register(*_DIV)(DivideRule)
+register("masked_fill", "masked_fill_", torch.masked_fill, torch.where, "where")(SelectRule)
 register("expand_as", "view_as", "reshape_as")(LikeRule)
 register(*_IDENTITY)(IdentityRule)
 register(*_SHAPE)(ShapeRule)
