@@ -23,14 +23,16 @@ T = TypeVar("T", bound=type)
 
 
 def registrar(table: dict[str, Any], what: str, name: str) -> Callable[[T], T]:
-    """A class decorator that puts the class into ``table`` under ``name`` (and sets its ``name``), refusing a
-    second class under a name already taken (``what`` names the kind of thing, for the message)."""
+    """A class decorator that puts the class into ``table`` under ``name`` (and sets its ``name``).
+
+    A second class under a name already taken is refused (``what`` names the kind of thing, for the message).
+    """
 
     def deco(cls: T) -> T:
         if name in table and table[name] is not cls:
             raise ValueError(f"{what} name {name!r} is already registered")
         table[name] = cls
-        cls.name = name  # type: ignore[attr-defined]
+        cls.name = name  # type: ignore[attr-defined]  # any registered class gets a name
         return cls
 
     return deco
@@ -52,22 +54,26 @@ def _split_batch(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | N
         x, y = batch["x"], batch.get("y")
     else:
         raise DataError(
-            f"cannot read batch {index} of type {type(batch).__name__}; expected a tensor of inputs, an (x, y) "
-            "tuple or a dict with 'x'"
+            f"cannot read batch {index} of type {type(batch).__name__}; expected a tensor of inputs, an "
+            "(x, y) tuple or a dict with 'x'"
         )
     if x.ndim == 0:
         raise DataError(f"batch {index} is a 0-dim tensor; a batch of inputs has the examples along dim 0")
     if y is not None and (y.ndim == 0 or y.shape[0] != x.shape[0]):
         raise DataError(
-            f"batch {index} has {x.shape[0]} inputs but labels of shape {tuple(y.shape)}: give one label per input"
+            f"batch {index} has {x.shape[0]} inputs but labels of shape {tuple(y.shape)}: "
+            "give one label per input"
         )
     return x, y
 
 
 def _pair(data: tuple[torch.Tensor, torch.Tensor]) -> bool:
-    """Whether a tuple of two tensors is an ``(X, Y)`` pair (True) or two batches of inputs (refused as
-    ambiguous). A pair's ``Y`` is 1-D (class labels, scalar targets) or has another per-example shape than
-    ``X`` (targets of a multi-output regression); two input batches always share their per-example shape."""
+    """Whether a tuple of two tensors is an ``(X, Y)`` pair (True) or two batches of inputs.
+
+    Two batches of inputs are refused as ambiguous. A pair's ``Y`` is 1-D (class labels, scalar targets) or
+    has another per-example shape than ``X`` (targets of a multi-output regression); two input batches always
+    share their per-example shape.
+    """
     X, Y = data
     if X.ndim < 2:
         raise DataError(
@@ -76,9 +82,10 @@ def _pair(data: tuple[torch.Tensor, torch.Tensor]) -> bool:
         )
     if Y.ndim >= 2 and Y.shape[1:] == X.shape[1:]:
         raise DataError(
-            f"ambiguous data: a tuple of two tensors of the same per-example shape {tuple(X.shape[1:])} could be "
-            "(inputs, targets) or two batches of inputs; pass a list [x1, x2] for batches, or X alone "
-            "(only the classwise input models and balanced coresets read labels, and they need 1-D labels)"
+            f"ambiguous data: a tuple of two tensors of the same per-example shape {tuple(X.shape[1:])} "
+            "could be (inputs, targets) or two batches of inputs; pass a list [x1, x2] for batches, or X "
+            "alone (only the classwise input models and balanced coresets read labels, and "
+            "they need 1-D labels)"
         )
     if Y.ndim == 0 or Y.shape[0] != X.shape[0]:
         raise DataError(
@@ -95,7 +102,9 @@ def iter_batches(
     dtype: torch.dtype | None = None,
     check_finite: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Yield ``(x, y)`` batches (``y`` may be None) from one of the data forms every laftr function reads:
+    """Yield ``(x, y)`` batches (``y`` may be None) from one of the data forms every laftr function reads.
+
+    The forms:
 
     * a tensor ``X`` of inputs ``(N, ...)`` — split into batches of ``batch_size``;
     * a **tuple** ``(X, Y)`` of two tensors — inputs and one label (or target) per example; ``Y`` is 1-D or
@@ -141,7 +150,8 @@ def iter_batches(
             now = f"{'floating' if kind[1] else 'integer'} inputs of per-example shape {kind[0]}"
             hint = ("; a list is read as a list of batches — pass an (X, Y) pair as a tuple"
                     if index == 1 and isinstance(data, list) and len(data) == 2 else "")
-            raise DataError(f"inputs change shape or kind between batches: batch 0 has {was}, batch {index} {now}{hint}")
+            raise DataError(f"inputs change shape or kind between batches: batch 0 has {was}, "
+                            f"batch {index} {now}{hint}")
         if x.numel() == 0:
             continue
         seen = True
@@ -157,8 +167,11 @@ def iter_batches(
 
 
 def resolve_device(device: str | torch.device | None, what: str = "device") -> torch.device | None:
-    """``device`` as a :class:`torch.device` (None stays None), or a :class:`UsageError` in the user's terms: a
-    name torch does not know, ``meta`` (it holds no values), or CUDA / a GPU index this machine does not have."""
+    """``device`` as a :class:`torch.device` (None stays None), or a :class:`UsageError`.
+
+    The error says in the user's terms what is wrong: a name torch does not know, ``meta`` (it holds no
+    values), or CUDA / a GPU index this machine does not have.
+    """
     if device is None:
         return None
     if not isinstance(device, (str, torch.device)):
@@ -171,9 +184,11 @@ def resolve_device(device: str | torch.device | None, what: str = "device") -> t
         raise UsageError(f"{what} 'meta' holds no values: laftr needs real tensors (use 'cpu' or 'cuda')")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"{what} {device!r} asks for CUDA, which this PyTorch build or machine does not have")
+            raise UsageError(f"{what} {device!r} asks for CUDA, which this PyTorch build or "
+                             "machine does not have")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"{what} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(f"{what} {device!r}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -182,8 +197,8 @@ def check_materialized(model: nn.Module, what: str = "model") -> None:
     for n, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise UsageError(
-                f"{what}'s {n!r} is on the 'meta' device (a shape without values); materialize the model first, "
-                "e.g. model.to_empty(device='cpu') and load its weights"
+                f"{what}'s {n!r} is on the 'meta' device (a shape without values); materialize the model "
+                "first, e.g. model.to_empty(device='cpu') and load its weights"
             )
 
 
@@ -214,7 +229,8 @@ def check_same_arch(expected: list[list[Any]], model: nn.Module, what: str = "th
             raise ValueError(f"architecture mismatch with {what}: parameter {n!r} is missing from this model")
         if have[n] != s:
             raise ValueError(
-                f"architecture mismatch with {what}: parameter {n!r} has shape {list(have[n])}, expected {list(s)}"
+                f"architecture mismatch with {what}: parameter {n!r} has shape "
+                f"{list(have[n])}, expected {list(s)}"
             )
     extra = [n for n in have if n not in exp]
     if extra:

@@ -47,7 +47,8 @@ class DemoSettings:
     hidden: list[int] = field(default_factory=lambda: [256, 256])
 
 
-def _task_split(x: torch.Tensor, y: torch.Tensor, classes: list[int], n: int | None, gen: torch.Generator):
+def _task_split(x: torch.Tensor, y: torch.Tensor, classes: list[int], n: int | None,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.nonzero(torch.isin(y, torch.tensor(classes))).flatten()
     if n is not None and n < len(idx):
         idx = idx[torch.randperm(len(idx), generator=gen)[:n]].sort().values
@@ -136,7 +137,9 @@ def run_demo(
     lam: float | None = None,
     command: str = "laftr demo",
 ) -> dict[str, Any]:
-    """Run the continual-learning demo and write ``taskA.laftr``, ``report.md``, ``results.json``, ``demo.png``.
+    """Run the continual-learning demo and write its files to ``out_dir``.
+
+    The files are ``taskA.laftr``, ``report.md``, ``results.json`` and ``demo.png``.
 
     Args:
         out_dir: output folder (must be new or empty unless ``force``).
@@ -241,14 +244,14 @@ def run_demo(
     # --- evaluation
     t0 = time.perf_counter()
     rows = []
-    for name, m in models.items():
+    for name, net in models.items():
         rows.append(
             {
                 "model": name,
-                "acc_A": head_accuracy(m, xa_te, ya_te, TASK_A),
-                "acc_B": head_accuracy(m, xb_te, yb_te, TASK_B),
-                "fsd_true": float(laftr.exact_fsd(model0, m, xa, metric=METRIC, outputs=TASK_A)),
-                "fsd_laftr": _estimate(est, m, st.eval_calls),
+                "acc_A": head_accuracy(net, xa_te, ya_te, TASK_A),
+                "acc_B": head_accuracy(net, xb_te, yb_te, TASK_B),
+                "fsd_true": float(laftr.exact_fsd(model0, net, xa, metric=METRIC, outputs=TASK_A)),
+                "fsd_laftr": _estimate(est, net, st.eval_calls),
             }
         )
     timings["evaluate"] = time.perf_counter() - t0
@@ -286,7 +289,8 @@ def _write_report(out: Path, res: dict[str, Any]) -> None:
         "",
         (
             f"Data set: **{res['dataset']}**; task A = classes {res['task_A_classes']}, "
-            f"task B = classes {res['task_B_classes']} (multi-head MLP 784-{'-'.join(map(str, s['hidden']))}-10)."
+            f"task B = classes {res['task_B_classes']} "
+            f"(multi-head MLP 784-{'-'.join(map(str, s['hidden']))}-10)."
         ),
         (
             f"{s['n_train']} training examples per task, {s['epochs']} epoch(s) per task, Adam lr {s['lr']}, "

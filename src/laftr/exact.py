@@ -14,8 +14,11 @@ from .metrics import check_metric, check_outputs, discrepancy
 
 
 def _reference(model_a: nn.Module, x: torch.Tensor, where: tuple[torch.device, torch.dtype]) -> torch.Tensor:
-    """``model_a``'s outputs on ``x`` (no graph), with ``x`` moved to ``model_a``'s device and floating dtype —
-    so a float32 reference and a float64 model (or models on two devices) can be compared."""
+    """``model_a``'s outputs on ``x`` (no graph), with ``x`` moved to ``model_a``'s device and dtype.
+
+    Only a floating ``x`` changes dtype. So a float32 reference and a float64 model (or models on two devices)
+    can be compared.
+    """
     device, dtype = where
     with torch.no_grad():
         return model_a(x.to(device=device, dtype=dtype if x.is_floating_point() else None))
@@ -65,7 +68,8 @@ def exact_fsd(
     try:
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx:
-            for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress, desc="exact FSD"):
+            for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress,
+                             desc="exact FSD"):
                 z0 = _reference(model_a, x, ref)
                 z = model_b(x)
                 d = discrepancy(z0.to(z), z, metric, outputs).sum()
@@ -113,13 +117,14 @@ def exact_fsd_and_grad(
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     try:
-        for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress, desc="exact FSD+grad"):
+        for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress,
+                         desc="exact FSD+grad"):
             chunks.append(x.shape[0])
             z0 = _reference(model_a, x, ref)
             with torch.enable_grad():
                 d = discrepancy(z0.to(device=device, dtype=dtype), model_b(x), metric, outputs).sum()
                 gs = torch.autograd.grad(d, params, allow_unused=True)
-            for acc, g in zip(grads, gs):
+            for acc, g in zip(grads, gs, strict=True):
                 if g is not None:
                     acc.add_(g)
             total += d.detach().to(torch.float64)
@@ -127,4 +132,4 @@ def exact_fsd_and_grad(
     finally:
         model_a.train(modes[0])
         model_b.train(modes[1])
-    return (total / count).to(dtype), {n: g / count for n, g in zip(names, grads)}
+    return (total / count).to(dtype), {n: g / count for n, g in zip(names, grads, strict=True)}

@@ -45,23 +45,26 @@ from .rules.base import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FitMode", "ForwardMode", "Mode", "MomentMode", "OwnMode", "SampleMode", "StepMode", "StepMomentMode",
-           "TracedNet", "check_per_example", "trace"]
+__all__ = ["FitMode", "ForwardMode", "Mode", "MomentMode", "OwnMode", "SampleMode", "StepMode",
+           "StepMomentMode", "TracedNet", "check_per_example", "trace"]
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping every module that has a rule (a user's registered activation too) as a leaf."""
+    """torch.fx's tracer, keeping every module that has a rule as a leaf.
+
+    A user's registered activation is kept too.
+    """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_registered_module(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` in eval mode; raise :class:`UnsupportedOpError` with the reason if it cannot be.
+    """Symbolically trace ``model`` in eval mode; raise :class:`UnsupportedOpError` if it cannot be.
 
-    laftr always evaluates a network as in eval mode (dropout off, batch norm on its running statistics), so the
-    graph is traced with every submodule in eval mode, whatever mode the model is in (a model in a training loop
-    gives the same graph as at ``fit``); each submodule's own mode is put back afterwards.
+    laftr always evaluates a network as in eval mode (dropout off, batch norm on its running statistics), so
+    the graph is traced with every submodule in eval mode, whatever mode the model is in (a model in a
+    training loop gives the same graph as at ``fit``); each submodule's own mode is put back afterwards.
     """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -99,6 +102,7 @@ class Mode:
     laws: dict[str, Any] = {}  # noqa: RUF012 (read-only default; the modes that use laws set their own)
 
     def __init__(self, params: Sequence[dict[str, torch.Tensor]]) -> None:
+        """A mode over the streams of ``params`` (one parameter and buffer dict each, theta0's first)."""
         self.params = list(params)
 
     def law(self, rule: Rule) -> Any:
@@ -110,6 +114,7 @@ class Mode:
 
     @property
     def num_streams(self) -> int:
+        """The number of streams (parameter dicts)."""
         return len(self.params)
 
     def input(self, inputs: tuple[Any, ...]) -> Pair:
@@ -124,29 +129,39 @@ class Mode:
         """Called when the interpreter starts a pass over the graph."""
 
     def before(self, rule: Rule, args: Any, kwargs: Any) -> tuple[Any, Any]:
-        """Called before a data-dependent node's rule with its arguments; returns the arguments to use (LIFTR's
-        step-wise mode re-anchors some here, the fit mode records their moments)."""
+        """Called before a data-dependent node's rule with its arguments; returns the arguments to use.
+
+        LIFTR's step-wise mode re-anchors some here, the fit mode records their moments.
+        """
         return args, kwargs
 
     def inner(self, rule: Rule, key: str, value: Pair) -> Pair:
-        """A rule hands an intermediate data value that feeds one of its internal layers (``key``), e.g. the merged
-        heads before nn.MultiheadAttention's output projection; LIFTR's modes anchor it like an op's input."""
+        """A rule hands over an intermediate data value that feeds one of its internal layers (``key``).
+
+        For example the merged heads before nn.MultiheadAttention's output projection; LIFTR's modes anchor it
+        like an op's input.
+        """
         return value
 
     def after_node(self, env: dict[str, Any]) -> None:
         """Called after every node with the values still alive."""
 
     def output(self, out: Pair) -> Any:
+        """What a pass returns from the output node: the tuple of every stream's value."""
         return out.vals
 
 
 class ForwardMode(Mode):
-    """Every stream runs the real network exactly. ``taps`` (optional) records the inputs and outputs of the
-    layers it names (see :mod:`laftr.estimators.taps`)."""
+    """Every stream runs the real network exactly.
+
+    ``taps`` (optional) records the inputs and outputs of the layers it names (see
+    :mod:`laftr.estimators.taps`).
+    """
 
     method = "forward"
 
     def __init__(self, params: Sequence[dict[str, torch.Tensor]], taps: Any = None) -> None:
+        """Exact forward passes of ``params``; ``taps``, if given, records the layers it names."""
         super().__init__(params)
         self.taps = taps
 
@@ -167,6 +182,7 @@ class FitMode(Mode):
 
     def __init__(self, params: Sequence[dict[str, torch.Tensor]], record_pools: bool = True,
                  record_inputs: Callable[[FitMode, Rule, Any, Any], None] | None = None) -> None:
+        """theta0's pass on real data; ``record_pools`` and ``record_inputs`` say what else to record."""
         super().__init__(params)
         self.record_inputs = record_inputs
         self.group: torch.Tensor | None = None
@@ -176,16 +192,19 @@ class FitMode(Mode):
         self.unit_shapes: dict[str, tuple[int, ...]] = {}
 
     def begin_run(self) -> None:
+        """Start a pass, telling ``record_inputs`` if it wants to know."""
         begin = getattr(self.record_inputs, "begin_run", None)
         if begin is not None:
             begin()
 
     def before(self, rule: Rule, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        """Hand a data-dependent node's arguments to ``record_inputs`` (if any); they are used as they are."""
         if self.record_inputs is not None:  # e.g. LIFTR's per-layer input moments
             self.record_inputs(self, rule, args, kwargs)
         return args, kwargs
 
     def inner(self, rule: Rule, key: str, value: Pair) -> Pair:
+        """Hand a rule's internal layer input to ``record_inputs`` (if it records them); used as it is."""
         record = getattr(self.record_inputs, "inner", None)
         if record is not None:
             record(self, rule, key, value)
@@ -200,12 +219,15 @@ class FitMode(Mode):
         self._accumulate(site, key, acc)
 
     def add_outer(self, site: str, key: str, x: torch.Tensor) -> None:
-        """Add the outer products over the last axis, ``x[b, ..., :, None] * x[b, ..., None, :]``, by group, without
-        forming one ``d x d`` matrix per example."""
+        """Add the outer products over the last axis, ``x[b, ..., :, None] * x[b, ..., None, :]``, by group.
+
+        No ``d x d`` matrix is formed per example.
+        """
         assert self.group is not None
         xf = x.to(torch.float64).reshape(x.shape[0], -1, x.shape[-1])
         onehot = torch.nn.functional.one_hot(self.group, self.num_groups).to(xf)
-        acc = torch.einsum("bg,bpi,bpj->gpij", onehot, xf, xf).reshape(self.num_groups, *x.shape[1:], x.shape[-1])
+        acc = torch.einsum("bg,bpi,bpj->gpij", onehot, xf, xf).reshape(self.num_groups, *x.shape[1:],
+                                                                       x.shape[-1])
         self._accumulate(site, key, acc)
 
     def _accumulate(self, site: str, key: str, acc: torch.Tensor) -> None:
@@ -239,6 +261,7 @@ class SampleMode(Mode):
 
     def __init__(self, params: Sequence[dict[str, torch.Tensor]], laws: dict[str, Any], groups: torch.Tensor,
                  generator: torch.Generator, shared: bool = False, pool_mode: str = "argmax0") -> None:
+        """Monte Carlo passes with the given laws, groups and generator (see the attributes)."""
         super().__init__(params)
         self.laws = laws
         self.groups = groups
@@ -248,11 +271,15 @@ class SampleMode(Mode):
 
 
 class _Reanchoring:
-    """Shared by LIFTR's modes: at an anchored op, each data input is re-anchored once per pass
-    (:meth:`reanchor`, by the mode) and every later op reading the same value sees the same re-anchored value."""
+    """Shared by LIFTR's modes: re-anchoring the data inputs of anchored ops.
+
+    At an anchored op, each data input is re-anchored once per pass (:meth:`reanchor`, by the mode) and every
+    later op reading the same value sees the same re-anchored value.
+    """
 
     anchors: Callable[[Rule, Any, Any], list[Any] | None]
-    _drawn: dict[int, tuple[Pair, Pair]]  # id(original) -> (original, re-anchored); the original is kept alive
+    # id(original) -> (original, re-anchored); the original is kept alive
+    _drawn: dict[int, tuple[Pair, Pair]]
 
     def begin_run(self) -> None:
         self._drawn = {}
@@ -264,53 +291,62 @@ class _Reanchoring:
         laws = self.anchors(rule, args, kwargs)
         if laws is None:
             return args, kwargs
-        for p, law in zip(changing_pairs((args, kwargs)), laws):
+        for p, law in zip(changing_pairs((args, kwargs)), laws, strict=True):
             if id(p) not in self._drawn:
                 self._drawn[id(p)] = (p, self.reanchor(rule, p, law))
-        return tree_map(lambda v: self._drawn[id(v)][1] if isinstance(v, Pair) and id(v) in self._drawn else v,
-                        (args, kwargs))
+        return tree_map(lambda v: self._drawn[id(v)][1] if isinstance(v, Pair) and id(v) in self._drawn
+                        else v, (args, kwargs))
 
 
 class StepMode(_Reanchoring, SampleMode):
-    """LIFTR's step-wise linearization: LAFTR's sampled linearizations, and at the input of every *anchored* op (one
-    whose parameters multiply data) theta0's stream is re-drawn from that input's stored law while the change
-    ``x - x0`` carried by the other stream is kept: ``(x0, x) -> (a, a + x - x0)``. Each value is re-drawn once per
-    pass (the ops that read the same tensor, e.g. the q, k and v projections, see the same draw), independently of
-    the change (METHOD.md section 6).
+    """LIFTR's step-wise linearization: LAFTR's sampled linearizations, re-anchored at anchored ops.
+
+    At the input of every *anchored* op (one whose parameters multiply data) theta0's stream is re-drawn from
+    that input's stored law while the change ``x - x0`` carried by the other stream is kept: ``(x0, x) -> (a,
+    a + x - x0)``. Each value is re-drawn once per pass (the ops that read the same tensor, e.g. the q, k and
+    v projections, see the same draw), independently of the change (METHOD.md section 6).
 
     Attributes:
         anchors: ``anchors(rule, args, kwargs)`` gives, for an anchored op, one entry per data input (in
-            :func:`laftr.rules.base.changing_pairs` order): its law (with ``draw(groups, generator, like)``); None
-            for other ops.
-        inner_anchors: ``inner_anchors(rule, key)``: the law of a rule's internal layer input (see :meth:`inner`),
-            or None.
+            :func:`laftr.rules.base.changing_pairs` order): its law (with ``draw(groups, generator, like)``);
+            None for other ops.
+        inner_anchors: ``inner_anchors(rule, key)``: the law of a rule's internal layer input (see
+            :meth:`inner`), or None.
     """
 
     def __init__(self, params: Sequence[dict[str, torch.Tensor]], laws: dict[str, Any], groups: torch.Tensor,
                  generator: torch.Generator, anchors: Callable[[Rule, Any, Any], list[Any] | None],
-                 inner_anchors: Callable[[Rule, str], Any], shared: bool = False, pool_mode: str = "argmax0") -> None:
+                 inner_anchors: Callable[[Rule, str], Any], shared: bool = False,
+                 pool_mode: str = "argmax0") -> None:
+        """As :class:`SampleMode`, plus the anchors' laws (see the attributes)."""
         super().__init__(params, laws, groups, generator, shared, pool_mode)
         self.anchors = anchors
         self.inner_anchors = inner_anchors
         self._drawn = {}
 
     def reanchor(self, rule: Rule, value: Pair, law: Any) -> Pair:
+        """``(x0, x) -> (a, a + x - x0)`` with ``a`` drawn from the input's stored law."""
         x0, *rest = value.vals
         a = law.draw(self.groups, self.generator, x0)
         return Pair((a, *(a + (v - x0) for v in rest)), True)
 
     def inner(self, rule: Rule, key: str, value: Pair) -> Pair:
+        """Re-anchor a rule's internal layer input when it has a stored law, else keep it."""
         law = self.inner_anchors(rule, key)
         return value if law is None else self.reanchor(rule, value, law)
 
 
 class OwnMode(Mode):
-    """theta0's own linearization on each input: every nonlinearity is replaced by its tangent at theta0's value
-    (its slope and intercept there), max pools take theta0's argmax (or each stream its own)."""
+    """theta0's own linearization on each input.
+
+    Every nonlinearity is replaced by its tangent at theta0's value (its slope and intercept there); max pools
+    take theta0's argmax (or each stream its own).
+    """
 
     method = "own"
 
     def __init__(self, params: Sequence[dict[str, torch.Tensor]], pool_mode: str = "argmax0") -> None:
+        """theta0's own linearization of ``params``' streams; ``pool_mode`` decides max pooling."""
         super().__init__(params)
         self.pool_mode = pool_mode
 
@@ -330,6 +366,7 @@ class MomentMode(Mode):
 
     def __init__(self, params: Sequence[dict[str, torch.Tensor]], state: JointMoments, laws: dict[str, Any],
                  group: int = 0, mu_outer: bool = False) -> None:
+        """The closed form on ``state`` with the sites' ``laws`` for mixture component ``group``."""
         super().__init__(params)
         self.state = state
         self.laws = laws
@@ -337,9 +374,11 @@ class MomentMode(Mode):
         self.mu_outer = mu_outer
 
     def input(self, inputs: tuple[Any, ...]) -> Pair:
+        """Both streams' input is the state's input block."""
         return Pair((self.state.input, self.state.input), True)
 
     def concrete(self, v: Any, s: int) -> Any:
+        """``v`` in stream ``s``, a block reference replaced by a zero tensor of one example's shape."""
         def one(a: Any) -> Any:
             if isinstance(a, Pair):
                 val = a.vals[s]
@@ -349,6 +388,7 @@ class MomentMode(Mode):
         return tree_map(one, v)
 
     def after_node(self, env: dict[str, Any]) -> None:
+        """Drop the blocks of the state that no live value refers to."""
         self.state.keep_only(_blocks(self.live_pairs(env)))
 
     def live_pairs(self, env: dict[str, Any]) -> list[Pair]:
@@ -357,6 +397,7 @@ class MomentMode(Mode):
         return [leaf for leaf in leaves if isinstance(leaf, Pair) and leaf.data]
 
     def output(self, out: Pair) -> Any:
+        """The output's per-stream references into the moment state."""
         return out.vals
 
     # ------------------------------------------------------------------ helpers for rules
@@ -371,8 +412,9 @@ class MomentMode(Mode):
 
         def make_fn(s: int) -> Callable[..., torch.Tensor]:
             def fn(*tensors: torch.Tensor) -> torch.Tensor:
-                lookup = {id(p): t for p, t in zip(data, tensors)}
-                a, k = tree_map(lambda v: lookup[id(v)] if isinstance(v, Pair) and v.data else v, (args, kwargs))
+                lookup = {id(p): t for p, t in zip(data, tensors, strict=True)}
+                a, k = tree_map(lambda v: lookup[id(v)] if isinstance(v, Pair) and v.data else v,
+                                (args, kwargs))
                 return rule.call(self.params[s], stream_of(a, s), stream_of(k, s))
 
             return fn
@@ -394,21 +436,30 @@ class MomentMode(Mode):
 
 
 class StepMomentMode(_Reanchoring, MomentMode):
-    """LIFTR's step-wise linearization in closed form: at every anchored op a block independent of the state,
-    with the stored first and second moments of that op's input, replaces theta0's stream, and the other stream
-    becomes that block plus the change (see :class:`StepMode`).
+    """LIFTR's step-wise linearization in closed form.
+
+    At every anchored op a block independent of the state, with the stored first and second moments of that
+    op's input, replaces theta0's stream, and the other stream becomes that block plus the change (see
+    :class:`StepMode`).
 
     Attributes:
-        anchors: as for :class:`StepMode`, but each law gives ``moments(group)`` -> ``(mean (n,), second (n, n))``.
+        anchors: as for :class:`StepMode`, but each law gives ``moments(group)`` ->
+            ``(mean (n,), second (n, n))``.
     """
 
     def __init__(self, params: Sequence[dict[str, torch.Tensor]], state: JointMoments, laws: dict[str, Any],
-                 anchors: Callable[[Rule, Any, Any], list[Any] | None], group: int = 0, mu_outer: bool = False) -> None:
+                 anchors: Callable[[Rule, Any, Any], list[Any] | None], group: int = 0,
+                 mu_outer: bool = False) -> None:
+        """As :class:`MomentMode`, plus the anchors' moment laws (see the attributes)."""
         super().__init__(params, state, laws, group, mu_outer)
         self.anchors = anchors
         self._drawn = {}
 
     def reanchor(self, rule: Rule, value: Pair, law: Any) -> Pair:
+        """Replace theta0's stream by an independent block with the input's stored moments.
+
+        The other stream becomes that block plus the change it carried.
+        """
         r0, r1 = value.vals
         mean, second = law.moments(self.group)
         like = self.state.M
@@ -419,8 +470,10 @@ class StepMomentMode(_Reanchoring, MomentMode):
         return Pair((a, moved), True)
 
     def live_pairs(self, env: dict[str, Any]) -> list[Pair]:
-        """The values in ``env`` and, while their original is alive, their re-anchored versions (a later op may
-        read the same value)."""
+        """The values in ``env`` and, while their original is alive, their re-anchored versions.
+
+        A later op may read the same value.
+        """
         live = super().live_pairs(env)
         ids = {id(p) for p in live}
         self._drawn = {k: v for k, v in self._drawn.items() if k in ids}
@@ -434,7 +487,8 @@ def _blocks(pairs: Sequence[Pair]) -> set[int]:
 def _mu_outer(gm: GateMoments) -> GateMoments:
     """Second moments replaced by products of first moments (drops every variance term: biased)."""
 
-    def prod(first: Sequence[torch.Tensor], other: Sequence[torch.Tensor], keys: Any) -> dict:
+    def prod(first: Sequence[torch.Tensor], other: Sequence[torch.Tensor],
+             keys: Any) -> dict[tuple[int, int], torch.Tensor]:
         return {k: first[min(k[0], len(first) - 1)] * other[min(k[1], len(other) - 1)] for k in keys}
 
     keys = list(gm.c2)
@@ -450,6 +504,7 @@ class TracedNet:
     """A traced network: its graph, the rule of every node, and its sites (nodes that record statistics)."""
 
     def __init__(self, model: nn.Module) -> None:
+        """Trace ``model`` (one input tensor) and make the rule of every node."""
         self.gm = trace(model)
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if not placeholders:
@@ -462,9 +517,9 @@ class TracedNet:
                 )
         self.input_node = placeholders[0]
         self.param_names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-        # which nodes depend on the input: those need a rule; the others are parameter arithmetic. Nodes computed
-        # from the input alone (no parameter or buffer on the way) that have no rule -- comparisons, masks -- are
-        # evaluated exactly on each stream's input (the same in every stream): ``exact_inputs``
+        # which nodes depend on the input: those need a rule; the others are parameter arithmetic. Nodes
+        # computed from the input alone (no parameter or buffer on the way) that have no rule -- comparisons,
+        # masks -- are evaluated exactly on each stream's input (the same in every stream): ``exact_inputs``
         data_nodes = {self.input_node.name}
         input_only = {self.input_node.name}
         self.exact_inputs: set[str] = set()
@@ -476,7 +531,8 @@ class TracedNet:
                 data_nodes.add(node.name)
                 if self._reads_input_only(node, input_only):
                     input_only.add(node.name)
-                    if lookup(node, self.gm) is None:  # an op with no rule at all (a rule that refuses, refuses)
+                    # an op with no rule at all (a rule that refuses, refuses)
+                    if lookup(node, self.gm) is None:
                         self.rules[node.name] = Rule(node, self.gm)
                         self.exact_inputs.add(node.name)
                     else:
@@ -490,8 +546,10 @@ class TracedNet:
         self.sites: dict[str, Rule] = {n: r for n, r in self.rules.items() if r.site and n in data_nodes}
 
     def _reads_input_only(self, node: fx.Node, input_only: set[str]) -> bool:
-        """Whether ``node`` is a function of the network input alone: its inputs are the input or such nodes (no
-        parameter or buffer), and a module it calls holds none."""
+        """Whether ``node`` is a function of the network input alone.
+
+        Its inputs are the input or such nodes (no parameter or buffer), and a module it calls holds none.
+        """
         for a in node.all_input_nodes:
             if a.name in input_only:
                 continue
@@ -513,8 +571,10 @@ class TracedNet:
         return [r for n, r in self.rules.items() if n in self.data_nodes and predicate(r)]
 
     def run(self, inputs: tuple[Any, ...], mode: Mode) -> Any:
-        """Run the graph; ``inputs`` holds the input of each stream. Returns the mode's output (a tuple with each
-        stream's output, or refs into the moment state)."""
+        """Run the graph; ``inputs`` holds the input of each stream.
+
+        Returns the mode's output (a tuple with each stream's output, or refs into the moment state).
+        """
         env: dict[str, Any] = {}
         users = {n.name: len(n.users) for n in self.gm.graph.nodes}
         mode.begin_run()
@@ -532,7 +592,8 @@ class TracedNet:
             if node.op == "output":
                 out = fx.node.map_arg(node.args[0], lambda m: env[m.name])
                 if not isinstance(out, Pair) or not out.data:
-                    raise UnsupportedOpError("the network must return a single tensor that depends on its input")
+                    raise UnsupportedOpError("the network must return a single tensor that "
+                                             "depends on its input")
                 return mode.output(out)
             args = fx.node.map_arg(node.args, lambda m: env[m.name])
             kwargs = fx.node.map_arg(node.kwargs, lambda m: env[m.name])
@@ -562,16 +623,19 @@ class TracedNet:
         return getattr(rule, mode.method)(mode, args, kwargs)
 
     def _exact_from_input(self, rule: Rule, mode: Mode, args: Any, kwargs: Any, sources: list[Pair]) -> Pair:
-        """A value computed from the network input alone (a padding mask, or its reshaped view): evaluated exactly
-        on each stream's input, the same in every stream (``fixed``)."""
+        """A value computed from the network input alone (a padding mask, or its reshaped view).
+
+        It is evaluated exactly on each stream's input and is the same in every stream (``fixed``).
+        """
         if mode.method == "moments":
             raise UnsupportedOpError(
-                f"{rule.describe()} is computed from the network input (a mask, a comparison): the closed form "
-                "works with the input's moments, not its values, and cannot evaluate it; use the Monte Carlo "
-                "estimator (laftr, liftr)")
+                f"{rule.describe()} is computed from the network input (a mask, a comparison): the closed "
+                "form works with the input's moments, not its values, and cannot evaluate it; use the "
+                "Monte Carlo estimator (laftr, liftr)")
         out = tuple(rule.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
                     for s in range(mode.num_streams))
-        if not (all(p.fixed for p in sources) or _is_mask(out[0]) or all(not _floating(p.vals[0]) for p in sources)):
+        if not (all(p.fixed for p in sources) or _is_mask(out[0])
+                or all(not _floating(p.vals[0]) for p in sources)):
             raise UnsupportedOpError(
                 f"{rule.describe()} turns the floating network input into a non-boolean value without a rule "
                 "(e.g. ids cast from floats): an input model draws floating inputs, so its result would be "
@@ -599,7 +663,7 @@ def _plain_rule(node: fx.Node, gm: fx.GraphModule) -> Rule:
         return Rule(node, gm)
 
 
-# ---------------------------------------------------------------------------------------------- one example at a time
+# -------------------------------------------------------------------------------------- one example at a time
 #: At most this many examples are read to check that a network maps each example on its own.
 PROBE_EXAMPLES = 5
 
@@ -618,8 +682,11 @@ class _Recorder(fx.Interpreter):
 
 
 def _sub_batches(n: int) -> list[list[int]]:
-    """Two disjoint sub-batches of a probe of ``n >= 2`` examples, in an order that is neither the probe's nor its
-    reverse (so that flipping, rolling or indexing the batch axis shows)."""
+    """Two disjoint sub-batches of a probe of ``n >= 2`` examples.
+
+    Their order is neither the probe's nor its reverse, so that flipping, rolling or indexing the batch axis
+    shows.
+    """
     return [[1], [0]] if n == 2 else [[1, 0], list(range(n - 1, 1, -1))]
 
 
@@ -637,9 +704,11 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _tensor_mixing(a: torch.Tensor, b: torch.Tensor, n: int, idx: list[int], leading: bool) -> str | None:
-    """Why the value ``a`` (for a batch of ``n`` examples) and ``b`` (for the examples ``idx`` of that batch) show
-    that the op does not map each example on its own; None when they agree. The examples may sit along any one
-    axis, possibly merged with other axes (``(B*T, d)``); with ``leading`` they must lead the first axis."""
+    """Why ``a`` (a batch of ``n``) and ``b`` (its examples ``idx``) show that the op mixes examples.
+
+    None when they agree. The examples may sit along any one axis, possibly merged with other axes (``(B*T,
+    d)``); with ``leading`` they must lead the first axis.
+    """
     k = len(idx)
     shapes = f"{tuple(a.shape)} for {n} examples, {tuple(b.shape)} for {k}"
     if a.ndim != b.ndim:
@@ -648,8 +717,8 @@ def _tensor_mixing(a: torch.Tensor, b: torch.Tensor, n: int, idx: list[int], lea
     if not varying:
         if _close(a, b):
             return None
-        return (f"its value (shape {tuple(a.shape)}) has no axis per example and changes with the other examples in "
-                "the batch (a reduction over the batch axis, or an example read for all of them)")
+        return (f"its value (shape {tuple(a.shape)}) has no axis per example and changes with the other "
+                "examples in the batch (a reduction over the batch axis, or an example read for all of them)")
     if len(varying) > 1:
         return f"several axes of its value grow with the batch ({shapes}): it pairs examples"
     d = varying[0]
@@ -662,18 +731,22 @@ def _tensor_mixing(a: torch.Tensor, b: torch.Tensor, n: int, idx: list[int], lea
     sel = torch.as_tensor(idx, device=a.device)
     for outer in [1] if leading else [j for j in range(1, m + 1) if m % j == 0]:
         inner = m // outer
-        if _close(a.unflatten(d, (outer, n, inner)).index_select(d + 1, sel), b.unflatten(d, (outer, k, inner))):
+        if _close(a.unflatten(d, (outer, n, inner)).index_select(d + 1, sel),
+                  b.unflatten(d, (outer, k, inner))):
             return None
     return "the value it gives an example changes when the other examples of the batch change"
 
 
 def _mixing(full: Any, sub: Any, n: int, idx: list[int], leading: bool = False) -> str | None:
-    """:func:`_tensor_mixing` over every tensor of two values of the same structure (non-tensors are skipped)."""
+    """:func:`_tensor_mixing` over every tensor of two values of the same structure.
+
+    Non-tensors are skipped.
+    """
     leaves_f, spec_f = tree_flatten(full)
     leaves_s, spec_s = tree_flatten(sub)
     if spec_f != spec_s:
         return "it splits the batch into a number of pieces that depends on the batch size"
-    for a, b in zip(leaves_f, leaves_s):
+    for a, b in zip(leaves_f, leaves_s, strict=True):
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
             why = _tensor_mixing(a, b, n, idx, leading)
             if why is not None:
@@ -681,31 +754,32 @@ def _mixing(full: Any, sub: Any, n: int, idx: list[int], leading: bool = False) 
     return None
 
 
-_NEEDS = ("; laftr needs a network that maps each example on its own (its estimates would otherwise depend on the "
-          "batch size or the number of samples)")
+_NEEDS = ("; laftr needs a network that maps each example on its own "
+          "(its estimates would otherwise depend on the batch size or the number of samples)")
 
 
 def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | None = None,
                       untraced: str = "") -> None:
     """Refuse a network whose output for an example depends on the other examples of its batch.
 
-    The network runs (in eval mode, without gradients) on the first :data:`PROBE_EXAMPLES` examples of ``x`` and
-    on two disjoint sub-batches of them, in another order; every op must give each example of a sub-batch what it
-    gave that example in the whole batch. This refuses reductions over the batch (``h.sum()``, ``h.mean(0)``,
-    ``h.max(0)``), ops that read other examples (indexing, flipping, rolling or splitting the batch axis, a matrix
-    product that contracts it, a softmax over it), batch norm on batch statistics (no running statistics, or
-    ``F.batch_norm(..., training=True)``) and anything else that mixes the examples, wherever the batch axis is
-    (``nn.MultiheadAttention`` with ``batch_first=False`` keeps it second). The network's output must also have
-    its examples along its first axis.
+    The network runs (in eval mode, without gradients) on the first :data:`PROBE_EXAMPLES` examples of ``x``
+    and on two disjoint sub-batches of them, in another order; every op must give each example of a sub-batch
+    what it gave that example in the whole batch. This refuses reductions over the batch (``h.sum()``,
+    ``h.mean(0)``, ``h.max(0)``), ops that read other examples (indexing, flipping, rolling or splitting the
+    batch axis, a matrix product that contracts it, a softmax over it), batch norm on batch statistics (no
+    running statistics, or ``F.batch_norm(..., training=True)``) and anything else that mixes the examples,
+    wherever the batch axis is (``nn.MultiheadAttention`` with ``batch_first=False`` keeps it second). The
+    network's output must also have its examples along its first axis.
 
     Args:
         model: the network.
         x: a batch of real inputs (at least two different examples; with fewer nothing is checked).
-        gm: ``model`` traced by :func:`trace`, to name the op that mixes; None (a model torch.fx cannot trace):
-            only the output is checked.
+        gm: ``model`` traced by :func:`trace`, to name the op that mixes; None (a model torch.fx cannot
+            trace): only the output is checked.
         untraced: why ``model`` could not be traced (for the message), when ``gm`` is None.
 
-    A network that cannot run on ``x`` is not checked here: the estimator's own pass over the data reports that.
+    A network that cannot run on ``x`` is not checked here: the estimator's own pass over the data reports
+    that.
 
     Raises:
         UnsupportedOpError: naming the node and the op (or, without a trace, the model) and why.
@@ -720,7 +794,7 @@ def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | No
     model.eval()
     try:
         with torch.no_grad():
-            runs = None
+            runs: list[dict[str, Any]] | None = None
             if gm is not None:
                 try:
                     runs = []
@@ -729,35 +803,35 @@ def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | No
                         rec.run(batch)
                         runs.append(rec.values)
                 except Exception as e:  # noqa: BLE001 (the traced graph fails where the model runs: check its output)
-                    log.debug("could not run the traced graph of %s on real data (%s: %s)", type(model).__name__,
-                              type(e).__name__, e)
+                    log.debug("could not run the traced graph of %s on real data (%s: %s)",
+                              type(model).__name__, type(e).__name__, e)
                     runs = None
             if runs is not None and gm is not None:
                 for node in gm.graph.nodes:
                     if node.op in ("placeholder", "get_attr"):
                         continue
                     leading = node.op == "output"
-                    for idx, values in zip(subs, runs[1:]):
+                    for idx, values in zip(subs, runs[1:], strict=True):
                         why = _mixing(runs[0][node.name], values[node.name], n, idx, leading)
                         if why is None:
                             continue
                         if leading:
-                            raise UnsupportedOpError(f"the output of {type(model).__name__} does not keep the examples "
-                                                     f"of a batch apart: {why}{_NEEDS}")
-                        raise UnsupportedOpError(f"node {node.name!r} ({describe(node, gm)}) mixes the examples of a "
-                                                 f"batch: {why}{_NEEDS}")
+                            raise UnsupportedOpError(f"the output of {type(model).__name__} does not keep "
+                                                     f"the examples of a batch apart: {why}{_NEEDS}")
+                        raise UnsupportedOpError(f"node {node.name!r} ({describe(node, gm)}) mixes the "
+                                                 f"examples of a batch: {why}{_NEEDS}")
                 return
             try:
                 outs = [model(batch) for batch in [x, *(x[idx] for idx in subs)]]
             except Exception as e:  # noqa: BLE001 (the model does not run on its data: the estimator's fit says why)
                 log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
                 return
-            for idx, out in zip(subs, outs[1:]):
+            for idx, out in zip(subs, outs[1:], strict=True):
                 why = _mixing(outs[0], out, n, idx, leading=True)
                 if why is not None:
                     named = f"; the op that mixes them cannot be named: {untraced}" if untraced else ""
-                    raise UnsupportedOpError(f"{type(model).__name__} mixes the examples of a batch, seen in its "
-                                             f"output: {why}{_NEEDS}{named}")
+                    raise UnsupportedOpError(f"{type(model).__name__} mixes the examples of a batch, seen in "
+                                             f"its output: {why}{_NEEDS}{named}")
     finally:
         for m, training in modes:
             m.training = training

@@ -4,23 +4,23 @@ Every input model accumulates float64 sums in one streaming pass (so summaries o
 addition), says which *group* each example belongs to (gate statistics are kept per group), and turns its
 sums into a sampler (Monte Carlo) and per-group first and second moments (closed form):
 
-=====================  ===============================================  ==========================================
-name                   what is stored                                   stored floats (d = input size)
-=====================  ===============================================  ==========================================
-``gaussian``           mean and full covariance                         ``d + d^2``
-``diag``               mean and per-pixel variance                      ``2 d``
-``lowrank``            mean, top-r eigenvectors of the covariance +     ``d + d r + d``
-                       diagonal
-``classwise``          one Gaussian per class (labels), weighted by     ``C (1 + d + d^2)`` (diag: ``C (1 + 2d)``)
-                       frequency
-``mixture``            K Gaussians on k-means clusters (no labels)      ``K (1 + d + d^2)`` (diag: ``K (1 + 2d)``)
-``coreset``            k real inputs (bottom-k of a seeded hash)        ``k d``
-``tokens``             per-position token frequencies (a product of     ``P V``
-                       categorical laws; P positions, V token ids)
-``tokens-classwise``   the same per class, weighted by frequency        ``C (1 + P V)``
-``tokens-mixture``     the same on k-means clusters of the one-hot      ``K (1 + P V)``
-                       sequences (no labels)
-=====================  ===============================================  ==========================================
+====================  =============================================  ========================================
+name                  what is stored                                 stored floats (d = input size)
+====================  =============================================  ========================================
+``gaussian``          mean and full covariance                       ``d + d^2``
+``diag``              mean and per-pixel variance                    ``2 d``
+``lowrank``           mean, top-r eigenvectors of the covariance +   ``d + d r + d``
+                      diagonal
+``classwise``         one Gaussian per class (labels), weighted by   ``C (1 + d + d^2)`` (diag ``C (1 + 2d)``)
+                      frequency
+``mixture``           K Gaussians on k-means clusters (no labels)    ``K (1 + d + d^2)`` (diag ``K (1 + 2d)``)
+``coreset``           k real inputs (bottom-k of a seeded hash)      ``k d``
+``tokens``            per-position token frequencies (a product of   ``P V``
+                      categorical laws; P positions, V token ids)
+``tokens-classwise``  the same per class, weighted by frequency      ``C (1 + P V)``
+``tokens-mixture``    the same on k-means clusters of the one-hot    ``K (1 + P V)``
+                      sequences (no labels)
+====================  =============================================  ========================================
 
 ``classwise``, ``mixture``, ``tokens-classwise`` and ``tokens-mixture`` are *grouped*: every group (class /
 component) also has its own gate law, so the stored floats of the gates count once per group.
@@ -78,14 +78,18 @@ def make_input_model(name: str, **options: Any) -> InputModel:
 
 
 def hash_keys(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """A seeded 63-bit hash of each example's bytes (``(B,)`` int64): samples that keep the k smallest keys
-    are the same whatever the batch size, order or sharding of the data. Floating inputs are hashed as
-    float32, integer and bool inputs (token ids) as int64, whatever their own dtype."""
+    """A seeded 63-bit hash of each example's bytes (``(B,)`` int64).
+
+    Samples that keep the k smallest keys are the same whatever the batch size, order or sharding of the data.
+    Floating inputs are hashed as float32, integer and bool inputs (token ids) as int64, whatever their own
+    dtype.
+    """
     as_dtype = torch.float32 if x.is_floating_point() else torch.int64
     arr = x.detach().to("cpu", as_dtype).reshape(x.shape[0], -1).contiguous().numpy()
     salt = int(seed).to_bytes(8, "little", signed=True)
-    keys = [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8, salt=salt[:8] + b"\0" * 8).digest(), "little")
-            >> 1 for row in arr]
+    salt16 = salt[:8] + b"\0" * 8
+    keys = [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8, salt=salt16).digest(), "little") >> 1
+            for row in arr]
     return torch.tensor(keys, dtype=torch.int64)
 
 
@@ -104,11 +108,13 @@ def _cpu_generator(gen: torch.Generator) -> torch.Generator:
 
 
 def refuse_tokens(x: torch.Tensor, name: str) -> None:
-    """Raise :class:`DataError` when ``x`` holds integer (or bool) inputs: a Gaussian input model over token ids
-    is meaningless."""
+    """Raise :class:`DataError` when ``x`` holds integer (or bool) inputs.
+
+    A Gaussian input model over token ids is meaningless.
+    """
     if not x.is_floating_point():
-        raise DataError(f"the {name!r} input model is a Gaussian and needs floating inputs, got {x.dtype} inputs "
-                        f"that look like token ids; use input_model='tokens' (or 'tokens-classwise', "
+        raise DataError(f"the {name!r} input model is a Gaussian and needs floating inputs, got {x.dtype} "
+                        f"inputs that look like token ids; use input_model='tokens' (or 'tokens-classwise', "
                         f"'tokens-mixture') for integer token inputs")
 
 
@@ -126,8 +132,11 @@ def class_labels(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
 
 def hashed_sample(batches: Batches, m: int, seed: int, rows: Callable[[torch.Tensor], torch.Tensor],
                   ) -> torch.Tensor:
-    """One pass over ``batches``: ``rows(x)`` (one row per example, on the CPU) of the ``m`` examples with the
-    smallest :func:`hash_keys` (in key order), the same examples whatever the batch size, order or sharding."""
+    """One pass over ``batches``: ``rows(x)`` of the ``m`` examples with the smallest :func:`hash_keys`.
+
+    ``rows`` gives one row per example, on the CPU; the rows come in key order and are of the same examples
+    whatever the batch size, order or sharding.
+    """
     keys: list[torch.Tensor] = []
     xs: list[torch.Tensor] = []
     for x, _ in batches():
@@ -144,16 +153,18 @@ def hashed_sample(batches: Batches, m: int, seed: int, rows: Callable[[torch.Ten
 def _merge_centres(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
     """The k-means centres of a merge of two mixtures: both must have used the same ones."""
     if a is None or b is None or a.shape != b.shape or not torch.equal(a, b):
-        raise UsageError("cannot merge mixture summaries whose components differ (fit the shards with the same "
-                         "k-means centres)")
+        raise UsageError("cannot merge mixture summaries whose components differ "
+                         "(fit the shards with the same k-means centres)")
     return a
 
 
 # ---------------------------------------------------------------------------------------------- base
 class InputModel:
-    """Base class. Subclasses set ``name`` (by :func:`register_input_model`) and implement the fit-time
-    methods (:meth:`assign`, :meth:`accumulate`, :meth:`merge`), the use-time ones (:meth:`sample`,
-    :meth:`moments`, :meth:`stored_floats`) and persistence (:meth:`tensors`, :meth:`meta`, :meth:`restore`).
+    """Base class of the input models.
+
+    Subclasses set ``name`` (by :func:`register_input_model`) and implement the fit-time methods
+    (:meth:`assign`, :meth:`accumulate`, :meth:`merge`), the use-time ones (:meth:`sample`, :meth:`moments`,
+    :meth:`stored_floats`) and persistence (:meth:`tensors`, :meth:`meta`, :meth:`restore`).
 
     Attributes:
         grouped: gate statistics are kept per group (class or mixture component) and the estimate is the
@@ -168,6 +179,7 @@ class InputModel:
     needs_first_pass: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0, **_: Any) -> None:
+        """An empty model; ``seed`` drives every random choice (sampling, hashing, k-means)."""
         self.seed = int(seed)
         self.counts: torch.Tensor | None = None
         self.input_shape: tuple[int, ...] | None = None
@@ -199,6 +211,7 @@ class InputModel:
     # ------------------------------------------------------------------ use
     @property
     def dim(self) -> int:
+        """d: the number of entries of one input."""
         assert self.input_shape is not None
         n = 1
         for s in self.input_shape:
@@ -207,13 +220,16 @@ class InputModel:
 
     @property
     def moment_shape(self) -> tuple[int, ...]:
-        """The shape of the state whose moments :meth:`moments` gives: the input shape, or ``(*shape, V)`` for
-        one-hot encoded token ids."""
+        """The shape of the state whose moments :meth:`moments` gives.
+
+        The input shape, or ``(*shape, V)`` for one-hot encoded token ids.
+        """
         assert self.input_shape is not None
         return self.input_shape
 
     @property
     def num_groups(self) -> int:
+        """G: the number of groups the counts cover (indexed by label or component)."""
         assert self.counts is not None
         return int(self.counts.shape[0])
 
@@ -228,8 +244,11 @@ class InputModel:
         raise NotImplementedError
 
     def moments(self, g: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``E[u]`` ``(n,)`` and ``E[u u^T]`` ``(n, n)`` of group ``g`` (the closed form), ``u`` the flattened
-        state of shape :attr:`moment_shape`: the input ``x`` itself, or the one-hot encoding of token ids."""
+        """``E[u]`` ``(n,)`` and ``E[u u^T]`` ``(n, n)`` of group ``g`` (the closed form).
+
+        ``u`` is the flattened state of shape :attr:`moment_shape`: the input ``x`` itself, or the one-hot
+        encoding of token ids.
+        """
         raise NotImplementedError
 
     def stored_floats(self) -> int:
@@ -237,8 +256,10 @@ class InputModel:
         raise NotImplementedError
 
     def check_mergeable(self, other: InputModel) -> None:
-        """Raise :class:`UsageError` unless ``other`` is the same kind of input model, with the same options, of
-        inputs of the same shape."""
+        """Raise :class:`UsageError` unless ``other`` can be merged with this model.
+
+        It must be the same kind of input model, with the same options, of inputs of the same shape.
+        """
         if type(other) is not type(self):
             raise UsageError(f"cannot merge a {self.name!r} input model with a {other.name!r} one")
         if self.options() != other.options():
@@ -262,14 +283,18 @@ class InputModel:
         return {"seed": self.seed}
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored sums, by name, as written to a summary file."""
         raise NotImplementedError
 
     def meta(self) -> dict[str, Any]:
+        """The JSON-able part of a summary file: the options and the input shape."""
         return {"options": self.options(), "input_shape": list(self.input_shape or [])}
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Inverse of :meth:`tensors` / :meth:`meta` (options already set); raises ``ValueError`` when
-        inconsistent."""
+        """Inverse of :meth:`tensors` / :meth:`meta` (options already set).
+
+        Raises ``ValueError`` when the tensors are inconsistent.
+        """
         raise NotImplementedError
 
     def _cached(self, key: Any, make: Callable[[], Any]) -> Any:
@@ -291,7 +316,9 @@ class _Derived:
 
 
 class GaussianFamily(InputModel):
-    """Gaussian input models from float64 sums per group: counts, sum of x, of x^2 and (full/low rank) of x x^T.
+    """Gaussian input models from float64 sums per group.
+
+    The sums are the counts, the sums of x and of x^2 and (full/low rank) of x x^T.
 
     Options:
         cov: ``full``, ``diag`` or ``lowrank`` covariance.
@@ -301,6 +328,7 @@ class GaussianFamily(InputModel):
     covariance: ClassVar[str] = "full"
 
     def __init__(self, seed: int = 0, cov: str | None = None, rank: int = 20, **kw: Any) -> None:
+        """An empty Gaussian model with covariance ``cov`` (the class's default when None)."""
         super().__init__(seed=seed, **kw)
         self.cov = cov or self.covariance
         if self.cov not in ("full", "diag", "lowrank"):
@@ -314,33 +342,40 @@ class GaussianFamily(InputModel):
 
     @property
     def full_sums(self) -> bool:
+        """Whether the model accumulates the outer products ``x x^T`` (full and low-rank covariance)."""
         return self.cov in ("full", "lowrank")
 
     def options(self) -> dict[str, Any]:
+        """The seed, the covariance and (low rank) the rank."""
         out = {**super().options(), "cov": self.cov}
         if self.cov == "lowrank":
             out["rank"] = self.rank
         return out
 
     def begin(self, x: torch.Tensor) -> None:
+        """Fix the input shape; refuses token ids and a full covariance of too large inputs."""
         refuse_tokens(x, self.name)
         super().begin(x)
         d = x[0].numel()
         if self.full_sums and d > MAX_FULL_DIM:
-            raise UsageError(f"input dimension {d} is too large for a full covariance (max {MAX_FULL_DIM}); use "
-                             "input_model='diag' or a diagonal component covariance")
+            raise UsageError(f"input dimension {d} is too large for a full covariance (max {MAX_FULL_DIM}); "
+                             "use input_model='diag' or a diagonal component covariance")
 
     def accumulate(self, x: torch.Tensor, y: torch.Tensor | None, group: torch.Tensor) -> None:
+        """Add the batch's counts, sums, squares (and outer products) to its groups' sums."""
         refuse_tokens(x, self.name)
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         G = int(group.max()) + 1
         if self.counts is None:
-            kw = {"dtype": torch.float64, "device": x.device}
+            kw: dict[str, Any] = {"dtype": torch.float64, "device": x.device}
             D = xf.shape[1]
-            self.counts, self.x_sum, self.x_sq = torch.zeros(G, **kw), torch.zeros(G, D, **kw), torch.zeros(G, D, **kw)
+            self.counts = torch.zeros(G, **kw)
+            self.x_sum, self.x_sq = torch.zeros(G, D, **kw), torch.zeros(G, D, **kw)
             self.x_outer = torch.zeros(G, D, D, **kw) if self.full_sums else None
         elif self.counts.shape[0] < G:  # a new class: grow the group axis (rare)
-            self.counts, self.x_sum, self.x_sq = (pad_groups(t, G) for t in (self.counts, self.x_sum, self.x_sq))
+            assert self.x_sum is not None and self.x_sq is not None
+            self.counts = pad_groups(self.counts, G)
+            self.x_sum, self.x_sq = pad_groups(self.x_sum, G), pad_groups(self.x_sq, G)
             self.x_outer = None if self.x_outer is None else pad_groups(self.x_outer, G)
         assert self.x_sum is not None and self.x_sq is not None
         self.counts.index_add_(0, group, torch.ones_like(xf[:, 0]))
@@ -352,6 +387,7 @@ class GaussianFamily(InputModel):
                 self.x_outer[g].addmm_(xg.T, xg)
 
     def finish(self) -> None:
+        """Move the sums to the CPU."""
         for name in ("counts", "x_sum", "x_sq", "x_outer"):
             t = getattr(self, name)
             if t is not None:
@@ -366,6 +402,7 @@ class GaussianFamily(InputModel):
             self.x_outer = pad_groups(self.x_outer, G)
 
     def merge(self, other: InputModel) -> InputModel:
+        """The model of both data sets: the sums added, group by group."""
         self.check_mergeable(other)
         assert isinstance(other, GaussianFamily)
         if (self.x_outer is None) != (other.x_outer is None):
@@ -388,6 +425,7 @@ class GaussianFamily(InputModel):
         return out
 
     def init_options(self) -> dict[str, Any]:
+        """The constructor arguments of an empty model like this one."""
         return {"seed": self.seed, "cov": self.cov, "rank": self.rank}
 
     def _merge_extra(self, other: InputModel, out: InputModel) -> None:
@@ -433,7 +471,8 @@ class GaussianFamily(InputModel):
                 r = min(self.rank, mean.shape[1])
                 factor = evecs[:, :, -r:] * evals[:, -r:].sqrt()[:, None, :]
                 diag = (torch.diagonal(cov, dim1=1, dim2=2) - (factor * factor).sum(-1)).clamp_min(0)
-                second = factor @ factor.transpose(1, 2) + torch.diag_embed(diag) + mean[:, :, None] * mean[:, None, :]
+                second = (factor @ factor.transpose(1, 2) + torch.diag_embed(diag)
+                          + mean[:, :, None] * mean[:, None, :])
             else:
                 diag = var
                 second = torch.diag_embed(var) + mean[:, :, None] * mean[:, None, :]
@@ -441,7 +480,8 @@ class GaussianFamily(InputModel):
 
         return self._cached("derived", make)
 
-    def _get(self, der: _Derived, name: str, g: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _get(self, der: _Derived, name: str, g: int, device: torch.device,
+             dtype: torch.dtype) -> torch.Tensor:
         key = (name, g, str(device), dtype)
         if key not in der.cast:
             der.cast[key] = getattr(der, name)[g].to(device, dtype)
@@ -449,12 +489,14 @@ class GaussianFamily(InputModel):
 
     def sample(self, n: int, gen: torch.Generator, device: torch.device, dtype: torch.dtype,
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` Gaussian inputs ``(n, *input_shape)`` and their groups ``(n,)`` (drawn by weight)."""
         der = self._derived()
         G, d = der.mean.shape
         if G == 1:
             groups = torch.zeros(n, dtype=torch.long)
         else:
-            groups = torch.multinomial(self.weights().float(), n, replacement=True, generator=_cpu_generator(gen))
+            groups = torch.multinomial(self.weights().float(), n, replacement=True,
+                                       generator=_cpu_generator(gen))
         x = torch.empty(n, d, device=device, dtype=dtype)
         for g in groups.unique().tolist():
             sel = (groups == g).nonzero().squeeze(1).to(device)
@@ -475,10 +517,12 @@ class GaussianFamily(InputModel):
         return x.view(n, *self.input_shape), groups.to(device)
 
     def moments(self, g: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``E[x]`` ``(d,)`` and ``E[x x^T]`` ``(d, d)`` of group ``g``."""
         der = self._derived()
         return self._get(der, "mean", g, device, dtype), self._get(der, "second", g, device, dtype)
 
     def stored_floats(self) -> int:
+        """The mean and the covariance (full, low-rank or diagonal) of every group with examples."""
         d = self.dim
         if self.cov == "full":
             per = d + d * d
@@ -490,6 +534,7 @@ class GaussianFamily(InputModel):
 
     # ------------------------------------------------------------------ persistence
     def tensors(self) -> dict[str, torch.Tensor]:
+        """``counts``, ``x_sum``, ``x_sq`` and (full and low rank) ``x_outer``."""
         assert self.counts is not None and self.x_sum is not None and self.x_sq is not None
         out = {"counts": self.counts, "x_sum": self.x_sum, "x_sq": self.x_sq}
         if self.x_outer is not None:
@@ -497,6 +542,7 @@ class GaussianFamily(InputModel):
         return out
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Take the sums back from a file; raises ``ValueError`` when they are inconsistent."""
         self.input_shape = tuple(int(v) for v in meta["input_shape"])
         self.counts, self.x_sum, self.x_sq = tensors["counts"], tensors["x_sum"], tensors["x_sq"]
         self.x_outer = tensors.get("x_outer")
@@ -507,7 +553,8 @@ class GaussianFamily(InputModel):
         if self.full_sums and self.x_outer is None:
             raise ValueError(f"a {self.cov!r} covariance needs the stored outer products")
         if d != self.dim:
-            raise ValueError(f"input-model tensors have {d} features, the input shape {self.input_shape} has {self.dim}")
+            raise ValueError(f"input-model tensors have {d} features, the input shape "
+                             f"{self.input_shape} has {self.dim}")
         for t in (self.counts, self.x_sum, self.x_sq, *([self.x_outer] if self.x_outer is not None else [])):
             if not torch.isfinite(t).all():
                 raise ValueError("summary tensors contain NaN or infinite values")
@@ -523,6 +570,7 @@ class GaussianInputs(GaussianFamily):
     covariance = "full"
 
     def __init__(self, seed: int = 0, **kw: Any) -> None:
+        """An empty model; a ``cov`` option is ignored (always full)."""
         kw.pop("cov", None)
         super().__init__(seed=seed, cov="full", **kw)
 
@@ -534,6 +582,7 @@ class DiagInputs(GaussianFamily):
     covariance = "diag"
 
     def __init__(self, seed: int = 0, **kw: Any) -> None:
+        """An empty model; a ``cov`` option is ignored (always diagonal)."""
         kw.pop("cov", None)
         super().__init__(seed=seed, cov="diag", **kw)
 
@@ -545,43 +594,53 @@ class LowRankInputs(GaussianFamily):
     covariance = "lowrank"
 
     def __init__(self, seed: int = 0, **kw: Any) -> None:
+        """An empty model of covariance rank ``rank``; a ``cov`` option is ignored."""
         kw.pop("cov", None)
         super().__init__(seed=seed, cov="lowrank", **kw)
 
 
 @register_input_model("classwise")
 class ClasswiseInputs(GaussianFamily):
-    """One Gaussian (and one set of gate laws) per class, weighted by the class frequency; needs integer
-    labels. Option ``cov``: ``full`` or ``diag`` covariance per class."""
+    """One Gaussian (and one set of gate laws) per class, weighted by the class frequency.
+
+    Needs integer labels. Option ``cov``: ``full`` or ``diag`` covariance per class.
+    """
 
     grouped = True
 
     def __init__(self, seed: int = 0, cov: str | None = "full", **kw: Any) -> None:
+        """An empty model with a ``full`` or ``diag`` covariance per class."""
         super().__init__(seed=seed, cov=cov or "full", **kw)
         if self.cov == "lowrank":
             raise UsageError("a classwise input model has a 'full' or 'diag' covariance per class")
 
     def assign(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The class label of every example (refuses token ids and missing labels)."""
         refuse_tokens(x, self.name)
         return class_labels(x, y)
 
 
 class KMeansOptions:
-    """The options of the mixture models' k-means (``components``, ``mixture_sample``, ``kmeans_iters``), added to
-    :meth:`InputModel.options` and to the constructor options used when merging."""
+    """The options of the mixture models' k-means (``components``, ``mixture_sample``, ``kmeans_iters``).
+
+    They are added to :meth:`InputModel.options` and to the constructor options used when merging.
+    """
 
     components: int
     mixture_sample: int
     kmeans_iters: int
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), **self._kmeans()}  # type: ignore[misc]
+        """The base options plus the k-means options."""
+        return {**super().options(), **self._kmeans()}  # type: ignore[misc]  # a mixin: the model has it
 
     def init_options(self) -> dict[str, Any]:
-        return {**super().init_options(), **self._kmeans()}  # type: ignore[misc]
+        """The base constructor arguments plus the k-means options."""
+        return {**super().init_options(), **self._kmeans()}  # type: ignore[misc]  # a mixin, as above
 
     def _kmeans(self) -> dict[str, Any]:
-        return {"components": self.components, "mixture_sample": self.mixture_sample, "kmeans_iters": self.kmeans_iters}
+        return {"components": self.components, "mixture_sample": self.mixture_sample,
+                "kmeans_iters": self.kmeans_iters}
 
 
 @register_input_model("mixture")
@@ -598,8 +657,9 @@ class MixtureInputs(KMeansOptions, GaussianFamily):
     grouped = True
     needs_first_pass = True
 
-    def __init__(self, seed: int = 0, cov: str | None = "full", components: int = 10, mixture_sample: int = 4096,
-                 kmeans_iters: int = 100, **kw: Any) -> None:
+    def __init__(self, seed: int = 0, cov: str | None = "full", components: int = 10,
+                 mixture_sample: int = 4096, kmeans_iters: int = 100, **kw: Any) -> None:
+        """An empty mixture; its components are fitted by :meth:`prepare`."""
         super().__init__(seed=seed, cov=cov or "full", **kw)
         if self.cov == "lowrank":
             raise UsageError("a mixture input model has a 'full' or 'diag' covariance per component")
@@ -614,6 +674,7 @@ class MixtureInputs(KMeansOptions, GaussianFamily):
 
 
     def prepare(self, batches: Batches) -> None:
+        """Run k-means on a hashed sample of the inputs, unless the components are given."""
         if self.centers is not None:  # components given (e.g. the same ones for every shard of a data set)
             return
 
@@ -626,6 +687,7 @@ class MixtureInputs(KMeansOptions, GaussianFamily):
         log.info("mixture: k-means with %d components on %d inputs", self.centers.shape[0], X.shape[0])
 
     def assign(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The nearest component of every example."""
         if self.centers is None:
             raise UsageError("the mixture's components are not fitted (prepare() was not called)")
         refuse_tokens(x, self.name)
@@ -633,19 +695,23 @@ class MixtureInputs(KMeansOptions, GaussianFamily):
         return nearest(xf, self.centers.to(xf.device))
 
     def _merge_extra(self, other: InputModel, out: InputModel) -> None:
+        # out is a model of this class (the base class's signature says InputModel)
         out.centers = _merge_centres(self.centers, getattr(other, "centers", None))  # type: ignore[attr-defined]
 
     def stored_floats(self) -> int:
+        """As for the Gaussian family: the centres are kept for merging, not for the estimate."""
         # the centres are kept in the file for merging and are not needed by the estimate
         return super().stored_floats()
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The Gaussian sums and the k-means centres."""
         out = super().tensors()
         if self.centers is not None:
             out["centers"] = self.centers
         return out
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Take the sums and centres back from a file; raises ``ValueError`` when inconsistent."""
         super().restore(tensors, meta)
         self.centers = tensors.get("centers")
         if self.centers is not None and (self.centers.ndim != 2 or self.centers.shape[1] != self.dim
@@ -660,9 +726,11 @@ def nearest(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans(X: torch.Tensor, k: int, seed: int, iters: int = 100, restarts: int = 3) -> torch.Tensor:
-    """Centres of k-means on ``X`` (``(n, d)`` float64): k-means++ seeding and Lloyd iterations from a seeded
-    generator, the lowest within-cluster sum of squares of ``restarts`` runs. ``k`` is capped at the number of
-    distinct rows."""
+    """Centres of k-means on ``X`` (``(n, d)`` float64).
+
+    k-means++ seeding and Lloyd iterations from a seeded generator; the lowest within-cluster sum of squares
+    of ``restarts`` runs. ``k`` is capped at the number of distinct rows.
+    """
     n = X.shape[0]
     k = min(int(k), int(torch.unique(X, dim=0).shape[0]))
     gen = torch.Generator().manual_seed(int(seed))
@@ -705,13 +773,17 @@ def kmeans(X: torch.Tensor, k: int, seed: int, iters: int = 100, restarts: int =
 # ---------------------------------------------------------------------------------------------- coreset
 @register_input_model("coreset")
 class CoresetInputs(InputModel):
-    """``coreset_size`` real inputs: the bottom-k of a seeded hash of each example's bytes (the same set
-    whatever the batch size, order or sharding). Monte Carlo uses every stored point ``S // k`` times plus a
-    random subset for the remainder (unbiased; no input noise when k divides S); the closed form uses their
-    empirical moments. Integer inputs (token ids) are stored as ``int64`` (bool ones as bool) and given back
-    as such; their moments are those of the one-hot encoding (``V`` = the largest stored id + 1)."""
+    """``coreset_size`` real inputs: the bottom-k of a seeded hash of each example's bytes.
+
+    The set is the same whatever the batch size, order or sharding. Monte Carlo uses every stored point ``S //
+    k`` times plus a random subset for the remainder (unbiased; no input noise when k divides S); the closed
+    form uses their empirical moments. Integer inputs (token ids) are stored as ``int64`` (bool ones as bool)
+    and given back as such; their moments are those of the one-hot encoding (``V`` = the largest stored id +
+    1).
+    """
 
     def __init__(self, seed: int = 0, coreset_size: int = 200, **kw: Any) -> None:
+        """An empty coreset of at most ``coreset_size`` inputs."""
         super().__init__(seed=seed, **kw)
         if not isinstance(coreset_size, int) or isinstance(coreset_size, bool) or coreset_size < 1:
             raise UsageError(f"coreset_size must be a positive integer, got {coreset_size!r}")
@@ -724,9 +796,11 @@ class CoresetInputs(InputModel):
         self.K: torch.Tensor | None = None
 
     def options(self) -> dict[str, Any]:
+        """The seed and the coreset size."""
         return {**super().options(), "coreset_size": self.k}
 
     def accumulate(self, x: torch.Tensor, y: torch.Tensor | None, group: torch.Tensor) -> None:
+        """Keep the batch's inputs, labels and hash keys (pruned to the bottom-k by :meth:`finish`)."""
         n = x.shape[0]
         self.counts = torch.tensor([n], dtype=torch.float64) if self.counts is None else self.counts + n
         self.keys.append(hash_keys(x, self.seed))
@@ -735,9 +809,11 @@ class CoresetInputs(InputModel):
         allk = torch.cat(self.keys)
         if len(allk) > 4 * self.k:  # prune to keep memory bounded
             order = torch.argsort(allk, stable=True)[: self.k]
-            self.keys, self.xs, self.ys = [allk[order]], [torch.cat(self.xs)[order]], [torch.cat(self.ys)[order]]
+            self.keys = [allk[order]]
+            self.xs, self.ys = [torch.cat(self.xs)[order]], [torch.cat(self.ys)[order]]
 
     def finish(self) -> None:
+        """Keep the ``coreset_size`` inputs with the smallest hash keys."""
         allk, allx, ally = torch.cat(self.keys), torch.cat(self.xs), torch.cat(self.ys)
         order = torch.argsort(allk, stable=True)[: self.k]
         self.K, self.X, self.Y = allk[order], allx[order], ally[order]
@@ -745,25 +821,30 @@ class CoresetInputs(InputModel):
         self._cache.clear()
 
     def merge(self, other: InputModel) -> InputModel:
+        """The coreset of both data sets: the bottom-k of the union of their hash keys."""
         if not isinstance(other, CoresetInputs) or self.options() != other.options():
             raise UsageError("cannot merge coresets of different sizes or seeds")
         if self.input_shape != other.input_shape:
             raise UsageError(f"cannot merge summaries of inputs {self.input_shape} and {other.input_shape}")
         assert self.K is not None and other.K is not None and self.X is not None and other.X is not None
-        assert self.Y is not None and other.Y is not None and self.counts is not None and other.counts is not None
+        assert self.Y is not None and other.Y is not None
+        assert self.counts is not None and other.counts is not None
         out = CoresetInputs(seed=self.seed, coreset_size=self.k)
         out.input_shape = self.input_shape
         keys = torch.cat([self.K, other.K])
         order = torch.argsort(keys, stable=True)[: self.k]
-        out.K, out.X, out.Y = keys[order], torch.cat([self.X, other.X])[order], torch.cat([self.Y, other.Y])[order]
+        out.K = keys[order]
+        out.X, out.Y = torch.cat([self.X, other.X])[order], torch.cat([self.Y, other.Y])[order]
         out.counts = self.counts + other.counts
         return out
 
     def sample(self, n: int, gen: torch.Generator, device: torch.device, dtype: torch.dtype,
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` inputs from the coreset (each ``n // k`` times, the remainder at random), all in group 0."""
         assert self.X is not None and self.input_shape is not None
+        stored = self.X
         X = self._cached(("x", str(device), dtype),
-                         lambda: self.X.to(device, dtype if self.X.is_floating_point() else None))
+                         lambda: stored.to(device, dtype if stored.is_floating_point() else None))
         k = X.shape[0]
         full = torch.arange(k).repeat(n // k)
         rest = torch.randperm(k, generator=gen, device=gen.device)[: n % k].cpu()
@@ -772,12 +853,14 @@ class CoresetInputs(InputModel):
 
     @property
     def moment_shape(self) -> tuple[int, ...]:
+        """The input shape, or ``(*shape, V)`` for token ids (``V`` = the largest stored id + 1)."""
         assert self.X is not None and self.input_shape is not None
         if not _is_token_ids(self.X):
             return self.input_shape
         return (*self.input_shape, int(self.X.max()) + 1)
 
     def moments(self, g: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empirical ``E[u]`` and ``E[u u^T]`` of the stored inputs (one-hot for token ids)."""
         assert self.X is not None
         if not _is_token_ids(self.X):
             X = self.X.to(device, dtype)
@@ -786,13 +869,16 @@ class CoresetInputs(InputModel):
         return X.mean(0), X.T @ X / X.shape[0]
 
     def stored_floats(self) -> int:
+        """The stored inputs' entries."""
         return 0 if self.X is None else int(self.X.numel())
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """``counts``, the inputs ``x``, labels ``y`` and hash ``keys``."""
         assert self.X is not None and self.Y is not None and self.K is not None and self.counts is not None
         return {"counts": self.counts, "x": self.X, "y": self.Y, "keys": self.K}
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Take the coreset back from a file; raises ``ValueError`` when inconsistent."""
         self.input_shape = tuple(int(v) for v in meta["input_shape"])
         self.counts, self.X, self.Y, self.K = tensors["counts"], tensors["x"], tensors["y"], tensors["keys"]
         if self.X.ndim != 2 or self.X.shape[1] != self.dim or self.X.shape[0] == 0:
@@ -820,8 +906,10 @@ def _storage_dtype(x: torch.Tensor) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------- tokens
 def _padded(counts: torch.Tensor, tokens: torch.Tensor, G: int, V: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Example counts ``(G',)`` and token counts ``(G', P, V')`` padded with zeros to ``G`` groups and ``V`` ids
-    (unchanged where already as large)."""
+    """Example counts ``(G',)`` and token counts ``(G', P, V')`` padded to ``G`` groups and ``V`` ids.
+
+    The padding is zeros; a tensor already as large is unchanged.
+    """
     tokens = pad_groups(tokens, G)
     if tokens.shape[2] < V:
         tokens = F.pad(tokens, (0, V - tokens.shape[2]))
@@ -829,12 +917,14 @@ def _padded(counts: torch.Tensor, tokens: torch.Tensor, G: int, V: int) -> tuple
 
 
 class TokenFamily(InputModel):
-    """Token inputs ``(B, *shape)`` (ids in ``0..V-1``) as a product of per-position categorical laws, from
-    float64 counts of every id at every position per group (``(G, P, V)``, P = prod(shape)).
+    """Token inputs ``(B, *shape)`` (ids in ``0..V-1``) as a product of per-position categorical laws.
+
+    The laws come from float64 counts of every id at every position per group (``(G, P, V)``, P =
+    prod(shape)).
 
     Sampling draws every position independently (``int64`` ids); the closed form gets the moments of the
-    one-hot encoding ``u`` (index ``p V + v``): ``E[u]`` the stacked marginals, ``E[u u^T]`` their outer product
-    across positions and ``diag`` of the marginal within a position (one id per position).
+    one-hot encoding ``u`` (index ``p V + v``): ``E[u]`` the stacked marginals, ``E[u u^T]`` their outer
+    product across positions and ``diag`` of the marginal within a position (one id per position).
 
     Options:
         vocab_size: V; ``None``: the largest id seen + 1 (the counts grow as larger ids come; merging pads the
@@ -842,6 +932,7 @@ class TokenFamily(InputModel):
     """
 
     def __init__(self, seed: int = 0, vocab_size: int | None = None, **kw: Any) -> None:
+        """An empty model; ``vocab_size`` fixes V (else the largest id seen + 1)."""
         super().__init__(seed=seed, **kw)
         if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)
                                        or vocab_size < 1):
@@ -850,6 +941,7 @@ class TokenFamily(InputModel):
         self.token_counts: torch.Tensor | None = None  # (G, P, V) float64
 
     def options(self) -> dict[str, Any]:
+        """The seed and ``vocab_size``."""
         return {**super().options(), "vocab_size": self.vocab_size}
 
     def init_options(self) -> dict[str, Any]:
@@ -864,6 +956,7 @@ class TokenFamily(InputModel):
 
     @property
     def moment_shape(self) -> tuple[int, ...]:
+        """``(*input_shape, V)``: the one-hot encoding of a sequence."""
         assert self.input_shape is not None
         return (*self.input_shape, self.vocab)
 
@@ -871,8 +964,9 @@ class TokenFamily(InputModel):
     def check_tokens(self, x: torch.Tensor) -> None:
         """Raise :class:`DataError` unless ``x`` holds integer ids in range (naming the first bad one)."""
         if not _is_token_ids(x):
-            raise DataError(f"the {self.name!r} input model needs integer inputs (token ids), got {x.dtype} inputs; "
-                            "use a Gaussian input model (e.g. 'gaussian', 'diag') for real-valued inputs")
+            raise DataError(f"the {self.name!r} input model needs integer inputs (token ids), got {x.dtype} "
+                            "inputs; use a Gaussian input model (e.g. 'gaussian', 'diag') "
+                            "for real-valued inputs")
         if x.numel() == 0:
             return
         lo, hi = int(x.min()), int(x.max())
@@ -889,10 +983,12 @@ class TokenFamily(InputModel):
                             f"batch) {why}; token ids must be in 0..V-1")
 
     def begin(self, x: torch.Tensor) -> None:
+        """Fix the input shape; refuses inputs that are not token ids in range."""
         self.check_tokens(x)
         super().begin(x)
 
     def assign(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The group of every example (refuses inputs that are not token ids in range)."""
         self.check_tokens(x)
         return self._groups(x, y)
 
@@ -901,6 +997,7 @@ class TokenFamily(InputModel):
         return super().assign(x, y)
 
     def accumulate(self, x: torch.Tensor, y: torch.Tensor | None, group: torch.Tensor) -> None:
+        """Add the batch's per-position token counts to its groups' counts."""
         self.check_tokens(x)
         if self.input_shape is None:
             self.begin(x)
@@ -928,11 +1025,13 @@ class TokenFamily(InputModel):
         self.counts, self.token_counts = _padded(self.counts, self.token_counts, G, 0)
 
     def finish(self) -> None:
+        """Move the counts to the CPU."""
         if self.counts is not None and self.token_counts is not None:
             self.counts, self.token_counts = self.counts.cpu(), self.token_counts.cpu()
         self._cache.clear()
 
     def merge(self, other: InputModel) -> InputModel:
+        """The model of both data sets: the counts added, padded to the larger groups and vocabulary."""
         self.check_mergeable(other)
         assert isinstance(other, TokenFamily)
         assert self.token_counts is not None and other.token_counts is not None
@@ -951,14 +1050,20 @@ class TokenFamily(InputModel):
 
     # ------------------------------------------------------------------ use
     def probabilities(self) -> torch.Tensor:
-        """``(G, P, V)`` float64: the probability of every id at every position, per group (zeros for a group
-        without examples)."""
-        assert self.counts is not None and self.token_counts is not None
-        return self._cached("probs", lambda: self.token_counts / self.counts.clamp_min(1)[:, None, None])
+        """``(G, P, V)`` float64: the probability of every id at every position, per group.
+
+        A group without examples gets zeros.
+        """
+        counts, tokens = self.counts, self.token_counts
+        assert counts is not None and tokens is not None
+        return self._cached("probs", lambda: tokens / counts.clamp_min(1)[:, None, None])
 
     def sample(self, n: int, gen: torch.Generator, device: torch.device, dtype: torch.dtype,
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` int64 id sequences ``(n, *input_shape)`` (``dtype`` is not used) and their groups ``(n,)``."""
+        """``n`` int64 id sequences ``(n, *input_shape)`` and their groups ``(n,)``.
+
+        ``dtype`` is not used.
+        """
         probs = self.probabilities()
         G, P, _V = probs.shape
         cpu = _cpu_generator(gen)
@@ -974,6 +1079,7 @@ class TokenFamily(InputModel):
         return x.view(n, *self.input_shape).to(device), groups.to(device)
 
     def moments(self, g: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``E[u]`` and ``E[u u^T]`` of group ``g``, ``u`` the one-hot encoding of a sequence."""
         def make() -> tuple[torch.Tensor, torch.Tensor]:
             p = self.probabilities()[g]  # (P, V)
             P, V = p.shape
@@ -986,15 +1092,18 @@ class TokenFamily(InputModel):
         return self._cached(("moments", g, str(device), dtype), make)
 
     def stored_floats(self) -> int:
+        """The token frequencies ``P V`` of every group with examples (plus its weight if grouped)."""
         per = self.dim * self.vocab
         return self.per_group_floats(per)
 
     # ------------------------------------------------------------------ persistence
     def tensors(self) -> dict[str, torch.Tensor]:
+        """``counts`` and ``token_counts``."""
         assert self.counts is not None and self.token_counts is not None
         return {"counts": self.counts, "token_counts": self.token_counts}
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Take the counts back from a file; raises ``ValueError`` when inconsistent."""
         self.input_shape = tuple(int(v) for v in meta["input_shape"])
         counts, tokens = tensors["counts"], tensors["token_counts"]
         if not counts.is_floating_point() or not tokens.is_floating_point():
@@ -1003,8 +1112,8 @@ class TokenFamily(InputModel):
             raise ValueError(f"input-model tensors have inconsistent shapes: counts {tuple(counts.shape)}, "
                              f"token counts {tuple(tokens.shape)} (expected (G,) and (G, P, V))")
         if tokens.shape[1] != self.dim:
-            raise ValueError(f"token counts cover {tokens.shape[1]} positions, the input shape {self.input_shape} "
-                             f"has {self.dim}")
+            raise ValueError(f"token counts cover {tokens.shape[1]} positions, the input shape "
+                             f"{self.input_shape} has {self.dim}")
         if self.vocab_size is not None and tokens.shape[2] != self.vocab_size:
             raise ValueError(f"token counts cover {tokens.shape[2]} ids, vocab_size is {self.vocab_size}")
         for t in (counts, tokens):
@@ -1028,8 +1137,10 @@ class TokenInputs(TokenFamily):
 
 @register_input_model("tokens-classwise")
 class TokenClasswiseInputs(TokenFamily):
-    """Per-position categorical laws (and one set of gate laws) per class, weighted by the class frequency;
-    needs integer labels."""
+    """Per-position categorical laws (and one set of gate laws) per class, weighted by frequency.
+
+    Needs integer labels.
+    """
 
     grouped = True
 
@@ -1039,8 +1150,9 @@ class TokenClasswiseInputs(TokenFamily):
 
 @register_input_model("tokens-mixture")
 class TokenMixtureInputs(KMeansOptions, TokenFamily):
-    """Per-position categorical laws (and gate laws) on K k-means clusters of the one-hot encoded sequences;
-    no labels needed. Fitted like ``mixture``: k-means on a hashed sample of ``mixture_sample`` sequences in a
+    """Per-position categorical laws (and gate laws) on K k-means clusters of the one-hot sequences.
+
+    No labels needed. Fitted like ``mixture``: k-means on a hashed sample of ``mixture_sample`` sequences in a
     first pass, then per-component counts of the nearest centre's examples.
 
     Options:
@@ -1055,6 +1167,7 @@ class TokenMixtureInputs(KMeansOptions, TokenFamily):
 
     def __init__(self, seed: int = 0, vocab_size: int | None = None, components: int = 10,
                  mixture_sample: int = 4096, kmeans_iters: int = 100, **kw: Any) -> None:
+        """An empty mixture; its components are fitted by :meth:`prepare`."""
         super().__init__(seed=seed, vocab_size=vocab_size, **kw)
         for name, v in (("components", components), ("mixture_sample", mixture_sample),
                         ("kmeans_iters", kmeans_iters)):
@@ -1065,6 +1178,7 @@ class TokenMixtureInputs(KMeansOptions, TokenFamily):
 
 
     def prepare(self, batches: Batches) -> None:
+        """Run k-means on a hashed sample of one-hot sequences, unless the components are given."""
         if self.centers is not None:  # components given (e.g. the same ones for every shard of a data set)
             return
         top = 0
@@ -1079,7 +1193,8 @@ class TokenMixtureInputs(KMeansOptions, TokenFamily):
         V = self.vocab_size if self.vocab_size is not None else top
         X = F.one_hot(ids, V).reshape(ids.shape[0], -1).to(torch.float64)
         self.centers = kmeans(X, self.components, self.seed, self.kmeans_iters)
-        log.info("tokens-mixture: k-means with %d components on %d sequences", self.centers.shape[0], X.shape[0])
+        log.info("tokens-mixture: k-means with %d components on %d sequences", self.centers.shape[0],
+                 X.shape[0])
 
     def _groups(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.centers is None:
@@ -1095,18 +1210,22 @@ class TokenMixtureInputs(KMeansOptions, TokenFamily):
         return d2.argmin(1)
 
     def _merge_extra(self, other: InputModel, out: InputModel) -> None:
+        # out is a model of this class (the base class's signature says InputModel)
         out.centers = _merge_centres(self.centers, getattr(other, "centers", None))  # type: ignore[attr-defined]
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The token counts and the k-means centres."""
         out = super().tensors()
         if self.centers is not None:  # kept for merging; not needed by the estimate (not stored floats)
             out["centers"] = self.centers
         return out
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Take the counts and centres back from a file; raises ``ValueError`` when inconsistent."""
         super().restore(tensors, meta)
         C = tensors.get("centers")
         if C is not None and (C.ndim != 2 or C.shape[1] % self.dim != 0 or C.shape[1] // self.dim > self.vocab
                               or not torch.isfinite(C).all()):
-            raise ValueError("mixture centres are inconsistent with the input shape and vocabulary or not finite")
+            raise ValueError("mixture centres are inconsistent with the input shape and "
+                             "vocabulary or not finite")
         self.centers = C

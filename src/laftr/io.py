@@ -2,10 +2,11 @@
 
 A summary file is a safetensors file whose ``__metadata__`` holds one entry, ``laftr``: a JSON object with the
 format tag, the format version, the estimator's name, config, outputs, architecture and extra state. Since
-format version 3 it also records, for every stored tensor, its dtype, shape and the SHA-256 of its dtype, shape
-and raw bytes (``tensors``), and the SHA-256 of the canonical JSON of all other metadata (``metadata_sha256``),
-so that :func:`load` notices any change made to the file after it was written: a flipped bit in a tensor, an
-edited number in the header. Whatever is wrong with a file, :func:`load` raises :class:`SummaryFileError`.
+format version 3 it also records, for every stored tensor, its dtype, shape and the SHA-256 of its dtype,
+shape and raw bytes (``tensors``), and the SHA-256 of the canonical JSON of all other metadata
+(``metadata_sha256``), so that :func:`load` notices any change made to the file after it was written: a
+flipped bit in a tensor, an edited number in the header. Whatever is wrong with a file, :func:`load` raises
+:class:`SummaryFileError`.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "SummaryFileError", "atomic_write_bytes",
 
 # ---------------------------------------------------------------------------------------------- writing files
 def _is_laftr_summary(path: Path) -> bool:
-    """Whether ``path`` is a regular file whose safetensors header carries laftr metadata (only the header is
-    read, with the checks :func:`_parse` applies to it; the file may otherwise be damaged)."""
+    """Whether ``path`` is a regular file whose safetensors header carries laftr metadata.
+
+    Only the header is read, with the checks :func:`_parse` applies to it; the file may otherwise be damaged.
+    """
     try:
         if not path.is_file():
             return False
@@ -143,7 +146,8 @@ def save(estimator: FSDEstimator, path: str | os.PathLike[str], overwrite: bool 
     records: dict[str, dict[str, Any]] = {}
     for k, v in out.items():
         if _has_nan(v) or (k.startswith("state/") and _has_inf(v)):
-            raise DataError(f"cannot save {estimator.name!r}: stored tensor {k!r} contains NaN or infinite values")
+            raise DataError(f"cannot save {estimator.name!r}: stored tensor {k!r} contains "
+                            "NaN or infinite values")
         records[k] = {"dtype": _dtype_name(v), "shape": list(v.shape), "sha256": _tensor_sha256(v)}
         if _has_inf(v):  # e.g. an attention mask buffer of -inf: allowed in theta0, and recorded
             records[k]["infinite"] = True
@@ -157,7 +161,8 @@ def save(estimator: FSDEstimator, path: str | os.PathLike[str], overwrite: bool 
         "extra": extra,
         "graph_fingerprint": fingerprint,
     }
-    meta = json.loads(json.dumps(meta))  # hash exactly what a reader will parse (tuples -> lists, int keys -> str)
+    # hash exactly what a reader will parse (tuples -> lists, int keys -> str)
+    meta = json.loads(json.dumps(meta))
     meta["tensors"] = records
     meta["metadata_sha256"] = _metadata_sha256(meta)
     blob = st_save(out, metadata={"laftr": json.dumps(meta)})
@@ -183,7 +188,8 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None)
             version, or otherwise not a readable laftr summary; the message says what is wrong.
         UsageError: ``device`` is not a device this machine has (or is ``meta``).
     """
-    dev = resolve_device(device, "device")  # before reading: a bad device is the caller's mistake, not the file's
+    # before reading: a bad device is the caller's mistake, not the file's
+    dev = resolve_device(device, "device")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no summary file at {path}")
@@ -197,7 +203,8 @@ def _load_bytes(raw: bytes, name: str, device: str | torch.device | None = None)
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise SummaryFileError(
-            f"{name} has summary format version {version!r}, this laftr reads versions {list(READABLE_VERSIONS)}"
+            f"{name} has summary format version {version!r}, this laftr reads versions "
+            f"{list(READABLE_VERSIONS)}"
         )
     keys = _KEYS_V3 if version >= 3 else _KEYS_V2
     unknown = sorted(set(meta) - keys)
@@ -219,7 +226,8 @@ def _load_bytes(raw: bytes, name: str, device: str | torch.device | None = None)
         raise SummaryFileError(f"{name}: stored parameters do not match the stored architecture")
     for n, shape in arch:
         if list(theta0[n].shape) != list(shape):
-            raise SummaryFileError(f"{name}: parameter {n!r} has shape {list(theta0[n].shape)}, header says {shape}")
+            raise SummaryFileError(f"{name}: parameter {n!r} has shape "
+                                   f"{list(theta0[n].shape)}, header says {shape}")
     if dev is not None:
         theta0 = {k: v.to(dev) for k, v in theta0.items()}
         state = {k: v.to(dev) for k, v in state.items()}
@@ -235,14 +243,18 @@ def _load_bytes(raw: bytes, name: str, device: str | torch.device | None = None)
 
 
 def _laftr_meta(head: bytes, size: int, name: str) -> dict[str, Any]:
-    """The laftr metadata from the start of a file of ``size`` bytes (``head`` holds at least its length field and
-    header), or :class:`SummaryFileError` saying why there is none."""
+    """The laftr metadata from the start of a file of ``size`` bytes.
+
+    ``head`` holds at least its length field and header. Raises :class:`SummaryFileError` saying why there is
+    none.
+    """
     unreadable = f"{name} is not a readable laftr summary (truncated or corrupted?)"
     if size < 8:
         raise SummaryFileError(f"{unreadable}: only {size} bytes")
     n = int.from_bytes(head[:8], "little")
     if n > min(size - 8, _MAX_HEADER):
-        raise SummaryFileError(f"{unreadable}: its header length field says {n:,} bytes, the file has {size:,}")
+        raise SummaryFileError(f"{unreadable}: its header length field says {n:,} bytes, "
+                               f"the file has {size:,}")
     try:
         header = json.loads(head[8 : 8 + n].decode("utf-8"))
     except MemoryError:
@@ -287,13 +299,15 @@ def _verify_hashes(tensors: dict[str, torch.Tensor], meta: dict[str, Any], name:
     """Format 3: the metadata hash, then each tensor's recorded dtype, shape and hash."""
     records, digest = meta.get("tensors"), meta.get("metadata_sha256")
     if not isinstance(records, dict) or not isinstance(digest, str):
-        raise SummaryFileError(f"{name}: a format-3 summary without its content hashes (damaged or forged file)")
+        raise SummaryFileError(f"{name}: a format-3 summary without its content hashes "
+                               "(damaged or forged file)")
     if digest != _metadata_sha256(meta):
         raise SummaryFileError(f"{name}: the metadata does not match its recorded SHA-256 hash (the file was "
                                "changed after it was written)")
     missing = sorted(set(records) - set(tensors))
     if missing:
-        raise SummaryFileError(f"{name}: tensor {missing[0]!r} is recorded in the metadata but missing from the file")
+        raise SummaryFileError(f"{name}: tensor {missing[0]!r} is recorded in the metadata but "
+                               "missing from the file")
     extra = sorted(set(tensors) - set(records))
     if extra:
         raise SummaryFileError(f"{name}: tensor {extra[0]!r} is in the file but has no recorded hash")
@@ -308,17 +322,21 @@ def _verify_hashes(tensors: dict[str, torch.Tensor], meta: dict[str, Any], name:
             raise SummaryFileError(f"{name}: tensor {k!r} has shape {list(t.shape)}, the metadata records "
                                    f"{rec.get('shape')!r}")
         if rec["sha256"] != _tensor_sha256(t):
-            raise SummaryFileError(f"{name}: tensor {k!r} does not match its recorded SHA-256 hash (the file was "
-                                   "changed after it was written)")
+            raise SummaryFileError(f"{name}: tensor {k!r} does not match its recorded SHA-256 hash "
+                                   "(the file was changed after it was written)")
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], version: int, name: str) -> None:
-    """Names, and finiteness: no NaN anywhere; infinities only in theta0 entries that may hold them (format 3:
-    recorded at save; formats 1 and 2: additive masks, whose finite entries are all zero)."""
+    """Check the names and the finiteness of the stored tensors.
+
+    No NaN anywhere; infinities only in theta0 entries that may hold them (format 3: recorded at save; formats
+    1 and 2: additive masks, whose finite entries are all zero).
+    """
     records = meta.get("tensors") if version >= 3 else None
     for k, t in tensors.items():
         if not k.startswith(_PREFIXES) or k in _PREFIXES:
-            raise SummaryFileError(f"{name}: unexpected tensor {k!r} (laftr stores only theta0/... and state/...)")
+            raise SummaryFileError(f"{name}: unexpected tensor {k!r} "
+                                   "(laftr stores only theta0/... and state/...)")
         if _has_nan(t):
             raise SummaryFileError(f"{name}: tensor {k!r} contains NaN values")
         if _has_inf(t):
@@ -333,7 +351,7 @@ def _check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], versi
 
 
 def _is_int(v: Any, minimum: int = 0) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= minimum
 
 
 def _build(meta: dict[str, Any], version: int, name: str) -> FSDEstimator:
@@ -358,8 +376,10 @@ def _build(meta: dict[str, Any], version: int, name: str) -> FSDEstimator:
     except Exception as e:
         raise SummaryFileError(f"{name}: config does not match estimator {est_name!r}: {e}") from e
     outputs = meta.get("outputs")
-    if outputs is not None and not (isinstance(outputs, list) and outputs and all(_is_int(o) for o in outputs)):
-        raise SummaryFileError(f"{name}: outputs must be null or a non-empty list of output indices, got {outputs!r}")
+    if outputs is not None and not (isinstance(outputs, list) and outputs
+                                    and all(_is_int(o) for o in outputs)):
+        raise SummaryFileError(f"{name}: outputs must be null or a non-empty list of output "
+                               f"indices, got {outputs!r}")
     arch = meta.get("arch")
     if not isinstance(arch, list) or not all(
         isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], list)
@@ -376,5 +396,5 @@ def _build(meta: dict[str, Any], version: int, name: str) -> FSDEstimator:
         raise SummaryFileError(f"{name}: graph_fingerprint must be a string or null")
     est.outputs = None if outputs is None else [int(o) for o in outputs]
     est.arch = arch
-    est.graph_fingerprint = fingerprint  # type: ignore[attr-defined]
+    est.graph_fingerprint = fingerprint
     return est

@@ -37,6 +37,10 @@ def _kl(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (logp0.exp() * (logp0 - logp)).sum(-1)
 
 
+#: The output discrepancies by name. Each maps a pair of output batches ``(z0, z)`` of shape ``(B, K)``,
+#: ``z0`` the reference network's, to per-example discrepancies of shape ``(B,)``. ``l2`` (and ``mse``, its
+#: name for regression heads): ``1/2 ||z - z0||^2`` on logits; ``l2-probs``:
+#: ``1/2 ||softmax(z) - softmax(z0)||^2``; ``kl``: ``KL(softmax(z0) || softmax(z))``.
 METRICS: dict[str, Metric] = {"l2": _l2, "mse": _l2, "l2-probs": _l2_probs, "kl": _kl}
 
 #: Metrics that LAFTR's closed form (second-moment propagation) supports.
@@ -51,15 +55,17 @@ def check_metric(name: str) -> str:
 
 
 def check_outputs(outputs: Any, num_outputs: int | None = None) -> list[int] | None:
-    """``outputs`` as a list of distinct non-negative ints (None stays None), or a :class:`UsageError` naming
-    the problem: not a sequence of integers (bools and floats such as 1.5 are refused), empty, negative,
-    repeated, or — when ``num_outputs`` is given — not below the model's number of outputs."""
+    """``outputs`` as a list of distinct non-negative ints (None stays None), or a :class:`UsageError`.
+
+    The error names the problem: not a sequence of integers (bools and floats such as 1.5 are refused), empty,
+    negative, repeated, or — when ``num_outputs`` is given — not below the model's number of outputs.
+    """
     if outputs is None:
         return None
     if isinstance(outputs, torch.Tensor):
         if outputs.ndim != 1 or outputs.dtype.is_floating_point or outputs.dtype == torch.bool:
-            raise UsageError(f"outputs must be a 1-d list of integer output indices, got a {outputs.dtype} tensor "
-                             f"of shape {tuple(outputs.shape)}")
+            raise UsageError(f"outputs must be a 1-d list of integer output indices, got a {outputs.dtype} "
+                             f"tensor of shape {tuple(outputs.shape)}")
         outputs = outputs.tolist()
     elif hasattr(outputs, "dtype") and hasattr(outputs, "tolist") and getattr(outputs, "ndim", None) == 1:
         outputs = outputs.tolist()  # a 1-d numpy array (its integer items become ints; floats stay refused)
@@ -82,8 +88,10 @@ def check_outputs(outputs: Any, num_outputs: int | None = None) -> list[int] | N
 
 
 def select_outputs(z: torch.Tensor, outputs: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
-    """Flatten ``z`` to ``(B, K)`` and keep only the output units in ``outputs`` (all when None; checked by
-    :func:`check_outputs`)."""
+    """Flatten ``z`` to ``(B, K)`` and keep only the output units in ``outputs``.
+
+    All units when None; ``outputs`` is checked by :func:`check_outputs`.
+    """
     z = z.reshape(z.shape[0], -1)
     if outputs is None:
         return z

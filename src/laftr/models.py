@@ -45,7 +45,8 @@ def mlp(
         norm: None, ``layernorm`` or ``rmsnorm`` after each hidden Linear (before the activation).
     """
     if in_features < 1 or out_features < 1 or any(int(h) < 1 for h in hidden):
-        raise ValueError(f"layer sizes must be positive: in {in_features}, hidden {list(hidden)}, out {out_features}")
+        raise ValueError(f"layer sizes must be positive: in {in_features}, hidden "
+                         f"{list(hidden)}, out {out_features}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
     if norm is not None and norm not in NORMS:
@@ -141,8 +142,9 @@ def _check_attention(d_model: int, heads: int, attention: str, dropout: float) -
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with separate ``q``, ``k``, ``v``, ``o`` projections (or one
-    ``nn.MultiheadAttention`` holding the same weights).
+    """Multi-head self-attention with separate ``q``, ``k``, ``v``, ``o`` projections.
+
+    Or one ``nn.MultiheadAttention`` holding the same weights.
 
     Args:
         d_model: width of the residual stream.
@@ -153,10 +155,13 @@ class SelfAttention(nn.Module):
         dropout: dropout on the attention probabilities (training mode only).
     """
 
+    mask: torch.Tensor  # the causal mask, a buffer (registered when ``causal``)
+
     def __init__(
         self, d_model: int, heads: int, seq_len: int, attention: str = "manual", causal: bool = True,
         dropout: float = 0.0,
     ) -> None:
+        """The projections (or one ``nn.MultiheadAttention``) and the causal mask; see the class."""
         super().__init__()
         _check_sizes(d_model=d_model, heads=heads, seq_len=seq_len)
         _check_attention(d_model, heads, attention, dropout)
@@ -237,6 +242,7 @@ class TransformerBlock(nn.Module):
         self, d_model: int, heads: int, d_mlp: int, seq_len: int, attention: str = "manual",
         causal: bool = True, dropout: float = 0.0,
     ) -> None:
+        """Two LayerNorms, the attention and the MLP; see the class."""
         super().__init__()
         _check_sizes(d_mlp=d_mlp)
         self.ln1 = nn.LayerNorm(d_model)
@@ -264,6 +270,7 @@ class Transformer(nn.Module):
         self, vocab_size: int, seq_len: int, out_features: int, d_model: int, heads: int, blocks: int,
         d_mlp: int, attention: str, causal: bool, readout: str, dropout: float,
     ) -> None:
+        """Embeddings, blocks, final LayerNorm and readout head; see :func:`transformer`."""
         super().__init__()
         _check_sizes(vocab_size=vocab_size, seq_len=seq_len, out_features=out_features, d_model=d_model,
                      heads=heads, blocks=blocks, d_mlp=d_mlp)
@@ -276,7 +283,8 @@ class Transformer(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos, std=0.02)
         self.blocks = nn.ModuleList(
-            TransformerBlock(d_model, heads, d_mlp, seq_len, attention, causal, dropout) for _ in range(blocks)
+            TransformerBlock(d_model, heads, d_mlp, seq_len, attention, causal, dropout)
+            for _ in range(blocks)
         )
         self.ln = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, out_features)
@@ -350,6 +358,7 @@ class ViT(nn.Module):
         self, image_size: int, patch: int, channels: int, out_features: int, d_model: int, heads: int,
         blocks: int, d_mlp: int, attention: str, readout: str, dropout: float,
     ) -> None:
+        """Patch embedding, positions (and class token), blocks, LayerNorm and head; see :func:`vit`."""
         super().__init__()
         _check_sizes(image_size=image_size, patch=patch, channels=channels, out_features=out_features,
                      d_model=d_model, heads=heads, blocks=blocks, d_mlp=d_mlp)
@@ -367,7 +376,8 @@ class ViT(nn.Module):
         self.pos = nn.Parameter(torch.empty(n_tokens, d_model))
         nn.init.normal_(self.pos, std=0.02)
         self.blocks = nn.ModuleList(
-            TransformerBlock(d_model, heads, d_mlp, n_tokens, attention, False, dropout) for _ in range(blocks)
+            TransformerBlock(d_model, heads, d_mlp, n_tokens, attention, False, dropout)
+            for _ in range(blocks)
         )
         self.ln = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, out_features)
@@ -410,8 +420,13 @@ def vit(
         patch: side of a patch (must divide ``image_size``).
         channels: input channels.
         out_features: outputs of the head.
-        d_model, heads, blocks, d_mlp, attention, dropout: as in :func:`transformer`.
+        d_model: width of the residual stream, as in :func:`transformer`.
+        heads: attention heads, as in :func:`transformer`.
+        blocks: number of transformer blocks.
+        d_mlp: hidden width of each block's MLP.
+        attention: ``"manual"``, ``"sdpa"`` or ``"mha"``, as in :func:`transformer`.
         readout: ``"cls"`` or ``"mean"``.
+        dropout: as in :func:`transformer`.
 
     Returns:
         The :class:`ViT` module; it takes float images ``(B, channels, image_size, image_size)``.

@@ -30,10 +30,12 @@ class Ref:
     __slots__ = ("block", "shape")
 
     def __init__(self, block: int, shape: tuple[int, ...]) -> None:
+        """A reference to block ``block`` of M, with per-example shape ``shape``."""
         self.block = block
         self.shape = shape
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        """The block and the shape, for debugging."""
         return f"Ref({self.block}, {self.shape})"
 
 
@@ -60,15 +62,18 @@ class GateMoments:
 
     @property
     def stream_specific(self) -> bool:
+        """Whether the map differs between the two streams."""
         return len(self.c1) > 1
 
     def _s(self, a: int) -> int:
         return min(a, len(self.c1) - 1)
 
     def key(self, a: int, b: int) -> tuple[int, int]:
+        """The key of the stream pair ``(a, b)`` in the second moments."""
         return (self._s(a), self._s(b))
 
     def same_group(self, n: int, like: torch.Tensor) -> torch.Tensor | None:
+        """``(n, n)``: 1 where two units share their draw, else 0; None for independent units."""
         if self.unit_groups is None:
             return None
         g = self.unit_groups.to(like.device)
@@ -87,7 +92,9 @@ class GateMoments:
 class JointMoments:
     """``M = E[u u^T]`` of the joint state and the map from blocks to rows."""
 
-    def __init__(self, mean: torch.Tensor, second: torch.Tensor, input_shape: tuple[int, ...], max_size: int) -> None:
+    def __init__(self, mean: torch.Tensor, second: torch.Tensor, input_shape: tuple[int, ...],
+                 max_size: int) -> None:
+        """The input's state ``M = [[1, mean^T], [mean, second]]``, to grow to ``max_size`` rows."""
         d = mean.numel()
         self.M = torch.cat([torch.cat([mean.new_ones(1, 1), mean.view(1, d)], 1),
                             torch.cat([mean.view(d, 1), second], 1)])
@@ -97,6 +104,7 @@ class JointMoments:
         self.input = Ref(0, tuple(input_shape))
 
     def rows(self, ref: Ref) -> slice:
+        """The rows (and columns) of M that hold the block of ``ref``."""
         start, size = self.blocks[ref.block]
         return slice(start, start + size)
 
@@ -140,6 +148,7 @@ class JointMoments:
         self.blocks = new_blocks
 
     def size_of(self, ref: Ref) -> int:
+        """The number of entries of the block of ``ref``."""
         return self.blocks[ref.block][1]
 
     # ------------------------------------------------------------------ updates
@@ -150,11 +159,12 @@ class JointMoments:
         Args:
             fns: per output block, the op of one example as a function of its data inputs (tensors of shape
                 ``(1, *shape)``), affine in them.
-            inputs: per output block, the refs of its data inputs (the same order as the function's arguments).
+            inputs: per output block, the refs of its data inputs (the same order as the function's
+                arguments).
             name: the node, for messages.
         """
         zeros = [[self.M.new_zeros((1, *r.shape)) for r in refs] for refs in inputs]
-        consts = [f(*z) for f, z in zip(fns, zeros)]
+        consts = [f(*z) for f, z in zip(fns, zeros, strict=True)]
         if not isinstance(consts[0], torch.Tensor):
             raise UnsupportedOpError(f"node {name!r}: laftr-exact supports only ops that return one tensor")
         out_shape = tuple(consts[0].shape[1:])
@@ -175,15 +185,19 @@ class JointMoments:
         return [Ref(i, out_shape) for i in ids]
 
     def independent(self, mean: torch.Tensor, second: torch.Tensor, shape: tuple[int, ...]) -> Ref:
-        """A new block independent of the whole state, with mean ``mean`` (n,) and second moment ``second``
-        (n, n): ``E[a u^T] = E[a] E[u]^T`` (the constant row of M holds ``E[u]``)."""
+        """A new block independent of the whole state, with mean ``mean`` (n,) and second moment ``second``.
+
+        ``second`` is (n, n); ``E[a u^T] = E[a] E[u]^T`` (the constant row of M holds ``E[u]``).
+        """
         R = mean[:, None] * self.M[0:1, :]
         (bid,) = self.add(R, 0.5 * (second + second.T), [mean.numel()])
         return Ref(bid, shape)
 
     def gate(self, pre: tuple[Ref, Ref], gm: GateMoments) -> tuple[Ref, Ref]:
-        """Blocks ``y^a = c^a * s^a + r^a`` for both streams (one shared block when both the input and the map
-        are the same in both streams)."""
+        """Blocks ``y^a = c^a * s^a + r^a`` for both streams.
+
+        One shared block when both the input and the map are the same in both streams.
+        """
         n = self.size_of(pre[0])
         if gm.c1[0].numel() != n:
             raise ValueError(f"gate statistics have {gm.c1[0].numel()} units, the network has {n}")

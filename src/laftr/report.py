@@ -18,13 +18,9 @@ from typing import Any
 import torch
 
 from ._util import atomic_write_bytes
-from .errors import OutputPathError
+from .errors import OutDirError as OutDirError  # defined in laftr.errors; still importable from here
 
 log = logging.getLogger(__name__)
-
-
-class OutDirError(OutputPathError):
-    """The output folder exists and is not empty (and overwriting was not asked for), or is a file."""
 
 
 def _jsonable(obj: Any) -> Any:
@@ -40,7 +36,10 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    """Write ``obj`` as indented JSON to ``path`` atomically.
+
+    It goes to a temporary file in the same folder first, then ``os.replace``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n"
@@ -75,11 +74,11 @@ def markdown_table(
     cells = [[_fmt(r.get(c), floatfmt) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+        "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |",
         "|" + "|".join("-" * (w + 2) for w in widths) + "|",
     ]
     for row in cells:
-        lines.append("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
+        lines.append("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) + " |")
     return "\n".join(lines)
 
 
@@ -142,7 +141,8 @@ def _check_target(path: Path, force: bool, resume: bool = False) -> None:
         raise OutDirError(f"output path {path} exists and is not a folder; choose another --out")
     if path.is_dir() and any(path.iterdir()) and not (force or resume):
         raise OutDirError(
-            f"output folder {path} exists and is not empty; choose another --out or pass --force to replace it"
+            f"output folder {path} exists and is not empty; choose another --out or pass "
+            "--force to replace it"
         )
 
 
@@ -163,6 +163,7 @@ class RunFolder:
     """
 
     def __init__(self, path: str | os.PathLike[str], force: bool = False, resume: bool = False) -> None:
+        """Check the target ``path`` and any unfinished run of it before any work is done."""
         self.path = Path(path)
         self.force, self.resume = force, resume
         self.staging = self.path.parent / f".{self.path.name}.partial"
@@ -184,7 +185,10 @@ class RunFolder:
         return self.staging
 
     def commit(self) -> Path:
-        """Move the finished run into place (the earlier one at ``path``, if any, is removed) and return it."""
+        """Move the finished run into place and return its path.
+
+        The earlier run at ``path``, if any, is removed.
+        """
         old = None
         if self.path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-", dir=self.path.parent))
@@ -195,7 +199,7 @@ class RunFolder:
         return self.path
 
 
-def pyplot():
+def pyplot() -> Any:  # a module: its functions are typed by matplotlib, not through this return
     """``matplotlib.pyplot`` with the non-interactive Agg backend (imported lazily)."""
     import matplotlib
 

@@ -1,5 +1,7 @@
-"""What LAFTR stores at theta0: the statistics of every site (gates, normalizers, max pools) per group, and one
-input model (:mod:`laftr.inputs`), fitted in one streaming pass (two for the mixture).
+"""What LAFTR stores at theta0: site statistics per group and one input model.
+
+The statistics of every site (gates, normalizers, max pools) per group, and one input model
+(:mod:`laftr.inputs`), fitted in one streaming pass (two for the mixture).
 
 All statistics are float64 *sums* per group (one group; one per class for ``classwise``; one per component
 for ``mixture``), so the summary of several data shards is the sum of their summaries (:meth:`Summary.merge`):
@@ -43,15 +45,18 @@ class Summary:
 
     @property
     def num_groups(self) -> int:
+        """G: the number of groups."""
         return int(self.counts.shape[0])
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The per-example input shape."""
         assert self.inputs.input_shape is not None
         return self.inputs.input_shape
 
     @property
     def dim(self) -> int:
+        """d: the number of entries of one input."""
         return self.inputs.dim
 
     def merge(self, other: Summary) -> Summary:
@@ -74,9 +79,12 @@ class Summary:
         return self.inputs.weights()
 
     def site_means(self, group: int | None = None) -> dict[str, torch.Tensor]:
-        """Per site, the mean of its first statistic: the activation probability mu of a ReLU-like gate, the
-        argmax frequency of a max-pool position, the mean slope of a smooth gate, the mean normalizer. Pooled
-        over groups when ``group`` is None, else stacked per group (``(G, *units)``)."""
+        """Per site, the mean of its first statistic.
+
+        That is the activation probability mu of a ReLU-like gate, the argmax frequency of a max-pool
+        position, the mean slope of a smooth gate, the mean normalizer. Pooled over groups when ``group`` is
+        None, else stacked per group (``(G, *units)``).
+        """
         out = {}
         for k, d in self.site_sums.items():
             v = next(iter(d.values()))
@@ -88,6 +96,7 @@ class Summary:
 
     # ------------------------------------------------------------------ persistence
     def tensors(self) -> dict[str, torch.Tensor]:
+        """Every sum by file key: ``inputs/<name>`` and ``site/<site>/<name>``."""
         out = {f"inputs/{k}": v for k, v in self.inputs.tensors().items()}
         for site, d in self.site_sums.items():
             for key, v in d.items():
@@ -95,17 +104,21 @@ class Summary:
         return out
 
     def meta(self) -> dict[str, Any]:
+        """The input model's name and metadata, and the statistic names of every site."""
         return {"input_model": self.inputs.name, "inputs": self.inputs.meta(),
                 "sites": {site: sorted(d) for site, d in self.site_sums.items()}}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], meta: dict[str, Any]) -> Summary:
+        """Inverse of :meth:`tensors` / :meth:`meta`; raises ``ValueError`` when inconsistent."""
         name = meta["input_model"]
         if name not in INPUT_MODELS:
             raise ValueError(f"unknown input model {name!r}")
         inputs = INPUT_MODELS[name](**meta["inputs"]["options"])
-        inputs.restore({k[len("inputs/"):]: v for k, v in t.items() if k.startswith("inputs/")}, meta["inputs"])
-        G = int(inputs.counts.shape[0])  # type: ignore[union-attr]
+        inputs.restore({k[len("inputs/"):]: v for k, v in t.items() if k.startswith("inputs/")},
+                       meta["inputs"])
+        assert inputs.counts is not None  # restore() sets them
+        G = int(inputs.counts.shape[0])
         sums: dict[str, dict[str, torch.Tensor]] = {}
         for site, keys in meta["sites"].items():
             sums[site] = {}
@@ -114,8 +127,8 @@ class Summary:
                 if v is None:
                     raise ValueError(f"statistic {key!r} of site {site!r} is missing")
                 if v.ndim < 1 or v.shape[0] != G:
-                    raise ValueError(f"statistic {key!r} of site {site!r} has {v.shape[0] if v.ndim else 0} groups, "
-                                     f"the input model {G}")
+                    raise ValueError(f"statistic {key!r} of site {site!r} has {v.shape[0] if v.ndim else 0} "
+                                     f"groups, the input model {G}")
                 if not torch.isfinite(v).all():
                     raise ValueError(f"statistic {key!r} of site {site!r} contains NaN or infinite values")
                 sums[site][key] = v
@@ -175,10 +188,11 @@ def fit_summary(
     for d in mode.sums.values():
         G = max(G, max(v.shape[0] for v in d.values()))
     if G > inputs.num_groups and hasattr(inputs, "pad"):
-        inputs.pad(G)  # type: ignore[attr-defined]
+        inputs.pad(G)
     sums = {site: {k: pad_groups(v, G).cpu() for k, v in d.items()} for site, d in mode.sums.items()}
     missing = [s for s in net.sites if s not in sums and (record_pools or net.sites[s].family != "maxpool")]
     if missing:
         raise UsageError(f"sites {missing} recorded nothing (is their output unused?)")
-    log.info("LAFTR summary: %d examples, %d groups, %d sites", int(inputs.counts.sum()), G, len(sums))  # type: ignore[union-attr]
+    assert inputs.counts is not None  # the pass over the data set them
+    log.info("LAFTR summary: %d examples, %d groups, %d sites", int(inputs.counts.sum()), G, len(sums))
     return Summary(sums, inputs)

@@ -1,16 +1,17 @@
-"""``laftr fsd-bench``: how closely each FSD estimator tracks the exact FSD, side by side with its memory and time.
+"""``laftr fsd-bench``: how closely each FSD estimator tracks the exact FSD, with its memory and time.
 
 Protocol (docs/fsd-bench.md):
 
-1. theta0: a network trained on task A (images: by default Fashion-MNIST classes 0-4, multi-head: task A's loss
-   and distances use output units 0-4 only; ``--arch transformer``: modular addition mod 113 on one head of all
-   113 outputs).
-2. Every estimator is fitted ONCE at theta0 on task A's training inputs; the exact FSD is over the same inputs.
+1. theta0: a network trained on task A (images: by default Fashion-MNIST classes 0-4, multi-head: task A's
+   loss and distances use output units 0-4 only; ``--arch transformer``: modular addition mod 113 on one head
+   of all 113 outputs).
+2. Every estimator is fitted ONCE at theta0 on task A's training inputs; the exact FSD is over the same
+   inputs.
 3. Many thetas from diverse continuations of theta0 (another task, permuted pixels or other arithmetic tasks,
    random labels, more training on task A, function-space-regularized training on another task), each at
-   several checkpoints, so the exact FSD spans orders of magnitude. A trajectory with ``track_epochs``
-   records a theta at the end of every epoch (LIFTR's protocol: estimate vs exact while the second task trains)
-   and gets its own section in the report.
+   several checkpoints, so the exact FSD spans orders of magnitude. A trajectory with ``track_epochs`` records
+   a theta at the end of every epoch (LIFTR's protocol: estimate vs exact while the second task trains) and
+   gets its own section in the report.
 4. For every (method, metric, theta): the estimate (mean of ``eval_calls`` calls for stochastic estimators),
    the cosine between the gradient of ONE call and the exact FSD's gradient (what a regularizer uses), and
    the wall time of evaluation + backward. Per method and metric: Pearson correlation of log values,
@@ -76,12 +77,14 @@ class ArchSpec:
 
 ARCH_SPECS: dict[str, ArchSpec] = {
     "mlp": ArchSpec("images", True, False, "error", False, "784-256-256-10 ReLU MLP"),
-    "cnn": ArchSpec("images", False, True, "error", False, "the Split-CIFAR conv net (ReLU, max pooling), half width"),
+    "cnn": ArchSpec("images", False, True, "error", False,
+                    "the Split-CIFAR conv net (ReLU, max pooling), half width"),
     "mlp-gelu": ArchSpec("images", True, False, "diag", False, "784-512-512-10 MLP, LayerNorm + GELU"),
     "vit": ArchSpec("images", False, False, "diag", True,
                     "ViT: 7x7 patches, d_model 64, 4 heads, 2 pre-LN blocks, GELU MLP 128, class token"),
     "transformer": ArchSpec("tokens", False, False, "diag", True,
-                            "pre-LN decoder: d_model 128, 4 heads, 2 blocks, GELU MLP 512, causal, last-token readout"),
+                            "pre-LN decoder: d_model 128, 4 heads, 2 blocks, GELU MLP 512, "
+                            "causal, last-token readout"),
 }
 ARCHS = tuple(ARCH_SPECS)
 TOKEN_DATASETS = ("arithmetic",)
@@ -95,10 +98,12 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 
 LIFTR_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (("liftr", {"input_cov": "full"}),
                                                           ("liftr-diag", {"input_cov": "diag"}))
-"""The LIFTR rows (label, options beyond ``num_samples`` and the input model), added only when an estimator named
-``liftr`` is registered and the architecture asks for them: every anchored op's input with its full covariance
-over the last axis, or with its variances only. On token sequences the network input is modelled by the
-``tokens`` input model, on images by ``liftr``'s default."""
+"""The LIFTR rows (label, options beyond ``num_samples`` and the input model).
+
+They are added only when an estimator named ``liftr`` is registered and the architecture asks for them: every
+anchored op's input with its full covariance over the last axis, or with its variances only. On token
+sequences the network input is modelled by the ``tokens`` input model, on images by ``liftr``'s default.
+"""
 
 
 # ------------------------------------------------------------------------------------------- continuations
@@ -107,12 +112,12 @@ class TrajectoryKind:
     """What one kind of continuation trains on.
 
     Attributes:
-        task: the task of the loaded data it trains on (images: ``A``, ``B``, ``permuted``; arithmetic: ``add``,
-            ``subtract``, ``quadratic``, ``random``).
+        task: the task of the loaded data it trains on (images: ``A``, ``B``, ``permuted``; arithmetic:
+            ``add``, ``subtract``, ``quadratic``, ``random``).
         doc: one line for the docs and the config's validation message.
         random_labels: labels drawn uniformly from the task's classes instead of the true ones.
-        regularized: add ``lam`` x the exact KL FSD to theta0 on a random task-A minibatch (a replay regularizer
-            that stays close to theta0).
+        regularized: add ``lam`` x the exact KL FSD to theta0 on a random task-A minibatch (a replay
+            regularizer that stays close to theta0).
     """
 
     task: str
@@ -134,7 +139,8 @@ ARITHMETIC_KINDS: dict[str, TrajectoryKind] = {
     "quadratic": TrajectoryKind("quadratic", "the quadratic task (a^2 + ab + b^2 mod p)"),
     "random": TrajectoryKind("random", "the random task (a fixed random table r[a, b])"),
     "add": TrajectoryKind("add", "more training on add (task A) itself"),
-    "subtract+reg": TrajectoryKind("subtract", "subtract plus lam x exact KL FSD to theta0 on an add minibatch",
+    "subtract+reg": TrajectoryKind("subtract",
+                                   "subtract plus lam x exact KL FSD to theta0 on an add minibatch",
                                    regularized=True),
 }
 KINDS = tuple(IMAGE_KINDS)
@@ -154,11 +160,12 @@ class Trajectory:
     """One continuation of theta0; every checkpoint (in optimizer steps) becomes a theta.
 
     Attributes:
-        kind: what it trains on, one of :data:`IMAGE_KINDS` (``task-B``: task B's classes on their own outputs,
-            ``permuted``: all classes, pixels under a fixed permutation, all outputs, ``random-labels``: task A's
-            inputs, random task-A labels, ``task-A``: more training on task A itself, ``task-B+reg``: task B plus
-            ``lam`` times the exact KL FSD to theta0 on a random task-A minibatch) or, for modular arithmetic,
-            of :data:`ARITHMETIC_KINDS` (``subtract``, ``quadratic``, ``random``, ``add``, ``subtract+reg``).
+        kind: what it trains on, one of :data:`IMAGE_KINDS` (``task-B``: task B's classes on their own
+            outputs, ``permuted``: all classes, pixels under a fixed permutation, all outputs,
+            ``random-labels``: task A's inputs, random task-A labels, ``task-A``: more training on task A
+            itself, ``task-B+reg``: task B plus ``lam`` times the exact KL FSD to theta0 on a random task-A
+            minibatch) or, for modular arithmetic, of :data:`ARITHMETIC_KINDS` (``subtract``, ``quadratic``,
+            ``random``, ``add``, ``subtract+reg``).
         optimizer: ``adam``, ``adamw`` or ``sgd``.
         lr: learning rate.
         checkpoints: steps (batches) after which theta is recorded.
@@ -177,6 +184,7 @@ class Trajectory:
     track_epochs: int = 0
 
     def label(self) -> str:
+        """A short description for plots and tables: kind, optimizer, learning rate (and decay, lambda)."""
         lam = f" lam={self.lam:g}" if self.kind.endswith("+reg") else ""
         wd = f" wd={self.weight_decay:g}" if self.weight_decay else ""
         return f"{self.kind} {self.optimizer} lr={self.lr:g}{wd}{lam}"
@@ -229,11 +237,14 @@ def default_trajectories(quick: bool = False, dataset: str = "fashion-mnist") ->
 
 
 def near_trajectories(dataset: str = "fashion-mnist") -> list[Trajectory]:
-    """44 thetas that stay near theta0: the kinds of :func:`default_trajectories` at 10-100x smaller learning rates,
-    checkpoints after 1, 3, 10 and 30 steps, and the replay-regularized runs at lam 10 and 100 (the regime a
-    function-space regularizer keeps a network in). On modular arithmetic, where one Adam step at lr 1e-3 already
-    erases the learned task, the default thetas are almost all far; these are not. LIFTR's protocol is kept:
-    a tracked replay-regularized subtract run recorded after each of 5 epochs (54 thetas in all)."""
+    """44 thetas that stay near theta0, for data sets where the default thetas are almost all far.
+
+    The kinds of :func:`default_trajectories` at 10-100x smaller learning rates, checkpoints after 1, 3, 10
+    and 30 steps, and the replay-regularized runs at lam 10 and 100 (the regime a function-space regularizer
+    keeps a network in). On modular arithmetic, where one Adam step at lr 1e-3 already erases the learned
+    task, the default thetas are almost all far; these are not. LIFTR's protocol is kept: a tracked
+    replay-regularized subtract run recorded after each of 5 epochs (54 thetas in all).
+    """
     ck = [1, 3, 10, 30]
     if dataset in TOKEN_DATASETS:
         return [
@@ -262,12 +273,13 @@ class FsdBenchConfig:
     """Settings of one benchmark run (all recorded in results.json).
 
     Attributes:
-        dataset: a classification data set known to :func:`laftr.data.load_dataset` (images), or ``arithmetic``
-            (modular arithmetic token sequences; ``arch`` must be ``transformer``).
+        dataset: a classification data set known to :func:`laftr.data.load_dataset` (images), or
+            ``arithmetic`` (modular arithmetic token sequences; ``arch`` must be ``transformer``).
         data_dir: where its files are (when the loader needs one).
-        arch: ``mlp`` (784-hidden-10, ReLU), ``mlp-gelu`` (784-512-512-10 with LayerNorm after each hidden Linear
-            and GELU), ``cnn`` (the conv net of METHOD.md section 4, scaled by ``width``), ``vit`` (a small vision
-            transformer) or ``transformer`` (a pre-LayerNorm decoder over token sequences; see :data:`ARCH_SPECS`).
+        arch: ``mlp`` (784-hidden-10, ReLU), ``mlp-gelu`` (784-512-512-10 with LayerNorm after each hidden
+            Linear and GELU), ``cnn`` (the conv net of METHOD.md section 4, scaled by ``width``), ``vit`` (a
+            small vision transformer) or ``transformer`` (a pre-LayerNorm decoder over token sequences; see
+            :data:`ARCH_SPECS`).
         hidden: MLP hidden widths (``mlp-gelu``: 512, 512 unless given).
         width: channel/fc multiplier of the conv net.
         d_model: width of the residual stream of ``vit`` / ``transformer`` (None: :data:`MODEL_SIZES`).
@@ -285,11 +297,12 @@ class FsdBenchConfig:
         epochs_a: epochs of training on task A.
         batch_size: batch size of every training run.
         lr_a: Adam learning rate on task A.
-        schedule_a: learning-rate schedule on task A: ``constant`` or ``cosine`` (linear warm-up over the first
-            epoch, then a cosine decay to 0).
+        schedule_a: learning-rate schedule on task A: ``constant`` or ``cosine`` (linear warm-up over the
+            first epoch, then a cosine decay to 0).
         metrics: output discrepancies compared.
         methods: method labels to run (None: all of :func:`method_specs`).
-        coreset_sizes: k of the coreset baselines (``subset``, ``ntk``); the k matching LAFTR's memory is added.
+        coreset_sizes: k of the coreset baselines (``subset``, ``ntk``); the k matching LAFTR's memory is
+            added.
         num_samples: Monte Carlo samples of the LAFTR (and LIFTR) estimators.
         rank: rank of LAFTR's low-rank input model.
         components: mixture components of ``laftr-mixture`` (no labels used).
@@ -337,6 +350,7 @@ class FsdBenchConfig:
     quick: bool = False
 
     def __post_init__(self) -> None:
+        """Fill the tasks and the model sizes left at None with the defaults of the data set and ``arch``."""
         tokens = self.dataset in TOKEN_DATASETS
         if self.task_a is None:
             self.task_a = [] if tokens else [0, 1, 2, 3, 4]
@@ -353,8 +367,10 @@ class FsdBenchConfig:
 
     @classmethod
     def for_arch(cls, arch: str, quick: bool = False, **overrides: Any) -> FsdBenchConfig:
-        """Defaults for ``arch``, shrunk to a sub-two-minute run with ``quick``; ``overrides`` win (``None``
-        values are ignored)."""
+        """Defaults for ``arch``, shrunk to a sub-two-minute run with ``quick``.
+
+        ``overrides`` win (``None`` values are ignored).
+        """
         if arch not in ARCHS:
             raise UsageError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
         base: dict[str, Any] = {"arch": arch, "quick": quick}
@@ -370,10 +386,11 @@ class FsdBenchConfig:
             base.update(coreset_sizes=[10, 40], num_samples=32, eval_calls=2, rank=5, laftr_coreset=40)
             # tiny transformers gain nothing from threads and lose much on a busy machine: one thread
             if arch == "transformer":
-                base.update(p=23, d_model=32, heads=2, blocks=1, d_mlp=64, epochs_a=60, batch_size=64, lr_a=3e-3,
-                            n_other=400, threads=1)
+                base.update(p=23, d_model=32, heads=2, blocks=1, d_mlp=64, epochs_a=60, batch_size=64,
+                            lr_a=3e-3, n_other=400, threads=1)
             elif arch == "vit":
-                base.update(n_fit=600, n_other=600, d_model=16, heads=2, blocks=1, d_mlp=32, epochs_a=2, threads=1)
+                base.update(n_fit=600, n_other=600, d_model=16, heads=2, blocks=1, d_mlp=32, epochs_a=2,
+                            threads=1)
             else:
                 base.update(n_fit=1500 if arch == "mlp" else 600, n_other=1500 if arch == "mlp" else 600,
                             hidden=[64, 64], width=0.25, epochs_a=2)
@@ -398,8 +415,8 @@ class FsdBenchConfig:
         assert self.task_a is not None and self.task_b is not None
         if self.tokens:
             if self.task_a or self.task_b:
-                raise UsageError("task_a / task_b choose image classes; on arithmetic task A is 'add' on all p "
-                                 "outputs and the continuations are trajectory kinds: leave them empty")
+                raise UsageError("task_a / task_b choose image classes; on arithmetic task A is 'add' on all "
+                                 "p outputs and the continuations are trajectory kinds: leave them empty")
         elif set(self.task_a) & set(self.task_b) or not self.task_a or not self.task_b:
             raise UsageError(f"task A {self.task_a} and task B {self.task_b} must be disjoint, non-empty")
         if any(k < 1 for k in self.coreset_sizes) or self.num_samples < 1 or self.eval_calls < 1:
@@ -424,7 +441,8 @@ class FsdBenchConfig:
         kinds = trajectory_kinds(self.dataset)
         for t in self.trajectories or []:
             if t.kind not in kinds:
-                raise UsageError(f"unknown trajectory kind {t.kind!r} on {self.dataset}; choose one of {list(kinds)}")
+                raise UsageError(f"unknown trajectory kind {t.kind!r} on {self.dataset}; choose "
+                                 f"one of {list(kinds)}")
             if (t.optimizer not in OPTIMIZERS or t.lr <= 0 or t.weight_decay < 0 or t.lam < 0
                     or not isinstance(t.track_epochs, int) or t.track_epochs < 0
                     or (t.track_epochs == 0 and (not t.checkpoints or min(t.checkpoints) < 1))):
@@ -468,10 +486,13 @@ def method_specs(cfg: FsdBenchConfig, matched_k: Sequence[int] = ()) -> list[Met
                              metrics=tuple(sorted(QUADRATIC_METRICS))),
                   MethodSpec("laftr-exact-mumu", "laftr-exact", {"input_model": "gaussian", "mu_outer": True},
                              "laftr", metrics=tuple(sorted(QUADRATIC_METRICS)))]
-    if arch.maxpool:  # max pooling: theta0's argmax (default), each stream its own max (the original code), or sampled
-        specs += [MethodSpec("laftr-pool-separate", "laftr", {**lf, "input_model": "gaussian", "maxpool": "separate"},
+    # max pooling: theta0's argmax (default), each stream its own max (the original code), or sampled
+    if arch.maxpool:
+        specs += [MethodSpec("laftr-pool-separate", "laftr",
+                             {**lf, "input_model": "gaussian", "maxpool": "separate"},
                              "laftr", stochastic=True),
-                  MethodSpec("laftr-pool-sample", "laftr", {**lf, "input_model": "gaussian", "maxpool": "sample"},
+                  MethodSpec("laftr-pool-sample", "laftr",
+                             {**lf, "input_model": "gaussian", "maxpool": "sample"},
                              "laftr", stochastic=True)]
     if arch.liftr and "liftr" in available_estimators():
         inputs = _token_input_options(cfg) if arch.inputs == "tokens" else {}
@@ -498,7 +519,8 @@ def _image_laftr_specs(cfg: FsdBenchConfig) -> list[MethodSpec]:
     lf = {"num_samples": cfg.num_samples}
     return [
         MethodSpec("laftr", "laftr", {**lf, "input_model": "gaussian"}, "laftr", stochastic=True),
-        MethodSpec("laftr-shared-masks", "laftr", {**lf, "input_model": "gaussian", "shared_masks": True}, "laftr",
+        MethodSpec("laftr-shared-masks", "laftr", {**lf, "input_model": "gaussian", "shared_masks": True},
+                   "laftr",
                    stochastic=True),
         MethodSpec("laftr-diag", "laftr", {**lf, "input_model": "diag"}, "laftr", stochastic=True),
         MethodSpec("laftr-lowrank", "laftr", {**lf, "input_model": "lowrank", "rank": cfg.rank}, "laftr",
@@ -506,11 +528,13 @@ def _image_laftr_specs(cfg: FsdBenchConfig) -> list[MethodSpec]:
         MethodSpec("laftr-classwise", "laftr", {**lf, "input_model": "classwise"}, "laftr", stochastic=True),
         MethodSpec("laftr-mixture", "laftr", {**lf, "input_model": "mixture", "components": cfg.components},
                    "laftr", stochastic=True),
-        MethodSpec("laftr-mixture-diag", "laftr", {**lf, "input_model": "mixture", "components": cfg.components,
-                                                   "component_cov": "diag"}, "laftr", stochastic=True),
+        MethodSpec("laftr-mixture-diag", "laftr",
+                   {**lf, "input_model": "mixture", "components": cfg.components, "component_cov": "diag"},
+                   "laftr", stochastic=True),
         MethodSpec("laftr-relu", "laftr", {**lf, "input_model": "gaussian", "gates": "relu"}, "laftr",
                    stochastic=True),
-        MethodSpec("laftr-coreset", "laftr", {**lf, "input_model": "coreset", "coreset_size": cfg.laftr_coreset},
+        MethodSpec("laftr-coreset", "laftr",
+                   {**lf, "input_model": "coreset", "coreset_size": cfg.laftr_coreset},
                    "laftr", stochastic=True),
     ]
 
@@ -523,22 +547,27 @@ def _token_input_options(cfg: FsdBenchConfig) -> dict[str, Any]:
 
 
 def _token_laftr_specs(cfg: FsdBenchConfig) -> list[MethodSpec]:
-    """LAFTR's rows on token sequences: per-position categorical input models (overall, per class, per k-means
-    component of the one-hot sequences) and a coreset of real sequences."""
+    """LAFTR's rows on token sequences.
+
+    Per-position categorical input models (overall, per class, per k-means component of the one-hot sequences)
+    and a coreset of real sequences.
+    """
     tok = {"num_samples": cfg.num_samples, "vocab_size": _token_input_options(cfg)["vocab_size"]}
     return [
         MethodSpec("laftr", "laftr", {**tok, "input_model": "tokens"}, "laftr", stochastic=True),
         MethodSpec("laftr-relu", "laftr", {**tok, "input_model": "tokens", "gates": "relu"}, "laftr",
                    stochastic=True),
-        MethodSpec("laftr-classwise", "laftr", {**tok, "input_model": "tokens-classwise"}, "laftr", stochastic=True),
-        MethodSpec("laftr-mixture", "laftr", {**tok, "input_model": "tokens-mixture", "components": cfg.components},
+        MethodSpec("laftr-classwise", "laftr", {**tok, "input_model": "tokens-classwise"}, "laftr",
+                   stochastic=True),
+        MethodSpec("laftr-mixture", "laftr",
+                   {**tok, "input_model": "tokens-mixture", "components": cfg.components},
                    "laftr", stochastic=True),
         MethodSpec("laftr-coreset", "laftr", {"num_samples": cfg.num_samples, "input_model": "coreset",
                                               "coreset_size": cfg.laftr_coreset}, "laftr", stochastic=True),
     ]
 
 
-# ------------------------------------------------------------------------------------------- data and training
+# ------------------------------------------------------------------------------------------ data and training
 @dataclasses.dataclass
 class _Task:
     """Training inputs and labels of one task, and the output units its loss uses (None: all)."""
@@ -550,9 +579,12 @@ class _Task:
 
 @dataclasses.dataclass
 class _Data:
-    """The task layout of a run: task A (theta0's task: the fit, the exact FSD and the compared outputs), the
-    tasks the continuations train on (by :attr:`TrajectoryKind.task`), task A's held-out examples if any, the
-    number of outputs and, for token sequences, the vocabulary size."""
+    """The task layout of a run.
+
+    Task A (theta0's task: the fit, the exact FSD and the compared outputs), the tasks the continuations train
+    on (by :attr:`TrajectoryKind.task`), task A's held-out examples if any, the number of outputs and, for
+    token sequences, the vocabulary size.
+    """
 
     name: str
     a: _Task
@@ -575,7 +607,8 @@ def _load_images(cfg: FsdBenchConfig, gen: torch.Generator) -> _Data:
     if ds.task != "classification":
         raise UsageError(f"fsd-bench needs a classification data set; {ds.name} is {ds.task}")
     if ds.num_classes is not None and max(cfg.task_a + cfg.task_b) >= ds.num_classes:
-        raise UsageError(f"{ds.name} has {ds.num_classes} classes; tasks {cfg.task_a} / {cfg.task_b} do not fit")
+        raise UsageError(f"{ds.name} has {ds.num_classes} classes; tasks {cfg.task_a} / "
+                         f"{cfg.task_b} do not fit")
 
     def pick(classes: list[int], n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.nonzero(torch.isin(ds.y_train, torch.tensor(classes))).flatten()
@@ -596,8 +629,11 @@ def _load_images(cfg: FsdBenchConfig, gen: torch.Generator) -> _Data:
 
 
 def _load_arithmetic(cfg: FsdBenchConfig, gen: torch.Generator) -> _Data:
-    """Task A = ``add`` (its training pairs, at most ``n_fit``); every other arithmetic task's training pairs (at
-    most ``n_other``) for the continuations; all tasks on all ``p`` outputs."""
+    """The arithmetic layout: task A is ``add``, the other tasks train the continuations.
+
+    Task A has its training pairs (at most ``n_fit``); every other arithmetic task gives its training pairs
+    (at most ``n_other``) for the continuations; all tasks are on all ``p`` outputs.
+    """
     from ..data.arithmetic import ARITHMETIC_TASKS, load_arithmetic
 
     def pick(x: torch.Tensor, y: torch.Tensor, n: int | None) -> _Task:
@@ -606,13 +642,24 @@ def _load_arithmetic(cfg: FsdBenchConfig, gen: torch.Generator) -> _Data:
             x, y = x[idx], y[idx]
         return _Task(x, y, None)
 
-    sets = {t: load_arithmetic(t, p=cfg.p, train_fraction=cfg.train_fraction, seed=cfg.seed) for t in ARITHMETIC_TASKS}
+    sets = {t: load_arithmetic(t, p=cfg.p, train_fraction=cfg.train_fraction, seed=cfg.seed)
+            for t in ARITHMETIC_TASKS}
     add = sets["add"]
     a = pick(add.x_train, add.y_train, cfg.n_fit)
     tasks = {"add": a, **{t: pick(sets[t].x_train, sets[t].y_train, cfg.n_other) for t in ARITHMETIC_TASKS
                           if t != "add"}}
     return _Data(f"arithmetic mod {cfg.p}", a, tasks, n_out=cfg.p, test_a=_Task(add.x_test, add.y_test, None),
                  vocab_size=int(add.meta["vocab_size"]))
+
+
+def _sizes(cfg: FsdBenchConfig) -> tuple[int, int, int, int]:
+    """``(d_model, heads, blocks, d_mlp)`` of ``vit`` / ``transformer``.
+
+    ``FsdBenchConfig.__post_init__`` fills those left at None from :data:`MODEL_SIZES`.
+    """
+    d_model, heads, blocks, d_mlp = cfg.d_model, cfg.heads, cfg.blocks, cfg.d_mlp
+    assert d_model is not None and heads is not None and blocks is not None and d_mlp is not None
+    return d_model, heads, blocks, d_mlp
 
 
 def _build(cfg: FsdBenchConfig, data: _Data) -> nn.Module:
@@ -622,16 +669,20 @@ def _build(cfg: FsdBenchConfig, data: _Data) -> nn.Module:
         return mlp(math.prod(in_shape), cfg.hidden, n_out)
     if cfg.arch == "mlp-gelu":
         return mlp(math.prod(in_shape), cfg.hidden, n_out, activation="gelu", norm="layernorm")
-    sizes = {"d_model": cfg.d_model, "heads": cfg.heads, "blocks": cfg.blocks, "d_mlp": cfg.d_mlp}
     if cfg.arch == "transformer":
         if data.vocab_size is None or len(in_shape) != 1:
-            raise UsageError(f"--arch transformer needs token sequences (N, T); got inputs of shape {in_shape}")
-        return transformer(data.vocab_size, in_shape[0], n_out, attention="manual", **sizes)
+            raise UsageError(f"--arch transformer needs token sequences (N, T); got "
+                             f"inputs of shape {in_shape}")
+        d_model, heads, blocks, d_mlp = _sizes(cfg)
+        return transformer(data.vocab_size, in_shape[0], n_out, attention="manual", d_model=d_model,
+                           heads=heads, blocks=blocks, d_mlp=d_mlp)
     if cfg.arch == "vit":
         if len(in_shape) != 3 or in_shape[1] != in_shape[2] or in_shape[1] % cfg.patch:
-            raise UsageError(f"--arch vit needs square images (C, H, W) whose side is a multiple of the patch "
-                             f"size {cfg.patch}; {data.name} has inputs of shape {in_shape}")
-        return vit(image_size=in_shape[1], patch=cfg.patch, channels=in_shape[0], out_features=n_out, **sizes)
+            raise UsageError(f"--arch vit needs square images (C, H, W) whose side is a multiple of the "
+                             f"patch size {cfg.patch}; {data.name} has inputs of shape {in_shape}")
+        d_model, heads, blocks, d_mlp = _sizes(cfg)
+        return vit(image_size=in_shape[1], patch=cfg.patch, channels=in_shape[0], out_features=n_out,
+                   d_model=d_model, heads=heads, blocks=blocks, d_mlp=d_mlp)
     return conv_net(in_shape, n_out, width=cfg.width)
 
 
@@ -645,7 +696,8 @@ def _head_ce(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[int] | Non
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: Sequence[int] | None, steps: int,
            opt: torch.optim.Optimizer, batch_size: int, gen: torch.Generator,
-           extra: Callable[[nn.Module], torch.Tensor] | None = None, on_step: Callable[[int], None] | None = None,
+           extra: Callable[[nn.Module], torch.Tensor] | None = None,
+           on_step: Callable[[int], None] | None = None,
            ) -> None:
     model.train()
     perm = torch.randperm(len(x), generator=gen)
@@ -692,7 +744,9 @@ def _optimizer(t: Trajectory, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
-def _task_of(t: Trajectory, cfg: FsdBenchConfig, data: _Data, model0: nn.Module, gen: torch.Generator):
+def _task_of(t: Trajectory, cfg: FsdBenchConfig, data: _Data, model0: nn.Module, gen: torch.Generator,
+             ) -> tuple[torch.Tensor, torch.Tensor, list[int] | None,
+                        Callable[[nn.Module], torch.Tensor] | None]:
     """Training inputs, labels, output units and extra loss term of a trajectory."""
     kind = trajectory_kinds(cfg.dataset)[t.kind]
     task = data.tasks[kind.task]
@@ -700,15 +754,16 @@ def _task_of(t: Trajectory, cfg: FsdBenchConfig, data: _Data, model0: nn.Module,
     if kind.random_labels:
         classes = outputs if outputs is not None else list(range(data.n_out))
         y = torch.tensor(classes)[torch.randint(len(classes), (len(x),), generator=gen)]
-    extra = None
-    if kind.regularized:
-        xa, outputs_a = data.a.x, data.a.outputs
+    if not kind.regularized:
+        return x, y, outputs, None
+    xa, outputs_a = data.a.x, data.a.outputs
 
-        def extra(m: nn.Module) -> torch.Tensor:
-            b = torch.randint(len(xa), (cfg.batch_size,), generator=gen)
-            with torch.no_grad():
-                z0 = model0(xa[b])
-            return t.lam * discrepancy(z0, m(xa[b]), "kl", outputs_a).mean()
+    def extra(m: nn.Module) -> torch.Tensor:
+        b = torch.randint(len(xa), (cfg.batch_size,), generator=gen)
+        with torch.no_grad():
+            z0 = model0(xa[b])
+        return t.lam * discrepancy(z0, m(xa[b]), "kl", outputs_a).mean()
+
     return x, y, outputs, extra
 
 
@@ -726,7 +781,8 @@ def _continuations(cfg: FsdBenchConfig, model0: nn.Module, data: _Data, gen: tor
         def snap(step: int, t: Trajectory = t, model: nn.Module = model, ti: int = ti,
                  steps: list[int] = steps) -> None:
             if step in steps:
-                desc = {"trajectory": ti, "label": t.label(), "kind": t.kind, "optimizer": t.optimizer, "lr": t.lr,
+                desc = {"trajectory": ti, "label": t.label(), "kind": t.kind, "optimizer": t.optimizer,
+                        "lr": t.lr,
                         "lam": t.lam, "steps": step}
                 if t.weight_decay:
                     desc["weight_decay"] = t.weight_decay
@@ -754,7 +810,7 @@ def _ranks(v: np.ndarray) -> np.ndarray:
     return r
 
 
-def pearson(a: Sequence[float], b: Sequence[float]) -> float:
+def pearson(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
     """Pearson correlation (nan when either side is constant)."""
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(x) < 2 or x.std() == 0 or y.std() == 0:
@@ -762,14 +818,16 @@ def pearson(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
     """Spearman rank correlation (ties averaged)."""
     return pearson(_ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64)))
 
 
 def agreement(estimates: Sequence[float], exact: Sequence[float]) -> dict[str, float]:
-    """Pearson of logs, Spearman and median |log(estimate / exact)|; non-positive estimates are counted and
-    floored at 1e-30 before taking logs."""
+    """Pearson of logs, Spearman and median |log(estimate / exact)|.
+
+    Non-positive estimates are counted and floored at 1e-30 before taking logs.
+    """
     est = np.asarray(estimates, dtype=np.float64)
     ex = np.asarray(exact, dtype=np.float64)
     nonpos = int((est <= 0).sum())
@@ -778,10 +836,11 @@ def agreement(estimates: Sequence[float], exact: Sequence[float]) -> dict[str, f
             "median_abs_log_ratio": float(np.median(np.abs(le - lx))), "nonpositive": nonpos}
 
 
-def _flat(grads: dict[str, torch.Tensor] | Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> torch.Tensor:
+def _flat(grads: dict[str, torch.Tensor] | Sequence[torch.Tensor | None],
+          like: Sequence[torch.Tensor]) -> torch.Tensor:
     vals = list(grads.values()) if isinstance(grads, dict) else list(grads)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
-                      for g, p in zip(vals, like)])
+                      for g, p in zip(vals, like, strict=True)])
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -800,13 +859,17 @@ def _is_gate(mod: nn.Module) -> bool:
 
 @torch.no_grad()
 def _pattern_change(model0: nn.Module, model: nn.Module, x: torch.Tensor, batch: int = 1000) -> float:
-    """Fraction of (example, hidden unit) pairs whose activation pattern (the sign of the pre-activation of every
-    activation module: ReLU on/off) differs between theta0 and theta."""
+    """Fraction of (example, hidden unit) pairs whose activation pattern differs between theta0 and theta.
+
+    The pattern is the sign of the pre-activation of every activation module (ReLU on/off).
+    """
     acts: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
 
     def hooks(m: nn.Module, key: str) -> list[Any]:
-        return [mod.register_forward_hook(lambda _m, inp, _o, key=key: acts[key].append((inp[0] > 0).flatten(1)))
-                for mod in m.modules() if _is_gate(mod)]
+        def record(_m: nn.Module, inp: tuple[torch.Tensor, ...], _o: Any) -> None:
+            acts[key].append((inp[0] > 0).flatten(1))
+
+        return [mod.register_forward_hook(record) for mod in m.modules() if _is_gate(mod)]
 
     hs = hooks(model0, "a") + hooks(model, "b")
     diff = tot = 0
@@ -816,7 +879,7 @@ def _pattern_change(model0: nn.Module, model: nn.Module, x: torch.Tensor, batch:
             acts["b"].clear()
             model0(x[i: i + batch])
             model(x[i: i + batch])
-            for u, v in zip(acts["a"], acts["b"]):
+            for u, v in zip(acts["a"], acts["b"], strict=True):
                 diff += int((u != v).sum())
                 tot += u.numel()
     finally:
@@ -828,12 +891,13 @@ def _pattern_change(model0: nn.Module, model: nn.Module, x: torch.Tensor, batch:
 # ------------------------------------------------------------------------------------------- the run
 def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
                   command: str = "laftr fsd-bench") -> dict[str, Any]:
-    """Run the benchmark and write ``results.json``, ``table.md``, ``scatter.png`` and ``memory.png`` (and
-    ``trajectory.png`` when a trajectory is tracked epoch by epoch, as on arithmetic).
+    """Run the benchmark and write ``results.json``, ``table.md``, ``scatter.png`` and ``memory.png``.
+
+    ``trajectory.png`` is written too when a trajectory is tracked epoch by epoch, as on arithmetic.
 
     Raises:
         ValueError: a bad setting (see :meth:`FsdBenchConfig.validate`) or data set.
-        laftr.report.OutDirError: ``out_dir`` exists and is not empty (and ``force`` is False).
+        laftr.errors.OutDirError: ``out_dir`` exists and is not empty (and ``force`` is False).
     """
     cfg.validate()
     folder = RunFolder(out_dir, force=force)
@@ -882,7 +946,8 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
     for desc, sd in tqdm(thetas, desc="exact FSD", disable=not cfg.progress):
         live.load_state_dict(sd)
         row = dict(desc)
-        row["weight_distance"] = float(sum((sd[n] - p0.detach()).pow(2).sum() for n, p0 in model0.named_parameters()).sqrt())
+        row["weight_distance"] = float(sum((sd[n] - p0.detach()).pow(2).sum()
+                                           for n, p0 in model0.named_parameters()).sqrt())
         row["pattern_change"] = _pattern_change(model0, live, xa)
         row["exact"] = {}
         for m in cfg.metrics:
@@ -962,7 +1027,8 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: Seque
     return float((torch.tensor(classes)[pred] == y).float().mean())
 
 
-def _time_train_step(model0: nn.Module, data: _Data, cfg: FsdBenchConfig, reps: int = 20) -> tuple[float, float]:
+def _time_train_step(model0: nn.Module, data: _Data, cfg: FsdBenchConfig,
+                     reps: int = 20) -> tuple[float, float]:
     """Median wall and process-CPU seconds of one Adam step on a batch of 128."""
     m = copy.deepcopy(model0).requires_grad_(True)
     opt = torch.optim.Adam(m.parameters(), lr=1e-4)
@@ -980,7 +1046,8 @@ def _time_train_step(model0: nn.Module, data: _Data, cfg: FsdBenchConfig, reps: 
 
 
 def _run_method(spec: MethodSpec, metric: str, cfg: FsdBenchConfig, model0: nn.Module, live: nn.Module,
-                params: list[torch.Tensor], data: _Data, thetas: list, exact: list[float],
+                params: list[torch.Tensor], data: _Data,
+                thetas: list[tuple[dict[str, Any], dict[str, torch.Tensor]]], exact: list[float],
                 exact_grads: list[torch.Tensor], theta_rows: list[dict[str, Any]]) -> dict[str, Any]:
     t0, c0 = time.perf_counter(), time.process_time()
     est = make_estimator(spec.estimator, metric=metric, seed=cfg.seed, **spec.options)
@@ -988,9 +1055,10 @@ def _run_method(spec: MethodSpec, metric: str, cfg: FsdBenchConfig, model0: nn.M
     fit_s, fit_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     calls = cfg.eval_calls if spec.stochastic else 1
     live.load_state_dict(model0.state_dict())
-    at_theta0 = float(est(live).detach())  # warm-up (tracing, cached input models), not timed; 0 for a sane method
+    # warm-up (tracing, cached input models), not timed; 0 for a sane method
+    at_theta0 = float(est(live).detach())
     values, cosines, times, cpu, rel_sd = [], [], [], [], []
-    for (_, sd), g_exact in zip(thetas, exact_grads):
+    for (_, sd), g_exact in zip(thetas, exact_grads, strict=True):
         live.load_state_dict(sd)
         vals = []
         for c in range(calls):
@@ -1005,7 +1073,7 @@ def _run_method(spec: MethodSpec, metric: str, cfg: FsdBenchConfig, model0: nn.M
         values.append(sum(vals) / len(vals))
         if len(vals) > 1 and values[-1] != 0:
             rel_sd.append(statistics.stdev(vals) / abs(values[-1]))
-    for row, v in zip(theta_rows, values):
+    for row, v in zip(theta_rows, values, strict=True):
         row.setdefault("estimates", {}).setdefault(spec.label, {})[metric] = v
     far = [r["pattern_change"] for r in theta_rows]
     cut = statistics.median(far)
@@ -1038,9 +1106,11 @@ def _run_method(spec: MethodSpec, metric: str, cfg: FsdBenchConfig, model0: nn.M
 
 # ------------------------------------------------------------------------------------------- reporting
 def trajectory_sections(res: dict[str, Any]) -> list[dict[str, Any]]:
-    """LIFTR's protocol: for every trajectory recorded epoch by epoch, the exact FSD and every method's estimate
-    at each epoch, with their agreement along that trajectory alone (Spearman, Pearson of logs, median |log
-    ratio|, median gradient cosine)."""
+    """LIFTR's protocol: the exact FSD and the estimates along every trajectory tracked epoch by epoch.
+
+    Each section has the values at each epoch and their agreement along that trajectory alone (Spearman,
+    Pearson of logs, median |log ratio|, median gradient cosine).
+    """
     thetas = res["thetas"]
     sections = []
     for ti in sorted({r["trajectory"] for r in thetas if r.get("tracked")}):
@@ -1048,7 +1118,8 @@ def trajectory_sections(res: dict[str, Any]) -> list[dict[str, Any]]:
         sec: dict[str, Any] = {
             "trajectory": ti, "label": thetas[idx[0]]["label"], "theta_indices": idx,
             "epochs": [thetas[i]["epoch"] for i in idx], "steps": [thetas[i]["steps"] for i in idx],
-            "exact": {m: [thetas[i]["exact"][m] for i in idx] for m in res["config"]["metrics"]}, "methods": [],
+            "exact": {m: [thetas[i]["exact"][m] for i in idx] for m in res["config"]["metrics"]},
+            "methods": [],
         }
         for r in res["methods"]:
             est = [r["estimates"][i] for i in idx]
@@ -1056,25 +1127,30 @@ def trajectory_sections(res: dict[str, Any]) -> list[dict[str, Any]]:
             sec["methods"].append({
                 "method": r["method"], "family": r["family"], "metric": r["metric"], "estimates": est,
                 **agreement(est, sec["exact"][r["metric"]]),
-                "median_grad_cosine": float(np.nanmedian(cos)) if cos and not all(map(math.isnan, cos)) else float("nan"),
+                "median_grad_cosine": (float(np.nanmedian(cos)) if cos and not all(map(math.isnan, cos))
+                                       else float("nan")),
             })
         sections.append(sec)
     return sections
 
 
 def _render_trajectory(sec: dict[str, Any]) -> list[str]:
-    """Markdown of one tracked trajectory: per metric, one row per method (the coreset sweep's end points only)."""
+    """Markdown of one tracked trajectory: per metric, one row per method.
+
+    Of the coreset sweep, only its end points are shown.
+    """
     shown = _scatter_methods({"methods": sec["methods"]})
     lines = [f"## trajectory: {sec['label']}, estimate vs exact at every epoch (LIFTR's protocol)", "",
-             ("Agreement along this trajectory alone; the columns e1, e2, ... are the estimates after each epoch "
-              "(the first row is the exact FSD)."), ""]
+             ("Agreement along this trajectory alone; the columns e1, e2, ... are the estimates after each "
+              "epoch (the first row is the exact FSD)."), ""]
     cols = ["method", "spearman", "pearson_log", "median_abs_log_ratio", "median_grad_cosine",
             *(f"e{e}" for e in sec["epochs"])]
     for metric, ex in sec["exact"].items():
-        rows: list[dict[str, Any]] = [{"method": "exact", **{f"e{e}": v for e, v in zip(sec["epochs"], ex)}}]
+        rows: list[dict[str, Any]] = [{"method": "exact",
+                                       **{f"e{e}": v for e, v in zip(sec["epochs"], ex, strict=True)}}]
         for r in sec["methods"]:
             if r["metric"] == metric and r["method"] in shown:
-                rows.append({**r, **{f"e{e}": v for e, v in zip(sec["epochs"], r["estimates"])}})
+                rows.append({**r, **{f"e{e}": v for e, v in zip(sec["epochs"], r["estimates"], strict=True)}})
         lines += [f"### metric `{metric}`", "", markdown_table(rows, cols, floatfmt=".3g"), ""]
     return lines
 
@@ -1085,8 +1161,10 @@ TABLE_COLUMNS = ["method", "stored_floats", "pearson_log", "spearman", "median_a
 
 
 def render_table(res: dict[str, Any]) -> str:
-    """Markdown: one table per metric, methods ordered by stored floats; then, for every trajectory tracked
-    epoch by epoch, the estimates along it."""
+    """Markdown: one table per metric, methods ordered by stored floats.
+
+    Then, for every trajectory tracked epoch by epoch, the estimates along it.
+    """
     t = res["timings"]
     th = res["theta0"]
     if res["config"]["task_a"]:
@@ -1103,14 +1181,14 @@ def render_table(res: dict[str, Any]) -> str:
         "",
         task,
         (f"Reference costs (process CPU time; wall in parentheses): one training step (batch 128) "
-         f"{t['train_step_cpu_ms']:.2f} ms ({t['train_step_ms']:.2f}); exact FSD + gradient over the task-A set "
-         f"{t['exact_fsd_and_grad_cpu_ms']:.0f} ms ({t['exact_fsd_and_grad_ms']:.0f}); forward only "
+         f"{t['train_step_cpu_ms']:.2f} ms ({t['train_step_ms']:.2f}); exact FSD + gradient over the task-A "
+         f"set {t['exact_fsd_and_grad_cpu_ms']:.0f} ms ({t['exact_fsd_and_grad_ms']:.0f}); forward only "
          f"{t['exact_fsd_forward_cpu_ms']:.0f} ms ({t['exact_fsd_forward_ms']:.0f})."),
         ("cpu_ms_eval_backward: process CPU time of one estimator evaluation + backward (median); it is less "
-         "affected by other load on the machine than the wall time ms_eval_backward. Run with --threads 1 the "
-         "two agree on an idle machine."),
-        ("near/far: median |log ratio| over thetas whose activation pattern (sign of every pre-activation) on task "
-         "A changed less/more than the median."),
+         "affected by other load on the machine than the wall time ms_eval_backward. Run with --threads 1 "
+         "the two agree on an idle machine."),
+        ("near/far: median |log ratio| over thetas whose activation pattern (sign of every pre-activation) "
+         "on task A changed less/more than the median."),
         "",
     ]
     for metric in res["config"]["metrics"]:
@@ -1139,9 +1217,10 @@ def _styles(names: Sequence[str]) -> dict[str, tuple[Any, str]]:
 def _legend(fig: Any, axes: Any) -> None:
     handles: dict[str, Any] = {}
     for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="center left",
+               bbox_to_anchor=(1.0, 0.5))
 
 
 def _scatter_methods(res: dict[str, Any]) -> list[str]:
@@ -1163,7 +1242,7 @@ def plot_scatter(res: dict[str, Any], path: Path) -> None:
     names = _scatter_methods(res)
     style = _styles(names)
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 5), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes[0], metrics, strict=True):
         ex = np.array([t["exact"][metric] for t in res["thetas"]])
         for name in names:
             r = next((r for r in res["methods"] if r["method"] == name and r["metric"] == metric), None)
@@ -1203,13 +1282,13 @@ def plot_memory(res: dict[str, Any], path: Path) -> None:
                 pts = sorted((max(r["stored_floats"], 1), r[key]) for r in rows
                              if r["family"] == "coreset" and r["estimator"] == fam)
                 if pts:
-                    ax.plot(*zip(*pts), ls, color="gray" if fam == "subset" else "black", ms=4,
+                    ax.plot(*zip(*pts, strict=True), ls, color="gray" if fam == "subset" else "black", ms=4,
                             label=f"{fam} (k sweep)")
             for r in rows:
                 if r["family"] != "coreset":
                     color, marker = style[r["method"]]
-                    ax.scatter(max(r["stored_floats"], 1), r[key], color=color, marker=marker, label=r["method"],
-                               zorder=3)
+                    ax.scatter(max(r["stored_floats"], 1), r[key], color=color, marker=marker,
+                               label=r["method"], zorder=3)
             ax.set_xscale("log")
             if key == "median_abs_log_ratio":
                 ax.set_yscale("log")
@@ -1223,23 +1302,27 @@ def plot_memory(res: dict[str, Any], path: Path) -> None:
 
 
 def plot_trajectory(res: dict[str, Any], path: Path) -> None:
-    """Estimate and exact FSD against the epoch of every tracked trajectory, log scale, one panel per metric."""
+    """Estimate and exact FSD against the epoch of every tracked trajectory, one panel per metric.
+
+    The values are on a log scale.
+    """
     plt = pyplot()
     secs = res.get("trajectory", [])
     metrics = res["config"]["metrics"]
     names = _scatter_methods(res)
     style = _styles(names)
-    fig, axes = plt.subplots(max(len(secs), 1), len(metrics), figsize=(5.2 * len(metrics), 4.5 * max(len(secs), 1)),
-                             squeeze=False)
-    for row, sec in zip(axes, secs):
-        for ax, metric in zip(row, metrics):
-            ax.plot(sec["epochs"], np.maximum(sec["exact"][metric], 1e-12), "k-", lw=2.5, label="exact", zorder=3)
+    fig, axes = plt.subplots(max(len(secs), 1), len(metrics),
+                             figsize=(5.2 * len(metrics), 4.5 * max(len(secs), 1)), squeeze=False)
+    for row, sec in zip(axes, secs, strict=False):  # no section: one empty row of axes
+        for ax, metric in zip(row, metrics, strict=True):
+            ax.plot(sec["epochs"], np.maximum(sec["exact"][metric], 1e-12), "k-", lw=2.5, label="exact",
+                    zorder=3)
             for r in sec["methods"]:
                 if r["metric"] != metric or r["method"] not in style:
                     continue
                 color, marker = style[r["method"]]
-                ax.plot(sec["epochs"], np.maximum(r["estimates"], 1e-12), "-", color=color, marker=marker, ms=4,
-                        lw=1, label=r["method"], alpha=0.85)
+                ax.plot(sec["epochs"], np.maximum(r["estimates"], 1e-12), "-", color=color, marker=marker,
+                        ms=4, lw=1, label=r["method"], alpha=0.85)
             ax.set_yscale("log")
             ax.set_xlabel("epoch of the continuation")
             ax.set_ylabel(f"FSD ({metric})")

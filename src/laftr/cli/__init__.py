@@ -1,11 +1,11 @@
 """The ``laftr`` command line: one module per subcommand group, one error guard in :func:`main`.
 
-Subcommands: ``demo``, ``info`` (:mod:`.demo`, :mod:`.info`), ``summarize`` and ``distance`` (:mod:`.summarize`),
-``fsd-bench`` (:mod:`.fsd_bench`), ``continual`` (:mod:`.continual`), ``influence`` and ``mislabeled``
-(:mod:`.influence`). Each module lists its :class:`~laftr.cli.common.Subcommand` records in ``COMMANDS`` and
-imports only :mod:`.common`, :mod:`.loading` and the library; this package imports the modules (the library never
-imports :mod:`laftr.cli`). A run raises :class:`laftr.LaftrError` for a user mistake and returns its exit code
-otherwise; :func:`main` turns errors into exit codes:
+Subcommands: ``demo``, ``info`` (:mod:`.demo`, :mod:`.info`), ``summarize`` and ``distance``
+(:mod:`.summarize`), ``fsd-bench`` (:mod:`.fsd_bench`), ``continual`` (:mod:`.continual`), ``influence`` and
+``mislabeled`` (:mod:`.influence`). Each module lists its :class:`~laftr.cli.common.Subcommand` records in
+``COMMANDS`` and imports only :mod:`.common`, :mod:`.loading` and the library; this package imports the
+modules (the library never imports :mod:`laftr.cli`). A run raises :class:`laftr.LaftrError` for a user
+mistake and returns its exit code otherwise; :func:`main` turns errors into exit codes:
 
 =====================================================================  ====  ==========================
 what happened                                                          exit  stderr
@@ -14,9 +14,9 @@ success                                                                0
 bad arguments (argparse: unknown option, bad value, ``--limit -5``)     2     usage + ``error: ...``
 a :class:`~laftr.LaftrError`: bad option, unusable data, unreadable or   2     ``laftr CMD: error: ...``
 refused input file (a pickle without ``--trust-pickle``), missing data
-files (:class:`~laftr.data.DatasetNotFoundError`)
+files (:class:`~laftr.DatasetNotFoundError`)
 an output path in the way (:class:`~laftr.OutputPathError`,              1     ``laftr CMD: error: ...``
-:class:`laftr.report.OutDirError`): existing file, non-empty folder
+:class:`~laftr.OutDirError`): existing file, non-empty folder
 Ctrl-C                                                                 130   ``laftr CMD: interrupted``
 any other exception (a bug, out of memory): an internal error          1     the full traceback
 =====================================================================  ====  ==========================
@@ -42,7 +42,7 @@ SUBCOMMANDS: dict[str, tuple[str, AddArgs, Run]] = {}
 
 #: Errors that are the user's to fix (missing data files included): one line, without a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (LaftrError,)
-#: Of those, the ones that mean "the output path is in the way": exit 1, as laftr always did (the rest exit 2).
+#: Of those, the ones that mean "the output path is in the way": exit 1, as always (the rest exit 2).
 OUTPUT_ERRORS: tuple[type[BaseException], ...] = (OutputPathError,)
 
 
@@ -118,8 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_code(e)
     except Exception:  # noqa: BLE001 - a bug or a resource failure: keep everything needed to find it
         traceback.print_exc(file=sys.stderr)
-        print(f"{prog}: internal error (the traceback above; please report it if it is not an out-of-memory or "
-              "disk problem)", file=sys.stderr)
+        print(f"{prog}: internal error "
+              "(the traceback above; please report it if it is not an out-of-memory or disk problem)",
+              file=sys.stderr)
         return EXIT_FAIL
 
 

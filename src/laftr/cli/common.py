@@ -48,8 +48,9 @@ def command_line(args: argparse.Namespace) -> str:
 
 @contextlib.contextmanager
 def user_options(what: str | None = None) -> Iterator[None]:
-    """Report a ``ValueError`` raised while a configuration is built from the user's options as a
-    :class:`laftr.UsageError` (exit 2, no traceback).
+    """Report a ``ValueError`` raised while a config is built from the user's options as a usage error.
+
+    The :class:`laftr.UsageError` exits with status 2 and no traceback.
 
     Wrap only the construction and validation of a config from command-line values, never a whole run: there
     any ``ValueError`` is a bad option, while elsewhere it may be a bug whose traceback is needed.
@@ -62,7 +63,7 @@ def user_options(what: str | None = None) -> Iterator[None]:
         raise UsageError(f"{what}: {e}" if what else str(e)) from e
 
 
-# ---------------------------------------------------------------------------------------------- argument types
+# --------------------------------------------------------------------------------------------- argument types
 def positive_int(text: str) -> int:
     """An ``argparse`` type: an integer >= 1 (``--limit 0`` and ``--limit -5`` are refused)."""
     try:

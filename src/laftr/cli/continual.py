@@ -14,9 +14,12 @@ TRANSFORMER_METHODS = "liftr"
 
 
 def default_methods(benchmark: str, arch: str | None = None) -> str:
-    """The methods run when ``--methods`` is not given: :data:`DEFAULT_METHODS` less those the benchmark (with
-    network ``arch``) cannot run, plus :data:`TRANSFORMER_METHODS` on attention networks. An unknown benchmark
-    or network gives :data:`DEFAULT_METHODS` (the settings then report the error)."""
+    """The methods run when ``--methods`` is not given.
+
+    :data:`DEFAULT_METHODS` less those the benchmark (with network ``arch``) cannot run, plus
+    :data:`TRANSFORMER_METHODS` on attention networks. An unknown benchmark or network gives
+    :data:`DEFAULT_METHODS` (the settings then report the error).
+    """
     from ..continual.benchmarks import BENCHMARKS
 
     names = DEFAULT_METHODS.split(",")
@@ -37,24 +40,27 @@ def _args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--benchmark", required=True, help=f"one of {', '.join(BENCHMARKS)}")
     p.add_argument("--arch", choices=["mlp", "vit"], default=None,
-                   help="network of an image benchmark: mlp or vit (a small vision transformer, laftr.models.vit); "
-                        "default: the benchmark's own (the MLP; the conv net for split-cifar; the arithmetic "
-                        "benchmarks take only their transformer)")
+                   help="network of an image benchmark: mlp or vit "
+                        "(a small vision transformer, laftr.models.vit); default: the benchmark's own "
+                        "(the MLP; the conv net for split-cifar; the arithmetic benchmarks take "
+                        "only their transformer)")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods, optionally with overrides, e.g. "
-                        f"'none,laftr[lam=10],subset[coreset_size=786]' (default: {DEFAULT_METHODS.replace(',', ', ')}; "
-                        f"less any the benchmark cannot run, plus {TRANSFORMER_METHODS} on transformers)")
+                        f"'none,laftr[lam=10],subset[coreset_size=786]' "
+                        f"(default: {DEFAULT_METHODS.replace(',', ', ')}; less any the benchmark cannot run, "
+                        f"plus {TRANSFORMER_METHODS} on transformers)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed+N-1")
     p.add_argument("--data-dir", default=None,
-                   help="data files (MNIST IDX files; a folder with cifar-10-batches-py/ and cifar-100-python/; "
+                   help="data files "
+                        "(MNIST IDX files; a folder with cifar-10-batches-py/ and cifar-100-python/; "
                         "Fashion-MNIST defaults to /usr/share/datasets/fashion-mnist)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     p.add_argument("--out", required=True, help="output folder (results.json, table.md, heatmaps.png)")
     p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run in --out: keep its finished (method, seed) runs, run the rest "
-                        "(the settings must be the same)")
+                   help="continue an interrupted run in --out: keep its finished (method, seed) runs, run "
+                        "the rest (the settings must be the same)")
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="'val' evaluates on a validation split carved from the training data (for tuning)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the benchmark's)")
@@ -65,8 +71,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="training batch size")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     p.add_argument("--weight-decay", type=float, default=None,
-                   help="decoupled weight decay; above 0 trains with AdamW (default: the benchmark's, 0 except "
-                        "arithmetic's 1.0)")
+                   help="decoupled weight decay; above 0 trains with AdamW "
+                        "(default: the benchmark's, 0 except arithmetic's 1.0)")
     p.add_argument("--lam", type=float, default=None, help="penalty weight for every regularized method "
                    "(default: the validation-tuned value of each)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -83,10 +89,10 @@ def _run(args: argparse.Namespace) -> int:
     with user_options():
         settings = ContinualSettings(
             benchmark=args.benchmark, methods=methods,
-            seeds=list(range(args.first_seed, args.first_seed + args.seeds)), split=args.split, quick=args.quick,
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, n_train=args.n_train, n_eval=args.n_eval,
-            num_tasks=args.num_tasks, arch=args.arch, weight_decay=args.weight_decay, lam=args.lam,
-            data_dir=args.data_dir, device=args.device,
+            seeds=list(range(args.first_seed, args.first_seed + args.seeds)), split=args.split,
+            quick=args.quick, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            n_train=args.n_train, n_eval=args.n_eval, num_tasks=args.num_tasks, arch=args.arch,
+            weight_decay=args.weight_decay, lam=args.lam, data_dir=args.data_dir, device=args.device,
             threads=args.threads, progress=not args.no_progress,
         )
         resolve_settings(settings)
@@ -97,4 +103,5 @@ def _run(args: argparse.Namespace) -> int:
 
 
 COMMANDS = (Subcommand("continual",
-                       "continual learning with FSD regularizers (split/permuted/arithmetic benchmarks)", _args, _run),)
+                       "continual learning with FSD regularizers (split/permuted/arithmetic benchmarks)",
+                       _args, _run),)

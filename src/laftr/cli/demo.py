@@ -36,8 +36,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"data set: {res['dataset']}  (task A = classes 0-4, task B = classes 5-9; metric {res['metric']})")
     print(res["table_markdown"])
     print(
-        f"LAFTR summary: {sz['summary_stored_floats']:,} stored floats, {sz['summary_file_bytes']:,} bytes on disk "
-        f"(with theta0); task A training inputs: {sz['taskA_data_floats']:,} floats"
+        f"LAFTR summary: {sz['summary_stored_floats']:,} stored floats, {sz['summary_file_bytes']:,} bytes "
+        f"on disk (with theta0); task A training inputs: {sz['taskA_data_floats']:,} floats"
     )
     print(f"wall time {res['timings_s']['total']:.1f} s; report in {Path(args.out) / 'report.md'}")
     return EXIT_OK

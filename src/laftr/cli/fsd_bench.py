@@ -14,26 +14,33 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None,
                    help="data set: an image classification set for mlp, mlp-gelu, cnn and vit (default "
                         "fashion-mnist), arithmetic for transformer (its default and only choice)")
-    p.add_argument("--data-dir", default=None, help="folder of the data set's files, when its loader needs one")
+    p.add_argument("--data-dir", default=None,
+                   help="folder of the data set's files, when its loader needs one")
     p.add_argument("--arch", default="mlp", choices=list(ARCHS),
-                   help="network (default mlp: 784-256-256-10 ReLU; mlp-gelu: 784-512-512-10, LayerNorm + GELU; "
-                        "cnn: the Split-CIFAR conv net; vit: a small vision transformer, patch 7, d_model 64, on "
+                   help="network "
+                        "(default mlp: 784-256-256-10 ReLU; mlp-gelu: 784-512-512-10, LayerNorm + GELU; cnn: "
+                        "the Split-CIFAR conv net; vit: a small vision transformer, patch 7, d_model 64, on "
                         "images such as fashion-mnist; transformer: a pre-LN decoder, d_model 128, on "
                         "--dataset arithmetic, modular addition mod 113 -> subtract / quadratic / random)")
     p.add_argument("--quick", action="store_true", help="small run (under 2 minutes on 2 CPU cores)")
     p.add_argument("--out", required=True,
-                   help="output folder (results.json, table.md, scatter.png, memory.png; trajectory.png for arithmetic)")
+                   help="output folder "
+                        "(results.json, table.md, scatter.png, memory.png; trajectory.png for arithmetic)")
     p.add_argument("--force", action="store_true", help="write into an existing non-empty output folder")
     p.add_argument("--methods", type=csv_list, default=None,
-                   help="comma-separated method labels (default: all), e.g. laftr,laftr-exact,kfac,subset-200")
-    p.add_argument("--metrics", type=csv_list, default=None, help="comma-separated metrics (default l2,l2-probs,kl)")
+                   help="comma-separated method labels (default: all), e.g. "
+                        "laftr,laftr-exact,kfac,subset-200")
+    p.add_argument("--metrics", type=csv_list, default=None,
+                   help="comma-separated metrics (default l2,l2-probs,kl)")
     p.add_argument("--coreset-sizes", type=int_list, default=None,
-                   help="k of the subset/ntk baselines (default 10,40,200,1000; the LAFTR-matched k is added)")
-    p.add_argument("--n-fit", type=int, default=None, help="task-A training examples (default: all; cnn 6000)")
+                   help="k of the subset/ntk baselines "
+                        "(default 10,40,200,1000; the LAFTR-matched k is added)")
+    p.add_argument("--n-fit", type=int, default=None,
+                   help="task-A training examples (default: all; cnn 6000)")
     p.add_argument("--num-samples", type=int, default=None, help="Monte Carlo samples of LAFTR (default 64)")
     p.add_argument("--thetas", default="default", choices=["default", "near"],
-                   help="the continuations of theta0: default (diverse, many far from theta0) or near (10-100x "
-                        "smaller learning rates and strongly regularized runs)")
+                   help="the continuations of theta0: default (diverse, many far from theta0) or near "
+                        "(10-100x smaller learning rates and strongly regularized runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice; 1 for --quick vit and transformer)")

@@ -38,13 +38,15 @@ def _check_est_opts(options: dict[str, dict[str, Any]]) -> None:
             raise UsageError(f"--est-opt: unknown estimator {name!r}; known: {sorted(REGISTRY)}")
         check_options(REGISTRY[name].Config, opts, f"--est-opt: estimator {name!r}")
         if "metric" in opts:
-            raise UsageError("--est-opt: the estimator's metric is the loss's Bregman divergence; do not set it")
+            raise UsageError("--est-opt: the estimator's metric is the loss's Bregman "
+                             "divergence; do not set it")
 
 
 def _common_args(p: argparse.ArgumentParser, datasets: tuple[str, ...]) -> None:
     p.add_argument("--dataset", required=True, help=f"one of {', '.join(datasets)}")
     p.add_argument("--methods", required=True, type=csv_list,
-                   help="comma-separated: pbrf, influence, influence-exact, pbrf-<estimator> (e.g. pbrf-laftr)")
+                   help="comma-separated: pbrf, influence, influence-exact, "
+                        "pbrf-<estimator> (e.g. pbrf-laftr)")
     p.add_argument("--out", required=True, help="output folder (results.json, table.md, figures)")
     p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     p.add_argument("--quick", action="store_true", help="tiny configuration for smoke tests")
@@ -55,7 +57,8 @@ def _common_args(p: argparse.ArgumentParser, datasets: tuple[str, ...]) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--damping", type=float, default=None, help="lambda of the PBRF and influence function")
     p.add_argument("--epsilon", type=float, default=None,
-                   help="weight of the removed example (default 1/N); responses are rescaled by (1/N)/epsilon")
+                   help="weight of the removed example (default 1/N); responses are "
+                        "rescaled by (1/N)/epsilon")
     p.add_argument("--rtol", type=float, default=None, help="PBRF gradient tolerance (relative)")
     p.add_argument("--max-iter", type=int, default=None, help="PBRF L-BFGS iteration cap per query")
     p.add_argument("--est-opt", action="append", metavar="EST.FIELD=VALUE",
@@ -76,7 +79,8 @@ def _mislabeled_args(p: argparse.ArgumentParser) -> None:
     from ..influence.experiment import MISLABELED_DATASETS
 
     _common_args(p, MISLABELED_DATASETS)
-    p.add_argument("--noise", type=float, default=0.1, help="fraction of training labels flipped (default 0.1)")
+    p.add_argument("--noise", type=float, default=0.1,
+                   help="fraction of training labels flipped (default 0.1)")
 
 
 def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,7 +132,8 @@ def _mislabeled_run(args: argparse.Namespace) -> int:
 
 
 COMMANDS = (
-    Subcommand("influence", "influence of removing training points: PBRF with FSD estimators vs the exact PBRF "
-               "and classical influence", _influence_args, _influence_run),
-    Subcommand("mislabeled", "mislabeled-example detection by self-influence", _mislabeled_args, _mislabeled_run),
+    Subcommand("influence", "influence of removing training points: PBRF with FSD estimators vs the exact "
+               "PBRF and classical influence", _influence_args, _influence_run),
+    Subcommand("mislabeled", "mislabeled-example detection by self-influence", _mislabeled_args,
+               _mislabeled_run),
 )

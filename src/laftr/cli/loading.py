@@ -1,11 +1,11 @@
 """Reading what a user names on the command line: a network, its weights, tensors of data.
 
 Nothing here unpickles arbitrary objects unless asked to: model, weights and tensor files are read with
-``torch.load(weights_only=True)`` (tensors and plain containers only) or as safetensors. A file holding a whole
-pickled module (``torch.save(model, "net.pt")``) can run any code when it is loaded, so it is read only with
-``trust_pickle=True`` (``--trust-pickle``); the safe way to name a network is ``package.module:factory`` (a
-callable returning the module, imported from the current folder or the environment, i.e. your own code) plus
-``--weights`` (a state dict saved with ``torch.save(model.state_dict(), ...)`` or a safetensors file).
+``torch.load(weights_only=True)`` (tensors and plain containers only) or as safetensors. A file holding a
+whole pickled module (``torch.save(model, "net.pt")``) can run any code when it is loaded, so it is read only
+with ``trust_pickle=True`` (``--trust-pickle``); the safe way to name a network is ``package.module:factory``
+(a callable returning the module, imported from the current folder or the environment, i.e. your own code)
+plus ``--weights`` (a state dict saved with ``torch.save(model.state_dict(), ...)`` or a safetensors file).
 
 Every refusal is a :class:`laftr.LaftrError` that names the file and says what to do instead.
 """
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 #: Suffixes taken as a file name even when no such file exists (so a typo reads "no model file at ...").
 MODEL_FILE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".safetensors")
 
-_SAFE_SAVE_HINT = ("save the weights instead (torch.save(model.state_dict(), 'weights.pt') or safetensors) and "
-                   "pass --model package.module:factory --weights weights.pt")
+_SAFE_SAVE_HINT = ("save the weights instead (torch.save(model.state_dict(), 'weights.pt') or safetensors) "
+                   "and pass --model package.module:factory --weights weights.pt")
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -82,25 +82,25 @@ def _torch_load_safe(path: Path, what: str, refused: str) -> Any:
         refused: Said when the file is a pickle of objects other than tensors (what to do instead).
     """
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then reads or refuses
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it reads or refuses
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # the restricted unpickler met a global or an opcode it does not allow
+    except pickle.UnpicklingError as e:  # the restricted unpickler met a global or opcode it does not allow
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if not found and not _looks_pickled(path):  # torch says the same of any non-pickle bytes
             raise InputFileError(f"{path} is not a file written by torch.save; a {what} is expected") from e
         names = f" (it names {found.group(1)})" if found else ""
         raise UntrustedPickleError(
-            f"{path} is a pickle of Python objects{names}, not only tensors: unpickling it can run code stored in "
-            f"the file, so it is not loaded as a {what}. {refused}") from e
+            f"{path} is a pickle of Python objects{names}, not only tensors: unpickling it can run code "
+            f"stored in the file, so it is not loaded as a {what}. {refused}") from e
     except MemoryError:
         raise
     except Exception as e:  # whatever torch.load says of a user's file: it is not readable
         if _out_of_memory(e):
             raise
         detail = f"{type(e).__name__}: {str(e).strip()}" if str(e).strip() else type(e).__name__
-        raise InputFileError(f"{path} is not a file written by torch.save ({detail.splitlines()[0]}); a {what} is "
-                             "expected") from e
+        raise InputFileError(f"{path} is not a file written by torch.save ({detail.splitlines()[0]}); a "
+                             f"{what} is expected") from e
 
 
 def _looks_pickled(path: Path) -> bool:
@@ -125,7 +125,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                         for k, v in obj.items())
 
 
 def read_summary(path: str | Path) -> FSDEstimator:
@@ -182,11 +183,12 @@ def load_model(spec: str, weights: str | None = None, *, trust_pickle: bool = Fa
 
 def _module_from_file(path: Path, trust_pickle: bool) -> Any:
     if _is_safetensors(path):
-        raise InputFileError(f"{path} is a safetensors file: it holds weights, not a network; name the network "
-                             "with --model package.module:factory and pass this file with --weights")
+        raise InputFileError(f"{path} is a safetensors file: it holds weights, not a network; name the "
+                             "network with --model package.module:factory and pass this file with --weights")
     if not trust_pickle:
         obj = _torch_load_safe(
-            path, "model file", f"If it is a whole module saved with torch.save(model, ...), {_SAFE_SAVE_HINT}; or, "
+            path, "model file",
+            f"If it is a whole module saved with torch.save(model, ...), {_SAFE_SAVE_HINT}; or, "
             "only if you made this file or trust where it comes from, pass --trust-pickle")
     else:
         try:
@@ -196,9 +198,10 @@ def _module_from_file(path: Path, trust_pickle: bool) -> Any:
         except Exception as e:  # a user's pickle that does not load (missing classes, corrupt)
             if _out_of_memory(e):
                 raise
-            raise InputFileError(f"could not unpickle a model from {path}: {type(e).__name__}: {_first_line(e)} (a "
-                                 "pickled module needs its classes importable, from the same folder or package as "
-                                 "when it was saved)") from e
+            raise InputFileError(f"could not unpickle a model from {path}: {type(e).__name__}: "
+                                 f"{_first_line(e)} "
+                                 "(a pickled module needs its classes importable, from the same folder or "
+                                 "package as when it was saved)") from e
     if isinstance(obj, dict):
         raise InputFileError(f"{path} holds a state dict, not a module: name the architecture as "
                              "package.module:factory and pass this file with --weights")
@@ -288,6 +291,7 @@ def load_data(dataset: str | None, data_dir: str | None, classes: list[int] | No
     else:
         from ..data import load_dataset
 
+        assert dataset is not None  # exactly one of dataset and tensors, checked above
         try:
             ds = load_dataset(dataset, data_dir)
         except LaftrError:
@@ -359,8 +363,8 @@ def _hint(layer: nn.Module, x: torch.Tensor) -> str:
     ex = list(x.shape[1:])
     n = math.prod(ex)
     if not x.is_floating_point() and not isinstance(layer, nn.Embedding):
-        return (f" The data is {str(x.dtype).removeprefix('torch.')} but the first layer computes with floats: "
-                "save float inputs, or start the network with nn.Embedding if they are token ids.")
+        return (f" The data is {str(x.dtype).removeprefix('torch.')} but the first layer computes with "
+                "floats: save float inputs, or start the network with nn.Embedding if they are token ids.")
     if isinstance(layer, nn.Linear) and len(ex) >= 2:
         fits = " (they have as many values as it takes)" if n == layer.in_features else (
             f"; note the examples have {n} values and the layer takes {layer.in_features}")

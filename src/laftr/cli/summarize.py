@@ -1,9 +1,10 @@
 """``laftr summarize`` and ``laftr distance``: fit and use a summary for your own network from the shell.
 
 A network is named by ``package.module:factory`` (a callable returning the module, importable from the current
-folder or your environment) with ``--weights`` (a state dict saved with ``torch.save(model.state_dict(), ...)``,
-or a safetensors file), or by a file holding a whole pickled module (``torch.save(model, "net.pt")``) together
-with ``--trust-pickle``: unpickling runs code stored in the file, so such files are refused without it.
+folder or your environment) with ``--weights`` (a state dict saved with
+``torch.save(model.state_dict(), ...)``, or a safetensors file), or by a file holding a whole pickled module
+(``torch.save(model, "net.pt")``) together with ``--trust-pickle``: unpickling runs code stored in the file,
+so such files are refused without it.
 
 Data is a data set known to :func:`laftr.data.load_dataset` (``--dataset``, optionally restricted to some
 ``--classes``) or a ``.pt`` file holding a tensor of inputs or an ``(inputs, labels)`` pair (``--tensors``).
@@ -26,20 +27,22 @@ from .loading import check_model_accepts, load_data, load_model, parse_options, 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="package.module:factory (a function returning the network; with --weights), or a file "
-                        "holding a whole pickled module (needs --trust-pickle)")
+                   help="package.module:factory (a function returning the network; with --weights), or a "
+                        "file holding a whole pickled module (needs --trust-pickle)")
     p.add_argument("--weights", default=None,
-                   help="the network's weights: a state dict saved with torch.save(model.state_dict(), FILE) or a "
-                        "safetensors file (read without unpickling code)")
+                   help="the network's weights: a state dict saved with torch.save(model.state_dict(), FILE) "
+                        "or a safetensors file (read without unpickling code)")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow --model FILE to be a pickled module (torch.save(model, FILE)). Unpickling RUNS CODE "
-                        "stored in the file: use only for files you made or trust")
+                   help="allow --model FILE to be a pickled module (torch.save(model, FILE)). Unpickling "
+                        "RUNS CODE stored in the file: use only for files you made or trust")
 
 
 def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("data" if required else "data (for the exact FSD)")
-    g.add_argument("--dataset", default=None, help="a data set name (fashion-mnist, mnist, mnist-sample, digits, ...)")
-    g.add_argument("--data-dir", default=None, help="folder of the data set's files, when its loader needs one")
+    g.add_argument("--dataset", default=None,
+                   help="a data set name (fashion-mnist, mnist, mnist-sample, digits, ...)")
+    g.add_argument("--data-dir", default=None,
+                   help="folder of the data set's files, when its loader needs one")
     g.add_argument("--tensors", default=None,
                    help="a .pt file holding a tensor of inputs or an (inputs, labels) pair (torch.save)")
     g.add_argument("--classes", type=int_list, default=None, help="keep only these classes, e.g. 0,1,2,3,4")
@@ -54,7 +57,8 @@ def _summarize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", default="kl", help="l2, mse, l2-probs or kl (default kl)")
     p.add_argument("--outputs", type=int_list, default=None,
                    help="compare only these output units (a task's head), e.g. 0,1,2")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an estimator option, e.g. input_model=diag")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="an estimator option, e.g. input_model=diag")
     p.add_argument("--out", required=True, help="the summary file to write (e.g. task1.laftr)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -62,7 +66,8 @@ def _summarize_args(p: argparse.ArgumentParser) -> None:
 
 def _check_out_file(out: Path, force: bool) -> None:
     if out.is_dir():
-        raise OutputPathError(f"--out {out} is a folder; name the summary file to write, e.g. {out / 'task.laftr'}")
+        raise OutputPathError(f"--out {out} is a folder; name the summary file to write, e.g. "
+                              f"{out / 'task.laftr'}")
     if out.exists() and not force:
         raise OutputPathError(f"{out} exists; pass --force to replace it")
     if not out.parent.is_dir():
@@ -84,8 +89,8 @@ def _summarize_run(args: argparse.Namespace) -> int:
     fit_s = time.perf_counter() - t
     save(est, out, overwrite=bool(args.force))
     n_theta = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out} ({out.stat().st_size:,} bytes): {est.name}, metric {est.metric}, fitted on {len(x):,} "
-          f"examples in {fit_s:.1f} s")
+    print(f"wrote {out} ({out.stat().st_size:,} bytes): {est.name}, metric {est.metric}, fitted on "
+          f"{len(x):,} examples in {fit_s:.1f} s")
     print(f"stored floats beyond theta0: {est.stored_floats():,} (theta0: {n_theta:,}; the data: "
           f"{x.numel():,} floats)")
     return EXIT_OK
@@ -122,8 +127,8 @@ def _distance_run(args: argparse.Namespace) -> int:
     truth = None if x is None else float(exact_fsd(model0, model, x, metric=est.metric, outputs=est.outputs))
     mean = statistics.mean(vals)
     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    print(f"{est.name} estimate ({est.metric}): {mean:.6g}" + (f" ± {sd / math.sqrt(len(vals)):.2g} (s.e. over "
-          f"{len(vals)} calls)" if sd > 0 else "") + f"; {per_call * 1e3:.1f} ms per call")
+    se = f" ± {sd / math.sqrt(len(vals)):.2g} (s.e. over {len(vals)} calls)" if sd > 0 else ""
+    print(f"{est.name} estimate ({est.metric}): {mean:.6g}{se}; {per_call * 1e3:.1f} ms per call")
     if truth is not None and x is not None:
         print(f"exact FSD over {len(x):,} examples: {truth:.6g} (estimate / exact = {mean / truth:.3g})"
               if truth > 0 else f"exact FSD over {len(x):,} examples: {truth:.6g}")

@@ -1,27 +1,32 @@
 """Continual learning with function-space-distance regularizers (METHOD.md section 4).
 
 - :class:`FSDRegularizer`: ``after_task(model, data, outputs)`` / ``penalty(model)``, for any training loop;
-- :func:`run_method`: the regularized loop over a :class:`~laftr.data.tasks.TaskStream`;
+- :func:`run_method`: the regularized loop over a :class:`TaskStream` (a sequence of :class:`Task` s);
 - :data:`METHODS`: method name -> estimator and config; :data:`BENCHMARKS`: the paper's benchmarks;
 - :func:`run_benchmark`: several methods and seeds -> ``results.json``, ``table.md``, heatmaps
   (``laftr continual`` on the command line).
 """
 
-from .benchmarks import BENCHMARKS, BenchmarkSpec, get_benchmark
-from .methods import METHODS, MethodSpec, parse_method, parse_methods
+from ..data.tasks import Task, TaskStream
+from .benchmarks import ARCHS, BENCHMARKS, BenchmarkSpec, get_benchmark
+from .methods import METHODS, TRAITS, MethodSpec, parse_method, parse_methods
 from .metrics import average_accuracy, backward_transfer
 from .regularizer import FSDRegularizer
 from .runner import ContinualSettings, run_benchmark
 from .train import RunResult, TrainConfig, evaluate_task, run_method
 
 __all__ = [
+    "ARCHS",
     "BENCHMARKS",
     "METHODS",
+    "TRAITS",
     "BenchmarkSpec",
     "ContinualSettings",
     "FSDRegularizer",
     "MethodSpec",
     "RunResult",
+    "Task",
+    "TaskStream",
     "TrainConfig",
     "average_accuracy",
     "backward_transfer",

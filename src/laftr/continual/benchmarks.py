@@ -4,8 +4,8 @@ Defaults follow METHOD.md section 4 (the paper's protocol) for the image benchma
 arithmetic (METHOD.md section 6) for the token benchmarks. Runs on a small CPU can reduce the schedule
 with explicit options (epochs, examples per task); the settings used are recorded in every result file.
 
-Networks (``arch``): ``mlp`` and ``conv`` (METHOD.md section 4), ``vit`` (:func:`laftr.models.vit`, any image
-benchmark) and ``transformer`` (:func:`laftr.models.transformer`, the token benchmarks' only network).
+Networks (``arch``): ``mlp`` and ``conv`` (METHOD.md section 4), ``vit`` (``laftr.models.vit``, any image
+benchmark) and ``transformer`` (``laftr.models.transformer``, the token benchmarks' only network).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 
 from torch import nn
 
-from ..data import DatasetNotFoundError, arithmetic_tasks, load_dataset
+from ..data import arithmetic_tasks, load_dataset
 from ..data.tasks import TaskStream, permuted_tasks, split_cifar_tasks, split_tasks
-from ..errors import UsageError
+from ..errors import DatasetNotFoundError, UsageError
 from ..models import conv_net, mlp, transformer, vit
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,8 @@ _IMAGE_ARCHS = ("mlp", "conv", "vit")
 _TOKEN_ARCHS = ("transformer",)
 #: Networks with attention, LayerNorm and bare parameters (positional embeddings, a class token).
 _ATTENTION_ARCHS = ("vit", "transformer")
-_NO_CLOSED_FORM = ("attention has no closed form: laftr-exact cannot propagate the moments of a product of two "
-                   "data-dependent tensors (q k^T, A v); use the Monte Carlo laftr or liftr methods")
+_NO_CLOSED_FORM = ("attention has no closed form: laftr-exact cannot propagate the moments of a product of "
+                   "two data-dependent tensors (q k^T, A v); use the Monte Carlo laftr or liftr methods")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ class BenchmarkSpec:
         hidden: MLP hidden widths (MLP benchmarks).
         conv_width: channel multiplier of the conv net (Split CIFAR).
         num_tasks: tasks of a permuted stream.
-        epochs, batch_size, lr: the schedule of the protocol.
+        epochs: epochs per task of the protocol.
+        batch_size: training batch size of the protocol.
+        lr: learning rate of the protocol.
         n_train: training examples per task (None: all).
         method_defaults: per method, settings chosen on the validation split (``lam``, ...).
         quick: overrides of a ``--quick`` smoke run: schedule keys (``epochs``, ``n_train``, ...) and any
@@ -59,17 +61,18 @@ class BenchmarkSpec:
         tuning: where the method defaults come from (a results file), for the record.
         excluded: methods that cannot run on this benchmark, with the reason (more are excluded for
             attention networks, see :meth:`excluded_methods`).
-        arch: the benchmark's network, one of :data:`ARCHS` (``mlp``, ``conv`` for Split CIFAR,
-            ``transformer`` for the token benchmarks).
+        arch: the benchmark's network, one of :data:`laftr.continual.ARCHS` (``mlp``, ``conv`` for Split
+            CIFAR, ``transformer`` for the token benchmarks).
         weight_decay: decoupled weight decay of the schedule (above 0: AdamW instead of Adam).
         tasks: the arithmetic tasks in training order (``arithmetic`` streams).
         p: the modulus of the arithmetic tasks (also their number of outputs).
         train_fraction: fraction of the ``p * p`` pairs used for training (the rest are test pairs).
-        transformer: keyword arguments of :func:`laftr.models.transformer` (``arch="transformer"``).
-        vit: keyword arguments of :func:`laftr.models.vit` (``arch="vit"``; image size and channels come
+        transformer: keyword arguments of ``laftr.models.transformer`` (``arch="transformer"``).
+        vit: keyword arguments of ``laftr.models.vit`` (``arch="vit"``; image size and channels come
             from the data).
-        arch_tuning: per network other than ``arch``, the method defaults tuned for it and where they come from
-            (``{"vit": (method_defaults, tuning)}``); a network not listed runs with ``method_defaults``.
+        arch_tuning: per network other than ``arch``, the method defaults tuned for it and where they come
+            from (``{"vit": (method_defaults, tuning)}``); a network not listed runs with
+            ``method_defaults``.
     """
 
     name: str
@@ -119,16 +122,21 @@ class BenchmarkSpec:
         return arch
 
     def traits(self, arch: str | None = None) -> tuple[str, ...]:
-        """What the method table adapts to (see :data:`laftr.continual.methods.TRAITS`): ``tokens`` for token
-        inputs, ``transformer`` for networks with attention."""
-        out = ("tokens",) if self.tokens else ()
+        """What the method table adapts to (see :data:`laftr.continual.TRAITS`).
+
+        ``tokens`` for token inputs, ``transformer`` for networks with attention.
+        """
+        out: tuple[str, ...] = ("tokens",) if self.tokens else ()
         if self.resolve_arch(arch) in _ATTENTION_ARCHS:
             out += ("transformer",)
         return out
 
     def excluded_methods(self, arch: str | None = None) -> dict[str, str]:
-        """Methods that cannot run on this benchmark with network ``arch``, with the reason: the benchmark's
-        ``excluded`` plus, on attention networks, ``laftr-exact`` (with attention as the reason)."""
+        """Methods that cannot run on this benchmark with network ``arch``, with the reason.
+
+        The benchmark's ``excluded`` plus, on attention networks, ``laftr-exact`` (with attention as the
+        reason).
+        """
         out = dict(self.excluded)
         if self.resolve_arch(arch) in _ATTENTION_ARCHS:
             out["laftr-exact"] = _NO_CLOSED_FORM
@@ -138,8 +146,8 @@ class BenchmarkSpec:
         """A factory of the benchmark's network (or of ``arch``) for ``stream``'s inputs and outputs.
 
         Raises:
-            ValueError: ``arch`` does not fit the benchmark (see :meth:`resolve_arch`), or a ViT is asked for
-                on images that are not square ``(channels, size, size)``.
+            ValueError: ``arch`` does not fit the benchmark (see :meth:`resolve_arch`), or a ViT is asked
+                for on images that are not square ``(channels, size, size)``.
         """
         arch = self.resolve_arch(arch)
         shape = stream.input_shape
@@ -150,8 +158,8 @@ class BenchmarkSpec:
             return lambda: transformer(vocab, seq_len, outputs, **kwargs)
         if arch == "vit":
             if len(shape) != 3 or shape[1] != shape[2]:
-                raise UsageError(f"arch 'vit' needs square images (channels, size, size); {self.name} has inputs "
-                                 f"of shape {tuple(shape)}")
+                raise UsageError(f"arch 'vit' needs square images (channels, size, size); {self.name} has "
+                                 f"inputs of shape {tuple(shape)}")
             channels, size = int(shape[0]), int(shape[1])
             kwargs = dict(self.vit)
             return lambda: vit(image_size=size, channels=channels, out_features=outputs, **kwargs)
@@ -165,8 +173,10 @@ class BenchmarkSpec:
         return lambda: mlp(d, hidden, outputs)
 
     def describe(self) -> dict[str, Any]:
-        """The protocol as a JSON-able dict (``arch_tuning`` left out: a run's own defaults are in
-        ``method_defaults``)."""
+        """The protocol as a JSON-able dict.
+
+        ``arch_tuning`` is left out: a run's own defaults are in ``method_defaults``.
+        """
         d = dataclasses.asdict(self)
         d.pop("arch_tuning")
         return d
@@ -175,47 +185,50 @@ class BenchmarkSpec:
 _QUICK_MLP = {"n_train": 600, "n_eval": 500, "epochs": 1}
 _QUICK_PERMUTED = {**_QUICK_MLP, "num_tasks": 3}
 
-# lam chosen on the validation split (10 % of each task's training data, seed 10, shorter schedule: 2 epochs;
-# permuted: 5,000 examples per task), grid 1, 10, 100, 1000 extended until the best value was interior;
-# see benchmarks/results/continual/search_*.json and docs/continual.md. LAFTR's num_samples (10, 40, 160)
-# was searched on Permuted Fashion-MNIST: 40 was best. liftr and liftr-full were searched the same way (Permuted:
-# grid 0.1 to 100).
+# lam chosen on the validation split (10 % of each task's training data, seed 10, shorter schedule:
+# 2 epochs; permuted: 5,000 examples per task), grid 1, 10, 100, 1000 extended until the best value was
+# interior; see benchmarks/results/continual/search_*.json and docs/continual.md. LAFTR's num_samples
+# (10, 40, 160) was searched on Permuted Fashion-MNIST: 40 was best. liftr and liftr-full were searched the
+# same way (Permuted: grid 0.1 to 100).
 _SPLIT_FMNIST_TUNED: dict[str, dict[str, Any]] = {
     "ewc": {"lam": 1e5}, "kfac": {"lam": 1e3}, "ntk": {"lam": 1e3}, "subset": {"lam": 100.0},
     "ntk-eqmem": {"lam": 100.0}, "subset-eqmem": {"lam": 100.0}, "laftr": {"lam": 100.0},
     "laftr-classwise": {"lam": 100.0}, "laftr-exact": {"lam": 10.0}, "laftr-coreset": {"lam": 1.0},
-    "laftr-diag": {"lam": 100.0}, "laftr-mixture": {"lam": 10.0}, "liftr": {"lam": 10.0}, "liftr-full": {"lam": 100.0},
+    "laftr-diag": {"lam": 100.0}, "laftr-mixture": {"lam": 10.0}, "liftr": {"lam": 10.0},
+    "liftr-full": {"lam": 100.0},
 }
 _PERMUTED_FMNIST_TUNED: dict[str, dict[str, Any]] = {
     "ewc": {"lam": 10.0}, "kfac": {"lam": 10.0}, "ntk": {"lam": 10.0}, "subset": {"lam": 10.0},
     "ntk-eqmem": {"lam": 10.0}, "subset-eqmem": {"lam": 10.0}, "laftr": {"lam": 1.0},
     "laftr-classwise": {"lam": 10.0}, "laftr-exact": {"lam": 0.1}, "laftr-coreset": {"lam": 10.0},
-    "laftr-diag": {"lam": 1.0}, "laftr-mixture": {"lam": 10.0}, "liftr": {"lam": 10.0}, "liftr-full": {"lam": 10.0},
+    "laftr-diag": {"lam": 1.0}, "laftr-mixture": {"lam": 10.0}, "liftr": {"lam": 10.0},
+    "liftr-full": {"lam": 10.0},
 }
-# The ViT on Split Fashion-MNIST (--arch vit), searched the same way (seed 10, 2 epochs, validation split; grid 0.1
-# or 1 to 1000, kfac extended to 1e4): benchmarks/results/continual/search_split-fmnist-vit.json. Methods not
-# searched keep the MLP's values.
+# The ViT on Split Fashion-MNIST (--arch vit), searched the same way (seed 10, 2 epochs, validation split;
+# grid 0.1 or 1 to 1000, kfac extended to 1e4): benchmarks/results/continual/search_split-fmnist-vit.json.
+# Methods not searched keep the MLP's values.
 _SPLIT_FMNIST_VIT_TUNED: dict[str, dict[str, Any]] = {
     **_SPLIT_FMNIST_TUNED,
     "ewc": {"lam": 100.0}, "kfac": {"lam": 1e3}, "subset": {"lam": 10.0}, "laftr": {"lam": 1.0},
     "liftr": {"lam": 10.0},
 }
-_SPLIT_FMNIST_VIT_TUNING = ("benchmarks/results/continual/search_split-fmnist-vit.json (ewc, kfac, subset, laftr, "
-                            "liftr; the other methods use the MLP's values, not searched for the ViT)")
+_SPLIT_FMNIST_VIT_TUNING = ("benchmarks/results/continual/search_split-fmnist-vit.json (ewc, kfac, subset, "
+                            "laftr, liftr; the other methods use the MLP's values, not searched for the ViT)")
 
 # LIFTR's modular arithmetic (METHOD.md section 6): sequences (a, op, b, =) mod 113, 70 % of the pairs for
 # training, one head of 113 outputs, a pre-LayerNorm transformer (manual attention, d_model 128, 4 heads,
 # 2 blocks, MLP 512), AdamW lr 1e-3, weight decay 1 (what makes it generalize from the training pairs to the
-# test pairs within the schedule), batch 512. Measured on one CPU thread (about 1.5 s per epoch): from scratch
-# add reaches 100 % test accuracy after about 20 epochs, subtract 25, quadratic 71 % (100 % training) after
-# 40, the random table is memorized (100 % training, chance on test) after 30; after add and subtract
-# (30 epochs each: both 100 % test) quadratic learns far more slowly (59 % training, 29 % test after 60
-# epochs) and so does the random table (83 % training after 60, in a run that gave quadratic 80): arithmetic-4
-# trains 60 epochs per task.
-# lam chosen on the validation split (10 % of each task's training pairs, seed 10, 25 epochs per task), grid 0.1,
-# 1, 10, 100 (ewc, kfac extended to 1e4 and liftr to 1e3 where the best was at the upper edge); provisional: one
-# seed, and only subset (0.92 validation accuracy) keeps add at all; the others stay within 5 points of
-# fine-tuning's 0.50 at every lam, so their choice is close to noise (laftr's best is the grid's lower edge).
+# test pairs within the schedule), batch 512. Measured on one CPU thread (about 1.5 s per epoch): from
+# scratch add reaches 100 % test accuracy after about 20 epochs, subtract 25, quadratic 71 % (100 %
+# training) after 40, the random table is memorized (100 % training, chance on test) after 30; after add and
+# subtract (30 epochs each: both 100 % test) quadratic learns far more slowly (59 % training, 29 % test after
+# 60 epochs) and so does the random table (83 % training after 60, in a run that gave quadratic 80):
+# arithmetic-4 trains 60 epochs per task.
+# lam chosen on the validation split (10 % of each task's training pairs, seed 10, 25 epochs per task), grid
+# 0.1, 1, 10, 100 (ewc, kfac extended to 1e4 and liftr to 1e3 where the best was at the upper edge);
+# provisional: one seed, and only subset (0.92 validation accuracy) keeps add at all; the others stay within
+# 5 points of fine-tuning's 0.50 at every lam, so their choice is close to noise (laftr's best is the grid's
+# lower edge).
 # Methods not listed (ntk, the other laftr variants, liftr-full) were not searched: lam 1.
 _ARITHMETIC_TUNED: dict[str, dict[str, Any]] = {
     "ewc": {"lam": 1e3}, "kfac": {"lam": 100.0}, "laftr": {"lam": 0.1}, "liftr": {"lam": 100.0},
@@ -231,12 +244,15 @@ _ARITHMETIC: dict[str, Any] = {
     "transformer": {"d_model": 128, "heads": 4, "blocks": 2, "d_mlp": 512, "attention": "manual"},
     "epochs": 30, "batch_size": 512, "lr": 1e-3, "weight_decay": 1.0,
     "method_defaults": _ARITHMETIC_TUNED, "excluded": _ARITHMETIC_EXCLUDED,
-    "quick": {"p": 11, "transformer": {"d_model": 16, "heads": 2, "blocks": 1, "d_mlp": 32, "attention": "manual"},
+    "quick": {"p": 11,
+              "transformer": {"d_model": 16, "heads": 2, "blocks": 1, "d_mlp": 32, "attention": "manual"},
               "epochs": 2, "batch_size": 32},
     "tuning": "provisional (one seed, 25 epochs, validation split): benchmarks/results/continual/"
-              "search_arithmetic.json; ntk, laftr-classwise/-mixture/-coreset and liftr-full not searched (lam 1)",
+              "search_arithmetic.json; ntk, laftr-classwise/-mixture/-coreset and liftr-full not searched "
+              "(lam 1)",
 }
 
+#: The continual-learning benchmarks by name (``laftr continual --benchmark NAME``).
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     "split-fmnist": BenchmarkSpec(
         "split-fmnist", "fashion-mnist", "split", hidden=(256, 256), method_defaults=_SPLIT_FMNIST_TUNED,
@@ -282,7 +298,7 @@ def load_stream_data(spec: BenchmarkSpec, data_dir: str | Path | None) -> Any:
     """Load the data set(s) a benchmark needs, once (streams are then built per seed).
 
     Raises:
-        DatasetNotFoundError: files missing; the message names them and where to get them.
+        laftr.errors.DatasetNotFoundError: files missing; the message names them and where to get them.
     """
     if spec.dataset == "arithmetic":
         return None  # generated per seed by build_stream
@@ -296,10 +312,12 @@ def load_stream_data(spec: BenchmarkSpec, data_dir: str | Path | None) -> Any:
     return load_dataset(spec.dataset, data_dir)
 
 
-def build_stream(spec: BenchmarkSpec, data: Any, *, seed: int, split: str = "test", n_train: int | None = None,
-                 n_eval: int | None = None, num_tasks: int | None = None) -> TaskStream:
-    """The benchmark's task stream for one seed (subsampling, permutations and arithmetic's train/test pairs
-    depend on the seed).
+def build_stream(spec: BenchmarkSpec, data: Any, *, seed: int, split: str = "test",
+                 n_train: int | None = None, n_eval: int | None = None,
+                 num_tasks: int | None = None) -> TaskStream:
+    """The benchmark's task stream for one seed.
+
+    Subsampling, permutations and arithmetic's train/test pairs depend on the seed.
 
     Raises:
         ValueError: ``num_tasks`` asks an arithmetic benchmark for more tasks than it has.
@@ -308,8 +326,8 @@ def build_stream(spec: BenchmarkSpec, data: Any, *, seed: int, split: str = "tes
         tasks = spec.tasks
         if num_tasks is not None:
             if num_tasks > len(tasks):
-                raise UsageError(f"{spec.name} has {len(tasks)} tasks ({', '.join(tasks)}); num_tasks {num_tasks} "
-                                 "is more")
+                raise UsageError(f"{spec.name} has {len(tasks)} tasks ({', '.join(tasks)}); "
+                                 f"num_tasks {num_tasks} is more")
             tasks = tasks[:num_tasks]
         return arithmetic_tasks(tasks, p=spec.p, train_fraction=spec.train_fraction, seed=seed, split=split,
                                 n_train=n_train, n_eval=n_eval, name=spec.name)
@@ -319,4 +337,5 @@ def build_stream(spec: BenchmarkSpec, data: Any, *, seed: int, split: str = "tes
         return permuted_tasks(data, num_tasks or spec.num_tasks, name=spec.name, split=split, n_train=n_train,
                               n_eval=n_eval, seed=seed)
     c10, c100 = data
-    return split_cifar_tasks(cifar10=c10, cifar100=c100, split=split, n_train=n_train, n_eval=n_eval, seed=seed)
+    return split_cifar_tasks(cifar10=c10, cifar100=c100, split=split, n_train=n_train, n_eval=n_eval,
+                             seed=seed)

@@ -10,11 +10,12 @@ overrides in brackets, e.g. ``laftr[lam=10,num_samples=100]`` or ``subset[corese
 summary on the same network and data (``k = round(laftr_floats / input_dim)``), for comparisons at equal
 stored memory.
 
-A method adapts to what a benchmark is made of (its *traits*, :data:`TRAITS`): on token inputs the LAFTR
-and LIFTR methods use the token input models (``laftr`` -> ``input_model=tokens``, ``laftr-classwise`` ->
-``tokens-classwise``, ...), and on networks with attention ``kfac`` gives LayerNorm and bare parameters
-(positional embeddings, a class token) a diagonal term (``unsupported=diag``). These trait settings come
-before a benchmark's tuned values and the overrides in brackets, so both can still change them.
+A method adapts to what a benchmark is made of (its *traits*, :data:`laftr.continual.TRAITS`): on token
+inputs the LAFTR and LIFTR methods use the token input models (``laftr`` -> ``input_model=tokens``,
+``laftr-classwise`` -> ``tokens-classwise``, ...), and on networks with attention ``kfac`` gives LayerNorm
+and bare parameters (positional embeddings, a class token) a diagonal term (``unsupported=diag``). These
+trait settings come before a benchmark's tuned values and the overrides in brackets, so both can still
+change them.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class MethodSpec:
         tasks_per_step: old tasks averaged per step (None: all).
         match_memory: ``laftr``: choose ``coreset_size`` so the stored inputs match that method's memory.
         description: one line for tables and docs.
-        adapt: per trait (see :data:`TRAITS`), estimator config keys that replace ``config`` on benchmarks
-            with that trait (e.g. ``{"tokens": {"input_model": "tokens"}}``).
+        adapt: per trait (see :data:`laftr.continual.TRAITS`), estimator config keys that replace ``config``
+            on benchmarks with that trait (e.g. ``{"tokens": {"input_model": "tokens"}}``).
     """
 
     name: str
@@ -80,8 +81,9 @@ class MethodSpec:
         return dataclasses.replace(self, name=name or self.name, config={**self.config, **cfg}, **method)
 
     def adapted(self, traits: tuple[str, ...] | list[str] = ()) -> MethodSpec:
-        """A copy whose config carries the settings of every trait in ``traits`` (in the order of
-        :data:`TRAITS`).
+        """A copy whose config carries the settings of every trait in ``traits``.
+
+        They are applied in the order of :data:`laftr.continual.TRAITS`.
 
         Raises:
             ValueError: an unknown trait.
@@ -96,13 +98,14 @@ class MethodSpec:
         return dataclasses.replace(self, config=cfg) if cfg != self.config else self
 
     def describe(self) -> dict[str, Any]:
+        """The spec as a JSON-able dict (recorded in ``results.json``)."""
         return dataclasses.asdict(self)
 
 
 def _fsd(base: str, estimator: str, description: str, adapt: dict[str, dict[str, Any]] | None = None,
          **config: Any) -> MethodSpec:
-    return MethodSpec(name=base, base=base, kind="fsd", estimator=estimator, config=config, description=description,
-                      adapt=adapt or {})
+    return MethodSpec(name=base, base=base, kind="fsd", estimator=estimator, config=config,
+                      description=description, adapt=adapt or {})
 
 
 def _tokens(input_model: str) -> dict[str, dict[str, Any]]:
@@ -112,9 +115,9 @@ def _tokens(input_model: str) -> dict[str, dict[str, Any]]:
 
 #: Every method by name. Function-space methods that can use any metric use ``kl`` (the Bregman divergence
 #: of the softmax cross-entropy, of which EWC/K-FAC are quadratic approximations); ``laftr-exact`` has a
-#: closed form only for ``l2`` on logits (and none for attention). ``liftr`` (Dhawan et al.) uses the same Monte
-#: Carlo loop as ``laftr`` with step-wise anchors; ``liftr-full`` stores full instead of diagonal covariances of
-#: every anchored layer's input. Default ``lam`` values are the validation-selected ones of the
+#: closed form only for ``l2`` on logits (and none for attention). ``liftr`` (Dhawan et al.) uses the same
+#: Monte Carlo loop as ``laftr`` with step-wise anchors; ``liftr-full`` stores full instead of diagonal
+#: covariances of every anchored layer's input. Default ``lam`` values are the validation-selected ones of the
 #: benchmarks (see ``laftr.continual.benchmarks``); 1.0 here is only the fallback. ``laftr-exact`` costs
 #: about 25x a Monte Carlo evaluation on a 784-256-256 MLP (O(n^3) moment propagation), so it averages over
 #: one old task drawn at random per step (an unbiased estimate of the mean over all old tasks).
@@ -131,22 +134,25 @@ METHODS: dict[str, MethodSpec] = {
     "laftr": _fsd("laftr", "laftr", "LAFTR, Monte Carlo, full Gaussian input model", metric="kl",
                   input_model="gaussian", num_samples=40, adapt=_tokens("tokens")),
     "laftr-classwise": _fsd("laftr-classwise", "laftr", "LAFTR, Monte Carlo, one Gaussian (and mu) per class",
-                            metric="kl", input_model="classwise", num_samples=40, adapt=_tokens("tokens-classwise")),
+                            metric="kl", input_model="classwise", num_samples=40,
+                            adapt=_tokens("tokens-classwise")),
     "laftr-exact": dataclasses.replace(
-        _fsd("laftr-exact", "laftr-exact", "LAFTR in closed form (l2 on logits), Gaussian inputs; one old task "
-             "per step", metric="l2", input_model="gaussian"), tasks_per_step=1),
+        _fsd("laftr-exact", "laftr-exact", "LAFTR in closed form (l2 on logits), Gaussian inputs; one old "
+             "task per step", metric="l2", input_model="gaussian"), tasks_per_step=1),
     "laftr-coreset": _fsd("laftr-coreset", "laftr", "LAFTR, Monte Carlo, k stored inputs", metric="kl",
                           input_model="coreset", coreset_size=200, num_samples=40),
-    "laftr-diag": _fsd("laftr-diag", "laftr", "LAFTR, Monte Carlo, diagonal Gaussian inputs (about 1/300 of laftr's "
-                       "memory on 784-pixel images)", metric="kl", input_model="diag", num_samples=40),
-    "laftr-mixture": _fsd("laftr-mixture", "laftr", "LAFTR, Monte Carlo, 10-component mixture fitted without labels "
-                          "(a Gaussian and gate laws per k-means cluster)", metric="kl", input_model="mixture",
-                          components=10, num_samples=40, adapt=_tokens("tokens-mixture")),
-    "liftr": _fsd("liftr", "liftr", "LIFTR (Dhawan et al.), Monte Carlo, step-wise: diagonal input moments of every "
-                  "layer; diagonal Gaussian network input (tokens: categorical laws)", metric="kl",
+    "laftr-diag": _fsd("laftr-diag", "laftr", "LAFTR, Monte Carlo, diagonal Gaussian inputs (about 1/300 of "
+                       "laftr's memory on 784-pixel images)", metric="kl", input_model="diag",
+                       num_samples=40),
+    "laftr-mixture": _fsd("laftr-mixture", "laftr", "LAFTR, Monte Carlo, 10-component mixture fitted without "
+                          "labels (a Gaussian and gate laws per k-means cluster)", metric="kl",
+                          input_model="mixture", components=10, num_samples=40,
+                          adapt=_tokens("tokens-mixture")),
+    "liftr": _fsd("liftr", "liftr", "LIFTR (Dhawan et al.), Monte Carlo, step-wise: diagonal input moments "
+                  "of every layer; diagonal Gaussian network input (tokens: categorical laws)", metric="kl",
                   input_model="diag", num_samples=40, adapt=_tokens("tokens")),
-    "liftr-full": _fsd("liftr-full", "liftr", "LIFTR with full covariances of every layer's input (per position)",
-                       metric="kl", input_model="diag", input_cov="full", num_samples=40,
+    "liftr-full": _fsd("liftr-full", "liftr", "LIFTR with full covariances of every layer's input (per "
+                       "position)", metric="kl", input_model="diag", input_cov="full", num_samples=40,
                        adapt=_tokens("tokens")),
 }
 METHODS["subset-eqmem"] = dataclasses.replace(
@@ -176,7 +182,8 @@ def parse_method(text: str, defaults: dict[str, dict[str, Any]] | None = None,
     Args:
         text: the method, optionally with ``key=value`` overrides in brackets.
         defaults: per-method overrides applied before the ones in ``text`` (a benchmark's tuned values).
-        traits: what the benchmark is made of (see :data:`TRAITS`); their settings are applied first.
+        traits: what the benchmark is made of (see :data:`laftr.continual.TRAITS`); their settings are
+            applied first.
 
     Raises:
         ValueError: unknown method (the message lists the known ones), unknown trait or malformed overrides.
@@ -203,8 +210,10 @@ def parse_method(text: str, defaults: dict[str, dict[str, Any]] | None = None,
 
 def parse_methods(text: str, defaults: dict[str, dict[str, Any]] | None = None,
                   traits: tuple[str, ...] | list[str] = ()) -> list[MethodSpec]:
-    """A comma-separated list of methods (commas inside brackets belong to the overrides); ``defaults`` and
-    ``traits`` as in :func:`parse_method`."""
+    """A comma-separated list of methods (commas inside brackets belong to the overrides).
+
+    ``defaults`` and ``traits`` are as in :func:`parse_method`.
+    """
     parts, depth, cur = [], 0, ""
     for ch in text:
         if ch == "[":

@@ -1,4 +1,4 @@
-"""Continual-learning metrics on the accuracy matrix ``A[i][j]`` = accuracy on task j after training task i."""
+"""Continual-learning metrics on the accuracy matrix ``A[i][j]``: accuracy on task j after training task i."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ __all__ = ["average_accuracy", "backward_transfer", "mean_std"]
 def _check(A: Sequence[Sequence[float]]) -> int:
     T = len(A)
     if T == 0 or any(len(row) != T for row in A):
-        raise ValueError("the accuracy matrix must be square and non-empty (rows: after task i, cols: task j)")
+        raise ValueError("the accuracy matrix must be square and non-empty "
+                         "(rows: after task i, cols: task j)")
     return T
 
 

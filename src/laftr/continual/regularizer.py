@@ -65,6 +65,7 @@ class FSDRegularizer:
         seed: int = 0,
         eval_mode: bool = True,
     ) -> None:
+        """A regularizer with no task stored yet; see the class for the arguments."""
         self.make = make
         self.lam = _check_lam(lam)
         if tasks_per_step is not None and int(tasks_per_step) < 1:
@@ -75,6 +76,7 @@ class FSDRegularizer:
         self._gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
+        """The number of stored tasks (fitted estimators)."""
         return len(self.estimators)
 
     def after_task(self, model: nn.Module, data: Any, outputs: Sequence[int] | None = None) -> FSDEstimator:
@@ -122,7 +124,8 @@ class FSDRegularizer:
         """``lam * mean_j D_j(theta)``: a 0-dim tensor to add to the loss (zero before any task is stored)."""
         if not self.estimators or self.lam == 0.0:
             p = next(model.parameters(), None)
-            return torch.zeros((), device=None if p is None else p.device, dtype=None if p is None else p.dtype)
+            return torch.zeros((), device=None if p is None else p.device,
+                               dtype=None if p is None else p.dtype)
         n = len(self.estimators)
         which: list[int] | None = None
         if self.tasks_per_step is not None and self.tasks_per_step < n:

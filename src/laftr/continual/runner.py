@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
-from ..report import OutDirError, RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
+from ..errors import OutDirError, UsageError
+from ..report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
 from .benchmarks import build_stream, get_benchmark, load_stream_data
 from .methods import MethodSpec, parse_method, parse_methods
 from .metrics import mean_std
@@ -37,12 +37,15 @@ class ContinualSettings:
         split: ``test`` (train on training data, report test accuracy) or ``val`` (hold out part of the
             training data and report accuracy on it: for choosing hyperparameters).
         quick: tiny smoke-test sizes (the benchmark's ``quick`` overrides).
-        epochs, batch_size, lr, weight_decay: schedule overrides (None: the benchmark's protocol; a weight
-            decay above 0 trains with AdamW).
+        epochs: epochs per task (None: the benchmark's protocol; so for the next three).
+        batch_size: training batch size.
+        lr: learning rate.
+        weight_decay: decoupled weight decay (above 0: AdamW instead of Adam).
         n_train: training examples per task (None: the benchmark's).
         n_eval: evaluation examples per task (None: all).
-        num_tasks: tasks of a permuted stream, or the first tasks of an arithmetic one (None: the benchmark's).
-        arch: the network (see :data:`laftr.continual.benchmarks.ARCHS`; None: the benchmark's own, e.g. the
+        num_tasks: tasks of a permuted stream, or the first tasks of an arithmetic one (None: the
+            benchmark's).
+        arch: the network (see :data:`laftr.continual.ARCHS`; None: the benchmark's own, e.g. the
             MLP of split-fmnist; ``vit`` runs an image benchmark with a vision transformer).
         lam: penalty weight for every regularized method, overriding tuned values (None: tuned).
         data_dir: where the data files are.
@@ -71,6 +74,7 @@ class ContinualSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        """Check the settings against the benchmark (network, number of tasks) and each other."""
         bench = get_benchmark(self.benchmark)
         bench.resolve_arch(self.arch)
         if bench.tokens and self.num_tasks is not None and self.num_tasks > len(bench.tasks):
@@ -85,8 +89,8 @@ class ContinualSettings:
             if v is not None and int(v) < 1:
                 raise UsageError(f"{name} must be >= 1, got {v}")
         wd = self.weight_decay
-        if wd is not None and (isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd)
-                               or wd < 0):
+        if wd is not None and (isinstance(wd, bool) or not isinstance(wd, (int, float))
+                               or not math.isfinite(wd) or wd < 0):
             raise UsageError(f"weight_decay must be a finite number >= 0, got {wd!r}")
         if self.lam is not None:
             self.lam = _check_lam(self.lam)
@@ -95,7 +99,9 @@ class ContinualSettings:
 _SETTINGS_KEYS = frozenset(f.name for f in dataclasses.fields(ContinualSettings))
 
 
-def resolve_settings(settings: ContinualSettings) -> tuple[Any, dict[str, Any], TrainConfig, list[MethodSpec], MethodSpec]:
+def resolve_settings(
+    settings: ContinualSettings,
+) -> tuple[Any, dict[str, Any], TrainConfig, list[MethodSpec], MethodSpec]:
     """The benchmark, stream options, schedule, methods and memory reference a run will use.
 
     The benchmark returned carries the run's network in ``arch`` and, with ``quick``, its quick overrides of
@@ -113,8 +119,8 @@ def resolve_settings(settings: ContinualSettings) -> tuple[Any, dict[str, Any], 
     if replaced["arch"] in bench.arch_tuning:
         replaced["method_defaults"], replaced["tuning"] = bench.arch_tuning[replaced["arch"]]
     elif replaced["arch"] != bench.arch:
-        replaced["tuning"] = (f"{bench.tuning or 'not tuned'} (tuned with the {bench.arch} network; not tuned for "
-                              f"{replaced['arch']})")
+        replaced["tuning"] = (f"{bench.tuning or 'not tuned'} (tuned with the {bench.arch} network; "
+                              f"not tuned for {replaced['arch']})")
     bench = dataclasses.replace(bench, **replaced)
 
     def pick(name: str, default: Any) -> Any:
@@ -186,7 +192,8 @@ def _heatmaps(path: Path, results: dict[str, Any]) -> None:
                              layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (name, mats) in zip(axes.flat, items):
+    # axes.flat has rows * cols >= len(items) panels; the spare ones stay off
+    for ax, (name, mats) in zip(axes.flat, items, strict=False):
         A = torch.tensor(mats, dtype=torch.float64).mean(0)
         T = A.shape[0]
         masked = A.clone()
@@ -215,23 +222,23 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
     """Run every method of ``settings`` for every seed and write the results into ``out_dir``.
 
     The run is written into the staging folder ``.NAME.partial`` beside ``out_dir`` and moved to ``out_dir``
-    when complete (:class:`laftr.report.RunFolder`), so an earlier run there is replaced only by a finished
-    one. ``results.json`` is rewritten after every (method, seed) run, so a long run that is interrupted keeps
-    what it finished in the staging folder. Seeds are the outer loop: every method sees the same data and
-    initialization for a given seed.
+    when complete, so an earlier run there is replaced only by a finished one. ``results.json`` is rewritten
+    after every (method, seed) run, so a long run that is interrupted keeps what it finished in the staging
+    folder. Seeds are the outer loop: every method sees the same data and initialization for a given seed.
 
-    With ``resume``, an interrupted run is continued (from the staging folder, or from ``out_dir`` itself when
-    an earlier laftr wrote there in place): its finished (method, seed) runs are kept and only the missing ones
-    are run. The earlier run's settings must match (apart from progress
-    bars and threads); otherwise the folder is left alone and an error says what differs.
+    With ``resume``, an interrupted run is continued (from the staging folder, or from ``out_dir`` itself
+    when an earlier laftr wrote there in place): its finished (method, seed) runs are kept and only the
+    missing ones are run. The earlier run's settings must match (apart from progress bars and threads);
+    otherwise the folder is left alone and an error says what differs.
 
     Raises:
         ValueError: unknown benchmark or method, bad settings.
-        DatasetNotFoundError: data files missing.
-        OutDirError: ``out_dir`` is not empty and neither ``force`` nor ``resume`` is given; or ``resume``
-            and the folder holds no readable results.json of the same settings.
+        laftr.errors.DatasetNotFoundError: data files missing.
+        laftr.errors.OutDirError: ``out_dir`` is not empty and neither ``force`` nor ``resume`` is given; or
+            ``resume`` and the folder holds no readable results.json of the same settings.
     """
-    bench, stream_kw, train, methods, reference = resolve_settings(settings)  # validate before touching the disk
+    # validate before touching the disk
+    bench, stream_kw, train, methods, reference = resolve_settings(settings)
     done: dict[str, list[RunResult]] = {}
     earlier_s = 0.0
     folder = RunFolder(out_dir, force=force, resume=resume)
@@ -289,13 +296,16 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
 _RESUME_IGNORED = ("progress", "threads")
 
 
-def _load_finished_runs(folder: RunFolder, settings: ContinualSettings) -> tuple[dict[str, list[RunResult]], float]:
-    """Finished runs of an interrupted ``run_benchmark`` (in ``folder``'s staging folder, or at its path when an
-    earlier laftr wrote there in place), by method, and its wall time so far."""
+def _load_finished_runs(folder: RunFolder,
+                        settings: ContinualSettings) -> tuple[dict[str, list[RunResult]], float]:
+    """Finished runs of an interrupted ``run_benchmark``, by method, and its wall time so far.
+
+    They are in ``folder``'s staging folder, or at its path when an earlier laftr wrote there in place.
+    """
     path = (folder.staging if folder.staging.is_dir() else folder.path) / "results.json"
     if not path.is_file():
-        raise OutDirError(f"cannot resume: {folder.path / 'results.json'} does not exist and no interrupted run "
-                          f"is in {folder.staging}")
+        raise OutDirError(f"cannot resume: {folder.path / 'results.json'} does not exist and no interrupted "
+                          f"run is in {folder.staging}")
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
         old_settings = old["settings"]
@@ -312,7 +322,8 @@ def _load_finished_runs(folder: RunFolder, settings: ContinualSettings) -> tuple
     fields = {f.name for f in dataclasses.fields(RunResult)}
     for name, m in methods.items():
         summary = m.get("summary") or {}
-        done[name] = [RunResult(**{k: v for k, v in r.items() if k in fields}) for r in summary.get("runs", [])]
+        done[name] = [RunResult(**{k: v for k, v in r.items() if k in fields})
+                      for r in summary.get("runs", [])]
     return done, float(old.get("wall_time_s", 0.0))
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .._util import resolve_device
 from ..data.tasks import Task, TaskStream
 from ..errors import UsageError
-from ..estimators.base import check_int, make_estimator
+from ..estimators.base import FSDEstimator, check_int, make_estimator
 from .methods import METHODS, MethodSpec
 from .metrics import average_accuracy, backward_transfer
 from .regularizer import FSDRegularizer
@@ -56,6 +56,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        """Check the schedule's sizes, device, learning rate and weight decay."""
         for name in ("epochs", "batch_size", "eval_batch_size"):
             check_int(self, name, minimum=1)
         resolve_device(self.device, "device")
@@ -72,6 +73,7 @@ class TrainConfig:
         return torch.optim.Adam(params, lr=self.lr)
 
     def resolved_device(self) -> torch.device:
+        """The device to train on: ``device``, or CUDA when available and ``device`` is None."""
         if self.device is None:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dev = resolve_device(self.device, "device")
@@ -104,13 +106,16 @@ class RunResult:
 
     @property
     def final_avg_acc(self) -> float:
+        """Mean accuracy over all tasks after the last one (:func:`laftr.continual.average_accuracy`)."""
         return average_accuracy(self.acc_matrix)
 
     @property
     def bwt(self) -> float:
+        """Backward transfer (:func:`laftr.continual.backward_transfer`)."""
         return backward_transfer(self.acc_matrix)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict, with ``final_avg_acc`` and ``bwt`` added."""
         d = dataclasses.asdict(self)
         d["final_avg_acc"] = self.final_avg_acc
         d["bwt"] = self.bwt
@@ -171,8 +176,11 @@ def _train_task(
     model: nn.Module, tasks: list[Task], cfg: TrainConfig, gen: torch.Generator, device: torch.device,
     reg: FSDRegularizer | None, desc: str,
 ) -> dict[str, list[float]]:
-    """Adam (AdamW with ``cfg.weight_decay``) for ``cfg.epochs`` epochs over the union of ``tasks`` (one task
-    unless joint training), each example scored on its own task's outputs; plus the regularizer's penalty."""
+    """Adam (AdamW with ``cfg.weight_decay``) for ``cfg.epochs`` epochs over the union of ``tasks``.
+
+    ``tasks`` is one task unless joint training; each example is scored on its own task's outputs, and the
+    regularizer's penalty is added.
+    """
     opt = cfg.optimizer(model.parameters())
     sizes = [t.n_train for t in tasks]
     offsets = torch.tensor([0, *sizes]).cumsum(0)
@@ -196,7 +204,8 @@ def _train_task(
                     sel = b[tid == t] - offsets[t]
                     x, y = tasks[t].train_batch(sel)
                     logits = model(x.to(device))
-                    loss = loss + F.cross_entropy(logits.index_select(1, outs[t]), y.to(device), reduction="sum")
+                    loss = loss + F.cross_entropy(logits.index_select(1, outs[t]), y.to(device),
+                                                  reduction="sum")
                 loss = loss / len(b)
             total = loss
             if reg is not None and len(reg):
@@ -255,11 +264,15 @@ def run_method(
             details["memory_reference"] = ref.name
         reg = None
         if spec.kind == "fsd":
-            assert spec.estimator is not None
+            # every "fsd" entry of METHODS names its estimator, but MethodSpec is public and a spec built by
+            # hand may leave it at its default, None
+            if spec.estimator is None:
+                raise UsageError(f"method {spec.name!r} is of kind 'fsd' but names no estimator")
+            estimator: str = spec.estimator
             counter = iter(range(len(stream)))
 
-            def make():
-                return make_estimator(spec.estimator, **_estimator_config(spec, seed, next(counter)))
+            def make() -> FSDEstimator:
+                return make_estimator(estimator, **_estimator_config(spec, seed, next(counter)))
 
             reg = FSDRegularizer(make, spec.lam, tasks_per_step=spec.tasks_per_step, seed=seed)
         T = len(stream)
@@ -274,7 +287,8 @@ def run_method(
             timings["train"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             if reg is not None:
-                est = reg.after_task(model, task.train_data(), outputs=task.outputs if stream.multi_head else None)
+                outputs = task.outputs if stream.multi_head else None
+                est = reg.after_task(model, task.train_data(), outputs=outputs)
                 stored.append(int(est.stored_floats()))
             elif spec.kind == "joint":
                 stored.append(int(task.x_train.numel()))

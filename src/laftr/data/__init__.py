@@ -1,5 +1,7 @@
-"""Data sets for the experiments: Fashion-MNIST, MNIST, CIFAR-10/100, small bundled sets, regression tables,
-modular arithmetic (token sequences for transformers).
+"""Data sets for the experiments: image, small bundled, regression and token-sequence sets.
+
+Fashion-MNIST, MNIST, CIFAR-10/100, small bundled sets, regression tables, modular arithmetic (token sequences
+for transformers).
 
 All loaders return a :class:`Dataset` of in-memory tensors and never download anything.
 """

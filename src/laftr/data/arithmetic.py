@@ -1,5 +1,6 @@
-"""Modular arithmetic: the transformer benchmark of LIFTR (Dhawan et al., "Approximating Function Space
-Distance for Continual Learning in Transformers").
+"""Modular arithmetic: the transformer benchmark of LIFTR.
+
+From Dhawan et al., "Approximating Function Space Distance for Continual Learning in Transformers".
 
 Every example is a sequence of four tokens ``(a, op, b, =)`` with ``a, b`` in ``0..p-1``; its label is the
 task's function of ``(a, b)`` modulo ``p``:

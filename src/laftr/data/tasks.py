@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from .datasets import Dataset, DatasetNotFoundError, PathLike, load_cifar10, load_cifar100
+from ..errors import DatasetNotFoundError
+from .datasets import Dataset, PathLike, load_cifar10, load_cifar100
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,11 @@ class Task:
     Attributes:
         name: e.g. ``"classes 0,1"`` or ``"permutation 3"``.
         outputs: output units of the network this task answers with (its head).
-        x_train, y_train: training inputs and local targets (indices into ``outputs``).
-        x_eval, y_eval: evaluation inputs and local targets (test set, or the validation part of the
-            training data when the stream was built with ``split="val"``).
+        x_train: training inputs.
+        y_train: training targets, local (indices into ``outputs``).
+        x_eval: evaluation inputs (test set, or the validation part of the training data when the stream
+            was built with ``split="val"``).
+        y_eval: evaluation targets, local (indices into ``outputs``).
         perm: optional pixel permutation applied to flattened inputs (permuted benchmarks).
         classes: the original class label of each local target (``classes[target]``).
     """
@@ -66,6 +69,7 @@ class Task:
     classes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        """Check the lengths, that both splits have examples, and that targets are in range."""
         if len(self.x_train) != len(self.y_train) or len(self.x_eval) != len(self.y_eval):
             raise ValueError(f"task {self.name!r}: inputs and targets differ in length")
         if len(self.x_train) == 0:
@@ -79,10 +83,12 @@ class Task:
 
     @property
     def n_train(self) -> int:
+        """The number of training examples."""
         return len(self.x_train)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The per-example input shape."""
         return tuple(self.x_train.shape[1:])
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +133,7 @@ class TaskStream:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Check that there are tasks, of one input shape, whose outputs fit the output layer."""
         if not self.tasks:
             raise ValueError(f"stream {self.name!r} has no tasks")
         shapes = {t.input_shape for t in self.tasks}
@@ -137,16 +144,20 @@ class TaskStream:
                 raise ValueError(f"task {t.name!r} uses outputs {t.outputs} beyond 0..{self.num_outputs - 1}")
 
     def __len__(self) -> int:
+        """The number of tasks."""
         return len(self.tasks)
 
     def __iter__(self) -> Iterator[Task]:
+        """The tasks in training order."""
         return iter(self.tasks)
 
     def __getitem__(self, i: int) -> Task:
+        """Task ``i`` (in training order)."""
         return self.tasks[i]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The per-example input shape shared by the tasks."""
         return self.tasks[0].input_shape
 
     def describe(self) -> dict[str, Any]:
@@ -223,7 +234,8 @@ def _class_task(
     train_idx = _take(train_idx, n_train, gen)
     eval_idx = _take(eval_idx, n_eval, gen)
     if len(eval_idx) == 0:
-        raise ValueError(f"{ds.name}: no {'validation' if split == 'val' else 'test'} examples of classes {classes}")
+        raise ValueError(f"{ds.name}: no {'validation' if split == 'val' else 'test'} examples "
+                         f"of classes {classes}")
     return Task(
         name=name,
         outputs=list(outputs),
@@ -384,9 +396,14 @@ def split_cifar_tasks(
     Args:
         data_dir: a folder holding both ``cifar-10-batches-py/`` and ``cifar-100-python/`` (the extracted
             python archives); ignored for a data set passed directly.
-        cifar10, cifar100: already loaded data sets (instead of ``data_dir``).
+        cifar10: CIFAR-10 already loaded (instead of ``data_dir``).
+        cifar100: CIFAR-100 already loaded (instead of ``data_dir``).
         num_cifar100_tasks: number of ten-class CIFAR-100 tasks (1..10).
-        split, val_fraction, n_train, n_eval, seed: as in :func:`split_tasks`.
+        split: ``"test"`` or ``"val"``, as in :func:`split_tasks`.
+        val_fraction: as in :func:`split_tasks`.
+        n_train: as in :func:`split_tasks`.
+        n_eval: as in :func:`split_tasks`.
+        seed: as in :func:`split_tasks`.
 
     Raises:
         DatasetNotFoundError: the CIFAR files are missing (the message names them).
@@ -400,6 +417,7 @@ def split_cifar_tasks(
             "cifar-100-python/ (from cifar-10-python.tar.gz and cifar-100-python.tar.gz, "
             "https://www.cs.toronto.edu/~kriz/cifar.html)"
         )
+    # data_dir is not None where it is used (checked above; mypy does not follow the condition)
     c10 = cifar10 if cifar10 is not None else load_cifar10(data_dir)  # type: ignore[arg-type]
     c100 = cifar100 if cifar100 is not None else load_cifar100(data_dir)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(seed)

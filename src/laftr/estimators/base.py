@@ -11,8 +11,8 @@ What every estimator checks, here once for all of them:
 
 - ``fit`` validates ``outputs`` (distinct non-negative integers below the model's number of outputs, found by
   one forward pass on the first example) and refuses a network whose output for an example depends on the
-  other examples of its batch (:func:`laftr.graph.check_per_example`: ``h - h.mean(0)``, ``h + h.sum()``, batch
-  norm on batch statistics, ...), naming the op: the function space distance is not defined for it.
+  other examples of its batch (:func:`laftr.graph.check_per_example`: ``h - h.mean(0)``, ``h + h.sum()``,
+  batch norm on batch statistics, ...), naming the op: the function space distance is not defined for it.
 - ``fit`` keeps a fingerprint of the traced forward graph (:mod:`laftr.fingerprint`; ``graph_fingerprint``,
   also saved in the file), and the estimator refuses a model (in ``distance``/``__call__`` and
   ``theta0_model``) whose graph differs, naming the first node that differs: an estimate takes the model to be
@@ -79,21 +79,25 @@ def make_estimator(name: str, **kwargs: Any) -> FSDEstimator:
 
 
 def check_int(config: Any, name: str, minimum: int | None = None) -> None:
-    """Raise :class:`UsageError` unless ``config.<name>`` is an integer (not a bool) of at least ``minimum``."""
+    """Raise :class:`UsageError` unless ``config.<name>`` is an integer (not a bool) >= ``minimum``."""
     v = getattr(config, name)
     if not isinstance(v, numbers.Integral) or isinstance(v, bool) or (minimum is not None and v < minimum):
-        need = "an integer" if minimum is None else ("a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+        need = "an integer" if minimum is None else ("a positive integer" if minimum == 1
+                                                     else f"an integer >= {minimum}")
         raise UsageError(f"{name} must be {need}, got {v!r}")
 
 
 def check_options(cls: type[EstimatorConfig], options: dict[str, Any], who: str) -> None:
-    """Raise :class:`OptionError` naming the first option that ``cls`` does not have (and which estimator has
-    it, if any)."""
+    """Raise :class:`OptionError` naming the first option that ``cls`` does not have.
+
+    The message also names the estimators that have it, if any.
+    """
     fields = {f.name for f in dataclasses.fields(cls)}
     for key in options:
         if key in fields:
             continue
-        owners = sorted(n for n, est in REGISTRY.items() if key in {f.name for f in dataclasses.fields(est.Config)})
+        owners = sorted(n for n, est in REGISTRY.items()
+                        if key in {f.name for f in dataclasses.fields(est.Config)})
         hint = f"; {key!r} is an option of {', '.join(owners)}" if owners else ""
         raise OptionError(f"{who} has no option {key!r} (its options: {sorted(fields)}){hint}")
 
@@ -115,6 +119,7 @@ class EstimatorConfig:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
+        """Check the metric, the seed and the batch size."""
         check_metric(self.metric)
         check_int(self, "seed")
         check_int(self, "batch_size", minimum=1)
@@ -130,25 +135,27 @@ class FSDEstimator:
         outputs: the compared output units (None: all).
         theta0: theta0's parameters and buffers.
         arch: ``[[name, shape], ...]`` of theta0's parameters and buffers.
-        graph_fingerprint: the text form of theta0's forward-graph fingerprint
-            (:class:`laftr.fingerprint.GraphFingerprint`), or None (not traceable, or loaded from an older file).
+        graph_fingerprint: the text form of theta0's forward-graph fingerprint (a ``GraphFingerprint`` of
+            the private ``laftr.fingerprint``), or None (not traceable, or loaded from an older file).
     """
 
     name: ClassVar[str] = "base"
     Config: ClassVar[type[EstimatorConfig]] = EstimatorConfig
-    #: Whether the estimator runs the network (on the data at ``fit``, or on stored inputs when evaluated). One
-    #: that does not (``weight``) neither reads the data nor checks it: ``outputs`` is then validated only as a
-    #: list of indices, and a network that mixes the examples of a batch is not refused.
+    #: Whether the estimator runs the network (on the data at ``fit``, or on stored inputs when evaluated).
+    #: One that does not (``weight``) neither reads the data nor checks it: ``outputs`` is then validated only
+    #: as a list of indices, and a network that mixes the examples of a batch is not refused.
     uses_network: ClassVar[bool] = True
 
     def __init__(self, config: EstimatorConfig | None = None, **kwargs: Any) -> None:
+        """An unfitted estimator from ``config`` and/or keyword fields of :attr:`Config` (which win)."""
         check_options(self.Config, kwargs, f"estimator {getattr(self, 'name', type(self).__name__)!r}")
         if config is None:
             config = self.Config(**kwargs)
         elif kwargs:
             config = dataclasses.replace(config, **kwargs)
         if not isinstance(config, self.Config):
-            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got "
+                            f"{type(config).__name__}")
         check_metric(config.metric)
         self.config = config
         self.outputs: list[int] | None = None
@@ -156,15 +163,18 @@ class FSDEstimator:
         self.arch: list[list[Any]] | None = None
         self.graph_fingerprint: str | None = None
         self._fingerprint: GraphFingerprint | None = None  # with node descriptions (this session only)
-        self._graph_checked: dict[int, tuple[Any, str, tuple[int, ...]]] = {}  # id(model) -> what passed the check
+        # id(model) -> what passed the check
+        self._graph_checked: dict[int, tuple[Any, str, tuple[int, ...]]] = {}
 
     # ------------------------------------------------------------------ public API
     @property
     def metric(self) -> str:
+        """The output discrepancy the estimate averages."""
         return self.config.metric
 
     @property
     def fitted(self) -> bool:
+        """Whether :meth:`fit` has run (or the estimator was loaded from a file)."""
         return self.theta0 is not None
 
     def fit(self, model: nn.Module, data: Data, outputs: Sequence[int] | None = None) -> FSDEstimator:
@@ -192,7 +202,8 @@ class FSDEstimator:
         try:
             fp, gm, why = model_fingerprint(model)
             if fp is None:
-                log.info("%s: no graph fingerprint, so later models are not checked to have the same forward: %s",
+                log.info("%s: no graph fingerprint, so later models are not checked to have "
+                         "the same forward: %s",
                          self.name, why)
             if self.uses_network:
                 device, dtype = model_device_dtype(model)
@@ -222,7 +233,8 @@ class FSDEstimator:
 
     def describe(self) -> dict[str, Any]:
         """Name, config and memory, for reports."""
-        return {"name": self.name, "config": dataclasses.asdict(self.config), "stored_floats": self.stored_floats()}
+        return {"name": self.name, "config": dataclasses.asdict(self.config),
+                "stored_floats": self.stored_floats()}
 
     # ------------------------------------------------------------------ subclass hooks
     def _fit(self, model: nn.Module, data: Data) -> None:
@@ -241,9 +253,12 @@ class FSDEstimator:
     # ------------------------------------------------------------------ helpers
     def _set_reference(self, model: nn.Module, outputs: Sequence[int] | None,
                        fingerprint: GraphFingerprint | None | bool = True) -> None:
-        """Make ``model``'s current parameters theta0: record them, their architecture, the compared ``outputs``
-        (checked as a list of indices) and the fingerprint of the model's graph (``True``: computed here). For a
-        subclass that fits without :meth:`fit` (e.g. from an existing summary)."""
+        """Make ``model``'s current parameters theta0, for a subclass that fits without :meth:`fit`.
+
+        Records the parameters, their architecture, the compared ``outputs`` (checked as a list of indices)
+        and the fingerprint of the model's graph (``True``: computed here); used e.g. to fit from an existing
+        summary.
+        """
         if fingerprint is True:
             fingerprint = model_fingerprint(model)[0]
         self.outputs = check_outputs(outputs)
@@ -266,10 +281,10 @@ class FSDEstimator:
     def _check_graph(self, model: nn.Module, what: str = "the fitted model") -> None:
         """Refuse ``model`` if its forward graph differs from theta0's (see :mod:`laftr.fingerprint`).
 
-        Checked once per model object: a model that passed is remembered (by a weak reference, and the identity
-        of its submodules), so calling the estimator on it at every training step costs a dictionary lookup and
-        a walk over its submodules. Replacing a submodule (``model.act = nn.Tanh()``) is noticed; changing a
-        module in place afterwards (an attribute its forward reads, a patched ``forward``) is not.
+        Checked once per model object: a model that passed is remembered (by a weak reference, and the
+        identity of its submodules), so calling the estimator on it at every training step costs a dictionary
+        lookup and a walk over its submodules. Replacing a submodule (``model.act = nn.Tanh()``) is noticed;
+        changing a module in place afterwards (an attribute its forward reads, a patched ``forward``) is not.
         """
         text = self.graph_fingerprint
         if text is None:
@@ -285,12 +300,13 @@ class FSDEstimator:
         else:
             got, _, why = model_fingerprint(model)
             if got is None:
-                raise UsageError(f"the model's forward cannot be traced with torch.fx ({why}), while {what}'s could: "
-                                 "its forward differs from the fitted one")
+                raise UsageError(f"the model's forward cannot be traced with torch.fx ({why}), while "
+                                 f"{what}'s could: its forward differs from the fitted one")
             diff = describe_difference(fitted, got)
             if diff is not None:
-                raise UsageError(f"{diff} (compared with {what}); an estimator takes the model to be theta0's "
-                                 "network with other parameters, so it must compute the same function of them")
+                raise UsageError(f"{diff} (compared with {what}); an estimator takes the model to be "
+                                 "theta0's network with other parameters, so it must compute the "
+                                 "same function of them")
         for key in [k for k, v in cache.items() if v[0]() is None]:
             del cache[key]
         if len(cache) >= 16:
@@ -298,6 +314,7 @@ class FSDEstimator:
         cache[id(model)] = (weakref.ref(model), text, _structure(model))
 
     def __getstate__(self) -> dict[str, Any]:
+        """The state to pickle, without the weak references of the graph check (it is redone)."""
         state = dict(self.__dict__)
         state["_graph_checked"] = {}  # weak references do not pickle; the check is redone
         return state
@@ -318,7 +335,10 @@ class FSDEstimator:
         return model.eval()
 
     def theta0_on(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """theta0 moved to ``model``'s device and floating dtype (cached; do not modify the tensors in place)."""
+        """theta0 moved to ``model``'s device and floating dtype.
+
+        Cached: do not modify the tensors in place.
+        """
         assert self.theta0 is not None
         device, dtype = model_device_dtype(model)
         cache = self.__dict__.setdefault("_theta0_cache", {})
@@ -346,8 +366,10 @@ def _structure(model: nn.Module) -> tuple[int, ...]:
 
 
 def _num_outputs(model: nn.Module, x: torch.Tensor) -> int | None:
-    """The number of output units of ``model`` (its output on one example, flattened); None when the model does
-    not run on the data (the estimator's own pass over the data then says why)."""
+    """The number of output units of ``model`` (its output on one example, flattened).
+
+    None when the model does not run on the data (the estimator's own pass over the data then says why).
+    """
     try:
         with torch.no_grad():
             z = model(x)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -60,8 +60,8 @@ def select_coreset(
             if y is None:
                 raise DataError("selection='balanced' needs labels: give (x, y) batches")
             if y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1:
-                raise DataError(f"selection='balanced' needs integer class labels of shape (B,), got {y.dtype} "
-                                 f"{tuple(y.shape)}")
+                raise DataError(f"selection='balanced' needs integer class labels of shape (B,), got "
+                                 f"{y.dtype} {tuple(y.shape)}")
             ys.append(y.detach().cpu().long())
         keys.append(hash_keys(x, seed))
         xs.append(x.detach().cpu())
@@ -72,11 +72,11 @@ def select_coreset(
             if balanced:
                 ys = [torch.cat(ys)[keep]]
     allk, X = torch.cat(keys), torch.cat(xs)
+    Y: torch.Tensor | None = None
     if balanced:
-        Y: torch.Tensor | None = torch.cat(ys)
-        order = _round_robin(allk, Y, k)  # type: ignore[arg-type]
+        Y = torch.cat(ys)
+        order = _round_robin(allk, Y, k)
     else:
-        Y = None
         order = torch.argsort(allk, stable=True)[:k]
     return X[order].to(device=device), (Y[order] if Y is not None else None)
 
@@ -128,8 +128,9 @@ class CoresetEstimator(FSDEstimator):
     Config = CoresetConfig
 
     def __init__(self, config: CoresetConfig | None = None, **kwargs: Any) -> None:
+        """An unfitted estimator (see :class:`FSDEstimator`); refuses an unknown ``selection``."""
         super().__init__(config, **kwargs)
-        c: CoresetConfig = self.config  # type: ignore[assignment]
+        c = cast(CoresetConfig, self.config)
         if c.selection not in SELECTIONS:
             raise UsageError(f"unknown selection {c.selection!r}; choose one of {list(SELECTIONS)}")
         if not isinstance(c.coreset_size, int) or isinstance(c.coreset_size, bool) or c.coreset_size < 1:
@@ -137,9 +138,10 @@ class CoresetEstimator(FSDEstimator):
         self.X: torch.Tensor | None = None
 
     def _fit(self, model: nn.Module, data: Data) -> None:
-        c: CoresetConfig = self.config  # type: ignore[assignment]
+        c = cast(CoresetConfig, self.config)
         device, dtype = model_device_dtype(model)
-        self.X, _ = select_coreset(data, c.coreset_size, c.selection, c.seed, c.batch_size, device, dtype, c.progress)
+        self.X, _ = select_coreset(data, c.coreset_size, c.selection, c.seed, c.batch_size, device, dtype,
+                                   c.progress)
         with torch.no_grad():  # fail now, not at the first evaluation, on a model that cannot run on them
             select_outputs(model(self.X[:1]), self.outputs)
         log.info("%s: stored %d inputs of shape %s", self.name, self.X.shape[0], tuple(self.X.shape[1:]))
@@ -151,6 +153,7 @@ class CoresetEstimator(FSDEstimator):
         return self.X.to(device=device, dtype=dtype if self.X.is_floating_point() else None)
 
     def stored_floats(self) -> int:
+        """The stored inputs' entries."""
         return 0 if self.X is None else int(self.X.numel())
 
     def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -78,22 +78,25 @@ def labels_to_positions(y: torch.Tensor, outputs: Sequence[int] | None, num_outp
         ValueError: labels that are not integer class indices, or that name an output outside ``outputs``.
     """
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1:
-        raise ValueError(f"labels must be integer class indices of shape (B,), got {y.dtype} {tuple(y.shape)}")
+        raise ValueError(f"labels must be integer class indices of shape (B,), got "
+                         f"{y.dtype} {tuple(y.shape)}")
     y = y.long()
     if outputs is None:
         if (y < 0).any() or (y >= num_outputs).any():
-            raise ValueError(f"labels {sorted(set(y.tolist()))} out of range for a model with {num_outputs} outputs")
+            raise ValueError(f"labels {sorted(set(y.tolist()))} out of range for a model with "
+                             f"{num_outputs} outputs")
         return y
     table = torch.full((max(num_outputs, int(y.max()) + 1, max(outputs) + 1),), -1, dtype=torch.long,
                        device=y.device)
-    table[torch.as_tensor(list(outputs), device=y.device) % num_outputs] = torch.arange(len(outputs), device=y.device)
+    kept = torch.as_tensor(list(outputs), device=y.device) % num_outputs
+    table[kept] = torch.arange(len(outputs), device=y.device)
     if (y < 0).any():
         raise ValueError("labels must be non-negative class indices")
     pos = table[y]
     if (pos < 0).any():
         bad = sorted(set(y[pos < 0].tolist()))
-        raise ValueError(f"labels {bad} are not among the compared outputs {list(outputs)}; labels must index the "
-                         "model's output units")
+        raise ValueError(f"labels {bad} are not among the compared outputs {list(outputs)}; labels must "
+                         "index the model's output units")
     return pos
 
 
@@ -179,7 +182,10 @@ def per_example_square_grads(
 
 
 def check_curvature_config(c: Any, allowed: Sequence[str]) -> None:
-    """Validate the fields shared by the curvature estimators' configs (``fisher``, sample and chunk sizes)."""
+    """Validate the fields shared by the curvature estimators' configs.
+
+    That is ``fisher`` and the sample and chunk sizes.
+    """
     check_fisher_kind(c.fisher, c.metric, allowed)
     for name in ("num_label_samples", "chunk_size", "batch_size"):
         v = getattr(c, name)
@@ -190,14 +196,17 @@ def check_curvature_config(c: Any, allowed: Sequence[str]) -> None:
 def curvature_batches(
     model: nn.Module, data: Data, config: Any, outputs: Sequence[int] | None, desc: str
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(x, W)`` for every batch of ``data``: inputs on the model's device/dtype and their output-space
-    vectors (:func:`output_vectors`) for ``config.fisher``, drawn from a generator seeded by ``config.seed``.
+    """Yield ``(x, W)`` for every batch of ``data``: inputs and their output-space vectors.
+
+    The inputs are on the model's device/dtype; the vectors (:func:`output_vectors`) are for
+    ``config.fisher``, drawn from a generator seeded by ``config.seed``.
 
     The model must already be in eval mode; it is run once per batch without gradients.
     """
     device, dtype = model_device_dtype(model)
     gen = torch.Generator(device=device).manual_seed(int(config.seed))
-    for x, y in tqdm(iter_batches(data, config.batch_size, device, dtype), disable=not config.progress, desc=desc):
+    for x, y in tqdm(iter_batches(data, config.batch_size, device, dtype), disable=not config.progress,
+                     desc=desc):
         with torch.no_grad():
             z = model(x)
         z = z.reshape(z.shape[0], -1)

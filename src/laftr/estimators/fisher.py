@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -60,12 +60,13 @@ class DiagFisherEstimator(FSDEstimator):
     Config = FisherConfig
 
     def __init__(self, config: FisherConfig | None = None, **kwargs: Any) -> None:
+        """An unfitted estimator (see :class:`FSDEstimator`); checks the curvature options."""
         super().__init__(config, **kwargs)
         check_curvature_config(self.config, ("mc", "exact", "empirical"))
         self.diag: dict[str, torch.Tensor] | None = None
 
     def _fit(self, model: nn.Module, data: Data) -> None:
-        c: FisherConfig = self.config  # type: ignore[assignment]
+        c = cast(FisherConfig, self.config)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not names:
             raise ValueError("the model has no trainable parameters")
@@ -97,6 +98,7 @@ class DiagFisherEstimator(FSDEstimator):
         return 0.5 * total
 
     def stored_floats(self) -> int:
+        """One diagonal Fisher entry per parameter."""
         return 0 if self.diag is None else sum(v.numel() for v in self.diag.values())
 
     def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -26,21 +26,21 @@ Supported: ``nn.Linear`` and ``nn.Conv2d`` (``groups=1``, any stride/padding/dil
   position): only its diagonal, the token frequencies, is stored (``V`` floats, never a ``V x V`` matrix);
   ``G`` is over the embedding dimension ``d`` as for any layer. With ``dW = W - W0`` in the weight's own
   ``(V, d)`` orientation (the transpose of a Linear weight's), the term is
-  ``tr(G dW^T diag(A) dW) = sum_v A_v dW[v] G dW[v]^T``. The row ``padding_idx`` has ``A_v = 0`` (PyTorch gives
-  it no gradient, so it is a constant of the network and its Gauss-Newton block is zero).
+  ``tr(G dW^T diag(A) dW) = sum_v A_v dW[v] G dW[v]^T``. The row ``padding_idx`` has ``A_v = 0`` (PyTorch
+  gives it no gradient, so it is a constant of the network and its Gauss-Newton block is zero).
 - A **self-attention** ``nn.MultiheadAttention`` with one joint input projection has two Linear-like layers:
   ``<prefix>.in_proj`` (``in_proj_weight`` ``(3E, E)`` with ``in_proj_bias``: one Kronecker block for q, k and
   v together, ``A`` over its input, ``G`` over ``q|k|v``) and ``<prefix>.out_proj`` (over the merged heads).
   With separate ``q/k/v`` weights, or cross-attention, the input projection is unsupported (``out_proj``
   keeps its block).
 
-A module called several times in one forward pass (weight sharing) has the positions of all its calls
-pooled by the same convention (A averaged over them, G summed), as in K-FAC for shared weights. Any other module
-with trainable parameters (batch norm, layer norm, grouped convs, bare ``nn.Parameter`` s such as learned
+A module called several times in one forward pass (weight sharing) has the positions of all its calls pooled
+by the same convention (A averaged over them, G summed), as in K-FAC for shared weights. Any other module with
+trainable parameters (batch norm, layer norm, grouped convs, bare ``nn.Parameter`` s such as learned
 positional embeddings, an embedding whose weight is also used directly) raises an
-:class:`~laftr.errors.UnsupportedOpError` naming it, unless ``unsupported="diag"``: its parameters then get the
-diagonal Gauss-Newton term of ``diag-fisher``, computed from the same output vectors. A layer without bias has
-no ones column (``A`` is ``d_in x d_in``). Stored: ``sum (d_in + 1)^2 + d_out^2`` floats over Linear-like
+:class:`~laftr.errors.UnsupportedOpError` naming it, unless ``unsupported="diag"``: its parameters then get
+the diagonal Gauss-Newton term of ``diag-fisher``, computed from the same output vectors. A layer without bias
+has no ones column (``A`` is ``d_in x d_in``). Stored: ``sum (d_in + 1)^2 + d_out^2`` floats over Linear-like
 layers, ``V + d^2`` per embedding (plus one per fallback parameter).
 """
 
@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -71,9 +71,9 @@ class KfacConfig(EstimatorConfig):
             ``empirical`` (cross-entropy gradients at the true labels; ``kl`` only, needs labels).
         num_label_samples: output vectors sampled per example for ``mc``.
         unsupported: ``error`` (default) to refuse a model with trainable parameters outside the tapped layers
-            (``Linear``/``Conv2d``/``Embedding``, self-attention projections; LayerNorm and bare parameters such as
-            learned positional embeddings are not), or ``diag`` to give those parameters a diagonal Gauss-Newton
-            term.
+            (``Linear``/``Conv2d``/``Embedding``, self-attention projections; LayerNorm and bare parameters
+            such as learned positional embeddings are not), or ``diag`` to give those parameters a diagonal
+            Gauss-Newton term.
         chunk_size: examples per vectorized chunk of the ``diag`` fallback's per-example gradients.
     """
 
@@ -90,6 +90,7 @@ class KfacEstimator(FSDEstimator):
     Config = KfacConfig
 
     def __init__(self, config: KfacConfig | None = None, **kwargs: Any) -> None:
+        """An unfitted estimator (see :class:`FSDEstimator`); checks the curvature options."""
         super().__init__(config, **kwargs)
         check_curvature_config(self.config, ("mc", "exact", "empirical"))
         if self.cfg.unsupported not in ("error", "diag"):
@@ -101,7 +102,8 @@ class KfacEstimator(FSDEstimator):
 
     @property
     def cfg(self) -> KfacConfig:
-        return self.config  # type: ignore[return-value]
+        """The config, typed as a :class:`KfacConfig`."""
+        return cast(KfacConfig, self.config)
 
     # ------------------------------------------------------------------ fitting
     def _fit(self, model: nn.Module, data: Data) -> None:
@@ -172,6 +174,7 @@ class KfacEstimator(FSDEstimator):
 
     # ------------------------------------------------------------------ memory and persistence
     def stored_floats(self) -> int:
+        """The Kronecker factors A and G of every layer plus the diagonal of the other parameters."""
         return (sum(v.numel() for v in self.A.values()) + sum(v.numel() for v in self.G.values())
                 + sum(v.numel() for v in self.diag.values()))
 
@@ -182,18 +185,20 @@ class KfacEstimator(FSDEstimator):
             t[f"G/{layer.name}"] = self.G[layer.name]
         for n, v in self.diag.items():
             t[f"diag/{n}"] = v
-        layers = [[layer.name, layer.kind, layer.bias, layer.d_in, layer.d_out, layer.weight_name, layer.bias_name]
-                  for layer in self.layers]
+        layers = [[lay.name, lay.kind, lay.bias, lay.d_in, lay.d_out, lay.weight_name, lay.bias_name]
+                  for lay in self.layers]
         return t, {"layers": layers, "diag": list(self.diag)}
 
     def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         shapes = {n: list(s) for n, s in self.arch or []}
         self.layers, self.A, self.G, self.diag = [], {}, {}, {}
         for entry in meta["layers"]:
-            if not isinstance(entry, list) or len(entry) not in (5, 7) or entry[1] not in TAP_KINDS:  # (5: files written before embeddings)
+            # 5 entries: files written before embeddings were tapped
+            if not isinstance(entry, list) or len(entry) not in (5, 7) or entry[1] not in TAP_KINDS:
                 raise ValueError(f"K-FAC layer entry {entry!r} is malformed")
             name, kind, bias, d_in, d_out = entry[:5]
-            layer = Tap(name, kind, bool(bias), int(d_in), int(d_out), *[str(n) for n in entry[5:]])
+            weight_name, bias_name = (str(entry[5]), str(entry[6])) if len(entry) == 7 else ("", "")
+            layer = Tap(name, kind, bool(bias), int(d_in), int(d_out), weight_name, bias_name)
             A, G = tensors[f"A/{name}"], tensors[f"G/{name}"]
             k = [d_in] if kind == "embedding" else [d_in + int(bool(bias))] * 2
             if list(A.shape) != k or list(G.shape) != [d_out, d_out]:

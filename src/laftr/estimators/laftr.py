@@ -1,4 +1,4 @@
-"""LAFTR: the Linearized Activation Function TRick, by Monte Carlo (``laftr``) and in closed form (``laftr-exact``).
+"""LAFTR: the Linearized Activation Function TRick, by Monte Carlo and in closed form (``laftr-exact``).
 
 Both networks run with the same linearization, decided by theta0: per-unit slopes and intercepts drawn from
 the laws stored at theta0 (or theta0's own tangent on each input, ``gates="relu"``), normalizers likewise,
@@ -57,14 +57,17 @@ class LaftrBaseConfig(EstimatorConfig):
     vocab_size: int | None = None
 
     def __post_init__(self) -> None:
+        """Check the input model options (``classwise_cov`` is the old name of ``component_cov``)."""
         super().__post_init__()
         if self.classwise_cov is not None:
             self.component_cov = self.classwise_cov
             self.classwise_cov = None
         if self.input_model not in INPUT_MODELS:
-            raise UsageError(f"unknown input_model {self.input_model!r}; choose one of {sorted(INPUT_MODELS)}")
+            raise UsageError(f"unknown input_model {self.input_model!r}; choose one of "
+                             f"{sorted(INPUT_MODELS)}")
         if self.component_cov not in ("full", "diag"):
-            raise UsageError(f"component_cov (classwise_cov) must be 'full' or 'diag', got {self.component_cov!r}")
+            raise UsageError(f"component_cov (classwise_cov) must be 'full' or 'diag', got "
+                             f"{self.component_cov!r}")
         for name in ("rank", "coreset_size", "components", "mixture_sample"):
             check_int(self, name, minimum=1)
         if self.vocab_size is not None:
@@ -112,14 +115,17 @@ class LaftrConfig(LaftrBaseConfig):
     fixed_noise: bool = False
 
     def __post_init__(self) -> None:
+        """Check the Monte Carlo options."""
         super().__post_init__()
         if self.gates not in ("bernoulli", "relu"):
             raise UsageError(f"unknown gates {self.gates!r}; choose 'bernoulli' or 'relu'")
         if self.maxpool not in ("auto", "sample", "argmax0", "separate"):
-            raise UsageError(f"unknown maxpool mode {self.maxpool!r}; choose auto, sample, argmax0 or separate")
+            raise UsageError(f"unknown maxpool mode {self.maxpool!r}; choose auto, "
+                             "sample, argmax0 or separate")
         check_int(self, "num_samples", minimum=1)
         if self.gates == "relu" and self.maxpool == "sample":
-            raise UsageError("relu gates use theta0's own max-pool selection: maxpool='argmax0' or 'separate'")
+            raise UsageError("relu gates use theta0's own max-pool selection: "
+                             "maxpool='argmax0' or 'separate'")
         for name in ("shared_masks", "fixed_noise"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -136,19 +142,20 @@ class LaftrExactConfig(LaftrBaseConfig):
 
     Attributes:
         max_state: the largest number of joint units it will track (memory grows with its square).
-        mu_outer: use ``E[c_i c_i] = E[c_i]^2`` for every unit (for ReLU: ``E[m m^T] = mu mu^T``), the original
-            code's deterministic variant. It drops the variance terms and is biased; kept only so that the
-            bias can be measured.
+        mu_outer: use ``E[c_i c_i] = E[c_i]^2`` for every unit (for ReLU: ``E[m m^T] = mu mu^T``), the
+            original code's deterministic variant. It drops the variance terms and is biased; kept only so
+            that the bias can be measured.
     """
 
     max_state: int = 12000
     mu_outer: bool = False
 
     def __post_init__(self) -> None:
+        """Check the options; the closed form needs a quadratic metric."""
         super().__post_init__()
         if self.metric not in QUADRATIC_METRICS:
-            raise UsageError(f"laftr-exact has a closed form only for metrics {sorted(QUADRATIC_METRICS)}; use the "
-                             f"Monte Carlo 'laftr' estimator for {self.metric!r}")
+            raise UsageError(f"laftr-exact has a closed form only for metrics {sorted(QUADRATIC_METRICS)}; "
+                             f"use the Monte Carlo 'laftr' estimator for {self.metric!r}")
         check_int(self, "max_state", minimum=1)
         if not isinstance(self.mu_outer, bool):
             raise UsageError(f"mu_outer must be True or False, got {self.mu_outer!r}")
@@ -164,7 +171,7 @@ class _LaftrBase(FSDEstimator):
         self.summary: Summary | None = None
         self.site_signature: list[list[Any]] | None = None
         self._nets: dict[int, TracedNet] = {}
-        self._laws: dict[tuple, dict[str, Any]] = {}
+        self._laws: dict[tuple[str, torch.dtype], dict[str, Any]] = {}  # (device, dtype) -> site -> law
         self._gen: torch.Generator | None = None
 
     @property
@@ -180,7 +187,7 @@ class _LaftrBase(FSDEstimator):
         net = TracedNet(model)
         c = self.cfg
         inputs = make_input_model(c.input_model, **c.input_options())
-        # max pools always record their argmax frequencies (cheap; they count as stored floats only when sampled)
+        # max pools always record their argmax frequencies (cheap; stored floats only when sampled)
         self.summary = fit_summary(net, param_dict(model, detach=True), data, inputs, batch_size=c.batch_size,
                                    progress=c.progress, record_inputs=self._input_recorder(net))
         self._after_summary(net)
@@ -189,11 +196,12 @@ class _LaftrBase(FSDEstimator):
         """An extra recorder for :func:`fit_summary` (LIFTR's per-op input moments); None here."""
         return None
 
-    def fit_summary_only(self, summary: Summary, model: nn.Module, outputs: list[int] | None = None) -> _LaftrBase:
+    def fit_summary_only(self, summary: Summary, model: nn.Module,
+                         outputs: list[int] | None = None) -> _LaftrBase:
         """Use an existing (e.g. merged) summary fitted at ``model``'s current parameters."""
         if summary.inputs.name != self.cfg.input_model:
-            raise UsageError(f"the summary has a {summary.inputs.name!r} input model, this estimator is configured "
-                             f"for {self.cfg.input_model!r}")
+            raise UsageError(f"the summary has a {summary.inputs.name!r} input model, this estimator is "
+                             f"configured for {self.cfg.input_model!r}")
         self._set_reference(model, outputs)
         self.summary = summary
         self._after_summary(TracedNet(model))
@@ -218,8 +226,9 @@ class _LaftrBase(FSDEstimator):
             net = TracedNet(model)
             if not _same_signature(net.signature(), self.site_signature or []):
                 raise ValueError(
-                    "this model's sites (gates, normalizers, pools) differ from the ones the summary was fitted on "
-                    f"({[s[:2] for s in net.signature()]} vs {[s[:2] for s in self.site_signature or []]})"
+                    "this model's sites (gates, normalizers, pools) differ from the ones the summary was "
+                    f"fitted on ({[s[:2] for s in net.signature()]} vs "
+                    f"{[s[:2] for s in self.site_signature or []]})"
                 )
             self._nets = {key: net}
         return net
@@ -250,7 +259,7 @@ class _LaftrBase(FSDEstimator):
             if name in pools and not self._record_pools():
                 continue
             per_group += sum(int(v[0].numel()) for v in d.values())
-        groups = s.inputs.nonempty_groups() if s.inputs.grouped else 1  # type: ignore[attr-defined]
+        groups = s.inputs.nonempty_groups() if s.inputs.grouped else 1
         return groups * per_group + s.inputs.stored_floats()
 
     def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -262,8 +271,8 @@ class _LaftrBase(FSDEstimator):
             tensors, meta = _from_format_v1(tensors, meta, self.cfg)
         self.summary = Summary.from_tensors(tensors, meta["summary"])
         if self.summary.inputs.name != self.cfg.input_model:
-            raise ValueError(f"the stored input model {self.summary.inputs.name!r} does not match the config's "
-                             f"{self.cfg.input_model!r}")
+            raise ValueError(f"the stored input model {self.summary.inputs.name!r} does not match the "
+                             f"config's {self.cfg.input_model!r}")
         self._laws.clear()
         self.site_signature = meta["sites"]
         for name, fam, *_ in self.site_signature or []:
@@ -285,8 +294,8 @@ class LaftrEstimator(_LaftrBase):
         """The max-pool rule in use (``auto`` resolved)."""
         return self.cfg.pool_mode
 
-    def _mode(self, net: TracedNet, p0: dict[str, torch.Tensor], p: dict[str, torch.Tensor], groups: torch.Tensor,
-              gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Any:
+    def _mode(self, net: TracedNet, p0: dict[str, torch.Tensor], p: dict[str, torch.Tensor],
+              groups: torch.Tensor, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Any:
         """The interpreter mode of one evaluation: sampled linearizations, or theta0's own."""
         if self.cfg.gates == "relu":
             return OwnMode([p0, p], self.pool_mode)
@@ -307,14 +316,18 @@ class LaftrEstimator(_LaftrBase):
 
 @register("laftr-exact")
 class LaftrExactEstimator(_LaftrBase):
-    """LAFTR in closed form for the ``l2``/``mse`` metric: second moments propagated exactly through the
-    linearized network with its stored laws (no sampling noise). Every input model; grouped ones (classwise,
-    mixture) are weighted sums over their groups. No max pooling."""
+    """LAFTR in closed form for the ``l2``/``mse`` metric.
+
+    Second moments are propagated exactly through the linearized network with its stored laws (no sampling
+    noise). Every input model; grouped ones (classwise, mixture) are weighted sums over their groups. No max
+    pooling.
+    """
 
     Config = LaftrExactConfig
 
     def _moment_mode(self, net: TracedNet, params: list[dict[str, torch.Tensor]], state: JointMoments,
-                     laws: dict[str, Any], group: int, device: torch.device, dtype: torch.dtype) -> MomentMode:
+                     laws: dict[str, Any], group: int, device: torch.device,
+                     dtype: torch.dtype) -> MomentMode:
         """The interpreter mode propagating the joint second moment of one group."""
         return MomentMode(params, state, laws, group, self.cfg.mu_outer)
 
@@ -340,10 +353,13 @@ class LaftrExactEstimator(_LaftrBase):
 
 
 def _same_signature(a: list[list[Any]], b: list[list[Any]]) -> bool:
-    """Sites match in name and family, and in parameters where both record them (files of format 1 did not)."""
+    """Whether the sites match in name and family, and in parameters where both record them.
+
+    Files of format 1 did not record parameters.
+    """
     if len(a) != len(b):
         return False
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         if x[0] != y[0] or x[1] != y[1]:
             return False
         if len(x) > 2 and len(y) > 2 and x[2] is not None and y[2] is not None and x[2] != y[2]:

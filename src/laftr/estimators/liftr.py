@@ -1,20 +1,22 @@
-"""LIFTR: a step-wise linearization at theta0 (Dhawan et al., "Approximating Function Space Distance for Continual
-Learning in Transformers"; METHOD.md section 6), by Monte Carlo.
+"""LIFTR: a step-wise linearization at theta0 (METHOD.md section 6), by Monte Carlo.
+
+From Dhawan et al., "Approximating Function Space Distance for Continual Learning in Transformers".
 
 LAFTR runs the theta0 stream and the theta stream from one sampled input through the whole linearized network,
-so theta0's values inside the network are those of the sampled input. LIFTR propagates only the change: at every
-op with parameters (a Linear, an embedding, a normalization's affine part, attention's projections) and at every
-product of two data tensors (attention scores and weighted sums), theta0's input ``x0`` is drawn afresh from that
-op's own stored input moments (mean and diagonal or full covariance over the last axis, per position, fitted at
-theta0), independently of the change ``dx`` arriving from below; the op then contributes ``f_theta(x0 + dx) -
-f_theta0(x0)`` (for a linear layer ``W dx + dW x0``). Elementwise activations, normalizers and softmaxes pass the
-change through linearizations drawn from the same laws LAFTR stores (Bernoulli or two-moment gates, normalizer
-laws, the Dirichlet law of the attention pattern). Ops that are additive in their parameters (``x + pos``, a
-residual sum) and parameter-free linear ops need no anchor: the change does not depend on ``x0`` there.
+so theta0's values inside the network are those of the sampled input. LIFTR propagates only the change: at
+every op with parameters (a Linear, an embedding, a normalization's affine part, attention's projections) and
+at every product of two data tensors (attention scores and weighted sums), theta0's input ``x0`` is drawn
+afresh from that op's own stored input moments (mean and diagonal or full covariance over the last axis, per
+position, fitted at theta0), independently of the change ``dx`` arriving from below; the op then contributes
+``f_theta(x0 + dx) - f_theta0(x0)`` (for a linear layer ``W dx + dW x0``). Elementwise activations,
+normalizers and softmaxes pass the change through linearizations drawn from the same laws LAFTR stores
+(Bernoulli or two-moment gates, normalizer laws, the Dirichlet law of the attention pattern). Ops that are
+additive in their parameters (``x + pos``, a residual sum) and parameter-free linear ops need no anchor: the
+change does not depend on ``x0`` there.
 
 Memory: per anchored op and data input, the mean and variance (``input_cov="diag"``) or the mean and the
-covariance over the last axis (``"full"``) per position — like K-FAC's input factors — plus LAFTR's site laws and
-its input model (which supplies the inputs of the first layers). The estimator shares LAFTR's fitting,
+covariance over the last axis (``"full"``) per position — like K-FAC's input factors — plus LAFTR's site laws
+and its input model (which supplies the inputs of the first layers). The estimator shares LAFTR's fitting,
 persistence and Monte Carlo loop; only the interpreter mode differs (:class:`laftr.graph.StepMode`).
 ``liftr-exact`` is the closed form for ``l2`` (:class:`laftr.graph.StepMomentMode`): each anchor is a block
 independent of the joint state with the stored first and second moments.
@@ -53,11 +55,13 @@ class LiftrConfig(LaftrConfig):
     input_cov: str = "diag"
 
     def __post_init__(self) -> None:
+        """Check the options; LIFTR draws every linearization (``gates="bernoulli"``)."""
         super().__post_init__()
         _check_input_cov(self.input_cov)
         if self.gates != "bernoulli":
-            raise UsageError("liftr draws every linearization from its stored law (gates='bernoulli'); theta0's own "
-                             "linearization needs theta0's values on one input, which liftr does not propagate")
+            raise UsageError("liftr draws every linearization from its stored law (gates='bernoulli'); "
+                             "theta0's own linearization needs theta0's values on one input, which "
+                             "liftr does not propagate")
 
 
 def _check_input_cov(value: Any) -> None:
@@ -66,9 +70,12 @@ def _check_input_cov(value: Any) -> None:
 
 
 def anchor_candidates(net: TracedNet) -> set[str]:
-    """The data-dependent nodes that may be anchored: every op except sums, shape-only ops and identities (for
-    them the change does not depend on theta0's input), and except those whose only data input is the network
-    input (the input model supplies theta0's input there)."""
+    """The data-dependent nodes that may be anchored.
+
+    Every op except sums, shape-only ops and identities (for them the change does not depend on theta0's
+    input), and except those whose only data input is the network input (the input model supplies theta0's
+    input there).
+    """
     out = set()
     for name, rule in net.rules.items():
         if name not in net.data_nodes or isinstance(rule, (SumRule, LikeRule, IdentityRule, ShapeRule)):
@@ -80,10 +87,13 @@ def anchor_candidates(net: TracedNet) -> set[str]:
 
 
 def is_anchored(rule: Rule, args: Any, kwargs: Any) -> bool:
-    """Whether the op's parameters (or buffers) multiply its data, so that its change depends on theta0's input
-    (decided at run time, where parameters are non-data pairs). Products of two data tensors are not anchored:
-    they are linearized at theta0's factors, which come from anchored ops upstream (so attention written by hand,
-    with SDPA or with nn.MultiheadAttention gives one estimate)."""
+    """Whether the op's parameters (or buffers) multiply its data.
+
+    Then its change depends on theta0's input; this is decided at run time, where parameters are non-data
+    pairs. Products of two data tensors are not anchored: they are linearized at theta0's factors, which come
+    from anchored ops upstream (so attention written by hand, with SDPA or with nn.MultiheadAttention gives
+    one estimate).
+    """
     mod = rule.module
     if mod is not None and any(True for _ in itertools.chain(mod.parameters(), mod.buffers())):
         return True
@@ -91,24 +101,31 @@ def is_anchored(rule: Rule, args: Any, kwargs: Any) -> bool:
 
 
 def anchor_site(node: str, i: int | str) -> str:
-    """The summary entry of the law of the ``i``-th data input of anchored ``node`` (or of its internal layer
-    ``i``)."""
+    """The summary entry of the law of the ``i``-th data input of anchored ``node``.
+
+    A string ``i`` names an internal layer of the op instead.
+    """
     return f"{node}.in{i}" if isinstance(i, int) else f"{node}.{i}"
 
 
 class InputRecorder:
-    """Records, at theta0 while a summary is fitted, the moments of the inputs of anchored ops: once per value (the
-    first op that reads it names the entry), per group."""
+    """Records, at theta0 while a summary is fitted, the moments of the inputs of anchored ops.
+
+    Each value is recorded once (the first op that reads it names the entry), per group.
+    """
 
     def __init__(self, candidates: set[str], cov: str) -> None:
+        """A recorder of the inputs of the ``candidates`` nodes, with a ``cov`` covariance."""
         self.candidates = candidates
         self.cov = cov
         self._seen: dict[int, Any] = {}
 
     def begin_run(self) -> None:
+        """Forget the values seen in the previous pass."""
         self._seen = {}
 
     def __call__(self, mode: FitMode, rule: Rule, args: Any, kwargs: Any) -> None:
+        """Record the moments of the changing data inputs of an anchored op, once per value."""
         if rule.name not in self.candidates or not is_anchored(rule, args, kwargs):
             return
         for i, p in enumerate(changing_pairs((args, kwargs))):
@@ -117,8 +134,8 @@ class InputRecorder:
             self._seen[id(p)] = p
             x = p.vals[0]
             if not x.is_floating_point():
-                raise UsageError(f"liftr: {rule.describe()} reads integer data ({x.dtype}) inside the network; only "
-                                 "the network input may be token ids")
+                raise UsageError(f"liftr: {rule.describe()} reads integer data ({x.dtype}) inside the "
+                                 "network; only the network input may be token ids")
             xf = x.detach().to(torch.float64)
             self._add(mode, anchor_site(rule.name, i), xf)
 
@@ -140,6 +157,7 @@ class InputLaw:
 
     def __init__(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
                  dtype: torch.dtype) -> None:
+        """Turn the stored sums into means and standard deviations (diag) or covariance factors."""
         n = counts.clamp_min(1)
         m = sums["m"] / n.view(-1, *([1] * (sums["m"].ndim - 1)))
         self.mean = m.to(device, dtype)
@@ -155,8 +173,10 @@ class InputLaw:
             self.sd = None
 
     def moments(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean ``(n,)`` and second moment ``(n, n)`` of one example's flattened input in group ``group`` (the
-        covariance is block-diagonal over positions)."""
+        """Mean ``(n,)`` and second moment ``(n, n)`` of one example's flattened input in group ``group``.
+
+        The covariance is block-diagonal over positions.
+        """
         mean = self.mean[group]
         d = mean.shape[-1] if mean.ndim else 1
         flat = mean.reshape(-1)
@@ -172,8 +192,8 @@ class InputLaw:
         """One draw per example of ``like`` (``(n, *shape)``), from each example's group."""
         n = like.shape[0]
         if tuple(self.mean.shape[1:]) != tuple(like.shape[1:]):
-            raise ValueError(f"liftr: stored input moments of shape {tuple(self.mean.shape[1:])}, the network "
-                             f"produces {tuple(like.shape[1:])} (inputs of another size?)")
+            raise ValueError(f"liftr: stored input moments of shape {tuple(self.mean.shape[1:])}, the "
+                             f"network produces {tuple(like.shape[1:])} (inputs of another size?)")
         if self.mean.shape[0] == 1:
             mean = self.mean[0].expand(n, *self.mean.shape[1:])
             idx = None
@@ -195,14 +215,17 @@ class InputLaw:
 
 
 class _Missing:
-    """The place of a law the summary lacks: fine when the value was drawn for an earlier op, an error otherwise."""
+    """The place of a law the summary lacks.
+
+    It is fine when the value was drawn for an earlier op, an error otherwise.
+    """
 
     def __init__(self, rule: Rule) -> None:
         self.rule = rule
 
     def draw(self, groups: torch.Tensor, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-        raise ValueError(f"liftr: the summary has no input moments for {self.rule.describe()} (fitted on another "
-                         "network?)")
+        raise ValueError(f"liftr: the summary has no input moments for {self.rule.describe()} "
+                         "(fitted on another network?)")
 
 
 class _Anchored:
@@ -213,22 +236,25 @@ class _Anchored:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._anchor_laws: dict[tuple, dict[str, Any]] = {}  # (device, dtype) -> node / site -> laws
+        # (device, dtype) -> node / site -> laws
+        self._anchor_laws: dict[tuple[str, torch.dtype], dict[str, Any]] = {}
 
     def _after_summary(self, net: TracedNet) -> None:
-        super()._after_summary(net)  # type: ignore[misc]
+        super()._after_summary(net)  # type: ignore[misc]  # a mixin: the estimator class has it
         self._anchor_laws = {}
 
     def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        super()._load_state(tensors, meta)  # type: ignore[misc]
+        super()._load_state(tensors, meta)  # type: ignore[misc]  # a mixin, as above
         self._anchor_laws = {}
 
     def _input_recorder(self, net: TracedNet) -> InputRecorder:
         return InputRecorder(anchor_candidates(net), self.cfg.input_cov)
 
     def _anchors(self, net: TracedNet, device: torch.device, dtype: torch.dtype) -> Any:
-        """``anchors(rule, args, kwargs)`` and ``inner(rule, key)`` for the step-wise modes (laws cached per
-        device/dtype)."""
+        """``anchors(rule, args, kwargs)`` and ``inner(rule, key)`` for the step-wise modes.
+
+        The laws are cached per device/dtype.
+        """
         assert self.summary is not None
         key = (str(device), dtype)
         laws = self._anchor_laws.setdefault(key, {})
@@ -251,7 +277,8 @@ class _Anchored:
             if site not in laws:
                 sums = summary.site_sums.get(site)
                 if sums is None:
-                    raise ValueError(f"liftr: the summary has no moments for the input of {key} in {rule.describe()}")
+                    raise ValueError(f"liftr: the summary has no moments for the input of {key} "
+                                     f"in {rule.describe()}")
                 laws[site] = InputLaw(sums, summary.counts, device, dtype)
             return laws[site]
 
@@ -260,13 +287,16 @@ class _Anchored:
 
 @register("liftr")
 class LiftrEstimator(_Anchored, LaftrEstimator):
-    """LIFTR by Monte Carlo: the change propagated op by op, theta0's input of every anchored op drawn from its
-    stored moments (see the module docstring). Any metric; ``liftr-exact`` is its closed form for ``l2``."""
+    """LIFTR by Monte Carlo: the change propagated op by op.
+
+    theta0's input of every anchored op is drawn from its stored moments (see the module docstring). Any
+    metric; ``liftr-exact`` is its closed form for ``l2``.
+    """
 
     Config: ClassVar[Any] = LiftrConfig
 
-    def _mode(self, net: TracedNet, p0: dict[str, torch.Tensor], p: dict[str, torch.Tensor], groups: torch.Tensor,
-              gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Any:
+    def _mode(self, net: TracedNet, p0: dict[str, torch.Tensor], p: dict[str, torch.Tensor],
+              groups: torch.Tensor, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Any:
         anchors, inner = self._anchors(net, device, dtype)
         return StepMode([p0, p], self._site_laws(net, device, dtype), groups, gen, anchors, inner,
                         self.cfg.shared_masks, self.pool_mode)
@@ -285,19 +315,23 @@ class LiftrExactConfig(LaftrExactConfig):
     input_cov: str = "diag"
 
     def __post_init__(self) -> None:
+        """Check the options, including the anchors' covariance."""
         super().__post_init__()
         _check_input_cov(self.input_cov)
 
 
 @register("liftr-exact")
 class LiftrExactEstimator(_Anchored, LaftrExactEstimator):
-    """LIFTR in closed form for ``l2``/``mse``: the joint second moment propagated through the step-wise
-    linearization, each anchor a block independent of the state with its input's stored moments (no sampling
-    noise; the same networks as ``laftr-exact``)."""
+    """LIFTR in closed form for ``l2``/``mse``.
+
+    The joint second moment is propagated through the step-wise linearization, each anchor a block independent
+    of the state with its input's stored moments (no sampling noise; the same networks as ``laftr-exact``).
+    """
 
     Config: ClassVar[Any] = LiftrExactConfig
 
     def _moment_mode(self, net: TracedNet, params: list[dict[str, torch.Tensor]], state: JointMoments,
-                     laws: dict[str, Any], group: int, device: torch.device, dtype: torch.dtype) -> StepMomentMode:
+                     laws: dict[str, Any], group: int, device: torch.device,
+                     dtype: torch.dtype) -> StepMomentMode:
         anchors, _ = self._anchors(net, device, dtype)
         return StepMomentMode(params, state, laws, anchors, group, self.cfg.mu_outer)

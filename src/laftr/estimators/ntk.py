@@ -51,9 +51,12 @@ class NtkEstimator(CoresetEstimator):
 
         with eval_mode(model):
             try:
-                z0, dz = jvp(f, (primals,), (tangents,))
-            except NotImplementedError:  # an op without forward-mode AD (e.g. MultiheadAttention's fused kernel):
-                net = self._traced(model)  # the same function through laftr's interpreter, made of plain ops
-                z0, dz = jvp(lambda p: net.forward(X, {**p, **rest}), (primals,), (tangents,))
+                # torch.func annotates the result as a pair or, with has_aux, a triple: here it is a pair
+                z0, dz = jvp(f, (primals,), (tangents,))  # type: ignore[misc]
+            except NotImplementedError:
+                # an op without forward-mode AD (e.g. MultiheadAttention's fused kernel): the same function
+                # through laftr's interpreter, made of plain ops
+                net = self._traced(model)
+                z0, dz = jvp(lambda p: net.forward(X, {**p, **rest}), (primals,), (tangents,))  # type: ignore[misc]
         z0 = z0.detach()
         return discrepancy(z0, z0 + dz, self.metric, self.outputs).mean()

@@ -19,15 +19,15 @@ mode, :class:`laftr.graph.ForwardMode`) and one backward pass per output vector:
   input-projection parameters are not tappable.
 
 Tracing first means every estimator refuses the same networks with the same
-:class:`~laftr.errors.UnsupportedOpError` (an op without a rule, data-dependent control flow), and that no hook
-is ever put on the user's modules.
+:class:`~laftr.errors.UnsupportedOpError` (an op without a rule, data-dependent control flow), and that no
+hook is ever put on the user's modules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +52,9 @@ class Tap:
     the embedding dimension). ``bias`` says whether its bias is trainable (then a ones column is appended to
     the inputs, the bias being the last column of the ``d_out x (d_in + 1)`` weight matrix; embeddings have
     none). ``weight_name`` / ``bias_name`` are the qualified parameter names (by default ``<name>.weight`` and
-    ``<name>.bias``; an attention input projection has ``<prefix>.in_proj_weight`` / ``<prefix>.in_proj_bias``).
-    ``padding_idx`` is an embedding's padding row (its gradient, hence its statistics, are zero).
+    ``<name>.bias``; an attention input projection has ``<prefix>.in_proj_weight`` /
+    ``<prefix>.in_proj_bias``). ``padding_idx`` is an embedding's padding row (its gradient, hence its
+    statistics, are zero).
     """
 
     name: str
@@ -69,6 +70,7 @@ class Tap:
     out: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
+        """Check the kind and fill in the parameter names from the layer name."""
         if self.kind not in TAP_KINDS:
             raise ValueError(f"unknown tap kind {self.kind!r}; expected one of {list(TAP_KINDS)}")
         pre = f"{self.name}." if self.name else ""
@@ -102,8 +104,8 @@ def _attention_in_proj(mod: nn.MultiheadAttention, calls: list[fx.Node]) -> str 
     for node in calls:
         q, k, v = _query_key_value(node)
         if not (q is k and k is v):
-            return (f"it is used for cross-attention at node {node.name!r} (query, key and value differ); only "
-                    "self-attention's input projection is tapped")
+            return (f"it is used for cross-attention at node {node.name!r} (query, key and value differ); "
+                    "only self-attention's input projection is tapped")
     if not mod.in_proj_weight.requires_grad:
         return "its in_proj_weight is frozen but its in_proj_bias is trainable"
     return None
@@ -137,9 +139,9 @@ def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
         if unsupported == "fallback":
             fallback.extend(names)
             return
-        raise UnsupportedOpError(f"{who} cannot handle layer {mname or '(root)'!r} ({type(mod).__name__}, trainable "
-                                 f"parameters {names}): {why}; pass unsupported='diag' to give its parameters a "
-                                 "diagonal Gauss-Newton term")
+        raise UnsupportedOpError(f"{who} cannot handle layer {mname or '(root)'!r} "
+                                 f"({type(mod).__name__}, trainable parameters {names}): {why}; pass "
+                                 "unsupported='diag' to give its parameters a diagonal Gauss-Newton term")
 
     for mname, mod in model.named_modules():
         own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
@@ -230,17 +232,19 @@ def tap_positions(tap: Tap, t: torch.Tensor) -> torch.Tensor:
 def tap_inputs(tap: Tap, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as ``(B, T, d_in [+ 1])`` (patches for convs; a ones column with a bias).
 
-    An embedding's input is returned as its integer token ids ``(B, T)`` (the one-hot vectors are never formed).
+    An embedding's input is returned as its integer token ids ``(B, T)`` (the one-hot vectors are never
+    formed).
     """
     if tap.kind == "embedding":
         return x.reshape(x.shape[0], -1)
-    a = _patches(module, x) if tap.kind == "conv" else x.reshape(x.shape[0], -1, x.shape[-1])  # type: ignore[arg-type]
+    a = _patches(cast(nn.Conv2d, module), x) if tap.kind == "conv" else x.reshape(x.shape[0], -1, x.shape[-1])
     return torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1) if tap.bias else a
 
 
 def token_counts(tap: Tap, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``sum_{b, t} onehot(ids[b, t])``: the diagonal of an embedding's summed one-hot outer products (which are
-    diagonal: one token per position), with the count of ``padding_idx`` set to 0.
+    """``sum_{b, t} onehot(ids[b, t])``: the diagonal of an embedding's summed one-hot outer products.
+
+    The outer products are diagonal (one token per position); the count of ``padding_idx`` is set to 0.
 
     Args:
         tap: an embedding tap (its vocabulary size ``d_in`` and ``padding_idx``).
@@ -265,6 +269,7 @@ class LayerTaps:
     """
 
     def __init__(self, model: nn.Module, found: TapSet) -> None:
+        """Taps on ``model``'s layers found by :func:`find_taps` (``found``)."""
         self.model = model
         self.net = found.net
         self.taps = found.taps
@@ -272,9 +277,11 @@ class LayerTaps:
         self._by_name = {t.name: t for t in self.taps}
 
     def __enter__(self) -> LayerTaps:  # noqa: PYI034 (Self needs Python 3.11)
+        """Start recording."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Clear the recordings."""
         for tap in self.taps:
             tap.inp, tap.out = [], []
 
@@ -283,8 +290,10 @@ class LayerTaps:
         return name in self._by_name
 
     def record(self, name: str, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Keep one call's input and output; returns the output to use downstream (a leaf that requires grad
-        when nothing upstream does, so its gradient can be taken)."""
+        """Keep one call's input and output; returns the output to use downstream.
+
+        That is a leaf that requires grad when nothing upstream does, so its gradient can be taken.
+        """
         tap = self._by_name[name]
         tap.inp.append(inp.detach())
         if not out.requires_grad:
@@ -308,16 +317,18 @@ class LayerTaps:
         with torch.enable_grad():
             (z,) = self.net.run((x,), ForwardMode([param_dict(self.model)], taps=self))
             zs = select_outputs(z, outputs)
-        inputs = {tap.name: [tap_inputs(tap, self.modules[tap.name], t) for t in tap.inp] for tap in self.taps}
+        inputs = {tap.name: [tap_inputs(tap, self.modules[tap.name], t) for t in tap.inp]
+                  for tap in self.taps}
         owner = [tap for tap in self.taps for _ in tap.out]
         outs = [o for tap in self.taps for o in tap.out]
 
         def per_vector() -> Iterator[dict[str, list[torch.Tensor]]]:
             S = W.shape[2]
             for s in range(S):
-                gs = torch.autograd.grad((zs * W[:, :, s]).sum(), outs, retain_graph=s < S - 1, allow_unused=True)
+                gs = torch.autograd.grad((zs * W[:, :, s]).sum(), outs, retain_graph=s < S - 1,
+                                         allow_unused=True)
                 res: dict[str, list[torch.Tensor]] = {tap.name: [] for tap in self.taps}
-                for tap, g, o in zip(owner, gs, outs):
+                for tap, g, o in zip(owner, gs, outs, strict=True):
                     g = torch.zeros_like(o) if g is None else g.detach()
                     res[tap.name].append(tap_positions(tap, g))
                 yield res
@@ -342,7 +353,7 @@ def tapped_square_grads(inputs: list[torch.Tensor], grads: list[torch.Tensor]) -
         a, g = inputs[0][:, 0], grads[0][:, 0]
         return (g * g).T @ (a * a)
     per = None
-    for a, g in zip(inputs, grads):
+    for a, g in zip(inputs, grads, strict=True):
         t = torch.einsum("bto,bti->boi", g, a)
         per = t if per is None else per + t
     assert per is not None
@@ -350,11 +361,11 @@ def tapped_square_grads(inputs: list[torch.Tensor], grads: list[torch.Tensor]) -
 
 
 def embedding_square_grads(tap: Tap, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
-    """``sum_b (per-example gradient of an embedding's weight)^2`` from its taps, in the weight's ``(V, d)`` shape.
+    """``sum_b (per-example gradient of an embedding's weight)^2`` from its taps, shaped ``(V, d)``.
 
-    Example b's gradient is ``sum_t onehot(ids[b, t]) g[b, t]^T`` (over all positions of all calls): row v holds
-    the sum of the output gradients at the positions of token v. It is formed only for the (example, token)
-    pairs that occur (``index_add``), never as a ``(B, V, d)`` tensor or one-hot matrices. The row
+    Example b's gradient is ``sum_t onehot(ids[b, t]) g[b, t]^T`` (over all positions of all calls): row v
+    holds the sum of the output gradients at the positions of token v. It is formed only for the (example,
+    token) pairs that occur (``index_add``), never as a ``(B, V, d)`` tensor or one-hot matrices. The row
     ``padding_idx`` is zero (PyTorch gives it no gradient).
 
     Args:
@@ -387,9 +398,11 @@ def square_grads(
     chunk_size: int = 32,
     taps: LayerTaps | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Like :func:`laftr.estimators.curvature.per_example_square_grads`, but the layers in ``taps`` get theirs
-    from one batched backward pass per output vector (:func:`tapped_square_grads`,
-    :func:`embedding_square_grads`); only the other parameters in ``names`` go through the per-example ``vmap``.
+    """Like :func:`laftr.estimators.curvature.per_example_square_grads`, with the taps batched.
+
+    The layers in ``taps`` get theirs from one batched backward pass per output vector
+    (:func:`tapped_square_grads`, :func:`embedding_square_grads`); only the other parameters in ``names`` go
+    through the per-example ``vmap``.
     """
     out: dict[str, torch.Tensor] = {}
     tapped: set[str] = set()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -38,9 +38,11 @@ class WeightEstimator(FSDEstimator):
     uses_network = False  # needs no data: fit neither reads examples nor checks the forward on them
 
     def __init__(self, config: WeightConfig | None = None, **kwargs: Any) -> None:
+        """An unfitted estimator (see :class:`FSDEstimator`); ``scale`` must be finite and non-negative."""
         super().__init__(config, **kwargs)
-        scale = self.config.scale  # type: ignore[attr-defined]
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not (scale >= 0 and scale < float("inf")):
+        scale = cast(WeightConfig, self.config).scale
+        if (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+                or not (scale >= 0 and scale < float("inf"))):
             raise ValueError(f"scale must be a finite non-negative number, got {scale!r}")
 
     def _fit(self, model: nn.Module, data: Data) -> None:
@@ -56,7 +58,8 @@ class WeightEstimator(FSDEstimator):
             total = t if total is None else total + t
         if total is None:
             raise ValueError("the model has no trainable parameters")
-        return 0.5 * float(self.config.scale) * total  # type: ignore[attr-defined]
+        return 0.5 * float(cast(WeightConfig, self.config).scale) * total
 
     def stored_floats(self) -> int:
+        """None beyond theta0."""
         return 0

@@ -5,8 +5,8 @@
 - :class:`ClassicalInfluence`: the first-order influence function with the damped Gauss-Newton matrix
   (conjugate gradient on ``torch.func`` Gauss-Newton-vector products, or a dense solve for tiny models).
 - :class:`Measurement`: the loss on fixed test points, whose change the methods predict.
-- :func:`make_method`: every method behind one interface, by name; :mod:`.experiment` runs the
-  benchmarks of ``laftr influence`` and ``laftr mislabeled``.
+- :func:`make_method`: every method behind one interface, by name; ``laftr.influence.experiment`` (private)
+  runs the benchmarks of ``laftr influence`` and ``laftr mislabeled``.
 """
 
 from .classical import CGInfo, ClassicalInfluence, InfluenceConfig, conjugate_gradient

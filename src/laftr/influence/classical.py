@@ -70,7 +70,7 @@ def conjugate_gradient(
     p = r.clone()
     rs = float(r @ r)
     it = 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 (`it`, the iterations run, is read after the loop)
         Ap = matvec(p)
         pAp = float(p @ Ap)
         if not pAp > 0:
@@ -106,6 +106,7 @@ class InfluenceConfig:
     batch_size: int = 8192
 
     def __post_init__(self) -> None:
+        """Check the damping, the solver and the conjugate gradient options."""
         if not (math.isfinite(self.damping) and self.damping >= 0):
             raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
         if self.solver not in ("cg", "exact"):
@@ -126,6 +127,7 @@ class ClassicalInfluence:
 
     def __init__(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], task: str | None = None,
                  config: InfluenceConfig | None = None, **kwargs: Any) -> None:
+        """Copy the model and the training inputs (see the class for the arguments)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.config = dataclasses.replace(config or InfluenceConfig(), **kwargs)
@@ -139,7 +141,7 @@ class ClassicalInfluence:
         self.num_train = int(X.shape[0])
         self.params = {n: p.detach() for n, p in self.model.named_parameters() if n in self.space.names}
         self.buffers = dict(self.model.named_buffers())
-        self._vjps: list[tuple[Callable, torch.Tensor]] | None = None
+        self._vjps: list[tuple[Callable[..., Any], torch.Tensor]] | None = None
         self._dense: torch.Tensor | None = None
         self._chol: torch.Tensor | None = None
         self._direction: torch.Tensor | None = None
@@ -157,12 +159,14 @@ class ClassicalInfluence:
         if self._vjps is None:
             self._vjps = []
             for xb in self.X.split(self.config.batch_size):
-                zb, fn = vjp(lambda p, xb=xb: self._f(p, xb), self.params)
+                # torch.func annotates the result as a pair or, with has_aux, a triple: here it is a pair
+                zb, fn = vjp(lambda p, xb=xb: self._f(p, xb), self.params)  # type: ignore[misc]
                 self._vjps.append((fn, zb.detach()))
         vd = self.space.unflatten(v)
         out = torch.zeros_like(v)
-        for (fn, zb), xb in zip(self._vjps, self.X.split(self.config.batch_size)):
-            _, jv = jvp(lambda p, xb=xb: self._f(p, xb), (self.params,), (vd,))
+        for (fn, zb), xb in zip(self._vjps, self.X.split(self.config.batch_size), strict=True):
+            # torch.func annotates the result as a pair or, with has_aux, a triple: here it is a pair
+            _, jv = jvp(lambda p, xb=xb: self._f(p, xb), (self.params,), (vd,))  # type: ignore[misc]
             (g,) = fn(output_hessian_product(zb, jv, self.task))
             out += self.space.flatten(g)
         self.matvecs += 1
@@ -238,7 +242,9 @@ class ClassicalInfluence:
         return float(self._direction @ self.loss_grad(x, y)) / self.num_train
 
     def self_influence(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Estimated change of the example's own loss when it is removed:
-        ``(1/N) grad L^T (G + lam I)^{-1} grad L`` (one solve per call)."""
+        """Estimated change of the example's own loss when it is removed.
+
+        That is ``(1/N) grad L^T (G + lam I)^{-1} grad L`` (one solve per call).
+        """
         g = self.loss_grad(x, y)
         return float(g @ self.solve(g)) / self.num_train

@@ -52,9 +52,11 @@ CLASSIFICATION_LAFTR_OPTIONS: dict[str, Any] = {"input_model": "classwise", "cla
 
 def _estimator_options(user: dict[str, dict[str, Any]] | None, task: str,
                        methods: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Defaults merged with the user's options, per estimator name or tagged variant ``<name>@<tag>`` (a
-    variant starts from its estimator's defaults). Default keys the estimator's config lacks are dropped;
-    user keys it lacks are rejected."""
+    """Defaults merged with the user's options, per estimator name or tagged variant ``<name>@<tag>``.
+
+    A variant starts from its estimator's defaults. Default keys the estimator's config lacks are dropped;
+    user keys it lacks are rejected.
+    """
     user = user or {}
     keys = set(REGISTRY) | set(user)
     for m in methods or []:
@@ -171,26 +173,34 @@ def _validate_common(c: Any) -> None:
 
 # --------------------------------------------------------------------------------------------- data/model
 def load_tables(name: str, n_train: int | None, seed: int = 0) -> tuple[Any, str]:
-    """The data set, flattened, restricted to ``n_train`` training examples drawn at random (seeded; some
-    sets, e.g. ``mnist-sample``, are sorted by class); and its task."""
+    """The data set, flattened, restricted to ``n_train`` random training examples; and its task.
+
+    The examples are drawn with a seed (some sets, e.g. ``mnist-sample``, are sorted by class).
+    """
     import dataclasses as _dc
 
     from ..data import load_dataset
 
     ds = load_dataset(name).flat()
     if n_train is not None and n_train < ds.n_train:
-        idx = torch.randperm(ds.n_train, generator=torch.Generator().manual_seed(seed))[:n_train].sort().values
-        ds = _dc.replace(ds, x_train=ds.x_train[idx], y_train=ds.y_train[idx], meta={**ds.meta, "train_subset": (
-            f"sorted(torch.randperm({ds.n_train}, generator=Generator().manual_seed({seed}))[:{n_train}])")})
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(ds.n_train, generator=gen)[:n_train].sort().values
+        subset = (f"sorted(torch.randperm({ds.n_train}, generator=Generator().manual_seed({seed}))"
+                  f"[:{n_train}])")
+        ds = _dc.replace(ds, x_train=ds.x_train[idx], y_train=ds.y_train[idx],
+                         meta={**ds.meta, "train_subset": subset})
     elif n_train is not None and n_train > ds.n_train:
         raise UsageError(f"{name} has {ds.n_train} training examples; n_train={n_train} is too many")
     return ds, infer_task(ds.y_train)
 
 
 def train_model(X: torch.Tensor, Y: torch.Tensor, task: str, hidden: tuple[int, ...], epochs: int, lr: float,
-                batch_size: int, seed: int, progress: bool = False, num_classes: int | None = None) -> nn.Module:
-    """Train an MLP with Adam (full batch for regression, minibatches for classification) in float32 and
-    return it in float64, ready for influence computations."""
+                batch_size: int, seed: int, progress: bool = False,
+                num_classes: int | None = None) -> nn.Module:
+    """Train an MLP with Adam in float32 and return it in float64, ready for influence computations.
+
+    Full batch for regression, minibatches for classification.
+    """
     torch.manual_seed(seed)  # nn.Linear initializes from the global generator
     out_dim = Y.shape[1] if task == "regression" else (num_classes or int(Y.max()) + 1)
     model = mlp(X.shape[1], tuple(hidden), out_dim, flatten=False).float()
@@ -211,7 +221,8 @@ def train_model(X: torch.Tensor, Y: torch.Tensor, task: str, hidden: tuple[int, 
     return model.double().eval()
 
 
-def _model_stats(model: nn.Module, X, Y, Xt, Yt, task: str) -> dict[str, float]:
+def _model_stats(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, Xt: torch.Tensor, Yt: torch.Tensor,
+                 task: str) -> dict[str, float]:
     with torch.no_grad():
         z, zt = model(X.double()), model(Xt.double())
         out = {"train_loss": float(per_example_loss(z, Y, task).mean()),
@@ -240,21 +251,28 @@ def _solver_summary(stats: list[dict[str, Any]]) -> dict[str, Any]:
         "iterations": _summ([s["iterations"] for s in stats]),
         "evaluations": _summ([s["evaluations"] for s in stats]),
         "grad_ratio": _summ([s["grad_ratio"] for s in stats]),
-        "status": {k: sum(1 for s in stats if s["status"] == k) for k in sorted({s["status"] for s in stats})},
+        "status": {k: sum(1 for s in stats if s["status"] == k)
+                   for k in sorted({s["status"] for s in stats})},
     }
 
 
 # --------------------------------------------------------------------------------------------- influence
 def run_influence(config: InfluenceExperimentConfig, out_dir: str | Path, force: bool = False,
                   command: str = "") -> dict[str, Any]:
-    """Run the influence benchmark and write ``results.json``, ``table.md`` and ``scatter.png`` to ``out_dir``.
+    """Run the influence benchmark and write its files to ``out_dir``.
+
+    The files are ``results.json``, ``table.md`` and ``scatter.png``.
 
     Raises:
         ValueError: unknown data set or method, bad options.
-        laftr.report.OutDirError: ``out_dir`` exists, is not empty, and ``force`` is False.
+        laftr.errors.OutDirError: ``out_dir`` exists, is not empty, and ``force`` is False.
     """
     cfg = config.resolved()
-    est_opts = _estimator_options(cfg.estimator_options, "classification" if cfg.dataset in MISLABELED_DATASETS
+    # resolved() filled every setting left at None
+    assert cfg.hidden is not None and cfg.epochs is not None
+    assert cfg.lr is not None and cfg.damping is not None
+    est_opts = _estimator_options(cfg.estimator_options,
+                                  "classification" if cfg.dataset in MISLABELED_DATASETS
                                   else "regression", cfg.methods)
     folder = RunFolder(out_dir, force=force)
     out = folder.open()
@@ -329,8 +347,8 @@ def _influence_md(res: dict[str, Any]) -> str:
         "",
         (f"MLP {m['hidden']} ({m['num_params']:,} parameters), N = {res['dataset']['n_train']}, "
         f"damping {c['damping']}, epsilon {'1/N' if c['epsilon'] is None else c['epsilon']}, "
-        f"{len(res['query_indices'])} removed training points, M = mean loss on {c['n_measure']} test points. "
-        f"Train loss {m['train_loss']:.4g}, test loss {m['test_loss']:.4g}."),
+        f"{len(res['query_indices'])} removed training points, M = mean loss on {c['n_measure']} test "
+        f"points. Train loss {m['train_loss']:.4g}, test loss {m['test_loss']:.4g}."),
         "",
         res["table_markdown"],
         "",
@@ -350,7 +368,7 @@ def _scatter(res: dict[str, Any], path: Path) -> None:
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):  # the grid's last row may have spare axes
         r = res["methods"][name]
         v = np.asarray(r["influences"], dtype=np.float64)
         ok = np.isfinite(v)
@@ -402,6 +420,7 @@ class MislabeledConfig:
     progress: bool = False
 
     def resolved(self) -> MislabeledConfig:
+        """This config checked, with the defaults of its size (``quick`` or not) filled in."""
         if self.dataset not in MISLABELED_DATASETS:
             raise UsageError(f"mislabeled detection needs a classification data set: one of "
                              f"{list(MISLABELED_DATASETS)}, got {self.dataset!r}")
@@ -421,7 +440,7 @@ def _with_defaults(cfg: Any, defaults: dict[str, Any]) -> Any:
     return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
-def _query_all(meth: Any, name: str, setup_args: tuple, indices: Any, progress: bool, value: str,
+def _query_all(meth: Any, name: str, setup_args: tuple[Any, ...], indices: Any, progress: bool, value: str,
                fail_value: float, **query_kw: Any) -> tuple[list[float], dict[str, Any]]:
     """Set up one method and query it at every index, timing both.
 
@@ -481,6 +500,9 @@ def run_mislabeled(config: MislabeledConfig, out_dir: str | Path, force: bool = 
                    command: str = "") -> dict[str, Any]:
     """Run mislabeled-example detection and write ``results.json``, ``table.md`` and ``curves.png``."""
     cfg = config.resolved()
+    # resolved() filled every setting left at None
+    assert cfg.hidden is not None and cfg.epochs is not None
+    assert cfg.lr is not None and cfg.damping is not None
     est_opts = _estimator_options(cfg.estimator_options, "classification", cfg.methods)
     folder = RunFolder(out_dir, force=force)
     out = folder.open()
@@ -490,8 +512,8 @@ def run_mislabeled(config: MislabeledConfig, out_dir: str | Path, force: bool = 
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     y_noisy, flipped = flip_labels(ds.y_train, cfg.noise, int(ds.num_classes), gen)
     X = ds.x_train
-    model = train_model(X, y_noisy, task, cfg.hidden, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, cfg.progress,
-                        ds.num_classes)
+    model = train_model(X, y_noisy, task, cfg.hidden, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed,
+                        cfg.progress, ds.num_classes)
     X64 = X.double()
     N = X.shape[0]
     pcfg = PBRFConfig(damping=cfg.damping, epsilon=cfg.epsilon, rtol=cfg.rtol, max_iter=cfg.max_iter)
@@ -525,11 +547,12 @@ def run_mislabeled(config: MislabeledConfig, out_dir: str | Path, force: bool = 
         x, yv = curves[name]
         found_at = {f"found@{p}": float(np.interp(p, x, yv)) for p in (0.1, 0.2)}
         r.update(found_at)
-        rows.append({"method": name, "AUC": r["auc"], **found_at, "CPU s/query": r.get("cpu_seconds_per_query"),
+        rows.append({"method": name, "AUC": r["auc"], **found_at,
+                     "CPU s/query": r.get("cpu_seconds_per_query"),
                      "time / pbrf": ratio, "stored floats": r.get("stored_floats"),
                      "failed": len(r.get("failures", []))})
     table = markdown_table(rows, floatfmt=".3g")
-    res = {
+    res: dict[str, Any] = {
         "metadata": metadata,
         "config": dataclasses.asdict(cfg),
         "estimator_options": est_opts,
@@ -549,14 +572,15 @@ def run_mislabeled(config: MislabeledConfig, out_dir: str | Path, force: bool = 
     (out / "table.md").write_text("\n".join([
         f"# Mislabeled-example detection: {cfg.dataset}",
         "",
-        (f"{res['dataset']['num_flipped']} of {N} training labels flipped (noise {cfg.noise}); MLP {m['hidden']} "
-        f"({m['num_params']:,} parameters), damping {cfg.damping}; examples ranked by self-influence. "
-        f"Test accuracy {m['test_accuracy']:.3f}. `random` is the floor (expected AUC 0.5); `train-loss` "
-        "ranks by the example's training loss (a heuristic, not an influence method)."),
+        (f"{res['dataset']['num_flipped']} of {N} training labels flipped (noise {cfg.noise}); MLP "
+        f"{m['hidden']} ({m['num_params']:,} parameters), damping {cfg.damping}; examples ranked by "
+        f"self-influence. Test accuracy {m['test_accuracy']:.3f}. `random` is the floor (expected AUC 0.5); "
+        "`train-loss` ranks by the example's training loss (a heuristic, not an influence method)."),
         "",
         table,
         "",
-        f"Command: `{command}` (git {res['metadata']['git_revision']}), wall time {res['wall_time_s']:.0f} s.",
+        f"Command: `{command}` (git {res['metadata']['git_revision']}), wall time {res['wall_time_s']:.0f} "
+        "s.",
         "",
     ]))
     plt = pyplot()

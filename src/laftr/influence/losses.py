@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 TASKS = ("regression", "classification")
 
-#: Bregman divergence (a :mod:`laftr.metrics` name) of each task's loss.
+#: Bregman divergence (a name in :data:`laftr.METRICS`) of each task's loss.
 BREGMAN_METRIC = {"regression": "mse", "classification": "kl"}
 
 #: Metric names an FSD estimator may use for each task (``l2`` and ``mse`` are the same function).
@@ -57,10 +57,12 @@ def per_example_loss(z: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tenso
     z = z.reshape(z.shape[0], -1)
     if task == "regression":
         if y.shape != z.shape:
-            raise ValueError(f"regression targets of shape {tuple(y.shape)} do not match outputs {tuple(z.shape)}")
+            raise ValueError(f"regression targets of shape {tuple(y.shape)} do not match "
+                             f"outputs {tuple(z.shape)}")
         return 0.5 * (z - y.to(z.dtype)).pow(2).sum(-1)
     if y.ndim != 1 or y.shape[0] != z.shape[0] or y.is_floating_point():
-        raise ValueError(f"class labels must be integers of shape ({z.shape[0]},), got {tuple(y.shape)} {y.dtype}")
+        raise ValueError(f"class labels must be integers of shape ({z.shape[0]},), got "
+                         f"{tuple(y.shape)} {y.dtype}")
     return F.cross_entropy(z, y.to(z.device), reduction="none")
 
 

@@ -13,7 +13,8 @@ from .params import ParamSpace
 def check_examples(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
     """Raise a clear error unless ``(x, y)`` is a non-empty, finite batch of examples of equal length."""
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError(f"{what}: inputs and targets must be tensors, got {type(x).__name__}, {type(y).__name__}")
+        raise TypeError(f"{what}: inputs and targets must be tensors, got "
+                        f"{type(x).__name__}, {type(y).__name__}")
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"{what}: inputs must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
     if y.shape[0] != x.shape[0]:
@@ -34,11 +35,13 @@ class Measurement:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, task: str | None = None) -> None:
+        """Measurement points ``(x, y)``; the task is inferred from ``y`` when not given."""
         check_examples(x, y, "measurement points")
         self.task = check_task(task) if task is not None else infer_task(y)
         self.x, self.y = x, y
 
     def __len__(self) -> int:
+        """The number of measurement points."""
         return int(self.x.shape[0])
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
@@ -57,4 +60,5 @@ class Measurement:
                 gs = torch.autograd.grad(self(model), space.params(model), allow_unused=True)
         finally:
             model.train(was)
-        return space.flatten([torch.zeros_like(p) if g is None else g for g, p in zip(gs, space.params(model))])
+        return space.flatten([torch.zeros_like(p) if g is None else g
+                              for g, p in zip(gs, space.params(model), strict=True)])

@@ -67,12 +67,15 @@ class InfluenceMethod:
     """Base class. ``setup`` once (timed separately), then ``query`` per removed training example."""
 
     name = "base"
+    train: tuple[torch.Tensor, torch.Tensor]  # set by setup
 
     def setup(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], task: str,
               measurement: Measurement | None) -> None:
+        """Prepare to answer queries about removing examples of ``train`` from ``model``'s training."""
         raise NotImplementedError
 
     def query(self, index: int, measure: bool = True, self_influence: bool = False) -> QueryResult:
+        """Estimate the effect of removing training example ``index``."""
         raise NotImplementedError
 
     def stored_floats(self) -> int:
@@ -80,6 +83,7 @@ class InfluenceMethod:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
+        """The method's name and options, for result files."""
         return {"name": self.name}
 
     def _example(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +105,7 @@ class PBRFMethod(InfluenceMethod):
 
     def __init__(self, estimator: str | None = None, estimator_options: dict[str, Any] | None = None,
                  config: PBRFConfig | None = None) -> None:
+        """A PBRF method (see the class for the arguments); refuses an unknown estimator or a metric."""
         if estimator is not None and estimator not in REGISTRY:
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {available_estimators()}")
         self.estimator_name = estimator
@@ -112,36 +117,45 @@ class PBRFMethod(InfluenceMethod):
         self.est: FSDEstimator | None = None
         self.solver: PBRF | None = None
 
-    def setup(self, model, train, task, measurement):
+    def setup(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], task: str,
+              measurement: Measurement | None) -> None:
+        """Make the PBRF solver, fitting the estimator at ``model`` first for ``pbrf-<estimator>``."""
         self.train, self.task, self.measurement = train, task, measurement
         if self.estimator_name is None:
             self.solver = PBRF(model, train, task=task, config=self.config)
             return
         try:
-            self.est = make_estimator(self.estimator_name, metric=BREGMAN_METRIC[task], **self.estimator_options)
+            self.est = make_estimator(self.estimator_name, metric=BREGMAN_METRIC[task],
+                                      **self.estimator_options)
         except TypeError as e:
-            raise ValueError(f"bad options {self.estimator_options} for estimator {self.estimator_name!r}: {e}") from e
+            raise ValueError(f"bad options {self.estimator_options} for estimator "
+                             f"{self.estimator_name!r}: {e}") from e
         self.est.fit(model, train)
-        self.solver = PBRF(model, fsd=self.est, num_train=int(train[0].shape[0]), task=task, config=self.config)
+        self.solver = PBRF(model, fsd=self.est, num_train=int(train[0].shape[0]), task=task,
+                           config=self.config)
 
-    def query(self, index, measure=True, self_influence=False):
+    def query(self, index: int, measure: bool = True, self_influence: bool = False) -> QueryResult:
+        """Solve the PBRF without example ``index``; its response and/or self-influence."""
         assert self.solver is not None, "call setup first"
         x, y = self._example(index)
         sol = self.solver.solve(x, y)
         t0, c0 = time.perf_counter(), time.process_time()
-        infl = self.solver.response(sol, self.measurement) if measure and self.measurement is not None else None
+        infl = (self.solver.response(sol, self.measurement) if measure and self.measurement is not None
+                else None)
         selfi = self.solver.example_loss_change(sol, x, y) if self_influence else None
         # the solve's time (its stationarity check excluded) plus the response evaluations
         return QueryResult(infl, selfi, sol.seconds + time.perf_counter() - t0,
                            sol.cpu_seconds + time.process_time() - c0, sol.stats())
 
     def stored_floats(self) -> int:
+        """The estimator's stored floats, or the training set's for the exact PBRF."""
         if self.est is not None:
             return int(self.est.stored_floats())
         X, Y = self.train
         return int(X.numel() + Y.numel())
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
+        """The name, the PBRF options and the estimator's description."""
         d: dict[str, Any] = {"name": self.name, "pbrf": dataclasses.asdict(self.config)}
         if self.est is not None:
             d["estimator"] = self.est.describe()
@@ -152,11 +166,14 @@ class ClassicalMethod(InfluenceMethod):
     """``influence`` (conjugate gradient) or ``influence-exact`` (dense G)."""
 
     def __init__(self, config: InfluenceConfig | None = None) -> None:
+        """The classical influence with ``config`` (its solver names the method)."""
         self.config = config or InfluenceConfig()
         self.name = "influence" if self.config.solver == "cg" else "influence-exact"
         self.ci: ClassicalInfluence | None = None
 
-    def setup(self, model, train, task, measurement):
+    def setup(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], task: str,
+              measurement: Measurement | None) -> None:
+        """Prepare the Gauss-Newton solves (and the measurement's gradient, if given)."""
         self.train, self.task = train, task
         self.ci = ClassicalInfluence(model, train, task=task, config=self.config)
         self.setup_info = None
@@ -164,7 +181,8 @@ class ClassicalMethod(InfluenceMethod):
             self.ci.set_measurement(measurement)
             self.setup_info = dataclasses.asdict(self.ci.last_info) if self.ci.last_info else None
 
-    def query(self, index, measure=True, self_influence=False):
+    def query(self, index: int, measure: bool = True, self_influence: bool = False) -> QueryResult:
+        """The classical influence of removing example ``index`` and/or its self-influence."""
         assert self.ci is not None, "call setup first"
         x, y = self._example(index)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -179,10 +197,12 @@ class ClassicalMethod(InfluenceMethod):
         return QueryResult(infl, selfi, time.perf_counter() - t0, time.process_time() - c0, stats)
 
     def stored_floats(self) -> int:
+        """The training set's entries (the method keeps it)."""
         X, Y = self.train
         return int(X.numel() + Y.numel())
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
+        """The name, the options and the measurement's conjugate gradient statistics."""
         return {"name": self.name, "influence": dataclasses.asdict(self.config), "setup_cg": self.setup_info}
 
 
@@ -201,7 +221,8 @@ def make_method(name: str, *, pbrf: PBRFConfig | None = None, influence: Influen
     if name == "pbrf":
         return PBRFMethod(None, config=pbrf)
     if name in ("influence", "influence-exact"):
-        cfg = dataclasses.replace(influence or InfluenceConfig(), solver="cg" if name == "influence" else "exact")
+        cfg = dataclasses.replace(influence or InfluenceConfig(),
+                                  solver="cg" if name == "influence" else "exact")
         return ClassicalMethod(cfg)
     base, tag = split_variant(name)
     est = base[len("pbrf-"):]

@@ -16,6 +16,7 @@ class ParamSpace:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        """The space of ``model``'s trainable parameters (their names, shapes and sizes)."""
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters")
@@ -34,7 +35,7 @@ class ParamSpace:
         """Split a vector into a dict of named tensors of the parameters' shapes."""
         if vec.ndim != 1 or vec.numel() != self.size:
             raise ValueError(f"expected a vector of {self.size} entries, got shape {tuple(vec.shape)}")
-        return {n: c.view(s) for n, c, s in zip(self.names, vec.split(self.numels), self.shapes)}
+        return {n: c.view(s) for n, c, s in zip(self.names, vec.split(self.numels), self.shapes, strict=True)}
 
     def get(self, model: nn.Module) -> torch.Tensor:
         """The model's current parameters as a detached vector."""

@@ -11,11 +11,11 @@ replaces it by an :class:`~laftr.estimators.base.FSDEstimator` fitted once at ``
 touches only the removed example.
 
 Numerics. ``theta_m - theta_s`` is of order ``eps``, so the solver works in the rescaled variable
-``u = (theta - theta_s) / eps`` and minimizes ``J(theta_s + eps u) / eps^2`` (the same minimizer; values
-and gradients of order one) with full-batch, deterministic L-BFGS (backtracking line search, capped steps), warm
+``u = (theta - theta_s) / eps`` and minimizes ``J(theta_s + eps u) / eps^2`` (the same minimizer; values and
+gradients of order one) with full-batch, deterministic L-BFGS (backtracking line search, capped steps), warm
 started at ``theta_s`` (``u = 0``) and stopped when the gradient's largest entry falls below ``rtol`` times
-that of the removed example's loss gradient. Use float64 models: in float32 the output changes ``f(x;
-theta_m) - f(x; theta_s)`` have only a few significant digits.
+that of the removed example's loss gradient. Use float64 models: in float32 the output changes
+``f(x; theta_m) - f(x; theta_s)`` have only a few significant digits.
 
 Optional upweighting (``epsilon`` in :class:`PBRFConfig`): solve with a larger weight ``eps`` on the
 removed example and rescale every response by ``(1/N) / eps``. In the linear-response regime (``eps``
@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .._util import check_same_arch, model_device_dtype
+from ..errors import NoLocalMinimumError as NoLocalMinimumError  # defined in laftr.errors; importable here
 from ..estimators.base import FSDEstimator
 from ..metrics import discrepancy
 from .losses import BREGMAN_METRIC, COMPATIBLE_METRICS, check_task, infer_task, per_example_loss
@@ -60,8 +61,8 @@ class PBRFConfig:
         history_size: L-BFGS memory.
         max_step: longest step, in units of ``||grad L(z_m)|| / lam`` (the largest displacement, in the
             rescaled variable, that the minimizer of a ``lam``-strongly convex objective can have).
-        trust_radius: the solve fails (:class:`NoLocalMinimumError`) when ``||u||`` exceeds this many such
-            units: the objective then has no local minimum near ``theta_s``.
+        trust_radius: the solve fails (:class:`laftr.errors.NoLocalMinimumError`) when ``||u||`` exceeds
+            this many such units: the objective then has no local minimum near ``theta_s``.
         batch_size: batch size of the exact, full-data objective.
     """
 
@@ -75,6 +76,7 @@ class PBRFConfig:
     batch_size: int = 8192
 
     def __post_init__(self) -> None:
+        """Check the damping, epsilon, tolerances and sizes."""
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
             raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
         if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
@@ -154,6 +156,7 @@ class PBRF:
         config: PBRFConfig | None = None,
         **kwargs: Any,
     ) -> None:
+        """Copy the model and prepare the objective (see the class for the arguments)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.config = dataclasses.replace(config or PBRFConfig(), **kwargs)
@@ -196,7 +199,8 @@ class PBRF:
         if not isinstance(est, FSDEstimator):
             raise TypeError(f"fsd must be an FSDEstimator, got {type(est).__name__}")
         if not est.fitted or est.theta0 is None or est.arch is None:
-            raise ValueError(f"the {est.name!r} estimator is not fitted: call est.fit(model, data) at theta_s first")
+            raise ValueError(f"the {est.name!r} estimator is not fitted: call "
+                             "est.fit(model, data) at theta_s first")
         if est.metric not in COMPATIBLE_METRICS[self.task]:
             raise ValueError(
                 f"the PBRF of a {self.task} loss needs rho = its Bregman divergence "
@@ -209,8 +213,9 @@ class PBRF:
         for n, p in model.named_parameters():
             if not torch.equal(theta0[n], p.detach()):
                 raise ValueError(
-                    f"the {est.name!r} estimator was fitted at other parameters than theta_s (parameter {n!r} "
-                    "differs): fit it on this model, in this dtype, before building the PBRF"
+                    f"the {est.name!r} estimator was fitted at other parameters than theta_s "
+                    f"(parameter {n!r} differs): fit it on this model, in this dtype, "
+                    "before building the PBRF"
                 )
 
     # ------------------------------------------------------------------ objective
@@ -239,7 +244,7 @@ class PBRF:
         assert self.X is not None and self.Zs is not None
         total = 0.0
         bs = self.config.batch_size
-        for xb, zb in zip(self.X.split(bs), self.Zs.split(bs)):
+        for xb, zb in zip(self.X.split(bs), self.Zs.split(bs), strict=True):
             d = discrepancy(zb, self.work(xb), self.metric).sum() / self.num_train
             (d * scale).backward()
             total += float(d.detach())
@@ -262,9 +267,9 @@ class PBRF:
             y: targets ``(B, K)`` or labels ``(B,)``.
 
         Raises:
-            NoLocalMinimumError: the iterates left the trust region (see :class:`PBRFConfig`): the objective
-                has no local minimum near ``theta_s`` (it is unbounded below far from it, e.g. when an
-                estimator's curvature does not dominate the removed example's negative curvature).
+            laftr.errors.NoLocalMinimumError: the iterates left the trust region (see :class:`PBRFConfig`):
+                the objective has no local minimum near ``theta_s`` (it is unbounded below far from it, e.g.
+                when an estimator's curvature does not dominate the removed example's negative curvature).
         """
         x, y = self._example(x, y)
         cfg = self.config
@@ -328,8 +333,10 @@ class PBRF:
 
     # ------------------------------------------------------------------ responses
     def response(self, solution: PBRFSolution, fn: Callable[[nn.Module], torch.Tensor]) -> float:
-        """``scale * (fn(theta_s + delta) - fn(theta_s))``: the change of a scalar function of the network
-        (e.g. a :class:`~laftr.influence.measure.Measurement`) under the removal."""
+        """``scale * (fn(theta_s + delta) - fn(theta_s))``: a scalar function's change under the removal.
+
+        ``fn`` is a scalar function of the network, e.g. a :class:`~laftr.influence.measure.Measurement`.
+        """
         with torch.no_grad():
             base = float(fn(self.model))
             self.space.set(self.work, self.theta_s + solution.delta)
@@ -340,13 +347,12 @@ class PBRF:
         return solution.scale * (val - base)
 
     def example_loss_change(self, solution: PBRFSolution, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Change of the summed loss on ``(x, y)`` under the removal (self-influence when ``(x, y) = z_m``)."""
+        """Change of the summed loss on ``(x, y)`` under the removal.
+
+        It is the self-influence when ``(x, y) = z_m``.
+        """
         x, y = self._example(x, y)
         return self.response(solution, lambda m: per_example_loss(m(x), y, self.task).sum())
-
-
-class NoLocalMinimumError(FloatingPointError):
-    """The PBRF iterates left the trust region around ``theta_s``: no local minimum was found near it."""
 
 
 def _lbfgs(
@@ -386,7 +392,9 @@ def _lbfgs(
         d = _two_loop(g, S, Yv, rho)
         gd = float(g @ d)
         if not gd < 0:  # not a descent direction: forget the curvature pairs
-            S.clear(), Yv.clear(), rho.clear()
+            S.clear()
+            Yv.clear()
+            rho.clear()
             d, gd = -g, -float(g @ g)
         accepted = False
         for attempt in range(2):
@@ -408,41 +416,48 @@ def _lbfgs(
                     t *= 0.1
             if accepted or attempt == 1 or not S:
                 break
-            S.clear(), Yv.clear(), rho.clear()  # retry once along the negative gradient
+            S.clear()  # retry once along the negative gradient
+            Yv.clear()
+            rho.clear()
             d, gd = -g, -float(g @ g)
         if not accepted:
             return u, it - 1, "stalled"
         s_k, y_k = u_new - u, g_new - g
         sy = float(s_k @ y_k)
         if sy > 1e-12 * float(s_k.norm()) * float(y_k.norm()):
-            S.append(s_k), Yv.append(y_k), rho.append(1.0 / sy)
+            S.append(s_k)
+            Yv.append(y_k)
+            rho.append(1.0 / sy)
             if len(S) > history:
-                S.pop(0), Yv.pop(0), rho.pop(0)
+                S.pop(0)
+                Yv.pop(0)
+                rho.pop(0)
         flat = flat + 1 if f - f_new <= 1e-14 * max(1.0, abs(f)) else 0
         u, f, g = u_new, f_new, g_new
         if flat >= 3:
             return u, it, "gradient" if float(g.abs().max()) <= tol else "stalled"
         if float(u.norm()) > radius:
             raise NoLocalMinimumError(
-                f"the PBRF iterates left the trust region (||u|| > {radius:.3g}): no local minimum near theta_s; "
-                "increase the damping"
+                f"the PBRF iterates left the trust region (||u|| > {radius:.3g}): no local minimum near "
+                "theta_s; increase the damping"
             )
     if float(g.abs().max()) <= tol:
         return u, it, "gradient"
     return u, it, "max_iter"
 
 
-def _two_loop(g: torch.Tensor, S: list[torch.Tensor], Yv: list[torch.Tensor], rho: list[float]) -> torch.Tensor:
+def _two_loop(g: torch.Tensor, S: list[torch.Tensor], Yv: list[torch.Tensor],
+              rho: list[float]) -> torch.Tensor:
     """The L-BFGS direction ``-H g`` by the two-loop recursion (``-g`` without curvature pairs)."""
     q = g.clone()
     alphas = []
-    for s, y, r in zip(reversed(S), reversed(Yv), reversed(rho)):
+    for s, y, r in zip(reversed(S), reversed(Yv), reversed(rho), strict=True):
         a = r * float(s @ q)
         alphas.append(a)
         q.sub_(y, alpha=a)
     if S:
         q.mul_(float(S[-1] @ Yv[-1]) / float(Yv[-1] @ Yv[-1]))
-    for s, y, r, a in zip(S, Yv, rho, reversed(alphas)):
+    for s, y, r, a in zip(S, Yv, rho, reversed(alphas), strict=True):
         b = r * float(y @ q)
         q.add_(s, alpha=a - b)
     return -q

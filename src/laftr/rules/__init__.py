@@ -2,12 +2,12 @@
 
 Public API: :func:`register` (add or replace the rule of an op, e.g. a custom activation), the base
 classes a new rule derives from (:class:`Rule`, :class:`AffineRule`, :class:`PiecewiseLinearGate`,
-:class:`SmoothGate`, :class:`NormRule`), :func:`registered_targets` (the support matrix) and
-:class:`~laftr.errors.UnsupportedOpError`.
+:class:`SmoothGate`, :class:`NormRule`), :class:`RuleMode` (what a rule's mode methods receive),
+:func:`registered_targets` (the support matrix) and :class:`~laftr.errors.UnsupportedOpError`.
 
-Families: :mod:`~laftr.rules.affine` (layers, reshapes, sums, dropout, shape queries),
-:mod:`~laftr.rules.gates` (elementwise activations), :mod:`~laftr.rules.norm` (per-example
-normalization), :mod:`~laftr.rules.pooling` (max pooling).
+Families, one private submodule each: ``affine`` (layers, reshapes, sums, dropout, shape queries),
+``gates`` (elementwise activations), ``norm`` (per-example normalization), ``pooling`` (max pooling) and
+``attention`` (token embeddings, products of two data tensors, softmax over data, attention).
 """
 
 from ..errors import UnsupportedOpError
@@ -16,6 +16,7 @@ from .affine import AffineRule, IdentityRule, ShapeRule, SumRule
 from .base import (
     Pair,
     Rule,
+    RuleMode,
     describe,
     lookup,
     make_rule,
@@ -37,6 +38,7 @@ __all__ = [
     "Pair",
     "PiecewiseLinearGate",
     "Rule",
+    "RuleMode",
     "ShapeRule",
     "SmoothGate",
     "SumRule",

@@ -2,23 +2,24 @@
 
 Linearized at theta0 (METHOD.md section 6), every op becomes affine in the change of its data inputs:
 
-- **Embedding** ``W[t]`` of integer tokens is linear in the one-hot token: each stream looks its tokens up in its
-  own table, in every mode (the tokens are the same in both streams). In the closed form the state holds the
-  one-hot encoding and the embedding is the matrix product ``onehot @ W``.
+- **Embedding** ``W[t]`` of integer tokens is linear in the one-hot token: each stream looks its tokens up in
+  its own table, in every mode (the tokens are the same in both streams). In the closed form the state holds
+  the one-hot encoding and the embedding is the matrix product ``onehot @ W``.
 - **Products of two data tensors** ``f(x, y)`` (``q @ k^T``, ``attn @ v``, ``bmm``, ``einsum``, ``x * y``) are
   bilinear; at theta0's values ``(x0, y0)`` stream s gets ``f(x0, y0) + f(x_s - x0, y0) + f(x0, y_s - y0)``
   (exact for stream 0, first order in the change for the others). With one data input they are affine.
-- **Softmax** ``A = softmax(l)`` over data: ``A_s = A0 + J(A0) (l_s - l0)`` with ``J(A) u = A * (u - <A, u>)``,
-  the Jacobian at theta0's pattern. theta0's own linearization (``gates="relu"``) takes ``A0 = softmax(l0)`` on
-  each input; LAFTR draws ``A0`` from a law stored at theta0, independent of the input, shared by both streams
-  (stream 0 is then ``A0`` itself, as a gated unit of stream 0 is ``c s0 + r``): per row of the pattern we store
-  the exact mean pattern ``E[A0]`` and the mean squared norm ``E[sum_j A0_j^2]`` and draw from the Dirichlet law
-  with that mean whose expected squared norm is the stored one (LIFTR also moment-matches a Dirichlet). Rows
-  that theta0 makes one-hot on every input are drawn as categorical one-hot rows (the Dirichlet's limit).
-  Masked positions (``-inf`` logits, the same in both streams) stay at zero.
-- **Attention** (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) is these pieces composed: scores
-  ``q k^T * scale (+ mask)`` (bilinear), softmax, ``A v`` (bilinear), all at theta0's values. Its site stores the
-  attention pattern law of its heads.
+- **Softmax** ``A = softmax(l)`` over data: ``A_s = A0 + J(A0) (l_s - l0)`` with
+  ``J(A) u = A * (u - <A, u>)``, the Jacobian at theta0's pattern. theta0's own linearization
+  (``gates="relu"``) takes ``A0 = softmax(l0)`` on each input; LAFTR draws ``A0`` from a law stored at theta0,
+  independent of the input, shared by both streams (stream 0 is then ``A0`` itself, as a gated unit of stream
+  0 is ``c s0 + r``): per row of the pattern we store the exact mean pattern ``E[A0]`` and the mean squared
+  norm ``E[sum_j A0_j^2]`` and draw from the Dirichlet law with that mean whose expected squared norm is the
+  stored one (LIFTR also moment-matches a Dirichlet). Rows that theta0 makes one-hot on every input are drawn
+  as categorical one-hot rows (the Dirichlet's limit). Masked positions (``-inf`` logits, the same in both
+  streams) stay at zero.
+- **Attention** (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) is these pieces composed:
+  scores ``q k^T * scale (+ mask)`` (bilinear), softmax, ``A v`` (bilinear), all at theta0's values. Its site
+  stores the attention pattern law of its heads.
 
 There is no closed form (``laftr-exact``) for products of two data tensors: their second moments need fourth
 moments of the state. Those rules refuse it with a message; the Monte Carlo estimator handles them.
@@ -29,7 +30,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,11 +46,13 @@ Tensor = torch.Tensor
 # ---------------------------------------------------------------------------------------------- pieces
 def bilinear_streams(f: Callable[[Tensor, Tensor], Tensor], xs: tuple[Tensor, ...],
                      ys: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """``f`` bilinear, linearized at stream 0's values: ``f(x0, y0)`` for stream 0 and
-    ``f(x0, y0) + f(x_s - x0, y0) + f(x0, y_s - y0)`` for the others."""
+    """``f`` bilinear, linearized at stream 0's values.
+
+    Stream 0 gets ``f(x0, y0)``, the others ``f(x0, y0) + f(x_s - x0, y0) + f(x0, y_s - y0)``.
+    """
     x0, y0 = xs[0], ys[0]
     base = f(x0, y0)
-    return (base, *(base + f(x - x0, y0) + f(x0, y - y0) for x, y in zip(xs[1:], ys[1:])))
+    return (base, *(base + f(x - x0, y0) + f(x0, y - y0) for x, y in zip(xs[1:], ys[1:], strict=True)))
 
 
 def logit_change(l_s: Tensor, l0: Tensor) -> Tensor:
@@ -66,8 +69,11 @@ def softmax_tangent(a0: Tensor, dl: Tensor, dim: int) -> Tensor:
 
 
 def gamma_draw(shape_param: Tensor, gen: torch.Generator) -> Tensor:
-    """Gamma(shape_param, 1) variates from ``gen`` (Marsaglia and Tsang's squeeze method; shapes below 1 by the
-    ``U^(1/a)`` boost; a zero shape gives 0). torch's own sampler takes no generator, hence this one."""
+    """Gamma(shape_param, 1) variates from ``gen``.
+
+    Marsaglia and Tsang's squeeze method; shapes below 1 by the ``U^(1/a)`` boost; a zero shape gives 0.
+    torch's own sampler takes no generator, hence this one.
+    """
     a = shape_param
     pos = a > 0
     a1 = torch.where(a < 1, a + 1, a).clamp_min(1.0)
@@ -79,7 +85,8 @@ def gamma_draw(shape_param: Tensor, gen: torch.Generator) -> Tensor:
         z = torch.randn(a.shape, generator=gen, device=gen.device, dtype=a.dtype).to(a.device)
         u = torch.rand(a.shape, generator=gen, device=gen.device, dtype=a.dtype).to(a.device)
         v = (1 + c * z) ** 3
-        ok = (v > 0) & (torch.log(u.clamp_min(1e-300)) < 0.5 * z * z + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+        ok = (v > 0) & (torch.log(u.clamp_min(1e-300)) < 0.5 * z * z + d - d * v + d
+                        * torch.log(v.clamp_min(1e-300)))
         take = todo & ok
         out = torch.where(take, d * v, out)
         todo = todo & ~ok
@@ -92,14 +99,22 @@ def gamma_draw(shape_param: Tensor, gen: torch.Generator) -> Tensor:
 
 
 class PatternLaw:
-    """The law of theta0's attention pattern per group: a Dirichlet per row with the stored mean pattern and the
-    stored mean squared norm (stored floats: the pattern, plus one per row)."""
+    """The law of theta0's attention pattern per group: a Dirichlet per row.
+
+    The Dirichlet has the stored mean pattern and the stored mean squared norm (stored floats: the pattern,
+    plus one per row).
+    """
 
     #: below this concentration rows are drawn one-hot (the Dirichlet's limit; gamma variates underflow there)
     MIN_CONCENTRATION: ClassVar[float] = 1e-3
 
     def __init__(self, sums: dict[str, Tensor], counts: Tensor, dim: int, device: torch.device,
                  dtype: torch.dtype) -> None:
+        """Turn the stored sums into each row's mean pattern and Dirichlet concentration.
+
+        ``dim`` is the softmax axis counted on one example's pattern; a row whose patterns did not vary gets
+        an infinite concentration (it is always drawn at its mean).
+        """
         n = counts.clamp_min(1)
         mean = sums["a"] / n.view(-1, *([1] * (sums["a"].ndim - 1)))
         sq = sums["a2"] / n.view(-1, *([1] * (sums["a2"].ndim - 1)))
@@ -133,7 +148,8 @@ class PatternLaw:
         u = torch.rand(al.shape, generator=gen, device=gen.device, dtype=m.dtype).to(m.device).unsqueeze(ax)
         cum = m.cumsum(ax)
         first = (cum > u * cum.narrow(ax, cum.shape[ax] - 1, 1)).to(m.dtype)
-        onehot = first - torch.cat([torch.zeros_like(first.narrow(ax, 0, 1)), first.narrow(ax, 0, first.shape[ax] - 1)],
+        onehot = first - torch.cat([torch.zeros_like(first.narrow(ax, 0, 1)),
+                                    first.narrow(ax, 0, first.shape[ax] - 1)],
                                    ax)
         tiny = (al_b < self.MIN_CONCENTRATION) | (total <= 0)
         out = torch.where(torch.isinf(al_b), m, torch.where(tiny, onehot, dirichlet))
@@ -152,11 +168,12 @@ class PatternSite(Rule):
         mode.add(self.name, "a2", (a * a).sum(dim))
 
     def draw(self, mode: Any, like: Tensor, dim: int) -> Tensor:
+        """theta0's patterns drawn from the stored law for a batch like ``like`` (of the same shape)."""
         law: PatternLaw = mode.law(self)
         if tuple(law.mean.shape[1:]) != tuple(like.shape[1:]):
             raise ValueError(f"attention site {self.name!r}: the summary has patterns of shape "
-                             f"{tuple(law.mean.shape[1:])}, the network produces {tuple(like.shape[1:])} (inputs of "
-                             "another length?)")
+                             f"{tuple(law.mean.shape[1:])}, the network produces {tuple(like.shape[1:])} "
+                             "(inputs of another length?)")
         a = law.draw(mode.groups, mode.generator, mode.shared, like)
         return a.expand_as(like) if a.shape[0] == 1 else a
 
@@ -164,22 +181,28 @@ class PatternSite(Rule):
         """The softmax axis within one example's pattern of ``ndim`` dimensions (attention: the last)."""
         return ndim - 1
 
-    def law(self, sums: dict[str, Tensor], counts: Tensor, device: torch.device, dtype: torch.dtype) -> PatternLaw:
+    def law(self, sums: dict[str, Tensor], counts: Tensor, device: torch.device,
+            dtype: torch.dtype) -> PatternLaw:
+        """The stored pattern statistics turned into a :class:`PatternLaw` on ``device`` in ``dtype``."""
         return PatternLaw(sums, counts, self.pattern_axis(sums["a"].ndim - 1), device, dtype)
 
     def no_closed_form(self) -> Exception:
-        return self.refuse("laftr-exact has no closed form through attention (products of two data tensors need "
-                           "fourth moments); use the Monte Carlo 'laftr' estimator")
+        """The error raised by the closed form: attention has none (it needs fourth moments)."""
+        return self.refuse("laftr-exact has no closed form through attention (products of two data tensors "
+                           "need fourth moments); use the Monte Carlo 'laftr' estimator")
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Refuse: laftr-exact has no closed form through a softmax over data."""
         raise self.no_closed_form()
 
 
 def _within_mask(a: Tensor, l0: Tensor, dim: int) -> Tensor:
-    """A drawn pattern restricted to the keys this example may attend to (finite logits) and renormalized. The
-    stored law puts no mass on keys a constant mask hides, so this changes nothing then; with a mask computed
-    from each input (padding) the law mixes examples, and a draw must not attend to this one's padding (a row
-    whose drawn mass is all on hidden keys gets the uniform pattern over its visible ones)."""
+    """A drawn pattern restricted to the keys this example may attend to (finite logits), renormalized.
+
+    The stored law puts no mass on keys a constant mask hides, so this changes nothing then; with a mask
+    computed from each input (padding) the law mixes examples, and a draw must not attend to this one's
+    padding (a row whose drawn mass is all on hidden keys gets the uniform pattern over its visible ones).
+    """
     hidden = torch.isneginf(l0)
     if not bool((a.masked_fill(~hidden, 0) != 0).any()):
         return a
@@ -190,53 +213,64 @@ def _within_mask(a: Tensor, l0: Tensor, dim: int) -> Tensor:
     return torch.where(total > 0, a / total.clamp_min(torch.finfo(a.dtype).tiny), uniform)
 
 
-def linearized_softmax(rule: PatternSite, mode: Any, logits: tuple[Tensor, ...], dim: int) -> tuple[Tensor, ...]:
-    """The softmax of each stream's logits, linearized at theta0's pattern: the exact softmax of stream 0 in the
-    ``own`` mode, a draw from the stored law in the ``sample`` mode; ``A0 + J(A0)(l_s - l0)`` for the others."""
+def linearized_softmax(rule: PatternSite, mode: Any, logits: tuple[Tensor, ...],
+                       dim: int) -> tuple[Tensor, ...]:
+    """The softmax of each stream's logits, linearized at theta0's pattern.
+
+    theta0's pattern ``A0`` is the exact softmax of stream 0 in the ``own`` mode and a draw from the stored
+    law in the ``sample`` mode; the other streams get ``A0 + J(A0)(l_s - l0)``.
+    """
     l0 = logits[0]
     if mode.method == "sample":
         a0 = _within_mask(rule.draw(mode, l0, dim), l0, dim)
     else:
         a0 = torch.softmax(l0, dim)
-    return (a0, *(a0 + softmax_tangent(a0, logit_change(l, l0), dim) for l in logits[1:]))
+    return (a0, *(a0 + softmax_tangent(a0, logit_change(lg, l0), dim) for lg in logits[1:]))
 
 
 # ---------------------------------------------------------------------------------------------- embedding
 @register(nn.Embedding, F.embedding)
 class EmbeddingRule(TappedLayer):
-    """``nn.Embedding`` / ``F.embedding`` of integer tokens: linear in the one-hot token (each stream uses its own
-    table). K-FAC and diag-Fisher tap it as a linear layer of one-hot inputs."""
+    """``nn.Embedding`` / ``F.embedding`` of integer tokens: linear in the one-hot token.
+
+    Each stream uses its own table. K-FAC and diag-Fisher tap it as a linear layer of one-hot inputs.
+    """
 
     family = "embedding"
     affine = False  # linear in the one-hot token, not in the token id
 
     def setup(self) -> None:
+        """Refuse ``max_norm`` (it renormalizes the table on each call)."""
         max_norm = self.module.max_norm if self.module is not None else self.const_arg(3, "max_norm")
         if max_norm is not None:
             raise self.refuse("max_norm renormalizes the table on each call (not a fixed linear map)")
 
     def check(self, args: Any, kwargs: Any) -> None:
+        """Refuse a data-dependent table and floating-point token ids."""
         data = data_pairs((args, kwargs))
         if len(data) != 1 or args[0] is not data[0]:
             raise self.refuse("only the token ids may depend on the input (not the embedding table)")
         t = data[0].vals[0]
         if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
-            raise self.refuse(f"the token ids are {t.dtype}, not integers (an input model for tokens keeps them "
-                              "integer: input_model='tokens')")
+            raise self.refuse(f"the token ids are {t.dtype}, not integers "
+                              "(an input model for tokens keeps them integer: input_model='tokens')")
 
     def table(self, params: dict[str, Tensor], args: Any, kwargs: Any) -> Tensor:
+        """The stream's embedding table (the module's weight, or the function's ``weight`` argument)."""
         if self.module is not None:
             return params[self.prefix + ".weight"]
         return kwargs.get("weight", args[1] if len(args) > 1 else None)
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The closed form: the one-hot tokens of the input model times each stream's table."""
         self.check(args, kwargs)
         (tok,) = data_pairs((args, kwargs))
 
         V = tok.vals[0].shape[-1]  # the one-hot width of the input model: tokens >= V never occur in the data
         rows = self.table(mode.params[0], stream_of(args, 0), stream_of(kwargs, 0)).shape[0]
         if V > rows:
-            raise ValueError(f"{self.describe()}: the input model has token ids up to {V - 1}, the table has {rows} rows")
+            raise ValueError(f"{self.describe()}: the input model has token ids up to {V - 1}, the "
+                             f"table has {rows} rows")
 
         def make(s: int) -> Callable[[Tensor], Tensor]:
             a, k = stream_of(args, s), stream_of(kwargs, s)
@@ -247,8 +281,11 @@ class EmbeddingRule(TappedLayer):
 
 # ---------------------------------------------------------------------------------------------- products
 class ProductRule(AffineRule):
-    """A product that is affine in each factor: with one data factor it is affine (exact in every mode), with two
-    it is bilinear and linearized at stream 0's factors (no closed form)."""
+    """A product that is affine in each factor.
+
+    With one data factor it is affine (exact in every mode); with two it is bilinear and linearized at stream
+    0's factors (no closed form).
+    """
 
     family = "product"
     max_data_inputs = 2
@@ -287,15 +324,18 @@ class ProductRule(AffineRule):
         return self.bilinear(mode, args, kwargs, *factors)
 
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """A product of two data factors linearized at stream 0's values; otherwise the exact op."""
         return self._linearized(mode, args, kwargs)
 
     def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """As :meth:`sample`: the linearization of a product does not depend on a stored statistic."""
         return self._linearized(mode, args, kwargs)
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The generic affine closed form; refuses a product of two data-dependent factors."""
         if self.two_factors(args, kwargs) is not None:
-            raise self.refuse("laftr-exact has no closed form for a product of two data-dependent tensors (it needs "
-                              "fourth moments); use the Monte Carlo 'laftr' estimator")
+            raise self.refuse("laftr-exact has no closed form for a product of two data-dependent tensors "
+                              "(it needs fourth moments); use the Monte Carlo 'laftr' estimator")
         return super().moments(mode, args, kwargs)
 
 
@@ -311,8 +351,9 @@ class SoftmaxRule(PatternSite):
     family = "softmax"
 
     def setup(self) -> None:
+        """Read the softmax axis (it must be given)."""
         if self.module is not None:
-            dim = self.module.dim
+            dim = cast(nn.Softmax, self.module).dim
         else:
             dim = self.const_arg(1, "dim")
         if dim is None:
@@ -320,6 +361,7 @@ class SoftmaxRule(PatternSite):
         self.dim = int(dim)
 
     def params(self) -> dict[str, Any]:
+        """The softmax axis, which a stored summary must match."""
         return {"dim": self.dim}
 
     def _dim(self, x: Tensor) -> int:
@@ -329,11 +371,13 @@ class SoftmaxRule(PatternSite):
         return d
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Every stream's exact softmax."""
         x = self.data_input(args, kwargs)
         self._dim(x.vals[0])
         return Pair(tuple(torch.softmax(v, self.dim) for v in x.vals), True)
 
     def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's exact softmax, recording its pattern."""
         x = self.data_input(args, kwargs)
         d = self._dim(x.vals[0])
         a0 = torch.softmax(x.vals[0], d)
@@ -348,6 +392,7 @@ class SoftmaxRule(PatternSite):
     sample = own = _linear
 
     def pattern_axis(self, ndim: int) -> int:
+        """The softmax axis counted on one example's pattern (the batch axis dropped)."""
         return self.dim % (ndim + 1) - 1
 
 
@@ -367,7 +412,10 @@ def _mask_bias(mask: Tensor | None, like: Tensor) -> Tensor | None:
 
 
 def _allowed(mask: Tensor | None) -> Tensor | None:
-    """A MultiheadAttention mask in SDPA's convention (bool: True takes part); float masks are additive as is."""
+    """A MultiheadAttention mask in SDPA's convention (bool: True takes part).
+
+    Float masks are additive as they are.
+    """
     return ~mask if mask is not None and mask.dtype == torch.bool else mask
 
 
@@ -382,7 +430,7 @@ def attention_core(rule: PatternSite, mode: Any, qs: tuple[Tensor, ...], ks: tup
 
     if mode.method in ("forward", "fit"):
         outs = []
-        for s, (q, k, v) in enumerate(zip(qs, ks, vs)):
+        for s, (q, k, v) in enumerate(zip(qs, ks, vs, strict=True)):
             lg = scores(q, k) if bias is None else scores(q, k) + bias
             a = torch.softmax(lg, -1)
             if s == 0 and mode.method == "fit":
@@ -398,12 +446,15 @@ def attention_core(rule: PatternSite, mode: Any, qs: tuple[Tensor, ...], ks: tup
 
 @register(F.scaled_dot_product_attention)
 class SdpaRule(PatternSite):
-    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)``: scores, softmax and
-    weighted sum linearized at theta0 (dropout is off when estimating, as everywhere)."""
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)``.
+
+    Scores, softmax and weighted sum are linearized at theta0 (dropout is off when estimating, as everywhere).
+    """
 
     family = "attention"
 
     def setup(self) -> None:
+        """Read ``is_causal`` and ``scale``; refuse grouped-query attention."""
         self.is_causal = bool(self.const_arg(5, "is_causal", False))
         scale = self.const_arg(6, "scale", None)
         self.scale = None if scale is None else float(scale)
@@ -411,23 +462,29 @@ class SdpaRule(PatternSite):
             raise self.refuse("grouped-query attention (enable_gqa=True)")
 
     def params(self) -> dict[str, Any]:
+        """``is_causal`` and ``scale``, which a stored summary must match."""
         return {"is_causal": self.is_causal, "scale": self.scale}
 
     def _parts(self, args: Any, kwargs: Any) -> tuple[Pair, Pair, Pair, Any]:
         names = ("query", "key", "value", "attn_mask")
         vals = [kwargs.get(n, args[i] if i < len(args) else None) for i, n in enumerate(names)]
         q, k, v, mask = vals
-        for n, p in zip(names[:3], (q, k, v)):
+        for n, p in zip(names[:3], (q, k, v), strict=True):
             if not isinstance(p, Pair):
                 raise self.refuse(f"its {n} is not a tensor")
         if isinstance(mask, Pair) and mask.data and not mask.fixed:
-            raise self.refuse("an attention mask computed with parameters (a mask may be a constant, a buffer or "
-                              "computed from the network input alone, e.g. tokens == pad)")
+            raise self.refuse("an attention mask computed with parameters "
+                              "(a mask may be a constant, a buffer or computed from the network input "
+                              "alone, e.g. tokens == pad)")
         if not any(p.data for p in (q, k, v)):
             raise self.refuse("none of query, key, value depends on the input")
         return q, k, v, mask
 
     def run(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Scores, softmax and weighted sum of every stream, linearized at theta0 as the mode says.
+
+        Used for every mode but the closed form, which attention does not have.
+        """
         q, k, v, mask = self._parts(args, kwargs)
         n = mode.num_streams
         qs, ks, vs = (tuple(p.vals[s] for s in range(n)) for p in (q, k, v))
@@ -445,13 +502,16 @@ class SdpaRule(PatternSite):
 
 @register(nn.MultiheadAttention)
 class MultiheadAttentionRule(PatternSite):
-    """``nn.MultiheadAttention`` (``batch_first`` either way, ``attn_mask``, ``key_padding_mask``, ``is_causal``
-    with a mask, ``need_weights=False``): input projections, attention linearized at theta0, output projection.
-    Its projections are tapped as linear layers by K-FAC and diag-Fisher."""
+    """``nn.MultiheadAttention``: input projections, attention linearized at theta0, output projection.
+
+    ``batch_first`` either way, ``attn_mask``, ``key_padding_mask``, ``is_causal`` with a mask, and
+    ``need_weights=False``. Its projections are tapped as linear layers by K-FAC and diag-Fisher.
+    """
 
     family = "multihead_attention"
 
     def setup(self) -> None:
+        """Refuse extra key/value biases, zero attention and ``need_weights=True``."""
         mod = self.module
         assert isinstance(mod, nn.MultiheadAttention)
         if mod.bias_k is not None or mod.add_zero_attn:
@@ -462,6 +522,7 @@ class MultiheadAttentionRule(PatternSite):
                               "otherwise are not linearized)")
 
     def params(self) -> dict[str, Any]:
+        """The number of heads and the batch layout, which a stored summary must match."""
         m = self.module
         assert isinstance(m, nn.MultiheadAttention)
         return {"heads": m.num_heads, "batch_first": m.batch_first}
@@ -479,26 +540,31 @@ class MultiheadAttentionRule(PatternSite):
         else:
             ws = (params[p + "q_proj_weight"], params[p + "k_proj_weight"], params[p + "v_proj_weight"])
         bs = (None, None, None) if b is None else (b[:E], b[E: 2 * E], b[2 * E:])
-        return (*zip(ws, bs), (params[p + "out_proj.weight"], params.get(p + "out_proj.bias")))  # type: ignore[return-value]
+        return (*zip(ws, bs, strict=True), (params[p + "out_proj.weight"], params.get(p + "out_proj.bias")))
 
     def _inputs(self, args: Any, kwargs: Any) -> tuple[Pair, Pair, Pair, Any, Any, bool]:
-        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
-                 "is_causal")
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                 "average_attn_weights", "is_causal")
         vals = {n: kwargs.get(n, args[i] if i < len(args) else None) for i, n in enumerate(names)}
         q, k, v = vals["query"], vals["key"], vals["value"]
         for n in ("key_padding_mask", "attn_mask"):
             if isinstance(vals[n], Pair) and vals[n].data and not vals[n].fixed:
-                raise self.refuse(f"a {n} computed with parameters (a mask may be a constant, a buffer or computed "
-                                  "from the network input alone, e.g. tokens == pad)")
+                raise self.refuse(f"a {n} computed with parameters "
+                                  "(a mask may be a constant, a buffer or computed from the network input "
+                                  "alone, e.g. tokens == pad)")
         return q, k, v, vals["key_padding_mask"], vals["attn_mask"], bool(vals["is_causal"] or False)
 
     def run(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Input projections, attention linearized at theta0 and output projection, in every stream.
+
+        Used for every mode but the closed form, which attention does not have.
+        """
         m = self.module
         assert isinstance(m, nn.MultiheadAttention)
         q, k, v, kpm, amask, is_causal = self._inputs(args, kwargs)
         n = mode.num_streams
         H, E = m.num_heads, m.embed_dim
-        taps = getattr(mode, "taps", None)
+        taps: Any = getattr(mode, "taps", None)
         tap_in = taps is not None and q is k and k is v and taps.wants(self.prefix + ".in_proj")
         tap_out = taps is not None and taps.wants(self.prefix + ".out_proj")
         outs_in = []
@@ -507,13 +573,16 @@ class MultiheadAttentionRule(PatternSite):
             qi, ki, vi = (stream_of(t, s) for t in (q, k, v))
             if not m.batch_first:
                 qi, ki, vi = (t.transpose(0, 1) for t in (qi, ki, vi))
-            if tap_in:  # self-attention: one linear map (in_proj_weight, in_proj_bias) of one input, tapped whole
+            # self-attention: one linear map (in_proj_weight, in_proj_bias) of one input, tapped whole
+            if tap_in:
                 p = self.prefix + "."
                 joint = taps.record(self.prefix + ".in_proj", qi,
-                                    F.linear(qi, mode.params[s][p + "in_proj_weight"], mode.params[s].get(p + "in_proj_bias")))
+                                    F.linear(qi, mode.params[s][p + "in_proj_weight"],
+                                             mode.params[s].get(p + "in_proj_bias")))
                 outs_in.append(tuple(joint.chunk(3, -1)))
             else:
-                outs_in.append(tuple(F.linear(t, w, b) for t, w, b in ((qi, wq, bq), (ki, wk, bk), (vi, wv, bv))))
+                outs_in.append(tuple(F.linear(t, w, b)
+                                     for t, w, b in ((qi, wq, bq), (ki, wk, bk), (vi, wv, bv))))
 
         def heads(t: Tensor) -> Tensor:
             B, T, _ = t.shape
@@ -535,8 +604,8 @@ class MultiheadAttentionRule(PatternSite):
             kb = kb.view(kb.shape[0], 1, 1, S)
             bias = kb if bias is None else bias + kb
         att = attention_core(self, mode, qs, ks, vs, bias, 1.0 / math.sqrt(E // H))
-        merged_all = mode.inner(self, "out_proj", Pair(tuple(o.transpose(1, 2).reshape(o.shape[0], L, E) for o in att),
-                                                       True))
+        concat = Pair(tuple(o.transpose(1, 2).reshape(o.shape[0], L, E) for o in att), True)
+        merged_all = mode.inner(self, "out_proj", concat)
         outs = []
         for s, merged in enumerate(merged_all.vals):
             wo, bo = self.projections(mode.params[s])[3]

@@ -14,8 +14,8 @@ constructor is the place to read and check the op's constant arguments (a slope,
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +24,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import UnsupportedOpError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..graph import Mode
-
 __all__ = [
     "Pair",
     "Rule",
+    "RuleMode",
     "describe",
     "is_registered_module",
     "lookup",
@@ -43,27 +41,31 @@ __all__ = [
 
 
 class Pair:
-    """One value per stream (theta0 first). ``data`` marks values that depend on the network input; ``fixed``
-    marks data values computed from the network input alone (no parameter on the way, e.g. a padding mask
-    ``tokens == pad``): exact and the same in every stream.
+    """One value per stream (theta0 first).
+
+    ``data`` marks values that depend on the network input; ``fixed`` marks data values computed from the
+    network input alone (no parameter on the way, e.g. a padding mask ``tokens == pad``): exact and the same
+    in every stream.
 
     In the closed-form mode the values of data tensors are references into the joint moment state
-    (:class:`laftr.moments.Ref`) rather than tensors.
+    (``Ref`` objects of the private ``laftr.moments``) rather than tensors.
     """
 
     __slots__ = ("data", "fixed", "vals")
 
     def __init__(self, vals: tuple[Any, ...], data: bool, fixed: bool = False) -> None:
+        """A pair of per-stream values; see the class for ``data`` and ``fixed``."""
         self.vals = vals
         self.data = data
         self.fixed = fixed
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        """The flags and the values, for debugging."""
         return f"Pair(data={self.data}, vals={self.vals!r})"
 
 
 def stream_of(v: Any, s: int) -> Any:
-    """``v`` (a pytree that may contain :class:`Pair` s) with every pair replaced by its value in stream ``s``."""
+    """``v`` with every :class:`Pair` among its leaves replaced by its value in stream ``s``."""
     return tree_map(lambda a: a.vals[s] if isinstance(a, Pair) else a, v)
 
 
@@ -83,8 +85,11 @@ def data_pairs(v: Any) -> list[Pair]:
 
 
 def changing_pairs(v: Any) -> list[Pair]:
-    """The data pairs of ``v`` that can differ between streams: :func:`data_pairs` without the ``fixed`` ones
-    (functions of the network input alone, such as padding masks)."""
+    """The data pairs of ``v`` that can differ between streams.
+
+    That is :func:`data_pairs` without the ``fixed`` ones (functions of the network input alone, such as
+    padding masks).
+    """
     return [p for p in data_pairs(v) if not p.fixed]
 
 
@@ -105,7 +110,8 @@ def _table(target: Any) -> tuple[dict[Any, type[Rule]], Any]:
         return _MODULE_RULES, target
     if callable(target):
         return _FUNCTION_RULES, target
-    raise TypeError(f"cannot register a rule for {target!r}: give a module class, a function or a method name")
+    raise TypeError(f"cannot register a rule for {target!r}: give a module class, a "
+                    "function or a method name")
 
 
 def register(*targets: Any, replace: bool = False) -> Callable[[type[Rule]], type[Rule]]:
@@ -136,7 +142,8 @@ def register(*targets: Any, replace: bool = False) -> Callable[[type[Rule]], typ
             table, key = _table(t)
             old = table.get(key)
             if old is not None and old is not cls and not replace:
-                raise ValueError(f"{_name_of(key)} already has the rule {old.__name__}; pass replace=True to replace it")
+                raise ValueError(f"{_name_of(key)} already has the rule {old.__name__}; pass "
+                                 "replace=True to replace it")
             table[key] = cls
         return cls
 
@@ -152,12 +159,16 @@ def unregister(*targets: Any) -> None:
 
 def registered_targets() -> dict[str, dict[Any, type[Rule]]]:
     """``{"modules": {...}, "functions": {...}, "methods": {...}}``: every registered target and its rule."""
-    return {"modules": dict(_MODULE_RULES), "functions": dict(_FUNCTION_RULES), "methods": dict(_METHOD_RULES)}
+    return {"modules": dict(_MODULE_RULES), "functions": dict(_FUNCTION_RULES),
+            "methods": dict(_METHOD_RULES)}
 
 
 def _module_rule(mod_type: type) -> type[Rule] | None:
-    """The rule of the nearest registered base class, unless ``mod_type`` overrides its ``forward`` (then the
-    rule would not describe what the module computes)."""
+    """The rule of the nearest registered base class of ``mod_type``, if any.
+
+    None when ``mod_type`` overrides that class's ``forward``: the rule would not describe what the module
+    computes.
+    """
     for base in mod_type.__mro__:
         rule = _MODULE_RULES.get(base)
         if rule is not None:
@@ -193,7 +204,8 @@ def make_rule(node: fx.Node, gm: fx.GraphModule) -> Rule:
     """The rule object of ``node``; raises :class:`UnsupportedOpError` naming the node when there is none."""
     cls = lookup(node, gm)
     if cls is None:
-        what = {"call_module": "layer", "call_function": "function", "call_method": "tensor method"}.get(node.op, "op")
+        what = {"call_module": "layer", "call_function": "function",
+                "call_method": "tensor method"}.get(node.op, "op")
         raise UnsupportedOpError(
             f"node {node.name!r} ({describe(node, gm)}) is not supported: laftr has no rule for this {what} "
             "(supported ops are listed in docs/usage.md; a custom op can be added with laftr.rules.register)"
@@ -214,7 +226,8 @@ def describe(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
     if node.op == "call_module" and gm is not None:
         return f"module {node.target!r} of type {type(gm.get_submodule(str(node.target))).__name__}"
     if node.op == "call_function":
-        return f"function {getattr(node.target, '__module__', '') or ''}.{getattr(node.target, '__name__', node.target)}"
+        module = getattr(node.target, "__module__", "") or ""
+        return f"function {module}.{getattr(node.target, '__name__', node.target)}"
     if node.op == "call_method":
         return f"method Tensor.{node.target}"
     return f"{node.op} {node.target}"
@@ -250,7 +263,8 @@ def out_of_place_method(name: str) -> str:
     return name
 
 
-def module_call(mod: nn.Module, name: str, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+def module_call(mod: nn.Module, name: str, params: dict[str, torch.Tensor], args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Any:
     """Call a leaf module with its parameters and buffers taken from ``params`` by their qualified names.
 
     The module itself is never changed, and an ``inplace`` module writes into a copy of its input.
@@ -275,6 +289,31 @@ def module_call(mod: nn.Module, name: str, params: dict[str, torch.Tensor], args
 
 
 # ---------------------------------------------------------------------------------------------- the base rule
+class RuleMode(Protocol):
+    """What a rule's mode methods receive: the interpreter's current mode, as far as any rule may use it.
+
+    The object is one of the interpreter's mode classes (private, in ``laftr.graph``), one per mode. They
+    also carry what laftr's own rules need in one mode only (the sums a site adds to while fitting, the
+    random generator while sampling, the joint moment state in the closed form); those members are private.
+
+    Attributes:
+        method: the rule method the mode calls: ``forward``, ``fit``, ``sample``, ``own`` or ``moments``.
+    """
+
+    method: ClassVar[str]
+
+    @property
+    def params(self) -> Sequence[dict[str, torch.Tensor]]:
+        """One parameter (and buffer) dict per stream, theta0's first."""
+
+    @property
+    def num_streams(self) -> int:
+        """The number of streams (parameter dicts)."""
+
+    def law(self, rule: Rule) -> Any:
+        """The stored law of the site ``rule`` (what its :meth:`Rule.law` built): sampling, closed form."""
+
+
 class Rule:
     """How one node of a traced network is run and linearized in every mode.
 
@@ -296,10 +335,12 @@ class Rule:
     site: ClassVar[bool] = False
 
     def __init__(self, node: fx.Node, gm: fx.GraphModule) -> None:
+        """The rule of ``node`` of the traced module ``gm``; reads the op's constants (:meth:`setup`)."""
         self.node = node
         self.name = node.name
         self.gm = gm
-        self.module: nn.Module | None = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        is_module = node.op == "call_module"
+        self.module: nn.Module | None = gm.get_submodule(str(node.target)) if is_module else None
         self.prefix = str(node.target) if node.op == "call_module" else ""
         self.function = out_of_place_function(node.target) if node.op == "call_function" else None
         self.method = out_of_place_method(str(node.target)) if node.op == "call_method" else None
@@ -311,11 +352,14 @@ class Rule:
 
     def refuse(self, why: str) -> UnsupportedOpError:
         """An :class:`UnsupportedOpError` naming this node, its op and ``why`` (to be raised)."""
-        return UnsupportedOpError(f"node {self.name!r} ({describe(self.node, self.gm)}) is not supported: {why}")
+        return UnsupportedOpError(f"node {self.name!r} ({describe(self.node, self.gm)}) is "
+                                  f"not supported: {why}")
 
     def const_arg(self, index: int | None, name: str, default: Any = None) -> Any:
-        """The op's argument at position ``index`` (counting the data input as 0) or keyword ``name``, which
-        must not be computed at run time."""
+        """The op's argument at position ``index`` or keyword ``name``, a constant.
+
+        Positions count the data input as 0; an argument computed at run time is refused.
+        """
         node = self.node
         if name in node.kwargs:
             value = node.kwargs[name]
@@ -331,8 +375,9 @@ class Rule:
         """The op's one data-dependent input (its first argument when ``first``); refuses any other."""
         data = data_pairs((args, kwargs))
         if len(data) != 1 or (first and args[0] is not data[0]):
-            raise self.refuse("only its first argument may depend on the input (not a bound, slope, weight or "
-                              "bias)" if first else "expected exactly one data-dependent input")
+            raise self.refuse("only its first argument may depend on the input "
+                              "(not a bound, slope, weight or bias)" if first
+                              else "expected exactly one data-dependent input")
         return data[0]
 
     def params(self) -> dict[str, Any]:
@@ -348,7 +393,7 @@ class Rule:
         return f"node {self.name!r} ({describe(self.node, self.gm)})"
 
     # ------------------------------------------------------------------ exact evaluation of one stream
-    def call(self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    def call(self, params: dict[str, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run the op exactly on one stream's values (``args``/``kwargs`` already hold plain tensors)."""
         if "inplace" in kwargs:
             kwargs = {**kwargs, "inplace": False}
@@ -359,29 +404,30 @@ class Rule:
         assert self.method is not None
         return getattr(args[0], self.method)(*args[1:], **kwargs)
 
-    def call_streams(self, mode: Mode, args: Any, kwargs: Any, streams: Iterable[int] | None = None) -> tuple:
+    def call_streams(self, mode: RuleMode, args: Any, kwargs: Any,
+                     streams: Iterable[int] | None = None) -> tuple[Any, ...]:
         """The op run exactly in each stream (all of the mode's streams unless ``streams`` is given)."""
         idx = range(mode.num_streams) if streams is None else streams
         return tuple(self.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s)) for s in idx)
 
     # ------------------------------------------------------------------ modes
-    def forward(self, mode: Mode, args: Any, kwargs: Any) -> Any:
+    def forward(self, mode: RuleMode, args: Any, kwargs: Any) -> Any:
         """Every stream runs the op exactly."""
         return Pair(self.call_streams(mode, args, kwargs), True)
 
-    def fit(self, mode: Mode, args: Any, kwargs: Any) -> Any:
+    def fit(self, mode: RuleMode, args: Any, kwargs: Any) -> Any:
         """theta0 alone on real data (the real network): the exact op; sites also record their statistic."""
         return self.forward(mode, args, kwargs)
 
-    def sample(self, mode: Mode, args: Any, kwargs: Any) -> Any:
+    def sample(self, mode: RuleMode, args: Any, kwargs: Any) -> Any:
         """LAFTR's Monte Carlo linearization from the stored statistic."""
         raise self.refuse(f"the rule {type(self).__name__} defines no Monte Carlo linearization")
 
-    def own(self, mode: Mode, args: Any, kwargs: Any) -> Any:
+    def own(self, mode: RuleMode, args: Any, kwargs: Any) -> Any:
         """theta0's own linearization on each input (``gates="relu"``)."""
         raise self.refuse(f"the rule {type(self).__name__} defines no linearization at theta0's input")
 
-    def moments(self, mode: Mode, args: Any, kwargs: Any) -> Any:
+    def moments(self, mode: RuleMode, args: Any, kwargs: Any) -> Any:
         """The closed-form second-moment update (laftr-exact)."""
         raise self.refuse("laftr-exact has no closed form for this op; use the Monte Carlo 'laftr' estimator")
 

@@ -1,13 +1,14 @@
 """Elementwise activations: the general gate of METHOD.md section 6.
 
-An activation ``a = phi(s)`` is linearized at theta0's pre-activation s0 as the tangent
-``a = c * s + r`` with slope ``c = phi'(s0)`` and intercept ``r = phi(s0) - c * s0``; both streams use the same
-``(c, r)``, so ``a - a0 = c * (s - s0)``. LAFTR draws ``(c, r)`` per unit from a law fitted at theta0 on the
-data, independently across units and of the input; ``gates="relu"`` uses theta0's own tangent on each input.
+An activation ``a = phi(s)`` is linearized at theta0's pre-activation s0 as the tangent ``a = c * s + r`` with
+slope ``c = phi'(s0)`` and intercept ``r = phi(s0) - c * s0``; both streams use the same ``(c, r)``, so
+``a - a0 = c * (s - s0)``. LAFTR draws ``(c, r)`` per unit from a law fitted at theta0 on the data,
+independently across units and of the input; ``gates="relu"`` uses theta0's own tangent on each input.
 
 - :class:`PiecewiseLinearGate` (ReLU, LeakyReLU, PReLU, ReLU6, Hardtanh, clamp, Threshold, Hardsigmoid,
-  Hardshrink, Softshrink, RReLU in eval mode): the tangent is one of K pieces, so the law is exact and discrete:
-  the frequency of each piece per unit, K - 1 stored floats per unit (ReLU: the activation probability mu).
+  Hardshrink, Softshrink, RReLU in eval mode): the tangent is one of K pieces, so the law is exact and
+  discrete: the frequency of each piece per unit, K - 1 stored floats per unit (ReLU: the activation
+  probability mu).
 - :class:`SmoothGate` (GELU, SiLU, Tanh, Sigmoid, Softplus, ELU, CELU, SELU, Mish, Hardswish, LogSigmoid,
   Softsign, Tanhshrink): the law of ``(c, r)`` is continuous; we store its exact first and second moments
   (5 floats per unit: the means of c and r and their 2x2 covariance) and sample the four-point law
@@ -19,7 +20,7 @@ data, independently across units and of the input; ``gates="relu"`` uses theta0'
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +32,22 @@ from .base import Pair, Rule, register, stream_of
 
 # ---------------------------------------------------------------------------------------------- laws
 class DiscreteLaw:
-    """Per group and unit, the probability of pieces ``1..K-1`` (piece 0 has the rest): ``(G, K-1, *units)``."""
+    """Per group and unit, the probability of pieces ``1..K-1``: ``(G, K-1, *units)``.
+
+    Piece 0 has the rest.
+    """
 
     def __init__(self, probs: torch.Tensor) -> None:
+        """Wrap the piece probabilities ``(G, K-1, *units)``."""
         self.probs = probs
         self.num_pieces = probs.shape[1] + 1
 
-    def draw(self, groups: torch.Tensor, gen: torch.Generator, shared: bool, like: torch.Tensor) -> torch.Tensor:
-        """Piece index per (sample, unit): ``(n, *units)`` long, or ``(1, *units)`` when shared (and ungrouped)."""
+    def draw(self, groups: torch.Tensor, gen: torch.Generator, shared: bool,
+             like: torch.Tensor) -> torch.Tensor:
+        """Piece index per (sample, unit): ``(n, *units)`` long.
+
+        ``(1, *units)`` when shared (and ungrouped).
+        """
         G, units = self.probs.shape[0], tuple(self.probs.shape[2:])
         n = 1 if shared else int(groups.shape[0])
         if G == 1:
@@ -73,6 +82,7 @@ class MomentLaw:
 
     def __init__(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
                  dtype: torch.dtype) -> None:
+        """Turn the stored sums into the means and the four-point law of ``(c, r)`` per group and unit."""
         n = counts.clamp_min(1).view(-1, *([1] * (sums["c"].ndim - 1)))
         m = {k: sums[k] / n for k in self.KEYS}  # float64 means
         self.mean = {k: v.to(device, dtype) for k, v in m.items()}
@@ -83,13 +93,15 @@ class MomentLaw:
         evals, evecs = torch.linalg.eigh(cov)
         off = evecs * (2 * evals.clamp_min(0)).sqrt().unsqueeze(-2)  # columns: sqrt(2 lambda_j) v_j
         center = torch.stack([m["c"], m["r"]], -1)  # (G, *units, 2)
-        pts = torch.stack([center + off[..., 0], center - off[..., 0], center + off[..., 1], center - off[..., 1]],
+        pts = torch.stack([center + off[..., 0], center - off[..., 0], center + off[..., 1],
+                           center - off[..., 1]],
                           1)  # (G, 4, *units, 2)
         self.points_c = pts[..., 0].to(device, dtype)
         self.points_r = pts[..., 1].to(device, dtype)
 
     def draw(self, groups: torch.Tensor, gen: torch.Generator, shared: bool, like: torch.Tensor,
              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tangents ``(c, r)`` drawn from the four-point law, each ``(n, *units)`` (``n = 1`` if shared)."""
         G, units = self.points_c.shape[0], tuple(self.points_c.shape[2:])
         n = 1 if shared else int(groups.shape[0])
         idx = torch.randint(0, 4, (n, *units), generator=gen, device=gen.device).to(like.device)
@@ -106,6 +118,7 @@ class MomentLaw:
         return pc.gather(1, idx.unsqueeze(1)).squeeze(1), pr.gather(1, idx.unsqueeze(1)).squeeze(1)
 
     def moments(self, g: int) -> dict[str, torch.Tensor]:
+        """The means of ``c``, ``r``, ``c^2``, ``c r`` and ``r^2`` per unit in group ``g``."""
         return {k: v[g] for k, v in self.mean.items()}
 
 
@@ -125,6 +138,7 @@ class GateRule(Rule):
         return self.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Every stream runs the activation exactly (after checking its one data input)."""
         self.pre(args, kwargs)
         return Pair(self.call_streams(mode, args, kwargs), True)
 
@@ -146,13 +160,16 @@ class PiecewiseLinearGate(GateRule):
 
     family = "piecewise"
     stream_specific: ClassVar[bool] = False
-    #: False for ops with jumps (Hardshrink, Threshold with value != threshold): there the FSD has a term of
-    #: first order in |theta - theta0| from examples that cross a jump, which no linearization captures.
+    #: Whether the op is continuous. It is not when the op has jumps, as Hardshrink and Threshold with
+    #: ``value != threshold`` have: there the FSD has a term of first order in ``|theta - theta0|`` from
+    #: examples that cross a jump, which no linearization captures.
     continuous: ClassVar[bool] = True
 
     def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
-        """``[(c_0, r_0), ..., (c_{K-1}, r_{K-1})]`` for one stream (its parameters and arguments); tensor values
-        broadcast against one example's units (``unit_ndim`` dimensions)."""
+        """``[(c_0, r_0), ..., (c_{K-1}, r_{K-1})]`` for one stream (its parameters and arguments).
+
+        Tensor values broadcast against one example's units (``unit_ndim`` dimensions).
+        """
         raise NotImplementedError
 
     def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
@@ -199,6 +216,7 @@ class PiecewiseLinearGate(GateRule):
 
     # ------------------------------------------------------------------ modes
     def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's exact activation, recording which piece each unit is in."""
         pre = self.pre(args, kwargs)
         s0 = pre.vals[0]
         k = self.piece_index(s0)
@@ -207,20 +225,24 @@ class PiecewiseLinearGate(GateRule):
         return Pair((self.real(mode, args, kwargs),), True)
 
     def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's own linearization: each unit takes the piece theta0's pre-activation is in."""
         pre = self.pre(args, kwargs)
         return self._apply(mode, args, pre, self.piece_index(pre.vals[0]))
 
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Monte Carlo: each unit's piece drawn from the stored piece frequencies."""
         pre = self.pre(args, kwargs)
         law: DiscreteLaw = mode.law(self)
         s0 = pre.vals[0]
         if tuple(law.probs.shape[2:]) != tuple(s0.shape[1:]):
-            raise ValueError(f"gate site {self.name!r}: summary has units of shape {tuple(law.probs.shape[2:])}, "
-                             f"the network produces {tuple(s0.shape[1:])} (input of another size?)")
+            raise ValueError(f"gate site {self.name!r}: summary has units of shape "
+                             f"{tuple(law.probs.shape[2:])}, the network produces {tuple(s0.shape[1:])} "
+                             "(input of another size?)")
         k = law.draw(mode.groups, mode.generator, mode.shared, s0)
         return self._apply(mode, args, pre, k)
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The closed form: the gate moments of ``(c, r)`` under the stored piece frequencies."""
         pre = self.pre(args, kwargs)
         law: DiscreteLaw = mode.law(self)
         probs = [p.reshape(-1) for p in law.piece_probs(mode.group)]
@@ -253,12 +275,15 @@ class PiecewiseLinearGate(GateRule):
         gm = GateMoments(c1=c1, c2=c2)
         if has_r:
             gm.r1 = [expect(lambda j, s=s: rs[s][j]) for s in streams]
-            gm.cr = {(a, b): expect(lambda j, a=a, b=b: prod(cs[streams[a]][j], rs[streams[b]][j])) for a, b in keys}
-            gm.r2 = {(a, b): expect(lambda j, a=a, b=b: prod(rs[streams[a]][j], rs[streams[b]][j])) for a, b in keys}
+            gm.cr = {(a, b): expect(lambda j, a=a, b=b: prod(cs[streams[a]][j], rs[streams[b]][j]))
+                     for a, b in keys}
+            gm.r2 = {(a, b): expect(lambda j, a=a, b=b: prod(rs[streams[a]][j], rs[streams[b]][j]))
+                     for a, b in keys}
         return mode.gate(pre, gm)
 
     def law(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
-            dtype: torch.dtype) -> DiscreteLaw:
+            dtype: torch.dtype) -> Any:
+        """The stored piece counts turned into a (private) ``DiscreteLaw`` on ``device`` in ``dtype``."""
         K = self.num_pieces()
         first = sums["p1"]
         n = counts.clamp_min(1).view(-1, *([1] * (first.ndim - 1)))
@@ -267,8 +292,10 @@ class PiecewiseLinearGate(GateRule):
 
 
 class SmoothGate(GateRule):
-    """A smooth activation. Subclasses may give :meth:`slope` (``phi'``) in closed form; the default takes it
-    from autograd, which is exact for any elementwise op, so a user's activation needs no formula.
+    """A smooth activation.
+
+    Subclasses may give :meth:`slope` (``phi'``) in closed form; the default takes it from autograd, which is
+    exact for any elementwise op, so a user's activation needs no formula.
     """
 
     family = "smooth"
@@ -283,6 +310,7 @@ class SmoothGate(GateRule):
         return g
 
     def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's exact activation, recording the moments of its tangent ``(c, r)`` per unit."""
         pre = self.pre(args, kwargs)
         s0 = pre.vals[0]
         a0 = self.real(mode, args, kwargs)
@@ -293,6 +321,7 @@ class SmoothGate(GateRule):
         return Pair((a0,), True)
 
     def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's own linearization: the tangent at theta0's pre-activation on each input."""
         pre = self.pre(args, kwargs)
         s0 = pre.vals[0]
         a0 = self.real(mode, args, kwargs)
@@ -300,6 +329,7 @@ class SmoothGate(GateRule):
         return Pair((a0, *(a0 + c * (v - s0) for v in pre.vals[1:])), True)
 
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Monte Carlo: a tangent ``(c, r)`` per unit drawn from the stored four-point law."""
         pre = self.pre(args, kwargs)
         law: MomentLaw = mode.law(self)
         s0 = pre.vals[0]
@@ -310,15 +340,18 @@ class SmoothGate(GateRule):
         return Pair(tuple(v * c + r for v in pre.vals), True)
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The closed form from the stored moments of ``(c, r)``."""
         pre = self.pre(args, kwargs)
         law: MomentLaw = mode.law(self)
         like = mode.state.M
         m = {k: v.reshape(-1).to(like) for k, v in law.moments(mode.group).items()}
-        gm = GateMoments(c1=[m["c"]], c2={(0, 0): m["cc"]}, r1=[m["r"]], cr={(0, 0): m["cr"]}, r2={(0, 0): m["rr"]})
+        gm = GateMoments(c1=[m["c"]], c2={(0, 0): m["cc"]}, r1=[m["r"]], cr={(0, 0): m["cr"]},
+                         r2={(0, 0): m["rr"]})
         return mode.gate(pre, gm)
 
     def law(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
-            dtype: torch.dtype) -> MomentLaw:
+            dtype: torch.dtype) -> Any:
+        """The stored sums turned into a (private) ``MomentLaw`` on ``device`` in ``dtype``."""
         return MomentLaw(sums, counts, device, dtype)
 
 
@@ -335,9 +368,11 @@ class ReluGate(PiecewiseLinearGate):
     family = "relu"
 
     def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        """Off ``(0, 0)`` and on ``(1, 0)``."""
         return [(0.0, 0.0), (1.0, 0.0)]
 
     def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        """1 where theta0's pre-activation is positive, else 0."""
         return (s0 > 0).long()
 
 
@@ -348,18 +383,22 @@ class LeakyReluGate(PiecewiseLinearGate):
     family = "leaky_relu"
 
     def setup(self) -> None:
+        """Read the negative slope."""
         if self.module is not None:
-            self.alpha = float(self.module.negative_slope)
+            self.alpha = float(cast(nn.LeakyReLU, self.module).negative_slope)
         else:
             self.alpha = float(self.const_arg(1, "negative_slope", 0.01))
 
     def params(self) -> dict[str, Any]:
+        """The negative slope, which a stored summary must match."""
         return {"negative_slope": self.alpha}
 
     def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        """Negative ``(alpha, 0)`` and positive ``(1, 0)``."""
         return [(self.alpha, 0.0), (1.0, 0.0)]
 
     def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        """1 where theta0's pre-activation is positive, else 0."""
         return (s0 > 0).long()
 
 
@@ -370,8 +409,10 @@ class RReluGate(LeakyReluGate):
     family = "rrelu"
 
     def setup(self) -> None:
+        """Read the bounds of the random slope and use their mean; refuse training mode."""
         if self.module is not None:
-            lower, upper = float(self.module.lower), float(self.module.upper)
+            mod = cast(nn.RReLU, self.module)
+            lower, upper = float(mod.lower), float(mod.upper)
         else:
             lower = float(self.const_arg(1, "lower", 1.0 / 8))
             upper = float(self.const_arg(2, "upper", 1.0 / 3))
@@ -379,27 +420,35 @@ class RReluGate(LeakyReluGate):
                 raise self.refuse("randomized leaky ReLU in training mode")
         self.alpha = (lower + upper) / 2
 
-    def call(self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    def call(self, params: dict[str, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Leaky ReLU with the fixed eval-mode slope."""
         return F.leaky_relu(args[0], self.alpha)
 
 
 @register(nn.PReLU, F.prelu, *_fns("prelu", module=torch))
 class PReluGate(PiecewiseLinearGate):
-    """``prelu(s, w)``: pieces ``(w, 0)`` and ``(1, 0)`` with the learned slope w of each stream (per channel or
-    shared): the piece is decided by theta0, the slope is the stream's own parameter."""
+    """``prelu(s, w)``: pieces ``(w, 0)`` and ``(1, 0)`` with each stream's learned slope w.
+
+    The slope is per channel or shared; the piece is decided by theta0, the slope is the stream's own
+    parameter.
+    """
 
     family = "prelu"
     stream_specific = True
 
     def num_pieces(self) -> int:
+        """Two: negative and positive."""
         return 2
 
     def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
-        w = params[f"{self.prefix}.weight" if self.prefix else "weight"] if self.module is not None else args[1]
+        """Negative ``(w, 0)`` with the stream's own learned slope ``w``, and positive ``(1, 0)``."""
+        name = f"{self.prefix}.weight" if self.prefix else "weight"
+        w = params[name] if self.module is not None else args[1]
         w = w.reshape(()) if w.numel() == 1 else w.reshape(-1, *([1] * (unit_ndim - 1)))
         return [(w, 0.0), (1.0, 0.0)]
 
     def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        """1 where theta0's pre-activation is positive, else 0."""
         return (s0 > 0).long()
 
 
@@ -447,13 +496,16 @@ class Relu6Gate(_Clip):
     family = "relu6"
 
     def setup(self) -> None:
+        """The bounds 0 and 6."""
         self._set_bounds(0.0, 6.0)
 
     def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        """Below ``(0, 0)``, inside ``(1, 0)`` and above ``(0, 6)``."""
         # piece 0 is "below": ReLU-like units are off more often than saturated
         return [(0.0, 0.0), (1.0, 0.0), (0.0, 6.0)]
 
     def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        """0 below 0, 1 inside, 2 at 6 or above."""
         return (s0 > 0).long() + (s0 >= 6).long()
 
 
@@ -464,6 +516,7 @@ class HardtanhGate(_Clip):
     family = "hardtanh"
 
     def setup(self) -> None:
+        """Read ``min_val`` and ``max_val``."""
         if isinstance(self.module, nn.ReLU6):  # nn.ReLU6 derives from nn.Hardtanh but has its own rule
             self._set_bounds(0.0, 6.0)
         elif self.module is not None:
@@ -479,6 +532,7 @@ class ClampGate(_Clip):
     family = "clamp"
 
     def setup(self) -> None:
+        """Read the bounds ``min`` and ``max`` (either may be None)."""
         self._set_bounds(self.const_arg(1, "min", None), self.const_arg(2, "max", None))
 
 
@@ -489,6 +543,7 @@ class ClampMinGate(_Clip):
     family = "clamp"
 
     def setup(self) -> None:
+        """Read the lower bound ``min``."""
         self._set_bounds(self.const_arg(1, "min", None), None)
 
 
@@ -499,6 +554,7 @@ class ClampMaxGate(_Clip):
     family = "clamp"
 
     def setup(self) -> None:
+        """Read the upper bound ``max``."""
         self._set_bounds(None, self.const_arg(1, "max", None))
 
 
@@ -509,22 +565,28 @@ class ThresholdGate(PiecewiseLinearGate):
     family = "threshold"
 
     def setup(self) -> None:
+        """Read the threshold and the replacement value."""
         if self.module is not None:
-            self.t, self.v = float(self.module.threshold), float(self.module.value)
+            mod = cast(nn.Threshold, self.module)
+            self.t, self.v = float(mod.threshold), float(mod.value)
         else:
             self.t, self.v = float(self.const_arg(1, "threshold")), float(self.const_arg(2, "value"))
 
     def params(self) -> dict[str, Any]:
+        """The threshold and the value, which a stored summary must match."""
         return {"threshold": self.t, "value": self.v}
 
     @property
-    def continuous(self) -> bool:  # type: ignore[override]
+    def continuous(self) -> bool:  # type: ignore[override]  # a per-instance value of the class constant
+        """Whether the op has no jump: the value equals the threshold."""
         return self.t == self.v
 
     def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        """Replaced ``(0, v)`` and passed ``(1, 0)``."""
         return [(0.0, self.v), (1.0, 0.0)]
 
     def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        """1 where theta0's pre-activation exceeds the threshold, else 0."""
         return (s0 > self.t).long()
 
 
@@ -535,9 +597,11 @@ class HardsigmoidGate(PiecewiseLinearGate):
     family = "hardsigmoid"
 
     def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        """Low ``(0, 0)``, middle ``(1/6, 1/2)`` and high ``(0, 1)``."""
         return [(0.0, 0.0), (1.0 / 6.0, 0.5), (0.0, 1.0)]
 
     def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        """0 at -3 or below, 1 in between, 2 at 3 or above."""
         return (s0 > -3).long() + (s0 >= 3).long()
 
 
@@ -549,15 +613,20 @@ class HardshrinkGate(PiecewiseLinearGate):
     continuous = False
 
     def setup(self) -> None:
-        self.lam = float(self.module.lambd) if self.module is not None else float(self.const_arg(1, "lambd", 0.5))
+        """Read ``lambd``."""
+        mod = cast("nn.Hardshrink | nn.Softshrink | None", self.module)
+        self.lam = float(mod.lambd) if mod is not None else float(self.const_arg(1, "lambd", 0.5))
 
     def params(self) -> dict[str, Any]:
+        """``lambd``, which a stored summary must match."""
         return {"lambd": self.lam}
 
     def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        """Zeroed ``(0, 0)`` and passed ``(1, 0)``."""
         return [(0.0, 0.0), (1.0, 0.0)]
 
     def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        """1 where ``|s0| > lambd``, else 0."""
         return (s0.abs() > self.lam).long()
 
 
@@ -568,15 +637,20 @@ class SoftshrinkGate(PiecewiseLinearGate):
     family = "softshrink"
 
     def setup(self) -> None:
-        self.lam = float(self.module.lambd) if self.module is not None else float(self.const_arg(1, "lambd", 0.5))
+        """Read ``lambd``."""
+        mod = cast("nn.Hardshrink | nn.Softshrink | None", self.module)
+        self.lam = float(mod.lambd) if mod is not None else float(self.const_arg(1, "lambd", 0.5))
 
     def params(self) -> dict[str, Any]:
+        """``lambd``, which a stored summary must match."""
         return {"lambd": self.lam}
 
     def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        """Zeroed ``(0, 0)``, above ``(1, -lambd)`` and below ``(1, lambd)``."""
         return [(0.0, 0.0), (1.0, -self.lam), (1.0, self.lam)]
 
     def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        """0 inside ``[-lambd, lambd]``, 1 above, 2 below."""
         return (s0 > self.lam).long() + 2 * (s0 < -self.lam).long()
 
 
@@ -594,6 +668,7 @@ class GeluGate(SmoothGate):
     family = "gelu"
 
     def setup(self) -> None:
+        """Read ``approximate`` (``"none"`` or ``"tanh"``)."""
         if self.module is not None:
             self.approximate = str(self.module.approximate)
         else:
@@ -602,9 +677,11 @@ class GeluGate(SmoothGate):
             raise self.refuse(f"approximate={self.approximate!r}")
 
     def params(self) -> dict[str, Any]:
+        """``approximate``, which a stored summary must match."""
         return {"approximate": self.approximate}
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        """GELU's derivative, exact or of the tanh approximation."""
         if self.approximate == "tanh":
             k = math.sqrt(2.0 / math.pi)
             t = torch.tanh(k * (s + 0.044715 * s**3))
@@ -620,6 +697,7 @@ class SiluGate(SmoothGate):
     family = "silu"
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        """``sigmoid(s) (1 + s (1 - sigmoid(s)))``."""
         sg = torch.sigmoid(s)
         return sg * (1 + s * (1 - sg))
 
@@ -631,17 +709,20 @@ class TanhGate(SmoothGate):
     family = "tanh"
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        """``1 - tanh(s)^2``."""
         t = torch.tanh(s)
         return 1 - t * t
 
 
-@register(nn.Sigmoid, torch.sigmoid, "sigmoid", "sigmoid_", *_fns("sigmoid_", module=torch))  # F.sigmoid: Tensor.sigmoid
+# F.sigmoid calls Tensor.sigmoid
+@register(nn.Sigmoid, torch.sigmoid, "sigmoid", "sigmoid_", *_fns("sigmoid_", module=torch))
 class SigmoidGate(SmoothGate):
     """``sigmoid(s)``."""
 
     family = "sigmoid"
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        """``sigmoid(s) (1 - sigmoid(s))``."""
         sg = torch.sigmoid(s)
         return sg * (1 - sg)
 
@@ -653,16 +734,20 @@ class SoftplusGate(SmoothGate):
     family = "softplus"
 
     def setup(self) -> None:
+        """Read ``beta`` and ``threshold``."""
         if self.module is not None:
-            self.beta, self.threshold = float(self.module.beta), float(self.module.threshold)
+            mod = cast(nn.Softplus, self.module)
+            self.beta, self.threshold = float(mod.beta), float(mod.threshold)
         else:
             self.beta = float(self.const_arg(1, "beta", 1.0))
             self.threshold = float(self.const_arg(2, "threshold", 20.0))
 
     def params(self) -> dict[str, Any]:
+        """``beta`` and ``threshold``, which a stored summary must match."""
         return {"beta": self.beta, "threshold": self.threshold}
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        """``sigmoid(beta s)``, and 1 where the op is linear (``beta s > threshold``)."""
         bs = self.beta * s
         return torch.where(bs > self.threshold, torch.ones_like(s), torch.sigmoid(bs))
 
@@ -674,12 +759,16 @@ class EluGate(SmoothGate):
     family = "elu"
 
     def setup(self) -> None:
-        self.alpha = float(self.module.alpha) if self.module is not None else float(self.const_arg(1, "alpha", 1.0))
+        """Read ``alpha``."""
+        mod = cast("nn.ELU | nn.CELU | None", self.module)
+        self.alpha = float(mod.alpha) if mod is not None else float(self.const_arg(1, "alpha", 1.0))
 
     def params(self) -> dict[str, Any]:
+        """``alpha``, which a stored summary must match."""
         return {"alpha": self.alpha}
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        """1 for positive ``s``, else ``alpha exp(s)``."""
         return torch.where(s > 0, torch.ones_like(s), self.alpha * torch.exp(torch.clamp_max(s, 0)))
 
 
@@ -690,12 +779,16 @@ class CeluGate(SmoothGate):
     family = "celu"
 
     def setup(self) -> None:
-        self.alpha = float(self.module.alpha) if self.module is not None else float(self.const_arg(1, "alpha", 1.0))
+        """Read ``alpha``."""
+        mod = cast("nn.ELU | nn.CELU | None", self.module)
+        self.alpha = float(mod.alpha) if mod is not None else float(self.const_arg(1, "alpha", 1.0))
 
     def params(self) -> dict[str, Any]:
+        """``alpha``, which a stored summary must match."""
         return {"alpha": self.alpha}
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        """1 for positive ``s``, else ``exp(s / alpha)``."""
         return torch.where(s > 0, torch.ones_like(s), torch.exp(torch.clamp_max(s, 0) / self.alpha))
 
 
@@ -706,7 +799,9 @@ class SeluGate(SmoothGate):
     family = "selu"
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
-        return _SELU_SCALE * torch.where(s > 0, torch.ones_like(s), _SELU_ALPHA * torch.exp(torch.clamp_max(s, 0)))
+        """``scale`` for positive ``s``, else ``scale alpha exp(s)``."""
+        return _SELU_SCALE * torch.where(s > 0, torch.ones_like(s),
+                                         _SELU_ALPHA * torch.exp(torch.clamp_max(s, 0)))
 
 
 @register(nn.Mish, F.mish)
@@ -716,6 +811,7 @@ class MishGate(SmoothGate):
     family = "mish"
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        """``tanh(softplus(s)) + s (1 - tanh(softplus(s))^2) sigmoid(s)``."""
         t = torch.tanh(F.softplus(s))
         return t + s * (1 - t * t) * torch.sigmoid(s)
 
@@ -727,6 +823,7 @@ class HardswishGate(SmoothGate):
     family = "hardswish"
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        """0 at -3 or below, 1 at 3 or above, ``(2 s + 3) / 6`` in between."""
         mid = (2 * s + 3) / 6
         return torch.where(s <= -3, torch.zeros_like(s), torch.where(s >= 3, torch.ones_like(s), mid))
 
@@ -738,6 +835,7 @@ class LogSigmoidGate(SmoothGate):
     family = "logsigmoid"
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        """``sigmoid(-s)``."""
         return torch.sigmoid(-s)
 
 
@@ -748,6 +846,7 @@ class SoftsignGate(SmoothGate):
     family = "softsign"
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        """``1 / (1 + |s|)^2``."""
         return 1 / (1 + s.abs()) ** 2
 
 
@@ -758,5 +857,6 @@ class TanhshrinkGate(SmoothGate):
     family = "tanhshrink"
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        """``tanh(s)^2``."""
         t = torch.tanh(s)
         return t * t

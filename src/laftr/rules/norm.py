@@ -17,14 +17,13 @@ the groups of a GroupNorm): ``y = gamma * (x - mean(x)) * nu + beta`` with ``nu 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..moments import GateMoments
-from .affine import AffineRule
 from .base import Pair, Rule, register, stream_of
 
 
@@ -33,6 +32,7 @@ class ScaleLaw:
 
     def __init__(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
                  dtype: torch.dtype) -> None:
+        """Turn the stored sums of ``nu`` and ``nu^2`` into moments and log-normal parameters per position."""
         n = counts.clamp_min(1).view(-1, *([1] * (sums["nu"].ndim - 1)))
         m1, m2 = sums["nu"] / n, sums["nu2"] / n
         var_log = torch.log(m2 / (m1 * m1)).clamp_min(0)  # sigma^2 of log nu
@@ -41,7 +41,9 @@ class ScaleLaw:
         self.log_mean = (torch.log(m1) - var_log / 2).to(device, dtype)
         self.log_sd = var_log.sqrt().to(device, dtype)
 
-    def draw(self, groups: torch.Tensor, gen: torch.Generator, shared: bool, like: torch.Tensor) -> torch.Tensor:
+    def draw(self, groups: torch.Tensor, gen: torch.Generator, shared: bool,
+             like: torch.Tensor) -> torch.Tensor:
+        """Scales ``(n, *positions)`` drawn from the log-normal law (``n = 1`` when shared)."""
         G, pos = self.first.shape[0], tuple(self.first.shape[1:])
         n = 1 if shared else int(groups.shape[0])
         z = torch.randn((n, *pos), generator=gen, device=gen.device, dtype=like.dtype).to(like.device)
@@ -53,6 +55,7 @@ class ScaleLaw:
         return torch.exp(mu + sd * z)
 
     def moments(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and second moment of the scale per position in group ``g``."""
         return self.first[g], self.second[g]
 
 
@@ -73,7 +76,12 @@ class NormRule(Rule):
         """The stream's ``(gamma, beta)``, broadcastable against the input (None where absent)."""
         raise NotImplementedError
 
+    #: added to the statistic; None (RMSNorm only, which overrides :meth:`eps_for`): the dtype's epsilon
+    eps: float | None
+
     def eps_for(self, x: torch.Tensor) -> float:
+        """The ``eps`` added to the statistic for an input of ``x``'s dtype."""
+        assert self.eps is not None
         return self.eps
 
     # ------------------------------------------------------------------ pieces of the op
@@ -84,16 +92,19 @@ class NormRule(Rule):
         return torch.rsqrt(stat + self.eps_for(x))
 
     def center(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` minus the mean of each position (unchanged for RMSNorm, which does not centre)."""
         if not self.centered:
             return x
         g = self.grouped(x)
         return (g - g.mean(-1, keepdim=True)).reshape(x.shape)
 
     def scale(self, x: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
+        """``x`` with each position's entries multiplied by its scale ``nu`` (``(B, *positions)``)."""
         g = self.grouped(x)
         return (g * nu.unsqueeze(-1)).reshape(x.shape)
 
-    def finish(self, v: torch.Tensor, params: dict[str, torch.Tensor], args: Any, kwargs: Any) -> torch.Tensor:
+    def finish(self, v: torch.Tensor, params: dict[str, torch.Tensor], args: Any,
+               kwargs: Any) -> torch.Tensor:
         """``gamma * v + beta``."""
         w, b = self.weight_bias(params, args, kwargs, v)
         if w is not None:
@@ -103,19 +114,23 @@ class NormRule(Rule):
         return v
 
     def pre(self, args: Any, kwargs: Any) -> Pair:
+        """The normalized input pair; refuses other data-dependent arguments."""
         return self.data_input(args, kwargs)
 
     def has_params(self, args: Any, kwargs: Any) -> bool:
+        """Whether the op has an affine weight or bias (which may differ between the streams)."""
         if self.module is not None:
             return any(True for _ in self.module.parameters())
         return any(isinstance(a, Pair) and not a.data for a in (*args[1:], *kwargs.values()))
 
     # ------------------------------------------------------------------ modes
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Every stream runs the normalization exactly."""
         self.pre(args, kwargs)
         return Pair(self.call_streams(mode, args, kwargs), True)
 
     def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's exact normalization, recording ``nu`` and ``nu^2`` per position."""
         x0 = self.pre(args, kwargs).vals[0]
         nu = self.inv_sigma(x0.to(torch.float64))
         mode.add(self.name, "nu", nu)
@@ -123,13 +138,15 @@ class NormRule(Rule):
         return Pair(self.call_streams(mode, args, kwargs, [0]), True)
 
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Monte Carlo: a scale per position drawn from the stored law, shared by both streams."""
         pre = self.pre(args, kwargs)
         law: ScaleLaw = mode.law(self)
         x0 = pre.vals[0]
         pos = tuple(self.grouped(x0).shape[1:-1])
         if tuple(law.first.shape[1:]) != pos:
             raise ValueError(f"normalization site {self.name!r}: summary has positions of shape "
-                             f"{tuple(law.first.shape[1:])}, the network produces {pos} (input of another size?)")
+                             f"{tuple(law.first.shape[1:])}, the network produces {pos} "
+                             "(input of another size?)")
         nu = law.draw(mode.groups, mode.generator, mode.shared, x0)
         outs = []
         for s, v in enumerate(pre.vals):
@@ -138,6 +155,7 @@ class NormRule(Rule):
         return Pair(tuple(outs), True)
 
     def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's own linearization: the exact Jacobian of the normalization at theta0's input."""
         pre = self.pre(args, kwargs)
         x0 = pre.vals[0]
         nu0 = self.inv_sigma(x0).unsqueeze(-1)
@@ -152,6 +170,7 @@ class NormRule(Rule):
         return Pair(tuple(outs), True)
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The closed form: a random per-position scale with the stored moments, then the affine rest."""
         pre = self.pre(args, kwargs)
         law: ScaleLaw = mode.law(self)
         ref = pre.vals[0]
@@ -160,8 +179,8 @@ class NormRule(Rule):
         n = math.prod(ref.shape)
         D = n // first.numel()
         if D * first.numel() != n:
-            raise ValueError(f"normalization site {self.name!r}: {first.numel()} stored positions do not divide "
-                             f"{n} units")
+            raise ValueError(f"normalization site {self.name!r}: {first.numel()} stored positions do not "
+                             f"divide {n} units")
         gm = GateMoments(c1=[first.repeat_interleave(D)], c2={(0, 0): second.repeat_interleave(D)},
                          unit_groups=torch.arange(n, device=like.device) // D)
         scaled = mode.gate(pre, gm)
@@ -175,7 +194,8 @@ class NormRule(Rule):
         return mode.affine_fns([make(s) for s in streams], [[scaled.vals[s]] for s in streams], self.name)
 
     def law(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
-            dtype: torch.dtype) -> ScaleLaw:
+            dtype: torch.dtype) -> Any:
+        """The stored sums turned into a (private) ``ScaleLaw`` on ``device`` in ``dtype``."""
         return ScaleLaw(sums, counts, device, dtype)
 
 
@@ -192,23 +212,28 @@ class LayerNormRule(NormRule):
     eps_position: ClassVar[int] = 4
 
     def setup(self) -> None:
+        """Read ``normalized_shape`` and ``eps``."""
         if self.module is not None:
-            self.shape = _trailing(self.module.normalized_shape)
-            eps = self.module.eps
+            mod = cast("nn.LayerNorm | nn.RMSNorm", self.module)
+            self.shape = _trailing(mod.normalized_shape)
+            eps = mod.eps
         else:
             self.shape = _trailing(self.const_arg(1, "normalized_shape"))
             eps = self.const_arg(self.eps_position, "eps", 1e-5 if self.centered else None)
-        self.eps = None if eps is None else float(eps)  # type: ignore[assignment]
+        self.eps = None if eps is None else float(eps)
 
     def params(self) -> dict[str, Any]:
+        """``normalized_shape`` and ``eps``, which a stored summary must match."""
         return {"normalized_shape": list(self.shape), "eps": self.eps}
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``(B, *positions, D)`` with the trailing ``normalized_shape`` axes flattened."""
         k = len(self.shape)
         return x.reshape(*x.shape[: x.ndim - k], -1)
 
     def weight_bias(self, params: dict[str, torch.Tensor], args: Any, kwargs: Any,
                     like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The stream's ``(gamma, beta)`` from the module or the function's ``weight`` and ``bias``."""
         if self.module is not None:
             p = self.prefix + "."
             return params.get(p + "weight"), params.get(p + "bias")
@@ -219,17 +244,22 @@ class LayerNormRule(NormRule):
 
 @register(*(t for t in (getattr(nn, "RMSNorm", None), getattr(F, "rms_norm", None)) if t is not None))
 class RmsNormRule(LayerNormRule):
-    """``rms_norm``: no centring, ``nu = 1 / sqrt(mean(x^2) + eps)``; ``eps=None`` means the dtype's epsilon."""
+    """``rms_norm``: no centring, ``nu = 1 / sqrt(mean(x^2) + eps)``.
+
+    ``eps=None`` means the dtype's epsilon.
+    """
 
     family = "rms_norm"
     centered = False
     eps_position = 3
 
     def eps_for(self, x: torch.Tensor) -> float:
+        """The given ``eps``, or the machine epsilon of ``x``'s dtype when it is None."""
         return float(torch.finfo(x.dtype).eps) if self.eps is None else self.eps
 
     def weight_bias(self, params: dict[str, torch.Tensor], args: Any, kwargs: Any,
                     like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The stream's ``gamma``; RMSNorm has no bias."""
         return super().weight_bias(params, args, kwargs, like)[0], None
 
 
@@ -238,19 +268,24 @@ class GroupNormRule(NormRule):
     """``group_norm``: input ``(B, C, *spatial)``, statistics over each group of ``C / G`` channels."""
 
     family = "group_norm"
+    eps: float
 
     def setup(self) -> None:
+        """Read ``num_groups`` and ``eps``."""
         if self.module is not None:
-            self.groups = int(self.module.num_groups)
-            self.eps = float(self.module.eps)
+            mod = cast(nn.GroupNorm, self.module)
+            self.groups = int(mod.num_groups)
+            self.eps = float(mod.eps)
         else:
             self.groups = int(self.const_arg(1, "num_groups"))
             self.eps = float(self.const_arg(4, "eps", 1e-5))
 
     def params(self) -> dict[str, Any]:
+        """``num_groups`` and ``eps``, which a stored summary must match."""
         return {"num_groups": self.groups, "eps": self.eps}
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``(B, groups, D)``: each group's channels and spatial entries flattened."""
         return x.reshape(x.shape[0], self.groups, -1)
 
     def _channel(self, t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -258,6 +293,7 @@ class GroupNormRule(NormRule):
 
     def weight_bias(self, params: dict[str, torch.Tensor], args: Any, kwargs: Any,
                     like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The stream's per-channel ``(gamma, beta)`` shaped to broadcast against the input."""
         if self.module is not None:
             p = self.prefix + "."
             return self._channel(params.get(p + "weight"), like), self._channel(params.get(p + "bias"), like)
@@ -268,41 +304,56 @@ class GroupNormRule(NormRule):
 
 @register(nn.modules.instancenorm._InstanceNorm)
 class InstanceNormRule(GroupNormRule):
-    """Instance norm: per example and channel (GroupNorm with one channel per group), or, with running
-    statistics in eval mode, a per-channel affine map like eval batch norm."""
+    """Instance norm: per example and channel (GroupNorm with one channel per group).
+
+    With running statistics in eval mode it is instead a per-channel affine map, like eval batch norm.
+    """
 
     family = "instance_norm"
 
     def setup(self) -> None:
-        mod = self.module
+        """Read ``eps`` and the channels; with running statistics the op is a fixed affine map."""
+        mod = cast("nn.modules.instancenorm._InstanceNorm | None", self.module)
         assert mod is not None
         self.eps = float(mod.eps)
         self.groups = int(mod.num_features)
         self.fixed = bool(mod.track_running_stats and mod.running_mean is not None)
-        if self.fixed:
+        if self.fixed:  # per-instance values of the class constants (an affine map, no statistic)
             self.site = False  # type: ignore[misc]
             self.affine = True  # type: ignore[misc]
 
-    def call(self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    def call(self, params: dict[str, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Instance norm of one stream, on the running statistics when the op uses them."""
         p = self.prefix + "."
         x = args[0]
         if self.fixed:
-            return F.instance_norm(x, params[p + "running_mean"], params[p + "running_var"], params.get(p + "weight"),
-                                   params.get(p + "bias"), use_input_stats=False, eps=self.eps)
+            return F.instance_norm(x, params[p + "running_mean"], params[p + "running_var"],
+                                   params.get(p + "weight"), params.get(p + "bias"), use_input_stats=False,
+                                   eps=self.eps)
         return F.instance_norm(x, None, None, params.get(p + "weight"), params.get(p + "bias"),
                                use_input_stats=True, eps=self.eps)
 
     def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
-        return AffineRule.forward(self, mode, args, kwargs) if self.fixed else super().fit(mode, args, kwargs)  # type: ignore[arg-type]
+        """The exact op when it is affine (running statistics), else the normalization's fit."""
+        return self._fixed(mode, args, kwargs) if self.fixed else super().fit(mode, args, kwargs)
 
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
-        return AffineRule.forward(self, mode, args, kwargs) if self.fixed else super().sample(mode, args, kwargs)  # type: ignore[arg-type]
+        """The exact op when it is affine (running statistics), else the normalization's Monte Carlo."""
+        return self._fixed(mode, args, kwargs) if self.fixed else super().sample(mode, args, kwargs)
 
     def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
-        return AffineRule.forward(self, mode, args, kwargs) if self.fixed else super().own(mode, args, kwargs)  # type: ignore[arg-type]
+        """The exact op when it is affine (running statistics), else theta0's own linearization."""
+        return self._fixed(mode, args, kwargs) if self.fixed else super().own(mode, args, kwargs)
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The generic affine closed form with running statistics, else the normalization's."""
         return mode.affine(self, args, kwargs) if self.fixed else super().moments(mode, args, kwargs)
 
-    def check(self, args: Any, kwargs: Any) -> None:  # used by AffineRule.forward in the fixed case
+    def check(self, args: Any, kwargs: Any) -> None:
+        """Refuse other data-dependent arguments (used in the fixed case)."""
         self.pre(args, kwargs)
+
+    def _fixed(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Every stream runs the op exactly: with running statistics it is a fixed affine map."""
+        self.check(args, kwargs)
+        return Pair(self.call_streams(mode, args, kwargs), True)

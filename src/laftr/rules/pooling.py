@@ -28,7 +28,8 @@ def _pool_geometry(pool: dict[str, Any]) -> tuple[tuple[int, int], ...]:
     return pair(pool["kernel_size"]), pair(pool["stride"]), pair(pool["padding"]), pair(pool["dilation"])
 
 
-def pool_windows(v: torch.Tensor, pool: dict[str, Any], pad_value: float) -> tuple[torch.Tensor, tuple]:
+def pool_windows(v: torch.Tensor, pool: dict[str, Any],
+                 pad_value: float) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Windows of a max pool as ``(B, C, K, L)`` (K positions per window, L windows) and the output shape."""
     if pool.get("ceil_mode"):
         raise UnsupportedOpError("max pooling with ceil_mode=True is not supported by window statistics")
@@ -49,9 +50,12 @@ def pool_windows(v: torch.Tensor, pool: dict[str, Any], pad_value: float) -> tup
 
 
 def max_pool(v: torch.Tensor, pool: dict[str, Any], return_indices: bool = False) -> Any:
+    """Max pooling of ``v`` with the pool's constants (``(out, indices)`` when ``return_indices``)."""
     fn = F.max_pool1d if pool["dims"] == 1 else F.max_pool2d
-    return fn(v, pool["kernel_size"], pool["stride"], pool["padding"], pool["dilation"], pool["ceil_mode"],
-              return_indices)
+    k, s, p, d = pool["kernel_size"], pool["stride"], pool["padding"], pool["dilation"]
+    if return_indices:
+        return fn(v, k, s, p, d, pool["ceil_mode"], return_indices=True)
+    return fn(v, k, s, p, d, pool["ceil_mode"])
 
 
 def gather_pool(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -65,6 +69,7 @@ class PoolLaw:
 
     def __init__(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
                  dtype: torch.dtype) -> None:
+        """Turn the stored argmax counts into frequencies, pooled over the groups."""
         self.pi = (sums["argmax"].sum(0) / counts.sum()).to(device, dtype)
 
 
@@ -83,6 +88,7 @@ class MaxPoolRule(Rule):
     site: ClassVar[bool] = True
 
     def setup(self) -> None:
+        """Read the pool's constants (stride defaults to the kernel size); refuse ``return_indices``."""
         names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
         if self.module is not None:
             dims = 1 if isinstance(self.module, nn.MaxPool1d) else 2
@@ -104,22 +110,27 @@ class MaxPoolRule(Rule):
         }
 
     def params(self) -> dict[str, Any]:
+        """The pool's constants as JSON values, which a stored summary must match."""
         def js(v: Any) -> Any:
             return list(v) if isinstance(v, (tuple, list)) else v
 
         return {k: js(v) for k, v in self.pool.items()}
 
     def signature(self) -> list[Any]:
+        """``[node name, family, params]``, always with the pool's constants."""
         return [self.name, self.family, self.params()]
 
     def pre(self, args: Any, kwargs: Any) -> Pair:
+        """The pooled input pair; refuses other data-dependent arguments."""
         return self.data_input(args, kwargs)
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Every stream pools itself exactly."""
         pre = self.pre(args, kwargs)
         return Pair(tuple(max_pool(v, self.pool) for v in pre.vals), True)
 
     def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's exact pooling; records how often each window position is the argmax when asked."""
         s0 = self.pre(args, kwargs).vals[0]
         if mode.record_pools:
             cols, _ = pool_windows(s0, self.pool, float("-inf"))
@@ -137,13 +148,18 @@ class MaxPoolRule(Rule):
         raise ValueError(f"unknown max-pool rule {mode.pool_mode!r}")
 
     def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Both streams take theta0's argmax (or each its own with ``maxpool="separate"``)."""
         pre = self.pre(args, kwargs)
         if mode.pool_mode == "sample":
-            raise ValueError("theta0's own linearization uses theta0's max-pool selection: maxpool='argmax0' or "
-                             "'separate'")
+            raise ValueError("theta0's own linearization uses theta0's max-pool selection: maxpool='argmax0' "
+                             "or 'separate'")
         return self._selected(mode, pre)
 
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Each window's position drawn from the stored argmax frequencies (``maxpool="sample"``).
+
+        With the other ``maxpool`` choices, as :meth:`own`.
+        """
         pre = self.pre(args, kwargs)
         if mode.pool_mode != "sample":
             return self._selected(mode, pre)
@@ -153,7 +169,8 @@ class MaxPoolRule(Rule):
         cols0, out_shape = pool_windows(v0, self.pool, 0.0)
         B, C, K, L = cols0.shape
         if tuple(pi.shape) != (C, K, L):
-            raise ValueError(f"max-pool site {self.name!r}: summary has shape {tuple(pi.shape)}, network {(C, K, L)}")
+            raise ValueError(f"max-pool site {self.name!r}: summary has shape "
+                             f"{tuple(pi.shape)}, network {(C, K, L)}")
         n = 1 if mode.shared else B
         probs = pi.permute(0, 2, 1).reshape(C * L, K).to(torch.float64)
         gen = mode.generator
@@ -168,10 +185,13 @@ class MaxPoolRule(Rule):
         return Pair(tuple(outs), True)
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Refuse: laftr-exact does not handle max pooling."""
         raise UnsupportedOpError(
-            f"node {self.name!r}: laftr-exact does not handle max pooling; use the Monte Carlo 'laftr' estimator"
+            f"node {self.name!r}: laftr-exact does not handle max pooling; "
+            "use the Monte Carlo 'laftr' estimator"
         )
 
     def law(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
-            dtype: torch.dtype) -> PoolLaw:
+            dtype: torch.dtype) -> Any:
+        """The stored argmax counts turned into a (private) ``PoolLaw`` on ``device`` in ``dtype``."""
         return PoolLaw(sums, counts, device, dtype)
