@@ -493,7 +493,7 @@ def test_stored_floats_formulas():
         p.numel() for p in cnn.parameters())  # batch-norm running statistics are buffers, not counted
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", BASELINES)
 def test_cuda_matches_cpu(name):
     model = mlp()

@@ -272,7 +272,7 @@ def test_max_pool_with_a_fixed_argmax_is_exact(maxpool):
     torch.testing.assert_close(est(other), laftr.exact_fsd(model, other, X, metric="kl"), rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     model = mlp()
     data = _data()
