@@ -15,15 +15,13 @@ from laftr.bench.fsd import (
     ARCHS,
     FsdBenchConfig,
     Trajectory,
-    agreement,
     method_specs,
-    pearson,
     run_fsd_bench,
-    spearman,
 )
 from laftr.cli import main
 from laftr.exact import exact_fsd_and_grad
 from laftr.report import OutDirError
+from laftr.stats import agreement, pearson, spearman
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -39,6 +37,13 @@ def test_statistics_match_scipy():
     ag = agreement([2.0, 4.0, -1.0], [1.0, 2.0, 3.0])
     assert ag["nonpositive"] == 1
     assert ag["median_abs_log_ratio"] == pytest.approx(np.log(2.0))
+    assert "nonfinite" not in ag
+    failed = agreement([2.0, float("nan"), 1.0], [1.0, 2.0, 3.0])  # an estimator that failed: NaN scores, counted
+    assert failed["nonfinite"] == 1 and np.isnan(failed["spearman"]) and np.isnan(failed["pearson_log"])
+    with pytest.raises(ValueError, match="3 estimates for 2 exact values"):
+        agreement([1.0, 2.0, 3.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="same length"):
+        spearman([1.0, 2.0], [1.0, 2.0, 3.0])
 
 
 def test_exact_fsd_and_grad_streams_the_same_gradient():

@@ -46,6 +46,7 @@ from ..exact import exact_fsd_and_grad
 from ..metrics import QUADRATIC_METRICS, check_metric, discrepancy
 from ..models import conv_net, mlp, num_params, transformer, vit
 from ..report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
+from ..stats import agreement
 
 log = logging.getLogger(__name__)
 
@@ -795,47 +796,6 @@ def _continuations(cfg: FsdBenchConfig, model0: nn.Module, data: _Data, gen: tor
 
 
 # ------------------------------------------------------------------------------------------- statistics
-def _ranks(v: np.ndarray) -> np.ndarray:
-    """Ranks with ties averaged (1-based)."""
-    order = np.argsort(v, kind="mergesort")
-    r = np.empty(len(v), dtype=np.float64)
-    sv = v[order]
-    i = 0
-    while i < len(v):
-        j = i
-        while j + 1 < len(v) and sv[j + 1] == sv[i]:
-            j += 1
-        r[order[i: j + 1]] = 0.5 * (i + j) + 1
-        i = j + 1
-    return r
-
-
-def pearson(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Pearson correlation (nan when either side is constant)."""
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(x) < 2 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Spearman rank correlation (ties averaged)."""
-    return pearson(_ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64)))
-
-
-def agreement(estimates: Sequence[float], exact: Sequence[float]) -> dict[str, float]:
-    """Pearson of logs, Spearman and median |log(estimate / exact)|.
-
-    Non-positive estimates are counted and floored at 1e-30 before taking logs.
-    """
-    est = np.asarray(estimates, dtype=np.float64)
-    ex = np.asarray(exact, dtype=np.float64)
-    nonpos = int((est <= 0).sum())
-    le, lx = np.log(np.maximum(est, 1e-30)), np.log(np.maximum(ex, 1e-30))
-    return {"pearson_log": pearson(le, lx), "spearman": spearman(est, ex),
-            "median_abs_log_ratio": float(np.median(np.abs(le - lx))), "nonpositive": nonpos}
-
-
 def _flat(grads: dict[str, torch.Tensor] | Sequence[torch.Tensor | None],
           like: Sequence[torch.Tensor]) -> torch.Tensor:
     vals = list(grads.values()) if isinstance(grads, dict) else list(grads)

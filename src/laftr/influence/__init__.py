@@ -9,13 +9,13 @@
   runs the benchmarks of ``laftr influence`` and ``laftr mislabeled``.
 """
 
+from ..stats import curve_area, detection_curve, pearson, spearman
 from .classical import CGInfo, ClassicalInfluence, InfluenceConfig, conjugate_gradient
 from .losses import BREGMAN_METRIC, per_example_loss
 from .measure import Measurement
 from .methods import InfluenceMethod, QueryResult, check_method, make_method, method_names
 from .params import ParamSpace
 from .pbrf import PBRF, PBRFConfig, PBRFSolution
-from .stats import curve_area, detection_curve, pearson, spearman
 
 __all__ = [
     "BREGMAN_METRIC",

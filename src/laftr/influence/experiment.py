@@ -25,12 +25,12 @@ from ..errors import UsageError
 from ..estimators.base import REGISTRY
 from ..models import mlp, num_params
 from ..report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
+from ..stats import curve_area, detection_curve, pearson, spearman
 from .classical import InfluenceConfig
 from .losses import infer_task, per_example_loss
 from .measure import Measurement
 from .methods import check_method, make_method
 from .pbrf import PBRFConfig
-from .stats import curve_area, detection_curve, pearson, spearman
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,11 @@
-"""Agreement scores (Pearson, Spearman) and mislabeled-detection curves, in plain numpy."""
+"""The project's statistics, in plain numpy.
+
+Agreement scores (Pearson, Spearman with average ranks), the agreement of estimates with exact values
+(fsd-bench), mislabeled-detection curves (influence).
+
+Inputs must be finite and equally long (an error names the problem); a constant vector has no correlation
+(NaN).
+"""
 
 from __future__ import annotations
 
@@ -44,6 +51,28 @@ def rankdata(a: Sequence[float] | np.ndarray) -> np.ndarray:
 def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
     """Spearman rank correlation (Pearson of average ranks)."""
     return pearson(rankdata(a), rankdata(b))
+
+
+def agreement(estimates: Sequence[float], exact: Sequence[float]) -> dict[str, float]:
+    """Pearson of logs, Spearman and median |log(estimate / exact)| of estimates against exact values.
+
+    Non-positive estimates are counted (``nonpositive``) and floored at 1e-30 before taking logs; non-finite
+    estimates (an estimator that failed) are counted (``nonfinite``, present only then) and make every score
+    NaN.
+    """
+    est = np.asarray(estimates, dtype=np.float64).reshape(-1)
+    ex = _as_vector(exact, "exact")
+    if est.shape != ex.shape:
+        raise ValueError(f"{est.size} estimates for {ex.size} exact values")
+    nonfinite = int((~np.isfinite(est)).sum())
+    nonpos = int((est <= 0).sum())
+    if nonfinite:
+        nan = float("nan")
+        return {"pearson_log": nan, "spearman": nan, "median_abs_log_ratio": nan, "nonpositive": nonpos,
+                "nonfinite": nonfinite}  # (the key is present only when an estimate was not finite)
+    le, lx = np.log(np.maximum(est, 1e-30)), np.log(np.maximum(ex, 1e-30))
+    return {"pearson_log": pearson(le, lx), "spearman": spearman(est, ex),
+            "median_abs_log_ratio": float(np.median(np.abs(le - lx))), "nonpositive": nonpos}
 
 
 def detection_curve(scores: Sequence[float] | np.ndarray, flipped: Sequence[bool] | np.ndarray
