@@ -46,6 +46,7 @@ from ..exact import exact_fsd_and_grad
 from ..metrics import QUADRATIC_METRICS, check_metric, discrepancy
 from ..models import conv_net, mlp, num_params, transformer, vit
 from ..report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
+from ..specs import Spec, check_keys, config_keys, format_spec, parse_spec
 from ..stats import agreement
 
 log = logging.getLogger(__name__)
@@ -96,16 +97,6 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "vit": {"d_model": 64, "heads": 4, "blocks": 2, "d_mlp": 128},
 }
 """Default sizes of the transformer networks (config fields left ``None`` take these)."""
-
-LIFTR_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (("liftr", {"input_cov": "full"}),
-                                                          ("liftr-diag", {"input_cov": "diag"}))
-"""The LIFTR rows (label, options beyond ``num_samples`` and the input model).
-
-They are added only when an estimator named ``liftr`` is registered and the architecture asks for them: every
-anchored op's input with its full covariance over the last axis, or with its variances only. On token
-sequences the network input is modelled by the ``tokens`` input model, on images by ``liftr``'s default.
-"""
-
 
 # ------------------------------------------------------------------------------------------- continuations
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +292,9 @@ class FsdBenchConfig:
         schedule_a: learning-rate schedule on task A: ``constant`` or ``cosine`` (linear warm-up over the
             first epoch, then a cosine decay to 0).
         metrics: output discrepancies compared.
-        methods: method labels to run (None: all of :func:`method_specs`).
+        methods: method labels to run (None: all of :func:`method_specs`): named rows (:data:`ROW_SPECS`,
+            ``subset-K``, ``ntk-K``) or estimator specs such as ``laftr[num_samples=400]`` (labelled by their
+            canonical text).
         coreset_sizes: k of the coreset baselines (``subset``, ``ntk``); the k matching LAFTR's memory is
             added.
         num_samples: Monte Carlo samples of the LAFTR (and LIFTR) estimators.
@@ -435,10 +428,14 @@ class FsdBenchConfig:
         if not 0.0 < self.train_fraction < 1.0:
             raise UsageError(f"train_fraction must be in (0, 1), got {self.train_fraction!r}")
         if self.methods is not None:
-            static = {s.label for a in ARCHS for s in method_specs(dataclasses.replace(self, arch=a))}
-            bad = [m for m in self.methods if m not in static and not re.fullmatch(r"(subset|ntk)-\d+", m)]
+            static = {s.label for a in ARCHS
+                      for s in method_specs(dataclasses.replace(self, arch=a, methods=None))}
+            bad = [m for m in self.methods if m not in static and not re.fullmatch(r"(subset|ntk)-\d+", m)
+                   and _adhoc_spec(m) is None]
             if bad or not self.methods:
-                raise UsageError(f"unknown method(s) {bad}; known: {sorted(static)} and subset-K / ntk-K")
+                raise UsageError(f"unknown method(s) {bad}; known: {sorted(static)} and subset-K / ntk-K, or "
+                                 f"a spec of an estimator ({', '.join(available_estimators())}) such as "
+                                 "laftr[num_samples=400]")
         kinds = trajectory_kinds(self.dataset)
         for t in self.trajectories or []:
             if t.kind not in kinds:
@@ -452,11 +449,98 @@ class FsdBenchConfig:
 
 
 # ------------------------------------------------------------------------------------------- methods
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    """A row of the benchmark: an estimator name with its options.
+ROW_SPECS: dict[str, dict[str, str]] = {
+    "laftr": {
+        "laftr": "laftr[num_samples={S},input_model=gaussian]",
+        "laftr-shared-masks": "laftr[num_samples={S},input_model=gaussian,shared_masks=True]",
+        "laftr-diag": "laftr[num_samples={S},input_model=diag]",
+        "laftr-lowrank": "laftr[num_samples={S},input_model=lowrank,rank={rank}]",
+        "laftr-classwise": "laftr[num_samples={S},input_model=classwise]",
+        "laftr-mixture": "laftr[num_samples={S},input_model=mixture,components={components}]",
+        "laftr-mixture-diag": "laftr[num_samples={S},input_model=mixture,components={components},"
+                              "component_cov=diag]",
+        "laftr-relu": "laftr[num_samples={S},input_model=gaussian,gates=relu]",
+        "laftr-coreset": "laftr[num_samples={S},input_model=coreset,coreset_size={coreset}]",
+    },
+    "laftr-tokens": {
+        "laftr": "laftr[num_samples={S},vocab_size={vocab},input_model=tokens]",
+        "laftr-relu": "laftr[num_samples={S},vocab_size={vocab},input_model=tokens,gates=relu]",
+        "laftr-classwise": "laftr[num_samples={S},vocab_size={vocab},input_model=tokens-classwise]",
+        "laftr-mixture": "laftr[num_samples={S},vocab_size={vocab},input_model=tokens-mixture,"
+                         "components={components}]",
+        "laftr-coreset": "laftr[num_samples={S},input_model=coreset,coreset_size={coreset}]",
+    },
+    "laftr-exact": {
+        "laftr-exact": "laftr-exact[input_model=gaussian]",
+        "laftr-exact-diag": "laftr-exact[input_model=diag]",
+        "laftr-exact-mumu": "laftr-exact[input_model=gaussian,mu_outer=True]",
+    },
+    "maxpool": {
+        "laftr-pool-separate": "laftr[num_samples={S},input_model=gaussian,maxpool=separate]",
+        "laftr-pool-sample": "laftr[num_samples={S},input_model=gaussian,maxpool=sample]",
+    },
+    "liftr": {
+        "liftr": "liftr[num_samples={S},input_cov=full]",
+        "liftr-diag": "liftr[num_samples={S},input_cov=diag]",
+    },
+    "liftr-tokens": {
+        "liftr": "liftr[num_samples={S},input_model=tokens,vocab_size={vocab},input_cov=full]",
+        "liftr-diag": "liftr[num_samples={S},input_model=tokens,vocab_size={vocab},input_cov=diag]",
+    },
+    "parametric": {
+        "weight": "weight",
+        "diag-fisher": "diag-fisher[fisher=mc]",
+        "kfac": "kfac[fisher=mc]",
+    },
+    "parametric-diag": {
+        "weight": "weight",
+        "diag-fisher": "diag-fisher[fisher=mc]",
+        "kfac": "kfac[fisher=mc,unsupported=diag]",
+    },
+    "coreset": {
+        "subset-{k}": "subset[coreset_size={k}]",
+        "ntk-{k}": "ntk[coreset_size={k}]",
+    },
+}
+"""Every named row of the benchmark: per group, row name -> spec text (the ``laftr.specs`` grammar).
 
-    ``family`` is ``laftr``, ``parametric`` or ``coreset``; ``metrics`` limits the metrics it supports.
+The texts carry the run's settings as ``str.format`` fields: ``{S}`` ``num_samples``, ``{rank}``,
+``{components}``, ``{coreset}`` (``laftr_coreset``), ``{vocab}`` (the token vocabulary size, ``p + 5``) and,
+in the ``coreset`` group, ``{k}`` (each coreset size). A run's rows are these groups in this order, as its
+network has them (:class:`ArchSpec`): ``laftr`` on images or ``laftr-tokens`` on token sequences (per-position
+categorical input models and a coreset of real sequences); ``laftr-exact`` (``closed_form``: the closed form
+tracks joint second moments, MLP-sized states without max pooling); ``maxpool`` (theta0's argmax is the
+default; each stream its own max, or sampled); ``liftr`` / ``liftr-tokens`` (when an estimator ``liftr`` is
+registered and the network asks for it: every anchored op's input with its full covariance over the last
+axis, or with its variances only; on images the network input is modelled by ``liftr``'s default);
+``parametric`` or ``parametric-diag`` (K-FAC has Kronecker factors for Linear/Conv2d layers only; where the
+network has other parameters, such as LayerNorm or embeddings, they get their diagonal term); ``coreset`` for
+every coreset size.
+"""
+
+_MATCHED_TAG = " (=laftr memory)"
+_RESERVED_KEYS = {"metric": "the benchmark sets it per metric", "seed": "the benchmark's --seed sets it"}
+
+
+def _row_kind(estimator: str) -> tuple[str, bool, tuple[str, ...] | None]:
+    """The family, stochasticity and supported metrics (None: all) of a row of ``estimator``."""
+    quadratic = tuple(sorted(QUADRATIC_METRICS))
+    kinds: dict[str, tuple[str, bool, tuple[str, ...] | None]] = {
+        "laftr": ("laftr", True, None), "laftr-exact": ("laftr", False, quadratic),
+        "liftr": ("liftr", True, None), "liftr-exact": ("liftr", False, quadratic),
+        "weight": ("parametric", False, None), "diag-fisher": ("parametric", False, None),
+        "kfac": ("parametric", False, None),
+        "subset": ("coreset", False, None), "ntk": ("coreset", False, None),
+    }
+    return kinds.get(estimator, ("other", False, None))
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRow:
+    """A row of the benchmark: an estimator name with its options (made from a spec by :meth:`from_spec`).
+
+    ``family`` is ``laftr``, ``liftr``, ``parametric`` or ``coreset`` (``other`` for any other estimator);
+    ``metrics`` limits the metrics it supports; a ``stochastic`` row's estimate averages ``eval_calls`` calls.
     """
 
     label: str
@@ -466,78 +550,101 @@ class MethodSpec:
     metrics: tuple[str, ...] | None = None
     stochastic: bool = False
 
+    @property
+    def spec(self) -> str:
+        """The row's spec text, ``estimator[key=value,...]`` (recorded in ``results.json``)."""
+        return format_spec(self.estimator, self.options)
 
-def method_specs(cfg: FsdBenchConfig, matched_k: Sequence[int] = ()) -> list[MethodSpec]:
-    """Every method of the benchmark for ``cfg`` (before the ``methods`` filter).
+    @classmethod
+    def from_spec(cls, label: str, spec: str | Spec) -> BenchRow:
+        """The row ``label`` of a spec (text or parsed); family, stochasticity, metrics by its estimator."""
+        parsed = parse_spec(spec, what="method") if isinstance(spec, str) else spec
+        family, stochastic, metrics = _row_kind(parsed.base)
+        return cls(label, parsed.base, parsed.options, family, metrics=metrics, stochastic=stochastic)
+
+
+MethodSpec = BenchRow
+"""The old name of :class:`BenchRow` (kept for code that imports it)."""
+
+
+def _adhoc_spec(text: str) -> Spec | None:
+    """``text`` as a spec of a registered estimator, or None when its name is not one.
+
+    Raises:
+        UsageError: a malformed spec, or an option the estimator does not have (or that the benchmark sets).
+    """
+    parsed = parse_spec(text, what="method")
+    if parsed.base not in available_estimators():
+        return None
+    from ..estimators.base import REGISTRY
+
+    check_keys(parsed, config_keys(REGISTRY[parsed.base].Config), who=f"estimator {parsed.base!r}",
+               reserved=_RESERVED_KEYS)
+    return parsed
+
+
+def row_groups(cfg: FsdBenchConfig) -> list[str]:
+    """The groups of :data:`ROW_SPECS` that a run of ``cfg`` has, in order (``coreset`` last)."""
+    arch = ARCH_SPECS[cfg.arch]
+    tokens = arch.inputs == "tokens"
+    groups = ["laftr-tokens" if tokens else "laftr"]
+    if arch.closed_form:
+        groups.append("laftr-exact")
+    if arch.maxpool:
+        groups.append("maxpool")
+    if arch.liftr and "liftr" in available_estimators():
+        groups.append("liftr-tokens" if tokens else "liftr")
+    groups.append("parametric-diag" if arch.kfac_unsupported == "diag" else "parametric")
+    return [*groups, "coreset"]
+
+
+def _row_fields(cfg: FsdBenchConfig) -> dict[str, Any]:
+    fields: dict[str, Any] = {"S": cfg.num_samples, "rank": cfg.rank, "components": cfg.components,
+                              "coreset": cfg.laftr_coreset}
+    if ARCH_SPECS[cfg.arch].inputs == "tokens":
+        fields["vocab"] = _token_input_options(cfg)["vocab_size"]
+    return fields
+
+
+def method_specs(cfg: FsdBenchConfig, matched_k: Sequence[int] = ()) -> list[BenchRow]:
+    """Every row of the benchmark for ``cfg`` (before the ``methods`` filter), made from :data:`ROW_SPECS`.
 
     ``matched_k`` adds coreset baselines whose memory matches LAFTR's (``k = stored floats / input dim``, the
-    input dim being the numbers stored per example: pixels, or token ids per sequence).
+    input dim being the numbers stored per example: pixels, or token ids per sequence). The estimator specs
+    among ``cfg.methods`` (``laftr[num_samples=400]``) follow, labelled by their canonical text.
     """
-    arch = ARCH_SPECS[cfg.arch]
-    S = cfg.num_samples
-    lf = {"num_samples": S}
-    if arch.inputs == "tokens":
-        specs = _token_laftr_specs(cfg)
-    else:
-        specs = _image_laftr_specs(cfg)
-    if arch.closed_form:  # the closed form tracks joint second moments: MLP-sized states, no max pooling
-        specs += [MethodSpec("laftr-exact", "laftr-exact", {"input_model": "gaussian"}, "laftr",
-                             metrics=tuple(sorted(QUADRATIC_METRICS))),
-                  MethodSpec("laftr-exact-diag", "laftr-exact", {"input_model": "diag"}, "laftr",
-                             metrics=tuple(sorted(QUADRATIC_METRICS))),
-                  MethodSpec("laftr-exact-mumu", "laftr-exact", {"input_model": "gaussian", "mu_outer": True},
-                             "laftr", metrics=tuple(sorted(QUADRATIC_METRICS)))]
-    # max pooling: theta0's argmax (default), each stream its own max (the original code), or sampled
-    if arch.maxpool:
-        specs += [MethodSpec("laftr-pool-separate", "laftr",
-                             {**lf, "input_model": "gaussian", "maxpool": "separate"},
-                             "laftr", stochastic=True),
-                  MethodSpec("laftr-pool-sample", "laftr",
-                             {**lf, "input_model": "gaussian", "maxpool": "sample"},
-                             "laftr", stochastic=True)]
-    if arch.liftr and "liftr" in available_estimators():
-        inputs = _token_input_options(cfg) if arch.inputs == "tokens" else {}
-        specs += [MethodSpec(label, "liftr", {**lf, **inputs, **opts}, "liftr", stochastic=True)
-                  for label, opts in LIFTR_VARIANTS]
-    # K-FAC has Kronecker factors for Linear/Conv2d layers only; where the network has other parameters
-    # (LayerNorm, embeddings, ...) they get their diagonal term
-    kfac_opts = {"fisher": "mc", **({"unsupported": "diag"} if arch.kfac_unsupported == "diag" else {})}
-    specs += [
-        MethodSpec("weight", "weight", {}, "parametric"),
-        MethodSpec("diag-fisher", "diag-fisher", {"fisher": "mc"}, "parametric"),
-        MethodSpec("kfac", "kfac", kfac_opts, "parametric"),
-    ]
+    fields = _row_fields(cfg)
+    rows: list[BenchRow] = []
+    groups = row_groups(cfg)
+    for group in groups[:-1]:
+        rows += [BenchRow.from_spec(label, text.format(**fields)) for label, text in ROW_SPECS[group].items()]
     asked = {int(m.split("-")[1]) for m in cfg.methods or [] if re.fullmatch(r"(subset|ntk)-\d+", m)}
     for k in sorted(set(cfg.coreset_sizes) | set(matched_k) | asked):
-        tag = " (=laftr memory)" if k in matched_k and k not in cfg.coreset_sizes else ""
-        specs.append(MethodSpec(f"subset-{k}{tag}", "subset", {"coreset_size": k}, "coreset"))
-        specs.append(MethodSpec(f"ntk-{k}{tag}", "ntk", {"coreset_size": k}, "coreset"))
-    return specs
+        tag = _MATCHED_TAG if k in matched_k and k not in cfg.coreset_sizes else ""
+        rows += [BenchRow.from_spec(label.format(k=k) + tag, text.format(k=k, **fields))
+                 for label, text in ROW_SPECS["coreset"].items()]
+    named = {r.label for r in rows}
+    every_named = {label for group, labels in ROW_SPECS.items() if group != "coreset" for label in labels}
+    for m in cfg.methods or []:
+        if m in named or m in every_named or re.fullmatch(r"(subset|ntk)-\d+", m):
+            # a named row of another network (laftr-exact on a transformer) is left out, as before
+            continue
+        parsed = _adhoc_spec(m)
+        if parsed is not None and parsed.text not in named:
+            rows.append(BenchRow.from_spec(parsed.text, parsed))
+            named.add(parsed.text)
+    return rows
 
 
-def _image_laftr_specs(cfg: FsdBenchConfig) -> list[MethodSpec]:
-    """LAFTR's rows on images: Gaussian-family and coreset input models, sampled or theta0's own gates."""
-    lf = {"num_samples": cfg.num_samples}
-    return [
-        MethodSpec("laftr", "laftr", {**lf, "input_model": "gaussian"}, "laftr", stochastic=True),
-        MethodSpec("laftr-shared-masks", "laftr", {**lf, "input_model": "gaussian", "shared_masks": True},
-                   "laftr",
-                   stochastic=True),
-        MethodSpec("laftr-diag", "laftr", {**lf, "input_model": "diag"}, "laftr", stochastic=True),
-        MethodSpec("laftr-lowrank", "laftr", {**lf, "input_model": "lowrank", "rank": cfg.rank}, "laftr",
-                   stochastic=True),
-        MethodSpec("laftr-classwise", "laftr", {**lf, "input_model": "classwise"}, "laftr", stochastic=True),
-        MethodSpec("laftr-mixture", "laftr", {**lf, "input_model": "mixture", "components": cfg.components},
-                   "laftr", stochastic=True),
-        MethodSpec("laftr-mixture-diag", "laftr",
-                   {**lf, "input_model": "mixture", "components": cfg.components, "component_cov": "diag"},
-                   "laftr", stochastic=True),
-        MethodSpec("laftr-relu", "laftr", {**lf, "input_model": "gaussian", "gates": "relu"}, "laftr",
-                   stochastic=True),
-        MethodSpec("laftr-coreset", "laftr",
-                   {**lf, "input_model": "coreset", "coreset_size": cfg.laftr_coreset},
-                   "laftr", stochastic=True),
-    ]
+def _selected(cfg: FsdBenchConfig) -> set[str]:
+    """The labels ``cfg.methods`` selects (estimator specs by their canonical text)."""
+    out = set()
+    for m in cfg.methods or []:
+        parsed = None if re.fullmatch(r"(subset|ntk)-\d+", m) else _adhoc_spec(m)
+        out.add(m)
+        if parsed is not None:
+            out.add(parsed.text)
+    return out
 
 
 def _token_input_options(cfg: FsdBenchConfig) -> dict[str, Any]:
@@ -545,27 +652,6 @@ def _token_input_options(cfg: FsdBenchConfig) -> dict[str, Any]:
     from ..data.arithmetic import arithmetic_vocab
 
     return {"input_model": "tokens", "vocab_size": arithmetic_vocab(cfg.p)["vocab_size"]}
-
-
-def _token_laftr_specs(cfg: FsdBenchConfig) -> list[MethodSpec]:
-    """LAFTR's rows on token sequences.
-
-    Per-position categorical input models (overall, per class, per k-means component of the one-hot sequences)
-    and a coreset of real sequences.
-    """
-    tok = {"num_samples": cfg.num_samples, "vocab_size": _token_input_options(cfg)["vocab_size"]}
-    return [
-        MethodSpec("laftr", "laftr", {**tok, "input_model": "tokens"}, "laftr", stochastic=True),
-        MethodSpec("laftr-relu", "laftr", {**tok, "input_model": "tokens", "gates": "relu"}, "laftr",
-                   stochastic=True),
-        MethodSpec("laftr-classwise", "laftr", {**tok, "input_model": "tokens-classwise"}, "laftr",
-                   stochastic=True),
-        MethodSpec("laftr-mixture", "laftr",
-                   {**tok, "input_model": "tokens-mixture", "components": cfg.components},
-                   "laftr", stochastic=True),
-        MethodSpec("laftr-coreset", "laftr", {"num_samples": cfg.num_samples, "input_model": "coreset",
-                                              "coreset_size": cfg.laftr_coreset}, "laftr", stochastic=True),
-    ]
 
 
 # ------------------------------------------------------------------------------------------ data and training
@@ -936,7 +1022,8 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
     matched = sorted({max(1, round(e.fit(model0, xa[:50]).stored_floats() / d_in)) for e in probes})
     specs = method_specs(cfg, matched)
     if cfg.methods is not None:
-        specs = [s for s in specs if s.label.split(" ")[0] in cfg.methods]
+        wanted = _selected(cfg)
+        specs = [s for s in specs if s.label.removesuffix(_MATCHED_TAG) in wanted]
     results = []
     bar = tqdm(total=sum(len([m for m in cfg.metrics if s.metrics is None or m in s.metrics]) for s in specs),
                desc="estimators", disable=not cfg.progress)
@@ -1005,7 +1092,7 @@ def _time_train_step(model0: nn.Module, data: _Data, cfg: FsdBenchConfig,
     return statistics.median(ts[2:]), statistics.median(cs[2:])
 
 
-def _run_method(spec: MethodSpec, metric: str, cfg: FsdBenchConfig, model0: nn.Module, live: nn.Module,
+def _run_method(spec: BenchRow, metric: str, cfg: FsdBenchConfig, model0: nn.Module, live: nn.Module,
                 params: list[torch.Tensor], data: _Data,
                 thetas: list[tuple[dict[str, Any], dict[str, torch.Tensor]]], exact: list[float],
                 exact_grads: list[torch.Tensor], theta_rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1041,6 +1128,7 @@ def _run_method(spec: MethodSpec, metric: str, cfg: FsdBenchConfig, model0: nn.M
     far_idx = [i for i, f in enumerate(far) if f > cut]
     out = {
         "method": spec.label,
+        "spec": spec.spec,
         "estimator": spec.estimator,
         "options": spec.options,
         "family": spec.family,

@@ -80,6 +80,16 @@ def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def spec_list(text: str) -> list[str]:
+    """An ``argparse`` type: comma-separated specs, commas inside brackets kept (``laftr[a=1,b=2],kfac``)."""
+    from ..specs import split_specs
+
+    try:
+        return split_specs(text, what="--methods")
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def int_list(text: str) -> list[int]:
     """An ``argparse`` type: comma-separated integers, at least one, e.g. ``0,1,2``."""
     try:

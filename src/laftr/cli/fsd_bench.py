@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..bench.fsd import ARCHS
 from ..errors import UsageError
-from .common import EXIT_OK, Subcommand, command_line, csv_list, int_list, user_options
+from .common import EXIT_OK, Subcommand, command_line, csv_list, int_list, spec_list, user_options
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -27,9 +27,10 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="output folder "
                         "(results.json, table.md, scatter.png, memory.png; trajectory.png for arithmetic)")
     p.add_argument("--force", action="store_true", help="write into an existing non-empty output folder")
-    p.add_argument("--methods", type=csv_list, default=None,
+    p.add_argument("--methods", type=spec_list, default=None,
                    help="comma-separated method labels (default: all), e.g. "
-                        "laftr,laftr-exact,kfac,subset-200")
+                        "laftr,laftr-exact,kfac,subset-200, or estimator specs, e.g. "
+                        "laftr[num_samples=400,input_model=diag] (labelled by the spec)")
     p.add_argument("--metrics", type=csv_list, default=None,
                    help="comma-separated metrics (default l2,l2-probs,kl)")
     p.add_argument("--coreset-sizes", type=int_list, default=None,

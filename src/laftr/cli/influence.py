@@ -7,7 +7,15 @@ import json
 from typing import Any
 
 from ..errors import UsageError
-from .common import EXIT_OK, Subcommand, command_line, csv_list, positive_int, positive_int_list, user_options
+from .common import (
+    EXIT_OK,
+    Subcommand,
+    command_line,
+    positive_int,
+    positive_int_list,
+    spec_list,
+    user_options,
+)
 
 
 def _est_opts(items: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -44,9 +52,10 @@ def _check_est_opts(options: dict[str, dict[str, Any]]) -> None:
 
 def _common_args(p: argparse.ArgumentParser, datasets: tuple[str, ...]) -> None:
     p.add_argument("--dataset", required=True, help=f"one of {', '.join(datasets)}")
-    p.add_argument("--methods", required=True, type=csv_list,
+    p.add_argument("--methods", required=True, type=spec_list,
                    help="comma-separated: pbrf, influence, influence-exact, "
-                        "pbrf-<estimator> (e.g. pbrf-laftr)")
+                        "pbrf-<estimator> (e.g. pbrf-laftr), with overrides of its options in "
+                        "brackets (e.g. pbrf-laftr[num_samples=200,input_model=diag])")
     p.add_argument("--out", required=True, help="output folder (results.json, table.md, figures)")
     p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     p.add_argument("--quick", action="store_true", help="tiny configuration for smoke tests")

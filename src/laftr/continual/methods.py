@@ -3,8 +3,9 @@
 A method is ``none`` (fine-tuning), ``joint`` (train on all data seen so far: the ceiling), or an FSD
 regularizer: an estimator name from :func:`laftr.make_estimator` plus its config, a penalty weight
 ``lam``, and optionally the number of old tasks evaluated per step. A method may be given with
-overrides in brackets, e.g. ``laftr[lam=10,num_samples=100]`` or ``subset[coreset_size=786]``; keys
-``lam`` and ``tasks_per_step`` set the method, every other key the estimator's config.
+overrides in brackets, e.g. ``laftr[lam=10,num_samples=100]`` or ``subset[coreset_size=786]`` (the spec
+grammar of ``laftr.specs``); keys ``lam``, ``tasks_per_step`` and ``match_memory`` set the method, every other
+key the estimator's config, and an unknown key is refused when the method is parsed.
 
 ``subset-eqmem`` and ``ntk-eqmem`` store as many inputs as fit in the memory of the ``laftr`` method's
 summary on the same network and data (``k = round(laftr_floats / input_dim)``), for comparisons at equal
@@ -20,18 +21,18 @@ change them.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
+from ..specs import check_keys, config_keys, parse_spec, parse_value, split_specs
 from .regularizer import _check_lam
 
 __all__ = ["METHODS", "TRAITS", "MethodSpec", "parse_method", "parse_methods"]
 
 KINDS = ("finetune", "joint", "fsd")
-_METHOD_KEYS = ("lam", "tasks_per_step")
+_METHOD_KEYS = ("lam", "tasks_per_step", "match_memory")
 
 #: What a benchmark can be made of, in the order their settings are applied: ``tokens`` (the inputs are
 #: integer token ids, which no Gaussian input model describes) and ``transformer`` (the network has
@@ -76,6 +77,8 @@ class MethodSpec:
             raise UsageError(f"method {self.base!r} has no estimator; cannot set {sorted(cfg)}")
         if "lam" in method:
             method["lam"] = _check_lam(method["lam"])
+        if method.get("match_memory") is not None and method["match_memory"] != "laftr":
+            raise UsageError(f"match_memory must be 'laftr' or None, got {method['match_memory']!r}")
         if "coreset_size" in cfg and self.match_memory:
             method["match_memory"] = None  # an explicit k wins over memory matching
         return dataclasses.replace(self, name=name or self.name, config={**self.config, **cfg}, **method)
@@ -163,16 +166,19 @@ METHODS["ntk-eqmem"] = dataclasses.replace(
     description="ntk with k chosen so k * input_dim matches the laftr summary's stored floats")
 
 
-def _value(text: str) -> Any:
-    text = text.strip()
-    if text.lower() in ("none", "null"):
-        return None
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+_value = parse_value  # the value parser of the spec grammar (kept under its old name)
+
+
+def _check_override_keys(spec: MethodSpec, parsed: Any) -> None:
+    """Refuse an override key that neither the method nor its estimator's config has (when registered)."""
+    from ..estimators.base import REGISTRY
+
+    if spec.kind != "fsd":
+        return  # with_overrides names any estimator key given to a method without one
+    if spec.estimator not in REGISTRY:
+        return  # an estimator registered later (or not at all): its make_estimator call checks the keys
+    check_keys(parsed, [*_METHOD_KEYS, *config_keys(REGISTRY[spec.estimator].Config)],
+               who=f"method {spec.base!r} (estimator {spec.estimator!r})")
 
 
 def parse_method(text: str, defaults: dict[str, dict[str, Any]] | None = None,
@@ -180,32 +186,25 @@ def parse_method(text: str, defaults: dict[str, dict[str, Any]] | None = None,
     """``"laftr"`` or ``"laftr[lam=10,num_samples=100]"`` -> :class:`MethodSpec`.
 
     Args:
-        text: the method, optionally with ``key=value`` overrides in brackets.
+        text: the method, optionally with ``key=value`` overrides in brackets (``laftr.specs`` grammar).
         defaults: per-method overrides applied before the ones in ``text`` (a benchmark's tuned values).
         traits: what the benchmark is made of (see :data:`laftr.continual.TRAITS`); their settings are
             applied first.
 
     Raises:
-        ValueError: unknown method (the message lists the known ones), unknown trait or malformed overrides.
+        ValueError: unknown method (the message lists the known ones), unknown trait, malformed overrides or
+            an override key that neither the method nor its estimator has (the message lists the valid ones).
     """
     text = text.strip()
-    base, overrides = text, {}
-    if "[" in text:
-        if not text.endswith("]"):
-            raise UsageError(f"malformed method {text!r}: expected name[key=value,...]")
-        base, inner = text[:-1].split("[", 1)
-        for item in filter(None, (s.strip() for s in inner.split(","))):
-            if "=" not in item:
-                raise UsageError(f"malformed override {item!r} in {text!r}: expected key=value")
-            k, v = item.split("=", 1)
-            overrides[k.strip()] = _value(v)
-    base = base.strip()
+    parsed = parse_spec(text, what="method")
+    base = parsed.base
     if base not in METHODS:
         raise UsageError(f"unknown method {base!r}; choose from {', '.join(METHODS)}")
+    _check_override_keys(METHODS[base], parsed)
     spec = METHODS[base].adapted(traits)
     if defaults and base in defaults:
         spec = spec.with_overrides(defaults[base])
-    return spec.with_overrides(overrides, name=text)
+    return spec.with_overrides(parsed.options, name=text)
 
 
 def parse_methods(text: str, defaults: dict[str, dict[str, Any]] | None = None,
@@ -214,23 +213,7 @@ def parse_methods(text: str, defaults: dict[str, dict[str, Any]] | None = None,
 
     ``defaults`` and ``traits`` are as in :func:`parse_method`.
     """
-    parts, depth, cur = [], 0, ""
-    for ch in text:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise UsageError(f"unbalanced brackets in {text!r}")
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if depth != 0:
-        raise UsageError(f"unbalanced brackets in {text!r}")
-    parts.append(cur)
-    parts = [p.strip() for p in parts if p.strip()]
+    parts = split_specs(text, what="methods")
     if not parts:
         raise UsageError("no methods given")
     specs = [parse_method(p, defaults, traits) for p in parts]

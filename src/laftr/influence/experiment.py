@@ -29,7 +29,7 @@ from ..stats import curve_area, detection_curve, pearson, spearman
 from .classical import InfluenceConfig
 from .losses import infer_task, per_example_loss
 from .measure import Measurement
-from .methods import check_method, make_method
+from .methods import check_method, make_method, parse_method_name
 from .pbrf import PBRFConfig
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,9 @@ def _estimator_options(user: dict[str, dict[str, Any]] | None, task: str,
     user = user or {}
     keys = set(REGISTRY) | set(user)
     for m in methods or []:
-        if m.startswith("pbrf-") and "@" in m:
-            keys.add(m[len("pbrf-"):])
+        _, tag, spec = parse_method_name(m)
+        if tag is not None:
+            keys.add(spec.base)  # <name>@<tag>
     out: dict[str, dict[str, Any]] = {}
     for key in sorted(keys):
         name = key.partition("@")[0]

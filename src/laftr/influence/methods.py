@@ -3,7 +3,10 @@
 - ``pbrf``: the PBRF with the exact function space distance over the training set (the ground truth).
 - ``pbrf-<name>``: the PBRF with any registered FSD estimator (``laftr``, ``laftr-exact``, ``weight``,
   ``diag-fisher``, ``kfac``, ``ntk``, ``subset``, ...), made with ``metric`` = the loss's Bregman divergence
-  and fitted once at ``theta_s``; a query touches only the removed example.
+  and fitted once at ``theta_s``; a query touches only the removed example. The estimator is a spec of the
+  one grammar (``laftr.specs``): ``pbrf-laftr[num_samples=200,input_model=diag]`` overrides its options for
+  this method only, and ``pbrf-<name>@<tag>`` names a variant configured by ``--est-opt <name>@<tag>.key=v``
+  (both together: ``pbrf-laftr@mix[components=30]``).
 - ``influence``: the classical influence function, ``(G + lam I)^{-1}`` by conjugate gradient;
   ``influence-exact`` forms ``G`` densely (tiny models).
 
@@ -20,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..estimators.base import REGISTRY, FSDEstimator, available_estimators, make_estimator
+from ..specs import Spec, check_keys, config_keys, parse_spec
 from .classical import ClassicalInfluence, InfluenceConfig
 from .losses import BREGMAN_METRIC
 from .measure import Measurement
@@ -33,22 +38,49 @@ def method_names() -> list[str]:
 
 
 def split_variant(name: str) -> tuple[str, str | None]:
-    """``"pbrf-laftr@full"`` -> ``("pbrf-laftr", "full")``: a tag names a second configuration of a method."""
-    base, at, tag = name.partition("@")
+    """``"pbrf-laftr@full"`` -> ``("pbrf-laftr", "full")``: a tag names a second configuration of a method.
+
+    Overrides in brackets are dropped: ``"pbrf-laftr@full[num_samples=8]"`` -> ``("pbrf-laftr", "full")``.
+    """
+    base, at, tag = parse_spec(name, what="influence method").base.partition("@")
     return base, (tag if at else None)
+
+
+def parse_method_name(name: str) -> tuple[str, str | None, Spec]:
+    """``"pbrf-laftr@full[num_samples=8]"`` -> ``("pbrf-laftr", "full", Spec("laftr@full", ...))``.
+
+    The method without tag and overrides, the tag (None without one), and the estimator's spec (its base is
+    the key of ``estimator_options``: the estimator name, or ``<name>@<tag>``; an empty base for ``pbrf``
+    and the classical methods).
+    """
+    parsed = parse_spec(name, what="influence method")
+    base, at, tag = parsed.base.partition("@")
+    est = parsed.base[len("pbrf-"):] if base.startswith("pbrf-") else ""
+    return base, (tag if at else None), Spec(est, parsed.overrides)
+
+
+_RESERVED = {"metric": "the estimator's metric is the loss's Bregman divergence"}
 
 
 def check_method(name: str) -> str:
     """Return ``name`` if it is a known method, else raise ``ValueError`` listing the known ones.
 
-    ``pbrf-<estimator>@<tag>`` is the same method with the options given for ``<estimator>@<tag>``.
+    ``pbrf-<estimator>@<tag>`` is the same method with the options given for ``<estimator>@<tag>``;
+    ``pbrf-<estimator>[key=value,...]`` overrides options of the estimator's config (an unknown key is
+    refused, naming the valid ones).
     """
     if not isinstance(name, str):
         raise TypeError(f"a method name must be a string, got {type(name).__name__}")
-    base, tag = split_variant(name)
+    base, tag, spec = parse_method_name(name)
     if base not in method_names() or (tag is not None and (not tag or not base.startswith("pbrf-"))):
-        raise ValueError(f"unknown influence method {name!r}; choose from {method_names()} "
-                         "(optionally pbrf-<estimator>@<tag>)")
+        raise UsageError(f"unknown influence method {name!r}; choose from {method_names()} "
+                         "(optionally pbrf-<estimator>@<tag> and pbrf-<estimator>[key=value,...])")
+    if spec.overrides:
+        if not base.startswith("pbrf-"):
+            raise UsageError(f"influence method {base!r} has no estimator; cannot set {spec.keys()} "
+                             f"(in {name!r})")
+        est = base[len("pbrf-"):]
+        check_keys(spec, config_keys(REGISTRY[est].Config), who=f"estimator {est!r}", reserved=_RESERVED)
     return name
 
 
@@ -211,11 +243,12 @@ def make_method(name: str, *, pbrf: PBRFConfig | None = None, influence: Influen
     """Build a method by name.
 
     Args:
-        name: ``pbrf``, ``influence``, ``influence-exact`` or ``pbrf-<registered estimator>``.
+        name: ``pbrf``, ``influence``, ``influence-exact`` or ``pbrf-<registered estimator>``, optionally
+            with a tag (``pbrf-laftr@full``) and overrides in brackets (``pbrf-laftr[num_samples=200]``).
         pbrf: solver options of the PBRF methods.
         influence: options of the classical influence (its ``solver`` is set by the name).
         estimator_options: per estimator name (or ``<name>@<tag>`` for a tagged variant), the fields of its
-            config.
+            config; the overrides in brackets replace them.
     """
     check_method(name)
     if name == "pbrf":
@@ -224,9 +257,9 @@ def make_method(name: str, *, pbrf: PBRFConfig | None = None, influence: Influen
         cfg = dataclasses.replace(influence or InfluenceConfig(),
                                   solver="cg" if name == "influence" else "exact")
         return ClassicalMethod(cfg)
-    base, tag = split_variant(name)
+    base, _, spec = parse_method_name(name)
     est = base[len("pbrf-"):]
-    key = est if tag is None else f"{est}@{tag}"
-    meth = PBRFMethod(est, (estimator_options or {}).get(key, {}), config=pbrf)
+    options = {**(estimator_options or {}).get(spec.base, {}), **spec.options}
+    meth = PBRFMethod(est, options, config=pbrf)
     meth.name = name
     return meth
