@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import secrets
@@ -17,9 +18,30 @@ from .errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
 
+#: The message of the error for data without examples.
+EMPTY_DATA = "data is empty: no batches to read"
+
 Data = Any  # a DataLoader / iterable of (x, y) or x batches, a tensor X, or a tuple (X, Y)
 
 T = TypeVar("T", bound=type)
+
+#: Whether :func:`iter_batches` may read data without examples (a rank's empty shard in a distributed fit,
+#: where the other ranks have the data); set by :func:`allow_empty_data`.
+_ALLOW_EMPTY: contextvars.ContextVar[bool] = contextvars.ContextVar("laftr_allow_empty", default=False)
+
+
+@contextlib.contextmanager
+def allow_empty_data(allow: bool = True) -> Iterator[None]:
+    """Within this context :func:`iter_batches` yields nothing for empty data instead of raising.
+
+    Used by distributed fits: a rank with an empty shard contributes zeros, and the fit raises the usual
+    :class:`DataError` only when every rank's shard is empty.
+    """
+    token = _ALLOW_EMPTY.set(allow)
+    try:
+        yield
+    finally:
+        _ALLOW_EMPTY.reset(token)
 
 
 def registrar(table: dict[str, Any], what: str, name: str) -> Callable[[T], T]:
@@ -162,8 +184,8 @@ def iter_batches(
         if y is not None and device is not None:
             y = y.to(device)
         yield x, y
-    if not seen:
-        raise DataError("data is empty: no batches to read")
+    if not seen and not _ALLOW_EMPTY.get():
+        raise DataError(EMPTY_DATA)
 
 
 def resolve_device(device: str | torch.device | None, what: str = "device") -> torch.device | None:

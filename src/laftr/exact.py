@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._util import Data, check_materialized, iter_batches, model_device_dtype
-from .errors import UsageError
+from . import distributed as dist_
+from ._util import (
+    EMPTY_DATA,
+    Data,
+    allow_empty_data,
+    arch_signature,
+    check_materialized,
+    iter_batches,
+    model_device_dtype,
+)
+from .errors import DataError, UsageError
 from .metrics import check_metric, check_outputs, discrepancy
 
 
@@ -33,6 +43,7 @@ def exact_fsd(
     grad: bool = False,
     batch_size: int = 512,
     progress: bool = False,
+    distributed: bool | None = None,
 ) -> torch.Tensor:
     """``mean_x rho(f(x; model_a), f(x; model_b))`` over every example in ``data``.
 
@@ -50,22 +61,32 @@ def exact_fsd(
             (memory grows with the data; meant for small sets).
         batch_size: batch size when ``data`` is a tensor.
         progress: show a progress bar.
+        distributed: in a ``torch.distributed`` process group (None: when one is initialized), ``data`` is
+            this rank's shard (possibly empty): the float64 sum of the discrepancies and the example count are
+            all-reduced, so every rank returns the mean over all the ranks' data. With ``grad``, the gradient
+            that flows back is this rank's part (its shard's sum over the global count): sum it over the ranks
+            (all-reduce, as DDP does) for the full gradient. False: this process's data only.
 
     Returns:
         A 0-dim tensor in ``model_b``'s dtype.
+
+    Raises:
+        UsageError: in a distributed call, ranks with different models or options (on every rank).
     """
     check_metric(metric)
     check_outputs(outputs)
     check_materialized(model_a, "model_a")
     check_materialized(model_b, "model_b")
+    on = dist_.active(distributed)
+    if on:
+        _check_ranks("exact_fsd", model_a, model_b, metric, outputs, grad=grad)
     device, dtype = model_device_dtype(model_b)
     ref = model_device_dtype(model_a)
     modes = (model_a.training, model_b.training)
-    model_a.eval()
-    model_b.eval()
-    total = None
-    count = 0
-    try:
+
+    def local() -> tuple[torch.Tensor | None, int]:
+        total = None
+        count = 0
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx:
             for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress,
@@ -75,11 +96,37 @@ def exact_fsd(
                 d = discrepancy(z0.to(z), z, metric, outputs).sum()
                 total = d if total is None else total + d
                 count += x.shape[0]
+        return total, count
+
+    model_a.eval()
+    model_b.eval()
+    try:
+        with allow_empty_data(on):
+            total, count = dist_.agree(local, "exact_fsd") if on else local()
     finally:
         model_a.train(modes[0])
         model_b.train(modes[1])
+    if on:
+        sums = dist_.all_reduce_sums({"total": torch.zeros(1) if total is None else total.detach().reshape(1),
+                                      "count": torch.tensor([float(count)])})
+        n = sums["count"].item()
+        if n == 0:
+            raise DataError(EMPTY_DATA)
+        value = (sums["total"][0] / n).to(device=device, dtype=dtype)
+        if grad and total is not None:  # this rank's part of the gradient; the value stays the global one
+            value = value + (total - total.detach()) / n
+        return value
     assert total is not None
     return total / count
+
+
+def _check_ranks(what: str, model_a: nn.Module, model_b: nn.Module, metric: str,
+                 outputs: Sequence[int] | None, **options: Any) -> None:
+    """Raise :class:`UsageError` on every rank unless all ranks compare the same networks the same way."""
+    dist_.check_consistent(what, {
+        "the metric": metric, "outputs": None if outputs is None else list(outputs), "the options": options,
+        "model_a's parameters": arch_signature(model_a), "model_b's parameters": arch_signature(model_b),
+        "model_b's dtype": str(model_device_dtype(model_b)[1])})
 
 
 def exact_fsd_and_grad(
@@ -90,11 +137,17 @@ def exact_fsd_and_grad(
     outputs: Sequence[int] | None = None,
     batch_size: int = 512,
     progress: bool = False,
+    distributed: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The exact FSD and its gradient w.r.t. ``model_b``'s trainable parameters, in one streaming pass.
 
     Unlike ``exact_fsd(..., grad=True)`` the graph of each batch is freed after its backward pass, so
     memory does not grow with the data. ``model_b``'s ``.grad`` fields are left untouched.
+
+    In a ``torch.distributed`` process group (``distributed=None`` and a group is initialized, or ``True``)
+    ``data`` is this rank's shard (possibly empty): the float64 sums of the discrepancies and of the gradients
+    and the example count are all-reduced, so every rank returns the distance and the gradient over all the
+    ranks' data (the same numbers on every rank). ``distributed=False``: this process's data only.
 
     Returns:
         ``(distance, {parameter name: gradient})``; the distance is detached.
@@ -109,17 +162,18 @@ def exact_fsd_and_grad(
     params = [p for p in model_b.parameters() if p.requires_grad]
     if not params:
         raise UsageError("model_b has no trainable parameters")
-    grads = [torch.zeros_like(p) for p in params]
+    on = dist_.active(distributed)
+    if on:
+        _check_ranks("exact_fsd_and_grad", model_a, model_b, metric, outputs,
+                     trainable=names)
     modes = (model_a.training, model_b.training)
-    model_a.eval()
-    model_b.eval()
-    chunks = []
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    try:
+
+    def local() -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        grads = [torch.zeros_like(p) for p in params]
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        count = 0
         for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress,
                          desc="exact FSD+grad"):
-            chunks.append(x.shape[0])
             z0 = _reference(model_a, x, ref)
             with torch.enable_grad():
                 d = discrepancy(z0.to(device=device, dtype=dtype), model_b(x), metric, outputs).sum()
@@ -129,7 +183,23 @@ def exact_fsd_and_grad(
                     acc.add_(g)
             total += d.detach().to(torch.float64)
             count += x.shape[0]
+        return total, grads, count
+
+    model_a.eval()
+    model_b.eval()
+    try:
+        with allow_empty_data(on):
+            total, grads, count = dist_.agree(local, "exact_fsd_and_grad") if on else local()
     finally:
         model_a.train(modes[0])
         model_b.train(modes[1])
+    if on:
+        sums = dist_.all_reduce_sums({"total": total.reshape(1), "count": torch.tensor([float(count)]),
+                                      **{f"grad/{i}": g for i, g in enumerate(grads)}})
+        n = sums["count"].item()
+        if n == 0:
+            raise DataError(EMPTY_DATA)
+        value = (sums["total"][0] / n).to(device=device, dtype=dtype)
+        return value, {name: (sums[f"grad/{i}"] / n).to(device=p.device, dtype=p.dtype)
+                       for i, (name, p) in enumerate(zip(names, params, strict=True))}
     return (total / count).to(dtype), {n: g / count for n, g in zip(names, grads, strict=True)}

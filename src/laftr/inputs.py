@@ -43,6 +43,7 @@ of token sequences and keeps per-component token counts.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import logging
@@ -130,23 +131,44 @@ def class_labels(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     return y.long().to(x.device)
 
 
+Candidates = tuple[torch.Tensor, "torch.Tensor | None"]
+
+#: While set (by a distributed fit), :func:`hashed_sample` hands its local pass (a function giving this rank's
+#: candidates ``(keys, rows)``; rows None when it saw no examples) to this function, which runs it and gives
+#: back every rank's candidates (all-gathered), so that the sample is the global bottom-m.
+SAMPLE_GATHER: contextvars.ContextVar[Callable[[Callable[[], Candidates]], Candidates] | None] = \
+    contextvars.ContextVar("laftr_sample_gather", default=None)
+
+
 def hashed_sample(batches: Batches, m: int, seed: int, rows: Callable[[torch.Tensor], torch.Tensor],
                   ) -> torch.Tensor:
     """One pass over ``batches``: ``rows(x)`` of the ``m`` examples with the smallest :func:`hash_keys`.
 
     ``rows`` gives one row per example, on the CPU; the rows come in key order and are of the same examples
-    whatever the batch size, order or sharding.
+    whatever the batch size, order or sharding. In a distributed fit (:data:`SAMPLE_GATHER` set) the
+    candidates of every rank are gathered first: the sample is the one of the union of the ranks' data.
     """
-    keys: list[torch.Tensor] = []
-    xs: list[torch.Tensor] = []
-    for x, _ in batches():
-        keys.append(hash_keys(x, seed))
-        xs.append(rows(x))
+
+    def local() -> Candidates:
+        keys: list[torch.Tensor] = []
+        xs: list[torch.Tensor] = []
+        for x, _ in batches():
+            keys.append(hash_keys(x, seed))
+            xs.append(rows(x))
+            allk = torch.cat(keys)
+            if len(allk) > 4 * m:  # prune to keep memory bounded
+                order = torch.argsort(allk, stable=True)[:m]
+                keys, xs = [allk[order]], [torch.cat(xs)[order]]
+        if not keys:
+            return torch.zeros(0, dtype=torch.int64), None
         allk = torch.cat(keys)
-        if len(allk) > 4 * m:  # prune to keep memory bounded
-            order = torch.argsort(allk, stable=True)[:m]
-            keys, xs = [allk[order]], [torch.cat(xs)[order]]
-    allk, X = torch.cat(keys), torch.cat(xs)
+        order = torch.argsort(allk, stable=True)[:m]
+        return allk[order], torch.cat(xs)[order]
+
+    gather = SAMPLE_GATHER.get()
+    allk, X = local() if gather is None else gather(local)
+    if X is None:
+        raise DataError("data is empty: no batches to read")
     return X[torch.argsort(allk, stable=True)[:m]]
 
 

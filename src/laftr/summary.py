@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ._util import Data, iter_batches
-from .errors import UsageError
+from ._util import EMPTY_DATA, Data, allow_empty_data, iter_batches
+from .errors import DataError, UsageError
 from .graph import FitMode, TracedNet
-from .inputs import INPUT_MODELS, InputModel, pad_groups
+from .inputs import INPUT_MODELS, SAMPLE_GATHER, Candidates, CoresetInputs, InputModel, pad_groups
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ def fit_summary(
     progress: bool = False,
     record_pools: bool = True,
     record_inputs: Any = None,
+    distributed: bool = False,
     **input_options: Any,
 ) -> Summary:
     """One streaming pass over ``data`` at theta0 (two for the mixture): site statistics and the input model.
@@ -157,6 +159,10 @@ def fit_summary(
         progress: progress bar.
         record_pools: record max-pool argmax frequencies (needed only to sample the selection).
         record_inputs: an extra recorder called before every data-dependent node (see :class:`FitMode`).
+        distributed: ``data`` is this rank's shard of a data set spread over the ranks of the initialized
+            ``torch.distributed`` group: the sums are all-reduced and the coreset / k-means sample is chosen
+            from every rank's candidates, so every rank gets the summary of the whole data set (a shard may be
+            empty). Every rank must call it.
         **input_options: options of a named input model (``seed``, ``rank``, ``cov``, ``coreset_size``, ...).
     """
     if isinstance(inputs, str):
@@ -172,17 +178,38 @@ def fit_summary(
     def batches() -> Any:
         return iter_batches(data, batch_size, device, dtype)
 
-    with torch.no_grad():
-        if inputs.needs_first_pass:
-            inputs.prepare(batches)
-        mode = FitMode([theta0], record_pools=record_pools, record_inputs=record_inputs)
-        for x, y in tqdm(batches(), disable=not progress, desc="LAFTR summary"):
-            if inputs.input_shape is None:  # iter_batches checks that every batch has the first's shape
-                inputs.begin(x)
-            group = inputs.assign(x, y)
-            mode.group, mode.num_groups = group, int(group.max()) + 1
-            net.run((x,), mode)
-            inputs.accumulate(x, y, group)
+    model_in = inputs
+
+    def local() -> FitMode:
+        with torch.no_grad():
+            if model_in.needs_first_pass:
+                model_in.prepare(batches)
+            mode = FitMode([theta0], record_pools=record_pools, record_inputs=record_inputs)
+            for x, y in tqdm(batches(), disable=not progress, desc="LAFTR summary"):
+                if model_in.input_shape is None:  # iter_batches checks that every batch has the first's shape
+                    model_in.begin(x)
+                group = model_in.assign(x, y)
+                mode.group, mode.num_groups = group, int(group.max()) + 1
+                net.run((x,), mode)
+                model_in.accumulate(x, y, group)
+        return mode
+
+    if distributed:
+        from . import distributed as dist_
+
+        def gather(sample: Callable[[], Candidates]) -> Candidates:
+            keys, rows = dist_.agree(sample, "drawing the k-means sample")
+            k, r = dist_.gather_rows([keys if len(keys) else None, rows])
+            return (k if k is not None else keys), r
+
+        token = SAMPLE_GATHER.set(gather)
+        try:
+            with allow_empty_data():
+                mode = dist_.agree(local, "fitting the summary")
+        finally:
+            SAMPLE_GATHER.reset(token)
+        return _reduce_summary(net, inputs, mode, record_pools)
+    mode = local()
     inputs.finish()
     G = inputs.num_groups
     for d in mode.sums.values():
@@ -190,9 +217,70 @@ def fit_summary(
     if G > inputs.num_groups and hasattr(inputs, "pad"):
         inputs.pad(G)
     sums = {site: {k: pad_groups(v, G).cpu() for k, v in d.items()} for site, d in mode.sums.items()}
-    missing = [s for s in net.sites if s not in sums and (record_pools or net.sites[s].family != "maxpool")]
-    if missing:
-        raise UsageError(f"sites {missing} recorded nothing (is their output unused?)")
+    _check_sites(net, sums, record_pools)
     assert inputs.counts is not None  # the pass over the data set them
     log.info("LAFTR summary: %d examples, %d groups, %d sites", int(inputs.counts.sum()), G, len(sums))
     return Summary(sums, inputs)
+
+
+def _check_sites(net: TracedNet, sums: dict[str, Any], record_pools: bool) -> None:
+    """Refuse a summary in which a site recorded nothing."""
+    missing = [s for s in net.sites if s not in sums and (record_pools or net.sites[s].family != "maxpool")]
+    if missing:
+        raise UsageError(f"sites {missing} recorded nothing (is their output unused?)")
+
+
+#: Input-model tensors that are not sums: the coreset's candidates (gathered, the global bottom-k kept) and
+#: the mixture's k-means centres (the same on every rank, from the global sample).
+_NOT_SUMMED = ("x", "y", "keys", "centers")
+
+
+def _reduce_summary(net: TracedNet, inputs: InputModel, mode: FitMode, record_pools: bool) -> Summary:
+    """The summary of every rank's shard from this rank's pass: sums all-reduced, coresets gathered.
+
+    A rank that saw no examples contributes zeros (its input model is never begun); when no rank saw any, the
+    usual :class:`DataError` for empty data is raised on every rank.
+    """
+    from . import distributed as dist_
+
+    has_data = inputs.counts is not None
+    local: dict[str, torch.Tensor] = {}
+    if has_data:
+        inputs.finish()
+        for k, v in inputs.tensors().items():
+            if k not in _NOT_SUMMED:
+                local[f"inputs/{k}"] = v
+        for site, d in mode.sums.items():
+            for k, v in d.items():
+                local[f"site/{site}/{k}"] = v
+    meta: dict[str, Any] | None = None
+    if has_data:
+        meta = {"input_model": inputs.name, "inputs": inputs.meta(),
+                "sites": {site: sorted(d) for site, d in mode.sums.items()}}
+    metas = dist_.all_gather_objects(meta)
+    given = [(r, m) for r, m in enumerate(metas) if m is not None]
+    if not given:
+        raise DataError(EMPTY_DATA)
+    ref = given[0][1]
+    for r, m in given[1:]:
+        if m["input_model"] != ref["input_model"] or m["inputs"] != ref["inputs"]:
+            raise UsageError(f"the ranks' input models differ: rank {given[0][0]} has {ref['inputs']}, "
+                             f"rank {r} {m['inputs']} (same input shape and options needed)")
+    sites = {site: sorted({k for _, m in given for k in m["sites"].get(site, [])})
+             for site in sorted({s for _, m in given for s in m["sites"]})}
+    summed = dist_.all_reduce_sums(local, pad=True)
+    tensors = dict(summed)
+    if isinstance(inputs, CoresetInputs):
+        mine = inputs.tensors() if has_data else {}
+        K, X, Y = dist_.gather_rows([mine.get("keys"), mine.get("x"), mine.get("y")])
+        assert K is not None and X is not None and Y is not None
+        order = torch.argsort(K, stable=True)[: inputs.k]
+        tensors.update({"inputs/keys": K[order], "inputs/x": X[order], "inputs/y": Y[order]})
+    centers = getattr(inputs, "centers", None)
+    if centers is not None:
+        tensors["inputs/centers"] = centers
+    summary = Summary.from_tensors(tensors, {**ref, "sites": sites})
+    _check_sites(net, summary.site_sums, record_pools)
+    log.info("LAFTR summary (all ranks): %d examples, %d groups, %d sites", int(summary.counts.sum()),
+             summary.num_groups, len(summary.site_sums))
+    return summary

@@ -31,14 +31,16 @@ import itertools
 import logging
 import numbers
 import weakref
-from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
+from .. import distributed as dist_
 from .._util import (
     Data,
+    allow_empty_data,
     arch_signature,
     check_materialized,
     check_same_arch,
@@ -53,6 +55,8 @@ from ..graph import PROBE_EXAMPLES, check_per_example
 from ..metrics import check_metric, check_outputs
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 REGISTRY: dict[str, type[FSDEstimator]] = {}
 
@@ -163,6 +167,7 @@ class FSDEstimator:
         self.arch: list[list[Any]] | None = None
         self.graph_fingerprint: str | None = None
         self._fingerprint: GraphFingerprint | None = None  # with node descriptions (this session only)
+        self._distributed = False  # within fit: whether this fit reduces over a process group
         # id(model) -> what passed the check
         self._graph_checked: dict[int, tuple[Any, str, tuple[int, ...]]] = {}
 
@@ -177,19 +182,30 @@ class FSDEstimator:
         """Whether :meth:`fit` has run (or the estimator was loaded from a file)."""
         return self.theta0 is not None
 
-    def fit(self, model: nn.Module, data: Data, outputs: Sequence[int] | None = None) -> FSDEstimator:
+    def fit(self, model: nn.Module, data: Data, outputs: Sequence[int] | None = None,
+            distributed: bool | None = None) -> FSDEstimator:
         """Summarize ``data`` at theta0 = ``model``'s current parameters (copied; the model is not changed).
 
         The model runs in eval mode (each submodule's mode is put back afterwards).
+
+        In a ``torch.distributed`` process group (``distributed=None`` and a group is initialized, or
+        ``distributed=True``) every rank calls ``fit`` with its own shard of the data: the statistics are
+        float64 sums all-reduced over the ranks (coresets the global bottom-k of the seeded hash), so every
+        rank ends with the same estimator, the one a single process fits on all the data (up to float64
+        rounding; Monte Carlo output vectors of ``fisher="mc"`` are drawn per rank). A rank's shard may be
+        empty. The ranks must fit the same network with the same options and ``outputs``: a difference raises
+        :class:`~laftr.errors.UsageError` on every rank, as does a failure of one rank's pass over its data.
+        ``distributed=False`` fits on the local data only.
 
         Args:
             model: the reference network.
             data: a DataLoader of ``(x, y)`` or ``x`` batches, a tensor of inputs or an ``(X, Y)`` pair.
             outputs: optional output units that the distance compares (multi-head tasks): distinct
                 non-negative integers below the model's number of outputs.
+            distributed: reduce over the default ``torch.distributed`` group (None: when one is initialized).
 
         Raises:
-            UsageError: bad ``outputs``.
+            UsageError: bad ``outputs``; in a distributed fit, ranks that fit different things.
             UnsupportedOpError: a network that mixes the examples of a batch (naming the op), or one the
                 estimator cannot handle.
         """
@@ -197,6 +213,7 @@ class FSDEstimator:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         outputs = check_outputs(outputs)
         check_materialized(model)
+        on = dist_.active(distributed)
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
@@ -205,18 +222,41 @@ class FSDEstimator:
                 log.info("%s: no graph fingerprint, so later models are not checked to have "
                          "the same forward: %s",
                          self.name, why)
-            if self.uses_network:
-                device, dtype = model_device_dtype(model)
-                x, data = _first_examples(data, PROBE_EXAMPLES, self.config.batch_size, device, dtype)
-                if outputs is not None:
-                    check_outputs(outputs, _num_outputs(model, x[:1]))
-                check_per_example(model, x, gm, why)
-            self._set_reference(model, outputs, fp)
-            self._fit(model, data)
+            if on:
+                config = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "progress"}
+                dist_.check_consistent(f"{self.name}.fit", {
+                    "the estimator": self.name, "the options": config, "outputs": outputs,
+                    "the parameters": arch_signature(model), "the dtype": str(model_device_dtype(model)[1]),
+                    "the forward graph": None if fp is None else fp.text})
+            with allow_empty_data(on):
+                if self.uses_network:
+
+                    def probe() -> Data:
+                        device, dtype = model_device_dtype(model)
+                        x, rest = _first_examples(data, PROBE_EXAMPLES, self.config.batch_size, device, dtype)
+                        if x is not None:  # None: this rank's shard is empty (the others check theirs)
+                            if outputs is not None:
+                                check_outputs(outputs, _num_outputs(model, x[:1]))
+                            check_per_example(model, x, gm, why)
+                        return rest
+
+                    data = dist_.agree(probe, f"{self.name}.fit") if on else probe()
+                self._set_reference(model, outputs, fp)
+                self._distributed = on
+                self._fit(model, data)
         finally:
+            self._distributed = False
             for m, training in modes:
                 m.training = training
         return self
+
+    def _local(self, run: Callable[[], T], what: str) -> T:
+        """``run()``, this rank's pass over its data; in a distributed fit, the ranks agree that none failed.
+
+        See ``agree`` in the private ``laftr.distributed``: a failure on one rank raises on every rank instead
+        of leaving the others waiting in the next collective.
+        """
+        return dist_.agree(run, f"{self.name}: {what}") if self._distributed else run()
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         """The estimated distance from theta0 to ``model``'s current parameters (0-dim, differentiable)."""
@@ -383,8 +423,10 @@ def _num_outputs(model: nn.Module, x: torch.Tensor) -> int | None:
 
 
 def _first_examples(data: Data, n: int, batch_size: int, device: torch.device, dtype: torch.dtype,
-                    ) -> tuple[torch.Tensor, Data]:
+                    ) -> tuple[torch.Tensor | None, Data]:
     """The first ``n`` inputs of ``data`` (fewer if it has fewer), and ``data`` to read from the start again.
+
+    The inputs are None when ``data`` has no examples (only possible within ``allow_empty_data``).
 
     A one-shot iterator is given back with the batches read put in front; a loader is read without changing
     the global random state or its generators (a shuffled loader then shuffles as if it had not been read).
@@ -416,4 +458,4 @@ def _first_examples(data: Data, n: int, batch_size: int, device: torch.device, d
             g.set_state(state)
     if taken:
         data = itertools.chain(taken, source)
-    return torch.cat(xs), data
+    return (torch.cat(xs) if xs else None), data

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._util import Data, iter_batches, model_device_dtype
+from .._util import EMPTY_DATA, Data, allow_empty_data, iter_batches, model_device_dtype
 from ..errors import DataError, UsageError
 from ..inputs import hash_keys
 from ..metrics import select_outputs
@@ -31,6 +31,7 @@ def select_coreset(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    distributed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick ``k`` training inputs in one streaming pass, independently of batch size and order.
 
@@ -41,6 +42,11 @@ def select_coreset(
     has enough examples and ``k`` is a multiple of the number of classes, counts differing by at most
     one otherwise, and a class with fewer examples than its share gives the rest to the others.
 
+    With ``distributed``, ``data`` is this rank's shard (possibly empty) of a data set spread over the ranks
+    of the initialized ``torch.distributed`` group: every rank keeps its own candidates (the ``k`` smallest
+    keys, per class for ``balanced``), they are all-gathered, and the same rule picks from their union. The
+    union holds the global bottom-k, so every rank gets the coreset one process picks from all the data.
+
     Returns:
         ``(X, Y)``: the inputs ``(k', *input_shape)`` on ``device``/``dtype`` (``k' = min(k, number of
         examples)``) and, for ``balanced``, their labels (else None).
@@ -50,31 +56,49 @@ def select_coreset(
     if int(k) < 1:
         raise UsageError(f"coreset_size must be positive, got {k}")
     balanced = selection == "balanced"
-    keys: list[torch.Tensor] = []
-    xs: list[torch.Tensor] = []
-    ys: list[torch.Tensor] = []
-    # batches stay on the CPU (where the hash is computed); only the chosen k move to ``device``;
-    # iter_batches checks that every batch has the first's per-example shape
-    for x, y in tqdm(iter_batches(data, batch_size, None, dtype), disable=not progress, desc="coreset"):
-        if balanced:
-            if y is None:
-                raise DataError("selection='balanced' needs labels: give (x, y) batches")
-            if y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1:
-                raise DataError(f"selection='balanced' needs integer class labels of shape (B,), got "
-                                 f"{y.dtype} {tuple(y.shape)}")
-            ys.append(y.detach().cpu().long())
-        keys.append(hash_keys(x, seed))
-        xs.append(x.detach().cpu())
-        allk = torch.cat(keys)
-        if len(allk) > 4 * k:  # prune; the k smallest keys overall (random) or per class (balanced) survive
-            keep = _bottom_k(allk, torch.cat(ys) if balanced else None, k)
-            keys, xs = [allk[keep]], [torch.cat(xs)[keep]]
+
+    def local() -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        keys: list[torch.Tensor] = []
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+        # batches stay on the CPU (where the hash is computed); only the chosen k move to ``device``;
+        # iter_batches checks that every batch has the first's per-example shape
+        for x, y in tqdm(iter_batches(data, batch_size, None, dtype), disable=not progress, desc="coreset"):
             if balanced:
-                ys = [torch.cat(ys)[keep]]
-    allk, X = torch.cat(keys), torch.cat(xs)
-    Y: torch.Tensor | None = None
-    if balanced:
-        Y = torch.cat(ys)
+                if y is None:
+                    raise DataError("selection='balanced' needs labels: give (x, y) batches")
+                if y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1:
+                    raise DataError(f"selection='balanced' needs integer class labels of shape (B,), got "
+                                    f"{y.dtype} {tuple(y.shape)}")
+                ys.append(y.detach().cpu().long())
+            keys.append(hash_keys(x, seed))
+            xs.append(x.detach().cpu())
+            allk = torch.cat(keys)
+            # prune; the k smallest keys overall (random) or per class (balanced) survive
+            if len(allk) > 4 * k:
+                keep = _bottom_k(allk, torch.cat(ys) if balanced else None, k)
+                keys, xs = [allk[keep]], [torch.cat(xs)[keep]]
+                if balanced:
+                    ys = [torch.cat(ys)[keep]]
+        if not keys:  # an empty shard of a distributed fit
+            return None, None, None
+        allk, X = torch.cat(keys), torch.cat(xs)
+        Y = torch.cat(ys) if balanced else None
+        keep = _bottom_k(allk, Y, k)
+        return allk[keep], X[keep], (None if Y is None else Y[keep])
+
+    if distributed:
+        from .. import distributed as dist_
+
+        with allow_empty_data():
+            mine = dist_.agree(local, "selecting the coreset")
+        allk, X, Y = dist_.gather_rows(list(mine))
+        if allk is None or X is None:
+            raise DataError(EMPTY_DATA)
+    else:
+        allk, X, Y = local()
+        assert allk is not None and X is not None  # iter_batches refuses empty data
+    if Y is not None:
         order = _round_robin(allk, Y, k)
     else:
         order = torch.argsort(allk, stable=True)[:k]
@@ -141,7 +165,7 @@ class CoresetEstimator(FSDEstimator):
         c = cast(CoresetConfig, self.config)
         device, dtype = model_device_dtype(model)
         self.X, _ = select_coreset(data, c.coreset_size, c.selection, c.seed, c.batch_size, device, dtype,
-                                   c.progress)
+                                   c.progress, distributed=self._distributed)
         with torch.no_grad():  # fail now, not at the first evaluation, on a model that cannot run on them
             select_outputs(model(self.X[:1]), self.outputs)
         log.info("%s: stored %d inputs of shape %s", self.name, self.X.shape[0], tuple(self.X.shape[1:]))

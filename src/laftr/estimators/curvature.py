@@ -27,8 +27,8 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 from tqdm.auto import tqdm
 
-from .._util import Data, iter_batches, model_device_dtype
-from ..errors import UsageError
+from .._util import EMPTY_DATA, Data, iter_batches, model_device_dtype
+from ..errors import DataError, UsageError
 from ..metrics import check_metric, select_outputs
 
 #: How output-space vectors are drawn: Monte Carlo ("true Fisher"), all columns of the factor, or the
@@ -194,17 +194,18 @@ def check_curvature_config(c: Any, allowed: Sequence[str]) -> None:
 
 
 def curvature_batches(
-    model: nn.Module, data: Data, config: Any, outputs: Sequence[int] | None, desc: str
+    model: nn.Module, data: Data, config: Any, outputs: Sequence[int] | None, desc: str, stream: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, W)`` for every batch of ``data``: inputs and their output-space vectors.
 
     The inputs are on the model's device/dtype; the vectors (:func:`output_vectors`) are for
-    ``config.fisher``, drawn from a generator seeded by ``config.seed``.
+    ``config.fisher``, drawn from a generator seeded by ``config.seed`` (and ``stream``, a rank of a
+    distributed fit, so that ranks draw independent vectors; stream 0 is the seed's own).
 
     The model must already be in eval mode; it is run once per batch without gradients.
     """
     device, dtype = model_device_dtype(model)
-    gen = torch.Generator(device=device).manual_seed(int(config.seed))
+    gen = torch.Generator(device=device).manual_seed(int(config.seed) + 1_000_003 * int(stream))
     for x, y in tqdm(iter_batches(data, config.batch_size, device, dtype), disable=not config.progress,
                      desc=desc):
         with torch.no_grad():
@@ -219,6 +220,25 @@ def curvature_batches(
                 raise ValueError("fisher='empirical' needs labels: give (x, y) batches")
             labels = labels_to_positions(y, outputs, z.shape[1])
         yield x, output_vectors(z0, config.metric, config.fisher, config.num_label_samples, gen, labels)
+
+
+def reduce_sums(sums: dict[str, torch.Tensor], count: int, model: nn.Module,
+                ) -> tuple[dict[str, torch.Tensor], int]:
+    """All-reduce a fit's float64 sums and its example count over the process group (in the model's dtype).
+
+    A rank without examples contributes zeros; when no rank has any, the usual :class:`DataError` is raised.
+    """
+    from .. import distributed as dist_
+
+    dtype = model_device_dtype(model)[1]
+    device = {n: v.device for n, v in sums.items()}
+    total = dist_.all_reduce_sums({**{f"s/{n}": v for n, v in sums.items()},
+                                   "count": torch.tensor([float(count)])})
+    n = int(total.pop("count").item())
+    if n == 0:
+        raise DataError(EMPTY_DATA)
+    where = next(iter(device.values()), model_device_dtype(model)[0])
+    return {k[2:]: v.to(device=device.get(k[2:], where), dtype=dtype) for k, v in total.items()}, n
 
 
 @contextlib.contextmanager

@@ -14,9 +14,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from .. import distributed as dist_
 from .._util import Data, model_device_dtype
 from .base import EstimatorConfig, FSDEstimator, register
-from .curvature import check_curvature_config, curvature_batches
+from .curvature import check_curvature_config, curvature_batches, reduce_sums
 from .taps import LayerTaps, find_taps, square_grads
 
 log = logging.getLogger(__name__)
@@ -70,16 +71,23 @@ class DiagFisherEstimator(FSDEstimator):
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not names:
             raise ValueError("the model has no trainable parameters")
-        acc: dict[str, torch.Tensor] | None = None
-        count = 0
-        # tapped layers: per-example squares from one batched backward pass per output vector;
-        # any other parameter (batch norm, layer norm, ...): per-example gradients with torch.func.vmap
-        with LayerTaps(model, find_taps(model, "fallback", "diag-fisher")) as tapped:
-            for x, W in curvature_batches(model, data, c, self.outputs, "diag Fisher"):
-                sq = square_grads(model, x, W, names, self.outputs, c.chunk_size, tapped)
-                acc = sq if acc is None else {n: acc[n] + sq[n] for n in acc}
-                count += x.shape[0]
-        assert acc is not None
+        rank = dist_.rank_and_size()[0] if self._distributed else 0
+
+        def local() -> tuple[dict[str, torch.Tensor], int]:
+            acc: dict[str, torch.Tensor] = {}
+            count = 0
+            # tapped layers: per-example squares from one batched backward pass per output vector;
+            # any other parameter (batch norm, layer norm, ...): per-example gradients with torch.func.vmap
+            with LayerTaps(model, find_taps(model, "fallback", "diag-fisher")) as tapped:
+                for x, W in curvature_batches(model, data, c, self.outputs, "diag Fisher", stream=rank):
+                    sq = square_grads(model, x, W, names, self.outputs, c.chunk_size, tapped)
+                    acc = sq if not acc else {n: acc[n] + sq[n] for n in acc}
+                    count += x.shape[0]
+            return acc, count
+
+        acc, count = self._local(local, "the Fisher diagonal")
+        if self._distributed:
+            acc, count = reduce_sums(acc, count, model)
         self.diag = {n: v / count for n, v in acc.items()}
         if not all(torch.isfinite(v).all() for v in self.diag.values()):
             raise ValueError("the Fisher diagonal is not finite (does the model produce NaN or inf outputs?)")

@@ -53,9 +53,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from .. import distributed as dist_
 from .._util import Data, model_device_dtype
 from .base import EstimatorConfig, FSDEstimator, register
-from .curvature import check_curvature_config, curvature_batches, per_example_square_grads
+from .curvature import check_curvature_config, curvature_batches, per_example_square_grads, reduce_sums
 from .taps import TAP_KINDS, LayerTaps, Tap, find_taps, token_counts
 
 log = logging.getLogger(__name__)
@@ -111,30 +112,43 @@ class KfacEstimator(FSDEstimator):
         found = find_taps(model, "fallback" if c.unsupported == "diag" else "error", "kfac")
         dtype = model_device_dtype(model)[1]
         layers, fallback = found.taps, found.fallback
-        A: dict[str, torch.Tensor] = {}
-        G: dict[str, torch.Tensor] = {}
-        diag: dict[str, torch.Tensor] = {}
-        count = 0
-        with LayerTaps(model, found) as taps:
-            for x, W in curvature_batches(model, data, c, self.outputs, "K-FAC"):
-                inputs, per_vector = taps.grads(x, W, self.outputs)
-                for grads in per_vector:
+        rank = dist_.rank_and_size()[0] if self._distributed else 0
+
+        def local() -> tuple[dict[str, torch.Tensor], int]:
+            sums: dict[str, torch.Tensor] = {}  # A/<layer>, G/<layer>, diag/<parameter>
+
+            def add(key: str, v: torch.Tensor) -> None:
+                sums[key] = v if key not in sums else sums[key] + v
+
+            count = 0
+            with LayerTaps(model, found) as taps:
+                for x, W in curvature_batches(model, data, c, self.outputs, "K-FAC", stream=rank):
+                    inputs, per_vector = taps.grads(x, W, self.outputs)
+                    for grads in per_vector:
+                        for layer in layers:
+                            g = torch.cat(grads[layer.name], dim=1)  # calls pooled as positions
+                            add(f"G/{layer.name}", torch.einsum("bti,btj->ij", g, g))
                     for layer in layers:
-                        g = torch.cat(grads[layer.name], dim=1)  # calls pooled as positions
-                        gg = torch.einsum("bti,btj->ij", g, g)
-                        G[layer.name] = gg if layer.name not in G else G[layer.name] + gg
-                for layer in layers:
-                    a = torch.cat(inputs[layer.name], dim=1)
-                    if layer.kind == "embedding":  # the diagonal of the one-hot outer products, per position
-                        aa = token_counts(layer, a, dtype) / a.shape[1]
-                    else:
-                        aa = torch.einsum("bti,btj->ij", a, a) / a.shape[1]
-                    A[layer.name] = aa if layer.name not in A else A[layer.name] + aa
-                if fallback:  # hooks are idle outside taps.grads
-                    sq = per_example_square_grads(model, x, W, fallback, self.outputs, c.chunk_size)
-                    for n, v in sq.items():
-                        diag[n] = v if n not in diag else diag[n] + v
-                count += x.shape[0]
+                        a = torch.cat(inputs[layer.name], dim=1)
+                        # an embedding: the diagonal of the one-hot outer products, per position
+                        if layer.kind == "embedding":
+                            aa = token_counts(layer, a, dtype) / a.shape[1]
+                        else:
+                            aa = torch.einsum("bti,btj->ij", a, a) / a.shape[1]
+                        add(f"A/{layer.name}", aa)
+                    if fallback:  # hooks are idle outside taps.grads
+                        sq = per_example_square_grads(model, x, W, fallback, self.outputs, c.chunk_size)
+                        for n, v in sq.items():
+                            add(f"diag/{n}", v)
+                    count += x.shape[0]
+            return sums, count
+
+        sums, count = self._local(local, "the K-FAC factors")
+        if self._distributed:
+            sums, count = reduce_sums(sums, count, model)
+        A = {k[2:]: v for k, v in sums.items() if k.startswith("A/")}
+        G = {k[2:]: v for k, v in sums.items() if k.startswith("G/")}
+        diag = {k[5:]: v for k, v in sums.items() if k.startswith("diag/")}
         self.layers = layers
         self.A = {n: v / count for n, v in A.items()}
         self.G = {n: v / count for n, v in G.items()}

@@ -189,7 +189,8 @@ class _LaftrBase(FSDEstimator):
         inputs = make_input_model(c.input_model, **c.input_options())
         # max pools always record their argmax frequencies (cheap; stored floats only when sampled)
         self.summary = fit_summary(net, param_dict(model, detach=True), data, inputs, batch_size=c.batch_size,
-                                   progress=c.progress, record_inputs=self._input_recorder(net))
+                                   progress=c.progress, record_inputs=self._input_recorder(net),
+                                   distributed=self._distributed)
         self._after_summary(net)
 
     def _input_recorder(self, net: TracedNet) -> Any:
