@@ -9,6 +9,8 @@ bad (each an error on both ranks, not a hang: the spawn has a deadline).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime
 import os
 import time
@@ -20,9 +22,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import laftr
+from laftr.continual import FSDRegularizer
+from laftr.distributed import stream_seed
 from laftr.errors import DataError, UsageError
 
 N, D, K = 40, 4, 3
@@ -40,6 +46,13 @@ FITS: dict[str, tuple[str, dict[str, Any]]] = {
     "subset": ("subset", {"coreset_size": 7}),
     "ntk": ("ntk", {"coreset_size": 6, "selection": "balanced"}),
     "weight": ("weight", {}),
+}
+
+#: name -> (estimator, options): Monte Carlo estimators evaluated in the group
+MC: dict[str, tuple[str, dict[str, Any]]] = {
+    "laftr": ("laftr", {"metric": "kl", "num_samples": 5, "seed": 3}),
+    "liftr": ("liftr", {"num_samples": 4}),
+    "laftr-fixed": ("laftr", {"num_samples": 3, "fixed_noise": True, "input_model": "classwise"}),
 }
 
 
@@ -91,6 +104,65 @@ def fit_all(data: Any, model: nn.Module, distributed: bool | None = None) -> dic
     return out
 
 
+def mc_estimators(model: nn.Module, data: Any) -> dict[str, laftr.FSDEstimator]:
+    """The Monte Carlo estimators of :data:`MC`, fitted (reduced over the group, if any)."""
+    return {name: laftr.make_estimator(est, **opts).fit(model, data) for name, (est, opts) in MC.items()}
+
+
+def estimate_and_grad(est: laftr.FSDEstimator, model: nn.Module, **kwargs: Any,
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A fresh copy of ``est`` called once on ``model`` (so the first draws of its stream), and the gradient."""
+    model.zero_grad()
+    value = copy.deepcopy(est)(model, **kwargs)
+    value.backward()
+    return value.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def mc_checks(model: nn.Module, shard: Any) -> dict[str, Any]:
+    """Per estimator of :data:`MC`: this rank's estimate and gradient, the ranks' average, and the same with
+    ``distributed=False``."""
+    out: dict[str, Any] = {}
+    other = perturbed(model)
+    for name, est in mc_estimators(model, shard).items():
+        value, grad = estimate_and_grad(est, other)
+        averaged = {}
+        for n, g in grad.items():  # what DDP does with the gradients: all-reduce, divide by the world size
+            g = g.clone()
+            dist.all_reduce(g)
+            averaged[n] = g / dist.get_world_size()
+        mean = value.clone()
+        dist.all_reduce(mean)
+        out[name] = {"value": value, "grad": grad, "averaged grad": averaged,
+                     "averaged value": mean / dist.get_world_size(),
+                     "local": estimate_and_grad(est, other, distributed=False)}
+        # a second call draws the next samples of the rank's stream; fixed_noise redraws the first
+        twice = copy.deepcopy(est)
+        out[name]["calls"] = [twice(other).detach() for _ in range(2)]
+    return out
+
+
+def ddp_checks(shard: Any) -> dict[str, Any]:
+    """A DistributedDataParallel training step with an FSD penalty, passing the wrapper and its module."""
+    X, Y = shard
+    out: dict[str, Any] = {}
+    for how in ("wrapper", "module"):
+        net = make_model(seed=2)
+        reg = FSDRegularizer(lambda: laftr.make_estimator("laftr", metric="kl", num_samples=8), lam=0.5)
+        reg.after_task(net, (X, Y))  # a distributed fit: the same estimator on every rank
+        ddp = DistributedDataParallel(net)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        with torch.no_grad():
+            for p in net.parameters():  # move away from theta0 (the same on every rank)
+                p.add_(0.05)
+        for _ in range(2):
+            loss = F.cross_entropy(ddp(X), Y) + reg.penalty(ddp if how == "wrapper" else ddp.module)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out[how] = {n: p.detach().clone() for n, p in net.named_parameters()}
+    return out
+
+
 def _error(run: Any) -> tuple[str, str] | None:
     """``(type name, message)`` of what ``run()`` raises, or None."""
     try:
@@ -137,6 +209,9 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
             bad[3, 0] = float("nan")
         result["bad data"] = _error(lambda: laftr.make_estimator("diag-fisher").fit(model, bad))
         result["bad data exact"] = _error(lambda: laftr.exact_fsd(model, model, bad))
+        # Monte Carlo estimates in the group: each rank its own stream; DDP with a regularizer
+        result["mc"] = mc_checks(model, (X[half], Y[half]))
+        result["ddp"] = ddp_checks((X[half], Y[half]))
         # the group still works after every error above
         result["after"] = state(laftr.make_estimator("laftr-exact").fit(model, X[half]))
     except Exception:  # noqa: BLE001 - reported to the test
@@ -270,3 +345,75 @@ def test_distributed_true_without_a_group() -> None:
         laftr.exact_fsd(make_model(), make_model(), X, distributed=True)
     with pytest.raises(UsageError, match="distributed must be"):
         laftr.exact_fsd(make_model(), make_model(), X, distributed="yes")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- Monte Carlo
+@pytest.fixture(scope="module")
+def mc_reference() -> dict[str, Any]:
+    """One process: per estimator, the estimate and gradient drawn from the streams of ranks 0 and 1."""
+    X, Y = make_data()
+    model = make_model()
+    other = perturbed(model)
+    out: dict[str, Any] = {}
+    for name, est in mc_estimators(model, (X, Y)).items():
+        streams = []
+        for r in range(2):
+            mine = copy.deepcopy(est)
+            mine.config = dataclasses.replace(mine.config, seed=stream_seed(mine.config.seed, r))
+            other.zero_grad()
+            value = mine(other)
+            streams.append(value)
+        other.zero_grad()
+        mean = torch.stack(streams).mean()  # the estimate with the samples of both ranks
+        mean.backward()
+        out[name] = {"streams": [v.detach() for v in streams], "value": mean.detach(),
+                     "grad": {n: p.grad.clone() for n, p in other.named_parameters()},
+                     "calls": [est(other).detach() for _ in range(2)]}
+    return out
+
+
+@pytest.mark.parametrize("name", list(MC))
+def test_ddp_averaged_gradient_is_the_estimate_of_every_rank_s_samples(
+        ranks: list[dict[str, Any]], mc_reference: dict[str, Any], name: str) -> None:
+    ref = mc_reference[name]
+    for r in range(2):
+        got = ranks[r]["mc"][name]
+        assert_close(got["value"], ref["streams"][r], f"rank {r}: its stream")
+        assert_close(got["averaged value"], ref["value"], f"rank {r}: the mean of the ranks' estimates")
+        assert_close(got["averaged grad"], ref["grad"], f"rank {r}: the averaged gradient")
+    # the ranks drew different samples
+    assert not torch.equal(ranks[0]["mc"][name]["value"], ranks[1]["mc"][name]["value"])
+    # rank 0 draws what a single process draws, call after call (fixed_noise: the same samples every call)
+    assert_close(ranks[0]["mc"][name]["calls"], ref["calls"], "rank 0: successive calls")
+    calls = ranks[1]["mc"][name]["calls"]
+    assert torch.equal(calls[0], calls[1]) == MC[name][1].get("fixed_noise", False)
+
+
+@pytest.mark.parametrize("name", list(MC))
+def test_distributed_false_draws_the_same_samples_on_every_rank(
+        ranks: list[dict[str, Any]], mc_reference: dict[str, Any], name: str) -> None:
+    a, b = ranks[0]["mc"][name]["local"], ranks[1]["mc"][name]["local"]
+    assert_identical(a, b, "distributed=False")
+    assert_close(a[0], mc_reference[name]["streams"][0], "distributed=False: the seed's own stream")
+
+
+def test_ddp_training_step_with_a_penalty(ranks: list[dict[str, Any]]) -> None:
+    """DDP around the model, loss + penalty(wrapper or module): both run and keep the ranks in step."""
+    for how in ("wrapper", "module"):
+        assert_identical(ranks[0]["ddp"][how], ranks[1]["ddp"][how], how)
+    # the wrapper is unwrapped: the same step as passing the module (the same samples, the same gradients)
+    assert_identical(ranks[0]["ddp"]["wrapper"], ranks[0]["ddp"]["module"], "wrapper vs module")
+    start = make_model(seed=2)
+    moved = [not torch.equal(p + 0.05, ranks[0]["ddp"]["module"][n]) for n, p in start.named_parameters()]
+    assert all(moved)
+
+
+def test_distance_of_a_wrapper_outside_a_group() -> None:
+    """``est(DataParallel(model))`` is ``est(model)`` (no group needed); distributed=True needs one."""
+    X, Y = make_data()
+    model = make_model()
+    est = laftr.make_estimator("laftr", num_samples=4).fit(torch.nn.DataParallel(model), (X, Y))
+    other = perturbed(model)
+    assert torch.equal(copy.deepcopy(est)(torch.nn.DataParallel(other)), copy.deepcopy(est)(other))
+    with pytest.raises(UsageError, match="process group"):
+        est(other, distributed=True)

@@ -15,7 +15,11 @@ The helpers here are what :meth:`laftr.FSDEstimator.fit`, :func:`laftr.exact_fsd
   its own error and the others raise an error naming it, instead of waiting forever in the next collective;
 - :func:`all_reduce_sums` all-reduces a dict of tensors (float64), the keys and shapes agreed first, so a rank
   that saw no data (empty shard) contributes zeros;
-- :func:`all_gather_objects` all-gathers picklable objects (variable-length candidates).
+- :func:`all_gather_objects` all-gathers picklable objects (variable-length candidates);
+- :func:`stream_seed` offsets a seed by a rank, so that ranks draw independent Monte Carlo samples (the
+  output vectors of ``fisher="mc"`` in a fit; the samples of ``laftr`` and ``liftr`` when evaluated in a
+  group, e.g. as a regularizer under DistributedDataParallel), rank 0 keeping the seed's own stream;
+- :func:`unwrap` gives the module inside a ``DistributedDataParallel`` (or ``DataParallel``) wrapper.
 
 With the NCCL backend, tensors go to the current CUDA device (``torch.cuda.current_device()``, which each
 rank must set) for the collective and come back to where they were.
@@ -35,6 +39,10 @@ from .errors import UsageError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: The seed of rank ``r``'s sample stream is ``seed + STREAM_STRIDE * r`` (a prime, so that the streams of
+#: nearby seeds and ranks do not coincide for any small seed).
+STREAM_STRIDE = 1_000_003
 
 
 def initialized() -> bool:
@@ -63,6 +71,32 @@ def rank_and_size() -> tuple[int, int]:
     if not initialized():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """The seed of sample stream ``stream`` (a rank) of ``seed``: ``seed + STREAM_STRIDE * stream``.
+
+    Stream 0 is the seed itself, so a single process (and rank 0) draws what it always drew.
+    """
+    return int(seed) + STREAM_STRIDE * int(stream)
+
+
+def sample_stream(distributed: bool | None) -> int:
+    """The sample stream of a Monte Carlo evaluation: this rank when :func:`active`, else 0."""
+    return dist.get_rank() if active(distributed) else 0
+
+
+def unwrap(model: Any) -> Any:
+    """The module inside a ``DistributedDataParallel`` or ``DataParallel`` wrapper; anything else as is.
+
+    The wrapper's parameters are the module's own (named ``module.<name>``), so an estimator fitted on the
+    module evaluates the wrapper by evaluating the module: the gradient reaches the same parameters.
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
 
 
 def _comm_device() -> torch.device:

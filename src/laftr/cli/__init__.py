@@ -21,6 +21,11 @@ Ctrl-C                                                                 130   ``l
 any other exception (a bug, out of memory): an internal error          1     the full traceback
 =====================================================================  ====  ==========================
 
+Under ``torchrun --nproc-per-node N -m laftr ...`` (``WORLD_SIZE`` > 1 in the environment) ``summarize`` and
+``distance`` split the data over the processes (:func:`~laftr.cli.common.process_group`): rank 0 alone writes
+and prints, every rank reports its errors and exits with the usual code; every other subcommand refuses to
+run (exit 2) rather than run N copies that race on the same output.
+
 To add a subcommand, write ``add_arguments(parser)`` and ``run(args) -> int`` and call
 :func:`register_subcommand` before :func:`main` builds the parser.
 """
@@ -35,7 +40,16 @@ from collections.abc import Sequence
 
 from ..errors import LaftrError, OutputPathError
 from . import continual, demo, fsd_bench, influence, info, summarize
-from .common import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, AddArgs, Run, Subcommand
+from .common import (
+    EXIT_FAIL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    AddArgs,
+    Run,
+    Subcommand,
+    refuse_torchrun,
+)
 
 #: name -> (help text, add_arguments, run), in the order ``laftr --help`` lists them.
 SUBCOMMANDS: dict[str, tuple[str, AddArgs, Run]] = {}
@@ -109,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     prog = f"laftr {args.command}"
     try:
+        refuse_torchrun(args.command)
         return int(args._run(args))
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)

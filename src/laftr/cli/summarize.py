@@ -8,6 +8,13 @@ so such files are refused without it.
 
 Data is a data set known to :func:`laftr.data.load_dataset` (``--dataset``, optionally restricted to some
 ``--classes``) or a ``.pt`` file holding a tensor of inputs or an ``(inputs, labels)`` pair (``--tensors``).
+
+Both run under ``torchrun --nproc-per-node N -m laftr summarize|distance ...``: every process reads the data
+and keeps its contiguous part (rank ``r`` of ``N``: examples ``r*n//N`` up to ``(r+1)*n//N``); ``summarize``
+fits with the sums reduced over the processes (the summary one process fits on all the data, up to float64
+rounding) and ``distance`` computes the exact FSD likewise and averages the Monte Carlo calls of every
+process (each its own samples). Rank 0 alone writes the file and prints; a failure on any rank makes every
+rank exit with an error.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ import math
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import LaftrError, OutputPathError, UsageError
-from .common import EXIT_OK, Subcommand, int_list, positive_int
+from .common import EXIT_OK, Subcommand, int_list, positive_int, process_group, shard
 from .loading import check_model_accepts, load_data, load_model, parse_options, read_summary
 
 
@@ -75,24 +83,47 @@ def _check_out_file(out: Path, force: bool) -> None:
 
 
 def _summarize_run(args: argparse.Namespace) -> int:
+    with process_group() as (rank, world):
+        return _summarize(args, rank, world)
+
+
+def _summarize(args: argparse.Namespace, rank: int, world: int) -> int:
+    """The run on one rank of ``world`` (1: a single process): fit on this rank's shard, rank 0 writes."""
+    from .. import distributed as dist_
     from .. import make_estimator, save
 
     out = Path(args.out)
-    _check_out_file(out, args.force)
-    options = parse_options(args.set)
-    est = make_estimator(args.estimator, metric=args.metric, progress=not args.no_progress, **options)
-    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
-    x, y = load_data(args.dataset, args.data_dir, args.classes, args.tensors, limit=args.limit)
-    check_model_accepts(model, x, f"--model {args.model}", outputs=args.outputs)
+
+    def prepare() -> tuple[Any, ...]:
+        if rank == 0:
+            _check_out_file(out, args.force)
+        options = parse_options(args.set)
+        est = make_estimator(args.estimator, metric=args.metric, progress=not args.no_progress and rank == 0,
+                             **options)
+        model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+        x, y = load_data(args.dataset, args.data_dir, args.classes, args.tensors, limit=args.limit)
+        check_model_accepts(model, x, f"--model {args.model}", outputs=args.outputs)
+        return est, model, x, y
+
+    # several ranks: every rank learns whether any failed (no rank is left waiting in the fit)
+    est, model, x, y = dist_.agree(prepare, "laftr summarize") if world > 1 else prepare()
+    xs, ys = shard(rank, world, x, y)
     t = time.perf_counter()
-    est.fit(model, x if y is None else (x, y), outputs=args.outputs)
+    est.fit(model, xs if ys is None else (xs, ys), outputs=args.outputs)
     fit_s = time.perf_counter() - t
-    save(est, out, overwrite=bool(args.force))
-    n_theta = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out} ({out.stat().st_size:,} bytes): {est.name}, metric {est.metric}, fitted on "
-          f"{len(x):,} examples in {fit_s:.1f} s")
-    print(f"stored floats beyond theta0: {est.stored_floats():,} (theta0: {n_theta:,}; the data: "
-          f"{x.numel():,} floats)")
+
+    def write() -> None:
+        if rank == 0:
+            save(est, out, overwrite=bool(args.force))
+
+    dist_.agree(write, "writing the summary") if world > 1 else write()
+    if rank == 0:
+        n_theta = sum(p.numel() for p in model.parameters())
+        ranks = f" by {world} processes" if world > 1 else ""
+        print(f"wrote {out} ({out.stat().st_size:,} bytes): {est.name}, metric {est.metric}, fitted on "
+              f"{len(x):,} examples{ranks} in {fit_s:.1f} s")
+        print(f"stored floats beyond theta0: {est.stored_floats():,} (theta0: {n_theta:,}; the data: "
+              f"{x.numel():,} floats)")
     return EXIT_OK
 
 
@@ -106,29 +137,46 @@ def _distance_args(p: argparse.ArgumentParser) -> None:
 
 
 def _distance_run(args: argparse.Namespace) -> int:
+    with process_group() as (rank, world):
+        return _distance(args, rank, world)
+
+
+def _distance(args: argparse.Namespace, rank: int, world: int) -> int:
+    """The run on one rank of ``world``: its own Monte Carlo draws and data shard; rank 0 prints."""
+    from .. import distributed as dist_
     from .. import exact_fsd
 
-    est = read_summary(args.summary)
-    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
-    try:
-        model0 = est.theta0_model(model)  # checks that the network has the summary's architecture
-    except LaftrError:
-        raise
-    except ValueError as e:  # laftr's architecture check raises a bare ValueError naming the parameter
-        raise UsageError(f"--model {args.model} does not fit {args.summary}: {e}") from e
-    x = None
-    if args.dataset is not None or args.tensors is not None:
-        x, _ = load_data(args.dataset, args.data_dir, args.classes, args.tensors, limit=args.limit)
-        check_model_accepts(model, x, f"--model {args.model}")
+    def prepare() -> tuple[Any, ...]:
+        est = read_summary(args.summary)
+        model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+        try:
+            model0 = est.theta0_model(model)  # checks that the network has the summary's architecture
+        except LaftrError:
+            raise
+        except ValueError as e:  # laftr's architecture check raises a bare ValueError naming the parameter
+            raise UsageError(f"--model {args.model} does not fit {args.summary}: {e}") from e
+        x = None
+        if args.dataset is not None or args.tensors is not None:
+            x, _ = load_data(args.dataset, args.data_dir, args.classes, args.tensors, limit=args.limit)
+            check_model_accepts(model, x, f"--model {args.model}")
+        return est, model, model0, x
+
+    est, model, model0, x = dist_.agree(prepare, "laftr distance") if world > 1 else prepare()
     t = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad():  # in a group, each rank draws from its own stream (laftr, liftr)
         vals = [float(est(model)) for _ in range(args.calls)]
     per_call = (time.perf_counter() - t) / args.calls
-    truth = None if x is None else float(exact_fsd(model0, model, x, metric=est.metric, outputs=est.outputs))
+    if world > 1:
+        vals = [v for rank_vals in dist_.all_gather_objects(vals) for v in rank_vals]
+    truth = None if x is None else float(exact_fsd(model0, model, shard(rank, world, x)[0], metric=est.metric,
+                                                   outputs=est.outputs))
+    if rank != 0:
+        return EXIT_OK
     mean = statistics.mean(vals)
     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
     se = f" ± {sd / math.sqrt(len(vals)):.2g} (s.e. over {len(vals)} calls)" if sd > 0 else ""
-    print(f"{est.name} estimate ({est.metric}): {mean:.6g}{se}; {per_call * 1e3:.1f} ms per call")
+    ranks = f" ({args.calls} on each of {world} processes)" if world > 1 else ""
+    print(f"{est.name} estimate ({est.metric}): {mean:.6g}{se}{ranks}; {per_call * 1e3:.1f} ms per call")
     if truth is not None and x is not None:
         print(f"exact FSD over {len(x):,} examples: {truth:.6g} (estimate / exact = {mean / truth:.3g})"
               if truth > 0 else f"exact FSD over {len(x):,} examples: {truth:.6g}")

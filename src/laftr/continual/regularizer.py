@@ -12,6 +12,12 @@ After each task, fit an :class:`~laftr.FSDEstimator` on that task's data at the 
 
 The estimators compare only the outputs each task answers with (multi-head), or all outputs when
 ``outputs`` is None (single head).
+
+Under ``torch.nn.parallel.DistributedDataParallel`` pass the wrapper (or its ``.module``, the same) to
+:meth:`FSDRegularizer.penalty` and add the penalty to the loss before ``backward``: every rank fits the same
+estimator on its own shard (``after_task``, reduced over the group) and, with a Monte Carlo estimator, draws
+its own samples (the seed's stream of its rank), so DDP's gradient averaging yields the gradient of the
+estimate with ``num_samples * world_size`` samples. ``distributed=False`` opts out of both.
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ class FSDRegularizer:
             of them, for estimators too slow to evaluate for every old task at every step).
         seed: seed of that draw.
         eval_mode: evaluate the estimators with the model in eval mode (dropout off), restoring its mode.
+        distributed: in a ``torch.distributed`` process group (None: when one is initialized), fit each task's
+            estimator on the union of the ranks' shards and draw each rank's Monte Carlo samples from its own
+            stream (see :meth:`laftr.FSDEstimator.fit` and :meth:`laftr.FSDEstimator.distance`); False: this
+            process's data only and the same samples on every rank.
     """
 
     def __init__(
@@ -64,6 +74,7 @@ class FSDRegularizer:
         tasks_per_step: int | None = None,
         seed: int = 0,
         eval_mode: bool = True,
+        distributed: bool | None = None,
     ) -> None:
         """A regularizer with no task stored yet; see the class for the arguments."""
         self.make = make
@@ -72,6 +83,9 @@ class FSDRegularizer:
             raise UsageError(f"tasks_per_step must be >= 1 or None, got {tasks_per_step}")
         self.tasks_per_step = None if tasks_per_step is None else int(tasks_per_step)
         self.eval_mode = eval_mode
+        if distributed is not None and not isinstance(distributed, bool):
+            raise UsageError(f"distributed must be True, False or None, got {distributed!r}")
+        self.distributed = distributed
         self.estimators: list[FSDEstimator] = []
         self._gen = torch.Generator().manual_seed(seed)
 
@@ -96,7 +110,7 @@ class FSDRegularizer:
         est = self.make()
         if not isinstance(est, FSDEstimator):
             raise TypeError(f"the factory must return an FSDEstimator, got {type(est).__name__}")
-        est.fit(model, data, outputs=outputs)
+        est.fit(model, data, outputs=outputs, distributed=self.distributed)
         self.add(est)
         return est
 
@@ -115,13 +129,16 @@ class FSDRegularizer:
         if self.eval_mode:
             model.eval()
         try:
-            return [self.estimators[j](model) for j in idx]
+            return [self.estimators[j](model, distributed=self.distributed) for j in idx]
         finally:
             if self.eval_mode:
                 model.train(was_training)
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
-        """``lam * mean_j D_j(theta)``: a 0-dim tensor to add to the loss (zero before any task is stored)."""
+        """``lam * mean_j D_j(theta)``: a 0-dim tensor to add to the loss (zero before any task is stored).
+
+        ``model`` may be a ``DistributedDataParallel`` wrapper (see the module docstring).
+        """
         if not self.estimators or self.lam == 0.0:
             p = next(model.parameters(), None)
             return torch.zeros((), device=None if p is None else p.device,

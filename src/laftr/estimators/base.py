@@ -168,6 +168,7 @@ class FSDEstimator:
         self.graph_fingerprint: str | None = None
         self._fingerprint: GraphFingerprint | None = None  # with node descriptions (this session only)
         self._distributed = False  # within fit: whether this fit reduces over a process group
+        self._stream = 0  # within distance: the sample stream (a rank; see laftr.distributed.stream_seed)
         # id(model) -> what passed the check
         self._graph_checked: dict[int, tuple[Any, str, tuple[int, ...]]] = {}
 
@@ -198,7 +199,8 @@ class FSDEstimator:
         ``distributed=False`` fits on the local data only.
 
         Args:
-            model: the reference network.
+            model: the reference network (a ``DistributedDataParallel`` or ``DataParallel`` wrapper stands for
+                the module inside it).
             data: a DataLoader of ``(x, y)`` or ``x`` batches, a tensor of inputs or an ``(X, Y)`` pair.
             outputs: optional output units that the distance compares (multi-head tasks): distinct
                 non-negative integers below the model's number of outputs.
@@ -209,6 +211,7 @@ class FSDEstimator:
             UnsupportedOpError: a network that mixes the examples of a batch (naming the op), or one the
                 estimator cannot handle.
         """
+        model = dist_.unwrap(model)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         outputs = check_outputs(outputs)
@@ -258,14 +261,36 @@ class FSDEstimator:
         """
         return dist_.agree(run, f"{self.name}: {what}") if self._distributed else run()
 
-    def __call__(self, model: nn.Module) -> torch.Tensor:
-        """The estimated distance from theta0 to ``model``'s current parameters (0-dim, differentiable)."""
-        return self.distance(model)
+    def __call__(self, model: nn.Module, distributed: bool | None = None) -> torch.Tensor:
+        """The estimated distance from theta0 to ``model``'s current parameters (0-dim, differentiable).
 
-    def distance(self, model: nn.Module) -> torch.Tensor:
-        """Same as calling the estimator."""
+        See :meth:`distance`.
+        """
+        return self.distance(model, distributed=distributed)
+
+    def distance(self, model: nn.Module, distributed: bool | None = None) -> torch.Tensor:
+        """The estimated distance from theta0 to ``model``'s current parameters (0-dim, differentiable).
+
+        ``model`` may be a ``DistributedDataParallel`` (or ``DataParallel``) wrapper: the module inside it is
+        evaluated (its parameters are the wrapper's), so ``est(ddp_model)`` and ``est(ddp_model.module)`` are
+        the same.
+
+        In a ``torch.distributed`` process group (``distributed=None`` and a group is initialized, or
+        ``distributed=True``) a Monte Carlo estimator (``laftr``, ``liftr``) draws rank ``r``'s samples from
+        the stream of ``seed + 1_000_003 * r`` (rank 0: the seed's own, what a single process draws), so the
+        ranks' estimates are independent and their mean, what DistributedDataParallel's gradient averaging
+        uses, is the estimate with ``num_samples * world_size`` samples. ``distributed=False``: the seed's
+        own stream on every rank (identical estimates). The other estimators draw nothing and are the same
+        either way. Nothing is communicated.
+        """
+        model = dist_.unwrap(model)
+        stream = dist_.sample_stream(distributed)
         self._check_ready(model)
-        return self._distance(model)
+        self._stream = stream
+        try:
+            return self._distance(model)
+        finally:
+            self._stream = 0
 
     def stored_floats(self) -> int:
         """Number of floats this estimator stores beyond theta0 (the honest memory cost)."""
@@ -366,6 +391,7 @@ class FSDEstimator:
         """
         if self.theta0 is None or self.arch is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(model, data) first")
+        like = dist_.unwrap(like)
         check_same_arch(self.arch, like, "the stored theta0")
         self._check_graph(like, "the stored theta0")
         model = copy.deepcopy(like)

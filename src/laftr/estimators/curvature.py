@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 from tqdm.auto import tqdm
 
+from .. import distributed as dist_
 from .._util import EMPTY_DATA, Data, iter_batches, model_device_dtype
 from ..errors import DataError, UsageError
 from ..metrics import check_metric, select_outputs
@@ -205,7 +206,7 @@ def curvature_batches(
     The model must already be in eval mode; it is run once per batch without gradients.
     """
     device, dtype = model_device_dtype(model)
-    gen = torch.Generator(device=device).manual_seed(int(config.seed) + 1_000_003 * int(stream))
+    gen = torch.Generator(device=device).manual_seed(dist_.stream_seed(config.seed, stream))
     for x, y in tqdm(iter_batches(data, config.batch_size, device, dtype), disable=not config.progress,
                      desc=desc):
         with torch.no_grad():

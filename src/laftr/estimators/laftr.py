@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import distributed as dist_
 from .._util import Data, model_device_dtype, param_dict
 from ..errors import UsageError
 from ..graph import MomentMode, OwnMode, SampleMode, TracedNet
@@ -173,6 +174,7 @@ class _LaftrBase(FSDEstimator):
         self._nets: dict[int, TracedNet] = {}
         self._laws: dict[tuple[str, torch.dtype], dict[str, Any]] = {}  # (device, dtype) -> site -> law
         self._gen: torch.Generator | None = None
+        self._gen_seed: int | None = None
 
     @property
     def cfg(self) -> Any:
@@ -245,8 +247,16 @@ class _LaftrBase(FSDEstimator):
         return self._laws[key]
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        if self.cfg.fixed_noise or self._gen is None or self._gen.device != device:
-            self._gen = torch.Generator(device).manual_seed(self.cfg.seed)
+        """The generator of this evaluation's samples: the seed's stream of this rank (see ``distance``).
+
+        Kept between calls (fresh samples each call) unless ``fixed_noise``, and started afresh when the
+        device or the stream changes.
+        """
+        seed = dist_.stream_seed(self.cfg.seed, getattr(self, "_stream", 0))
+        if (self.cfg.fixed_noise or self._gen is None or self._gen.device != device
+                or getattr(self, "_gen_seed", None) != seed):
+            self._gen = torch.Generator(device).manual_seed(seed)
+            self._gen_seed = seed
         return self._gen
 
     # ------------------------------------------------------------------ memory and persistence
