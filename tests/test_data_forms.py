@@ -208,3 +208,24 @@ def test_meta_models_are_refused_at_fit_and_bad_devices_at_load(tmp_path):
         with pytest.raises(UsageError, match=match):
             laftr.load(path, device=bad)
     assert laftr.load(path, device="cpu").fitted
+
+
+def test_a_generator_is_refused_where_the_data_is_read_twice():
+    """The mixture input model reads the data twice (k-means sample, then sums): a one-shot generator would be
+    empty the second time; it is refused by name, while one-pass input models take it."""
+    from laftr.models import mlp
+
+    torch.manual_seed(0)
+    model = mlp(5, (8,), 3)
+    X = torch.randn(200, 5)
+
+    def gen():
+        for i in range(0, 200, 50):
+            yield X[i:i + 50]
+
+    with pytest.raises(laftr.DataError, match="'mixture' reads the data twice.*generator"):
+        laftr.make_estimator("laftr", input_model="mixture").fit(model, gen())
+    one_pass = laftr.make_estimator("laftr", input_model="gaussian", seed=1).fit(model, gen())
+    whole = laftr.make_estimator("laftr", input_model="gaussian", seed=1).fit(model, X)
+    other = mlp(5, (8,), 3)
+    torch.testing.assert_close(one_pass(other), whole(other))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -183,6 +183,10 @@ def fit_summary(
     def local() -> FitMode:
         with torch.no_grad():
             if model_in.needs_first_pass:
+                if isinstance(data, Iterator):  # a generator or iterator is used up by the first pass
+                    raise DataError(f"input model {model_in.name!r} reads the data twice (a k-means sample, "
+                                    "then the sums), and a generator or iterator can be read only once: pass "
+                                    "a list of batches, a DataLoader or an IterableDataset instead")
                 model_in.prepare(batches)
             mode = FitMode([theta0], record_pools=record_pools, record_inputs=record_inputs)
             for x, y in tqdm(batches(), disable=not progress, desc="LAFTR summary"):
