@@ -11,6 +11,7 @@ import inspect
 import os
 import re
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from sphinx.util import logging
@@ -113,14 +114,19 @@ def _location(obj: Any) -> str | None:
     return f"{os.path.relpath(path, ROOT)}:{line}" if path else None
 
 
+def _holding_modules(name: str, value: Any) -> Iterator[tuple[str, Any]]:
+    """``(module name, module)`` of every imported laftr module whose global ``name`` is ``value``."""
+    for modname in sorted(m for m in sys.modules if m == "laftr" or m.startswith("laftr.")):
+        mod = sys.modules.get(modname)
+        if mod is not None and vars(mod).get(name, _MISSING) is value:
+            yield modname, mod
+
+
 def _data_comment(name: str, value: Any) -> list[str] | None:
     """The ``#:`` comment of module-level ``name`` bound to ``value``, from the laftr module defining it."""
     from sphinx.pycode import ModuleAnalyzer
 
-    for modname in sorted(m for m in sys.modules if m == "laftr" or m.startswith("laftr.")):
-        mod = sys.modules.get(modname)
-        if mod is None or vars(mod).get(name, _MISSING) is not value:
-            continue
+    for modname, _mod in _holding_modules(name, value):
         try:
             analyzer = ModuleAnalyzer.for_module(modname)
             analyzer.analyze()
@@ -135,10 +141,7 @@ def _data_comment(name: str, value: Any) -> list[str] | None:
 def _data_location(name: str, value: Any) -> str | None:
     """``path:line`` of the module-level assignment of ``name`` (bound to ``value``) in laftr's source."""
     assignment = re.compile(rf"^{re.escape(name)}\s*(:[^=]*)?=", re.MULTILINE)
-    for modname in sorted(m for m in sys.modules if m == "laftr" or m.startswith("laftr.")):
-        mod = sys.modules.get(modname)
-        if mod is None or vars(mod).get(name, _MISSING) is not value:
-            continue
+    for _modname, mod in _holding_modules(name, value):
         try:
             path = inspect.getsourcefile(mod)
             with open(path or "", encoding="utf-8") as f:

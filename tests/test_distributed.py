@@ -15,6 +15,7 @@ import datetime
 import os
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -246,36 +247,42 @@ def reference() -> dict[str, Any]:
     return fit_all((X, Y), make_model())
 
 
+def _walk(a: Any, b: Any, what: str, leaf: Callable[[Any, Any, str], None]) -> None:
+    """``leaf`` on every pair of leaves of two equally structured dicts / tuples / lists."""
+    if isinstance(b, dict):
+        assert sorted(a) == sorted(b), what
+        for k in b:
+            _walk(a[k], b[k], f"{what}/{k}", leaf)
+    elif isinstance(b, (tuple, list)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _walk(x, y, f"{what}[{i}]", leaf)
+    else:
+        leaf(a, b, what)
+
+
+def _close_leaf(got: Any, want: Any, what: str) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    if got.is_floating_point():
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13, msg=what)
+    else:
+        assert torch.equal(got, want), what
+
+
+def _identical_leaf(a: Any, b: Any, what: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), what
+    else:
+        assert a == b, what
+
+
 def assert_close(got: Any, want: Any, what: str) -> None:
     """Equal up to float64 rounding, recursively through dicts and tuples."""
-    if isinstance(want, dict):
-        assert sorted(got) == sorted(want), what
-        for k in want:
-            assert_close(got[k], want[k], f"{what}/{k}")
-    elif isinstance(want, (tuple, list)):
-        for i, (a, b) in enumerate(zip(got, want, strict=True)):
-            assert_close(a, b, f"{what}[{i}]")
-    else:
-        assert got.dtype == want.dtype and got.shape == want.shape, what
-        if got.is_floating_point():
-            torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13, msg=what)
-        else:
-            assert torch.equal(got, want), what
+    _walk(got, want, what, _close_leaf)
 
 
 def assert_identical(a: Any, b: Any, what: str) -> None:
     """Bit-identical, recursively."""
-    if isinstance(a, dict):
-        assert sorted(a) == sorted(b), what
-        for k in a:
-            assert_identical(a[k], b[k], f"{what}/{k}")
-    elif isinstance(a, (tuple, list)):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_identical(x, y, f"{what}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), what
-    else:
-        assert a == b, what
+    _walk(a, b, what, _identical_leaf)
 
 
 @pytest.mark.parametrize("name", [*FITS, "laftr-exact value", "exact", "exact grad=True", "exact_fsd_and_grad"])
