@@ -2,24 +2,8 @@
 
 from importlib import metadata as _metadata
 
-from . import rules
-from .errors import (
-    DataError,
-    DatasetNotFoundError,
-    FileError,
-    InputFileError,
-    LaftrError,
-    NoLocalMinimumError,
-    OptionError,
-    OutDirError,
-    OutputExistsError,
-    OutputIsDirectoryError,
-    OutputPathError,
-    SummaryFileError,
-    UnsupportedOpError,
-    UntrustedPickleError,
-    UsageError,
-)
+from . import errors, rules
+from .errors import *  # noqa: F403  (every public error; the list is errors.__all__)
 from .estimators import EstimatorConfig, FSDEstimator, available_estimators, make_estimator, register
 from .exact import exact_fsd, exact_fsd_and_grad
 from .io import load, save
@@ -32,23 +16,8 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 
 __all__ = [
     "METRICS",
-    "DataError",
-    "DatasetNotFoundError",
     "EstimatorConfig",
     "FSDEstimator",
-    "FileError",
-    "InputFileError",
-    "LaftrError",
-    "NoLocalMinimumError",
-    "OptionError",
-    "OutDirError",
-    "OutputExistsError",
-    "OutputIsDirectoryError",
-    "OutputPathError",
-    "SummaryFileError",
-    "UnsupportedOpError",
-    "UntrustedPickleError",
-    "UsageError",
     "__version__",
     "available_estimators",
     "discrepancy",
@@ -60,3 +29,4 @@ __all__ = [
     "rules",
     "save",
 ]
+__all__ += errors.__all__  # every public error, listed once in laftr.errors
