@@ -60,6 +60,11 @@ def registrar(table: dict[str, Any], what: str, name: str) -> Callable[[T], T]:
     return deco
 
 
+def shorten(text: str, limit: int) -> str:
+    """``text``, cut to ``limit`` characters with ``...`` at the end when longer (for messages)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """The device and floating dtype of ``model``'s first parameter (CPU/float32 if it has none)."""
     for p in model.parameters():

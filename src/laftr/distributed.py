@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from ._util import shorten
 from .errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def check_consistent(what: str, fingerprint: dict[str, Any]) -> None:
         if bad:
             raise UsageError(
                 f"{what}: the ranks of the process group disagree on {key} ("
-                + "; ".join(f"rank {r}: {_short(v)}" for r, v in _differences(values, [0, *bad]))
+                + "; ".join(f"rank {r}: {shorten(repr(v), 120)}" for r, v in _differences(values, [0, *bad]))
                 + "); every rank must fit the same network with the same options"
             )
 
@@ -164,11 +165,6 @@ def _differences(values: list[Any], ranks: list[int]) -> list[tuple[int, Any]]:
     differ = [k for k in dict.fromkeys([*ref, *(k for r in ranks for k in values[r])])
               if any(values[r].get(k) != ref.get(k) for r in ranks)]
     return [(r, {k: values[r].get(k) for k in differ}) for r in ranks]
-
-
-def _short(v: Any, n: int = 120) -> str:
-    s = repr(v)
-    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def all_reduce_sums(tensors: dict[str, torch.Tensor], pad: bool = False) -> dict[str, torch.Tensor]:

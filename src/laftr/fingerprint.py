@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ._util import shorten
 from .errors import UnsupportedOpError
 from .graph import trace
 
@@ -186,8 +187,8 @@ def _canonical(node: fx.Node, gm: fx.GraphModule, index: dict[fx.Node, int], par
     return f"{node.op}|{what}|{args}|{kwargs}"
 
 
-def _short(v: str, limit: int = 60) -> str:
-    return v if len(v) <= limit else v[: limit - 3] + "..."
+def _short(v: str) -> str:
+    return shorten(v, 60)
 
 
 def _human(node: fx.Node, gm: fx.GraphModule) -> str:
