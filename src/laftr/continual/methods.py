@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
-from ..specs import check_keys, config_keys, parse_spec, parse_value, split_specs
+from ..specs import check_keys, config_keys, parse_spec, split_specs
 from .regularizer import _check_lam
 
 __all__ = ["METHODS", "TRAITS", "MethodSpec", "parse_method", "parse_methods"]
@@ -164,9 +164,6 @@ METHODS["subset-eqmem"] = dataclasses.replace(
 METHODS["ntk-eqmem"] = dataclasses.replace(
     METHODS["ntk"], name="ntk-eqmem", base="ntk-eqmem", match_memory="laftr",
     description="ntk with k chosen so k * input_dim matches the laftr summary's stored floats")
-
-
-_value = parse_value  # the value parser of the spec grammar (kept under its old name)
 
 
 def _check_override_keys(spec: MethodSpec, parsed: Any) -> None:
