@@ -117,24 +117,20 @@ def test_fuzz_header_bytes(fitted, key):
 
 
 # ---------------------------------------------------------------------------------------------- targeted damage
-@pytest.mark.parametrize("name", ["state/inputs/x_outer", "state/site/_1/p1", "theta0/0.weight"])
-def test_nan_with_a_correct_hash_is_refused(fitted, name):
-    raw, _, _ = fitted["laftr"]
+@pytest.mark.parametrize(("kind", "name", "index", "value", "message"), [
+    ("laftr", "state/inputs/x_outer", 0, float("nan"), "contains NaN"),
+    ("laftr", "state/site/_1/p1", 0, float("nan"), "contains NaN"),
+    ("laftr", "theta0/0.weight", 0, float("nan"), "contains NaN"),
+    ("kfac", "state/A/0", 1, float("-inf"), "contains infinite values"),
+    ("kfac", "theta0/2.weight", 1, float("-inf"), "contains infinite values"),
+])
+def test_non_finite_value_with_a_correct_hash_is_refused(fitted, kind, name, index, value, message):
+    raw, _, _ = fitted[kind]
     tensors, meta = _split(raw)
     assert _load_bytes(_forge(tensors, meta), "f").stored_floats() > 0  # the forger itself is faithful
     tensors[name] = tensors[name].clone()
-    tensors[name].view(-1)[0] = float("nan")
-    _refused(_forge(tensors, meta), rf"'{name}' contains NaN")
-
-
-def test_infinity_with_a_correct_hash_is_refused(fitted):
-    raw, _, _ = fitted["kfac"]
-    tensors, meta = _split(raw)
-    for name in ("state/A/0", "theta0/2.weight"):
-        bad = dict(tensors)
-        bad[name] = tensors[name].clone()
-        bad[name].view(-1)[1] = float("-inf")
-        _refused(_forge(bad, meta), rf"'{name}' contains infinite values")
+    tensors[name].view(-1)[index] = value
+    _refused(_forge(tensors, meta), rf"'{name}' {message}")
 
 
 def test_flipped_bit_in_a_tensor_is_refused(fitted):
