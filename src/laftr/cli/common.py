@@ -13,6 +13,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from .._util import resolve_device
 from ..errors import LaftrError, UsageError
 
 EXIT_OK = 0
@@ -103,22 +106,26 @@ def refuse_torchrun(command: str) -> None:
 
 
 @contextlib.contextmanager
-def process_group() -> Iterator[tuple[int, int]]:
-    """``(rank, world size)`` of the run; under torchrun (``WORLD_SIZE`` > 1), with the default group set up.
+def process_group(device: str | None = None) -> Iterator[tuple[int, int, torch.device]]:
+    """``(rank, world size, device)`` of the run; under torchrun (``WORLD_SIZE`` > 1), with a process group.
 
-    The group is initialized from the environment torchrun sets (``env://``: ``MASTER_ADDR``,
-    ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``) with the gloo backend (the command line runs the network on
-    the CPU) and destroyed at the end. A group that is already initialized (``laftr.cli.main`` called from a
-    distributed program) is used as it is and left alone. Without a launcher: ``(0, 1)`` and no group.
+    The device is ``device`` (``--device``; default the CPU). Under torchrun ``cuda`` means the GPU of this
+    process's ``LOCAL_RANK`` (one GPU per process, as NCCL needs); naming one GPU (``cuda:0``) for several
+    processes is refused. The group is initialized from the environment torchrun sets (``env://``:
+    ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``) with the NCCL backend on GPUs and gloo on the
+    CPU, and destroyed at the end. A group that is already initialized (``laftr.cli.main`` called from a
+    distributed program) is used as it is and left alone. Without a launcher: ``(0, 1, device)`` and no group.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        yield dist.get_rank(), dist.get_world_size()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        yield rank, world, run_device(device, world)
         return
     rank, world = launched_world()
+    dev = run_device(device, world)
     if world == 1:
-        yield 0, 1
+        yield 0, 1, dev
         return
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
@@ -126,11 +133,40 @@ def process_group() -> Iterator[tuple[int, int]]:
                          "torchrun --nproc-per-node N -m laftr ...")
     if not dist.is_available():
         raise UsageError("this build of torch has no torch.distributed: run as one process")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     try:
-        yield rank, world
+        yield rank, world, dev
     finally:
         dist.destroy_process_group()
+
+
+def run_device(name: str | None, world: int) -> torch.device:
+    """The device of this process for ``--device name`` (default the CPU) in a run of ``world`` processes.
+
+    On a GPU the device is also made CUDA's current device (NCCL's collectives run there). Under torchrun,
+    ``cuda`` without an index is the GPU of the process's ``LOCAL_RANK``.
+
+    Raises:
+        UsageError: an unknown device, CUDA where there is none, one GPU named for several processes, or more
+            processes on this machine than it has GPUs.
+    """
+    dev = resolve_device("cpu" if name is None else name, "--device")
+    assert dev is not None
+    if dev.type != "cuda":
+        return dev
+    if world > 1:
+        if dev.index is not None:
+            raise UsageError(f"--device {name} names one GPU for all {world} processes; pass --device cuda "
+                             "(each process then takes the GPU of its LOCAL_RANK)")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK={local} but this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s): start at most that many processes per machine with --device cuda")
+        dev = torch.device("cuda", local)
+    elif dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(dev)
+    return dev
 
 
 def shard(rank: int, world: int, *tensors: Any) -> list[Any]:

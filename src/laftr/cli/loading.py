@@ -129,8 +129,8 @@ def _is_state_dict(obj: Any) -> bool:
                                          for k, v in obj.items())
 
 
-def read_summary(path: str | Path) -> FSDEstimator:
-    """:func:`laftr.load`, with a missing or unreadable file reported as an :class:`InputFileError`.
+def read_summary(path: str | Path, device: torch.device | None = None) -> FSDEstimator:
+    """:func:`laftr.load` onto ``device`` (default: CPU); an unreadable file is an :class:`InputFileError`.
 
     Raises:
         InputFileError: no such file, or the operating system cannot read it.
@@ -140,7 +140,7 @@ def read_summary(path: str | Path) -> FSDEstimator:
 
     p = _existing_file(path, "summary file")
     try:
-        return load(p)
+        return load(p, device)
     except OSError as e:  # permissions, a file that vanished meanwhile
         raise InputFileError(f"{p} could not be read: {e}") from e
 

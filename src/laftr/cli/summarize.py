@@ -43,6 +43,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow --model FILE to be a pickled module (torch.save(model, FILE)). Unpickling "
                         "RUNS CODE stored in the file: use only for files you made or trust")
+    p.add_argument("--device", default=None,
+                   help="where the network runs: cpu (default), cuda or cuda:N; under torchrun, cuda gives "
+                        "each process the GPU of its LOCAL_RANK and the processes talk over NCCL")
 
 
 def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -83,11 +86,11 @@ def _check_out_file(out: Path, force: bool) -> None:
 
 
 def _summarize_run(args: argparse.Namespace) -> int:
-    with process_group() as (rank, world):
-        return _summarize(args, rank, world)
+    with process_group(args.device) as (rank, world, device):
+        return _summarize(args, rank, world, device)
 
 
-def _summarize(args: argparse.Namespace, rank: int, world: int) -> int:
+def _summarize(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
     """The run on one rank of ``world`` (1: a single process): fit on this rank's shard, rank 0 writes."""
     from .. import distributed as dist_
     from .. import make_estimator, save
@@ -100,7 +103,7 @@ def _summarize(args: argparse.Namespace, rank: int, world: int) -> int:
         options = parse_options(args.set)
         est = make_estimator(args.estimator, metric=args.metric, progress=not args.no_progress and rank == 0,
                              **options)
-        model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+        model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle).to(device)
         x, y = load_data(args.dataset, args.data_dir, args.classes, args.tensors, limit=args.limit)
         check_model_accepts(model, x, f"--model {args.model}", outputs=args.outputs)
         return est, model, x, y
@@ -137,18 +140,18 @@ def _distance_args(p: argparse.ArgumentParser) -> None:
 
 
 def _distance_run(args: argparse.Namespace) -> int:
-    with process_group() as (rank, world):
-        return _distance(args, rank, world)
+    with process_group(args.device) as (rank, world, device):
+        return _distance(args, rank, world, device)
 
 
-def _distance(args: argparse.Namespace, rank: int, world: int) -> int:
+def _distance(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
     """The run on one rank of ``world``: its own Monte Carlo draws and data shard; rank 0 prints."""
     from .. import distributed as dist_
     from .. import exact_fsd
 
     def prepare() -> tuple[Any, ...]:
-        est = read_summary(args.summary)
-        model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+        est = read_summary(args.summary, device)
+        model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle).to(device)
         try:
             model0 = est.theta0_model(model)  # checks that the network has the summary's architecture
         except LaftrError:

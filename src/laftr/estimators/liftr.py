@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._util import eigh_on_host
 from ..errors import UsageError
 from ..graph import FitMode, StepMode, StepMomentMode, TracedNet
 from ..moments import JointMoments
@@ -168,7 +169,7 @@ class InputLaw:
         else:
             second = sums["o"] / n.view(-1, *([1] * (sums["o"].ndim - 1)))
             cov = second - m.unsqueeze(-1) * m.unsqueeze(-2)
-            evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.transpose(-1, -2)))
+            evals, evecs = eigh_on_host(0.5 * (cov + cov.transpose(-1, -2)))
             self.factor = (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)).to(device, dtype)
             self.sd = None
 

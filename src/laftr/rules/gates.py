@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._util import eigh_on_host
 from ..moments import GateMoments
 from .base import Pair, Rule, register, stream_of
 
@@ -90,7 +91,7 @@ class MomentLaw:
         vcr = m["cr"] - m["c"] * m["r"]
         vrr = m["rr"] - m["r"] ** 2
         cov = torch.stack([torch.stack([vcc, vcr], -1), torch.stack([vcr, vrr], -1)], -2)  # (G, *units, 2, 2)
-        evals, evecs = torch.linalg.eigh(cov)
+        evals, evecs = eigh_on_host(cov)
         off = evecs * (2 * evals.clamp_min(0)).sqrt().unsqueeze(-2)  # columns: sqrt(2 lambda_j) v_j
         center = torch.stack([m["c"], m["r"]], -1)  # (G, *units, 2)
         pts = torch.stack([center + off[..., 0], center - off[..., 0], center + off[..., 1],
