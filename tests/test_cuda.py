@@ -24,7 +24,7 @@ import laftr
 from laftr.cli import main
 from laftr.continual import FSDRegularizer
 from laftr.errors import UsageError
-from laftr.models import transformer
+from laftr.models import transformer, vit
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("float64")]
 
@@ -360,3 +360,22 @@ def test_continual_cli_runs_on_the_device(tmp_path, capsys):
 
     md = json.loads((tmp_path / "out" / "results.json").read_text())["metadata"]
     assert md["device"].startswith(DEV.type)
+
+
+def test_tf32_rounding_is_not_taken_for_mixing_examples():
+    """cuDNN's TF32 convolutions round differently for different batch sizes (relative 1e-3): the probe that
+    refuses networks mixing the examples of a batch runs at full float32 precision, and restores the flags."""
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    model = vit(d_model=32, heads=2, blocks=1, d_mlp=32).to(DEV)
+    X = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(DEV)
+    old = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        est = laftr.make_estimator("laftr", num_samples=8).fit(model, X)
+        assert torch.isfinite(est(model)) and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cudnn.allow_tf32 = old[0]
+        torch.set_float32_matmul_precision(old[1])

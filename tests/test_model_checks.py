@@ -19,7 +19,7 @@ import laftr
 from laftr.estimators import REGISTRY
 from laftr.estimators import base as estimator_base
 from laftr.fingerprint import GraphFingerprint, describe_difference, graph_fingerprint, model_fingerprint
-from laftr.graph import check_per_example, trace
+from laftr.graph import check_per_example, full_float32, trace
 
 ALL = laftr.available_estimators()
 #: Options that keep each estimator's fit small and its Monte Carlo estimate repeatable.
@@ -471,3 +471,17 @@ def test_a_shuffled_loader_shuffles_as_if_not_peeked():
 def test_model_fingerprint_of_an_untraceable_model():
     fp, gm, why = model_fingerprint(Branchy())
     assert fp is None and gm is None and "could not trace" in why
+
+
+def test_the_probe_runs_at_full_float32_precision_and_restores_the_flags():
+    old = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with pytest.raises(RuntimeError, match="inside"), full_float32():
+            assert not torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
+            raise RuntimeError("inside")
+        assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.backends.cudnn.allow_tf32 = old[0]
+        torch.set_float32_matmul_precision(old[1])

@@ -19,8 +19,9 @@ rule.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -758,6 +759,24 @@ _NEEDS = ("; laftr needs a network that maps each example on its own "
           "(its estimates would otherwise depend on the batch size or the number of samples)")
 
 
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Float32 products at full precision inside the block (TF32 off for cuDNN and CUDA matmuls).
+
+    With TF32 the rounding of a convolution depends on the algorithm cuDNN picks, and that depends on the
+    batch size: relative differences near 1e-3 that are no mixing of examples. The flags are restored after.
+    """
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.set_float32_matmul_precision(precision)
+
+
 def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | None = None,
                       untraced: str = "") -> None:
     """Refuse a network whose output for an example depends on the other examples of its batch.
@@ -770,6 +789,8 @@ def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | No
     running statistics, or ``F.batch_norm(..., training=True)``) and anything else that mixes the examples,
     wherever the batch axis is (``nn.MultiheadAttention`` with ``batch_first=False`` keeps it second). The
     network's output must also have its examples along its first axis.
+    The probe runs with full float32 products (:func:`full_float32`), so TF32 rounding on a GPU is not
+    taken for mixing.
 
     Args:
         model: the network.
@@ -793,7 +814,7 @@ def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | No
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), full_float32():
             runs: list[dict[str, Any]] | None = None
             if gm is not None:
                 try:
