@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 import laftr
 
+from .continual import FSDRegularizer, Task, TrainConfig, evaluate_task, train_task
 from .models import mlp
 from .report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
 
@@ -55,71 +54,11 @@ def _task_split(x: torch.Tensor, y: torch.Tensor, classes: list[int], n: int | N
     return x[idx], y[idx]
 
 
-def _head_loss(logits: torch.Tensor, y: torch.Tensor, classes: list[int]) -> torch.Tensor:
-    """Cross-entropy over the task's own output units (multi-head)."""
-    return F.cross_entropy(logits[:, classes], y - classes[0])
-
-
-@torch.no_grad()
-def head_accuracy(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: list[int], bs: int = 1024
-) -> float:
-    """Accuracy of argmax over the task's output units only."""
-    was = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(x), bs):
-        pred = model(x[i : i + bs])[:, classes].argmax(1) + classes[0]
-        correct += int((pred == y[i : i + bs]).sum())
-    model.train(was)
-    return correct / max(len(x), 1)
-
-
-def train_task(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    classes: list[int],
-    st: DemoSettings,
-    seed: int,
-    penalty: laftr.FSDEstimator | None = None,
-    lam: float = 0.0,
-    desc: str = "train",
-    progress: bool = True,
-) -> dict[str, list[float]]:
-    """Adam on the task's head loss (plus ``lam * penalty(model)``); returns per-epoch mean losses."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=st.lr)
-    model.train()
-    hist: dict[str, list[float]] = {"loss": [], "penalty": []}
-    for ep in range(st.epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        tot, tot_pen, nb = 0.0, 0.0, 0
-        bar = tqdm(
-            range(0, len(x), st.batch_size),
-            desc=f"{desc} epoch {ep + 1}/{st.epochs}",
-            disable=not progress,
-            leave=False,
-            unit="batch",
-        )
-        for i in bar:
-            b = perm[i : i + st.batch_size]
-            loss = _head_loss(model(x[b]), y[b], classes)
-            total = loss
-            if penalty is not None and lam > 0:
-                pen = penalty(model)
-                total = loss + lam * pen
-                tot_pen += pen.item()
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            tot += loss.item()
-            nb += 1
-        bar.close()
-        hist["loss"].append(tot / max(nb, 1))
-        hist["penalty"].append(tot_pen / max(nb, 1))
-        log.info("%s epoch %d: loss %.4f penalty %.4g", desc, ep + 1, hist["loss"][-1], hist["penalty"][-1])
-    return hist
+def _task(name: str, classes: list[int], train: tuple[torch.Tensor, torch.Tensor],
+          test: tuple[torch.Tensor, torch.Tensor]) -> Task:
+    """A :class:`laftr.continual.Task` of consecutive ``classes`` (its head), labels made local."""
+    return Task(name, outputs=list(classes), x_train=train[0], y_train=train[1] - classes[0], x_eval=test[0],
+                y_eval=test[1] - classes[0], classes=list(classes))
 
 
 def _estimate(est: laftr.FSDEstimator, model: nn.Module, calls: int) -> float:
@@ -187,8 +126,12 @@ def run_demo(
 
     # --- task A
     t0 = time.perf_counter()
+    task_a = _task("task A", TASK_A, (xa, ya), (xa_te, ya_te))
+    task_b = _task("task B", TASK_B, (xb, yb), (xb_te, yb_te))
+    cpu = torch.device("cpu")
+    cfg = TrainConfig(epochs=st.epochs, batch_size=st.batch_size, lr=st.lr, device="cpu", progress=progress)
     model0 = mlp(xa[0].numel(), st.hidden, 10)
-    train_task(model0, xa, ya, TASK_A, st, seed, desc="task A", progress=progress)
+    train_task(model0, [task_a], cfg, torch.Generator().manual_seed(seed), cpu, desc="task A")
     timings["train_A"] = time.perf_counter() - t0
 
     # --- LAFTR summary of task A at theta0
@@ -226,18 +169,12 @@ def run_demo(
         t0 = time.perf_counter()
         m = mlp(xa[0].numel(), st.hidden, 10)
         m.load_state_dict(model0.state_dict())
-        train_task(
-            m,
-            xb,
-            yb,
-            TASK_B,
-            st,
-            seed + 1,
-            penalty=est if lam_ > 0 else None,
-            lam=lam_,
-            desc=name.split(" (")[0],
-            progress=progress,
-        )
+        reg = None
+        if lam_ > 0:
+            reg = FSDRegularizer(None, lam_)
+            reg.add(est)
+        gen_b = torch.Generator().manual_seed(seed + 1)
+        train_task(m, [task_b], cfg, gen_b, cpu, reg, desc=name.split(" (")[0])
         timings["train_B_laftr" if lam_ > 0 else "train_B_plain"] = time.perf_counter() - t0
         models[name] = m
 
@@ -248,8 +185,8 @@ def run_demo(
         rows.append(
             {
                 "model": name,
-                "acc_A": head_accuracy(net, xa_te, ya_te, TASK_A),
-                "acc_B": head_accuracy(net, xb_te, yb_te, TASK_B),
+                "acc_A": evaluate_task(net, task_a, cpu),
+                "acc_B": evaluate_task(net, task_b, cpu),
                 "fsd_true": float(laftr.exact_fsd(model0, net, xa, metric=METRIC, outputs=TASK_A)),
                 "fsd_laftr": _estimate(est, net, st.eval_calls),
             }

@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -48,6 +47,7 @@ from ..models import conv_net, mlp, num_params, transformer, vit
 from ..report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
 from ..specs import Spec, check_keys, config_keys, format_spec, parse_spec
 from ..stats import agreement
+from ..training import head_loss, train
 
 log = logging.getLogger(__name__)
 
@@ -774,11 +774,12 @@ def _build(cfg: FsdBenchConfig, data: _Data) -> nn.Module:
 
 
 def _head_ce(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[int] | None) -> torch.Tensor:
+    """Cross-entropy over the head ``classes`` with ``y`` the original class labels."""
     if classes is None:
-        return F.cross_entropy(logits, y)
+        return head_loss(logits, y)
     lut = torch.full((int(max(classes)) + 1,), -1, dtype=torch.long, device=y.device)
     lut[torch.as_tensor(list(classes), device=y.device)] = torch.arange(len(classes), device=y.device)
-    return F.cross_entropy(logits[:, list(classes)], lut[y])
+    return head_loss(logits, lut[y], classes)
 
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: Sequence[int] | None, steps: int,
@@ -786,22 +787,9 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: Sequence
            extra: Callable[[nn.Module], torch.Tensor] | None = None,
            on_step: Callable[[int], None] | None = None,
            ) -> None:
-    model.train()
-    perm = torch.randperm(len(x), generator=gen)
-    pos = 0
-    for step in range(1, steps + 1):
-        if pos + batch_size > len(x):
-            perm, pos = torch.randperm(len(x), generator=gen), 0
-        b = perm[pos: pos + batch_size]
-        pos += batch_size
-        loss = _head_ce(model(x[b]), y[b], classes)
-        if extra is not None:
-            loss = loss + extra(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if on_step is not None:
-            on_step(step)
+    """``steps`` batches of :func:`laftr.training.train` on the head loss (plus ``extra``), then eval mode."""
+    train(model, lambda b: _head_ce(model(x[b]), y[b], classes), len(x), opt, batch_size=batch_size, gen=gen,
+          steps=steps, penalty=extra, on_step=on_step, desc="fsd-bench")
     model.eval()
 
 

@@ -2,6 +2,7 @@
 
 - :class:`FSDRegularizer`: ``after_task(model, data, outputs)`` / ``penalty(model)``, for any training loop;
 - :func:`run_method`: the regularized loop over a :class:`TaskStream` (a sequence of :class:`Task` s);
+  :func:`train_task` trains on one task (or several, jointly) with a regularizer;
 - :data:`METHODS`: method name -> estimator and config; :data:`BENCHMARKS`: the paper's benchmarks;
 - :func:`run_benchmark`: several methods and seeds -> ``results.json``, ``table.md``, heatmaps
   (``laftr continual`` on the command line).
@@ -13,7 +14,7 @@ from .methods import METHODS, TRAITS, MethodSpec, parse_method, parse_methods
 from .metrics import average_accuracy, backward_transfer
 from .regularizer import FSDRegularizer
 from .runner import ContinualSettings, run_benchmark
-from .train import RunResult, TrainConfig, evaluate_task, run_method
+from .train import RunResult, TrainConfig, evaluate_task, run_method, train_task
 
 __all__ = [
     "ARCHS",
@@ -36,4 +37,5 @@ __all__ = [
     "parse_methods",
     "run_benchmark",
     "run_method",
+    "train_task",
 ]

@@ -16,21 +16,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .._util import resolve_device
 from ..data.tasks import Task, TaskStream
 from ..errors import UsageError
 from ..estimators.base import FSDEstimator, check_int, make_estimator
+from ..training import head_loss, train
 from .methods import METHODS, MethodSpec
 from .metrics import average_accuracy, backward_transfer
 from .regularizer import FSDRegularizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunResult", "TrainConfig", "evaluate_task", "match_memory", "run_method"]
+__all__ = ["RunResult", "TrainConfig", "evaluate_task", "match_memory", "run_method", "train_task"]
 
 
 @dataclass
@@ -167,63 +166,38 @@ def match_memory(spec: MethodSpec, reference: MethodSpec, model: nn.Module, stre
     return dataclasses.replace(spec, config={**spec.config, "coreset_size": k}, match_memory=None)
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    perm = torch.randperm(n, generator=gen)
-    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-def _train_task(
+def train_task(
     model: nn.Module, tasks: list[Task], cfg: TrainConfig, gen: torch.Generator, device: torch.device,
-    reg: FSDRegularizer | None, desc: str,
+    reg: FSDRegularizer | None = None, desc: str = "train",
 ) -> dict[str, list[float]]:
     """Adam (AdamW with ``cfg.weight_decay``) for ``cfg.epochs`` epochs over the union of ``tasks``.
 
-    ``tasks`` is one task unless joint training; each example is scored on its own task's outputs, and the
-    regularizer's penalty is added.
+    ``tasks`` is one task unless joint training; each example is scored on its own task's outputs
+    (:func:`laftr.training.head_loss`), and the regularizer's penalty is added once it holds a task. The batch
+    order is drawn from ``gen`` (:func:`laftr.training.train`, epoch schedule).
+
+    Returns:
+        Per epoch, the mean training loss and the mean penalty.
     """
-    opt = cfg.optimizer(model.parameters())
     sizes = [t.n_train for t in tasks]
     offsets = torch.tensor([0, *sizes]).cumsum(0)
-    n = int(offsets[-1])
     outs = [torch.tensor(t.outputs, device=device) for t in tasks]
-    hist: dict[str, list[float]] = {"loss": [], "penalty": []}
-    model.train()
-    for ep in range(cfg.epochs):
-        tot, tot_pen, nb = 0.0, 0.0, 0
-        bar = tqdm(_batches(n, cfg.batch_size, gen), desc=f"{desc} epoch {ep + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False, unit="batch")
-        for b in bar:
-            if len(tasks) == 1:
-                x, y = tasks[0].train_batch(b)
-                logits = model(x.to(device))
-                loss = F.cross_entropy(logits.index_select(1, outs[0]), y.to(device))
-            else:
-                tid = torch.bucketize(b, offsets[1:], right=True)
-                loss = torch.zeros((), device=device)
-                for t in tid.unique().tolist():
-                    sel = b[tid == t] - offsets[t]
-                    x, y = tasks[t].train_batch(sel)
-                    logits = model(x.to(device))
-                    loss = loss + F.cross_entropy(logits.index_select(1, outs[t]), y.to(device),
-                                                  reduction="sum")
-                loss = loss / len(b)
-            total = loss
-            if reg is not None and len(reg):
-                pen = reg.penalty(model)
-                total = loss + pen
-                tot_pen += float(pen.detach())
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"{desc}: the loss became {float(total)} (lam too large?)")
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            tot += float(loss.detach())
-            nb += 1
-        bar.close()
-        hist["loss"].append(tot / max(nb, 1))
-        hist["penalty"].append(tot_pen / max(nb, 1))
-        log.info("%s epoch %d: loss %.4f penalty %.4g", desc, ep + 1, hist["loss"][-1], hist["penalty"][-1])
-    return hist
+
+    def batch_loss(b: torch.Tensor) -> torch.Tensor:
+        if len(tasks) == 1:
+            x, y = tasks[0].train_batch(b)
+            return head_loss(model(x.to(device)), y.to(device), outs[0])
+        tid = torch.bucketize(b, offsets[1:], right=True)
+        loss = torch.zeros((), device=device)
+        for t in tid.unique().tolist():
+            x, y = tasks[t].train_batch(b[tid == t] - offsets[t])
+            loss = loss + head_loss(model(x.to(device)), y.to(device), outs[t], reduction="sum")
+        return loss / len(b)
+
+    penalty = reg.penalty if reg is not None and len(reg) else None
+    return train(model, batch_loss, int(offsets[-1]), cfg.optimizer(model.parameters()),
+                 batch_size=cfg.batch_size, gen=gen, epochs=cfg.epochs, penalty=penalty,
+                 progress=cfg.progress, desc=desc)
 
 
 def run_method(
@@ -283,7 +257,7 @@ def run_method(
             desc = f"{spec.name} seed {seed} task {t + 1}/{T}"
             t0 = time.perf_counter()
             train_on = list(stream.tasks[: t + 1]) if spec.kind == "joint" else [task]
-            history.append(_train_task(model, train_on, cfg, gen, device, reg, desc))
+            history.append(train_task(model, train_on, cfg, gen, device, reg, desc))
             timings["train"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             if reg is not None:

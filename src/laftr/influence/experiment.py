@@ -26,6 +26,7 @@ from ..estimators.base import REGISTRY
 from ..models import mlp, num_params
 from ..report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
 from ..stats import curve_area, detection_curve, pearson, spearman
+from ..training import train
 from .classical import InfluenceConfig
 from .losses import infer_task, per_example_loss
 from .measure import Measurement
@@ -200,7 +201,7 @@ def train_model(X: torch.Tensor, Y: torch.Tensor, task: str, hidden: tuple[int, 
                 num_classes: int | None = None) -> nn.Module:
     """Train an MLP with Adam in float32 and return it in float64, ready for influence computations.
 
-    Full batch for regression, minibatches for classification.
+    Full batch for regression, minibatches for classification (:func:`laftr.training.train`).
     """
     torch.manual_seed(seed)  # nn.Linear initializes from the global generator
     out_dim = Y.shape[1] if task == "regression" else (num_classes or int(Y.max()) + 1)
@@ -208,17 +209,9 @@ def train_model(X: torch.Tensor, Y: torch.Tensor, task: str, hidden: tuple[int, 
     X = X.float()
     Y = Y.float() if Y.is_floating_point() else Y
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in tqdm(range(epochs), disable=not progress, desc="training"):
-        if task == "regression":
-            batches = [torch.arange(X.shape[0])]
-        else:
-            batches = list(torch.randperm(X.shape[0], generator=gen).split(batch_size))
-        for idx in batches:
-            opt.zero_grad()
-            per_example_loss(model(X[idx]), Y[idx], task).mean().backward()
-            opt.step()
+    train(model, lambda idx: per_example_loss(model(X[idx]), Y[idx], task).mean(), X.shape[0], opt,
+          batch_size=batch_size, gen=torch.Generator().manual_seed(seed), epochs=epochs,
+          full_batch=task == "regression", progress=progress, desc="training")
     return model.double().eval()
 
 
