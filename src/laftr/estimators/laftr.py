@@ -175,6 +175,9 @@ class _LaftrBase(FSDEstimator):
         self._laws: dict[tuple[str, torch.dtype], dict[str, Any]] = {}  # (device, dtype) -> site -> law
         self._gen: torch.Generator | None = None
         self._gen_seed: int | None = None
+        #: fixed_noise: (device, dtype, stream seed) -> the input samples, their groups and the generator's
+        #: state after drawing them (a cache rebuilt from the summary and the seed, not stored in files)
+        self._fixed_inputs: dict[tuple[str, torch.dtype, int], tuple[torch.Tensor, torch.Tensor, Any]] = {}
 
     @property
     def cfg(self) -> Any:
@@ -219,6 +222,7 @@ class _LaftrBase(FSDEstimator):
             raise ValueError(f"summary lacks statistics for sites {missing}")
         self._nets = {}
         self._laws.clear()
+        self._fixed_inputs.clear()
         self._gen = None
 
     # ------------------------------------------------------------------ evaluation helpers
@@ -281,6 +285,7 @@ class _LaftrBase(FSDEstimator):
         if "input_model" not in meta.get("summary", {}):
             tensors, meta = _from_format_v1(tensors, meta, self.cfg)
         self.summary = Summary.from_tensors(tensors, meta["summary"])
+        self._fixed_inputs.clear()
         if self.summary.inputs.name != self.cfg.input_model:
             raise ValueError(f"the stored input model {self.summary.inputs.name!r} does not match the "
                              f"config's {self.cfg.input_model!r}")
@@ -313,6 +318,26 @@ class LaftrEstimator(_LaftrBase):
         return SampleMode([p0, p], self._site_laws(net, device, dtype), groups, gen, self.cfg.shared_masks,
                           self.pool_mode)
 
+    def _inputs(self, gen: torch.Generator, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """One evaluation's input samples and their groups, drawn from ``gen``.
+
+        With ``fixed_noise`` every call would draw the same inputs from the reseeded generator: they are drawn
+        once per device, dtype and stream and kept, with the generator's state after the draw restored on
+        later calls, so the gates drawn next are the same as without the cache (bit for bit).
+        """
+        assert self.summary is not None
+        if not self.cfg.fixed_noise:
+            return self.summary.inputs.sample(self.cfg.num_samples, gen, device, dtype)
+        key = (str(device), dtype, int(self._gen_seed or 0))
+        hit = self._fixed_inputs.get(key)
+        if hit is None:
+            x, groups = self.summary.inputs.sample(self.cfg.num_samples, gen, device, dtype)
+            hit = self._fixed_inputs[key] = (x, groups, gen.get_state())
+        else:
+            gen.set_state(hit[2])
+        return hit[0], hit[1]
+
     def _distance(self, model: nn.Module) -> torch.Tensor:
         assert self.summary is not None
         net = self._net(model)
@@ -320,7 +345,7 @@ class LaftrEstimator(_LaftrBase):
         p0 = self.theta0_on(model)
         p = param_dict(model)
         gen = self._generator(device)
-        x, groups = self.summary.inputs.sample(self.cfg.num_samples, gen, device, dtype)
+        x, groups = self._inputs(gen, device, dtype)
         z0, z = net.run((x, x), self._mode(net, p0, p, groups, gen, device, dtype))
         return discrepancy(z0.detach(), z, self.metric, self.outputs).mean()
 
