@@ -64,15 +64,47 @@ class Pair:
         return f"Pair(data={self.data}, vals={self.vals!r})"
 
 
+#: leaf types met in an op's arguments, handled without torch's pytree machinery (which costs a few
+#: microseconds per call, and an evaluation makes a few dozen such calls)
+_LEAVES = (torch.Tensor, int, float, bool, str, slice, type(None), type(Ellipsis), torch.dtype, torch.device)
+
+
 def stream_of(v: Any, s: int) -> Any:
     """``v`` with every :class:`Pair` among its leaves replaced by its value in stream ``s``."""
-    return tree_map(lambda a: a.vals[s] if isinstance(a, Pair) else a, v)
+    if isinstance(v, Pair):
+        return v.vals[s]
+    t = type(v)
+    if t is tuple:
+        return tuple(stream_of(a, s) for a in v)
+    if t is list:
+        return [stream_of(a, s) for a in v]
+    if t is dict:
+        return {k: stream_of(a, s) for k, a in v.items()}
+    if isinstance(v, _LEAVES):
+        return v
+    return tree_map(lambda a: a.vals[s] if isinstance(a, Pair) else a, v)  # other containers
 
 
 def pairs_in(v: Any) -> list[Pair]:
-    """Every :class:`Pair` among the leaves of ``v``."""
-    leaves, _ = tree_flatten(v)
-    return [a for a in leaves if isinstance(a, Pair)]
+    """Every :class:`Pair` among the leaves of ``v`` (in :func:`torch.utils._pytree.tree_flatten` order)."""
+    out: list[Pair] = []
+    _collect_pairs(v, out)
+    return out
+
+
+def _collect_pairs(v: Any, out: list[Pair]) -> None:
+    if isinstance(v, Pair):
+        out.append(v)
+        return
+    t = type(v)
+    if t is tuple or t is list:
+        for a in v:
+            _collect_pairs(a, out)
+    elif t is dict:
+        for a in v.values():
+            _collect_pairs(a, out)
+    elif not isinstance(v, _LEAVES):
+        out.extend(a for a in tree_flatten(v)[0] if isinstance(a, Pair))  # other containers
 
 
 def data_pairs(v: Any) -> list[Pair]:
