@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -383,7 +384,7 @@ class MomentMode(Mode):
         def one(a: Any) -> Any:
             if isinstance(a, Pair):
                 val = a.vals[s]
-                return self.state.M.new_zeros((1, *val.shape)) if isinstance(val, Ref) else val
+                return self.state.like.new_zeros((1, *val.shape)) if isinstance(val, Ref) else val
             return a
 
         return tree_map(one, v)
@@ -410,6 +411,12 @@ class MomentMode(Mode):
                                          or any(True for _ in rule.module.buffers())))
         shared = not stream_specific and all(p.vals[0].block == p.vals[1].block for p in data)
         streams = [0] if shared else [0, 1]
+        if len(data) == 1 and len(data[0].vals[0].shape) == 1:  # x -> W x + b when the rule says so
+            mats = [rule.matrix(self.params[s], stream_of(args, s), stream_of(kwargs, s)) for s in streams]
+            if all(m is not None for m in mats):
+                given = [m for m in mats if m is not None]
+                refs = self.state.linear(given, [data[0].vals[s] for s in streams])
+                return Pair((refs[0], refs[-1]), True)
 
         def make_fn(s: int) -> Callable[..., torch.Tensor]:
             def fn(*tensors: torch.Tensor) -> torch.Tensor:
@@ -422,6 +429,23 @@ class MomentMode(Mode):
 
         return self.affine_fns([make_fn(s) for s in streams], [[p.vals[s] for p in data] for s in streams],
                                rule.name)
+
+    def reshape(self, rule: Rule, args: Any, kwargs: Any) -> Pair:
+        """An op that only reshapes its one data input, keeping the order of its entries: the same blocks.
+
+        The op runs on one example of zeros for the new shape. An op that is not a per-example reshape there
+        (it moves the batch axis, or changes the number of entries) takes the generic path of :meth:`affine`.
+        """
+        data = data_pairs((args, kwargs))
+        if len(data) == 1 and not any(not p.data for p in pairs_in((args, kwargs))):
+            a, k = self.concrete((args, kwargs), 0)
+            out = rule.call(self.params[0], a, k)
+            refs = data[0].vals
+            if (isinstance(out, torch.Tensor) and out.ndim >= 1 and out.shape[0] == 1
+                    and out.numel() == math.prod(refs[0].shape)):
+                shape = tuple(out.shape[1:])
+                return Pair((Ref(refs[0].block, shape), Ref(refs[1].block, shape)), True)
+        return self.affine(rule, args, kwargs)
 
     def affine_fns(self, fns: Sequence[Callable[..., torch.Tensor]], inputs: Sequence[Sequence[Ref]],
                    name: str) -> Pair:
@@ -463,7 +487,7 @@ class StepMomentMode(_Reanchoring, MomentMode):
         """
         r0, r1 = value.vals
         mean, second = law.moments(self.group)
-        like = self.state.M
+        like = self.state.like
         a = self.state.independent(mean.reshape(-1).to(like), second.to(like), r0.shape)
         if r0.block == r1.block:  # no change yet: both streams are the draw
             return Pair((a, a), True)

@@ -273,6 +273,14 @@ class InputModel:
         """
         raise NotImplementedError
 
+    def moment_factors(self, g: int, device: torch.device, dtype: torch.dtype,
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(v, U)`` with ``E[u u^T] = diag(v) + U U^T`` (group ``g``) when ``U`` has few columns, else None.
+
+        The closed form uses them to multiply by ``E[u u^T]`` cheaply (diagonal and low-rank models).
+        """
+        return None
+
     def stored_floats(self) -> int:
         """Floats the estimate needs from this input model."""
         raise NotImplementedError
@@ -335,6 +343,8 @@ class _Derived:
     factor: torch.Tensor | None  # (G, d, r): x = mean + factor eps (+ diag noise)
     diag: torch.Tensor | None  # (G, d) variance of independent noise
     cast: dict[Any, torch.Tensor]
+    # (G, d, r + 1): second = diag(diag) + outer U U^T (diagonal and low-rank models)
+    outer: torch.Tensor | None = None
 
 
 class GaussianFamily(InputModel):
@@ -498,7 +508,10 @@ class GaussianFamily(InputModel):
             else:
                 diag = var
                 second = torch.diag_embed(var) + mean[:, :, None] * mean[:, None, :]
-            return _Derived(mean, second, factor, diag, {})
+            outer = None
+            if diag is not None:
+                outer = mean[:, :, None] if factor is None else torch.cat([factor, mean[:, :, None]], 2)
+            return _Derived(mean, second, factor, diag, {}, outer)
 
         return self._cached("derived", make)
 
@@ -545,6 +558,17 @@ class GaussianFamily(InputModel):
         """``E[x]`` ``(d,)`` and ``E[x x^T]`` ``(d, d)`` of group ``g``."""
         der = self._derived()
         return self._get(der, "mean", g, device, dtype), self._get(der, "second", g, device, dtype)
+
+    def moment_factors(self, g: int, device: torch.device, dtype: torch.dtype,
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``E[x x^T] = diag(v) + U U^T``: ``v`` the variances (low rank: the diagonal), ``U = [F, mean]``.
+
+        None for a full covariance.
+        """
+        der = self._derived()
+        if der.diag is None or der.outer is None:
+            return None
+        return self._get(der, "diag", g, device, dtype), self._get(der, "outer", g, device, dtype)
 
     def stored_floats(self) -> int:
         """The mean and the covariance (full, low-rank or diagonal) of every group with examples."""

@@ -19,7 +19,7 @@ from ..errors import UsageError
 from ..graph import MomentMode, OwnMode, SampleMode, TracedNet
 from ..inputs import INPUT_MODELS, make_input_model
 from ..metrics import QUADRATIC_METRICS, discrepancy
-from ..moments import JointMoments
+from ..moments import CacheMiss, JointMoments, Theta0Cache
 from ..summary import Summary, fit_summary
 from .base import EstimatorConfig, FSDEstimator, check_int, register
 
@@ -178,6 +178,9 @@ class _LaftrBase(FSDEstimator):
         #: fixed_noise: (device, dtype, stream seed) -> the input samples, their groups and the generator's
         #: state after drawing them (a cache rebuilt from the summary and the seed, not stored in files)
         self._fixed_inputs: dict[tuple[str, torch.dtype, int], tuple[torch.Tensor, torch.Tensor, Any]] = {}
+        # laftr-exact: (device, dtype, group, mu_outer) -> theta0's moment pairs (derived, never saved)
+        self._moment_caches: dict[tuple[Any, ...], Theta0Cache] = {}
+        self._moment_cache_source: tuple[Any, ...] | None = None
 
     @property
     def cfg(self) -> Any:
@@ -223,6 +226,7 @@ class _LaftrBase(FSDEstimator):
         self._nets = {}
         self._laws.clear()
         self._fixed_inputs.clear()
+        self._moment_caches.clear()
         self._gen = None
 
     # ------------------------------------------------------------------ evaluation helpers
@@ -265,6 +269,11 @@ class _LaftrBase(FSDEstimator):
 
     # ------------------------------------------------------------------ memory and persistence
     def stored_floats(self) -> int:
+        """The floats of the summary: every site's statistics per group and the input model's.
+
+        ``laftr-exact``'s cache of theta0's moments is not counted: it is derived from theta0 and the summary
+        (on the first evaluation), not stored; a saved and loaded estimator rebuilds it.
+        """
         if self.summary is None:
             return 0
         s = self.summary
@@ -290,6 +299,7 @@ class _LaftrBase(FSDEstimator):
             raise ValueError(f"the stored input model {self.summary.inputs.name!r} does not match the "
                              f"config's {self.cfg.input_model!r}")
         self._laws.clear()
+        self._moment_caches.clear()
         self.site_signature = meta["sites"]
         for name, fam, *_ in self.site_signature or []:
             if name not in self.summary.site_sums and (fam != "maxpool" or self._record_pools()):
@@ -357,6 +367,12 @@ class LaftrExactEstimator(_LaftrBase):
     Second moments are propagated exactly through the linearized network with its stored laws (no sampling
     noise). Every input model; grouped ones (classwise, mixture) are weighted sums over their groups. No max
     pooling.
+
+    The moments of theta0's stream alone do not depend on the parameters evaluated: the first evaluation on a
+    device and dtype keeps the ones later evaluations read (a cache of :class:`laftr.moments.Theta0Cache`,
+    one per group), so that those compute only what depends on theta. The cache is derived from theta0 and
+    the summary: it is not written to files (a loaded estimator rebuilds it on its first evaluation), is not
+    counted by :meth:`stored_floats`, and is dropped when the estimator is fitted or loaded again.
     """
 
     Config = LaftrExactConfig
@@ -366,6 +382,25 @@ class LaftrExactEstimator(_LaftrBase):
                      dtype: torch.dtype) -> MomentMode:
         """The interpreter mode propagating the joint second moment of one group."""
         return MomentMode(params, state, laws, group, self.cfg.mu_outer)
+
+    def _moment_cache(self, net: TracedNet, device: torch.device, dtype: torch.dtype,
+                      group: int) -> Theta0Cache:
+        """The cache of theta0's moments of ``group`` on ``device``/``dtype`` for ``net``.
+
+        Started afresh when theta0 or the summary changed. Models that passed the check of their forward graph
+        against theta0's (:mod:`laftr.fingerprint`) share it; without a fingerprint (a file of format 1) it
+        belongs to one network object.
+        """
+        source = (self.theta0, self.summary, None if self.graph_fingerprint is not None else net)
+        old = self._moment_cache_source
+        if old is None or any(a is not b for a, b in zip(old, source, strict=True)):
+            self._moment_caches.clear()
+            self._moment_cache_source = source
+        key = (str(device), dtype, group, bool(self.cfg.mu_outer))
+        cache = self._moment_caches.get(key)
+        if cache is None:
+            cache = self._moment_caches[key] = Theta0Cache()
+        return cache
 
     def _distance(self, model: nn.Module) -> torch.Tensor:
         assert self.summary is not None
@@ -380,9 +415,23 @@ class LaftrExactEstimator(_LaftrBase):
             if w == 0:
                 continue
             mean, second = inputs.moments(g, device, dtype)
-            state = JointMoments(mean, second, inputs.moment_shape, self.cfg.max_state)  # one-hot for tokens
-            out = net.run((None, None), self._moment_mode(net, [p0, p], state, laws, g, device, dtype))
-            d = state.l2(out, self.outputs)
+            cache = self._moment_cache(net, device, dtype, g)
+
+            def run(cache: Theta0Cache, g: int = g, mean: torch.Tensor = mean,
+                    second: torch.Tensor = second) -> torch.Tensor:
+                # one-hot for tokens
+                state = JointMoments(mean, second, inputs.moment_shape, self.cfg.max_state, cache,
+                                     inputs.moment_factors(g, device, dtype))
+                out = net.run((None, None), self._moment_mode(net, [p0, p], state, laws, g, device, dtype))
+                return state.l2(out, self.outputs)
+
+            try:
+                d = run(cache)
+            except CacheMiss:  # cannot happen for a fixed network; rebuild the cache rather than fail
+                cache.values.clear()
+                cache.complete = False
+                d = run(cache)
+            cache.complete = True
             total = w * d if total is None else total + w * d
         assert total is not None
         return total

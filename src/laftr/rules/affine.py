@@ -124,6 +124,20 @@ class SelectRule(SumRule):
         return mode.affine(self, args, kwargs)
 
 
+class ReshapeRule(AffineRule):
+    """Ops that only reshape or copy their data input, keeping the order of its entries.
+
+    ``view``, ``reshape``, ``flatten``, ``squeeze``, ``contiguous``, ``nn.Flatten``, ... The closed form gives
+    the output its input's block of the joint state under the new shape: nothing is computed or stored, and
+    what is known about the block's structure (a diagonal input covariance) is kept.
+    """
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The input's block under the op's output shape (see :meth:`laftr.graph.MomentMode.reshape`)."""
+        self.check(args, kwargs)
+        return mode.reshape(self, args, kwargs)
+
+
 class IdentityRule(Rule):
     """Ops that are the identity when estimating (dropout is off): the data input passes unchanged."""
 
@@ -223,6 +237,22 @@ class LinearRule(TappedLayer):
 
     family = "linear"
 
+    def matrix(self, params: dict[str, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any],
+               ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The layer's weight and bias (the op is ``x -> W x + b``)."""
+        weight: Any
+        bias: Any
+        if self.module is not None:
+            weight, bias = params[self.prefix + ".weight"], params.get(self.prefix + ".bias")
+        else:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            return None
+        if bias is not None and not (isinstance(bias, torch.Tensor) and bias.shape == weight.shape[:1]):
+            return None
+        return weight, bias
+
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d)
 class ConvRule(TappedLayer):
@@ -249,23 +279,27 @@ class BatchNormRule(AffineRule):
 
 
 # ---------------------------------------------------------------------------------------------- plain ops
+_RESHAPE = (
+    nn.Flatten, nn.Unflatten, nn.Identity, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+    "view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "clone", "unflatten",
+)
 _AFFINE_MODULES = (
-    nn.Flatten, nn.Unflatten, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
     nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
     nn.ReplicationPad2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.Upsample,
 )
 # (products, matmul and einsum: laftr.rules.attention's ProductRule, affine with one data factor)
 _AFFINE_FUNCTIONS = (
-    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute, torch.mean,
+    torch.transpose, torch.permute, torch.mean,
     torch.sum, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
     F.adaptive_avg_pool3d, operator.getitem,
     operator.neg, operator.pos, torch.neg, F.pad, torch.narrow, torch.chunk, torch.split, torch.movedim,
     torch.swapaxes, torch.t, torch.unbind, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle,
 )
 _AFFINE_METHODS = (
-    "view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "contiguous", "mean", "sum",
-    "neg", "t", "chunk", "split", "expand", "narrow", "unbind", "clone", "unflatten", "movedim", "swapaxes",
+    "permute", "transpose", "mean", "sum", "neg", "t", "chunk", "split", "expand", "narrow", "unbind",
+    "movedim", "swapaxes",
 )
 _SUM_FUNCTIONS = (operator.add, operator.sub, torch.add, torch.sub, torch.cat, torch.concat, torch.stack)
 _SUM_METHODS = ("add", "sub", "add_", "sub_")
@@ -277,6 +311,7 @@ _SHAPE = (torch.numel, len, "size", "dim", "numel", "nelement")
 
 # (``x += y`` reaches torch.fx as operator.add: a Proxy has no in-place operators)
 register(*_AFFINE_MODULES, *_AFFINE_FUNCTIONS, *_AFFINE_METHODS)(AffineRule)
+register(*_RESHAPE)(ReshapeRule)
 register(*_SUM_FUNCTIONS, *_SUM_METHODS)(SumRule)
 register(*_DIV)(DivideRule)
 register("masked_fill", "masked_fill_", torch.masked_fill, torch.where, "where")(SelectRule)

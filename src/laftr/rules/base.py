@@ -463,6 +463,17 @@ class Rule:
         """The closed-form second-moment update (laftr-exact)."""
         raise self.refuse("laftr-exact has no closed form for this op; use the Monte Carlo 'laftr' estimator")
 
+    def matrix(self, params: dict[str, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any],
+               ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The op as ``x -> W x + b`` on a one-dimensional data input, in one stream; None if it is not one.
+
+        An affine op may give its matrix ``W`` ``(n_out, n_in)`` and offset ``b`` ``(n_out,)`` (or None for
+        zero) when they are at hand (a linear layer's weight and bias): the closed form then multiplies by
+        them directly instead of running the op on the columns of the moment state. The same numbers either
+        way; it is faster. ``args``/``kwargs`` hold the stream's values (data inputs as they come).
+        """
+        return None
+
     # ------------------------------------------------------------------ statistics (sites only)
     def law(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
             dtype: torch.dtype) -> Any:

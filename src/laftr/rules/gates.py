@@ -249,7 +249,7 @@ class PiecewiseLinearGate(GateRule):
         probs = [p.reshape(-1) for p in law.piece_probs(mode.group)]
         n = probs[0].numel()
         unit_shape = tuple(law.probs.shape[2:])
-        like = mode.state.M
+        like = mode.state.like
         probs = [p.to(like) for p in probs]
         streams = [0, 1] if self.stream_specific else [0]
         nd = len(unit_shape)
@@ -344,7 +344,7 @@ class SmoothGate(GateRule):
         """The closed form from the stored moments of ``(c, r)``."""
         pre = self.pre(args, kwargs)
         law: MomentLaw = mode.law(self)
-        like = mode.state.M
+        like = mode.state.like
         m = {k: v.reshape(-1).to(like) for k, v in law.moments(mode.group).items()}
         gm = GateMoments(c1=[m["c"]], c2={(0, 0): m["cc"]}, r1=[m["r"]], cr={(0, 0): m["cr"]},
                          r2={(0, 0): m["rr"]})

@@ -174,7 +174,7 @@ class NormRule(Rule):
         pre = self.pre(args, kwargs)
         law: ScaleLaw = mode.law(self)
         ref = pre.vals[0]
-        like = mode.state.M
+        like = mode.state.like
         first, second = (t.reshape(-1).to(like) for t in law.moments(mode.group))
         n = math.prod(ref.shape)
         D = n // first.numel()
