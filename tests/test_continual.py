@@ -333,7 +333,7 @@ def test_run_method_every_method_matrix_memory_and_determinism():
     for r in runs.values():
         assert len(r.acc_matrix) == 3 and all(len(row) == 3 for row in r.acc_matrix)
         assert all(0.0 <= a <= 1.0 for row in r.acc_matrix for a in row)
-        assert set(r.timings) == {"train", "fit", "eval"} and r.wall_time_s > 0
+        assert set(r.timings) == {"train", "fit", "eval"} and r.wall_time_s > 0 and r.cpu_time_s > 0
         assert len(r.history) == 3 and len(r.history[0]["loss"]) == 2
         assert len(r.stored_floats) == 3
     assert runs["none"].stored_floats == [0, 0, 0]
@@ -408,7 +408,7 @@ def test_cli_mnist_benchmarks_end_to_end(bench, mnist_dir, tmp_path, capsys):
         assert s["final_avg_acc"]["mean"] == pytest.approx(
             np.mean([average_accuracy(a) for a in s["acc_matrix"]]))
         assert s["bwt"]["mean"] == pytest.approx(np.mean([backward_transfer(a) for a in s["acc_matrix"]]))
-        assert len(s["stored_floats_per_task"][0]) == T and s["wall_time_s"]["mean"] > 0
+        assert len(s["stored_floats_per_task"][0]) == T and s["wall_time_s"]["mean"] > 0 and s["cpu_time_s"]["mean"] > 0
     if bench == "split-mnist":
         assert res["methods"]["laftr"]["summary"]["stored_floats_per_task"][0] == [512 + 784 + 784 * 784] * T
     else:  # two seeds: the spread over seeds is reported

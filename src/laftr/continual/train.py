@@ -90,6 +90,8 @@ class RunResult:
         stored_floats: floats stored beyond theta_j for each task (0 for fine-tuning; the task's
             training inputs for ``joint``).
         wall_time_s: total seconds; ``timings`` splits it into train / fit / eval.
+        cpu_time_s: CPU seconds of this process over the run (all its threads): with one thread, a cost that
+            the machine's other load does not inflate.
         history: per task, per epoch mean training loss and mean penalty.
         details: resolved method settings (e.g. the k chosen for memory matching).
     """
@@ -102,6 +104,7 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, list[float]]] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    cpu_time_s: float | None = None
 
     @property
     def final_avg_acc(self) -> float:
@@ -223,7 +226,7 @@ def run_method(
     Returns:
         The :class:`RunResult`.
     """
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     device = cfg.resolved_device()
     timings = {"train": 0.0, "fit": 0.0, "eval": 0.0}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -276,4 +279,5 @@ def run_method(
                      average_accuracy([r[: t + 1] for r in acc]))
     wall = time.perf_counter() - t_start
     return RunResult(method=spec.name, seed=seed, acc_matrix=acc, stored_floats=stored, wall_time_s=wall,
-                     timings=timings, history=history, details=details)
+                     timings=timings, history=history, details=details,
+                     cpu_time_s=time.process_time() - cpu_start)
