@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import laftr
-from laftr.continual import TrainConfig, get_benchmark, parse_method
-from laftr.continual.benchmarks import build_stream
+from laftr.continual import TrainConfig, build_stream, get_benchmark, parse_method
 from laftr.report import run_metadata, write_json_atomic
 
 METHODS = ("laftr", "laftr[gates=relu]", "liftr", "ewc", "kfac", "subset")

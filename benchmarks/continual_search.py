@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from laftr.continual.runner import ContinualSettings, run_benchmark
+from laftr.continual import ContinualSettings, run_benchmark
 from laftr.report import run_metadata, write_json_atomic
 
 HERE = Path(__file__).resolve().parent

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import laftr
+from laftr import exact_fsd_and_grad
 from laftr.data import load_fashion_mnist
-from laftr.exact import exact_fsd_and_grad
 from laftr.models import mlp, num_params
 from laftr.report import markdown_table, run_metadata, write_json_atomic
 

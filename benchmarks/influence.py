@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from laftr.cli import main as laftr_main
 from laftr.report import markdown_table
 
 ROOT = Path(__file__).resolve().parent / "results" / "influence"
@@ -73,7 +73,7 @@ def run(groups: list[str], force: bool, extra: list[str]) -> int:
                 full.append("--force")
             print(f"== {name}: laftr {' '.join(full)}", flush=True)
             t = time.perf_counter()
-            rc = laftr_main(full)
+            rc = subprocess.run([sys.executable, "-m", "laftr", *full], check=False).returncode  # the command line
             print(f"== {name}: exit {rc}, {time.perf_counter() - t:.0f} s", flush=True)
             if rc != 0:
                 return rc

@@ -39,11 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from laftr.influence import InfluenceConfig, Measurement, PBRFConfig, make_method
-from laftr.influence.experiment import (  # the experiment's own defaults (a module the package calls private)
+from laftr.influence import (  # with the experiment's own defaults
     CLASSIFICATION_LAFTR_OPTIONS,
     DEFAULT_ESTIMATOR_OPTIONS,
+    InfluenceConfig,
     InfluenceExperimentConfig,
+    Measurement,
+    PBRFConfig,
+    make_method,
     train_model,
 )
 from laftr.models import num_params
@@ -60,7 +63,7 @@ TARGET_RATIO = 0.1
 
 def experiment_defaults() -> dict[str, Any]:
     """The settings of ``laftr influence --dataset fashion-mnist`` (not the subset size or the query count)."""
-    c = InfluenceExperimentConfig(dataset="fashion-mnist", methods=["pbrf"]).resolved()
+    c = InfluenceExperimentConfig(dataset="fashion-mnist", methods=["pbrf"])
     laftr_opts = {**DEFAULT_ESTIMATOR_OPTIONS.get("laftr", {}), **CLASSIFICATION_LAFTR_OPTIONS}
     return {"hidden": tuple(c.hidden), "epochs": c.epochs, "lr": c.lr, "batch_size": c.batch_size,
             "n_measure": c.n_measure, "damping": c.damping, "rtol": c.rtol, "max_iter": c.max_iter,

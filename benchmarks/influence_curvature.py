@@ -28,14 +28,17 @@ import torch
 from torch.nn.utils import stateless
 
 import laftr
-from laftr.influence import ClassicalInfluence, Measurement, pearson, spearman
-from laftr.influence.experiment import (
+from laftr.influence import (
     DEFAULT_ESTIMATOR_OPTIONS,
+    ClassicalInfluence,
     InfluenceExperimentConfig,
+    Measurement,
+    ParamSpace,
     load_tables,
+    pearson,
+    spearman,
     train_model,
 )
-from laftr.influence.params import ParamSpace
 from laftr.report import run_metadata, write_json_atomic
 
 
@@ -51,7 +54,7 @@ def estimator_hessian(est, model, space: ParamSpace) -> torch.Tensor:
 
 
 def analyse(dataset: str, damping: float, estimators: list[str], seed: int = 0) -> dict:
-    cfg = InfluenceExperimentConfig(dataset=dataset, methods=["pbrf"], seed=seed, damping=damping).resolved()
+    cfg = InfluenceExperimentConfig(dataset=dataset, methods=["pbrf"], seed=seed, damping=damping)
     ds, task = load_tables(dataset, cfg.n_train, seed)
     X, Y = ds.x_train, ds.y_train
     model = train_model(X, Y, task, cfg.hidden, cfg.epochs, cfg.lr, cfg.batch_size, seed)
@@ -87,7 +90,7 @@ def analyse(dataset: str, damping: float, estimators: list[str], seed: int = 0) 
                  "eigenvalues_above_damping": int((ev_G > damping).sum())},
            "estimators": {}}
     for name in estimators:
-        fields = {f.name for f in dataclasses.fields(laftr.estimators.REGISTRY[name].Config)}
+        fields = {f.name for f in dataclasses.fields(laftr.make_estimator(name).config)}
         opts = {k: v for k, v in DEFAULT_ESTIMATOR_OPTIONS.get(name, {}).items() if k in fields}
         est = laftr.make_estimator(name, metric="mse", **opts).fit(model, (X64, Y64))
         t = time.process_time()

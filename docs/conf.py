@@ -34,7 +34,8 @@ release = laftr.__version__
 version = release
 
 #: The public modules (docs/usage.md, "Public API"); each has a page in docs/api/.
-PUBLIC_MODULES = ["laftr", "laftr.continual", "laftr.influence", "laftr.rules", "laftr.errors"]
+PUBLIC_MODULES = ["laftr", "laftr.continual", "laftr.influence", "laftr.rules", "laftr.errors", "laftr.models",
+                  "laftr.data", "laftr.specs", "laftr.report"]
 
 extensions = [
     "sphinx.ext.autodoc",

@@ -120,9 +120,9 @@ def test_cli_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fsd-bench", "--quick", "--out", str(tmp_path / "d"), "--arch", "rnn"])
     with pytest.raises(ValueError, match="disjoint"):
-        FsdBenchConfig(task_a=[0, 1], task_b=[1, 2]).validate()
+        FsdBenchConfig(task_a=[0, 1], task_b=[1, 2])
     with pytest.raises(ValueError, match="trajectory kind"):
-        FsdBenchConfig(trajectories=[Trajectory("dance", "adam", 1e-3, [1])]).validate()
+        FsdBenchConfig(trajectories=[Trajectory("dance", "adam", 1e-3, [1])])
     assert main(["fsd-bench", "--quick", "--thetas", "near", "--out", str(tmp_path / "e")]) == 2
     assert "--thetas" in capsys.readouterr().err
 
@@ -235,24 +235,24 @@ def test_transformer_quick_run_with_the_trajectory_protocol(tmp_path, one_thread
 def test_arch_and_dataset_must_match(tmp_path, capsys, one_thread):
     assert {"vit", "transformer"} <= set(ARCHS)
     with pytest.raises(ValueError, match="--dataset arithmetic"):
-        FsdBenchConfig(arch="transformer").validate()
+        FsdBenchConfig(arch="transformer")
     with pytest.raises(ValueError, match="--dataset arithmetic"):
-        FsdBenchConfig.for_arch("transformer", dataset="mnist-sample").validate()
+        FsdBenchConfig.for_arch("transformer", dataset="mnist-sample")
     for arch in ("vit", "mlp", "mlp-gelu", "cnn"):
         with pytest.raises(ValueError, match="needs --arch transformer"):
-            FsdBenchConfig.for_arch(arch, dataset="arithmetic").validate()
-    FsdBenchConfig.for_arch("transformer").validate()
-    FsdBenchConfig.for_arch("vit", quick=True).validate()
+            FsdBenchConfig.for_arch(arch, dataset="arithmetic")
+    FsdBenchConfig.for_arch("transformer")
+    FsdBenchConfig.for_arch("vit", quick=True)
     with pytest.raises(ValueError, match="trajectory kind"):  # image kinds mean nothing for token sequences
-        FsdBenchConfig.for_arch("transformer", trajectories=[Trajectory("permuted", "adam", 1e-3, [1])]).validate()
+        FsdBenchConfig.for_arch("transformer", trajectories=[Trajectory("permuted", "adam", 1e-3, [1])])
     with pytest.raises(ValueError, match="trajectory kind"):
-        FsdBenchConfig.for_arch("vit", trajectories=[Trajectory("subtract", "adam", 1e-3, [1])]).validate()
+        FsdBenchConfig.for_arch("vit", trajectories=[Trajectory("subtract", "adam", 1e-3, [1])])
     with pytest.raises(ValueError, match="task_a"):
-        FsdBenchConfig.for_arch("transformer", task_a=[0, 1]).validate()
+        FsdBenchConfig.for_arch("transformer", task_a=[0, 1])
     with pytest.raises(ValueError, match="bad trajectory"):
-        FsdBenchConfig.for_arch("transformer", trajectories=[Trajectory("subtract", "adam", 1e-3, [])]).validate()
+        FsdBenchConfig.for_arch("transformer", trajectories=[Trajectory("subtract", "adam", 1e-3, [])])
     with pytest.raises(ValueError, match="p must be"):
-        FsdBenchConfig.for_arch("transformer", p=1).validate()
+        FsdBenchConfig.for_arch("transformer", p=1)
     with pytest.raises(ValueError, match="vit needs square images"):
         run_fsd_bench(FsdBenchConfig.for_arch("vit", dataset="digits", quick=True, progress=False), tmp_path / "d")
     assert main(["fsd-bench", "--arch", "vit", "--dataset", "arithmetic", "--out", str(tmp_path / "a")]) == 2

@@ -378,13 +378,13 @@ def test_unknown_methods_and_options():
     with pytest.raises(ValueError, match="unknown influence method"):
         make_method("pbrf-nonsense")
     with pytest.raises(ValueError, match="unknown data set"):
-        InfluenceExperimentConfig(dataset="cifar-10", methods=["pbrf"]).resolved()
+        InfluenceExperimentConfig(dataset="cifar-10", methods=["pbrf"])
     with pytest.raises(ValueError, match="unknown influence method"):
-        InfluenceExperimentConfig(dataset="boston", methods=["pbrf", "magic"]).resolved()
+        InfluenceExperimentConfig(dataset="boston", methods=["pbrf", "magic"])
     with pytest.raises(ValueError, match="classification"):
-        MislabeledConfig(dataset="boston", methods=["pbrf"]).resolved()
+        MislabeledConfig(dataset="boston", methods=["pbrf"])
     with pytest.raises(ValueError, match="noise"):
-        MislabeledConfig(dataset="mnist-sample", methods=["pbrf"], noise=1.5).resolved()
+        MislabeledConfig(dataset="mnist-sample", methods=["pbrf"], noise=1.5)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -207,4 +207,4 @@ def test_fsd_bench_methods_take_specs():
     for bad, msg in [("magic", "unknown method"), ("laftr[num_sample=3]", "no option 'num_sample'"),
                      ("laftr[seed=3]", "do not set 'seed'"), ("laftr[num_samples=3", "malformed")]:
         with pytest.raises(UsageError, match=re.escape(msg)):
-            FsdBenchConfig.for_arch("mlp", quick=True, methods=[bad]).validate()
+            FsdBenchConfig.for_arch("mlp", quick=True, methods=[bad])

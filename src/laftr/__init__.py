@@ -3,6 +3,7 @@
 from importlib import metadata as _metadata
 
 from . import errors, rules
+from .config import ExperimentConfig
 from .errors import *  # noqa: F403  (every public error; the list is errors.__all__)
 from .estimators import EstimatorConfig, FSDEstimator, available_estimators, make_estimator, register
 from .exact import exact_fsd, exact_fsd_and_grad
@@ -17,6 +18,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 __all__ = [
     "METRICS",
     "EstimatorConfig",
+    "ExperimentConfig",
     "FSDEstimator",
     "__version__",
     "available_estimators",

@@ -19,8 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["ACTIVATIONS", "ATTENTIONS", "NORMS", "READOUTS", "VIT_READOUTS", "SelfAttention", "Transformer",
+           "TransformerBlock", "ViT", "conv_net", "copy_attention_weights", "mlp", "num_params",
+           "transformer", "vit"]
+
+#: The activations of :func:`mlp`, by name.
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU,
                                            "leaky_relu": nn.LeakyReLU, "elu": nn.ELU}
+#: The normalization layers of :func:`mlp`, by name (``rmsnorm`` where torch has ``nn.RMSNorm``).
 NORMS: dict[str, type[nn.Module]] = {"layernorm": nn.LayerNorm}
 if hasattr(nn, "RMSNorm"):
     NORMS["rmsnorm"] = nn.RMSNorm
@@ -115,8 +121,8 @@ def num_params(model: nn.Module) -> int:
 # transformers
 
 ATTENTIONS: tuple[str, ...] = ("manual", "sdpa", "mha")
-"""How self-attention is computed: explicit matmuls/softmax, ``F.scaled_dot_product_attention``, or
-``nn.MultiheadAttention``. All three compute the same function of the same weights."""
+"""The ways self-attention is computed (explicit matmuls and softmax, ``F.scaled_dot_product_attention``,
+``nn.MultiheadAttention``); all three compute the same function of the same weights."""
 
 READOUTS: tuple[str, ...] = ("last", "first", "mean")
 """Which hidden states feed the head of :func:`transformer`."""

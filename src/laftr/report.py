@@ -1,4 +1,10 @@
-"""Small helpers for experiment outputs: atomic JSON, markdown tables, run metadata, output folders."""
+"""Result files of experiments: atomic JSON, markdown tables, run metadata (provenance), output folders.
+
+Every experiment of laftr (and every script in ``benchmarks/``) writes its results with these: a run folder
+written into a staging folder and moved into place when complete (:class:`RunFolder`), ``results.json``
+written atomically (:func:`write_json_atomic`) with the run's provenance (:func:`run_metadata`: command, seed,
+git revision, device, versions), and markdown tables (:func:`markdown_table`).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ import torch
 
 from ._util import atomic_write_bytes
 from .errors import OutDirError as OutDirError  # defined in laftr.errors; still importable from here
+
+__all__ = ["RunFolder", "git_revision", "markdown_table", "prepare_out_dir", "pyplot", "run_metadata",
+           "write_json_atomic"]
 
 log = logging.getLogger(__name__)
 

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .. import available_estimators, exact_fsd, make_estimator
 from .._util import trainable_params
+from ..config import ExperimentConfig
 from ..errors import UsageError
 from ..exact import exact_fsd_and_grad
 from ..metrics import QUADRATIC_METRICS, check_metric, discrepancy
@@ -261,8 +262,12 @@ THETA_SETS: dict[str, Callable[[str], list[Trajectory]]] = {"near": near_traject
 
 
 @dataclasses.dataclass
-class FsdBenchConfig:
-    """Settings of one benchmark run (all recorded in results.json).
+class FsdBenchConfig(ExperimentConfig):
+    """Settings of one benchmark run (all recorded in results.json), complete and checked once constructed.
+
+    Construction fills the tasks and model sizes left at ``None`` with the defaults of the data set and
+    ``arch``, then checks every setting (:class:`~laftr.errors.UsageError` naming the first bad one);
+    :meth:`for_arch` starts from the defaults of a network (and ``quick``).
 
     Attributes:
         dataset: a classification data set known to :func:`laftr.data.load_dataset` (images), or
@@ -343,16 +348,11 @@ class FsdBenchConfig:
     progress: bool = True
     quick: bool = False
 
-    def __post_init__(self) -> None:
+    def _resolve(self) -> None:
         """Fill the tasks and the model sizes left at None with the defaults of the data set and ``arch``."""
         tokens = self.dataset in TOKEN_DATASETS
-        if self.task_a is None:
-            self.task_a = [] if tokens else [0, 1, 2, 3, 4]
-        if self.task_b is None:
-            self.task_b = [] if tokens else [5, 6, 7, 8, 9]
-        for key, value in MODEL_SIZES.get(self.arch, {}).items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+        self._fill({"task_a": [] if tokens else [0, 1, 2, 3, 4], "task_b": [] if tokens else [5, 6, 7, 8, 9]})
+        self._fill(MODEL_SIZES.get(self.arch, {}))
 
     @property
     def tokens(self) -> bool:
@@ -361,12 +361,10 @@ class FsdBenchConfig:
 
     @classmethod
     def for_arch(cls, arch: str, quick: bool = False, **overrides: Any) -> FsdBenchConfig:
-        """Defaults for ``arch``, shrunk to a sub-two-minute run with ``quick``.
+        """A config of ``arch``'s defaults, shrunk to a sub-two-minute run with ``quick``.
 
-        ``overrides`` win (``None`` values are ignored).
+        ``overrides`` win (``None`` values are ignored); the config is resolved and checked like any.
         """
-        if arch not in ARCHS:
-            raise UsageError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
         base: dict[str, Any] = {"arch": arch, "quick": quick}
         if arch == "cnn":
             base.update(n_fit=6000, n_other=6000, epochs_a=2, coreset_sizes=[10, 40, 200, 1000])
@@ -391,8 +389,8 @@ class FsdBenchConfig:
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
-    def validate(self) -> None:
-        """Raise a ValueError naming the first bad setting."""
+    def _validate(self) -> None:
+        """Raise a :class:`~laftr.errors.UsageError` (a ValueError) naming the first bad setting."""
         if self.arch not in ARCHS:
             raise UsageError(f"unknown arch {self.arch!r}; choose one of {list(ARCHS)}")
         spec = ARCH_SPECS[self.arch]
@@ -428,8 +426,7 @@ class FsdBenchConfig:
         if not 0.0 < self.train_fraction < 1.0:
             raise UsageError(f"train_fraction must be in (0, 1), got {self.train_fraction!r}")
         if self.methods is not None:
-            static = {s.label for a in ARCHS
-                      for s in method_specs(dataclasses.replace(self, arch=a, methods=None))}
+            static = _named_labels(self.coreset_sizes)
             bad = [m for m in self.methods if m not in static and not re.fullmatch(r"(subset|ntk)-\d+", m)
                    and _adhoc_spec(m) is None]
             if bad or not self.methods:
@@ -585,7 +582,12 @@ def _adhoc_spec(text: str) -> Spec | None:
 
 def row_groups(cfg: FsdBenchConfig) -> list[str]:
     """The groups of :data:`ROW_SPECS` that a run of ``cfg`` has, in order (``coreset`` last)."""
-    arch = ARCH_SPECS[cfg.arch]
+    return _arch_groups(cfg.arch)
+
+
+def _arch_groups(name: str) -> list[str]:
+    """The groups of :data:`ROW_SPECS` that a run on network ``name`` has, in order (``coreset`` last)."""
+    arch = ARCH_SPECS[name]
     tokens = arch.inputs == "tokens"
     groups = ["laftr-tokens" if tokens else "laftr"]
     if arch.closed_form:
@@ -596,6 +598,15 @@ def row_groups(cfg: FsdBenchConfig) -> list[str]:
         groups.append("liftr-tokens" if tokens else "liftr")
     groups.append("parametric-diag" if arch.kfac_unsupported == "diag" else "parametric")
     return [*groups, "coreset"]
+
+
+def _named_labels(coreset_sizes: Sequence[int]) -> set[str]:
+    """Every row label that :func:`method_specs` gives on some network, before the ``methods`` filter.
+
+    The named rows of every network's groups, and the coreset rows of ``coreset_sizes``.
+    """
+    named = {label for arch in ARCHS for group in _arch_groups(arch)[:-1] for label in ROW_SPECS[group]}
+    return named | {label.format(k=k) for k in coreset_sizes for label in ROW_SPECS["coreset"]}
 
 
 def _row_fields(cfg: FsdBenchConfig) -> dict[str, Any]:
@@ -742,7 +753,7 @@ def _load_arithmetic(cfg: FsdBenchConfig, gen: torch.Generator) -> _Data:
 def _sizes(cfg: FsdBenchConfig) -> tuple[int, int, int, int]:
     """``(d_model, heads, blocks, d_mlp)`` of ``vit`` / ``transformer``.
 
-    ``FsdBenchConfig.__post_init__`` fills those left at None from :data:`MODEL_SIZES`.
+    Constructing the :class:`FsdBenchConfig` fills those left at None from :data:`MODEL_SIZES`.
     """
     d_model, heads, blocks, d_mlp = cfg.d_model, cfg.heads, cfg.blocks, cfg.d_mlp
     assert d_model is not None and heads is not None and blocks is not None and d_mlp is not None

@@ -81,7 +81,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..continual.runner import ContinualSettings, resolve_settings, run_benchmark
+    from ..continual import ContinualSettings, run_benchmark
 
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
@@ -94,8 +94,7 @@ def _run(args: argparse.Namespace) -> int:
             n_train=args.n_train, n_eval=args.n_eval, num_tasks=args.num_tasks, arch=args.arch,
             weight_decay=args.weight_decay, lam=args.lam, data_dir=args.data_dir, device=args.device,
             threads=args.threads, progress=not args.no_progress,
-        )
-        resolve_settings(settings)
+        )  # checked here, before the run starts
     res = run_benchmark(settings, args.out, force=args.force, command=command_line(args), resume=args.resume)
     print(res["table_markdown"])
     print(f"wall time {res['wall_time_s']:.0f} s; results in {args.out}/results.json, table.md, heatmaps.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from ..bench.fsd import ARCHS
@@ -59,9 +60,8 @@ def _run(args: argparse.Namespace) -> int:
             metrics=args.metrics, coreset_sizes=args.coreset_sizes, n_fit=args.n_fit,
             num_samples=args.num_samples, seed=args.seed, threads=args.threads, progress=not args.no_progress,
         )
-        if args.thetas != "default":
-            cfg.trajectories = THETA_SETS[args.thetas](cfg.dataset)
-        cfg.validate()
+        if args.thetas != "default":  # a new config: resolved and checked again
+            cfg = dataclasses.replace(cfg, trajectories=THETA_SETS[args.thetas](cfg.dataset))
     res = run_fsd_bench(cfg, args.out, force=args.force, command=command_line(args))
     print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
     figures = "scatter.png, memory.png" + (", trajectory.png" if "trajectory" in res else "")

