@@ -29,3 +29,13 @@ def float64():
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (small networks on a shared machine), restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+

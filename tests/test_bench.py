@@ -139,13 +139,6 @@ def test_near_thetas_are_valid_and_small_steps(arch):
 
 
 # ------------------------------------------------------------------------------------------- transformer archs
-@pytest.fixture
-def one_thread():
-    """One torch thread for the run (small networks on a shared machine), restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _expected_rows(cfg: FsdBenchConfig, res: dict) -> set[str]:

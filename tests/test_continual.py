@@ -364,13 +364,9 @@ def test_joint_scores_each_example_on_its_own_head():
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def _one_thread(one_thread):
     """One torch thread for these tiny nets (faster on a shared machine; the CLI tests also pass
-    --threads 1); the setting is restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    --threads 1); the setting is restored afterwards (``one_thread`` in conftest.py)."""
 
 
 @pytest.fixture(scope="module")

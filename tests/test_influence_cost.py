@@ -3,35 +3,21 @@ the same removed examples at every N) and its refusal to overwrite a result."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cases import load_benchmark_script
 
 from laftr.report import write_json_atomic
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "influence_cost.py"
 
 
 @pytest.fixture(scope="module")
 def ic():
-    spec = importlib.util.spec_from_file_location("influence_cost_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark_script("influence_cost")
     yield module
-    sys.modules.pop(spec.name, None)
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    sys.modules.pop(module.__name__, None)
 
 
 def test_defaults_are_the_fashion_mnist_experiments(ic):

@@ -3,28 +3,22 @@ the augmentation is what it says, and fit reads the stream like the materialized
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cases import load_benchmark_script
 
 import laftr
 from laftr.models import mlp
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "stream_fit.py"
-
 
 @pytest.fixture(scope="module")
 def sf():
-    spec = importlib.util.spec_from_file_location("stream_fit_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark_script("stream_fit")
     yield module
-    sys.modules.pop(spec.name, None)
+    sys.modules.pop(module.__name__, None)
 
 
 def images(m: int = 37) -> tuple[np.ndarray, np.ndarray]:
