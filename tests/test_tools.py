@@ -91,3 +91,17 @@ def test_bad_input(files, capsys):
     torch.save(mlp(5, (9,), 3), d / "wide.pt")
     assert main(["distance", str(out), "--model", str(d / "wide.pt"), "--trust-pickle"]) == 2
     assert "architecture mismatch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device,match", [("gpu", "unknown --device 'gpu'"), ("meta", "holds no values"),
+                                          ("cuda", "asks for CUDA")])
+def test_a_device_the_machine_lacks_is_refused(files, capsys, device, match):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    d = files[0]
+    for cmd in (["summarize", "--model", str(d / "net0.pt"), "--trust-pickle", "--tensors", str(d / "data.pt"),
+                 "--out", str(d / "s.laftr"), "--no-progress"],
+                ["distance", str(d / "missing.laftr"), "--model", str(d / "net1.pt"), "--trust-pickle"]):
+        assert main([*cmd, "--device", device]) == 2
+        assert match in capsys.readouterr().err
+    assert not (d / "s.laftr").exists()
