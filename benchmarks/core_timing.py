@@ -42,7 +42,12 @@ INPUT_MODELS = [
 
 
 CPU: dict[int, float] = {}
-SYNC = [lambda: None]  # torch.cuda.synchronize on a GPU
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (nothing to wait for when CUDA was never used)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def median_time(fn, reps: int) -> float:
@@ -50,10 +55,10 @@ def median_time(fn, reps: int) -> float:
     fn()  # warm-up
     ts, cs = [], []
     for _ in range(reps):
-        SYNC[0]()
+        sync()
         t, c = time.perf_counter(), time.process_time()
         fn()
-        SYNC[0]()
+        sync()
         ts.append(time.perf_counter() - t)
         cs.append(time.process_time() - c)
     CPU[id(fn)] = statistics.median(cs)
@@ -77,8 +82,6 @@ def main() -> None:
     if out.exists() and not args.force:
         sys.exit(f"{out} exists; pass --force to replace it")
     device = torch.device(args.device)
-    if device.type == "cuda":
-        SYNC[0] = torch.cuda.synchronize
     # the revision the run started on
     metadata = run_metadata(" ".join(["python"] + sys.argv), args.seed, device=device)
     if device.type == "cuda":
@@ -131,7 +134,7 @@ def main() -> None:
         est = laftr.make_estimator(name, metric="l2", seed=args.seed, **kw, **extra)
         t = time.perf_counter()
         est.fit(model0, (X, Y))
-        SYNC[0]()
+        sync()
         fit_s = time.perf_counter() - t
 
         def step(est=est):

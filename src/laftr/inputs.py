@@ -532,10 +532,8 @@ class GaussianFamily(InputModel):
         else:
             groups = torch.multinomial(self.weights().float(), n, replacement=True,
                                        generator=_cpu_generator(gen))
-        x = torch.empty(n, d, device=device, dtype=dtype) if G > 1 else None
-        for g in groups.unique().tolist() if G > 1 else [0]:
-            sel = (groups == g).nonzero().squeeze(1).to(device) if x is not None else None
-            m = len(sel) if sel is not None else n
+
+        def draw(g: int, m: int) -> torch.Tensor:
             mean = self._get(der, "mean", g, device, dtype)
             if self.cov in ("full", "lowrank"):
                 F_ = self._get(der, "factor", g, device, dtype)
@@ -544,14 +542,18 @@ class GaussianFamily(InputModel):
                 if self.cov == "lowrank":
                     eps2 = torch.randn(m, d, generator=gen, device=gen.device, dtype=dtype).to(device)
                     xs = xs + eps2 * self._get(der, "diag", g, device, dtype).sqrt()
-            else:
-                eps = torch.randn(m, d, generator=gen, device=gen.device, dtype=dtype).to(device)
-                xs = mean + eps * self._get(der, "diag", g, device, dtype).sqrt()
-            if x is None:  # one group: its draw is the batch
-                x = xs
-            else:
-                x[sel] = xs
-        assert self.input_shape is not None and x is not None
+                return xs
+            eps = torch.randn(m, d, generator=gen, device=gen.device, dtype=dtype).to(device)
+            return mean + eps * self._get(der, "diag", g, device, dtype).sqrt()
+
+        if G == 1:  # one group: its draw is the batch
+            x = draw(0, n)
+        else:
+            x = torch.empty(n, d, device=device, dtype=dtype)
+            for g in groups.unique().tolist():
+                sel = (groups == g).nonzero().squeeze(1).to(device)
+                x[sel] = draw(g, len(sel))
+        assert self.input_shape is not None
         return x.reshape(n, *self.input_shape), groups.to(device)
 
     def moments(self, g: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

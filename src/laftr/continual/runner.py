@@ -181,12 +181,12 @@ def _resolve_run(settings: ContinualSettings) -> _Plan:
 
 def summarize_runs(runs: list[RunResult]) -> dict[str, Any]:
     """Mean and std over seeds of final average accuracy and BWT, plus the per-seed details."""
+    cpu = [r.cpu_time_s for r in runs if r.cpu_time_s is not None]  # runs resumed from older files have none
     return {
         "final_avg_acc": mean_std([r.final_avg_acc for r in runs]),
         "bwt": mean_std([r.bwt for r in runs]),
         "wall_time_s": mean_std([r.wall_time_s for r in runs]),
-        **({"cpu_time_s": mean_std([float(r.cpu_time_s or 0.0) for r in runs])}
-           if all(r.cpu_time_s is not None for r in runs) else {}),
+        **({"cpu_time_s": mean_std(cpu)} if len(cpu) == len(runs) else {}),
         "stored_floats_per_task": [r.stored_floats for r in runs],
         "acc_matrix": [r.acc_matrix for r in runs],
         "seeds": [r.seed for r in runs],
