@@ -130,6 +130,13 @@ class Mode:
     def begin_run(self) -> None:
         """Called when the interpreter starts a pass over the graph."""
 
+    def separable(self, net: TracedNet) -> bool:
+        """Whether a pass of ``net`` over theta's stream alone gives that stream's values in a pass over both.
+
+        False unless the mode says otherwise (:class:`SampleMode` on networks whose ops allow it).
+        """
+        return False
+
     def before(self, rule: Rule, args: Any, kwargs: Any) -> tuple[Any, Any]:
         """Called before a data-dependent node's rule with its arguments; returns the arguments to use.
 
@@ -271,6 +278,10 @@ class SampleMode(Mode):
         self.shared = shared
         self.pool_mode = pool_mode
 
+    def separable(self, net: TracedNet) -> bool:
+        """With the same draws, when every op's Monte Carlo pass treats the streams separately."""
+        return net.sample_separable(self)
+
 
 class _Reanchoring:
     """Shared by LIFTR's modes: re-anchoring the data inputs of anchored ops.
@@ -285,6 +296,10 @@ class _Reanchoring:
 
     def begin_run(self) -> None:
         self._drawn = {}
+
+    def separable(self, net: TracedNet) -> bool:
+        """False: theta's stream is re-anchored at theta0's values."""
+        return False
 
     def reanchor(self, rule: Rule, value: Pair, law: Any) -> Pair:
         raise NotImplementedError
@@ -590,6 +605,16 @@ class TracedNet:
     def signature(self) -> list[list[Any]]:
         """``[[site name, family, params], ...]``: what a stored summary must match."""
         return [r.signature() for r in self.sites.values()]
+
+    def sample_separable(self, mode: Mode) -> bool:
+        """Whether every data-dependent node's Monte Carlo pass treats the streams separately.
+
+        Then a :class:`SampleMode` pass over theta's stream alone gives, with the same draws, the values
+        theta's stream has in a pass over both (see :meth:`laftr.rules.Rule.sample_separable`). Nodes
+        evaluated exactly on each stream's input (masks) are separable.
+        """
+        return all(r.sample_separable(mode) for n, r in self.rules.items()
+                   if n in self.data_nodes and n not in self.exact_inputs)
 
     def nodes_with(self, predicate: Callable[[Rule], bool]) -> list[Rule]:
         """The rules of data-dependent nodes for which ``predicate`` holds, in graph order."""

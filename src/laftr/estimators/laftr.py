@@ -107,6 +107,15 @@ class LaftrConfig(LaftrBaseConfig):
             means), ``sample`` (each window's position drawn from the stored frequency with which it was
             theta0's argmax on the data), or ``separate`` (each stream its own max, as the original code).
         fixed_noise: reuse the same samples on every call (common random numbers) instead of fresh ones.
+        redraw_every: each draw (the input samples and the linearizations) serves this many consecutive
+            evaluations, after which a fresh one is drawn; 1 (the default) draws afresh on every call. Every
+            evaluation remains an unbiased estimate; consecutive ones share their noise. theta0's outputs on
+            a draw are computed once and kept, so the later evaluations on it run theta's stream alone -- on
+            networks whose every op is linearized by a draw shared by the streams (gates, normalizers,
+            affine ops; not attention, products of data or theta0's max-pool selection:
+            :meth:`laftr.rules.Rule.sample_separable`); on the others they rerun both streams on the kept
+            draw. The kept draw lives in memory only. Ignored with ``fixed_noise`` (one draw serves every
+            call, and theta0's outputs on it are kept the same way).
     """
 
     gates: str = "bernoulli"
@@ -114,6 +123,7 @@ class LaftrConfig(LaftrBaseConfig):
     shared_masks: bool = False
     maxpool: str = "auto"
     fixed_noise: bool = False
+    redraw_every: int = 1
 
     def __post_init__(self) -> None:
         """Check the Monte Carlo options."""
@@ -124,6 +134,7 @@ class LaftrConfig(LaftrBaseConfig):
             raise UsageError(f"unknown maxpool mode {self.maxpool!r}; choose auto, "
                              "sample, argmax0 or separate")
         check_int(self, "num_samples", minimum=1)
+        check_int(self, "redraw_every", minimum=1)
         if self.gates == "relu" and self.maxpool == "sample":
             raise UsageError("relu gates use theta0's own max-pool selection: "
                              "maxpool='argmax0' or 'separate'")
@@ -175,9 +186,9 @@ class _LaftrBase(FSDEstimator):
         self._laws: dict[tuple[str, torch.dtype], dict[str, Any]] = {}  # (device, dtype) -> site -> law
         self._gen: torch.Generator | None = None
         self._gen_seed: int | None = None
-        #: fixed_noise: (device, dtype, stream seed) -> the input samples, their groups and the generator's
-        #: state after drawing them (a cache rebuilt from the summary and the seed, not stored in files)
-        self._fixed_inputs: dict[tuple[str, torch.dtype, int], tuple[torch.Tensor, torch.Tensor, Any]] = {}
+        #: fixed_noise / redraw_every: (device, dtype, stream seed) -> the draw kept for later calls (derived
+        #: from the summary and the seed, not stored in files)
+        self._draws: dict[tuple[str, torch.dtype, int], _Draw] = {}
         # laftr-exact: (device, dtype, group, mu_outer) -> theta0's moment pairs (derived, never saved)
         self._moment_caches: dict[tuple[Any, ...], Theta0Cache] = {}
         self._moment_cache_source: tuple[Any, ...] | None = None
@@ -225,7 +236,7 @@ class _LaftrBase(FSDEstimator):
             raise ValueError(f"summary lacks statistics for sites {missing}")
         self._nets = {}
         self._laws.clear()
-        self._fixed_inputs.clear()
+        self._draws.clear()
         self._moment_caches.clear()
         self._gen = None
 
@@ -294,7 +305,7 @@ class _LaftrBase(FSDEstimator):
         if "input_model" not in meta.get("summary", {}):
             tensors, meta = _from_format_v1(tensors, meta, self.cfg)
         self.summary = Summary.from_tensors(tensors, meta["summary"])
-        self._fixed_inputs.clear()
+        self._draws.clear()
         if self.summary.inputs.name != self.cfg.input_model:
             raise ValueError(f"the stored input model {self.summary.inputs.name!r} does not match the "
                              f"config's {self.cfg.input_model!r}")
@@ -320,44 +331,79 @@ class LaftrEstimator(_LaftrBase):
         """The max-pool rule in use (``auto`` resolved)."""
         return self.cfg.pool_mode
 
-    def _mode(self, net: TracedNet, p0: dict[str, torch.Tensor], p: dict[str, torch.Tensor],
-              groups: torch.Tensor, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Any:
-        """The interpreter mode of one evaluation: sampled linearizations, or theta0's own."""
+    def _mode(self, net: TracedNet, params: list[dict[str, torch.Tensor]], groups: torch.Tensor,
+              gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Any:
+        """The interpreter mode of one evaluation over the streams of ``params``.
+
+        Sampled linearizations, or theta0's own (``gates="relu"``).
+        """
         if self.cfg.gates == "relu":
-            return OwnMode([p0, p], self.pool_mode)
-        return SampleMode([p0, p], self._site_laws(net, device, dtype), groups, gen, self.cfg.shared_masks,
+            return OwnMode(params, self.pool_mode)
+        return SampleMode(params, self._site_laws(net, device, dtype), groups, gen, self.cfg.shared_masks,
                           self.pool_mode)
 
-    def _inputs(self, gen: torch.Generator, device: torch.device,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """One evaluation's input samples and their groups, drawn from ``gen``.
+    def _draw(self, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> _Draw:
+        """This evaluation's input samples and their groups, drawn from ``gen`` or kept from a previous call.
 
-        With ``fixed_noise`` every call would draw the same inputs from the reseeded generator: they are drawn
-        once per device, dtype and stream and kept, with the generator's state after the draw restored on
-        later calls, so the gates drawn next are the same as without the cache (bit for bit).
+        With ``fixed_noise`` (every call would draw the same from the reseeded generator) or ``redraw_every``
+        > 1 the draw is kept, with the generator's state after it: a call that reuses it restores that state,
+        so it draws the same linearizations next, bit for bit.
         """
         assert self.summary is not None
-        if not self.cfg.fixed_noise:
-            return self.summary.inputs.sample(self.cfg.num_samples, gen, device, dtype)
         key = (str(device), dtype, int(self._gen_seed or 0))
-        hit = self._fixed_inputs.get(key)
-        if hit is None:
-            x, groups = self.summary.inputs.sample(self.cfg.num_samples, gen, device, dtype)
-            hit = self._fixed_inputs[key] = (x, groups, gen.get_state())
+        d = self._draws.get(key)
+        if d is not None and (self.cfg.fixed_noise or d.uses < self.cfg.redraw_every):
+            gen.set_state(d.state)
         else:
-            gen.set_state(hit[2])
-        return hit[0], hit[1]
+            x, groups = self.summary.inputs.sample(self.cfg.num_samples, gen, device, dtype)
+            d = _Draw(x, groups, gen.get_state())
+            if self.cfg.fixed_noise or self.cfg.redraw_every > 1:
+                self._draws[key] = d
+                d.kept = True
+        d.uses += 1
+        return d
 
     def _distance(self, model: nn.Module) -> torch.Tensor:
         assert self.summary is not None
         net = self._net(model)
         device, dtype = model_device_dtype(model)
-        p0 = self.theta0_on(model)
         p = param_dict(model)
         gen = self._generator(device)
-        x, groups = self._inputs(gen, device, dtype)
-        z0, z = net.run((x, x), self._mode(net, p0, p, groups, gen, device, dtype))
-        return discrepancy(z0.detach(), z, self.metric, self.outputs).mean()
+        draw = self._draw(gen, device, dtype)
+        x, groups = draw.x, draw.groups
+        source = (net, self.theta0)
+        if draw.z0 is not None and all(a is b for a, b in zip(draw.source, source, strict=True)):
+            # theta0's outputs on this draw are known: theta's stream alone, with the same linearizations
+            (z,) = net.run((x,), self._mode(net, [p], groups, gen, device, dtype))
+            return discrepancy(draw.z0, z, self.metric, self.outputs).mean()
+        mode = self._mode(net, [self.theta0_on(model), p], groups, gen, device, dtype)
+        z0, z = net.run((x, x), mode)
+        z0 = z0.detach()
+        if draw.kept and mode.separable(net):
+            draw.z0, draw.source = z0, source
+        return discrepancy(z0, z, self.metric, self.outputs).mean()
+
+
+@dataclasses.dataclass(eq=False)
+class _Draw:
+    """One evaluation's draw, kept for later calls (``fixed_noise``, ``redraw_every``).
+
+    Attributes:
+        x: the input samples; groups: their groups.
+        state: the generator's state right after drawing ``x`` (before the linearizations).
+        uses: how many evaluations have used it.
+        kept: whether it is kept for later calls.
+        z0: theta0's outputs on it (once known and only on networks whose streams are separable), with
+            ``source``, the traced network and theta0 they were computed with.
+    """
+
+    x: torch.Tensor
+    groups: torch.Tensor
+    state: torch.Tensor
+    uses: int = 0
+    kept: bool = False
+    z0: torch.Tensor | None = None
+    source: tuple[Any, ...] = ()
 
 
 @register("laftr-exact")

@@ -296,10 +296,10 @@ class LiftrEstimator(_Anchored, LaftrEstimator):
 
     Config: ClassVar[Any] = LiftrConfig
 
-    def _mode(self, net: TracedNet, p0: dict[str, torch.Tensor], p: dict[str, torch.Tensor],
-              groups: torch.Tensor, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Any:
+    def _mode(self, net: TracedNet, params: list[dict[str, torch.Tensor]], groups: torch.Tensor,
+              gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Any:
         anchors, inner = self._anchors(net, device, dtype)
-        return StepMode([p0, p], self._site_laws(net, device, dtype), groups, gen, anchors, inner,
+        return StepMode(params, self._site_laws(net, device, dtype), groups, gen, anchors, inner,
                         self.cfg.shared_masks, self.pool_mode)
 
 

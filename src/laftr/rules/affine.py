@@ -57,6 +57,10 @@ class AffineRule(Rule):
         """The op is affine in its data: it is its own linearization at theta0."""
         return self.forward(mode, args, kwargs)
 
+    def sample_separable(self, mode: Any) -> bool:
+        """True: every stream runs the op exactly."""
+        return True
+
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """The generic closed form: the op applied to the columns of the joint moment state."""
         self.check(args, kwargs)
@@ -153,6 +157,10 @@ class IdentityRule(Rule):
 
     forward = fit = sample = own = moments = _through
 
+    def sample_separable(self, mode: Any) -> bool:
+        """True: the value passes unchanged."""
+        return True
+
 
 class ShapeRule(Rule):
     """Queries of a tensor's shape (``size``, ``dim``, ``numel``, ``x.shape``): the same in every stream.
@@ -169,6 +177,10 @@ class ShapeRule(Rule):
         return self.call(mode.params[0], a, k)
 
     forward = fit = sample = own = moments = _query
+
+    def sample_separable(self, mode: Any) -> bool:
+        """True: a shape is the same in every stream."""
+        return True
 
 
 _SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"})
@@ -207,6 +219,10 @@ class GetattrRule(Rule):
     def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """The chosen rule's pass with theta0's own linearization."""
         return self._impl.own(mode, args, kwargs)
+
+    def sample_separable(self, mode: Any) -> bool:
+        """As the chosen rule."""
+        return self._impl.sample_separable(mode)
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """The chosen rule's closed form."""

@@ -323,6 +323,10 @@ class ProductRule(AffineRule):
             return self.forward(mode, args, kwargs)
         return self.bilinear(mode, args, kwargs, *factors)
 
+    def sample_separable(self, mode: Any) -> bool:
+        """False: a product of two data factors is linearized at theta0's."""
+        return False
+
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """A product of two data factors linearized at stream 0's values; otherwise the exact op."""
         return self._linearized(mode, args, kwargs)

@@ -459,6 +459,17 @@ class Rule:
         """theta0's own linearization on each input (``gates="relu"``)."""
         raise self.refuse(f"the rule {type(self).__name__} defines no linearization at theta0's input")
 
+    def sample_separable(self, mode: RuleMode) -> bool:
+        """Whether :meth:`sample` computes each stream from that stream's values and parameters alone.
+
+        The mode's draws (shared by the streams) may be used; theta0's values may serve only for shapes,
+        dtypes and devices. Then theta's stream can run without theta0's on a draw whose theta0 outputs are
+        known (``laftr``'s ``redraw_every`` and ``fixed_noise``), and a pass over theta's stream alone,
+        with the same draws, gives the values it has in a pass over both. False (the safe default) for ops
+        linearized at theta0's values (products of data, softmax, theta0's max-pool selection).
+        """
+        return False
+
     def moments(self, mode: RuleMode, args: Any, kwargs: Any) -> Any:
         """The closed-form second-moment update (laftr-exact)."""
         raise self.refuse("laftr-exact has no closed form for this op; use the Monte Carlo 'laftr' estimator")

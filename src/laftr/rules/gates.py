@@ -230,6 +230,10 @@ class PiecewiseLinearGate(GateRule):
         pre = self.pre(args, kwargs)
         return self._apply(mode, args, pre, self.piece_index(pre.vals[0]))
 
+    def sample_separable(self, mode: Any) -> bool:
+        """True: the drawn pieces are shared; each stream takes its own pieces' slopes and intercepts."""
+        return True
+
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """Monte Carlo: each unit's piece drawn from the stored piece frequencies."""
         pre = self.pre(args, kwargs)
@@ -328,6 +332,10 @@ class SmoothGate(GateRule):
         a0 = self.real(mode, args, kwargs)
         c = self.slope(s0, mode, args, kwargs).detach()
         return Pair((a0, *(a0 + c * (v - s0) for v in pre.vals[1:])), True)
+
+    def sample_separable(self, mode: Any) -> bool:
+        """True: the drawn tangent is shared by the streams."""
+        return True
 
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """Monte Carlo: a tangent ``(c, r)`` per unit drawn from the stored four-point law."""

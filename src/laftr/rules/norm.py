@@ -137,6 +137,10 @@ class NormRule(Rule):
         mode.add(self.name, "nu2", nu * nu)
         return Pair(self.call_streams(mode, args, kwargs, [0]), True)
 
+    def sample_separable(self, mode: Any) -> bool:
+        """True: the drawn scale is shared; each stream centers and applies its own affine parameters."""
+        return True
+
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """Monte Carlo: a scale per position drawn from the stored law, shared by both streams."""
         pre = self.pre(args, kwargs)

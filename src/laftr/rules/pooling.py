@@ -155,6 +155,10 @@ class MaxPoolRule(Rule):
                              "or 'separate'")
         return self._selected(mode, pre)
 
+    def sample_separable(self, mode: Any) -> bool:
+        """With drawn positions (``sample``) or each stream's own max (``separate``); not theta0's argmax."""
+        return mode.pool_mode in ("sample", "separate")
+
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """Each window's position drawn from the stored argmax frequencies (``maxpool="sample"``).
 
