@@ -142,6 +142,34 @@ def test_monte_carlo_estimators_average_to_the_closed_form_on_the_device(name, o
     assert abs(mean - exact) < 5 * se + 1e-9 * exact, (mean, se, exact)
 
 
+def test_kept_draws_run_theta_alone_on_the_device(monkeypatch):
+    """sample_pool on the device: the calls that run theta's stream alone from theta0's kept outputs equal
+    passes over both streams on the same draw (values and gradients)."""
+    from laftr.graph import TracedNet
+
+    model, data = mlp(), _data()
+    m0, d = copy.deepcopy(model).to(DEV), _on(data, DEV)
+    thetas = [perturbed(model, 0.1, seed=s).to(DEV) for s in range(5)]
+
+    def run(est):
+        out = []
+        for t in thetas:
+            t.zero_grad(set_to_none=True)
+            v = est(t)
+            v.backward()
+            out.append((v.detach(), [p.grad.clone() for p in t.parameters()]))
+        return out
+
+    kept = run(laftr.make_estimator("laftr", num_samples=16, seed=1, sample_pool=48).fit(m0, d))
+    monkeypatch.setattr(TracedNet, "sample_separable", lambda self, mode: False)
+    paired = run(laftr.make_estimator("laftr", num_samples=16, seed=1, sample_pool=48).fit(m0, d))
+    for (a, ga), (b, gb) in zip(kept, paired, strict=True):
+        assert a.device.type == DEV.type
+        torch.testing.assert_close(a, b, **TOL)
+        for x, y in zip(ga, gb, strict=True):
+            torch.testing.assert_close(x, y, **TOL)
+
+
 def test_sampled_fisher_baselines_draw_on_the_device():
     model, data = mlp(), _data()
     for name in ("diag-fisher", "kfac"):

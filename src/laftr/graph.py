@@ -130,6 +130,10 @@ class Mode:
     def begin_run(self) -> None:
         """Called when the interpreter starts a pass over the graph."""
 
+    def draw(self, rule: Rule, law: Any, like: torch.Tensor) -> Any:
+        """A site's draw (sampling modes only)."""
+        raise RuntimeError(f"{rule.describe()} draws a linearization outside a sampling pass")
+
     def separable(self, net: TracedNet) -> bool:
         """Whether a pass of ``net`` over theta's stream alone gives that stream's values in a pass over both.
 
@@ -261,15 +265,20 @@ class SampleMode(Mode):
     Attributes:
         laws: per site, the law object its rule built (:meth:`laftr.rules.Rule.law`), on the right device.
         groups: ``(n,)`` group of each sampled input (its class or mixture component; zeros otherwise).
-        generator: the source of randomness.
+        generator: the source of randomness (None when every draw is replayed).
         shared: one draw per call shared by the batch (the original code) instead of one per sample.
         pool_mode: ``argmax0``, ``separate`` or ``sample`` (max pooling).
+        recorded: when a dict, every draw of the pass is kept in it under its site's name.
+        replay: when given, the draws come from it (site name -> what :meth:`draw` returned for a batch of
+            samples, leading axis the sample) at the rows ``index`` instead of from the laws.
     """
 
     method = "sample"
 
     def __init__(self, params: Sequence[dict[str, torch.Tensor]], laws: dict[str, Any], groups: torch.Tensor,
-                 generator: torch.Generator, shared: bool = False, pool_mode: str = "argmax0") -> None:
+                 generator: torch.Generator | None, shared: bool = False, pool_mode: str = "argmax0",
+                 recorded: dict[str, Any] | None = None, replay: dict[str, Any] | None = None,
+                 index: torch.Tensor | None = None) -> None:
         """Monte Carlo passes with the given laws, groups and generator (see the attributes)."""
         super().__init__(params)
         self.laws = laws
@@ -277,6 +286,28 @@ class SampleMode(Mode):
         self.generator = generator
         self.shared = shared
         self.pool_mode = pool_mode
+        self.recorded = recorded
+        self.replay = replay
+        self.index = index
+
+    def draw(self, rule: Rule, law: Any, like: torch.Tensor) -> Any:
+        """The linearization of ``rule``'s site for this pass's samples (a batch like ``like``).
+
+        ``law.draw(groups, generator, shared, like)``, or the replayed draw; rules draw through here so that a
+        pass can be recorded and replayed (``laftr``'s ``sample_pool``).
+        """
+        if self.replay is not None:
+            if rule.name not in self.replay:
+                raise RuntimeError(f"{rule.describe()} has no recorded draw to replay")
+            index = self.index
+            got = self.replay[rule.name]
+            return got if index is None else tree_map(lambda t: t.index_select(0, index), got)
+        out = law.draw(self.groups, self.generator, self.shared, like)
+        if self.recorded is not None:
+            if rule.name in self.recorded:
+                raise RuntimeError(f"{rule.describe()} drew twice in one pass: its draws cannot be replayed")
+            self.recorded[rule.name] = out
+        return out
 
     def separable(self, net: TracedNet) -> bool:
         """With the same draws, when every op's Monte Carlo pass treats the streams separately."""

@@ -107,15 +107,19 @@ class LaftrConfig(LaftrBaseConfig):
             means), ``sample`` (each window's position drawn from the stored frequency with which it was
             theta0's argmax on the data), or ``separate`` (each stream its own max, as the original code).
         fixed_noise: reuse the same samples on every call (common random numbers) instead of fresh ones.
-        redraw_every: each draw (the input samples and the linearizations) serves this many consecutive
-            evaluations, after which a fresh one is drawn; 1 (the default) draws afresh on every call. Every
-            evaluation remains an unbiased estimate; consecutive ones share their noise. theta0's outputs on
-            a draw are computed once and kept, so the later evaluations on it run theta's stream alone -- on
-            networks whose every op is linearized by a draw shared by the streams (gates, normalizers,
-            affine ops; not attention, products of data or theta0's max-pool selection:
-            :meth:`laftr.rules.Rule.sample_separable`); on the others they rerun both streams on the kept
-            draw. The kept draw lives in memory only. Ignored with ``fixed_noise`` (one draw serves every
-            call, and theta0's outputs on it are kept the same way).
+            theta0's outputs on the kept draw are computed once, so later calls run theta's stream alone
+            on networks whose ops allow it (see ``sample_pool``).
+        sample_pool: 0 (the default: every call draws its samples afresh) or P >= ``num_samples``: P samples
+            -- inputs, their linearizations and theta0's outputs on them -- are drawn once (on the first
+            evaluation on a device and dtype, from the seed) and kept in memory (not in files: a loaded
+            estimator draws the same pool again); every call uses ``num_samples`` of them chosen at random
+            without replacement. Each call is then an unbiased estimate of the average over the pool (itself
+            a P-sample Monte Carlo estimate), at the cost of theta's stream alone on networks whose every op
+            is linearized by a draw shared by the streams (gates, normalizers, affine ops:
+            :meth:`laftr.rules.Rule.sample_separable`; both streams, with the pool's linearizations, through
+            attention, products of data or theta0's max-pool selection). For training loops, where the same
+            estimator is called every step. Not with ``fixed_noise``, ``shared_masks`` or ``gates="relu"``
+            (theta0's own linearization draws nothing to keep).
     """
 
     gates: str = "bernoulli"
@@ -123,7 +127,7 @@ class LaftrConfig(LaftrBaseConfig):
     shared_masks: bool = False
     maxpool: str = "auto"
     fixed_noise: bool = False
-    redraw_every: int = 1
+    sample_pool: int = 0
 
     def __post_init__(self) -> None:
         """Check the Monte Carlo options."""
@@ -134,7 +138,15 @@ class LaftrConfig(LaftrBaseConfig):
             raise UsageError(f"unknown maxpool mode {self.maxpool!r}; choose auto, "
                              "sample, argmax0 or separate")
         check_int(self, "num_samples", minimum=1)
-        check_int(self, "redraw_every", minimum=1)
+        check_int(self, "sample_pool", minimum=0)
+        if self.sample_pool:
+            if self.sample_pool < self.num_samples:
+                raise UsageError(f"sample_pool ({self.sample_pool}) must hold at least num_samples "
+                                 f"({self.num_samples}) samples, or be 0 (no pool)")
+            for name, bad in (("fixed_noise", self.fixed_noise), ("shared_masks", self.shared_masks),
+                              ("gates='relu'", self.gates == "relu")):
+                if bad:
+                    raise UsageError(f"sample_pool cannot be combined with {name}")
         if self.gates == "relu" and self.maxpool == "sample":
             raise UsageError("relu gates use theta0's own max-pool selection: "
                              "maxpool='argmax0' or 'separate'")
@@ -186,7 +198,7 @@ class _LaftrBase(FSDEstimator):
         self._laws: dict[tuple[str, torch.dtype], dict[str, Any]] = {}  # (device, dtype) -> site -> law
         self._gen: torch.Generator | None = None
         self._gen_seed: int | None = None
-        #: fixed_noise / redraw_every: (device, dtype, stream seed) -> the draw kept for later calls (derived
+        #: fixed_noise and sample_pool: (device, dtype, stream seed) -> the draw kept for later calls (derived
         #: from the summary and the seed, not stored in files)
         self._draws: dict[tuple[str, torch.dtype, int], _Draw] = {}
         # laftr-exact: (device, dtype, group, mu_outer) -> theta0's moment pairs (derived, never saved)
@@ -345,23 +357,49 @@ class LaftrEstimator(_LaftrBase):
     def _draw(self, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> _Draw:
         """This evaluation's input samples and their groups, drawn from ``gen`` or kept from a previous call.
 
-        With ``fixed_noise`` (every call would draw the same from the reseeded generator) or ``redraw_every``
-        > 1 the draw is kept, with the generator's state after it: a call that reuses it restores that state,
-        so it draws the same linearizations next, bit for bit.
+        With ``fixed_noise`` every call would draw the same from the reseeded generator: the draw is kept with
+        the generator's state after it, which later calls restore, so they draw the same linearizations next,
+        bit for bit.
         """
         assert self.summary is not None
         key = (str(device), dtype, int(self._gen_seed or 0))
-        d = self._draws.get(key)
-        if d is not None and (self.cfg.fixed_noise or d.uses < self.cfg.redraw_every):
+        d = self._draws.get(key) if self.cfg.fixed_noise else None
+        if d is not None:
             gen.set_state(d.state)
-        else:
-            x, groups = self.summary.inputs.sample(self.cfg.num_samples, gen, device, dtype)
-            d = _Draw(x, groups, gen.get_state())
-            if self.cfg.fixed_noise or self.cfg.redraw_every > 1:
-                self._draws[key] = d
-                d.kept = True
-        d.uses += 1
+            return d
+        x, groups = self.summary.inputs.sample(self.cfg.num_samples, gen, device, dtype)
+        d = _Draw(x, groups, gen.get_state())
+        if self.cfg.fixed_noise:
+            self._draws[key] = d
         return d
+
+    def _pool(self, net: TracedNet, model: nn.Module, gen: torch.Generator, device: torch.device,
+              dtype: torch.dtype) -> _Draw:
+        """The sample pool on ``device``/``dtype``: drawn on first use (``sample_pool`` samples, recorded)."""
+        assert self.summary is not None
+        key = (str(device), dtype, int(self._gen_seed or 0))
+        source = (net, self.theta0)
+        pool = self._draws.get(key)
+        if pool is not None and all(a is b for a, b in zip(pool.source, source, strict=True)):
+            return pool
+        # the same pool again when only the network object changed: drawn from the seed's stream afresh
+        gen.manual_seed(int(self._gen_seed or 0))
+        P, chunk = self.cfg.sample_pool, max(self.cfg.num_samples, self.cfg.batch_size)
+        x, groups = self.summary.inputs.sample(P, gen, device, dtype)
+        p0, laws = self.theta0_on(model), self._site_laws(net, device, dtype)
+        parts: list[dict[str, Any]] = []
+        outs = []
+        with torch.no_grad():
+            for s in range(0, P, chunk):
+                rec: dict[str, Any] = {}
+                mode = SampleMode([p0], laws, groups[s:s + chunk], gen, False, self.pool_mode, recorded=rec)
+                (z0,) = net.run((x[s:s + chunk],), mode)
+                outs.append(z0)
+                parts.append(rec)
+        drawn = {site: _cat([r[site] for r in parts]) for site in parts[0]}
+        pool = _Draw(x, groups, gen.get_state(), z0=torch.cat(outs), source=source, drawn=drawn)
+        self._draws[key] = pool
+        return pool
 
     def _distance(self, model: nn.Module) -> torch.Tensor:
         assert self.summary is not None
@@ -369,41 +407,60 @@ class LaftrEstimator(_LaftrBase):
         device, dtype = model_device_dtype(model)
         p = param_dict(model)
         gen = self._generator(device)
+        if self.cfg.sample_pool:
+            pool = self._pool(net, model, gen, device, dtype)
+            assert pool.z0 is not None
+            idx = torch.randperm(pool.x.shape[0], generator=gen, device=gen.device)[: self.cfg.num_samples]
+            idx = idx.to(device)
+            x, groups = pool.x.index_select(0, idx), pool.groups.index_select(0, idx)
+            mode = SampleMode([p], self._site_laws(net, device, dtype), groups, None, False, self.pool_mode,
+                              replay=pool.drawn, index=idx)
+            if mode.separable(net):  # theta0's outputs are the pool's
+                (z,) = net.run((x,), mode)
+                return discrepancy(pool.z0.index_select(0, idx), z, self.metric, self.outputs).mean()
+            mode.params = [self.theta0_on(model), p]
+            z0, z = net.run((x, x), mode)
+            return discrepancy(z0.detach(), z, self.metric, self.outputs).mean()
         draw = self._draw(gen, device, dtype)
         x, groups = draw.x, draw.groups
         source = (net, self.theta0)
         if draw.z0 is not None and all(a is b for a, b in zip(draw.source, source, strict=True)):
-            # theta0's outputs on this draw are known: theta's stream alone, with the same linearizations
+            # fixed_noise: theta0's outputs on this draw are known; theta's stream alone, same linearizations
             (z,) = net.run((x,), self._mode(net, [p], groups, gen, device, dtype))
             return discrepancy(draw.z0, z, self.metric, self.outputs).mean()
         mode = self._mode(net, [self.theta0_on(model), p], groups, gen, device, dtype)
         z0, z = net.run((x, x), mode)
         z0 = z0.detach()
-        if draw.kept and mode.separable(net):
+        if self.cfg.fixed_noise and mode.separable(net):
             draw.z0, draw.source = z0, source
         return discrepancy(z0, z, self.metric, self.outputs).mean()
 
 
+def _cat(parts: list[Any]) -> Any:
+    """Recorded draws of consecutive chunks joined along the sample axis (tensors or tuples of them)."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return type(parts[0])(_cat(list(col)) for col in zip(*parts, strict=True))
+
+
 @dataclasses.dataclass(eq=False)
 class _Draw:
-    """One evaluation's draw, kept for later calls (``fixed_noise``, ``redraw_every``).
+    """Samples kept for later calls: ``fixed_noise``'s draw, or the ``sample_pool``.
 
     Attributes:
         x: the input samples; groups: their groups.
-        state: the generator's state right after drawing ``x`` (before the linearizations).
-        uses: how many evaluations have used it.
-        kept: whether it is kept for later calls.
-        z0: theta0's outputs on it (once known and only on networks whose streams are separable), with
-            ``source``, the traced network and theta0 they were computed with.
+        state: the generator's state right after drawing ``x`` (``fixed_noise``: before the linearizations).
+        z0: theta0's outputs on them (``fixed_noise``: once known, and only on networks whose streams are
+            separable), with ``source``, the traced network and theta0 they were computed with.
+        drawn: the pool's linearizations, site name -> the draw (leading axis the sample).
     """
 
     x: torch.Tensor
     groups: torch.Tensor
     state: torch.Tensor
-    uses: int = 0
-    kept: bool = False
     z0: torch.Tensor | None = None
     source: tuple[Any, ...] = ()
+    drawn: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @register("laftr-exact")

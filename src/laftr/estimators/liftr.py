@@ -63,6 +63,9 @@ class LiftrConfig(LaftrConfig):
             raise UsageError("liftr draws every linearization from its stored law (gates='bernoulli'); "
                              "theta0's own linearization needs theta0's values on one input, which "
                              "liftr does not propagate")
+        if self.sample_pool:
+            raise UsageError("liftr has no sample_pool: its re-anchored inputs are drawn during the pass, "
+                             "which the pool does not record")
 
 
 def _check_input_cov(value: Any) -> None:

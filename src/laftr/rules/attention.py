@@ -174,7 +174,7 @@ class PatternSite(Rule):
             raise ValueError(f"attention site {self.name!r}: the summary has patterns of shape "
                              f"{tuple(law.mean.shape[1:])}, the network produces {tuple(like.shape[1:])} "
                              "(inputs of another length?)")
-        a = law.draw(mode.groups, mode.generator, mode.shared, like)
+        a = mode.draw(self, law, like)
         return a.expand_as(like) if a.shape[0] == 1 else a
 
     def pattern_axis(self, ndim: int) -> int:

@@ -345,6 +345,14 @@ class RuleMode(Protocol):
     def law(self, rule: Rule) -> Any:
         """The stored law of the site ``rule`` (what its :meth:`Rule.law` built): sampling, closed form."""
 
+    def draw(self, rule: Rule, law: Any, like: torch.Tensor) -> Any:
+        """Sampling only: the site's linearization for this pass's samples (leading axis the sample).
+
+        ``law.draw(groups, generator, shared, like)``: a tensor or a tuple of tensors. A site's
+        :meth:`Rule.sample` draws through here, once per pass, so that ``laftr``'s ``sample_pool`` can record
+        the draw and replay it.
+        """
+
 
 class Rule:
     """How one node of a traced network is run and linearized in every mode.
@@ -464,7 +472,7 @@ class Rule:
 
         The mode's draws (shared by the streams) may be used; theta0's values may serve only for shapes,
         dtypes and devices. Then theta's stream can run without theta0's on a draw whose theta0 outputs are
-        known (``laftr``'s ``redraw_every`` and ``fixed_noise``), and a pass over theta's stream alone,
+        known (``laftr``'s ``sample_pool`` and ``fixed_noise``), and a pass over theta's stream alone,
         with the same draws, gives the values it has in a pass over both. False (the safe default) for ops
         linearized at theta0's values (products of data, softmax, theta0's max-pool selection).
         """

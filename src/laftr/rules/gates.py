@@ -243,7 +243,7 @@ class PiecewiseLinearGate(GateRule):
             raise ValueError(f"gate site {self.name!r}: summary has units of shape "
                              f"{tuple(law.probs.shape[2:])}, the network produces {tuple(s0.shape[1:])} "
                              "(input of another size?)")
-        k = law.draw(mode.groups, mode.generator, mode.shared, s0)
+        k = mode.draw(self, law, s0)
         return self._apply(mode, args, pre, k)
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
@@ -345,7 +345,7 @@ class SmoothGate(GateRule):
         if tuple(law.points_c.shape[2:]) != tuple(s0.shape[1:]):
             raise ValueError(f"gate site {self.name!r}: summary has units of shape "
                              f"{tuple(law.points_c.shape[2:])}, the network produces {tuple(s0.shape[1:])}")
-        c, r = law.draw(mode.groups, mode.generator, mode.shared, s0)
+        c, r = mode.draw(self, law, s0)
         return Pair(tuple(v * c + r for v in pre.vals), True)
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:

@@ -151,7 +151,7 @@ class NormRule(Rule):
             raise ValueError(f"normalization site {self.name!r}: summary has positions of shape "
                              f"{tuple(law.first.shape[1:])}, the network produces {pos} "
                              "(input of another size?)")
-        nu = law.draw(mode.groups, mode.generator, mode.shared, x0)
+        nu = mode.draw(self, law, x0)
         outs = []
         for s, v in enumerate(pre.vals):
             a, k = stream_of(args, s), stream_of(kwargs, s)

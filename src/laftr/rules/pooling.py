@@ -72,6 +72,17 @@ class PoolLaw:
         """Turn the stored argmax counts into frequencies, pooled over the groups."""
         self.pi = (sums["argmax"].sum(0) / counts.sum()).to(device, dtype)
 
+    def draw(self, groups: torch.Tensor, gen: torch.Generator, shared: bool,
+             like: torch.Tensor) -> torch.Tensor:
+        """Each window's argmax position, ``(n, C, 1, L)`` on ``like``'s device (``n = 1`` when shared)."""
+        C, K, L = self.pi.shape
+        n = 1 if shared else int(groups.shape[0])
+        probs = self.pi.permute(0, 2, 1).reshape(C * L, K).to(torch.float64)
+        cpu_gen = gen if gen.device == probs.device else torch.Generator(probs.device).manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item()))
+        idx = torch.multinomial(probs, n, replacement=True, generator=cpu_gen)
+        return idx.to(like.device).view(C, L, n).permute(2, 0, 1).unsqueeze(2)
+
 
 _MAXPOOL_FUNCS: dict[Any, int] = {F.max_pool1d: 1, F.max_pool2d: 2, torch.max_pool1d: 1, torch.max_pool2d: 2}
 for _name, _dims in (("_max_pool1d", 1), ("_max_pool2d", 2), ("max_pool1d_with_indices", 1),
@@ -168,20 +179,13 @@ class MaxPoolRule(Rule):
         if mode.pool_mode != "sample":
             return self._selected(mode, pre)
         law: PoolLaw = mode.law(self)
-        pi = law.pi
         v0 = pre.vals[0]
         cols0, out_shape = pool_windows(v0, self.pool, 0.0)
         B, C, K, L = cols0.shape
-        if tuple(pi.shape) != (C, K, L):
+        if tuple(law.pi.shape) != (C, K, L):
             raise ValueError(f"max-pool site {self.name!r}: summary has shape "
-                             f"{tuple(pi.shape)}, network {(C, K, L)}")
-        n = 1 if mode.shared else B
-        probs = pi.permute(0, 2, 1).reshape(C * L, K).to(torch.float64)
-        gen = mode.generator
-        cpu_gen = gen if gen.device == probs.device else torch.Generator(probs.device).manual_seed(
-            int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item()))
-        idx = torch.multinomial(probs, n, replacement=True, generator=cpu_gen)
-        idx = idx.to(v0.device).view(C, L, n).permute(2, 0, 1).unsqueeze(2)  # (n, C, 1, L)
+                             f"{tuple(law.pi.shape)}, network {(C, K, L)}")
+        idx = mode.draw(self, law, v0)  # (n, C, 1, L)
         outs = []
         for v in pre.vals:
             cols, _ = pool_windows(v, self.pool, 0.0)
