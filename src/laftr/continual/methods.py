@@ -4,8 +4,8 @@ A method is ``none`` (fine-tuning), ``joint`` (train on all data seen so far: th
 regularizer: an estimator name from :func:`laftr.make_estimator` plus its config, a penalty weight
 ``lam``, and optionally the number of old tasks evaluated per step. A method may be given with
 overrides in brackets, e.g. ``laftr[lam=10,num_samples=100]`` or ``subset[coreset_size=786]`` (the spec
-grammar of ``laftr.specs``); keys ``lam``, ``tasks_per_step`` and ``match_memory`` set the method, every other
-key the estimator's config, and an unknown key is refused when the method is parsed.
+grammar of ``laftr.specs``); keys ``lam``, ``tasks_per_step``, ``penalty_every`` and ``match_memory`` set the
+method, every other key the estimator's config, and an unknown key is refused when the method is parsed.
 
 ``subset-eqmem`` and ``ntk-eqmem`` store as many inputs as fit in the memory of the ``laftr`` method's
 summary on the same network and data (``k = round(laftr_floats / input_dim)``), for comparisons at equal
@@ -32,7 +32,7 @@ from .regularizer import _check_lam
 __all__ = ["METHODS", "TRAITS", "MethodSpec", "parse_method", "parse_methods"]
 
 KINDS = ("finetune", "joint", "fsd")
-_METHOD_KEYS = ("lam", "tasks_per_step", "match_memory")
+_METHOD_KEYS = ("lam", "tasks_per_step", "penalty_every", "match_memory")
 
 #: What a benchmark can be made of, in the order their settings are applied: ``tokens`` (the inputs are
 #: integer token ids, which no Gaussian input model describes) and ``transformer`` (the network has
@@ -52,6 +52,8 @@ class MethodSpec:
         config: keyword arguments of the estimator's config.
         lam: penalty weight.
         tasks_per_step: old tasks averaged per step (None: all).
+        penalty_every: the penalty on every this many-th step only, weighted by it (see
+            :class:`laftr.continual.FSDRegularizer`'s ``every``).
         match_memory: ``laftr``: choose ``coreset_size`` so the stored inputs match that method's memory.
         description: one line for tables and docs.
         adapt: per trait (see :data:`laftr.continual.TRAITS`), estimator config keys that replace ``config``
@@ -65,6 +67,7 @@ class MethodSpec:
     config: dict[str, Any] = field(default_factory=dict)
     lam: float = 1.0
     tasks_per_step: int | None = None
+    penalty_every: int = 1
     match_memory: str | None = None
     description: str = ""
     adapt: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -59,6 +59,9 @@ class FSDRegularizer:
             many old tasks drawn uniformly without replacement (an unbiased estimate of the mean over all
             of them, for estimators too slow to evaluate for every old task at every step).
         seed: seed of that draw.
+        every: apply the penalty on every ``every``-th :meth:`penalty` call only, weighted ``every * lam``
+            (zero on the others): the same mean penalty over a run at ``1/every`` of the estimators' cost,
+            with more noise per step.
         eval_mode: evaluate the estimators with the model in eval mode (dropout off), restoring its mode.
         distributed: in a ``torch.distributed`` process group (None: when one is initialized), fit each task's
             estimator on the union of the ranks' shards and draw each rank's Monte Carlo samples from its own
@@ -73,6 +76,7 @@ class FSDRegularizer:
         *,
         tasks_per_step: int | None = None,
         seed: int = 0,
+        every: int = 1,
         eval_mode: bool = True,
         distributed: bool | None = None,
     ) -> None:
@@ -82,6 +86,10 @@ class FSDRegularizer:
         if tasks_per_step is not None and int(tasks_per_step) < 1:
             raise UsageError(f"tasks_per_step must be >= 1 or None, got {tasks_per_step}")
         self.tasks_per_step = None if tasks_per_step is None else int(tasks_per_step)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise UsageError(f"every must be an integer >= 1, got {every!r}")
+        self.every = every
+        self._calls = 0
         self.eval_mode = eval_mode
         if distributed is not None and not isinstance(distributed, bool):
             raise UsageError(f"distributed must be True, False or None, got {distributed!r}")
@@ -139,7 +147,11 @@ class FSDRegularizer:
 
         ``model`` may be a ``DistributedDataParallel`` wrapper (see the module docstring).
         """
-        if not self.estimators or self.lam == 0.0:
+        skip = False
+        if self.estimators and self.every > 1:
+            self._calls += 1
+            skip = self._calls % self.every != 0
+        if not self.estimators or self.lam == 0.0 or skip:
             p = next(model.parameters(), None)
             return torch.zeros((), device=None if p is None else p.device,
                                dtype=None if p is None else p.dtype)
@@ -148,7 +160,7 @@ class FSDRegularizer:
         if self.tasks_per_step is not None and self.tasks_per_step < n:
             which = torch.randperm(n, generator=self._gen)[: self.tasks_per_step].tolist()
         ds = self.distances(model, which)
-        return self.lam * torch.stack(ds).mean()
+        return self.every * self.lam * torch.stack(ds).mean()
 
     def stored_floats(self) -> list[int]:
         """Floats stored beyond theta_j for each task."""

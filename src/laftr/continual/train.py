@@ -251,7 +251,8 @@ def run_method(
             def make() -> FSDEstimator:
                 return make_estimator(estimator, **_estimator_config(spec, seed, next(counter)))
 
-            reg = FSDRegularizer(make, spec.lam, tasks_per_step=spec.tasks_per_step, seed=seed)
+            reg = FSDRegularizer(make, spec.lam, tasks_per_step=spec.tasks_per_step, seed=seed,
+                                 every=spec.penalty_every)
         T = len(stream)
         acc: list[list[float]] = []
         stored: list[int] = []
