@@ -229,6 +229,26 @@ def test_regularizer_penalty_is_lam_times_mean_of_estimates():
     assert seen == {0, 1, 2}
 
 
+def test_regularizer_every_k_steps_is_k_times_the_penalty_on_every_kth_call():
+    model = _mlp()
+    est = laftr.make_estimator("laftr-exact").fit(model, _xy(50))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    full = float(est(model).detach())
+    reg = FSDRegularizer(None, lam=2.0, every=3)
+    assert float(reg.penalty(model)) == 0.0  # nothing stored: not counted as a step
+    reg.add(est)
+    got = [reg.penalty(model) for _ in range(9)]
+    assert [float(g.detach()) for g in got] == pytest.approx([0, 0, 6 * full] * 3, rel=1e-12)
+    assert not got[0].requires_grad and got[2].requires_grad
+    assert sum(float(g.detach()) for g in got) / 9 == pytest.approx(2.0 * full, rel=1e-12)  # the same mean
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="every"):
+            FSDRegularizer(None, every=bad)
+    assert parse_method("laftr[penalty_every=2]").penalty_every == 2 and parse_method("laftr").penalty_every == 1
+
+
 @pytest.mark.parametrize("lam", [-1.0, float("nan"), float("inf"), "big"])
 def test_regularizer_bad_lam(lam):
     with pytest.raises(ValueError, match="lam"):
