@@ -287,3 +287,21 @@ def test_fixed_noise_on_a_transformer_keeps_no_theta0_outputs():
     other = perturbed(model, 0.1)
     assert est(other).item() == est(other).item()
     assert all(d.z0 is None for d in est._draws.values())
+
+
+def test_a_rule_drawing_outside_mode_draw_is_refused_during_a_replay(monkeypatch):
+    """A (user's) rule that draws from the generator itself cannot be replayed: a clear error, not silently
+    fresh draws."""
+    from laftr.rules import PiecewiseLinearGate
+
+    model, data = mlp().double(), _data()
+    est = laftr.make_estimator("laftr", num_samples=8, sample_pool=16).fit(model, data)
+    real = PiecewiseLinearGate.sample
+
+    def own_draw(self, mode, args, kwargs):
+        torch.rand(1, generator=mode.generator, device=mode.generator.device)
+        return real(self, mode, args, kwargs)
+
+    monkeypatch.setattr(PiecewiseLinearGate, "sample", own_draw)
+    with pytest.raises(RuntimeError, match="draw through mode.draw"):
+        est(perturbed(model))

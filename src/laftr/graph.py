@@ -259,6 +259,14 @@ class FitMode(Mode):
         store[key] = old
 
 
+class _Replaying:
+    """The generator of a pass whose draws are all replayed: using it is an error."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("an op drew from the generator while a sample pool's draws were replayed; a rule "
+                           "must draw through mode.draw for its draws to be recorded and replayed")
+
+
 class SampleMode(Mode):
     """LAFTR's Monte Carlo: linearizations drawn from the stored laws.
 
@@ -283,7 +291,7 @@ class SampleMode(Mode):
         super().__init__(params)
         self.laws = laws
         self.groups = groups
-        self.generator = generator
+        self.generator = generator if replay is None or generator is not None else _Replaying()
         self.shared = shared
         self.pool_mode = pool_mode
         self.recorded = recorded
