@@ -311,3 +311,23 @@ def test_moment_factors_give_the_second_moment(input_model):
         v, U = factors
         assert U.shape[1] == (4 if input_model == "lowrank" else 1)
         torch.testing.assert_close(torch.diag(v) + U @ U.T, second, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["laftr-exact", "liftr-exact"])
+def test_closed_form_is_exactly_zero_at_theta0_in_float32(name):
+    """At theta = theta0 (bitwise) the value and every gradient are exactly 0 in float32 too; the first move
+    away from it is seen (a perturbation of one bias gives a nonzero value)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).float()
+    X = torch.randn(100, 5)
+    est = laftr.make_estimator(name).fit(net, X)
+    for _ in range(2):  # before and after theta0's moments are cached
+        v = est(net)
+        assert v.dtype == torch.float32 and v.item() == 0.0
+        net.zero_grad(set_to_none=True)
+        v.backward()
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in net.parameters())
+    moved = copy.deepcopy(net)
+    with torch.no_grad():
+        moved[0].bias[0] += 0.01
+    assert est(moved).item() > 0
