@@ -156,11 +156,8 @@ def test_pool_calls_equal_passes_over_both_streams(case, monkeypatch):
     assert len({round(v[0].item(), 12) for v in values}) == len(values)
 
 
-def test_pool_calls_run_theta_alone_on_separable_networks():
-    model, data = mlp().double(), _data()
-    est = laftr.make_estimator("laftr", num_samples=8, sample_pool=32).fit(model, data)
-    other = perturbed(model, 0.2)
-    est(other)
+def _streams_run(monkeypatch, fn):
+    """How many streams each pass of the network run by ``fn()`` had."""
     calls = []
     real_run = TracedNet.run
 
@@ -168,12 +165,18 @@ def test_pool_calls_run_theta_alone_on_separable_networks():
         calls.append(len(inputs))
         return real_run(self, inputs, mode)
 
-    TracedNet.run = spy
-    try:
-        est(other)
-    finally:
-        TracedNet.run = real_run
-    assert calls == [1]
+    with monkeypatch.context() as m:
+        m.setattr(TracedNet, "run", spy)
+        fn()
+    return calls
+
+
+def test_pool_calls_run_theta_alone_on_separable_networks(monkeypatch):
+    model, data = mlp().double(), _data()
+    est = laftr.make_estimator("laftr", num_samples=8, sample_pool=32).fit(model, data)
+    other = perturbed(model, 0.2)
+    est(other)
+    assert _streams_run(monkeypatch, lambda: est(other)) == [1]
 
 
 def test_a_planted_wrong_pool_is_caught():
@@ -258,26 +261,16 @@ def test_liftr_refuses_a_sample_pool():
         laftr.make_estimator("liftr", sample_pool=100)
 
 
-def test_fixed_noise_keeps_theta0_outputs_and_runs_theta_alone():
+def test_fixed_noise_keeps_theta0_outputs_and_runs_theta_alone(monkeypatch):
     model, data = mlp().double(), _data()
     other = perturbed(model, 0.2)
     est = laftr.make_estimator("laftr", num_samples=8, fixed_noise=True).fit(model, data)
     first = _value_and_grad(est, other)
     (draw,) = est._draws.values()
     assert draw.z0 is not None
-    calls = []
-    real_run = TracedNet.run
-
-    def spy(self, inputs, mode):
-        calls.append(len(inputs))
-        return real_run(self, inputs, mode)
-
-    TracedNet.run = spy
-    try:
-        again = _value_and_grad(est, other)
-    finally:
-        TracedNet.run = real_run
-    assert calls == [1]  # theta's stream alone
+    again = []
+    assert _streams_run(monkeypatch, lambda: again.append(_value_and_grad(est, other))) == [1]  # theta alone
+    again = again[0]
     assert torch.equal(first[0], again[0]) and all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
 
 
