@@ -511,11 +511,6 @@ class LaftrExactEstimator(_LaftrBase):
         device, dtype = model_device_dtype(model)
         p0 = self.theta0_on(model)
         p = param_dict(model)
-        if p.keys() == p0.keys() and all(torch.equal(p[n], p0[n]) for n in p0):
-            # theta is theta0: the distance and its gradient are exactly zero (the blocks below would give
-            # a + b - 2c with a and b rounded along different paths: ~1e-7 of the output's scale in float32)
-            return sum((0.0 * t.sum() for t in p.values() if t.requires_grad), torch.zeros((), device=device,
-                                                                                         dtype=dtype))
         laws = self._site_laws(net, device, dtype)
         inputs = self.summary.inputs
         total = None
@@ -542,6 +537,12 @@ class LaftrExactEstimator(_LaftrBase):
             cache.complete = True
             total = w * d if total is None else total + w * d
         assert total is not None
+        if p.keys() == p0.keys() and all(torch.equal(p[n], p0[n]) for n in p0):
+            # theta is theta0 (after the pass, which refuses what the closed form cannot handle): the distance
+            # and its gradient are exactly zero, while the blocks give a + b - 2c with a and b rounded along
+            # different paths (~1e-7 of the outputs' second moment in float32)
+            return sum((0.0 * t.sum() for t in p.values() if t.requires_grad), torch.zeros((), device=device,
+                                                                                         dtype=dtype))
         return total
 
 
