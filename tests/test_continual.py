@@ -247,6 +247,9 @@ def test_regularizer_every_k_steps_is_k_times_the_penalty_on_every_kth_call():
         with pytest.raises(ValueError, match="every"):
             FSDRegularizer(None, every=bad)
     assert parse_method("laftr[penalty_every=2]").penalty_every == 2 and parse_method("laftr").penalty_every == 1
+    for spec in ("laftr[penalty_every=0]", "laftr[penalty_every=1.5]", "laftr[tasks_per_step=0]"):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):  # at parse time, before any run
+            parse_method(spec)
 
 
 @pytest.mark.parametrize("lam", [-1.0, float("nan"), float("inf"), "big"])

@@ -80,6 +80,11 @@ class MethodSpec:
             raise UsageError(f"method {self.base!r} has no estimator; cannot set {sorted(cfg)}")
         if "lam" in method:
             method["lam"] = _check_lam(method["lam"])
+        for key, allow_none in (("tasks_per_step", True), ("penalty_every", False)):
+            v = method.get(key)
+            if key in method and not (v is None and allow_none) and (
+                    isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise UsageError(f"{key} must be an integer >= 1{' or None' if allow_none else ''}, got {v!r}")
         if method.get("match_memory") is not None and method["match_memory"] != "laftr":
             raise UsageError(f"match_memory must be 'laftr' or None, got {method['match_memory']!r}")
         if "coreset_size" in cfg and self.match_memory:
