@@ -84,7 +84,8 @@ class MethodSpec:
             v = method.get(key)
             if key in method and not (v is None and allow_none) and (
                     isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise UsageError(f"{key} must be an integer >= 1{' or None' if allow_none else ''}, got {v!r}")
+                alt = " or None" if allow_none else ""
+                raise UsageError(f"{key} must be an integer >= 1{alt}, got {v!r}")
         if method.get("match_memory") is not None and method["match_memory"] != "laftr":
             raise UsageError(f"match_memory must be 'laftr' or None, got {method['match_memory']!r}")
         if "coreset_size" in cfg and self.match_memory:
