@@ -35,6 +35,8 @@ def gather(benchmark: str, root: Path) -> dict:
     out: dict = {"benchmark": benchmark, "selection": "highest final average validation accuracy",
                  "methods": {}}
     for path in sorted(root.glob("*__*/results.json")):
+        if path.parent.name.startswith("."):  # a run still in progress (or interrupted): not a finished grid
+            continue
         res = json.loads(path.read_text())
         method, param = path.parent.name.split("__")[:2]
         rows = []

@@ -716,3 +716,23 @@ def test_cli_transformer_benchmarks_bad_input(argv, needle, tmp_path, capsys):
     assert rc == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_search_gathers_finished_grids_only(tmp_path):
+    """A grid still running (its ``.NAME.partial`` folder beside the finished ones) is not gathered."""
+    from cases import load_benchmark_script
+
+    search = load_benchmark_script("continual_search")
+
+    def write(folder, lam, acc):
+        run = {"methods": {f"laftr[lam={lam}]": {"spec": {"lam": lam, "config": {}},
+                                                  "summary": {"final_avg_acc": {"mean": acc}, "bwt": {"mean": 0.0},
+                                                              "wall_time_s": {"mean": 1.0}}}},
+               "protocol": {}, "settings": {"seeds": [10]}, "metadata": {"command": "x", "git_revision": "y"}}
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text(json.dumps(run))
+
+    write("laftr__lam", 10.0, 0.5)
+    write(".ewc__lam.partial", None, 0.9)
+    out = search.gather("b", tmp_path)
+    assert list(out["methods"]) == ["laftr"] and out["methods"]["laftr"]["lam"]["best"] == 10.0
