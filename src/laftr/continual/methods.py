@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..specs import check_keys, config_keys, parse_spec, split_specs
-from .regularizer import _check_lam
+from .regularizer import _check_count, _check_lam
 
 __all__ = ["METHODS", "TRAITS", "MethodSpec", "parse_method", "parse_methods"]
 
@@ -81,11 +81,8 @@ class MethodSpec:
         if "lam" in method:
             method["lam"] = _check_lam(method["lam"])
         for key, allow_none in (("tasks_per_step", True), ("penalty_every", False)):
-            v = method.get(key)
-            if key in method and not (v is None and allow_none) and (
-                    isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                alt = " or None" if allow_none else ""
-                raise UsageError(f"{key} must be an integer >= 1{alt}, got {v!r}")
+            if key in method:
+                _check_count(key, method[key], allow_none)
         if method.get("match_memory") is not None and method["match_memory"] != "laftr":
             raise UsageError(f"match_memory must be 'laftr' or None, got {method['match_memory']!r}")
         if "coreset_size" in cfg and self.match_memory:

@@ -48,6 +48,16 @@ def _check_lam(lam: float) -> float:
     return lam
 
 
+def _check_count(name: str, value: Any, allow_none: bool = False) -> Any:
+    """``value`` if it is an integer >= 1 (or None when ``allow_none``); else a UsageError naming ``name``."""
+    if value is None and allow_none:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        alt = " or None" if allow_none else ""
+        raise UsageError(f"{name} must be an integer >= 1{alt}, got {value!r}")
+    return value
+
+
 class FSDRegularizer:
     """``lam * mean_j D_j(theta)`` over the estimators fitted after previous tasks.
 
@@ -86,9 +96,7 @@ class FSDRegularizer:
         if tasks_per_step is not None and int(tasks_per_step) < 1:
             raise UsageError(f"tasks_per_step must be >= 1 or None, got {tasks_per_step}")
         self.tasks_per_step = None if tasks_per_step is None else int(tasks_per_step)
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise UsageError(f"every must be an integer >= 1, got {every!r}")
-        self.every = every
+        self.every = _check_count("every", every)
         self._calls = 0
         self.eval_mode = eval_mode
         if distributed is not None and not isinstance(distributed, bool):

@@ -362,9 +362,10 @@ class LaftrEstimator(_LaftrBase):
         bit for bit.
         """
         assert self.summary is not None
-        key = (str(device), dtype, int(self._gen_seed or 0))
+        key = self._draw_key(device, dtype)
         d = self._draws.get(key) if self.cfg.fixed_noise else None
         if d is not None:
+            assert d.state is not None
             gen.set_state(d.state)
             return d
         x, groups = self.summary.inputs.sample(self.cfg.num_samples, gen, device, dtype)
@@ -373,14 +374,18 @@ class LaftrEstimator(_LaftrBase):
             self._draws[key] = d
         return d
 
+    def _draw_key(self, device: torch.device, dtype: torch.dtype) -> tuple[str, torch.dtype, int]:
+        """Where a kept draw of ``device``/``dtype`` and the current sample stream lives in ``_draws``."""
+        return (str(device), dtype, int(self._gen_seed or 0))
+
     def _pool(self, net: TracedNet, model: nn.Module, gen: torch.Generator, device: torch.device,
               dtype: torch.dtype) -> _Draw:
         """The sample pool on ``device``/``dtype``: drawn on first use (``sample_pool`` samples, recorded)."""
         assert self.summary is not None
-        key = (str(device), dtype, int(self._gen_seed or 0))
+        key = self._draw_key(device, dtype)
         source = (net, self.theta0)
         pool = self._draws.get(key)
-        if pool is not None and all(a is b for a, b in zip(pool.source, source, strict=True)):
+        if pool is not None and pool.made_for(source):
             return pool
         # the same pool again when only the network object changed: drawn from the seed's stream afresh
         gen.manual_seed(int(self._gen_seed or 0))
@@ -397,7 +402,7 @@ class LaftrEstimator(_LaftrBase):
                 outs.append(z0)
                 parts.append(rec)
         drawn = {site: _cat([r[site] for r in parts]) for site in parts[0]}
-        pool = _Draw(x, groups, gen.get_state(), z0=torch.cat(outs), source=source, drawn=drawn)
+        pool = _Draw(x, groups, z0=torch.cat(outs), source=source, drawn=drawn, separable=mode.separable(net))
         self._draws[key] = pool
         return pool
 
@@ -415,7 +420,7 @@ class LaftrEstimator(_LaftrBase):
             x, groups = pool.x.index_select(0, idx), pool.groups.index_select(0, idx)
             mode = SampleMode([p], self._site_laws(net, device, dtype), groups, None, False, self.pool_mode,
                               replay=pool.drawn, index=idx)
-            if mode.separable(net):  # theta0's outputs are the pool's
+            if pool.separable:  # theta0's outputs are the pool's
                 (z,) = net.run((x,), mode)
                 return discrepancy(pool.z0.index_select(0, idx), z, self.metric, self.outputs).mean()
             mode.params = [self.theta0_on(model), p]
@@ -424,7 +429,7 @@ class LaftrEstimator(_LaftrBase):
         draw = self._draw(gen, device, dtype)
         x, groups = draw.x, draw.groups
         source = (net, self.theta0)
-        if draw.z0 is not None and all(a is b for a, b in zip(draw.source, source, strict=True)):
+        if draw.z0 is not None and draw.made_for(source):
             # fixed_noise: theta0's outputs on this draw are known; theta's stream alone, same linearizations
             (z,) = net.run((x,), self._mode(net, [p], groups, gen, device, dtype))
             return discrepancy(draw.z0, z, self.metric, self.outputs).mean()
@@ -449,18 +454,25 @@ class _Draw:
 
     Attributes:
         x: the input samples; groups: their groups.
-        state: the generator's state right after drawing ``x`` (``fixed_noise``: before the linearizations).
+        state: ``fixed_noise``: the generator's state right after drawing ``x`` (before the linearizations).
         z0: theta0's outputs on them (``fixed_noise``: once known, and only on networks whose streams are
             separable), with ``source``, the traced network and theta0 they were computed with.
         drawn: the pool's linearizations, site name -> the draw (leading axis the sample).
+        separable: the pool's network runs theta's stream alone (decided once, when the pool is drawn).
     """
 
     x: torch.Tensor
     groups: torch.Tensor
-    state: torch.Tensor
+    state: torch.Tensor | None = None
     z0: torch.Tensor | None = None
     source: tuple[Any, ...] = ()
     drawn: dict[str, Any] = dataclasses.field(default_factory=dict)
+    separable: bool = False
+
+    def made_for(self, source: tuple[Any, ...]) -> bool:
+        """Whether it was computed with exactly these objects (the traced network, theta0)."""
+        return len(self.source) == len(source) and all(
+            a is b for a, b in zip(self.source, source, strict=True))
 
 
 @register("laftr-exact")
