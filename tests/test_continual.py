@@ -328,6 +328,10 @@ def test_parse_methods_and_overrides():
         ("laftr[lam", "unbalanced"),
         ("laftr[lam]", "key=value"),
         ("none[num_samples=3]", "no estimator"),
+        ("none[tasks_per_step=1]", "'none' has no regularizer.*tasks_per_step"),
+        ("joint[lam=3]", "'joint' has no regularizer.*lam"),
+        ("laftr[fit_examples=0]", "fit_examples must be an integer >= 1"),
+        ("laftr[fit_examples=2.5]", "fit_examples must be an integer >= 1"),
         ("laftr,laftr", "twice"),
         ("laftr]", "unbalanced"),
         ("", "no methods"),
@@ -372,6 +376,47 @@ def test_run_method_every_method_matrix_memory_and_determinism():
     assert again.acc_matrix == runs["none"].acc_matrix
     other = run_method(stream, parse_method("none"), model_fn, cfg, seed=2)
     assert other.acc_matrix != runs["none"].acc_matrix
+
+
+def test_fit_examples_fits_each_task_on_its_own_random_subset_and_leaves_training_alone():
+    from laftr.continual.train import FIT_SUBSET_STREAM, fit_data
+
+    stream = split_tasks(_tiny_dataset(n_train=300), [[0, 1], [2, 3], [4, 5]], seed=0)
+    task = stream[0]
+    x_all, y_all = task.train_data()
+    gen = torch.Generator().manual_seed(5)
+    x, y = fit_data(task, 7, gen)
+    rows = [int(torch.nonzero((x_all == xi).flatten(1).all(1))[0]) for xi in x]
+    assert len(set(rows)) == 7 and rows == sorted(rows) and torch.equal(y, y_all[rows])
+    x2, _ = fit_data(task, 7, torch.Generator().manual_seed(5))
+    assert torch.equal(x, x2) and not torch.equal(x, fit_data(task, 7, gen)[0])
+    assert torch.equal(fit_data(task, task.n_train, gen)[0], x_all)  # all of them: no draw, the task itself
+    assert torch.equal(fit_data(task, None, gen)[0], x_all)
+
+    model_fn = lambda: laftr.models.mlp(64, (16,), stream.num_outputs)
+    cfg = TrainConfig(epochs=2, batch_size=32, progress=False)
+    fitted = []
+    real = FSDRegularizer.after_task
+
+    def spy(self, model, data, outputs=None):
+        fitted.append(data)
+        return real(self, model, data, outputs)
+
+    FSDRegularizer.after_task = spy
+    try:
+        sub = run_method(stream, parse_method("laftr[fit_examples=10]"), model_fn, cfg, seed=1)
+    finally:
+        FSDRegularizer.after_task = real
+    full = run_method(stream, parse_method("laftr"), model_fn, cfg, seed=1)
+    # each task's estimator saw 10 examples, the subset the seed's own stream draws
+    gen = torch.Generator().manual_seed(1 + FIT_SUBSET_STREAM)
+    for t, (xs, ys) in enumerate(fitted):
+        want_x, want_y = fit_data(stream[t], 10, gen)
+        assert xs.shape[0] == 10 and torch.equal(xs, want_x) and torch.equal(ys, want_y)
+    # the training stream is the same: the first task (no penalty yet) ends with the same accuracies
+    assert sub.acc_matrix[0] == full.acc_matrix[0] and sub.history[0] == full.history[0]
+    assert sub.history[1]["penalty"] != full.history[1]["penalty"]  # then the summaries differ
+    assert parse_method("laftr[fit_examples=10]").describe()["fit_examples"] == 10
 
 
 def test_joint_scores_each_example_on_its_own_head():

@@ -142,6 +142,21 @@ def evaluate_task(model: nn.Module, task: Task, device: torch.device, batch_size
     return correct / n
 
 
+#: offset of the seed of the stream that draws ``fit_examples`` subsets (apart from the training stream)
+FIT_SUBSET_STREAM = 7_000_003
+
+
+def fit_data(task: Task, k: int | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's training inputs and targets to fit an estimator on: all, or ``k`` of them at random.
+
+    The subset (drawn from ``gen``) keeps the examples in their original order.
+    """
+    if k is None or k >= task.n_train:
+        return task.train_data()
+    idx = torch.randperm(task.n_train, generator=gen)[:k].sort().values
+    return task.train_batch(idx)
+
+
 def _estimator_config(spec: MethodSpec, seed: int, task_index: int) -> dict[str, Any]:
     cfg = dict(spec.config)
     cfg.setdefault("seed", 1000 * seed + task_index)
@@ -253,6 +268,8 @@ def run_method(
 
             reg = FSDRegularizer(make, spec.lam, tasks_per_step=spec.tasks_per_step, seed=seed,
                                  every=spec.penalty_every)
+        # fit_examples: each task's subset from its own stream, so that training draws the same as without it
+        fit_gen = torch.Generator().manual_seed(seed + FIT_SUBSET_STREAM)
         T = len(stream)
         acc: list[list[float]] = []
         stored: list[int] = []
@@ -266,7 +283,7 @@ def run_method(
             t0 = time.perf_counter()
             if reg is not None:
                 outputs = task.outputs if stream.multi_head else None
-                est = reg.after_task(model, task.train_data(), outputs=outputs)
+                est = reg.after_task(model, fit_data(task, spec.fit_examples, fit_gen), outputs=outputs)
                 stored.append(int(est.stored_floats()))
             elif spec.kind == "joint":
                 stored.append(int(task.x_train.numel()))
