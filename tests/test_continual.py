@@ -378,7 +378,7 @@ def test_run_method_every_method_matrix_memory_and_determinism():
     assert other.acc_matrix != runs["none"].acc_matrix
 
 
-def test_fit_examples_fits_each_task_on_its_own_random_subset_and_leaves_training_alone():
+def test_fit_examples_fits_each_task_on_its_own_random_subset_and_leaves_training_alone(monkeypatch):
     from laftr.continual.train import FIT_SUBSET_STREAM, fit_data
 
     stream = split_tasks(_tiny_dataset(n_train=300), [[0, 1], [2, 3], [4, 5]], seed=0)
@@ -402,11 +402,9 @@ def test_fit_examples_fits_each_task_on_its_own_random_subset_and_leaves_trainin
         fitted.append(data)
         return real(self, model, data, outputs)
 
-    FSDRegularizer.after_task = spy
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(FSDRegularizer, "after_task", spy)
         sub = run_method(stream, parse_method("laftr[fit_examples=10]"), model_fn, cfg, seed=1)
-    finally:
-        FSDRegularizer.after_task = real
     full = run_method(stream, parse_method("laftr"), model_fn, cfg, seed=1)
     # each task's estimator saw 10 examples, the subset the seed's own stream draws
     gen = torch.Generator().manual_seed(1 + FIT_SUBSET_STREAM)
