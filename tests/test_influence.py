@@ -9,7 +9,6 @@ and the PBRF with an estimator that is exact for linear models (``ntk`` over all
 from __future__ import annotations
 
 import copy
-import math
 import json
 
 import numpy as np

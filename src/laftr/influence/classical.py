@@ -157,9 +157,12 @@ class ClassicalInfluence:
         return z.reshape(z.shape[0], -1)
 
     def _jvp_fn(self, xb: torch.Tensor) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-        """``v -> J v`` on the batch ``xb``: ``torch.func.linearize`` (the forward pass at ``theta_s`` traced
-        once; about half the cost of a ``jvp`` per product), or a plain ``jvp`` where the model cannot be
-        traced."""
+        """``v -> J v`` on the batch ``xb``.
+
+        ``torch.func.linearize`` traces the forward pass at ``theta_s`` once (a product then costs about
+        half a ``jvp``); where the model cannot be traced, a plain ``jvp`` per product.
+        """
+
         def fb(p: dict[str, torch.Tensor]) -> torch.Tensor:
             return self._f(p, xb)
 
@@ -172,8 +175,7 @@ class ClassicalInfluence:
             log.info("Gauss-Newton products without linearize (%s: %s)", type(e).__name__, e)
 
             def plain(vd: dict[str, torch.Tensor]) -> torch.Tensor:
-                # torch.func annotates the result as a pair or, with has_aux, a triple: here it is a pair
-                return jvp(fb, (self.params,), (vd,))[1]  # type: ignore[misc]
+                return jvp(fb, (self.params,), (vd,))[1]  # (output, J v)
 
             return plain
 
