@@ -346,6 +346,8 @@ def test_fixed_noise_draws_its_inputs_once_and_keeps_the_values(name, opts):
 
     fresh = value_and_grad()
     assert len(est._draws) == 1
+    # laftr keeps the linearizations as well: later calls replay them (a draw from the generator would raise)
+    assert bool(next(iter(est._draws.values())).drawn) == (name == "laftr")
     for _ in range(2):
         cached = value_and_grad()
         assert torch.equal(cached[0], fresh[0]) and all(torch.equal(a, b) for a, b in zip(cached[1], fresh[1]))

@@ -431,13 +431,24 @@ class LaftrEstimator(_LaftrBase):
         source = (net, self.theta0)
         if draw.z0 is not None and draw.made_for(source):
             # fixed_noise: theta0's outputs on this draw are known; theta's stream alone, same linearizations
-            (z,) = net.run((x,), self._mode(net, [p], groups, gen, device, dtype))
+            if draw.drawn:  # the linearizations drawn by the first call, replayed
+                laws = self._site_laws(net, device, dtype)
+                mode = SampleMode([p], laws, groups, None, self.cfg.shared_masks, self.pool_mode,
+                                  replay=draw.drawn)
+            else:
+                mode = self._mode(net, [p], groups, gen, device, dtype)
+            (z,) = net.run((x,), mode)
             return discrepancy(draw.z0, z, self.metric, self.outputs).mean()
         mode = self._mode(net, [self.theta0_on(model), p], groups, gen, device, dtype)
+        record = self.cfg.fixed_noise and isinstance(mode, SampleMode)
+        if record:  # keep this call's linearizations: later calls replay them instead of drawing them again
+            mode.recorded = {}
         z0, z = net.run((x, x), mode)
         z0 = z0.detach()
         if self.cfg.fixed_noise and mode.separable(net):
             draw.z0, draw.source = z0, source
+            if record:
+                draw.drawn = mode.recorded
         return discrepancy(z0, z, self.metric, self.outputs).mean()
 
 
@@ -457,7 +468,8 @@ class _Draw:
         state: ``fixed_noise``: the generator's state right after drawing ``x`` (before the linearizations).
         z0: theta0's outputs on them (``fixed_noise``: once known, and only on networks whose streams are
             separable), with ``source``, the traced network and theta0 they were computed with.
-        drawn: the pool's linearizations, site name -> the draw (leading axis the sample).
+        drawn: the linearizations, site name -> the draw (leading axis the sample): the pool's, or
+            ``fixed_noise``'s (recorded by the call that computed ``z0``, replayed by the later ones).
         separable: the pool's network runs theta's stream alone (decided once, when the pool is drawn).
     """
 
