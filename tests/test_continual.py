@@ -259,8 +259,12 @@ def test_regularizer_bad_lam(lam):
 
 
 def test_regularizer_bad_use():
-    with pytest.raises(ValueError, match="tasks_per_step"):
-        FSDRegularizer(None, tasks_per_step=0)
+    # checked like every and the method keys: 1.5 was silently truncated to 1, True read as 1
+    for bad in (0, -1, 1.5, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="tasks_per_step must be an integer >= 1 or None"):
+            FSDRegularizer(None, tasks_per_step=bad)
+    assert FSDRegularizer(None, tasks_per_step=np.int64(2)).tasks_per_step == 2
+    assert FSDRegularizer(None, tasks_per_step=None).tasks_per_step is None
     with pytest.raises(RuntimeError, match="factory"):
         FSDRegularizer(None).after_task(_mlp(), _xy(10))
     with pytest.raises(ValueError, match="not fitted"):

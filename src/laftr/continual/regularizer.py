@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,13 +50,16 @@ def _check_lam(lam: float) -> float:
 
 
 def _check_count(name: str, value: Any, allow_none: bool = False) -> Any:
-    """``value`` if it is an integer >= 1 (or None when ``allow_none``); else a UsageError naming ``name``."""
+    """``value`` as an ``int`` if it is an integer >= 1, else a UsageError naming ``name``.
+
+    A Python or NumPy integer, not a bool or a float; None passes when ``allow_none``.
+    """
     if value is None and allow_none:
         return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         alt = " or None" if allow_none else ""
         raise UsageError(f"{name} must be an integer >= 1{alt}, got {value!r}")
-    return value
+    return int(value)
 
 
 class FSDRegularizer:
@@ -93,9 +97,7 @@ class FSDRegularizer:
         """A regularizer with no task stored yet; see the class for the arguments."""
         self.make = make
         self.lam = _check_lam(lam)
-        if tasks_per_step is not None and int(tasks_per_step) < 1:
-            raise UsageError(f"tasks_per_step must be >= 1 or None, got {tasks_per_step}")
-        self.tasks_per_step = None if tasks_per_step is None else int(tasks_per_step)
+        self.tasks_per_step = _check_count("tasks_per_step", tasks_per_step, allow_none=True)
         self.every = _check_count("every", every)
         self._calls = 0
         self.eval_mode = eval_mode
