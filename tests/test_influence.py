@@ -209,9 +209,11 @@ def test_solver_stops_at_the_objectives_noise_floor():
     def creeping(u):  # linear: every step (along -g, length 1) lowers f by 1e-13 relative, exactly
         return 1e13 - float(u[0]), -e
 
-    u, it, status = _lbfgs(creeping, torch.zeros(10, dtype=DT), tol=1e-20, max_iter=300, history=100,
-                           max_step=10.0, radius=1e9)
+    kw = {"tol": 1e-20, "max_iter": 300, "history": 100, "max_step": 10.0, "radius": 1e9}
+    u, it, status = _lbfgs(creeping, torch.zeros(10, dtype=DT), **kw)
     assert status == "stalled" and it == 5 and float(u[0]) == 5.0
+    u, it, status = _lbfgs(creeping, torch.zeros(10, dtype=DT), stall_window=0, **kw)  # the rule off
+    assert status == "max_iter" and it == 300
     g = torch.Generator().manual_seed(0)
     Q = torch.randn(40, 40, generator=g, dtype=DT)
     A = Q @ Q.T / 40 + 0.05 * torch.eye(40, dtype=DT)
@@ -365,6 +367,13 @@ def test_flip_labels():
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("field,bad", [("stall_window", -1), ("stall_window", 2.0), ("stall_window", True),
+                                       ("stall_ftol", -1e-12), ("stall_ftol", float("nan"))])
+def test_pbrf_config_refuses_bad_stall_rule(field, bad):
+    with pytest.raises(ValueError, match=field):
+        PBRFConfig(**{field: bad})
+
+
 def test_pbrf_rejects_bad_inputs():
     model, X, Y, _, _ = _linear_problem()
     with pytest.raises(ValueError, match="exactly one"):

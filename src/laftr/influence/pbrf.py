@@ -66,6 +66,12 @@ class PBRFConfig:
         trust_radius: the solve fails (:class:`laftr.errors.NoLocalMinimumError`) when ``||u||`` exceeds
             this many such units: the objective then has no local minimum near ``theta_s``.
         batch_size: batch size of the exact, full-data objective.
+        stall_window: stop (``stalled``) when the last ``stall_window`` accepted steps together lowered the
+            objective by at most ``stall_ftol * max(1, |J|)`` and did not halve ``max|grad J|``: the
+            objective's rounding noise is reached (``J / eps^2`` amplifies the rounding of the per-example
+            divergences; about 1e-10 relative on the exact objective of 1,000 Fashion-MNIST images). ``0``
+            turns the rule off (the solver before it).
+        stall_ftol: that relative decrease.
     """
 
     damping: float = 1e-3
@@ -76,6 +82,8 @@ class PBRFConfig:
     max_step: float = 1.0
     trust_radius: float = 10.0
     batch_size: int = 8192
+    stall_window: int = 5
+    stall_ftol: float = 1e-12
 
     def __post_init__(self) -> None:
         """Check the damping, epsilon, tolerances and sizes."""
@@ -89,6 +97,12 @@ class PBRFConfig:
             raise ValueError("max_iter, history_size and batch_size must be positive")
         if not (self.max_step > 0 and self.trust_radius > 0):
             raise ValueError("max_step and trust_radius must be positive")
+        w = self.stall_window
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ValueError(f"stall_window must be an integer >= 0 (0: off), got {self.stall_window!r}")
+        if not (isinstance(self.stall_ftol, (int, float)) and math.isfinite(self.stall_ftol)
+                and self.stall_ftol >= 0):
+            raise ValueError(f"stall_ftol must be a finite number >= 0, got {self.stall_ftol!r}")
 
 
 @dataclasses.dataclass
@@ -312,7 +326,8 @@ class PBRF:
             scale = g0_norm / max(lam, 1e-12)  # the size of a lam-strongly convex problem's minimizer
             u, iterations, status = _lbfgs(objective, u, tol=cfg.rtol * g0_max, max_iter=cfg.max_iter,
                                           history=cfg.history_size, max_step=cfg.max_step * scale,
-                                          radius=cfg.trust_radius * scale)
+                                          radius=cfg.trust_radius * scale, stall_window=cfg.stall_window,
+                                          stall_ftol=cfg.stall_ftol)
         else:
             iterations, status = 0, "gradient"
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
@@ -357,15 +372,6 @@ class PBRF:
         return self.response(solution, lambda m: per_example_loss(m(x), y, self.task).sum())
 
 
-#: The stall rule's window (accepted iterations) and relative tolerance. The exact PBRF objective is
-#: resolved to about 1e-10 relative (``D / eps^2`` amplifies the rounding of the per-example divergences);
-#: once its iterates reach that floor, further steps move ``u`` only within the noise and the gradient
-#: stops shrinking (measured on the mislabeled benchmark, docs/influence.md: the self-influences change by
-#: at most 5e-7 relative).
-_STALL_WINDOW = 5
-_STALL_FTOL = 1e-12
-
-
 def _lbfgs(
     fg: Callable[[torch.Tensor], tuple[float, torch.Tensor]],
     u: torch.Tensor,
@@ -374,6 +380,8 @@ def _lbfgs(
     history: int,
     max_step: float,
     radius: float,
+    stall_window: int = 5,
+    stall_ftol: float = 1e-12,
 ) -> tuple[torch.Tensor, int, str]:
     """L-BFGS with a backtracking (Armijo) line search and a cap on each step's length.
 
@@ -383,8 +391,8 @@ def _lbfgs(
     Returns:
         ``(u, iterations, status)`` with status ``gradient`` (``max|grad| <= tol``), ``stalled`` (no step
         along the quasi-Newton direction or along the negative gradient lowers the objective, three steps
-        in a row lower it only at its floating-point resolution, or the last ``_STALL_WINDOW`` steps
-        together lower it by less than ``_STALL_FTOL`` relative without halving the gradient: a minimum on a
+        in a row lower it only at its floating-point resolution, or the last ``stall_window`` steps
+        together lower it by less than ``stall_ftol`` relative without halving the gradient: a minimum on a
         kink of a piecewise-smooth objective, or the limit of what float64 resolves) or ``max_iter``.
 
     Raises:
@@ -448,12 +456,12 @@ def _lbfgs(
         flat = flat + 1 if f - f_new <= 1e-14 * max(1.0, abs(f)) else 0
         u, f, g = u_new, f_new, g_new
         recent.append((f, float(g.abs().max())))
-        if len(recent) > _STALL_WINDOW + 1:
+        if len(recent) > stall_window + 1:
             recent.pop(0)
-        # the last _STALL_WINDOW iterations together lowered f by no more than its rounding noise and did not
+        # the last stall_window iterations together lowered f by no more than its rounding noise and did not
         # halve the gradient: a solve that still converges (its gradient shrinking) is never stopped by it
-        noise_floor = (len(recent) > _STALL_WINDOW
-                       and recent[0][0] - f <= _STALL_FTOL * max(1.0, abs(f))
+        noise_floor = (stall_window > 0 and len(recent) > stall_window
+                       and recent[0][0] - f <= stall_ftol * max(1.0, abs(f))
                        and min(gm for _, gm in recent[1:]) >= 0.5 * recent[0][1])
         if flat >= 3 or noise_floor:
             return u, it, "gradient" if float(g.abs().max()) <= tol else "stalled"
