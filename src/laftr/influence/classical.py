@@ -13,8 +13,8 @@ every method estimates the same quantity, ``M(theta_m) - M(theta_s)``.
 
 ``G`` is never formed for real networks: Gauss-Newton-vector products come from ``torch.func`` (per
 batch a ``jvp``, linearized once at ``theta_s``, then a cached ``vjp``) and the system is solved by
-conjugate gradient. For tiny models
-``solver="exact"`` builds ``G`` densely and solves with a Cholesky factorization (used in the tests).
+conjugate gradient. For tiny models ``solver="exact"`` builds ``G`` densely and solves with a Cholesky
+factorization (used in the tests).
 """
 
 from __future__ import annotations
