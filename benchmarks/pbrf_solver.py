@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from laftr.influence import (
+    CLASSIFICATION_LAFTR_OPTIONS,
+    DEFAULT_ESTIMATOR_OPTIONS,
     InfluenceConfig,
     MislabeledConfig,
     PBRFConfig,
@@ -39,7 +41,6 @@ from laftr.influence import (
     make_method,
     train_model,
 )
-from laftr.influence.experiment import _estimator_options  # the experiment's estimator defaults
 from laftr.report import markdown_table, run_metadata, write_json_atomic
 
 METHODS = ("pbrf", "pbrf-laftr", "pbrf-ntk", "pbrf-kfac", "pbrf-weight")
@@ -49,6 +50,19 @@ def configs(rtol: float, max_iter: int, damping: float) -> dict[str, PBRFConfig]
     """The compared solver settings (the first is the reference of the differences)."""
     base = PBRFConfig(damping=damping, rtol=rtol, max_iter=max_iter)
     return {"former": dataclasses.replace(base, history_size=50, stall_window=0), "current": base}
+
+
+def estimator_options(methods: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """The mislabeled experiment's estimator options (classification defaults) for ``pbrf-<name>`` methods."""
+    out = {}
+    for m in methods:
+        name = m[len("pbrf-"):]
+        if name:
+            opts = dict(DEFAULT_ESTIMATOR_OPTIONS.get(name, {}))
+            if name == "laftr":
+                opts.update(CLASSIFICATION_LAFTR_OPTIONS)
+            out[name] = opts
+    return out
 
 
 def _summ(values: list[float]) -> dict[str, float]:
@@ -147,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "solvers": {k: dataclasses.asdict(v) for k, v in configs(cfg.rtol, cfg.max_iter, cfg.damping).items()},
         "methods": compare(model, ds.x_train.double(), y, task, methods,
                            configs(cfg.rtol, cfg.max_iter, cfg.damping), list(range(n_q)),
-                           _estimator_options(cfg.estimator_options, task, list(methods)),
+                           estimator_options(methods),
                            InfluenceConfig(damping=cfg.damping, cg_rtol=cfg.cg_rtol)),
     }
     res["wall_time_s"] = time.perf_counter() - t0
