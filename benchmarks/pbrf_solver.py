@@ -31,14 +31,13 @@ from typing import Any
 import torch
 
 from laftr.influence import (
-    CLASSIFICATION_LAFTR_OPTIONS,
-    DEFAULT_ESTIMATOR_OPTIONS,
     InfluenceConfig,
     MislabeledConfig,
     PBRFConfig,
     flip_labels,
     load_tables,
     make_method,
+    resolve_estimator_options,
     train_model,
 )
 from laftr.report import markdown_table, run_metadata, write_json_atomic
@@ -50,19 +49,6 @@ def configs(rtol: float, max_iter: int, damping: float) -> dict[str, PBRFConfig]
     """The compared solver settings (the first is the reference of the differences)."""
     base = PBRFConfig(damping=damping, rtol=rtol, max_iter=max_iter)
     return {"former": dataclasses.replace(base, history_size=50, stall_window=0), "current": base}
-
-
-def estimator_options(methods: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """The mislabeled experiment's estimator options (classification defaults) for ``pbrf-<name>`` methods."""
-    out = {}
-    for m in methods:
-        name = m[len("pbrf-"):]
-        if name:
-            opts = dict(DEFAULT_ESTIMATOR_OPTIONS.get(name, {}))
-            if name == "laftr":
-                opts.update(CLASSIFICATION_LAFTR_OPTIONS)
-            out[name] = opts
-    return out
 
 
 def _summ(values: list[float]) -> dict[str, float]:
@@ -152,16 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     model = train_model(ds.x_train, y, task, cfg.hidden, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, False,
                         ds.num_classes)
     n_q = 3 if args.quick else args.queries
+    solvers = configs(cfg.rtol, cfg.max_iter, cfg.damping)
     t0 = time.perf_counter()
     res = {
         "metadata": run_metadata(" ".join(["python benchmarks/pbrf_solver.py", *(argv or sys.argv[1:])]),
                                  seed=cfg.seed, device="cpu"),
         "setup": {"dataset": cfg.dataset, "n_train": int(ds.x_train.shape[0]), "hidden": list(cfg.hidden),
                   "damping": cfg.damping, "rtol": cfg.rtol, "max_iter": cfg.max_iter, "queries": n_q},
-        "solvers": {k: dataclasses.asdict(v) for k, v in configs(cfg.rtol, cfg.max_iter, cfg.damping).items()},
-        "methods": compare(model, ds.x_train.double(), y, task, methods,
-                           configs(cfg.rtol, cfg.max_iter, cfg.damping), list(range(n_q)),
-                           estimator_options(methods),
+        "solvers": {k: dataclasses.asdict(v) for k, v in solvers.items()},
+        "methods": compare(model, ds.x_train.double(), y, task, methods, solvers, list(range(n_q)),
+                           resolve_estimator_options(cfg.estimator_options, task, list(methods)),
                            InfluenceConfig(damping=cfg.damping, cg_rtol=cfg.cg_rtol)),
     }
     res["wall_time_s"] = time.perf_counter() - t0

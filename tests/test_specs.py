@@ -122,8 +122,7 @@ def test_continual_refuses_an_unknown_key_at_parse_time():
 
 
 def test_influence_pbrf_spec():
-    from laftr.influence import check_method, make_method
-    from laftr.influence.experiment import _estimator_options
+    from laftr.influence import check_method, make_method, resolve_estimator_options
     from laftr.influence.methods import parse_method_name, split_variant
 
     assert check_method("pbrf-laftr[num_samples=200]") == "pbrf-laftr[num_samples=200]"
@@ -131,8 +130,8 @@ def test_influence_pbrf_spec():
                                                                   Spec("laftr@mix", (("components", 3),)))
     assert split_variant("pbrf-laftr@full") == ("pbrf-laftr", "full")
     assert split_variant("pbrf-laftr[num_samples=2]") == ("pbrf-laftr", None)
-    opts = _estimator_options({"laftr@mix": {"input_model": "mixture"}}, "regression",
-                              ["pbrf-laftr[num_samples=200]", "pbrf-laftr@mix[components=3]"])
+    opts = resolve_estimator_options({"laftr@mix": {"input_model": "mixture"}}, "regression",
+                                     ["pbrf-laftr[num_samples=200]", "pbrf-laftr@mix[components=3]"])
     meth = make_method("pbrf-laftr[num_samples=200,input_model=diag]", estimator_options=opts)
     assert meth.name == "pbrf-laftr[num_samples=200,input_model=diag]"
     assert meth.estimator_options == {**opts["laftr"], "num_samples": 200, "input_model": "diag"}
@@ -141,6 +140,13 @@ def test_influence_pbrf_spec():
     assert tagged.estimator_options["input_model"] == "mixture"
     with pytest.raises(OptionError, match="no option 'num_sample'.*valid keys: .*num_samples"):
         check_method("pbrf-laftr[num_sample=3]")
+    # the resolver names what is wrong: an unknown estimator, an unknown option, the reserved metric
+    for user, msg in (({"lafter": {}}, "unknown estimator 'lafter'"),
+                      ({"laftr": {"num_sample": 3}}, "'laftr' has no option 'num_sample'"),
+                      ({"laftr": {"metric": "kl"}}, "metric is the loss's Bregman divergence")):
+        with pytest.raises(ValueError, match=msg):
+            resolve_estimator_options(user, "classification")
+    assert resolve_estimator_options(None, "classification")["laftr"]["input_model"] == "classwise"
     with pytest.raises(OptionError, match="metric"):
         check_method("pbrf-laftr[metric=kl]")
     with pytest.raises(UsageError, match="no estimator"):

@@ -55,9 +55,12 @@ CLASSIFICATION_LAFTR_OPTIONS: dict[str, Any] = {"input_model": "classwise", "cla
                                                 "num_samples": 1024}
 
 
-def _estimator_options(user: dict[str, dict[str, Any]] | None, task: str,
-                       methods: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Defaults merged with the user's options, per estimator name or tagged variant ``<name>@<tag>``.
+def resolve_estimator_options(user: dict[str, dict[str, Any]] | None, task: str,
+                              methods: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The influence experiments' estimator options, per estimator name or tagged variant ``<name>@<tag>``.
+
+    ``DEFAULT_ESTIMATOR_OPTIONS`` (and ``CLASSIFICATION_LAFTR_OPTIONS`` for a classification task's ``laftr``)
+    merged with the user's options ``{name: {key: value}}``; ``methods`` adds the tagged variants they name.
 
     A variant starts from its estimator's defaults. Default keys the estimator's config lacks are dropped;
     user keys it lacks are rejected.
@@ -313,7 +316,7 @@ def run_influence(config: InfluenceExperimentConfig, out_dir: str | Path, force:
     # construction filled every setting left at None
     assert cfg.hidden is not None and cfg.epochs is not None
     assert cfg.lr is not None and cfg.damping is not None
-    est_opts = _estimator_options(cfg.estimator_options,
+    est_opts = resolve_estimator_options(cfg.estimator_options,
                                   "classification" if cfg.dataset in MISLABELED_DATASETS
                                   else "regression", cfg.methods)
     folder = RunFolder(out_dir, force=force)
@@ -534,7 +537,7 @@ def run_mislabeled(config: MislabeledConfig, out_dir: str | Path, force: bool = 
     # construction filled every setting left at None
     assert cfg.hidden is not None and cfg.epochs is not None
     assert cfg.lr is not None and cfg.damping is not None
-    est_opts = _estimator_options(cfg.estimator_options, "classification", cfg.methods)
+    est_opts = resolve_estimator_options(cfg.estimator_options, "classification", cfg.methods)
     folder = RunFolder(out_dir, force=force)
     out = folder.open()
     t_start = time.perf_counter()

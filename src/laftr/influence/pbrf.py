@@ -415,9 +415,10 @@ def _lbfgs(
     rho: list[float] = []
     it = 0
     flat = 0  # consecutive iterations whose decrease is at the floating-point resolution of f
-    recent = [(f, float(g.abs().max()))]  # objective and max|grad| at the last accepted iterates (stall rule)
+    gmax = float(g.abs().max())  # max|grad| at the current iterate
+    recent = [(f, gmax)]  # objective and max|grad| at the last accepted iterates (the stall rule's window)
     for it in range(1, max_iter + 1):
-        if float(g.abs().max()) <= tol:
+        if gmax <= tol:
             return u, it - 1, "gradient"
         d = _two_loop(g, S, Yv, rho)
         gd = float(g @ d)
@@ -464,24 +465,25 @@ def _lbfgs(
                 rho.pop(0)
         flat = flat + 1 if f - f_new <= 1e-14 * max(1.0, abs(f)) else 0
         u, f, g = u_new, f_new, g_new
-        recent.append((f, float(g.abs().max())))
+        gmax = float(g.abs().max())
+        recent.append((f, gmax))
         if len(recent) > stall_window + 1:
             recent.pop(0)
         # near the tolerance, the last stall_window iterations together lowered f by no more than its rounding
         # noise and did not halve the gradient: a solve that still converges (its gradient shrinking) is never
         # stopped by it, nor one held up on a kink far from the tolerance (it may still move on)
         noise_floor = (stall_window > 0 and len(recent) > stall_window
-                       and recent[-1][1] <= _NOISE_FLOOR_GTOL * tol
+                       and gmax <= _NOISE_FLOOR_GTOL * tol
                        and recent[0][0] - f <= stall_ftol * max(1.0, abs(f))
                        and min(gm for _, gm in recent[1:]) >= 0.5 * recent[0][1])
         if flat >= 3 or noise_floor:
-            return u, it, "gradient" if float(g.abs().max()) <= tol else "stalled"
+            return u, it, "gradient" if gmax <= tol else "stalled"
         if float(u.norm()) > radius:
             raise NoLocalMinimumError(
                 f"the PBRF iterates left the trust region (||u|| > {radius:.3g}): no local minimum near "
                 "theta_s; increase the damping"
             )
-    if float(g.abs().max()) <= tol:
+    if gmax <= tol:
         return u, it, "gradient"
     return u, it, "max_iter"
 
