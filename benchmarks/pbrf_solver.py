@@ -5,9 +5,14 @@ images, 10 % of the labels flipped, MLP [64], damping 0.1, rtol 1e-6), every met
 of the first ``--queries`` training examples under each solver configuration, the configurations interleaved
 query by query (so that the machine's load hits them alike):
 
-- ``former``: 50 curvature pairs and no noise-floor rule (``stall_window=0``): the solver of the committed
-  mislabeled run of git 719e699;
-- ``current``: :class:`laftr.influence.PBRFConfig`'s defaults (100 pairs, the noise-floor rule).
+- ``former``: the solver of the mislabeled run of git 2aec977 (100 curvature pairs, the noise-floor rule at
+  ``stall_ftol=1e-12``, no preconditioning);
+- ``current``: :class:`laftr.influence.PBRFConfig`'s defaults (``stall_ftol=1e-11``; ``pbrf-kfac`` and
+  ``pbrf-weight`` preconditioned with the estimate's damped inverse Hessian).
+
+(The comparison committed at git 2aec977, ``pbrf-solver-2aec977.json``, had as ``former`` the solver of git
+719e699: 50 pairs, no noise-floor rule.) Both sides of one run use the same code, so a run isolates the
+settings: code changes that are not settings (e.g. gradients computed only at accepted points) speed up both.
 
 Per method and configuration: objective evaluations and CPU seconds per query (mean and median), the status
 counts, and each query's self-influence; per method, the largest and the median relative difference of the
@@ -48,7 +53,7 @@ METHODS = ("pbrf", "pbrf-laftr", "pbrf-ntk", "pbrf-kfac", "pbrf-weight")
 def configs(rtol: float, max_iter: int, damping: float) -> dict[str, PBRFConfig]:
     """The compared solver settings (the first is the reference of the differences)."""
     base = PBRFConfig(damping=damping, rtol=rtol, max_iter=max_iter)
-    return {"former": dataclasses.replace(base, history_size=50, stall_window=0), "current": base}
+    return {"former": dataclasses.replace(base, stall_ftol=1e-12, precondition="none"), "current": base}
 
 
 def _summ(values: list[float]) -> dict[str, float]:

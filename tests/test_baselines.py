@@ -591,3 +591,142 @@ def test_mc_draws_are_reproducible_from_the_seed():
     c = _make("diag-fisher", metric="kl", fisher="mc", seed=4).fit(model, X)(other)
     assert a.item() == b.item() and a.item() != c.item()
 
+
+
+# ---------------------------------------------------------------------- damped inverse Hessians (PBRF preconditioner)
+class _TokenNet(nn.Module):
+    """Embedding, a Linear with bias, a LayerNorm (K-FAC's diagonal fallback) and a Linear without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.l1 = nn.Linear(8, 5)
+        self.ln = nn.LayerNorm(5)
+        self.l2 = nn.Linear(5, 3, bias=False)
+
+    def forward(self, t):
+        return self.l2(self.ln(torch.tanh(self.l1(self.emb(t).reshape(t.shape[0], -1)))))
+
+
+def _dense_hessian(est, model):
+    """The estimate's Hessian in all parameters, column by column (it is quadratic: gradients are linear)."""
+    names = [n for n, _ in model.named_parameters()]
+    p0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    work = copy.deepcopy(model)
+    params = dict(work.named_parameters())
+    size = sum(p.numel() for p in p0.values())
+    cols = []
+    for i in range(size):
+        e = torch.zeros(size)
+        e[i] = 1.0
+        with torch.no_grad():
+            for n, chunk in zip(names, e.split([p0[n].numel() for n in names])):
+                params[n].copy_(p0[n] + chunk.view_as(p0[n]))
+        work.zero_grad()
+        est(work).backward()
+        cols.append(torch.cat([params[n].grad.reshape(-1) for n in names]))
+    H = torch.stack(cols, 1)
+    return (H + H.T) / 2, names, p0
+
+
+@pytest.mark.parametrize("name", ["kfac", "diag-fisher", "weight"])
+def test_damped_solve_inverts_the_estimates_hessian(name):
+    """``(H + lam I)^{-1} v`` equals the dense solve with the estimate's own Hessian (float64), on all parameters
+    and on subsets (a frozen bias: the weight's block alone; the bias alone)."""
+    torch.manual_seed(0)
+    model = _TokenNet()
+    X, Y = torch.randint(0, 7, (40, 2)), torch.randint(0, 3, (40,))
+    kw = {"kfac": {"unsupported": "diag"}, "weight": {"scale": 2.5}}.get(name, {})
+    est = _make(name, metric="kl", **kw).fit(model, (X, Y))
+    assert est.quadratic
+    H, names, p0 = _dense_hessian(est, model)
+    offsets = dict(zip(names, torch.tensor([0] + [p0[n].numel() for n in names]).cumsum(0).tolist()))
+    g = torch.Generator().manual_seed(1)
+    for subset in (names, [n for n in names if n != "l1.bias"], [n for n in names if n != "l1.weight"]):
+        idx = torch.cat([torch.arange(offsets[n], offsets[n] + p0[n].numel()) for n in subset])
+        v = torch.randn(len(idx), generator=g)
+        lam = 0.37
+        ref = torch.linalg.solve(H[idx][:, idx] + lam * torch.eye(len(idx)), v)
+        vd = dict(zip(subset, [c.view_as(p0[n]) for n, c in zip(subset, v.split([p0[n].numel() for n in subset]))]))
+        got = est.damped_solve(vd, lam)
+        assert list(got) == subset
+        torch.testing.assert_close(torch.cat([got[n].reshape(-1) for n in subset]), ref, rtol=1e-10, atol=1e-13)
+    if name == "kfac":  # the test must see a real Kronecker structure, not a diagonal
+        assert H[offsets["l1.weight"]:offsets["l1.bias"], offsets["l1.weight"]:offsets["l1.bias"]].count_nonzero() > 100
+
+
+def test_damped_solve_follows_a_refit_and_survives_save_and_load(tmp_path):
+    model = mlp(5, (6,), 3)
+    X, _ = _data(50)
+    est = _make("kfac", metric="kl").fit(model, X)
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    before = est.damped_solve(v, 0.1)
+    path = tmp_path / "k.laftr"
+    laftr.save(est, path)
+    loaded = laftr.load(path)
+    for n in v:
+        torch.testing.assert_close(loaded.damped_solve(v, 0.1)[n], before[n], rtol=1e-12, atol=0)
+    est.fit(perturbed(model, 0.5), X)  # other factors: the cached eigendecompositions must not be reused
+    assert any(not torch.allclose(est.damped_solve(v, 0.1)[n], before[n]) for n in v)
+
+
+def test_damped_solve_refuses_bad_input():
+    model = mlp(5, (6,), 3)
+    X, _ = _data(30)
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="not fitted"):
+        _make("kfac").damped_solve(v, 0.1)
+    with pytest.raises(NotImplementedError, match="not a fixed quadratic form"):
+        _make("ntk").fit(model, X).damped_solve(v, 0.1)
+    est = _make("kfac").fit(model, X)
+    for bad in (0.0, -1.0, math.nan, math.inf, True, "0.1"):
+        with pytest.raises(ValueError, match="damping"):
+            est.damped_solve(v, bad)
+    with pytest.raises(ValueError, match="'nope' is not a parameter"):
+        est.damped_solve({"nope": torch.zeros(3)}, 0.1)
+    name = next(iter(v))
+    with pytest.raises(ValueError, match="has shape"):
+        est.damped_solve({name: torch.zeros(2)}, 0.1)
+    with pytest.raises(ValueError, match="floating-point"):
+        est.damped_solve({name: torch.zeros(v[name].shape, dtype=torch.long)}, 0.1)
+
+
+# ---------------------------------------------------------------------- ntk's traced tangent map
+def test_ntk_traced_products_equal_plain_jvp_and_follow_models_and_refits(monkeypatch):
+    """The cached ``linearize`` gives the values and gradients of a ``jvp`` per call (the fallback where tracing
+    fails); another model object or a refit is traced afresh, and a pickled estimator drops the traced map."""
+    import pickle
+
+    import laftr._util as util
+
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    X, _ = _data(40)
+    other = perturbed(model, 0.3)
+
+    def value_and_grads(est, m):
+        m.zero_grad()
+        d = est(m)
+        d.backward()
+        return d.detach(), [p.grad.clone() for p in m.parameters()]
+
+    traced = _make("ntk", metric="kl", coreset_size=20).fit(model, X)
+    d1, g1 = value_and_grads(traced, other)
+    d1b, _ = value_and_grads(traced, other)  # served by the cache
+    assert traced.__dict__["_tangent_cache"][0]() is other
+    monkeypatch.setattr(util, "linearize", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("untraceable")))
+    plain = _make("ntk", metric="kl", coreset_size=20).fit(model, X)
+    d2, g2 = value_and_grads(plain, other)
+    monkeypatch.undo()
+    torch.testing.assert_close(d1, d2, rtol=1e-12, atol=0)
+    assert d1 == d1b
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    twin = copy.deepcopy(other)
+    torch.testing.assert_close(traced(twin), d1, rtol=1e-12, atol=0)  # another object: traced for it
+    assert traced.__dict__["_tangent_cache"][0]() is twin
+    copy_ = pickle.loads(pickle.dumps(traced))
+    assert "_tangent_cache" not in copy_.__dict__
+    torch.testing.assert_close(copy_(other), d1, rtol=1e-12, atol=0)
+    traced.fit(perturbed(model, 0.2), X)  # a refit (new theta0) is traced afresh
+    truth = _make("ntk", metric="kl", coreset_size=20).fit(perturbed(model, 0.2), X)
+    torch.testing.assert_close(traced(other), truth(other), rtol=1e-12, atol=0)

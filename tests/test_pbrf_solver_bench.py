@@ -24,8 +24,8 @@ def test_compare_two_solver_settings_on_the_same_queries(ps, one_thread):
     g = torch.Generator().manual_seed(1)
     X, Y = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
     solvers = ps.configs(rtol=1e-6, max_iter=200, damping=0.1)
-    assert solvers["former"].history_size == 50 and solvers["former"].stall_window == 0
-    assert solvers["current"].stall_window > 0
+    assert solvers["former"].stall_ftol == 1e-12 and solvers["former"].precondition == "none"
+    assert solvers["current"].stall_ftol == 1e-11 and solvers["current"].precondition == "auto"
     res = ps.compare(model, X, Y, "classification", ("pbrf", "pbrf-weight"), solvers, [0, 1, 2],
                      {"weight": {}}, influence=ps.InfluenceConfig(damping=0.1))
     for name in ("pbrf", "pbrf-weight"):

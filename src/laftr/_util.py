@@ -7,12 +7,14 @@ import contextvars
 import logging
 import os
 import secrets
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.func import jvp, linearize
 
 from .errors import DataError, UsageError
 
@@ -332,3 +334,28 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def tangent_map(f: Callable[[dict[str, torch.Tensor]], torch.Tensor], primals: dict[str, torch.Tensor],
+                what: str) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """``v -> J v``, the Jacobian-vector product of ``f`` at ``primals``, for many ``v``.
+
+    ``torch.func.linearize`` traces ``f``'s forward-mode pass once, so a product skips the primal pass and
+    the per-call ``torch.func`` bookkeeping (about a third of a ``jvp``'s time on an MLP); the result is
+    differentiable in ``v``. Where ``f`` cannot be traced, or has an op without forward-mode AD, a plain
+    ``torch.func.jvp`` per product: the same values (that fallback raises what ``jvp`` raises, e.g.
+    ``NotImplementedError``). ``what`` names the products in the log line of the fallback.
+    """
+    try:
+        with warnings.catch_warnings():  # the tracer warns about its own nodes and its use of torch.jit
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _, lin = linearize(f, primals)
+        return lin
+    except Exception as e:  # noqa: BLE001 (any tracing failure: the untraced products are exact too)
+        log.info("%s without linearize (%s: %s)", what, type(e).__name__, e)
+
+        def plain(v: dict[str, torch.Tensor]) -> torch.Tensor:
+            return jvp(f, (primals,), (v,))[1]
+
+        return plain

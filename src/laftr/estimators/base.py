@@ -149,6 +149,9 @@ class FSDEstimator:
     #: One that does not (``weight``) neither reads the data nor checks it: ``outputs`` is then validated only
     #: as a list of indices, and a network that mixes the examples of a batch is not refused.
     uses_network: ClassVar[bool] = True
+    #: Whether the estimate is a fixed quadratic form of ``theta - theta0`` with a cheap damped inverse
+    #: (:meth:`damped_solve`).
+    quadratic: ClassVar[bool] = False
 
     def __init__(self, config: EstimatorConfig | None = None, **kwargs: Any) -> None:
         """An unfitted estimator from ``config`` and/or keyword fields of :attr:`Config` (which win)."""
@@ -296,6 +299,50 @@ class FSDEstimator:
         """Number of floats this estimator stores beyond theta0 (the honest memory cost)."""
         raise NotImplementedError
 
+    def damped_solve(self, vectors: dict[str, torch.Tensor], damping: float) -> dict[str, torch.Tensor]:
+        """``(H + damping I)^{-1} v``, with ``H`` the Hessian of the estimate in the parameters.
+
+        Only for estimators whose estimate is a fixed quadratic form of ``theta - theta0`` (``quadratic`` is
+        True: ``weight``, ``diag-fisher``, ``kfac``), where ``H`` is constant and its damped inverse is cheap
+        (diagonal, or Kronecker factors' eigendecompositions). The PBRF solver uses it as L-BFGS's initial
+        inverse Hessian (:class:`laftr.influence.PBRFConfig`'s ``precondition``).
+
+        Args:
+            vectors: ``v``, one tensor per parameter name, shaped like it (the parameters solved for,
+                typically the trainable ones; ``H`` is restricted to them). Parameters the estimate does not
+                depend on have ``H = 0`` there.
+            damping: ``> 0``.
+
+        Returns:
+            The solution, by the same names, in ``v``'s device and dtype.
+
+        Raises:
+            NotImplementedError: the estimate is not a fixed quadratic form.
+            RuntimeError: not fitted.
+            ValueError: a name that is not in theta0, a shape that differs from it, a vector that is not a
+                floating-point tensor, a damping that is not a finite positive number.
+        """
+        if not self.quadratic:
+            raise NotImplementedError(f"the {self.name!r} estimate is not a fixed quadratic form of "
+                                      "theta - theta0: it has no constant Hessian to invert")
+        if self.theta0 is None or self.arch is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(model, data) first")
+        if (isinstance(damping, bool) or not isinstance(damping, numbers.Real)
+                or not 0 < damping < float("inf")):
+            raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
+        shapes = {n: list(s) for n, s in self.arch}
+        for n, v in vectors.items():
+            if n not in shapes:
+                raise ValueError(f"{n!r} is not a parameter of the fitted network")
+            if not (isinstance(v, torch.Tensor) and v.is_floating_point()):
+                raise ValueError(f"vector {n!r} must be a floating-point tensor, got {type(v).__name__}")
+            if list(v.shape) != shapes[n]:
+                raise ValueError(f"vector {n!r} has shape {list(v.shape)}; the parameter has {shapes[n]}")
+        return self._damped_solve(vectors, float(damping))
+
+    def _damped_solve(self, vectors: dict[str, torch.Tensor], damping: float) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
     def describe(self) -> dict[str, Any]:
         """Name, config and memory, for reports."""
         return {"name": self.name, "config": dataclasses.asdict(self.config),
@@ -382,6 +429,8 @@ class FSDEstimator:
         """The state to pickle, without the weak references of the graph check (it is redone)."""
         state = dict(self.__dict__)
         state["_graph_checked"] = {}  # weak references do not pickle; the check is redone
+        for k in [k for k in state if k.endswith("_cache")]:  # derived state (traced functions): rebuilt
+            del state[k]
         return state
 
     def theta0_model(self, like: nn.Module) -> nn.Module:

@@ -59,6 +59,7 @@ class DiagFisherEstimator(FSDEstimator):
     """
 
     Config = FisherConfig
+    quadratic = True  # Hessian diag(F)
 
     def __init__(self, config: FisherConfig | None = None, **kwargs: Any) -> None:
         """An unfitted estimator (see :class:`FSDEstimator`); checks the curvature options."""
@@ -108,6 +109,11 @@ class DiagFisherEstimator(FSDEstimator):
     def stored_floats(self) -> int:
         """One diagonal Fisher entry per parameter."""
         return 0 if self.diag is None else sum(v.numel() for v in self.diag.values())
+
+    def _damped_solve(self, vectors: dict[str, torch.Tensor], damping: float) -> dict[str, torch.Tensor]:
+        assert self.diag is not None
+        return {n: v / (self.diag[n].to(v.device, v.dtype) + damping) if n in self.diag else v / damping
+                for n, v in vectors.items()}
 
     def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         assert self.diag is not None

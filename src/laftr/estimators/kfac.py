@@ -89,6 +89,7 @@ class KfacEstimator(FSDEstimator):
     """K-FAC (Ritter et al. 2018 style): ``1/2 sum_layers tr(G dW~ A dW~^T)``. See the module docstring."""
 
     Config = KfacConfig
+    quadratic = True  # Hessian: per layer A (x) G (an embedding's diag(A) (x) G), per fallback its diagonal
 
     def __init__(self, config: KfacConfig | None = None, **kwargs: Any) -> None:
         """An unfitted estimator (see :class:`FSDEstimator`); checks the curvature options."""
@@ -185,6 +186,60 @@ class KfacEstimator(FSDEstimator):
             total = t if total is None else total + t
         assert total is not None
         return 0.5 * total
+
+    def _eigen(self, layer: Tap, weight: bool, bias: bool) -> tuple[torch.Tensor | None, torch.Tensor,
+                                                                      torch.Tensor, torch.Tensor]:
+        """Eigendecompositions of the layer's factors (float64, clamped at 0), restricted to the blocks.
+
+        ``(Q_A, l_A, Q_G, l_G)``; for an embedding ``Q_A`` is None and ``l_A`` the diagonal A itself. Cached
+        until the estimator is fitted or loaded again.
+        """
+        cache = self.__dict__.setdefault("_eigen_cache", {})
+        if cache.get("source") is not self.theta0:
+            cache.clear()
+            cache["source"] = self.theta0
+        key = (layer.name, weight, bias)
+        if key not in cache:
+            A = self.A[layer.name].double().cpu()
+            lG, QG = torch.linalg.eigh(self.G[layer.name].double().cpu())
+            if layer.kind == "embedding":
+                cache[key] = (None, A, QG, lG.clamp_min(0))
+            else:
+                if layer.bias and not (weight and bias):  # one of the two blocks: A's sub-block
+                    A = A[:-1, :-1] if weight else A[-1:, -1:]
+                lA, QA = torch.linalg.eigh(A)
+                cache[key] = (QA, lA.clamp_min(0), QG, lG.clamp_min(0))
+        return cast(tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor], cache[key])
+
+    def _damped_solve(self, vectors: dict[str, torch.Tensor], damping: float) -> dict[str, torch.Tensor]:
+        # each block's Hessian is V -> G V A (an embedding's: diag(A) V G, a fallback's: diag): solved in the
+        # factors' eigenbases, X = Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T
+        out: dict[str, torch.Tensor] = {}
+        for layer in self.layers:
+            w = layer.weight_name
+            b = layer.bias_name if layer.bias else None
+            has_w, has_b = w in vectors, b is not None and b in vectors
+            if not (has_w or has_b):
+                continue
+            like = vectors[w] if has_w else vectors[cast(str, b)]
+            QA, lA, QG, lG = (None if t is None else t.to(like.device, like.dtype)
+                              for t in self._eigen(layer, has_w, has_b))
+            assert lA is not None and QG is not None and lG is not None
+            if layer.kind == "embedding":  # (V, d) in the weight's own orientation
+                out[w] = ((vectors[w] @ QG) / (lA[:, None] * lG[None, :] + damping)) @ QG.T
+                continue
+            assert QA is not None
+            cols = ([vectors[w].reshape(layer.d_out, -1)] if has_w else []) + (
+                [vectors[cast(str, b)][:, None]] if has_b else [])
+            X = QG @ ((QG.T @ torch.cat(cols, 1) @ QA) / (lG[:, None] * lA[None, :] + damping)) @ QA.T
+            if has_w:
+                out[w] = X[:, :layer.d_in].reshape(vectors[w].shape)
+            if has_b:
+                out[cast(str, b)] = X[:, -1]
+        for n, v in vectors.items():
+            if n not in out:
+                out[n] = v / (self.diag[n].to(v.device, v.dtype) + damping) if n in self.diag else v / damping
+        return {n: out[n] for n in vectors}  # in the order given
 
     # ------------------------------------------------------------------ memory and persistence
     def stored_floats(self) -> int:

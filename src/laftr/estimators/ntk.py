@@ -2,21 +2,24 @@
 
 ``D(theta) ~= mean_{x in C} rho(f(x; theta0), f(x; theta0) + J(x) (theta - theta0))`` over a coreset C of
 k stored inputs, J the Jacobian w.r.t. the parameters at theta0. ``J(x) dtheta`` is one forward-mode
-product (``torch.func.jvp``), differentiable w.r.t. theta through the tangent. Buffers (batch-norm
-statistics) stay at theta0's values; the network runs in eval mode. Every parameter is linearized
-(a frozen parameter contributes only if it differs from theta0). Stores ``k * d`` floats. A network with an op
-that has no forward-mode AD (nn.MultiheadAttention's fused kernel) is differentiated through laftr's traced
-interpreter instead, which computes the same function from plain ops.
+product, differentiable w.r.t. theta through the tangent: ``torch.func.linearize`` traces it once per model
+(theta0's forward pass is not repeated), or, where the model cannot be traced, a ``torch.func.jvp`` per call.
+Buffers (batch-norm statistics) stay at theta0's values; the network runs in eval mode. Every parameter is
+linearized (a frozen parameter contributes only if it differs from theta0). Stores ``k * d`` floats. A network
+with an op that has no forward-mode AD (nn.MultiheadAttention's fused kernel) goes through laftr's
+traced interpreter instead, which computes the same function from plain ops.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from .._util import tangent_map
 from ..metrics import discrepancy
 from .base import register
 from .coreset import CoresetConfig, CoresetEstimator
@@ -38,25 +41,45 @@ class NtkEstimator(CoresetEstimator):
             self._net_cache = (id(model), TracedNet(model))
         return self._net_cache[1]
 
-    def _distance(self, model: nn.Module) -> torch.Tensor:
+    def _tangent_map(self, model: nn.Module, p0: dict[str, torch.Tensor], primals: dict[str, torch.Tensor],
+                     rest: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """``(f(x; theta0), v -> J v)`` on the stored inputs, traced once per model, device and dtype.
+
+        ``torch.func.linearize`` (:func:`laftr._util.tangent_map`) skips theta0's forward pass, which every
+        evaluation would otherwise repeat; where the model cannot be traced, a ``jvp`` per evaluation.
+        """
+        # p0 is theta0 cached for this device and dtype (a new object after a refit or a load)
+        cache = self.__dict__.get("_tangent_cache")
+        if cache is not None and cache[0]() is model and cache[1] is p0 and cache[2] is self.X:
+            return cache[3], cache[4]
         X = self.inputs_on(model)
+
+        def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(model, (p, rest), (X,))
+
+        with eval_mode(model), torch.no_grad():
+            z0 = f(primals)
+        with eval_mode(model):
+            lin = tangent_map(f, primals, "ntk products")
+        self.__dict__["_tangent_cache"] = (weakref.ref(model), p0, self.X, z0, lin)
+        return z0, lin
+
+    def _distance(self, model: nn.Module) -> torch.Tensor:
         p0 = self.theta0_on(model)
         params = dict(model.named_parameters())
         primals = {n: p0[n] for n in params}
         tangents = {n: p - p0[n] if p.requires_grad else (p - p0[n]).detach() for n, p in params.items()}
         rest = {n: t for n, t in p0.items() if n not in params}
-
-        def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return functional_call(model, (p, rest), (X,))
-
-        with eval_mode(model):
-            try:
-                # torch.func annotates the result as a pair or, with has_aux, a triple: here it is a pair
-                z0, dz = jvp(f, (primals,), (tangents,))  # type: ignore[misc]
-            except NotImplementedError:
-                # an op without forward-mode AD (e.g. MultiheadAttention's fused kernel): the same function
-                # through laftr's interpreter, made of plain ops
-                net = self._traced(model)
+        try:
+            z0, lin = self._tangent_map(model, p0, primals, rest)
+            with eval_mode(model):
+                dz = lin(tangents)
+        except NotImplementedError:
+            # an op without forward-mode AD (e.g. MultiheadAttention's fused kernel): the same function
+            # through laftr's interpreter, made of plain ops
+            net = self._traced(model)
+            X = self.inputs_on(model)
+            with eval_mode(model):
                 z0, dz = jvp(lambda p: net.forward(X, {**p, **rest}), (primals,), (tangents,))  # type: ignore[misc]
         z0 = z0.detach()
         return discrepancy(z0, z0 + dz, self.metric, self.outputs).mean()

@@ -36,6 +36,7 @@ class WeightEstimator(FSDEstimator):
 
     Config = WeightConfig
     uses_network = False  # needs no data: fit neither reads examples nor checks the forward on them
+    quadratic = True  # Hessian scale * I
 
     def __init__(self, config: WeightConfig | None = None, **kwargs: Any) -> None:
         """An unfitted estimator (see :class:`FSDEstimator`); ``scale`` must be finite and non-negative."""
@@ -63,3 +64,7 @@ class WeightEstimator(FSDEstimator):
     def stored_floats(self) -> int:
         """None beyond theta0."""
         return 0
+
+    def _damped_solve(self, vectors: dict[str, torch.Tensor], damping: float) -> dict[str, torch.Tensor]:
+        scale = float(cast(WeightConfig, self.config).scale)
+        return {n: v / (scale + damping) for n, v in vectors.items()}

@@ -24,15 +24,14 @@ import dataclasses
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, jvp, linearize, vjp
+from torch.func import functional_call, jacrev, vjp
 
-from .._util import model_device_dtype
+from .._util import model_device_dtype, tangent_map
 from .losses import check_task, infer_task, output_hessian_product, per_example_loss
 from .measure import Measurement, check_examples
 from .params import ParamSpace
@@ -166,18 +165,7 @@ class ClassicalInfluence:
         def fb(p: dict[str, torch.Tensor]) -> torch.Tensor:
             return self._f(p, xb)
 
-        try:
-            with warnings.catch_warnings():  # the tracer's constant folding warns about its own nodes
-                warnings.simplefilter("ignore", UserWarning)
-                _, lin = linearize(fb, self.params)
-            return cast("Callable[[dict[str, torch.Tensor]], torch.Tensor]", lin)
-        except Exception as e:  # noqa: BLE001 (any tracing failure: the untraced products are exact too)
-            log.info("Gauss-Newton products without linearize (%s: %s)", type(e).__name__, e)
-
-            def plain(vd: dict[str, torch.Tensor]) -> torch.Tensor:
-                return jvp(fb, (self.params,), (vd,))[1]  # (output, J v)
-
-            return plain
+        return tangent_map(fb, self.params, "Gauss-Newton products")
 
     def ggn_matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``G v`` (flat): per training batch one cached linearized ``jvp`` and one cached ``vjp``."""
