@@ -283,6 +283,43 @@ def test_float32_curvature_pairs_steer_to_the_same_float64_solution():
     assert not torch.equal(a, b)  # the directions did differ
 
 
+def test_a_stalled_preconditioned_solve_is_redone_without_it_and_the_lower_objective_kept(monkeypatch):
+    """On a kink a preconditioned solve can stall at a worse point than the plain one: a ``stalled``
+    preconditioned solve is solved again from theta_s without the preconditioner, and the solution with the
+    lower objective is returned (either one)."""
+    import laftr.influence.pbrf as pbrf_mod
+
+    model = _tanh_net(k=3)
+    X, Y = _cls_data(n=60)
+    est = laftr.make_estimator("kfac", metric="kl", fisher="exact").fit(model, (X, Y))
+    real = pbrf_mod._lbfgs
+
+    def solve(fake_for_preconditioned):
+        calls = []
+
+        def fake(fg, u, h0=None, **kw):
+            calls.append(h0 is not None)
+            if (h0 is not None) == fake_for_preconditioned:  # stalled at theta_s itself: J = 0, not a minimum
+                fg(u)
+                return torch.zeros_like(u), 1, "stalled"
+            u, it, _ = real(fg, u, h0=h0, **kw)
+            return u, it, "stalled"
+
+        monkeypatch.setattr(pbrf_mod, "_lbfgs", fake)
+        pb = PBRF(model, fsd=est, num_train=1000, task="classification", damping=0.1, rtol=1e-7)
+        sol = pb.solve(X[4:5], Y[4:5])
+        monkeypatch.setattr(pbrf_mod, "_lbfgs", real)
+        return sol, calls
+
+    plain = PBRF(model, fsd=est, num_train=1000, task="classification", damping=0.1, rtol=1e-7,
+                 precondition="none").solve(X[4:5], Y[4:5])
+    sol, calls = solve(fake_for_preconditioned=True)
+    assert calls == [True, False] and torch.equal(sol.delta, plain.delta)  # the plain solve's point
+    sol, calls = solve(fake_for_preconditioned=False)
+    assert calls == [True, False] and float(sol.delta.abs().max()) > 0  # the preconditioned solve's point
+    torch.testing.assert_close(sol.delta, plain.delta, rtol=0, atol=1e-6 * float(plain.delta.abs().max()))
+
+
 def test_pbrf_without_a_quadratic_estimate_or_damping_is_not_preconditioned():
     model = _tanh_net(k=3)
     X, Y = _cls_data(n=40)
