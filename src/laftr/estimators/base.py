@@ -449,6 +449,17 @@ class FSDEstimator:
                 t.copy_(self.theta0[n])
         return model.eval()
 
+    def _fit_cache(self, name: str) -> dict[Any, Any]:
+        """The dict ``self.<name>`` of values derived from the fitted state.
+
+        Emptied when the estimator has been fitted or loaded again since (a new theta0); dropped when pickled.
+        """
+        cache: dict[Any, Any] = self.__dict__.setdefault(name, {})
+        if cache.get("source") is not self.theta0:
+            cache.clear()
+            cache["source"] = self.theta0
+        return cache
+
     def theta0_on(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """theta0 moved to ``model``'s device and floating dtype.
 
@@ -456,10 +467,7 @@ class FSDEstimator:
         """
         assert self.theta0 is not None
         device, dtype = model_device_dtype(model)
-        cache = self.__dict__.setdefault("_theta0_cache", {})
-        if cache.get("source") is not self.theta0:  # refitted or loaded since: start afresh
-            cache.clear()
-            cache["source"] = self.theta0
+        cache = self._fit_cache("_theta0_cache")
         key = (str(device), dtype)
         if key not in cache:
             cache[key] = {n: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)

@@ -194,10 +194,7 @@ class KfacEstimator(FSDEstimator):
         ``(Q_A, l_A, Q_G, l_G)``; for an embedding ``Q_A`` is None and ``l_A`` the diagonal A itself. Cached
         until the estimator is fitted or loaded again.
         """
-        cache = self.__dict__.setdefault("_eigen_cache", {})
-        if cache.get("source") is not self.theta0:
-            cache.clear()
-            cache["source"] = self.theta0
+        cache = self._fit_cache("_eigen_cache")
         key = (layer.name, weight, bias)
         if key not in cache:
             A = self.A[layer.name].double().cpu()

@@ -268,32 +268,21 @@ class PBRF:
     def fsd_term(self, model: nn.Module) -> torch.Tensor:
         """``D(theta_s, theta)`` at ``model``'s parameters (exact or estimated; differentiable).
 
-        The exact term keeps one graph over the whole training set; :meth:`solve` uses a streaming
-        version instead.
+        The exact term is ``(1/N) sum_i D_B`` over the training set in one graph (``N`` = ``num_train``);
+        :meth:`solve` uses it when the data are one batch and a batch-by-batch version otherwise.
         """
         if self.fsd is not None:
             return self.fsd(model)
         assert self.X is not None and self.Zs is not None
-        return discrepancy(self.Zs, model(self.X), self.metric).mean()
+        return discrepancy(self.Zs, model(self.X), self.metric).sum() / self.num_train
 
     @property
     def num_batches(self) -> int:
         """Batches of the exact objective's pass over the training data (1 with an estimator)."""
         return 1 if self.X is None else -(-int(self.X.shape[0]) // self.config.batch_size)
 
-    def _fsd_value(self) -> torch.Tensor:
-        """``D`` at the work model's parameters in one graph (an estimator's, or one batch of data)."""
-        if self.fsd is not None:
-            return self.fsd(self.work)
-        assert self.X is not None and self.Zs is not None and self.num_batches == 1
-        return discrepancy(self.Zs, self.work(self.X), self.metric).sum() / self.num_train
-
     def _fsd_backward(self, scale: float) -> float:
-        """Accumulate ``scale * grad D`` into the work model's ``.grad``; return ``D``."""
-        if self.fsd is not None:
-            d = self.fsd(self.work)
-            (d * scale).backward()
-            return float(d.detach())
+        """Add ``scale * grad D`` (exact term, by batches) to the work model's ``.grad``; return ``D``."""
         assert self.X is not None and self.Zs is not None
         total = 0.0
         bs = self.config.batch_size
@@ -358,7 +347,7 @@ class PBRF:
             self.work.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 if one_graph:
-                    d_t = self._fsd_value()
+                    d_t = self.fsd_term(self.work)
                     d = float(d_t.detach())
                 else:
                     d = self._fsd_backward(1.0 / eps**2)
