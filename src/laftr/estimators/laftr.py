@@ -16,7 +16,7 @@ from torch import nn
 from .. import distributed as dist_
 from .._util import Data, model_device_dtype, param_dict
 from ..errors import UsageError
-from ..graph import MomentMode, OwnMode, SampleMode, TracedNet
+from ..graph import ForwardMode, MomentMode, OwnMode, SampleMode, TracedNet
 from ..inputs import INPUT_MODELS, make_input_model
 from ..metrics import QUADRATIC_METRICS, discrepancy
 from ..moments import CacheMiss, JointMoments, Theta0Cache
@@ -132,8 +132,8 @@ class LaftrConfig(LaftrBaseConfig):
     def __post_init__(self) -> None:
         """Check the Monte Carlo options."""
         super().__post_init__()
-        if self.gates not in ("bernoulli", "relu"):
-            raise UsageError(f"unknown gates {self.gates!r}; choose 'bernoulli' or 'relu'")
+        if self.gates not in ("bernoulli", "relu", "none"):
+            raise UsageError(f"unknown gates {self.gates!r}; choose 'bernoulli', 'relu' or 'none'")
         if self.maxpool not in ("auto", "sample", "argmax0", "separate"):
             raise UsageError(f"unknown maxpool mode {self.maxpool!r}; choose auto, "
                              "sample, argmax0 or separate")
@@ -351,6 +351,8 @@ class LaftrEstimator(_LaftrBase):
         """
         if self.cfg.gates == "relu":
             return OwnMode(params, self.pool_mode)
+        if self.cfg.gates == "none":
+            return ForwardMode(params)
         return SampleMode(params, self._site_laws(net, device, dtype), groups, gen, self.cfg.shared_masks,
                           self.pool_mode)
 
