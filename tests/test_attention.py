@@ -180,7 +180,7 @@ def test_sampled_pattern_of_one_example_is_theta0s_own(kind):
     torch.testing.assert_close(sampled(m1), own(m1), rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("gates", ["bernoulli", "relu"])
+@pytest.mark.parametrize("gates", ["bernoulli", "relu", "none"])
 def test_three_ways_of_writing_attention_give_the_same_estimate(gates):
     torch.manual_seed(0)
     ref = Attn("manual")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from cases import CumprodNet, FunctionalNet, SmallCNN, TinyResNet, mlp, perturbed, randomize_bn
+from cases import CumprodNet, FunctionalNet, GeluNet, SmallCNN, TinyResNet, mlp, perturbed, randomize_bn
 
 import laftr
 from laftr.graph import TracedNet
@@ -94,6 +94,52 @@ def test_relu_gates_on_data_equal_exact_fsd_when_only_head_differs(metric, facto
     # when hidden layers change too, relu gates are no longer exact
     moved = perturbed(model, 0.5)
     assert not torch.allclose(est(moved), laftr.exact_fsd(model, moved, X, metric=metric), rtol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["l2", "kl"])
+@pytest.mark.parametrize("factory,shape", [
+    (mlp, (5,)), (FunctionalNet, (5,)), (SmallCNN, (1, 6, 6)), (lambda: TinyResNet(c=2), (1, 4, 4)), (GeluNet, (4,)),
+])
+def test_no_linearization_on_every_input_is_the_exact_fsd(metric, factory, shape):
+    """gates='none' runs the real networks: on a coreset holding every input, each drawn once, it is the exact FSD
+    -- for any theta, hidden layers moved too (where gates='relu' is not), gradients included."""
+    model = factory()
+    randomize_bn(model, torch.Generator().manual_seed(2))
+    X, Y = _data(60, shape)
+    moved = perturbed(model, 0.5)
+    est = laftr.make_estimator("laftr", metric=metric, gates="none", input_model="coreset", coreset_size=60,
+                               num_samples=60).fit(model, (X, Y))
+    assert est.cfg.pool_mode == "separate"
+    value = est(moved)
+    truth = laftr.exact_fsd(model, moved, X, metric=metric, grad=True)
+    assert truth > 1e-3
+    torch.testing.assert_close(value, truth, rtol=1e-10, atol=1e-14)
+    params = list(moved.parameters())
+    for g, g_ref in zip(torch.autograd.grad(value, params), torch.autograd.grad(truth, params), strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-14)
+    assert est(model).item() == 0.0
+    relu = laftr.make_estimator("laftr", metric=metric, gates="relu", input_model="coreset", coreset_size=60,
+                                num_samples=60).fit(model, (X, Y))
+    assert not torch.allclose(relu(moved), truth, rtol=1e-6)  # the linearization's error, which 'none' removes
+
+
+def test_no_linearization_averages_the_exact_fsd_over_the_gaussian():
+    """gates='none' with the Gaussian input model: an unbiased Monte Carlo estimate of the exact FSD over
+    N(mean, covariance) of the data, checked against that FSD on 200,000 draws made here."""
+    model = mlp()
+    other = perturbed(model, 0.3)
+    X, Y = _data()
+    mean, se = _mc_mean_se({"gates": "none", "metric": "kl"}, model, other, (X, Y))
+    cov = torch.cov(X.T, correction=0)  # the summary keeps population moments
+    gauss = torch.distributions.MultivariateNormal(X.mean(0), covariance_matrix=cov + 1e-12 * torch.eye(5))
+    torch.manual_seed(0)
+    Z = gauss.sample((200_000,))
+    ref = laftr.exact_fsd(model, other, Z, metric="kl").item()
+    assert se > 0
+    assert abs(mean - ref) < 4 * se + 1e-4 * ref, (mean, ref, se)
+    # and it is not what LAFTR's linearization gives on the same input model
+    lin, lin_se = _mc_mean_se({"metric": "kl"}, model, other, (X, Y))
+    assert abs(lin - ref) > 4 * (lin_se + se), (lin, ref)
 
 
 def _positive_net():
@@ -289,6 +335,11 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         laftr.make_estimator("laftr-exact", metric="kl")
     with pytest.raises(ValueError, match="input_model"):
         laftr.make_estimator("laftr", input_model="gmm")
+    with pytest.raises(ValueError, match=r"unknown gates 'exact'.*'none'"):
+        laftr.make_estimator("laftr", gates="exact")
+    for pool in ("sample", "argmax0"):
+        with pytest.raises(ValueError, match=f"gates='none'.*got '{pool}'"):
+            laftr.make_estimator("laftr", gates="none", maxpool=pool)
     with pytest.raises(RuntimeError, match="not fitted"):
         laftr.make_estimator("laftr")(model)
     Xn = X.clone()

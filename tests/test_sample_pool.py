@@ -250,7 +250,8 @@ def test_pool_at_theta0_is_zero_and_gradients_reach_every_parameter():
                                         ({"sample_pool": 10, "num_samples": 20}, "at least num_samples"),
                                         ({"sample_pool": 500, "fixed_noise": True}, "fixed_noise"),
                                         ({"sample_pool": 500, "shared_masks": True}, "shared_masks"),
-                                        ({"sample_pool": 500, "gates": "relu"}, "relu")])
+                                        ({"sample_pool": 500, "gates": "relu"}, "relu"),
+                                        ({"sample_pool": 500, "gates": "none"}, "gates='none'")])
 def test_sample_pool_refuses_bad_values(opts, match):
     with pytest.raises(UsageError, match=match):
         laftr.make_estimator("laftr", **opts)

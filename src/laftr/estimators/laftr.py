@@ -98,8 +98,11 @@ class LaftrConfig(LaftrBaseConfig):
 
     Attributes:
         gates: ``bernoulli`` (the LAFTR estimator: every linearization drawn from its stored law; the name is
-            historical, for ReLU gates the law is Bernoulli) or ``relu`` (theta0's own linearization on each
-            sampled input, for every op: its tangent at theta0's value; the name is historical too).
+            historical, for ReLU gates the law is Bernoulli), ``relu`` (theta0's own linearization on each
+            sampled input, for every op: its tangent at theta0's value; the name is historical too) or ``none``
+            (no linearization: each stream runs its real network on the sampled inputs, so the estimate is the
+            exact FSD averaged over the input model -- LAFTR's input model without its linearization, the
+            ablation that separates the two approximations; max pools take each stream's own maximum).
         num_samples: Monte Carlo samples per evaluation (inputs and linearizations).
         shared_masks: one draw of the linearization per call shared by the batch (the original code) instead
             of one per sample (lower variance).
@@ -144,9 +147,12 @@ class LaftrConfig(LaftrBaseConfig):
                 raise UsageError(f"sample_pool ({self.sample_pool}) must hold at least num_samples "
                                  f"({self.num_samples}) samples, or be 0 (no pool)")
             for name, bad in (("fixed_noise", self.fixed_noise), ("shared_masks", self.shared_masks),
-                              ("gates='relu'", self.gates == "relu")):
+                              (f"gates={self.gates!r}", self.gates != "bernoulli")):
                 if bad:
                     raise UsageError(f"sample_pool cannot be combined with {name}")
+        if self.gates == "none" and self.maxpool not in ("auto", "separate"):
+            raise UsageError("gates='none' runs each stream's real network, max pools included: "
+                             f"maxpool must be 'auto' or 'separate', got {self.maxpool!r}")
         if self.gates == "relu" and self.maxpool == "sample":
             raise UsageError("relu gates use theta0's own max-pool selection: "
                              "maxpool='argmax0' or 'separate'")
@@ -156,8 +162,10 @@ class LaftrConfig(LaftrBaseConfig):
 
     @property
     def pool_mode(self) -> str:
-        """The max-pool rule in use (``auto`` resolved)."""
-        return "argmax0" if self.maxpool == "auto" else self.maxpool
+        """The max-pool rule in use (``auto`` resolved: each stream's own max without linearization)."""
+        if self.maxpool == "auto":
+            return "separate" if self.gates == "none" else "argmax0"
+        return self.maxpool
 
 
 @dataclasses.dataclass
@@ -347,7 +355,7 @@ class LaftrEstimator(_LaftrBase):
               gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Any:
         """The interpreter mode of one evaluation over the streams of ``params``.
 
-        Sampled linearizations, or theta0's own (``gates="relu"``).
+        Sampled linearizations, theta0's own (``gates="relu"``) or none (``gates="none"``: the real networks).
         """
         if self.cfg.gates == "relu":
             return OwnMode(params, self.pool_mode)
