@@ -102,7 +102,8 @@ class LaftrConfig(LaftrBaseConfig):
             sampled input, for every op: its tangent at theta0's value; the name is historical too) or ``none``
             (no linearization: each stream runs its real network on the sampled inputs, so the estimate is the
             exact FSD averaged over the input model -- LAFTR's input model without its linearization, the
-            ablation that separates the two approximations; max pools take each stream's own maximum).
+            ablation that separates the two approximations; max pools take each stream's own maximum; ``None``
+            means the same).
         num_samples: Monte Carlo samples per evaluation (inputs and linearizations).
         shared_masks: one draw of the linearization per call shared by the batch (the original code) instead
             of one per sample (lower variance).
@@ -135,6 +136,8 @@ class LaftrConfig(LaftrBaseConfig):
     def __post_init__(self) -> None:
         """Check the Monte Carlo options."""
         super().__post_init__()
+        if self.gates is None:  # what a method spec's bare ``gates=none`` reads as
+            self.gates = "none"
         if self.gates not in ("bernoulli", "relu", "none"):
             raise UsageError(f"unknown gates {self.gates!r}; choose 'bernoulli', 'relu' or 'none'")
         if self.maxpool not in ("auto", "sample", "argmax0", "separate"):
