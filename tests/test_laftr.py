@@ -142,6 +142,15 @@ def test_no_linearization_averages_the_exact_fsd_over_the_gaussian():
     assert abs(lin - ref) > 4 * (lin_se + se), (lin, ref)
 
 
+def test_gates_none_from_a_method_spec():
+    """A method spec's bare ``gates=none`` reads as None, which means gates='none'."""
+    from laftr.specs import parse_spec
+
+    spec = parse_spec("laftr[gates=none,num_samples=8]")
+    assert dict(spec.overrides)["gates"] is None
+    assert laftr.make_estimator(spec.base, **dict(spec.overrides)).cfg.gates == "none"
+
+
 def _positive_net():
     model = mlp(4, (6, 5), 3)
     with torch.no_grad():
