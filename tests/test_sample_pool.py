@@ -262,10 +262,16 @@ def test_liftr_refuses_a_sample_pool():
         laftr.make_estimator("liftr", sample_pool=100)
 
 
-def test_fixed_noise_keeps_theta0_outputs_and_runs_theta_alone(monkeypatch):
-    model, data = mlp().double(), _data()
+# (bernoulli on a transformer keeps no theta0 outputs: attention reads theta0's values; the test below)
+@pytest.mark.parametrize("gates,net", [("bernoulli", "mlp"), ("none", "mlp"), ("none", "transformer")])
+def test_fixed_noise_keeps_theta0_outputs_and_runs_theta_alone(monkeypatch, gates, net):
+    if net == "mlp":
+        model, data, opts = mlp().double(), _data(), {}
+    else:  # without linearization every network is separable, attention included
+        model = transformer(7, 4, 3, d_model=8, heads=2, blocks=1, d_mlp=16).double()
+        data, opts = _tokens(), {"input_model": "tokens"}
     other = perturbed(model, 0.2)
-    est = laftr.make_estimator("laftr", num_samples=8, fixed_noise=True).fit(model, data)
+    est = laftr.make_estimator("laftr", num_samples=8, fixed_noise=True, gates=gates, **opts).fit(model, data)
     first = _value_and_grad(est, other)
     (draw,) = est._draws.values()
     assert draw.z0 is not None

@@ -178,6 +178,10 @@ class ForwardMode(Mode):
         super().__init__(params)
         self.taps = taps
 
+    def separable(self, net: TracedNet) -> bool:
+        """True: each stream runs its own real network, whatever the ops (``laftr`` with ``gates="none"``)."""
+        return True
+
 
 class FitMode(Mode):
     """theta0 alone on real data; sites add float64 sums per group with :meth:`add`.
