@@ -99,11 +99,11 @@ class LaftrConfig(LaftrBaseConfig):
     Attributes:
         gates: ``bernoulli`` (the LAFTR estimator: every linearization drawn from its stored law; the name is
             historical, for ReLU gates the law is Bernoulli), ``relu`` (theta0's own linearization on each
-            sampled input, for every op: its tangent at theta0's value; the name is historical too) or ``none``
-            (no linearization: each stream runs its real network on the sampled inputs, so the estimate is the
-            exact FSD averaged over the input model -- LAFTR's input model without its linearization, the
-            ablation that separates the two approximations; max pools take each stream's own maximum; ``None``
-            means the same).
+            sampled input, for every op: its tangent at theta0's value; the name is historical too) or
+            ``none`` (no linearization: each stream runs its real network on the sampled inputs, so the
+            estimate is the exact FSD averaged over the input model -- LAFTR's input model without its
+            linearization, the ablation that separates the two approximations; max pools take each stream's
+            own maximum; ``None`` means the same).
         num_samples: Monte Carlo samples per evaluation (inputs and linearizations).
         shared_masks: one draw of the linearization per call shared by the batch (the original code) instead
             of one per sample (lower variance).
