@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -125,6 +126,16 @@ def test_cli_bad_input(tmp_path, capsys):
         FsdBenchConfig(trajectories=[Trajectory("dance", "adam", 1e-3, [1])])
     assert main(["fsd-bench", "--quick", "--thetas", "near", "--out", str(tmp_path / "e")]) == 2
     assert "--thetas" in capsys.readouterr().err
+    # a Gaussian input model on token sequences is refused before anything is trained (laftr's default,
+    # liftr's default, or named); token models, the coreset and the named rows pass
+    for bad, model in (("laftr[gates=none]", "gaussian"), ("liftr[num_samples=8]", "diag"),
+                       ("laftr[input_model=lowrank]", "lowrank")):
+        with pytest.raises(ValueError, match=rf"{re.escape(repr(bad))} draws from the '{model}' input model.*"
+                                             r"token sequences.*input_model=tokens"):
+            FsdBenchConfig.for_arch("transformer", methods=["kfac", bad])
+    FsdBenchConfig.for_arch("transformer", methods=["laftr", "laftr[gates=none,input_model=tokens]",
+                                                    "liftr[input_model=coreset]", "subset-10"])
+    FsdBenchConfig.for_arch("mlp", methods=["laftr[gates=none]"])
 
 
 @pytest.mark.parametrize("arch", ["mlp", "transformer"])

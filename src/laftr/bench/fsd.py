@@ -389,6 +389,22 @@ class FsdBenchConfig(ExperimentConfig):
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
+    def _check_token_input_models(self) -> None:
+        """On token sequences, refuse an estimator spec that would draw from a Gaussian input model.
+
+        Checked before any training, so the mistake costs nothing (it used to surface after theta0 and every
+        continuation were trained).
+        """
+        named = _named_labels(self.coreset_sizes)  # the named rows carry their token settings
+        for m in self.methods or []:
+            adhoc = m not in named and not re.fullmatch(r"(subset|ntk)-\d+", m)
+            parsed = _adhoc_spec(m) if adhoc else None
+            name = None if parsed is None else _gaussian_input_model(parsed)
+            if name is not None:
+                raise UsageError(f"method {m!r} draws from the {name!r} input model, a Gaussian over "
+                                 f"floating inputs, but {self.dataset} is token sequences: give it "
+                                 "input_model=tokens (or tokens-classwise, tokens-mixture, coreset)")
+
     def _validate(self) -> None:
         """Raise a :class:`~laftr.errors.UsageError` (a ValueError) naming the first bad setting."""
         if self.arch not in ARCHS:
@@ -433,6 +449,8 @@ class FsdBenchConfig(ExperimentConfig):
                 raise UsageError(f"unknown method(s) {bad}; known: {sorted(static)} and subset-K / ntk-K, or "
                                  f"a spec of an estimator ({', '.join(available_estimators())}) such as "
                                  "laftr[num_samples=400]")
+            if ARCH_SPECS[self.arch].inputs == "tokens":
+                self._check_token_input_models()
         kinds = trajectory_kinds(self.dataset)
         for t in self.trajectories or []:
             if t.kind not in kinds:
@@ -562,6 +580,19 @@ class BenchRow:
 
 MethodSpec = BenchRow
 """The old name of :class:`BenchRow` (kept for code that imports it)."""
+
+
+def _gaussian_input_model(row: Spec) -> str | None:
+    """The Gaussian input model a spec's estimator would draw from (its option or its default), or None."""
+    from ..estimators.base import REGISTRY
+    from ..inputs import INPUT_MODELS, GaussianFamily
+
+    fields = {f.name: f for f in dataclasses.fields(REGISTRY[row.base].Config)}
+    if "input_model" not in fields:
+        return None
+    name = dict(row.overrides).get("input_model", fields["input_model"].default)
+    model = INPUT_MODELS.get(name) if isinstance(name, str) else None
+    return name if model is not None and issubclass(model, GaussianFamily) else None
 
 
 def _adhoc_spec(text: str) -> Spec | None:
