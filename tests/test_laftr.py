@@ -346,6 +346,8 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         laftr.make_estimator("laftr", input_model="gmm")
     with pytest.raises(ValueError, match=r"unknown gates 'exact'.*'none'"):
         laftr.make_estimator("laftr", gates="exact")
+    with pytest.raises(ValueError, match="gates='none'.*shared_masks must be False"):
+        laftr.make_estimator("laftr", gates="none", shared_masks=True)
     for pool in ("sample", "argmax0"):
         with pytest.raises(ValueError, match=f"gates='none'.*got '{pool}'"):
             laftr.make_estimator("laftr", gates="none", maxpool=pool)

@@ -153,6 +153,9 @@ class LaftrConfig(LaftrBaseConfig):
                               (f"gates={self.gates!r}", self.gates != "bernoulli")):
                 if bad:
                     raise UsageError(f"sample_pool cannot be combined with {name}")
+        if self.gates == "none" and self.shared_masks:
+            raise UsageError("gates='none' draws no linearization, so there is no mask to share: "
+                             "shared_masks must be False")
         if self.gates == "none" and self.maxpool not in ("auto", "separate"):
             raise UsageError("gates='none' runs each stream's real network, max pools included: "
                              f"maxpool must be 'auto' or 'separate', got {self.maxpool!r}")
