@@ -702,9 +702,8 @@ def test_vit_defaults_are_the_vit_search_winners():
     import json
     from pathlib import Path
 
-    from laftr.continual.runner import resolve_settings
-
     from laftr.continual.methods import METHODS
+    from laftr.continual.runner import resolve_settings
 
     search = json.loads((Path(__file__).parents[1] / "benchmarks/results/continual/search_split-fmnist-vit.json")
                         .read_text())
