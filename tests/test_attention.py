@@ -149,6 +149,26 @@ def test_own_linearization_tends_to_the_exact_fsd(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_no_linearization_on_every_input_is_the_exact_fsd(kind):
+    """gates='none' on a coreset holding every input: the exact FSD for a theta moved everywhere (q, k included),
+    values and gradients, for every way of writing attention."""
+    torch.manual_seed(0)
+    ref = Attn("manual")
+    X = _data()
+    m0, m1 = Attn(kind), Attn(kind)
+    copy_weights(ref, m0)
+    copy_weights(perturbed(ref, 0.3), m1)
+    for metric in ("l2", "kl"):
+        est = laftr.make_estimator("laftr", metric=metric, input_model="coreset", coreset_size=40, num_samples=40,
+                                   gates="none").fit(m0, X)
+        value, truth = est(m1), laftr.exact_fsd(m0, m1, X, metric=metric, grad=True)
+        torch.testing.assert_close(value, truth, rtol=1e-10, atol=1e-14)
+        params = list(m1.parameters())
+        for g, g_ref in zip(torch.autograd.grad(value, params), torch.autograd.grad(truth, params), strict=True):
+            torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_exact_when_only_the_value_path_changes(kind):
     """With q and k unchanged the attention pattern is theta0's, and without a nonlinearity after it the network
     is affine in the change: theta0's own linearization on every input IS the exact FSD."""
