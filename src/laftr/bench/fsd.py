@@ -389,17 +389,15 @@ class FsdBenchConfig(ExperimentConfig):
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
-    def _check_token_input_models(self) -> None:
+    def _check_token_input_models(self, adhoc: list[tuple[str, Spec]]) -> None:
         """On token sequences, refuse an estimator spec that would draw from a Gaussian input model.
 
-        Checked before any training, so the mistake costs nothing (it used to surface after theta0 and every
-        continuation were trained).
+        ``adhoc``: each estimator-spec method's text and parsed spec (the named rows carry their token
+        settings). Checked before any training, so the mistake costs nothing (it used to surface after theta0
+        and every continuation were trained).
         """
-        named = _named_labels(self.coreset_sizes)  # the named rows carry their token settings
-        for m in self.methods or []:
-            adhoc = m not in named and not re.fullmatch(r"(subset|ntk)-\d+", m)
-            parsed = _adhoc_spec(m) if adhoc else None
-            name = None if parsed is None else _gaussian_input_model(parsed)
+        for m, parsed in adhoc:
+            name = _gaussian_input_model(parsed)
             if name is not None:
                 raise UsageError(f"method {m!r} draws from the {name!r} input model, a Gaussian over "
                                  f"floating inputs, but {self.dataset} is token sequences: give it "
@@ -443,14 +441,15 @@ class FsdBenchConfig(ExperimentConfig):
             raise UsageError(f"train_fraction must be in (0, 1), got {self.train_fraction!r}")
         if self.methods is not None:
             static = _named_labels(self.coreset_sizes)
-            bad = [m for m in self.methods if m not in static and not re.fullmatch(r"(subset|ntk)-\d+", m)
-                   and _adhoc_spec(m) is None]
+            adhoc = [(m, _adhoc_spec(m)) for m in self.methods
+                     if m not in static and not re.fullmatch(r"(subset|ntk)-\d+", m)]
+            bad = [m for m, parsed in adhoc if parsed is None]
             if bad or not self.methods:
                 raise UsageError(f"unknown method(s) {bad}; known: {sorted(static)} and subset-K / ntk-K, or "
                                  f"a spec of an estimator ({', '.join(available_estimators())}) such as "
                                  "laftr[num_samples=400]")
             if ARCH_SPECS[self.arch].inputs == "tokens":
-                self._check_token_input_models()
+                self._check_token_input_models([(m, p) for m, p in adhoc if p is not None])
         kinds = trajectory_kinds(self.dataset)
         for t in self.trajectories or []:
             if t.kind not in kinds:
