@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import laftr
 from laftr.cli import SUBCOMMANDS, main
@@ -48,6 +49,16 @@ def test_info(demo_dir, capsys):
     assert main(["info", str(demo_dir / "taskA.laftr")]) == 0
     out = capsys.readouterr().out
     assert "estimator:     laftr" in out and "[0, 1, 2, 3, 4]" in out and "stored floats" in out
+
+
+def test_info_of_an_estimator_that_keeps_no_site_statistics(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    laftr.save(laftr.make_estimator("laftr", gates="relu").fit(model, torch.randn(30, 4)), tmp_path / "r.laftr")
+    assert main(["info", str(tmp_path / "r.laftr")]) == 0
+    out = capsys.readouterr().out
+    assert "sites (1, statistics stored for 0):" in out and "nothing stored" in out
+    assert "stored floats: 20 (beyond theta0)" in out  # the Gaussian input model alone: 4 + 16
 
 
 def test_info_corrupt_file(demo_dir, tmp_path, capsys):

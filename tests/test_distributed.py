@@ -41,6 +41,7 @@ FITS: dict[str, tuple[str, dict[str, Any]]] = {
     "laftr-exact-mixture": ("laftr-exact", {"input_model": "mixture", "components": 2, "mixture_sample": 16}),
     "laftr-classwise": ("laftr", {"input_model": "classwise"}),
     "laftr-coreset": ("laftr", {"input_model": "coreset", "coreset_size": 7}),
+    "laftr-none-classwise": ("laftr", {"input_model": "classwise", "gates": "none", "fixed_noise": True}),
     "liftr-exact": ("liftr-exact", {"input_model": "diag"}),
     "kfac": ("kfac", {"fisher": "exact"}),
     "diag-fisher": ("diag-fisher", {"fisher": "exact"}),

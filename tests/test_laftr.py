@@ -9,6 +9,7 @@ import torch
 from cases import CumprodNet, FunctionalNet, GeluNet, SmallCNN, TinyResNet, mlp, perturbed, randomize_bn
 
 import laftr
+from laftr.errors import UsageError
 from laftr.graph import TracedNet
 from laftr.rules import UnsupportedOpError
 from laftr.summary import fit_summary
@@ -291,6 +292,38 @@ def test_stored_floats_formulas():
     X, Y = data
     e = laftr.make_estimator("laftr", input_model="classwise").fit(model, (X, Y % 2 + 3))
     assert e.stored_floats() == 2 * units + 2 * (1 + 5 + 25)
+    # theta0's own linearization and the real networks read no site statistics: they keep the input model alone
+    for gates in ("relu", "none"):
+        for im, n in expect.items():
+            e = laftr.make_estimator("laftr", input_model=im, rank=2, coreset_size=7, gates=gates).fit(model, data)
+            assert e.summary.site_sums == {} and e.stored_floats() == n - (3 * units if im == "classwise" else units)
+        e = laftr.make_estimator("laftr", gates=gates).fit(cnn, Xc)
+        assert e.stored_floats() == dc + dc * dc
+
+
+@pytest.mark.parametrize("gates", ["relu", "none"])
+def test_gates_that_read_no_site_law_fit_without_a_pass_of_the_network(gates, monkeypatch):
+    """``gates="relu"``/``"none"``: the fit reads the data for the input model only (the network is not run over
+    it), and a summary with site statistics given to them (or read from an older file) is kept without them;
+    the estimates are the same either way."""
+    model, data = mlp(5, (8, 6), 3), _data()
+    model1 = perturbed(model, 0.3)
+    full = laftr.make_estimator("laftr", input_model="classwise").fit(model, data).summary
+    assert full.site_sums
+    calls = []
+    run = TracedNet.run
+    monkeypatch.setattr(TracedNet, "run", lambda self, *a, **k: calls.append(a[1].method) or run(self, *a, **k))
+    e = laftr.make_estimator("laftr", input_model="classwise", gates=gates, fixed_noise=True).fit(model, data)
+    assert "fit" not in calls
+    given = laftr.make_estimator("laftr", input_model="classwise", gates=gates, fixed_noise=True)
+    given.fit_summary_only(full, model)
+    assert given.summary.site_sums == {} and full.site_sums  # the caller's summary is not changed
+    assert given.stored_floats() == e.stored_floats()
+    torch.testing.assert_close(given(model1), e(model1), rtol=1e-12, atol=0)
+    assert float(e(model1)) > 0
+    with pytest.raises(UsageError, match="record_inputs"):
+        fit_summary(TracedNet(model), dict(model.named_parameters()), data, "gaussian", record_sites=False,
+                    record_inputs=lambda *a: None)
 
 
 def test_cnn_and_resnet_monte_carlo_run_and_are_differentiable():

@@ -46,6 +46,7 @@ def test_canonical_text_and_whitespace():
     assert spec.text == "laftr[num_samples=100,input_model=diag]"
     assert parse_spec("laftr[]") == Spec("laftr") and Spec("laftr").text == "laftr"
     assert format_value("gaussian") == "gaussian" and format_value("None") == "'None'"
+    assert format_value(None) == "none" and format_spec("laftr", {"gates": None}) == "laftr[gates=none]"
     assert format_value("true") == "'true'" and format_value(True) == "True"
 
 

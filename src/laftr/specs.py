@@ -83,8 +83,11 @@ def parse_value(text: str) -> Any:
 def format_value(value: Any) -> str:
     """The text of a value that :func:`parse_value` reads back as ``value``.
 
-    Strings are written bare when that reads back the same (``gaussian``), else quoted (``'None'``).
+    Strings are written bare when that reads back the same (``gaussian``), else quoted (``'None'``); None is
+    written ``none``, as the docs write it (``laftr[gates=none]``).
     """
+    if value is None:
+        return "none"
     if isinstance(value, str):
         bare = value.strip() == value and value and not (set(value) & _NAME_FORBIDDEN)
         if bare and parse_value(value) == value:

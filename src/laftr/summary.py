@@ -146,6 +146,7 @@ def fit_summary(
     record_pools: bool = True,
     record_inputs: Any = None,
     distributed: bool = False,
+    record_sites: bool = True,
     **input_options: Any,
 ) -> Summary:
     """One streaming pass over ``data`` at theta0 (two for the mixture): site statistics and the input model.
@@ -159,6 +160,9 @@ def fit_summary(
         progress: progress bar.
         record_pools: record max-pool argmax frequencies (needed only to sample the selection).
         record_inputs: an extra recorder called before every data-dependent node (see :class:`FitMode`).
+        record_sites: run theta0 on the data and record every site's statistics; False: the input model
+            alone (no pass of the network; for estimators that read no site statistics, ``laftr`` with
+            ``gates="relu"`` or ``"none"``). Not with ``record_inputs``.
         distributed: ``data`` is this rank's shard of a data set spread over the ranks of the initialized
             ``torch.distributed`` group: the sums are all-reduced and the coreset / k-means sample is chosen
             from every rank's candidates, so every rank gets the summary of the whole data set (a shard may be
@@ -171,6 +175,8 @@ def fit_summary(
         inputs = INPUT_MODELS[inputs](**input_options)
     elif input_options:
         raise UsageError("give input-model options to the input model, not to fit_summary")
+    if not record_sites and record_inputs is not None:
+        raise UsageError("record_inputs needs the network's pass over the data: not with record_sites=False")
     first = next(iter(theta0.values()), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.get_default_dtype()
@@ -193,8 +199,9 @@ def fit_summary(
                 if model_in.input_shape is None:  # iter_batches checks that every batch has the first's shape
                     model_in.begin(x)
                 group = model_in.assign(x, y)
-                mode.group, mode.num_groups = group, int(group.max()) + 1
-                net.run((x,), mode)
+                if record_sites:
+                    mode.group, mode.num_groups = group, int(group.max()) + 1
+                    net.run((x,), mode)
                 model_in.accumulate(x, y, group)
         return mode
 
@@ -212,7 +219,7 @@ def fit_summary(
                 mode = dist_.agree(local, "fitting the summary")
         finally:
             SAMPLE_GATHER.reset(token)
-        return _reduce_summary(net, inputs, mode, record_pools)
+        return _reduce_summary(net, inputs, mode, record_pools, record_sites)
     mode = local()
     inputs.finish()
     G = inputs.num_groups
@@ -221,7 +228,8 @@ def fit_summary(
     if G > inputs.num_groups and hasattr(inputs, "pad"):
         inputs.pad(G)
     sums = {site: {k: pad_groups(v, G).cpu() for k, v in d.items()} for site, d in mode.sums.items()}
-    _check_sites(net, sums, record_pools)
+    if record_sites:
+        _check_sites(net, sums, record_pools)
     assert inputs.counts is not None  # the pass over the data set them
     log.info("LAFTR summary: %d examples, %d groups, %d sites", int(inputs.counts.sum()), G, len(sums))
     return Summary(sums, inputs)
@@ -239,7 +247,8 @@ def _check_sites(net: TracedNet, sums: dict[str, Any], record_pools: bool) -> No
 _NOT_SUMMED = ("x", "y", "keys", "centers")
 
 
-def _reduce_summary(net: TracedNet, inputs: InputModel, mode: FitMode, record_pools: bool) -> Summary:
+def _reduce_summary(net: TracedNet, inputs: InputModel, mode: FitMode, record_pools: bool,
+                    record_sites: bool = True) -> Summary:
     """The summary of every rank's shard from this rank's pass: sums all-reduced, coresets gathered.
 
     A rank that saw no examples contributes zeros (its input model is never begun); when no rank saw any, the
@@ -284,7 +293,8 @@ def _reduce_summary(net: TracedNet, inputs: InputModel, mode: FitMode, record_po
     if centers is not None:
         tensors["inputs/centers"] = centers
     summary = Summary.from_tensors(tensors, {**ref, "sites": sites})
-    _check_sites(net, summary.site_sums, record_pools)
+    if record_sites:
+        _check_sites(net, summary.site_sums, record_pools)
     log.info("LAFTR summary (all ranks): %d examples, %d groups, %d sites", int(summary.counts.sum()),
              summary.num_groups, len(summary.site_sums))
     return summary

@@ -33,8 +33,9 @@ def _run(args: argparse.Namespace) -> int:
     if summary is not None:  # LAFTR: what theta0 decided, per site, and the input model
         print(f"input model:   {summary.inputs.name} ({summary.num_groups} group(s), input shape "
               f"{list(summary.input_shape)})")
-        print(f"sites ({len(summary.site_sums)}):")
-        for site in getattr(est, "site_signature", None) or []:
+        signature = getattr(est, "site_signature", None) or []
+        print(f"sites ({len(signature)}, statistics stored for {len(summary.site_sums)}):")
+        for site in signature:
             name, family = site[0], site[1]
             stats = summary.site_sums.get(name, {})
             shapes = ", ".join(f"{k} {list(v.shape[1:])}" for k, v in stats.items())

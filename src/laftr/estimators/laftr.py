@@ -103,7 +103,8 @@ class LaftrConfig(LaftrBaseConfig):
             ``none`` (no linearization: each stream runs its real network on the sampled inputs, so the
             estimate is the exact FSD averaged over the input model -- LAFTR's input model without its
             linearization, the ablation that separates the two approximations; max pools take each stream's
-            own maximum; ``None`` means the same).
+            own maximum; ``None`` means the same). ``relu`` and ``none`` read no site law, so they neither fit
+            nor keep one: their summary, files and stored floats are the input model's alone.
         num_samples: Monte Carlo samples per evaluation (inputs and linearizations).
         shared_masks: one draw of the linearization per call shared by the batch (the original code) instead
             of one per sample (lower variance).
@@ -227,6 +228,10 @@ class _LaftrBase(FSDEstimator):
         """Whether max-pool statistics are used (and so stored floats)."""
         return False
 
+    def _reads_sites(self) -> bool:
+        """Whether evaluation reads the sites' stored statistics; an estimator that does not keeps none."""
+        return True
+
     # ------------------------------------------------------------------ fitting
     def _fit(self, model: nn.Module, data: Data) -> None:
         net = TracedNet(model)
@@ -235,7 +240,7 @@ class _LaftrBase(FSDEstimator):
         # max pools always record their argmax frequencies (cheap; stored floats only when sampled)
         self.summary = fit_summary(net, param_dict(model, detach=True), data, inputs, batch_size=c.batch_size,
                                    progress=c.progress, record_inputs=self._input_recorder(net),
-                                   distributed=self._distributed)
+                                   distributed=self._distributed, record_sites=self._reads_sites())
         self._after_summary(net)
 
     def _input_recorder(self, net: TracedNet) -> Any:
@@ -256,7 +261,9 @@ class _LaftrBase(FSDEstimator):
     def _after_summary(self, net: TracedNet) -> None:
         assert self.summary is not None
         self.site_signature = net.signature()
-        needed = [s for s, r in net.sites.items() if r.family != "maxpool" or self._record_pools()]
+        self._drop_unread_sites()
+        needed = [s for s, r in net.sites.items()
+                  if self._reads_sites() and (r.family != "maxpool" or self._record_pools())]
         missing = [s for s in needed if s not in self.summary.site_sums]
         if missing:
             raise ValueError(f"summary lacks statistics for sites {missing}")
@@ -338,9 +345,20 @@ class _LaftrBase(FSDEstimator):
         self._laws.clear()
         self._moment_caches.clear()
         self.site_signature = meta["sites"]
+        self._drop_unread_sites()
         for name, fam, *_ in self.site_signature or []:
-            if name not in self.summary.site_sums and (fam != "maxpool" or self._record_pools()):
+            if (self._reads_sites() and name not in self.summary.site_sums
+                    and (fam != "maxpool" or self._record_pools())):
                 raise ValueError(f"summary lacks statistics for site {name!r} ({fam})")
+
+    def _drop_unread_sites(self) -> None:
+        """Keep no site statistics when evaluation reads none: what is stored is what is counted.
+
+        For a summary given to ``fit_summary_only``, or a file written before such estimators stopped
+        recording them.
+        """
+        if self.summary is not None and self.summary.site_sums and not self._reads_sites():
+            self.summary = Summary({}, self.summary.inputs)
 
 
 @register("laftr")
@@ -351,6 +369,10 @@ class LaftrEstimator(_LaftrBase):
 
     def _record_pools(self) -> bool:
         return self.cfg.pool_mode == "sample"
+
+    def _reads_sites(self) -> bool:
+        # theta0's own linearization (relu) and the real networks (none) read no stored site law
+        return self.cfg.gates == "bernoulli"
 
     @property
     def pool_mode(self) -> str:

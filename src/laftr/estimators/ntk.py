@@ -36,10 +36,11 @@ class NtkEstimator(CoresetEstimator):
         """The traced network (cached per model), used only when the model's own ops lack forward-mode AD."""
         from ..graph import TracedNet
 
-        cache = getattr(self, "_net_cache", None)
-        if cache is None or cache[0] != id(model):
-            self._net_cache = (id(model), TracedNet(model))
-        return self._net_cache[1]
+        # keyed by a weak reference, not id(): a model freed and another allocated at its address is not it
+        cache = self.__dict__.get("_net_cache")
+        if cache is None or cache[0]() is not model:
+            cache = self.__dict__["_net_cache"] = (weakref.ref(model), TracedNet(model))
+        return cache[1]
 
     def _tangent_map(self, model: nn.Module, p0: dict[str, torch.Tensor], primals: dict[str, torch.Tensor],
                      rest: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
