@@ -124,6 +124,33 @@ def test_no_linearization_on_every_input_is_the_exact_fsd(metric, factory, shape
     assert not torch.allclose(relu(moved), truth, rtol=1e-6)  # the linearization's error, which 'none' removes
 
 
+def test_no_linearization_runs_ops_that_no_rule_covers(tmp_path):
+    """gates='none' runs an op laftr has no rule for (a cumulative product) exactly in each network: on a coreset
+    of every input it is the exact FSD, values and gradients, saved and loaded; with a Gaussian input model it
+    runs and is differentiable. The linearizing modes still refuse the op by name."""
+    model = CumprodNet().double()
+    X, _ = _data(40, (4,))
+    moved = perturbed(model, 0.3)
+    est = laftr.make_estimator("laftr", metric="kl", gates="none", input_model="coreset", coreset_size=40,
+                               num_samples=40).fit(model, X)
+    value, truth = est(moved), laftr.exact_fsd(model, moved, X, metric="kl", grad=True)
+    assert truth > 1e-3
+    torch.testing.assert_close(value, truth, rtol=1e-10, atol=1e-14)
+    params = list(moved.parameters())
+    for g, g_ref in zip(torch.autograd.grad(value, params), torch.autograd.grad(truth, params), strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-14)
+    laftr.save(est, tmp_path / "c.laftr")
+    torch.testing.assert_close(laftr.load(tmp_path / "c.laftr")(moved), truth, rtol=1e-10, atol=1e-14)
+    gauss = laftr.make_estimator("laftr", gates="none", num_samples=16).fit(model, X)
+    assert gauss(model).item() == 0.0
+    v = gauss(moved)
+    v.backward()
+    assert v > 0 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in moved.parameters())
+    for gates in ("bernoulli", "relu"):
+        with pytest.raises(UnsupportedOpError, match=r"cumprod.*no rule"):
+            laftr.make_estimator("laftr", gates=gates).fit(model, X)
+
+
 def test_no_linearization_averages_the_exact_fsd_over_the_gaussian():
     """gates='none' with the Gaussian input model: an unbiased Monte Carlo estimate of the exact FSD over
     N(mean, covariance) of the data, checked against that FSD on 200,000 draws made here."""

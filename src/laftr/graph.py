@@ -586,9 +586,15 @@ def _mu_outer(gm: GateMoments) -> GateMoments:
 class TracedNet:
     """A traced network: its graph, the rule of every node, and its sites (nodes that record statistics)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        """Trace ``model`` (one input tensor) and make the rule of every node."""
+    def __init__(self, model: nn.Module, exact_unknown: bool = False) -> None:
+        """Trace ``model`` (one input tensor) and make the rule of every node.
+
+        ``exact_unknown``: a data-dependent op that no rule covers gets the plain :class:`Rule` (run exactly
+        in each stream; every linearizing mode refuses it, naming it) instead of being refused here. For
+        passes that run the real networks only (``laftr`` with ``gates="none"``).
+        """
         self.gm = trace(model)
+        self.exact_unknown = exact_unknown
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if not placeholders:
             raise UnsupportedOpError(f"{type(model).__name__}.forward takes no input")
@@ -620,6 +626,8 @@ class TracedNet:
                         self.exact_inputs.add(node.name)
                     else:
                         self.rules[node.name] = make_rule(node, self.gm)
+                elif exact_unknown and lookup(node, self.gm) is None:
+                    self.rules[node.name] = Rule(node, self.gm)
                 else:
                     self.rules[node.name] = make_rule(node, self.gm)
             else:

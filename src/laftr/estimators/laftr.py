@@ -233,8 +233,16 @@ class _LaftrBase(FSDEstimator):
         return True
 
     # ------------------------------------------------------------------ fitting
+    def _traced(self, model: nn.Module) -> TracedNet:
+        """``model`` traced, with the ops the estimator's passes may run exactly without a rule."""
+        return TracedNet(model, exact_unknown=not self._reads_sites() and self._runs_networks())
+
+    def _runs_networks(self) -> bool:
+        """Whether evaluation runs the real networks (every op exactly: no rule needed)."""
+        return False
+
     def _fit(self, model: nn.Module, data: Data) -> None:
-        net = TracedNet(model)
+        net = self._traced(model)
         c = self.cfg
         inputs = make_input_model(c.input_model, **c.input_options())
         # max pools always record their argmax frequencies (cheap; stored floats only when sampled)
@@ -255,7 +263,7 @@ class _LaftrBase(FSDEstimator):
                              f"configured for {self.cfg.input_model!r}")
         self._set_reference(model, outputs)
         self.summary = summary
-        self._after_summary(TracedNet(model))
+        self._after_summary(self._traced(model))
         return self
 
     def _after_summary(self, net: TracedNet) -> None:
@@ -278,7 +286,7 @@ class _LaftrBase(FSDEstimator):
         key = id(model)
         net = self._nets.get(key)
         if net is None:
-            net = TracedNet(model)
+            net = self._traced(model)
             if not _same_signature(net.signature(), self.site_signature or []):
                 raise ValueError(
                     "this model's sites (gates, normalizers, pools) differ from the ones the summary was "
@@ -373,6 +381,9 @@ class LaftrEstimator(_LaftrBase):
     def _reads_sites(self) -> bool:
         # theta0's own linearization (relu) and the real networks (none) read no stored site law
         return self.cfg.gates == "bernoulli"
+
+    def _runs_networks(self) -> bool:
+        return self.cfg.gates == "none"
 
     @property
     def pool_mode(self) -> str:
