@@ -594,7 +594,6 @@ class TracedNet:
         passes that run the real networks only (``laftr`` with ``gates="none"``).
         """
         self.gm = trace(model)
-        self.exact_unknown = exact_unknown
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if not placeholders:
             raise UnsupportedOpError(f"{type(model).__name__}.forward takes no input")
@@ -634,6 +633,7 @@ class TracedNet:
                 self.rules[node.name] = _plain_rule(node, self.gm)
         self.data_nodes = data_nodes
         self.input_only = input_only
+        self._users = {n.name: len(n.users) for n in self.gm.graph.nodes}  # each run counts them down
         self.sites: dict[str, Rule] = {n: r for n, r in self.rules.items() if r.site and n in data_nodes}
 
     def _reads_input_only(self, node: fx.Node, input_only: set[str]) -> bool:
@@ -677,7 +677,7 @@ class TracedNet:
         Returns the mode's output (a tuple with each stream's output, or refs into the moment state).
         """
         env: dict[str, Any] = {}
-        users = {n.name: len(n.users) for n in self.gm.graph.nodes}
+        users = dict(self._users)
         mode.begin_run()
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":

@@ -235,7 +235,7 @@ class _LaftrBase(FSDEstimator):
     # ------------------------------------------------------------------ fitting
     def _traced(self, model: nn.Module) -> TracedNet:
         """``model`` traced, with the ops the estimator's passes may run exactly without a rule."""
-        return TracedNet(model, exact_unknown=not self._reads_sites() and self._runs_networks())
+        return TracedNet(model, exact_unknown=self._runs_networks())
 
     def _runs_networks(self) -> bool:
         """Whether evaluation runs the real networks (every op exactly: no rule needed)."""

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import UnsupportedOpError
@@ -69,6 +70,11 @@ class Pair:
 _LEAVES = (torch.Tensor, int, float, bool, str, slice, type(None), type(Ellipsis), torch.dtype, torch.device)
 
 
+#: the list and dict types of an fx node's arguments (handled like list and dict, without pytree)
+_LISTS = (list, immutable_list)
+_DICTS = (dict, immutable_dict)
+
+
 def stream_of(v: Any, s: int) -> Any:
     """``v`` with every :class:`Pair` among its leaves replaced by its value in stream ``s``."""
     if isinstance(v, Pair):
@@ -76,9 +82,9 @@ def stream_of(v: Any, s: int) -> Any:
     t = type(v)
     if t is tuple:
         return tuple(stream_of(a, s) for a in v)
-    if t is list:
+    if t in _LISTS:
         return [stream_of(a, s) for a in v]
-    if t is dict:
+    if t in _DICTS:
         return {k: stream_of(a, s) for k, a in v.items()}
     if isinstance(v, _LEAVES):
         return v
@@ -97,10 +103,10 @@ def _collect_pairs(v: Any, out: list[Pair]) -> None:
         out.append(v)
         return
     t = type(v)
-    if t is tuple or t is list:
+    if t is tuple or t in _LISTS:
         for a in v:
             _collect_pairs(a, out)
-    elif t is dict:
+    elif t in _DICTS:
         for a in v.values():
             _collect_pairs(a, out)
     elif not isinstance(v, _LEAVES):
