@@ -320,6 +320,47 @@ def test_a_stalled_preconditioned_solve_is_redone_without_it_and_the_lower_objec
     torch.testing.assert_close(sol.delta, plain.delta, rtol=0, atol=1e-6 * float(plain.delta.abs().max()))
 
 
+@pytest.mark.parametrize("stall", [False, True])
+def test_the_checks_after_a_solve_reuse_its_last_evaluation(monkeypatch, stall):
+    """The stationarity check at the returned point, and the comparison of objectives after a stalled
+    preconditioned solve, use the objective and gradient the solver computed there: the objective is evaluated
+    exactly ``evaluations`` times (it was one more, and three more after a fallback), with the same result."""
+    import laftr.influence.pbrf as pbrf_mod
+
+    model = _tanh_net(k=3)
+    X, Y = _cls_data(n=60)
+    est = laftr.make_estimator("kfac", metric="kl", fisher="exact").fit(model, (X, Y))
+    reference = PBRF(model, fsd=est, num_train=1000, task="classification", damping=0.1, rtol=1e-7).solve(
+        X[4:5], Y[4:5])
+    real = pbrf_mod._lbfgs
+    calls: list[int] = []
+    in_solver = [0]  # evaluations made by the solves themselves
+
+    def stalling(fg, u, **kw):
+        before = len(calls)
+        out = real(fg, u, **kw)
+        in_solver[0] += len(calls) - before
+        return (*out[:2], "stalled")
+
+    if stall:  # every solve reports a stall: the preconditioned one is redone without the preconditioner
+        monkeypatch.setattr(pbrf_mod, "_lbfgs", stalling)
+    counted = est.distance
+    monkeypatch.setattr(est, "distance", lambda m, **kw: calls.append(1) or counted(m, **kw))
+    sol = PBRF(model, fsd=est, num_train=1000, task="classification", damping=0.1, rtol=1e-7).solve(
+        X[4:5], Y[4:5])
+    if not stall:
+        assert len(calls) == sol.evaluations > 0
+        torch.testing.assert_close(sol.delta, reference.delta, rtol=0, atol=0)
+        assert sol.grad_ratio_max == reference.grad_ratio_max and sol.converged
+    else:
+        assert sol.iterations > reference.iterations  # both solves ran
+        # the plain solve's end point is where the solver last was; the preconditioned one's gradient is
+        # computed again only if that point is kept
+        kept_preconditioned = torch.equal(sol.delta, reference.delta)
+        assert sol.evaluations == in_solver[0]  # no evaluation to compare the two solves' objectives
+        assert len(calls) == sol.evaluations + int(kept_preconditioned)
+
+
 def test_pbrf_without_a_quadratic_estimate_or_damping_is_not_preconditioned():
     model = _tanh_net(k=3)
     X, Y = _cls_data(n=40)

@@ -330,6 +330,9 @@ class PBRF:
         g0_max = float(g_loss.abs().max())
         g0_norm = float(g_loss.norm())
         evals = [0]
+        # the last point whose gradient was computed, with its objective and gradient: where _lbfgs returns
+        # (its start or an accepted point), so the checks after a solve need not evaluate it again
+        seen: dict[str, Any] = {}
 
         # one graph for the whole objective (an estimator, or training data in one batch): the gradient is
         # computed only for the points the line search accepts; otherwise a backward pass per batch at once
@@ -363,9 +366,18 @@ class PBRF:
                 if one_graph:
                     with torch.enable_grad():
                         rest.backward()
-                return eps * self.space.grads(self.work) + lam * u
+                g = eps * self.space.grads(self.work) + lam * u
+                seen.update(u=u, f=f, g=g)
+                return g
 
-            return (value if math.isfinite(value) else math.inf), gradient
+            f = value if math.isfinite(value) else math.inf
+            return f, gradient
+
+        def value_at(u: torch.Tensor) -> float:
+            return float(seen["f"]) if seen.get("u") is u else objective(u)[0]
+
+        def gradient_at(u: torch.Tensor) -> torch.Tensor:
+            return seen["g"] if seen.get("u") is u else _gradient(objective(u)[1])
 
         t0, c0 = time.perf_counter(), time.process_time()
         h0 = self._preconditioner(lam)
@@ -382,17 +394,17 @@ class PBRF:
                 # on a kink of the piecewise-smooth objective a preconditioned solve can stall at a worse
                 # point of it than the plain one (pbrf-kfac on the mislabeled benchmark: objectives up to
                 # 0.7 % higher, self-influences 1.5 % off): solve again without it, keep the lower objective
-                f_pre = objective(u)[0]
+                f_pre = value_at(u)
                 u_plain, it_plain, status_plain = _lbfgs(objective, torch.zeros_like(u), **kw)
                 iterations += it_plain
-                if objective(u_plain)[0] <= f_pre:
+                if value_at(u_plain) <= f_pre:
                     u, status = u_plain, status_plain
         else:
             iterations, status = 0, "gradient"
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         n_evals = evals[0]
         # stationarity check at the returned point (not timed)
-        g_end = objective(u)[1]()
+        g_end = gradient_at(u)
         ratio = float(g_end.norm()) / g0_norm if g0_norm > 0 else 0.0
         ratio_max = float(g_end.abs().max()) / g0_max if g0_max > 0 else 0.0
         converged = ratio_max <= cfg.rtol
