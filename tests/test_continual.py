@@ -727,6 +727,32 @@ def test_vit_defaults_are_the_vit_search_winners():
     assert "not tuned for vit" in other.tuning
 
 
+def test_arithmetic_four_task_defaults_are_its_search_winners():
+    """``arithmetic-4`` runs with the lam of its own four-task validation search (the committed search file) for
+    the methods searched there, and with the two-task values for the others."""
+    import json
+    from pathlib import Path
+
+    from laftr.continual.methods import METHODS
+    from laftr.continual.runner import resolve_settings
+
+    search = json.loads((Path(__file__).parents[1] / "benchmarks/results/continual/search_arithmetic-4.json")
+                        .read_text())
+    searched = {m: e for m, e in search["methods"].items() if m in METHODS}
+    assert {"ewc", "kfac", "laftr", "liftr", "subset"} == set(searched)
+    names = ",".join(searched) + ",ntk"
+    bench, _, _, specs, _ = resolve_settings(ContinualSettings("arithmetic-4", names, [0]))
+    lam = {s.name: s.lam for s in specs}
+    for method, entry in searched.items():
+        grid = entry["lam"]["grid"]
+        best = max(grid, key=lambda g: g["val_avg_acc"])
+        assert lam[method] == best["lam"], method
+        assert best["lam"] not in (min(g["lam"] for g in grid), max(g["lam"] for g in grid)), method  # interior
+    _, _, _, two, _ = resolve_settings(ContinualSettings("arithmetic", "ntk,ewc", [0]))
+    assert lam["ntk"] == {s.name: s.lam for s in two}["ntk"]
+    assert "search_arithmetic-4.json" in bench.tuning
+
+
 def test_arithmetic_four_tasks_stream():
     from laftr.continual.benchmarks import build_stream, get_benchmark
 

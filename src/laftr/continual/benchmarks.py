@@ -234,6 +234,16 @@ _ARITHMETIC_TUNED: dict[str, dict[str, Any]] = {
     "ewc": {"lam": 1e3}, "kfac": {"lam": 100.0}, "laftr": {"lam": 0.1}, "liftr": {"lam": 100.0},
     "subset": {"lam": 10.0},
 }
+# arithmetic-4 (four tasks, weight decay 1): lam searched on four tasks the same way (seed 10, 25 epochs per
+# task, validation split; grids ewc 10..1e4, kfac 10..1e4, laftr 10..1e4, liftr 100..1e5, subset 10..1000):
+# benchmarks/results/continual/search_arithmetic-4.json. laftr and liftr are flat at ~1 % (chance) over
+# their whole grids -- their linearizations keep nothing on four tasks at this weight decay -- so their
+# choice is noise; docs/continual.md. Methods not searched keep the two-task values.
+_ARITHMETIC_4_TUNED: dict[str, dict[str, Any]] = {
+    **_ARITHMETIC_TUNED,
+    "ewc": {"lam": 1e3}, "kfac": {"lam": 100.0}, "laftr": {"lam": 100.0}, "liftr": {"lam": 1e4},
+    "subset": {"lam": 100.0},
+}
 _ARITHMETIC_EXCLUDED = {
     "laftr-exact": _NO_CLOSED_FORM,
     "laftr-diag": "a diagonal Gaussian input model cannot describe token ids (laftr itself already uses the "
@@ -281,9 +291,10 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         "arithmetic", "arithmetic", "arithmetic", tasks=("add", "subtract"), **_ARITHMETIC),
     "arithmetic-4": BenchmarkSpec(
         "arithmetic-4", "arithmetic", "arithmetic", tasks=("add", "subtract", "quadratic", "random"),
-        **{**_ARITHMETIC, "epochs": 60,
-           "tuning": "not tuned on four tasks: uses the two-task arithmetic settings "
-                     "(benchmarks/results/continual/search_arithmetic.json)"}),
+        **{**_ARITHMETIC, "epochs": 60, "method_defaults": _ARITHMETIC_4_TUNED,
+           "tuning": "one seed, 25 epochs, validation split, four tasks: benchmarks/results/continual/"
+                     "search_arithmetic-4.json (ewc, kfac, laftr, liftr, subset); the other methods use the "
+                     "two-task arithmetic settings (search_arithmetic.json)"}),
 }
 
 
