@@ -696,28 +696,36 @@ def test_token_and_transformer_benchmarks_adapt_the_methods():
         parse_method("laftr", None, ("images",))
 
 
-def test_vit_defaults_are_the_vit_search_winners():
-    """``--arch vit`` on Split Fashion-MNIST runs with the lam its own validation search chose (read from the
-    committed search file), the unsearched methods with the MLP's; a network without its own search says so."""
-    import json
-    from pathlib import Path
+def _named_searches(filename: str) -> dict[str, dict]:
+    """The entries of a committed search summary that belong to named methods (a variant's search, made with
+    ``--fixed ... --name X``, does not set a default)."""
 
     from laftr.continual.methods import METHODS
-    from laftr.continual.runner import resolve_settings
 
-    search = json.loads((Path(__file__).parents[1] / "benchmarks/results/continual/search_split-fmnist-vit.json")
-                        .read_text())
-    # the searches of named methods set the defaults; a variant's search (--fixed ... --name X) does not
-    searched = {m: e for m, e in search["methods"].items() if m in METHODS}
-    assert {"ewc", "kfac", "laftr", "liftr", "subset"} <= set(searched)
-    names = ",".join(searched) + ",ntk,laftr-classwise"
-    bench, _, _, specs, _ = resolve_settings(ContinualSettings("split-fmnist", names, [0], arch="vit"))
-    lam = {s.name: s.lam for s in specs}
+    search = json.loads((Path(__file__).parents[1] / "benchmarks/results/continual" / filename).read_text())
+    return {m: e for m, e in search["methods"].items() if m in METHODS}
+
+
+def _assert_search_winners(searched: dict[str, dict], lam: dict[str, float]) -> None:
+    """Each searched method's lam is its grid's best on validation, and that best is interior."""
     for method, entry in searched.items():
         grid = entry["lam"]["grid"]
         best = max(grid, key=lambda g: g["val_avg_acc"])
         assert lam[method] == best["lam"], method
         assert best["lam"] not in (min(g["lam"] for g in grid), max(g["lam"] for g in grid)), method  # interior
+
+
+def test_vit_defaults_are_the_vit_search_winners():
+    """``--arch vit`` on Split Fashion-MNIST runs with the lam its own validation search chose (read from the
+    committed search file), the unsearched methods with the MLP's; a network without its own search says so."""
+    from laftr.continual.runner import resolve_settings
+
+    searched = _named_searches("search_split-fmnist-vit.json")
+    assert {"ewc", "kfac", "laftr", "liftr", "subset"} <= set(searched)
+    names = ",".join(searched) + ",ntk,laftr-classwise"
+    bench, _, _, specs, _ = resolve_settings(ContinualSettings("split-fmnist", names, [0], arch="vit"))
+    lam = {s.name: s.lam for s in specs}
+    _assert_search_winners(searched, lam)
     _, _, _, mlp_specs, _ = resolve_settings(ContinualSettings("split-fmnist", names, [0]))
     mlp_lam = {s.name: s.lam for s in mlp_specs}
     assert lam["ntk"] == mlp_lam["ntk"] and lam["laftr-classwise"] == mlp_lam["laftr-classwise"]
@@ -730,24 +738,14 @@ def test_vit_defaults_are_the_vit_search_winners():
 def test_arithmetic_four_task_defaults_are_its_search_winners():
     """``arithmetic-4`` runs with the lam of its own four-task validation search (the committed search file) for
     the methods searched there, and with the two-task values for the others."""
-    import json
-    from pathlib import Path
-
-    from laftr.continual.methods import METHODS
     from laftr.continual.runner import resolve_settings
 
-    search = json.loads((Path(__file__).parents[1] / "benchmarks/results/continual/search_arithmetic-4.json")
-                        .read_text())
-    searched = {m: e for m, e in search["methods"].items() if m in METHODS}
+    searched = _named_searches("search_arithmetic-4.json")
     assert {"ewc", "kfac", "laftr", "liftr", "subset"} == set(searched)
     names = ",".join(searched) + ",ntk"
     bench, _, _, specs, _ = resolve_settings(ContinualSettings("arithmetic-4", names, [0]))
     lam = {s.name: s.lam for s in specs}
-    for method, entry in searched.items():
-        grid = entry["lam"]["grid"]
-        best = max(grid, key=lambda g: g["val_avg_acc"])
-        assert lam[method] == best["lam"], method
-        assert best["lam"] not in (min(g["lam"] for g in grid), max(g["lam"] for g in grid)), method  # interior
+    _assert_search_winners(searched, lam)
     _, _, _, two, _ = resolve_settings(ContinualSettings("arithmetic", "ntk,ewc", [0]))
     assert lam["ntk"] == {s.name: s.lam for s in two}["ntk"]
     assert "search_arithmetic-4.json" in bench.tuning
