@@ -699,7 +699,6 @@ def test_token_and_transformer_benchmarks_adapt_the_methods():
 def _named_searches(filename: str) -> dict[str, dict]:
     """The entries of a committed search summary that belong to named methods (a variant's search, made with
     ``--fixed ... --name X``, does not set a default)."""
-
     from laftr.continual.methods import METHODS
 
     search = json.loads((Path(__file__).parents[1] / "benchmarks/results/continual" / filename).read_text())

@@ -232,6 +232,13 @@ class _LaftrBase(FSDEstimator):
         """Whether evaluation reads the sites' stored statistics; an estimator that does not keeps none."""
         return True
 
+    def _reads_site(self, family: str) -> bool:
+        """Whether evaluation reads the stored statistics of a site of ``family``.
+
+        Those must be in the summary and count as stored floats; max pools' only with a sampled selection.
+        """
+        return self._reads_sites() and (family != "maxpool" or self._record_pools())
+
     # ------------------------------------------------------------------ fitting
     def _traced(self, model: nn.Module) -> TracedNet:
         """``model`` traced, with the ops the estimator's passes may run exactly without a rule."""
@@ -270,8 +277,7 @@ class _LaftrBase(FSDEstimator):
         assert self.summary is not None
         self.site_signature = net.signature()
         self._drop_unread_sites()
-        needed = [s for s, r in net.sites.items()
-                  if self._reads_sites() and (r.family != "maxpool" or self._record_pools())]
+        needed = [s for s, r in net.sites.items() if self._reads_site(r.family)]
         missing = [s for s in needed if s not in self.summary.site_sums]
         if missing:
             raise ValueError(f"summary lacks statistics for sites {missing}")
@@ -329,12 +335,11 @@ class _LaftrBase(FSDEstimator):
         if self.summary is None:
             return 0
         s = self.summary
-        pools = {name for name, fam, *_ in self.site_signature or [] if fam == "maxpool"}
+        families = {name: fam for name, fam, *_ in self.site_signature or []}
         per_group = 0
         for name, d in s.site_sums.items():
-            if name in pools and not self._record_pools():
-                continue
-            per_group += sum(int(v[0].numel()) for v in d.values())
+            if self._reads_site(families.get(name, "")):
+                per_group += sum(int(v[0].numel()) for v in d.values())
         groups = s.inputs.nonempty_groups() if s.inputs.grouped else 1
         return groups * per_group + s.inputs.stored_floats()
 
@@ -355,8 +360,7 @@ class _LaftrBase(FSDEstimator):
         self.site_signature = meta["sites"]
         self._drop_unread_sites()
         for name, fam, *_ in self.site_signature or []:
-            if (self._reads_sites() and name not in self.summary.site_sums
-                    and (fam != "maxpool" or self._record_pools())):
+            if name not in self.summary.site_sums and self._reads_site(fam):
                 raise ValueError(f"summary lacks statistics for site {name!r} ({fam})")
 
     def _drop_unread_sites(self) -> None:
