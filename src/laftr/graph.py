@@ -20,6 +20,7 @@ rule.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import rules as _rules  # noqa: F401  (importing registers the built-in rules)
+from .composites import traced_forward
 from .errors import UnsupportedOpError
 from .moments import GateMoments, JointMoments, Ref
 from .rules.base import (
@@ -54,11 +56,23 @@ __all__ = ["FitMode", "ForwardMode", "Mode", "MomentMode", "OwnMode", "SampleMod
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping every module that has a rule as a leaf.
 
-    A user's registered activation is kept too.
+    A user's registered activation is kept too. torch.nn's transformer modules (:mod:`laftr.composites`) are
+    traced through their parts unless a rule is registered for them.
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_registered_module(m) or super().is_leaf_module(m, module_qualified_name)
+        if is_registered_module(m):
+            return True
+        if traced_forward(m) is not None:
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        fn = None if is_registered_module(m) else traced_forward(m)
+        if fn is not None:
+            forward = functools.partial(fn, m)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -73,6 +87,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = _Tracer().trace(model)
         return fx.GraphModule(model, graph, type(model).__name__)
+    except UnsupportedOpError:
+        raise
     except Exception as e:
         raise UnsupportedOpError(
             f"could not trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); laftr needs a "

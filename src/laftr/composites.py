@@ -1,0 +1,139 @@
+"""torch.nn's transformer modules, traced through their parts.
+
+``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``, ``nn.TransformerDecoderLayer``,
+``nn.TransformerDecoder`` and ``nn.Transformer`` are composites of modules that have rules
+(``nn.MultiheadAttention``, ``nn.Linear``, ``nn.LayerNorm``, dropout and the activation), but torch.fx keeps
+every torch.nn module as one leaf, and their forwards branch on their input (PyTorch's inference fast path,
+nested tensors, the detection of a causal mask), which symbolic tracing cannot follow. laftr's tracer
+(:func:`laftr.graph.trace`) therefore traces each of them as the function below: the computation of the
+module's standard path (the one training runs) written with its public submodules, so the traced graph holds
+the same nodes, and the same parameter names, as the same network written by hand.
+
+What the standard path does and the traced one does not: nothing, except that PyTorch's inference fast path
+of ``nn.TransformerEncoder`` with ``enable_nested_tensor=True`` returns zeros at the positions a
+``src_key_padding_mask`` pads, which its standard path does not; that combination is refused at tracing, with
+the fix (build the encoder with ``enable_nested_tensor=False``). Masks go to ``nn.MultiheadAttention`` as they
+come (it reads boolean and additive masks alike); an ``is_causal`` left at ``None`` with a mask applies the
+mask, which is what PyTorch's detection of a causal mask amounts to.
+
+Only the classes' own forwards are replaced: a subclass that overrides ``forward`` is traced through its own
+code, and a module the user registered a rule for stays a leaf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from .errors import UnsupportedOpError
+
+__all__ = ["traced_forward"]
+
+
+def _self_attention(m: Any, x: Tensor, mask: Tensor | None, padding: Tensor | None, causal: bool) -> Tensor:
+    return m.self_attn(x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=False,
+                       is_causal=causal)[0]
+
+
+def _feed_forward(m: Any, x: Tensor, last_dropout: nn.Module) -> Tensor:
+    return last_dropout(m.linear2(m.dropout(m.activation(m.linear1(x)))))
+
+
+def encoder_layer(m: nn.TransformerEncoderLayer, src: Tensor, src_mask: Tensor | None = None,
+                  src_key_padding_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """``nn.TransformerEncoderLayer``: self-attention and feed-forward blocks, pre- or post-LayerNorm."""
+    def sa(x: Tensor) -> Tensor:
+        return m.dropout1(_self_attention(m, x, src_mask, src_key_padding_mask, is_causal))
+
+    x = src
+    if m.norm_first:
+        x = x + sa(m.norm1(x))
+        return x + _feed_forward(m, m.norm2(x), m.dropout2)
+    x = m.norm1(x + sa(x))
+    return m.norm2(x + _feed_forward(m, x, m.dropout2))
+
+
+def encoder(m: nn.TransformerEncoder, src: Tensor, mask: Tensor | None = None,
+            src_key_padding_mask: Tensor | None = None, is_causal: bool | None = None) -> Tensor:
+    """``nn.TransformerEncoder``: its layers in turn, then its final norm if it has one."""
+    if src_key_padding_mask is not None and getattr(m, "use_nested_tensor", False):
+        raise UnsupportedOpError(
+            "nn.TransformerEncoder with enable_nested_tensor=True and a src_key_padding_mask: PyTorch's "
+            "inference path returns zeros at the padded positions, its training path does not, so the "
+            "network has two functions; build the encoder with enable_nested_tensor=False")
+    out = src
+    for layer in m.layers:
+        out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
+    return out if m.norm is None else m.norm(out)
+
+
+def decoder_layer(m: nn.TransformerDecoderLayer, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
+                  memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
+                  memory_key_padding_mask: Tensor | None = None, tgt_is_causal: bool = False,
+                  memory_is_causal: bool = False) -> Tensor:
+    """``nn.TransformerDecoderLayer``: self-attention, attention to ``memory`` and feed-forward blocks."""
+    def sa(x: Tensor) -> Tensor:
+        return m.dropout1(_self_attention(m, x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+
+    def ca(x: Tensor) -> Tensor:
+        return m.dropout2(m.multihead_attn(x, memory, memory, attn_mask=memory_mask,
+                                           key_padding_mask=memory_key_padding_mask, need_weights=False,
+                                           is_causal=memory_is_causal)[0])
+
+    x = tgt
+    if m.norm_first:
+        x = x + sa(m.norm1(x))
+        x = x + ca(m.norm2(x))
+        return x + _feed_forward(m, m.norm3(x), m.dropout3)
+    x = m.norm1(x + sa(x))
+    x = m.norm2(x + ca(x))
+    return m.norm3(x + _feed_forward(m, x, m.dropout3))
+
+
+def decoder(m: nn.TransformerDecoder, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
+            memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
+            memory_key_padding_mask: Tensor | None = None, tgt_is_causal: bool | None = None,
+            memory_is_causal: bool = False) -> Tensor:
+    """``nn.TransformerDecoder``: its layers in turn, then its final norm if it has one."""
+    out = tgt
+    for layer in m.layers:
+        out = layer(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                    tgt_key_padding_mask=tgt_key_padding_mask,
+                    memory_key_padding_mask=memory_key_padding_mask,
+                    tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
+    return out if m.norm is None else m.norm(out)
+
+
+def transformer(m: nn.Transformer, src: Tensor, tgt: Tensor, src_mask: Tensor | None = None,
+                tgt_mask: Tensor | None = None, memory_mask: Tensor | None = None,
+                src_key_padding_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
+                memory_key_padding_mask: Tensor | None = None, src_is_causal: bool | None = None,
+                tgt_is_causal: bool | None = None, memory_is_causal: bool = False) -> Tensor:
+    """``nn.Transformer``: its encoder on ``src``, then its decoder on ``tgt`` attending to the encoding."""
+    memory = m.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+    return m.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                     tgt_key_padding_mask=tgt_key_padding_mask,
+                     memory_key_padding_mask=memory_key_padding_mask,
+                     tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+
+
+_FORWARDS: dict[type[nn.Module], Callable[..., Tensor]] = {
+    nn.TransformerEncoderLayer: encoder_layer,
+    nn.TransformerEncoder: encoder,
+    nn.TransformerDecoderLayer: decoder_layer,
+    nn.TransformerDecoder: decoder,
+    nn.Transformer: transformer,
+}
+
+
+def traced_forward(m: nn.Module) -> Callable[..., Tensor] | None:
+    """The function laftr traces in place of ``m.forward``, or None: ``m`` is traced as torch.fx would.
+
+    One of the classes above whose ``forward`` is the class's own (a subclass overriding it is not replaced).
+    """
+    for cls, fn in _FORWARDS.items():
+        if isinstance(m, cls) and type(m).forward is cls.forward:
+            return fn
+    return None
