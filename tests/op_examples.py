@@ -50,6 +50,18 @@ class WithMask(nn.Module):
         return self.fn(x, self.mask)
 
 
+class WithIndex(nn.Module):
+    """``fn(x, index)`` with a fixed long buffer ``index`` (ops that pick entries by index)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], Any]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.register_buffer("index", torch.tensor([5, 0, 2, 2, 1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, self.index)
+
+
 def lam(fn: Callable[[torch.Tensor], Any], shape: tuple[int, ...]) -> Example:
     return (lambda: Lambda(fn), shape)
 
@@ -109,7 +121,28 @@ AFFINE: dict[Any, Example] = {
     nn.PixelShuffle: mod(lambda: nn.PixelShuffle(2), (4, 2, 2)),
     nn.PixelUnshuffle: mod(lambda: nn.PixelUnshuffle(2), IMG),
     nn.Upsample: mod(lambda: nn.Upsample(scale_factor=2, mode="bilinear"), IMG),
+    nn.ConvTranspose1d: mod(lambda: nn.ConvTranspose1d(4, 3, 3, stride=2), V),
+    nn.ConvTranspose2d: mod(lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), IMG),
+    nn.ConvTranspose3d: mod(lambda: nn.ConvTranspose3d(2, 2, 2, stride=2), VOL),
+    nn.Unfold: mod(lambda: nn.Unfold(2, padding=1), IMG),
+    nn.Fold: mod(lambda: nn.Fold((3, 3), 2), (8, 4)),
+    nn.ChannelShuffle: mod(lambda: nn.ChannelShuffle(2), (4, 2, 2)),
     # functions
+    F.conv_transpose1d: (lambda: WithParam(lambda x, p: F.conv_transpose1d(x, p, stride=2), (4, 3, 2)), V),
+    F.conv_transpose2d: (lambda: WithParam(lambda x, p: F.conv_transpose2d(x, p, padding=1), (2, 3, 3, 3)), IMG),
+    F.conv_transpose3d: (lambda: WithParam(lambda x, p: F.conv_transpose3d(x, p), (2, 2, 2, 2, 2)), VOL),
+    F.unfold: lam(lambda x: F.unfold(x, 3, padding=1, stride=2), IMG),
+    F.fold: lam(lambda x: F.fold(x, (3, 3), 2, stride=1), (8, 4)),
+    torch.channel_shuffle: lam(lambda x: torch.channel_shuffle(x, 2), (4, 2, 2)),
+    torch.roll: lam(lambda x: torch.roll(x, 2, -1), V),
+    torch.flip: lam(lambda x: torch.flip(x, (1, 2)), V),
+    torch.tile: lam(lambda x: torch.tile(x, (1, 2, 1)), V),
+    torch.repeat_interleave: lam(lambda x: torch.repeat_interleave(x, 2, dim=2), V),
+    torch.cumsum: lam(lambda x: torch.cumsum(x, -1), V),
+    torch.tril: lam(lambda x: torch.tril(x, 1), V),
+    torch.triu: lam(lambda x: torch.triu(x), V),
+    torch.diagonal: lam(lambda x: torch.diagonal(x, 0, 1, 2), V),
+    torch.index_select: (lambda: WithIndex(lambda x, i: torch.index_select(x, 2, i)), V),
     torch.flatten: lam(lambda x: torch.flatten(x, 1), V),
     torch.reshape: lam(lambda x: torch.reshape(x, (-1, 24)), V),
     torch.squeeze: lam(lambda x: torch.squeeze(x.unsqueeze(1), 1), V),
@@ -174,6 +207,16 @@ AFFINE: dict[Any, Example] = {
     "swapaxes": lam(lambda x: x.swapaxes(1, 2), V),
     "unbind": lam(lambda x: x.unbind(2)[1], V),
     "bmm": (lambda: WithParam(lambda x, p: x.bmm(p.expand(x.shape[0], -1, -1)), (6, 2)), V),
+    "roll": lam(lambda x: x.roll((1, -1), (1, 2)), V),
+    "flip": lam(lambda x: x.flip(-1), V),
+    "repeat": lam(lambda x: x.repeat(1, 1, 2), V),
+    "tile": lam(lambda x: x.tile((2,)), V),
+    "repeat_interleave": lam(lambda x: x.repeat_interleave(3, dim=1), V),
+    "cumsum": lam(lambda x: x.cumsum(1), V),
+    "tril": lam(lambda x: x.tril(-1), V),
+    "triu": lam(lambda x: x.triu(1), V),
+    "diagonal": lam(lambda x: x.diagonal(1, 1, 2), V),
+    "index_select": (lambda: WithIndex(lambda x, i: x.index_select(1, i[:3] % 4)), V),
     # sums
     operator.add: (lambda: WithParam(lambda x, p: x + p + x, (6,)), V),
     operator.sub: (lambda: WithParam(lambda x, p: x - p - 2 * x, (6,)), V),
@@ -307,6 +350,31 @@ SMOOTH: dict[Any, Callable[[], nn.Module]] = {
     nn.Tanhshrink: nn.Tanhshrink,
     F.tanhshrink: lambda: Lambda(F.tanhshrink),
 }
+#: smooth elementwise functions of the data (laftr.rules.gates.ElementwiseGate, PowGate): the torch function,
+#: the method, and their in-place forms
+ELEMENTWISE = ("sin", "exp", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "square", "reciprocal",
+               "cos", "erf", "erfc", "atan", "sinh", "cosh")
+#: the targets defined on positive inputs only: their example networks feed them pre-activations near 10
+POSITIVE: set[Any] = set()
+for _n in ELEMENTWISE:
+    _forms: dict[Any, Callable[[], nn.Module]] = {
+        getattr(torch, _n): lambda n=_n: Lambda(getattr(torch, n)),
+        _n: lambda n=_n: Lambda(lambda x: getattr(x, n)()),
+        _n + "_": lambda n=_n: Lambda(lambda x: getattr(x, n + "_")()),
+    }
+    if hasattr(torch, _n + "_"):
+        _forms[getattr(torch, _n + "_")] = lambda n=_n: Lambda(lambda x: getattr(torch, n + "_")(x))
+    if hasattr(torch.special, _n):
+        _forms[getattr(torch.special, _n)] = lambda n=_n: Lambda(getattr(torch.special, n))
+    SMOOTH.update(_forms)
+    if _n.startswith("log") or _n in ("sqrt", "rsqrt", "reciprocal"):
+        POSITIVE.update(_forms)
+SMOOTH[torch.pow] = lambda: Lambda(lambda x: torch.pow(x, 3))
+SMOOTH[operator.pow] = lambda: Lambda(lambda x: x ** 2)
+SMOOTH["pow"] = lambda: Lambda(lambda x: x.pow(0.5))
+SMOOTH["pow_"] = lambda: Lambda(lambda x: x.pow_(-1.5))
+POSITIVE.update(("pow", "pow_"))
+
 if hasattr(torch, "selu_"):
     SMOOTH[torch.selu_] = lambda: Lambda(lambda x: torch.selu_(x))
 if hasattr(torch, "celu_"):

@@ -11,7 +11,7 @@ import operator
 import pytest
 import torch
 from cases import EstimateCall, perturbed
-from op_examples import AFFINE, NORMS, PIECEWISE, SMOOTH, Lambda
+from op_examples import AFFINE, NORMS, PIECEWISE, POSITIVE, SMOOTH, Lambda, WithParam
 from torch import nn
 
 import laftr
@@ -77,8 +77,20 @@ def test_every_gate_and_norm_op_has_an_example():
     assert not [_name(t) for t in norms if t not in NORMS]
 
 
-def _gate_net(act: nn.Module, d_in: int = 5, h: int = 6, d_out: int = 3) -> nn.Module:
-    return nn.Sequential(nn.Linear(d_in, h), act, nn.Linear(h, d_out))
+def _gate_net(act: nn.Module, d_in: int = 5, h: int = 6, d_out: int = 3, positive: bool = False) -> nn.Module:
+    model = nn.Sequential(nn.Linear(d_in, h), act, nn.Linear(h, d_out))
+    if positive:
+        _positive_inputs(model)
+    return model
+
+
+def _positive_inputs(model: nn.Sequential) -> None:
+    """Pre-activations near 10 (every Linear followed by an op): for ops defined on positive inputs only."""
+    with torch.no_grad():
+        for lin, nxt in zip(model[:-1], model[1:]):
+            if isinstance(lin, nn.Linear) and not isinstance(nxt, nn.Linear):
+                lin.weight.mul_(0.2)
+                lin.bias.fill_(10.0)
 
 
 def _autograd_tangent(act: nn.Module, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +108,7 @@ def test_gate_law_reproduces_the_op_on_its_data(target):
     moments."""
     factory = PIECEWISE[target][0] if target in PIECEWISE else SMOOTH[target]
     act = factory().to(DT)
-    model = _gate_net(act)
+    model = _gate_net(act, positive=target in POSITIVE)
     g = torch.Generator().manual_seed(2)
     X = 2 * torch.randn(400, 5, generator=g)
     net = TracedNet(model)
@@ -187,7 +199,10 @@ def _op_net(target) -> nn.Module:
         act2.p = nn.Parameter(act2.p.detach()[:4] if act2.p.numel() > 1 else act2.p.detach())
     if isinstance(act2, nn.PReLU):
         act2 = nn.PReLU(4, init=0.3)
-    return nn.Sequential(nn.Linear(5, 6), act1, nn.Linear(6, 4), act2, nn.Linear(4, 3)).to(DT)
+    model = nn.Sequential(nn.Linear(5, 6), act1, nn.Linear(6, 4), act2, nn.Linear(4, 3)).to(DT)
+    if target in POSITIVE:
+        _positive_inputs(model)
+    return model
 
 
 OPS = _one_per_rule(PIECEWISE) + _one_per_rule(SMOOTH) + list(NORMS)
@@ -454,6 +469,23 @@ def test_rule_errors_name_the_node():
                                           torch.randn(8, 4))
     with pytest.raises(TypeError, match="Rule subclasses"):
         laftr.rules.register(Swish)(object)
+
+
+def test_elementwise_functions_outside_their_domain_and_data_powers_are_named():
+    """log of a pre-activation that is negative on the data: the fit refuses the non-finite tangent, naming the
+    node (not a NaN summary); a constant raised to a data power and a learned exponent are refused with why."""
+    X = torch.randn(30, 5, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"node 'log'.*not finite.*domain"):
+        laftr.make_estimator("laftr").fit(_gate_net(Lambda(torch.log)), X)
+    with pytest.raises(ValueError, match=r"node 'sqrt'.*not finite"):
+        laftr.make_estimator("laftr-exact").fit(_gate_net(Lambda(lambda x: torch.sqrt(x.relu()))), X)
+    with pytest.raises(laftr.UnsupportedOpError, match=r"constant raised to a data-dependent power.*torch.exp"):
+        laftr.make_estimator("laftr").fit(_gate_net(Lambda(lambda x: 2.0 ** x)), X)
+    learned = _gate_net(WithParam(lambda x, p: x ** p, ()))
+    with pytest.raises(laftr.UnsupportedOpError, match=r"exponent.*computed at run time"):
+        laftr.make_estimator("laftr").fit(learned, X)
+    ok = laftr.make_estimator("laftr", num_samples=8).fit(_gate_net(Lambda(torch.log), positive=True), X)
+    assert torch.isfinite(ok(_gate_net(Lambda(torch.log), positive=True)))
 
 
 def test_one_support_matrix_for_every_estimator_that_walks_the_network():

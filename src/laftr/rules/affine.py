@@ -303,7 +303,8 @@ _AFFINE_MODULES = (
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
     nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
-    nn.ReplicationPad2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.Upsample,
+    nn.ReplicationPad2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.Upsample, nn.ConvTranspose1d,
+    nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Unfold, nn.Fold, nn.ChannelShuffle,
 )
 # (products, matmul and einsum: laftr.rules.attention's ProductRule, affine with one data factor)
 _AFFINE_FUNCTIONS = (
@@ -312,10 +313,14 @@ _AFFINE_FUNCTIONS = (
     F.adaptive_avg_pool3d, operator.getitem,
     operator.neg, operator.pos, torch.neg, F.pad, torch.narrow, torch.chunk, torch.split, torch.movedim,
     torch.swapaxes, torch.t, torch.unbind, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle,
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.unfold, F.fold, torch.channel_shuffle,
+    torch.roll, torch.flip, torch.tile, torch.repeat_interleave, torch.cumsum, torch.tril, torch.triu,
+    torch.diagonal, torch.index_select,
 )
 _AFFINE_METHODS = (
     "permute", "transpose", "mean", "sum", "neg", "t", "chunk", "split", "expand", "narrow", "unbind",
-    "movedim", "swapaxes",
+    "movedim", "swapaxes", "roll", "flip", "repeat", "tile", "repeat_interleave", "cumsum", "tril", "triu",
+    "diagonal", "index_select",
 )
 _SUM_FUNCTIONS = (operator.add, operator.sub, torch.add, torch.sub, torch.cat, torch.concat, torch.stack)
 _SUM_METHODS = ("add", "sub", "add_", "sub_")

@@ -275,10 +275,11 @@ def describe(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
 #: In-place functions and their out-of-place twins: the interpreter never writes into a stream's tensors.
 _OUT_OF_PLACE: dict[Any, Any] = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-    operator.itruediv: operator.truediv, operator.imatmul: operator.matmul,
+    operator.itruediv: operator.truediv, operator.imatmul: operator.matmul, operator.ipow: operator.pow,
 }
 for _name in ("relu_", "clamp_", "clamp_min_", "clamp_max_", "clip_", "sigmoid_", "tanh_", "selu_", "celu_",
-              "rrelu_"):
+              "rrelu_", "exp_", "expm1_", "log_", "log1p_", "log2_", "log10_", "sqrt_", "rsqrt_", "square_",
+              "reciprocal_", "sin_", "cos_", "erf_", "erfc_", "atan_", "sinh_", "cosh_"):
     if hasattr(torch, _name) and hasattr(torch, _name[:-1]):
         _OUT_OF_PLACE[getattr(torch, _name)] = getattr(torch, _name[:-1])
 for _name in ("relu_", "elu_", "leaky_relu_", "hardtanh_", "threshold_", "celu_", "selu_", "rrelu_"):

@@ -20,11 +20,12 @@ independently across units and of the input; ``gates="relu"`` uses theta0's own 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from .._util import eigh_on_host
 from ..moments import GateMoments
@@ -321,6 +322,10 @@ class SmoothGate(GateRule):
         a0 = self.real(mode, args, kwargs)
         c = self.slope(s0, mode, args, kwargs).to(torch.float64)
         r = a0.to(torch.float64) - c * s0.to(torch.float64)
+        if not (torch.isfinite(c).all() and torch.isfinite(r).all()):
+            raise ValueError(f"{self.describe()}: its value or slope at theta0 is not finite on some of "
+                             "the data (an input outside or at the edge of the op's domain, e.g. log(0), "
+                             "sqrt(0), 1/0); keep its input inside the domain, e.g. with an epsilon")
         for key, val in (("c", c), ("r", r), ("cc", c * c), ("cr", c * r), ("rr", r * r)):
             mode.add(self.name, key, val)
         return Pair((a0,), True)
@@ -869,3 +874,55 @@ class TanhshrinkGate(SmoothGate):
         """``tanh(s)^2``."""
         t = torch.tanh(s)
         return t * t
+
+
+# ---------------------------------------------------------------------------------------------- elementwise
+def _method_and_inplace(*names: str) -> list[Any]:
+    """The tensor-method spellings (``x.exp()``, ``x.exp_()``) and the torch functions of these names."""
+    out: list[Any] = []
+    for n in names:
+        out += [n, n + "_", *_fns(n, n + "_", module=torch)]
+    return out
+
+
+@register(*_method_and_inplace("exp", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "square",
+                               "reciprocal", "sin", "cos", "erf", "erfc", "atan", "sinh", "cosh"),
+          *_fns("erf", "erfc", "expm1", "log1p", module=torch.special))
+class ElementwiseGate(SmoothGate):
+    """A smooth elementwise function of the data (``exp``, ``log``, ``sqrt``, ``rsqrt``, ``sin``, ...).
+
+    Like every smooth gate: its tangent at theta0's value (slope from autograd, exact for each op). These ops
+    have a domain (``log``, ``sqrt``, ``rsqrt``, ``reciprocal``): theta0's inputs on the data must stay inside
+    it, or the fit refuses the non-finite tangent; the Monte Carlo then never evaluates the op outside
+    theta0's data (it applies the drawn tangents), while ``gates="relu"`` and ``"none"`` evaluate it on
+    samples of the input model.
+    """
+
+    family = "elementwise"
+
+    def params(self) -> dict[str, Any]:
+        """The op, which a stored summary must match."""
+        t = self.node.target
+        return {"op": t if isinstance(t, str) else getattr(t, "__name__", str(t))}
+
+
+@register(torch.pow, operator.pow, "pow", "pow_")  # (``x **= 2`` reaches torch.fx as operator.pow)
+class PowGate(ElementwiseGate):
+    """``s ** p`` for a constant exponent ``p`` (``x ** 2``, ``x.pow(0.5)``, ``torch.pow(x, 3)``)."""
+
+    family = "pow"
+
+    def setup(self) -> None:
+        """Read the exponent; refuse a data-dependent or learned one and a constant base."""
+        base = self.node.args[0] if self.node.args else self.node.kwargs.get("input")
+        if not isinstance(base, fx.Node):
+            raise self.refuse("a constant raised to a data-dependent power has no rule; write b ** x as "
+                              "torch.exp(x * math.log(b))")
+        e = self.const_arg(1, "exponent")
+        if isinstance(e, bool) or not isinstance(e, (int, float)):
+            raise self.refuse(f"the exponent must be a constant number, got {e!r}")
+        self.exponent = float(e)
+
+    def params(self) -> dict[str, Any]:
+        """The exponent, which a stored summary must match."""
+        return {"exponent": self.exponent}
