@@ -19,13 +19,18 @@ from .base import Pair, Rule, register
 
 
 def _pool_geometry(pool: dict[str, Any]) -> tuple[tuple[int, int], ...]:
-    def pair(v: Any) -> tuple[int, int]:
+    """Kernel, stride, padding and dilation as (height, width) pairs.
+
+    A 1-d pool is a 2-d one of height 1 (kernel, stride and dilation 1 along it, no padding).
+    """
+    def pair(v: Any, along_height: int) -> tuple[int, int]:
         if pool["dims"] == 1:
             v = v[0] if isinstance(v, (tuple, list)) else v
-            return (1, int(v))
+            return (along_height, int(v))
         return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
-    return pair(pool["kernel_size"]), pair(pool["stride"]), pair(pool["padding"]), pair(pool["dilation"])
+    return (pair(pool["kernel_size"], 1), pair(pool["stride"], 1), pair(pool["padding"], 0),
+            pair(pool["dilation"], 1))
 
 
 def pool_windows(v: torch.Tensor, pool: dict[str, Any],
@@ -203,3 +208,154 @@ class MaxPoolRule(Rule):
             dtype: torch.dtype) -> Any:
         """The stored argmax counts turned into a (private) ``PoolLaw`` on ``device`` in ``dtype``."""
         return PoolLaw(sums, counts, device, dtype)
+
+
+class _ViewedMaxPool(MaxPoolRule):
+    """A max over windows that becomes a ``max_pool1d``/``max_pool2d`` once its input is viewed another way.
+
+    Subclasses give :meth:`view` (the pooled input of one stream, and the pool's constants for it) and
+    :meth:`unview` (the pooled output back in the op's own shape). Every mode of :class:`MaxPoolRule` then
+    applies unchanged: theta0's argmax, each stream its own, or positions drawn from the stored argmax
+    frequencies (one per input position of the viewed layout).
+    """
+
+    constants: dict[str, Any]  # the op's own constants (set by the subclass's setup)
+
+    def view(self, v: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def unview(self, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        """Nothing to read here (subclasses read their constants); the pool is set from the input's shape."""
+        self.pool = {}
+
+    def params(self) -> dict[str, Any]:
+        """The op's constants, which a stored summary must match (the pool depends on the input's shape)."""
+        return dict(self.constants)
+
+    def pre(self, args: Any, kwargs: Any) -> Pair:
+        """The data input viewed for pooling; sets the pool's constants from its shape."""
+        pair = self.data_input(args, kwargs)
+        self._input = pair.vals[0]
+        viewed = []
+        for v in pair.vals:
+            w, self.pool = self.view(v)
+            viewed.append(w)
+        return Pair(tuple(viewed), pair.data, pair.fixed)
+
+    def _back(self, out: Any) -> Any:
+        return Pair(tuple(self.unview(o, self._input) for o in out.vals), True)
+
+    def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Every stream pools itself exactly."""
+        return self._back(super().forward(mode, args, kwargs))
+
+    def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """As :meth:`MaxPoolRule.fit` on the viewed input."""
+        return self._back(super().fit(mode, args, kwargs))
+
+    def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """As :meth:`MaxPoolRule.own` on the viewed input."""
+        return self._back(super().own(mode, args, kwargs))
+
+    def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """As :meth:`MaxPoolRule.sample` on the viewed input."""
+        return self._back(super().sample(mode, args, kwargs))
+
+
+def _window(n: int, out: int | None, what: str, rule: Rule) -> int:
+    if out is None:
+        return 1
+    if out < 1 or n % out:
+        raise rule.refuse(f"{what}: the output size {out} does not divide the input size {n} (adaptive "
+                          "windows of unequal sizes); use an output size that divides it, or nn.MaxPool")
+    return n // out
+
+
+_ADAPTIVE_FUNCS: dict[Any, int] = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2,
+                                   torch.adaptive_max_pool1d: 1}
+for _name, _dims in (("adaptive_max_pool1d_with_indices", 1), ("_adaptive_max_pool1d", 1),
+                     ("adaptive_max_pool2d_with_indices", 2), ("_adaptive_max_pool2d", 2)):
+    if hasattr(F, _name):
+        _ADAPTIVE_FUNCS[getattr(F, _name)] = _dims
+
+
+@register(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, *_ADAPTIVE_FUNCS)
+class AdaptiveMaxPoolRule(_ViewedMaxPool):
+    """``AdaptiveMaxPool1d/2d`` whose output size divides the input size.
+
+    That is max pooling with kernel = stride = input size / output size (``output_size=1``: the global max
+    pool of CNN heads).
+    """
+
+    def setup(self) -> None:
+        """Read the output size; refuse ``return_indices``."""
+        super().setup()
+        if self.module is not None:
+            dims = 1 if isinstance(self.module, nn.AdaptiveMaxPool1d) else 2
+            size, ret = self.module.output_size, self.module.return_indices
+        else:
+            dims = _ADAPTIVE_FUNCS[self.node.target]
+            size, ret = self.const_arg(1, "output_size"), self.const_arg(2, "return_indices", False)
+        if ret:
+            raise self.refuse("adaptive max pooling with return_indices=True")
+        sizes = list(size) if isinstance(size, (tuple, list)) else [size] * dims
+        self.dims = dims
+        self.constants = {"output_size": sizes, "dims": dims}
+
+    def view(self, v: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``v`` itself, with kernel and stride the input size over the output size in each pooled dim."""
+        if v.ndim != self.dims + 2:
+            raise self.refuse(f"input of shape {tuple(v.shape)} (laftr pools batches of (C, ...) examples)")
+        sizes: list[int | None] = self.constants["output_size"]
+        k = [_window(int(n), o, "adaptive max pooling", self)
+             for n, o in zip(v.shape[2:], sizes, strict=True)]
+        kernel: Any = k[0] if self.dims == 1 else tuple(k)
+        return v, {"kernel_size": kernel, "stride": kernel, "padding": 0, "dilation": 1, "ceil_mode": False,
+                   "dims": self.dims}
+
+    def unview(self, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Already the op's shape."""
+        return out
+
+
+@register(torch.amax, "amax", torch.amin, "amin")
+class AmaxRule(_ViewedMaxPool):
+    """``amax`` / ``amin`` over one dimension (``x.amax(-1)``: the max over time of a text CNN).
+
+    A max pool whose one window is that whole dimension (``amin``: of the negated input).
+    """
+
+    def setup(self) -> None:
+        """Read ``dim`` (one, not the batch's) and ``keepdim``."""
+        super().setup()
+        dim = self.const_arg(1, "dim", None)
+        if isinstance(dim, (tuple, list)):
+            if len(dim) != 1:
+                raise self.refuse(f"a max over several dimensions {list(dim)}; reduce one at a time")
+            dim = dim[0]
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise self.refuse(f"a max over dim={dim!r}; give one dimension of each example")
+        if dim == 0:
+            raise self.refuse("a max over the batch dimension mixes the examples")
+        self.dim, self.keepdim = dim, bool(self.const_arg(2, "keepdim", False))
+        name = self.node.target if isinstance(self.node.target, str) else self.node.target.__name__
+        self.sign = -1.0 if name == "amin" else 1.0
+        self.constants = {"dim": dim, "keepdim": self.keepdim, "min": self.sign < 0}
+
+    def view(self, v: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``(B, rest, K)``: the reduced dimension last, the others flattened (negated for ``amin``)."""
+        w = (self.sign * v).movedim(self.dim, -1)
+        K = w.shape[-1]
+        return w.reshape(w.shape[0], -1, K), {"kernel_size": K, "stride": K, "padding": 0, "dilation": 1,
+                                               "ceil_mode": False, "dims": 1}
+
+    def unview(self, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The pooled ``(B, rest, 1)`` in the op's shape (``keepdim`` or not), the sign undone."""
+        shape = list(v.shape)
+        d = self.dim % v.ndim
+        shape[d] = 1
+        out = self.sign * out.reshape([s for i, s in enumerate(shape) if i != d])
+        return out.unsqueeze(d) if self.keepdim else out

@@ -1,0 +1,140 @@
+"""Max pooling in its other spellings (laftr.rules.pooling): MaxPool1d with padding, AdaptiveMaxPool1d/2d with an
+output size that divides the input, and amax / amin over one dimension. Each is a max pool over a viewed input,
+so every selection rule (theta0's argmax, each stream's own, positions drawn from the stored frequencies)
+applies; checked against the network, against the exact FSD where the selection cannot change, and for the
+refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import perturbed
+from torch import nn
+
+import laftr
+from laftr._util import param_dict
+from laftr.errors import UnsupportedOpError
+from laftr.graph import ForwardMode, TracedNet
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+POOLS = {
+    "maxpool1d-padded": lambda h: nn.functional.max_pool1d(h.flatten(2), 3, 2, padding=1),
+    "adaptive1d": lambda h: F.adaptive_max_pool1d(h.flatten(2), 4),
+    "adaptive2d-global": nn.AdaptiveMaxPool2d(1),
+    "adaptive2d": lambda h: F.adaptive_max_pool2d(h, (2, 1)),
+    "amax": lambda h: h.amax(-1),
+    "torch.amax-keepdim": lambda h: torch.amax(h, dim=(2,), keepdim=True),
+    "amin": lambda h: h.amin(1),
+}
+
+
+class Net(nn.Module):
+    """conv -> tanh -> one max reduction -> flatten -> linear (input (1, 4, 4)); tanh, not relu, so that no window
+    holds tied zeros (a max over ties has no derivative, and no linearization recovers it)."""
+
+    def __init__(self, pool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.pool = pool
+        with torch.no_grad():
+            n = self.pool(torch.zeros(1, 2, 4, 4)).numel()
+        self.head = nn.Linear(n, 3)
+
+    def forward(self, x):
+        return self.head(self.pool(torch.tanh(self.conv(x))).flatten(1))
+
+
+def _data(n=40, seed=0):
+    return torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", list(POOLS))
+def test_every_selection_rule_runs_and_theta0s_own_tends_to_the_exact_fsd(kind):
+    torch.manual_seed(0)
+    model = Net(POOLS[kind]).eval()
+    X = _data()
+    (z,) = TracedNet(model).run((X,), ForwardMode([param_dict(model)]))
+    torch.testing.assert_close(z, model(X), rtol=1e-12, atol=1e-12)
+    other = perturbed(model, 0.2)
+    for mp in ("argmax0", "sample", "separate"):
+        est = laftr.make_estimator("laftr", metric="kl", num_samples=16, maxpool=mp, fixed_noise=True).fit(model, X)
+        assert float(est(model)) == 0.0, mp
+        d = est(other)
+        grads = torch.autograd.grad(d, list(other.parameters()))
+        assert float(d) > 0 and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads), mp
+        if mp == "sample":  # the stored argmax frequencies: one law per window, summing to 1
+            (pi,) = [v for k, v in est.summary.site_means().items() if k not in ("tanh",)]
+            torch.testing.assert_close(pi.sum(1), torch.ones_like(pi.sum(1)))
+    est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=40, num_samples=40,
+                               metric="l2").fit(model, X)
+    errors = []
+    for step in (0.1, 0.01, 0.001):
+        near = perturbed(model, step, seed=3)
+        errors.append(abs(float(est(near)) / float(laftr.exact_fsd(model, near, X, metric="l2")) - 1))
+    assert errors[-1] < 1e-2 and errors[-1] <= errors[0]
+
+
+@pytest.mark.parametrize("maxpool", ["sample", "argmax0", "separate"])
+@pytest.mark.parametrize("kind", ["adaptive2d", "amax", "amin", "maxpool1d-padded"])
+def test_a_fixed_winner_makes_every_selection_rule_exact(kind, maxpool):
+    """No gates and inputs whose winning position in every window is the same (a large value there): every
+    selection rule picks theta0's positions, and LAFTR on a coreset of all the data is the exact FSD."""
+    pool = POOLS[kind]
+
+    class Affine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 1)
+            with torch.no_grad():
+                self.conv.weight.copy_(torch.tensor([1.0, 2.0]).view(2, 1, 1, 1))
+                self.conv.bias.zero_()
+            with torch.no_grad():
+                n = pool(torch.zeros(1, 2, 4, 4)).numel()
+            self.head = nn.Linear(n, 3)
+
+        def forward(self, x):
+            return self.head(pool(self.conv(x)).flatten(1))
+
+    model = Affine().eval()
+    X = 0.1 * torch.rand(30, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    sign = -1.0 if kind == "amin" else 1.0
+    if kind == "maxpool1d-padded":  # windows {2j-1, 2j, 2j+1} of the 16 flattened positions: 2j wins
+        X.view(30, 16)[:, 0::2] += 5.0
+    elif kind == "adaptive2d":  # windows of 2 rows x 4 columns
+        X[:, :, 0::2, 2] += 5.0
+    else:  # the whole last / second dimension
+        X[:, :, 1, 2] += 5.0 * sign
+        X[:, :, :, 2] += 5.0 * sign
+    other = perturbed(model, 0.05, only="head")  # the conv stays, so theta's winners are theta0's
+    est = laftr.make_estimator("laftr", metric="kl", input_model="coreset", coreset_size=30, num_samples=30,
+                               maxpool=maxpool).fit(model, X)
+    torch.testing.assert_close(est(other), laftr.exact_fsd(model, other, X, metric="kl"), rtol=1e-10, atol=1e-14)
+
+
+class _Indices(nn.Module):
+    """An adaptive max pool asked for its indices (the values taken from the pair it returns)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.p, self.head = nn.Conv2d(1, 2, 1), nn.AdaptiveMaxPool2d(2, return_indices=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.p(self.conv(x))[0].flatten(1))
+
+
+def test_max_reductions_are_refused_where_they_are_not_a_pool():
+    X = _data(8)
+    cases = [
+        (Net(nn.AdaptiveMaxPool2d(3)), r"output size 3 does not divide the input size 4"),
+        (_Indices(), "return_indices"),
+        (Net(lambda h: h.amax((2, 3))), "several dimensions"),
+        (Net(lambda h: h.amax()), r"dim=None"),
+        (Net(lambda h: torch.amax(h, 0)), "batch dimension"),
+    ]
+    for net, match in cases:
+        with pytest.raises(UnsupportedOpError, match=match):
+            laftr.make_estimator("laftr").fit(net, X)
+    with pytest.raises(UnsupportedOpError, match="laftr-exact does not handle max pooling"):
+        laftr.make_estimator("laftr-exact").fit(Net(POOLS["amax"]), X)(Net(POOLS["amax"]))
