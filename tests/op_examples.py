@@ -388,6 +388,7 @@ NORMS: dict[Any, tuple[Callable[[], nn.Module], str]] = {
     nn.GroupNorm: (lambda: nn.GroupNorm(2, 6), "channel"),
     F.group_norm: (lambda: WithParam(lambda x, p: F.group_norm(x, 3, p, None), (6,)), "channel"),
     nn.modules.instancenorm._InstanceNorm: (lambda: nn.InstanceNorm1d(6, affine=True), "channel"),
+    F.normalize: (lambda: Lambda(lambda x: F.normalize(x, dim=-1)), "last"),
 }
 if hasattr(nn, "RMSNorm"):
     NORMS[nn.RMSNorm] = (lambda: nn.RMSNorm(6), "last")

@@ -10,6 +10,7 @@ import operator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from cases import EstimateCall, perturbed
 from op_examples import AFFINE, NORMS, PIECEWISE, POSITIVE, SMOOTH, Lambda, WithParam
 from torch import nn
@@ -486,6 +487,14 @@ def test_elementwise_functions_outside_their_domain_and_data_powers_are_named():
         laftr.make_estimator("laftr").fit(learned, X)
     ok = laftr.make_estimator("laftr", num_samples=8).fit(_gate_net(Lambda(torch.log), positive=True), X)
     assert torch.isfinite(ok(_gate_net(Lambda(torch.log), positive=True)))
+
+
+def test_normalize_refuses_other_norms_and_dimensions_by_name():
+    X = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+    for fn, match in ((lambda x: F.normalize(x, p=1.0, dim=-1), r"p=1.0"),
+                      (lambda x: F.normalize(x.view(-1, 2, 3), dim=1).flatten(1), r"dim=1 of a 3-d input.*last")):
+        with pytest.raises(laftr.UnsupportedOpError, match=match):
+            laftr.make_estimator("laftr").fit(_gate_net(Lambda(fn)), X)
 
 
 def test_one_support_matrix_for_every_estimator_that_walks_the_network():

@@ -65,6 +65,9 @@ class NormRule(Rule):
     family: ClassVar[str] = "norm"
     site: ClassVar[bool] = True
     centered: ClassVar[bool] = True
+    #: whether the statistic is a mean over the D entries of a position (variance, mean square) rather than a
+    #: sum (the squared norm of F.normalize); it sets the Jacobian's 1/D
+    per_entry: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ geometry (override)
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +171,7 @@ class NormRule(Rule):
         outs = []
         for s, v in enumerate(pre.vals):
             dx = self.grouped(self.center(v - x0))
-            dn = nu0 * (dx - n0 * (n0 * dx).sum(-1, keepdim=True) / D)
+            dn = nu0 * (dx - n0 * (n0 * dx).sum(-1, keepdim=True) / (D if self.per_entry else 1))
             a, k = stream_of(args, s), stream_of(kwargs, s)
             outs.append(self.finish((n0 + dn).reshape(x0.shape), mode.params[s], a, k))
         return Pair(tuple(outs), True)
@@ -265,6 +268,51 @@ class RmsNormRule(LayerNormRule):
                     like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The stream's ``gamma``; RMSNorm has no bias."""
         return super().weight_bias(params, args, kwargs, like)[0], None
+
+
+@register(F.normalize)
+class NormalizeRule(NormRule):
+    """``F.normalize(x, p=2, dim)`` over the last dimension: ``x / max(||x||, eps)``, a scale per position.
+
+    Like RMSNorm without its weight, with the norm instead of the root mean square (so no ``1/D`` in its
+    Jacobian). Other ``p`` and a ``dim`` that is not the last are refused.
+    """
+
+    family = "normalize"
+    centered = False
+    per_entry = False
+
+    def setup(self) -> None:
+        """Read ``p``, ``dim`` and ``eps``."""
+        p = self.const_arg(1, "p", 2.0)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or float(p) != 2.0:
+            raise self.refuse(f"F.normalize with p={p!r}; only the Euclidean norm (p=2) has a rule")
+        dim = self.const_arg(2, "dim", 1)
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise self.refuse(f"F.normalize over dim={dim!r}; give one dimension")
+        if self.const_arg(4, "out", None) is not None:
+            raise self.refuse("F.normalize with out=")
+        self.dim, self.eps = dim, float(self.const_arg(3, "eps", 1e-12))
+
+    def params(self) -> dict[str, Any]:
+        """``dim`` and ``eps``, which a stored summary must match."""
+        return {"dim": self.dim, "eps": self.eps}
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` itself: the normalized dimension must be the last."""
+        if self.dim % x.ndim != x.ndim - 1:
+            raise self.refuse(f"F.normalize over dim={self.dim} of a {x.ndim}-d input: laftr normalizes the "
+                              "last dimension only (move it last, e.g. with movedim, before normalizing)")
+        return x
+
+    def inv_sigma(self, x: torch.Tensor) -> torch.Tensor:
+        """``1 / max(||x||, eps)`` of every position."""
+        return self.grouped(x).norm(dim=-1).clamp_min(self.eps).reciprocal()
+
+    def weight_bias(self, params: dict[str, torch.Tensor], args: Any, kwargs: Any,
+                    like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """None: F.normalize has no affine parameters."""
+        return None, None
 
 
 @register(nn.GroupNorm, F.group_norm)
