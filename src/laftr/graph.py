@@ -34,6 +34,7 @@ from . import rules as _rules  # noqa: F401  (importing registers the built-in r
 from .composites import traced_forward
 from .errors import UnsupportedOpError
 from .moments import GateMoments, JointMoments, Ref
+from .rules.affine import SHAPE_ATTRS, GetattrRule, LikeRule, ShapeRule
 from .rules.base import (
     Pair,
     Rule,
@@ -85,7 +86,17 @@ def trace(model: nn.Module) -> fx.GraphModule:
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        graph = _Tracer().trace(model)
+        try:
+            graph = _Tracer().trace(model)
+        except UnsupportedOpError:
+            raise
+        except Exception:
+            # buffers are read as constants first (graphs, and so the fingerprints of saved summaries, as they
+            # have always been); a forward that slices one by a traced size (nanoGPT's ``bias[:, :, :T, :T]``)
+            # needs them as graph attributes
+            tracer = _Tracer()
+            tracer.proxy_buffer_attributes = True
+            graph = tracer.trace(model)
         return fx.GraphModule(model, graph, type(model).__name__)
     except UnsupportedOpError:
         raise
@@ -621,6 +632,15 @@ class TracedNet:
                 )
         self.input_node = placeholders[0]
         self.param_names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        # a tensor registered under several names (tied weights: ``lm_head.weight = wte.weight``) is one
+        # parameter, stored once under its first name; the modules read it under each of theirs
+        first: dict[int, str] = {}
+        for n, t in [*model.named_parameters(), *model.named_buffers()]:
+            first.setdefault(id(t), n)
+        self.aliases = {n: first[id(t)] for n, t in [*model.named_parameters(remove_duplicate=False),
+                                                    *model.named_buffers(remove_duplicate=False)]
+                        if n not in self.param_names and id(t) in first}
+        self.param_names |= set(self.aliases)
         # which nodes depend on the input: those need a rule; the others are parameter arithmetic. Nodes
         # computed from the input alone (no parameter or buffer on the way) that have no rule -- comparisons,
         # masks -- are evaluated exactly on each stream's input (the same in every stream): ``exact_inputs``
@@ -628,10 +648,18 @@ class TracedNet:
         input_only = {self.input_node.name}
         self.exact_inputs: set[str] = set()
         self.rules: dict[str, Rule] = {}
+        #: queries of a data tensor's shape, dtype or device (``B, T, C = x.size()``): plain values, the same
+        #: in every stream, so what is computed from them (``C // 2``, ``torch.arange(T)``) is not data either
+        self.shape_nodes: set[str] = set()
+        fixed: set[str] = set()  # evaluated exactly from the input alone, the same in every stream (no site)
         for node in self.gm.graph.nodes:
             if node.op not in ("call_module", "call_function", "call_method"):
                 continue
             if any(a.name in data_nodes for a in node.all_input_nodes):
+                if _is_shape_query(node, self.gm, data_nodes):
+                    self.rules[node.name] = ShapeRule(node, self.gm)  # answered on theta0's stream
+                    self.shape_nodes.add(node.name)
+                    continue
                 data_nodes.add(node.name)
                 if self._reads_input_only(node, input_only):
                     input_only.add(node.name)
@@ -641,6 +669,9 @@ class TracedNet:
                         self.exact_inputs.add(node.name)
                     else:
                         self.rules[node.name] = make_rule(node, self.gm)
+                    sources = [a.name for a in node.all_input_nodes if a.name in data_nodes]
+                    if node.name in self.exact_inputs or all(a in fixed for a in sources):
+                        fixed.add(node.name)
                 elif exact_unknown and lookup(node, self.gm) is None:
                     self.rules[node.name] = Rule(node, self.gm)
                 else:
@@ -650,7 +681,8 @@ class TracedNet:
         self.data_nodes = data_nodes
         self.input_only = input_only
         self._users = {n.name: len(n.users) for n in self.gm.graph.nodes}  # each run counts them down
-        self.sites: dict[str, Rule] = {n: r for n, r in self.rules.items() if r.site and n in data_nodes}
+        self.sites: dict[str, Rule] = {n: r for n, r in self.rules.items()
+                                       if r.site and n in data_nodes and n not in fixed}
 
     def _reads_input_only(self, node: fx.Node, input_only: set[str]) -> bool:
         """Whether ``node`` is a function of the network input alone.
@@ -658,7 +690,7 @@ class TracedNet:
         Its inputs are the input or such nodes (no parameter or buffer), and a module it calls holds none.
         """
         for a in node.all_input_nodes:
-            if a.name in input_only:
+            if a.name in input_only or a.name in self.shape_nodes:
                 continue
             if a.op == "get_attr" and str(a.target) not in self.param_names:
                 continue  # a constant tensor attribute
@@ -687,6 +719,12 @@ class TracedNet:
         """The rules of data-dependent nodes for which ``predicate`` holds, in graph order."""
         return [r for n, r in self.rules.items() if n in self.data_nodes and predicate(r)]
 
+    def with_aliases(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``params`` with each tied parameter also under the names of the modules that share it."""
+        if all(a in params for a in self.aliases):
+            return params
+        return {**params, **{a: params[n] for a, n in self.aliases.items() if n in params}}
+
     def run(self, inputs: tuple[Any, ...], mode: Mode) -> Any:
         """Run the graph; ``inputs`` holds the input of each stream.
 
@@ -694,6 +732,8 @@ class TracedNet:
         """
         env: dict[str, Any] = {}
         users = dict(self._users)
+        if self.aliases:
+            mode.params = [self.with_aliases(p) for p in mode.params]
         mode.begin_run()
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
@@ -728,7 +768,7 @@ class TracedNet:
         rule = self.rules[node.name]
         pairs = pairs_in((args, kwargs))
         if not any(p.data for p in pairs):  # parameter arithmetic: exact in each stream, nothing linearized
-            if not pairs:
+            if not pairs and node.op != "call_module":  # constants only (a module reads its own parameters)
                 return rule.call(mode.params[0], args, kwargs)
             return Pair(tuple(rule.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
                               for s in range(mode.num_streams)), False)
@@ -770,6 +810,30 @@ def _floating(v: Any) -> bool:
 
 def _is_mask(v: Any) -> bool:
     return isinstance(v, torch.Tensor) and v.dtype == torch.bool
+
+
+#: ops that read only the shape, dtype and device of their data argument (``torch.zeros_like(x)``)
+_SHAPE_ONLY = frozenset({torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, "new_zeros",
+                         "new_ones", "new_full", "new_empty"})
+
+
+def _is_shape_query(node: fx.Node, gm: fx.GraphModule, data_nodes: set[str]) -> bool:
+    """Whether ``node`` reads only the shape, dtype or device of the data it is given.
+
+    ``x.size()``, ``x.shape``, ``x.dtype``, ``torch.zeros_like(x)``, and ``c.expand_as(x)`` of a ``c`` that is
+    not data (``torch.arange(T).expand_as(tokens)``).
+    """
+    if node.op in ("call_function", "call_method") and node.target in _SHAPE_ONLY:
+        return True
+    rule = lookup(node, gm)
+    if rule is ShapeRule:
+        return True
+    if rule is GetattrRule:
+        return len(node.args) > 1 and node.args[1] in SHAPE_ATTRS
+    if rule is LikeRule and node.args:
+        first = node.args[0]
+        return not (isinstance(first, fx.Node) and first.name in data_nodes)
+    return False
 
 
 def _plain_rule(node: fx.Node, gm: fx.GraphModule) -> Rule:

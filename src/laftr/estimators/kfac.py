@@ -212,6 +212,13 @@ class KfacEstimator(FSDEstimator):
         # each block's Hessian is V -> G V A (an embedding's: diag(A) V G, a fallback's: diag): solved in the
         # factors' eigenbases, X = Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T
         out: dict[str, torch.Tensor] = {}
+        names = [n for layer in self.layers
+                 for n in (layer.weight_name, layer.bias_name if layer.bias else "") if n and n in vectors]
+        tied = sorted({n for n in names if names.count(n) > 1})
+        if tied:
+            raise NotImplementedError(f"kfac: parameters {tied} are shared by several layers (tied "
+                                      "weights); the damped inverse of a sum of Kronecker-factored blocks "
+                                      "has no closed form")
         for layer in self.layers:
             w = layer.weight_name
             b = layer.bias_name if layer.bias else None

@@ -134,6 +134,7 @@ def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
     taps: list[Tap] = []
     modules: dict[str, nn.Module] = {}
     fallback: list[str] = []
+    canonical = {id(p): n for n, p in model.named_parameters()}  # each tensor once, under its first name
 
     def refuse(mname: str, mod: nn.Module, why: str, names: list[str]) -> None:
         if unsupported == "fallback":
@@ -203,13 +204,16 @@ def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
             else:
                 kind, d_in, d_out = "linear", mod.in_features, mod.out_features
             pad = mod.padding_idx if isinstance(mod, nn.Embedding) else None
-            taps.append(Tap(mname, kind, bias, d_in, d_out, padding_idx=pad))
+            # a weight tied to another module's (lm_head.weight = wte.weight) goes by its first name, the one
+            # under which the model's parameters list it: both layers' terms then act on the same tensor
+            taps.append(Tap(mname, kind, bias, d_in, d_out, weight_name=canonical[id(mod.weight)],
+                            bias_name=canonical[id(mod.bias)] if bias else "", padding_idx=pad))
             modules[mname] = mod
         else:
-            refuse(mname, mod, why, [prefix + n for n, _ in own])
+            refuse(mname, mod, why, list(dict.fromkeys(canonical[id(p)] for _, p in own)))
     if not taps and not fallback:
         raise ValueError("the model has no trainable parameters")
-    return TapSet(net, taps, modules, fallback)
+    return TapSet(net, taps, modules, list(dict.fromkeys(fallback)))
 
 
 def _patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .base import Pair, Rule, data_pairs, out_of_place_method, pairs_in, register
+from .base import Pair, Rule, changing_pairs, data_pairs, out_of_place_method, pairs_in, register
 
 
 class AffineRule(Rule):
@@ -35,13 +35,17 @@ class AffineRule(Rule):
     data_free_positions: ClassVar[tuple[int, ...]] = ()
 
     def check(self, args: Any, kwargs: Any) -> None:
-        """Refuse data in places where the op would not be affine in it."""
-        data = data_pairs((args, kwargs))
+        """Refuse data in places where the op would not be affine in it.
+
+        Values computed from the network input alone (``fixed``: a mask, the number of unpadded tokens) are
+        the same in every stream and do not change with the parameters, so they count as constants here.
+        """
+        data = changing_pairs((args, kwargs))
         if self.max_data_inputs is not None and len(data) > self.max_data_inputs:
             raise self.refuse("it combines two data-dependent tensors multiplicatively, so the network is "
                               "not linear in its input once theta0 has fixed its gates")
         for pos in self.data_free_positions:
-            if pos < len(args) and any(p.data for p in pairs_in(args[pos])):
+            if pos < len(args) and changing_pairs(args[pos]):
                 raise self.refuse("it divides by a data-dependent tensor")
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
@@ -183,7 +187,7 @@ class ShapeRule(Rule):
         return True
 
 
-_SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"})
+SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"})
 _AFFINE_ATTRS = frozenset({"T", "mT"})
 
 
@@ -196,7 +200,7 @@ class GetattrRule(Rule):
     def setup(self) -> None:
         """Pick the shape query or the transpose this attribute stands for; refuse any other attribute."""
         attr = self.node.args[1] if len(self.node.args) > 1 else None
-        if attr in _SHAPE_ATTRS:
+        if attr in SHAPE_ATTRS:
             self._impl: Rule = ShapeRule(self.node, self.gm)
         elif attr in _AFFINE_ATTRS:
             self._impl = AffineRule(self.node, self.gm)

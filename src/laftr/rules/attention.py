@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .affine import AffineRule, TappedLayer
-from .base import Pair, Rule, data_pairs, register, stream_of
+from .base import Pair, Rule, changing_pairs, data_pairs, register, stream_of
 
 Tensor = torch.Tensor
 
@@ -291,8 +291,11 @@ class ProductRule(AffineRule):
     max_data_inputs = 2
 
     def two_factors(self, args: Any, kwargs: Any) -> tuple[Pair, Pair] | None:
-        """The two data factors ``(x, y)`` in argument order, or None when only one is data."""
-        data = data_pairs((args, kwargs))
+        """The two data factors ``(x, y)`` in argument order, or None when only one is data.
+
+        A factor computed from the network input alone (a mask) is the same in every stream: a constant here.
+        """
+        data = changing_pairs((args, kwargs))
         if len(data) < 2:
             return None
         if len(data) > 2:
