@@ -22,7 +22,8 @@ from cases import perturbed
 from torch import nn
 
 import laftr
-from laftr.graph import TracedNet
+from laftr._util import param_dict
+from laftr.graph import OwnMode, TracedNet
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -230,3 +231,51 @@ def test_a_module_applied_to_a_constant_reads_each_streams_parameters(gates):
     want = laftr.exact_fsd(model, other, X, metric="kl")
     assert float(want) > 1e-4
     torch.testing.assert_close(est(other), want, rtol=1e-10, atol=1e-14)
+
+
+class _LogProbs(nn.Module):
+    """An MLP classifier that returns log-probabilities (``F.log_softmax``, for NLLLoss), or its logits."""
+
+    def __init__(self, log_softmax: bool = True, module: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 4)
+        self.out = (nn.LogSoftmax(dim=1) if module else (lambda z: F.log_softmax(z, dim=-1))) if log_softmax \
+            else (lambda z: z)
+
+    def forward(self, x):
+        return self.out(self.b(torch.tanh(self.a(x))))
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_log_softmax_outputs(module):
+    """log_softmax is each stream's logits shifted per row: the metrics on probabilities give exactly what the
+    logits give (every mode, the same draws); on l2, theta0's own linearization tends to the exact FSD."""
+    torch.manual_seed(0)
+    model = _LogProbs(module=module)
+    logits = _LogProbs(log_softmax=False)
+    logits.load_state_dict(model.state_dict())
+    other = perturbed(model, 0.2)
+    other_logits = _LogProbs(log_softmax=False)
+    other_logits.load_state_dict(other.state_dict())
+    X = torch.randn(50, 5, generator=torch.Generator().manual_seed(1))
+    for gates in ("bernoulli", "relu", "none"):
+        opts = {"gates": gates, "metric": "kl", "num_samples": 16, "seed": 2}
+        a = laftr.make_estimator("laftr", **opts).fit(model, X)
+        b = laftr.make_estimator("laftr", **opts).fit(logits, X)
+        torch.testing.assert_close(a(other), b(other_logits), rtol=1e-10, atol=1e-14)
+        assert float(a(model)) == 0.0
+    est = laftr.make_estimator("laftr", gates="relu", metric="l2", input_model="coreset", coreset_size=50,
+                               num_samples=50).fit(model, X)
+    errors = []
+    for step in (0.1, 0.01, 0.001):
+        near = perturbed(model, step, seed=3)
+        errors.append(abs(float(est(near)) / float(laftr.exact_fsd(model, near, X, metric="l2")) - 1))
+    assert errors[-1] < 1e-2 and errors[-1] < errors[0]
+    sampled = laftr.make_estimator("laftr", metric="l2", num_samples=16).fit(model, X)
+    grads = torch.autograd.grad(sampled(other), list(other.parameters()))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(laftr.UnsupportedOpError, match="closed form"):
+        laftr.make_estimator("laftr-exact").fit(model, X)(other)
+    # theta0's stream through its own linearization is theta0's output itself (the entropy term included)
+    (z0,) = TracedNet(model).run((X,), OwnMode([param_dict(model)]))
+    torch.testing.assert_close(z0, model(X), rtol=1e-12, atol=1e-12)

@@ -403,6 +403,47 @@ class SoftmaxRule(PatternSite):
         return self.dim % (ndim + 1) - 1
 
 
+@register(nn.LogSoftmax, F.log_softmax, torch.log_softmax, "log_softmax")
+class LogSoftmaxRule(SoftmaxRule):
+    """``log_softmax`` over data (a classifier's log-probabilities), linearized at theta0's pattern.
+
+    ``log_softmax(l) = l - LSE(l)`` and the tangent of ``LSE`` at theta0's logits is ``<P0, l> + H(P0)``
+    (``P0`` theta0's softmax, ``H`` its entropy), so stream ``s`` gets ``l_s - <P, l_s> - H(P)``: exact at
+    theta0 with ``P = P0`` (``gates="relu"``), and with ``P`` drawn from the stored pattern law in the Monte
+    Carlo. Each stream's output is its logits shifted by one number per row, so the metrics on probabilities
+    (``kl``, ``l2-probs``) see exactly what they see without the op.
+    """
+
+    family = "log_softmax"
+
+    def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Every stream's exact log-softmax."""
+        x = self.data_input(args, kwargs)
+        self._dim(x.vals[0])
+        return Pair(tuple(torch.log_softmax(v, self.dim) for v in x.vals), True)
+
+    def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's exact log-softmax, recording its pattern (the softmax)."""
+        x = self.data_input(args, kwargs)
+        d = self._dim(x.vals[0])
+        self.record(mode, torch.softmax(x.vals[0], d), d)
+        return Pair((torch.log_softmax(x.vals[0], d),), True)
+
+    def _linear(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        x = self.data_input(args, kwargs)
+        d = self._dim(x.vals[0])
+        l0 = x.vals[0]
+        p = _within_mask(self.draw(mode, l0, d), l0, d) if mode.method == "sample" else torch.softmax(l0, d)
+
+        def inner(a: Tensor, b: Tensor) -> Tensor:  # <a, b> over the axis, 0 * (-inf) taken as 0
+            return torch.where(a > 0, a * b, torch.zeros_like(b)).sum(d, keepdim=True)
+
+        entropy = -inner(p, torch.log(p))
+        return Pair(tuple(v - inner(p, v) - entropy for v in x.vals), True)
+
+    sample = own = _linear
+
+
 # ---------------------------------------------------------------------------------------------- attention
 def _causal_bias(L: int, S: int, like: Tensor) -> Tensor:
     keep = torch.ones(L, S, dtype=torch.bool, device=like.device).tril()
