@@ -377,19 +377,22 @@ class SoftmaxRule(PatternSite):
             raise self.refuse("a softmax over the batch axis mixes the examples of a batch")
         return d
 
+    #: the op itself (``log_softmax`` for :class:`LogSoftmaxRule`)
+    exact: ClassVar[Callable[..., Tensor]] = staticmethod(torch.softmax)
+
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
-        """Every stream's exact softmax."""
+        """Every stream's exact op."""
         x = self.data_input(args, kwargs)
         self._dim(x.vals[0])
-        return Pair(tuple(torch.softmax(v, self.dim) for v in x.vals), True)
+        return Pair(tuple(self.exact(v, self.dim) for v in x.vals), True)
 
     def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
-        """theta0's exact softmax, recording its pattern."""
+        """theta0's exact op, recording its pattern (the softmax)."""
         x = self.data_input(args, kwargs)
         d = self._dim(x.vals[0])
         a0 = torch.softmax(x.vals[0], d)
         self.record(mode, a0, d)
-        return Pair((a0,), True)
+        return Pair((a0 if self.exact is torch.softmax else self.exact(x.vals[0], d),), True)
 
     def _linear(self, mode: Any, args: Any, kwargs: Any) -> Any:
         x = self.data_input(args, kwargs)
@@ -415,19 +418,7 @@ class LogSoftmaxRule(SoftmaxRule):
     """
 
     family = "log_softmax"
-
-    def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
-        """Every stream's exact log-softmax."""
-        x = self.data_input(args, kwargs)
-        self._dim(x.vals[0])
-        return Pair(tuple(torch.log_softmax(v, self.dim) for v in x.vals), True)
-
-    def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
-        """theta0's exact log-softmax, recording its pattern (the softmax)."""
-        x = self.data_input(args, kwargs)
-        d = self._dim(x.vals[0])
-        self.record(mode, torch.softmax(x.vals[0], d), d)
-        return Pair((torch.log_softmax(x.vals[0], d),), True)
+    exact = staticmethod(torch.log_softmax)
 
     def _linear(self, mode: Any, args: Any, kwargs: Any) -> Any:
         x = self.data_input(args, kwargs)
