@@ -279,3 +279,31 @@ def test_log_softmax_outputs(module):
     # theta0's stream through its own linearization is theta0's output itself (the entropy term included)
     (z0,) = TracedNet(model).run((X,), OwnMode([param_dict(model)]))
     torch.testing.assert_close(z0, model(X), rtol=1e-12, atol=1e-12)
+
+
+def test_a_parameter_shaped_by_the_data_is_each_streams_own():
+    """``self.pos.expand_as(h)`` (a learned positional table shaped like the data) and ``zeros_like``: values
+    that read the data's shape only, and each stream's own parameters. Only the table moves; the network is
+    affine in its data, so LAFTR on every input is exact."""
+    class Shaped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(V, D), nn.Linear(D, 3)
+            self.pos = nn.Parameter(torch.randn(T, D))
+
+        def forward(self, x):
+            h = self.emb(x)
+            h = h + self.pos.expand_as(h) + torch.zeros_like(h)
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    model, X = Shaped(), _tokens()
+    other = perturbed(model, 0.3, only="pos")
+    for gates in ("bernoulli", "none"):
+        est = laftr.make_estimator("laftr", gates=gates, input_model="coreset", coreset_size=len(X),
+                                   num_samples=len(X), metric="kl").fit(model, X)
+        want = laftr.exact_fsd(model, other, X, metric="kl")
+        assert float(want) > 1e-4
+        torch.testing.assert_close(est(other), want, rtol=1e-10, atol=1e-14)
+    exact = laftr.make_estimator("laftr-exact", input_model="tokens").fit(model, X)
+    assert float(exact(other)) > 0 and float(exact(model)) == pytest.approx(0.0, abs=1e-12)

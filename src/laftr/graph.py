@@ -656,8 +656,9 @@ class TracedNet:
             if node.op not in ("call_module", "call_function", "call_method"):
                 continue
             if any(a.name in data_nodes for a in node.all_input_nodes):
-                if _is_shape_query(node, self.gm, data_nodes):
-                    self.rules[node.name] = ShapeRule(node, self.gm)  # answered on theta0's stream
+                query = _shape_query(node, self.gm, data_nodes)
+                if query is not None:
+                    self.rules[node.name] = query(node, self.gm)
                     self.shape_nodes.add(node.name)
                     continue
                 data_nodes.add(node.name)
@@ -817,23 +818,42 @@ _SHAPE_ONLY = frozenset({torch.zeros_like, torch.ones_like, torch.full_like, tor
                          "new_ones", "new_full", "new_empty"})
 
 
-def _is_shape_query(node: fx.Node, gm: fx.GraphModule, data_nodes: set[str]) -> bool:
-    """Whether ``node`` reads only the shape, dtype or device of the data it is given.
+class _ShapedByData(Rule):
+    """An op that reads only the shape, dtype or device of its data argument, and may read parameters.
 
-    ``x.size()``, ``x.shape``, ``x.dtype``, ``torch.zeros_like(x)``, and ``c.expand_as(x)`` of a ``c`` that is
-    not data (``torch.arange(T).expand_as(tokens)``).
+    ``torch.zeros_like(x)``, ``self.pos.expand_as(x)``, ``torch.arange(T).expand_as(tokens)``. Its value is
+    not data: each stream computes it with its own parameters (a non-data pair), the data argument standing in
+    for its shape only.
+    """
+
+    def _each_stream(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        return Pair(tuple(self.call(mode.params[s], *mode.concrete((args, kwargs), s))
+                          for s in range(mode.num_streams)), False)
+
+    forward = fit = sample = own = moments = _each_stream
+
+    def sample_separable(self, mode: Any) -> bool:
+        """True: each stream's value is its own."""
+        return True
+
+
+def _shape_query(node: fx.Node, gm: fx.GraphModule, data_nodes: set[str]) -> type[Rule] | None:
+    """The rule of a node that reads only the shape, dtype or device of the data it is given, or None.
+
+    ``x.size()``, ``x.shape``, ``x.dtype`` give plain values, the same in every stream (:class:`ShapeRule`);
+    ``torch.zeros_like(x)`` and ``c.expand_as(x)`` of a ``c`` that is not data give each stream its own value
+    (``_ShapedByData``).
     """
     if node.op in ("call_function", "call_method") and node.target in _SHAPE_ONLY:
-        return True
+        return _ShapedByData
     rule = lookup(node, gm)
-    if rule is ShapeRule:
-        return True
-    if rule is GetattrRule:
-        return len(node.args) > 1 and node.args[1] in SHAPE_ATTRS
+    if rule is ShapeRule or (rule is GetattrRule and len(node.args) > 1 and node.args[1] in SHAPE_ATTRS):
+        return ShapeRule
     if rule is LikeRule and node.args:
         first = node.args[0]
-        return not (isinstance(first, fx.Node) and first.name in data_nodes)
-    return False
+        if not (isinstance(first, fx.Node) and first.name in data_nodes):
+            return _ShapedByData
+    return None
 
 
 def _plain_rule(node: fx.Node, gm: fx.GraphModule) -> Rule:
