@@ -21,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 POOLS = {
     "maxpool1d-padded": lambda h: nn.functional.max_pool1d(h.flatten(2), 3, 2, padding=1),
+    "maxpool1d-over-time": lambda h: F.max_pool1d(h.flatten(2), h.flatten(2).size(2)),  # text CNNs' idiom
     "adaptive1d": lambda h: F.adaptive_max_pool1d(h.flatten(2), 4),
     "adaptive2d-global": nn.AdaptiveMaxPool2d(1),
     "adaptive2d": lambda h: F.adaptive_max_pool2d(h, (2, 1)),
@@ -77,7 +78,7 @@ def test_every_selection_rule_runs_and_theta0s_own_tends_to_the_exact_fsd(kind):
 
 
 @pytest.mark.parametrize("maxpool", ["sample", "argmax0", "separate"])
-@pytest.mark.parametrize("kind", ["adaptive2d", "amax", "amin", "maxpool1d-padded"])
+@pytest.mark.parametrize("kind", ["adaptive2d", "amax", "amin", "maxpool1d-padded", "maxpool1d-over-time"])
 def test_a_fixed_winner_makes_every_selection_rule_exact(kind, maxpool):
     """No gates and inputs whose winning position in every window is the same (a large value there): every
     selection rule picks theta0's positions, and LAFTR on a coreset of all the data is the exact FSD."""
@@ -104,6 +105,8 @@ def test_a_fixed_winner_makes_every_selection_rule_exact(kind, maxpool):
         X.view(30, 16)[:, 0::2] += 5.0
     elif kind == "adaptive2d":  # windows of 2 rows x 4 columns
         X[:, :, 0::2, 2] += 5.0
+    elif kind == "maxpool1d-over-time":  # one window: all 16 flattened positions
+        X.view(30, 16)[:, 7] += 5.0
     else:  # the whole last / second dimension
         X[:, :, 1, 2] += 5.0 * sign
         X[:, :, :, 2] += 5.0 * sign
@@ -138,3 +141,16 @@ def test_max_reductions_are_refused_where_they_are_not_a_pool():
             laftr.make_estimator("laftr").fit(net, X)
     with pytest.raises(UnsupportedOpError, match="laftr-exact does not handle max pooling"):
         laftr.make_estimator("laftr-exact").fit(Net(POOLS["amax"]), X)(Net(POOLS["amax"]))
+
+
+def test_a_kernel_read_from_the_shape_is_recorded_as_such_and_reloads(tmp_path):
+    """``F.max_pool1d(h, h.size(2))``: the summary records the kernel as read at run time (not the size of the
+    fit's data), and a saved estimator gives the same value after loading."""
+    torch.manual_seed(0)
+    model, X = Net(POOLS["maxpool1d-over-time"]).eval(), _data()
+    other = perturbed(model, 0.1)
+    est = laftr.make_estimator("laftr", maxpool="sample", fixed_noise=True).fit(model, X)
+    (pool,) = [p for name, fam, p in est.site_signature if fam == "maxpool"]
+    assert pool["kernel_size"] == "runtime" and pool["stride"] == "runtime"
+    back = laftr.load(laftr.save(est, tmp_path / "s.laftr"))
+    torch.testing.assert_close(back(other), est(other), rtol=1e-12, atol=1e-15)

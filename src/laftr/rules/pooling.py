@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from ..errors import UnsupportedOpError
 from .base import Pair, Rule, register
@@ -106,12 +106,19 @@ class MaxPoolRule(Rule):
     def setup(self) -> None:
         """Read the pool's constants (stride defaults to the kernel size); refuse ``return_indices``."""
         names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
+        self._sized: dict[str, int] = {}
         if self.module is not None:
             dims = 1 if isinstance(self.module, nn.MaxPool1d) else 2
             kw = {n: getattr(self.module, n) for n in names}
         else:
             dims = _MAXPOOL_FUNCS[self.node.target]
-            kw = {n: self.const_arg(i + 1, n, None) for i, n in enumerate(names)}
+            # a kernel or stride read from the input's shape (``F.max_pool1d(x, x.size(2))``, the max over
+            # time of a text CNN) is known at run time only: taken from the call's arguments then (``_sized``)
+            given = [*self.node.args[1:3], None, None]
+            self._sized = {n: i + 1 for i, n in enumerate(names[:2])
+                           if isinstance(self.node.kwargs.get(n, given[i]), fx.Node)}
+            kw = {n: "runtime" if n in self._sized else self.const_arg(i + 1, n, None)
+                  for i, n in enumerate(names)}
         if kw.get("return_indices"):
             raise self.refuse("max pooling with return_indices=True")
         k = kw["kernel_size"]
@@ -124,21 +131,34 @@ class MaxPoolRule(Rule):
             "ceil_mode": bool(kw.get("ceil_mode") or False),
             "dims": dims,
         }
+        self._declared = dict(self.pool)  # what the summary records (a size read at run time as "runtime")
 
     def params(self) -> dict[str, Any]:
         """The pool's constants as JSON values, which a stored summary must match."""
         def js(v: Any) -> Any:
             return list(v) if isinstance(v, (tuple, list)) else v
 
-        return {k: js(v) for k, v in self.pool.items()}
+        return {k: js(v) for k, v in self._declared.items()}
 
     def signature(self) -> list[Any]:
         """``[node name, family, params]``, always with the pool's constants."""
         return [self.name, self.family, self.params()]
 
     def pre(self, args: Any, kwargs: Any) -> Pair:
-        """The pooled input pair; refuses other data-dependent arguments."""
-        return self.data_input(args, kwargs)
+        """The pooled input pair; refuses other data-dependent arguments. Sets a size read at run time."""
+        pair = self.data_input(args, kwargs)
+        if self._sized:
+            pool = dict(self._declared)
+            for name, i in self._sized.items():
+                v = kwargs.get(name, args[i] if i < len(args) else None)
+                if isinstance(v, Pair) or not (isinstance(v, int) or (
+                        isinstance(v, (tuple, list)) and all(isinstance(u, int) for u in v))):
+                    raise self.refuse(f"its {name} is computed from data values, not from a shape")
+                pool[name] = v
+            if pool["stride"] == "runtime" and "stride" not in self._sized:
+                pool["stride"] = pool["kernel_size"]
+            self.pool = pool
+        return pair
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """Every stream pools itself exactly."""
