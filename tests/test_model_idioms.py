@@ -307,3 +307,27 @@ def test_a_parameter_shaped_by_the_data_is_each_streams_own():
         torch.testing.assert_close(est(other), want, rtol=1e-10, atol=1e-14)
     exact = laftr.make_estimator("laftr-exact", input_model="tokens").fit(model, X)
     assert float(exact(other)) > 0 and float(exact(model)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_cast_of_the_input_is_the_input():
+    """``x = x.double() / 255`` at the start of the forward (images stored as bytes): a cast of the floating input
+    to a floating type is the input itself, the same in every stream; an integer cast of it stays refused."""
+    class Scaled(nn.Module):
+        def __init__(self, cast):
+            super().__init__()
+            self.cast, self.a, self.b = cast, nn.Linear(5, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(self.cast(x) / 255.0)))
+
+    X = 255 * torch.rand(40, 5, generator=torch.Generator().manual_seed(0))
+    for cast in (lambda x: x.double(), lambda x: x.to(torch.float64), lambda x: x.type_as(x)):
+        torch.manual_seed(0)
+        model = Scaled(cast)
+        other = perturbed(model, 0.1)
+        est = laftr.make_estimator("laftr", gates="none", input_model="coreset", coreset_size=40, num_samples=40,
+                                   metric="kl").fit(model, X)
+        torch.testing.assert_close(est(other), laftr.exact_fsd(model, other, X, metric="kl"), rtol=1e-10, atol=1e-14)
+        assert float(laftr.make_estimator("laftr").fit(model, X)(other)) > 0
+    with pytest.raises(laftr.UnsupportedOpError, match="turns the floating network input"):
+        laftr.make_estimator("laftr").fit(Scaled(lambda x: x.long().double()), X)

@@ -787,12 +787,13 @@ class TracedNet:
         """
         if mode.method == "moments":
             raise UnsupportedOpError(
-                f"{rule.describe()} is computed from the network input (a mask, a comparison): the closed "
-                "form works with the input's moments, not its values, and cannot evaluate it; use the "
-                "Monte Carlo estimator (laftr, liftr)")
+                f"{rule.describe()} is computed from the network input alone (a mask, a comparison, a cast): "
+                "the closed form works with the input's moments, not its values, and cannot evaluate it; use "
+                "the Monte Carlo estimator (laftr, liftr)")
         out = tuple(rule.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
                     for s in range(mode.num_streams))
-        if not (all(p.fixed for p in sources) or _is_mask(out[0])
+        cast = rule.node.op == "call_method" and rule.node.target in _CASTS and _floating(out[0])
+        if not (all(p.fixed for p in sources) or _is_mask(out[0]) or cast
                 or all(not _floating(p.vals[0]) for p in sources)):
             raise UnsupportedOpError(
                 f"{rule.describe()} turns the floating network input into a non-boolean value without a rule "
@@ -803,6 +804,11 @@ class TracedNet:
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The network's own output on ``x`` with ``params`` (one stream, plain forward pass)."""
         return self.run((x,), ForwardMode([params]))[0]
+
+
+#: dtype casts: of the (floating) network input to another floating type (``x = x.float() / 255``) they are
+#: the input itself, the same in every stream
+_CASTS = frozenset({"float", "double", "half", "bfloat16", "to", "type", "type_as"})
 
 
 def _floating(v: Any) -> bool:
