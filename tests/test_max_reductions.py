@@ -28,6 +28,9 @@ POOLS = {
     "amax": lambda h: h.amax(-1),
     "torch.amax-keepdim": lambda h: torch.amax(h, dim=(2,), keepdim=True),
     "amin": lambda h: h.amin(1),
+    "torch.max-dim": lambda h: torch.max(h, 2)[0],  # PointNet's global feature
+    "max.values": lambda h: h.max(dim=-1).values,
+    "torch.min-keepdim": lambda h: torch.min(h, 1, keepdim=True)[0],
 }
 
 
@@ -68,6 +71,9 @@ def test_every_selection_rule_runs_and_theta0s_own_tends_to_the_exact_fsd(kind):
         if mp == "sample":  # the stored argmax frequencies: one law per window, summing to 1
             (pi,) = [v for k, v in est.summary.site_means().items() if k not in ("tanh",)]
             torch.testing.assert_close(pi.sum(1), torch.ones_like(pi.sum(1)))
+    for name in ("liftr", "kfac"):  # every estimator that walks the graph reads the reduction
+        est = laftr.make_estimator(name, **({"unsupported": "diag"} if name == "kfac" else {})).fit(model, X)
+        assert float(est(other)) > 0, name
     est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=40, num_samples=40,
                                metric="l2").fit(model, X)
     errors = []
@@ -78,7 +84,8 @@ def test_every_selection_rule_runs_and_theta0s_own_tends_to_the_exact_fsd(kind):
 
 
 @pytest.mark.parametrize("maxpool", ["sample", "argmax0", "separate"])
-@pytest.mark.parametrize("kind", ["adaptive2d", "amax", "amin", "maxpool1d-padded", "maxpool1d-over-time"])
+@pytest.mark.parametrize("kind", ["adaptive2d", "amax", "amin", "maxpool1d-padded", "maxpool1d-over-time",
+                                  "max.values", "torch.min-keepdim"])
 def test_a_fixed_winner_makes_every_selection_rule_exact(kind, maxpool):
     """No gates and inputs whose winning position in every window is the same (a large value there): every
     selection rule picks theta0's positions, and LAFTR on a coreset of all the data is the exact FSD."""
@@ -108,6 +115,7 @@ def test_a_fixed_winner_makes_every_selection_rule_exact(kind, maxpool):
     elif kind == "maxpool1d-over-time":  # one window: all 16 flattened positions
         X.view(30, 16)[:, 7] += 5.0
     else:  # the whole last / second dimension
+        sign = -1.0 if kind in ("amin", "torch.min-keepdim") else 1.0
         X[:, :, 1, 2] += 5.0 * sign
         X[:, :, :, 2] += 5.0 * sign
     other = perturbed(model, 0.05, only="head")  # the conv stays, so theta's winners are theta0's
@@ -135,6 +143,8 @@ def test_max_reductions_are_refused_where_they_are_not_a_pool():
         (Net(lambda h: h.amax((2, 3))), "several dimensions"),
         (Net(lambda h: h.amax()), r"dim=None"),
         (Net(lambda h: torch.amax(h, 0)), "batch dimension"),
+        (Net(lambda h: h - torch.max(h)), r"torch.max.*mixes the examples"),
+        (Net(lambda h: torch.max(h, torch.tanh(h))), "elementwise maximum"),
     ]
     for net, match in cases:
         with pytest.raises(UnsupportedOpError, match=match):

@@ -191,6 +191,26 @@ SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"
 _AFFINE_ATTRS = frozenset({"T", "mT"})
 
 
+_RESULT_FIELDS = {"values": 0, "indices": 1}
+
+
+class _ResultField(Rule):
+    """``.values`` / ``.indices`` of a ``(values, indices)`` result (``x.max(dim=1).values``): its part."""
+
+    def _field(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        result = args[0]
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise self.refuse(f"attribute {self.node.args[1]!r} of a value that is not a (values, indices) "
+                              "result")
+        return result[_RESULT_FIELDS[str(self.node.args[1])]]
+
+    forward = fit = sample = own = moments = _field
+
+    def sample_separable(self, mode: Any) -> bool:
+        """True: it passes a part of its input unchanged."""
+        return True
+
+
 @register(getattr)
 class GetattrRule(Rule):
     """``getattr(x, name)`` as torch.fx records ``x.shape`` or ``x.T``: a shape query or a transpose."""
@@ -204,9 +224,11 @@ class GetattrRule(Rule):
             self._impl: Rule = ShapeRule(self.node, self.gm)
         elif attr in _AFFINE_ATTRS:
             self._impl = AffineRule(self.node, self.gm)
+        elif attr in _RESULT_FIELDS:
+            self._impl = _ResultField(self.node, self.gm)
         else:
             raise self.refuse(f"attribute {attr!r} of a data tensor")
-        self.affine = isinstance(self._impl, AffineRule)  # type: ignore[misc]  # per instance, by attribute
+        self.affine = isinstance(self._impl, (AffineRule, _ResultField))  # type: ignore[misc]  # per instance
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """The chosen rule's forward pass (a shape query or a transpose)."""

@@ -258,7 +258,7 @@ class _ViewedMaxPool(MaxPoolRule):
     def pre(self, args: Any, kwargs: Any) -> Pair:
         """The data input viewed for pooling; sets the pool's constants from its shape."""
         pair = self.data_input(args, kwargs)
-        self._input = pair.vals[0]
+        self._input, self._inputs = pair.vals[0], tuple(pair.vals)
         viewed = []
         for v in pair.vals:
             w, self.pool = self.view(v)
@@ -267,6 +267,8 @@ class _ViewedMaxPool(MaxPoolRule):
 
     def _back(self, out: Any) -> Any:
         return Pair(tuple(self.unview(o, self._input) for o in out.vals), True)
+
+    _inputs: tuple[torch.Tensor, ...] = ()
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """Every stream pools itself exactly."""
@@ -379,3 +381,32 @@ class AmaxRule(_ViewedMaxPool):
         shape[d] = 1
         out = self.sign * out.reshape([s for i, s in enumerate(shape) if i != d])
         return out.unsqueeze(d) if self.keepdim else out
+
+
+@register(torch.max, "max", torch.min, "min")
+class MaxDimRule(AmaxRule):
+    """``torch.max(x, dim)`` / ``x.max(dim)`` (and ``min``): ``(values, indices)`` over one dimension.
+
+    The values are :class:`AmaxRule`'s (PointNet's global feature ``torch.max(x, 2)[0]``); the indices are
+    each stream's own argmax, not linearized (a value per stream that no parameter's change moves smoothly),
+    for code that reads them. ``torch.max(x)`` over every entry and the elementwise ``torch.max(a, b)`` are
+    refused.
+    """
+
+    def setup(self) -> None:
+        """Read ``dim`` and ``keepdim``; refuse the other forms of ``max``."""
+        given = self.node.kwargs.get("dim", self.node.args[1] if len(self.node.args) > 1 else None)
+        if given is None:
+            raise self.refuse("a max over every entry mixes the examples of a batch; give dim")
+        if isinstance(given, fx.Node):
+            raise self.refuse("the elementwise maximum of two tensors has no rule (a max over one dim has)")
+        super().setup()
+        name = self.node.target if isinstance(self.node.target, str) else self.node.target.__name__
+        self.sign = -1.0 if name == "min" else 1.0
+        self.constants = {**self.constants, "min": self.sign < 0}
+
+    def _back(self, out: Any) -> Any:
+        values = super()._back(out)
+        indices = tuple(torch.max(self.sign * v, self.dim, keepdim=self.keepdim).indices
+                        for v in self._inputs)
+        return (values, Pair(indices, False))
