@@ -90,13 +90,16 @@ def trace(model: nn.Module) -> fx.GraphModule:
             graph = _Tracer().trace(model)
         except UnsupportedOpError:
             raise
-        except Exception:
+        except Exception as first:
             # buffers are read as constants first (graphs, and so the fingerprints of saved summaries, as they
             # have always been); a forward that slices one by a traced size (nanoGPT's ``bias[:, :, :T, :T]``)
-            # needs them as graph attributes
+            # needs them as graph attributes. If that fails too, the first failure is the one to report.
             tracer = _Tracer()
             tracer.proxy_buffer_attributes = True
-            graph = tracer.trace(model)
+            try:
+                graph = tracer.trace(model)
+            except Exception:
+                raise first from None
         return fx.GraphModule(model, graph, type(model).__name__)
     except UnsupportedOpError:
         raise
