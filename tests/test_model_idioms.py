@@ -331,3 +331,61 @@ def test_a_cast_of_the_input_is_the_input():
         assert float(laftr.make_estimator("laftr").fit(model, X)(other)) > 0
     with pytest.raises(laftr.UnsupportedOpError, match="turns the floating network input"):
         laftr.make_estimator("laftr").fit(Scaled(lambda x: x.long().double()), X)
+
+
+class _Bag(nn.Module):
+    """A fastText-style classifier: ``nn.EmbeddingBag`` over the tokens, then a linear head."""
+
+    def __init__(self, mode: str = "mean", padding_idx: int | None = None, functional: bool = False) -> None:
+        super().__init__()
+        self.functional = functional
+        self.bag = nn.EmbeddingBag(V, D, mode=mode, padding_idx=padding_idx)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        if self.functional:
+            return self.head(F.embedding_bag(x, self.bag.weight, mode=self.bag.mode))
+        return self.head(self.bag(x))
+
+
+@pytest.mark.parametrize("mode,padding,functional", [("mean", None, False), ("sum", None, False),
+                                                     ("mean", PAD, False), ("sum", None, True)])
+def test_embedding_bag(mode, padding, functional):
+    """EmbeddingBag is linear in the one-hot tokens: with a linear head every LAFTR mode is exact on every
+    input, and the closed form equals the exact FSD on a coreset (refused with a padding_idx, whose mean
+    divides by a count of the tokens)."""
+    torch.manual_seed(0)
+    model = _Bag(mode, padding, functional)
+    X = _tokens(padded=padding is not None)
+    other = perturbed(model, 0.3)
+    want = laftr.exact_fsd(model, other, X, metric="l2")
+    for gates in ("bernoulli", "relu", "none"):
+        est = laftr.make_estimator("laftr", gates=gates, input_model="coreset", coreset_size=len(X),
+                                   num_samples=len(X), metric="l2").fit(model, X)
+        torch.testing.assert_close(est(other), want, rtol=1e-10, atol=1e-14)
+    exact = laftr.make_estimator("laftr-exact", input_model="coreset", coreset_size=len(X))
+    if padding is None:
+        torch.testing.assert_close(exact.fit(model, X)(other), want, rtol=1e-9, atol=1e-14)
+    else:
+        with pytest.raises(laftr.UnsupportedOpError, match="padding_idx"):
+            exact.fit(model, X)(other)
+    assert float(laftr.make_estimator("laftr", input_model="tokens").fit(model, X)(other)) > 0
+    assert float(laftr.make_estimator("kfac", unsupported="diag").fit(model, X)(other)) > 0
+
+
+def test_embedding_bag_refuses_max_and_offsets():
+    with pytest.raises(laftr.UnsupportedOpError, match="mode='max'"):
+        laftr.make_estimator("laftr", input_model="tokens").fit(_Bag("max"), _tokens())
+
+    class Offsets(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag, self.head = nn.EmbeddingBag(V, D), nn.Linear(D, 3)
+            self.register_buffer("offsets", torch.tensor([0]))
+
+        def forward(self, x):
+            return self.head(self.bag(x.flatten(), self.offsets).expand(x.shape[0], -1))
+
+    # one bag over the whole batch: caught as a batch-mixing op (or, per example, by its offsets)
+    with pytest.raises(laftr.UnsupportedOpError, match=r"node 'bag'.*(offsets|mixes the examples)"):
+        laftr.make_estimator("laftr", input_model="tokens").fit(Offsets(), _tokens())

@@ -279,6 +279,59 @@ class EmbeddingRule(TappedLayer):
         return mode.affine_fns([make(0), make(1)], [[tok.vals[0]], [tok.vals[1]]], self.name)
 
 
+@register(nn.EmbeddingBag, F.embedding_bag)
+class EmbeddingBagRule(EmbeddingRule):
+    """``nn.EmbeddingBag`` / ``F.embedding_bag`` (``mode`` ``sum`` or ``mean``) of ``(B, T)`` token ids.
+
+    The sum (mean) of the embeddings of each row: linear in the one-hot tokens, each stream its own table.
+    ``offsets`` (1-d bags), ``per_sample_weights`` and ``mode="max"`` are refused; with a ``padding_idx`` the
+    mean divides by a count of the tokens, which the Monte Carlo evaluates exactly and the closed form
+    refuses.
+    """
+
+    family = "embedding_bag"
+
+    def setup(self) -> None:
+        """Read ``mode`` and ``padding_idx``; refuse ``max_norm`` and ``mode="max"``."""
+        super().setup()
+        if self.module is not None:
+            mod = cast(nn.EmbeddingBag, self.module)
+            self.mode, self.padding = mod.mode, mod.padding_idx
+        else:
+            self.mode, self.padding = self.const_arg(6, "mode", "mean"), self.const_arg(10, "padding_idx")
+        if self.mode not in ("sum", "mean"):
+            raise self.refuse(f"mode={self.mode!r} (a max over the bag); use 'sum' or 'mean'")
+
+    def params(self) -> dict[str, Any]:
+        """``mode`` and ``padding_idx``, which a stored summary must match."""
+        return {"mode": self.mode, "padding_idx": self.padding}
+
+    def check(self, args: Any, kwargs: Any) -> None:
+        """As an embedding's, and no ``offsets`` or ``per_sample_weights`` at the call."""
+        super().check(args, kwargs)
+        at = 1 if self.module is not None else 2
+        if kwargs.get("offsets", args[at] if len(args) > at else None) is not None:
+            raise self.refuse("bags given by offsets (1-d input); give a (batch, length) tensor of token ids")
+        if kwargs.get("per_sample_weights") is not None:
+            raise self.refuse("per_sample_weights")
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The closed form: each stream's table on the one-hot tokens, summed (averaged) over a row."""
+        self.check(args, kwargs)
+        if self.padding is not None:
+            raise self.refuse("laftr-exact: with a padding_idx the mean divides by a count of the tokens, "
+                              "not a fixed linear map of them; use the Monte Carlo 'laftr' estimator")
+        (tok,) = data_pairs((args, kwargs))
+        V = tok.vals[0].shape[-1]
+        reduce = (lambda e: e.sum(-2)) if self.mode == "sum" else (lambda e: e.mean(-2))
+
+        def make(s: int) -> Callable[[Tensor], Tensor]:
+            a, k = stream_of(args, s), stream_of(kwargs, s)
+            return lambda onehot: reduce(onehot @ self.table(mode.params[s], a, k)[:V].to(onehot.dtype))
+
+        return mode.affine_fns([make(0), make(1)], [[tok.vals[0]], [tok.vals[1]]], self.name)
+
+
 # ---------------------------------------------------------------------------------------------- products
 class ProductRule(AffineRule):
     """A product that is affine in each factor.
