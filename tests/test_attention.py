@@ -330,6 +330,44 @@ def test_laftr_exact_refuses_attention_with_a_message():
         laftr.make_estimator("laftr-exact", metric="l2").fit(m0, _data())(perturbed(m0, 0.1))
 
 
+@pytest.mark.parametrize("spelling", ["index", "unpack"])
+def test_default_need_weights_is_fine_when_the_weights_are_dropped(spelling):
+    """``attn(x, x, x)[0]`` and ``out, _ = attn(x, x, x)`` (need_weights=True, the default, weights unused) give
+    what ``need_weights=False`` gives, for every mode."""
+    class Default(nn.Module):
+        def __init__(self, need: bool | None) -> None:
+            super().__init__()
+            self.need = need
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            if self.need is False:
+                out = self.mha(x, x, x, need_weights=False)[0]
+            elif spelling == "index":
+                out = self.mha(x, x, x)[0]
+            else:
+                out, _ = self.mha(x, x, x)
+            return self.head(torch.tanh(out).mean(1))
+
+    torch.manual_seed(0)
+    default, explicit = Default(None), Default(False)
+    explicit.load_state_dict(default.state_dict())
+    X = torch.randn(30, 5, 4, generator=torch.Generator().manual_seed(1))
+    moved_d, moved_e = perturbed(default, 0.1), perturbed(explicit, 0.1)
+    for gates in ("bernoulli", "relu", "none"):
+        a = laftr.make_estimator("laftr", gates=gates, metric="kl", num_samples=16, seed=3).fit(default, X)
+        b = laftr.make_estimator("laftr", gates=gates, metric="kl", num_samples=16, seed=3).fit(explicit, X)
+        torch.testing.assert_close(a(moved_d), b(moved_e), rtol=1e-10, atol=1e-14)
+    # LIFTR, on attention that reads the network input directly: its output projection's input is behind the
+    # attention, so its law is recorded even though the layer's own input is the input model's (this failed
+    # with "no moments for the input of out_proj")
+    a = laftr.make_estimator("liftr", metric="kl", num_samples=16, seed=3).fit(default, X)
+    b = laftr.make_estimator("liftr", metric="kl", num_samples=16, seed=3).fit(explicit, X)
+    torch.testing.assert_close(a(moved_d), b(moved_e), rtol=1e-10, atol=1e-14)
+    assert float(a(moved_d)) > 0 and float(a(default)) == 0.0
+
+
 def test_bad_attention_calls_are_named():
     class NeedWeights(nn.Module):
         def __init__(self) -> None:
@@ -337,9 +375,10 @@ def test_bad_attention_calls_are_named():
             self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
 
         def forward(self, x):
-            return self.mha(x, x, x)[0].mean(1)
+            out, weights = self.mha(x, x, x)  # need_weights=True, the default
+            return out.mean(1) + weights.sum((1, 2))[:, None]
 
-    with pytest.raises(UnsupportedOpError, match="need_weights=False"):
+    with pytest.raises(UnsupportedOpError, match="reads its attention weights.*need_weights=False"):
         TracedNet(NeedWeights())
 
     class DataMask(nn.Module):

@@ -144,9 +144,12 @@ class InputRecorder:
             self._add(mode, anchor_site(rule.name, i), xf)
 
     def inner(self, mode: FitMode, rule: Rule, key: str, value: Any) -> None:
-        """The input of a rule's internal layer (e.g. nn.MultiheadAttention's output projection)."""
-        if rule.name in self.candidates:
-            self._add(mode, anchor_site(rule.name, key), value.vals[0].detach().to(torch.float64))
+        """The input of a rule's internal layer (e.g. nn.MultiheadAttention's output projection).
+
+        Always recorded: it lies behind the op's own nonlinearity (the attention), so it depends on theta0
+        even when the op reads the network input directly (and is then no candidate for its own input).
+        """
+        self._add(mode, anchor_site(rule.name, key), value.vals[0].detach().to(torch.float64))
 
     def _add(self, mode: FitMode, site: str, xf: torch.Tensor) -> None:
         mode.add(site, "m", xf)

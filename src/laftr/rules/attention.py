@@ -597,21 +597,36 @@ class MultiheadAttentionRule(PatternSite):
     """``nn.MultiheadAttention``: input projections, attention linearized at theta0, output projection.
 
     ``batch_first`` either way, ``attn_mask``, ``key_padding_mask``, ``is_causal`` with a mask, and
-    ``need_weights=False``. Its projections are tapped as linear layers by K-FAC and diag-Fisher.
+    ``need_weights=False`` (or the default ``True`` with the weights unused). Its projections are tapped as
+    linear layers by K-FAC and diag-Fisher.
     """
 
     family = "multihead_attention"
 
     def setup(self) -> None:
-        """Refuse extra key/value biases, zero attention and ``need_weights=True``."""
+        """Refuse extra key/value biases, zero attention, and attention weights that the network reads.
+
+        With ``need_weights=True`` (the default) the call also returns the averaged attention weights; a
+        network that drops them (``out, _ = attn(x, x, x)``, ``attn(x, x, x)[0]``) is fine, one that reads
+        them is refused (they are not linearized).
+        """
         mod = self.module
         assert isinstance(mod, nn.MultiheadAttention)
         if mod.bias_k is not None or mod.add_zero_attn:
             raise self.refuse("add_bias_kv / add_zero_attn are not supported")
         need = self.const_arg(4, "need_weights", True)
-        if need:
-            raise self.refuse("call it with need_weights=False (the averaged attention weights it returns "
-                              "otherwise are not linearized)")
+        if need and self._weights_read():
+            raise self.refuse("the network reads its attention weights (need_weights=True, the default), "
+                              "which are not linearized; call it with need_weights=False or do not use them")
+
+    def _weights_read(self) -> bool:
+        """Whether the network uses the second output (the weights) or the output pair as a whole."""
+        for user in self.node.users:
+            if user.op != "call_function" or user.target is not operator.getitem or len(user.args) < 2:
+                return True
+            if user.args[1] != 0 and (user.args[1] != 1 or user.users):
+                return True
+        return False
 
     def params(self) -> dict[str, Any]:
         """The number of heads and the batch layout, which a stored summary must match."""
