@@ -274,9 +274,13 @@ class EmbeddingRule(TappedLayer):
 
         def make(s: int) -> Callable[[Tensor], Tensor]:
             a, k = stream_of(args, s), stream_of(kwargs, s)
-            return lambda onehot: onehot @ self.table(mode.params[s], a, k)[:V].to(onehot.dtype)
+            return lambda onehot: self.reduce(onehot @ self.table(mode.params[s], a, k)[:V].to(onehot.dtype))
 
         return mode.affine_fns([make(0), make(1)], [[tok.vals[0]], [tok.vals[1]]], self.name)
+
+    def reduce(self, embedded: Tensor) -> Tensor:
+        """What the op does with the embedded tokens after the lookup (an embedding: nothing)."""
+        return embedded
 
 
 @register(nn.EmbeddingBag, F.embedding_bag)
@@ -317,19 +321,14 @@ class EmbeddingBagRule(EmbeddingRule):
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """The closed form: each stream's table on the one-hot tokens, summed (averaged) over a row."""
-        self.check(args, kwargs)
         if self.padding is not None:
             raise self.refuse("laftr-exact: with a padding_idx the mean divides by a count of the tokens, "
                               "not a fixed linear map of them; use the Monte Carlo 'laftr' estimator")
-        (tok,) = data_pairs((args, kwargs))
-        V = tok.vals[0].shape[-1]
-        reduce = (lambda e: e.sum(-2)) if self.mode == "sum" else (lambda e: e.mean(-2))
+        return super().moments(mode, args, kwargs)
 
-        def make(s: int) -> Callable[[Tensor], Tensor]:
-            a, k = stream_of(args, s), stream_of(kwargs, s)
-            return lambda onehot: reduce(onehot @ self.table(mode.params[s], a, k)[:V].to(onehot.dtype))
-
-        return mode.affine_fns([make(0), make(1)], [[tok.vals[0]], [tok.vals[1]]], self.name)
+    def reduce(self, embedded: Tensor) -> Tensor:
+        """The sum or mean over the row's tokens."""
+        return embedded.sum(-2) if self.mode == "sum" else embedded.mean(-2)
 
 
 # ---------------------------------------------------------------------------------------------- products
