@@ -258,7 +258,7 @@ class _ViewedMaxPool(MaxPoolRule):
     def pre(self, args: Any, kwargs: Any) -> Pair:
         """The data input viewed for pooling; sets the pool's constants from its shape."""
         pair = self.data_input(args, kwargs)
-        self._input, self._inputs = pair.vals[0], tuple(pair.vals)
+        self._inputs = tuple(pair.vals)
         viewed = []
         for v in pair.vals:
             w, self.pool = self.view(v)
@@ -266,9 +266,7 @@ class _ViewedMaxPool(MaxPoolRule):
         return Pair(tuple(viewed), pair.data, pair.fixed)
 
     def _back(self, out: Any) -> Any:
-        return Pair(tuple(self.unview(o, self._input) for o in out.vals), True)
-
-    _inputs: tuple[torch.Tensor, ...] = ()
+        return Pair(tuple(self.unview(o, self._inputs[0]) for o in out.vals), True)
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """Every stream pools itself exactly."""
@@ -285,6 +283,12 @@ class _ViewedMaxPool(MaxPoolRule):
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """As :meth:`MaxPoolRule.sample` on the viewed input."""
         return self._back(super().sample(mode, args, kwargs))
+
+
+def _windows(kernel: Any, dims: int) -> dict[str, Any]:
+    """The constants of a max pool whose windows tile its input: kernel = stride, no padding."""
+    return {"kernel_size": kernel, "stride": kernel, "padding": 0, "dilation": 1, "ceil_mode": False,
+            "dims": dims}
 
 
 def _window(n: int, out: int | None, what: str, rule: Rule) -> int:
@@ -334,9 +338,7 @@ class AdaptiveMaxPoolRule(_ViewedMaxPool):
         sizes: list[int | None] = self.constants["output_size"]
         k = [_window(int(n), o, "adaptive max pooling", self)
              for n, o in zip(v.shape[2:], sizes, strict=True)]
-        kernel: Any = k[0] if self.dims == 1 else tuple(k)
-        return v, {"kernel_size": kernel, "stride": kernel, "padding": 0, "dilation": 1, "ceil_mode": False,
-                   "dims": self.dims}
+        return v, _windows(k[0] if self.dims == 1 else tuple(k), self.dims)
 
     def unview(self, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Already the op's shape."""
@@ -347,7 +349,7 @@ class AdaptiveMaxPoolRule(_ViewedMaxPool):
 class AmaxRule(_ViewedMaxPool):
     """``amax`` / ``amin`` over one dimension (``x.amax(-1)``: the max over time of a text CNN).
 
-    A max pool whose one window is that whole dimension (``amin``: of the negated input).
+    A max pool whose one window is that whole dimension (a minimum: of the negated input).
     """
 
     def setup(self) -> None:
@@ -364,15 +366,14 @@ class AmaxRule(_ViewedMaxPool):
             raise self.refuse("a max over the batch dimension mixes the examples")
         self.dim, self.keepdim = dim, bool(self.const_arg(2, "keepdim", False))
         name = self.node.target if isinstance(self.node.target, str) else self.node.target.__name__
-        self.sign = -1.0 if name == "amin" else 1.0
+        self.sign = -1.0 if name in ("amin", "min") else 1.0
         self.constants = {"dim": dim, "keepdim": self.keepdim, "min": self.sign < 0}
 
     def view(self, v: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """``(B, rest, K)``: the reduced dimension last, the others flattened (negated for ``amin``)."""
         w = (self.sign * v).movedim(self.dim, -1)
         K = w.shape[-1]
-        return w.reshape(w.shape[0], -1, K), {"kernel_size": K, "stride": K, "padding": 0, "dilation": 1,
-                                               "ceil_mode": False, "dims": 1}
+        return w.reshape(w.shape[0], -1, K), _windows(K, 1)
 
     def unview(self, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The pooled ``(B, rest, 1)`` in the op's shape (``keepdim`` or not), the sign undone."""
@@ -401,9 +402,6 @@ class MaxDimRule(AmaxRule):
         if isinstance(given, fx.Node):
             raise self.refuse("the elementwise maximum of two tensors has no rule (a max over one dim has)")
         super().setup()
-        name = self.node.target if isinstance(self.node.target, str) else self.node.target.__name__
-        self.sign = -1.0 if name == "min" else 1.0
-        self.constants = {**self.constants, "min": self.sign < 0}
 
     def _back(self, out: Any) -> Any:
         values = super()._back(out)
