@@ -277,9 +277,12 @@ _OUT_OF_PLACE: dict[Any, Any] = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
     operator.itruediv: operator.truediv, operator.imatmul: operator.matmul, operator.ipow: operator.pow,
 }
+#: smooth elementwise functions of the data with a gate rule (``laftr.rules.gates.ElementwiseGate``), each
+#: also a tensor method and, with a trailing ``_``, an in-place one
+ELEMENTWISE_FUNCTIONS = ("exp", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "square",
+                         "reciprocal", "sin", "cos", "erf", "erfc", "atan", "sinh", "cosh")
 for _name in ("relu_", "clamp_", "clamp_min_", "clamp_max_", "clip_", "sigmoid_", "tanh_", "selu_", "celu_",
-              "rrelu_", "exp_", "expm1_", "log_", "log1p_", "log2_", "log10_", "sqrt_", "rsqrt_", "square_",
-              "reciprocal_", "sin_", "cos_", "erf_", "erfc_", "atan_", "sinh_", "cosh_"):
+              "rrelu_", *(n + "_" for n in ELEMENTWISE_FUNCTIONS)):
     if hasattr(torch, _name) and hasattr(torch, _name[:-1]):
         _OUT_OF_PLACE[getattr(torch, _name)] = getattr(torch, _name[:-1])
 for _name in ("relu_", "elu_", "leaky_relu_", "hardtanh_", "threshold_", "celu_", "selu_", "rrelu_"):

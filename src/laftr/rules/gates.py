@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from .._util import eigh_on_host
 from ..moments import GateMoments
-from .base import Pair, Rule, register, stream_of
+from .base import ELEMENTWISE_FUNCTIONS, Pair, Rule, register, stream_of
 
 
 # ---------------------------------------------------------------------------------------------- laws
@@ -885,8 +885,7 @@ def _method_and_inplace(*names: str) -> list[Any]:
     return out
 
 
-@register(*_method_and_inplace("exp", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "square",
-                               "reciprocal", "sin", "cos", "erf", "erfc", "atan", "sinh", "cosh"),
+@register(*_method_and_inplace(*ELEMENTWISE_FUNCTIONS),
           *_fns("erf", "erfc", "expm1", "log1p", module=torch.special))
 class ElementwiseGate(SmoothGate):
     """A smooth elementwise function of the data (``exp``, ``log``, ``sqrt``, ``rsqrt``, ``sin``, ...).
