@@ -9,6 +9,7 @@ from .estimators import EstimatorConfig, FSDEstimator, available_estimators, mak
 from .exact import exact_fsd, exact_fsd_and_grad
 from .io import load, save
 from .metrics import METRICS, discrepancy
+from .models import SelectOutput
 
 try:
     __version__ = _metadata.version("laftr")
@@ -20,6 +21,7 @@ __all__ = [
     "EstimatorConfig",
     "ExperimentConfig",
     "FSDEstimator",
+    "SelectOutput",
     "__version__",
     "available_estimators",
     "discrepancy",

@@ -1,4 +1,4 @@
-"""torch.nn's transformer modules, traced through their parts.
+"""torch.nn modules and functions traced through their parts: the transformer layers, GLU and softmin.
 
 ``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``, ``nn.TransformerDecoderLayer``,
 ``nn.TransformerDecoder`` and ``nn.Transformer`` are composites of modules that have rules
@@ -18,6 +18,10 @@ mask, which is what PyTorch's detection of a causal mask amounts to.
 
 Only the classes' own forwards are replaced: a subclass that overrides ``forward`` is traced through its own
 code, and a module the user registered a rule for stays a leaf.
+
+``nn.GLU`` / ``F.glu`` and ``nn.Softmin`` / ``F.softmin`` are traced as ``a * sigmoid(b)`` (the halves of the
+input) and ``softmax(-x)``: a product and a softmax, which have rules. A function the user registered a rule
+for is recorded as one node.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UnsupportedOpError
 
-__all__ = ["traced_forward"]
+__all__ = ["traced_forward", "traced_function"]
 
 
 def _self_attention(m: Any, x: Tensor, mask: Tensor | None, padding: Tensor | None, causal: bool) -> Tensor:
@@ -119,13 +125,38 @@ def transformer(m: nn.Transformer, src: Tensor, tgt: Tensor, src_mask: Tensor | 
                      tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
 
 
+def glu(x: Tensor, dim: int = -1) -> Tensor:
+    """``F.glu``: the first half of ``x`` along ``dim`` gated by the sigmoid of the second (a product)."""
+    a, b = x.chunk(2, dim=dim)
+    return a * torch.sigmoid(b)
+
+
+def softmin(x: Tensor, dim: int | None = None, _stacklevel: int = 3,
+            dtype: torch.dtype | None = None) -> Tensor:
+    """``F.softmin``: the softmax of ``-x`` (an implicit ``dim`` is refused by the softmax's rule)."""
+    return F.softmax(-x, dim, dtype=dtype)
+
+
 _FORWARDS: dict[type[nn.Module], Callable[..., Tensor]] = {
     nn.TransformerEncoderLayer: encoder_layer,
     nn.TransformerEncoder: encoder,
     nn.TransformerDecoderLayer: decoder_layer,
     nn.TransformerDecoder: decoder,
     nn.Transformer: transformer,
+    nn.GLU: lambda m, x: glu(x, m.dim),
+    nn.Softmin: lambda m, x: softmin(x, m.dim),
 }
+
+#: functions traced as the function given (the same computation written with ops that have rules)
+_FUNCTIONS: dict[Callable[..., Any], Callable[..., Tensor]] = {F.glu: glu, F.softmin: softmin}
+
+
+def traced_function(target: Any) -> Callable[..., Tensor] | None:
+    """The function laftr traces in place of a call of ``target``, or None (recorded as one node)."""
+    try:
+        return _FUNCTIONS.get(target)
+    except TypeError:  # unhashable target
+        return None
 
 
 def traced_forward(m: nn.Module) -> Callable[..., Tensor] | None:

@@ -20,7 +20,7 @@ from ._util import (
     model_device_dtype,
 )
 from .errors import DataError, UsageError
-from .metrics import check_metric, check_outputs, discrepancy
+from .metrics import check_metric, check_network_output, check_outputs, discrepancy
 
 
 def _reference(model_a: nn.Module, x: torch.Tensor, where: tuple[torch.device, torch.dtype]) -> torch.Tensor:
@@ -31,7 +31,8 @@ def _reference(model_a: nn.Module, x: torch.Tensor, where: tuple[torch.device, t
     """
     device, dtype = where
     with torch.no_grad():
-        return model_a(x.to(device=device, dtype=dtype if x.is_floating_point() else None))
+        x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+        return check_network_output(model_a(x))
 
 
 def exact_fsd(

@@ -28,10 +28,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
+from torch.func import functional_call
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import rules as _rules  # noqa: F401  (importing registers the built-in rules)
-from .composites import traced_forward
+from .composites import traced_forward, traced_function
 from .errors import UnsupportedOpError
 from .moments import GateMoments, JointMoments, Ref
 from .rules.affine import SHAPE_ATTRS, GetattrRule, LikeRule, ShapeRule
@@ -41,6 +43,7 @@ from .rules.base import (
     changing_pairs,
     data_pairs,
     describe,
+    is_registered_function,
     is_registered_module,
     lookup,
     make_rule,
@@ -74,6 +77,14 @@ class _Tracer(fx.Tracer):
         if fn is not None:
             forward = functools.partial(fn, m)
         return super().call_module(m, forward, args, kwargs)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     *rest: Any, **options: Any) -> Any:
+        if kind == "call_function" and not is_registered_function(target):
+            fn = traced_function(target)
+            if fn is not None:  # F.glu, F.softmin: traced as their parts
+                return fn(*args, **kwargs)
+        return super().create_proxy(kind, target, args, kwargs, *rest, **options)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -619,10 +630,15 @@ class TracedNet:
     def __init__(self, model: nn.Module, exact_unknown: bool = False) -> None:
         """Trace ``model`` (one input tensor) and make the rule of every node.
 
-        ``exact_unknown``: a data-dependent op that no rule covers gets the plain :class:`Rule` (run exactly
-        in each stream; every linearizing mode refuses it, naming it) instead of being refused here. For
-        passes that run the real networks only (``laftr`` with ``gates="none"``).
+        ``exact_unknown``: for passes that run the real networks only (``laftr`` with ``gates="none"``, the
+        layer taps of K-FAC and the diagonal Fisher). A data-dependent op that no rule covers, or whose rule
+        refuses it (a division by data, a mask that depends on the parameters, a constant argument computed
+        at run time), gets the plain :class:`Rule`: each stream runs it exactly, which in those passes is
+        the answer, not an approximation; every linearizing mode still refuses it, naming it.
         """
+        self.exact_unknown = exact_unknown
+        #: nodes whose rule refused them in a pass of the real networks: evaluated exactly from then on
+        self.exact_nodes: set[str] = set()
         self.gm = trace(model)
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if not placeholders:
@@ -644,6 +660,16 @@ class TracedNet:
                                                     *model.named_buffers(remove_duplicate=False)]
                         if n not in self.param_names and id(t) in first}
         self.param_names |= set(self.aliases)
+        # a tensor computed by a parametrization (``weight_norm``, ``spectral_norm``) is no parameter: each
+        # stream computes it from its own originals (``0.parametrizations.weight.original0``, ...), under the
+        # name the module reads (``0.weight``)
+        self.derived: dict[str, tuple[nn.Module, str]] = {}
+        for mname, mod in model.named_modules():
+            if parametrize.is_parametrized(mod):
+                for tname, plist in mod.parametrizations.items():
+                    prefix = f"{mname}.parametrizations.{tname}." if mname else f"parametrizations.{tname}."
+                    self.derived[f"{mname}.{tname}" if mname else tname] = (plist, prefix)
+        self.param_names |= set(self.derived)
         # which nodes depend on the input: those need a rule; the others are parameter arithmetic. Nodes
         # computed from the input alone (no parameter or buffer on the way) that have no rule -- comparisons,
         # masks -- are evaluated exactly on each stream's input (the same in every stream): ``exact_inputs``
@@ -676,8 +702,12 @@ class TracedNet:
                     sources = [a.name for a in node.all_input_nodes if a.name in data_nodes]
                     if node.name in self.exact_inputs or all(a in fixed for a in sources):
                         fixed.add(node.name)
-                elif exact_unknown and lookup(node, self.gm) is None:
-                    self.rules[node.name] = Rule(node, self.gm)
+                elif exact_unknown:
+                    try:
+                        self.rules[node.name] = make_rule(node, self.gm)
+                    except UnsupportedOpError:  # no rule, or one that refuses the op's constant arguments
+                        self.rules[node.name] = Rule(node, self.gm)
+                        self.exact_nodes.add(node.name)
                 else:
                     self.rules[node.name] = make_rule(node, self.gm)
             else:
@@ -724,10 +754,23 @@ class TracedNet:
         return [r for n, r in self.rules.items() if n in self.data_nodes and predicate(r)]
 
     def with_aliases(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``params`` with each tied parameter also under the names of the modules that share it."""
-        if all(a in params for a in self.aliases):
+        """``params`` with the tensors the modules read under names that are not parameters.
+
+        Each tied parameter is also under the names of the modules that share it, and each tensor computed by
+        a parametrization is under the name its module reads (computed from ``params``' originals).
+        """
+        if all(a in params for a in self.aliases) and all(d in params for d in self.derived):
             return params
-        return {**params, **{a: params[n] for a, n in self.aliases.items() if n in params}}
+        out = {**params, **{a: params[n] for a, n in self.aliases.items() if n in params}}
+        for name, (plist, prefix) in self.derived.items():
+            own = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+            training = plist.training
+            plist.eval()  # a spectral norm's power iteration would update the module's buffers in place
+            try:
+                out[name] = functional_call(plist, own, ())
+            finally:
+                plist.train(training)
+        return out
 
     def run(self, inputs: tuple[Any, ...], mode: Mode) -> Any:
         """Run the graph; ``inputs`` holds the input of each stream.
@@ -736,7 +779,7 @@ class TracedNet:
         """
         env: dict[str, Any] = {}
         users = dict(self._users)
-        if self.aliases:
+        if self.aliases or self.derived:
             mode.params = [self.with_aliases(p) for p in mode.params]
         mode.begin_run()
         for node in self.gm.graph.nodes:
@@ -753,8 +796,11 @@ class TracedNet:
             if node.op == "output":
                 out = fx.node.map_arg(node.args[0], lambda m: env[m.name])
                 if not isinstance(out, Pair) or not out.data:
-                    raise UnsupportedOpError("the network must return a single tensor that "
-                                             "depends on its input")
+                    kind = "dict" if isinstance(out, dict) else type(out).__name__
+                    raise UnsupportedOpError(
+                        "the network must return a single tensor that depends on its input"
+                        + (f" (it returns a {kind}: wrap it, e.g. laftr.SelectOutput(model, 0))"
+                           if isinstance(out, (tuple, list, dict)) else ""))
                 return mode.output(out)
             args = fx.node.map_arg(node.args, lambda m: env[m.name])
             kwargs = fx.node.map_arg(node.kwargs, lambda m: env[m.name])
@@ -781,6 +827,16 @@ class TracedNet:
             if node.name in self.exact_inputs or all(p.fixed for p in sources):
                 return self._exact_from_input(rule, mode, args, kwargs, sources)
         args, kwargs = mode.before(rule, args, kwargs)
+        if self.exact_unknown and mode.method == "forward":
+            if node.name in self.exact_nodes:
+                return Rule.forward(rule, mode, args, kwargs)
+            try:
+                return rule.forward(mode, args, kwargs)
+            except UnsupportedOpError:
+                # the rule refuses what it could not linearize (a division by data, a mask that moves with the
+                # parameters); the real networks need no linearization: each stream runs the op exactly
+                self.exact_nodes.add(node.name)
+                return Rule.forward(rule, mode, args, kwargs)
         return getattr(rule, mode.method)(mode, args, kwargs)
 
     def _exact_from_input(self, rule: Rule, mode: Mode, args: Any, kwargs: Any, sources: list[Pair]) -> Pair:

@@ -87,11 +87,25 @@ def check_outputs(outputs: Any, num_outputs: int | None = None) -> list[int] | N
     return out
 
 
+def check_network_output(z: Any) -> torch.Tensor:
+    """``z`` if it is a tensor; otherwise an error that names what the network returned, and the fix."""
+    if isinstance(z, torch.Tensor):
+        return z
+    what = type(z).__name__
+    keys = list(z.keys())[:5] if isinstance(z, dict) else None
+    raise UsageError(
+        f"the network returned a {what}"
+        + (f" (keys {keys})" if keys is not None else f" of {len(z)}" if isinstance(z, (tuple, list)) else "")
+        + ", not a tensor: laftr compares one output tensor per example; wrap the model so that it returns "
+        "the one to compare, e.g. laftr.SelectOutput(model, 0) or laftr.SelectOutput(model, 'logits')")
+
+
 def select_outputs(z: torch.Tensor, outputs: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
     """Flatten ``z`` to ``(B, K)`` and keep only the output units in ``outputs``.
 
     All units when None; ``outputs`` is checked by :func:`check_outputs`.
     """
+    z = check_network_output(z)
     z = z.reshape(z.shape[0], -1)
     if outputs is None:
         return z
@@ -115,6 +129,7 @@ def discrepancy(
             over that subset.
     """
     fn = METRICS[check_metric(metric)]
+    z0, z = check_network_output(z0), check_network_output(z)
     if z0.shape != z.shape:
         raise DataError(f"output shapes differ: {tuple(z0.shape)} vs {tuple(z.shape)}")
     return fn(select_outputs(z0, outputs), select_outputs(z, outputs))

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "ATTENTIONS", "NORMS", "READOUTS", "VIT_READOUTS", "SelfAttention", "Transformer",
-           "TransformerBlock", "ViT", "conv_net", "copy_attention_weights", "mlp", "num_params",
-           "transformer", "vit"]
+__all__ = ["ACTIVATIONS", "ATTENTIONS", "NORMS", "READOUTS", "VIT_READOUTS", "SelectOutput", "SelfAttention",
+           "Transformer", "TransformerBlock", "ViT", "conv_net", "copy_attention_weights", "mlp",
+           "num_params", "transformer", "vit"]
 
 #: The activations of :func:`mlp`, by name.
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU,
@@ -30,6 +30,31 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "ta
 NORMS: dict[str, type[nn.Module]] = {"layernorm": nn.LayerNorm}
 if hasattr(nn, "RMSNorm"):
     NORMS["rmsnorm"] = nn.RMSNorm
+
+
+class SelectOutput(nn.Module):
+    """One output tensor of a network that returns several: ``model(x)[key]``, or ``model(x).key``.
+
+    laftr compares one tensor per example. A network that returns a tuple (``logits, features``), a dict
+    (``{"logits": ...}``) or an object with attributes is wrapped so that it returns the one to compare:
+    ``SelectOutput(model, 0)``, ``SelectOutput(model, "logits")``. Wrap theta0 and theta alike (the wrapper's
+    parameter names are the model's under ``model.``); torch.fx traces through it.
+    """
+
+    def __init__(self, model: nn.Module, key: int | str) -> None:
+        """``key``: the index (tuple, list) or key (dict) of the output to keep, or an attribute name."""
+        super().__init__()
+        if isinstance(key, bool) or not isinstance(key, (int, str)):
+            raise TypeError(f"key must be an int or a str, got {key!r}")
+        self.model = model
+        self.key = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The selected output of ``model(x)``."""
+        out = self.model(x)
+        if isinstance(self.key, str) and not isinstance(out, dict):
+            return getattr(out, self.key)
+        return out[self.key]
 
 
 def mlp(

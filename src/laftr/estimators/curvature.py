@@ -17,6 +17,7 @@ of output-space vectors ``W`` (``(B, K, S)``, S vectors per example) whose outer
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -30,7 +31,9 @@ from tqdm.auto import tqdm
 from .. import distributed as dist_
 from .._util import EMPTY_DATA, Data, iter_batches, model_device_dtype
 from ..errors import DataError, UsageError
-from ..metrics import check_metric, select_outputs
+from ..metrics import check_metric, check_network_output, select_outputs
+
+log = logging.getLogger(__name__)
 
 #: How output-space vectors are drawn: Monte Carlo ("true Fisher"), all columns of the factor, or the
 #: gradients of the loss at the true labels (``kl`` only).
@@ -172,11 +175,28 @@ def per_example_square_grads(
         z = functional_call(model, (tp, rest), (xb.unsqueeze(0),))
         return select_outputs(z, outputs)[0] @ wb  # (S,)
 
-    jac = vmap(jacrev(one), in_dims=(None, 0, 0))
+    vectorized = vmap(jacrev(one), in_dims=(None, 0, 0))
+
+    def looped(tp: dict[str, torch.Tensor], xs: torch.Tensor, ws: torch.Tensor) -> dict[str, torch.Tensor]:
+        per = [jacrev(one)(tp, xb, wb) for xb, wb in zip(xs, ws, strict=True)]
+        return {n: torch.stack([j[n] for j in per]) for n in tp}
+
+    jac = vectorized
     acc = {n: torch.zeros_like(p) for n, p in wrt.items()}
     with torch.enable_grad():
         for i in range(0, x.shape[0], max(1, int(chunk_size))):
-            J = jac(wrt, x[i : i + chunk_size], W[i : i + chunk_size])
+            xs, ws = x[i : i + chunk_size], W[i : i + chunk_size]
+            try:
+                J = jac(wrt, xs, ws)
+            except RuntimeError as e:
+                if jac is looped:
+                    raise
+                # an op whose vmap batching rule fails (PyTorch 2.13's prelu with a shared slope): the same
+                # per-example Jacobians one example at a time; an error of the network itself recurs here
+                log.info("per-example gradients: torch.func.vmap failed (%s); computing them one example at "
+                         "a time", str(e).splitlines()[0][:200])
+                jac = looped
+                J = jac(wrt, xs, ws)
             for n in acc:
                 acc[n] += J[n].pow(2).sum(dim=(0, 1))
     return acc
@@ -210,7 +230,7 @@ def curvature_batches(
     for x, y in tqdm(iter_batches(data, config.batch_size, device, dtype), disable=not config.progress,
                      desc=desc):
         with torch.no_grad():
-            z = model(x)
+            z = check_network_output(model(x))
         z = z.reshape(z.shape[0], -1)
         z0 = select_outputs(z, outputs)
         if not torch.isfinite(z0).all():

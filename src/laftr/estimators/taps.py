@@ -32,6 +32,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from .._util import param_dict
 from ..errors import UnsupportedOpError
@@ -124,7 +125,8 @@ def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
         UnsupportedOpError: the network cannot be traced or has an op without a rule; or, with
             ``unsupported="error"``, a layer that cannot be tapped (named with its type and the reason).
     """
-    net = TracedNet(model)
+    # the taps run the real network: ops without a rule (or refused by theirs) run exactly
+    net = TracedNet(model, exact_unknown=True)
     called = {r.prefix for r in net.nodes_with(lambda r: r.module is not None)}
     attention_calls: dict[str, list[fx.Node]] = {}
     for r in net.nodes_with(lambda r: isinstance(r.module, nn.MultiheadAttention)):
@@ -152,7 +154,12 @@ def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
         owner, _, leaf = mname.rpartition(".")
         parent = model.get_submodule(owner) if mname else None
         why = None
-        if isinstance(parent, nn.MultiheadAttention) and leaf == "out_proj" and isinstance(mod, nn.Linear):
+        if parametrize.is_parametrized(mod) or (parent is not None and owner.endswith(".parametrizations")
+                                                or owner == "parametrizations"):
+            why = ("a parametrization (weight_norm, spectral_norm, ...) computes its "
+                   + ("weight" if parametrize.is_parametrized(mod) else "module's tensor")
+                   + f"; {who} taps a layer's own weight")
+        elif isinstance(parent, nn.MultiheadAttention) and leaf == "out_proj" and isinstance(mod, nn.Linear):
             # applied with F.linear by the attention rule, which records it under this name
             if not mod.weight.requires_grad:
                 why = "its weight is frozen but its bias is trainable"

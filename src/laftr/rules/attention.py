@@ -398,8 +398,10 @@ class ProductRule(AffineRule):
         return super().moments(mode, args, kwargs)
 
 
+# ``addmm(b, x, W) = beta b + alpha x @ W`` and ``baddbmm`` (batched): one product plus an added tensor; with
+# two data arguments the linearization at stream 0 is exact where the op is affine in both (``b`` and ``x``)
 register(operator.mul, torch.mul, "mul", "mul_", operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm",
-         torch.einsum)(ProductRule)
+         torch.einsum, torch.addmm, "addmm", torch.baddbmm, "baddbmm")(ProductRule)
 
 
 # ---------------------------------------------------------------------------------------------- softmax

@@ -30,6 +30,7 @@ __all__ = [
     "Rule",
     "RuleMode",
     "describe",
+    "is_registered_function",
     "is_registered_module",
     "lookup",
     "make_rule",
@@ -217,6 +218,14 @@ def _module_rule(mod_type: type) -> type[Rule] | None:
 def module_rule(mod: nn.Module) -> type[Rule] | None:
     """The rule class of a module (by its type or a base class whose ``forward`` it keeps), if any."""
     return _module_rule(type(mod))
+
+
+def is_registered_function(target: Any) -> bool:
+    """Whether the function ``target`` has a rule (the tracer then records it as one node)."""
+    try:
+        return target in _FUNCTION_RULES
+    except TypeError:  # unhashable target
+        return False
 
 
 def is_registered_module(mod: nn.Module) -> bool:

@@ -604,6 +604,22 @@ class ThresholdGate(PiecewiseLinearGate):
         return (s0 > self.t).long()
 
 
+@register(torch.abs, torch.absolute, operator.abs, *_fns("abs_", "absolute_", module=torch), "abs", "abs_",
+          "absolute", "absolute_")
+class AbsGate(PiecewiseLinearGate):
+    """``|s|``: pieces ``(-1, 0)`` (negative) and ``(1, 0)`` (positive); the law is P(s > 0) per unit."""
+
+    family = "abs"
+
+    def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        """Negative ``(-1, 0)`` and positive ``(1, 0)``."""
+        return [(-1.0, 0.0), (1.0, 0.0)]
+
+    def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        """1 where theta0's pre-activation is positive, else 0."""
+        return (s0 > 0).long()
+
+
 @register(nn.Hardsigmoid, F.hardsigmoid)
 class HardsigmoidGate(PiecewiseLinearGate):
     """``hardsigmoid(s) = clip(s / 6 + 1/2, 0, 1)``: pieces ``(0, 0)``, ``(1/6, 1/2)``, ``(0, 1)``."""

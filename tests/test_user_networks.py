@@ -1,0 +1,276 @@
+"""Networks as users write them, beyond one op per rule (found by probing estimators on common idioms):
+
+- ops that a linearizing rule refuses (a mask that moves with the parameters, a division by data, ``var``,
+  ``detach``) still run exactly where the real networks are run: ``laftr`` with ``gates="none"`` and the layer
+  taps of K-FAC and the diagonal Fisher;
+- a per-example gradient whose ``torch.func.vmap`` fails (PyTorch's prelu) is computed one example at a time;
+- tensors computed by a parametrization (``weight_norm``, ``spectral_norm``) are computed in each stream from
+  its own originals;
+- a network that returns a tuple or a dict is refused by name, and :class:`laftr.SelectOutput` picks the
+  output to compare;
+- ``nn.GLU`` / ``F.glu`` and ``nn.Softmin`` / ``F.softmin`` are traced as their parts.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import perturbed
+from torch import nn
+
+import laftr
+from laftr.graph import TracedNet
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+D_IN, H, D_OUT, N = 5, 8, 3, 30
+
+
+def _inputs(n: int = N, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, D_IN, generator=torch.Generator().manual_seed(seed))
+
+
+class Net(nn.Module):
+    """Linear, an op written by hand (``kind``), Linear."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a, self.b = nn.Linear(D_IN, H), nn.Linear(H, D_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.kind == "where":  # a leaky ReLU written with a mask that depends on the parameters
+            h = torch.where(h > 0, h, 0.1 * h)
+        elif self.kind == "leaky":
+            h = F.leaky_relu(h, 0.1)
+        elif self.kind == "layernorm":  # a LayerNorm written by hand: var and a division by data
+            h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, keepdim=True, unbiased=False) + 1e-5)
+        elif self.kind == "maximum":
+            h = torch.maximum(h, torch.zeros_like(h)) + h.detach().tanh()
+        return self.b(h)
+
+
+def _coreset_none(model: nn.Module, X: torch.Tensor, metric: str = "l2"):
+    return laftr.make_estimator("laftr", gates="none", input_model="coreset", coreset_size=len(X),
+                                num_samples=len(X), metric=metric).fit(model, X)
+
+
+def _assert_exact_with_grads(model: nn.Module, other: nn.Module, X: torch.Tensor, metric: str = "l2") -> None:
+    """``gates="none"`` on a coreset of every input is the exact FSD, values and gradients."""
+    got = _coreset_none(model, X, metric)(other)
+    want = laftr.exact_fsd(model, other, X, metric=metric, grad=True)
+    assert float(want.detach()) > 1e-6
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    params = [p for p in other.parameters() if p.requires_grad]
+    for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["where", "layernorm", "maximum"])
+def test_ops_a_linearization_refuses_run_exactly_in_the_real_networks(kind):
+    torch.manual_seed(0)
+    model, X = Net(kind), _inputs()
+    _assert_exact_with_grads(model, perturbed(model, 0.2), X, "kl")
+    with pytest.raises(laftr.UnsupportedOpError, match=r"node '(gt|var|maximum|truediv)"):
+        laftr.make_estimator("laftr").fit(model, X)
+    for name in ("kfac", "diag-fisher"):
+        est = laftr.make_estimator(name).fit(model, X)
+        assert abs(float(est(model))) < 1e-12 and float(est(perturbed(model, 0.2))) > 0
+
+
+@pytest.mark.parametrize("name", ["kfac", "diag-fisher"])
+def test_taps_through_an_exactly_run_op_equal_the_twin_with_a_rule(name):
+    """K-FAC and the diagonal Fisher read the network only through its layers' inputs and output gradients at
+    theta0: a leaky ReLU written with ``torch.where`` gives exactly what ``F.leaky_relu`` gives."""
+    torch.manual_seed(0)
+    model, X = Net("where"), _inputs()
+    twin = Net("leaky")
+    twin.load_state_dict(model.state_dict())
+    other = perturbed(model, 0.2)
+    other_twin = Net("leaky")
+    other_twin.load_state_dict(other.state_dict())
+    a = laftr.make_estimator(name, seed=3).fit(model, X)(other)
+    b = laftr.make_estimator(name, seed=3).fit(twin, X)(other_twin)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+class HandPReLU(nn.Module):
+    """PReLU with one slope, written with ``torch.where`` (vmap has no trouble with it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([0.25]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x >= 0, x, self.weight * x)
+
+
+def test_per_example_gradients_fall_back_to_one_example_at_a_time(caplog):
+    """PyTorch 2.13's batching rule of prelu fails under vmap of jacrev; the diagonal Fisher then takes each
+    example's gradient on its own, and equals the Fisher of the same network written with ``torch.where``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, H), nn.PReLU(), nn.Linear(H, D_OUT))
+    twin = nn.Sequential(nn.Linear(D_IN, H), HandPReLU(), nn.Linear(H, D_OUT))
+    twin.load_state_dict(model.state_dict())
+    X = _inputs()
+    with caplog.at_level("INFO", logger="laftr.estimators.curvature"):
+        a = laftr.make_estimator("diag-fisher", fisher="exact").fit(model, X)
+    assert "one example at a time" in caplog.text
+    b = laftr.make_estimator("diag-fisher", fisher="exact").fit(twin, X)
+    other = perturbed(model, 0.2)
+    other_twin = copy.deepcopy(twin)
+    other_twin.load_state_dict(other.state_dict())
+    torch.testing.assert_close(a(other), b(other_twin), rtol=1e-10, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------- parametrizations
+def _parametrized(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    first = nn.Linear(D_IN, H)
+    first = (nn.utils.parametrizations.weight_norm(first) if kind == "weight_norm"
+             else nn.utils.parametrizations.spectral_norm(first))
+    return nn.Sequential(first, nn.Tanh(), nn.Linear(H, D_OUT)).eval()
+
+
+def _plain_twin(model: nn.Module) -> nn.Module:
+    """The same network with the computed weight stored as a plain parameter."""
+    twin = nn.Sequential(nn.Linear(D_IN, H), nn.Tanh(), nn.Linear(H, D_OUT))
+    with torch.no_grad():
+        twin[0].weight.copy_(model[0].weight)
+        twin[0].bias.copy_(model[0].bias)
+        twin[2].load_state_dict(model[2].state_dict())
+    return twin
+
+
+def _moved(model: nn.Module, scale: float, seed: int = 1) -> nn.Module:
+    """A copy with every parameter (the parametrization's originals included) moved."""
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return other
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+def test_parametrized_weights_are_computed_in_each_stream(kind, tmp_path):
+    model, X = _parametrized(kind), _inputs()
+    other = _moved(model, 0.2)
+    _assert_exact_with_grads(model, other, X)
+    est = laftr.make_estimator("laftr", fixed_noise=True, seed=2).fit(model, X)
+    torch.testing.assert_close(laftr.load(laftr.save(est, tmp_path / "s.laftr"))(other), est(other))
+    # every estimator equals its value on the plain twin that stores the computed weights
+    for name, opts in (("laftr", {"fixed_noise": True, "seed": 2}), ("liftr", {"fixed_noise": True, "seed": 2}),
+                       ("laftr", {"gates": "relu", "input_model": "coreset", "coreset_size": N, "num_samples": N}),
+                       ("laftr-exact", {})):
+        a = laftr.make_estimator(name, **opts).fit(model, X)(other)
+        b = laftr.make_estimator(name, **opts).fit(_plain_twin(model), X)(_plain_twin(other))
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-14, msg=lambda m, n=name: f"{n}: {m}")
+    # theta0's own linearization tends to the exact FSD
+    est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=N,
+                               num_samples=N).fit(model, X)
+    near = _moved(model, 1e-4, seed=3)
+    assert abs(float(est(near)) / float(laftr.exact_fsd(model, near, X)) - 1) < 1e-3
+
+
+def test_a_spectral_norm_in_training_mode_keeps_its_buffers():
+    """Evaluating an estimate runs the parametrization in eval mode: no power iteration on theta's buffers."""
+    model, X = _parametrized("spectral_norm"), _inputs()
+    est = laftr.make_estimator("laftr").fit(model, X)
+    other = _moved(model, 0.2).train()
+    before = {n: b.clone() for n, b in other.named_buffers()}
+    est(other)
+    assert other.training and other[0].parametrizations.weight.training
+    for n, b in other.named_buffers():
+        torch.testing.assert_close(b, before[n], rtol=0, atol=0)
+
+
+def test_kfac_names_the_parametrization():
+    model, X = _parametrized("weight_norm"), _inputs()
+    with pytest.raises(laftr.UnsupportedOpError, match="parametrization"):
+        laftr.make_estimator("kfac").fit(model, X)
+    est = laftr.make_estimator("kfac", unsupported="diag").fit(model, X)
+    assert abs(float(est(model))) < 1e-12 and float(est(_moved(model, 0.2))) > 0
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+class Several(nn.Module):
+    """Returns a tuple, a dict or a tensor of its logits and features."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b = nn.Linear(D_IN, H), nn.Linear(H, D_OUT)
+
+    def forward(self, x: torch.Tensor):
+        h = torch.relu(self.a(x))
+        z = self.b(h)
+        return {"tuple": (z, h), "dict": {"logits": z, "features": h}, "tensor": z}[self.form]
+
+
+@pytest.mark.parametrize("form", ["tuple", "dict"])
+def test_several_outputs_are_refused_by_name_and_selected(form):
+    torch.manual_seed(0)
+    model, X = Several(form), _inputs()
+    with pytest.raises(laftr.UsageError, match=f"returned a {form}.*SelectOutput"):
+        laftr.exact_fsd(model, model, X)
+    for name in ("laftr", "liftr", "kfac", "diag-fisher", "ntk", "subset"):
+        with pytest.raises((laftr.UsageError, laftr.UnsupportedOpError), match="SelectOutput"):
+            laftr.make_estimator(name).fit(model, X)(model)
+    key = 0 if form == "tuple" else "logits"
+    wrapped, other = laftr.SelectOutput(model, key), perturbed(laftr.SelectOutput(model, key), 0.2)
+    plain = Several("tensor")
+    plain.load_state_dict(model.state_dict())
+    plain_other = Several("tensor")
+    plain_other.load_state_dict(other.model.state_dict())
+    for name in ("laftr", "kfac", "ntk"):
+        a = laftr.make_estimator(name, seed=1).fit(wrapped, X)(other)
+        b = laftr.make_estimator(name, seed=1).fit(plain, X)(plain_other)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    with pytest.raises(TypeError, match="int or a str"):
+        laftr.SelectOutput(model, 1.5)
+
+
+# ---------------------------------------------------------------------------------------------- GLU, softmin
+class Gated(nn.Module):
+    """GLU and softmin as modules, functions, or written by hand."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b = nn.Linear(D_IN, 2 * H), nn.Linear(H, D_OUT)
+        self.glu, self.softmin = nn.GLU(dim=-1), nn.Softmin(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.a(x)
+        if self.form == "module":
+            return self.softmin(self.b(self.glu(s)))
+        if self.form == "function":
+            return F.softmin(self.b(F.glu(s, -1)), dim=-1)
+        u, v = s.chunk(2, dim=-1)
+        return torch.softmax(-self.b(u * torch.sigmoid(v)), dim=-1)
+
+
+@pytest.mark.parametrize("form", ["module", "function"])
+def test_glu_and_softmin_are_traced_as_their_parts(form):
+    torch.manual_seed(0)
+    model, X = Gated(form), _inputs()
+    hand = Gated("hand")
+    hand.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(TracedNet(model).forward(X, dict(model.named_parameters())), model(X))
+    targets = {n.target for n in TracedNet(model).gm.graph.nodes}
+    assert torch.sigmoid in targets and F.glu not in targets and F.softmin not in targets
+    other = perturbed(model, 0.2)
+    other_hand = Gated("hand")
+    other_hand.load_state_dict(other.state_dict())
+    for name, opts in (("laftr", {"fixed_noise": True, "seed": 1}), ("liftr", {"fixed_noise": True, "seed": 1}),
+                       ("kfac", {})):
+        a = laftr.make_estimator(name, **opts).fit(model, X)(other)
+        b = laftr.make_estimator(name, **opts).fit(hand, X)(other_hand)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    _assert_exact_with_grads(model, other, X, "kl")
