@@ -197,7 +197,9 @@ def test_tied_weights_are_one_parameter():
         kfac.damped_solve({n: torch.ones_like(p) for n, p in tied.named_parameters()}, 1.0)
 
 
-def test_a_divisor_that_moves_with_the_parameters_is_still_refused():
+def test_a_divisor_that_moves_with_the_parameters_is_linearized_at_theta0():
+    """A division by data is a smooth op of two data tensors: linearized at theta0's stream (as products are),
+    so theta0's own linearization tends to the exact FSD; the closed form refuses it by name."""
     class Ratio(nn.Module):
         def __init__(self):
             super().__init__()
@@ -206,8 +208,20 @@ def test_a_divisor_that_moves_with_the_parameters_is_still_refused():
         def forward(self, x):
             return self.a(x) / (self.b(x).pow(2) + 1.0)
 
-    with pytest.raises(laftr.UnsupportedOpError, match="combines two data-dependent tensors"):
-        laftr.make_estimator("laftr").fit(Ratio(), torch.randn(10, 4))
+    torch.manual_seed(0)
+    model, X = Ratio(), torch.randn(30, 4)
+    assert type(TracedNet(model).rules["truediv"]).__name__ == "QuotientRule"
+    est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=30,
+                               num_samples=30).fit(model, X)
+    errors = []
+    for step in (0.1, 0.01, 0.001):
+        near = perturbed(model, step, seed=2)
+        errors.append(abs(float(est(near)) / float(laftr.exact_fsd(model, near, X)) - 1))
+    assert errors[-1] < 1e-2 and errors[-1] < errors[0]
+    mc = laftr.make_estimator("laftr").fit(model, X)
+    assert float(mc(model)) == 0.0 and float(mc(perturbed(model, 0.1))) > 0
+    with pytest.raises(laftr.UnsupportedOpError, match="truediv.*closed form"):
+        laftr.make_estimator("laftr-exact").fit(model, X)(model)
 
 
 @pytest.mark.parametrize("gates", ["bernoulli", "relu", "none"])

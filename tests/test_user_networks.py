@@ -1,14 +1,17 @@
 """Networks as users write them, beyond one op per rule (found by probing estimators on common idioms):
 
-- ops that a linearizing rule refuses (a mask that moves with the parameters, a division by data, ``var``,
-  ``detach``) still run exactly where the real networks are run: ``laftr`` with ``gates="none"`` and the layer
+- ops that a linearizing rule refuses (a mask that moves with the parameters, ``detach``,
+  ``torch.maximum``) still run exactly where the real networks are run: ``laftr`` with ``gates="none"`` and the layer
   taps of K-FAC and the diagonal Fisher;
 - a per-example gradient whose ``torch.func.vmap`` fails (PyTorch's prelu) is computed one example at a time;
 - tensors computed by a parametrization (``weight_norm``, ``spectral_norm``) are computed in each stream from
   its own originals;
 - a network that returns a tuple or a dict is refused by name, and :class:`laftr.SelectOutput` picks the
   output to compare;
-- ``nn.GLU`` / ``F.glu`` and ``nn.Softmin`` / ``F.softmin`` are traced as their parts.
+- ``nn.GLU`` / ``F.glu`` and ``nn.Softmin`` / ``F.softmin`` are traced as their parts; ``logsumexp`` is
+  linearized as ``log_softmax`` is;
+- divisions by data, ``var`` / ``std``, norms and cosine similarities are linearized at theta0's stream (as
+  products of data are): the Annotated Transformer's LayerNorm works.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from cases import perturbed
 from torch import nn
 
 import laftr
-from laftr.graph import TracedNet
+from laftr.graph import OwnMode, TracedNet
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -66,8 +69,11 @@ def _assert_exact_with_grads(model: nn.Module, other: nn.Module, X: torch.Tensor
     assert float(want.detach()) > 1e-6
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
     params = [p for p in other.parameters() if p.requires_grad]
-    for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params), strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
+    for g, w in zip(torch.autograd.grad(got, params, allow_unused=True),
+                    torch.autograd.grad(want, params, allow_unused=True), strict=True):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["where", "layernorm", "maximum"])
@@ -75,8 +81,9 @@ def test_ops_a_linearization_refuses_run_exactly_in_the_real_networks(kind):
     torch.manual_seed(0)
     model, X = Net(kind), _inputs()
     _assert_exact_with_grads(model, perturbed(model, 0.2), X, "kl")
-    with pytest.raises(laftr.UnsupportedOpError, match=r"node '(gt|var|maximum|truediv)"):
-        laftr.make_estimator("laftr").fit(model, X)
+    if kind != "layernorm":  # var and a division by data are linearized at theta0 (tested below)
+        with pytest.raises(laftr.UnsupportedOpError, match=r"node '(gt|maximum)"):
+            laftr.make_estimator("laftr").fit(model, X)
     for name in ("kfac", "diag-fisher"):
         est = laftr.make_estimator(name).fit(model, X)
         assert abs(float(est(model))) < 1e-12 and float(est(perturbed(model, 0.2))) > 0
@@ -274,3 +281,153 @@ def test_glu_and_softmin_are_traced_as_their_parts(form):
         b = laftr.make_estimator(name, **opts).fit(hand, X)(other_hand)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
     _assert_exact_with_grads(model, other, X, "kl")
+
+
+# ---------------------------------------------------------------------------------------------- logsumexp
+class LogProbs(nn.Module):
+    """Log-probabilities as ``log_softmax``, or written by hand with ``logsumexp`` (function or method)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b = nn.Linear(D_IN, H), nn.Linear(H, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.b(torch.tanh(self.a(x)))
+        if self.form == "log_softmax":
+            return F.log_softmax(z, dim=-1)
+        if self.form == "function":
+            return z - torch.logsumexp(z, dim=-1, keepdim=True)
+        return z - z.logsumexp(1).unsqueeze(1)
+
+
+@pytest.mark.parametrize("form", ["function", "method"])
+def test_logsumexp_is_linearized_as_log_softmax_is(form):
+    """``z - logsumexp(z)`` is ``log_softmax(z)``: every mode gives the same estimate (same draws), theta0's
+    own linearization tends to the exact FSD and keeps theta0's output; no closed form."""
+    torch.manual_seed(0)
+    model, X = LogProbs(form), _inputs(50)
+    ref = LogProbs("log_softmax")
+    ref.load_state_dict(model.state_dict())
+    other = perturbed(model, 0.2)
+    other_ref = LogProbs("log_softmax")
+    other_ref.load_state_dict(other.state_dict())
+    for gates in ("bernoulli", "relu", "none"):
+        for name in ("laftr", "liftr") if gates == "bernoulli" else ("laftr",):
+            opts = {"gates": gates} if name == "laftr" else {}
+            a = laftr.make_estimator(name, metric="l2", num_samples=16, seed=2, **opts).fit(model, X)
+            b = laftr.make_estimator(name, metric="l2", num_samples=16, seed=2, **opts).fit(ref, X)
+            torch.testing.assert_close(a(other), b(other_ref), rtol=1e-10, atol=1e-13)
+            assert float(a(model)) == 0.0
+    est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=50,
+                               num_samples=50).fit(model, X)
+    near = perturbed(model, 1e-4, seed=3)
+    assert abs(float(est(near)) / float(laftr.exact_fsd(model, near, X)) - 1) < 1e-3
+    with pytest.raises(laftr.UnsupportedOpError, match="closed form"):
+        laftr.make_estimator("laftr-exact").fit(model, X)(other)
+
+
+def test_logsumexp_over_several_axes_is_refused():
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(D_IN, 6)
+
+        def forward(self, x):
+            return torch.logsumexp(self.a(x).view(-1, 2, 3), dim=(1, 2)).unsqueeze(1)
+
+    with pytest.raises(laftr.UnsupportedOpError, match="several axes"):
+        laftr.make_estimator("laftr").fit(Two(), _inputs())
+
+
+# ---------------------------------------------------------------------------------------------- smooth ops of data
+class AnnotatedLayerNorm(nn.Module):
+    """The Annotated Transformer's LayerNorm: ``a * (x - mean) / (std + eps) + b`` (``std`` unbiased)."""
+
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.a_2, self.b_2, self.eps = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d)), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(-1, keepdim=True)
+        std = x.std(-1, keepdim=True)
+        return self.a_2 * (x - mean) / (std + self.eps) + self.b_2
+
+
+class SmoothOps(nn.Module):
+    """A normalization written by hand, ``var``, a norm and a cosine similarity of data."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a, self.c = nn.Linear(D_IN, H), nn.Linear(D_IN, H)
+        self.norm = AnnotatedLayerNorm(H)
+        self.b = nn.Linear(H, D_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.kind == "annotated":
+            return self.b(torch.tanh(self.norm(h)))
+        if self.kind == "var":
+            return self.b(h * torch.rsqrt(torch.var(h, dim=-1, keepdim=True, correction=0) + 1e-5))
+        if self.kind == "norm":  # a cosine classifier: normalized features against normalized class weights
+            w = self.b.weight
+            return (h / h.norm(dim=-1, keepdim=True)) @ (w / torch.linalg.vector_norm(w, dim=1, keepdim=True)).T
+        return torch.stack([F.cosine_similarity(h, self.c(x), dim=-1), torch.tanh(h).sum(-1)], 1)
+
+
+@pytest.mark.parametrize("kind", ["annotated", "var", "norm", "cosine"])
+def test_smooth_ops_of_data_are_linearized_at_theta0(kind):
+    """var/std, norms, cosine similarity and divisions by data are linearized at theta0's stream: theta0's own
+    linearization keeps theta0's output and tends to the exact FSD, the real networks are exact, Monte Carlo is
+    zero at theta0 and its gradient reaches every parameter; the closed form refuses by name."""
+    torch.manual_seed(0)
+    model, X = SmoothOps(kind), _inputs()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    net = TracedNet(model)
+    (z0,) = net.run((X,), OwnMode([dict(model.named_parameters())]))
+    torch.testing.assert_close(z0, model(X), rtol=1e-12, atol=1e-12)
+    est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=N,
+                               num_samples=N).fit(model, X)
+    errors = []
+    for step in (1e-2, 1e-3, 1e-4):
+        near = perturbed(model, step, seed=2)
+        errors.append(abs(float(est(near)) / float(laftr.exact_fsd(model, near, X)) - 1))
+    assert errors[-1] < 1e-3 and errors[-1] < errors[0], errors
+    other = perturbed(model, 0.2)
+    _assert_exact_with_grads(model, other, X)
+    params = list(other.parameters())
+    used = [g is not None for g in torch.autograd.grad(laftr.exact_fsd(model, other, X, grad=True), params,
+                                                       allow_unused=True)]
+    for name in ("laftr", "liftr"):
+        mc = laftr.make_estimator(name, fixed_noise=True, seed=1).fit(model, X)
+        assert float(mc(model)) == 0.0
+        grads = torch.autograd.grad(mc(other), params, allow_unused=True)
+        assert all(g is not None and g.abs().sum() > 0 for g, u in zip(grads, used, strict=True) if u), name
+    with pytest.raises(laftr.UnsupportedOpError, match="closed form"):
+        laftr.make_estimator("laftr-exact").fit(model, X)(other)
+
+
+def test_smooth_ops_refuse_the_batch_axis_and_non_finite_tangents():
+    class Bad(nn.Module):
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.kind, self.a = kind, nn.Linear(D_IN, H)
+
+        def forward(self, x):
+            h = self.a(x)
+            if self.kind == "batch":
+                return h / h.std(0, keepdim=True)
+            if self.kind == "all":
+                return h / h.norm()
+            return h / (h * 0.0).std(-1, keepdim=True)  # the std of a constant row: infinite slope
+
+    X = _inputs()
+    with pytest.raises(laftr.UnsupportedOpError, match="batch axis"):
+        laftr.make_estimator("laftr").fit(Bad("batch"), X)
+    with pytest.raises(laftr.UnsupportedOpError, match="norm.*mixes the examples of a batch"):
+        laftr.make_estimator("laftr").fit(Bad("all"), X)
+    with pytest.raises(laftr.UnsupportedOpError, match="not finite"):
+        laftr.make_estimator("laftr", gates="relu").fit(Bad("zero"), X)(Bad("zero"))

@@ -36,7 +36,8 @@ from . import rules as _rules  # noqa: F401  (importing registers the built-in r
 from .composites import traced_forward, traced_function
 from .errors import UnsupportedOpError
 from .moments import GateMoments, JointMoments, Ref
-from .rules.affine import SHAPE_ATTRS, GetattrRule, LikeRule, ShapeRule
+from .rules.affine import SHAPE_ATTRS, DivideRule, GetattrRule, LikeRule, ShapeRule
+from .rules.attention import QuotientRule
 from .rules.base import (
     Pair,
     Rule,
@@ -623,6 +624,20 @@ def _mu_outer(gm: GateMoments) -> GateMoments:
     )
 
 
+def _data_rule(node: fx.Node, gm: fx.GraphModule, data_nodes: set[str], fixed: set[str]) -> Rule:
+    """The rule of a data-dependent node: its registered rule, or a quotient's.
+
+    A division whose divisor is data (not a value of the network input alone) is a
+    :class:`laftr.rules.attention.QuotientRule`.
+    """
+    rule = make_rule(node, gm)
+    if isinstance(rule, DivideRule):
+        divisor = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        if isinstance(divisor, fx.Node) and divisor.name in data_nodes and divisor.name not in fixed:
+            return QuotientRule(node, gm)
+    return rule
+
+
 # ---------------------------------------------------------------------------------------------- the network
 class TracedNet:
     """A traced network: its graph, the rule of every node, and its sites (nodes that record statistics)."""
@@ -704,12 +719,12 @@ class TracedNet:
                         fixed.add(node.name)
                 elif exact_unknown:
                     try:
-                        self.rules[node.name] = make_rule(node, self.gm)
+                        self.rules[node.name] = _data_rule(node, self.gm, data_nodes, fixed)
                     except UnsupportedOpError:  # no rule, or one that refuses the op's constant arguments
                         self.rules[node.name] = Rule(node, self.gm)
                         self.exact_nodes.add(node.name)
                 else:
-                    self.rules[node.name] = make_rule(node, self.gm)
+                    self.rules[node.name] = _data_rule(node, self.gm, data_nodes, fixed)
             else:
                 self.rules[node.name] = _plain_rule(node, self.gm)
         self.data_nodes = data_nodes
@@ -753,7 +768,7 @@ class TracedNet:
         """The rules of data-dependent nodes for which ``predicate`` holds, in graph order."""
         return [r for n, r in self.rules.items() if n in self.data_nodes and predicate(r)]
 
-    def with_aliases(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def with_shared(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``params`` with the tensors the modules read under names that are not parameters.
 
         Each tied parameter is also under the names of the modules that share it, and each tensor computed by
@@ -780,7 +795,7 @@ class TracedNet:
         env: dict[str, Any] = {}
         users = dict(self._users)
         if self.aliases or self.derived:
-            mode.params = [self.with_aliases(p) for p in mode.params]
+            mode.params = [self.with_shared(p) for p in mode.params]
         mode.begin_run()
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":

@@ -154,8 +154,7 @@ def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
         owner, _, leaf = mname.rpartition(".")
         parent = model.get_submodule(owner) if mname else None
         why = None
-        if parametrize.is_parametrized(mod) or (parent is not None and owner.endswith(".parametrizations")
-                                                or owner == "parametrizations"):
+        if parametrize.is_parametrized(mod) or isinstance(mod, parametrize.ParametrizationList):
             why = ("a parametrization (weight_norm, spectral_norm, ...) computes its "
                    + ("weight" if parametrize.is_parametrized(mod) else "module's tensor")
                    + f"; {who} taps a layer's own weight")

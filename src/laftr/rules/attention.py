@@ -404,6 +404,142 @@ register(operator.mul, torch.mul, "mul", "mul_", operator.matmul, torch.matmul, 
          torch.einsum, torch.addmm, "addmm", torch.baddbmm, "baddbmm")(ProductRule)
 
 
+# ------------------------------------------------------------------------------------- smooth ops of data
+class TangentRule(Rule):
+    """A smooth op of data that no stored statistic describes, linearized at stream 0's data values.
+
+    As products of two data tensors are: stream 0 gets the op itself, ``f_0(x0)``, and stream ``s`` its
+    tangent there, ``f_s(x0) + J f_s(x0) (x_s - x0)`` (``torch.func.jvp``), where ``f_s`` reads stream ``s``'s
+    parameters and other non-data arguments. Under ``gates="relu"`` this is theta0's own linearization; in
+    the Monte Carlo it is taken at the sampled stream of theta0, as products are. No closed form. A tangent
+    that is not finite (a zero divisor, the norm of a zero vector) is refused, naming the op.
+
+    Subclasses may refuse axes with :meth:`check_axes`.
+    """
+
+    family = "tangent"
+
+    def check_axes(self, x: torch.Tensor) -> None:
+        """Refuse what cannot be evaluated per example (override)."""
+
+    def _checked(self, args: Any, kwargs: Any) -> list[Pair]:
+        data = changing_pairs((args, kwargs))
+        for p in data_pairs((args, kwargs)):
+            self.check_axes(p.vals[0])
+        return data
+
+    def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Every stream runs the op exactly."""
+        self._checked(args, kwargs)
+        return Pair(self.call_streams(mode, args, kwargs), True)
+
+    def _linearized(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        data = self._checked(args, kwargs)
+        if not data:
+            return Pair(self.call_streams(mode, args, kwargs), True)
+
+        def stream_fn(s: int) -> Callable[..., Tensor]:
+            def f(*vals: Tensor) -> Tensor:
+                def one(v: Any) -> Any:
+                    for p, val in zip(data, vals, strict=True):
+                        if v is p:
+                            return val
+                    return v.vals[s] if isinstance(v, Pair) else v
+
+                a, k = tree_map(one, (args, kwargs), is_leaf=lambda v: isinstance(v, Pair))
+                return self.call(mode.params[s], a, k)
+            return f
+
+        x0 = tuple(p.vals[0] for p in data)
+        outs = [stream_fn(0)(*x0)]
+        for s in range(1, mode.num_streams):
+            at_x0 = torch.func.jvp(stream_fn(s), x0, tuple(p.vals[s] - p.vals[0] for p in data))
+            outs.append(at_x0[0] + at_x0[1])  # f_s(x0) + J f_s(x0) (x_s - x0)
+        if not all(bool(torch.isfinite(o).all()) for o in outs):
+            raise self.refuse("its tangent at theta0's values is not finite (a zero divisor, the norm or "
+                              "standard deviation of a constant vector)")
+        return Pair(tuple(outs), True)
+
+    sample = own = _linearized
+
+    def sample_separable(self, mode: Any) -> bool:
+        """False: linearized at theta0's stream."""
+        return False
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Refused: no closed form."""
+        raise self.refuse("laftr-exact has no closed form for it; use the Monte Carlo 'laftr' estimator")
+
+
+class QuotientRule(TangentRule):
+    """A division by data (``a / (std + eps)``): :class:`TangentRule`.
+
+    A division by a constant, a parameter or a value of the network input alone is affine
+    (:class:`laftr.rules.affine.DivideRule`); the traced network picks this rule only where the divisor is
+    data.
+    """
+
+    family = "quotient"
+
+
+class _AxisReduction(TangentRule):
+    """A smooth reduction over given axes of one data tensor (the batch axis refused)."""
+
+    #: the position of ``dim`` among the op's arguments (the data input is 0)
+    dim_position: ClassVar[int] = 1
+
+    def setup(self) -> None:
+        """Read ``dim`` (it must be given: over every axis the op would mix the examples of a batch)."""
+        dim = self.const_arg(self.dim_position, "dim")
+        if dim is None:
+            raise self.refuse("it reduces over every axis, the batch's included; give dim")
+        self.dims = tuple(dim) if isinstance(dim, (tuple, list)) else (int(dim),)
+
+    def params(self) -> dict[str, Any]:
+        """The reduced axes."""
+        return {"dim": list(self.dims)}
+
+    def check_axes(self, x: torch.Tensor) -> None:
+        """Refuse the batch axis."""
+        if any(d % x.ndim == 0 for d in self.dims):
+            raise self.refuse("it reduces over the batch axis, which mixes the examples of a batch")
+
+
+@register(torch.var, "var", torch.std, "std")
+class VarianceRule(_AxisReduction):
+    """``var`` / ``std`` over given axes of data (a normalization written by hand): :class:`TangentRule`."""
+
+    family = "variance"
+
+
+@register(torch.norm, "norm", torch.linalg.vector_norm)
+class NormOfDataRule(_AxisReduction):
+    """``norm`` / ``linalg.vector_norm`` over axes of data (cosine classifiers): :class:`TangentRule`."""
+
+    family = "norm_of"
+    dim_position = 2
+
+
+@register(F.cosine_similarity, torch.cosine_similarity)
+class CosineSimilarityRule(TangentRule):
+    """``cosine_similarity(a, b, dim)`` of data: :class:`TangentRule` (``dim=0``, the batch, refused)."""
+
+    family = "cosine"
+
+    def setup(self) -> None:
+        """Read ``dim`` (default 1)."""
+        self.dim = int(self.const_arg(2, "dim", 1))
+
+    def params(self) -> dict[str, Any]:
+        """The compared axis."""
+        return {"dim": self.dim}
+
+    def check_axes(self, x: torch.Tensor) -> None:
+        """Refuse the batch axis."""
+        if self.dim % x.ndim == 0:
+            raise self.refuse("it compares along the batch axis, which mixes the examples of a batch")
+
+
 # ---------------------------------------------------------------------------------------------- softmax
 @register(nn.Softmax, F.softmax, torch.softmax, "softmax")
 class SoftmaxRule(PatternSite):
@@ -474,7 +610,12 @@ class LogSoftmaxRule(SoftmaxRule):
     family = "log_softmax"
     exact = staticmethod(torch.log_softmax)
 
-    def _linear(self, mode: Any, args: Any, kwargs: Any) -> Any:
+    def lse_tangents(self, mode: Any, args: Any, kwargs: Any) -> tuple[Pair, int, tuple[Tensor, ...]]:
+        """``(logits, axis, <P, l_s> + H(P) per stream)``: each stream's log-sum-exp linearized at ``P``.
+
+        ``P`` is theta0's softmax (``own``) or a draw from the stored pattern law (``sample``); the result
+        keeps the axis (size 1).
+        """
         x = self.data_input(args, kwargs)
         d = self._dim(x.vals[0])
         l0 = x.vals[0]
@@ -484,7 +625,59 @@ class LogSoftmaxRule(SoftmaxRule):
             return torch.where(a > 0, a * b, torch.zeros_like(b)).sum(d, keepdim=True)
 
         entropy = -inner(p, torch.log(p))
-        return Pair(tuple(v - inner(p, v) - entropy for v in x.vals), True)
+        return x, d, tuple(inner(p, v) + entropy for v in x.vals)
+
+    def _linear(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        x, _, lse = self.lse_tangents(mode, args, kwargs)
+        return Pair(tuple(v - c for v, c in zip(x.vals, lse, strict=True)), True)
+
+    sample = own = _linear
+
+
+@register(torch.logsumexp, "logsumexp")
+class LogSumExpRule(LogSoftmaxRule):
+    """``logsumexp`` over one axis of data (log-sum-exp pooling, energies, a classifier's log-partition).
+
+    Linearized at theta0's logits as ``log_softmax`` is: ``<P, l_s> + H(P)`` with ``P`` theta0's softmax
+    (``gates="relu"``: exact at theta0) or a draw from the stored pattern law (Monte Carlo); no closed form.
+    """
+
+    family = "logsumexp"
+
+    def setup(self) -> None:
+        """Read the axis (one, given) and ``keepdim``."""
+        dim = self.const_arg(1, "dim")
+        if isinstance(dim, (tuple, list)):
+            if len(dim) != 1:
+                raise self.refuse(f"logsumexp over several axes ({tuple(dim)}); reshape them into one first")
+            dim = dim[0]
+        if dim is None:
+            raise self.refuse("logsumexp needs an explicit dim")
+        self.dim = int(dim)
+        self.keepdim = bool(self.const_arg(2, "keepdim", False))
+
+    def params(self) -> dict[str, Any]:
+        """The axis and ``keepdim``, which a stored summary must match."""
+        return {"dim": self.dim, "keepdim": self.keepdim}
+
+    @staticmethod
+    def exact(v: Tensor, dim: int) -> Tensor:  # type: ignore[override]  # the op, keeping the axis
+        """``logsumexp`` keeping the axis (size 1)."""
+        return torch.logsumexp(v, dim, keepdim=True)
+
+    def _out(self, out: Pair) -> Pair:
+        return out if self.keepdim else Pair(tuple(v.squeeze(self.dim) for v in out.vals), True)
+
+    def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Every stream's exact op."""
+        return self._out(super().forward(mode, args, kwargs))
+
+    def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's exact op, recording its pattern (the softmax)."""
+        return self._out(super().fit(mode, args, kwargs))
+
+    def _linear(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        return self._out(Pair(self.lse_tangents(mode, args, kwargs)[2], True))
 
     sample = own = _linear
 
