@@ -431,3 +431,19 @@ def test_smooth_ops_refuse_the_batch_axis_and_non_finite_tangents():
         laftr.make_estimator("laftr").fit(Bad("all"), X)
     with pytest.raises(laftr.UnsupportedOpError, match="not finite"):
         laftr.make_estimator("laftr", gates="relu").fit(Bad("zero"), X)(Bad("zero"))
+
+
+def test_a_compiled_model_is_its_module():
+    """``torch.compile(model)`` wraps the module (parameters ``_orig_mod.*``, the same tensors): fitting on the
+    wrapper or evaluating it is fitting on / evaluating the module, and the gradient reaches its parameters.
+    (The compiled code is never run: laftr traces the module.)"""
+    torch.manual_seed(0)
+    model, X = Net("leaky"), _inputs()
+    other = perturbed(model, 0.2)
+    for name, opts in (("laftr", {"fixed_noise": True, "seed": 1}), ("kfac", {}), ("subset", {})):
+        want = laftr.make_estimator(name, **opts).fit(model, X)(other)
+        est = laftr.make_estimator(name, **opts).fit(torch.compile(model), X)
+        got = est(torch.compile(other))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    (g,) = torch.autograd.grad(got, [other.a.weight])
+    assert g.abs().sum() > 0

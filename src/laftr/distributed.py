@@ -88,16 +88,23 @@ def sample_stream(distributed: bool | None) -> int:
 
 
 def unwrap(model: Any) -> Any:
-    """The module inside a ``DistributedDataParallel`` or ``DataParallel`` wrapper; anything else as is.
+    """The module inside a ``DistributedDataParallel``, ``DataParallel`` or ``torch.compile`` wrapper.
 
-    The wrapper's parameters are the module's own (named ``module.<name>``), so an estimator fitted on the
-    module evaluates the wrapper by evaluating the module: the gradient reaches the same parameters.
+    Anything else is returned as is. The wrapper's parameters are the module's own (named ``module.<name>``
+    or ``_orig_mod.<name>``), so an estimator fitted on the module evaluates the wrapper by evaluating the
+    module: the gradient reaches the same parameters. (laftr runs its own trace of the module, not compiled
+    code.)
     """
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None),
+                                                                     torch.nn.Module):
+            model = model._orig_mod  # torch.compile(model)
+        else:
+            return model
 
 
 def _comm_device() -> torch.device:
