@@ -144,6 +144,9 @@ class Mode:
     method: ClassVar[str] = "forward"
     taps: Any = None
     laws: dict[str, Any] = {}  # noqa: RUF012 (read-only default; the modes that use laws set their own)
+    #: ``exact(rule)``: whether the mode runs this data-dependent op exactly in each stream instead of by its
+    #: ``method`` (``laftr``'s ``linearize="activations"``: only activation functions are linearized)
+    exact: Callable[[Rule], bool] | None = None
 
     def __init__(self, params: Sequence[dict[str, torch.Tensor]]) -> None:
         """A mode over the streams of ``params`` (one parameter and buffer dict each, theta0's first)."""
@@ -761,8 +764,8 @@ class TracedNet:
         theta's stream has in a pass over both (see :meth:`laftr.rules.Rule.sample_separable`). Nodes
         evaluated exactly on each stream's input (masks) are separable.
         """
-        return all(r.sample_separable(mode) for n, r in self.rules.items()
-                   if n in self.data_nodes and n not in self.exact_inputs)
+        return all(r.sample_separable(mode) or (mode.exact is not None and mode.exact(r))
+                   for n, r in self.rules.items() if n in self.data_nodes and n not in self.exact_inputs)
 
     def nodes_with(self, predicate: Callable[[Rule], bool]) -> list[Rule]:
         """The rules of data-dependent nodes for which ``predicate`` holds, in graph order."""
@@ -842,6 +845,8 @@ class TracedNet:
             if node.name in self.exact_inputs or all(p.fixed for p in sources):
                 return self._exact_from_input(rule, mode, args, kwargs, sources)
         args, kwargs = mode.before(rule, args, kwargs)
+        if mode.exact is not None and mode.exact(rule):
+            return rule.forward(mode, args, kwargs)
         if self.exact_unknown and mode.method == "forward":
             if node.name in self.exact_nodes:
                 return Rule.forward(rule, mode, args, kwargs)

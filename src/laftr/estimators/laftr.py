@@ -20,6 +20,8 @@ from ..graph import ForwardMode, MomentMode, OwnMode, SampleMode, TracedNet
 from ..inputs import INPUT_MODELS, make_input_model
 from ..metrics import QUADRATIC_METRICS, discrepancy
 from ..moments import CacheMiss, JointMoments, Theta0Cache
+from ..rules.base import Rule
+from ..rules.gates import GateRule, gate_families
 from ..summary import Summary, fit_summary
 from .base import EstimatorConfig, FSDEstimator, check_int, register
 
@@ -111,6 +113,12 @@ class LaftrConfig(LaftrBaseConfig):
         maxpool: ``argmax0`` (both streams take the theta0 stream's argmax, as METHOD.md states; what ``auto``
             means), ``sample`` (each window's position drawn from the stored frequency with which it was
             theta0's argmax on the data), or ``separate`` (each stream its own max, as the original code).
+        linearize: ``all`` (the default: every op that is not affine is linearized -- activations, max
+            pools, normalizations, softmax and attention, products of data) or ``activations`` (LAFTR's trick
+            applied to activation functions only, the elementwise gates and max pools, as in the paper's
+            networks; normalizations, softmax, attention, products and quotients of data run exactly in each
+            stream on the sampled inputs, and their statistics are neither fitted nor kept). Not with
+            ``gates="none"`` (nothing is linearized there).
         fixed_noise: reuse the same samples on every call (common random numbers) instead of fresh ones.
             theta0's outputs on the kept draw are computed once, so later calls run theta's stream alone
             on networks whose ops allow it (see ``sample_pool``).
@@ -133,6 +141,7 @@ class LaftrConfig(LaftrBaseConfig):
     maxpool: str = "auto"
     fixed_noise: bool = False
     sample_pool: int = 0
+    linearize: str = "all"
 
     def __post_init__(self) -> None:
         """Check the Monte Carlo options."""
@@ -154,6 +163,10 @@ class LaftrConfig(LaftrBaseConfig):
                               (f"gates={self.gates!r}", self.gates != "bernoulli")):
                 if bad:
                     raise UsageError(f"sample_pool cannot be combined with {name}")
+        if self.linearize not in ("all", "activations"):
+            raise UsageError(f"unknown linearize {self.linearize!r}; choose 'all' or 'activations'")
+        if self.gates == "none" and self.linearize != "all":
+            raise UsageError("gates='none' linearizes nothing: linearize must be 'all' (the default)")
         if self.gates == "none" and self.shared_masks:
             raise UsageError("gates='none' draws no linearization, so there is no mask to share: "
                              "shared_masks must be False")
@@ -386,6 +399,12 @@ class LaftrEstimator(_LaftrBase):
         # theta0's own linearization (relu) and the real networks (none) read no stored site law
         return self.cfg.gates == "bernoulli"
 
+    def _reads_site(self, family: str) -> bool:
+        # with linearize="activations" only the activations' laws (and the max pools' when sampled) are read
+        if self.cfg.linearize == "activations" and family != "maxpool" and family not in gate_families():
+            return False
+        return super()._reads_site(family)
+
     def _runs_networks(self) -> bool:
         return self.cfg.gates == "none"
 
@@ -401,11 +420,17 @@ class LaftrEstimator(_LaftrBase):
         Sampled linearizations, theta0's own (``gates="relu"``) or none (``gates="none"``: the real networks).
         """
         if self.cfg.gates == "relu":
-            return OwnMode(params, self.pool_mode)
+            return self._linearizing(OwnMode(params, self.pool_mode))
         if self.cfg.gates == "none":
             return ForwardMode(params)
-        return SampleMode(params, self._site_laws(net, device, dtype), groups, gen, self.cfg.shared_masks,
-                          self.pool_mode)
+        return self._linearizing(SampleMode(params, self._site_laws(net, device, dtype), groups, gen,
+                                            self.cfg.shared_masks, self.pool_mode))
+
+    def _linearizing(self, mode: Any) -> Any:
+        """``mode``, running exactly the ops that ``linearize`` leaves alone."""
+        if self.cfg.linearize == "activations":
+            mode.exact = _not_an_activation
+        return mode
 
     def _draw(self, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> _Draw:
         """This evaluation's input samples and their groups, drawn from ``gen`` or kept from a previous call.
@@ -450,7 +475,8 @@ class LaftrEstimator(_LaftrBase):
         with torch.no_grad():
             for s in range(0, P, chunk):
                 rec: dict[str, Any] = {}
-                mode = SampleMode([p0], laws, groups[s:s + chunk], gen, False, self.pool_mode, recorded=rec)
+                mode = self._linearizing(SampleMode([p0], laws, groups[s:s + chunk], gen, False,
+                                                    self.pool_mode, recorded=rec))
                 (z0,) = net.run((x[s:s + chunk],), mode)
                 outs.append(z0)
                 parts.append(rec)
@@ -471,8 +497,8 @@ class LaftrEstimator(_LaftrBase):
             idx = torch.randperm(pool.x.shape[0], generator=gen, device=gen.device)[: self.cfg.num_samples]
             idx = idx.to(device)
             x, groups = pool.x.index_select(0, idx), pool.groups.index_select(0, idx)
-            mode = SampleMode([p], self._site_laws(net, device, dtype), groups, None, False, self.pool_mode,
-                              replay=pool.drawn, index=idx)
+            mode = self._linearizing(SampleMode([p], self._site_laws(net, device, dtype), groups, None, False,
+                                                self.pool_mode, replay=pool.drawn, index=idx))
             if pool.separable:  # theta0's outputs are the pool's
                 (z,) = net.run((x,), mode)
                 return discrepancy(pool.z0.index_select(0, idx), z, self.metric, self.outputs).mean()
@@ -486,8 +512,8 @@ class LaftrEstimator(_LaftrBase):
             # fixed_noise: theta0's outputs on this draw are known; theta's stream alone, same linearizations
             if draw.drawn:  # the linearizations drawn by the first call, replayed
                 laws = self._site_laws(net, device, dtype)
-                mode = SampleMode([p], laws, groups, None, self.cfg.shared_masks, self.pool_mode,
-                                  replay=draw.drawn)
+                mode = self._linearizing(SampleMode([p], laws, groups, None, self.cfg.shared_masks,
+                                                    self.pool_mode, replay=draw.drawn))
             else:
                 mode = self._mode(net, [p], groups, gen, device, dtype)
             (z,) = net.run((x,), mode)
@@ -503,6 +529,11 @@ class LaftrEstimator(_LaftrBase):
             if record:
                 draw.drawn = mode.recorded
         return discrepancy(z0, z, self.metric, self.outputs).mean()
+
+
+def _not_an_activation(rule: Rule) -> bool:
+    """Whether ``linearize="activations"`` runs the op exactly: all but elementwise gates and max pools."""
+    return not isinstance(rule, GateRule) and rule.family != "maxpool"
 
 
 def _cat(parts: list[Any]) -> Any:

@@ -29,7 +29,13 @@ from torch import fx, nn
 
 from .._util import eigh_on_host
 from ..moments import GateMoments
-from .base import ELEMENTWISE_FUNCTIONS, Pair, Rule, register, stream_of
+from .base import ELEMENTWISE_FUNCTIONS, Pair, Rule, register, registered_targets, stream_of
+
+
+def gate_families() -> set[str]:
+    """The families of every registered gate rule (the built-in activations and the user's)."""
+    return {cls.family for table in registered_targets().values() for cls in table.values()
+            if issubclass(cls, GateRule)}
 
 
 # ---------------------------------------------------------------------------------------------- laws
