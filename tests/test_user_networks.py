@@ -447,3 +447,72 @@ def test_a_compiled_model_is_its_module():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     (g,) = torch.autograd.grad(got, [other.a.weight])
     assert g.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------- linearize
+def _small_vit(mlp_act: bool = True) -> nn.Module:
+    from laftr.models import vit
+
+    torch.manual_seed(0)
+    model = vit(image_size=8, patch=4, d_model=16, heads=2, blocks=1, d_mlp=32, out_features=3).eval()
+    if not mlp_act:  # no activation function left: LayerNorm, attention and linear maps only
+        for m in model.modules():
+            for name, child in m.named_children():
+                if isinstance(child, nn.GELU):
+                    setattr(m, name, nn.Identity())
+    return model
+
+
+def _images(n: int = 40) -> torch.Tensor:
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def test_linearize_activations_runs_every_other_op_exactly():
+    """``linearize="activations"``: with no activation in the network it is the real networks
+    (``gates="none"``), on an MLP it is LAFTR itself; with both, theta0's own linearization of the GELUs
+    keeps theta0's output and tends to the exact FSD, and only the activations' laws are stored."""
+    X = _images()
+    plain = _small_vit(mlp_act=False)
+    other = perturbed(plain, 0.3)
+    a = laftr.make_estimator("laftr", linearize="activations", seed=4).fit(plain, X)
+    b = laftr.make_estimator("laftr", gates="none", seed=4).fit(plain, X)
+    torch.testing.assert_close(a(other), b(other), rtol=1e-10, atol=1e-14)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(D_IN, H), nn.GELU(), nn.Linear(H, H), nn.ReLU(), nn.Linear(H, D_OUT))
+    X2, mlp_other = _inputs(), perturbed(mlp, 0.3)
+    for gates in ("bernoulli", "relu"):
+        a = laftr.make_estimator("laftr", gates=gates, linearize="activations", seed=4).fit(mlp, X2)
+        b = laftr.make_estimator("laftr", gates=gates, seed=4).fit(mlp, X2)
+        torch.testing.assert_close(a(mlp_other), b(mlp_other), rtol=1e-10, atol=1e-14)
+    model = _small_vit()
+    est = laftr.make_estimator("laftr", gates="relu", linearize="activations", input_model="coreset",
+                               coreset_size=len(X), num_samples=len(X)).fit(model, X)
+    assert float(est(model)) == 0.0
+    errors = []
+    for step in (1e-2, 1e-3, 1e-4):
+        near = perturbed(model, step, seed=2)
+        errors.append(abs(float(est(near)) / float(laftr.exact_fsd(model, near, X)) - 1))
+    assert errors[-1] < 1e-3 and errors[-1] < errors[0], errors
+    full = laftr.make_estimator("laftr").fit(model, X)
+    act = laftr.make_estimator("laftr", linearize="activations").fit(model, X)
+    sites = TracedNet(model).sites
+    assert {sites[s].family for s in full.summary.site_sums} > {"gelu"}  # norms and attention patterns too
+    assert {sites[s].family for s in act.summary.site_sums} == {"gelu"}
+    assert full.stored_floats() > act.stored_floats()
+
+
+def test_linearize_activations_keeps_its_draws_and_files(tmp_path):
+    """Fixed noise and the sample pool run theta's stream alone (the exactly-run ops are each stream's own);
+    the setting is saved and loaded; bad values are refused."""
+    model, X = _small_vit(), _images()
+    other = perturbed(model, 0.3)
+    est = laftr.make_estimator("laftr", linearize="activations", fixed_noise=True, seed=1).fit(model, X)
+    first = est(other)
+    torch.testing.assert_close(est(other), first, rtol=0, atol=0)
+    torch.testing.assert_close(laftr.load(laftr.save(est, tmp_path / "a.laftr"))(other), first)
+    pool = laftr.make_estimator("laftr", linearize="activations", sample_pool=128, seed=1).fit(model, X)
+    assert float(pool(model)) == 0.0 and float(pool(other)) > 0
+    with pytest.raises(laftr.UsageError, match="linearize"):
+        laftr.make_estimator("laftr", linearize="softmax")
+    with pytest.raises(laftr.UsageError, match="linearizes nothing"):
+        laftr.make_estimator("laftr", gates="none", linearize="activations")

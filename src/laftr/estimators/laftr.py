@@ -117,7 +117,7 @@ class LaftrConfig(LaftrBaseConfig):
             pools, normalizations, softmax and attention, products of data) or ``activations`` (LAFTR's trick
             applied to activation functions only, the elementwise gates and max pools, as in the paper's
             networks; normalizations, softmax, attention, products and quotients of data run exactly in each
-            stream on the sampled inputs, and their statistics are neither fitted nor kept). Not with
+            stream on the sampled inputs, and their statistics are not kept). Not with
             ``gates="none"`` (nothing is linearized there).
         fixed_noise: reuse the same samples on every call (common random numbers) instead of fresh ones.
             theta0's outputs on the kept draw are computed once, so later calls run theta's stream alone
@@ -382,8 +382,17 @@ class _LaftrBase(FSDEstimator):
         For a summary given to ``fit_summary_only``, or a file written before such estimators stopped
         recording them.
         """
-        if self.summary is not None and self.summary.site_sums and not self._reads_sites():
+        if self.summary is None or not self.summary.site_sums:
+            return
+        if not self._reads_sites():
             self.summary = Summary({}, self.summary.inputs)
+            return
+        # linearize="activations": the laws of the ops run exactly (max pools' are kept, as always)
+        families = {name: fam for name, fam, *_ in self.site_signature or []}
+        keep = {s: d for s, d in self.summary.site_sums.items()
+                if families.get(s) == "maxpool" or self._reads_site(families.get(s, ""))}
+        if len(keep) != len(self.summary.site_sums):
+            self.summary = Summary(keep, self.summary.inputs)
 
 
 @register("laftr")
