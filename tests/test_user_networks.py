@@ -1,8 +1,8 @@
 """Networks as users write them, beyond one op per rule (found by probing estimators on common idioms):
 
-- ops that a linearizing rule refuses (a mask that moves with the parameters, ``detach``,
-  ``torch.maximum``) still run exactly where the real networks are run: ``laftr`` with ``gates="none"`` and the layer
-  taps of K-FAC and the diagonal Fisher;
+- ops that a linearizing rule refuses (a mask that moves with the parameters, ``detach``, ``torch.maximum``)
+  still run exactly where the real networks are run: ``laftr`` with ``gates="none"`` and the layer taps of
+  K-FAC and the diagonal Fisher;
 - a per-example gradient whose ``torch.func.vmap`` fails (PyTorch's prelu) is computed one example at a time;
 - tensors computed by a parametrization (``weight_norm``, ``spectral_norm``) are computed in each stream from
   its own originals;
@@ -11,7 +11,9 @@
 - ``nn.GLU`` / ``F.glu`` and ``nn.Softmin`` / ``F.softmin`` are traced as their parts; ``logsumexp`` is
   linearized as ``log_softmax`` is;
 - divisions by data, ``var`` / ``std``, norms and cosine similarities are linearized at theta0's stream (as
-  products of data are): the Annotated Transformer's LayerNorm works.
+  products of data are): the Annotated Transformer's LayerNorm works;
+- ``torch.compile(model)`` stands for its module;
+- ``linearize="activations"`` linearizes the activations only and runs every other op exactly.
 """
 
 from __future__ import annotations
