@@ -325,9 +325,10 @@ class LogProbs(nn.Module):
 
 
 @pytest.mark.parametrize("form", ["function", "method"])
-def test_logsumexp_is_linearized_as_log_softmax_is(form):
-    """``z - logsumexp(z)`` is ``log_softmax(z)``: every mode gives the same estimate (same draws), theta0's
-    own linearization tends to the exact FSD and keeps theta0's output; no closed form."""
+def test_logsumexp_is_linearized_as_log_softmax_is(form, tmp_path):
+    """``z - logsumexp(z)`` is ``log_softmax(z)``: every mode gives the same estimate (same draws) and stores
+    as many floats, also after saving and loading; theta0's own linearization tends to the exact FSD and keeps
+    theta0's output; no closed form."""
     torch.manual_seed(0)
     model, X = LogProbs(form), _inputs(50)
     ref = LogProbs("log_softmax")
@@ -342,6 +343,11 @@ def test_logsumexp_is_linearized_as_log_softmax_is(form):
             b = laftr.make_estimator(name, metric="l2", num_samples=16, seed=2, **opts).fit(ref, X)
             torch.testing.assert_close(a(other), b(other_ref), rtol=1e-10, atol=1e-13)
             assert float(a(model)) == 0.0
+            assert a.stored_floats() == b.stored_floats()
+    saved = laftr.make_estimator("laftr", metric="l2", fixed_noise=True, seed=2).fit(model, X)
+    back = laftr.load(laftr.save(saved, tmp_path / "lse.laftr"))
+    torch.testing.assert_close(back(other), saved(other), rtol=1e-10, atol=1e-13)
+    assert back.stored_floats() == saved.stored_floats() > 0
     est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=50,
                                num_samples=50).fit(model, X)
     near = perturbed(model, 1e-4, seed=3)

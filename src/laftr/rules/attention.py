@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, cast
 
 import torch
@@ -53,6 +53,21 @@ def bilinear_streams(f: Callable[[Tensor, Tensor], Tensor], xs: tuple[Tensor, ..
     x0, y0 = xs[0], ys[0]
     base = f(x0, y0)
     return (base, *(base + f(x - x0, y0) + f(x0, y - y0) for x, y in zip(xs[1:], ys[1:], strict=True)))
+
+
+def substitute(t: Any, pairs: Sequence[Pair], values: Sequence[Tensor], stream: int) -> Any:
+    """``t`` with ``pairs`` replaced by ``values`` and every other pair by its value in ``stream``.
+
+    The arguments of one stream's call of an op linearized in ``pairs`` (products, :class:`TangentRule`).
+    """
+
+    def one(v: Any) -> Any:
+        for p, val in zip(pairs, values, strict=True):
+            if v is p:
+                return val
+        return v.vals[stream] if isinstance(v, Pair) else v
+
+    return tree_map(one, t)
 
 
 def logit_change(l_s: Tensor, l0: Tensor) -> Tensor:
@@ -357,18 +372,9 @@ class ProductRule(AffineRule):
     def bilinear(self, mode: Any, args: Any, kwargs: Any, x: Pair, y: Pair) -> Pair:
         """The op with ``x`` and ``y`` linearized at stream 0's values (other arguments: stream 0's)."""
 
-        def put(t: Any, xv: Tensor, yv: Tensor) -> Any:
-            def one(v: Any) -> Any:
-                if v is x:
-                    return xv
-                if v is y:
-                    return yv
-                return v.vals[0] if isinstance(v, Pair) else v
-
-            return tree_map(one, t)
-
         def f(xv: Tensor, yv: Tensor) -> Tensor:
-            return self.call(mode.params[0], put(args, xv, yv), put(kwargs, xv, yv))
+            a, k = substitute((args, kwargs), (x, y), (xv, yv), 0)
+            return self.call(mode.params[0], a, k)
 
         return Pair(bilinear_streams(f, x.vals, y.vals), True)
 
@@ -440,13 +446,7 @@ class TangentRule(Rule):
 
         def stream_fn(s: int) -> Callable[..., Tensor]:
             def f(*vals: Tensor) -> Tensor:
-                def one(v: Any) -> Any:
-                    for p, val in zip(data, vals, strict=True):
-                        if v is p:
-                            return val
-                    return v.vals[s] if isinstance(v, Pair) else v
-
-                a, k = tree_map(one, (args, kwargs), is_leaf=lambda v: isinstance(v, Pair))
+                a, k = substitute((args, kwargs), data, vals, s)
                 return self.call(mode.params[s], a, k)
             return f
 
