@@ -27,7 +27,9 @@ from cases import perturbed
 from torch import nn
 
 import laftr
+from laftr._util import param_dict
 from laftr.graph import OwnMode, TracedNet
+from laftr.summary import fit_summary
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -89,6 +91,45 @@ def test_ops_a_linearization_refuses_run_exactly_in_the_real_networks(kind):
     for name in ("kfac", "diag-fisher"):
         est = laftr.make_estimator(name).fit(model, X)
         assert abs(float(est(model))) < 1e-12 and float(est(perturbed(model, 0.2))) > 0
+
+
+class Recurrent(nn.Module):
+    """An LSTM (no forward-mode AD in PyTorch 2.13, no rule) read at its last step, then an MLP head."""
+
+    def __init__(self, act: bool = True) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, H, batch_first=True)
+        self.head = nn.Sequential(nn.Linear(H, H), nn.ReLU() if act else nn.Identity(), nn.Linear(H, D_OUT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def test_linearize_activations_runs_ops_without_a_rule_exactly():
+    """``linearize="activations"`` runs every op but the activations exactly, so an op no rule covers (an
+    LSTM, ``torch.maximum``, ``detach``) runs there too: with no activation outside it, it is the real
+    networks (``gates="none"``, same draws); the activations around it are linearized (zero at theta0,
+    gradients reach the LSTM); ``linearize="all"`` still refuses it by name."""
+    torch.manual_seed(0)
+    X = torch.randn(48, 5, 3, dtype=torch.float64)
+    plain = Recurrent(act=False).double()
+    other = perturbed(plain, 0.1)
+    for gates in ("bernoulli", "relu"):
+        a = laftr.make_estimator("laftr", gates=gates, linearize="activations", seed=4).fit(plain, X)
+        b = laftr.make_estimator("laftr", gates="none", seed=4).fit(plain, X)
+        torch.testing.assert_close(a(other), b(other), rtol=1e-10, atol=1e-14)
+    for model, data in ((Recurrent().double(), X), (Net("maximum").double(), _inputs().double())):
+        with pytest.raises(laftr.UnsupportedOpError, match=r"node '(lstm|maximum)"):
+            laftr.make_estimator("laftr").fit(model, data)
+        far = perturbed(model, 0.1)
+        for gates in ("bernoulli", "relu"):
+            est = laftr.make_estimator("laftr", gates=gates, linearize="activations", seed=4).fit(model, data)
+            assert float(est(model)) == 0.0
+            value = est(far)
+            assert float(value) > 0
+            grads = torch.autograd.grad(value, list(far.parameters()), allow_unused=True)
+            assert all(g is not None and bool(g.abs().sum() > 0) for g in grads[:2])  # the first layer's
 
 
 @pytest.mark.parametrize("name", ["kfac", "diag-fisher"])
@@ -528,6 +569,13 @@ def test_linearize_activations_runs_every_other_op_exactly():
     assert {sites[s].family for s in full.summary.site_sums} > {"gelu"}  # norms and attention patterns too
     assert {sites[s].family for s in act.summary.site_sums} == {"gelu"}
     assert full.stored_floats() > act.stored_floats()
+    for s, sums in act.summary.site_sums.items():  # the same statistics as the full fit's
+        for k, v in sums.items():
+            torch.testing.assert_close(v, full.summary.site_sums[s][k], rtol=0, atol=0)
+    # the fit itself runs the other ops exactly: they record nothing (not recorded, then dropped)
+    net = TracedNet(model)
+    fitted = fit_summary(net, param_dict(model, detach=True), X, "gaussian", exact=act._exact_ops())
+    assert {sites[s].family for s in fitted.site_sums} == {"gelu"}
 
 
 def test_linearize_activations_keeps_its_draws_and_files(tmp_path):

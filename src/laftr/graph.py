@@ -649,10 +649,12 @@ class TracedNet:
         """Trace ``model`` (one input tensor) and make the rule of every node.
 
         ``exact_unknown``: for passes that run the real networks only (``laftr`` with ``gates="none"``, the
-        layer taps of K-FAC and the diagonal Fisher). A data-dependent op that no rule covers, or whose rule
-        refuses it (a division by data, a mask that depends on the parameters, a constant argument computed
-        at run time), gets the plain :class:`Rule`: each stream runs it exactly, which in those passes is
-        the answer, not an approximation; every linearizing mode still refuses it, naming it.
+        layer taps of K-FAC and the diagonal Fisher), or whose mode runs every op but a few exactly (its
+        ``exact`` predicate: ``laftr``'s ``linearize="activations"``). A data-dependent op that no rule
+        covers, or whose rule refuses it (a division by data, a mask that depends on the parameters, a
+        constant argument computed at run time), gets the plain :class:`Rule`: each stream runs it exactly,
+        which in those passes is the answer, not an approximation; every mode that would linearize it still
+        refuses it, naming it.
         """
         self.exact_unknown = exact_unknown
         #: nodes whose rule refused them in a pass of the real networks: evaluated exactly from then on
@@ -845,9 +847,10 @@ class TracedNet:
             if node.name in self.exact_inputs or all(p.fixed for p in sources):
                 return self._exact_from_input(rule, mode, args, kwargs, sources)
         args, kwargs = mode.before(rule, args, kwargs)
-        if mode.exact is not None and mode.exact(rule):
+        exact = mode.exact is not None and mode.exact(rule)
+        if exact and not self.exact_unknown:
             return rule.forward(mode, args, kwargs)
-        if self.exact_unknown and mode.method == "forward":
+        if self.exact_unknown and (exact or mode.method == "forward"):
             if node.name in self.exact_nodes:
                 return Rule.forward(rule, mode, args, kwargs)
             try:

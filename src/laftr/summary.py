@@ -22,6 +22,7 @@ from ._util import EMPTY_DATA, Data, allow_empty_data, iter_batches
 from .errors import DataError, UsageError
 from .graph import FitMode, TracedNet
 from .inputs import INPUT_MODELS, SAMPLE_GATHER, Candidates, CoresetInputs, InputModel, pad_groups
+from .rules.base import Rule
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ def fit_summary(
     record_inputs: Any = None,
     distributed: bool = False,
     record_sites: bool = True,
+    exact: Callable[[Rule], bool] | None = None,
     **input_options: Any,
 ) -> Summary:
     """One streaming pass over ``data`` at theta0 (two for the mixture): site statistics and the input model.
@@ -167,6 +169,8 @@ def fit_summary(
             ``torch.distributed`` group: the sums are all-reduced and the coreset / k-means sample is chosen
             from every rank's candidates, so every rank gets the summary of the whole data set (a shard may be
             empty). Every rank must call it.
+        exact: ``exact(rule)``: whether the site's op runs exactly in the pass, recording nothing (``laftr``'s
+            ``linearize="activations"``: evaluation reads the activations' laws only).
         **input_options: options of a named input model (``seed``, ``rank``, ``cov``, ``coreset_size``, ...).
     """
     if isinstance(inputs, str):
@@ -195,6 +199,7 @@ def fit_summary(
                                     "a list of batches, a DataLoader or an IterableDataset instead")
                 model_in.prepare(batches)
             mode = FitMode([theta0], record_pools=record_pools, record_inputs=record_inputs)
+            mode.exact = exact
             for x, y in tqdm(batches(), disable=not progress, desc="LAFTR summary"):
                 if model_in.input_shape is None:  # iter_batches checks that every batch has the first's shape
                     model_in.begin(x)
@@ -219,7 +224,7 @@ def fit_summary(
                 mode = dist_.agree(local, "fitting the summary")
         finally:
             SAMPLE_GATHER.reset(token)
-        return _reduce_summary(net, inputs, mode, record_pools, record_sites)
+        return _reduce_summary(net, inputs, mode, record_pools, record_sites, exact)
     mode = local()
     inputs.finish()
     G = inputs.num_groups
@@ -229,15 +234,17 @@ def fit_summary(
         inputs.pad(G)
     sums = {site: {k: pad_groups(v, G).cpu() for k, v in d.items()} for site, d in mode.sums.items()}
     if record_sites:
-        _check_sites(net, sums, record_pools)
+        _check_sites(net, sums, record_pools, exact)
     assert inputs.counts is not None  # the pass over the data set them
     log.info("LAFTR summary: %d examples, %d groups, %d sites", int(inputs.counts.sum()), G, len(sums))
     return Summary(sums, inputs)
 
 
-def _check_sites(net: TracedNet, sums: dict[str, Any], record_pools: bool) -> None:
-    """Refuse a summary in which a site recorded nothing."""
-    missing = [s for s in net.sites if s not in sums and (record_pools or net.sites[s].family != "maxpool")]
+def _check_sites(net: TracedNet, sums: dict[str, Any], record_pools: bool,
+                 exact: Callable[[Rule], bool] | None = None) -> None:
+    """Refuse a summary in which a site recorded nothing (other than the sites run exactly)."""
+    missing = [s for s, rule in net.sites.items() if s not in sums
+               and (record_pools or rule.family != "maxpool") and not (exact and exact(rule))]
     if missing:
         raise UsageError(f"sites {missing} recorded nothing (is their output unused?)")
 
@@ -248,7 +255,7 @@ _NOT_SUMMED = ("x", "y", "keys", "centers")
 
 
 def _reduce_summary(net: TracedNet, inputs: InputModel, mode: FitMode, record_pools: bool,
-                    record_sites: bool = True) -> Summary:
+                    record_sites: bool = True, exact: Callable[[Rule], bool] | None = None) -> Summary:
     """The summary of every rank's shard from this rank's pass: sums all-reduced, coresets gathered.
 
     A rank that saw no examples contributes zeros (its input model is never begun); when no rank saw any, the
@@ -294,7 +301,7 @@ def _reduce_summary(net: TracedNet, inputs: InputModel, mode: FitMode, record_po
         tensors["inputs/centers"] = centers
     summary = Summary.from_tensors(tensors, {**ref, "sites": sites})
     if record_sites:
-        _check_sites(net, summary.site_sums, record_pools)
+        _check_sites(net, summary.site_sums, record_pools, exact)
     log.info("LAFTR summary (all ranks): %d examples, %d groups, %d sites", int(summary.counts.sum()),
              summary.num_groups, len(summary.site_sums))
     return summary

@@ -8,6 +8,7 @@ on inputs drawn from a stored input model. See METHOD.md sections 2 and 6.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -255,7 +256,7 @@ class _LaftrBase(FSDEstimator):
     # ------------------------------------------------------------------ fitting
     def _traced(self, model: nn.Module) -> TracedNet:
         """``model`` traced, with the ops the estimator's passes may run exactly without a rule."""
-        return TracedNet(model, exact_unknown=self._runs_networks())
+        return TracedNet(model, exact_unknown=self._runs_networks() or self._exact_ops() is not None)
 
     def _runs_networks(self) -> bool:
         """Whether evaluation runs the real networks (every op exactly: no rule needed)."""
@@ -268,8 +269,13 @@ class _LaftrBase(FSDEstimator):
         # max pools always record their argmax frequencies (cheap; stored floats only when sampled)
         self.summary = fit_summary(net, param_dict(model, detach=True), data, inputs, batch_size=c.batch_size,
                                    progress=c.progress, record_inputs=self._input_recorder(net),
-                                   distributed=self._distributed, record_sites=self._reads_sites())
+                                   distributed=self._distributed, record_sites=self._reads_sites(),
+                                   exact=self._exact_ops())
         self._after_summary(net)
+
+    def _exact_ops(self) -> Callable[[Rule], bool] | None:
+        """Which ops the estimator's passes run exactly instead of by their rule (None: none)."""
+        return None
 
     def _input_recorder(self, net: TracedNet) -> Any:
         """An extra recorder for :func:`fit_summary` (LIFTR's per-op input moments); None here."""
@@ -435,10 +441,13 @@ class LaftrEstimator(_LaftrBase):
         return self._linearizing(SampleMode(params, self._site_laws(net, device, dtype), groups, gen,
                                             self.cfg.shared_masks, self.pool_mode))
 
+    def _exact_ops(self) -> Callable[[Rule], bool] | None:
+        # linearize="activations": the fit records (and evaluation reads) the activations' laws only
+        return _not_an_activation if self.cfg.linearize == "activations" else None
+
     def _linearizing(self, mode: Any) -> Any:
         """``mode``, running exactly the ops that ``linearize`` leaves alone."""
-        if self.cfg.linearize == "activations":
-            mode.exact = _not_an_activation
+        mode.exact = self._exact_ops()
         return mode
 
     def _draw(self, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> _Draw:
