@@ -306,6 +306,87 @@ def test_several_outputs_are_refused_by_name_and_selected(form):
         laftr.SelectOutput(model, 1.5)
 
 
+# ---------------------------------------------------------------------------------------------- several inputs
+PAD, VOCAB, T = 0, 7, 5
+
+
+class Tokens(nn.Module):
+    """Embedding, self-attention with a padding mask (a second input), masked mean pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, ids: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        h = h + self.attn(h, h, h, key_padding_mask=padding, need_weights=False)[0]
+        keep = (~padding).unsqueeze(-1).to(h.dtype)
+        return self.out((h * keep).sum(1) / keep.sum(1))
+
+
+class TokensInside(Tokens):
+    """The same network computing its padding mask from the ids."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(ids, ids == PAD)
+
+
+class TwoInputs(nn.Module):
+    """An image and a feature vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.a, self.b = nn.Linear(2 * 6 * 6 + 4, 8), nn.Linear(8, 3)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(torch.cat([torch.relu(self.conv(image)).flatten(1), features], 1))))
+
+
+def test_several_inputs_are_refused_by_name_and_bound():
+    """A network of two inputs is refused with the fix; ``laftr.WithInputs`` computes the second from the one
+    laftr models (a padding mask from the token ids: every estimator equals the network that computes it
+    inside) or splits a packed tensor (equal to calling the network on the parts)."""
+    torch.manual_seed(0)
+    ids = torch.randint(1, VOCAB, (40, T), generator=torch.Generator().manual_seed(1))
+    ids[::3, -2:] = PAD  # some sequences padded at the end
+    separate = Tokens().double()
+    for run in (lambda: laftr.make_estimator("laftr", input_model="tokens").fit(separate, ids),
+                lambda: laftr.make_estimator("subset").fit(separate, ids), lambda: laftr.exact_fsd(separate, separate, ids)):
+        with pytest.raises(laftr.UsageError, match=r"more than one required input \('padding'\).*WithInputs"):
+            run()
+    with pytest.raises(laftr.UnsupportedOpError, match=r"more than one required input.*WithInputs"):
+        TracedNet(separate)
+    wrapped = laftr.WithInputs(separate, padding=lambda x: x == PAD)
+    other = perturbed(wrapped, 0.2)
+    inside, inside_other = TokensInside().double(), TokensInside().double()
+    inside.load_state_dict(separate.state_dict())
+    inside_other.load_state_dict(other.model.state_dict())
+    want = laftr.exact_fsd(inside, inside_other, ids)
+    assert float(want) > 1e-6
+    torch.testing.assert_close(laftr.exact_fsd(wrapped, other, ids), want, rtol=1e-12, atol=0)
+    for name, opts in (("laftr", {"input_model": "tokens"}), ("laftr", {"input_model": "tokens", "gates": "relu"}),
+                       ("liftr", {"input_model": "tokens"}), ("kfac", {"unsupported": "diag"}),
+                       ("diag-fisher", {}), ("ntk", {"coreset_size": 8}), ("subset", {"coreset_size": 8})):
+        a = laftr.make_estimator(name, seed=2, **opts).fit(wrapped, ids)(other)
+        b = laftr.make_estimator(name, seed=2, **opts).fit(inside, ids)(inside_other)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    two = TwoInputs().double()
+    packed = laftr.WithInputs(two, lambda x: x[:, :64].view(-1, 1, 8, 8), lambda x: x[:, 64:])
+    images, features = torch.randn(30, 1, 8, 8, dtype=torch.float64), torch.randn(30, 4, dtype=torch.float64)
+    X = torch.cat([images.flatten(1), features], 1)
+    torch.testing.assert_close(packed(X), two(images, features), rtol=0, atol=0)
+    far = perturbed(packed, 0.2)
+    torch.testing.assert_close(laftr.exact_fsd(packed, far, X),
+                               laftr.discrepancy(two(images, features), far.model(images, features)).mean())
+    est = laftr.make_estimator("laftr", seed=2).fit(packed, X)  # a Gaussian over both parts, jointly
+    assert float(est(packed)) == 0.0 and float(est(far)) > 0
+    with pytest.raises(TypeError, match="function of the input tensor"):
+        laftr.WithInputs(two, padding=3)
+
+
 # ---------------------------------------------------------------------------------------------- GLU, softmin
 class Gated(nn.Module):
     """GLU and softmin as modules, functions, or written by hand."""

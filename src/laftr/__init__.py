@@ -9,7 +9,7 @@ from .estimators import EstimatorConfig, FSDEstimator, available_estimators, mak
 from .exact import exact_fsd, exact_fsd_and_grad
 from .io import load, save
 from .metrics import METRICS, discrepancy
-from .models import SelectOutput
+from .models import SelectOutput, WithInputs
 
 try:
     __version__ = _metadata.version("laftr")
@@ -22,6 +22,7 @@ __all__ = [
     "ExperimentConfig",
     "FSDEstimator",
     "SelectOutput",
+    "WithInputs",
     "__version__",
     "available_estimators",
     "discrepancy",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import logging
 import os
 import secrets
@@ -221,8 +222,28 @@ def resolve_device(device: str | torch.device | None, what: str = "device") -> t
     return dev
 
 
-def check_materialized(model: nn.Module, what: str = "model") -> None:
-    """Refuse a model whose parameters or buffers live on the ``meta`` device (shapes without values)."""
+#: how to run a network of several inputs (the end of the error that refuses one)
+SEVERAL_INPUTS_FIX = ("laftr supports networks of one input tensor: compute the others from it, or pack them "
+                      "into it, with laftr.WithInputs (e.g. WithInputs(model, attention_mask=lambda ids: "
+                      "ids != pad_id))")
+
+
+def check_runnable(model: nn.Module, what: str = "model") -> None:
+    """Refuse a model laftr cannot run on one input tensor.
+
+    Its parameters or buffers live on the ``meta`` device (shapes without values), or its ``forward`` needs
+    more than one argument.
+    """
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a forward without a signature (a builtin): torch reports what it needs
+        sig = None
+    if sig is not None:
+        required = [p.name for p in sig.parameters.values() if p.default is inspect.Parameter.empty
+                    and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        if len(required) > 1:
+            raise UsageError(f"{what}'s forward takes more than one required input ({required[1]!r}); "
+                             + SEVERAL_INPUTS_FIX)
     for n, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise UsageError(

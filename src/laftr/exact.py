@@ -15,7 +15,7 @@ from ._util import (
     Data,
     allow_empty_data,
     arch_signature,
-    check_materialized,
+    check_runnable,
     iter_batches,
     model_device_dtype,
 )
@@ -76,8 +76,8 @@ def exact_fsd(
     """
     check_metric(metric)
     check_outputs(outputs)
-    check_materialized(model_a, "model_a")
-    check_materialized(model_b, "model_b")
+    check_runnable(model_a, "model_a")
+    check_runnable(model_b, "model_b")
     on = dist_.active(distributed)
     if on:
         _check_ranks("exact_fsd", model_a, model_b, metric, outputs, grad=grad)
@@ -155,8 +155,8 @@ def exact_fsd_and_grad(
     """
     check_metric(metric)
     check_outputs(outputs)
-    check_materialized(model_a, "model_a")
-    check_materialized(model_b, "model_b")
+    check_runnable(model_a, "model_a")
+    check_runnable(model_b, "model_b")
     device, dtype = model_device_dtype(model_b)
     ref = model_device_dtype(model_a)
     names = [n for n, p in model_b.named_parameters() if p.requires_grad]

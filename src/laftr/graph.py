@@ -33,6 +33,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import rules as _rules  # noqa: F401  (importing registers the built-in rules)
+from ._util import SEVERAL_INPUTS_FIX
 from .composites import traced_forward, traced_function
 from .errors import UnsupportedOpError
 from .moments import GateMoments, JointMoments, Ref
@@ -667,7 +668,7 @@ class TracedNet:
             if not extra.args:  # no default value
                 raise UnsupportedOpError(
                     f"{type(model).__name__}.forward takes more than one required input ({extra.name!r}); "
-                    "laftr supports networks of one input tensor"
+                    + SEVERAL_INPUTS_FIX
                 )
         self.input_node = placeholders[0]
         self.param_names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}

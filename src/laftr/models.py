@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ACTIVATIONS", "ATTENTIONS", "NORMS", "READOUTS", "VIT_READOUTS", "SelectOutput", "SelfAttention",
-           "Transformer", "TransformerBlock", "ViT", "conv_net", "copy_attention_weights", "mlp",
-           "num_params", "transformer", "vit"]
+           "Transformer", "TransformerBlock", "ViT", "WithInputs", "conv_net", "copy_attention_weights",
+           "mlp", "num_params", "transformer", "vit"]
 
 #: The activations of :func:`mlp`, by name.
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU,
@@ -55,6 +56,52 @@ class SelectOutput(nn.Module):
         if isinstance(self.key, str) and not isinstance(out, dict):
             return getattr(out, self.key)
         return out[self.key]
+
+
+class WithInputs(nn.Module):
+    """A network of several inputs, called with one tensor from which the others are computed.
+
+    laftr models one input tensor per example (its input models draw it; ``exact_fsd`` reads it). A network
+    that takes more is wrapped so that every input is a function of that one:
+
+    - inputs that follow from the first, e.g. a padding mask from the token ids::
+
+          laftr.WithInputs(model, attention_mask=lambda ids: ids != pad_id)   # model(ids, attention_mask=...)
+
+    - separate inputs packed side by side into one tensor, split again inside::
+
+          laftr.WithInputs(model, lambda x: x[:, :784].view(-1, 1, 28, 28), lambda x: x[:, 784:])
+
+      (``model(image, features)``; the data is ``torch.cat([images.flatten(1), features], 1)``, and an input
+      model then draws both jointly).
+
+    Without positional functions the tensor itself is the first positional argument. The functions must
+    work per example (no mixing of the batch) and be traceable by torch.fx (indexing, comparisons, views,
+    arithmetic; no Python branching on values). Wrap theta0 and theta alike: the parameter names are the
+    model's under ``model.``. Like any module holding lambdas, it cannot be pickled whole (laftr saves
+    tensors only).
+    """
+
+    def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        """``model`` called with inputs computed from one tensor.
+
+        ``args``: one function of the tensor per positional input (none: the tensor itself); ``kwargs``:
+        keyword inputs, each a function of the tensor.
+        """
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        for name, fn in [*((f"positional input {i}", f) for i, f in enumerate(args)), *kwargs.items()]:
+            if not callable(fn):
+                raise TypeError(f"{name} must be a function of the input tensor, got {type(fn).__name__}")
+        self.model = model
+        self.arg_fns = tuple(args)
+        self.kwarg_fns = dict(kwargs)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """``model(*(f(x) for f in args), **{k: f(x) for k, f in kwargs.items()})``."""
+        args = tuple(f(x) for f in self.arg_fns) if self.arg_fns else (x,)
+        return self.model(*args, **{k: f(x) for k, f in self.kwarg_fns.items()})
 
 
 def mlp(

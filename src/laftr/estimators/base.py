@@ -42,7 +42,7 @@ from .._util import (
     Data,
     allow_empty_data,
     arch_signature,
-    check_materialized,
+    check_runnable,
     check_same_arch,
     iter_batches,
     model_device_dtype,
@@ -218,7 +218,7 @@ class FSDEstimator:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         outputs = check_outputs(outputs)
-        check_materialized(model)
+        check_runnable(model)
         on = dist_.active(distributed)
         modes = [(m, m.training) for m in model.modules()]
         model.eval()

@@ -809,19 +809,10 @@ class EluGate(SmoothGate):
 
 
 @register(nn.CELU, F.celu, *_fns("celu_"))
-class CeluGate(SmoothGate):
-    """``celu(s, alpha)``."""
+class CeluGate(EluGate):
+    """``celu(s, alpha)`` (``alpha`` read as ELU's)."""
 
     family = "celu"
-
-    def setup(self) -> None:
-        """Read ``alpha``."""
-        mod = cast("nn.ELU | nn.CELU | None", self.module)
-        self.alpha = float(mod.alpha) if mod is not None else float(self.const_arg(1, "alpha", 1.0))
-
-    def params(self) -> dict[str, Any]:
-        """``alpha``, which a stored summary must match."""
-        return {"alpha": self.alpha}
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
         """1 for positive ``s``, else ``exp(s / alpha)``."""
