@@ -1,7 +1,8 @@
 """Validation search of continual-learning hyperparameters (lam, or any method/estimator key).
 
 Every value is run on the benchmark's *validation* split (part of each task's training data held out;
-test data is never touched), one seed, usually a shorter schedule than the final runs. Each method's grid
+test data is never touched), one seed (``--seeds N``: N seeds from ``--seed`` on, the validation accuracy
+averaged over them), usually a shorter schedule than the final runs. Each method's grid
 goes into its own folder ``<root>/<method>__<param>/results.json``; afterwards every folder under the root
 is gathered into ``benchmarks/results/continual/search_<benchmark>.json`` with the best value per method.
 
@@ -47,6 +48,7 @@ def gather(benchmark: str, root: Path) -> dict:
             spec = m["spec"]
             value = spec["lam"] if param == "lam" else spec["config"].get(param, spec.get(param))
             rows.append({"spec": name, param: value, "val_avg_acc": s["final_avg_acc"]["mean"],
+                         "val_avg_acc_std": s["final_avg_acc"].get("std"), "seeds": len(res["settings"]["seeds"]),
                          "val_bwt": s["bwt"]["mean"], "time_s": s["wall_time_s"]["mean"]})
         if not rows:
             continue
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight-decay", type=float, default=None,
                    help="schedule override (default: the benchmark's); the results go to <benchmark>-wd<W>")
     p.add_argument("--seed", type=int, default=10)
+    p.add_argument("--seeds", type=int, default=1, help="how many seeds (--seed, --seed + 1, ...) each value is "
+                   "run with; the validation accuracy is their mean")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--root", default=None, help="folder of the raw grids (default results/continual/search/<bench>)")
     p.add_argument("--force", action="store_true")
@@ -84,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", action="store_true",
                    help="also run 'none' and 'joint' on the same validation protocol (folder reference/)")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
+    seeds = [args.seed + k for k in range(args.seeds)]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     key = (args.benchmark + (f"-{args.arch}" if args.arch else "")
            + (f"-wd{args.weight_decay:g}" if args.weight_decay is not None else ""))
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/continual_search.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.reference and not args.gather_only:
         settings = ContinualSettings(
-            benchmark=args.benchmark, methods="none,joint", seeds=[args.seed], split="val", epochs=args.epochs,
+            benchmark=args.benchmark, methods="none,joint", seeds=seeds, split="val", epochs=args.epochs,
             n_train=args.n_train, num_tasks=args.num_tasks, arch=args.arch, weight_decay=args.weight_decay,
                 threads=args.threads, progress=False)
         run_benchmark(settings, root / "reference", force=args.force, command=command)
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = f",{args.fixed}" if args.fixed else ""
             specs = ",".join(f"{method}[{args.param}={v}{extra}]" for v in values)
             settings = ContinualSettings(
-                benchmark=args.benchmark, methods=specs, seeds=[args.seed], split="val", epochs=args.epochs,
+                benchmark=args.benchmark, methods=specs, seeds=seeds, split="val", epochs=args.epochs,
                 n_train=args.n_train, num_tasks=args.num_tasks, arch=args.arch, weight_decay=args.weight_decay,
                 threads=args.threads,
                 progress=False)
