@@ -684,6 +684,11 @@ def test_damped_solve_refuses_bad_input():
             est.damped_solve(v, bad)
     with pytest.raises(ValueError, match="'nope' is not a parameter"):
         est.damped_solve({"nope": torch.zeros(3)}, 0.1)
+    normed = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    for name in ("weight", "diag-fisher", "kfac"):  # weight used to return v / (scale + damping) for it
+        fitted = _make(name, **({"unsupported": "diag"} if name == "kfac" else {})).fit(normed, X)
+        with pytest.raises(ValueError, match="'1.running_mean' is a buffer"):
+            fitted.damped_solve({"1.running_mean": torch.ones(6)}, 0.1)
     name = next(iter(v))
     with pytest.raises(ValueError, match="has shape"):
         est.damped_solve({name: torch.zeros(2)}, 0.1)

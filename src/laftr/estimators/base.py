@@ -170,6 +170,7 @@ class FSDEstimator:
         self.arch: list[list[Any]] | None = None
         self.graph_fingerprint: str | None = None
         self._fingerprint: GraphFingerprint | None = None  # with node descriptions (this session only)
+        self._buffer_names: frozenset[str] | None = None  # theta0's buffers (known if fitted in this session)
         self._distributed = False  # within fit: whether this fit reduces over a process group
         self._stream = 0  # within distance: the sample stream (a rank; see laftr.distributed.stream_seed)
         # id(model) -> what passed the check
@@ -310,7 +311,9 @@ class FSDEstimator:
         Args:
             vectors: ``v``, one tensor per parameter name, shaped like it (the parameters solved for,
                 typically the trainable ones; ``H`` is restricted to them). Parameters the estimate does not
-                depend on have ``H = 0`` there.
+                depend on have ``H = 0`` there; ``weight``'s ``H`` is ``scale * I`` on every named parameter
+                (its estimate skips the parameters frozen in the model it is evaluated on, which this call
+                does not see: name only the trainable ones).
             damping: ``> 0``.
 
         Returns:
@@ -319,8 +322,10 @@ class FSDEstimator:
         Raises:
             NotImplementedError: the estimate is not a fixed quadratic form.
             RuntimeError: not fitted.
-            ValueError: a name that is not in theta0, a shape that differs from it, a vector that is not a
-                floating-point tensor, a damping that is not a finite positive number.
+            ValueError: a name that is not a parameter of theta0 (a buffer is refused where the estimator
+                was fitted in this session; one loaded from a file does not know its buffers), a shape that
+                differs from it, a vector that is not a floating-point tensor, a damping that is not a finite
+                positive number.
         """
         if not self.quadratic:
             raise NotImplementedError(f"the {self.name!r} estimate is not a fixed quadratic form of "
@@ -331,9 +336,13 @@ class FSDEstimator:
                 or not 0 < damping < float("inf")):
             raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
         shapes = {n: list(s) for n, s in self.arch}
+        buffers = getattr(self, "_buffer_names", None) or frozenset()
         for n, v in vectors.items():
             if n not in shapes:
                 raise ValueError(f"{n!r} is not a parameter of the fitted network")
+            if n in buffers:
+                raise ValueError(f"{n!r} is a buffer of the fitted network, not a parameter: the estimate "
+                                 "has no Hessian in it")
             if not (isinstance(v, torch.Tensor) and v.is_floating_point()):
                 raise ValueError(f"vector {n!r} must be a floating-point tensor, got {type(v).__name__}")
             if list(v.shape) != shapes[n]:
@@ -376,6 +385,7 @@ class FSDEstimator:
         self.outputs = check_outputs(outputs)
         self.theta0 = param_dict(model, detach=True)
         self.arch = arch_signature(model)
+        self._buffer_names = frozenset(n for n, _ in model.named_buffers())
         self._fingerprint = fingerprint or None
         self.graph_fingerprint = None if not fingerprint else fingerprint.text
         self._graph_checked = {}
