@@ -255,7 +255,9 @@ def make_rule(node: fx.Node, gm: fx.GraphModule) -> Rule:
                 "call_method": "tensor method"}.get(node.op, "op")
         raise UnsupportedOpError(
             f"node {node.name!r} ({describe(node, gm)}) is not supported: laftr has no rule for this {what} "
-            "(supported ops are listed in docs/usage.md; a custom op can be added with laftr.rules.register)"
+            "(supported ops are listed in docs/usage.md; a custom op can be added with laftr.rules.register; "
+            "laftr with linearize='activations' or gates='none' runs it exactly as it is, as do diag-fisher "
+            "and kfac with unsupported='diag')"
         )
     return cls(node, gm)
 
