@@ -121,6 +121,36 @@ def test_integer_inputs_keep_their_dtype_and_floats_follow_the_model():
     assert x.dtype == torch.float64
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.long])
+def test_integer_inputs_into_a_floating_network_are_named_with_the_fix(dtype):
+    """uint8 pixels (or ids) into a Linear: a DataError naming the dtype and the conversion, from exact_fsd and
+    every estimator's fit, instead of torch's "mat1 and mat2 must have the same dtype" from deep inside; a
+    network that converts its input itself runs."""
+    m0, m1 = _pair_of_models()
+    X = torch.randint(0, 255, (20, 5)).to(dtype)
+    def fitted(name: str) -> laftr.FSDEstimator:
+        opts = {"coreset_size": 4} if name in ("ntk", "subset") else {}
+        return laftr.make_estimator(name, **opts).fit(m0, X)
+
+    runs = {"exact_fsd": lambda: laftr.exact_fsd(m0, m1, X), "grad": lambda: exact_fsd_and_grad(m0, m1, X)}
+    for name in ("laftr", "kfac", "diag-fisher", "ntk", "subset"):
+        runs[name] = lambda name=name: fitted(name)(m1)
+    for run in runs.values():
+        with pytest.raises(DataError, match=rf"{dtype}.*X.float\(\) / 255"):
+            run()
+    assert float(fitted("weight")(m1)) > 0  # reads no data: nothing to refuse
+
+    class Scaled(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x.float() / 255)
+
+    assert float(laftr.exact_fsd(Scaled(m0), Scaled(m1), X)) > 0
+
+
 def test_exact_fsd_of_a_float32_reference_and_a_float64_model():
     m0, m1 = _pair_of_models()
     X, _ = _data()

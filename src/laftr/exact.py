@@ -20,7 +20,7 @@ from ._util import (
     model_device_dtype,
 )
 from .errors import DataError, UsageError
-from .metrics import check_metric, check_network_output, check_outputs, discrepancy
+from .metrics import check_metric, check_outputs, discrepancy, run_network
 
 
 def _reference(model_a: nn.Module, x: torch.Tensor, where: tuple[torch.device, torch.dtype]) -> torch.Tensor:
@@ -32,7 +32,7 @@ def _reference(model_a: nn.Module, x: torch.Tensor, where: tuple[torch.device, t
     device, dtype = where
     with torch.no_grad():
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
-        return check_network_output(model_a(x))
+        return run_network(model_a, x)
 
 
 def exact_fsd(
@@ -93,7 +93,7 @@ def exact_fsd(
             for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress,
                              desc="exact FSD"):
                 z0 = _reference(model_a, x, ref)
-                z = model_b(x)
+                z = run_network(model_b, x)
                 d = discrepancy(z0.to(z), z, metric, outputs).sum()
                 total = d if total is None else total + d
                 count += x.shape[0]
@@ -177,7 +177,8 @@ def exact_fsd_and_grad(
                          desc="exact FSD+grad"):
             z0 = _reference(model_a, x, ref)
             with torch.enable_grad():
-                d = discrepancy(z0.to(device=device, dtype=dtype), model_b(x), metric, outputs).sum()
+                d = discrepancy(z0.to(device=device, dtype=dtype), run_network(model_b, x), metric,
+                                outputs).sum()
                 gs = torch.autograd.grad(d, params, allow_unused=True)
             for acc, g in zip(grads, gs, strict=True):
                 if g is not None:

@@ -116,7 +116,8 @@ def refuse_tokens(x: torch.Tensor, name: str) -> None:
     if not x.is_floating_point():
         raise DataError(f"the {name!r} input model is a Gaussian and needs floating inputs, got {x.dtype} "
                         f"inputs that look like token ids; use input_model='tokens' (or 'tokens-classwise', "
-                        f"'tokens-mixture') for integer token inputs")
+                        f"'tokens-mixture') for integer token inputs, and convert images or features stored "
+                        f"as integers (uint8 pixels) to floating point first, e.g. X.float() / 255")
 
 
 def class_labels(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

@@ -100,6 +100,31 @@ def check_network_output(z: Any) -> torch.Tensor:
         "the one to compare, e.g. laftr.SelectOutput(model, 0) or laftr.SelectOutput(model, 'logits')")
 
 
+#: words of torch's errors for an op given a tensor of the wrong dtype (``mat1 and mat2 must have the same
+#: dtype``, ``expected scalar type Float but found Long``, ``Input type (torch.ByteTensor) and weight
+#: type ...``)
+_DTYPE_WORDS = ("dtype", "scalar type", "Tensor) and weight type", "ByteTensor", "LongTensor")
+
+
+def run_network(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, checked to be a tensor (:func:`check_network_output`).
+
+    Integer inputs that an op of a floating network refuses (uint8 pixels into a Linear) raise
+    :class:`laftr.DataError` naming the dtype and the fix instead of torch's dtype error.
+    """
+    try:
+        z = model(x)
+    except RuntimeError as e:
+        if not x.is_floating_point() and any(w in str(e) for w in _DTYPE_WORDS):
+            raise DataError(
+                f"the network cannot read {x.dtype} inputs ({e}): images or features stored as integers "
+                "(uint8 pixels) must be converted to floating point first, e.g. X.float() / 255; token ids "
+                "need a network that reads them with an embedding (and, for laftr, input_model='tokens')"
+            ) from e
+        raise
+    return check_network_output(z)
+
+
 def select_outputs(z: torch.Tensor, outputs: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
     """Flatten ``z`` to ``(B, K)`` and keep only the output units in ``outputs``.
 

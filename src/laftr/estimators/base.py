@@ -49,10 +49,10 @@ from .._util import (
     param_dict,
     registrar,
 )
-from ..errors import OptionError, UsageError
+from ..errors import DataError, OptionError, UsageError
 from ..fingerprint import GraphFingerprint, describe_difference, model_fingerprint
 from ..graph import PROBE_EXAMPLES, check_per_example
-from ..metrics import check_metric, check_outputs
+from ..metrics import check_metric, check_outputs, run_network
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,7 @@ class FSDEstimator:
                         device, dtype = model_device_dtype(model)
                         x, rest = _first_examples(data, PROBE_EXAMPLES, self.config.batch_size, device, dtype)
                         if x is not None:  # None: this rank's shard is empty (the others check theirs)
+                            _probe_dtype(model, x[:2])
                             if outputs is not None:
                                 check_outputs(outputs, _num_outputs(model, x[:1]))
                             check_per_example(model, x, gm, why)
@@ -496,6 +497,22 @@ def _structure(model: nn.Module) -> tuple[int, ...]:
                 out.append(id(child))
                 stack.append(child)
     return tuple(out)
+
+
+def _probe_dtype(model: nn.Module, x: torch.Tensor) -> None:
+    """Refuse integer inputs that the network's floating ops cannot read (:func:`laftr.metrics.run_network`).
+
+    Any other failure is left to the estimator's own pass over the data, which says what it is.
+    """
+    if x.is_floating_point():
+        return
+    try:
+        with torch.no_grad():
+            run_network(model, x)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
 
 
 def _num_outputs(model: nn.Module, x: torch.Tensor) -> int | None:
