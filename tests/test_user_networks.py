@@ -93,34 +93,34 @@ def test_ops_a_linearization_refuses_run_exactly_in_the_real_networks(kind):
         assert abs(float(est(model))) < 1e-12 and float(est(perturbed(model, 0.2))) > 0
 
 
-class Recurrent(nn.Module):
-    """An LSTM (no forward-mode AD in PyTorch 2.13, no rule) read at its last step, then an MLP head."""
+class Unruled(nn.Module):
+    """A linear map per position, a LocalResponseNorm across its channels (no rule), mean pooling, a head."""
 
     def __init__(self, act: bool = True) -> None:
         super().__init__()
-        self.lstm = nn.LSTM(3, H, batch_first=True)
+        self.inp = nn.Linear(3, H)
+        self.norm = nn.LocalResponseNorm(2)
         self.head = nn.Sequential(nn.Linear(H, H), nn.ReLU() if act else nn.Identity(), nn.Linear(H, D_OUT))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(x)
-        return self.head(out[:, -1])
+        return self.head(self.norm(self.inp(x).transpose(1, 2)).mean(-1))
 
 
 def test_linearize_activations_runs_ops_without_a_rule_exactly():
-    """``linearize="activations"`` runs every op but the activations exactly, so an op no rule covers (an
-    LSTM, ``torch.maximum``, ``detach``) runs there too: with no activation outside it, it is the real
-    networks (``gates="none"``, same draws); the activations around it are linearized (zero at theta0,
-    gradients reach the LSTM); ``linearize="all"`` still refuses it by name."""
+    """``linearize="activations"`` runs every op but the activations exactly, so an op no rule covers
+    (LocalResponseNorm, ``torch.maximum``, ``detach``) runs there too: with no activation outside it, it is
+    the real networks (``gates="none"``, same draws); the activations around it are linearized (zero at
+    theta0, gradients reach the first layer); ``linearize="all"`` still refuses it by name."""
     torch.manual_seed(0)
     X = torch.randn(48, 5, 3, dtype=torch.float64)
-    plain = Recurrent(act=False).double()
+    plain = Unruled(act=False).double()
     other = perturbed(plain, 0.1)
     for gates in ("bernoulli", "relu"):
         a = laftr.make_estimator("laftr", gates=gates, linearize="activations", seed=4).fit(plain, X)
         b = laftr.make_estimator("laftr", gates="none", seed=4).fit(plain, X)
         torch.testing.assert_close(a(other), b(other), rtol=1e-10, atol=1e-14)
-    for model, data in ((Recurrent().double(), X), (Net("maximum").double(), _inputs().double())):
-        with pytest.raises(laftr.UnsupportedOpError, match=r"node '(lstm|maximum).*linearize='activations'"):
+    for model, data in ((Unruled().double(), X), (Net("maximum").double(), _inputs().double())):
+        with pytest.raises(laftr.UnsupportedOpError, match=r"node '(norm|maximum).*linearize='activations'"):
             laftr.make_estimator("laftr").fit(model, data)
         far = perturbed(model, 0.1)
         for gates in ("bernoulli", "relu"):

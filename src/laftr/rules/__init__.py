@@ -6,12 +6,13 @@ classes a new rule derives from (:class:`Rule`, :class:`AffineRule`, :class:`Pie
 :func:`registered_targets` (the support matrix) and :class:`~laftr.errors.UnsupportedOpError`.
 
 Families, one private submodule each: ``affine`` (layers, reshapes, sums, dropout, shape queries),
-``gates`` (elementwise activations), ``norm`` (per-example normalization), ``pooling`` (max pooling) and
-``attention`` (token embeddings, products of two data tensors, softmax over data, attention).
+``gates`` (elementwise activations), ``norm`` (per-example normalization), ``pooling`` (max pooling),
+``attention`` (token embeddings, products of two data tensors, softmax over data, attention) and
+``recurrent`` (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``).
 """
 
 from ..errors import UnsupportedOpError
-from . import affine, attention, gates, norm, pooling  # noqa: F401  (registration side effects)
+from . import affine, attention, gates, norm, pooling, recurrent  # noqa: F401  (registration side effects)
 from .affine import AffineRule, IdentityRule, ShapeRule, SumRule
 from .base import (
     Pair,

@@ -1,0 +1,210 @@
+"""``nn.RNN``, ``nn.GRU`` and ``nn.LSTM`` in every mode (laftr.rules.recurrent).
+
+The rule must give what the same recurrence written by hand with ``F.linear``, ``torch.sigmoid``,
+``torch.tanh`` and ``*`` gives through laftr's own rules: exactly with theta0's own linearization
+(``gates="relu"``) and with the sampled laws where every law is a point (one stored input), and the same
+expectation with the sampled laws on real data. Plus: zero at theta0, gradients reach every weight,
+estimate / exact -> 1 as theta -> theta0, the real networks, ``linearize="activations"``, LIFTR, the
+baselines, save/load, stored floats and the refusals.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import perturbed
+from torch import nn
+
+import laftr
+
+T, D_IN, H, D_OUT = 4, 3, 5, 3
+
+
+class Hand(nn.Module):
+    """The recurrence of ``rnn`` written by hand with its weights (the zero state: ``W_hh h + b_hh`` is
+    ``b_hh``, and the products with it vanish). Takes ``(B, T, F)``."""
+
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.rnn
+        seq, dirs = x, 2 if m.bidirectional else 1
+        for layer in range(m.num_layers):
+            outs = []
+            for d in range(dirs):
+                suffix = f"_l{layer}" + ("_reverse" if d else "")
+                w_hh = getattr(m, "weight_hh" + suffix)
+                b_hh = getattr(m, "bias_hh" + suffix, None)
+                xw = F.linear(seq, getattr(m, "weight_ih" + suffix), getattr(m, "bias_ih" + suffix, None))
+                hs: list[torch.Tensor] = [xw[:, 0, :H]] * T
+                h = c = None
+                for t in range(T - 1, -1, -1) if d else range(T):
+                    if h is not None:
+                        hh = F.linear(h, w_hh, b_hh)
+                    else:
+                        hh = b_hh if b_hh is not None else torch.zeros(w_hh.shape[0], dtype=x.dtype)
+                    xt = xw[:, t]
+                    if isinstance(m, nn.LSTM):
+                        g = xt + hh
+                        i, f = torch.sigmoid(g[:, :H]), torch.sigmoid(g[:, H:2 * H])
+                        gg, o = torch.tanh(g[:, 2 * H:3 * H]), torch.sigmoid(g[:, 3 * H:])
+                        c = i * gg if c is None else f * c + i * gg
+                        h = o * torch.tanh(c)
+                    elif isinstance(m, nn.GRU):
+                        r = torch.sigmoid(xt[:, :H] + hh[..., :H])
+                        z = torch.sigmoid(xt[:, H:2 * H] + hh[..., H:2 * H])
+                        n = torch.tanh(xt[:, 2 * H:] + r * hh[..., 2 * H:])
+                        h = (1 - z) * n if h is None else (1 - z) * n + z * h
+                    else:
+                        h = (torch.relu if m.nonlinearity == "relu" else torch.tanh)(xt + hh)
+                    hs[t] = h
+                outs.append(torch.stack(hs, 1))
+            seq = outs[0] if dirs == 1 else torch.cat(outs, -1)
+        return seq
+
+
+class Net(nn.Module):
+    """A recurrent layer (or its hand-written twin), mean over the positions, a linear head."""
+
+    def __init__(self, rnn: nn.RNNBase, hand: bool = False) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.hand = Hand(rnn) if hand else None  # the same weights (tied)
+        self.head = nn.Linear(H * (2 if rnn.bidirectional else 1), D_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hand is not None:
+            y = self.hand(x)
+        elif self.rnn.batch_first:
+            y = self.rnn(x)[0]
+        else:
+            y = self.rnn(x.transpose(0, 1))[0].transpose(0, 1)
+        return self.head(y.mean(1))
+
+
+def _twins(rnn: nn.RNNBase, step: float = 0.2) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """The network, its hand-written twin (same weights), and both moved by ``step`` (the same way)."""
+    a = Net(rnn).double()
+    b = Net(rnn, hand=True).double()
+    b.head = a.head
+    far = perturbed(a, step)
+    far_b = Net(far.rnn, hand=True).double()
+    far_b.head = far.head
+    return a, b, far, far_b
+
+
+def _inputs(n: int = 30, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, T, D_IN, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+LAYERS = [
+    (nn.LSTM, {}), (nn.GRU, {}), (nn.RNN, {}), (nn.RNN, {"nonlinearity": "relu"}),
+    (nn.LSTM, {"num_layers": 2, "bidirectional": True}), (nn.GRU, {"bias": False, "bidirectional": True}),
+    (nn.LSTM, {"batch_first": False}),
+]
+
+
+@pytest.mark.parametrize(("cls", "kw"), LAYERS, ids=lambda v: getattr(v, "__name__", None) or str(v))
+def test_the_layer_is_its_recurrence_written_by_hand(cls, kw):
+    torch.manual_seed(0)
+    rnn = cls(D_IN, H, **{"batch_first": True, **kw}).double()
+    a, b, far, far_b = _twins(rnn)
+    X = _inputs()
+    torch.testing.assert_close(a(X), b(X), rtol=1e-12, atol=1e-14)
+    relu_rnn = kw.get("nonlinearity") == "relu"
+    for gates in ("relu", "bernoulli"):
+        # with one stored input every sampled law is a point: the draws are the same whatever their order
+        opts = {"input_model": "coreset", "coreset_size": 1, "num_samples": 3} if gates == "bernoulli" else {}
+        data = X[:1] if gates == "bernoulli" else X
+        if gates == "bernoulli" and relu_rnn:
+            with pytest.raises(laftr.UnsupportedOpError, match="two-point law"):
+                laftr.make_estimator("laftr", gates=gates, **opts).fit(a, data)(far)
+            continue
+        est = laftr.make_estimator("laftr", gates=gates, seed=3, **opts).fit(a, data)
+        twin = laftr.make_estimator("laftr", gates=gates, seed=3, **opts).fit(b, data)
+        got = est(far)
+        torch.testing.assert_close(got, twin(far_b), rtol=1e-10, atol=1e-14)
+        assert float(est(a)) == 0.0 and float(got) > 0
+        names = [n for n, _ in far.rnn.named_parameters()]
+        grads = torch.autograd.grad(got, [p for _, p in far.rnn.named_parameters()])
+        assert all(bool(g.abs().sum() > 0) for g in grads), [n for n, g in zip(names, grads) if not g.any()]
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+def test_sampled_laws_have_the_hand_written_expectation(cls):
+    """On real data the laws are not points: the rule draws one tangent per unit, position and gate of its one
+    site, the twin one per gate site; same laws, independent draws, so the same expectation."""
+    torch.manual_seed(0)
+    a, b, far, far_b = _twins(cls(D_IN, H, batch_first=True).double(), 0.3)
+    X = _inputs(200)
+    stats = []
+    for net, other in ((a, far), (b, far_b)):
+        est = laftr.make_estimator("laftr", num_samples=4000, seed=5).fit(net, X)
+        v = torch.stack([est(other).detach() for _ in range(5)])
+        stats.append((v.mean(), v.std() / 5 ** 0.5))
+    (m1, s1), (m2, s2) = stats
+    assert abs(float(m1 - m2)) < 4 * float((s1 ** 2 + s2 ** 2).sqrt()), stats
+
+
+def test_theta0s_own_linearization_tends_to_the_exact_fsd():
+    torch.manual_seed(0)
+    model, X = Net(nn.LSTM(D_IN, H, batch_first=True, num_layers=2)).double(), _inputs(20)
+    est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=len(X),
+                               num_samples=len(X)).fit(model, X)
+    errors = []
+    for step in (1e-2, 1e-3, 1e-4):
+        near = perturbed(model, step, seed=2)
+        errors.append(abs(float(est(near)) / float(laftr.exact_fsd(model, near, X)) - 1))
+    assert errors[-1] < 1e-3 and errors[-1] < errors[0], errors
+
+
+def test_real_networks_activations_liftr_and_baselines_run_it(tmp_path):
+    """``gates="none"`` and ``linearize="activations"`` run the layer exactly (on a coreset of every input:
+    the exact FSD); LIFTR anchors its inputs; the summary stores (c, r) moments per unit, saves and loads;
+    K-FAC (its parameters diagonal) and the diagonal Fisher run through it."""
+    torch.manual_seed(0)
+    model, X = Net(nn.GRU(D_IN, H, batch_first=True)).double(), _inputs(20)
+    far = perturbed(model, 0.2)
+    want = laftr.exact_fsd(model, far, X)
+    for opts in ({"gates": "none"}, {"linearize": "activations", "gates": "relu"}):
+        est = laftr.make_estimator("laftr", input_model="coreset", coreset_size=len(X), num_samples=len(X),
+                                   **opts).fit(model, X)
+        torch.testing.assert_close(est(far), want, rtol=1e-10, atol=1e-14)
+    est = laftr.make_estimator("laftr", input_model="diag", seed=1).fit(model, X)
+    site = est.summary.site_sums["rnn"]
+    assert sorted(site) == ["c", "cc", "cr", "r", "rr"] and tuple(site["c"].shape) == (1, 1, T, 3 * H)
+    assert est.stored_floats() == 5 * T * 3 * H + 2 * T * D_IN
+    loaded = laftr.load(laftr.save(est, tmp_path / "gru.laftr"))
+    first = est(far)
+    assert float(first) > 0
+    torch.testing.assert_close(laftr.make_estimator("laftr", input_model="diag", seed=1).fit(model, X)(far),
+                               first)
+    assert float(loaded(far)) > 0 and float(loaded(model)) == 0.0
+    for name, opts in (("liftr", {}), ("kfac", {"unsupported": "diag"}), ("diag-fisher", {})):
+        fitted = laftr.make_estimator(name, **opts).fit(model, X)
+        assert abs(float(fitted(model))) < 1e-12 and float(fitted(far)) > 0, name
+
+
+def test_what_the_rule_refuses_is_named():
+    X = _inputs(10)
+
+    class WithState(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(D_IN, H, batch_first=True)
+            self.register_buffer("h0", torch.zeros(1, 1, H))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x, self.h0.expand(-1, x.shape[0], -1).contiguous())[0].mean(1)
+
+    with pytest.raises(laftr.UnsupportedOpError, match="initial state"):
+        laftr.make_estimator("laftr").fit(WithState().double(), X)
+    proj = Net(nn.LSTM(D_IN, 2 * H, batch_first=True, proj_size=H)).double()
+    with pytest.raises(laftr.UnsupportedOpError, match="proj_size"):
+        laftr.make_estimator("laftr").fit(proj, X)
+    with pytest.raises(laftr.UnsupportedOpError, match="no closed form for a recurrent layer"):
+        plain = Net(nn.RNN(D_IN, H, batch_first=True)).double()
+        laftr.make_estimator("laftr-exact").fit(plain, X)(plain)
