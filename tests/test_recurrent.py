@@ -188,6 +188,19 @@ def test_real_networks_activations_liftr_and_baselines_run_it(tmp_path):
         assert abs(float(fitted(model))) < 1e-12 and float(fitted(far)) > 0, name
 
 
+def test_dropout_between_layers_is_off_also_in_training_mode():
+    """As every dropout while estimating: a network in training mode (a regularizer inside a training loop)
+    gets the estimate of the same network in evaluation mode, in the exact pass and the linearized ones."""
+    torch.manual_seed(0)
+    model, X = Net(nn.LSTM(D_IN, H, num_layers=2, dropout=0.5, batch_first=True)).double(), _inputs(20)
+    far = perturbed(model, 0.2)
+    for opts in ({"gates": "none"}, {"gates": "relu"}, {}):
+        est = laftr.make_estimator("laftr", seed=2, fixed_noise=True, **opts).fit(model, X)
+        want = est(far.eval())
+        torch.testing.assert_close(est(far.train()), want, rtol=0, atol=0)
+        torch.testing.assert_close(est(far.train()), want, rtol=0, atol=0)
+
+
 def test_what_the_rule_refuses_is_named():
     X = _inputs(10)
 

@@ -123,7 +123,8 @@ class _Pass:
 class RecurrentRule(Rule):
     """``nn.RNN`` (tanh or ReLU), ``nn.GRU`` and ``nn.LSTM``, any number of layers, one or two directions.
 
-    ``batch_first`` either way, with or without biases; dropout between layers is off (evaluation). Refused:
+    ``batch_first`` either way, with or without biases; dropout between layers is off (as every dropout while
+    estimating, also when the network is in training mode). Refused:
     ``proj_size``, a given initial state ``hx``, a packed sequence, and the closed form.
     """
 
@@ -148,6 +149,18 @@ class RecurrentRule(Rule):
         self.layers = int(mod.num_layers)
         self.directions = 2 if mod.bidirectional else 1
         self.blocks = self.layers * self.directions
+
+    def call(self, params: dict[str, Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The layer itself on one stream's values, with its dropout between layers off (as everywhere)."""
+        mod = self.module
+        assert mod is not None
+        if not (mod.training and getattr(mod, "dropout", 0)):
+            return super().call(params, args, kwargs)
+        mod.train(False)
+        try:
+            return super().call(params, args, kwargs)
+        finally:
+            mod.train(True)
 
     def params(self) -> dict[str, Any]:
         """The cell, its size, layers, directions and nonlinearity, which a stored summary must match."""
