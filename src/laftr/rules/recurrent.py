@@ -153,8 +153,8 @@ class RecurrentRule(Rule):
     def call(self, params: dict[str, Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The layer itself on one stream's values, with its dropout between layers off (as everywhere)."""
         mod = self.module
-        assert mod is not None
-        if not (mod.training and getattr(mod, "dropout", 0)):
+        assert isinstance(mod, nn.RNNBase)
+        if not (mod.training and mod.dropout):
             return super().call(params, args, kwargs)
         mod.train(False)
         try:
