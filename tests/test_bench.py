@@ -236,14 +236,27 @@ def test_transformer_quick_run_with_the_trajectory_protocol(tmp_path, one_thread
     assert "## trajectory: subtract adamw" in table and "test accuracy" in table
 
 
+def test_lstm_quick_run_on_arithmetic(tmp_path, one_thread):
+    """``--arch lstm``: the token benchmark with an embedding + LSTM network; every estimator runs through the
+    recurrent rule (LAFTR's linearizations, LIFTR's anchors, K-FAC with the LSTM diagonal, the NTK's jvp)."""
+    cfg = FsdBenchConfig.for_arch("lstm", quick=True, progress=False)
+    assert cfg.dataset == "arithmetic" and cfg.d_model == 32 and cfg.blocks == 1
+    disk = run_fsd_bench(cfg, tmp_path / "lstm")
+    rows = {(r["method"], r["metric"]): r for r in disk["methods"]}
+    for label in ("laftr", "laftr-relu", "liftr", "kfac", "diag-fisher", "ntk-10"):
+        row = rows[(label, "l2")]
+        assert row["at_theta0"] == 0.0 and all(e > 0 for e in row["estimates"]), label
+    assert rows[("laftr-relu", "l2")]["stored_floats"] == 4 * 28  # the token law alone: T x vocab (p + 5)
+
+
 def test_arch_and_dataset_must_match(tmp_path, capsys, one_thread):
-    assert {"vit", "transformer"} <= set(ARCHS)
+    assert {"vit", "transformer", "lstm"} <= set(ARCHS)
     with pytest.raises(ValueError, match="--dataset arithmetic"):
         FsdBenchConfig(arch="transformer")
     with pytest.raises(ValueError, match="--dataset arithmetic"):
         FsdBenchConfig.for_arch("transformer", dataset="mnist-sample")
     for arch in ("vit", "mlp", "mlp-gelu", "cnn"):
-        with pytest.raises(ValueError, match="needs --arch transformer"):
+        with pytest.raises(ValueError, match="needs a token network"):
             FsdBenchConfig.for_arch(arch, dataset="arithmetic")
     FsdBenchConfig.for_arch("transformer")
     FsdBenchConfig.for_arch("vit", quick=True)
@@ -260,7 +273,7 @@ def test_arch_and_dataset_must_match(tmp_path, capsys, one_thread):
     with pytest.raises(ValueError, match="vit needs square images"):
         run_fsd_bench(FsdBenchConfig.for_arch("vit", dataset="digits", quick=True, progress=False), tmp_path / "d")
     assert main(["fsd-bench", "--arch", "vit", "--dataset", "arithmetic", "--out", str(tmp_path / "a")]) == 2
-    assert "needs --arch transformer" in capsys.readouterr().err
+    assert "needs a token network" in capsys.readouterr().err
     assert main(["fsd-bench", "--arch", "transformer", "--dataset", "mnist-sample", "--out", str(tmp_path / "b")]) == 2
     assert "--dataset arithmetic" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

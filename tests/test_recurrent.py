@@ -166,7 +166,11 @@ def test_real_networks_activations_liftr_and_baselines_run_it(tmp_path):
     the exact FSD); LIFTR anchors its inputs; the summary stores (c, r) moments per unit, saves and loads;
     K-FAC (its parameters diagonal) and the diagonal Fisher run through it."""
     torch.manual_seed(0)
-    model, X = Net(nn.GRU(D_IN, H, batch_first=True)).double(), _inputs(20)
+    model, X = Net(nn.LSTM(D_IN, H, batch_first=True)).double(), _inputs(20)
+    gru = Net(nn.GRU(D_IN, H, batch_first=True)).double()
+    lstm_ntk = laftr.make_estimator("ntk", coreset_size=8).fit(model, X)
+    assert float(lstm_ntk(perturbed(model, 0.2))) > 0
+    model = gru
     far = perturbed(model, 0.2)
     want = laftr.exact_fsd(model, far, X)
     for opts in ({"gates": "none"}, {"linearize": "activations", "gates": "relu"}):
@@ -183,7 +187,9 @@ def test_real_networks_activations_liftr_and_baselines_run_it(tmp_path):
     torch.testing.assert_close(laftr.make_estimator("laftr", input_model="diag", seed=1).fit(model, X)(far),
                                first)
     assert float(loaded(far)) > 0 and float(loaded(model)) == 0.0
-    for name, opts in (("liftr", {}), ("kfac", {"unsupported": "diag"}), ("diag-fisher", {})):
+    # the NTK's jvp runs through the rule's exact pass (PyTorch's fused LSTM kernel has no forward-mode AD)
+    for name, opts in (("liftr", {}), ("kfac", {"unsupported": "diag"}), ("diag-fisher", {}),
+                       ("ntk", {"coreset_size": 8})):
         fitted = laftr.make_estimator(name, **opts).fit(model, X)
         assert abs(float(fitted(model))) < 1e-12 and float(fitted(far)) > 0, name
 

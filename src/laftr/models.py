@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ACTIVATIONS", "ATTENTIONS", "NORMS", "READOUTS", "VIT_READOUTS", "SelectOutput", "SelfAttention",
-           "Transformer", "TransformerBlock", "ViT", "WithInputs", "conv_net", "copy_attention_weights",
-           "mlp", "num_params", "transformer", "vit"]
+           "RecurrentClassifier", "Transformer", "TransformerBlock", "ViT", "WithInputs", "conv_net",
+           "copy_attention_weights", "lstm", "mlp", "num_params", "transformer", "vit"]
 
 #: The activations of :func:`mlp`, by name.
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU,
@@ -427,6 +427,40 @@ def transformer(
     """
     return Transformer(vocab_size, seq_len, out_features, d_model, heads, blocks, d_mlp, attention, causal,
                        readout, dropout)
+
+
+class RecurrentClassifier(nn.Module):
+    """Token embedding, a stacked LSTM (or GRU), the last position's hidden state, a linear head."""
+
+    def __init__(self, vocab_size: int, out_features: int, d_model: int, layers: int, cell: str) -> None:
+        """See :func:`lstm`."""
+        super().__init__()
+        _check_sizes(vocab_size=vocab_size, out_features=out_features, d_model=d_model, layers=layers)
+        cells = {"lstm": nn.LSTM, "gru": nn.GRU}
+        if cell not in cells:
+            raise ValueError(f"unknown cell {cell!r}; choose one of {sorted(cells)}")
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.rnn = cells[cell](d_model, d_model, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(d_model, out_features)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` int64 token ids -> ``(B, out_features)``."""
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out[:, -1])
+
+
+def lstm(vocab_size: int, out_features: int, d_model: int = 128, layers: int = 2,
+         cell: str = "lstm") -> nn.Module:
+    """A recurrent classifier over token ids: embedding, ``layers`` LSTM (or GRU) layers, last-step readout.
+
+    Args:
+        vocab_size: number of token ids.
+        out_features: outputs of the head.
+        d_model: embedding and hidden width.
+        layers: stacked recurrent layers.
+        cell: ``"lstm"`` or ``"gru"``.
+    """
+    return RecurrentClassifier(vocab_size, out_features, d_model, layers, cell)
 
 
 class ViT(nn.Module):

@@ -44,7 +44,7 @@ from ..config import ExperimentConfig
 from ..errors import UsageError
 from ..exact import exact_fsd_and_grad
 from ..metrics import QUADRATIC_METRICS, check_metric, discrepancy
-from ..models import conv_net, mlp, num_params, transformer, vit
+from ..models import conv_net, lstm, mlp, num_params, transformer, vit
 from ..report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
 from ..specs import Spec, check_keys, config_keys, format_spec, parse_spec
 from ..stats import agreement
@@ -88,14 +88,17 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     "transformer": ArchSpec("tokens", False, False, "diag", True,
                             "pre-LN decoder: d_model 128, 4 heads, 2 blocks, GELU MLP 512, "
                             "causal, last-token readout"),
+    "lstm": ArchSpec("tokens", False, False, "diag", True,
+                     "token embedding 128, 2-layer LSTM 128, last-position readout"),
 }
 ARCHS = tuple(ARCH_SPECS)
 TOKEN_DATASETS = ("arithmetic",)
-"""Data sets of token sequences: they go with ``--arch transformer`` and only with it."""
+"""Data sets of token sequences: they go with the token networks (``--arch transformer``, ``lstm``) only."""
 
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "transformer": {"d_model": 128, "heads": 4, "blocks": 2, "d_mlp": 512},
     "vit": {"d_model": 64, "heads": 4, "blocks": 2, "d_mlp": 128},
+    "lstm": {"d_model": 128, "blocks": 2},
 }
 """Default sizes of the transformer networks (config fields left ``None`` take these)."""
 
@@ -271,17 +274,19 @@ class FsdBenchConfig(ExperimentConfig):
 
     Attributes:
         dataset: a classification data set known to :func:`laftr.data.load_dataset` (images), or
-            ``arithmetic`` (modular arithmetic token sequences; ``arch`` must be ``transformer``).
+            ``arithmetic`` (modular arithmetic token sequences; ``arch`` must be ``transformer`` or ``lstm``).
         data_dir: where its files are (when the loader needs one).
         arch: ``mlp`` (784-hidden-10, ReLU), ``mlp-gelu`` (784-512-512-10 with LayerNorm after each hidden
             Linear and GELU), ``cnn`` (the conv net of METHOD.md section 4, scaled by ``width``), ``vit`` (a
-            small vision transformer) or ``transformer`` (a pre-LayerNorm decoder over token sequences; see
-            :data:`ARCH_SPECS`).
+            small vision transformer), ``transformer`` (a pre-LayerNorm decoder over token sequences) or
+            ``lstm`` (an embedding, a stacked LSTM and a readout of the last position); see
+            :data:`ARCH_SPECS`.
         hidden: MLP hidden widths (``mlp-gelu``: 512, 512 unless given).
         width: channel/fc multiplier of the conv net.
-        d_model: width of the residual stream of ``vit`` / ``transformer`` (None: :data:`MODEL_SIZES`).
+        d_model: width of the residual stream of ``vit`` / ``transformer``, the embedding and hidden width of
+            ``lstm`` (None: :data:`MODEL_SIZES`).
         heads: attention heads (None: :data:`MODEL_SIZES`).
-        blocks: transformer blocks (None: :data:`MODEL_SIZES`).
+        blocks: transformer blocks, LSTM layers (None: :data:`MODEL_SIZES`).
         d_mlp: hidden width of each block's GELU MLP (None: :data:`MODEL_SIZES`).
         patch: side of the ViT's square patches.
         p: modulus of the arithmetic tasks (also the number of outputs).
@@ -372,7 +377,7 @@ class FsdBenchConfig(ExperimentConfig):
             base.update(hidden=[512, 512])
         if arch == "vit":
             base.update(n_fit=12000, n_other=12000, epochs_a=10)
-        if arch == "transformer":
+        if ARCH_SPECS[arch].inputs == "tokens":
             base.update(dataset="arithmetic", epochs_a=30, schedule_a="cosine", lr_a=1e-3)
         if quick:
             base.update(coreset_sizes=[10, 40], num_samples=32, eval_calls=2, rank=5, laftr_coreset=40)
@@ -380,6 +385,9 @@ class FsdBenchConfig(ExperimentConfig):
             if arch == "transformer":
                 base.update(p=23, d_model=32, heads=2, blocks=1, d_mlp=64, epochs_a=60, batch_size=64,
                             lr_a=3e-3, n_other=400, threads=1)
+            elif arch == "lstm":
+                base.update(p=23, d_model=32, blocks=1, epochs_a=60, batch_size=64, lr_a=3e-3, n_other=400,
+                            threads=1)
             elif arch == "vit":
                 base.update(n_fit=600, n_other=600, d_model=16, heads=2, blocks=1, d_mlp=32, epochs_a=2,
                             threads=1)
@@ -412,8 +420,8 @@ class FsdBenchConfig(ExperimentConfig):
             raise UsageError(f"--arch {self.arch} takes token sequences: use --dataset "
                              f"{' or '.join(TOKEN_DATASETS)} (got {self.dataset!r})")
         if spec.inputs != "tokens" and self.tokens:
-            raise UsageError(f"--dataset {self.dataset} is token sequences: it needs --arch transformer "
-                             f"(--arch {self.arch} takes images)")
+            raise UsageError(f"--dataset {self.dataset} is token sequences: it needs a token network, --arch "
+                             f"transformer or lstm (--arch {self.arch} takes images)")
         for m in self.metrics:
             check_metric(m)
         if not self.metrics:
@@ -804,6 +812,11 @@ def _build(cfg: FsdBenchConfig, data: _Data) -> nn.Module:
         d_model, heads, blocks, d_mlp = _sizes(cfg)
         return transformer(data.vocab_size, in_shape[0], n_out, attention="manual", d_model=d_model,
                            heads=heads, blocks=blocks, d_mlp=d_mlp)
+    if cfg.arch == "lstm":
+        if data.vocab_size is None or len(in_shape) != 1:
+            raise UsageError(f"--arch lstm needs token sequences (N, T); got inputs of shape {in_shape}")
+        assert cfg.d_model is not None and cfg.blocks is not None
+        return lstm(data.vocab_size, n_out, d_model=cfg.d_model, layers=cfg.blocks)
     if cfg.arch == "vit":
         if len(in_shape) != 3 or in_shape[1] != in_shape[2] or in_shape[1] % cfg.patch:
             raise UsageError(f"--arch vit needs square images (C, H, W) whose side is a multiple of the "

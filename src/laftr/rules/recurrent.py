@@ -60,9 +60,9 @@ _GATES: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]]
 class _Pass:
     """One pass of the rule: the gates' linearizations, in the mode's way, for every unit block in turn.
 
-    ``fit``: theta0's exact gates (one stream), their tangents ``(c, r)`` kept to be recorded; ``own``: the
-    tangent at stream 0's pre-activation; ``sample``: ``(c, r)`` from the draw of the whole site, one block
-    (layer and direction, position, gate) at a time.
+    ``exact``: every stream's own gates and products; ``fit``: theta0's exact gates (one stream), their
+    tangents ``(c, r)`` kept to be recorded; ``own``: the tangent at stream 0's pre-activation; ``sample``:
+    ``(c, r)`` from the draw of the whole site, one block (layer and direction, position, gate) at a time.
     """
 
     def __init__(self, rule: RecurrentRule, mode: Any, method: str, like: Tensor, T: int) -> None:
@@ -88,6 +88,8 @@ class _Pass:
         fn, slope = _GATES[kind]
         H = self.rule.hidden
         cols = slice(k * H, (k + 1) * H)
+        if self.method == "exact":
+            return tuple(fn(p) for p in pre)
         s0 = pre[0]
         if self.method == "fit":
             a0 = fn(s0)
@@ -105,8 +107,8 @@ class _Pass:
         return tuple(p * c + r for p in pre)
 
     def product(self, x: tuple[Tensor, ...], y: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """``x * y`` of two data tensors: exact while fitting (theta0 alone), else bilinear at stream 0."""
-        if self.method == "fit":
+        """``x * y`` of two data tensors: exact (also while fitting), else bilinear at stream 0's factors."""
+        if self.method in ("exact", "fit"):
             return tuple(a * b for a, b in zip(x, y, strict=True))
         return bilinear_streams(_mul, x, y)
 
@@ -150,18 +152,6 @@ class RecurrentRule(Rule):
         self.directions = 2 if mod.bidirectional else 1
         self.blocks = self.layers * self.directions
 
-    def call(self, params: dict[str, Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """The layer itself on one stream's values, with its dropout between layers off (as everywhere)."""
-        mod = self.module
-        assert isinstance(mod, nn.RNNBase)
-        if not (mod.training and mod.dropout):
-            return super().call(params, args, kwargs)
-        mod.train(False)
-        try:
-            return super().call(params, args, kwargs)
-        finally:
-            mod.train(True)
-
     def params(self) -> dict[str, Any]:
         """The cell, its size, layers, directions and nonlinearity, which a stored summary must match."""
         return {"cell": self.kind, "hidden": self.hidden, "layers": self.layers,
@@ -186,8 +176,9 @@ class RecurrentRule(Rule):
     def run(self, mode: Any, args: Any, kwargs: Any, method: str) -> Any:
         """The recurrence over every layer, direction and position, linearized as ``method`` says.
 
-        ``fit`` (theta0 alone, recording), ``own`` or ``sample``; the exact layer (:meth:`forward`) is the
-        module itself in each stream.
+        ``exact`` (every stream's own layer, written with ops that have forward-mode derivatives, which
+        PyTorch's fused LSTM kernel lacks: the NTK baseline's ``jvp`` runs through it), ``fit`` (theta0 alone,
+        recording), ``own`` or ``sample``.
         """
         mod = self.module
         assert isinstance(mod, nn.RNNBase)
@@ -276,6 +267,10 @@ class RecurrentRule(Rule):
         c_new = ig if first else add(run.product(f, c), ig)
         tc = run.gate("tanh", c_new, block, t, 4)
         return run.product(o, tc), c_new
+
+    def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The layer run exactly in every stream (dropout between layers off, as every dropout here)."""
+        return self.run(mode, args, kwargs, "exact")
 
     def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """theta0's recurrence on real data, recording every gate's tangent."""
