@@ -14,7 +14,7 @@ from .common import EXIT_OK, Subcommand, command_line, csv_list, int_list, spec_
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None,
                    help="data set: an image classification set for mlp, mlp-gelu, cnn and vit (default "
-                        "fashion-mnist), arithmetic for transformer (its default and only choice)")
+                        "fashion-mnist), arithmetic for transformer and lstm (their default and only choice)")
     p.add_argument("--data-dir", default=None,
                    help="folder of the data set's files, when its loader needs one")
     p.add_argument("--arch", default="mlp", choices=list(ARCHS),
@@ -22,7 +22,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                         "(default mlp: 784-256-256-10 ReLU; mlp-gelu: 784-512-512-10, LayerNorm + GELU; cnn: "
                         "the Split-CIFAR conv net; vit: a small vision transformer, patch 7, d_model 64, on "
                         "images such as fashion-mnist; transformer: a pre-LN decoder, d_model 128, on "
-                        "--dataset arithmetic, modular addition mod 113 -> subtract / quadratic / random)")
+                        "--dataset arithmetic, modular addition mod 113 -> subtract / quadratic / random; "
+                        "lstm: an embedding and a 2-layer LSTM 128 on the same)")
     p.add_argument("--quick", action="store_true", help="small run (under 2 minutes on 2 CPU cores)")
     p.add_argument("--out", required=True,
                    help="output folder "
