@@ -377,7 +377,8 @@ class FsdBenchConfig(ExperimentConfig):
             base.update(hidden=[512, 512])
         if arch == "vit":
             base.update(n_fit=12000, n_other=12000, epochs_a=10)
-        if ARCH_SPECS[arch].inputs == "tokens":
+        spec = ARCH_SPECS.get(arch)  # an unknown one is refused by the config's own check
+        if spec is not None and spec.inputs == "tokens":
             base.update(dataset="arithmetic", epochs_a=30, schedule_a="cosine", lr_a=1e-3)
         if quick:
             base.update(coreset_sizes=[10, 40], num_samples=32, eval_calls=2, rank=5, laftr_coreset=40)
