@@ -198,6 +198,28 @@ def test_transformer_estimators_equal_the_cpu():
         assert d.device.type == DEV.type and torch.isfinite(d) and d > 0
 
 
+def test_recurrent_estimators_equal_the_cpu():
+    """An embedding and a 2-layer LSTM (the recurrent rule's step-by-step pass): theta0's own linearization on a
+    coreset of every input and the deterministic baselines equal the CPU; the sampled laws run on the device."""
+    torch.manual_seed(0)
+    V, L = 7, 4
+    model = laftr.models.lstm(V, 3, d_model=6, layers=2)
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randint(0, V, (40, L), generator=g), torch.randint(0, 3, (40,), generator=g)
+    other = perturbed(model, 0.05)
+    for name, opts in [("laftr", {"gates": "relu", "input_model": "coreset", "coreset_size": 40,
+                                  "num_samples": 40}),
+                       ("kfac", {"fisher": "exact", "unsupported": "diag"}), ("diag-fisher", {"fisher": "exact"}),
+                       ("subset", {"coreset_size": 20}), ("ntk", {"coreset_size": 10})]:
+        cpu, dev = _both(name, opts, model, other, (X, Y))
+        _assert_same(cpu, dev)
+    est = laftr.make_estimator("laftr", input_model="tokens", num_samples=64, seed=0)
+    est.fit(copy.deepcopy(model).to(DEV), (X.to(DEV), Y.to(DEV)))
+    assert abs(float(est(copy.deepcopy(model).to(DEV)))) < 1e-12
+    d = est(copy.deepcopy(other).to(DEV))
+    assert d.device.type == DEV.type and torch.isfinite(d) and d > 0
+
+
 # ------------------------------------------------------------------------------------------ the exact FSD
 def test_exact_fsd_and_its_gradient_equal_the_cpu():
     model, (X, _) = mlp(), _data()
