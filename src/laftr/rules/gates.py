@@ -738,6 +738,18 @@ class SiluGate(SmoothGate):
         return sg * (1 + s * (1 - sg))
 
 
+def tanh_slope(s: torch.Tensor) -> torch.Tensor:
+    """``tanh'(s) = 1 - tanh(s)^2`` (also the recurrent layers' gates)."""
+    t = torch.tanh(s)
+    return 1 - t * t
+
+
+def sigmoid_slope(s: torch.Tensor) -> torch.Tensor:
+    """``sigmoid'(s) = sigmoid(s) (1 - sigmoid(s))`` (also the recurrent layers' gates)."""
+    sg = torch.sigmoid(s)
+    return sg * (1 - sg)
+
+
 @register(nn.Tanh, torch.tanh, "tanh", "tanh_", *_fns("tanh_", module=torch))  # F.tanh calls Tensor.tanh
 class TanhGate(SmoothGate):
     """``tanh(s)``."""
@@ -746,8 +758,7 @@ class TanhGate(SmoothGate):
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
         """``1 - tanh(s)^2``."""
-        t = torch.tanh(s)
-        return 1 - t * t
+        return tanh_slope(s)
 
 
 # F.sigmoid calls Tensor.sigmoid
@@ -759,8 +770,7 @@ class SigmoidGate(SmoothGate):
 
     def slope(self, s: torch.Tensor, mode: Any, args: Any, kwargs: Any) -> torch.Tensor:
         """``sigmoid(s) (1 - sigmoid(s))``."""
-        sg = torch.sigmoid(s)
-        return sg * (1 - sg)
+        return sigmoid_slope(s)
 
 
 @register(nn.Softplus, F.softplus)

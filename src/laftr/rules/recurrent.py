@@ -31,20 +31,11 @@ from torch import Tensor, nn
 
 from .attention import bilinear_streams
 from .base import Pair, Rule, data_pairs, register
-from .gates import MomentLaw
+from .gates import MomentLaw, sigmoid_slope, tanh_slope
 
 
 def _mul(x: Tensor, y: Tensor) -> Tensor:
     return x * y
-
-
-def _sigmoid_slope(s: Tensor) -> Tensor:
-    a = torch.sigmoid(s)
-    return a * (1 - a)
-
-
-def _tanh_slope(s: Tensor) -> Tensor:
-    return 1 - torch.tanh(s).pow(2)
 
 
 def _relu_slope(s: Tensor) -> Tensor:
@@ -53,7 +44,7 @@ def _relu_slope(s: Tensor) -> Tensor:
 
 #: each gate nonlinearity: (function, slope)
 _GATES: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
-    "sigmoid": (torch.sigmoid, _sigmoid_slope), "tanh": (torch.tanh, _tanh_slope),
+    "sigmoid": (torch.sigmoid, sigmoid_slope), "tanh": (torch.tanh, tanh_slope),
     "relu": (torch.relu, _relu_slope)}
 
 
@@ -66,8 +57,7 @@ class _Pass:
     """
 
     def __init__(self, rule: RecurrentRule, mode: Any, method: str, like: Tensor, T: int) -> None:
-        self.rule, self.mode, self.method = rule, mode, method
-        self.T = T
+        self.rule, self.method = rule, method
         self.c: Tensor | None = None
         self.r: Tensor | None = None
         if self.method == "fit":
