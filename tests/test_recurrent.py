@@ -209,6 +209,10 @@ def test_dropout_between_layers_is_off_also_in_training_mode():
 
 def test_what_the_rule_refuses_is_named():
     X = _inputs(10)
+    with pytest.raises(ValueError, match="unknown cell 'rnn'"):
+        laftr.models.lstm(7, 3, cell="rnn")
+    with pytest.raises(ValueError, match="d_model must be a positive integer"):
+        laftr.models.lstm(7, 3, d_model=0)
 
     class WithState(nn.Module):
         def __init__(self) -> None:
