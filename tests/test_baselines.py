@@ -670,7 +670,7 @@ def test_damped_solve_follows_a_refit_and_survives_save_and_load(tmp_path):
     assert any(not torch.allclose(est.damped_solve(v, 0.1)[n], before[n]) for n in v)
 
 
-def test_damped_solve_refuses_bad_input():
+def test_damped_solve_refuses_bad_input(tmp_path):
     model = mlp(5, (6,), 3)
     X, _ = _data(30)
     v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
@@ -689,6 +689,12 @@ def test_damped_solve_refuses_bad_input():
         fitted = _make(name, **({"unsupported": "diag"} if name == "kfac" else {})).fit(normed, X)
         with pytest.raises(ValueError, match="'1.running_mean' is a buffer"):
             fitted.damped_solve({"1.running_mean": torch.ones(6)}, 0.1)
+        loaded = laftr.load(laftr.save(fitted, tmp_path / f"{name}.laftr"))  # the file says which are buffers
+        with pytest.raises(ValueError, match="'1.running_mean' is a buffer"):
+            loaded.damped_solve({"1.running_mean": torch.ones(6)}, 0.1)
+        ok = {"0.weight": torch.ones(6, 5)}
+        torch.testing.assert_close(loaded.damped_solve(ok, 0.1)["0.weight"], fitted.damped_solve(ok, 0.1)["0.weight"],
+                                   rtol=0, atol=0)
     name = next(iter(v))
     with pytest.raises(ValueError, match="has shape"):
         est.damped_solve({name: torch.zeros(2)}, 0.1)

@@ -250,10 +250,30 @@ def test_headers_that_are_not_laftr_summaries_are_refused(fitted):
 # ---------------------------------------------------------------------------------------------- old formats
 def _as_format_2(raw: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, meta = _split(raw)
-    for k in ("tensors", "metadata_sha256", "graph_fingerprint"):
+    for k in ("tensors", "metadata_sha256", "graph_fingerprint", "buffers"):
         meta.pop(k)
     meta["format_version"] = 2
     return tensors, meta
+
+
+@pytest.mark.parametrize("key", sorted(CASES))
+def test_format_3_files_without_buffers_still_load(fitted, key):
+    raw, other, want = fitted[key]
+    tensors, meta = _split(raw)
+    meta = {k: v for k, v in meta.items() if k != "buffers"}
+    meta["format_version"] = 3
+    est = _load_bytes(_forge(tensors, meta), "v3.laftr")
+    assert torch.equal(est(other), want)
+    assert est._buffer_names is None  # unknown, not "none"
+    _refused(_forge(tensors, dict(meta, buffers=[])), r"unknown metadata entries \['buffers'\]")
+
+
+def test_stored_buffer_names_are_checked(fitted):
+    tensors, meta = _split(fitted["kfac"][0])
+    _refused(_forge(tensors, dict(meta, buffers="0.weight")), "buffers must be null or a list of names")
+    _refused(_forge(tensors, dict(meta, buffers=[3])), "buffers must be null or a list of names")
+    _refused(_forge(tensors, dict(meta, buffers=["nope"])), r"buffers \['nope'\] are not in the stored architecture")
+    assert _load_bytes(_forge(tensors, dict(meta, buffers=None)), "f")._buffer_names is None
 
 
 @pytest.mark.parametrize("key", sorted(CASES))
@@ -304,7 +324,9 @@ def test_infinite_buffers_round_trip_and_are_recorded(tmp_path):
     bad = dict(tensors, **{"theta0/lin.bias": torch.tensor([0.0, float("inf"), 0.0], dtype=DT)})
     _refused(_forge(bad, meta), "'theta0/lin.bias' contains infinite values")
     # format 2 (nothing recorded): an additive mask (finite entries all zero) is accepted
-    meta2 = {k: v for k, v in meta.items() if k not in ("tensors", "metadata_sha256", "graph_fingerprint")}
+    meta2 = {k: v for k, v in meta.items()
+             if k not in ("tensors", "metadata_sha256", "graph_fingerprint", "buffers")}
+    assert meta["buffers"] == ["mask"]
     meta2["format_version"] = 2
     assert torch.equal(_load_bytes(_write(tensors, meta2), "v2").theta0["mask"], model.mask)
 
@@ -333,10 +355,11 @@ def test_graph_fingerprint_round_trips_and_is_covered_by_the_hash(tmp_path):
         laftr.save(est, tmp_path / "h.laftr")
 
 
-def test_saved_files_are_format_3(fitted):
+def test_saved_files_are_format_4(fitted):
     for raw, _, _ in fitted.values():
         _, meta = _split(raw)
-        assert meta["format_version"] == FORMAT_VERSION == 3
+        assert meta["format_version"] == FORMAT_VERSION == 4
+        assert meta["buffers"] == []  # the MLP has none
         assert set(meta["tensors"]) == set(st_load(raw))
         assert all(len(r["sha256"]) == 64 for r in meta["tensors"].values())
 

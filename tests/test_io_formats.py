@@ -40,4 +40,4 @@ def test_format_1_file_resaved_in_the_current_format(tmp_path):
     other = perturbed(est.theta0_model(mlp()), 0.2)
     torch.testing.assert_close(back(other), est(other), rtol=1e-12, atol=0)
     header = json.loads(path.read_bytes()[8: 8 + int.from_bytes(path.read_bytes()[:8], "little")])
-    assert json.loads(header["__metadata__"]["laftr"])["format_version"] == laftr.io.FORMAT_VERSION == 3
+    assert json.loads(header["__metadata__"]["laftr"])["format_version"] == laftr.io.FORMAT_VERSION == 4

@@ -5,7 +5,8 @@ format tag, the format version, the estimator's name, config, outputs, architect
 format version 3 it also records, for every stored tensor, its dtype, shape and the SHA-256 of its dtype,
 shape and raw bytes (``tensors``), and the SHA-256 of the canonical JSON of all other metadata
 (``metadata_sha256``), so that :func:`load` notices any change made to the file after it was written: a
-flipped bit in a tensor, an edited number in the header. Whatever is wrong with a file, :func:`load` raises
+flipped bit in a tensor, an edited number in the header. Format version 4 adds ``buffers``: which entries of
+the architecture are buffers rather than parameters. Whatever is wrong with a file, :func:`load` raises
 :class:`SummaryFileError`.
 """
 
@@ -28,12 +29,16 @@ from .estimators.base import REGISTRY, FSDEstimator
 FORMAT = "laftr-summary"
 #: 3: content hashes of every tensor and of the metadata (laftr 0.3); 2: LAFTR summaries keep named statistics
 #: per site and one input model (laftr 0.2); 1 and 2 are still read.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 #: The metadata keys of each format version (anything else in a file is refused).
 _KEYS_V2 = frozenset({"format", "format_version", "estimator", "config", "outputs", "arch", "extra"})
 _KEYS_V3 = _KEYS_V2 | {"graph_fingerprint", "tensors", "metadata_sha256"}
+#: Version 4 adds which entries of ``arch`` are buffers (not parameters), so that a loaded estimator refuses
+#: them where only parameters make sense (``damped_solve``).
+_KEYS_V4 = _KEYS_V3 | {"buffers"}
+_KEYS = {1: _KEYS_V2, 2: _KEYS_V2, 3: _KEYS_V3, 4: _KEYS_V4}
 #: safetensors refuses headers larger than this; so do we, before reading one.
 _MAX_HEADER = 100_000_000
 _PREFIXES = ("theta0/", "state/")
@@ -108,7 +113,7 @@ def _has_nan(t: torch.Tensor) -> bool:
 
 # ---------------------------------------------------------------------------------------------- save
 def save(estimator: FSDEstimator, path: str | os.PathLike[str], overwrite: bool | None = None) -> Path:
-    """Save a fitted estimator (its summary and theta0) to ``path`` as a safetensors file (format version 3).
+    """Save a fitted estimator (its summary and theta0) to ``path`` as a safetensors file (format version 4).
 
     Args:
         estimator: a fitted estimator.
@@ -160,6 +165,7 @@ def save(estimator: FSDEstimator, path: str | os.PathLike[str], overwrite: bool 
         "arch": estimator.arch,
         "extra": extra,
         "graph_fingerprint": fingerprint,
+        "buffers": None if estimator._buffer_names is None else sorted(estimator._buffer_names),
     }
     # hash exactly what a reader will parse (tuples -> lists, int keys -> str)
     meta = json.loads(json.dumps(meta))
@@ -174,7 +180,7 @@ def save(estimator: FSDEstimator, path: str | os.PathLike[str], overwrite: bool 
 def load(path: str | os.PathLike[str], device: str | torch.device | None = None) -> FSDEstimator:
     """Load an estimator saved by :func:`save`.
 
-    Every stored tensor and the metadata are checked against the SHA-256 hashes recorded at save (format 3),
+    Every stored tensor and the metadata are checked against the SHA-256 hashes recorded at save (formats 3 and 4),
     against the dtypes and shapes the metadata records, and for NaN / infinite values; files of formats 1 and
     2 (no hashes) get every check but the hashes.
 
@@ -206,7 +212,7 @@ def _load_bytes(raw: bytes, name: str, device: str | torch.device | None = None)
             f"{name} has summary format version {version!r}, this laftr reads versions "
             f"{list(READABLE_VERSIONS)}"
         )
-    keys = _KEYS_V3 if version >= 3 else _KEYS_V2
+    keys = _KEYS[version]
     unknown = sorted(set(meta) - keys)
     if unknown:
         raise SummaryFileError(f"{name}: unknown metadata entries {unknown} for format version {version}")
@@ -329,7 +335,7 @@ def _verify_hashes(tensors: dict[str, torch.Tensor], meta: dict[str, Any], name:
 def _check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], version: int, name: str) -> None:
     """Check the names and the finiteness of the stored tensors.
 
-    No NaN anywhere; infinities only in theta0 entries that may hold them (format 3: recorded at save; formats
+    No NaN anywhere; infinities only in theta0 entries that may hold them (formats 3 and 4: recorded at save; formats
     1 and 2: additive masks, whose finite entries are all zero).
     """
     records = meta.get("tensors") if version >= 3 else None
@@ -394,7 +400,14 @@ def _build(meta: dict[str, Any], version: int, name: str) -> FSDEstimator:
     fingerprint = meta.get("graph_fingerprint")
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise SummaryFileError(f"{name}: graph_fingerprint must be a string or null")
+    buffers = meta.get("buffers")
+    if buffers is not None and not (isinstance(buffers, list) and all(isinstance(b, str) for b in buffers)):
+        raise SummaryFileError(f"{name}: buffers must be null or a list of names, got {buffers!r}")
+    if buffers is not None and not set(buffers) <= {e[0] for e in arch}:
+        unknown_buffers = sorted(set(buffers) - {e[0] for e in arch})
+        raise SummaryFileError(f"{name}: buffers {unknown_buffers} are not in the stored architecture")
     est.outputs = None if outputs is None else [int(o) for o in outputs]
     est.arch = arch
     est.graph_fingerprint = fingerprint
+    est._buffer_names = None if buffers is None else frozenset(buffers)
     return est
