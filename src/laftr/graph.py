@@ -229,6 +229,68 @@ class ForwardMode(Mode):
         return True
 
 
+class _RecordingForward(ForwardMode):
+    """theta0's real network, keeping the value of every data-dependent node (to find its batch layout)."""
+
+    def __init__(self, params: Sequence[dict[str, torch.Tensor]]) -> None:
+        super().__init__(params)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def after_node(self, env: dict[str, Any]) -> None:
+        for name, v in env.items():
+            if (name not in self.values and isinstance(v, Pair) and v.data
+                    and isinstance(v.vals[0], torch.Tensor)):
+                self.values[name] = v.vals[0]
+
+
+#: A value's batch layout ``(axis, outer, inner)``: along ``axis`` its entries are ``(o, e, i)`` flattened,
+#: ``e`` the example, ``o < outer``, ``i < inner``. ``LEADING``: one example per entry of the first axis.
+Layout = tuple[int, int, int]
+LEADING: Layout = (0, 1, 1)
+
+
+def batch_layout(a: torch.Tensor, b: torch.Tensor, n: int, k: int) -> Layout | None:
+    """Where the examples sit in ``a`` (a value for ``n`` examples), from ``b`` (the first ``k`` of them).
+
+    None when no single axis holds them (or their values do not tell).
+    """
+    if a.ndim != b.ndim:
+        return None
+    varying = [d for d in range(a.ndim) if a.shape[d] != b.shape[d]]
+    if len(varying) != 1:
+        return None
+    d = varying[0]
+    whole, part = a.shape[d], b.shape[d]
+    if whole % n or part % k or whole // n != part // k:
+        return None
+    m = whole // n
+    for outer in (j for j in range(1, m + 1) if m % j == 0):
+        inner = m // outer
+        if _close(a.unflatten(d, (outer, n, inner)).narrow(d + 1, 0, k), b.unflatten(d, (outer, k, inner))):
+            return (d, outer, inner)
+    return None
+
+
+def to_batch_first(v: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``v`` with its examples along a new first axis.
+
+    The other axes keep their order (and number, unless the examples had an axis of their own, which moves to
+    the front).
+    """
+    d, outer, inner = layout
+    if outer * inner == 1:
+        return v.movedim(d, 0)
+    return v.unflatten(d, (outer, -1, inner)).movedim(d + 1, 0).flatten(d + 1, d + 2)
+
+
+def from_batch_first(u: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The inverse of :func:`to_batch_first`."""
+    d, outer, inner = layout
+    if outer * inner == 1:
+        return u.movedim(0, d)
+    return u.unflatten(d + 1, (outer, inner)).movedim(0, d + 1).flatten(d, d + 2)
+
+
 class FitMode(Mode):
     """theta0 alone on real data; sites add float64 sums per group with :meth:`add`.
 
@@ -275,6 +337,7 @@ class FitMode(Mode):
 
     def add(self, site: str, key: str, values: torch.Tensor) -> None:
         """Add ``values`` (``(B, ...)``, one row per example) to the sums of ``site``/``key`` by group."""
+        self._check_rows(site, values)
         assert self.group is not None
         vals = values.to(torch.float64)
         acc = torch.zeros((self.num_groups, *vals.shape[1:]), dtype=torch.float64, device=vals.device)
@@ -286,12 +349,22 @@ class FitMode(Mode):
 
         No ``d x d`` matrix is formed per example.
         """
+        self._check_rows(site, x)
         assert self.group is not None
         xf = x.to(torch.float64).reshape(x.shape[0], -1, x.shape[-1])
         onehot = torch.nn.functional.one_hot(self.group, self.num_groups).to(xf)
         acc = torch.einsum("bg,bpi,bpj->gpij", onehot, xf, xf).reshape(self.num_groups, *x.shape[1:],
                                                                        x.shape[-1])
         self._accumulate(site, key, acc)
+
+    def _check_rows(self, site: str, values: torch.Tensor) -> None:
+        """Refuse a value that does not hold one row per example of the batch (a layout laftr missed)."""
+        assert self.group is not None
+        if values.ndim == 0 or values.shape[0] != self.group.shape[0]:
+            raise UnsupportedOpError(
+                f"site {site!r} sees a value of shape {tuple(values.shape)} for a batch of "
+                f"{self.group.shape[0]} examples: laftr's stored statistics need the examples along one "
+                "axis of it; keep the batch axis first up to this op")
 
     def _accumulate(self, site: str, key: str, acc: torch.Tensor) -> None:
         """Add per-group sums ``acc`` (``(G, ...)``) to the stored sums."""
@@ -390,7 +463,8 @@ class _Reanchoring:
         """False: theta's stream is re-anchored at theta0's values."""
         return False
 
-    def reanchor(self, rule: Rule, value: Pair, law: Any) -> Pair:
+    def reanchor(self, rule: Rule, value: Pair, law: Any, axis: int = 0) -> Pair:
+        """``value`` re-anchored at a draw from ``law``; ``axis``: where its examples are (``law``: first)."""
         raise NotImplementedError
 
     def before(self, rule: Rule, args: Any, kwargs: Any) -> tuple[Any, Any]:
@@ -399,7 +473,7 @@ class _Reanchoring:
             return args, kwargs
         for p, law in zip(changing_pairs((args, kwargs)), laws, strict=True):
             if id(p) not in self._drawn:
-                self._drawn[id(p)] = (p, self.reanchor(rule, p, law))
+                self._drawn[id(p)] = (p, self.reanchor(rule, p, law, rule.native_batch_axis()))
         return tree_map(lambda v: self._drawn[id(v)][1] if isinstance(v, Pair) and id(v) in self._drawn
                         else v, (args, kwargs))
 
@@ -430,10 +504,10 @@ class StepMode(_Reanchoring, SampleMode):
         self.inner_anchors = inner_anchors
         self._drawn = {}
 
-    def reanchor(self, rule: Rule, value: Pair, law: Any) -> Pair:
-        """``(x0, x) -> (a, a + x - x0)`` with ``a`` drawn from the input's stored law."""
+    def reanchor(self, rule: Rule, value: Pair, law: Any, axis: int = 0) -> Pair:
+        """``(x0, x) -> (a, a + x - x0)`` with ``a`` drawn from the input's stored law (examples first)."""
         x0, *rest = value.vals
-        a = law.draw(self.groups, self.generator, x0)
+        a = law.draw(self.groups, self.generator, x0.movedim(axis, 0)).movedim(0, axis)
         return Pair((a, *(a + (v - x0) for v in rest)), True)
 
     def inner(self, rule: Rule, key: str, value: Pair) -> Pair:
@@ -584,7 +658,7 @@ class StepMomentMode(_Reanchoring, MomentMode):
         self.anchors = anchors
         self._drawn = {}
 
-    def reanchor(self, rule: Rule, value: Pair, law: Any) -> Pair:
+    def reanchor(self, rule: Rule, value: Pair, law: Any, axis: int = 0) -> Pair:
         """Replace theta0's stream by an independent block with the input's stored moments.
 
         The other stream becomes that block plus the change it carried.
@@ -660,6 +734,9 @@ class TracedNet:
         self.exact_unknown = exact_unknown
         #: nodes whose rule refused them in a pass of the real networks: evaluated exactly from then on
         self.exact_nodes: set[str] = set()
+        #: per data-dependent node whose examples are not one per entry of its first axis, their layout (found
+        #: at the first pass that records or draws statistics: :meth:`find_layouts`)
+        self.layouts: dict[str, Layout] | None = None
         self.gm = trace(model)
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if not placeholders:
@@ -802,6 +879,8 @@ class TracedNet:
         users = dict(self._users)
         if self.aliases or self.derived:
             mode.params = [self.with_shared(p) for p in mode.params]
+        if self.layouts is None and mode.method in _LAID_OUT and isinstance(inputs[0], torch.Tensor):
+            self.layouts = self.find_layouts(inputs[0], mode.params[0])
         mode.begin_run()
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
@@ -835,7 +914,79 @@ class TracedNet:
             mode.after_node(env)
         raise AssertionError("graph has no output node")
 
+    def find_layouts(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, Layout] | None:
+        """Where the examples sit in every data-dependent value.
+
+        The real network on a few of ``x``'s examples and on one fewer, compared node by node; only the values
+        whose examples do not lead are kept.
+
+        None (not known: every value is taken to lead with its examples) for a batch of one example.
+        """
+        n = min(int(x.shape[0]) if x.ndim else 0, PROBE_EXAMPLES)
+        if n < 2:
+            return None
+        runs = []
+        try:
+            with torch.no_grad():
+                for batch in (x[:n], x[: n - 1]):
+                    rec = _RecordingForward([params])
+                    self.run((batch,), rec)
+                    runs.append(rec.values)
+        except Exception as e:  # noqa: BLE001 (the pass itself will say what is wrong with the network or data)
+            log.debug("could not find the batch layouts of %s: %s: %s", type(self.gm).__name__,
+                      type(e).__name__, e)
+            return {}
+        out: dict[str, Layout] = {}
+        for name, a in runs[0].items():
+            b = runs[1].get(name)
+            lay = None if b is None else batch_layout(a, b, n, n - 1)
+            if lay is not None and lay != LEADING:
+                out[name] = lay
+        return out
+
+    def _layout(self, node: fx.Node, rule: Rule, mode: Mode, args: Any, kwargs: Any) -> Layout | None:
+        """The batch layout of ``node``'s data input where the rule must see the examples first; else None.
+
+        Refuses a site whose input does not lead with its examples when its rule cannot be run on the input
+        with its examples moved first.
+        """
+        if not self.layouts or mode.method not in _LAID_OUT:
+            return None
+        source = next((a for a in node.all_input_nodes if a.name in self.data_nodes), None)
+        layout = None if source is None else self.layouts.get(source.name)
+        if layout is None or rule.batch_layout_ok(layout):
+            return None
+        first = next((p for p in data_pairs((args, kwargs)) if isinstance(p.vals[0], torch.Tensor)), None)
+        if first is not None and rule.batch_movable(layout, first.vals[0].ndim):
+            return layout
+        if rule.site:
+            raise UnsupportedOpError(
+                f"{rule.describe()} sees the examples of a batch along axis {layout[0]} of its input"
+                + (f" (merged with {layout[1] * layout[2]} entries of their own)" if layout[1] * layout[2] > 1
+                   else "")
+                + ", and its statistics cannot be kept per example that way: keep the batch axis first "
+                "up to this op (e.g. batch_first=True), or use gates='relu' (theta0's own linearization), "
+                "which reads no stored statistic")
+        return None
+
     def _eval(self, node: fx.Node, mode: Mode, args: Any, kwargs: Any) -> Any:
+        layout = self._layout(node, self.rules[node.name], mode, args, kwargs)
+        if layout is None:
+            return self._eval_rule(node, mode, args, kwargs)
+        # the rule sees its examples first (gates, layer norms, a softmax or linear layer on a sequence-first
+        # tensor, or on rows of (batch * positions)); its output goes back to the network's layout
+        def first(v: Any) -> Any:
+            if isinstance(v, Pair) and v.data:
+                return Pair(tuple(to_batch_first(t, layout) for t in v.vals), True, fixed=v.fixed)
+            return v
+        args, kwargs = tree_map(first, (args, kwargs), is_leaf=lambda v: isinstance(v, Pair))
+        out = self._eval_rule(node, mode, args, kwargs)
+        if not (isinstance(out, Pair) and out.data):
+            raise AssertionError(f"{self.rules[node.name].describe()}: a rule run with its examples first "
+                                 "must return one data value")
+        return Pair(tuple(from_batch_first(t, layout) for t in out.vals), True, fixed=out.fixed)
+
+    def _eval_rule(self, node: fx.Node, mode: Mode, args: Any, kwargs: Any) -> Any:
         rule = self.rules[node.name]
         pairs = pairs_in((args, kwargs))
         if not any(p.data for p in pairs):  # parameter arithmetic: exact in each stream, nothing linearized
@@ -888,6 +1039,9 @@ class TracedNet:
         """The network's own output on ``x`` with ``params`` (one stream, plain forward pass)."""
         return self.run((x,), ForwardMode([params]))[0]
 
+
+#: the passes whose rules record or draw per-example statistics (they need each value's batch layout)
+_LAID_OUT = frozenset({"fit", "sample"})
 
 #: dtype casts: of the (floating) network input to another floating type (``x = x.float() / 255``) they are
 #: the input itself, the same in every stream

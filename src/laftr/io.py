@@ -180,9 +180,9 @@ def save(estimator: FSDEstimator, path: str | os.PathLike[str], overwrite: bool 
 def load(path: str | os.PathLike[str], device: str | torch.device | None = None) -> FSDEstimator:
     """Load an estimator saved by :func:`save`.
 
-    Every stored tensor and the metadata are checked against the SHA-256 hashes recorded at save (formats 3 and 4),
-    against the dtypes and shapes the metadata records, and for NaN / infinite values; files of formats 1 and
-    2 (no hashes) get every check but the hashes.
+    Every stored tensor and the metadata are checked against the SHA-256 hashes recorded at save (formats 3
+    and 4), against the dtypes and shapes the metadata records, and for NaN / infinite values; files of
+    formats 1 and 2 (no hashes) get every check but the hashes.
 
     Args:
         path: a summary file.
@@ -335,8 +335,8 @@ def _verify_hashes(tensors: dict[str, torch.Tensor], meta: dict[str, Any], name:
 def _check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], version: int, name: str) -> None:
     """Check the names and the finiteness of the stored tensors.
 
-    No NaN anywhere; infinities only in theta0 entries that may hold them (formats 3 and 4: recorded at save; formats
-    1 and 2: additive masks, whose finite entries are all zero).
+    No NaN anywhere; infinities only in theta0 entries that may hold them (formats 3, 4: recorded at save;
+    formats 1 and 2: additive masks, whose finite entries are all zero).
     """
     records = meta.get("tensors") if version >= 3 else None
     for k, t in tensors.items():

@@ -323,8 +323,8 @@ class FSDEstimator:
         Raises:
             NotImplementedError: the estimate is not a fixed quadratic form.
             RuntimeError: not fitted.
-            ValueError: a name that is not a parameter of theta0 (a buffer is refused; an estimator loaded from
-                a file of format 3 or older does not know its buffers), a shape that
+            ValueError: a name that is not a parameter of theta0 (a buffer is refused; an estimator
+                loaded from a file of format 3 or older does not know its buffers), a shape that
                 differs from it, a vector that is not a floating-point tensor, a damping that is not a finite
                 positive number.
         """

@@ -140,7 +140,7 @@ class InputRecorder:
             if not x.is_floating_point():
                 raise UsageError(f"liftr: {rule.describe()} reads integer data ({x.dtype}) inside the "
                                  "network; only the network input may be token ids")
-            xf = x.detach().to(torch.float64)
+            xf = x.detach().to(torch.float64).movedim(rule.native_batch_axis(), 0)
             self._add(mode, anchor_site(rule.name, i), xf)
 
     def inner(self, mode: FitMode, rule: Rule, key: str, value: Any) -> None:

@@ -279,6 +279,10 @@ class LinearRule(TappedLayer):
 
     family = "linear"
 
+    def batch_movable(self, layout: tuple[int, int, int], ndim: int) -> bool:
+        """When the examples are not along the last axis (the one it maps)."""
+        return layout[0] < ndim - 1
+
     def matrix(self, params: dict[str, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any],
                ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The layer's weight and bias (the op is ``x -> W x + b``)."""

@@ -561,6 +561,10 @@ class SoftmaxRule(PatternSite):
         """The softmax axis, which a stored summary must match."""
         return {"dim": self.dim}
 
+    def batch_movable(self, layout: tuple[int, int, int], ndim: int) -> bool:
+        """When the softmax axis comes after the batch axis (moving the examples first keeps its index)."""
+        return self.dim % ndim > layout[0]
+
     def _dim(self, x: Tensor) -> int:
         d = self.dim % x.ndim
         if d == 0:
@@ -643,6 +647,10 @@ class LogSumExpRule(LogSoftmaxRule):
     """
 
     family = "logsumexp"
+
+    def batch_movable(self, layout: tuple[int, int, int], ndim: int) -> bool:
+        """False: it drops an axis (the output would not have its input's layout)."""
+        return False
 
     def setup(self) -> None:
         """Read the axis (one, given) and ``keepdim``."""
@@ -796,6 +804,10 @@ class MultiheadAttentionRule(PatternSite):
     """
 
     family = "multihead_attention"
+
+    def native_batch_axis(self) -> int:
+        """0 with ``batch_first``, else 1."""
+        return 0 if cast(nn.MultiheadAttention, self.module).batch_first else 1
 
     def setup(self) -> None:
         """Refuse extra key/value biases, zero attention, and attention weights that the network reads.

@@ -488,6 +488,29 @@ class Rule:
         """theta0's own linearization on each input (``gates="relu"``)."""
         raise self.refuse(f"the rule {type(self).__name__} defines no linearization at theta0's input")
 
+    def native_batch_axis(self) -> int:
+        """The axis of its data input along which the op expects the examples, one per entry.
+
+        0; 1 for ``nn.MultiheadAttention`` and recurrent layers without ``batch_first``.
+        """
+        return 0
+
+    def batch_layout_ok(self, layout: tuple[int, int, int]) -> bool:
+        """Whether the op takes its data input with the examples laid out as ``layout``.
+
+        See :data:`laftr.graph.LEADING`; by default one example per entry of its :meth:`native_batch_axis`.
+        """
+        return layout == (self.native_batch_axis(), 1, 1)
+
+    def batch_movable(self, layout: tuple[int, int, int], ndim: int) -> bool:
+        """Whether the op gives the same values with its data input's examples moved to a first axis.
+
+        (:func:`laftr.graph.to_batch_first`; ``ndim``: the input's number of axes.) Then a pass that records
+        or draws per-example statistics runs it that way. True for elementwise ops and ops on trailing axes
+        after the batch axis (override).
+        """
+        return False
+
     def sample_separable(self, mode: RuleMode) -> bool:
         """Whether :meth:`sample` computes each stream from that stream's values and parameters alone.
 

@@ -141,6 +141,10 @@ class GateRule(Rule):
         """The pre-activation pair; refuses other data-dependent arguments (a bound computed from data)."""
         return self.data_input(args, kwargs)
 
+    def batch_movable(self, layout: tuple[int, int, int], ndim: int) -> bool:
+        """True: elementwise."""
+        return True
+
     def real(self, mode: Any, args: Any, kwargs: Any, s: int = 0) -> torch.Tensor:
         """The exact op in stream ``s``."""
         return self.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
@@ -455,6 +459,10 @@ class PReluGate(PiecewiseLinearGate):
 
     family = "prelu"
     stream_specific = True
+
+    def batch_movable(self, layout: tuple[int, int, int], ndim: int) -> bool:
+        """Only with one shared slope (a slope per channel reads the channel axis, 1)."""
+        return self.module is not None and cast(nn.PReLU, self.module).num_parameters == 1
 
     def num_pieces(self) -> int:
         """Two: negative and positive."""

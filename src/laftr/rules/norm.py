@@ -233,6 +233,10 @@ class LayerNormRule(NormRule):
         """``normalized_shape`` and ``eps``, which a stored summary must match."""
         return {"normalized_shape": list(self.shape), "eps": self.eps}
 
+    def batch_movable(self, layout: tuple[int, int, int], ndim: int) -> bool:
+        """True: it normalizes trailing axes (the batch axis comes before them, or the op mixes examples)."""
+        return True
+
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as ``(B, *positions, D)`` with the trailing ``normalized_shape`` axes flattened."""
         k = len(self.shape)

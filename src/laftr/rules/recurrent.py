@@ -24,7 +24,7 @@ refused, and ``linearize="activations"`` runs the layer exactly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -122,6 +122,10 @@ class RecurrentRule(Rule):
 
     family = "recurrent"
     site = True
+
+    def native_batch_axis(self) -> int:
+        """0 with ``batch_first``, else 1."""
+        return 0 if cast(nn.RNNBase, self.module).batch_first else 1
 
     def setup(self) -> None:
         """Read the layer's shape; refuse what the rule does not cover."""

@@ -1,0 +1,189 @@
+"""Networks whose examples are not along the first axis of every value: sequence-first blocks (``(T, B, d)``,
+the layout of ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` without ``batch_first``) and rows of
+``(batch * positions)``. laftr finds each value's layout once (the network on a few examples and on one fewer)
+and runs the ops that record or draw per-example statistics with the examples first: every estimate must equal
+the same network written batch-first, draw for draw."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import laftr
+from laftr.errors import UnsupportedOpError
+from laftr.graph import LEADING, batch_layout, from_batch_first, to_batch_first
+
+DT = torch.float64
+V, T, D = 11, 5, 8
+
+
+class Block(nn.Module):
+    """Embedding, linear + GELU, LayerNorm, a softmax gate over features, attention, ReLU, mean, head; the
+    middle runs sequence-first when ``seq_first``."""
+
+    def __init__(self, seq_first: bool) -> None:
+        super().__init__()
+        self.seq_first = seq_first
+        self.emb = nn.Embedding(V, D)
+        self.l1 = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D)
+        self.score = nn.Linear(D, D)
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=not seq_first)
+        self.l2 = nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        if self.seq_first:
+            h = h.transpose(0, 1)
+        h = self.norm(nn.functional.gelu(self.l1(h)))
+        h = h * torch.softmax(self.score(h), dim=-1)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = torch.relu(self.l2(h))
+        if self.seq_first:
+            h = h.transpose(0, 1)
+        return self.head(h.mean(1))
+
+
+class Rows(nn.Module):
+    """A per-position MLP on rows of ``(batch * positions)`` (``order``: ``"bt"`` batch-major, ``"tb"``
+    position-major) or on ``(B, T, d)`` itself (``None``)."""
+
+    def __init__(self, order: str | None) -> None:
+        super().__init__()
+        self.order = order
+        self.l1 = nn.Linear(D, 6)
+        self.l2 = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        if self.order == "bt":
+            h = torch.tanh(self.l2(torch.relu(self.l1(x.reshape(-1, D))))).reshape(b, T, 6)
+        elif self.order == "tb":
+            rows = x.transpose(0, 1).reshape(-1, D)
+            h = torch.tanh(self.l2(torch.relu(self.l1(rows)))).reshape(T, b, 6).transpose(0, 1)
+        else:
+            h = torch.tanh(self.l2(torch.relu(self.l1(x))))
+        return self.head(h.sum(1))
+
+
+def _twins(cls, a, b, seed=0):
+    torch.manual_seed(seed)
+    first = cls(a).to(DT).eval()
+    second = cls(b).to(DT).eval()
+    second.load_state_dict(first.state_dict())
+    return first, second
+
+
+def _moved(model, scale=0.05, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = type(model)(model.seq_first if hasattr(model, "seq_first") else model.order).to(DT).eval()
+    out.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=DT))
+    return out
+
+
+ESTIMATORS = [
+    ("laftr", {"num_samples": 16, "fixed_noise": True}),
+    ("laftr", {"num_samples": 16, "fixed_noise": True, "metric": "kl"}),
+    ("laftr", {"num_samples": 16, "fixed_noise": True, "gates": "relu"}),
+    ("liftr", {"num_samples": 16, "fixed_noise": True}),
+]
+
+
+@pytest.mark.parametrize("name,kw", ESTIMATORS)
+def test_a_sequence_first_network_equals_its_batch_first_twin(name, kw):
+    batch_first, seq_first = _twins(Block, False, True)
+    X = torch.randint(0, V, (30, T), generator=torch.Generator().manual_seed(0))
+    kw = {**kw, "input_model": "tokens"}
+    a = laftr.make_estimator(name, **kw).fit(batch_first, X)
+    b = laftr.make_estimator(name, **kw).fit(seq_first, X)
+    assert a.stored_floats() == b.stored_floats()
+    for scale in (0.02, 0.3):
+        theta_a = _moved(batch_first, scale)
+        theta_b = _moved(seq_first, scale)
+        va, vb = a(theta_a), b(theta_b)
+        assert float(va.detach()) > 0
+        torch.testing.assert_close(vb, va, rtol=1e-9, atol=0)
+    # the same model with its examples second: theta0 gives zero
+    assert float(b(seq_first).detach()) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("orders,name", [((None, "bt"), "laftr"), ((None, "tb"), "laftr"), (("bt", "tb"), "liftr")])
+def test_rows_of_batch_times_positions_equal_the_batched_network(orders, name):
+    """(liftr anchors the first layer's input when it reads a reshaped view of the network input, not the input
+    itself: so for it the two row orders are compared with each other.)"""
+    one, other = _twins(Rows, *orders)
+    X = torch.randn(40, T, D, generator=torch.Generator().manual_seed(2), dtype=DT)
+    a = laftr.make_estimator(name, num_samples=16, fixed_noise=True).fit(one, X)
+    b = laftr.make_estimator(name, num_samples=16, fixed_noise=True).fit(other, X)
+    va = a(_moved(one, 0.2)).detach()
+    assert float(va) > 0
+    torch.testing.assert_close(b(_moved(other, 0.2)), va, rtol=1e-9, atol=0)
+
+
+class SeqFirstMax(nn.Module):
+    """A max over features of a sequence-first value: its stored selection cannot be kept per example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.l1 = nn.Linear(D, D)
+        self.head = nn.Linear(T, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l1(self.emb(x).transpose(0, 1))  # (T, B, D)
+        return self.head(h.amax(-1).transpose(0, 1))
+
+
+def test_a_site_that_cannot_move_its_examples_first_is_refused_by_name():
+    torch.manual_seed(0)
+    model = SeqFirstMax().to(DT).eval()
+    X = torch.randint(0, V, (20, T), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UnsupportedOpError, match=r"amax.*along axis 1 of its input.*gates='relu'"):
+        laftr.make_estimator("laftr", input_model="tokens").fit(model, X)
+    est = laftr.make_estimator("laftr", input_model="tokens", gates="relu").fit(model, X)  # reads no law
+    assert float(est(_moved_max(model)).detach()) > 0
+
+
+def _moved_max(model):
+    out = SeqFirstMax().to(DT).eval()
+    out.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        out.l1.weight.add_(0.1)
+    return out
+
+
+def test_one_example_cannot_show_the_layout_and_a_misread_batch_is_refused():
+    """With one example the layout cannot be found: a site that sees no row per example is refused (it used to
+    fail inside torch's index_add_)."""
+    _, seq_first = _twins(Block, False, True)
+    X = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UnsupportedOpError, match=r"sees a value of shape \(5, 1, 8\) for a batch of 1"):
+        laftr.make_estimator("laftr", input_model="tokens").fit(seq_first, X)
+
+
+def test_layout_helpers_invert_each_other_and_find_the_examples():
+    n, k = 4, 3
+    g = torch.Generator().manual_seed(0)
+    per_example = torch.randn(n, 2, 3, generator=g)  # example e's entries
+    cases = {
+        LEADING: per_example,
+        (1, 1, 1): per_example.transpose(0, 1),  # (2, n, 3)
+        (0, 1, 2): per_example.reshape(n * 2, 3),  # rows e * 2 + t
+        (0, 2, 1): per_example.transpose(0, 1).reshape(2 * n, 3),  # rows t * n + e
+    }
+    for layout, value in cases.items():
+        sub = {LEADING: per_example[:k], (1, 1, 1): per_example[:k].transpose(0, 1),
+               (0, 1, 2): per_example[:k].reshape(k * 2, 3),
+               (0, 2, 1): per_example[:k].transpose(0, 1).reshape(2 * k, 3)}[layout]
+        assert batch_layout(value, sub, n, k) == layout
+        first = to_batch_first(value, layout)
+        assert first.shape[0] == n
+        torch.testing.assert_close(first.reshape(n, -1).sort(1).values, per_example.reshape(n, -1).sort(1).values)
+        assert torch.equal(from_batch_first(first, layout), value)
+    assert batch_layout(torch.zeros(4, 4), torch.zeros(3, 3), 4, 3) is None  # two axes grow: pairs examples
