@@ -498,14 +498,14 @@ class Rule:
     def batch_layout_ok(self, layout: tuple[int, int, int]) -> bool:
         """Whether the op takes its data input with the examples laid out as ``layout``.
 
-        See :data:`laftr.graph.LEADING`; by default one example per entry of its :meth:`native_batch_axis`.
+        ``(axis, outer, inner)``, as ``laftr.graph.LEADING``; by default one example per entry of its :meth:`native_batch_axis`.
         """
         return layout == (self.native_batch_axis(), 1, 1)
 
     def batch_movable(self, layout: tuple[int, int, int], ndim: int) -> bool:
         """Whether the op gives the same values with its data input's examples moved to a first axis.
 
-        (:func:`laftr.graph.to_batch_first`; ``ndim``: the input's number of axes.) Then a pass that records
+        (``laftr.graph.to_batch_first``; ``ndim``: the input's number of axes.) Then a pass that records
         or draws per-example statistics runs it that way. True for elementwise ops and ops on trailing axes
         after the batch axis (override).
         """
