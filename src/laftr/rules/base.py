@@ -498,7 +498,8 @@ class Rule:
     def batch_layout_ok(self, layout: tuple[int, int, int]) -> bool:
         """Whether the op takes its data input with the examples laid out as ``layout``.
 
-        ``(axis, outer, inner)``, as ``laftr.graph.LEADING``; by default one example per entry of its :meth:`native_batch_axis`.
+        ``(axis, outer, inner)``, as ``laftr.graph.LEADING``; by default one example per entry of its
+        :meth:`native_batch_axis`.
         """
         return layout == (self.native_batch_axis(), 1, 1)
 
