@@ -659,6 +659,45 @@ def test_linearize_activations_runs_every_other_op_exactly():
     assert {sites[s].family for s in fitted.site_sums} == {"gelu"}
 
 
+class _LibraryAttention(nn.Module):
+    """nn.MultiheadAttention (inside nn.TransformerEncoderLayer, and alone) and F.scaled_dot_product_attention,
+    with ``act``: a GELU MLP, else no activation function at all."""
+
+    def __init__(self, act: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True,
+                                                activation="gelu" if act else nn.Identity())
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer(self.emb(x))
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        q, k, v = self.qkv(h).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        h = h + F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+        return self.head(h[:, -1])
+
+
+def test_linearize_activations_runs_library_attention_exactly():
+    """nn.MultiheadAttention and scaled_dot_product_attention run exactly under ``linearize="activations"``
+    (they drew a pattern from a law the fit had not stored: 'the summary has no statistic')."""
+    X = torch.randint(0, 7, (30, 5), generator=torch.Generator().manual_seed(0))
+    for act in (False, True):
+        torch.manual_seed(0)
+        model = _LibraryAttention(act).double().eval()
+        other = perturbed(model, 0.2)
+        est = laftr.make_estimator("laftr", linearize="activations", input_model="tokens", seed=4).fit(model, X)
+        if not act:  # nothing left to linearize: the real networks on the same draws
+            ref = laftr.make_estimator("laftr", gates="none", input_model="tokens", seed=4).fit(model, X)
+            torch.testing.assert_close(est(other), ref(other), rtol=1e-10, atol=1e-14)
+            assert est.summary.site_sums == {}
+        else:
+            assert {TracedNet(model).sites[s].family for s in est.summary.site_sums} == {"gelu"}
+            assert float(est(other).detach()) > 0
+
+
 def test_linearize_activations_keeps_its_draws_and_files(tmp_path):
     """Fixed noise and the sample pool run theta's stream alone (the exactly-run ops are each stream's own);
     the setting is saved and loaded; bad values are refused."""

@@ -722,12 +722,15 @@ def attention_core(rule: PatternSite, mode: Any, qs: tuple[Tensor, ...], ks: tup
     def scores(q: Tensor, k: Tensor) -> Tensor:
         return (q @ k.transpose(-2, -1)) * scale
 
-    if mode.method in ("forward", "fit"):
+    # run exactly: in a pass of the real networks, on theta0's data (fitting), and where the mode runs this op
+    # exactly (``linearize="activations"``: the attention is then no site, and records nothing)
+    exact = getattr(mode, "exact", None) is not None and mode.exact(rule)
+    if mode.method in ("forward", "fit") or exact:
         outs = []
         for s, (q, k, v) in enumerate(zip(qs, ks, vs, strict=True)):
             lg = scores(q, k) if bias is None else scores(q, k) + bias
             a = torch.softmax(lg, -1)
-            if s == 0 and mode.method == "fit":
+            if s == 0 and mode.method == "fit" and not exact:
                 rule.record(mode, a, -1)
             outs.append(a @ v)
         return tuple(outs)
