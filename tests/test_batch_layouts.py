@@ -187,3 +187,60 @@ def test_layout_helpers_invert_each_other_and_find_the_examples():
         torch.testing.assert_close(first.reshape(n, -1).sort(1).values, per_example.reshape(n, -1).sort(1).values)
         assert torch.equal(from_batch_first(first, layout), value)
     assert batch_layout(torch.zeros(4, 4), torch.zeros(3, 3), 4, 3) is None  # two axes grow: pairs examples
+
+
+# ---------------------------------------------------------------------------------------------- the taps
+@pytest.mark.parametrize("name,kw", [("kfac", {"unsupported": "diag"}), ("kfac", {"unsupported": "diag", "metric": "kl"}),
+                                     ("diag-fisher", {}), ("ntk", {}), ("subset", {})])
+def test_curvature_baselines_of_a_sequence_first_network_equal_its_batch_first_twin(name, kw):
+    """K-FAC and the diagonal Fisher read per-example gradients from their layers' taps: a sequence-first
+    layer's rows are grouped by example (they were taken as examples: per-position gradients, silently)."""
+    batch_first, seq_first = _twins(Block, False, True)
+    X = torch.randint(0, V, (30, T), generator=torch.Generator().manual_seed(0))
+    a = laftr.make_estimator(name, **kw).fit(batch_first, X)
+    b = laftr.make_estimator(name, **kw).fit(seq_first, X)
+    torch.testing.assert_close(b(_moved(seq_first, 0.1)), a(_moved(batch_first, 0.1)), rtol=1e-9, atol=0)
+
+
+C, S, K = 2, 6, 3
+
+
+class Frames(nn.Module):
+    """A per-frame conv net on ``(B, T, C, S, S)`` clips: ``Conv2d`` on rows of ``(batch * frames)`` in
+    ``order`` (``"bt"`` or ``"tb"``), or (``None``) the same conv as a ``Conv3d`` of depth 1 on the clip."""
+
+    def __init__(self, order: str | None) -> None:
+        super().__init__()
+        self.order = order
+        self.conv = nn.Conv2d(C, 3, K) if order else nn.Conv3d(C, 3, (1, K, K))
+        self.head = nn.Linear(3 * (S - K + 1) ** 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        if self.order is None:
+            h = torch.relu(self.conv(x.transpose(1, 2))).transpose(1, 2)  # (B, T, 3, s, s)
+        elif self.order == "bt":
+            h = torch.relu(self.conv(x.reshape(-1, C, S, S))).reshape(b, T, 3, S - K + 1, S - K + 1)
+        else:
+            h = torch.relu(self.conv(x.transpose(0, 1).reshape(-1, C, S, S)))
+            h = h.reshape(T, b, 3, S - K + 1, S - K + 1).transpose(0, 1)
+        return self.head(h.flatten(2).sum(1))
+
+
+@pytest.mark.parametrize("order", ["bt", "tb"])
+def test_a_conv_on_rows_of_frames_has_per_example_fisher(order):
+    """The tapped Conv2d on (batch * frames) rows gives the per-example squared gradients that the same conv
+    as a Conv3d (no tap: one exact per-example gradient each) gives."""
+    torch.manual_seed(0)
+    ref = Frames(None).to(DT).eval()
+    net = Frames(order).to(DT).eval()
+    with torch.no_grad():
+        net.conv.weight.copy_(ref.conv.weight.squeeze(2))
+        net.conv.bias.copy_(ref.conv.bias)
+        net.head.load_state_dict(ref.head.state_dict())
+    X = torch.randn(12, T, C, S, S, generator=torch.Generator().manual_seed(3), dtype=DT)
+    a = laftr.make_estimator("diag-fisher").fit(ref, X)
+    b = laftr.make_estimator("diag-fisher").fit(net, X)
+    torch.testing.assert_close(b.diag["conv.weight"], a.diag["conv.weight"].squeeze(2), rtol=1e-10, atol=0)
+    torch.testing.assert_close(b.diag["conv.bias"], a.diag["conv.bias"], rtol=1e-10, atol=0)
+    torch.testing.assert_close(b.diag["head.weight"], a.diag["head.weight"], rtol=1e-10, atol=0)

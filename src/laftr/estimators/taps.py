@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize
 
 from .._util import param_dict
 from ..errors import UnsupportedOpError
-from ..graph import ForwardMode, TracedNet
+from ..graph import ForwardMode, Layout, TracedNet, to_batch_first
 from ..metrics import select_outputs
 from .curvature import per_example_square_grads
 
@@ -69,6 +69,8 @@ class Tap:
     # filled during a forward pass, one entry per call of the module
     inp: list[torch.Tensor] = dataclasses.field(default_factory=list)
     out: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    #: per call, where the examples sit in its input and output (None: one per entry of the first axis)
+    layouts: list[Layout | None] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         """Check the kind and fill in the parameter names from the layer name."""
@@ -232,22 +234,38 @@ def _patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2)
 
 
-def tap_positions(tap: Tap, t: torch.Tensor) -> torch.Tensor:
-    """A layer output (or its gradient) as ``(B, T, d_out)``."""
-    if tap.kind == "conv":
-        return t.flatten(2).transpose(1, 2)
+def _rows(t: torch.Tensor, layout: Layout | None) -> torch.Tensor:
+    """``(R, ..., d)`` rows of a conv's patches as ``(B, -1, d)``: the rows of each example together."""
+    if layout is None:
+        return t
+    t = to_batch_first(t, layout)
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
-def tap_inputs(tap: Tap, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def tap_positions(tap: Tap, t: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
+    """A layer output (or its gradient) as ``(B, T, d_out)``; ``layout``: where its examples are."""
+    if tap.kind == "conv":
+        return _rows(t.flatten(2).transpose(1, 2), layout)
+    if layout is not None:
+        t = to_batch_first(t, layout)
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def tap_inputs(tap: Tap, module: nn.Module, x: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
     """The layer's input as ``(B, T, d_in [+ 1])`` (patches for convs; a ones column with a bias).
 
     An embedding's input is returned as its integer token ids ``(B, T)`` (the one-hot vectors are never
-    formed).
+    formed). ``layout``: where the examples are in ``x`` (None: one per entry of its first axis; a conv's
+    examples may only be merged with other rows of its first axis).
     """
+    if layout is not None and tap.kind != "conv":
+        x = to_batch_first(x, layout)
     if tap.kind == "embedding":
         return x.reshape(x.shape[0], -1)
-    a = _patches(cast(nn.Conv2d, module), x) if tap.kind == "conv" else x.reshape(x.shape[0], -1, x.shape[-1])
+    if tap.kind == "conv":
+        a = _rows(_patches(cast(nn.Conv2d, module), x), layout)
+    else:
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
     return torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1) if tap.bias else a
 
 
@@ -293,18 +311,25 @@ class LayerTaps:
     def __exit__(self, *exc: object) -> None:
         """Clear the recordings."""
         for tap in self.taps:
-            tap.inp, tap.out = [], []
+            tap.inp, tap.out, tap.layouts = [], [], []
 
     def wants(self, name: str) -> bool:
         """Whether the layer called ``name`` is tapped (asked by the layer rules in forward mode)."""
         return name in self._by_name
 
-    def record(self, name: str, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def record(self, name: str, inp: torch.Tensor, out: torch.Tensor, node: fx.Node | None = None,
+               ) -> torch.Tensor:
         """Keep one call's input and output; returns the output to use downstream.
 
-        That is a leaf that requires grad when nothing upstream does, so its gradient can be taken.
+        That is a leaf that requires grad when nothing upstream does, so its gradient can be taken. ``node``:
+        the graph node of the call, whose input's batch layout is kept with it (None: the rule gives its
+        input and output with the examples first, one per entry).
         """
         tap = self._by_name[name]
+        layouts = self.net.layouts or {}
+        source = None if node is None else next(
+            (a for a in node.all_input_nodes if a.name in self.net.data_nodes), None)
+        tap.layouts.append(None if source is None else layouts.get(source.name))
         tap.inp.append(inp.detach())
         if not out.requires_grad:
             out = out.detach().requires_grad_(True)
@@ -323,13 +348,17 @@ class LayerTaps:
             so these are per-example gradients.
         """
         for tap in self.taps:
-            tap.inp, tap.out = [], []
+            tap.inp, tap.out, tap.layouts = [], [], []
+        params = param_dict(self.model)
+        if self.net.layouts is None:  # where each value keeps its examples (sequence-first blocks, ...)
+            self.net.layouts = self.net.find_layouts(x, params)
         with torch.enable_grad():
-            (z,) = self.net.run((x,), ForwardMode([param_dict(self.model)], taps=self))
+            (z,) = self.net.run((x,), ForwardMode([params], taps=self))
             zs = select_outputs(z, outputs)
-        inputs = {tap.name: [tap_inputs(tap, self.modules[tap.name], t) for t in tap.inp]
+        inputs = {tap.name: [tap_inputs(tap, self.modules[tap.name], t, lay)
+                             for t, lay in zip(tap.inp, tap.layouts, strict=True)]
                   for tap in self.taps}
-        owner = [tap for tap in self.taps for _ in tap.out]
+        owner = [(tap, lay) for tap in self.taps for lay in tap.layouts]
         outs = [o for tap in self.taps for o in tap.out]
 
         def per_vector() -> Iterator[dict[str, list[torch.Tensor]]]:
@@ -338,12 +367,12 @@ class LayerTaps:
                 gs = torch.autograd.grad((zs * W[:, :, s]).sum(), outs, retain_graph=s < S - 1,
                                          allow_unused=True)
                 res: dict[str, list[torch.Tensor]] = {tap.name: [] for tap in self.taps}
-                for tap, g, o in zip(owner, gs, outs, strict=True):
+                for (tap, lay), g, o in zip(owner, gs, outs, strict=True):
                     g = torch.zeros_like(o) if g is None else g.detach()
-                    res[tap.name].append(tap_positions(tap, g))
+                    res[tap.name].append(tap_positions(tap, g, lay))
                 yield res
             for tap in self.taps:
-                tap.inp, tap.out = [], []
+                tap.inp, tap.out, tap.layouts = [], [], []
 
         return inputs, per_vector()
 

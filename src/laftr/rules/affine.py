@@ -268,7 +268,8 @@ class TappedLayer(AffineRule):
         taps = getattr(mode, "taps", None)
         if taps is not None and self.module is not None and taps.wants(self.prefix):
             (x,) = data_pairs((args, kwargs))
-            recorded = (taps.record(self.prefix, xi, o) for xi, o in zip(x.vals, out.vals, strict=True))
+            recorded = (taps.record(self.prefix, xi, o, self.node)
+                        for xi, o in zip(x.vals, out.vals, strict=True))
             out = Pair(tuple(recorded), True)
         return out
 
