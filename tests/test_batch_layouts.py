@@ -244,3 +244,31 @@ def test_a_conv_on_rows_of_frames_has_per_example_fisher(order):
     torch.testing.assert_close(b.diag["conv.weight"], a.diag["conv.weight"].squeeze(2), rtol=1e-10, atol=0)
     torch.testing.assert_close(b.diag["conv.bias"], a.diag["conv.bias"], rtol=1e-10, atol=0)
     torch.testing.assert_close(b.diag["head.weight"], a.diag["head.weight"], rtol=1e-10, atol=0)
+
+
+class SeqFirstMlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(D, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.relu(self.l1(x.transpose(0, 1))).transpose(0, 1).mean(1))
+
+
+@pytest.mark.parametrize("name", ["laftr-exact", "liftr-exact"])
+def test_the_closed_forms_refuse_a_moved_batch_axis_by_name(name):
+    torch.manual_seed(0)
+    model = SeqFirstMlp().to(DT).eval()
+    X = torch.randn(20, T, D, generator=torch.Generator().manual_seed(0), dtype=DT)
+    with pytest.raises(UnsupportedOpError, match=r"node 'transpose' moves or mixes the batch axis.*laftr, liftr"):
+        laftr.make_estimator(name).fit(model, X)(model)
+    mc = laftr.make_estimator("laftr", num_samples=8).fit(model, X)  # the Monte Carlo one follows the layout
+    assert float(mc(_moved_mlp(model)).detach()) > 0
+
+
+def _moved_mlp(model):
+    out = SeqFirstMlp().to(DT).eval()
+    out.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        out.l1.weight.add_(0.1)
+    return out
