@@ -309,8 +309,9 @@ class JointMoments:
         if consts[0].shape[0] != 1:
             raise UnsupportedOpError(
                 f"node {name!r} moves or mixes the batch axis (one example's value has "
-                f"{consts[0].shape[0]} rows, not 1): the closed forms need every value to keep its examples first, one per row; keep the "
-                "batch axis first, or use the Monte Carlo estimators (laftr, liftr), which follow any layout")
+                f"{consts[0].shape[0]} rows, not 1): the closed forms need every value to keep its examples "
+                "first, one per row; keep the batch axis first, or use the Monte Carlo estimators (laftr, "
+                "liftr), which follow any layout")
         n_out = consts[0].numel()
 
         def apply_T(i: int, cols: Sequence[torch.Tensor], ones: torch.Tensor) -> torch.Tensor:
