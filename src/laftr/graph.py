@@ -922,9 +922,20 @@ class TracedNet:
 
         None (not known: every value is taken to lead with its examples) for a batch of one example.
         """
-        n = min(int(x.shape[0]) if x.ndim else 0, PROBE_EXAMPLES)
+        if x.ndim == 0:
+            return None
+        # distinct examples, so that how rows of merged examples are ordered shows in their values
+        flat = x.reshape(x.shape[0], -1)
+        picked: list[int] = []
+        for i in range(int(x.shape[0])):
+            if not any(torch.equal(flat[i], flat[j]) for j in picked):
+                picked.append(i)
+                if len(picked) == PROBE_EXAMPLES:
+                    break
+        n = len(picked)
         if n < 2:
             return None
+        x = x[torch.as_tensor(picked, device=x.device)]
         runs = []
         try:
             with torch.no_grad():
