@@ -398,8 +398,16 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     X, _Y = _data()
     with pytest.raises(ValueError, match="unknown metric"):
         laftr.make_estimator("laftr", metric="cosine")
-    with pytest.raises(ValueError, match="unknown estimator"):
+    with pytest.raises(ValueError, match="unknown estimator") as e:
         laftr.make_estimator("laftrr")
+    assert "is a" not in str(e.value)  # no alias to point to
+    # the names of the benchmarks' methods and rows point to the estimator they mean
+    with pytest.raises(ValueError, match=r"'ewc' is a continual-learning method: the estimator "
+                                         r"make_estimator\('diag-fisher', metric='kl'\)"):
+        laftr.make_estimator("ewc")
+    with pytest.raises(ValueError, match=r"'laftr-relu' is a row of the fsd-bench tables: the spec "
+                                         r"'laftr\[num_samples=\{S\},input_model=gaussian,gates=relu\]'"):
+        laftr.make_estimator("laftr-relu")
     with pytest.raises(ValueError, match="closed form only"):
         laftr.make_estimator("laftr-exact", metric="kl")
     with pytest.raises(ValueError, match="input_model"):

@@ -78,8 +78,25 @@ def make_estimator(name: str, **kwargs: Any) -> FSDEstimator:
     :class:`laftr.errors.OptionError` (a ``TypeError`` and a ``ValueError``) naming it.
     """
     if name not in REGISTRY:
-        raise UsageError(f"unknown estimator {name!r}; choose one of {available_estimators()}")
+        raise UsageError(f"unknown estimator {name!r}; choose one of {available_estimators()}"
+                         + _alias_hint(name))
     return REGISTRY[name](**kwargs)
+
+
+def _alias_hint(name: str) -> str:
+    """For a name of the benchmarks' tables and methods (``ewc``, ``laftr-relu``), the estimator it means."""
+    from ..bench.fsd import ROW_SPECS  # here only: the benchmarks build on the estimators
+    from ..continual.methods import METHODS
+
+    method = METHODS.get(name) if isinstance(name, str) else None
+    if method is not None and method.estimator:
+        options = ", ".join(f"{k}={v!r}" for k, v in method.config.items())
+        return (f" ({name!r} is a continual-learning method: the estimator "
+                f"make_estimator({method.estimator!r}{', ' + options if options else ''}))")
+    for rows in ROW_SPECS.values():
+        if isinstance(name, str) and name in rows:
+            return f" ({name!r} is a row of the fsd-bench tables: the spec {rows[name]!r}, S the samples)"
+    return ""
 
 
 def check_int(config: Any, name: str, minimum: int | None = None) -> None:
