@@ -46,6 +46,27 @@ class Block(nn.Module):
         return self.head(h.mean(1))
 
 
+class Recurrent(nn.Module):
+    """Embedding, an LSTM (``batch_first`` unless ``seq_first``), linear + ReLU per position, mean, head."""
+
+    def __init__(self, seq_first: bool) -> None:
+        super().__init__()
+        self.seq_first = seq_first
+        self.emb = nn.Embedding(V, D)
+        self.rnn = nn.LSTM(D, D, batch_first=not seq_first)
+        self.l1 = nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        if self.seq_first:
+            h = h.transpose(0, 1)
+        h = torch.relu(self.l1(self.rnn(h)[0]))
+        if self.seq_first:
+            h = h.transpose(0, 1)
+        return self.head(h.mean(1))
+
+
 class Rows(nn.Module):
     """A per-position MLP on rows of ``(batch * positions)`` (``order``: ``"bt"`` batch-major, ``"tb"``
     position-major) or on ``(B, T, d)`` itself (``None``)."""
@@ -95,9 +116,10 @@ ESTIMATORS = [
 ]
 
 
+@pytest.mark.parametrize("cls", [Block, Recurrent])
 @pytest.mark.parametrize("name,kw", ESTIMATORS)
-def test_a_sequence_first_network_equals_its_batch_first_twin(name, kw):
-    batch_first, seq_first = _twins(Block, False, True)
+def test_a_sequence_first_network_equals_its_batch_first_twin(name, kw, cls):
+    batch_first, seq_first = _twins(cls, False, True)
     X = torch.randint(0, V, (30, T), generator=torch.Generator().manual_seed(0))
     kw = {**kw, "input_model": "tokens"}
     a = laftr.make_estimator(name, **kw).fit(batch_first, X)
@@ -194,10 +216,11 @@ def test_layout_helpers_invert_each_other_and_find_the_examples():
 # ---------------------------------------------------------------------------------------------- the taps
 @pytest.mark.parametrize("name,kw", [("kfac", {"unsupported": "diag"}), ("kfac", {"unsupported": "diag", "metric": "kl"}),
                                      ("diag-fisher", {}), ("ntk", {}), ("subset", {})])
-def test_curvature_baselines_of_a_sequence_first_network_equal_its_batch_first_twin(name, kw):
+@pytest.mark.parametrize("cls", [Block, Recurrent])
+def test_curvature_baselines_of_a_sequence_first_network_equal_its_batch_first_twin(name, kw, cls):
     """K-FAC and the diagonal Fisher read per-example gradients from their layers' taps: a sequence-first
     layer's rows are grouped by example (they were taken as examples: per-position gradients, silently)."""
-    batch_first, seq_first = _twins(Block, False, True)
+    batch_first, seq_first = _twins(cls, False, True)
     X = torch.randint(0, V, (30, T), generator=torch.Generator().manual_seed(0))
     a = laftr.make_estimator(name, **kw).fit(batch_first, X)
     b = laftr.make_estimator(name, **kw).fit(seq_first, X)
