@@ -271,3 +271,19 @@ def test_continual_help_lists_the_default_methods(capsys):
     text = _help("continual", capsys)
     assert "the ten of the issue" not in text
     assert "none, joint, ewc, kfac, ntk, subset, laftr, laftr-classwise, laftr-exact, laftr-coreset" in text
+
+
+def test_a_dict_of_tensors_names_its_inputs_and_labels(tmp_path):
+    from laftr.cli.loading import load_tensors
+    from laftr.errors import InputFileError
+
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    for d in ({"x": x, "y": y}, {"inputs": x, "labels": y}, {"input_ids": x, "labels": y}, {"X": x}):
+        torch.save(d, tmp_path / "d.pt")
+        got_x, got_y = load_tensors(tmp_path / "d.pt")
+        assert torch.equal(got_x, x) and (got_y is None if len(d) == 1 else torch.equal(got_y, y))
+    for bad, match in (({"x": x, "y": y, "w": x}, r"keys \['w', 'x', 'y'\].*'x' \(and 'y'\)"),
+                       ({"features": x}, r"keys \['features'\]"), ({"x": x, "y": [1, 2]}, "must be tensors")):
+        torch.save(bad, tmp_path / "d.pt")
+        with pytest.raises(InputFileError, match=match):
+            load_tensors(tmp_path / "d.pt")

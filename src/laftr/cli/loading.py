@@ -252,7 +252,10 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------- data
 def load_tensors(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inputs, and labels when given, from a ``.pt`` file holding a tensor or an ``(inputs, labels)`` pair.
+    """Inputs, and labels when given, from a ``.pt`` file of tensors.
+
+    The file holds a tensor, an ``(inputs, labels)`` pair or a dict naming them (``{"x": ..., "y": ...}``,
+    ``{"inputs": ..., "labels": ...}``, ...: :data:`_DATA_KEYS`).
 
     Raises:
         InputFileError: missing, unreadable or of the wrong content.
@@ -265,8 +268,28 @@ def load_tensors(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         return obj, None
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj):
         return obj[0], obj[1]
+    if isinstance(obj, dict):
+        return _tensors_by_name(obj, p)
     raise InputFileError(f"{p} must hold a tensor of inputs or an (inputs, labels) pair, not a "
                          f"{type(obj).__name__}")
+
+
+#: The key pairs a dict of tensors may use for its inputs and labels (labels optional).
+_DATA_KEYS = (("x", "y"), ("X", "Y"), ("inputs", "labels"), ("inputs", "targets"), ("data", "targets"),
+              ("input_ids", "labels"))
+
+
+def _tensors_by_name(obj: dict[Any, Any], p: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inputs and labels from a dict under one of the :data:`_DATA_KEYS` pairs; anything else is refused."""
+    for xk, yk in _DATA_KEYS:
+        if xk in obj and set(obj) <= {xk, yk}:
+            x, y = obj[xk], obj.get(yk)
+            if not isinstance(x, torch.Tensor) or not (y is None or isinstance(y, torch.Tensor)):
+                raise InputFileError(f"{p}: {xk!r} and {yk!r} must be tensors")
+            return x, y
+    pairs = ", ".join(f"{xk!r} (and {yk!r})" for xk, yk in _DATA_KEYS)
+    raise InputFileError(f"{p} holds a dict with keys {sorted(map(str, obj))}: a dict of tensors must name "
+                         f"its inputs and labels by one of {pairs}, and nothing else")
 
 
 def load_data(dataset: str | None, data_dir: str | None, classes: list[int] | None, tensors: str | None,
