@@ -18,53 +18,56 @@ DT = torch.float64
 V, T, D = 11, 5, 8
 
 
-class Block(nn.Module):
-    """Embedding, linear + GELU, LayerNorm, a softmax gate over features, attention, ReLU, mean, head; the
-    middle runs sequence-first when ``seq_first``."""
+class _Sequence(nn.Module):
+    """Embedding, a middle (:meth:`middle`, run sequence-first when ``seq_first``), the mean over positions and
+    a head."""
 
     def __init__(self, seq_first: bool) -> None:
         super().__init__()
         self.seq_first = seq_first
         self.emb = nn.Embedding(V, D)
+        self.head = nn.Linear(D, 3)
+
+    def middle(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        if self.seq_first:
+            h = self.middle(h.transpose(0, 1)).transpose(0, 1)
+        else:
+            h = self.middle(h)
+        return self.head(h.mean(1))
+
+
+class Block(_Sequence):
+    """Linear + GELU, LayerNorm, a softmax gate over features, attention, linear + ReLU."""
+
+    def __init__(self, seq_first: bool) -> None:
+        super().__init__(seq_first)
         self.l1 = nn.Linear(D, D)
         self.norm = nn.LayerNorm(D)
         self.score = nn.Linear(D, D)
         self.attn = nn.MultiheadAttention(D, 2, batch_first=not seq_first)
         self.l2 = nn.Linear(D, D)
-        self.head = nn.Linear(D, 3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.emb(x)
-        if self.seq_first:
-            h = h.transpose(0, 1)
+    def middle(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(nn.functional.gelu(self.l1(h)))
         h = h * torch.softmax(self.score(h), dim=-1)
         h = h + self.attn(h, h, h, need_weights=False)[0]
-        h = torch.relu(self.l2(h))
-        if self.seq_first:
-            h = h.transpose(0, 1)
-        return self.head(h.mean(1))
+        return torch.relu(self.l2(h))
 
 
-class Recurrent(nn.Module):
-    """Embedding, an LSTM (``batch_first`` unless ``seq_first``), linear + ReLU per position, mean, head."""
+class Recurrent(_Sequence):
+    """An LSTM (``batch_first`` unless ``seq_first``), then linear + ReLU per position."""
 
     def __init__(self, seq_first: bool) -> None:
-        super().__init__()
-        self.seq_first = seq_first
-        self.emb = nn.Embedding(V, D)
+        super().__init__(seq_first)
         self.rnn = nn.LSTM(D, D, batch_first=not seq_first)
         self.l1 = nn.Linear(D, D)
-        self.head = nn.Linear(D, 3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.emb(x)
-        if self.seq_first:
-            h = h.transpose(0, 1)
-        h = torch.relu(self.l1(self.rnn(h)[0]))
-        if self.seq_first:
-            h = h.transpose(0, 1)
-        return self.head(h.mean(1))
+    def middle(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.l1(self.rnn(h)[0]))
 
 
 class Rows(nn.Module):
