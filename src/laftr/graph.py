@@ -961,7 +961,9 @@ class TracedNet:
         Refuses a site whose input does not lead with its examples when its rule cannot be run on the input
         with its examples moved first.
         """
-        if not self.layouts or mode.method not in _LAID_OUT:
+        if not self.layouts or mode.method not in _LAID_OUT or node.name in self.input_only:
+            return None
+        if mode.exact is not None and mode.exact(rule):  # run exactly in each stream: no statistic to keep
             return None
         source = next((a for a in node.all_input_nodes if a.name in self.data_nodes), None)
         layout = None if source is None else self.layouts.get(source.name)
@@ -975,9 +977,9 @@ class TracedNet:
                 f"{rule.describe()} sees the examples of a batch along axis {layout[0]} of its input"
                 + (f" (merged with {layout[1] * layout[2]} entries of their own)" if layout[1] * layout[2] > 1
                    else "")
-                + ", and its statistics cannot be kept per example that way: keep the batch axis first "
-                "up to this op (e.g. batch_first=True), or use gates='relu' (theta0's own linearization), "
-                "which reads no stored statistic")
+                + ", and its statistics cannot be kept per example that way: keep one example per entry of "
+                "the first axis up to this op (batch_first=True for torch.nn's sequence layers), or use "
+                "gates='relu' (theta0's own linearization), which reads no stored statistic")
         return None
 
     def _eval(self, node: fx.Node, mode: Mode, args: Any, kwargs: Any) -> Any:
