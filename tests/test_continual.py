@@ -252,6 +252,78 @@ def test_regularizer_every_k_steps_is_k_times_the_penalty_on_every_kth_call():
             parse_method(spec)
 
 
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _nudge(model, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def test_regularizer_refresh_reuses_the_fresh_estimates_gradient_in_between():
+    model = _mlp()
+    est = laftr.make_estimator("laftr-exact").fit(model, _xy(50))
+    _nudge(model, 0.05, 1)
+    reg = FSDRegularizer(None, lam=2.0, refresh=3)
+    assert float(reg.penalty(model)) == 0.0  # nothing stored: not counted as a call
+    reg.add(est)
+    for cycle in range(2):
+        # a fresh call: the estimate's value and gradient, exactly
+        model.zero_grad()
+        fresh = reg.penalty(model)
+        fresh.backward()
+        g_r = _grads(model)
+        model.zero_grad()
+        exact = 2.0 * est(model)
+        exact.backward()
+        assert float(fresh.detach()) == pytest.approx(float(exact.detach()), rel=1e-12)
+        torch.testing.assert_close(g_r, _grads(model), rtol=1e-12, atol=0)
+        theta_r = [p.detach().clone() for p in model.parameters()]
+        for k in range(2):  # the two calls in between: value + g_r . (theta - theta_r), gradient g_r
+            _nudge(model, 0.01, 10 * cycle + k)
+            model.zero_grad()
+            stale = reg.penalty(model)
+            stale.backward()
+            torch.testing.assert_close(_grads(model), g_r, rtol=0, atol=0)
+            step = float(g_r @ torch.cat([(p.detach() - p0).flatten() for p, p0 in
+                                          zip(model.parameters(), theta_r)]))
+            assert float(stale.detach()) == pytest.approx(float(exact.detach()) + step, rel=1e-12)
+            assert float(stale.detach()) != pytest.approx(2.0 * float(est(model).detach()), rel=1e-6)
+    # a new task: the next call is estimated afresh, with it (not the expansion of the fresh call just before)
+    reg.penalty(model)
+    est2 = laftr.make_estimator("laftr-exact").fit(model, _xy(50, seed=3))
+    reg.add(est2)
+    _nudge(model, 0.01, 99)
+    both = 2.0 * torch.stack([est(model), est2(model)]).mean()
+    assert float(reg.penalty(model).detach()) == pytest.approx(float(both.detach()), rel=1e-12)
+    # frozen parameters get no gradient from it
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    first.weight.requires_grad_(False)
+    reg2 = FSDRegularizer(None, lam=1.0, refresh=2)
+    reg2.add(est)
+    model.zero_grad()
+    reg2.penalty(model).backward()
+    assert first.weight.grad is None and first.bias.grad is not None
+    first.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="trainable parameters changed"):
+        reg2.penalty(model)  # the second call of the cycle, with a parameter more than the fresh one had
+    # bad settings, at construction or when the method is parsed
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="refresh"):
+            FSDRegularizer(None, refresh=bad)
+    with pytest.raises(ValueError, match="set one of them"):
+        FSDRegularizer(None, every=2, refresh=2)
+    assert parse_method("laftr[penalty_refresh=4]").penalty_refresh == 4
+    assert parse_method("laftr").penalty_refresh == 1
+    with pytest.raises(ValueError, match="must be an integer >= 1"):
+        parse_method("laftr[penalty_refresh=0]")
+    with pytest.raises(ValueError, match="set one of them"):
+        parse_method("laftr[penalty_refresh=2,penalty_every=2]")
+
+
 @pytest.mark.parametrize("lam", [-1.0, float("nan"), float("inf"), "big"])
 def test_regularizer_bad_lam(lam):
     with pytest.raises(ValueError, match="lam"):

@@ -4,9 +4,10 @@ A method is ``none`` (fine-tuning), ``joint`` (train on all data seen so far: th
 regularizer: an estimator name from :func:`laftr.make_estimator` plus its config, a penalty weight
 ``lam``, and optionally the number of old tasks evaluated per step. A method may be given with
 overrides in brackets, e.g. ``laftr[lam=10,num_samples=100]`` or ``subset[coreset_size=786]`` (the spec
-grammar of ``laftr.specs``); keys ``lam``, ``tasks_per_step``, ``penalty_every``, ``fit_examples`` and
-``match_memory`` set the method (of a regularized method only: ``none`` and ``joint`` refuse them), every
-other key the estimator's config, and an unknown key is refused when the method is parsed.
+grammar of ``laftr.specs``); keys ``lam``, ``tasks_per_step``, ``penalty_every``, ``penalty_refresh``,
+``fit_examples`` and ``match_memory`` set the method (of a regularized method only: ``none`` and ``joint``
+refuse them), every other key the estimator's config, and an unknown key is refused when the method is
+parsed.
 
 ``subset-eqmem`` and ``ntk-eqmem`` store as many inputs as fit in the memory of the ``laftr`` method's
 summary on the same network and data (``k = round(laftr_floats / input_dim)``), for comparisons at equal
@@ -33,7 +34,7 @@ from .regularizer import _check_count, _check_lam
 __all__ = ["METHODS", "TRAITS", "MethodSpec", "parse_method", "parse_methods"]
 
 KINDS = ("finetune", "joint", "fsd")
-_METHOD_KEYS = ("lam", "tasks_per_step", "penalty_every", "fit_examples", "match_memory")
+_METHOD_KEYS = ("lam", "tasks_per_step", "penalty_every", "penalty_refresh", "fit_examples", "match_memory")
 
 #: What a benchmark can be made of, in the order their settings are applied: ``tokens`` (the inputs are
 #: integer token ids, which no Gaussian input model describes) and ``transformer`` (the network has
@@ -55,6 +56,8 @@ class MethodSpec:
         tasks_per_step: old tasks averaged per step (None: all).
         penalty_every: the penalty on every this many-th step only, weighted by it (see
             :class:`laftr.continual.FSDRegularizer`'s ``every``).
+        penalty_refresh: the penalty estimated afresh on every this many-th step, its first-order expansion
+            (the gradient reused) on the steps in between (``FSDRegularizer``'s ``refresh``).
         fit_examples: fit each task's estimator on a random subset of this many of its training examples
             (None: all of them; the subset is drawn from its own seeded stream, so training is unchanged).
         match_memory: ``laftr``: choose ``coreset_size`` so the stored inputs match that method's memory.
@@ -71,6 +74,7 @@ class MethodSpec:
     lam: float = 1.0
     tasks_per_step: int | None = None
     penalty_every: int = 1
+    penalty_refresh: int = 1
     fit_examples: int | None = None
     match_memory: str | None = None
     description: str = ""
@@ -86,14 +90,19 @@ class MethodSpec:
             raise UsageError(f"method {self.base!r} has no regularizer; cannot set {sorted(method)}")
         if "lam" in method:
             method["lam"] = _check_lam(method["lam"])
-        for key, allow_none in (("tasks_per_step", True), ("penalty_every", False), ("fit_examples", True)):
+        for key, allow_none in (("tasks_per_step", True), ("penalty_every", False),
+                                ("penalty_refresh", False), ("fit_examples", True)):
             if key in method:
                 _check_count(key, method[key], allow_none)
         if method.get("match_memory") is not None and method["match_memory"] != "laftr":
             raise UsageError(f"match_memory must be 'laftr' or None, got {method['match_memory']!r}")
         if "coreset_size" in cfg and self.match_memory:
             method["match_memory"] = None  # an explicit k wins over memory matching
-        return dataclasses.replace(self, name=name or self.name, config={**self.config, **cfg}, **method)
+        out = dataclasses.replace(self, name=name or self.name, config={**self.config, **cfg}, **method)
+        if out.penalty_every > 1 and out.penalty_refresh > 1:
+            raise UsageError(f"method {out.name!r}: penalty_every and penalty_refresh are two ways of "
+                             "estimating the penalty on fewer steps; set one of them")
+        return out
 
     def adapted(self, traits: tuple[str, ...] | list[str] = ()) -> MethodSpec:
         """A copy whose config carries the settings of every trait in ``traits``.

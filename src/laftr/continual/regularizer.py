@@ -76,6 +76,12 @@ class FSDRegularizer:
         every: apply the penalty on every ``every``-th :meth:`penalty` call only, weighted ``every * lam``
             (zero on the others): the same mean penalty over a run at ``1/every`` of the estimators' cost,
             with more noise per step.
+        refresh: estimate the penalty afresh on every ``refresh``-th :meth:`penalty` call only, and on the
+            calls in between return its first-order expansion around the parameters it was estimated at,
+            ``P_r + g_r . (theta - theta_r)``: every step gets the penalty's gradient ``g_r``, up to
+            ``refresh - 1`` steps old, at ``1/refresh`` of the estimators' cost (unlike ``every``, which
+            leaves the steps in between unregularized). Holds two copies of the trainable parameters
+            (``g_r`` and ``theta_r``). At a fresh call the returned value and gradient are the estimate's.
         eval_mode: evaluate the estimators with the model in eval mode (dropout off), restoring its mode.
         distributed: in a ``torch.distributed`` process group (None: when one is initialized), fit each task's
             estimator on the union of the ranks' shards and draw each rank's Monte Carlo samples from its own
@@ -91,6 +97,7 @@ class FSDRegularizer:
         tasks_per_step: int | None = None,
         seed: int = 0,
         every: int = 1,
+        refresh: int = 1,
         eval_mode: bool = True,
         distributed: bool | None = None,
     ) -> None:
@@ -99,7 +106,14 @@ class FSDRegularizer:
         self.lam = _check_lam(lam)
         self.tasks_per_step = _check_count("tasks_per_step", tasks_per_step, allow_none=True)
         self.every = _check_count("every", every)
+        self.refresh = _check_count("refresh", refresh)
+        if self.every > 1 and self.refresh > 1:
+            raise UsageError(f"every={self.every} and refresh={self.refresh} are two ways of estimating the "
+                             "penalty on fewer steps; set one of them")
         self._calls = 0
+        # refresh > 1: the last fresh estimate's value, gradient and parameters
+        self._anchor: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._since = 0  # calls since that estimate
         self.eval_mode = eval_mode
         if distributed is not None and not isinstance(distributed, bool):
             raise UsageError(f"distributed must be True, False or None, got {distributed!r}")
@@ -137,6 +151,7 @@ class FSDRegularizer:
         if not estimator.fitted:
             raise UsageError("the estimator is not fitted")
         self.estimators.append(estimator)
+        self._anchor = None  # the next penalty is estimated afresh, with this task
         log.info("regularizer: %d tasks stored (%s, %d floats)", len(self.estimators), estimator.name,
                  estimator.stored_floats())
 
@@ -155,7 +170,9 @@ class FSDRegularizer:
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """``lam * mean_j D_j(theta)``: a 0-dim tensor to add to the loss (zero before any task is stored).
 
-        ``model`` may be a ``DistributedDataParallel`` wrapper (see the module docstring).
+        ``model`` may be a ``DistributedDataParallel`` wrapper (see the module docstring). With
+        ``refresh > 1`` the returned tensor is the latest fresh estimate's first-order expansion (see the
+        class); its gradient reaches the trainable parameters only.
         """
         skip = False
         if self.estimators and self.every > 1:
@@ -165,12 +182,40 @@ class FSDRegularizer:
             p = next(model.parameters(), None)
             return torch.zeros((), device=None if p is None else p.device,
                                dtype=None if p is None else p.dtype)
+        if self.refresh > 1:
+            self._since += 1
+            return self._expanded(model, fresh=self._anchor is None or self._since >= self.refresh)
+        return self.every * self.lam * self._fresh(model)
+
+    def _fresh(self, model: nn.Module) -> torch.Tensor:
+        """``mean_j D_j(theta)`` over all stored tasks or ``tasks_per_step`` drawn ones, differentiable."""
         n = len(self.estimators)
         which: list[int] | None = None
         if self.tasks_per_step is not None and self.tasks_per_step < n:
             which = torch.randperm(n, generator=self._gen)[: self.tasks_per_step].tolist()
-        ds = self.distances(model, which)
-        return self.every * self.lam * torch.stack(ds).mean()
+        return torch.stack(self.distances(model, which)).mean()
+
+    def _expanded(self, model: nn.Module, fresh: bool) -> torch.Tensor:
+        """The penalty's first-order expansion around the latest fresh estimate (made anew if ``fresh``)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        if fresh:
+            value = self.lam * self._fresh(model)
+            grads: Sequence[torch.Tensor | None] = (
+                torch.autograd.grad(value, params, allow_unused=True) if value.requires_grad
+                else [None] * len(params))
+            self._since = 0
+            self._anchor = (value.detach(),
+                            [torch.zeros_like(p) if g is None else g.detach()
+                             for p, g in zip(params, grads, strict=True)],
+                            [p.detach().clone() for p in params])
+        assert self._anchor is not None
+        value, grads, at = self._anchor
+        if len(grads) != len(params) or any(g.shape != p.shape for g, p in zip(grads, params, strict=False)):
+            raise UsageError("the model's trainable parameters changed since the penalty was last estimated; "
+                             "refresh needs the same parameters on every call")
+        step = sum(((g * (p - p0)).sum() for g, p, p0 in zip(grads, params, at, strict=True)),
+                   torch.zeros_like(value))
+        return value + step
 
     def stored_floats(self) -> list[int]:
         """Floats stored beyond theta_j for each task."""

@@ -267,7 +267,7 @@ def run_method(
                 return make_estimator(estimator, **_estimator_config(spec, seed, next(counter)))
 
             reg = FSDRegularizer(make, spec.lam, tasks_per_step=spec.tasks_per_step, seed=seed,
-                                 every=spec.penalty_every)
+                                 every=spec.penalty_every, refresh=spec.penalty_refresh)
         # fit_examples: each task's subset from its own stream, so that training draws the same as without it
         fit_gen = torch.Generator().manual_seed(seed + FIT_SUBSET_STREAM)
         T = len(stream)
