@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -713,3 +714,95 @@ def test_linearize_activations_keeps_its_draws_and_files(tmp_path):
         laftr.make_estimator("laftr", linearize="softmax")
     with pytest.raises(laftr.UsageError, match="linearizes nothing"):
         laftr.make_estimator("laftr", gates="none", linearize="activations")
+
+
+# ------------------------------------------------------------------ normalizations written by hand
+class _HandRMSNorm(nn.Module):
+    """RMSNorm as LLaMA-style code writes it, in three spellings."""
+
+    def __init__(self, d: int, spelling: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.spelling = spelling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spelling == "x*x":
+            return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5) * self.weight
+        if self.spelling == "pow":
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight  # "div"
+
+
+def _normed(norm: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), norm, nn.GELU(), nn.Linear(8, 3)).double()
+
+
+def _rms_twins(spelling: str) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module, torch.Tensor]:
+    """theta0 and theta with nn.RMSNorm, and the same weights with the hand-written norm; data."""
+    torch.manual_seed(0)
+    ref = _normed(nn.RMSNorm(8, eps=1e-5))
+    with torch.no_grad():
+        ref[1].weight.add_(0.1 * torch.randn(8))
+    theta = _moved(ref, 0.05)
+    hand0, hand1 = _normed(_HandRMSNorm(8, spelling)), _normed(_HandRMSNorm(8, spelling))
+    hand0.load_state_dict(ref.state_dict())
+    hand1.load_state_dict(theta.state_dict())
+    return ref, theta, hand0, hand1, torch.randn(200, 6, dtype=torch.float64, generator=torch.Generator()
+                                                 .manual_seed(5))
+
+
+def test_hand_written_rms_norm_is_estimated_as_nn_rms_norm(tmp_path):
+    """Its rsqrt / sqrt of a mean is a normalizer, a positive scale decided by theta0 (as nn.RMSNorm's).
+
+    Before, the rsqrt drew a random tangent, which can cross zero: estimates 10^3 to 10^9 times the exact
+    FSD (found on a GPT block), and under linearize="activations" the norm was linearized too.
+    """
+    ref, theta, hand0, hand1, X = _rms_twins("x*x")
+    net = TracedNet(hand0)
+    assert [r.normalizer for r in net.rules.values() if r.family == "elementwise"] == [True]
+    # the x*x spelling draws nothing else: the same draws as nn.RMSNorm's rule, so the same estimates
+    for metric in ("l2", "kl"):
+        a = laftr.make_estimator("laftr", metric=metric, seed=3).fit(ref, X)(theta)
+        b = laftr.make_estimator("laftr", metric=metric, seed=3).fit(hand0, X)(hand1)
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
+    for spelling in ("pow", "div"):
+        ref, theta, hand0, hand1, X = _rms_twins(spelling)
+        # linearize="activations": the norm runs exactly, like nn.RMSNorm (before: 10^6 x the exact FSD)
+        a = laftr.make_estimator("laftr", linearize="activations", seed=3).fit(ref, X)(theta)
+        b = laftr.make_estimator("laftr", linearize="activations", seed=3).fit(hand0, X)(hand1)
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=0)
+        # sampled laws: the power draws a tangent first, so the draws differ; the expectation is the same
+        ests = [laftr.make_estimator("laftr", seed=0, num_samples=256).fit(m, X) for m in (ref, hand0)]
+        vals = [torch.tensor([float(e(m).detach()) for _ in range(30)]) for e, m in zip(ests, (theta, hand1),
+                                                                                        strict=True)]
+        se = math.sqrt(sum(float(v.var()) / len(v) for v in vals))
+        assert abs(float(vals[0].mean() - vals[1].mean())) < 4 * se, (vals[0].mean(), vals[1].mean(), se)
+    # saved and loaded: the normalizer is part of the site's signature
+    est = laftr.make_estimator("laftr", seed=3).fit(hand0, X)
+    path = laftr.save(est, tmp_path / "hand-rms.laftr")
+    torch.testing.assert_close(laftr.load(path)(hand1), est(hand1), rtol=0, atol=0)
+
+
+def test_only_a_scale_of_a_reduction_is_a_normalizer_and_it_must_be_positive():
+    class Ops(nn.Module):
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.kind = kind
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            if self.kind == "activation":  # an elementwise sqrt of the data: a smooth gate with a tangent law
+                return torch.sqrt(F.softplus(h) + 1.0)
+            if self.kind == "power":  # a power of a mean in the normalizer range, through a shift and a scale
+                return h * (2.0 * (h * h).mean(-1, keepdim=True) + 1e-3) ** -0.5
+            return h * torch.reciprocal(h.sum(-1, keepdim=True))  # a sum of either sign
+
+    X = _inputs().double()[:, :4]
+    flags = {k: [r.normalizer for r in TracedNet(Ops(k).double()).rules.values() if hasattr(r, "normalizer")]
+             for k in ("activation", "power", "signed")}
+    assert flags == {"activation": [False], "power": [True], "signed": [True]}
+    with pytest.raises(ValueError, match="not finite and positive"):
+        laftr.make_estimator("laftr").fit(Ops("signed").double(), X)
+    est = laftr.make_estimator("laftr").fit(Ops("power").double(), X)
+    assert float(est(Ops("power").double()).detach()) > 0

@@ -550,8 +550,8 @@ class LaftrEstimator(_LaftrBase):
 
 
 def _not_an_activation(rule: Rule) -> bool:
-    """Whether ``linearize="activations"`` runs the op exactly: all but elementwise gates and max pools."""
-    return not isinstance(rule, GateRule) and rule.family != "maxpool"
+    """Whether ``linearize="activations"`` runs the op exactly: all but the activations and max pools."""
+    return not (isinstance(rule, GateRule) and rule.activation) and rule.family != "maxpool"
 
 
 def _cat(parts: list[Any]) -> Any:

@@ -30,12 +30,16 @@ from torch import fx, nn
 from .._util import eigh_on_host
 from ..moments import GateMoments
 from .base import ELEMENTWISE_FUNCTIONS, Pair, Rule, register, registered_targets, stream_of
+from .norm import ScaleLaw
 
 
 def gate_families() -> set[str]:
-    """The families of every registered gate rule (the built-in activations and the user's)."""
+    """The families of every registered activation (gate rules that ``linearize="activations"`` linearizes).
+
+    The built-in activations and the user's; not the elementwise math of the data (``exp``, ``sqrt``, ...).
+    """
     return {cls.family for table in registered_targets().values() for cls in table.values()
-            if issubclass(cls, GateRule)}
+            if issubclass(cls, GateRule) and cls.activation}
 
 
 # ---------------------------------------------------------------------------------------------- laws
@@ -136,6 +140,9 @@ class GateRule(Rule):
 
     family: ClassVar[str] = "gate"
     site: ClassVar[bool] = True
+    #: whether ``linearize="activations"`` linearizes it: the activation functions do; elementwise math of
+    #: the data (``exp``, ``sqrt``, ``pow``, ...: a normalization or a softmax written by hand) runs exactly
+    activation: ClassVar[bool] = True
 
     def pre(self, args: Any, kwargs: Any) -> Pair:
         """The pre-activation pair; refuses other data-dependent arguments (a bound computed from data)."""
@@ -925,15 +932,107 @@ class ElementwiseGate(SmoothGate):
     have a domain (``log``, ``sqrt``, ``rsqrt``, ``reciprocal``): theta0's inputs on the data must stay inside
     it, or the fit refuses the non-finite tangent; the Monte Carlo then never evaluates the op outside
     theta0's data (it applies the drawn tangents), while ``gates="relu"`` and ``"none"`` evaluate it on
-    samples of the input model.
+    samples of the input model. Not an activation: ``linearize="activations"`` runs it exactly.
+
+    A *normalizer* -- ``sqrt``, ``rsqrt``, ``reciprocal`` or a power ``-1 <= p <= 1/2`` (p != 0) of a mean or
+    sum over an axis (``x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``, ``x / (x - mu).pow(2)
+    .mean(-1, keepdim=True).sqrt()``: a normalization written by hand) -- is treated as the normalization
+    layers treat theirs (METHOD.md section 6): its value is decided by theta0, a positive scale per unit drawn
+    from the log-normal law with its exact first and second moments on the data, shared by both streams and
+    independent of the input. (Its tangent drawn at random could cross zero and, in the division that
+    follows, blow the estimate up by many orders of magnitude.) So the hand-written RMSNorm gives what
+    ``nn.RMSNorm`` gives. θ0's own linearization (``gates="relu"``) keeps the exact tangent on each input.
     """
 
     family = "elementwise"
+    activation = False
+    #: elementwise ops that turn a positive statistic into a scale, and reductions they may read through
+    #: additions and multiplications by constants
+    _SCALE_OPS: ClassVar[tuple[str, ...]] = ("sqrt", "rsqrt", "reciprocal")
+    _REDUCTIONS: ClassVar[tuple[str, ...]] = ("mean", "sum", "var", "std", "norm", "vector_norm", "nansum",
+                                              "nanmean")
+    _THROUGH: ClassVar[tuple[str, ...]] = ("add", "radd", "sub", "mul", "rmul", "truediv", "div", "clamp",
+                                           "clamp_min", "clip", "iadd", "imul")
+
+    def setup(self) -> None:
+        """Whether the op is a normalizer (see the class)."""
+        self.normalizer = self._op_name() in self._SCALE_OPS and self._reads_reduction()
+
+    def _op_name(self) -> str:
+        t = self.node.target
+        name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+        return name.rstrip("_")
+
+    def _reads_reduction(self) -> bool:
+        """Whether the data input comes from a reduction over an axis, through constant shifts and scales."""
+        node: Any = self.node.args[0] if self.node.args else self.node.kwargs.get("input")
+        for _ in range(8):
+            if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+                return False
+            t = node.target
+            name = (t if isinstance(t, str) else getattr(t, "__name__", "")).rstrip("_")
+            if name in self._REDUCTIONS:
+                return True
+            data = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+            if name not in self._THROUGH or len(data) != 1:
+                return False
+            node = data[0]
+        return False
 
     def params(self) -> dict[str, Any]:
-        """The op, which a stored summary must match."""
+        """The op (and whether it is a normalizer), which a stored summary must match."""
         t = self.node.target
-        return {"op": t if isinstance(t, str) else getattr(t, "__name__", str(t))}
+        out: dict[str, Any] = {"op": t if isinstance(t, str) else getattr(t, "__name__", str(t))}
+        if self.normalizer:
+            out["normalizer"] = True
+        return out
+
+    def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's exact value; a normalizer records the moments of its value, other ops their tangent's."""
+        if not self.normalizer:
+            return super().fit(mode, args, kwargs)
+        self.pre(args, kwargs)
+        a0 = self.real(mode, args, kwargs)
+        nu = a0.to(torch.float64)
+        if not (torch.isfinite(nu).all() and (nu > 0).all()):
+            raise ValueError(f"{self.describe()}: a normalizer (a scale computed from a statistic of the data) "
+                             "that is not finite and positive on some of the data; keep its input positive, "
+                             "e.g. with an epsilon")
+        mode.add(self.name, "nu", nu)
+        mode.add(self.name, "nu2", nu * nu)
+        return Pair((a0,), True)
+
+    def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Monte Carlo: a normalizer's scale drawn from its stored law; other ops a drawn tangent."""
+        if not self.normalizer:
+            return super().sample(mode, args, kwargs)
+        pre = self.pre(args, kwargs)
+        law: ScaleLaw = mode.law(self)
+        s0 = pre.vals[0]
+        if tuple(law.first.shape[1:]) != tuple(s0.shape[1:]):
+            raise ValueError(f"normalizer site {self.name!r}: summary has units of shape "
+                             f"{tuple(law.first.shape[1:])}, the network produces {tuple(s0.shape[1:])}")
+        nu = mode.draw(self, law, s0)
+        return Pair(tuple(nu.expand_as(v) for v in pre.vals), True)
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """The closed form: a normalizer is a random constant with the stored moments (no slope)."""
+        if not self.normalizer:
+            return super().moments(mode, args, kwargs)
+        pre = self.pre(args, kwargs)
+        law: ScaleLaw = mode.law(self)
+        like = mode.state.like
+        first, second = (t.reshape(-1).to(like) for t in law.moments(mode.group))
+        zero = torch.zeros_like(first)
+        gm = GateMoments(c1=[zero], c2={(0, 0): zero}, r1=[first], cr={(0, 0): zero}, r2={(0, 0): second})
+        return mode.gate(pre, gm)
+
+    def law(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
+            dtype: torch.dtype) -> Any:
+        """A normalizer's log-normal ``ScaleLaw``; other ops' tangent law."""
+        if self.normalizer:
+            return ScaleLaw(sums, counts, device, dtype)
+        return super().law(sums, counts, device, dtype)
 
 
 @register(torch.pow, operator.pow, "pow", "pow_")  # (``x **= 2`` reaches torch.fx as operator.pow)
@@ -952,7 +1051,8 @@ class PowGate(ElementwiseGate):
         if isinstance(e, bool) or not isinstance(e, (int, float)):
             raise self.refuse(f"the exponent must be a constant number, got {e!r}")
         self.exponent = float(e)
+        self.normalizer = -1.0 <= self.exponent <= 0.5 and self.exponent != 0 and self._reads_reduction()
 
     def params(self) -> dict[str, Any]:
-        """The exponent, which a stored summary must match."""
-        return {"exponent": self.exponent}
+        """The exponent (and whether it is a normalizer), which a stored summary must match."""
+        return {"exponent": self.exponent, **({"normalizer": True} if self.normalizer else {})}
