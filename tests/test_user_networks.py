@@ -806,3 +806,30 @@ def test_only_a_scale_of_a_reduction_is_a_normalizer_and_it_must_be_positive():
         laftr.make_estimator("laftr").fit(Ops("signed").double(), X)
     est = laftr.make_estimator("laftr").fit(Ops("power").double(), X)
     assert float(est(Ops("power").double()).detach()) > 0
+
+
+def test_softmax_metrics_refuse_outputs_with_more_than_one_axis_per_example():
+    """Logits at every position, (B, T, V): kl / l2-probs would take one softmax over all T * V values."""
+
+    class PerPosition(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 8), nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.emb(x)))
+
+    torch.manual_seed(0)
+    model, X = PerPosition().double(), torch.randint(0, 10, (30, 4))
+    for metric in ("kl", "l2-probs"):
+        with pytest.raises(laftr.DataError, match=r"shape \(30, 4, 10\).*one softmax over all"):
+            laftr.exact_fsd(model, model, X, metric=metric)
+        for name in ("kfac", "diag-fisher"):
+            with pytest.raises(laftr.DataError, match="one distribution"):
+                laftr.make_estimator(name, metric=metric).fit(model, X)
+        for name, cfg in (("laftr", {"input_model": "tokens"}), ("subset", {}), ("ntk", {})):
+            est = laftr.make_estimator(name, metric=metric, **cfg).fit(model, X)
+            with pytest.raises(laftr.DataError, match="one distribution"):
+                est(model)
+    # l2 sums the squares over every axis, as before
+    assert float(laftr.make_estimator("laftr", input_model="tokens").fit(model, X)(model).detach()) == 0.0

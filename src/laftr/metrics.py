@@ -125,6 +125,21 @@ def run_network(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> torch.
     return check_network_output(z)
 
 
+def check_softmax_outputs(z: torch.Tensor, metric: str) -> None:
+    """Refuse outputs of more than one axis per example under a softmax metric (``kl``, ``l2-probs``).
+
+    Those metrics read each example's outputs as the logits of one distribution; an output of shape
+    ``(B, T, V)`` (a token model's logits at every position) would be one softmax over all ``T * V`` values,
+    which is not the per-position distribution it means.
+    """
+    if metric in ("kl", "l2-probs") and z.ndim > 2:
+        raise DataError(
+            f"metric {metric!r} reads each example's outputs as the logits of one distribution, and the "
+            f"network returns outputs of shape {tuple(z.shape)} (more than one axis per example, e.g. logits "
+            "at every position): laftr would take one softmax over all of them. Return one distribution per "
+            "example (e.g. the logits of the last position, z[:, -1]), or use metric='l2'")
+
+
 def select_outputs(z: torch.Tensor, outputs: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
     """Flatten ``z`` to ``(B, K)`` and keep only the output units in ``outputs``.
 
@@ -155,6 +170,7 @@ def discrepancy(
     """
     fn = METRICS[check_metric(metric)]
     z0, z = check_network_output(z0), check_network_output(z)
+    check_softmax_outputs(z0, metric)
     if z0.shape != z.shape:
         raise DataError(f"output shapes differ: {tuple(z0.shape)} vs {tuple(z.shape)}")
     return fn(select_outputs(z0, outputs), select_outputs(z, outputs))

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .. import distributed as dist_
 from .._util import EMPTY_DATA, Data, iter_batches, model_device_dtype
 from ..errors import DataError, UsageError
-from ..metrics import check_metric, run_network, select_outputs
+from ..metrics import check_metric, check_softmax_outputs, run_network, select_outputs
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,7 @@ def curvature_batches(
                      desc=desc):
         with torch.no_grad():
             z = run_network(model, x)
+        check_softmax_outputs(z, config.metric)
         z = z.reshape(z.shape[0], -1)
         z0 = select_outputs(z, outputs)
         if not torch.isfinite(z0).all():

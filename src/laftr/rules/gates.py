@@ -995,9 +995,9 @@ class ElementwiseGate(SmoothGate):
         a0 = self.real(mode, args, kwargs)
         nu = a0.to(torch.float64)
         if not (torch.isfinite(nu).all() and (nu > 0).all()):
-            raise ValueError(f"{self.describe()}: a normalizer (a scale computed from a statistic of the data) "
-                             "that is not finite and positive on some of the data; keep its input positive, "
-                             "e.g. with an epsilon")
+            raise ValueError(f"{self.describe()}: a normalizer (a scale computed from a statistic of the "
+                             "data) that is not finite and positive on some of the data; keep its input "
+                             "positive, e.g. with an epsilon")
         mode.add(self.name, "nu", nu)
         mode.add(self.name, "nu2", nu * nu)
         return Pair((a0,), True)
