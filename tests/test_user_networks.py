@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -833,3 +834,65 @@ def test_softmax_metrics_refuse_outputs_with_more_than_one_axis_per_example():
                 est(model)
     # l2 sums the squares over every axis, as before
     assert float(laftr.make_estimator("laftr", input_model="tokens").fit(model, X)(model).detach()) == 0.0
+
+
+# ------------------------------------------------------------------ casts (Hugging Face's softmax upcast)
+class _CastAttention(nn.Module):
+    def __init__(self, cast: str) -> None:
+        super().__init__()
+        self.emb, self.qkv, self.head = nn.Embedding(12, 16), nn.Linear(16, 48), nn.Linear(16, 5)
+        self.cast = cast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.emb(x)).chunk(3, -1)
+        scores = q @ k.transpose(-2, -1) / 4.0
+        if self.cast == "none":
+            a = F.softmax(scores, -1)
+        elif self.cast == "no-op":  # float64 to float64
+            a = F.softmax(scores, -1, dtype=torch.float64).to(q.dtype)
+        else:  # through float32 and back
+            a = F.softmax(scores.float(), -1).type_as(q)
+        return self.head(F.gelu(a @ v).mean(1))
+
+
+@pytest.mark.parametrize("cast", ["no-op", "float32"])
+def test_a_cast_of_data_runs_in_each_stream(cast):
+    torch.manual_seed(0)
+    X = torch.randint(0, 12, (60, 5))
+    ref = _CastAttention("none").double()
+    theta = _moved(ref, 0.02)
+    cast0, cast1 = _CastAttention(cast).double(), _CastAttention(cast).double()
+    cast0.load_state_dict(ref.state_dict())
+    cast1.load_state_dict(theta.state_dict())
+    rtol = 1e-12 if cast == "no-op" else 1e-6  # float32 rounding of the attention weights
+    for name, cfg in (("laftr", {"input_model": "tokens"}), ("laftr", {"input_model": "tokens", "gates": "relu"}),
+                      ("laftr", {"input_model": "tokens", "linearize": "activations"}),
+                      ("liftr", {"input_model": "tokens"}), ("kfac", {"unsupported": "diag"}), ("diag-fisher", {})):
+        a = laftr.make_estimator(name, seed=1, **cfg).fit(ref, X)(theta)
+        b = laftr.make_estimator(name, seed=1, **cfg).fit(cast0, X)(cast1)
+        torch.testing.assert_close(b, a, rtol=rtol, atol=0, msg=f"{name} {cfg}")
+
+
+def test_a_cast_in_the_closed_form_and_a_cast_to_integers():
+    class Mlp(nn.Module):
+        def __init__(self, to: Any) -> None:
+            super().__init__()
+            self.a, self.b, self.to_ = nn.Linear(6, 8), nn.Linear(8, 3), to
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(x))
+            return self.b(h if self.to_ is None else h.to(self.to_).double())
+
+    torch.manual_seed(0)
+    X = torch.randn(60, 6, dtype=torch.float64)
+    plain = Mlp(None).double()
+    theta = _moved(plain, 0.05)
+    casted, casted1 = Mlp(torch.float32).double(), Mlp(torch.float32).double()
+    casted.load_state_dict(plain.state_dict())
+    casted1.load_state_dict(theta.state_dict())
+    a = laftr.make_estimator("laftr-exact").fit(plain, X)(theta)
+    b = laftr.make_estimator("laftr-exact").fit(casted, X)(casted1)
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=0)  # the closed form keeps the block in its own dtype
+    ints = Mlp(torch.long).double()
+    with pytest.raises(laftr.UnsupportedOpError, match="casts data to torch.int64"):
+        laftr.make_estimator("laftr").fit(ints, X)

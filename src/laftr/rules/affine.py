@@ -146,6 +146,31 @@ class ReshapeRule(AffineRule):
         return mode.reshape(self, args, kwargs)
 
 
+class CastRule(ReshapeRule):
+    """``x.to(dtype)``, ``x.float()``, ``x.double()``, ``x.half()``, ``x.bfloat16()``, ``x.type_as(t)``.
+
+    A change of floating dtype (or device): the values up to rounding. Each stream runs it exactly, so a block
+    that upcasts its softmax and casts back (``F.softmax(s, -1, dtype=torch.float32).to(q.dtype)``, as Hugging
+    Face's attention does) runs as written; the closed form keeps the value's block (its own dtype). A cast of
+    data to an integer or boolean dtype is refused: it is not differentiable.
+    """
+
+    family = "cast"
+    max_data_inputs = None  # ``x.to(t)`` / ``x.type_as(t)``: ``t`` gives only its dtype
+
+    def setup(self) -> None:
+        """Refuse a cast to a dtype that is not floating."""
+        named = {"float": torch.float32, "double": torch.float64, "half": torch.float16,
+                 "bfloat16": torch.bfloat16}
+        dtypes = [a for a in (*self.node.args[1:], *self.node.kwargs.values()) if isinstance(a, torch.dtype)]
+        if isinstance(self.node.target, str) and self.node.target in named:
+            dtypes.append(named[self.node.target])
+        for d in dtypes:
+            if not d.is_floating_point:
+                raise self.refuse(f"it casts data to {d}, which is not differentiable; cast only to a "
+                                  "floating dtype inside the network")
+
+
 class IdentityRule(Rule):
     """Ops that are the identity when estimating (dropout is off): the data input passes unchanged."""
 
@@ -369,4 +394,5 @@ register(*_DIV)(DivideRule)
 register("masked_fill", "masked_fill_", torch.masked_fill, torch.where, "where")(SelectRule)
 register("expand_as", "view_as", "reshape_as")(LikeRule)
 register(*_IDENTITY)(IdentityRule)
+register("to", "float", "double", "half", "bfloat16", "type_as")(CastRule)
 register(*_SHAPE)(ShapeRule)
