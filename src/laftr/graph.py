@@ -118,12 +118,28 @@ def trace(model: nn.Module) -> fx.GraphModule:
         raise
     except Exception as e:
         raise UnsupportedOpError(
-            f"could not trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); laftr needs a "
-            "network whose forward has no data-dependent control flow"
+            f"could not trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
+            + _trace_hint(e)
         ) from e
     finally:
         for m, training in modes:
             m.training = training
+
+
+def _trace_hint(e: Exception) -> str:
+    """What to change in a forward that torch.fx could not trace, from the error it raised."""
+    text = str(e)
+    if "cannot be iterated" in text:
+        return ("a value read from the input (a tensor, or its shape) cannot be iterated while tracing: "
+                "a loop over a tensor's entries is data-dependent control flow, and a shape unpacked with * "
+                "can be written without it: h.view(h.shape[:-1] + (2, -1)) instead of "
+                "h.view(*h.shape[:-1], 2, -1), or name the sizes (B, T, C = h.shape)")
+    if isinstance(e, TypeError) and "positional argument" in text:
+        return ("a function given sizes read from the input as separate arguments (torch.ones(L, L)) "
+                "cannot be traced: pass them as one tuple, torch.ones((L, L)), or slice a constant buffer to "
+                "size")
+    return ("laftr needs a network whose forward torch.fx can trace: no control flow that depends on the "
+            "data (an if or a loop over values of a tensor)")
 
 
 def _get_attr(gm: fx.GraphModule, target: str) -> Any:
