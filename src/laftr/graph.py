@@ -36,6 +36,7 @@ from . import rules as _rules  # noqa: F401  (importing registers the built-in r
 from ._util import SEVERAL_INPUTS_FIX
 from .composites import traced_forward, traced_function
 from .errors import UnsupportedOpError
+from .metrics import check_network_output
 from .moments import GateMoments, JointMoments, Ref
 from .rules.affine import SHAPE_ATTRS, DivideRule, GetattrRule, LikeRule, ShapeRule
 from .rules.attention import QuotientRule
@@ -911,12 +912,12 @@ class TracedNet:
                 continue
             if node.op == "output":
                 out = fx.node.map_arg(node.args[0], lambda m: env[m.name])
+                if isinstance(out, (tuple, list, dict)):
+                    # names what it returned (fx's immutable containers as Python's) and SelectOutput
+                    check_network_output(dict(out) if isinstance(out, dict) else tuple(out))
                 if not isinstance(out, Pair) or not out.data:
-                    kind = "dict" if isinstance(out, dict) else type(out).__name__
-                    raise UnsupportedOpError(
-                        "the network must return a single tensor that depends on its input"
-                        + (f" (it returns a {kind}: wrap it, e.g. laftr.SelectOutput(model, 0))"
-                           if isinstance(out, (tuple, list, dict)) else ""))
+                    raise UnsupportedOpError("the network must return a single tensor that depends on its "
+                                             "input")
                 return mode.output(out)
             args = fx.node.map_arg(node.args, lambda m: env[m.name])
             kwargs = fx.node.map_arg(node.kwargs, lambda m: env[m.name])
