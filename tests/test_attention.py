@@ -813,3 +813,49 @@ def test_select_ops_refuse_masks_and_fills_that_depend_on_the_parameters():
     for how in ("masked_fill", "where"):
         with pytest.raises(UnsupportedOpError, match="node '(lt|gt)'"):
             laftr.make_estimator("laftr").fit(Gate(how), X)
+
+
+class _GroupedQuery(nn.Module):
+    """4 query heads sharing 2 key/value heads: SDPA's enable_gqa, or the key/value heads repeated by hand."""
+
+    def __init__(self, gqa: bool, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.emb, self.q, self.head = nn.Embedding(12, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+        self.kv = nn.Linear(16, 8 * kv_heads)
+        self.gqa, self.kv_heads = gqa, kv_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        B, T, _ = h.shape
+        q = self.q(h).view(B, T, 4, 4).transpose(1, 2)
+        k, v = self.kv(h).view(B, T, self.kv_heads, 8).transpose(1, 2).chunk(2, dim=-1)
+        if self.gqa:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            r = 4 // self.kv_heads
+            o = F.scaled_dot_product_attention(q, k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1),
+                                               is_causal=True)
+        return self.head(F.gelu(o.transpose(1, 2).reshape(B, T, 16)).mean(1))
+
+
+def test_grouped_query_attention_equals_its_heads_repeated_by_hand(tmp_path):
+    torch.manual_seed(0)
+    X = torch.randint(0, 12, (60, 5))
+    by_hand, by_hand1 = _GroupedQuery(False).double(), _GroupedQuery(False).double()
+    with torch.no_grad():
+        for p0, p1 in zip(by_hand.parameters(), by_hand1.parameters(), strict=True):
+            p1.copy_(p0 + 0.02 * torch.randn_like(p0))
+    gqa, gqa1 = _GroupedQuery(True).double(), _GroupedQuery(True).double()
+    gqa.load_state_dict(by_hand.state_dict())
+    gqa1.load_state_dict(by_hand1.state_dict())
+    for name, cfg in (("laftr", {"input_model": "tokens"}), ("laftr", {"input_model": "tokens", "gates": "relu"}),
+                      ("laftr", {"input_model": "tokens", "metric": "kl"}), ("liftr", {"input_model": "tokens"}),
+                      ("ntk", {}), ("kfac", {"unsupported": "diag"})):
+        a = laftr.make_estimator(name, seed=1, **cfg).fit(by_hand, X)(by_hand1)
+        est = laftr.make_estimator(name, seed=1, **cfg).fit(gqa, X)
+        torch.testing.assert_close(est(gqa1), a, rtol=1e-12, atol=0, msg=f"{name} {cfg}")
+    back = laftr.load(laftr.save(est, tmp_path / "gqa.laftr"))
+    torch.testing.assert_close(back(gqa1), est(gqa1), rtol=0, atol=0)
+    with pytest.raises(UnsupportedOpError, match="4 query heads and 3 key"):
+        m = _GroupedQuery(True, kv_heads=3).double()
+        laftr.make_estimator("laftr", input_model="tokens").fit(m, X)

@@ -751,16 +751,18 @@ class SdpaRule(PatternSite):
     family = "attention"
 
     def setup(self) -> None:
-        """Read ``is_causal`` and ``scale``; refuse grouped-query attention."""
+        """Read ``is_causal``, ``scale`` and ``enable_gqa``."""
         self.is_causal = bool(self.const_arg(5, "is_causal", False))
         scale = self.const_arg(6, "scale", None)
         self.scale = None if scale is None else float(scale)
-        if self.const_arg(None, "enable_gqa", False):
-            raise self.refuse("grouped-query attention (enable_gqa=True)")
+        # grouped-query attention: each key/value head serves a group of query heads (as torch does, by
+        # repeating them; exact and linear in each stream)
+        self.gqa = bool(self.const_arg(None, "enable_gqa", False))
 
     def params(self) -> dict[str, Any]:
-        """``is_causal`` and ``scale``, which a stored summary must match."""
-        return {"is_causal": self.is_causal, "scale": self.scale}
+        """``is_causal``, ``scale`` (and ``enable_gqa`` when set), which a stored summary must match."""
+        gqa = {"enable_gqa": True} if self.gqa else {}
+        return {"is_causal": self.is_causal, "scale": self.scale, **gqa}
 
     def _parts(self, args: Any, kwargs: Any) -> tuple[Pair, Pair, Pair, Any]:
         names = ("query", "key", "value", "attn_mask")
@@ -785,6 +787,13 @@ class SdpaRule(PatternSite):
         q, k, v, mask = self._parts(args, kwargs)
         n = mode.num_streams
         qs, ks, vs = (tuple(p.vals[s] for s in range(n)) for p in (q, k, v))
+        if self.gqa:
+            Hq, Hk = qs[0].shape[-3], ks[0].shape[-3]
+            if Hq % Hk or vs[0].shape[-3] != Hk:
+                raise self.refuse(f"grouped-query attention with {Hq} query heads and {Hk} key / "
+                                  f"{vs[0].shape[-3]} value heads (the query heads must be a multiple of "
+                                  "both, which must be equal)")
+            ks, vs = (tuple(t.repeat_interleave(Hq // Hk, dim=-3) for t in ts) for ts in (ks, vs))
         like = qs[0]
         L, S = like.shape[-2], ks[0].shape[-2]
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(like.shape[-1])
