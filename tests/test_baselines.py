@@ -741,3 +741,22 @@ def test_ntk_traced_products_equal_plain_jvp_and_follow_models_and_refits(monkey
     traced.fit(perturbed(model, 0.2), X)  # a refit (new theta0) is traced afresh
     truth = _make("ntk", metric="kl", coreset_size=20).fit(perturbed(model, 0.2), X)
     torch.testing.assert_close(traced(other), truth(other), rtol=1e-12, atol=0)
+
+
+def test_ntk_says_why_when_neither_forward_ad_nor_the_interpreter_runs_the_network(monkeypatch):
+    """Without forward-mode AD ntk runs the network through laftr's interpreter; if that refuses an op too,
+    the message says it is ntk's fallback (not laftr's options for its own estimator)."""
+    from cases import CumprodNet
+
+    import laftr.estimators.ntk as ntk_mod
+
+    def no_forward_ad(*args, **kwargs):
+        raise NotImplementedError("Trying to use forward AD with cumprod_backward that does not support it")
+
+    model = CumprodNet().double()
+    X = torch.randn(20, 4, dtype=torch.float64)
+    est = _make("ntk", coreset_size=10).fit(model, X)
+    monkeypatch.setattr(ntk_mod, "tangent_map", no_forward_ad)
+    with pytest.raises(laftr.UnsupportedOpError, match=r"ntk: the network has an op without forward-mode AD "
+                       r"\(Trying.*cannot run the network either: node 'cumprod'"):
+        est(perturbed(model, 0.1))

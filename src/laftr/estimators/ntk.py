@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from .._util import tangent_map
+from ..errors import UnsupportedOpError
 from ..metrics import discrepancy
 from .base import register
 from .coreset import CoresetConfig, CoresetEstimator
@@ -75,12 +76,19 @@ class NtkEstimator(CoresetEstimator):
             z0, lin = self._tangent_map(model, p0, primals, rest)
             with eval_mode(model):
                 dz = lin(tangents)
-        except NotImplementedError:
+        except NotImplementedError as e:
             # an op without forward-mode AD (e.g. MultiheadAttention's fused kernel): the same function
             # through laftr's interpreter, made of plain ops
-            net = self._traced(model)
-            X = self.inputs_on(model)
-            with eval_mode(model):
-                z0, dz = jvp(lambda p: net.forward(X, {**p, **rest}), (primals,), (tangents,))  # type: ignore[misc]
+            try:
+                net = self._traced(model)
+                X = self.inputs_on(model)
+                with eval_mode(model):
+                    z0, dz = jvp(lambda p: net.forward(X, {**p, **rest}), (primals,),  # type: ignore[misc]
+                                 (tangents,))
+            except UnsupportedOpError as refused:
+                raise UnsupportedOpError(
+                    f"ntk: the network has an op without forward-mode AD ({e}), and laftr's interpreter, "
+                    f"which would run it through plain ops, cannot run the network either: {refused}"
+                ) from refused
         z0 = z0.detach()
         return discrepancy(z0, z0 + dz, self.metric, self.outputs).mean()
