@@ -204,6 +204,14 @@ AFFINE: dict[Any, Example] = {
     "reshape_as": lam(lambda x: x.transpose(1, 2).reshape_as(x), V),
     "narrow": lam(lambda x: x.narrow(1, 0, 2), V),
     "clone": lam(lambda x: x.clone(), V),
+    # casts (the model is float64): to float32 and back rounds within the check's tolerance; half and bfloat16
+    # round more, so their examples cast an exact zero
+    "to": lam(lambda x: x.to(torch.float64), V),
+    "double": lam(lambda x: x.double(), V),
+    "float": lam(lambda x: x.float().double(), V),
+    "type_as": lam(lambda x: x.float().type_as(x), V),
+    "half": lam(lambda x: x + (0 * x).half().double(), V),
+    "bfloat16": lam(lambda x: x + (0 * x).bfloat16().double(), V),
     "unflatten": lam(lambda x: x.unflatten(2, (3, 2)), V),
     "movedim": lam(lambda x: x.movedim(2, 1), V),
     "matmul": (lambda: WithParam(lambda x, p: x.matmul(p), (6, 3)), V),

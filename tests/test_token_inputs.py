@@ -4,6 +4,7 @@ the exact FSD and the coreset estimators (``subset``, ``ntk``)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 
@@ -489,3 +490,43 @@ def test_no_linearization_on_tokens_is_the_exact_fsd_over_the_product_law(tmp_pa
     back = laftr.load(laftr.save(est, tmp_path / "none.laftr"))
     assert back.cfg.gates == "none"
     torch.testing.assert_close(back(other), d, rtol=1e-12, atol=0)
+
+
+class _PaddedNormNet(nn.Module):
+    """Right-padded tokens (id 0 = padding_idx: a zero embedding) into a normalization, mean-pooled."""
+
+    def __init__(self, norm: str, eps: float | None) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, 16, padding_idx=0)
+        self.norm = nn.RMSNorm(16, eps=eps) if norm == "rms" else nn.LayerNorm(16, eps=eps or 1e-5)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.emb(idx)).mean(1))
+
+
+@pytest.mark.parametrize("norm,eps", [("rms", None), ("rms", 1e-6), ("layer", 1e-5)])
+def test_padding_positions_do_not_set_the_normalizer_law_or_kfacs_factors(norm, eps):
+    """A padding token's zero input normalizes to zero whatever its scale 1/sqrt(eps): left out of the
+    normalizer's law (it made laftr 10^5-10^14 x the exact FSD) and of K-FAC's G for the embedding (10^3-10^13 x).
+    """
+    torch.manual_seed(0)
+    X = torch.randint(1, 32, (300, 8))
+    lens = torch.randint(3, 9, (300,))
+    X[torch.arange(8)[None] >= lens[:, None]] = 0
+    model = _PaddedNormNet(norm, eps).double()
+    theta = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in theta.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+        theta.emb.weight[0] = 0  # the padding row never moves in training (no gradient)
+    exact = float(laftr.exact_fsd(model, theta, X))
+    est = laftr.make_estimator("laftr", input_model="tokens", num_samples=512, seed=0).fit(model, X)
+    ratio = sum(float(est(theta).detach()) for _ in range(4)) / 4 / exact
+    assert 0.5 < ratio < 2.0, ratio
+    assert "nu_zero" in est.summary.site_sums["norm"]
+    ratio = float(laftr.make_estimator("kfac", unsupported="diag").fit(model, X)(theta).detach()) / exact
+    assert 0.5 < ratio < 2.0, ratio
+    # without padding nothing changes: no count of zero inputs is kept
+    plain = laftr.make_estimator("laftr", input_model="tokens").fit(model, X.clamp_min(1))
+    assert set(plain.summary.site_sums["norm"]) == {"nu", "nu2"}

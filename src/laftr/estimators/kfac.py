@@ -27,7 +27,8 @@ Supported: ``nn.Linear`` and ``nn.Conv2d`` (``groups=1``, any stride/padding/dil
   ``G`` is over the embedding dimension ``d`` as for any layer. With ``dW = W - W0`` in the weight's own
   ``(V, d)`` orientation (the transpose of a Linear weight's), the term is
   ``tr(G dW^T diag(A) dW) = sum_v A_v dW[v] G dW[v]^T``. The row ``padding_idx`` has ``A_v = 0`` (PyTorch
-  gives it no gradient, so it is a constant of the network and its Gauss-Newton block is zero).
+  gives it no gradient, so it is a constant of the network and its Gauss-Newton block is zero), and the
+  positions holding it are left out of ``G`` too.
 - A **self-attention** ``nn.MultiheadAttention`` with one joint input projection has two Linear-like layers:
   ``<prefix>.in_proj`` (``in_proj_weight`` ``(3E, E)`` with ``in_proj_bias``: one Kronecker block for q, k and
   v together, ``A`` over its input, ``G`` over ``q|k|v``) and ``<prefix>.out_proj`` (over the merged heads).
@@ -125,9 +126,17 @@ class KfacEstimator(FSDEstimator):
             with LayerTaps(model, found) as taps:
                 for x, W in curvature_batches(model, data, c, self.outputs, "K-FAC", stream=rank):
                     inputs, per_vector = taps.grads(x, W, self.outputs)
+                    # an embedding's padding positions: PyTorch gives their row no gradient, so they are in
+                    # neither factor (their output gradients, large behind a norm of a zero vector, would
+                    # otherwise weigh on every other row through G)
+                    keep = {layer.name: (torch.cat(inputs[layer.name], dim=1) != layer.padding_idx)[..., None]
+                            for layer in layers
+                            if layer.kind == "embedding" and layer.padding_idx is not None}
                     for grads in per_vector:
                         for layer in layers:
                             g = torch.cat(grads[layer.name], dim=1)  # calls pooled as positions
+                            if layer.name in keep:
+                                g = g * keep[layer.name].to(g)
                             add(f"G/{layer.name}", torch.einsum("bti,btj->ij", g, g))
                     for layer in layers:
                         a = torch.cat(inputs[layer.name], dim=1)

@@ -33,8 +33,12 @@ class ScaleLaw:
     def __init__(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
                  dtype: torch.dtype) -> None:
         """Turn the stored sums of ``nu`` and ``nu^2`` into moments and log-normal parameters per position."""
-        n = counts.clamp_min(1).view(-1, *([1] * (sums["nu"].ndim - 1)))
-        m1, m2 = sums["nu"] / n, sums["nu2"] / n
+        n = counts.clamp_min(1).view(-1, *([1] * (sums["nu"].ndim - 1))).to(sums["nu"])
+        if "nu_zero" in sums:  # positions whose input was exactly zero (or constant) are not in nu's sums
+            n = n - sums["nu_zero"]
+        m1, m2 = sums["nu"] / n.clamp_min(1), sums["nu2"] / n.clamp_min(1)
+        # a position that was never anything but zero: its scale never matters (its output is the bias)
+        m1, m2 = torch.where(n > 0, m1, 1.0), torch.where(n > 0, m2, 1.0)
         var_log = torch.log(m2 / (m1 * m1)).clamp_min(0)  # sigma^2 of log nu
         self.first = m1.to(device, dtype)
         self.second = m2.to(device, dtype)
@@ -88,11 +92,14 @@ class NormRule(Rule):
         return self.eps
 
     # ------------------------------------------------------------------ pieces of the op
+    def statistic(self, x: torch.Tensor) -> torch.Tensor:
+        """The variance (mean square when not centred) of every position: ``(B, *positions)``."""
+        g = self.grouped(x)
+        return g.var(-1, unbiased=False) if self.centered else (g * g).mean(-1)
+
     def inv_sigma(self, x: torch.Tensor) -> torch.Tensor:
         """``nu`` of every position: ``(B, *positions)``."""
-        g = self.grouped(x)
-        stat = g.var(-1, unbiased=False) if self.centered else (g * g).mean(-1)
-        return torch.rsqrt(stat + self.eps_for(x))
+        return torch.rsqrt(self.statistic(x) + self.eps_for(x))
 
     def center(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` minus the mean of each position (unchanged for RMSNorm, which does not centre)."""
@@ -133,9 +140,20 @@ class NormRule(Rule):
         return Pair(self.call_streams(mode, args, kwargs), True)
 
     def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
-        """theta0's exact normalization, recording ``nu`` and ``nu^2`` per position."""
+        """theta0's exact normalization, recording ``nu`` and ``nu^2`` per position.
+
+        A position whose input is exactly zero (a padding token's zero embedding) -- or constant, when the
+        norm centres -- normalizes to zero (then the bias) whatever its scale, so its scale,
+        ``1 / sqrt(eps)``, says nothing about the scale of other inputs there; it is left out of the law
+        (counted in ``nu_zero``, a key recorded only once such an input is seen). Kept in, it made the drawn
+        scales hundreds to millions of times those of real tokens.
+        """
         x0 = self.pre(args, kwargs).vals[0]
         nu = self.inv_sigma(x0.to(torch.float64))
+        zero = self.statistic(x0.to(torch.float64)) == 0
+        if bool(zero.any()) or "nu_zero" in mode.sums.get(self.name, {}):
+            nu = nu.masked_fill(zero, 0.0)
+            mode.add(self.name, "nu_zero", zero.to(torch.float64))
         mode.add(self.name, "nu", nu)
         mode.add(self.name, "nu2", nu * nu)
         return Pair(self.call_streams(mode, args, kwargs, [0]), True)
