@@ -825,13 +825,13 @@ def test_softmax_metrics_refuse_outputs_with_more_than_one_axis_per_example():
     for metric in ("kl", "l2-probs"):
         with pytest.raises(laftr.DataError, match=r"shape \(30, 4, 10\).*one softmax over all"):
             laftr.exact_fsd(model, model, X, metric=metric)
-        for name in ("kfac", "diag-fisher"):
-            with pytest.raises(laftr.DataError, match="one distribution"):
-                laftr.make_estimator(name, metric=metric).fit(model, X)
-        for name, cfg in (("laftr", {"input_model": "tokens"}), ("subset", {}), ("ntk", {})):
-            est = laftr.make_estimator(name, metric=metric, **cfg).fit(model, X)
-            with pytest.raises(laftr.DataError, match="one distribution"):
-                est(model)
+        for name, cfg in (("kfac", {}), ("diag-fisher", {}), ("laftr", {"input_model": "tokens"}),
+                          ("liftr", {"input_model": "tokens"}), ("subset", {}), ("ntk", {})):
+            with pytest.raises(laftr.DataError, match="one distribution"):  # at fit, before any pass
+                laftr.make_estimator(name, metric=metric, **cfg).fit(model, X)
+        z = model(X)
+        with pytest.raises(laftr.DataError, match="one distribution"):  # and wherever outputs are compared
+            laftr.metrics.discrepancy(z, z, metric)
     # l2 sums the squares over every axis, as before
     assert float(laftr.make_estimator("laftr", input_model="tokens").fit(model, X)(model).detach()) == 0.0
 

@@ -52,7 +52,7 @@ from .._util import (
 from ..errors import DataError, OptionError, UsageError
 from ..fingerprint import GraphFingerprint, describe_difference, model_fingerprint
 from ..graph import PROBE_EXAMPLES, check_per_example
-from ..metrics import check_metric, check_outputs, run_network
+from ..metrics import check_metric, check_outputs, check_softmax_outputs, run_network
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,7 @@ class FSDEstimator:
                             _probe_dtype(model, x[:2])
                             if outputs is not None:
                                 check_outputs(outputs, _num_outputs(model, x[:1]))
+                            _check_output_axes(model, x[:1], getattr(self.config, "metric", None))
                             check_per_example(model, x, gm, why)
                         return rest
 
@@ -547,6 +548,23 @@ def _num_outputs(model: nn.Module, x: torch.Tensor) -> int | None:
         raise UsageError(f"outputs= needs a model that returns a tensor; {type(model).__name__} returns "
                          f"{type(z).__name__}")
     return int(z.reshape(z.shape[0], -1).shape[1]) if z.ndim else 1
+
+
+def _check_output_axes(model: nn.Module, x: torch.Tensor, metric: str | None) -> None:
+    """Under a softmax metric, refuse at ``fit`` outputs of more than one axis per example.
+
+    (:func:`laftr.metrics.check_softmax_outputs`; a model that does not run here is left to the fit's pass.)
+    """
+    if metric not in ("kl", "l2-probs"):
+        return
+    try:
+        with torch.no_grad():
+            z = model(x)
+    except Exception as e:  # noqa: BLE001
+        log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
+        return
+    if isinstance(z, torch.Tensor):
+        check_softmax_outputs(z, metric)
 
 
 def _first_examples(data: Data, n: int, batch_size: int, device: torch.device, dtype: torch.dtype,
