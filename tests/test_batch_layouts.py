@@ -2,7 +2,8 @@
 the layout of ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` without ``batch_first``) and rows of
 ``(batch * positions)``. laftr finds each value's layout once (the network on a few examples and on one fewer)
 and runs the ops that record or draw per-example statistics with the examples first: every estimate must equal
-the same network written batch-first, draw for draw."""
+the same network written batch-first, draw for draw. Ops that need their rows of merged examples as they are
+(a GroupNorm on frames, attention within windows) count each row as an example."""
 
 from __future__ import annotations
 
@@ -296,25 +297,98 @@ def test_the_closed_forms_refuse_a_moved_batch_axis_by_name(name):
     assert float(mc(_nudged(model)).detach()) > 0
 
 
-def test_a_group_norm_on_rows_of_frames_runs_exactly_with_linearized_activations():
-    """A GroupNorm on (batch * frames) rows cannot keep its normalizer's law per example (refused by name with
-    the sampled laws), but ``linearize="activations"`` runs it exactly and linearizes the ReLU after it with
-    the examples first: the two row orders give the same estimate, draw for draw."""
+def test_a_group_norm_on_rows_of_frames_keeps_its_law_over_the_frames():
+    """A GroupNorm on (batch * frames) rows cannot take its examples first: each frame counts as an example of
+    its clip's group (``mode.per_row``), its normalizer's law the mean over all frames (was refused by name).
+    Both row orders store the same law and give the same estimate with shared draws; the estimate tracks the
+    exact FSD as the batch-first network's does; ``linearize="activations"`` runs the norm exactly."""
     torch.manual_seed(0)
     bt = Frames("bt", norm=True).to(DT).eval()
     tb = Frames("tb", norm=True).to(DT).eval()
     tb.load_state_dict(bt.state_dict())
-    X = torch.randn(12, T, C, S, S, generator=torch.Generator().manual_seed(3), dtype=DT)
-    with pytest.raises(UnsupportedOpError, match=r"GroupNorm\) sees the examples of a batch along axis 0 of its "
-                                                 r"input \(merged with 5 entries of their own\)"):
-        laftr.make_estimator("laftr").fit(bt, X)
-    values = []
-    for model in (bt, tb):
-        est = laftr.make_estimator("laftr", linearize="activations", seed=2).fit(model, X)
+    X = torch.randn(400, T, C, S, S, generator=torch.Generator().manual_seed(3), dtype=DT)
+
+    def moved(model, step):
         theta = Frames(model.order, norm=True).to(DT).eval()
         theta.load_state_dict(model.state_dict())
         with torch.no_grad():
-            theta.conv.weight.add_(0.2)
-        values.append(est(theta).detach())
+            theta.conv.weight.add_(step)
+        return theta
+
+    h = bt.conv(X.reshape(-1, C, S, S)).detach()
+    nu = torch.rsqrt(h.reshape(h.shape[0], -1).var(-1, unbiased=False) + bt.norm.eps)  # every frame's scale
+    for key, want in (("nu", nu.mean()), ("nu2", (nu * nu).mean())):
+        for model in (bt, tb):
+            est = laftr.make_estimator("laftr").fit(model, X)
+            got = est.summary.site_sums["norm"][key] / est.summary.counts.sum()
+            torch.testing.assert_close(got.reshape(()), want, rtol=1e-12, atol=0)
+    shared = [laftr.make_estimator("laftr", seed=2, shared_masks=True).fit(m, X)(moved(m, 0.2)).detach()
+              for m in (bt, tb)]
+    torch.testing.assert_close(shared[1], shared[0], rtol=1e-12, atol=0)
+    exact = float(laftr.exact_fsd(bt, moved(bt, 0.01), X))
+    for name, cfg in (("laftr", {}), ("laftr", {"sample_pool": 512}), ("liftr", {})):
+        est = laftr.make_estimator(name, seed=2, **cfg).fit(bt, X)
+        ratio = sum(float(est(moved(bt, 0.01)).detach()) for _ in range(10)) / 10 / exact
+        assert 0.8 < ratio < 1.25, (name, cfg, ratio)  # measured 1.04-1.10; the law over clips was 26x off
+    values = []
+    for model in (bt, tb):
+        est = laftr.make_estimator("laftr", linearize="activations", seed=2).fit(model, X)
+        values.append(est(moved(model, 0.2)).detach())
     assert float(values[0]) > 0
     torch.testing.assert_close(values[1], values[0], rtol=1e-9, atol=0)
+
+
+class Windows(nn.Module):
+    """Patches of an 8 x 8 image and self-attention within 2 x 2 windows of them (Swin's layout): the attention
+    sees rows of (batch * windows); or (``whole``) all 16 patches of an image with a block-diagonal mask, the
+    same function with one example per row."""
+
+    def __init__(self, whole: bool = False) -> None:
+        super().__init__()
+        self.whole = whole
+        self.patch = nn.Conv2d(1, 8, 2, 2)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.ln, self.head = nn.LayerNorm(8), nn.Linear(8, 3)
+        mask = torch.ones(16, 16, dtype=torch.bool)
+        for k in range(4):
+            mask[4 * k:4 * k + 4, 4 * k:4 * k + 4] = False
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x)
+        b = h.shape[0]
+        w = h.view(b, 8, 2, 2, 2, 2).permute(0, 2, 4, 3, 5, 1)  # (B, window row, window col, 2, 2, E)
+        if self.whole:
+            w = w.reshape(b, 16, 8)
+            a, _ = self.attn(w, w, w, need_weights=False, attn_mask=self.mask)
+        else:
+            w = w.reshape(b * 4, 4, 8)
+            a, _ = self.attn(w, w, w, need_weights=False)
+        return self.head(torch.relu(self.ln(w + a)).reshape(b, 16, 8).mean(1))
+
+
+def test_window_attention_on_rows_of_windows_runs_with_the_sampled_laws():
+    """Attention within windows, on rows of (batch * windows), draws a pattern per window from the law pooled
+    over windows (was refused by name): zero at theta0, and the same estimate, up to that pooling, as the
+    block-diagonal attention over whole images, which keeps a law per window position."""
+    torch.manual_seed(0)
+    X = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=DT)
+    win = Windows().to(DT).eval()
+    whole = Windows(whole=True).to(DT).eval()
+    whole.load_state_dict(win.state_dict())
+    torch.testing.assert_close(whole(X), win(X), rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(2)
+    step = {k: 0.003 * torch.randn(v.shape, generator=g, dtype=DT) for k, v in win.state_dict().items()
+            if k != "mask"}
+    thetas = []
+    for model in (win, whole):
+        theta = Windows(model.whole).to(DT).eval()
+        theta.load_state_dict({k: v + step[k] if k in step else v for k, v in model.state_dict().items()})
+        thetas.append(theta)
+    for name, cfg in (("laftr", {}), ("laftr", {"metric": "kl"}), ("liftr", {})):
+        means = []
+        for model, theta in zip((win, whole), thetas, strict=True):
+            est = laftr.make_estimator(name, seed=1, **cfg).fit(model, X)
+            assert float(est(model).detach()) == 0.0
+            means.append(sum(float(est(theta).detach()) for _ in range(10)) / 10)
+        assert means[0] == pytest.approx(means[1], rel=0.1), (name, cfg, means)  # measured within 0.3 %

@@ -24,7 +24,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import fx, nn
@@ -308,6 +308,16 @@ def from_batch_first(u: torch.Tensor, layout: Layout) -> torch.Tensor:
     return u.unflatten(d + 1, (outer, inner)).movedim(0, d + 1).flatten(d, d + 2)
 
 
+def row_examples(batch: int, layout: Layout) -> torch.Tensor:
+    """The example of every entry along the batch axis of a value laid out as ``layout``.
+
+    For merged rows (``outer * inner > 1``) there are ``outer * batch * inner`` entries; entry ``r`` belongs
+    to example ``(r // inner) % batch``.
+    """
+    _, outer, inner = layout
+    return (torch.arange(outer * batch * inner) // inner) % batch
+
+
 class FitMode(Mode):
     """theta0 alone on real data; sites add float64 sums per group with :meth:`add`.
 
@@ -332,6 +342,7 @@ class FitMode(Mode):
         self.record_pools = record_pools
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
         self.unit_shapes: dict[str, tuple[int, ...]] = {}
+        self.row_weight = 1.0  # < 1 within per_row
 
     def begin_run(self) -> None:
         """Start a pass, telling ``record_inputs`` if it wants to know."""
@@ -352,6 +363,24 @@ class FitMode(Mode):
             record(self, rule, key, value)
         return value
 
+    @contextlib.contextmanager
+    def per_row(self, layout: Layout) -> Iterator[None]:
+        """Within: each row of a value with merged examples counts as an example of its example's group.
+
+        (``layout``: rows of examples merged with other entries, the frames of a clip, the windows of an
+        image.)
+        """
+        assert self.group is not None
+        group, weight = self.group, self.row_weight
+        self.group = group.index_select(0, row_examples(group.shape[0], layout).to(group.device))
+        # each example brings outer * inner rows: weighted so that the sums over rows, divided by the number
+        # of examples as every law does, are means over the rows
+        self.row_weight = weight / (layout[1] * layout[2])
+        try:
+            yield
+        finally:
+            self.group, self.row_weight = group, weight
+
     def add(self, site: str, key: str, values: torch.Tensor) -> None:
         """Add ``values`` (``(B, ...)``, one row per example) to the sums of ``site``/``key`` by group."""
         self._check_rows(site, values)
@@ -359,7 +388,7 @@ class FitMode(Mode):
         vals = values.to(torch.float64)
         acc = torch.zeros((self.num_groups, *vals.shape[1:]), dtype=torch.float64, device=vals.device)
         acc.index_add_(0, self.group, vals)
-        self._accumulate(site, key, acc)
+        self._accumulate(site, key, acc if self.row_weight == 1.0 else acc * self.row_weight)
 
     def add_outer(self, site: str, key: str, x: torch.Tensor) -> None:
         """Add the outer products over the last axis, ``x[b, ..., :, None] * x[b, ..., None, :]``, by group.
@@ -372,7 +401,7 @@ class FitMode(Mode):
         onehot = torch.nn.functional.one_hot(self.group, self.num_groups).to(xf)
         acc = torch.einsum("bg,bpi,bpj->gpij", onehot, xf, xf).reshape(self.num_groups, *x.shape[1:],
                                                                        x.shape[-1])
-        self._accumulate(site, key, acc)
+        self._accumulate(site, key, acc if self.row_weight == 1.0 else acc * self.row_weight)
 
     def _check_rows(self, site: str, values: torch.Tensor) -> None:
         """Refuse a value that does not hold one row per example of the batch (a layout laftr missed)."""
@@ -438,6 +467,36 @@ class SampleMode(Mode):
         self.replay = replay
         self.index = index
 
+    @contextlib.contextmanager
+    def per_row(self, layout: Layout) -> Iterator[None]:
+        """Within: one draw per row of a value with merged examples, from its example's group.
+
+        (See :meth:`FitMode.per_row`.)
+        """
+        groups, index = self.groups, self.index
+        rows = row_examples(groups.shape[0], layout).to(groups.device)
+        self.groups = groups.index_select(0, rows)
+        if index is not None:  # replayed draws: the rows of the selected samples among the recorded ones
+            _, outer, inner = layout
+            o = torch.arange(outer, device=index.device)[:, None, None]
+            i = torch.arange(inner, device=index.device)[None, None, :]
+            self._recorded_rows = (outer, inner, o, i)
+        try:
+            yield
+        finally:
+            self.groups, self._recorded_rows = groups, None
+
+    _recorded_rows: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
+
+    def _replay_index(self, got: Any) -> torch.Tensor | None:
+        """The rows of the recorded draws ``got`` that this pass replays."""
+        if self.index is None or self._recorded_rows is None:
+            return self.index
+        outer, inner, o, i = self._recorded_rows
+        first = got if isinstance(got, torch.Tensor) else tree_flatten(got)[0][0]
+        pool = first.shape[0] // (outer * inner)
+        return ((o * pool + self.index[None, :, None]) * inner + i).reshape(-1)
+
     def draw(self, rule: Rule, law: Any, like: torch.Tensor) -> Any:
         """The linearization of ``rule``'s site for this pass's samples (a batch like ``like``).
 
@@ -447,8 +506,8 @@ class SampleMode(Mode):
         if self.replay is not None:
             if rule.name not in self.replay:
                 raise RuntimeError(f"{rule.describe()} has no recorded draw to replay")
-            index = self.index
             got = self.replay[rule.name]
+            index = self._replay_index(got)
             return got if index is None else tree_map(lambda t: t.index_select(0, index), got)
         out = law.draw(self.groups, self.generator, self.shared, like)
         if self.recorded is not None:
@@ -972,11 +1031,17 @@ class TracedNet:
                 out[name] = lay
         return out
 
-    def _layout(self, node: fx.Node, rule: Rule, mode: Mode, args: Any, kwargs: Any) -> Layout | None:
-        """The batch layout of ``node``'s data input where the rule must see the examples first; else None.
+    def _layout(self, node: fx.Node, rule: Rule, mode: Mode, args: Any,
+                kwargs: Any) -> tuple[Layout, bool] | None:
+        """How ``node``'s rule must see its examples in a pass that keeps per-example statistics, or None.
 
-        Refuses a site whose input does not lead with its examples when its rule cannot be run on the input
-        with its examples moved first.
+        ``(layout, True)``: its data input's examples are moved to a first axis around it (a gate, a layer
+        norm, a softmax or linear layer on a sequence-first tensor or on rows of ``(batch * positions)``).
+        ``(layout, False)``: its input holds rows of examples merged with other entries (frames, windows)
+        along the axis where the op expects its examples, and the op cannot take them first (a GroupNorm on
+        ``(batch * frames)`` rows, attention on ``(batch * windows)``): each row counts as an example of its
+        own, its statistics pooled with its example's group and drawn per row (``mode.per_row``). Refuses a
+        site that can do neither.
         """
         if not self.layouts or mode.method not in _LAID_OUT or node.name in self.input_only:
             return None
@@ -988,7 +1053,9 @@ class TracedNet:
             return None
         first = next((p for p in data_pairs((args, kwargs)) if isinstance(p.vals[0], torch.Tensor)), None)
         if first is not None and rule.batch_movable(layout, first.vals[0].ndim):
-            return layout
+            return layout, True
+        if layout[0] == rule.native_batch_axis() and layout[1] * layout[2] > 1:
+            return layout, False
         if rule.site:
             raise UnsupportedOpError(
                 f"{rule.describe()} sees the examples of a batch along axis {layout[0]} of its input"
@@ -1000,9 +1067,13 @@ class TracedNet:
         return None
 
     def _eval(self, node: fx.Node, mode: Mode, args: Any, kwargs: Any) -> Any:
-        layout = self._layout(node, self.rules[node.name], mode, args, kwargs)
-        if layout is None:
+        how = self._layout(node, self.rules[node.name], mode, args, kwargs)
+        if how is None:
             return self._eval_rule(node, mode, args, kwargs)
+        layout, move = how
+        if not move:  # rows of merged examples, each an example of its own (see _layout)
+            with cast(Any, mode).per_row(layout):
+                return self._eval_rule(node, mode, args, kwargs)
         # the rule sees its examples first (gates, layer norms, a softmax or linear layer on a sequence-first
         # tensor, or on rows of (batch * positions)); its output goes back to the network's layout
         def first(v: Any) -> Any:
