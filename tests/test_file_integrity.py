@@ -6,6 +6,7 @@ format: a forged file with correct hashes must still be refused for what it hold
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import time
@@ -179,6 +180,9 @@ def test_truncated_files_and_bad_header_lengths_are_refused(fitted):
         _refused(length.to_bytes(8, "little") + raw[8:])
     _refused(b"\x00" * 64)
     _refused(b"not a summary at all")
+    buf = io.BytesIO()
+    torch.save({"weight": torch.zeros(2)}, buf)  # a weights file given where a summary is expected
+    _refused(buf.getvalue(), r"f.laftr is a torch.save file .*not a laftr summary")
 
 
 def test_missing_hashes_in_a_format_3_file_are_refused(fitted):

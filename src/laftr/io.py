@@ -254,6 +254,9 @@ def _laftr_meta(head: bytes, size: int, name: str) -> dict[str, Any]:
     ``head`` holds at least its length field and header. Raises :class:`SummaryFileError` saying why there is
     none.
     """
+    if head[:4] == b"PK\x03\x04":  # what torch.save writes (a zip archive): weights or tensors, not a summary
+        raise SummaryFileError(f"{name} is a torch.save file (a zip archive: weights or tensors?), not a "
+                               "laftr summary; summaries are written by `laftr summarize` or laftr.save")
     unreadable = f"{name} is not a readable laftr summary (truncated or corrupted?)"
     if size < 8:
         raise SummaryFileError(f"{unreadable}: only {size} bytes")
