@@ -42,6 +42,13 @@ def gate_families() -> set[str]:
             if issubclass(cls, GateRule) and cls.activation}
 
 
+def _check_units(kind: str, site: str, stored: Any, s0: torch.Tensor) -> None:
+    """Refuse a value whose units (its shape after the batch axis) are not those the law was fitted on."""
+    if tuple(stored) != tuple(s0.shape[1:]):
+        raise ValueError(f"{kind} site {site!r}: summary has units of shape {tuple(stored)}, the network "
+                         f"produces {tuple(s0.shape[1:])} (input of another size?)")
+
+
 # ---------------------------------------------------------------------------------------------- laws
 class DiscreteLaw:
     """Per group and unit, the probability of pieces ``1..K-1``: ``(G, K-1, *units)``.
@@ -257,10 +264,7 @@ class PiecewiseLinearGate(GateRule):
         pre = self.pre(args, kwargs)
         law: DiscreteLaw = mode.law(self)
         s0 = pre.vals[0]
-        if tuple(law.probs.shape[2:]) != tuple(s0.shape[1:]):
-            raise ValueError(f"gate site {self.name!r}: summary has units of shape "
-                             f"{tuple(law.probs.shape[2:])}, the network produces {tuple(s0.shape[1:])} "
-                             "(input of another size?)")
+        _check_units("gate", self.name, law.probs.shape[2:], s0)
         k = mode.draw(self, law, s0)
         return self._apply(mode, args, pre, k)
 
@@ -364,9 +368,7 @@ class SmoothGate(GateRule):
         pre = self.pre(args, kwargs)
         law: MomentLaw = mode.law(self)
         s0 = pre.vals[0]
-        if tuple(law.points_c.shape[2:]) != tuple(s0.shape[1:]):
-            raise ValueError(f"gate site {self.name!r}: summary has units of shape "
-                             f"{tuple(law.points_c.shape[2:])}, the network produces {tuple(s0.shape[1:])}")
+        _check_units("gate", self.name, law.points_c.shape[2:], s0)
         c, r = mode.draw(self, law, s0)
         return Pair(tuple(v * c + r for v in pre.vals), True)
 
@@ -1009,9 +1011,7 @@ class ElementwiseGate(SmoothGate):
         pre = self.pre(args, kwargs)
         law: ScaleLaw = mode.law(self)
         s0 = pre.vals[0]
-        if tuple(law.first.shape[1:]) != tuple(s0.shape[1:]):
-            raise ValueError(f"normalizer site {self.name!r}: summary has units of shape "
-                             f"{tuple(law.first.shape[1:])}, the network produces {tuple(s0.shape[1:])}")
+        _check_units("normalizer", self.name, law.first.shape[1:], s0)
         nu = mode.draw(self, law, s0)
         return Pair(tuple(nu.expand_as(v) for v in pre.vals), True)
 
