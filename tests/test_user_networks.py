@@ -797,12 +797,19 @@ def test_only_a_scale_of_a_reduction_is_a_normalizer_and_it_must_be_positive():
                 return torch.sqrt(F.softplus(h) + 1.0)
             if self.kind == "power":  # a power of a mean in the normalizer range, through a shift and a scale
                 return h * (2.0 * (h * h).mean(-1, keepdim=True) + 1e-3) ** -0.5
+            if self.kind == "feature":  # the norm of h as a feature: its change must reach the output
+                return h + (h * h).sum(-1, keepdim=True).sqrt()
+            if self.kind == "scaled feature":  # the same times a parameter, still added, not multiplied in
+                return h + torch.rsqrt((h * h).sum(-1, keepdim=True) + 1.0) * self.lin.bias
+            if self.kind == "through a weight":  # rsqrt(...) * weight * h: a normalizer
+                return torch.rsqrt((h * h).mean(-1, keepdim=True) + 1e-5) * self.lin.bias * h
             return h * torch.reciprocal(h.sum(-1, keepdim=True))  # a sum of either sign
 
     X = _inputs().double()[:, :4]
     flags = {k: [r.normalizer for r in TracedNet(Ops(k).double()).rules.values() if hasattr(r, "normalizer")]
-             for k in ("activation", "power", "signed")}
-    assert flags == {"activation": [False], "power": [True], "signed": [True]}
+             for k in ("activation", "power", "feature", "scaled feature", "through a weight", "signed")}
+    assert flags == {"activation": [False], "power": [True], "feature": [False], "scaled feature": [False],
+                     "through a weight": [True], "signed": [True]}
     with pytest.raises(ValueError, match="not finite and positive"):
         laftr.make_estimator("laftr").fit(Ops("signed").double(), X)
     est = laftr.make_estimator("laftr").fit(Ops("power").double(), X)

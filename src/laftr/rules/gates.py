@@ -937,8 +937,9 @@ class ElementwiseGate(SmoothGate):
     samples of the input model. Not an activation: ``linearize="activations"`` runs it exactly.
 
     A *normalizer* -- ``sqrt``, ``rsqrt``, ``reciprocal`` or a power ``-1 <= p <= 1/2`` (p != 0) of a mean or
-    sum over an axis (``x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``, ``x / (x - mu).pow(2)
-    .mean(-1, keepdim=True).sqrt()``: a normalization written by hand) -- is treated as the normalization
+    sum over an axis, used only to multiply or divide other data (``x * torch.rsqrt(x.pow(2).mean(-1,
+    keepdim=True) + eps)``, ``x / (x - mu).pow(2).mean(-1, keepdim=True).sqrt()``: a normalization written by
+    hand) -- is treated as the normalization
     layers treat theirs (METHOD.md section 6): its value is decided by theta0, a positive scale per unit drawn
     from the log-normal law with its exact first and second moments on the data, shared by both streams and
     independent of the input. (Its tangent drawn at random could cross zero and, in the division that
@@ -958,7 +959,8 @@ class ElementwiseGate(SmoothGate):
 
     def setup(self) -> None:
         """Whether the op is a normalizer (see the class)."""
-        self.normalizer = self._op_name() in self._SCALE_OPS and self._reads_reduction()
+        self.normalizer = (self._op_name() in self._SCALE_OPS and self._reads_reduction()
+                           and self._scales_data())
 
     def _op_name(self) -> str:
         t = self.node.target
@@ -980,6 +982,33 @@ class ElementwiseGate(SmoothGate):
                 return False
             node = data[0]
         return False
+
+    _SCALING: ClassVar[tuple[str, ...]] = ("mul", "rmul", "truediv", "div", "imul", "itruediv")
+
+    def _scales_data(self) -> bool:
+        """Whether every use of the value multiplies or divides another data-dependent value by it.
+
+        Through multiplications by parameters or constants (``rsqrt(...) * self.weight * x``). A norm used as
+        a feature (``head(x.pow(2).sum(-1).sqrt())``) is not a normalizer: its change must reach the output,
+        and it keeps the tangent law.
+        """
+        def scales(node: fx.Node, depth: int) -> bool:
+            users = list(node.users)
+            if not users or depth > 4:
+                return False
+            for u in users:
+                t = u.target
+                name = (t if isinstance(t, str) else getattr(t, "__name__", "")).rstrip("_")
+                if name not in self._SCALING:
+                    return False
+                # the other factor: a computed value (not a parameter or buffer read by get_attr)
+                others = [a for a in (*u.args, *u.kwargs.values())
+                          if isinstance(a, fx.Node) and a is not node and a.op != "get_attr"]
+                if not others and not scales(u, depth + 1):
+                    return False
+            return True
+
+        return scales(self.node, 0)
 
     def params(self) -> dict[str, Any]:
         """The op (and whether it is a normalizer), which a stored summary must match."""
@@ -1051,7 +1080,8 @@ class PowGate(ElementwiseGate):
         if isinstance(e, bool) or not isinstance(e, (int, float)):
             raise self.refuse(f"the exponent must be a constant number, got {e!r}")
         self.exponent = float(e)
-        self.normalizer = -1.0 <= self.exponent <= 0.5 and self.exponent != 0 and self._reads_reduction()
+        self.normalizer = (-1.0 <= self.exponent <= 0.5 and self.exponent != 0 and self._reads_reduction()
+                           and self._scales_data())
 
     def params(self) -> dict[str, Any]:
         """The exponent (and whether it is a normalizer), which a stored summary must match."""
