@@ -390,9 +390,12 @@ def test_bad_attention_calls_are_named():
             q = self.lin(x).unsqueeze(1)
             return F.scaled_dot_product_attention(q, q, q, attn_mask=q @ q.transpose(-2, -1) > 0).mean((1, 2))
 
-    # a mask computed from data with parameters on the way is refused (from the input alone it is allowed)
-    with pytest.raises(UnsupportedOpError, match="node 'gt'"):
-        TracedNet(DataMask())
+    # a mask computed from data with parameters on the way is a comparison gate: decided by theta0 (it was
+    # refused before such gates had a rule); the closed form refuses it by name
+    net = TracedNet(DataMask())
+    assert [r.family for r in net.sites.values() if r.name == "gt"] == ["compare"]
+    m = DataMask().double()
+    assert float(laftr.make_estimator("laftr").fit(m, torch.randn(10, 4, dtype=torch.float64))(m).detach()) == 0
 
     class BatchSoftmax(nn.Module):
         def forward(self, x):
@@ -685,8 +688,10 @@ def test_masks_from_the_input_are_refused_where_they_cannot_be_evaluated():
             h = self.inner.emb(x)
             return self.inner.mha(h, h, h, key_padding_mask=h.sum(-1) > 0, need_weights=False)[0].mean(1)
 
-    with pytest.raises(UnsupportedOpError, match="node 'gt'"):
-        TracedNet(FromLayer())
+    # now a comparison gate (theta0's mask, drawn from its law), no longer refused; zero at theta0
+    model = FromLayer().double()
+    assert any(r.family == "compare" for r in TracedNet(model).sites.values())
+    assert float(laftr.make_estimator("laftr", input_model="tokens").fit(model, X)(model).detach()) == 0.0
 
 
 def test_drawn_patterns_stay_within_each_example_mask():
@@ -796,23 +801,37 @@ def test_select_ops_closed_form_equals_monte_carlo_and_refuses_infinite_fills():
         laftr.make_estimator("laftr-exact").fit(inf_model, X)(perturbed(inf_model, 0.1))
 
 
-def test_select_ops_refuse_masks_and_fills_that_depend_on_the_parameters():
-    class Gate(nn.Module):  # h.masked_fill(h < 0, 0) is a ReLU written as a selection: no stored law
+def test_select_ops_with_masks_that_depend_on_the_parameters_are_gates():
+    """``h.masked_fill(h < 0, 0)`` is a ReLU written as a selection (refused before comparisons had a rule):
+    its mask is decided by theta0, so theta0's own linearization and the real networks give the ReLU's
+    estimates exactly, and the sampled law (of h < 0, where the ReLU's is of h > 0) the same in expectation."""
+    class Gate(nn.Module):
         def __init__(self, how: str) -> None:
             super().__init__()
             self.how = how
-            self.a = nn.Linear(4, 3)
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(3, 2)
 
         def forward(self, x):
             h = self.a(x)
-            if self.how == "masked_fill":
-                return h.masked_fill(h < 0, 0.0)
-            return torch.where(h > 0, h, 0.1 * h)
+            return self.b(h.masked_fill(h < 0, 0.0) if self.how == "masked_fill" else torch.relu(h))
 
-    X = torch.randn(10, 4)
-    for how in ("masked_fill", "where"):
-        with pytest.raises(UnsupportedOpError, match="node '(lt|gt)'"):
-            laftr.make_estimator("laftr").fit(Gate(how), X)
+    torch.manual_seed(0)
+    X = torch.randn(200, 4, dtype=torch.float64)
+    relu = Gate("relu").double()
+    hand = Gate("masked_fill").double()
+    hand.load_state_dict(relu.state_dict())
+    step = {k: 0.05 * torch.randn_like(v) for k, v in relu.state_dict().items()}
+    relu1, hand1 = Gate("relu").double(), Gate("masked_fill").double()
+    relu1.load_state_dict({k: v + step[k] for k, v in relu.state_dict().items()})
+    hand1.load_state_dict(relu1.state_dict())
+    for cfg in ({"gates": "relu"}, {"gates": "none"}):
+        a = laftr.make_estimator("laftr", **cfg).fit(relu, X)(relu1)
+        torch.testing.assert_close(laftr.make_estimator("laftr", **cfg).fit(hand, X)(hand1), a, rtol=1e-12, atol=0)
+    vals = [torch.tensor([float(e(m).detach()) for _ in range(30)]) for e, m in
+            ((laftr.make_estimator("laftr", seed=s).fit(m0, X), m1) for s, m0, m1 in ((0, relu, relu1),
+                                                                                     (1, hand, hand1)))]
+    se = math.sqrt(sum(float(v.var()) / len(v) for v in vals))
+    assert abs(float(vals[0].mean() - vals[1].mean())) < 4 * se
 
 
 class _GroupedQuery(nn.Module):

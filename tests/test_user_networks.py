@@ -87,8 +87,9 @@ def test_ops_a_linearization_refuses_run_exactly_in_the_real_networks(kind):
     torch.manual_seed(0)
     model, X = Net(kind), _inputs()
     _assert_exact_with_grads(model, perturbed(model, 0.2), X, "kl")
-    if kind != "layernorm":  # var and a division by data are linearized at theta0 (tested below)
-        with pytest.raises(laftr.UnsupportedOpError, match=r"node '(gt|maximum)"):
+    if kind == "maximum":  # (var and a division by data are linearized at theta0, tested below; the
+        # comparison of "where" is a gate decided by theta0: test_a_gate_written_with_a_comparison_...)
+        with pytest.raises(laftr.UnsupportedOpError, match=r"node 'maximum"):
             laftr.make_estimator("laftr").fit(model, X)
     for name in ("kfac", "diag-fisher"):
         est = laftr.make_estimator(name).fit(model, X)
@@ -903,3 +904,70 @@ def test_a_cast_in_the_closed_form_and_a_cast_to_integers():
     ints = Mlp(torch.long).double()
     with pytest.raises(laftr.UnsupportedOpError, match="casts data to torch.int64"):
         laftr.make_estimator("laftr").fit(ints, X)
+
+
+# ------------------------------------------------------------------ gates written with comparisons
+class _Gated(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+        self.kind, self.leaky, self.relu = kind, nn.LeakyReLU(0.1), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = {"leaky": lambda: self.leaky(h), "where": lambda: torch.where(h > 0, h, 0.1 * h),
+             "relu": lambda: self.relu(h), "mask": lambda: h * (h > 0),
+             "float mask": lambda: h * (0 < h).float(), "ge": lambda: h * torch.ge(h, 0.0)}[self.kind]()
+        return self.b(h)
+
+
+@pytest.mark.parametrize("module,by_hand", [("leaky", "where"), ("relu", "mask"), ("relu", "float mask"),
+                                            ("relu", "ge")])
+def test_a_gate_written_with_a_comparison_equals_the_activation(module, by_hand):
+    """``torch.where(h > 0, h, 0.1 * h)`` is a LeakyReLU and ``h * (h > 0)`` a ReLU: the comparison is a gate
+    decided by theta0 (its law the frequency of True), so every estimate equals the module's, draw for draw
+    (it was refused at the comparison)."""
+    torch.manual_seed(0)
+    X = torch.randn(200, 5, dtype=torch.float64)
+    ref = _Gated(module).double()
+    theta = _moved(ref, 0.05)
+    hand0, hand1 = _Gated(by_hand).double(), _Gated(by_hand).double()
+    hand0.load_state_dict(ref.state_dict())
+    hand1.load_state_dict(theta.state_dict())
+    for name, cfg in (("laftr", {}), ("laftr", {"gates": "relu"}), ("laftr", {"metric": "kl"}),
+                      ("laftr", {"linearize": "activations"}), ("laftr", {"gates": "none"}),
+                      ("laftr", {"shared_masks": True}), ("liftr", {}), ("kfac", {}), ("ntk", {})):
+        a = laftr.make_estimator(name, seed=4, **cfg).fit(ref, X)(theta)
+        b = laftr.make_estimator(name, seed=4, **cfg).fit(hand0, X)(hand1)
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=0, msg=f"{name} {cfg}")
+    with pytest.raises(laftr.UnsupportedOpError, match="no closed form for a comparison of data"):
+        laftr.make_estimator("laftr-exact").fit(hand0, X)(hand1)
+
+
+def test_comparisons_that_are_not_gates():
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(5, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            return torch.where(h > h.mean(-1, keepdim=True), h, 0.0)  # two computed tensors
+
+    with pytest.raises(laftr.UnsupportedOpError, match="comparison of two computed tensors"):
+        laftr.make_estimator("laftr").fit(Two().double(), torch.randn(20, 5, dtype=torch.float64))
+    # a comparison of the input alone (a mask from token ids) is no site: evaluated exactly, as before
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 4), nn.Linear(4, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            keep = (ids > 0).unsqueeze(-1)
+            return self.head((self.emb(ids) * keep).sum(1) / keep.sum(1).clamp_min(1))
+
+    ids = torch.randint(0, 10, (40, 6), generator=torch.Generator().manual_seed(0))
+    model = Masked().double()
+    assert not any(r.family == "compare" for r in TracedNet(model).sites.values())
+    est = laftr.make_estimator("laftr", input_model="tokens").fit(model, ids)
+    assert float(est(model).detach()) == 0.0

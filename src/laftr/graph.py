@@ -868,7 +868,8 @@ class TracedNet:
                 if self._reads_input_only(node, input_only):
                     input_only.add(node.name)
                     # an op with no rule at all (a rule that refuses, refuses)
-                    if lookup(node, self.gm) is None:
+                    found = lookup(node, self.gm)
+                    if found is None or getattr(found, "exact_on_input", False):  # (a comparison: a mask)
                         self.rules[node.name] = Rule(node, self.gm)
                         self.exact_inputs.add(node.name)
                     else:

@@ -627,6 +627,78 @@ class ThresholdGate(PiecewiseLinearGate):
         return (s0 > self.t).long()
 
 
+_COMPARISONS: dict[str, Any] = {"gt": operator.gt, "lt": operator.lt, "ge": operator.ge, "le": operator.le}
+_MIRRORED = {"gt": "lt", "lt": "gt", "ge": "le", "le": "ge"}
+
+
+@register(*_COMPARISONS.values(),
+          *_fns("gt", "lt", "ge", "le", "greater", "less", "greater_equal", "less_equal", module=torch),
+          "gt", "lt", "ge", "le")
+class CompareGate(PiecewiseLinearGate):
+    """``s > c`` (``<``, ``>=``, ``<=``) of data and a constant: a gate written by hand.
+
+    ``torch.where(h > 0, h, 0.1 * h)`` is a LeakyReLU, ``h * (h > 0)`` a ReLU. The boolean mask is decided by
+    theta0, like a ReLU's gate: the pieces ``0`` and ``1`` (slope 0), the law the frequency of ``True`` per
+    unit, one mask per sample shared by both streams (so the ops that read it -- ``where``, a product -- see a
+    constant of the streams, as they see a padding mask), and theta0's own mask on each input for
+    ``gates="relu"``. The mask itself jumps; what it selects between need not (the two examples above are
+    continuous). A comparison of values computed from the network input alone (``ids != pad``) is not a gate:
+    it is evaluated exactly on each stream's input, as before. The closed form refuses it.
+    """
+
+    family = "compare"
+    continuous = False  # the mask jumps where s crosses c
+    #: evaluated exactly (not a site) where it reads values computed from the network input alone
+    exact_on_input: ClassVar[bool] = True
+
+    def setup(self) -> None:
+        """Read which operand is data and the constant it is compared with."""
+        t = self.node.target
+        name = t if isinstance(t, str) else getattr(t, "__name__", "")
+        name = {"greater": "gt", "less": "lt", "greater_equal": "ge", "less_equal": "le"}.get(name, name)
+        a = self.node.args[0] if self.node.args else None
+        b = self.node.args[1] if len(self.node.args) > 1 else self.node.kwargs.get("other")
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            raise self.refuse("a comparison of two computed tensors has no rule; compare a value with a "
+                              "constant (h > 0), or use linearize='activations' or gates='none'")
+        const = b if isinstance(a, fx.Node) else a
+        if isinstance(const, bool) or not isinstance(const, (int, float)):
+            raise self.refuse(f"a comparison with {const!r}; laftr's rule compares a value with a constant "
+                              "number")
+        self.op = name if isinstance(a, fx.Node) else _MIRRORED[name]  # c < h is h > c
+        self.threshold = float(const)
+
+    def params(self) -> dict[str, Any]:
+        """The comparison and its constant, which a stored summary must match."""
+        return {"op": self.op, "threshold": self.threshold}
+
+    def pre(self, args: Any, kwargs: Any) -> Pair:
+        """The compared data value (either operand)."""
+        return self.data_input(args, kwargs, first=False)
+
+    def pieces(self, params: dict[str, torch.Tensor], args: Any, unit_ndim: int) -> list[tuple[Any, Any]]:
+        """False and True."""
+        return [(0.0, 0.0), (0.0, 1.0)]
+
+    def piece_index(self, s0: torch.Tensor) -> torch.Tensor:
+        """1 where theta0's comparison holds."""
+        return _COMPARISONS[self.op](s0, self.threshold).long()
+
+    def _apply(self, mode: Any, args: Any, pre: Pair, k: torch.Tensor) -> Pair:
+        mask = k == 1
+        return Pair(tuple(mask for _ in pre.vals), True, fixed=True)
+
+    def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's mask, recording how often it holds; a constant for the ops that read it."""
+        out = super().fit(mode, args, kwargs)
+        return Pair(out.vals, True, fixed=True)
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Refused: a mask read by ``where`` or a product has no closed form here."""
+        raise self.refuse("laftr-exact has no closed form for a comparison of data (a gate written by hand); "
+                          "use the Monte Carlo 'laftr', or nn.ReLU / nn.LeakyReLU, which have one")
+
+
 @register(torch.abs, torch.absolute, operator.abs, *_fns("abs_", "absolute_", module=torch), "abs", "abs_",
           "absolute", "absolute_")
 class AbsGate(PiecewiseLinearGate):
