@@ -648,6 +648,9 @@ class CompareGate(PiecewiseLinearGate):
 
     family = "compare"
     continuous = False  # the mask jumps where s crosses c
+    #: not an activation function: ``linearize="activations"`` evaluates each stream's comparison exactly, as
+    #: it did before comparisons had a rule (a mask for attention keys is no activation)
+    activation = False
     #: evaluated exactly (not a site) where it reads values computed from the network input alone
     exact_on_input: ClassVar[bool] = True
 
