@@ -1014,12 +1014,12 @@ class ElementwiseGate(SmoothGate):
     A *normalizer* -- ``sqrt``, ``rsqrt``, ``reciprocal`` or a power ``-1 <= p <= 1/2`` (p != 0) of a mean or
     sum over an axis, used only to multiply or divide other data (``x * torch.rsqrt(x.pow(2).mean(-1,
     keepdim=True) + eps)``, ``x / (x - mu).pow(2).mean(-1, keepdim=True).sqrt()``: a normalization written by
-    hand) -- is treated as the normalization
-    layers treat theirs (METHOD.md section 6): its value is decided by theta0, a positive scale per unit drawn
-    from the log-normal law with its exact first and second moments on the data, shared by both streams and
-    independent of the input. (Its tangent drawn at random could cross zero and, in the division that
-    follows, blow the estimate up by many orders of magnitude.) So the hand-written RMSNorm gives what
-    ``nn.RMSNorm`` gives. θ0's own linearization (``gates="relu"``) keeps the exact tangent on each input.
+    hand) -- is treated as the normalization layers treat theirs (METHOD.md section 6): its value is decided
+    by theta0, a positive scale per unit drawn from the log-normal law with its exact first and second moments
+    on the data, shared by both streams and independent of the input. (Its tangent drawn at random could cross
+    zero and, in the division that follows, blow the estimate up by many orders of magnitude.) So the
+    hand-written RMSNorm gives what ``nn.RMSNorm`` gives. θ0's own linearization (``gates="relu"``) keeps the
+    exact tangent on each input.
     """
 
     family = "elementwise"
