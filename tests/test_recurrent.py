@@ -231,3 +231,85 @@ def test_what_the_rule_refuses_is_named():
     with pytest.raises(laftr.UnsupportedOpError, match="no closed form for a recurrent layer"):
         plain = Net(nn.RNN(D_IN, H, batch_first=True)).double()
         laftr.make_estimator("laftr-exact").fit(plain, X)(plain)
+
+
+class Cells(nn.Module):
+    """The one-layer ``rnn`` as a loop of its cell (``nn.LSTMCell`` / ``nn.GRUCell`` / ``nn.RNNCell``) with the
+    same weights, the state passed on whole; ``h0``: a constant initial state instead of None (zeros)."""
+
+    def __init__(self, rnn: nn.RNNBase, h0: float | None = None) -> None:
+        super().__init__()
+        kind = type(rnn)
+        cls = {nn.LSTM: nn.LSTMCell, nn.GRU: nn.GRUCell, nn.RNN: nn.RNNCell}[kind]
+        kw = {"nonlinearity": rnn.nonlinearity} if kind is nn.RNN else {}
+        self.cell = cls(D_IN, H, bias=rnn.bias, **kw).double()
+        with torch.no_grad():
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                if hasattr(rnn, name + "_l0"):
+                    getattr(self.cell, name).copy_(getattr(rnn, name + "_l0"))
+        self.head = nn.Linear(H, D_OUT).double()
+        self.lstm = kind is nn.LSTM
+        self.register_buffer("h0", None if h0 is None else torch.full((1, H), h0, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = None
+        if self.h0 is not None:
+            h = self.h0.expand(x.shape[0], -1)
+            state = (h, h) if self.lstm else h
+        hs = []
+        for t in range(T):
+            state = self.cell(x[:, t], state)
+            hs.append(state[0] if self.lstm else state)
+        return self.head(torch.stack(hs, 1).mean(1))
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+def test_a_loop_of_cells_is_the_layer(cls):
+    """Each call of the cell is one step of the layer's rule: theta0's own linearization, the real networks,
+    linearize="activations" and point laws give the layer's estimates (1e-10); sampled laws on real data the
+    same expectation; LIFTR and the baselines run; zero at theta0 and gradients reach the cell's weights."""
+    torch.manual_seed(0)
+    rnn = cls(D_IN, H, batch_first=True).double()
+    layer = Net(rnn).double()
+    cells = Cells(rnn)
+    cells.head.load_state_dict(layer.head.state_dict())
+    far = perturbed(layer, 0.2)
+    far_cells = Cells(far.rnn)
+    far_cells.head.load_state_dict(far.head.state_dict())
+    X = _inputs()
+    torch.testing.assert_close(cells(X), layer(X), rtol=1e-12, atol=1e-14)
+    point = {"input_model": "coreset", "coreset_size": 1, "num_samples": 3}
+    for cfg, data in (({"gates": "relu"}, X), ({"gates": "none"}, X), ({"linearize": "activations"}, X),
+                      (point, X[:1])):
+        a = laftr.make_estimator("laftr", seed=3, **cfg).fit(layer, data)(far)
+        est = laftr.make_estimator("laftr", seed=3, **cfg).fit(cells, data)
+        got = est(far_cells)
+        torch.testing.assert_close(got, a, rtol=1e-10, atol=1e-14, msg=str(cfg))
+        assert float(est(cells)) == 0.0
+    grads = torch.autograd.grad(got, list(far_cells.cell.parameters()))
+    assert all(bool(g.abs().sum() > 0) for g in grads)
+    X = _inputs(200)
+    stats = []
+    for net, other in ((layer, far), (cells, far_cells)):
+        est = laftr.make_estimator("laftr", num_samples=4000, seed=5).fit(net, X)
+        v = torch.stack([est(other).detach() for _ in range(5)])
+        stats.append((v.mean(), v.std() / 5 ** 0.5))
+    (m1, s1), (m2, s2) = stats
+    assert abs(float(m1 - m2)) < 4 * float((s1 ** 2 + s2 ** 2).sqrt()), stats
+    for name, kw in (("liftr", {}), ("kfac", {"unsupported": "diag"}), ("diag-fisher", {}), ("ntk", {})):
+        est = laftr.make_estimator(name, **kw).fit(cells, X)
+        assert float(est(cells)) == 0.0 and float(est(far_cells)) > 0, name
+
+
+def test_a_cell_with_a_constant_initial_state_tends_to_the_exact_fsd():
+    torch.manual_seed(0)
+    rnn = nn.LSTM(D_IN, H, batch_first=True).double()
+    model = Cells(rnn, h0=0.3)
+    X = _inputs(40)
+    est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=40,
+                               num_samples=40).fit(model, X)
+    errs = []
+    for step in (1e-2, 1e-3):
+        other = perturbed(model, step)
+        errs.append(abs(float(est(other)) / float(laftr.exact_fsd(model, other, X)) - 1))
+    assert errs[1] < 0.3 * errs[0] and errs[1] < 1e-2, errs

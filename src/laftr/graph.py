@@ -43,7 +43,7 @@ from .rules.attention import QuotientRule
 from .rules.base import (
     Pair,
     Rule,
-    changing_pairs,
+    anchorable_pairs,
     data_pairs,
     describe,
     is_registered_function,
@@ -547,7 +547,7 @@ class _Reanchoring:
         laws = self.anchors(rule, args, kwargs)
         if laws is None:
             return args, kwargs
-        for p, law in zip(changing_pairs((args, kwargs)), laws, strict=True):
+        for p, law in zip(anchorable_pairs((args, kwargs)), laws, strict=True):
             if id(p) not in self._drawn:
                 self._drawn[id(p)] = (p, self.reanchor(rule, p, law, rule.native_batch_axis()))
         return tree_map(lambda v: self._drawn[id(v)][1] if isinstance(v, Pair) and id(v) in self._drawn
@@ -564,8 +564,8 @@ class StepMode(_Reanchoring, SampleMode):
 
     Attributes:
         anchors: ``anchors(rule, args, kwargs)`` gives, for an anchored op, one entry per data input (in
-            :func:`laftr.rules.base.changing_pairs` order): its law (with ``draw(groups, generator, like)``);
-            None for other ops.
+            :func:`laftr.rules.base.anchorable_pairs` order): its law (with ``draw(groups, generator,
+            like)``); None for other ops.
         inner_anchors: ``inner_anchors(rule, key)``: the law of a rule's internal layer input (see
             :meth:`inner`), or None.
     """

@@ -36,7 +36,7 @@ from ..graph import FitMode, StepMode, StepMomentMode, TracedNet
 from ..moments import JointMoments
 from ..rules import IdentityRule, ShapeRule, SumRule
 from ..rules.affine import LikeRule
-from ..rules.base import Rule, changing_pairs, pairs_in
+from ..rules.base import Rule, anchorable_pairs, pairs_in
 from .base import register
 from .laftr import LaftrConfig, LaftrEstimator, LaftrExactConfig, LaftrExactEstimator
 
@@ -132,7 +132,7 @@ class InputRecorder:
         """Record the moments of the changing data inputs of an anchored op, once per value."""
         if rule.name not in self.candidates or not is_anchored(rule, args, kwargs):
             return
-        for i, p in enumerate(changing_pairs((args, kwargs))):
+        for i, p in enumerate(anchorable_pairs((args, kwargs))):
             if id(p) in self._seen:
                 continue
             self._seen[id(p)] = p
@@ -273,7 +273,7 @@ class _Anchored:
                 return None
             if rule.name not in laws:
                 found = []
-                for i in range(len(changing_pairs((args, kwargs)))):
+                for i in range(len(anchorable_pairs((args, kwargs)))):
                     sums = summary.site_sums.get(anchor_site(rule.name, i))
                     found.append(None if sums is None else InputLaw(sums, summary.counts, device, dtype))
                 laws[rule.name] = found

@@ -132,6 +132,15 @@ def changing_pairs(v: Any) -> list[Pair]:
     return [p for p in data_pairs(v) if not p.fixed]
 
 
+def anchorable_pairs(v: Any) -> list[Pair]:
+    """The :func:`changing_pairs` of ``v`` whose values are tensors.
+
+    (LIFTR draws these from their stored moments; a pair of per-stream tuples, such as the ``(h, c)`` state an
+    LSTM cell returned and the next call reads whole, is left to the op's own anchors.)
+    """
+    return [p for p in changing_pairs(v) if isinstance(p.vals[0], torch.Tensor)]
+
+
 # ---------------------------------------------------------------------------------------------- registry
 _MODULE_RULES: dict[type, type[Rule]] = {}
 _FUNCTION_RULES: dict[Any, type[Rule]] = {}

@@ -209,7 +209,7 @@ class RecurrentRule(Rule):
                         hh = tuple(torch.nn.functional.linear(v, w[1], w[3])
                                    for v, w in zip(hp.vals, ws, strict=True))
                     xt = tuple(v[:, t] for v in xw)
-                    h, c = self._cell(run, xt, hh, h, c, block, t, first)
+                    h, c = self._cell(run, xt, hh, None if first else h, None if first else c, block, t)
                     hs[t] = h
                     first = False
                 finals_h.append(h)
@@ -225,10 +225,14 @@ class RecurrentRule(Rule):
             out.append((y, (h_n, torch.stack([f[s] for f in finals_c]))) if self.kind == "lstm" else (y, h_n))
         return Pair(tuple(out), True)
 
-    def _cell(self, run: _Pass, xt: tuple[Tensor, ...], hh: tuple[Tensor, ...], h: tuple[Tensor, ...],
-              c: tuple[Tensor, ...], block: int, t: int, first: bool) -> tuple[tuple[Tensor, ...],
-                                                                            tuple[Tensor, ...]]:
-        """One step of the cell in every stream: the new hidden state (and the LSTM's cell state)."""
+    def _cell(self, run: _Pass, xt: tuple[Tensor, ...], hh: tuple[Tensor, ...], h: tuple[Tensor, ...] | None,
+              c: tuple[Tensor, ...] | None, block: int, t: int, state_data: bool = True,
+              ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """One step of the cell in every stream: the new hidden state (and the LSTM's cell state).
+
+        ``h`` / ``c`` None: the zero state (``hh`` is then ``W_hh 0 + b_hh``). ``state_data`` False: a state
+        that does not depend on the data, whose products with the gates are exact in each stream.
+        """
         H = self.hidden
 
         def part(v: tuple[Tensor, ...], k: int) -> tuple[Tensor, ...]:
@@ -237,6 +241,11 @@ class RecurrentRule(Rule):
         def add(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             return tuple(u + w for u, w in zip(a, b, strict=True))
 
+        def times(a: tuple[Tensor, ...], b: tuple[Tensor, ...], data: bool) -> tuple[Tensor, ...]:
+            # a product with the state (or with W_hh h + b_hh): bilinear when the state is data
+            return run.product(a, b) if data else tuple(u * w for u, w in zip(a, b, strict=True))
+
+        state = state_data and h is not None
         if self.kind == "rnn":
             new = run.gate(self.nonlinearity, add(xt, hh), block, t, 0)
             return new, new
@@ -244,13 +253,12 @@ class RecurrentRule(Rule):
             r = run.gate("sigmoid", add(part(xt, 0), part(hh, 0)), block, t, 0)
             z = run.gate("sigmoid", add(part(xt, 1), part(hh, 1)), block, t, 1)
             # r * (W_hn h + b_hn): at the zero state the second factor is the bias, a parameter (no data)
-            rn = tuple(a * b for a, b in zip(r, part(hh, 2), strict=True)) if first else run.product(
-                r, part(hh, 2))
+            rn = times(r, part(hh, 2), state)
             nn_ = run.gate("tanh", add(part(xt, 2), rn), block, t, 2)
             keep = run.product(tuple(1 - v for v in z), nn_)
-            if first:
+            if h is None:
                 return keep, keep
-            new = add(keep, run.product(z, h))
+            new = add(keep, times(z, h, state))
             return new, new
         gates = add(xt, hh)
         i = run.gate("sigmoid", part(gates, 0), block, t, 0)
@@ -258,7 +266,7 @@ class RecurrentRule(Rule):
         g = run.gate("tanh", part(gates, 2), block, t, 2)
         o = run.gate("sigmoid", part(gates, 3), block, t, 3)
         ig = run.product(i, g)
-        c_new = ig if first else add(run.product(f, c), ig)
+        c_new = ig if c is None else add(times(f, c, state_data), ig)
         tc = run.gate("tanh", c_new, block, t, 4)
         return run.product(o, tc), c_new
 
@@ -292,4 +300,85 @@ class RecurrentRule(Rule):
         return MomentLaw(sums, counts, device, dtype)
 
 
-__all__ = ["RecurrentRule"]
+@register(nn.RNNCell, nn.GRUCell, nn.LSTMCell)
+class CellRule(RecurrentRule):
+    """``nn.RNNCell``, ``nn.GRUCell`` and ``nn.LSTMCell``: one step of the recurrence.
+
+    A loop over positions calls the cell once per position, each call a site of its own. The step is the
+    layer's (:class:`RecurrentRule`): affine maps exact in each stream, gates smooth gates,
+    products of data bilinear at theta0's factors. The state ``hx`` (``(h, c)`` for the LSTM cell) is the
+    previous step's output (data), a constant (e.g. zeros), or None (zeros). An unbatched (1-d) input is
+    refused.
+    """
+
+    family = "recurrent_cell"
+
+    def native_batch_axis(self) -> int:
+        """0."""
+        return 0
+
+    def setup(self) -> None:
+        """Read the cell's kind and size."""
+        mod = self.module
+        assert isinstance(mod, nn.RNNCellBase)
+        self.kind = {nn.LSTMCell: "lstm", nn.GRUCell: "gru"}.get(type(mod), "rnn")
+        self.nonlinearity = getattr(mod, "nonlinearity", "tanh")
+        self.K = {"lstm": 5, "gru": 3, "rnn": 1}[self.kind]
+        self.hidden = int(mod.hidden_size)
+        self.layers, self.directions, self.blocks = 1, 1, 1
+
+    def _weights(self, params: dict[str, Tensor], layer: int, direction: int,
+                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        p = self.prefix + "."
+        return (params[p + "weight_ih"], params[p + "weight_hh"], params.get(p + "bias_ih"),
+                params.get(p + "bias_hh"))
+
+    def run(self, mode: Any, args: Any, kwargs: Any, method: str) -> Any:
+        """One step in every stream, linearized as ``method`` says (see :meth:`RecurrentRule.run`)."""
+        x = args[0] if args else kwargs.get("input")
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        if not (isinstance(x, Pair) and x.data):
+            raise self.refuse("its input must depend on the data")
+        n = len(x.vals)
+        if x.vals[0].ndim != 2:
+            raise self.refuse(f"expected a batched (2-d) input, got {x.vals[0].ndim} dimensions")
+
+        def streams(v: Any) -> tuple[tuple[Tensor, ...] | None, bool]:
+            if v is None:
+                return None, False
+            if isinstance(v, Pair):
+                return tuple(v.vals[s] if len(v.vals) > 1 else v.vals[0] for s in range(n)), v.data
+            return tuple(v for _ in range(n)), False
+
+        if isinstance(hx, Pair) and hx.vals and isinstance(hx.vals[0], (tuple, list)):
+            # the (h, c) an LSTM cell returned, passed on whole: one pair per stream
+            if any(len(v) != 2 for v in hx.vals):
+                raise self.refuse("an LSTM cell's state must be a pair (h, c)")
+            hx = (Pair(tuple(v[0] for v in hx.vals), hx.data), Pair(tuple(v[1] for v in hx.vals), hx.data))
+        if self.kind == "lstm" and hx is not None:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise self.refuse("an LSTM cell's state must be a pair (h, c)")
+            (h, h_data), (c, c_data) = streams(hx[0]), streams(hx[1])
+        else:
+            (h, h_data), (c, c_data) = streams(hx), (None, False)
+        state_data = h_data or c_data
+        ws = [self._weights(mode.params[s], 0, 0) for s in range(n)]
+        inp = mode.inner(self, "ih0", x)
+        xw = tuple(torch.nn.functional.linear(v, w[0], w[2]) for v, w in zip(inp.vals, ws, strict=True))
+        if h is None:
+            hh = tuple(w[3].expand(v.shape[0], -1) if w[3] is not None
+                       else v.new_zeros(v.shape[0], w[1].shape[0]) for v, w in zip(xw, ws, strict=True))
+        else:
+            hp = mode.inner(self, "hh0.0", Pair(h, True)) if h_data else Pair(h, False)
+            hh = tuple(torch.nn.functional.linear(v, w[1], w[3]) for v, w in zip(hp.vals, ws, strict=True))
+        if self.kind == "lstm" and h is not None and c is None:
+            c = tuple(torch.zeros_like(v) for v in h)
+        run = _Pass(self, mode, method, xw[0], 1)
+        new_h, new_c = self._cell(run, xw, hh, h, c, 0, 0, state_data)
+        run.record(mode)
+        if self.kind == "lstm":
+            return Pair(tuple((new_h[s], new_c[s]) for s in range(n)), True)
+        return Pair(new_h, True)
+
+
+__all__ = ["CellRule", "RecurrentRule"]
