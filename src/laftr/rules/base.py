@@ -133,12 +133,12 @@ def changing_pairs(v: Any) -> list[Pair]:
 
 
 def anchorable_pairs(v: Any) -> list[Pair]:
-    """The :func:`changing_pairs` of ``v`` whose values are tensors.
+    """The :func:`changing_pairs` of ``v`` holding one value per stream (a tensor, or a closed form's block).
 
     (LIFTR draws these from their stored moments; a pair of per-stream tuples, such as the ``(h, c)`` state an
     LSTM cell returned and the next call reads whole, is left to the op's own anchors.)
     """
-    return [p for p in changing_pairs(v) if isinstance(p.vals[0], torch.Tensor)]
+    return [p for p in changing_pairs(v) if not isinstance(p.vals[0], (tuple, list))]
 
 
 # ---------------------------------------------------------------------------------------------- registry

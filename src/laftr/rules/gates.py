@@ -1036,6 +1036,7 @@ class ElementwiseGate(SmoothGate):
         """Whether the op is a normalizer (see the class)."""
         self.normalizer = (self._op_name() in self._SCALE_OPS and self._reads_reduction()
                            and self._scales_data())
+        self.divisor = self.normalizer and self._divides_only()
 
     def _op_name(self) -> str:
         t = self.node.target
@@ -1085,12 +1086,19 @@ class ElementwiseGate(SmoothGate):
 
         return scales(self.node, 0)
 
+    def _divides_only(self) -> bool:
+        """Whether every use of the value divides data by it (``x / sqrt(var + eps)``)."""
+        users = list(self.node.users)
+        return bool(users) and all(
+            (u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")).rstrip("_")
+            in ("truediv", "div", "itruediv") and len(u.args) > 1 and u.args[1] is self.node for u in users)
+
     def params(self) -> dict[str, Any]:
         """The op (and whether it is a normalizer), which a stored summary must match."""
         t = self.node.target
         out: dict[str, Any] = {"op": t if isinstance(t, str) else getattr(t, "__name__", str(t))}
         if self.normalizer:
-            out["normalizer"] = True
+            out["normalizer"] = "divisor" if self.divisor else True
         return out
 
     def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
@@ -1104,6 +1112,8 @@ class ElementwiseGate(SmoothGate):
             raise ValueError(f"{self.describe()}: a normalizer (a scale computed from a statistic of the "
                              "data) that is not finite and positive on some of the data; keep its input "
                              "positive, e.g. with an epsilon")
+        if self.divisor:  # the law of the scale it applies, 1 / value, as a normalization layer keeps it
+            nu = nu.reciprocal()
         mode.add(self.name, "nu", nu)
         mode.add(self.name, "nu2", nu * nu)
         return Pair((a0,), True)
@@ -1117,6 +1127,8 @@ class ElementwiseGate(SmoothGate):
         s0 = pre.vals[0]
         _check_units("normalizer", self.name, law.first.shape[1:], s0)
         nu = mode.draw(self, law, s0)
+        if self.divisor:
+            nu = nu.reciprocal()
         return Pair(tuple(nu.expand_as(v) for v in pre.vals), True)
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
@@ -1127,6 +1139,10 @@ class ElementwiseGate(SmoothGate):
         law: ScaleLaw = mode.law(self)
         like = mode.state.like
         first, second = (t.reshape(-1).to(like) for t in law.moments(mode.group))
+        if self.divisor:  # moments of 1 / nu under the log-normal law of nu
+            mu = law.log_mean.index_select(0, torch.tensor([mode.group])).reshape(-1).to(like)
+            sd = law.log_sd.index_select(0, torch.tensor([mode.group])).reshape(-1).to(like)
+            first, second = torch.exp(-mu + sd * sd / 2), torch.exp(-2 * mu + 2 * sd * sd)
         zero = torch.zeros_like(first)
         gm = GateMoments(c1=[zero], c2={(0, 0): zero}, r1=[first], cr={(0, 0): zero}, r2={(0, 0): second})
         return mode.gate(pre, gm)
@@ -1157,7 +1173,9 @@ class PowGate(ElementwiseGate):
         self.exponent = float(e)
         self.normalizer = (-1.0 <= self.exponent <= 0.5 and self.exponent != 0 and self._reads_reduction()
                            and self._scales_data())
+        self.divisor = self.normalizer and self._divides_only()
 
     def params(self) -> dict[str, Any]:
         """The exponent (and whether it is a normalizer), which a stored summary must match."""
-        return {"exponent": self.exponent, **({"normalizer": True} if self.normalizer else {})}
+        normalizer = {"normalizer": "divisor" if self.divisor else True} if self.normalizer else {}
+        return {"exponent": self.exponent, **normalizer}
