@@ -97,3 +97,25 @@ def test_interrupted_fsd_bench_keeps_the_earlier_run(tmp_path, monkeypatch):
         fsd.run_fsd_bench(cfg, tmp_path / "run", force=True)
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == {"run": "old"}
     assert (tmp_path / "run" / "figure.png").exists() and (tmp_path / ".run.partial").is_dir()
+
+
+def test_force_never_replaces_a_folder_of_other_files_or_the_working_folder(tmp_path, monkeypatch):
+    """--force replaces a previous run's folder; a folder of the user's own files (an audit lost notes.txt and
+    src/ to `laftr demo --out myproject --force`) and the working folder (`--out .`, which failed only after the
+    run) are refused before any work."""
+    project = tmp_path / "myproject"
+    (project / "src").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(OutDirError, match="not empty|not a laftr run"):
+            RunFolder(project, force=force)
+    assert (project / "notes.txt").read_text() == "mine"
+    monkeypatch.chdir(tmp_path / "myproject" / "src")
+    for target in (".", "..", str(tmp_path / "myproject" / "src")):
+        with pytest.raises(OutDirError, match="working folder"):
+            RunFolder(target, force=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    with pytest.raises(OutDirError, match="working folder"):
+        RunFolder(".")

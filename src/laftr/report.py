@@ -155,6 +155,24 @@ def _check_target(path: Path, force: bool, resume: bool = False) -> None:
         )
 
 
+def _check_replaceable(path: Path) -> None:
+    """Refuse an output folder that a finished run may not replace.
+
+    The working folder (or one holding it), and a non-empty folder that holds no laftr run (its
+    ``results.json``), whose files a ``--force`` would delete.
+    """
+    where = path.resolve()
+    cwd = Path.cwd().resolve()
+    if where == cwd or where in cwd.parents:
+        raise OutDirError(f"--out {path} is the working folder or holds it; a run replaces its whole output "
+                          "folder when it finishes: name a new folder, e.g. --out runs/first")
+    if path.is_dir() and any(path.iterdir()) and not (path / "results.json").exists():
+        names = sorted(p.name for p in path.iterdir())[:5]
+        raise OutDirError(f"output folder {path} holds files that are not a laftr run ({', '.join(names)}"
+                          f"{', ...' if len(list(path.iterdir())) > 5 else ''}); --force replaces a previous "
+                          "run's folder, never other files: choose another --out")
+
+
 class RunFolder:
     """The output folder of one run, written so that runs can never mix.
 
@@ -177,6 +195,7 @@ class RunFolder:
         self.force, self.resume = force, resume
         self.staging = self.path.parent / f".{self.path.name}.partial"
         _check_target(self.path, force, resume)
+        _check_replaceable(self.path)
         if self.staging.exists() and not (force or resume):
             raise OutDirError(
                 f"an unfinished run of {self.path} is in {self.staging}; pass --force to discard it (or, for "
