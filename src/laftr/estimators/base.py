@@ -260,9 +260,7 @@ class FSDEstimator:
                         x, rest = _first_examples(data, PROBE_EXAMPLES, self.config.batch_size, device, dtype)
                         if x is not None:  # None: this rank's shard is empty (the others check theirs)
                             _probe_dtype(model, x[:2])
-                            if outputs is not None:
-                                check_outputs(outputs, _num_outputs(model, x[:1]))
-                            _check_output_axes(model, x[:1], getattr(self.config, "metric", None))
+                            _check_output(model, x[:1], outputs, getattr(self.config, "metric", None))
                             check_per_example(model, x, gm, why)
                         return rest
 
@@ -533,37 +531,30 @@ def _probe_dtype(model: nn.Module, x: torch.Tensor) -> None:
         log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
 
 
-def _num_outputs(model: nn.Module, x: torch.Tensor) -> int | None:
-    """The number of output units of ``model`` (its output on one example, flattened).
+def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | None,
+                  metric: str | None) -> None:
+    """Check ``model``'s output on one example ``x`` against ``outputs`` and the metric, running it once.
 
-    None when the model does not run on the data (the estimator's own pass over the data then says why).
+    ``outputs`` must index its output units (flattened); a softmax metric needs one distribution per example
+    (:func:`laftr.metrics.check_softmax_outputs`). A model that does not run here is left to the estimator's
+    own pass over the data, which says why.
     """
+    if outputs is None and metric not in ("kl", "l2-probs"):
+        return
     try:
         with torch.no_grad():
             z = model(x)
     except Exception as e:  # noqa: BLE001
         log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
-        return None
+        return
     if not isinstance(z, torch.Tensor):
-        raise UsageError(f"outputs= needs a model that returns a tensor; {type(model).__name__} returns "
-                         f"{type(z).__name__}")
-    return int(z.reshape(z.shape[0], -1).shape[1]) if z.ndim else 1
-
-
-def _check_output_axes(model: nn.Module, x: torch.Tensor, metric: str | None) -> None:
-    """Under a softmax metric, refuse at ``fit`` outputs of more than one axis per example.
-
-    (:func:`laftr.metrics.check_softmax_outputs`; a model that does not run here is left to the fit's pass.)
-    """
-    if metric not in ("kl", "l2-probs"):
+        if outputs is not None:
+            raise UsageError(f"outputs= needs a model that returns a tensor; {type(model).__name__} returns "
+                             f"{type(z).__name__}")
         return
-    try:
-        with torch.no_grad():
-            z = model(x)
-    except Exception as e:  # noqa: BLE001
-        log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
-        return
-    if isinstance(z, torch.Tensor):
+    if outputs is not None:
+        check_outputs(outputs, int(z.reshape(z.shape[0], -1).shape[1]) if z.ndim else 1)
+    if metric is not None:
         check_softmax_outputs(z, metric)
 
 
