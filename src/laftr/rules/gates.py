@@ -627,6 +627,12 @@ class ThresholdGate(PiecewiseLinearGate):
         return (s0 > self.t).long()
 
 
+def _target_name(node: Any) -> str:
+    """The name of an fx node's op, without an in-place ``_`` (``"add"`` for ``x.add_``, ``torch.add``)."""
+    t = node.target
+    return (t if isinstance(t, str) else getattr(t, "__name__", "")).rstrip("_")
+
+
 _COMPARISONS: dict[str, Any] = {"gt": operator.gt, "lt": operator.lt, "ge": operator.ge, "le": operator.le}
 _MIRRORED = {"gt": "lt", "lt": "gt", "ge": "le", "le": "ge"}
 
@@ -656,8 +662,7 @@ class CompareGate(PiecewiseLinearGate):
 
     def setup(self) -> None:
         """Read which operand is data and the constant it is compared with."""
-        t = self.node.target
-        name = t if isinstance(t, str) else getattr(t, "__name__", "")
+        name = _target_name(self.node)
         name = {"greater": "gt", "less": "lt", "greater_equal": "ge", "less_equal": "le"}.get(name, name)
         a = self.node.args[0] if self.node.args else None
         b = self.node.args[1] if len(self.node.args) > 1 else self.node.kwargs.get("other")
@@ -1034,14 +1039,9 @@ class ElementwiseGate(SmoothGate):
 
     def setup(self) -> None:
         """Whether the op is a normalizer (see the class)."""
-        self.normalizer = (self._op_name() in self._SCALE_OPS and self._reads_reduction()
+        self.normalizer = (_target_name(self.node) in self._SCALE_OPS and self._reads_reduction()
                            and self._scales_data())
         self.divisor = self.normalizer and self._divides_only()
-
-    def _op_name(self) -> str:
-        t = self.node.target
-        name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
-        return name.rstrip("_")
 
     def _reads_reduction(self) -> bool:
         """Whether the data input comes from a reduction over an axis, through constant shifts and scales."""
@@ -1049,8 +1049,7 @@ class ElementwiseGate(SmoothGate):
         for _ in range(8):
             if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
                 return False
-            t = node.target
-            name = (t if isinstance(t, str) else getattr(t, "__name__", "")).rstrip("_")
+            name = _target_name(node)
             if name in self._REDUCTIONS:
                 return True
             data = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
@@ -1073,9 +1072,7 @@ class ElementwiseGate(SmoothGate):
             if not users or depth > 4:
                 return False
             for u in users:
-                t = u.target
-                name = (t if isinstance(t, str) else getattr(t, "__name__", "")).rstrip("_")
-                if name not in self._SCALING:
+                if _target_name(u) not in self._SCALING:
                     return False
                 # the other factor: a computed value (not a parameter or buffer read by get_attr)
                 others = [a for a in (*u.args, *u.kwargs.values())
@@ -1090,8 +1087,8 @@ class ElementwiseGate(SmoothGate):
         """Whether every use of the value divides data by it (``x / sqrt(var + eps)``)."""
         users = list(self.node.users)
         return bool(users) and all(
-            (u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")).rstrip("_")
-            in ("truediv", "div", "itruediv") and len(u.args) > 1 and u.args[1] is self.node for u in users)
+            _target_name(u) in ("truediv", "div", "itruediv") and len(u.args) > 1 and u.args[1] is self.node
+            for u in users)
 
     def params(self) -> dict[str, Any]:
         """The op (and whether it is a normalizer), which a stored summary must match."""
