@@ -473,28 +473,25 @@ class SampleMode(Mode):
 
         (See :meth:`FitMode.per_row`.)
         """
-        groups, index = self.groups, self.index
-        rows = row_examples(groups.shape[0], layout).to(groups.device)
-        self.groups = groups.index_select(0, rows)
-        if index is not None:  # replayed draws: the rows of the selected samples among the recorded ones
-            _, outer, inner = layout
-            o = torch.arange(outer, device=index.device)[:, None, None]
-            i = torch.arange(inner, device=index.device)[None, None, :]
-            self._recorded_rows = (outer, inner, o, i)
+        groups = self.groups
+        self.groups = groups.index_select(0, row_examples(groups.shape[0], layout).to(groups.device))
+        self._row_layout = layout
         try:
             yield
         finally:
-            self.groups, self._recorded_rows = groups, None
+            self.groups, self._row_layout = groups, None
 
-    _recorded_rows: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
+    _row_layout: Layout | None = None  # within per_row
 
     def _replay_index(self, got: Any) -> torch.Tensor | None:
-        """The rows of the recorded draws ``got`` that this pass replays."""
-        if self.index is None or self._recorded_rows is None:
+        """The rows of the recorded draws ``got`` that this pass replays (those of its samples' rows)."""
+        if self.index is None or self._row_layout is None:
             return self.index
-        outer, inner, o, i = self._recorded_rows
+        _, outer, inner = self._row_layout
         first = got if isinstance(got, torch.Tensor) else tree_flatten(got)[0][0]
-        pool = first.shape[0] // (outer * inner)
+        pool = first.shape[0] // (outer * inner)  # the recorded samples
+        o = torch.arange(outer, device=self.index.device)[:, None, None]
+        i = torch.arange(inner, device=self.index.device)[None, None, :]
         return ((o * pool + self.index[None, :, None]) * inner + i).reshape(-1)
 
     def draw(self, rule: Rule, law: Any, like: torch.Tensor) -> Any:

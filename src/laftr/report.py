@@ -166,11 +166,11 @@ def _check_replaceable(path: Path) -> None:
     if where == cwd or where in cwd.parents:
         raise OutDirError(f"--out {path} is the working folder or holds it; a run replaces its whole output "
                           "folder when it finishes: name a new folder, e.g. --out runs/first")
-    if path.is_dir() and any(path.iterdir()) and not (path / "results.json").exists():
-        names = sorted(p.name for p in path.iterdir())[:5]
-        raise OutDirError(f"output folder {path} holds files that are not a laftr run ({', '.join(names)}"
-                          f"{', ...' if len(list(path.iterdir())) > 5 else ''}); --force replaces a previous "
-                          "run's folder, never other files: choose another --out")
+    names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if names and "results.json" not in names:
+        raise OutDirError(f"output folder {path} holds files that are not a laftr run ({', '.join(names[:5])}"
+                          f"{', ...' if len(names) > 5 else ''}); --force replaces a previous run's folder, "
+                          "never other files: choose another --out")
 
 
 class RunFolder:
