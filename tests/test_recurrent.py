@@ -100,6 +100,17 @@ def _inputs(n: int = 30, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, T, D_IN, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def _assert_same_expectation(pairs, X: torch.Tensor) -> None:
+    """Sampled-law estimates of two (network, moved network) pairs agree within 4 standard errors."""
+    stats = []
+    for net, other in pairs:
+        est = laftr.make_estimator("laftr", num_samples=4000, seed=5).fit(net, X)
+        v = torch.stack([est(other).detach() for _ in range(5)])
+        stats.append((v.mean(), v.std() / 5 ** 0.5))
+    (m1, s1), (m2, s2) = stats
+    assert abs(float(m1 - m2)) < 4 * float((s1 ** 2 + s2 ** 2).sqrt()), stats
+
+
 LAYERS = [
     (nn.LSTM, {}), (nn.GRU, {}), (nn.RNN, {}), (nn.RNN, {"nonlinearity": "relu"}),
     (nn.LSTM, {"num_layers": 2, "bidirectional": True}), (nn.GRU, {"bias": False, "bidirectional": True}),
@@ -139,14 +150,7 @@ def test_sampled_laws_have_the_hand_written_expectation(cls):
     site, the twin one per gate site; same laws, independent draws, so the same expectation."""
     torch.manual_seed(0)
     a, b, far, far_b = _twins(cls(D_IN, H, batch_first=True).double(), 0.3)
-    X = _inputs(200)
-    stats = []
-    for net, other in ((a, far), (b, far_b)):
-        est = laftr.make_estimator("laftr", num_samples=4000, seed=5).fit(net, X)
-        v = torch.stack([est(other).detach() for _ in range(5)])
-        stats.append((v.mean(), v.std() / 5 ** 0.5))
-    (m1, s1), (m2, s2) = stats
-    assert abs(float(m1 - m2)) < 4 * float((s1 ** 2 + s2 ** 2).sqrt()), stats
+    _assert_same_expectation(((a, far), (b, far_b)), _inputs(200))
 
 
 def test_theta0s_own_linearization_tends_to_the_exact_fsd():
@@ -289,13 +293,7 @@ def test_a_loop_of_cells_is_the_layer(cls):
     grads = torch.autograd.grad(got, list(far_cells.cell.parameters()))
     assert all(bool(g.abs().sum() > 0) for g in grads)
     X = _inputs(200)
-    stats = []
-    for net, other in ((layer, far), (cells, far_cells)):
-        est = laftr.make_estimator("laftr", num_samples=4000, seed=5).fit(net, X)
-        v = torch.stack([est(other).detach() for _ in range(5)])
-        stats.append((v.mean(), v.std() / 5 ** 0.5))
-    (m1, s1), (m2, s2) = stats
-    assert abs(float(m1 - m2)) < 4 * float((s1 ** 2 + s2 ** 2).sqrt()), stats
+    _assert_same_expectation(((layer, far), (cells, far_cells)), X)
     for name, kw in (("liftr", {}), ("kfac", {"unsupported": "diag"}), ("diag-fisher", {}), ("ntk", {})):
         est = laftr.make_estimator(name, **kw).fit(cells, X)
         assert float(est(cells)) == 0.0 and float(est(far_cells)) > 0, name
