@@ -268,7 +268,7 @@ class Cells(nn.Module):
 
 
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
-def test_a_loop_of_cells_is_the_layer(cls):
+def test_a_loop_of_cells_is_the_layer(cls, tmp_path):
     """Each call of the cell is one step of the layer's rule: theta0's own linearization, the real networks,
     linearize="activations" and point laws give the layer's estimates (1e-10); sampled laws on real data the
     same expectation; LIFTR and the baselines run; zero at theta0 and gradients reach the cell's weights."""
@@ -292,6 +292,11 @@ def test_a_loop_of_cells_is_the_layer(cls):
         assert float(est(cells)) == 0.0
     grads = torch.autograd.grad(got, list(far_cells.cell.parameters()))
     assert all(bool(g.abs().sum() > 0) for g in grads)
+    # saved and loaded: the same draws and stored floats; the layer's one site holds what the T cell sites do
+    est = laftr.make_estimator("laftr", fixed_noise=True, seed=3).fit(cells, X)
+    back = laftr.load(laftr.save(est, tmp_path / "cells.laftr"))
+    torch.testing.assert_close(back(far_cells), est(far_cells), rtol=0, atol=0)
+    assert back.stored_floats() == est.stored_floats() == laftr.make_estimator("laftr").fit(layer, X).stored_floats()
     X = _inputs(200)
     _assert_same_expectation(((layer, far), (cells, far_cells)), X)
     for name, kw in (("liftr", {}), ("kfac", {"unsupported": "diag"}), ("diag-fisher", {}), ("ntk", {})):

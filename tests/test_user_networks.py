@@ -947,7 +947,7 @@ class _Gated(nn.Module):
 
 @pytest.mark.parametrize("module,by_hand", [("leaky", "where"), ("relu", "mask"), ("relu", "float mask"),
                                             ("relu", "ge")])
-def test_a_gate_written_with_a_comparison_equals_the_activation(module, by_hand):
+def test_a_gate_written_with_a_comparison_equals_the_activation(module, by_hand, tmp_path):
     """``torch.where(h > 0, h, 0.1 * h)`` is a LeakyReLU and ``h * (h > 0)`` a ReLU: the comparison is a gate
     decided by theta0 (its law the frequency of True), so every estimate equals the module's, draw for draw
     (it was refused at the comparison)."""
@@ -971,6 +971,11 @@ def test_a_gate_written_with_a_comparison_equals_the_activation(module, by_hand)
     torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
     with pytest.raises(laftr.UnsupportedOpError, match="no closed form for a comparison of data"):
         laftr.make_estimator("laftr-exact").fit(hand0, X)(hand1)
+    # saved and loaded; the comparison stores what the activation's piece law stores
+    est = laftr.make_estimator("laftr", fixed_noise=True, seed=4).fit(hand0, X)
+    back = laftr.load(laftr.save(est, tmp_path / "gate.laftr"))
+    torch.testing.assert_close(back(hand1), est(hand1), rtol=0, atol=0)
+    assert back.stored_floats() == est.stored_floats() == laftr.make_estimator("laftr").fit(ref, X).stored_floats()
 
 
 def test_comparisons_that_are_not_gates():
