@@ -131,6 +131,24 @@ def test_fsd_bench_config_resolves_and_validates():
         dataclasses.replace(cfg, trajectories=[Trajectory("dance", "adam", 1e-3, [1])])
 
 
+@pytest.mark.parametrize("kwargs, msg", [
+    # a method the run would have silently left out of every table
+    ({"methods": ["laftr-exact"], "metrics": ["kl"]}, "'laftr-exact' .*supports the metrics l2, mse only"),
+    ({"arch": "transformer", "dataset": "arithmetic", "methods": ["laftr-exact"]},
+     "'laftr-exact' has no row on --arch transformer"),
+    # a bad option value named before theta0 is trained (was found after the run folder was opened)
+    ({"methods": ["laftr[gates=bogus]"]}, "method 'laftr\\[gates=bogus\\]': unknown gates 'bogus'"),
+    ({"methods": ["laftr[num_samples=0]"]}, "num_samples must be a positive integer"),
+    ({"threads": 0}, "threads must be a positive integer"),
+])
+def test_fsd_bench_config_refuses_methods_it_would_drop_or_fail_late(kwargs, msg):
+    with pytest.raises(UsageError, match=msg):
+        kw = dict(kwargs)
+        FsdBenchConfig.for_arch(kw.pop("arch", "mlp"), quick=True, **kw)
+    ok = FsdBenchConfig.for_arch("mlp", quick=True, methods=["laftr-exact"], metrics=["kl", "l2"])
+    assert ok.methods == ["laftr-exact"]
+
+
 def test_continual_settings_resolve_the_run_at_construction():
     with pytest.raises(UsageError, match="unknown method"):
         ContinualSettings("split-fmnist", "none,foo", [0])

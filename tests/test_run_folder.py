@@ -119,3 +119,22 @@ def test_force_never_replaces_a_folder_of_other_files_or_the_working_folder(tmp_
     monkeypatch.chdir(empty)
     with pytest.raises(OutDirError, match="working folder"):
         RunFolder(".")
+
+
+def test_empty_staging_folder_of_a_failed_run_does_not_block_the_rerun(tmp_path):
+    # a run that failed on a user error before writing anything left only its empty staging folder
+    (tmp_path / ".out.partial").mkdir()
+    run = RunFolder(tmp_path / "out")  # no --force needed: there is nothing to lose
+    (run.open() / "results.json").write_text('{"run": "new"}')
+    run.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_unfinished_run_message_offers_resume_only_where_the_command_can_resume(tmp_path):
+    (tmp_path / ".out.partial").mkdir()
+    (tmp_path / ".out.partial" / "results.json").write_text("{}")
+    with pytest.raises(OutDirError) as plain:
+        RunFolder(tmp_path / "out")
+    assert "--resume" not in str(plain.value)
+    with pytest.raises(OutDirError, match="--force to discard it or --resume to continue it"):
+        RunFolder(tmp_path / "out", resume=False)

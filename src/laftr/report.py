@@ -189,18 +189,23 @@ class RunFolder:
         run.commit()                             # promote to out_dir
     """
 
-    def __init__(self, path: str | os.PathLike[str], force: bool = False, resume: bool = False) -> None:
-        """Check the target ``path`` and any unfinished run of it before any work is done."""
+    def __init__(self, path: str | os.PathLike[str], force: bool = False, resume: bool | None = None) -> None:
+        """Check the target ``path`` and any unfinished run of it before any work is done.
+
+        ``resume``: continue an unfinished run (True), or not (False); ``None`` (default): the command cannot
+        resume a run, so the message about an unfinished one offers ``--force`` alone.
+        """
         self.path = Path(path)
-        self.force, self.resume = force, resume
+        self.force, self.resume = force, bool(resume)
         self.staging = self.path.parent / f".{self.path.name}.partial"
         _check_target(self.path, force, resume)
         _check_replaceable(self.path)
+        if self.staging.is_dir() and not any(self.staging.iterdir()):
+            self.staging.rmdir()  # a run that failed before writing anything: nothing to keep or resume
         if self.staging.exists() and not (force or resume):
-            raise OutDirError(
-                f"an unfinished run of {self.path} is in {self.staging}; pass --force to discard it (or, for "
-                "laftr continual, --resume to continue it)"
-            )
+            how = " or --resume to continue it" if resume is not None else ""
+            raise OutDirError(f"an unfinished run of {self.path} is in {self.staging}; pass --force to discard "
+                              f"it{how}")
 
     def open(self) -> Path:
         """Create (or, with ``resume``, reuse) the staging folder and return it."""

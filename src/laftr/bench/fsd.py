@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .. import available_estimators, exact_fsd, make_estimator
 from .._util import trainable_params
 from ..config import ExperimentConfig
-from ..errors import UsageError
+from ..errors import LaftrError, UsageError
 from ..exact import exact_fsd_and_grad
 from ..metrics import QUADRATIC_METRICS, check_metric, discrepancy
 from ..models import conv_net, lstm, mlp, num_params, transformer, vit
@@ -412,6 +412,40 @@ class FsdBenchConfig(ExperimentConfig):
                                  f"floating inputs, but {self.dataset} is token sequences: give it "
                                  "input_model=tokens (or tokens-classwise, tokens-mixture, coreset)")
 
+    def _check_selected_rows(self) -> None:
+        """Every method the user named gives a row on this network for some metric of the run.
+
+        A named row that this network does not have (``laftr-exact`` on a transformer), or one whose estimator
+        supports none of the run's metrics (``laftr-exact`` with ``--metrics kl``), is refused here, before any
+        work, rather than silently left out of the tables. The options of estimator specs are checked by
+        building each estimator once (a bad value is named now, not after theta0 is trained).
+        """
+        rows = {r.label: r for r in method_specs(self)}
+        selected = _selected(self)
+        for row in rows.values():
+            metrics = [m for m in self.metrics if row.metrics is None or m in row.metrics]
+            if (row.label in selected or row.spec in selected) and metrics:
+                try:
+                    make_estimator(row.estimator, **{**row.options, "metric": metrics[0]})
+                except (LaftrError, TypeError, ValueError) as e:
+                    raise UsageError(f"method {row.label!r}: {e}") from e
+        for m in self.methods or []:
+            if re.fullmatch(r"(subset|ntk)-\d+", m):
+                continue
+            parsed = _adhoc_spec(m)
+            row = rows.get(m) if parsed is None else rows.get(parsed.text, rows.get(m))
+            if row is None:
+                have = [g for g in row_groups(self) if m in ROW_SPECS.get(g, {})]
+                if not have:
+                    raise UsageError(f"method {m!r} has no row on --arch {self.arch} "
+                                     f"({ARCH_SPECS[self.arch].description}): its rows are "
+                                     f"{sorted(r for r in rows if not r.endswith(_MATCHED_TAG))}")
+                continue
+            if row.metrics is not None and not set(row.metrics) & set(self.metrics):
+                raise UsageError(f"method {m!r} ({row.estimator}) supports the metrics "
+                                 f"{', '.join(row.metrics)} only, and the run has {', '.join(self.metrics)}: "
+                                 f"add one of them to --metrics or drop the method")
+
     def _validate(self) -> None:
         """Raise a :class:`~laftr.errors.UsageError` (a ValueError) naming the first bad setting."""
         if self.arch not in ARCHS:
@@ -459,6 +493,11 @@ class FsdBenchConfig(ExperimentConfig):
                                  "laftr[num_samples=400]")
             if ARCH_SPECS[self.arch].inputs == "tokens":
                 self._check_token_input_models([(m, p) for m, p in adhoc if p is not None])
+            self._check_selected_rows()
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise UsageError(f"threads must be a positive integer (or None: torch's choice), got "
+                             f"{self.threads!r}")
         kinds = trajectory_kinds(self.dataset)
         for t in self.trajectories or []:
             if t.kind not in kinds:
