@@ -71,7 +71,7 @@ def test_crafted_pickle_is_refused_and_runs_nothing(files, capsys):
     # never unpickled as weights or tensors, --trust-pickle or not
     net = ["--model", f"{FACTORY_MODULE}:small", "--out", str(d / "s.laftr"), "--trust-pickle"]
     for argv in (["summarize", *net, "--weights", str(d / "evil.pt"), "--tensors", str(d / "data.pt")],
-                 ["summarize", *net, "--tensors", str(d / "evil.pt")]):
+                 ["summarize", *net, "--factory-weights", "--tensors", str(d / "evil.pt")]):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert not marker.exists() and "can run code" in err and "Traceback" not in err
@@ -119,11 +119,11 @@ def test_bad_weights_and_tensor_files(files, capsys):
     assert main(_summarize(d, *base, "--weights", str(d / "notes.txt"))) == 2
     err = capsys.readouterr().err
     assert "notes.txt is not a file written by torch.save" in err and "Traceback" not in err
-    assert main(["summarize", *base, "--tensors", str(d / "notes.txt"), "--out", str(d / "s.laftr")]) == 2
+    assert main(["summarize", *base, "--factory-weights", "--tensors", str(d / "notes.txt"), "--out", str(d / "s.laftr")]) == 2
     err = capsys.readouterr().err
     assert "notes.txt is not a file written by torch.save" in err and "tensor file" in err
     (d / "x.pt").write_bytes(b"x")  # torch's restricted unpickler calls this a refused pickle: it is not one
-    assert main(["summarize", *base, "--tensors", str(d / "x.pt"), "--out", str(d / "s.laftr")]) == 2
+    assert main(["summarize", *base, "--factory-weights", "--tensors", str(d / "x.pt"), "--out", str(d / "s.laftr")]) == 2
     err = capsys.readouterr().err
     assert "x.pt is not a file written by torch.save" in err and "run code" not in err
     (d / "empty.pt").write_bytes(b"")
@@ -142,7 +142,7 @@ def test_bad_weights_and_tensor_files(files, capsys):
 # ---------------------------------------------------------------------------------------------- model vs data
 def test_shape_mismatch_names_shapes_and_suggests_flatten(files, capsys):
     d, _ = files
-    argv = ["summarize", "--model", f"{FACTORY_MODULE}:image_mlp", "--tensors", str(d / "images.pt"),
+    argv = ["summarize", "--model", f"{FACTORY_MODULE}:image_mlp", "--factory-weights", "--tensors", str(d / "images.pt"),
             "--out", str(d / "s.laftr"), "--no-progress"]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -183,10 +183,10 @@ def test_limit_must_be_positive(files, capsys):
     d, _ = files
     for bad in ("-5", "0", "x"):
         with pytest.raises(SystemExit) as e:
-            main(_summarize(d, "--model", f"{FACTORY_MODULE}:small", "--limit", bad))
+            main(_summarize(d, "--model", f"{FACTORY_MODULE}:small", "--factory-weights", "--limit", bad))
         assert e.value.code == 2
         assert "--limit" in capsys.readouterr().err
-    assert main(_summarize(d, "--model", f"{FACTORY_MODULE}:small", "--limit", "7")) == 0
+    assert main(_summarize(d, "--model", f"{FACTORY_MODULE}:small", "--factory-weights", "--limit", "7")) == 0
     assert "fitted on 7 examples" in capsys.readouterr().out
 
 
@@ -202,6 +202,40 @@ def test_out_in_the_way(files, capsys):
     err = capsys.readouterr().err
     assert "laftr demo: error:" in err and "not a folder" in err and "Traceback" not in err
     assert (d / "notes.txt").read_text() == "these are not tensors\n"
+
+
+def test_factory_without_weights_is_refused_not_run_on_its_random_initialization(files, capsys):
+    d, model = files
+    assert main(_summarize(d, "--model", str(d / "net.pt"), "--trust-pickle", "--out", str(d / "t.laftr"))) == 0
+    for argv in (_summarize(d, "--model", f"{FACTORY_MODULE}:small"),
+                 ["distance", str(d / "t.laftr"), "--model", f"{FACTORY_MODULE}:small"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "without --weights" in err and "--factory-weights" in err and "Traceback" not in err
+    assert not (d / "s.laftr").exists()
+    both = _summarize(d, "--model", f"{FACTORY_MODULE}:small", "--weights", str(d / "w.pt"), "--factory-weights")
+    assert main(both) == 2 and "not both" in capsys.readouterr().err
+    # asked for: the factory's own network; a pickled module carries its weights and needs neither
+    assert main(_summarize(d, "--model", f"{FACTORY_MODULE}:small", "--factory-weights")) == 0
+    assert main(_summarize(d, "--model", str(d / "net.pt"), "--trust-pickle", "--force")) == 0
+    capsys.readouterr()
+    est = laftr.load(d / "s.laftr")
+    assert all(torch.equal(est.theta0[n], p) for n, p in model.named_parameters())
+
+
+def test_summarize_force_replaces_an_earlier_summary_only(files, capsys):
+    d, _ = files
+    net = ["--model", f"{FACTORY_MODULE}:small", "--weights", str(d / "w.pt")]
+    notes = d / "notes.txt"
+    argv = ["summarize", *net, "--tensors", str(d / "data.pt"), "--estimator", "weight", "--no-progress",
+            "--out", str(notes), "--force"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "not a laftr summary" in err and "Traceback" not in err
+    assert notes.read_text() == "these are not tensors\n"  # the user's file is untouched
+    assert main(_summarize(d, *net)) == 0
+    assert main(_summarize(d, *net)) == 1 and "pass --force" in capsys.readouterr().err
+    assert main(_summarize(d, *net, "--force")) == 0  # an earlier summary is replaced
 
 
 # ---------------------------------------------------------------------------------------------- the guard

@@ -47,7 +47,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "SummaryFileError", "atomic_write_bytes",
 
 
 # ---------------------------------------------------------------------------------------------- writing files
-def _is_laftr_summary(path: Path) -> bool:
+def is_laftr_summary(path: Path) -> bool:
     """Whether ``path`` is a regular file whose safetensors header carries laftr metadata.
 
     Only the header is read, with the checks :func:`_parse` applies to it; the file may otherwise be damaged.
@@ -76,7 +76,7 @@ def _check_target(path: Path, overwrite: bool | None) -> None:
         return
     if overwrite is False:
         raise OutputExistsError(f"{path} exists; pass overwrite=True to replace it")
-    if not _is_laftr_summary(path):
+    if not is_laftr_summary(path):
         raise OutputExistsError(
             f"{path} exists and is not a laftr summary; pass overwrite=True to replace it anyway"
         )

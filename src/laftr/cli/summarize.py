@@ -40,6 +40,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None,
                    help="the network's weights: a state dict saved with torch.save(model.state_dict(), FILE) "
                         "or a safetensors file (read without unpickling code)")
+    p.add_argument("--factory-weights", action="store_true",
+                   help="use the weights the factory's network comes with (a factory that loads trained "
+                        "weights itself); without it, --model package.module:factory needs --weights, so "
+                        "that a forgotten --weights is not a silent run on random weights")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow --model FILE to be a pickled module (torch.save(model, FILE)). Unpickling "
                         "RUNS CODE stored in the file: use only for files you made or trust")
@@ -75,12 +79,33 @@ def _summarize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _network(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The network of ``--model`` with its weights, on ``device``.
+
+    A factory's network needs ``--weights`` or ``--factory-weights``: its own weights are usually a random
+    initialization, and a summary or distance computed there is a silent wrong answer.
+    """
+    pickled = Path(args.model).is_file()
+    if args.weights is not None and args.factory_weights:
+        raise UsageError("give --weights FILE or --factory-weights, not both")
+    if not pickled and args.weights is None and not args.factory_weights:
+        raise UsageError(f"--model {args.model} without --weights: the network would keep the weights the "
+                         "factory gives it, usually a random initialization. Pass the trained weights with "
+                         "--weights FILE, or --factory-weights if the factory returns the trained network")
+    return load_model(args.model, args.weights, trust_pickle=args.trust_pickle).to(device)
+
+
 def _check_out_file(out: Path, force: bool) -> None:
+    from ..io import is_laftr_summary
+
     if out.is_dir():
         raise OutputPathError(f"--out {out} is a folder; name the summary file to write, e.g. "
                               f"{out / 'task.laftr'}")
     if out.exists() and not force:
         raise OutputPathError(f"{out} exists; pass --force to replace it")
+    if out.exists() and not is_laftr_summary(out):
+        raise OutputPathError(f"{out} exists and is not a laftr summary: --force replaces an earlier summary, "
+                              "never another file; choose another --out (or remove the file yourself)")
     if not out.parent.is_dir():
         raise OutputPathError(f"cannot write {out}: folder {out.parent} does not exist")
 
@@ -103,7 +128,7 @@ def _summarize(args: argparse.Namespace, rank: int, world: int, device: torch.de
         options = parse_options(args.set)
         est = make_estimator(args.estimator, metric=args.metric, progress=not args.no_progress and rank == 0,
                              **options)
-        model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle).to(device)
+        model = _network(args, device)
         x, y = load_data(args.dataset, args.data_dir, args.classes, args.tensors, limit=args.limit)
         check_model_accepts(model, x, f"--model {args.model}", outputs=args.outputs)
         return est, model, x, y
@@ -117,7 +142,7 @@ def _summarize(args: argparse.Namespace, rank: int, world: int, device: torch.de
 
     def write() -> None:
         if rank == 0:
-            save(est, out, overwrite=bool(args.force))
+            save(est, out, overwrite=None if args.force else False)  # --force: an earlier summary only
 
     dist_.agree(write, "writing the summary") if world > 1 else write()
     if rank == 0:
@@ -151,7 +176,7 @@ def _distance(args: argparse.Namespace, rank: int, world: int, device: torch.dev
 
     def prepare() -> tuple[Any, ...]:
         est = read_summary(args.summary, device)
-        model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle).to(device)
+        model = _network(args, device)
         try:
             model0 = est.theta0_model(model)  # checks that the network has the summary's architecture
         except LaftrError:
