@@ -5,6 +5,7 @@ Ctrl-C exits 130, internal errors keep their traceback and exit 1; model files a
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -221,6 +222,36 @@ def test_factory_without_weights_is_refused_not_run_on_its_random_initialization
     capsys.readouterr()
     est = laftr.load(d / "s.laftr")
     assert all(torch.equal(est.theta0[n], p) for n, p in model.named_parameters())
+
+
+def test_model_as_a_python_file_path_and_errors_in_the_users_code(files, capsys, monkeypatch):
+    d, model = files
+    weights = ["--weights", str(d / "w.pt")]
+    (d / "sub").mkdir()
+    monkeypatch.chdir(d / "sub")
+    for spec in (f"../{FACTORY_MODULE}.py:small", str(d / f"{FACTORY_MODULE}.py") + ":small"):
+        assert main(_summarize(d, "--model", spec, *weights, "--force")) == 0, capsys.readouterr().err
+        est = laftr.load(d / "s.laftr")
+        assert all(torch.equal(est.theta0[n], p) for n, p in model.named_parameters())
+    (d / "broken.py").write_text("def make(:\n")
+    (d / "raises.py").write_text("def make():\n    raise RuntimeError('no such checkpoint')\n")
+    for spec, msg in [("../broken.py:make", "running ../broken.py raised SyntaxError: .*broken.py, line 1"),
+                      ("../raises.py:make", "calling make\\(\\) raised RuntimeError: no such checkpoint "
+                                            "\\(.*raises.py, line 2, in make\\)"),
+                      ("../none.py:make", "no Python file"), ("../notes.txt:make", "must be a Python file")]:
+        assert main(_summarize(d, "--model", spec, *weights, "--force")) == 2
+        err = capsys.readouterr().err
+        assert re.search(msg, err) and "Traceback" not in err and "internal error" not in err, err
+
+
+@pytest.mark.parametrize("option, flag", [("metric=l2", "--metric"), ("progress=True", "--no-progress"),
+                                          ("outputs=[0]", "--outputs")])
+def test_set_of_a_command_option_names_the_flag(files, capsys, option, flag):
+    d, _ = files
+    argv = _summarize(d, "--model", f"{FACTORY_MODULE}:small", "--weights", str(d / "w.pt"), "--set", option)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"use {flag}" in err and "Traceback" not in err
 
 
 def test_summarize_force_replaces_an_earlier_summary_only(files, capsys):

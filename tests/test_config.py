@@ -97,6 +97,15 @@ def test_influence_configs_are_complete_once_constructed():
     assert again == cfg and again is not cfg and type(again) is InfluenceExperimentConfig
 
 
+@pytest.mark.parametrize("field, value, msg", [("epsilon", 0.0, "epsilon must be"), ("epsilon", -1.0, "epsilon"),
+                                                ("rtol", -1.0, "rtol must be"), ("max_iter", 0, "max_iter")])
+def test_influence_configs_check_the_solver_settings_at_construction(field, value, msg):
+    # were found by the PBRF solver after the network was trained (a traceback from the command line)
+    for cls, kw in ((InfluenceExperimentConfig, {"dataset": "diabetes"}), (MislabeledConfig, {"dataset": "mnist-sample"})):
+        with pytest.raises(UsageError, match=msg):
+            cls(methods=["pbrf"], quick=True, **kw, **{field: value})
+
+
 def test_runs_check_a_config_changed_in_place(tmp_path):
     cfg = InfluenceExperimentConfig(dataset="diabetes", methods=["pbrf"], quick=True)
     cfg.damping = -1.0

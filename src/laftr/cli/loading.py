@@ -13,13 +13,18 @@ Every refusal is a :class:`laftr.LaftrError` that names the file and says what t
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
+import importlib.util
 import math
+import os
 import pickle
 import re
 import sys
+import traceback
 import warnings
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -211,22 +216,78 @@ def _module_from_file(path: Path, trust_pickle: bool) -> Any:
 
 
 def _module_from_factory(spec: str) -> Any:
-    mod_name, _, attr = spec.partition(":")
+    mod_name, _, attr = spec.rpartition(":")
     if not mod_name or not attr:
-        raise UsageError(f"--model {spec!r}: expected package.module:factory")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise UsageError(f"cannot import {spec!r}: {e}") from e
+        raise UsageError(f"--model {spec!r}: expected package.module:factory (or path/to/file.py:factory)")
+    if mod_name.endswith(".py") or "/" in mod_name or os.sep in mod_name:
+        module = _module_from_source(Path(mod_name), spec)
+    else:
+        if str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+        try:
+            with _user_code(spec, f"importing {mod_name}"):
+                module = importlib.import_module(mod_name)
+        except UsageError as e:
+            if isinstance(e.__cause__, ImportError) and not isinstance(e.__cause__, SyntaxError):
+                raise UsageError(f"cannot import {spec!r}: {e.__cause__}") from e.__cause__
+            raise
     try:
         factory = getattr(module, attr)
     except AttributeError as e:
         raise UsageError(f"cannot import {spec!r}: module {mod_name!r} has no attribute {attr!r}") from e
     if isinstance(factory, nn.Module) or not callable(factory):
         return factory
-    return factory()
+    with _user_code(spec, f"calling {attr}()"):
+        return factory()
+
+
+@contextlib.contextmanager
+def _user_code(spec: str, doing: str) -> Iterator[None]:
+    """Report an exception raised by the user's own ``--model`` code as a usage error naming where it arose.
+
+    The user's module or factory failed (a syntax error, a missing file it reads, a bug): laftr did not, so the
+    error names the file and line in the user's code instead of asking for an internal error to be reported.
+    """
+    try:
+        yield
+    except (KeyboardInterrupt, MemoryError, LaftrError):
+        raise
+    except Exception as e:
+        what, where = _first_line(e), ""
+        if isinstance(e, SyntaxError):
+            what, where = str(e.msg), f" ({e.filename}, line {e.lineno})"
+        elif e.__traceback__ is not None:
+            last = traceback.extract_tb(e.__traceback__)[-1]
+            where = f" ({last.filename}, line {last.lineno}, in {last.name})"
+        raise UsageError(f"--model {spec}: {doing} raised {type(e).__name__}: {what}{where}") from e
+
+
+def _module_from_source(path: Path, spec: str) -> Any:
+    """The Python file ``path`` named in ``--model path/to/file.py:factory``, run as a module.
+
+    The user names the file to run, as with ``package.module:factory``; its folder goes on ``sys.path`` so that
+    the file's own imports of its neighbours work.
+    """
+    if path.suffix != ".py":
+        raise UsageError(f"--model {spec!r}: a path before ':' must be a Python file ending in .py")
+    if not path.is_file():
+        raise UsageError(f"--model {spec!r}: no Python file {path}")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    name = f"_laftr_model_{path.stem}"
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise UsageError(f"--model {spec!r}: cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module  # dataclasses and pickling look the module up by name
+    try:
+        with _user_code(spec, f"running {path}"):
+            loader_spec.loader.exec_module(module)
+    except UsageError:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -126,6 +126,10 @@ def _summarize(args: argparse.Namespace, rank: int, world: int, device: torch.de
         if rank == 0:
             _check_out_file(out, args.force)
         options = parse_options(args.set)
+        for key, flag in (("metric", "--metric"), ("progress", "--no-progress"), ("outputs", "--outputs")):
+            if key in options:
+                raise UsageError(f"--set {key}=...: {key} is an option of the command, not of the "
+                                 f"estimator; use {flag}")
         est = make_estimator(args.estimator, metric=args.metric, progress=not args.no_progress and rank == 0,
                              **options)
         model = _network(args, device)

@@ -176,6 +176,10 @@ class InfluenceBaseConfig(ExperimentConfig):
             raise UsageError("epochs must be >= 0, lr > 0 and batch_size >= 1")
         if not (math.isfinite(self.damping) and self.damping >= 0):
             raise UsageError(f"damping must be >= 0, got {self.damping}")
+        try:  # the solver's settings, checked now rather than after the network is trained
+            PBRFConfig(damping=self.damping, epsilon=self.epsilon, rtol=self.rtol, max_iter=self.max_iter)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
 
 
 @dataclasses.dataclass(kw_only=True)
