@@ -204,8 +204,8 @@ class RunFolder:
             self.staging.rmdir()  # a run that failed before writing anything: nothing to keep or resume
         if self.staging.exists() and not (force or resume):
             how = " or --resume to continue it" if resume is not None else ""
-            raise OutDirError(f"an unfinished run of {self.path} is in {self.staging}; pass --force to discard "
-                              f"it{how}")
+            raise OutDirError(f"an unfinished run of {self.path} is in {self.staging}; pass --force to "
+                              f"discard it{how}")
 
     def open(self) -> Path:
         """Create (or, with ``resume``, reuse) the staging folder and return it."""

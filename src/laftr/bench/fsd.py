@@ -416,8 +416,8 @@ class FsdBenchConfig(ExperimentConfig):
         """Every method the user named gives a row on this network for some metric of the run.
 
         A named row that this network does not have (``laftr-exact`` on a transformer), or one whose estimator
-        supports none of the run's metrics (``laftr-exact`` with ``--metrics kl``), is refused here, before any
-        work, rather than silently left out of the tables. The options of estimator specs are checked by
+        supports none of the run's metrics (``laftr-exact`` with ``--metrics kl``), is refused here, before
+        any work, rather than silently left out of the tables. The options of estimator specs are checked by
         building each estimator once (a bad value is named now, not after theta0 is trained).
         """
         rows = {r.label: r for r in method_specs(self)}

@@ -23,8 +23,8 @@ import re
 import sys
 import traceback
 import warnings
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -245,8 +245,8 @@ def _module_from_factory(spec: str) -> Any:
 def _user_code(spec: str, doing: str) -> Iterator[None]:
     """Report an exception raised by the user's own ``--model`` code as a usage error naming where it arose.
 
-    The user's module or factory failed (a syntax error, a missing file it reads, a bug): laftr did not, so the
-    error names the file and line in the user's code instead of asking for an internal error to be reported.
+    The user's module or factory failed (a syntax error, a missing file it reads, a bug): laftr did not, so
+    the error names the file and line in the user's code instead of asking for an internal error to be reported.
     """
     try:
         yield
@@ -265,8 +265,8 @@ def _user_code(spec: str, doing: str) -> Iterator[None]:
 def _module_from_source(path: Path, spec: str) -> Any:
     """The Python file ``path`` named in ``--model path/to/file.py:factory``, run as a module.
 
-    The user names the file to run, as with ``package.module:factory``; its folder goes on ``sys.path`` so that
-    the file's own imports of its neighbours work.
+    The user names the file to run, as with ``package.module:factory``; its folder goes on ``sys.path`` so
+    that the file's own imports of its neighbours work.
     """
     if path.suffix != ".py":
         raise UsageError(f"--model {spec!r}: a path before ':' must be a Python file ending in .py")
