@@ -246,7 +246,7 @@ def _user_code(spec: str, doing: str) -> Iterator[None]:
     """Report an exception raised by the user's own ``--model`` code as a usage error naming where it arose.
 
     The user's module or factory failed (a syntax error, a missing file it reads, a bug): laftr did not, so
-    the error names the file and line in the user's code instead of asking for an internal error to be reported.
+    the error names the file and line in the user's code instead of asking for an internal error report.
     """
     try:
         yield

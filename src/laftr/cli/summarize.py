@@ -105,7 +105,7 @@ def _check_out_file(out: Path, force: bool) -> None:
         raise OutputPathError(f"{out} exists; pass --force to replace it")
     if out.exists() and not is_laftr_summary(out):
         raise OutputPathError(f"{out} exists and is not a laftr summary: --force replaces an earlier "
-                              "summary, never another file; choose another --out (or remove the file yourself)")
+                              "summary, never another file; choose another --out (or remove the file)")
     if not out.parent.is_dir():
         raise OutputPathError(f"cannot write {out}: folder {out.parent} does not exist")
 
