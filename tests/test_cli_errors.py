@@ -352,3 +352,12 @@ def test_a_dict_of_tensors_names_its_inputs_and_labels(tmp_path):
         torch.save(bad, tmp_path / "d.pt")
         with pytest.raises(InputFileError, match=match):
             load_tensors(tmp_path / "d.pt")
+
+
+@pytest.mark.parametrize("command", [["info", "x.laftr"], ["distance", "x.laftr", "--model", "m:f"]])
+def test_unknown_argument_is_named_with_the_subcommands_usage(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: laftr {command[0]}" in err and f"laftr {command[0]}: error: unrecognized arguments: --bogus" in err

@@ -882,3 +882,27 @@ def test_search_gathers_finished_grids_only(tmp_path):
     write(".ewc__lam.partial", None, 0.9)
     out = search.gather("b", tmp_path)
     assert list(out["methods"]) == ["laftr"] and out["methods"]["laftr"]["lam"]["best"] == 10.0
+
+
+def test_num_tasks_takes_the_first_tasks_of_a_split_stream(mnist_dir, tmp_path, capsys):
+    from laftr.continual import build_stream, get_benchmark
+    from laftr.errors import UsageError
+
+    bench = get_benchmark("split-fmnist")
+    full = build_stream(bench, _tiny_dataset(), seed=0)
+    first = build_stream(bench, _tiny_dataset(), seed=0, num_tasks=2)
+    assert len(full) == 5 and len(first) == 2 and first.num_outputs == full.num_outputs == 10
+    assert [t.outputs for t in first] == [t.outputs for t in full.tasks[:2]]
+    assert all(torch.equal(a.x_train, b.x_train) for a, b in zip(first, full.tasks[:2]))
+    with pytest.raises(UsageError, match="split-fmnist has 5 tasks; num_tasks 6 is more"):
+        build_stream(bench, _tiny_dataset(), seed=0, num_tasks=6)
+    # from the command line: recorded and used (was recorded and ignored); too many: refused before any file
+    out = tmp_path / "o"
+    base = ["continual", "--benchmark", "split-mnist", "--methods", "none", "--seeds", "1", "--quick",
+            "--data-dir", str(mnist_dir), "--no-progress"]
+    assert main([*base, "--num-tasks", "3", "--out", str(out)]) == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["stream"]["num_tasks"] == 3 and len(res["methods"]["none"]["summary"]["acc_matrix"][0]) == 3
+    assert main([*base, "--num-tasks", "6", "--out", str(tmp_path / "o2")]) == 2
+    assert "num_tasks 6 is more" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no staging folder of the refused run

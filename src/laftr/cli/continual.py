@@ -67,7 +67,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-train", type=int, default=None, help="training examples per task (default: all)")
     p.add_argument("--n-eval", type=int, default=None, help="evaluation examples per task (default: all)")
     p.add_argument("--num-tasks", type=int, default=None,
-                   help="tasks of a permuted benchmark (default 10), or the first tasks of an arithmetic one")
+                   help="tasks of a permuted benchmark (default 10), or the first tasks of a split or "
+                        "arithmetic one (default all)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     p.add_argument("--weight-decay", type=float, default=None,

@@ -50,7 +50,8 @@ class BenchmarkSpec:
         stream: ``split``, ``permuted``, ``split-cifar`` or ``arithmetic``.
         hidden: MLP hidden widths (MLP benchmarks).
         conv_width: channel multiplier of the conv net (Split CIFAR).
-        num_tasks: tasks of a permuted stream.
+        num_tasks: tasks of a permuted stream (split and arithmetic streams take their first ``num_tasks``
+            tasks when a run asks for fewer).
         epochs: epochs per task of the protocol.
         batch_size: training batch size of the protocol.
         lr: learning rate of the protocol.
@@ -331,7 +332,7 @@ def build_stream(spec: BenchmarkSpec, data: Any, *, seed: int, split: str = "tes
     Subsampling, permutations and arithmetic's train/test pairs depend on the seed.
 
     Raises:
-        ValueError: ``num_tasks`` asks an arithmetic benchmark for more tasks than it has.
+        UsageError: ``num_tasks`` asks a split or arithmetic benchmark for more tasks than it has.
     """
     if spec.stream == "arithmetic":
         tasks = spec.tasks
@@ -342,11 +343,19 @@ def build_stream(spec: BenchmarkSpec, data: Any, *, seed: int, split: str = "tes
             tasks = tasks[:num_tasks]
         return arithmetic_tasks(tasks, p=spec.p, train_fraction=spec.train_fraction, seed=seed, split=split,
                                 n_train=n_train, n_eval=n_eval, name=spec.name)
-    if spec.stream == "split":
-        return split_tasks(data, name=spec.name, split=split, n_train=n_train, n_eval=n_eval, seed=seed)
     if spec.stream == "permuted":
         return permuted_tasks(data, num_tasks or spec.num_tasks, name=spec.name, split=split, n_train=n_train,
                               n_eval=n_eval, seed=seed)
-    c10, c100 = data
-    return split_cifar_tasks(cifar10=c10, cifar100=c100, split=split, n_train=n_train, n_eval=n_eval,
-                             seed=seed)
+    if spec.stream == "split":
+        stream = split_tasks(data, name=spec.name, split=split, n_train=n_train, n_eval=n_eval, seed=seed)
+    else:
+        c10, c100 = data
+        stream = split_cifar_tasks(cifar10=c10, cifar100=c100, split=split, n_train=n_train, n_eval=n_eval,
+                                   seed=seed)
+    if num_tasks is None:
+        return stream
+    if num_tasks > len(stream):
+        raise UsageError(f"{spec.name} has {len(stream)} tasks; num_tasks {num_tasks} is more")
+    # the first tasks; the output layer keeps every task's units, as in the full stream
+    meta = {**stream.meta, "num_tasks": num_tasks}
+    return dataclasses.replace(stream, tasks=stream.tasks[:num_tasks], meta=meta)

@@ -59,7 +59,7 @@ class ContinualSettings(ExperimentConfig):
         weight_decay: decoupled weight decay (above 0: AdamW instead of Adam).
         n_train: training examples per task (None: the benchmark's).
         n_eval: evaluation examples per task (None: all).
-        num_tasks: tasks of a permuted stream, or the first tasks of an arithmetic one (None: the
+        num_tasks: tasks of a permuted stream, or the first tasks of a split or arithmetic one (None: the
             benchmark's).
         arch: the network (see :data:`laftr.continual.ARCHS`; None: the benchmark's own, e.g. the
             MLP of split-fmnist; ``vit`` runs an image benchmark with a vision transformer).
@@ -280,8 +280,10 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
     folder = RunFolder(out_dir, force=force, resume=resume)
     if resume:
         done, earlier_s = _load_finished_runs(folder, settings)
-    out = folder.open()
     data = load_stream_data(bench, settings.data_dir)
+    # the first seed's stream is built before the disk is touched: its errors (num_tasks) leave nothing behind
+    first = build_stream(bench, data, seed=settings.seeds[0], split=settings.split, **stream_kw)
+    out = folder.open()
     if settings.threads is not None:
         torch.set_num_threads(int(settings.threads))
     device = train.resolved_device()
@@ -300,7 +302,8 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
                               "earlier_runs": sum(len(v) for v in done.values())}
     t0 = time.perf_counter() - earlier_s
     for seed in settings.seeds:
-        stream = build_stream(bench, data, seed=seed, split=settings.split, **stream_kw)
+        stream = first if seed == settings.seeds[0] else build_stream(bench, data, seed=seed,
+                                                                       split=settings.split, **stream_kw)
         if results["stream"] is None:
             results["stream"] = stream.describe()
         model_fn = bench.build_model(stream, bench.arch)
