@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import mlp, perturbed
+from torch import nn
 
 import laftr
 from laftr._util import param_dict
+from laftr.errors import DataError
 from laftr.graph import TracedNet
 from laftr.inputs import MixtureInputs, kmeans, make_input_model
 from laftr.summary import fit_summary
@@ -141,3 +143,18 @@ def test_unknown_option_names_the_estimator_that_has_it():
         laftr.make_estimator("laftr-exact", num_samples=10)
     with pytest.raises(laftr.UsageError, match="unknown input_model"):
         make_input_model("nope")
+
+
+def test_classwise_labels_must_index_the_networks_outputs():
+    # labels such as 100002 made a classwise summary keep (and save) 100003 groups, almost all empty
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(40, 5)
+    y = torch.randint(0, 3, (40,))
+    ok = laftr.make_estimator("laftr", metric="kl", input_model="classwise").fit(net, (x, y))
+    assert ok.summary.inputs.num_groups == 3
+    for bad in (y + 100000, torch.where(y == 2, 3, y)):
+        with pytest.raises(DataError, match=f"class label {int(bad.max())} but the network has 3 output units"):
+            laftr.make_estimator("laftr", metric="kl", input_model="classwise").fit(net, (x, bad))
+    # input models that do not group by label take any labels
+    laftr.make_estimator("laftr", metric="kl", input_model="diag").fit(net, (x, y + 100000))

@@ -315,9 +315,9 @@ def test_stored_floats_formulas():
     for mp, n in (("auto", gates), ("argmax0", gates), ("separate", gates), ("sample", gates + pool)):
         e = laftr.make_estimator("laftr", maxpool=mp).fit(cnn, Xc)
         assert e.stored_floats() == n + dc + dc * dc, mp
-    # classes absent from the data (labels 3 and 4 only) cost nothing
+    # classes absent from the data (labels 3 and 4 only, of a network with 5 outputs) cost nothing
     X, Y = data
-    e = laftr.make_estimator("laftr", input_model="classwise").fit(model, (X, Y % 2 + 3))
+    e = laftr.make_estimator("laftr", input_model="classwise").fit(mlp(5, (8, 6), 5), (X, Y % 2 + 3))
     assert e.stored_floats() == 2 * units + 2 * (1 + 5 + 25)
     # theta0's own linearization and the real networks read no site statistics: they keep the input model alone
     for gates in ("relu", "none"):

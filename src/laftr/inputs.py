@@ -120,8 +120,13 @@ def refuse_tokens(x: torch.Tensor, name: str) -> None:
                         f"as integers (uint8 pixels) to floating point first, e.g. X.float() / 255")
 
 
-def class_labels(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    """The labels of a batch as groups (``(B,)`` long on ``x``'s device), checked: integer, ``(B,)``, >= 0."""
+def class_labels(x: torch.Tensor, y: torch.Tensor | None, limit: int | None = None) -> torch.Tensor:
+    """The labels of a batch as groups (``(B,)`` long on ``x``'s device), checked: integer, ``(B,)``, >= 0.
+
+    ``limit``: the network's number of output units, when known: a class label indexes them, so a label
+    ``>= limit`` is refused (a classwise summary keeps one law per label value up to the largest, so labels
+    such as 100002 would allocate, store and save 100003 groups).
+    """
     if y is None:
         raise DataError("a classwise summary needs labels: give (x, y) batches")
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1:
@@ -129,6 +134,10 @@ def class_labels(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
                         f"{tuple(y.shape)}")
     if (y < 0).any():
         raise DataError("class labels must be non-negative")
+    if limit is not None and len(y) and int(y.max()) >= limit:
+        raise DataError(f"class label {int(y.max())} but the network has {limit} output units: a classwise "
+                        f"summary keeps one law per class, and class labels index the outputs (0..{limit - 1}); "
+                        "map your labels to them first, e.g. torch.unique(y, return_inverse=True)[1]")
     return y.long().to(x.device)
 
 
@@ -206,6 +215,7 @@ class InputModel:
         self.seed = int(seed)
         self.counts: torch.Tensor | None = None
         self.input_shape: tuple[int, ...] | None = None
+        self.label_limit: int | None = None  # the network's output units, when known (set by the fit)
         self._cache: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ fitting
@@ -669,7 +679,7 @@ class ClasswiseInputs(GaussianFamily):
     def assign(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The class label of every example (refuses token ids and missing labels)."""
         refuse_tokens(x, self.name)
-        return class_labels(x, y)
+        return class_labels(x, y, self.label_limit)
 
 
 class KMeansOptions:
@@ -1197,7 +1207,7 @@ class TokenClasswiseInputs(TokenFamily):
     grouped = True
 
     def _groups(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return class_labels(x, y)
+        return class_labels(x, y, self.label_limit)
 
 
 @register_input_model("tokens-mixture")

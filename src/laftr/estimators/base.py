@@ -183,6 +183,7 @@ class FSDEstimator:
         check_metric(config.metric)
         self.config = config
         self.outputs: list[int] | None = None
+        self._output_width: int | None = None  # output units per example, seen by the last fit's probe
         self.theta0: dict[str, torch.Tensor] | None = None
         self.arch: list[list[Any]] | None = None
         self.graph_fingerprint: str | None = None
@@ -237,6 +238,7 @@ class FSDEstimator:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         outputs = check_outputs(outputs)
         check_runnable(model)
+        self._output_width = None
         on = dist_.active(distributed)
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
@@ -260,7 +262,8 @@ class FSDEstimator:
                         x, rest = _first_examples(data, PROBE_EXAMPLES, self.config.batch_size, device, dtype)
                         if x is not None:  # None: this rank's shard is empty (the others check theirs)
                             _probe_dtype(model, x[:2])
-                            _check_output(model, x[:1], outputs, getattr(self.config, "metric", None))
+                            self._output_width = _check_output(model, x[:1], outputs,
+                                                               getattr(self.config, "metric", None))
                             check_per_example(model, x, gm, why)
                         return rest
 
@@ -532,30 +535,34 @@ def _probe_dtype(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | None,
-                  metric: str | None) -> None:
+                  metric: str | None) -> int | None:
     """Check ``model``'s output on one example ``x`` against ``outputs`` and the metric, running it once.
 
     ``outputs`` must index its output units (flattened); a softmax metric needs one distribution per example
     (:func:`laftr.metrics.check_softmax_outputs`). A model that does not run here is left to the estimator's
     own pass over the data, which says why.
+
+    Returns:
+        The number of output units per example (flattened), or None when the model does not run here or does
+        not return a tensor.
     """
-    if outputs is None and metric not in ("kl", "l2-probs"):
-        return
     try:
         with torch.no_grad():
             z = model(x)
     except Exception as e:  # noqa: BLE001
         log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
-        return
+        return None
     if not isinstance(z, torch.Tensor):
         if outputs is not None:
             raise UsageError(f"outputs= needs a model that returns a tensor; {type(model).__name__} returns "
                              f"{type(z).__name__}")
-        return
+        return None
+    width = int(z.reshape(z.shape[0], -1).shape[1]) if z.ndim else 1
     if outputs is not None:
-        check_outputs(outputs, int(z.reshape(z.shape[0], -1).shape[1]) if z.ndim else 1)
+        check_outputs(outputs, width)
     if metric is not None:
         check_softmax_outputs(z, metric)
+    return width
 
 
 def _first_examples(data: Data, n: int, batch_size: int, device: torch.device, dtype: torch.dtype,

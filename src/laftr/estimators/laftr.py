@@ -266,6 +266,7 @@ class _LaftrBase(FSDEstimator):
         net = self._traced(model)
         c = self.cfg
         inputs = make_input_model(c.input_model, **c.input_options())
+        inputs.label_limit = self._output_width  # class labels index the output units
         # max pools always record their argmax frequencies (cheap; stored floats only when sampled)
         self.summary = fit_summary(net, param_dict(model, detach=True), data, inputs, batch_size=c.batch_size,
                                    progress=c.progress, record_inputs=self._input_recorder(net),
