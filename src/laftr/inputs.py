@@ -136,8 +136,9 @@ def class_labels(x: torch.Tensor, y: torch.Tensor | None, limit: int | None = No
         raise DataError("class labels must be non-negative")
     if limit is not None and len(y) and int(y.max()) >= limit:
         raise DataError(f"class label {int(y.max())} but the network has {limit} output units: a classwise "
-                        f"summary keeps one law per class, and class labels index the outputs (0..{limit - 1}); "
-                        "map your labels to them first, e.g. torch.unique(y, return_inverse=True)[1]")
+                        f"summary keeps one law per class, and class labels index the outputs "
+                        f"(0..{limit - 1}); map your labels to them first, e.g. "
+                        "torch.unique(y, return_inverse=True)[1]")
     return y.long().to(x.device)
 
 
