@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from cases import CumprodNet, FunctionalNet, GeluNet, SmallCNN, TinyResNet, mlp, perturbed, randomize_bn
+from torch import nn
 
 import laftr
 from laftr.errors import UsageError
@@ -495,3 +497,30 @@ def _roundtrip(est):
         path = Path(d) / "s.laftr"
         laftr.save(est, path)
         return laftr.load(path)
+
+
+class _NoClosedForm(nn.Module):
+    """A product of data (SiLU written by hand), max pooling or a softmax over data: laftr-exact has no closed form."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv, self.lin, self.head = nn.Conv2d(1, 2, 3), nn.Linear(4, 6), nn.Linear(6, 3)
+        self.pooled = nn.Linear(2 * 3 * 3, 3)
+
+    def forward(self, x):
+        if self.kind == "maxpool":
+            return self.pooled(F.max_pool2d(torch.relu(self.conv(x)), 2).flatten(1))
+        h = self.lin(x)
+        return self.head(h * torch.sigmoid(h) if self.kind == "product" else torch.softmax(h, -1))
+
+
+@pytest.mark.parametrize("kind, msg", [("product", "product of two data-dependent tensors"),
+                                       ("maxpool", "does not handle max pooling"), ("softmax", "through attention")])
+def test_closed_form_refuses_at_fit_not_at_first_use(kind, msg):
+    # was refused only at the first evaluation, after a fit (and a save) that looked fine
+    torch.manual_seed(0)
+    x = torch.randn(20, 1, 8, 8) if kind == "maxpool" else torch.randn(20, 4)
+    with pytest.raises(UnsupportedOpError, match=msg):
+        laftr.make_estimator("laftr-exact", metric="l2").fit(_NoClosedForm(kind), x)
+    laftr.make_estimator("laftr", metric="l2").fit(_NoClosedForm(kind), x)  # the Monte Carlo estimator runs it

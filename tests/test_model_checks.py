@@ -16,6 +16,7 @@ from cases import SmallCNN, mlp, perturbed, randomize_bn
 from torch import nn
 
 import laftr
+from laftr.errors import UnsupportedOpError
 from laftr.estimators import REGISTRY
 from laftr.estimators import base as estimator_base
 from laftr.fingerprint import GraphFingerprint, describe_difference, graph_fingerprint, model_fingerprint
@@ -485,3 +486,47 @@ def test_the_probe_runs_at_full_float32_precision_and_restores_the_flags():
     finally:
         torch.backends.cudnn.allow_tf32 = old[0]
         torch.set_float32_matmul_precision(old[1])
+
+
+class _Noisy(nn.Module):
+    """Dropout forced on (``training=True`` spelled into the forward), or noise drawn in the forward."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.l1, self.l2, self.drop = nn.Linear(4, 6), nn.Linear(6, 3), nn.Dropout(0.3)
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        if self.kind == "forced":
+            h = F.dropout(h, 0.3, training=True)
+        elif self.kind == "noise":
+            h = h + 0.1 * torch.randn_like(h)
+        elif self.kind == "module":
+            h = self.drop(h)  # off in eval mode
+        else:
+            h = F.dropout(h, 0.3, training=self.training)  # off in eval mode
+        return self.l2(h)
+
+
+@pytest.mark.parametrize("kind, node", [("forced", "dropout"), ("noise", "randn_like")])
+def test_random_networks_are_refused_by_name_not_called_mixing(kind, node):
+    # the exact FSD of such a network was a random draw, and the estimators said "mixes the examples"
+    torch.manual_seed(0)
+    a, x = _Noisy(kind).double(), torch.randn(32, 4, dtype=torch.float64)
+    b = _Noisy(kind).double()
+    for call in (lambda: laftr.exact_fsd(a, b, x), lambda: laftr.exact_fsd_and_grad(a, b, x)):
+        with pytest.raises(UnsupportedOpError, match="model_a .*random.*training=self.training"):
+            call()
+    for name in ("laftr", "ntk", "kfac", "liftr", "laftr-exact"):
+        with pytest.raises(UnsupportedOpError, match=f"node '{node}.*second run of the same batch.*random"):
+            laftr.make_estimator(name, metric="l2").fit(a, x)
+
+
+@pytest.mark.parametrize("kind", ["module", "self.training"])
+def test_dropout_off_in_eval_mode_is_deterministic_and_accepted(kind):
+    torch.manual_seed(0)
+    a, b, x = _Noisy(kind).double().train(), _Noisy(kind).double().train(), torch.randn(32, 4, dtype=torch.float64)
+    first = laftr.exact_fsd(a, b, x)
+    assert first == laftr.exact_fsd(a, b, x) and a.training  # eval mode inside, put back after
+    laftr.make_estimator("laftr", metric="l2").fit(a, x)

@@ -207,10 +207,14 @@ def test_fsd_bench_methods_take_specs():
     extra = rows[-1]
     assert extra.label == extra.spec == "laftr[num_samples=400,input_model=diag]" and extra.stochastic
     assert {r.label for r in rows if r.label in _selected(cfg)} == {"laftr", "laftr-exact", extra.label}
-    # a named row of another network is not turned into an ad-hoc row
-    tcfg = FsdBenchConfig.for_arch("transformer", quick=True, methods=["laftr", "laftr-exact"])
-    tcfg.validate()
+    # a named row of another network is not turned into an ad-hoc row; the config refuses it by name
+    with pytest.raises(UsageError, match="'laftr-exact' has no row on --arch transformer"):
+        FsdBenchConfig.for_arch("transformer", quick=True, methods=["laftr", "laftr-exact"])
+    tcfg = FsdBenchConfig.for_arch("transformer", quick=True, methods=["laftr"])
+    tcfg.methods = ["laftr", "laftr-exact"]  # changed in place, not validated
     assert "laftr-exact" not in {r.label for r in method_specs(tcfg)}
+    with pytest.raises(UsageError, match="no row on"):
+        tcfg.validate()
     for bad, msg in [("magic", "unknown method"), ("laftr[num_sample=3]", "no option 'num_sample'"),
                      ("laftr[seed=3]", "do not set 'seed'"), ("laftr[num_samples=3", "malformed")]:
         with pytest.raises(UsageError, match=re.escape(msg)):

@@ -20,6 +20,7 @@ from ._util import (
     model_device_dtype,
 )
 from .errors import DataError, UsageError
+from .graph import check_deterministic
 from .metrics import check_metric, check_outputs, discrepancy, run_network
 
 
@@ -29,10 +30,21 @@ def _reference(model_a: nn.Module, x: torch.Tensor, where: tuple[torch.device, t
     Only a floating ``x`` changes dtype. So a float32 reference and a float64 model (or models on two devices)
     can be compared.
     """
-    device, dtype = where
     with torch.no_grad():
-        x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
-        return run_network(model_a, x)
+        return run_network(model_a, _moved(x, where))
+
+
+def _moved(x: torch.Tensor, where: tuple[torch.device, torch.dtype]) -> torch.Tensor:
+    """``x`` on the device ``where[0]``; a floating ``x`` in the dtype ``where[1]`` (ids keep theirs)."""
+    device, dtype = where
+    return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+
+
+def _check_deterministic(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor,
+                         ref: tuple[torch.device, torch.dtype]) -> None:
+    """Refuse random networks (dropout forced on in eval mode): they have no exact FSD, only draws of one."""
+    check_deterministic(model_a, _moved(x, ref), "model_a")
+    check_deterministic(model_b, x, "model_b")
 
 
 def exact_fsd(
@@ -92,6 +104,8 @@ def exact_fsd(
         with ctx:
             for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress,
                              desc="exact FSD"):
+                if count == 0:
+                    _check_deterministic(model_a, model_b, x, ref)
                 z0 = _reference(model_a, x, ref)
                 z = run_network(model_b, x)
                 d = discrepancy(z0.to(z), z, metric, outputs).sum()
@@ -175,6 +189,8 @@ def exact_fsd_and_grad(
         count = 0
         for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress,
                          desc="exact FSD+grad"):
+            if count == 0:
+                _check_deterministic(model_a, model_b, x, ref)
             z0 = _reference(model_a, x, ref)
             with torch.enable_grad():
                 d = discrepancy(z0.to(device=device, dtype=dtype), run_network(model_b, x), metric,

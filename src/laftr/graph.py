@@ -1297,6 +1297,43 @@ def _mixing(full: Any, sub: Any, n: int, idx: list[int], leading: bool = False) 
     return None
 
 
+_RANDOM = ("gives other values on a second run of the same batch in eval mode: it is random, so its "
+           "distances (and the exact FSD) would be draws of noise. Dropout written as F.dropout(h, p, "
+           "training=True) stays on in eval mode: pass training=self.training (or use nn.Dropout); laftr "
+           "needs a deterministic network in eval mode")
+
+
+def _differs(a: Any, b: Any) -> bool:
+    """Whether two runs' values differ in structure or in any tensor beyond rounding."""
+    leaves_a, spec_a = tree_flatten(a)
+    leaves_b, spec_b = tree_flatten(b)
+    if spec_a != spec_b:
+        return True
+    return any(isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor)
+               and (u.shape != v.shape or not _close(u, v))  # the mixing check's tolerance (GPU atomics)
+               for u, v in zip(leaves_a, leaves_b, strict=True))
+
+
+def check_deterministic(model: nn.Module, x: torch.Tensor, what: str = "the model") -> None:
+    """Refuse a network that gives other outputs on a second run of the same inputs (in its current mode).
+
+    It runs twice, without gradients, on the first :data:`PROBE_EXAMPLES` examples of ``x``. A network that
+    does not run on ``x`` is not checked (the caller's own pass reports that).
+
+    Raises:
+        UnsupportedOpError: the outputs differ beyond rounding (dropout forced on, noise drawn in forward).
+    """
+    x = x[:PROBE_EXAMPLES]
+    try:
+        with torch.no_grad(), full_float32():
+            first, second = model(x.clone()), model(x.clone())  # a model may change its input in place
+    except Exception as e:  # noqa: BLE001 (the caller's own pass says why)
+        log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
+        return
+    if _differs(first, second):
+        raise UnsupportedOpError(f"{what} ({type(model).__name__}) {_RANDOM}")
+
+
 _NEEDS = ("; laftr needs a network that maps each example on its own "
           "(its estimates would otherwise depend on the batch size or the number of samples)")
 
@@ -1361,7 +1398,8 @@ def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | No
             if gm is not None:
                 try:
                     runs = []
-                    for batch in [x, *(x[idx] for idx in subs)]:
+                    # the whole batch twice (random ops), each run on its own copy (in-place ops on the input)
+                    for batch in [x.clone(), x.clone(), *(x[idx] for idx in subs)]:
                         rec = _Recorder(gm)
                         rec.run(batch)
                         runs.append(rec.values)
@@ -1373,8 +1411,10 @@ def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | No
                 for node in gm.graph.nodes:
                     if node.op in ("placeholder", "get_attr"):
                         continue
+                    if _differs(runs[0][node.name], runs[1][node.name]):
+                        raise UnsupportedOpError(f"node {node.name!r} ({describe(node, gm)}) {_RANDOM}")
                     leading = node.op == "output"
-                    for idx, values in zip(subs, runs[1:], strict=True):
+                    for idx, values in zip(subs, runs[2:], strict=True):
                         why = _mixing(runs[0][node.name], values[node.name], n, idx, leading)
                         if why is None:
                             continue
@@ -1385,11 +1425,13 @@ def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | No
                                                  f"examples of a batch: {why}{_NEEDS}")
                 return
             try:
-                outs = [model(batch) for batch in [x, *(x[idx] for idx in subs)]]
+                outs = [model(batch) for batch in [x.clone(), x.clone(), *(x[idx] for idx in subs)]]
             except Exception as e:  # noqa: BLE001 (the model does not run on its data: the estimator's fit says why)
                 log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
                 return
-            for idx, out in zip(subs, outs[1:], strict=True):
+            if _differs(outs[0], outs[1]):
+                raise UnsupportedOpError(f"{type(model).__name__} {_RANDOM}")
+            for idx, out in zip(subs, outs[2:], strict=True):
                 why = _mixing(outs[0], out, n, idx, leading=True)
                 if why is not None:
                     named = f"; the op that mixes them cannot be named: {untraced}" if untraced else ""

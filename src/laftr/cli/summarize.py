@@ -30,7 +30,14 @@ import torch
 
 from ..errors import LaftrError, OutputPathError, UsageError
 from .common import EXIT_OK, Subcommand, int_list, positive_int, process_group, shard
-from .loading import check_model_accepts, load_data, load_model, parse_options, read_summary
+from .loading import (
+    MODEL_FILE_SUFFIXES,
+    check_model_accepts,
+    load_data,
+    load_model,
+    parse_options,
+    read_summary,
+)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -85,14 +92,16 @@ def _network(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     A factory's network needs ``--weights`` or ``--factory-weights``: its own weights are usually a random
     initialization, and a summary or distance computed there is a silent wrong answer.
     """
-    pickled = Path(args.model).is_file()
+    path = Path(args.model)
+    factory = not (path.is_file() or path.suffix.lower() in MODEL_FILE_SUFFIXES) and ":" in args.model
     if args.weights is not None and args.factory_weights:
         raise UsageError("give --weights FILE or --factory-weights, not both")
-    if not pickled and args.weights is None and not args.factory_weights:
+    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)  # names import errors first
+    if factory and args.weights is None and not args.factory_weights:
         raise UsageError(f"--model {args.model} without --weights: the network would keep the weights the "
                          "factory gives it, usually a random initialization. Pass the trained weights with "
                          "--weights FILE, or --factory-weights if the factory returns the trained network")
-    return load_model(args.model, args.weights, trust_pickle=args.trust_pickle).to(device)
+    return model.to(device)
 
 
 def _check_out_file(out: Path, force: bool) -> None:

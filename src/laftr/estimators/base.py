@@ -271,11 +271,15 @@ class FSDEstimator:
                 self._set_reference(model, outputs, fp)
                 self._distributed = on
                 self._fit(model, data)
+                self._after_fit(model)
         finally:
             self._distributed = False
             for m, training in modes:
                 m.training = training
         return self
+
+    def _after_fit(self, model: nn.Module) -> None:
+        """Checks once the summary is fitted at ``model`` (nothing here)."""
 
     def _local(self, run: Callable[[], T], what: str) -> T:
         """``run()``, this rank's pass over its data; in a distributed fit, the ranks agree that none failed.

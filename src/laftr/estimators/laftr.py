@@ -607,6 +607,22 @@ class LaftrExactEstimator(_LaftrBase):
 
     Config = LaftrExactConfig
 
+    def _after_fit(self, model: nn.Module) -> None:
+        """One closed-form pass at theta0: an op without a closed form is refused now, not at the first use.
+
+        The pass fills the cache of theta0's moments that every evaluation on this device and dtype reads, so
+        it is work the first evaluation would otherwise do.
+        """
+        with torch.no_grad():
+            self._distance(model)
+
+    def fit_summary_only(self, summary: Summary, model: nn.Module,
+                         outputs: list[int] | None = None) -> _LaftrBase:
+        """As :meth:`_LaftrBase.fit_summary_only`, refusing an op without a closed form at once."""
+        super().fit_summary_only(summary, model, outputs)
+        self._after_fit(model)
+        return self
+
     def _moment_mode(self, net: TracedNet, params: list[dict[str, torch.Tensor]], state: JointMoments,
                      laws: dict[str, Any], group: int, device: torch.device,
                      dtype: torch.dtype) -> MomentMode:
