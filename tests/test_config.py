@@ -86,7 +86,7 @@ def test_influence_configs_are_complete_once_constructed():
     assert InfluenceExperimentConfig(dataset="boston", methods=["pbrf"], hidden=(7,)).hidden == (7,)
     mis = MislabeledConfig(dataset="mnist-sample", methods=["pbrf-weight"], quick=True)
     assert mis.methods == ["pbrf-weight"]  # no reference added
-    assert (mis.n_train, mis.hidden, mis.epochs, mis.lr, mis.damping) == (150, (16,), 5, 1e-3, 0.1)
+    assert (mis.n_train, mis.hidden, mis.epochs, mis.lr, mis.damping) == (150, (16,), 30, 1e-3, 0.1)
     # the shared fields are declared once; mislabeled detection has its own defaults for four of them
     shared = {f.name for f in dataclasses.fields(InfluenceBaseConfig)}
     assert shared <= {f.name for f in dataclasses.fields(mis)} and shared <= {f.name for f in dataclasses.fields(cfg)}
