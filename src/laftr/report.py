@@ -198,7 +198,7 @@ class RunFolder:
         self.path = Path(path)
         self.force, self.resume = force, bool(resume)
         self.staging = self.path.parent / f".{self.path.name}.partial"
-        _check_target(self.path, force, resume)
+        _check_target(self.path, force, self.resume)
         _check_replaceable(self.path)
         if self.staging.is_dir() and not any(self.staging.iterdir()):
             self.staging.rmdir()  # a run that failed before writing anything: nothing to keep or resume

@@ -433,17 +433,14 @@ class FsdBenchConfig(ExperimentConfig):
             if re.fullmatch(r"(subset|ntk)-\d+", m):
                 continue
             parsed = _adhoc_spec(m)
-            row = rows.get(m) if parsed is None else rows.get(parsed.text, rows.get(m))
-            if row is None:
-                have = [g for g in row_groups(self) if m in ROW_SPECS.get(g, {})]
-                if not have:
-                    raise UsageError(f"method {m!r} has no row on --arch {self.arch} "
-                                     f"({ARCH_SPECS[self.arch].description}): its rows are "
-                                     f"{sorted(r for r in rows if not r.endswith(_MATCHED_TAG))}")
-                continue
-            if row.metrics is not None and not set(row.metrics) & set(self.metrics):
-                raise UsageError(f"method {m!r} ({row.estimator}) supports the metrics "
-                                 f"{', '.join(row.metrics)} only, and the run has {', '.join(self.metrics)}: "
+            found = rows.get(m) if parsed is None else rows.get(parsed.text, rows.get(m))
+            if found is None:
+                raise UsageError(f"method {m!r} has no row on --arch {self.arch} "
+                                 f"({ARCH_SPECS[self.arch].description}): its rows are "
+                                 f"{sorted(r for r in rows if not r.endswith(_MATCHED_TAG))}")
+            if found.metrics is not None and not set(found.metrics) & set(self.metrics):
+                raise UsageError(f"method {m!r} ({found.estimator}) supports the metrics "
+                                 f"{', '.join(found.metrics)} only, and the run has {', '.join(self.metrics)}: "
                                  f"add one of them to --metrics or drop the method")
 
     def _validate(self) -> None:

@@ -67,7 +67,7 @@ def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="folder of the data set's files, when its loader needs one")
     g.add_argument("--tensors", default=None,
                    help="a .pt file (torch.save) holding a tensor of inputs, an (inputs, labels) pair, or a "
-                        "dict {'x': inputs, 'y': labels} (or 'inputs' / 'labels'); read without unpickling code")
+                        "dict {'x': inputs, 'y': labels} (or 'inputs' / 'labels'); never unpickles code")
     g.add_argument("--classes", type=int_list, default=None, help="keep only these classes, e.g. 0,1,2,3,4")
     g.add_argument("--limit", type=positive_int, default=None, help="use at most this many examples (>= 1)")
 

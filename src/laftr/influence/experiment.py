@@ -466,7 +466,7 @@ class MislabeledConfig(InfluenceBaseConfig):
         """The defaults of the full run, or of the smaller ``quick`` one."""
         q = self.quick
         # quick: 30 epochs as the full run (with 5 the under-trained network made most PBRF solves stall at
-        # max_iter: 188 s for pbrf,pbrf-laftr,influence instead of 120 s, and a detection AUC of 0.70, not 0.92)
+        # max_iter: 188 s for pbrf,pbrf-laftr,influence instead of 120 s, and a detection AUC 0.70, not 0.92)
         return {"n_train": 1000 if not q else 150, "hidden": (64,) if not q else (16,),
                 "epochs": 30, "lr": 1e-3, "damping": 0.1}
 
