@@ -440,8 +440,8 @@ class FsdBenchConfig(ExperimentConfig):
                                  f"{sorted(r for r in rows if not r.endswith(_MATCHED_TAG))}")
             if found.metrics is not None and not set(found.metrics) & set(self.metrics):
                 raise UsageError(f"method {m!r} ({found.estimator}) supports the metrics "
-                                 f"{', '.join(found.metrics)} only, and the run has {', '.join(self.metrics)}: "
-                                 f"add one of them to --metrics or drop the method")
+                                 f"{', '.join(found.metrics)} only, and the run has "
+                                 f"{', '.join(self.metrics)}: add one of them to --metrics or drop the method")
 
     def _validate(self) -> None:
         """Raise a :class:`~laftr.errors.UsageError` (a ValueError) naming the first bad setting."""
