@@ -441,7 +441,7 @@ class FsdBenchConfig(ExperimentConfig):
             if found.metrics is not None and not set(found.metrics) & set(self.metrics):
                 raise UsageError(f"method {m!r} ({found.estimator}) supports the metrics "
                                  f"{', '.join(found.metrics)} only, and the run has "
-                                 f"{', '.join(self.metrics)}: add one of them to --metrics or drop the method")
+                                 f"{', '.join(self.metrics)}: add one to --metrics or drop the method")
 
     def _validate(self) -> None:
         """Raise a :class:`~laftr.errors.UsageError` (a ValueError) naming the first bad setting."""
