@@ -530,3 +530,24 @@ def test_padding_positions_do_not_set_the_normalizer_law_or_kfacs_factors(norm, 
     # without padding nothing changes: no count of zero inputs is kept
     plain = laftr.make_estimator("laftr", input_model="tokens").fit(model, X.clamp_min(1))
     assert set(plain.summary.site_sums["norm"]) == {"nu", "nu2"}
+
+
+def test_an_activation_of_the_token_ids_is_refused_by_name():
+    # ids.clamp(max=V - 1) inside the network was taken for a gate of data: a NotImplementedError from torch's
+    # sampler on int64 (laftr), a unit-count mismatch (laftr-exact)
+    class Clamped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(12, 4), nn.Linear(24, 3)
+
+        def forward(self, x):
+            return self.head(self.emb(x.clamp(max=9)).flatten(1))
+
+    torch.manual_seed(0)
+    model, x = Clamped(), torch.randint(0, 12, (40, 6))
+    for name, kw in (("laftr", {}), ("laftr", {"gates": "relu"}), ("laftr-exact", {}), ("liftr", {})):
+        with pytest.raises(laftr.UnsupportedOpError, match="node 'clamp'.*integer network input.*before the network"):
+            # (gates="relu" stores the input model alone: its fit does not run the network, its first call does)
+            laftr.make_estimator(name, metric="l2", input_model="tokens", **kw).fit(model, x)(model)
+    # the real networks need no linearization: run as they are
+    laftr.make_estimator("laftr", metric="l2", input_model="tokens", gates="none").fit(model, x)

@@ -1,6 +1,6 @@
 """Networks as users write them, beyond one op per rule (found by probing estimators on common idioms):
 
-- ops that a linearizing rule refuses (a mask that moves with the parameters, ``detach``, ``torch.maximum``)
+- ops that a linearizing rule refuses (a mask that moves with the parameters, ``detach``, ``torch.logaddexp``)
   still run exactly where the real networks are run: ``laftr`` with ``gates="none"`` and the layer taps of
   K-FAC and the diagonal Fisher;
 - a per-example gradient whose ``torch.func.vmap`` fails (PyTorch's prelu) is computed one example at a time;
@@ -58,8 +58,8 @@ class Net(nn.Module):
             h = F.leaky_relu(h, 0.1)
         elif self.kind == "layernorm":  # a LayerNorm written by hand: var and a division by data
             h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, keepdim=True, unbiased=False) + 1e-5)
-        elif self.kind == "maximum":
-            h = torch.maximum(h, torch.zeros_like(h)) + h.detach().tanh()
+        elif self.kind == "logaddexp":  # no rule (torch.maximum has one: laftr.composites)
+            h = torch.logaddexp(h, torch.zeros_like(h)) + h.detach().tanh()
         return self.b(h)
 
 
@@ -82,14 +82,14 @@ def _assert_exact_with_grads(model: nn.Module, other: nn.Module, X: torch.Tensor
             torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["where", "layernorm", "maximum"])
+@pytest.mark.parametrize("kind", ["where", "layernorm", "logaddexp"])
 def test_ops_a_linearization_refuses_run_exactly_in_the_real_networks(kind):
     torch.manual_seed(0)
     model, X = Net(kind), _inputs()
     _assert_exact_with_grads(model, perturbed(model, 0.2), X, "kl")
-    if kind == "maximum":  # (var and a division by data are linearized at theta0, tested below; the
+    if kind == "logaddexp":  # (var and a division by data are linearized at theta0, tested below; the
         # comparison of "where" is a gate decided by theta0: test_a_gate_written_with_a_comparison_...)
-        with pytest.raises(laftr.UnsupportedOpError, match=r"node 'maximum"):
+        with pytest.raises(laftr.UnsupportedOpError, match=r"node 'logaddexp"):
             laftr.make_estimator("laftr").fit(model, X)
     for name in ("kfac", "diag-fisher"):
         est = laftr.make_estimator(name).fit(model, X)
@@ -111,7 +111,7 @@ class Unruled(nn.Module):
 
 def test_linearize_activations_runs_ops_without_a_rule_exactly():
     """``linearize="activations"`` runs every op but the activations exactly, so an op no rule covers
-    (LocalResponseNorm, ``torch.maximum``, ``detach``) runs there too: with no activation outside it, it is
+    (LocalResponseNorm, ``torch.logaddexp``, ``detach``) runs there too: with no activation outside it, it is
     the real networks (``gates="none"``, same draws); the activations around it are linearized (zero at
     theta0, gradients reach the first layer); ``linearize="all"`` still refuses it by name."""
     torch.manual_seed(0)
@@ -122,8 +122,8 @@ def test_linearize_activations_runs_ops_without_a_rule_exactly():
         a = laftr.make_estimator("laftr", gates=gates, linearize="activations", seed=4).fit(plain, X)
         b = laftr.make_estimator("laftr", gates="none", seed=4).fit(plain, X)
         torch.testing.assert_close(a(other), b(other), rtol=1e-10, atol=1e-14)
-    for model, data in ((Unruled().double(), X), (Net("maximum").double(), _inputs().double())):
-        with pytest.raises(laftr.UnsupportedOpError, match=r"node '(norm|maximum).*linearize='activations'"):
+    for model, data in ((Unruled().double(), X), (Net("logaddexp").double(), _inputs().double())):
+        with pytest.raises(laftr.UnsupportedOpError, match=r"node '(norm|logaddexp).*linearize='activations'"):
             laftr.make_estimator("laftr").fit(model, data)
         far = perturbed(model, 0.1)
         for gates in ("bernoulli", "relu"):

@@ -1,4 +1,4 @@
-"""torch.nn modules and functions traced through their parts: the transformer layers, GLU and softmin.
+"""torch.nn modules and functions traced through their parts: transformer layers, GLU, softmin, bilinear, ...
 
 ``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``, ``nn.TransformerDecoderLayer``,
 ``nn.TransformerDecoder`` and ``nn.Transformer`` are composites of modules that have rules
@@ -22,6 +22,19 @@ code, and a module the user registered a rule for stays a leaf.
 ``nn.GLU`` / ``F.glu`` and ``nn.Softmin`` / ``F.softmin`` are traced as ``a * sigmoid(b)`` (the halves of the
 input) and ``softmax(-x)``: a product and a softmax, which have rules. A function the user registered a rule
 for is recorded as one node.
+
+Elementwise ops written with ops that have rules, so that each gets the treatment of its parts (function and
+tensor-method spellings alike):
+
+- ``torch.maximum(a, b)`` / ``torch.fmax`` as ``b + relu(a - b)``, ``torch.minimum(a, b)`` / ``torch.fmin`` as
+  ``a - relu(a - b)``: the relu is a gate decided by theta0 (``torch.maximum(h, torch.zeros_like(h))`` is
+  ``torch.relu(h)``, draw for draw). Only where the arguments read both the network input and a parameter or
+  buffer (see :data:`KEPT_WHOLE`); ``fmax`` / ``fmin`` then lose their treatment of NaN (a NaN propagates).
+- ``torch.lerp(a, b, w)`` as ``a + w * (b - a)``, ``torch.addcmul(a, b, c, value=v)`` as ``a + v * b * c`` and
+  ``torch.addcdiv(a, b, c, value=v)`` as ``a + v * b / c``: sums, products and a quotient.
+- ``nn.Bilinear`` / ``F.bilinear(x1, x2, W, b)`` (``y_o = x1^T W_o x2 + b_o``) as ``u = einsum(x1, W)``
+  (affine in ``x1``) and ``(u * x2).sum(-1) + b``: a product of two data tensors, linearized at theta0's
+  factors. The module's parameters keep their names (``<name>.weight``, ``<name>.bias``).
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ from torch import Tensor, nn
 
 from .errors import UnsupportedOpError
 
-__all__ = ["traced_forward", "traced_function"]
+__all__ = ["KEPT_WHOLE", "traced_forward", "traced_function", "traced_method"]
 
 
 def _self_attention(m: Any, x: Tensor, mask: Tensor | None, padding: Tensor | None, causal: bool) -> Tensor:
@@ -137,6 +150,50 @@ def softmin(x: Tensor, dim: int | None = None, _stacklevel: int = 3,
     return F.softmax(-x, dim, dtype=dtype)
 
 
+# (the arguments are named as torch names them, so that calls with keywords trace too)
+def maximum(input: Any, other: Any) -> Tensor:
+    """``torch.maximum`` / ``torch.fmax``: ``other + relu(input - other)`` (a gate on the difference)."""
+    return other + torch.relu(input - other)
+
+
+def minimum(input: Any, other: Any) -> Tensor:
+    """``torch.minimum`` / ``torch.fmin``: ``input - relu(input - other)`` (a gate on the difference)."""
+    return input - torch.relu(input - other)
+
+
+def lerp(input: Any, end: Any, weight: Any) -> Tensor:
+    """``torch.lerp``: ``input + weight * (end - input)``."""
+    return input + weight * (end - input)
+
+
+def _times(value: Any, t: Any) -> Any:
+    """``value * t``, or ``t`` itself for a literal ``value`` of one (no node for it)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 1:
+        return t
+    return value * t
+
+
+def addcmul(input: Any, tensor1: Any, tensor2: Any, *, value: Any = 1) -> Tensor:
+    """``torch.addcmul``: ``input + value * tensor1 * tensor2``."""
+    return input + _times(value, tensor1) * tensor2
+
+
+def addcdiv(input: Any, tensor1: Any, tensor2: Any, *, value: Any = 1) -> Tensor:
+    """``torch.addcdiv``: ``input + value * tensor1 / tensor2``."""
+    return input + _times(value, tensor1) / tensor2
+
+
+def bilinear(input1: Any, input2: Any, weight: Any, bias: Any = None) -> Tensor:
+    """``F.bilinear``: ``input1 W_o input2 + b_o`` per output ``o``; ``W`` is ``(out, in1, in2)``.
+
+    ``einsum`` of ``input1`` with the weight (affine in ``input1``), then the product with ``input2`` summed
+    over ``in2``.
+    """
+    u = torch.einsum("...i,oij->...oj", input1, weight)
+    y = (u * input2.unsqueeze(-2)).sum(-1)
+    return y if bias is None else y + bias
+
+
 _FORWARDS: dict[type[nn.Module], Callable[..., Tensor]] = {
     nn.TransformerEncoderLayer: encoder_layer,
     nn.TransformerEncoder: encoder,
@@ -145,10 +202,30 @@ _FORWARDS: dict[type[nn.Module], Callable[..., Tensor]] = {
     nn.Transformer: transformer,
     nn.GLU: lambda m, x: glu(x, m.dim),
     nn.Softmin: lambda m, x: softmin(x, m.dim),
+    nn.Bilinear: lambda m, x1, x2: bilinear(x1, x2, m.weight, m.bias),
 }
 
 #: functions traced as the function given (the same computation written with ops that have rules)
-_FUNCTIONS: dict[Callable[..., Any], Callable[..., Tensor]] = {F.glu: glu, F.softmin: softmin}
+_FUNCTIONS: dict[Callable[..., Any], Callable[..., Tensor]] = {
+    F.glu: glu, F.softmin: softmin, torch.maximum: maximum, torch.fmax: maximum, torch.minimum: minimum,
+    torch.fmin: minimum, torch.lerp: lerp, torch.addcmul: addcmul, torch.addcdiv: addcdiv,
+    torch.bilinear: bilinear,
+}
+
+#: tensor methods traced as the function given (``x.maximum(y)`` is ``maximum(x, y)``; the in-place forms as
+#: the out-of-place ones, as for every op: the interpreter never writes into a stream's tensors)
+_METHODS: dict[str, Callable[..., Tensor]] = {
+    "maximum": maximum, "fmax": maximum, "minimum": minimum, "fmin": minimum, "lerp": lerp, "lerp_": lerp,
+    "addcmul": addcmul, "addcmul_": addcmul, "addcdiv": addcdiv, "addcdiv_": addcdiv,
+}
+
+#: the composites that are traced as their parts only where their arguments read both the network input and a
+#: parameter or buffer. Elsewhere each stays one node: of parameters and constants alone it is parameter
+#: arithmetic, run exactly in each stream; of the network input alone (and constants) it is evaluated exactly
+#: on the input, the same in every stream, as the other ops of the input alone are (a gate there would be
+#: linearized, not exact)
+KEPT_WHOLE: frozenset[Any] = frozenset({torch.maximum, torch.minimum, torch.fmax, torch.fmin, "maximum",
+                                        "minimum", "fmax", "fmin"})
 
 
 def traced_function(target: Any) -> Callable[..., Tensor] | None:
@@ -157,6 +234,11 @@ def traced_function(target: Any) -> Callable[..., Tensor] | None:
         return _FUNCTIONS.get(target)
     except TypeError:  # unhashable target
         return None
+
+
+def traced_method(name: Any) -> Callable[..., Tensor] | None:
+    """The function laftr traces in place of the tensor method ``name`` (self first), or None (one node)."""
+    return _METHODS.get(name) if isinstance(name, str) else None
 
 
 def traced_forward(m: nn.Module) -> Callable[..., Tensor] | None:

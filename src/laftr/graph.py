@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from . import rules as _rules  # noqa: F401  (importing registers the built-in rules)
 from ._util import SEVERAL_INPUTS_FIX
-from .composites import traced_forward, traced_function
+from .composites import KEPT_WHOLE, traced_forward, traced_function, traced_method
 from .errors import UnsupportedOpError
 from .metrics import check_network_output
 from .moments import GateMoments, JointMoments, Ref
@@ -47,6 +47,7 @@ from .rules.base import (
     data_pairs,
     describe,
     is_registered_function,
+    is_registered_method,
     is_registered_module,
     lookup,
     make_rule,
@@ -83,11 +84,64 @@ class _Tracer(fx.Tracer):
 
     def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                      *rest: Any, **options: Any) -> Any:
+        fn = None
         if kind == "call_function" and not is_registered_function(target):
             fn = traced_function(target)
-            if fn is not None:  # F.glu, F.softmin: traced as their parts
-                return fn(*args, **kwargs)
+        elif kind == "call_method" and not is_registered_method(target):
+            fn = traced_method(target)
+        # F.glu, F.softmin, torch.maximum, torch.lerp, F.bilinear, ...: traced as their parts
+        if fn is not None and (target not in KEPT_WHOLE or all(self._reads((args, kwargs)))):
+            return fn(*args, **kwargs)
         return super().create_proxy(kind, target, args, kwargs, *rest, **options)
+
+    def _reads(self, value: Any) -> tuple[bool, bool]:
+        """Whether ``value`` (a call's arguments while tracing) reads the network input; and the state.
+
+        The state: a parameter or buffer, or a module that holds one. What only reads a shape (``x.shape``,
+        ``x.size(1)``, ``torch.zeros_like(x)``) reads neither of the tensor it looks at.
+        """
+        root = self.root
+        state = getattr(self, "_state", None)
+        if state is None:
+            named = [*root.named_parameters(remove_duplicate=False),
+                     *root.named_buffers(remove_duplicate=False)]
+            state = self._state = ({n for n, _ in named}, {id(t) for _, t in named})
+        names, ids = state
+        reads_input = reads_state = False
+        todo: list[fx.Node] = []
+        for leaf in tree_flatten(value)[0]:
+            if isinstance(leaf, fx.Proxy):
+                todo.append(leaf.node)
+            elif isinstance(leaf, torch.Tensor) and (isinstance(leaf, nn.Parameter) or id(leaf) in ids):
+                reads_state = True
+        seen: set[fx.Node] = set()
+        while todo and not (reads_input and reads_state):
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node.op == "placeholder":
+                reads_input = True
+                continue
+            if node.op == "get_attr":
+                reads_state = reads_state or str(node.target) in names
+                continue
+            if node.op == "call_module":
+                mod = root.get_submodule(str(node.target))
+                reads_state = reads_state or any(True for _ in mod.parameters()) or any(
+                    True for _ in mod.buffers())
+            # (a function's or method's rule: the module argument is read for modules only)
+            rule = lookup(node, cast(fx.GraphModule, root)) if node.op != "call_module" else None
+            attr = node.args[1] if rule is GetattrRule and len(node.args) > 1 else None
+            if rule is ShapeRule or attr in SHAPE_ATTRS:
+                continue  # a shape, not the values
+            if node.op in ("call_function", "call_method") and node.target in _SHAPE_ONLY:
+                # the first argument gives a shape only
+                sources = [*node.args[1:], *node.kwargs.values()]
+                todo.extend(n for n in tree_flatten(sources)[0] if isinstance(n, fx.Node))
+                continue
+            todo.extend(node.all_input_nodes)
+        return reads_input, reads_state
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -1097,6 +1151,11 @@ class TracedNet:
             sources = data_pairs((args, kwargs))
             if node.name in self.exact_inputs or all(p.fixed for p in sources):
                 return self._exact_from_input(rule, mode, args, kwargs, sources)
+            if rule.site and mode.method != "forward" and all(not _floating(p.vals[0]) for p in sources):
+                raise UnsupportedOpError(
+                    f"{rule.describe()} is applied to the integer network input (token ids): its rule "
+                    "linearizes it as an activation of data, which has no meaning for ids; do it to the data "
+                    "before the network (e.g. ids.clamp(max=V - 1) when the batches are made)")
         args, kwargs = mode.before(rule, args, kwargs)
         exact = mode.exact is not None and mode.exact(rule)
         if exact and not self.exact_unknown:
@@ -1126,7 +1185,10 @@ class TracedNet:
         out = tuple(rule.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
                     for s in range(mode.num_streams))
         cast = rule.node.op == "call_method" and rule.node.target in _CASTS and _floating(out[0])
-        if not (all(p.fixed for p in sources) or _is_mask(out[0]) or cast
+        # torch.maximum(x, c) and its kin of the input alone: a fixed elementwise function of it, kept whole
+        # (laftr.composites.KEPT_WHOLE), meaningful on floating inputs drawn by an input model too
+        kept = rule.node.op in ("call_function", "call_method") and rule.node.target in KEPT_WHOLE
+        if not (all(p.fixed for p in sources) or _is_mask(out[0]) or cast or kept
                 or all(not _floating(p.vals[0]) for p in sources)):
             raise UnsupportedOpError(
                 f"{rule.describe()} turns the floating network input into a non-boolean value without a rule "

@@ -29,6 +29,7 @@ import itertools
 from typing import Any, ClassVar
 
 import torch
+from torch import fx
 
 from .._util import eigh_on_host
 from ..errors import UsageError
@@ -77,12 +78,16 @@ def anchor_candidates(net: TracedNet) -> set[str]:
     """The data-dependent nodes that may be anchored.
 
     Every op except sums, shape-only ops and identities (for them the change does not depend on theta0's
-    input), and except those whose only data input is the network input (the input model supplies theta0's
-    input there).
+    input), the parts of a ``(values, indices)`` result (``torch.max(x, dim).values``, ``torch.sort(x)[0]``:
+    its indices are each stream's own, not parameters), and except those whose only data input is the network
+    input (the input model supplies theta0's input there).
     """
     out = set()
     for name, rule in net.rules.items():
         if name not in net.data_nodes or isinstance(rule, (SumRule, LikeRule, IdentityRule, ShapeRule)):
+            continue
+        source = rule.node.args[0] if rule.node.args else None
+        if isinstance(source, fx.Node) and getattr(net.rules.get(source.name), "with_indices", False):
             continue
         if all(a is net.input_node for a in rule.node.all_input_nodes if a.name in net.data_nodes):
             continue

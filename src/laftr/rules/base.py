@@ -31,6 +31,7 @@ __all__ = [
     "RuleMode",
     "describe",
     "is_registered_function",
+    "is_registered_method",
     "is_registered_module",
     "lookup",
     "make_rule",
@@ -235,6 +236,11 @@ def is_registered_function(target: Any) -> bool:
         return target in _FUNCTION_RULES
     except TypeError:  # unhashable target
         return False
+
+
+def is_registered_method(name: Any) -> bool:
+    """Whether the tensor method ``name`` has a rule (the tracer then records it as one node)."""
+    return isinstance(name, str) and name in _METHOD_RULES
 
 
 def is_registered_module(mod: nn.Module) -> bool:

@@ -21,10 +21,10 @@ from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from ..moments import GateMoments
-from .base import Pair, Rule, register, stream_of
+from .base import Pair, Rule, pairs_in, register, stream_of
 
 
 class ScaleLaw:
@@ -224,32 +224,108 @@ class NormRule(Rule):
         return ScaleLaw(sums, counts, device, dtype)
 
 
-def _trailing(shape: Any) -> tuple[int, ...]:
-    return (int(shape),) if isinstance(shape, int) else tuple(int(v) for v in shape)
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_at_run_time(value: Any) -> bool:
+    """Whether an argument of a node is (or holds) a value computed at run time (a node of the graph)."""
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
+
+
+class _RuntimeSizes(NormRule):
+    """A normalization whose sizes may be read from its input's shape at run time.
+
+    ``F.layer_norm(h, h.shape[1:])``, ``F.layer_norm(h, (h.shape[-1],))``,
+    ``F.group_norm(h, h.shape[1] // 4)``: the sizes are plain values, the same in every stream
+    (:class:`laftr.rules.affine.ShapeRule`), known only when the op runs; they are read then (in :meth:`pre`),
+    and a stored summary records them as ``"runtime"`` (the law's shape is checked against the network's when
+    it is used).
+
+    Attributes:
+        size_arg: ``(position, keyword)`` of the size argument.
+    """
+
+    size_arg: ClassVar[tuple[int, str]]
+    #: how to give the sizes (for messages)
+    hint: ClassVar[str]
+    _runtime: bool = False  # whether the sizes are read at run time
+
+    def read_size(self, value: Any) -> None:
+        """Set the sizes from the argument's value (override); refuse one that is not a size."""
+        raise NotImplementedError
+
+    def setup_sizes(self) -> bool:
+        """Read the size argument when it is a constant; False when it is read at run time."""
+        pos, name = self.size_arg
+        value = self.node.kwargs.get(name, self.node.args[pos] if pos < len(self.node.args) else None)
+        self._runtime = _read_at_run_time(value)
+        if not self._runtime:
+            self.read_size(value)
+        return not self._runtime
+
+    def pre(self, args: Any, kwargs: Any) -> Pair:
+        """The normalized input pair; reads sizes given at run time (refusing sizes that are data)."""
+        pair = super().pre(args, kwargs)
+        if self._runtime:
+            pos, name = self.size_arg
+            value = kwargs.get(name, args[pos] if pos < len(args) else None)
+            if any(p.data for p in pairs_in(value)):
+                raise self.refuse(f"its {name} is computed from the data's values (not from a shape); "
+                                  + self.hint)
+            self.read_size(stream_of(value, 0))  # (a parameter's shape: the same in every stream)
+        return pair
+
+
+def _trailing(rule: Rule, shape: Any) -> tuple[int, ...]:
+    """``normalized_shape`` as a tuple of ints; refuses anything else."""
+    if _is_int(shape):
+        return (shape,)
+    if isinstance(shape, (tuple, list, torch.Size)) and shape and all(_is_int(v) for v in shape):
+        return tuple(shape)
+    raise rule.refuse(f"normalized_shape={shape!r} is not a size (an int or a non-empty tuple of ints); "
+                      + LayerNormRule.hint)
 
 
 @register(nn.LayerNorm, F.layer_norm)
-class LayerNormRule(NormRule):
-    """``layer_norm`` over the trailing ``normalized_shape`` dimensions; positions are the leading ones."""
+class LayerNormRule(_RuntimeSizes):
+    """``layer_norm`` over the trailing ``normalized_shape`` dimensions; positions are the leading ones.
+
+    ``normalized_shape`` may be read from the input's shape (``h.shape[1:]``, ``(h.shape[-1],)``).
+    """
 
     family = "layer_norm"
 
     eps_position: ClassVar[int] = 4
+    size_arg = (1, "normalized_shape")
+    hint = ("give it as a literal, normalized_shape=(D,), or read it from the input's shape (h.shape[-1:] "
+            "or (h.shape[-1],))")
+    shape: tuple[int, ...]
 
     def setup(self) -> None:
-        """Read ``normalized_shape`` and ``eps``."""
+        """Read ``normalized_shape`` (now, or at run time when read from a shape) and ``eps``."""
         if self.module is not None:
             mod = cast("nn.LayerNorm | nn.RMSNorm", self.module)
-            self.shape = _trailing(mod.normalized_shape)
+            self.shape = _trailing(self, mod.normalized_shape)
             eps = mod.eps
         else:
-            self.shape = _trailing(self.const_arg(1, "normalized_shape"))
+            self.setup_sizes()
             eps = self.const_arg(self.eps_position, "eps", 1e-5 if self.centered else None)
+        if eps is not None and not isinstance(eps, (int, float)):
+            raise self.refuse(f"eps={eps!r} is not a number")
         self.eps = None if eps is None else float(eps)
 
+    def read_size(self, value: Any) -> None:
+        """``normalized_shape`` from its value."""
+        self.shape = _trailing(self, value)
+
     def params(self) -> dict[str, Any]:
-        """``normalized_shape`` and ``eps``, which a stored summary must match."""
-        return {"normalized_shape": list(self.shape), "eps": self.eps}
+        """``normalized_shape`` (``"runtime"`` if read from a shape) and ``eps``; a summary matches them."""
+        return {"normalized_shape": "runtime" if self._runtime else list(self.shape), "eps": self.eps}
 
     def batch_movable(self, layout: tuple[int, int, int], ndim: int) -> bool:
         """True: it normalizes trailing axes (the batch axis comes before them, or the op mixes examples)."""
@@ -338,25 +414,41 @@ class NormalizeRule(NormRule):
 
 
 @register(nn.GroupNorm, F.group_norm)
-class GroupNormRule(NormRule):
-    """``group_norm``: input ``(B, C, *spatial)``, statistics over each group of ``C / G`` channels."""
+class GroupNormRule(_RuntimeSizes):
+    """``group_norm``: input ``(B, C, *spatial)``, statistics over each group of ``C / G`` channels.
+
+    ``num_groups`` may be read from the input's shape (``h.shape[1] // 4``).
+    """
 
     family = "group_norm"
     eps: float
+    size_arg = (1, "num_groups")
+    hint = ("give it as a literal, e.g. F.group_norm(h, 4), or read it from the input's shape "
+            "(h.shape[1] // 4)")
+    groups: int
 
     def setup(self) -> None:
-        """Read ``num_groups`` and ``eps``."""
+        """Read ``num_groups`` (now, or at run time when read from a shape) and ``eps``."""
         if self.module is not None:
             mod = cast(nn.GroupNorm, self.module)
             self.groups = int(mod.num_groups)
             self.eps = float(mod.eps)
         else:
-            self.groups = int(self.const_arg(1, "num_groups"))
-            self.eps = float(self.const_arg(4, "eps", 1e-5))
+            self.setup_sizes()
+            eps = self.const_arg(4, "eps", 1e-5)
+            if not isinstance(eps, (int, float)):
+                raise self.refuse(f"eps={eps!r} is not a number")
+            self.eps = float(eps)
+
+    def read_size(self, value: Any) -> None:
+        """``num_groups`` from its value (a positive int)."""
+        if not _is_int(value) or value < 1:
+            raise self.refuse(f"num_groups={value!r} is not a positive int; " + self.hint)
+        self.groups = value
 
     def params(self) -> dict[str, Any]:
-        """``num_groups`` and ``eps``, which a stored summary must match."""
-        return {"num_groups": self.groups, "eps": self.eps}
+        """``num_groups`` (``"runtime"`` when read from a shape) and ``eps``, which a summary must match."""
+        return {"num_groups": "runtime" if self._runtime else self.groups, "eps": self.eps}
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as ``(B, groups, D)``: each group's channels and spatial entries flattened."""

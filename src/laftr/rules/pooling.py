@@ -4,6 +4,9 @@ Both streams take the position where theta0's stream is largest (``argmax0``, th
 pools itself (``separate``, the original code), or, for LAFTR's Monte Carlo, every window's position is drawn
 from the stored frequency with which it was theta0's argmax on the data (``sample``: one stored float per
 pool-input position, recorded only when that rule is used). The closed form has no max pooling.
+
+``torch.sort`` / ``torch.topk`` are selections of the same kind (:class:`SortRule`): theta0's order, or each
+stream's own.
 """
 
 from __future__ import annotations
@@ -391,8 +394,11 @@ class MaxDimRule(AmaxRule):
     The values are :class:`AmaxRule`'s (PointNet's global feature ``torch.max(x, 2)[0]``); the indices are
     each stream's own argmax, not linearized (a value per stream that no parameter's change moves smoothly),
     for code that reads them. ``torch.max(x)`` over every entry and the elementwise ``torch.max(a, b)`` are
-    refused.
+    refused (the latter naming ``torch.maximum``, which has a rule).
     """
+
+    #: the op returns ``(values, indices)``, the indices each stream's own
+    with_indices: ClassVar[bool] = True
 
     def setup(self) -> None:
         """Read ``dim`` and ``keepdim``; refuse the other forms of ``max``."""
@@ -400,7 +406,9 @@ class MaxDimRule(AmaxRule):
         if given is None:
             raise self.refuse("a max over every entry mixes the examples of a batch; give dim")
         if isinstance(given, fx.Node):
-            raise self.refuse("the elementwise maximum of two tensors has no rule (a max over one dim has)")
+            raise self.refuse("torch.max(a, b), the elementwise maximum of two tensors, is read as a max "
+                              "over one dim; write torch.maximum(a, b) (or torch.minimum), which laftr "
+                              "traces as b + relu(a - b)")
         super().setup()
 
     def _back(self, out: Any) -> Any:
@@ -408,3 +416,84 @@ class MaxDimRule(AmaxRule):
         indices = tuple(torch.max(self.sign * v, self.dim, keepdim=self.keepdim).indices
                         for v in self._inputs)
         return (values, Pair(indices, False))
+
+
+@register(torch.sort, "sort", torch.topk, "topk")
+class SortRule(Rule):
+    """``torch.sort`` / ``torch.topk`` along one dimension of each example: ``(values, indices)``.
+
+    The values are the input gathered in an order the data decides, a selection like max pooling's (a max is
+    the last entry of a sort). Both streams take theta0's order (``maxpool="argmax0"``, the default; with
+    ``gates="relu"`` theta0's order on each input) or each stream its own (``maxpool="separate"``). The sorted
+    values are a continuous, piecewise-linear function of the input (entries that trade places are equal
+    there), so theta0's order is theta0's tangent: away from ties the estimate is exact to first order. No law
+    of orders is stored (``maxpool="sample"`` and the closed form refuse the op). The indices are each
+    stream's own (not linearized), as ``torch.max(x, dim)``'s.
+    """
+
+    family: ClassVar[str] = "sort"
+    #: the op returns ``(values, indices)``, the indices each stream's own
+    with_indices: ClassVar[bool] = True
+
+    def setup(self) -> None:
+        """Read ``dim`` (not the batch's); refuse ``out=``."""
+        target = self.node.target
+        self.kind = "topk" if target in (torch.topk, "topk") else "sort"
+        dim = self.const_arg(1 if self.kind == "sort" else 2, "dim", -1)
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise self.refuse(f"{self.kind} over dim={dim!r}; give one dimension of each example")
+        if dim == 0:
+            raise self.refuse(f"{self.kind} over the batch dimension mixes the examples")
+        if self.const_arg(None, "out", None) is not None:
+            raise self.refuse(f"{self.kind} with out=")
+        self.dim = dim
+
+    def _check(self, v: torch.Tensor) -> None:
+        if v.ndim < 2 or self.dim % v.ndim == 0:
+            raise self.refuse(f"{self.kind} over dim={self.dim} of an input of shape {tuple(v.shape)} "
+                              "reaches the batch dimension, which mixes the examples; give a dimension of "
+                              "each example")
+
+    def _own_orders(self, mode: Any, args: Any, kwargs: Any) -> tuple[Pair, Pair]:
+        """Every stream sorts itself exactly."""
+        x = self.data_input(args, kwargs)
+        self._check(x.vals[0])
+        outs = self.call_streams(mode, args, kwargs, range(len(x.vals)))
+        return Pair(tuple(o[0] for o in outs), True), Pair(tuple(o[1] for o in outs), False)
+
+    def _theta0_order(self, mode: Any, args: Any, kwargs: Any) -> tuple[Pair, Pair]:
+        """Every stream's values gathered in theta0's order; each stream's own indices."""
+        if getattr(mode, "pool_mode", "argmax0") == "separate":
+            return self._own_orders(mode, args, kwargs)
+        if mode.pool_mode == "sample":
+            raise self.refuse(f"maxpool='sample' draws max-pool positions from their stored frequencies, and "
+                              f"laftr stores no law of the orders a {self.kind} takes; use maxpool='argmax0' "
+                              "(theta0's order, the default) or 'separate'")
+        values, indices = self._own_orders(mode, args, kwargs)
+        x = self.data_input(args, kwargs)
+        order = indices.vals[0]
+        gathered = (values.vals[0], *(v.gather(self.dim, order) for v in x.vals[1:]))
+        return Pair(gathered, True), indices
+
+    forward = _own_orders
+
+    def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's exact op (nothing is recorded)."""
+        return self._own_orders(mode, args, kwargs)
+
+    def own(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's order (or each stream's own with ``maxpool="separate"``)."""
+        return self._theta0_order(mode, args, kwargs)
+
+    def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """As :meth:`own`, on the sampled streams."""
+        return self._theta0_order(mode, args, kwargs)
+
+    def sample_separable(self, mode: Any) -> bool:
+        """Only when each stream sorts itself (``separate``); theta0's order reads theta0's stream."""
+        return getattr(mode, "pool_mode", "argmax0") == "separate"
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Refuse: the closed form has no selections decided by the data."""
+        raise self.refuse(f"laftr-exact has no closed form for a {self.kind} (an order decided by theta0, as "
+                          "max pooling's selection); use the Monte Carlo 'laftr' estimator")

@@ -1,0 +1,380 @@
+"""More common ops: ``torch.maximum`` / ``minimum`` / ``fmax`` / ``fmin``, ``lerp``, ``addcmul``, ``addcdiv`` and
+``nn.Bilinear`` / ``F.bilinear`` (traced as ops that have rules: laftr.composites), layer / RMS / group norms whose
+sizes are read from the input's shape (laftr.rules.norm), and ``torch.sort`` / ``topk`` (theta0's order:
+laftr.rules.pooling.SortRule).
+
+Each op, in a Linear(4, 6) -> op -> Linear(6, 3) network, against: the same network written by hand with the
+ops it is traced as (draw for draw, sampled laws and theta0's own linearization); the exact FSD computed by
+hand; theta0's own linearization as theta -> theta0; a save/load round trip; gradients; every estimator."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import perturbed
+from torch import nn
+
+import laftr
+from laftr.errors import UnsupportedOpError
+from laftr.graph import TracedNet
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+N, D_IN, H, D_OUT = 64, 4, 6, 3
+
+#: the extra parameters an op may read, by name
+_INIT: dict[str, Callable[[], torch.Tensor]] = {
+    "p": lambda: 0.5 * torch.randn(H),
+    "w": lambda: torch.rand(H),
+    "r": lambda: 0.5 * torch.randn(2, 1),
+}
+
+
+class Net(nn.Module):
+    """``b(op(self, a(x)))``; ``params``: extra parameters the op reads; ``bilinear``: an ``nn.Bilinear(6, 6, 6)``."""
+
+    def __init__(self, op: Callable, params: tuple[str, ...] = (), bilinear: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D_IN, H), nn.Linear(H, D_OUT)
+        for name in params:
+            self.register_parameter(name, nn.Parameter(_INIT[name]()))
+        if bilinear:
+            self.bil = nn.Bilinear(H, H, H)
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.op(self, self.a(x)))
+
+
+# ------------------------------------------------------------------------------------- the ops and their twins
+def _bilinear_by_hand(s, x1, x2):
+    u = torch.einsum("...i,oij->...oj", x1, s.bil.weight)
+    return (u * x2.unsqueeze(-2)).sum(-1) + s.bil.bias
+
+
+def _twice(h):
+    return 2 * h
+
+
+def _fmax_data(s, h):
+    return torch.fmax(h, _twice(h))
+
+
+def _fmax_data_hand(s, h):
+    b = _twice(h)
+    return b + torch.relu(h - b)
+
+
+#: name -> (op, the same written by hand, extra parameters, nn.Bilinear, whether laftr-exact has a closed form);
+#: every op here is piecewise linear and continuous, or smooth
+CASES: dict[str, tuple[Callable, Callable, tuple[str, ...], bool, bool]] = {
+    "maximum-zeros": (lambda s, h: torch.maximum(h, torch.zeros_like(h)), lambda s, h: torch.relu(h), (), False,
+                      True),
+    "maximum-param": (lambda s, h: torch.maximum(h, s.p), lambda s, h: s.p + torch.relu(h - s.p), ("p",), False,
+                      True),
+    "minimum-param-first": (lambda s, h: torch.minimum(s.p, h), lambda s, h: s.p - torch.relu(s.p - h), ("p",),
+                            False, True),
+    "fmax-data": (_fmax_data, _fmax_data_hand, (), False, True),
+    "fmin-param": (lambda s, h: torch.fmin(h, s.p), lambda s, h: h - torch.relu(h - s.p), ("p",), False, True),
+    "maximum-method-broadcast": (
+        lambda s, h: h.view(-1, 2, 3).maximum(s.r).flatten(1),
+        lambda s, h: (s.r + torch.relu(h.view(-1, 2, 3) - s.r)).flatten(1), ("r",), False, True),
+    "minimum-method-data": (lambda s, h: h.minimum(torch.tanh(h)), lambda s, h: h - torch.relu(h - torch.tanh(h)),
+                            (), False, True),
+    "lerp-float": (lambda s, h: torch.lerp(h, s.p, 0.3), lambda s, h: h + 0.3 * (s.p - h), ("p",), False, True),
+    "lerp-method-param-weight": (lambda s, h: h.lerp(torch.tanh(h), s.w),
+                                 lambda s, h: h + s.w * (torch.tanh(h) - h), ("w",), False, True),
+    "addcmul": (lambda s, h: torch.addcmul(h, h, s.p, value=0.5), lambda s, h: h + 0.5 * h * s.p, ("p",), False,
+                True),
+    "addcmul-method-data": (lambda s, h: h.addcmul(torch.tanh(h), h, value=-2.0),
+                            lambda s, h: h + -2.0 * torch.tanh(h) * h, (), False, False),
+    "addcdiv-param": (lambda s, h: torch.addcdiv(h, h, s.w + 1, value=0.5), lambda s, h: h + 0.5 * h / (s.w + 1),
+                      ("w",), False, True),
+    "addcdiv-data": (lambda s, h: torch.addcdiv(s.p, h, 2 + torch.sigmoid(h)),
+                     lambda s, h: s.p + h / (2 + torch.sigmoid(h)), ("p",), False, False),
+    "bilinear-module": (lambda s, h: s.bil(torch.tanh(h), h), lambda s, h: _bilinear_by_hand(s, torch.tanh(h), h),
+                        (), True, False),
+    "bilinear-function": (lambda s, h: F.bilinear(torch.tanh(h), h, s.bil.weight, s.bil.bias),
+                          lambda s, h: _bilinear_by_hand(s, torch.tanh(h), h), (), True, False),
+    "layer_norm-shape": (lambda s, h: F.layer_norm(h, h.shape[1:]), lambda s, h: F.layer_norm(h, (H,)), (), False,
+                         True),
+    "layer_norm-size": (lambda s, h: F.layer_norm(h, (h.shape[-1],)), lambda s, h: F.layer_norm(h, (H,)), (),
+                        False, True),
+    "rms_norm-shape": (lambda s, h: F.rms_norm(h, h.shape[-1:]), lambda s, h: F.rms_norm(h, (H,)), (), False,
+                       True),
+    "group_norm-shape": (lambda s, h: F.group_norm(h, h.shape[1] // 3), lambda s, h: F.group_norm(h, 2), (),
+                         False, True),
+}
+
+#: sort and topk: no twin of other ops; checked against theta0's order computed by hand
+SORTS: dict[str, Callable] = {
+    "sort": lambda s, h: torch.sort(h, 1).values,
+    "sort-method-descending": lambda s, h: h.sort(dim=-1, descending=True)[0],
+    "topk-method": lambda s, h: h.topk(3, dim=1).values.repeat(1, 2),
+}
+
+
+def _models(name: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """The network with the op and its twin written by hand (same parameter names and values)."""
+    op, hand, params, bil, _ = CASES[name]
+    torch.manual_seed(seed)
+    model = Net(op, params, bil)
+    twin = copy.deepcopy(model)
+    twin.op = hand
+    return model, twin
+
+
+def _data(n: int = N, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, D_IN, generator=torch.Generator().manual_seed(seed))
+
+
+def _est(seed: int = 3, **kw):
+    return laftr.make_estimator("laftr", seed=seed, num_samples=32, **kw)
+
+
+def _l2_by_hand(model: nn.Module, other: nn.Module, X: torch.Tensor) -> torch.Tensor:
+    """The exact FSD (metric l2) with PyTorch's own ops: the mean of 0.5 |f(x) - f0(x)|^2."""
+    with torch.no_grad():
+        return (0.5 * (other(X) - model(X)).pow(2).sum(-1)).mean()
+
+
+# ---------------------------------------------------------------------------------------------- each op
+@pytest.mark.parametrize("name", list(CASES))
+def test_op_is_its_parts(name, tmp_path):
+    """(a) zero at theta0; (b) the twin written by hand draw for draw (sampled laws, theta0's own
+    linearization); (c) exact_fsd by hand; (e) a save/load round trip; (f) gradients reach every parameter."""
+    model, twin = _models(name)
+    X = _data()
+    other = perturbed(model, 0.2)
+    other_twin = copy.deepcopy(twin)
+    other_twin.load_state_dict(other.state_dict())
+    for kw in ({}, {"gates": "relu"}):
+        torch.manual_seed(7)
+        est = _est(**kw).fit(model, X)
+        torch.manual_seed(7)
+        ref = _est(**kw).fit(twin, X)
+        assert est(model).item() == 0.0 and ref(twin).item() == 0.0, kw  # (each draws: the same)
+        torch.manual_seed(8)
+        got = est(other)
+        torch.manual_seed(8)
+        want = ref(other_twin)
+        assert want.item() > 0
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0), kw
+    torch.testing.assert_close(laftr.exact_fsd(model, other, X, metric="l2"), _l2_by_hand(model, other, X),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(laftr.exact_fsd(model, other, X, metric="l2"), _l2_by_hand(twin, other_twin, X),
+                               rtol=1e-12, atol=0)
+    est = _est(fixed_noise=True).fit(model, X)
+    back = laftr.load(laftr.save(est, tmp_path / "s.laftr"))
+    value = est(other)
+    torch.testing.assert_close(back(other), value, rtol=1e-12, atol=0)
+    params = dict(other.named_parameters())
+    grads = torch.autograd.grad(value, list(params.values()))
+    for (pname, _), g in zip(params.items(), grads, strict=True):
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", list(CASES) + list(SORTS))
+def test_own_linearization_tends_to_the_exact_fsd(name):
+    """(d) gates="relu" on every input: estimate / exact FSD -> 1 as theta -> theta0."""
+    torch.manual_seed(0)
+    model = Net(SORTS[name]) if name in SORTS else _models(name)[0]
+    X = _data()
+    g = torch.Generator().manual_seed(5)
+    direction = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+    est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=N,
+                               num_samples=N).fit(model, X)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, u in zip(other.parameters(), direction, strict=True):
+            p.add_(1e-4 * u)
+    ratio = est(other).item() / laftr.exact_fsd(model, other, X).item()
+    assert abs(ratio - 1) < 1e-3, ratio
+
+
+def _every_estimator(model: nn.Module, X: torch.Tensor, closed_form: bool) -> None:
+    """Every estimator fits, is zero at theta0 (up to rounding for the closed forms) and positive elsewhere."""
+    other = perturbed(model, 0.2)
+    specs = [("laftr", {}), ("laftr", {"gates": "relu"}), ("liftr", {}), ("ntk", {}),
+             ("kfac", {"unsupported": "diag"}), ("diag-fisher", {})]
+    if closed_form:
+        specs.append(("laftr-exact", {}))
+    for name, kw in specs:
+        est = laftr.make_estimator(name, **kw).fit(model, X)
+        far = est(other).item()
+        assert abs(est(model).item()) <= 1e-12 * far and far > 0, (name, kw)
+    assert laftr.exact_fsd(model, other, X).item() > 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_estimator(name):
+    model, _ = _models(name)
+    _every_estimator(model, _data(), CASES[name][4])
+
+
+@pytest.mark.parametrize("name", list(SORTS))
+def test_sort_takes_theta0s_order(name, tmp_path):
+    """Both streams gather their values in theta0's order (computed here by hand), sampled or on each input;
+    every estimator but the closed form; a save/load round trip; gradients."""
+    torch.manual_seed(0)
+    model, X = Net(SORTS[name]), _data()
+    other = perturbed(model, 0.3)
+    est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=N, num_samples=N,
+                               metric="l2").fit(model, X)
+    with torch.no_grad():
+        z0, z = model(X), other.b(_gathered(name, other.a(X), _indices(name, model.a(X))))
+    by_hand = (0.5 * (z - z0).pow(2).sum(-1)).mean()
+    torch.testing.assert_close(est(other), by_hand, rtol=1e-12, atol=0)
+    # with each stream's own order (maxpool="separate") it is the exact FSD
+    sep = laftr.make_estimator("laftr", gates="relu", maxpool="separate", input_model="coreset", coreset_size=N,
+                               num_samples=N, metric="l2").fit(model, X)
+    torch.testing.assert_close(sep(other), laftr.exact_fsd(model, other, X, metric="l2"), rtol=1e-12, atol=0)
+    sampled = _est(fixed_noise=True).fit(model, X)
+    assert sampled(model).item() == 0.0
+    back = laftr.load(laftr.save(sampled, tmp_path / "s.laftr"))
+    value = sampled(other)
+    torch.testing.assert_close(back(other), value, rtol=1e-12, atol=0)
+    grads = torch.autograd.grad(value, list(other.parameters()))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    _every_estimator(model, X, closed_form=False)
+    with pytest.raises(UnsupportedOpError, match=r"laftr-exact has no closed form for a (sort|topk)"):
+        laftr.make_estimator("laftr-exact").fit(model, X)(other)
+    with pytest.raises(UnsupportedOpError, match=r"no law of the orders a (sort|topk)"):
+        laftr.make_estimator("laftr", maxpool="sample").fit(model, X)(other)
+
+
+def _indices(name: str, h0: torch.Tensor) -> torch.Tensor:
+    if name == "sort":
+        return torch.sort(h0, 1).indices
+    if name == "sort-method-descending":
+        return torch.sort(h0, -1, descending=True).indices
+    return torch.topk(h0, 3, 1).indices
+
+
+def _gathered(name: str, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    out = h.gather(1, idx)
+    return out.repeat(1, 2) if name.startswith("topk") else out
+
+
+# ---------------------------------------------------------------------------------------------- specifics
+def test_maximum_of_zeros_is_relu_draw_for_draw():
+    """``torch.maximum(h, torch.zeros_like(h))`` is ``torch.relu(h)``: the same graph of sites, the same draws,
+    the same estimates (also with a smooth gate before it, and the closed form)."""
+    torch.manual_seed(0)
+    model = Net(lambda s, h: torch.maximum(torch.tanh(h), torch.zeros_like(h)))
+    twin = copy.deepcopy(model)
+    twin.op = lambda s, h: torch.relu(torch.tanh(h))
+    X, other = _data(), perturbed(model, 0.2)
+    other_twin = copy.deepcopy(twin)
+    other_twin.load_state_dict(other.state_dict())
+    assert TracedNet(model).signature() == TracedNet(twin).signature()
+    assert list(TracedNet(model).sites) == ["tanh", "relu"]
+    for name, kw in (("laftr", {}), ("laftr", {"gates": "relu"}), ("laftr", {"input_model": "classwise"}),
+                     ("laftr-exact", {}), ("liftr", {})):
+        Y = torch.arange(N) % 3
+        a = laftr.make_estimator(name, seed=11, **kw).fit(model, (X, Y))(other)
+        b = laftr.make_estimator(name, seed=11, **kw).fit(twin, (X, Y))(other_twin)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+class _OnInput(nn.Module):
+    """``torch.maximum`` / ``minimum`` of the network input and a constant (no parameter on the way)."""
+
+    def __init__(self, tokens: bool = False) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.emb = nn.Embedding(10, 2) if tokens else None
+        self.head = nn.Linear(2 * 5 if tokens else D_IN, D_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens:  # ids above 9 clipped
+            return self.head(self.emb(torch.minimum(x, torch.full_like(x, 9))).flatten(1))
+        return self.head(torch.maximum(x, torch.zeros_like(x)))
+
+
+def test_an_op_of_the_input_alone_stays_whole_and_exact():
+    """Of the input and constants alone the op is one node evaluated exactly (not a gate): sampled laws on every
+    input then give the exact FSD of a network linear in its parameters after it; integer ids stay integer."""
+    torch.manual_seed(0)
+    model = _OnInput()
+    net = TracedNet(model)
+    assert "maximum" in net.exact_inputs and not net.sites
+    X, other = _data(), perturbed(model, 0.3)
+    est = laftr.make_estimator("laftr", input_model="coreset", coreset_size=N, num_samples=N).fit(model, X)
+    torch.testing.assert_close(est(other), laftr.exact_fsd(model, other, X), rtol=1e-12, atol=0)
+    with pytest.raises(UnsupportedOpError, match="computed from the network input alone"):
+        laftr.make_estimator("laftr-exact").fit(model, X)(other)
+    tok = _OnInput(tokens=True)
+    assert "minimum" in TracedNet(tok).exact_inputs
+    T = torch.randint(0, 12, (N, 5), generator=torch.Generator().manual_seed(1))
+    for name in ("laftr", "liftr"):
+        est = laftr.make_estimator(name, input_model="coreset", coreset_size=N, num_samples=N).fit(tok, T)
+        far = perturbed(tok, 0.3)
+        assert est(tok).item() == 0.0
+        if name == "laftr":  # an embedding and a linear head: exact on every input
+            torch.testing.assert_close(est(far), laftr.exact_fsd(tok, far, T), rtol=1e-12, atol=0)
+
+
+def test_an_op_of_parameters_alone_stays_whole():
+    class ParamsOnly(Net):
+        def forward(self, x):
+            return self.b(self.a(x) * torch.maximum(self.p, torch.zeros_like(self.p)))
+
+    torch.manual_seed(0)
+    model = ParamsOnly(lambda s, h: h, ("p",))
+    net = TracedNet(model)
+    assert [n.target for n in net.gm.graph.nodes if n.op == "call_function"].count(torch.maximum) == 1
+    assert not net.sites
+    X, other = _data(), perturbed(model, 0.2)
+    est = laftr.make_estimator("laftr", input_model="coreset", coreset_size=N, num_samples=N).fit(model, X)
+    torch.testing.assert_close(est(other), laftr.exact_fsd(model, other, X), rtol=1e-12, atol=0)
+
+
+def test_bilinear_keeps_its_parameter_names_and_kfac_names_it():
+    model, _ = _models("bilinear-module")
+    gm = TracedNet(model).gm
+    assert {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"} == {"bil.weight", "bil.bias"}
+    X = _data()
+    with pytest.raises(UnsupportedOpError, match=r"layer 'bil' \(Bilinear.*unsupported='diag'"):
+        laftr.make_estimator("kfac").fit(model, X)
+    est = laftr.make_estimator("kfac", unsupported="diag").fit(model, X)
+    assert est(perturbed(model, 0.2, only="bil")).item() > 0
+    with pytest.raises(UnsupportedOpError, match="laftr-exact has no closed form for a product of two data"):
+        laftr.make_estimator("laftr-exact").fit(model, X)(model)
+
+
+def test_norm_sizes_read_from_the_shape_are_recorded_as_such_and_bad_ones_refused():
+    model, _ = _models("layer_norm-size")
+    est = _est().fit(model, _data())
+    (params,) = [p for _, fam, p in est.site_signature if fam == "layer_norm"]
+    assert params["normalized_shape"] == "runtime"
+    for op, match in ((lambda s, h: F.layer_norm(h, (6.0,)), r"normalized_shape=\(6.0,\) is not a size.*\(D,\)"),
+                      (lambda s, h: F.layer_norm(h, ()), r"normalized_shape=\(\) is not a size"),
+                      (lambda s, h: F.group_norm(h, h.shape[1] // 12), r"num_groups=0 is not a positive int")):
+        for name, kw in (("laftr", {}), ("laftr", {"gates": "relu"}), ("laftr-exact", {})):
+            with pytest.raises(UnsupportedOpError, match=match):  # (gates="relu" fits no law: at its call)
+                model = Net(op)
+                laftr.make_estimator(name, **kw).fit(model, _data())(model)
+
+
+def test_liftr_anchors_the_values_of_a_result_with_indices_where_they_are_read():
+    """``.values`` / ``[0]`` of ``torch.max(x, dim)`` or ``torch.sort`` is a part of the result, not an op whose
+    parameters multiply data (its indices are each stream's own): the layer that reads it is anchored."""
+    for op in (lambda s, h: torch.max(h.view(-1, H, 1), 2).values, lambda s, h: torch.sort(h, 1)[0]):
+        torch.manual_seed(0)
+        model = Net(op)
+        est = laftr.make_estimator("liftr").fit(model, _data())
+        assert "b.in0" in est.summary.site_sums
+        assert est(model).item() == 0.0 and est(perturbed(model, 0.2)).item() > 0
+
+
+def test_sort_over_the_batch_and_elementwise_max_are_named():
+    X = _data(8)
+    for op, match in ((lambda s, h: torch.sort(h, 0).values, "node .sort.*mixes the examples"),
+                      (lambda s, h: torch.max(h, torch.tanh(h)), r"elementwise maximum.*torch.maximum\(a, b\)")):
+        with pytest.raises(UnsupportedOpError, match=match):
+            laftr.make_estimator("laftr").fit(Net(op), X)
