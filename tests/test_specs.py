@@ -215,6 +215,10 @@ def test_fsd_bench_methods_take_specs():
     assert "laftr-exact" not in {r.label for r in method_specs(tcfg)}
     with pytest.raises(UsageError, match="no row on"):
         tcfg.validate()
+    # an estimator's name that is a row of another network only (liftr on an MLP): the estimator, its defaults
+    # (was silently left out)
+    mcfg = FsdBenchConfig.for_arch("mlp", quick=True, methods=["liftr"])
+    assert [(r.label, r.spec) for r in method_specs(mcfg) if r.label in _selected(mcfg)] == [("liftr", "liftr")]
     for bad, msg in [("magic", "unknown method"), ("laftr[num_sample=3]", "no option 'num_sample'"),
                      ("laftr[seed=3]", "do not set 'seed'"), ("laftr[num_samples=3", "malformed")]:
         with pytest.raises(UsageError, match=re.escape(msg)):

@@ -712,14 +712,26 @@ def method_specs(cfg: FsdBenchConfig, matched_k: Sequence[int] = ()) -> list[Ben
     named = {r.label for r in rows}
     every_named = {label for group, labels in ROW_SPECS.items() if group != "coreset" for label in labels}
     for m in cfg.methods or []:
-        if m in named or m in every_named or re.fullmatch(r"(subset|ntk)-\d+", m):
-            # a named row of another network (laftr-exact on a transformer) is left out, as before
+        if m in named or re.fullmatch(r"(subset|ntk)-\d+", m):
+            continue
+        if m in every_named and not _runs_here(cfg, m):
+            # a named row of another network that cannot run here (laftr-exact on a transformer): no row (the
+            # config refuses it by name); an estimator's name (liftr on an MLP) is its row with its defaults
             continue
         parsed = _adhoc_spec(m)
         if parsed is not None and parsed.text not in named:
             rows.append(BenchRow.from_spec(parsed.text, parsed))
             named.add(parsed.text)
     return rows
+
+
+def _runs_here(cfg: FsdBenchConfig, name: str) -> bool:
+    """Whether ``name`` is an estimator that runs on ``cfg``'s network with its defaults.
+
+    The closed forms need a network without attention or max pooling.
+    """
+    closed = {"laftr-exact", "liftr-exact"}
+    return name in available_estimators() and (name not in closed or ARCH_SPECS[cfg.arch].closed_form)
 
 
 def _selected(cfg: FsdBenchConfig) -> set[str]:
