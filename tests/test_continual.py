@@ -345,6 +345,45 @@ def test_regularizer_bad_use():
         FSDRegularizer(lambda: object()).after_task(_mlp(), _xy(10))  # type: ignore[arg-type,return-value]
 
 
+def test_regularizer_audit_findings():
+    # a factory, not an estimator (an instance failed only at after_task, after the first task had trained)
+    for bad in (laftr.make_estimator("laftr"), "laftr"):
+        with pytest.raises(ValueError, match="make must build a fresh estimator for each task"):
+            FSDRegularizer(bad)
+    # each submodule's mode is restored (a BatchNorm frozen in eval mode inside a training model was set to train)
+    model = nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
+    model.train()
+    model[1].eval()
+    reg = FSDRegularizer(None, lam=1.0)
+    reg.add(laftr.make_estimator("laftr", num_samples=4).fit(model, _xy(30)))
+    reg.penalty(model)
+    assert model.training and not model[1].training
+    # with refresh / every, a call without gradients (logging) is a fresh estimate that leaves the schedule alone
+    net = _mlp()
+    est = laftr.make_estimator("laftr-exact").fit(net, _xy(50))
+    _nudge(net, 0.05, 1)
+    want = 2.0 * est(net)
+    for kw in ({"refresh": 3}, {"every": 2}):
+        runs = []
+        for log_first in (False, True):
+            reg = FSDRegularizer(None, lam=2.0, **kw)
+            reg.add(est)
+            if log_first:
+                with torch.no_grad():
+                    logged = reg.penalty(net)
+                assert float(logged) == pytest.approx(float(want.detach()), rel=1e-12)
+            calls = []
+            for _ in range(4):
+                net.zero_grad()
+                pen = reg.penalty(net)
+                if pen.requires_grad:
+                    pen.backward()
+                calls.append((float(pen.detach()), float(_grads(net).norm()) if pen.requires_grad else 0.0))
+            runs.append(calls)
+        assert runs[0] == runs[1], kw  # the same penalties and gradients as without the logging call
+        assert any(g > 0 for _, g in runs[1])
+
+
 def test_regularizer_in_a_users_loop_keeps_the_old_function():
     """A user's own two-task loop: with the LAFTR penalty, the true (KL) FSD on task A grows far less."""
     xa, ya = _xy(200, seed=1)

@@ -82,7 +82,10 @@ class FSDRegularizer:
             ``refresh - 1`` steps old, at ``1/refresh`` of the estimators' cost (unlike ``every``, which
             leaves the steps in between unregularized). Holds two copies of the trainable parameters
             (``g_r`` and ``theta_r``). At a fresh call the returned value and gradient are the estimate's.
-        eval_mode: evaluate the estimators with the model in eval mode (dropout off), restoring its mode.
+            With ``every`` or ``refresh``, a call without gradients (under ``torch.no_grad()``, to log the
+            penalty) gets a fresh estimate and leaves the schedule and the expansion as they were.
+        eval_mode: evaluate the estimators with the model in eval mode (dropout off), restoring the mode of
+            each of its submodules.
         distributed: in a ``torch.distributed`` process group (None: when one is initialized), fit each task's
             estimator on the union of the ranks' shards and draw each rank's Monte Carlo samples from its own
             stream (see :meth:`laftr.FSDEstimator.fit` and :meth:`laftr.FSDEstimator.distance`); False: this
@@ -102,6 +105,10 @@ class FSDRegularizer:
         distributed: bool | None = None,
     ) -> None:
         """A regularizer with no task stored yet; see the class for the arguments."""
+        if isinstance(make, FSDEstimator) or (make is not None and not callable(make)):
+            raise UsageError(f"make must build a fresh estimator for each task, e.g. lambda: "
+                             f"laftr.make_estimator('laftr', metric='kl'); got {type(make).__name__} {make!r:.60} "
+                             "(an estimator already fitted goes in with add())")
         self.make = make
         self.lam = _check_lam(lam)
         self.tasks_per_step = _check_count("tasks_per_step", tasks_per_step, allow_none=True)
@@ -158,14 +165,14 @@ class FSDRegularizer:
     def distances(self, model: nn.Module, which: Sequence[int] | None = None) -> list[torch.Tensor]:
         """The estimated distance to each stored task (or to the tasks ``which``), differentiable."""
         idx = range(len(self.estimators)) if which is None else which
-        was_training = model.training
+        modes = [(m, m.training) for m in model.modules()]  # each submodule's own (a frozen BatchNorm's eval)
         if self.eval_mode:
             model.eval()
         try:
             return [self.estimators[j](model, distributed=self.distributed) for j in idx]
         finally:
-            if self.eval_mode:
-                model.train(was_training)
+            for m, training in modes:
+                m.training = training
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """``lam * mean_j D_j(theta)``: a 0-dim tensor to add to the loss (zero before any task is stored).
@@ -174,18 +181,28 @@ class FSDRegularizer:
         ``refresh > 1`` the returned tensor is the latest fresh estimate's first-order expansion (see the
         class); its gradient reaches the trainable parameters only.
         """
+        if not torch.is_grad_enabled() and (self.every > 1 or self.refresh > 1):
+            # a call without gradients (logging the penalty) neither advances the schedule nor becomes the
+            # anchor whose gradient the next steps reuse: it gets a fresh estimate of its own
+            if not self.estimators or self.lam == 0.0:
+                return self._zero(model)
+            return self.lam * self._fresh(model)
         skip = False
         if self.estimators and self.every > 1:
             self._calls += 1
             skip = self._calls % self.every != 0
         if not self.estimators or self.lam == 0.0 or skip:
-            p = next(model.parameters(), None)
-            return torch.zeros((), device=None if p is None else p.device,
-                               dtype=None if p is None else p.dtype)
+            return self._zero(model)
         if self.refresh > 1:
             self._since += 1
             return self._expanded(model, fresh=self._anchor is None or self._since >= self.refresh)
         return self.every * self.lam * self._fresh(model)
+
+    @staticmethod
+    def _zero(model: nn.Module) -> torch.Tensor:
+        """A zero penalty on the model's device and in its dtype."""
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=None if p is None else p.device, dtype=None if p is None else p.dtype)
 
     def _fresh(self, model: nn.Module) -> torch.Tensor:
         """``mean_j D_j(theta)`` over all stored tasks or ``tasks_per_step`` drawn ones, differentiable."""
