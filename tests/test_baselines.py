@@ -540,8 +540,9 @@ def test_label_requirements():
             _make(name, **kw).fit(model, X)
     with pytest.raises(ValueError, match="integer class labels"):
         _make("subset", selection="balanced").fit(model, (X, Y.double()))
-    with pytest.raises(ValueError, match=r"labels \[0, 1\] are not among the compared outputs \[2\]"):
-        _make("diag-fisher", fisher="empirical", metric="kl").fit(model, (X, Y), outputs=[2])
+    # (two compared units: a softmax over one unit is refused before the labels are read)
+    with pytest.raises(ValueError, match=r"labels \[0\] are not among the compared outputs \[1, 2\]"):
+        _make("diag-fisher", fisher="empirical", metric="kl").fit(model, (X, Y), outputs=[1, 2])
     with pytest.raises(ValueError, match="out of range"):
         _make("kfac", fisher="empirical", metric="kl").fit(mlp(5, (4,), 2), (X, Y))
 

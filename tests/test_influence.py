@@ -548,9 +548,12 @@ def test_pbrf_rejects_mismatched_estimator():
         PBRF(moved, fsd=est, num_train=40, task="regression")
     with pytest.raises(ValueError, match="Bregman"):
         PBRF(model, fsd=est, num_train=40, task="classification")
-    l2p = laftr.make_estimator("laftr", metric="l2-probs").fit(model, (X, Y))
+    with pytest.raises(ValueError, match="softmax over one unit"):  # the regression net has one output
+        laftr.make_estimator("laftr", metric="l2-probs").fit(model, (X, Y))
+    two = nn.Linear(X.shape[1], 2)
+    l2p = laftr.make_estimator("laftr", metric="l2-probs").fit(two, (X, Y.repeat(1, 2)))
     with pytest.raises(ValueError, match="Bregman"):
-        PBRF(model, fsd=l2p, num_train=40, task="regression")
+        PBRF(two, fsd=l2p, num_train=40, task="regression")
     with pytest.raises(ValueError, match="not fitted"):
         PBRF(model, fsd=laftr.make_estimator("laftr-exact", metric="mse"), num_train=40, task="regression")
 
@@ -631,3 +634,19 @@ def test_cli_bad_arguments(tmp_path, capsys, argv, msg):
     assert main([*argv, "--out", str(tmp_path / "x"), "--quick"]) == 2
     assert msg in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_labels_out_of_range_and_float_labels_are_named():
+    # were torch's raw "IndexError: Target 5 is out of bounds" and a message about regression shapes only
+    from laftr.influence import ClassicalInfluence, Measurement
+
+    torch.manual_seed(0)
+    cls = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    X, Y = torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,))
+    with pytest.raises(ValueError, match="class label 5 but the network has 3 outputs"):
+        PBRF(cls, (X, Y), damping=1.0).solve(X[:1], torch.tensor([5]))
+    with pytest.raises(ValueError, match="class label 7 but the network has 3 outputs"):
+        ClassicalInfluence(cls, (X, Y), damping=1.0).set_measurement(Measurement(X[:3], torch.tensor([0, 1, 7])))
+    for ctor in (PBRF, ClassicalInfluence):
+        with pytest.raises(ValueError, match=r"class labels stored as floats.*need y.long\(\)"):
+            ctor(cls, (X, Y.double()), damping=1.0)

@@ -530,3 +530,34 @@ def test_dropout_off_in_eval_mode_is_deterministic_and_accepted(kind):
     first = laftr.exact_fsd(a, b, x)
     assert first == laftr.exact_fsd(a, b, x) and a.training  # eval mode inside, put back after
     laftr.make_estimator("laftr", metric="l2").fit(a, x)
+
+
+def test_data_that_does_not_fit_the_network_is_named_at_fit():
+    # was torch's raw "mat1 and mat2 shapes cannot be multiplied" from a rule twelve frames deep
+    torch.manual_seed(0)
+    flat = nn.Sequential(nn.Linear(784, 10), nn.ReLU(), nn.Linear(10, 3))
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 3))
+    for model, x, msg in ((flat, torch.randn(20, 7), r"shapes cannot be multiplied.*each example has shape \(7,\)"),
+                          (flat, torch.randn(20, 1, 28, 28), r"\(1, 28, 28\).*needs nn.Flatten\(\) first"),
+                          (conv, torch.randn(20, 1, 28, 28), r"to have 3 channels.*\(1, 28, 28\), dtype")):
+        for name in ("laftr", "kfac", "ntk"):
+            with pytest.raises(laftr.DataError, match=msg):
+                laftr.make_estimator(name).fit(model, x)
+
+
+def test_fit_under_no_grad_works_and_inference_mode_is_refused():
+    # kfac / diag-fisher under no_grad raised autograd's raw error; under inference_mode, caches and statistics
+    # became inference tensors (ntk then returned 0.0 for every later evaluation, silently)
+    torch.manual_seed(0)
+    model, x = mlp(8, (16,), 4), torch.randn(64, 8)
+    other = perturbed(model, 0.3)
+    for name in ("kfac", "diag-fisher", "laftr", "ntk"):
+        with torch.no_grad():
+            est = laftr.make_estimator(name, metric="kl").fit(model, x)
+        ref = laftr.make_estimator(name, metric="kl").fit(model, x)
+        torch.testing.assert_close(est(other), ref(other))
+        with torch.inference_mode(), pytest.raises(laftr.UsageError, match="inside torch.inference_mode"):
+            laftr.make_estimator(name, metric="kl").fit(model, x)
+        with torch.inference_mode(), pytest.raises(laftr.UsageError, match="use torch.no_grad"):
+            est(other)
+        assert est(other).requires_grad

@@ -868,6 +868,26 @@ def test_softmax_metrics_refuse_outputs_with_more_than_one_axis_per_example():
     assert float(laftr.make_estimator("laftr", input_model="tokens").fit(model, X)(model).detach()) == 0.0
 
 
+def test_softmax_metrics_refuse_a_softmax_over_one_unit():
+    """One output unit (a sigmoid classifier's logit, a regression head) or outputs=[k]: a softmax over one unit
+    is 1 whatever the network does; every kl / l2-probs distance was 0, silently (audit)."""
+    torch.manual_seed(0)
+    one, X = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)).double(), torch.randn(40, 8)
+    many = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5)).double()
+    for metric in ("kl", "l2-probs"):
+        with pytest.raises(laftr.DataError, match="softmax over one unit"):
+            laftr.exact_fsd(one, one, X, metric=metric)
+        with pytest.raises(laftr.DataError, match=r"outputs=\[3\] gives a softmax over one unit"):
+            laftr.exact_fsd(many, many, X, metric=metric, outputs=[3])
+        for name in ("laftr", "kfac", "diag-fisher", "subset", "ntk", "laftr-exact" if metric == "l2" else "liftr"):
+            with pytest.raises(laftr.DataError, match="softmax over one unit"):  # at fit
+                laftr.make_estimator(name, metric=metric).fit(one, X)
+            with pytest.raises(laftr.DataError, match="softmax over one unit"):
+                laftr.make_estimator(name, metric=metric).fit(many, X, outputs=[3])
+    assert float(laftr.exact_fsd(one, perturbed(one, 0.5), X, metric="l2")) > 0  # l2 reads one unit as it is
+    laftr.make_estimator("laftr", metric="kl").fit(many, X, outputs=[3, 4])  # two units: a distribution
+
+
 # ------------------------------------------------------------------ casts (Hugging Face's softmax upcast)
 class _CastAttention(nn.Module):
     def __init__(self, cast: str) -> None:

@@ -125,14 +125,26 @@ def run_network(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> torch.
     return check_network_output(z)
 
 
-def check_softmax_outputs(z: torch.Tensor, metric: str) -> None:
-    """Refuse outputs of more than one axis per example under a softmax metric (``kl``, ``l2-probs``).
+def check_softmax_outputs(z: torch.Tensor, metric: str,
+                          outputs: Sequence[int] | torch.Tensor | None = None) -> None:
+    """Refuse outputs a softmax metric (``kl``, ``l2-probs``) cannot read as one distribution per example.
 
     Those metrics read each example's outputs as the logits of one distribution; an output of shape
     ``(B, T, V)`` (a token model's logits at every position) would be one softmax over all ``T * V`` values,
-    which is not the per-position distribution it means.
+    which is not the per-position distribution it means; and a softmax over one unit (a network with one
+    output, a sigmoid classifier or a regression head, or ``outputs`` of one unit) is 1 whatever the network
+    does, so every distance would be 0.
     """
-    if metric in ("kl", "l2-probs") and z.ndim > 2:
+    if metric not in ("kl", "l2-probs"):
+        return
+    compared = len(outputs) if outputs is not None else (int(z[0].numel()) if z.ndim and len(z) else None)
+    if compared == 1:
+        what = f"outputs={list(outputs)}" if outputs is not None else "a network with one output unit"
+        raise DataError(
+            f"metric {metric!r} compares softmax distributions, and {what} gives a softmax over one unit: "
+            "1 whatever the network does, so every distance would be 0. Use metric='l2' (or 'mse') for one "
+            "output (a regression head, a sigmoid's logit), or compare two or more output units")
+    if z.ndim > 2:
         raise DataError(
             f"metric {metric!r} reads each example's outputs as the logits of one distribution, and the "
             f"network returns outputs of shape {tuple(z.shape)} (more than one axis per example, e.g. logits "
@@ -170,7 +182,9 @@ def discrepancy(
     """
     fn = METRICS[check_metric(metric)]
     z0, z = check_network_output(z0), check_network_output(z)
-    check_softmax_outputs(z0, metric)
+    if outputs is not None and z0.ndim:
+        check_outputs(outputs, int(z0.reshape(z0.shape[0], -1).shape[1]))  # out of range: named first
+    check_softmax_outputs(z0, metric, outputs)
     if z0.shape != z.shape:
         raise DataError(f"output shapes differ: {tuple(z0.shape)} vs {tuple(z.shape)}")
     return fn(select_outputs(z0, outputs), select_outputs(z, outputs))

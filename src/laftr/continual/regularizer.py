@@ -107,8 +107,8 @@ class FSDRegularizer:
         """A regularizer with no task stored yet; see the class for the arguments."""
         if isinstance(make, FSDEstimator) or (make is not None and not callable(make)):
             raise UsageError(f"make must build a fresh estimator for each task, e.g. lambda: "
-                             f"laftr.make_estimator('laftr', metric='kl'); got {type(make).__name__} {make!r:.60} "
-                             "(an estimator already fitted goes in with add())")
+                             f"laftr.make_estimator('laftr', metric='kl'); got {type(make).__name__} "
+                             f"{make!r:.60} (an estimator already fitted goes in with add())")
         self.make = make
         self.lam = _check_lam(lam)
         self.tasks_per_step = _check_count("tasks_per_step", tasks_per_step, allow_none=True)

@@ -30,6 +30,7 @@ import dataclasses
 import itertools
 import logging
 import numbers
+import re
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -238,6 +239,7 @@ class FSDEstimator:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         outputs = check_outputs(outputs)
         check_runnable(model)
+        _refuse_inference_mode("fit")
         self._output_width = None
         on = dist_.active(distributed)
         modes = [(m, m.training) for m in model.modules()]
@@ -262,7 +264,7 @@ class FSDEstimator:
                         x, rest = _first_examples(data, PROBE_EXAMPLES, self.config.batch_size, device, dtype)
                         if x is not None:  # None: this rank's shard is empty (the others check theirs)
                             _probe_dtype(model, x[:2])
-                            self._output_width = _check_output(model, x[:1], outputs,
+                            self._output_width = _check_output(model, x[:2], outputs,
                                                                getattr(self.config, "metric", None))
                             check_per_example(model, x, gm, why)
                         return rest
@@ -270,8 +272,9 @@ class FSDEstimator:
                     data = dist_.agree(probe, f"{self.name}.fit") if on else probe()
                 self._set_reference(model, outputs, fp)
                 self._distributed = on
-                self._fit(model, data)
-                self._after_fit(model)
+                with torch.enable_grad():  # the curvature fits differentiate (a fit under no_grad works)
+                    self._fit(model, data)
+                    self._after_fit(model)
         finally:
             self._distributed = False
             for m, training in modes:
@@ -312,6 +315,7 @@ class FSDEstimator:
         either way. Nothing is communicated.
         """
         model = dist_.unwrap(model)
+        _refuse_inference_mode("an evaluation")
         stream = dist_.sample_stream(distributed)
         self._check_ready(model)
         self._stream = stream
@@ -538,6 +542,24 @@ def _probe_dtype(model: nn.Module, x: torch.Tensor) -> None:
         log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
 
 
+def _refuse_inference_mode(what: str) -> None:
+    """Raise :class:`UsageError` inside ``torch.inference_mode()``.
+
+    What an estimator keeps from a fit or a first evaluation (statistics, caches of theta0's values) would be
+    inference tensors, which every later evaluation with gradients refuses (or, cached as constants, silently
+    reads as values without gradients).
+    """
+    if torch.is_inference_mode_enabled():
+        raise UsageError(f"{what} inside torch.inference_mode(): what the estimator keeps would be "
+                         "inference tensors that later evaluations with gradients cannot use; use "
+                         "torch.no_grad() instead")
+
+
+#: torch's words when a layer gets an input of the wrong size (the data does not fit, not a bug of the model)
+_SHAPE_MISMATCH = re.compile(r"shapes cannot be multiplied|size of tensor a .* must match|expected input\[|"
+                             r"Expected .*input.* to have .* channels|input.*dimension", re.IGNORECASE)
+
+
 def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | None,
                   metric: str | None) -> int | None:
     """Check ``model``'s output on one example ``x`` against ``outputs`` and the metric, running it once.
@@ -555,6 +577,12 @@ def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | No
             z = model(x)
     except Exception as e:  # noqa: BLE001
         log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
+        if isinstance(e, RuntimeError) and _SHAPE_MISMATCH.search(str(e)):
+            raise DataError(
+                f"{type(model).__name__} does not run on the data: {str(e).splitlines()[0]} (each example "
+                f"has shape {tuple(x.shape[1:])}, dtype {x.dtype})"
+                + ("; a network of flat vectors needs nn.Flatten() first (or flatten the data)"
+                   if x.ndim > 2 and "cannot be multiplied" in str(e) else "")) from e
         return None
     if not isinstance(z, torch.Tensor):
         if outputs is not None:
@@ -565,7 +593,7 @@ def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | No
     if outputs is not None:
         check_outputs(outputs, width)
     if metric is not None:
-        check_softmax_outputs(z, metric)
+        check_softmax_outputs(z, metric, outputs)
     return width
 
 

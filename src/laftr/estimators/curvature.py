@@ -231,7 +231,7 @@ def curvature_batches(
                      desc=desc):
         with torch.no_grad():
             z = run_network(model, x)
-        check_softmax_outputs(z, config.metric)
+        check_softmax_outputs(z, config.metric, outputs)
         z = z.reshape(z.shape[0], -1)
         z0 = select_outputs(z, outputs)
         if not torch.isfinite(z0).all():

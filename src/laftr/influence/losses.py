@@ -38,7 +38,10 @@ def infer_task(y: torch.Tensor) -> str:
         raise TypeError(f"targets must be a tensor, got {type(y).__name__}")
     if y.is_floating_point():
         if y.ndim != 2:
-            raise ValueError(f"regression targets must have shape (N, K), got {tuple(y.shape)}")
+            hint = (" (floating targets are read as regression; class labels stored as floats, from numpy "
+                    "or pandas, need y.long(); a single regression target needs y[:, None])"
+                    if y.ndim == 1 else "")
+            raise ValueError(f"regression targets must have shape (N, K), got {tuple(y.shape)}{hint}")
         return "regression"
     if y.ndim != 1:
         raise ValueError(f"class labels must have shape (N,), got {tuple(y.shape)}")
@@ -63,6 +66,10 @@ def per_example_loss(z: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tenso
     if y.ndim != 1 or y.shape[0] != z.shape[0] or y.is_floating_point():
         raise ValueError(f"class labels must be integers of shape ({z.shape[0]},), got "
                          f"{tuple(y.shape)} {y.dtype}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= z.shape[1]):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise ValueError(f"class label {bad} but the network has {z.shape[1]} outputs: labels index them "
+                         f"(0..{z.shape[1] - 1})")
     return F.cross_entropy(z, y.to(z.device), reduction="none")
 
 
