@@ -350,6 +350,10 @@ def test_regularizer_audit_findings():
     for bad in (laftr.make_estimator("laftr"), "laftr"):
         with pytest.raises(ValueError, match="make must build a fresh estimator for each task"):
             FSDRegularizer(bad)
+    with pytest.raises(ValueError, match="add\\(\\) takes a fitted laftr estimator, got str"):
+        FSDRegularizer(None).add("laftr")
+    with pytest.raises(ValueError, match="penalty\\(\\) takes the network"):
+        FSDRegularizer(None).penalty(torch.zeros(3))
     # each submodule's mode is restored (a BatchNorm frozen in eval mode inside a training model was set to train)
     model = nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
     model.train()

@@ -155,6 +155,8 @@ class FSDRegularizer:
 
     def add(self, estimator: FSDEstimator) -> None:
         """Keep an already-fitted estimator (e.g. one loaded with :func:`laftr.load`)."""
+        if not isinstance(estimator, FSDEstimator):
+            raise UsageError(f"add() takes a fitted laftr estimator, got {type(estimator).__name__}")
         if not estimator.fitted:
             raise UsageError("the estimator is not fitted")
         self.estimators.append(estimator)
@@ -181,6 +183,8 @@ class FSDRegularizer:
         ``refresh > 1`` the returned tensor is the latest fresh estimate's first-order expansion (see the
         class); its gradient reaches the trainable parameters only.
         """
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"penalty() takes the network (a torch.nn.Module), got {type(model).__name__}")
         if not torch.is_grad_enabled() and (self.every > 1 or self.refresh > 1):
             # a call without gradients (logging the penalty) neither advances the schedule nor becomes the
             # anchor whose gradient the next steps reuse: it gets a fresh estimate of its own
