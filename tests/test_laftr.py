@@ -524,3 +524,28 @@ def test_closed_form_refuses_at_fit_not_at_first_use(kind, msg):
     with pytest.raises(UnsupportedOpError, match=msg):
         laftr.make_estimator("laftr-exact", metric="l2").fit(_NoClosedForm(kind), x)
     laftr.make_estimator("laftr", metric="l2").fit(_NoClosedForm(kind), x)  # the Monte Carlo estimator runs it
+
+
+def test_summaries_of_other_parameters_or_widths_do_not_merge_or_serve_another_model():
+    # were merged without a word (a summary recorded nothing of its theta0), or failed with a raw RuntimeError
+    from laftr._util import param_dict
+
+    torch.manual_seed(0)
+    model, X = mlp(), torch.randn(80, 5)
+    net, p0 = TracedNet(model), param_dict(model, detach=True)
+    a, b = fit_summary(net, p0, X[:40], "gaussian"), fit_summary(net, p0, X[40:], "gaussian")
+    merged = a.merge(b)  # the same theta0: fine, and usable at that model
+    laftr.make_estimator("laftr").fit_summary_only(merged, model)
+    other = perturbed(model, 0.1)
+    c = fit_summary(net, param_dict(other, detach=True), X[40:], "gaussian")
+    with pytest.raises(UsageError, match="fitted at different parameters"):
+        a.merge(c)
+    with pytest.raises(UsageError, match="fitted at other parameters than the model's"):
+        laftr.make_estimator("laftr").fit_summary_only(merged, other)
+    wide = mlp(5, (16, 6), 3)
+    d = fit_summary(TracedNet(wide), param_dict(wide, detach=True), X[40:], "gaussian")
+    with pytest.raises(UsageError, match="other layer widths|fitted at different parameters"):
+        a.merge(d)
+    d.theta0 = None  # (a summary read back from a file: its theta0 is not known) the widths are still checked
+    with pytest.raises(UsageError, match="other layer widths"):
+        a.merge(d)

@@ -38,6 +38,9 @@ class Summary:
 
     site_sums: dict[str, dict[str, torch.Tensor]]
     inputs: InputModel
+    #: a fingerprint of the parameters it was fitted at (:func:`theta0_fingerprint`; None: not known, as for a
+    #: summary read back from a file, whose estimator keeps theta0 itself)
+    theta0: dict[str, tuple[int, ...] | tuple[float, float]] | None = None
 
     @property
     def counts(self) -> torch.Tensor:
@@ -62,18 +65,27 @@ class Summary:
         return self.inputs.dim
 
     def merge(self, other: Summary) -> Summary:
-        """The summary of the union of both data sets (exact up to float64 rounding of sums)."""
+        """The summary of the union of both data sets (exact up to float64 rounding of sums).
+
+        Raises:
+            UsageError: summaries of different networks (sites, statistics or their shapes differ), or fitted
+                at different parameters (theta0) -- their sums describe different functions.
+        """
         if sorted(self.site_sums) != sorted(other.site_sums):
             raise UsageError("cannot merge summaries of different networks (their sites differ)")
+        if self.theta0 is not None and other.theta0 is not None and self.theta0 != other.theta0:
+            raise UsageError("cannot merge summaries fitted at different parameters (theta0): fit every "
+                             "shard at the same network")
         inputs = self.inputs.merge(other.inputs)
         G = max(self.num_groups, other.num_groups)
         sums = {}
         for site, d in self.site_sums.items():
             o = other.site_sums[site]
-            if sorted(d) != sorted(o):
-                raise UsageError(f"cannot merge summaries: site {site!r} records different statistics")
+            if sorted(d) != sorted(o) or any(v.shape[1:] != o[k].shape[1:] for k, v in d.items()):
+                raise UsageError(f"cannot merge summaries: site {site!r} records different statistics "
+                                 "(another network, or other layer widths)")
             sums[site] = {k: pad_groups(v, G) + pad_groups(o[k], G) for k, v in d.items()}
-        return Summary(sums, inputs)
+        return Summary(sums, inputs, self.theta0 if self.theta0 is not None else other.theta0)
 
     # ------------------------------------------------------------------ derived quantities
     def weights(self) -> torch.Tensor:
@@ -237,7 +249,21 @@ def fit_summary(
         _check_sites(net, sums, record_pools, exact)
     assert inputs.counts is not None  # the pass over the data set them
     log.info("LAFTR summary: %d examples, %d groups, %d sites", int(inputs.counts.sum()), G, len(sums))
-    return Summary(sums, inputs)
+    return Summary(sums, inputs, theta0_fingerprint(theta0))
+
+
+def theta0_fingerprint(params: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...] | tuple[float, float]]:
+    """Per parameter, its shape and the float64 sum and sum of squares of its values.
+
+    Cheap (one pass), and enough to tell the parameters a summary was fitted at from others in practice: it
+    guards merging shards and :meth:`laftr.FSDEstimator.fit_summary_only` against a summary of another theta0.
+    """
+    out: dict[str, tuple[int, ...] | tuple[float, float]] = {}
+    for name, t in sorted(params.items()):
+        v = t.detach().to(torch.float64)
+        out[name] = tuple(t.shape)
+        out[name + "#"] = (float(v.sum()), float(v.pow(2).sum()))
+    return out
 
 
 def _check_sites(net: TracedNet, sums: dict[str, Any], record_pools: bool,

@@ -542,6 +542,12 @@ def _probe_dtype(model: nn.Module, x: torch.Tensor) -> None:
         log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
 
 
+def _first_linear_takes(model: nn.Module, n: int) -> bool:
+    """Whether the first layer with parameters of ``model`` is an ``nn.Linear`` of ``n`` input features."""
+    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+    return isinstance(first, nn.Linear) and first.in_features == n
+
+
 def _refuse_inference_mode(what: str) -> None:
     """Raise :class:`UsageError` inside ``torch.inference_mode()``.
 
@@ -582,7 +588,7 @@ def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | No
                 f"{type(model).__name__} does not run on the data: {str(e).splitlines()[0]} (each example "
                 f"has shape {tuple(x.shape[1:])}, dtype {x.dtype})"
                 + ("; a network of flat vectors needs nn.Flatten() first (or flatten the data)"
-                   if x.ndim > 2 and "cannot be multiplied" in str(e) else "")) from e
+                   if x.ndim > 2 and _first_linear_takes(model, x[0].numel()) else "")) from e
         return None
     if not isinstance(z, torch.Tensor):
         if outputs is not None:

@@ -23,7 +23,7 @@ from ..metrics import QUADRATIC_METRICS, discrepancy
 from ..moments import CacheMiss, JointMoments, Theta0Cache
 from ..rules.base import Rule
 from ..rules.gates import GateRule, gate_families
-from ..summary import Summary, fit_summary
+from ..summary import Summary, fit_summary, theta0_fingerprint
 from .base import EstimatorConfig, FSDEstimator, check_int, register
 
 INPUT_MODEL_NAMES = tuple(sorted(INPUT_MODELS))
@@ -288,6 +288,10 @@ class _LaftrBase(FSDEstimator):
         if summary.inputs.name != self.cfg.input_model:
             raise UsageError(f"the summary has a {summary.inputs.name!r} input model, this estimator is "
                              f"configured for {self.cfg.input_model!r}")
+        at = theta0_fingerprint(param_dict(model, detach=True))
+        if summary.theta0 is not None and summary.theta0 != at:
+            raise UsageError("the summary was fitted at other parameters than the model's current ones "
+                             "(theta0): fit_summary_only takes the network the summary was fitted at")
         self._set_reference(model, outputs)
         self.summary = summary
         self._after_summary(self._traced(model))
@@ -392,14 +396,14 @@ class _LaftrBase(FSDEstimator):
         if self.summary is None or not self.summary.site_sums:
             return
         if not self._reads_sites():
-            self.summary = Summary({}, self.summary.inputs)
+            self.summary = Summary({}, self.summary.inputs, self.summary.theta0)
             return
         # linearize="activations": the laws of the ops run exactly (max pools' are kept, as always)
         families = {name: fam for name, fam, *_ in self.site_signature or []}
         keep = {s: d for s, d in self.summary.site_sums.items()
                 if families.get(s) == "maxpool" or self._reads_site(families.get(s, ""))}
         if len(keep) != len(self.summary.site_sums):
-            self.summary = Summary(keep, self.summary.inputs)
+            self.summary = Summary(keep, self.summary.inputs, self.summary.theta0)
 
 
 @register("laftr")
