@@ -362,6 +362,12 @@ def test_regularizer_audit_findings():
     reg.add(laftr.make_estimator("laftr", num_samples=4).fit(model, _xy(30)))
     reg.penalty(model)
     assert model.training and not model[1].training
+    # refresh: a model moved to another dtype is estimated afresh (the expansion stayed in the old dtype)
+    net32 = _mlp().float()
+    reg = FSDRegularizer(None, lam=1.0, refresh=4)
+    reg.add(laftr.make_estimator("laftr", num_samples=4).fit(net32, _xy(30)[0].float()))
+    assert reg.penalty(net32).dtype == torch.float32
+    assert reg.penalty(net32.double()).dtype == torch.float64
     # with refresh / every, a call without gradients (logging) is a fresh estimate that leaves the schedule alone
     net = _mlp()
     est = laftr.make_estimator("laftr-exact").fit(net, _xy(50))

@@ -219,6 +219,10 @@ class FSDRegularizer:
     def _expanded(self, model: nn.Module, fresh: bool) -> torch.Tensor:
         """The penalty's first-order expansion around the latest fresh estimate (made anew if ``fresh``)."""
         params = [p for p in model.parameters() if p.requires_grad]
+        if self._anchor is not None and any(
+                g.dtype != p.dtype or g.device != p.device
+                for g, p in zip(self._anchor[1], params, strict=False)):
+            fresh = True  # the model moved to another dtype or device (model.float()): estimate afresh there
         if fresh:
             value = self.lam * self._fresh(model)
             grads: Sequence[torch.Tensor | None] = (
