@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from cases import perturbed
-from torch import nn
+from torch import fx, nn
 
 import laftr
 from laftr._util import param_dict
@@ -1025,3 +1026,56 @@ def test_comparisons_that_are_not_gates():
     assert not any(r.family == "compare" for r in TracedNet(model).sites.values())
     est = laftr.make_estimator("laftr", input_model="tokens").fit(model, ids)
     assert float(est(model).detach()) == 0.0
+
+
+# ------------------------------------------------------------------ graphs traced before (Hugging Face's tracer)
+class _Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(torch.relu(h * (1.0 + torch.finfo(torch.float64).eps)))  # (the tests run in float64)
+
+
+def _graph_module(model: _Plain, as_dict: bool = False) -> fx.GraphModule:
+    """``model``'s computation as a graph that reads ``torch.finfo(h.dtype)``, as Hugging Face's tracer records
+    it: torch.fx cannot trace it again (``torch.finfo`` of a traced dtype), its generated code runs."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    h = g.call_module("a", (x,))
+    eps = g.call_function(getattr, (g.call_function(torch.finfo, (g.call_function(getattr, (h, "dtype")),)), "eps"))
+    scaled = g.call_function(operator.mul, (h, g.call_function(operator.add, (1.0, eps))))
+    out = g.call_module("b", (g.call_function(torch.relu, (scaled,)),))
+    g.output({"logits": out} if as_dict else out)
+    return fx.GraphModule(model, g)
+
+
+class _Logits(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)["logits"]
+
+
+def test_a_graph_module_traced_before_is_replayed_not_traced_again():
+    """A graph module (``transformers.utils.fx.symbolic_trace(model)``) is read node by node: its graph may hold
+    calls that a second trace cannot make (``torch.finfo`` of a tensor's dtype: Hugging Face's attention
+    masks). As the network itself or inside a module of the user's, it gives what the same network written
+    as a module gives, draw for draw, and its parameters keep their names."""
+    torch.manual_seed(0)
+    plain, X = _Plain().double(), torch.randn(40, 5, dtype=torch.float64)
+    other = perturbed(plain, 0.05)
+    for wrap in (lambda m: _graph_module(m), lambda m: _Logits(_graph_module(m, as_dict=True))):
+        gm, gm_other = wrap(plain), wrap(other)
+        assert dict(gm.named_parameters()).keys() == {
+            k if isinstance(gm, fx.GraphModule) else f"inner.{k}" for k in dict(plain.named_parameters())}
+        torch.testing.assert_close(laftr.exact_fsd(gm, gm_other, X), laftr.exact_fsd(plain, other, X))
+        for name, kw in (("laftr", {}), ("laftr", {"gates": "relu"}), ("laftr-exact", {}), ("kfac", {}),
+                         ("ntk", {"coreset_size": 10})):
+            want = laftr.make_estimator(name, seed=3, **kw).fit(plain, X)(other)
+            got = laftr.make_estimator(name, seed=3, **kw).fit(gm, X)(gm_other)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15, msg=lambda m, n=name: f"{n}: {m}")

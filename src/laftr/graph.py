@@ -80,7 +80,47 @@ class _Tracer(fx.Tracer):
         fn = None if is_registered_module(m) else traced_forward(m)
         if fn is not None:
             forward = functools.partial(fn, m)
+        elif isinstance(m, fx.GraphModule) and not is_registered_module(m):
+            forward = functools.partial(self._replay, m)
         return super().call_module(m, forward, args, kwargs)
+
+    def _replay(self, gm: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        """A graph traced before (``transformers.utils.fx.symbolic_trace``'s) recorded again node by node.
+
+        Its generated code is not run: it may call what cannot take a traced value (``torch.finfo`` of a
+        tensor's dtype), which the graph holds as plain nodes. Each node is recorded again through this tracer
+        (its modules by their rules or parts, its attributes under the enclosing module's names).
+        """
+        path = self.path_of_module(gm)
+        prefix = f"{path}." if path else ""
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        env: dict[fx.Node, Any] = {}
+        for i, node in enumerate(placeholders):
+            if i < len(args):
+                env[node] = args[i]
+            elif node.target in kwargs:
+                env[node] = kwargs[node.target]
+            elif node.args:  # its default
+                env[node] = node.args[0]
+            else:
+                raise TypeError(f"{type(gm).__name__} needs its argument {node.target!r}")
+
+        def value(a: Any) -> Any:
+            return fx.node.map_arg(a, lambda n: env[n])
+
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                return value(node.args[0])
+            if node.op == "get_attr":
+                env[node] = self.create_proxy("get_attr", prefix + str(node.target), (), {})
+            elif node.op == "call_module":
+                sub = gm.get_submodule(str(node.target))
+                env[node] = self.call_module(sub, sub.forward, value(node.args), value(node.kwargs))
+            else:
+                env[node] = self.create_proxy(node.op, node.target, value(node.args), value(node.kwargs))
+        raise AssertionError("a graph without an output node")
 
     def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                      *rest: Any, **options: Any) -> Any:
@@ -144,6 +184,26 @@ class _Tracer(fx.Tracer):
         return reads_input, reads_state
 
 
+def _trace_graph_module(tracer: _Tracer, gm: fx.GraphModule) -> fx.Graph:
+    """``tracer.trace(gm)`` with ``gm``'s graph replayed node by node instead of its generated code run.
+
+    torch.fx gives each graph module a class of its own; its ``forward`` is swapped for the replay during the
+    trace (the placeholders keep the names of the original ``forward``'s arguments) and put back after.
+    """
+    cls = type(gm)
+    original = cls.forward
+
+    def replay(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        return tracer._replay(self, *args, **kwargs)
+
+    replay.__wrapped__ = original  # type: ignore[attr-defined]  # torch.fx reads the arguments' names here
+    cls.forward = replay
+    try:
+        return tracer.trace(gm)
+    finally:
+        cls.forward = original
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model`` in eval mode; raise :class:`UnsupportedOpError` if it cannot be.
 
@@ -155,7 +215,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
     model.eval()
     try:
         try:
-            graph = _Tracer().trace(model)
+            if isinstance(model, fx.GraphModule) and not is_registered_module(model):
+                graph = _trace_graph_module(_Tracer(), model)
+            else:
+                graph = _Tracer().trace(model)
         except UnsupportedOpError:
             raise
         except Exception as first:
