@@ -968,6 +968,9 @@ class TracedNet:
         #: queries of a data tensor's shape, dtype or device (``B, T, C = x.size()``): plain values, the same
         #: in every stream, so what is computed from them (``C // 2``, ``torch.arange(T)``) is not data either
         self.shape_nodes: set[str] = set()
+        #: plain values computed from shapes alone (``T = x.size()[-1]``), which keep a function of the input
+        #: a function of the input alone (``x.view(-1, T)``)
+        self._from_shapes: set[str] = set()
         fixed: set[str] = set()  # evaluated exactly from the input alone, the same in every stream (no site)
         for node in self.gm.graph.nodes:
             if node.op not in ("call_module", "call_function", "call_method"):
@@ -1001,6 +1004,9 @@ class TracedNet:
                     self.rules[node.name] = _data_rule(node, self.gm, data_nodes, fixed)
             else:
                 self.rules[node.name] = _plain_rule(node, self.gm)
+                if node.all_input_nodes and all(a.name in self.shape_nodes or a.name in self._from_shapes
+                                                for a in node.all_input_nodes):
+                    self._from_shapes.add(node.name)
         self.data_nodes = data_nodes
         self.input_only = input_only
         self._users = {n.name: len(n.users) for n in self.gm.graph.nodes}  # each run counts them down
@@ -1013,7 +1019,7 @@ class TracedNet:
         Its inputs are the input or such nodes (no parameter or buffer), and a module it calls holds none.
         """
         for a in node.all_input_nodes:
-            if a.name in input_only or a.name in self.shape_nodes:
+            if a.name in input_only or a.name in self.shape_nodes or a.name in self._from_shapes:
                 continue
             if a.op == "get_attr" and str(a.target) not in self.param_names:
                 continue  # a constant tensor attribute

@@ -37,6 +37,7 @@ from ..graph import FitMode, StepMode, StepMomentMode, TracedNet
 from ..moments import JointMoments
 from ..rules import IdentityRule, ShapeRule, SumRule
 from ..rules.affine import LikeRule
+from ..rules.attention import EmbeddingRule
 from ..rules.base import Rule, anchorable_pairs, pairs_in
 from .base import register
 from .laftr import LaftrConfig, LaftrEstimator, LaftrExactConfig, LaftrExactEstimator
@@ -80,7 +81,8 @@ def anchor_candidates(net: TracedNet) -> set[str]:
     Every op except sums, shape-only ops and identities (for them the change does not depend on theta0's
     input), the parts of a ``(values, indices)`` result (``torch.max(x, dim).values``, ``torch.sort(x)[0]``:
     its indices are each stream's own, not parameters), and except those whose only data input is the network
-    input (the input model supplies theta0's input there).
+    input (the input model supplies theta0's input there), or for an embedding a view of it (token ids
+    reshaped first).
     """
     out = set()
     for name, rule in net.rules.items():
@@ -89,7 +91,12 @@ def anchor_candidates(net: TracedNet) -> set[str]:
         source = rule.node.args[0] if rule.node.args else None
         if isinstance(source, fx.Node) and getattr(net.rules.get(source.name), "with_indices", False):
             continue
-        if all(a is net.input_node for a in rule.node.all_input_nodes if a.name in net.data_nodes):
+        inputs = [a for a in rule.node.all_input_nodes if a.name in net.data_nodes]
+        if all(a is net.input_node for a in inputs):
+            continue
+        if isinstance(rule, EmbeddingRule) and all(a.name in net.input_only for a in inputs):
+            # token ids reshaped before the embedding (Hugging Face's input_ids.view(-1, T)): computed exactly
+            # from the ids the input model draws, as the network input itself
             continue
         out.add(name)
     return out
