@@ -361,3 +361,43 @@ def test_unknown_argument_is_named_with_the_subcommands_usage(command, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"usage: laftr {command[0]}" in err and f"laftr {command[0]}: error: unrecognized arguments: --bogus" in err
+
+
+def test_audit_3_options_that_were_ignored_or_crashed(files, capsys, tmp_path):
+    d, _ = files
+    net = ["--model", f"{FACTORY_MODULE}:small", "--weights", str(d / "w.pt")]
+    assert main(_summarize(d, *net)) == 0
+    capsys.readouterr()
+    # distance: data options without data were silently ignored (no exact FSD, no word)
+    assert main(["distance", str(d / "s.laftr"), *net, "--classes", "0"]) == 2
+    assert "give --dataset or --tensors" in capsys.readouterr().err
+    # demo: a negative or nan lam skipped the penalty and exited 0
+    for lam in ("-1", "nan"):
+        assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path / "demo"), f"--lam={lam}"]) == 2
+        assert "lam must be a finite number >= 0" in capsys.readouterr().err
+    # --threads beyond the machine crashed torch (a segmentation fault)
+    with pytest.raises(SystemExit) as e:
+        main(["continual", "--benchmark", "split-fmnist", "--threads", "100000", "--out", str(tmp_path / "c")])
+    assert e.value.code == 2 and "threads on a machine of" in capsys.readouterr().err
+    # an --out below a file: one line, exit 1 (was NotADirectoryError's traceback)
+    assert main(["demo", "--quick", "--no-progress", "--out", str(d / "notes.txt" / "sub")]) == 1
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "Traceback" not in err
+    # fsd-bench: a metric named twice (a zip() traceback)
+    assert main(["fsd-bench", "--quick", "--metrics", "l2,l2", "--out", str(tmp_path / "f")]) == 2
+    assert "name one twice" in capsys.readouterr().err
+    # a diverging run (the loss became nan) is a bad setting: one line, exit 2 (was an internal error)
+    argv = ["continual", "--benchmark", "split-mnist", "--quick", "--methods", "none", "--seeds", "1",
+            "--no-progress", "--out", str(tmp_path / "nan"), "--lr", "1e30", "--data-dir", str(_mnist(tmp_path))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the loss became nan" in err and "Traceback" not in err
+    # liftr-exact names itself and its Monte Carlo twin
+    with pytest.raises(ValueError, match="liftr-exact has a closed form only.*Monte Carlo 'liftr'"):
+        laftr.make_estimator("liftr-exact", metric="kl")
+
+
+def _mnist(tmp_path):
+    from test_continual import write_mnist
+
+    return write_mnist(tmp_path / "mnist")

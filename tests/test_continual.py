@@ -695,7 +695,7 @@ def test_cli_resume_keeps_finished_runs_and_checks_settings(mnist_dir, tmp_path,
     (out / "results.json").write_text(json.dumps(cut))
     (out / "table.md").unlink()
     # a different setting is refused and the folder is left alone
-    assert main([*argv[:-2], "--resume", "--epochs", "2"]) == 1
+    assert main([*argv[:-2], "--resume", "--epochs", "2"]) == 2  # a usage mistake (the exit table)
     assert "settings differ" in capsys.readouterr().err and not (out / "table.md").exists()
     assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
@@ -707,7 +707,7 @@ def test_cli_resume_keeps_finished_runs_and_checks_settings(mnist_dir, tmp_path,
     # the rerun seed is deterministic: same accuracies as the uninterrupted run
     assert ewc["acc_matrix"][1] == full["methods"]["ewc"]["summary"]["acc_matrix"][1]
     assert (out / "table.md").exists()
-    assert main([*argv[:-2], "--resume", "--out", str(tmp_path / "nothing-here")]) == 1
+    assert main([*argv[:-2], "--resume", "--out", str(tmp_path / "nothing-here")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -650,3 +650,17 @@ def test_labels_out_of_range_and_float_labels_are_named():
     for ctor in (PBRF, ClassicalInfluence):
         with pytest.raises(ValueError, match=r"class labels stored as floats.*need y.long\(\)"):
             ctor(cls, (X, Y.double()), damping=1.0)
+
+
+def test_estimator_options_no_method_uses_or_given_twice_are_refused():
+    from laftr.errors import UsageError
+    from laftr.influence.experiment import resolve_estimator_options
+
+    # --est-opt kfac.seed=1 with no pbrf-kfac method was silently unused; an option in both the brackets and
+    # --est-opt ran with the bracket's value and recorded the other
+    with pytest.raises(UsageError, match="options given for 'kfac', which no method uses"):
+        resolve_estimator_options({"kfac": {"seed": 1}}, "regression", ["pbrf", "pbrf-laftr"])
+    with pytest.raises(UsageError, match="given both in the method's brackets and by --est-opt"):
+        resolve_estimator_options({"laftr": {"num_samples": 500}}, "regression", ["pbrf-laftr[num_samples=5]"])
+    opts = resolve_estimator_options({"laftr": {"num_samples": 500}}, "regression", ["pbrf", "pbrf-laftr"])
+    assert opts["laftr"]["num_samples"] == 500

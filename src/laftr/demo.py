@@ -9,6 +9,7 @@ loss. The report compares old/new-task accuracies and the estimated vs true func
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 import laftr
 
 from .continual import FSDRegularizer, Task, TrainConfig, evaluate_task, train_task
+from .errors import UsageError
 from .models import mlp
 from .report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
 
@@ -94,6 +96,10 @@ def run_demo(
         The results dictionary also written to ``results.json``.
     """
     t_start = time.perf_counter()
+    if lam is not None and not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise UsageError(f"lam must be a finite number >= 0, got {lam!r}")  # (-1 and nan skipped the penalty)
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise UsageError(f"epochs must be a positive integer, got {epochs!r}")
     folder = RunFolder(out_dir, force=force)
     out = folder.open()
     st = DemoSettings()

@@ -146,6 +146,9 @@ def prepare_out_dir(path: str | os.PathLike[str], force: bool = False) -> Path:
 
 
 def _check_target(path: Path, force: bool, resume: bool = False) -> None:
+    parent = next((q for q in path.absolute().parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise OutDirError(f"cannot write {path}: {parent} is a file, not a folder; choose another --out")
     if path.exists() and not path.is_dir():
         raise OutDirError(f"output path {path} exists and is not a folder; choose another --out")
     if path.is_dir() and any(path.iterdir()) and not (force or resume):

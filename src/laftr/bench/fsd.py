@@ -458,6 +458,8 @@ class FsdBenchConfig(ExperimentConfig):
             check_metric(m)
         if not self.metrics:
             raise UsageError("no metrics given")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise UsageError(f"metrics {self.metrics} name one twice")
         assert self.task_a is not None and self.task_b is not None
         if self.tokens:
             if self.task_a or self.task_b:

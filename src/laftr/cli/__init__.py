@@ -33,7 +33,9 @@ To add a subcommand, write ``add_arguments(parser)`` and ``run(args) -> int`` an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -134,6 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return exit_code(e)
+    except FloatingPointError as e:  # training diverged (the loss became nan): the settings, not a bug
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # the output went to a pipe that closed (laftr info FILE | head -1)
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (interpreter exit flushes stdout into it)
+        return EXIT_OK
     except Exception:  # noqa: BLE001 - a bug or a resource failure: keep everything needed to find it
         traceback.print_exc(file=sys.stderr)
         print(f"{prog}: internal error "

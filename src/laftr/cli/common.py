@@ -197,6 +197,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int:
+    """An ``argparse`` type: torch threads, 1 up to 4 per CPU of this machine (100,000 crashed torch)."""
+    value = positive_int(text)
+    most = 4 * (os.cpu_count() or 1)
+    if value > most:
+        raise argparse.ArgumentTypeError(f"{value} threads on a machine of {os.cpu_count()} CPUs; give at "
+                                         f"most {most}")
+    return value
+
+
 def csv_list(text: str) -> list[str]:
     """An ``argparse`` type: ``"a, b,c"`` -> ``["a", "b", "c"]`` (empty items dropped)."""
     return [t.strip() for t in text.split(",") if t.strip()]

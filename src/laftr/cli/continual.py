@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
-from .common import EXIT_OK, Subcommand, command_line, user_options
+from .common import EXIT_OK, Subcommand, command_line, thread_count, user_options
 
 #: The methods run when ``--methods`` is not given (less those a benchmark cannot run).
 DEFAULT_METHODS = "none,joint,ewc,kfac,ntk,subset,laftr,laftr-classwise,laftr-exact,laftr-coreset"
@@ -77,7 +77,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, default=None, help="penalty weight for every regularized method "
                    "(default: the validation-tuned value of each)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
+    p.add_argument("--threads", type=thread_count, default=None, help="torch.set_num_threads for the run")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

@@ -8,7 +8,16 @@ from pathlib import Path
 
 from ..bench.fsd import ARCHS
 from ..errors import UsageError
-from .common import EXIT_OK, Subcommand, command_line, csv_list, int_list, spec_list, user_options
+from .common import (
+    EXIT_OK,
+    Subcommand,
+    command_line,
+    csv_list,
+    int_list,
+    spec_list,
+    thread_count,
+    user_options,
+)
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +54,7 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="the continuations of theta0: default (diverse, many far from theta0) or near "
                         "(10-100x smaller learning rates and strongly regularized runs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=thread_count, default=None,
                    help="torch threads (default: torch's choice; 1 for --quick vit and transformer)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

@@ -11,9 +11,9 @@ from .common import (
     EXIT_OK,
     Subcommand,
     command_line,
-    positive_int,
     positive_int_list,
     spec_list,
+    thread_count,
     user_options,
 )
 
@@ -72,7 +72,7 @@ def _common_args(p: argparse.ArgumentParser, datasets: tuple[str, ...]) -> None:
     p.add_argument("--max-iter", type=int, default=None, help="PBRF L-BFGS iteration cap per query")
     p.add_argument("--est-opt", action="append", metavar="EST.FIELD=VALUE",
                    help="estimator option for pbrf-EST, e.g. laftr.num_samples=8192 (repeatable)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=thread_count, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

@@ -198,6 +198,13 @@ def _distance(args: argparse.Namespace, rank: int, world: int, device: torch.dev
         except ValueError as e:  # laftr's architecture check raises a bare ValueError naming the parameter
             raise UsageError(f"--model {args.model} does not fit {args.summary}: {e}") from e
         x = None
+        unused = [flag for flag, v in (("--classes", args.classes), ("--limit", args.limit),
+                                       ("--data-dir", args.data_dir)) if v is not None]
+        if unused and args.dataset is None and args.tensors is None:
+            raise UsageError(f"{' and '.join(unused)} choose the data of the exact FSD: give --dataset or "
+                             "--tensors too")
+        if args.data_dir is not None and args.tensors is not None:
+            raise UsageError("--data-dir is the folder of a --dataset's files; --tensors names its own file")
         if args.dataset is not None or args.tensors is not None:
             x, _ = load_data(args.dataset, args.data_dir, args.classes, args.tensors, limit=args.limit)
             check_model_accepts(model, x, f"--model {args.model}")

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..config import ExperimentConfig
-from ..errors import OutDirError, UsageError
+from ..errors import UsageError
 from ..report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
 from .benchmarks import BenchmarkSpec, build_stream, get_benchmark, load_stream_data
 from .methods import MethodSpec, parse_method, parse_methods
@@ -267,10 +267,10 @@ def run_benchmark(settings: ContinualSettings, out_dir: str | Path, *, force: bo
     otherwise the folder is left alone and an error says what differs.
 
     Raises:
-        ValueError: unknown benchmark or method, bad settings.
+        ValueError: unknown benchmark or method, bad settings; ``resume`` and the folder holds no readable
+            results.json of the same settings (a :class:`laftr.UsageError`).
         laftr.errors.DatasetNotFoundError: data files missing.
-        laftr.errors.OutDirError: ``out_dir`` is not empty and neither ``force`` nor ``resume`` is given; or
-            ``resume`` and the folder holds no readable results.json of the same settings.
+        laftr.errors.OutDirError: ``out_dir`` is not empty and neither ``force`` nor ``resume`` is given.
     """
     # checked at construction; again before touching the disk, in case a field was changed in place
     settings.validate()
@@ -343,20 +343,20 @@ def _load_finished_runs(folder: RunFolder,
     """
     path = (folder.staging if folder.staging.is_dir() else folder.path) / "results.json"
     if not path.is_file():
-        raise OutDirError(f"cannot resume: {folder.path / 'results.json'} does not exist and no interrupted "
+        raise UsageError(f"cannot resume: {folder.path / 'results.json'} does not exist and no interrupted "
                           f"run is in {folder.staging}")
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
         old_settings = old["settings"]
         methods = old["methods"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise OutDirError(f"cannot resume: {path} is not a results file of laftr continual ({exc})") from exc
+        raise UsageError(f"cannot resume: {path} is not a results file of laftr continual ({exc})") from exc
     new_settings = dataclasses.asdict(settings)
     diff = sorted(k for k in set(old_settings) | set(new_settings)
                   if k not in _RESUME_IGNORED and old_settings.get(k) != new_settings.get(k))
     if diff:
         shown = ", ".join(f"{k}: {old_settings.get(k)!r} there vs {new_settings.get(k)!r} now" for k in diff)
-        raise OutDirError(f"cannot resume {path}: its settings differ ({shown})")
+        raise UsageError(f"cannot resume {path}: its settings differ ({shown})")
     done: dict[str, list[RunResult]] = {}
     fields = {f.name for f in dataclasses.fields(RunResult)}
     for name, m in methods.items():

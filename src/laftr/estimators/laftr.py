@@ -207,8 +207,9 @@ class LaftrExactConfig(LaftrBaseConfig):
         """Check the options; the closed form needs a quadratic metric."""
         super().__post_init__()
         if self.metric not in QUADRATIC_METRICS:
-            raise UsageError(f"laftr-exact has a closed form only for metrics {sorted(QUADRATIC_METRICS)}; "
-                             f"use the Monte Carlo 'laftr' estimator for {self.metric!r}")
+            mc = "liftr" if type(self).__name__.startswith("Liftr") else "laftr"
+            raise UsageError(f"{mc}-exact has a closed form only for metrics {sorted(QUADRATIC_METRICS)}; "
+                             f"use the Monte Carlo {mc!r} estimator for {self.metric!r}")
         check_int(self, "max_state", minimum=1)
         if not isinstance(self.mu_outer, bool):
             raise UsageError(f"mu_outer must be True or False, got {self.mu_outer!r}")

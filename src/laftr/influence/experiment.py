@@ -71,6 +71,18 @@ def resolve_estimator_options(user: dict[str, dict[str, Any]] | None, task: str,
         _, tag, spec = parse_method_name(m)
         if tag is not None:
             keys.add(spec.base)  # <name>@<tag>
+    if methods is not None:
+        specs = [parse_method_name(m)[2] for m in methods]
+        used = {sp.base for sp in specs if sp.base}
+        unused = sorted(k for k in user if user[k] and k not in used)
+        if unused:
+            raise UsageError(f"options given for {', '.join(map(repr, unused))}, which no method uses "
+                             f"(methods: {', '.join(methods)}): they would be ignored")
+        for sp in specs:
+            twice = sorted(set(dict(sp.overrides)) & set(user.get(sp.base, {})))
+            if twice:
+                raise UsageError(f"{sp.base} option(s) {twice} given both in the method's brackets and by "
+                                 "--est-opt; give each once")
     out: dict[str, dict[str, Any]] = {}
     for key in sorted(keys):
         name = key.partition("@")[0]
