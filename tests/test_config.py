@@ -170,3 +170,15 @@ def test_continual_settings_resolve_the_run_at_construction():
     # what is recorded: the fields as given (None: the benchmark's protocol), nothing resolved added
     assert set(dataclasses.asdict(settings)) == {f.name for f in dataclasses.fields(ContinualSettings)}
     assert settings.epochs is None
+
+
+def test_fsd_bench_sizes_beyond_the_data_are_refused_before_any_file(tmp_path):
+    # were recorded as given while the run used all the data (subset-100000000 stored 1,500 inputs)
+    from laftr.bench.fsd import run_fsd_bench
+
+    for kw, msg in (({"methods": ["subset-100000000"]}, r"coreset size\(s\) \[100000000\] but task A has"),
+                    ({"methods": ["ntk-5000"]}, r"coreset size\(s\) \[5000\] but task A has 721")):
+        cfg = FsdBenchConfig.for_arch("mlp", quick=True, dataset="digits", progress=False, **kw)
+        with pytest.raises(UsageError, match=msg):
+            run_fsd_bench(cfg, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -1028,6 +1028,20 @@ def _pattern_change(model0: nn.Module, model: nn.Module, x: torch.Tensor, batch:
 
 
 # ------------------------------------------------------------------------------------------- the run
+def _check_sizes(cfg: FsdBenchConfig, n: int) -> None:
+    """Refuse a coreset method named with a size beyond task A's ``n`` training examples.
+
+    Its row would be labelled with the size asked for and keep all ``n``. (``n_fit`` is an upper bound, as
+    documented: ``results.json`` records the examples used under ``theta0.n_fit``.)
+    """
+    # (a method named with its size; the default sizes' rows keep all examples where there are fewer)
+    asked = {int(m.split("-")[1]) for m in cfg.methods or [] if re.fullmatch(r"(subset|ntk)-\d+", m)}
+    big = sorted(k for k in asked if k > n)
+    if big:
+        raise UsageError(f"coreset size(s) {big} but task A has {n:,} training examples: a coreset keeps at "
+                         "most all of them")
+
+
 def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
                   command: str = "laftr fsd-bench") -> dict[str, Any]:
     """Run the benchmark and write ``results.json``, ``table.md``, ``scatter.png`` and ``memory.png``.
@@ -1040,7 +1054,6 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
     """
     cfg.validate()
     folder = RunFolder(out_dir, force=force)
-    out = folder.open()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
@@ -1049,6 +1062,8 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
     gen = torch.Generator().manual_seed(cfg.seed)
     data = _load(cfg, gen)
     xa, ya, outputs_a = data.a.x, data.a.y, data.a.outputs
+    _check_sizes(cfg, len(xa))
+    out = folder.open()  # (after the data: a refused size leaves nothing behind)
     in_shape = tuple(xa.shape[1:])
     timings: dict[str, float] = {}
 
