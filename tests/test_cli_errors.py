@@ -401,3 +401,24 @@ def _mnist(tmp_path):
     from test_continual import write_mnist
 
     return write_mnist(tmp_path / "mnist")
+
+
+def test_continual_arch_choices_match_what_the_benchmarks_take(capsys, tmp_path):
+    # the message for arithmetic offered --arch transformer, which the command line refused as an invalid choice
+    assert main(["continual", "--benchmark", "arithmetic", "--arch", "mlp", "--out", str(tmp_path / "a")]) == 2
+    assert "choose one of transformer" in capsys.readouterr().err
+    from laftr.cli import build_parser
+
+    args = build_parser().parse_args(["continual", "--benchmark", "arithmetic", "--arch", "transformer",
+                                      "--out", str(tmp_path / "b")])
+    assert args.arch == "transformer"
+    assert build_parser().parse_args(["continual", "--benchmark", "split-fmnist", "--arch", "conv",
+                                      "--out", str(tmp_path / "c")]).arch == "conv"
+
+
+def test_summarize_out_below_a_file_names_the_file(files, capsys):
+    d, _ = files
+    argv = _summarize(d, "--model", f"{FACTORY_MODULE}:small", "--weights", str(d / "w.pt"))
+    argv[argv.index("--out") + 1] = str(d / "notes.txt" / "s.laftr")
+    assert main(argv) == 1
+    assert "notes.txt is a file, not a folder" in capsys.readouterr().err  # (said "does not exist")

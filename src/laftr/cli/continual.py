@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..continual.benchmarks import ARCHS as CONTINUAL_ARCHS
 from ..errors import UsageError
 from .common import EXIT_OK, Subcommand, command_line, thread_count, user_options
 
@@ -39,11 +40,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     from ..continual.benchmarks import BENCHMARKS
 
     p.add_argument("--benchmark", required=True, help=f"one of {', '.join(BENCHMARKS)}")
-    p.add_argument("--arch", choices=["mlp", "vit"], default=None,
-                   help="network of an image benchmark: mlp or vit "
-                        "(a small vision transformer, laftr.models.vit); default: the benchmark's own "
-                        "(the MLP; the conv net for split-cifar; the arithmetic benchmarks take "
-                        "only their transformer)")
+    p.add_argument("--arch", choices=list(CONTINUAL_ARCHS), default=None,
+                   help="network: mlp, conv or vit (a small vision transformer, laftr.models.vit) on an "
+                        "image benchmark, transformer on the arithmetic ones; default: the benchmark's own "
+                        "(the MLP; the conv net for split-cifar; the transformer for arithmetic)")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods, optionally with overrides, e.g. "
                         f"'none,laftr[lam=10],subset[coreset_size=786]' "

@@ -117,7 +117,8 @@ def _check_out_file(out: Path, force: bool) -> None:
         raise OutputPathError(f"{out} exists and is not a laftr summary: --force replaces an earlier "
                               "summary, never another file; choose another --out (or remove the file)")
     if not out.parent.is_dir():
-        raise OutputPathError(f"cannot write {out}: folder {out.parent} does not exist")
+        what = "is a file, not a folder" if out.parent.exists() else "does not exist"
+        raise OutputPathError(f"cannot write {out}: {out.parent} {what}")
 
 
 def _summarize_run(args: argparse.Namespace) -> int:
