@@ -422,3 +422,20 @@ def test_summarize_out_below_a_file_names_the_file(files, capsys):
     argv[argv.index("--out") + 1] = str(d / "notes.txt" / "s.laftr")
     assert main(argv) == 1
     assert "notes.txt is a file, not a folder" in capsys.readouterr().err  # (said "does not exist")
+
+
+def test_ctrl_c_of_continual_says_where_the_finished_runs_are(monkeypatch, capsys, tmp_path):
+    help_text, add_args, _ = SUBCOMMANDS["continual"]
+
+    def run(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(SUBCOMMANDS, "continual", (help_text, add_args, run))
+    argv = ["continual", "--benchmark", "split-fmnist", "--out", str(tmp_path / "run")]
+    assert main(argv) == 130
+    assert "--resume" not in capsys.readouterr().err  # nothing written yet: nothing to resume
+    (tmp_path / ".run.partial").mkdir()
+    (tmp_path / ".run.partial" / "results.json").write_text("{}")
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert ".run.partial" in err and "--resume" in err and "Traceback" not in err

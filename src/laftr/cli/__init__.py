@@ -39,6 +39,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import LaftrError, OutputPathError
 from . import continual, demo, fsd_bench, influence, info, summarize
@@ -131,7 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         refuse_torchrun(args.command)
         return int(args._run(args))
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
+        resume = ""
+        if args.command == "continual" and getattr(args, "out", None):
+            out = Path(args.out)
+            staging = out.parent / f".{out.name}.partial"
+            if staging.is_dir() and any(staging.iterdir()):
+                resume = f"; the finished runs are kept in {staging}: the command with --resume continues"
+        print(f"\n{prog}: interrupted{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
