@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import math
 import os
 import secrets
 import warnings
@@ -380,3 +381,57 @@ def tangent_map(f: Callable[[dict[str, torch.Tensor]], torch.Tensor], primals: d
             return jvp(f, (primals,), (v,))[1]
 
         return plain
+
+
+# ---------------------------------------------------------------------------------------------- model vs data
+#: Words of torch's messages when an op gets an input of the wrong shape or dtype.
+_SHAPE_WORDS = ("shape", "size", "dimension", "expected", "dtype", "channels", "same type", "scalar type",
+                "must match")
+
+
+def is_shape_error(e: BaseException) -> bool:
+    """Whether torch's error ``e`` says an op got an input of the wrong shape or dtype (a data mismatch)."""
+    return any(w in str(e).lower() for w in _SHAPE_WORDS)
+
+
+def first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first submodule (in registration order) that holds parameters of its own, with its name."""
+    for name, mod in model.named_modules():
+        if any(True for _ in mod.parameters(recurse=False)):
+            return name or type(model).__name__, mod
+    return None
+
+
+def layer_expects(layer: nn.Module) -> str:
+    """What inputs ``layer`` takes, in words (for messages)."""
+    if isinstance(layer, nn.Linear):
+        return f"inputs whose last dimension is {layer.in_features}"
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        dims = {nn.Conv1d: "L", nn.Conv2d: "H, W", nn.Conv3d: "D, H, W"}[type(layer)]
+        return f"examples of shape ({layer.in_channels}, {dims})"
+    if isinstance(layer, nn.Embedding):
+        return f"integer token ids in [0, {layer.num_embeddings})"
+    if isinstance(layer, nn.LayerNorm):
+        return f"inputs whose last dimensions are {list(layer.normalized_shape)}"
+    return "inputs of another shape"
+
+
+def data_hint(layer: nn.Module, x: torch.Tensor) -> str:
+    """A fix for data ``x`` that the first layer ``layer`` does not take (``""`` when none is evident)."""
+    ex = list(x.shape[1:])
+    n = math.prod(ex)
+    if not x.is_floating_point() and not isinstance(layer, nn.Embedding):
+        return (f" The data is {str(x.dtype).removeprefix('torch.')} but the first layer computes with "
+                "floats: save float inputs, or start the network with nn.Embedding if they are token ids.")
+    if isinstance(layer, nn.Linear) and len(ex) >= 2:
+        fits = " (they have as many values as it takes)" if n == layer.in_features else (
+            f"; note the examples have {n} values and the layer takes {layer.in_features}")
+        return (f" The examples are {len(ex)}-dimensional: a network of flat vectors needs nn.Flatten() "
+                f"first (before the first layer){fits}.")
+    if isinstance(layer, nn.Linear) and len(ex) == 1 and ex[0] != layer.in_features:
+        return f" The data has {ex[0]} features per example, the layer takes {layer.in_features}."
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and len(ex) <= 1:
+        return " The examples are flat vectors: save them with their channel and spatial dimensions."
+    if isinstance(layer, nn.Embedding) and x.is_floating_point():
+        return " Token ids must be an integer tensor (e.g. x.long())."
+    return ""

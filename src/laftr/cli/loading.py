@@ -16,7 +16,6 @@ import ast
 import contextlib
 import importlib
 import importlib.util
-import math
 import os
 import pickle
 import re
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .._util import data_hint, first_layer, is_shape_error, layer_expects
 from ..errors import DataError, InputFileError, LaftrError, UntrustedPickleError, UsageError
 
 if TYPE_CHECKING:
@@ -417,51 +417,6 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- model vs data
-#: Words of torch's messages when an op gets an input of the wrong shape or dtype.
-_SHAPE_WORDS = ("shape", "size", "dimension", "expected", "dtype", "channels", "same type", "scalar type",
-                "must match")
-
-
-def first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The first submodule (in registration order) that holds parameters of its own, with its name."""
-    for name, mod in model.named_modules():
-        if any(True for _ in mod.parameters(recurse=False)):
-            return name or type(model).__name__, mod
-    return None
-
-
-def _expects(layer: nn.Module) -> str:
-    if isinstance(layer, nn.Linear):
-        return f"inputs whose last dimension is {layer.in_features}"
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        dims = {nn.Conv1d: "L", nn.Conv2d: "H, W", nn.Conv3d: "D, H, W"}[type(layer)]
-        return f"examples of shape ({layer.in_channels}, {dims})"
-    if isinstance(layer, nn.Embedding):
-        return f"integer token ids in [0, {layer.num_embeddings})"
-    if isinstance(layer, nn.LayerNorm):
-        return f"inputs whose last dimensions are {list(layer.normalized_shape)}"
-    return "inputs of another shape"
-
-
-def _hint(layer: nn.Module, x: torch.Tensor) -> str:
-    ex = list(x.shape[1:])
-    n = math.prod(ex)
-    if not x.is_floating_point() and not isinstance(layer, nn.Embedding):
-        return (f" The data is {str(x.dtype).removeprefix('torch.')} but the first layer computes with "
-                "floats: save float inputs, or start the network with nn.Embedding if they are token ids.")
-    if isinstance(layer, nn.Linear) and len(ex) >= 2:
-        fits = " (they have as many values as it takes)" if n == layer.in_features else (
-            f"; note the examples have {n} values and the layer takes {layer.in_features}")
-        return f" The examples are {len(ex)}-dimensional: add nn.Flatten() before the first layer{fits}."
-    if isinstance(layer, nn.Linear) and len(ex) == 1 and ex[0] != layer.in_features:
-        return f" The data has {ex[0]} features per example, the layer takes {layer.in_features}."
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and len(ex) <= 1:
-        return " The examples are flat vectors: save them with their channel and spatial dimensions."
-    if isinstance(layer, nn.Embedding) and x.is_floating_point():
-        return " Token ids must be an integer tensor (e.g. x.long())."
-    return ""
-
-
 def check_model_accepts(model: nn.Module, x: torch.Tensor, spec: str = "the model",
                         outputs: list[int] | None = None) -> None:
     """Run ``model`` on two examples of ``x``; a shape or dtype mismatch becomes a clear :class:`DataError`.
@@ -486,7 +441,7 @@ def check_model_accepts(model: nn.Module, x: torch.Tensor, spec: str = "the mode
     except IndexError as e:  # an embedding given ids beyond its vocabulary
         raise DataError(_mismatch(model, x, spec, e)) from e
     except (RuntimeError, ValueError, TypeError) as e:
-        if _out_of_memory(e) or not any(w in str(e).lower() for w in _SHAPE_WORDS):
+        if _out_of_memory(e) or not is_shape_error(e):
             raise
         raise DataError(_mismatch(model, x, spec, e)) from e
     if outputs is not None:
@@ -505,8 +460,8 @@ def _mismatch(model: nn.Module, x: torch.Tensor, spec: str, e: BaseException) ->
         layer_text, hint = "", ""
     else:
         name, layer = found
-        layer_text = f"; its first layer, {name} ({layer}), expects {_expects(layer)}"
-        hint = _hint(layer, x)
+        layer_text = f"; its first layer, {name} ({layer}), expects {layer_expects(layer)}"
+        hint = data_hint(layer, x)
     dtype = str(x.dtype).removeprefix("torch.")
     return (f"{spec} does not accept the data: each example has shape {ex} ({dtype}){layer_text}.{hint} "
             f"(torch: {_first_line(e)})")

@@ -30,7 +30,6 @@ import dataclasses
 import itertools
 import logging
 import numbers
-import re
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -45,6 +44,9 @@ from .._util import (
     arch_signature,
     check_runnable,
     check_same_arch,
+    data_hint,
+    first_layer,
+    is_shape_error,
     iter_batches,
     model_device_dtype,
     param_dict,
@@ -542,12 +544,6 @@ def _probe_dtype(model: nn.Module, x: torch.Tensor) -> None:
         log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
 
 
-def _first_linear_takes(model: nn.Module, n: int) -> bool:
-    """Whether the first layer with parameters of ``model`` is an ``nn.Linear`` of ``n`` input features."""
-    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
-    return isinstance(first, nn.Linear) and first.in_features == n
-
-
 def _refuse_inference_mode(what: str) -> None:
     """Raise :class:`UsageError` inside ``torch.inference_mode()``.
 
@@ -559,11 +555,6 @@ def _refuse_inference_mode(what: str) -> None:
         raise UsageError(f"{what} inside torch.inference_mode(): what the estimator keeps would be "
                          "inference tensors that later evaluations with gradients cannot use; use "
                          "torch.no_grad() instead")
-
-
-#: torch's words when a layer gets an input of the wrong size (the data does not fit, not a bug of the model)
-_SHAPE_MISMATCH = re.compile(r"shapes cannot be multiplied|size of tensor a .* must match|expected input\[|"
-                             r"Expected .*input.* to have .* channels|input.*dimension", re.IGNORECASE)
 
 
 def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | None,
@@ -583,12 +574,12 @@ def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | No
             z = model(x)
     except Exception as e:  # noqa: BLE001
         log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
-        if isinstance(e, RuntimeError) and _SHAPE_MISMATCH.search(str(e)):
+        if isinstance(e, RuntimeError) and is_shape_error(e):
+            found = first_layer(model)
             raise DataError(
                 f"{type(model).__name__} does not run on the data: {str(e).splitlines()[0]} (each example "
-                f"has shape {tuple(x.shape[1:])}, dtype {x.dtype})"
-                + ("; a network of flat vectors needs nn.Flatten() first (or flatten the data)"
-                   if x.ndim > 2 and _first_linear_takes(model, x[0].numel()) else "")) from e
+                f"has shape {tuple(x.shape[1:])}, dtype {x.dtype})."
+                + ("" if found is None else data_hint(found[1], x))) from e
         return None
     if not isinstance(z, torch.Tensor):
         if outputs is not None:
