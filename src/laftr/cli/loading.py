@@ -151,6 +151,12 @@ def read_summary(path: str | Path, device: torch.device | None = None) -> FSDEst
 
 
 # ---------------------------------------------------------------------------------------------- model
+def names_a_model_file(spec: str) -> bool:
+    """Whether ``--model spec`` names a file holding a whole module (else ``package.module:factory``)."""
+    path = Path(spec)
+    return path.is_file() or path.suffix.lower() in MODEL_FILE_SUFFIXES
+
+
 def load_model(spec: str, weights: str | None = None, *, trust_pickle: bool = False) -> nn.Module:
     """The network named by ``spec``, in eval mode.
 
@@ -168,7 +174,7 @@ def load_model(spec: str, weights: str | None = None, *, trust_pickle: bool = Fa
         UsageError: ``spec`` is neither a file nor an importable ``package.module:factory``.
     """
     path = Path(spec)
-    if path.is_file() or path.suffix.lower() in MODEL_FILE_SUFFIXES:
+    if names_a_model_file(spec):
         model = _module_from_file(_existing_file(path, "model file"), trust_pickle)
     elif ":" in spec:
         model = _module_from_factory(spec)

@@ -31,10 +31,10 @@ import torch
 from ..errors import LaftrError, OutputPathError, UsageError
 from .common import EXIT_OK, Subcommand, int_list, positive_int, process_group, shard
 from .loading import (
-    MODEL_FILE_SUFFIXES,
     check_model_accepts,
     load_data,
     load_model,
+    names_a_model_file,
     parse_options,
     read_summary,
 )
@@ -93,8 +93,7 @@ def _network(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     A factory's network needs ``--weights`` or ``--factory-weights``: its own weights are usually a random
     initialization, and a summary or distance computed there is a silent wrong answer.
     """
-    path = Path(args.model)
-    factory = not (path.is_file() or path.suffix.lower() in MODEL_FILE_SUFFIXES) and ":" in args.model
+    factory = not names_a_model_file(args.model) and ":" in args.model
     if args.weights is not None and args.factory_weights:
         raise UsageError("give --weights FILE or --factory-weights, not both")
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)  # names import errors first
