@@ -182,9 +182,8 @@ def discrepancy(
     """
     fn = METRICS[check_metric(metric)]
     z0, z = check_network_output(z0), check_network_output(z)
-    if outputs is not None and z0.ndim:
-        check_outputs(outputs, int(z0.reshape(z0.shape[0], -1).shape[1]))  # out of range: named first
+    a = select_outputs(z0, outputs)  # (checks outputs: one out of range is named first)
     check_softmax_outputs(z0, metric, outputs)
     if z0.shape != z.shape:
         raise DataError(f"output shapes differ: {tuple(z0.shape)} vs {tuple(z.shape)}")
-    return fn(select_outputs(z0, outputs), select_outputs(z, outputs))
+    return fn(a, select_outputs(z, outputs))

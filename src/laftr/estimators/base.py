@@ -559,11 +559,12 @@ def _refuse_inference_mode(what: str) -> None:
 
 def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | None,
                   metric: str | None) -> int | None:
-    """Check ``model``'s output on one example ``x`` against ``outputs`` and the metric, running it once.
+    """Check ``model``'s output on its first examples ``x`` against ``outputs`` and the metric (one run).
 
     ``outputs`` must index its output units (flattened); a softmax metric needs one distribution per example
-    (:func:`laftr.metrics.check_softmax_outputs`). A model that does not run here is left to the estimator's
-    own pass over the data, which says why.
+    (:func:`laftr.metrics.check_softmax_outputs`). Data that does not fit the network (torch's shape or dtype
+    error) is a :class:`DataError` naming the examples' shape and a fix; a model that fails here otherwise is
+    left to the estimator's own pass over the data, which says why.
 
     Returns:
         The number of output units per example (flattened), or None when the model does not run here or does
