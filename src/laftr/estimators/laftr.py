@@ -202,12 +202,14 @@ class LaftrExactConfig(LaftrBaseConfig):
 
     max_state: int = 12000
     mu_outer: bool = False
+    #: the Monte Carlo estimator of the same method (named when a metric has no closed form)
+    monte_carlo: ClassVar[str] = "laftr"
 
     def __post_init__(self) -> None:
         """Check the options; the closed form needs a quadratic metric."""
         super().__post_init__()
         if self.metric not in QUADRATIC_METRICS:
-            mc = "liftr" if type(self).__name__.startswith("Liftr") else "laftr"
+            mc = self.monte_carlo
             raise UsageError(f"{mc}-exact has a closed form only for metrics {sorted(QUADRATIC_METRICS)}; "
                              f"use the Monte Carlo {mc!r} estimator for {self.metric!r}")
         check_int(self, "max_state", minimum=1)
@@ -289,13 +291,14 @@ class _LaftrBase(FSDEstimator):
         if summary.inputs.name != self.cfg.input_model:
             raise UsageError(f"the summary has a {summary.inputs.name!r} input model, this estimator is "
                              f"configured for {self.cfg.input_model!r}")
-        at = theta0_fingerprint(param_dict(model, detach=True))
-        if summary.theta0 is not None and summary.theta0 != at:
+        at = summary.theta0
+        if at is not None and at != theta0_fingerprint(param_dict(model, detach=True)):
             raise UsageError("the summary was fitted at other parameters than the model's current ones "
                              "(theta0): fit_summary_only takes the network the summary was fitted at")
         self._set_reference(model, outputs)
         self.summary = summary
         self._after_summary(self._traced(model))
+        self._after_fit(model)
         return self
 
     def _after_summary(self, net: TracedNet) -> None:
@@ -620,13 +623,6 @@ class LaftrExactEstimator(_LaftrBase):
         """
         with torch.no_grad():
             self._distance(model)
-
-    def fit_summary_only(self, summary: Summary, model: nn.Module,
-                         outputs: list[int] | None = None) -> _LaftrBase:
-        """As :meth:`_LaftrBase.fit_summary_only`, refusing an op without a closed form at once."""
-        super().fit_summary_only(summary, model, outputs)
-        self._after_fit(model)
-        return self
 
     def _moment_mode(self, net: TracedNet, params: list[dict[str, torch.Tensor]], state: JointMoments,
                      laws: dict[str, Any], group: int, device: torch.device,

@@ -331,6 +331,7 @@ class LiftrExactConfig(LaftrExactConfig):
     """
 
     input_model: str = "diag"
+    monte_carlo: ClassVar[str] = "liftr"
     input_cov: str = "diag"
 
     def __post_init__(self) -> None:
