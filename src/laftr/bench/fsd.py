@@ -706,7 +706,7 @@ def method_specs(cfg: FsdBenchConfig, matched_k: Sequence[int] = ()) -> list[Ben
     groups = row_groups(cfg)
     for group in groups[:-1]:
         rows += [BenchRow.from_spec(label, text.format(**fields)) for label, text in ROW_SPECS[group].items()]
-    asked = {int(m.split("-")[1]) for m in cfg.methods or [] if re.fullmatch(r"(subset|ntk)-\d+", m)}
+    asked = _asked_coreset_sizes(cfg)
     for k in sorted(set(cfg.coreset_sizes) | set(matched_k) | asked):
         tag = _MATCHED_TAG if k in matched_k and k not in cfg.coreset_sizes else ""
         rows += [BenchRow.from_spec(label.format(k=k) + tag, text.format(k=k, **fields))
@@ -725,6 +725,11 @@ def method_specs(cfg: FsdBenchConfig, matched_k: Sequence[int] = ()) -> list[Ben
             rows.append(BenchRow.from_spec(parsed.text, parsed))
             named.add(parsed.text)
     return rows
+
+
+def _asked_coreset_sizes(cfg: FsdBenchConfig) -> set[int]:
+    """The sizes of the coreset methods ``cfg.methods`` names with one (``subset-200``, ``ntk-40``)."""
+    return {int(m.split("-")[1]) for m in cfg.methods or [] if re.fullmatch(r"(subset|ntk)-\d+", m)}
 
 
 def _runs_here(cfg: FsdBenchConfig, name: str) -> bool:
@@ -1035,7 +1040,7 @@ def _check_sizes(cfg: FsdBenchConfig, n: int) -> None:
     documented: ``results.json`` records the examples used under ``theta0.n_fit``.)
     """
     # (a method named with its size; the default sizes' rows keep all examples where there are fewer)
-    asked = {int(m.split("-")[1]) for m in cfg.methods or [] if re.fullmatch(r"(subset|ntk)-\d+", m)}
+    asked = _asked_coreset_sizes(cfg)
     big = sorted(k for k in asked if k > n)
     if big:
         raise UsageError(f"coreset size(s) {big} but task A has {n:,} training examples: a coreset keeps at "

@@ -66,8 +66,9 @@ def per_example_loss(z: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tenso
     if y.ndim != 1 or y.shape[0] != z.shape[0] or y.is_floating_point():
         raise ValueError(f"class labels must be integers of shape ({z.shape[0]},), got "
                          f"{tuple(y.shape)} {y.dtype}")
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= z.shape[1]):
-        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+    lo, hi = (int(v) for v in torch.aminmax(y)) if len(y) else (0, 0)
+    if lo < 0 or hi >= z.shape[1]:
+        bad = lo if lo < 0 else hi
         raise ValueError(f"class label {bad} but the network has {z.shape[1]} outputs: labels index them "
                          f"(0..{z.shape[1] - 1})")
     return F.cross_entropy(z, y.to(z.device), reduction="none")
