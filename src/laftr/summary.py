@@ -40,7 +40,7 @@ class Summary:
     inputs: InputModel
     #: a fingerprint of the parameters it was fitted at (:func:`theta0_fingerprint`; None: not known, as for a
     #: summary read back from a file, whose estimator keeps theta0 itself)
-    theta0: dict[str, tuple[int, ...] | tuple[float, float]] | None = None
+    theta0: dict[str, tuple[Any, ...]] | None = None
 
     @property
     def counts(self) -> torch.Tensor:
@@ -252,18 +252,19 @@ def fit_summary(
     return Summary(sums, inputs, theta0_fingerprint(theta0))
 
 
-def theta0_fingerprint(params: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...] | tuple[float, float]]:
+def theta0_fingerprint(params: dict[str, torch.Tensor]) -> dict[str, tuple[Any, ...]]:
     """Per parameter, its shape and the float64 sum and sum of squares of its values.
 
-    Cheap (one pass), and enough to tell the parameters a summary was fitted at from others in practice: it
-    guards merging shards and :meth:`laftr.FSDEstimator.fit_summary_only` against a summary of another theta0.
+    Cheap (one pass, a transfer of two numbers per parameter), and enough to tell the parameters a summary was fitted at from others in
+    practice: it guards merging shards and :meth:`laftr.FSDEstimator.fit_summary_only` against a summary of
+    another theta0.
     """
-    out: dict[str, tuple[int, ...] | tuple[float, float]] = {}
-    for name, t in sorted(params.items()):
-        v = t.detach().to(torch.float64)
-        out[name] = tuple(t.shape)
-        out[name + "#"] = (float(v.sum()), float(v.pow(2).sum()))
-    return out
+    names = sorted(params)
+    if not names:
+        return {}
+    moments = torch.stack([torch.stack((v.sum(), v.pow(2).sum())).cpu()  # (parameters may sit on devices)
+                           for v in (params[n].detach().to(torch.float64) for n in names)]).tolist()
+    return {n: (tuple(params[n].shape), *m) for n, m in zip(names, moments, strict=True)}
 
 
 def _check_sites(net: TracedNet, sums: dict[str, Any], record_pools: bool,
