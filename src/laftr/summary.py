@@ -256,8 +256,8 @@ def theta0_fingerprint(params: dict[str, torch.Tensor]) -> dict[str, tuple[Any, 
     """Per parameter, its shape and the float64 sum and sum of squares of its values.
 
     Cheap (one pass, a transfer of two numbers per parameter), and enough to tell the parameters a summary was
-    fitted at from others in practice: it guards merging shards and :meth:`laftr.FSDEstimator.fit_summary_only`
-    against a summary of another theta0.
+    fitted at from others in practice: it guards merging shards and ``fit_summary_only`` against a summary of
+    another theta0.
     """
     names = sorted(params)
     if not names:
