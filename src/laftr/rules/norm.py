@@ -235,8 +235,6 @@ def _read_at_run_time(value: Any) -> bool:
     return bool(found)
 
 
-
-
 class _RuntimeSizes(NormRule):
     """A normalization whose sizes may be read from its input's shape at run time.
 
