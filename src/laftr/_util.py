@@ -8,6 +8,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import secrets
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -392,6 +393,17 @@ _SHAPE_WORDS = ("shape", "size", "dimension", "expected", "dtype", "channels", "
 def is_shape_error(e: BaseException) -> bool:
     """Whether torch's error ``e`` says an op got an input of the wrong shape or dtype (a data mismatch)."""
     return any(w in str(e).lower() for w in _SHAPE_WORDS)
+
+
+#: torch's words when a layer gets an input of the wrong size: narrower than :func:`is_shape_error`, so that
+#: an estimator's fit refuses data that does not fit and leaves an op's bad constant arguments to its rule
+_INPUT_SIZE_ERROR = re.compile(r"shapes cannot be multiplied|size of tensor a .* must match|expected input\[|"
+                               r"Expected .*input.* to have .* channels|input.*dimension", re.IGNORECASE)
+
+
+def is_input_size_error(e: BaseException) -> bool:
+    """Whether torch's error ``e`` says a layer got an input of the wrong size (the data does not fit)."""
+    return isinstance(e, RuntimeError) and _INPUT_SIZE_ERROR.search(str(e)) is not None
 
 
 def first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:

@@ -46,7 +46,7 @@ from .._util import (
     check_same_arch,
     data_hint,
     first_layer,
-    is_shape_error,
+    is_input_size_error,
     iter_batches,
     model_device_dtype,
     param_dict,
@@ -575,7 +575,7 @@ def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | No
             z = model(x)
     except Exception as e:  # noqa: BLE001
         log.debug("%s does not run on its data (%s: %s)", type(model).__name__, type(e).__name__, e)
-        if isinstance(e, RuntimeError) and is_shape_error(e):
+        if is_input_size_error(e):
             found = first_layer(model)
             raise DataError(
                 f"{type(model).__name__} does not run on the data: {str(e).splitlines()[0]} (each example "
