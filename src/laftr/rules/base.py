@@ -437,15 +437,44 @@ class Rule:
         Positions count the data input as 0; an argument computed at run time is refused.
         """
         node = self.node
-        if name in node.kwargs:
-            value = node.kwargs[name]
-        elif index is not None and index < len(node.args):
-            value = node.args[index]
-        else:
-            value = default
+        value = self.arg_node(index, name) if name in node.kwargs or (
+            index is not None and index < len(node.args)) else default
         if isinstance(value, fx.Node):
             raise self.refuse(f"argument {name!r} is computed at run time; laftr needs it to be a constant")
         return value
+
+    def arg_node(self, index: int | None, name: str) -> Any:
+        """The op's argument at position ``index`` or keyword ``name`` as traced (None when not given)."""
+        node = self.node
+        if name in node.kwargs:
+            return node.kwargs[name]
+        return node.args[index] if index is not None and index < len(node.args) else None
+
+    def runtime_args(self, *spec: tuple[int, str]) -> dict[str, int]:
+        """Of the arguments ``(position, keyword)``, those computed at run time: keyword -> position.
+
+        A size read from a shape (``h.shape[1:]``, ``x.size(2)``) is a plain value, the same in every stream
+        (:class:`laftr.rules.affine.ShapeRule`), but known only when the op runs: the rule reads it then with
+        :meth:`runtime_value`, and a stored summary records it as ``"runtime"``.
+        """
+        found: dict[str, int] = {}
+        for index, name in spec:
+            nodes: list[fx.Node] = []
+            fx.node.map_arg(self.arg_node(index, name), nodes.append)
+            if nodes:
+                found[name] = index
+        return found
+
+    def runtime_value(self, args: Any, kwargs: Any, index: int, name: str, hint: str = "") -> Any:
+        """The value in this call of an argument computed at run time; refuses one computed from data values.
+
+        ``hint`` (how to give the argument) ends the refusal.
+        """
+        value = kwargs.get(name, args[index] if index < len(args) else None)
+        if any(p.data for p in pairs_in(value)):
+            raise self.refuse(f"its {name} is computed from the data's values (not from a shape)"
+                              + (f"; {hint}" if hint else ""))
+        return stream_of(value, 0)  # (a size read from a parameter's shape: the same in every stream)
 
     def data_input(self, args: Any, kwargs: Any, first: bool = True) -> Pair:
         """The op's one data-dependent input (its first argument when ``first``); refuses any other."""

@@ -21,10 +21,10 @@ from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from ..moments import GateMoments
-from .base import Pair, Rule, pairs_in, register, stream_of
+from .base import Pair, Rule, register, stream_of
 
 
 class ScaleLaw:
@@ -228,20 +228,12 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _read_at_run_time(value: Any) -> bool:
-    """Whether an argument of a node is (or holds) a value computed at run time (a node of the graph)."""
-    found: list[fx.Node] = []
-    fx.node.map_arg(value, found.append)
-    return bool(found)
-
-
 class _RuntimeSizes(NormRule):
     """A normalization whose sizes may be read from its input's shape at run time.
 
     ``F.layer_norm(h, h.shape[1:])``, ``F.layer_norm(h, (h.shape[-1],))``,
-    ``F.group_norm(h, h.shape[1] // 4)``: the sizes are plain values, the same in every stream
-    (:class:`laftr.rules.affine.ShapeRule`), known only when the op runs; they are read then (in :meth:`pre`),
-    and a stored summary records them as ``"runtime"`` (the law's shape is checked against the network's when
+    ``F.group_norm(h, h.shape[1] // 4)``: read when the op runs (in :meth:`pre`, :meth:`Rule.runtime_value`),
+    and recorded as ``"runtime"`` by a stored summary (the law's shape is checked against the network's when
     it is used).
 
     Attributes:
@@ -259,23 +251,16 @@ class _RuntimeSizes(NormRule):
 
     def setup_sizes(self) -> bool:
         """Read the size argument when it is a constant; False when it is read at run time."""
-        pos, name = self.size_arg
-        value = self.node.kwargs.get(name, self.node.args[pos] if pos < len(self.node.args) else None)
-        self._runtime = _read_at_run_time(value)
+        self._runtime = bool(self.runtime_args(self.size_arg))
         if not self._runtime:
-            self.read_size(value)
+            self.read_size(self.arg_node(*self.size_arg))
         return not self._runtime
 
     def pre(self, args: Any, kwargs: Any) -> Pair:
         """The normalized input pair; reads sizes given at run time (refusing sizes that are data)."""
         pair = super().pre(args, kwargs)
         if self._runtime:
-            pos, name = self.size_arg
-            value = kwargs.get(name, args[pos] if pos < len(args) else None)
-            if any(p.data for p in pairs_in(value)):
-                raise self.refuse(f"its {name} is computed from the data's values (not from a shape); "
-                                  + self.hint)
-            self.read_size(stream_of(value, 0))  # (a parameter's shape: the same in every stream)
+            self.read_size(self.runtime_value(args, kwargs, *self.size_arg, hint=self.hint))
         return pair
 
 

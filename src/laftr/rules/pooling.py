@@ -117,9 +117,7 @@ class MaxPoolRule(Rule):
             dims = _MAXPOOL_FUNCS[self.node.target]
             # a kernel or stride read from the input's shape (``F.max_pool1d(x, x.size(2))``, the max over
             # time of a text CNN) is known at run time only: taken from the call's arguments then (``_sized``)
-            given = [*self.node.args[1:3], None, None]
-            self._sized = {n: i + 1 for i, n in enumerate(names[:2])
-                           if isinstance(self.node.kwargs.get(n, given[i]), fx.Node)}
+            self._sized = self.runtime_args((1, "kernel_size"), (2, "stride"))
             kw = {n: "runtime" if n in self._sized else self.const_arg(i + 1, n, None)
                   for i, n in enumerate(names)}
         if kw.get("return_indices"):
@@ -153,10 +151,10 @@ class MaxPoolRule(Rule):
         if self._sized:
             pool = dict(self._declared)
             for name, i in self._sized.items():
-                v = kwargs.get(name, args[i] if i < len(args) else None)
-                if isinstance(v, Pair) or not (isinstance(v, int) or (
-                        isinstance(v, (tuple, list)) and all(isinstance(u, int) for u in v))):
-                    raise self.refuse(f"its {name} is computed from data values, not from a shape")
+                v = self.runtime_value(args, kwargs, i, name)
+                if not (isinstance(v, int) or (isinstance(v, (tuple, list)) and v
+                                               and all(isinstance(u, int) for u in v))):
+                    raise self.refuse(f"its {name}={v!r} is not a size (an int or a tuple of ints)")
                 pool[name] = v
             if pool["stride"] == "runtime" and "stride" not in self._sized:
                 pool["stride"] = pool["kernel_size"]
