@@ -276,4 +276,7 @@ def test_arch_and_dataset_must_match(tmp_path, capsys, one_thread):
     assert "needs a token network" in capsys.readouterr().err
     assert main(["fsd-bench", "--arch", "transformer", "--dataset", "mnist-sample", "--out", str(tmp_path / "b")]) == 2
     assert "--dataset arithmetic" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main(["fsd-bench", "--quick", "--arch", "cnn", "--dataset", "digits", "--no-progress",
+                 "--out", str(tmp_path / "c")]) == 2  # 8 x 8 images: too small for the conv net's pools
+    assert "conv_net needs images of at least 10 x 10 pixels" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "abc")

@@ -161,6 +161,9 @@ def conv_net(
     if len(in_shape) != 3:
         raise ValueError(f"in_shape must be (channels, height, width), got {tuple(in_shape)}")
     c, h, w = (int(v) for v in in_shape)
+    if min(h, w) < 10:  # 3x3 conv (padded), 3x3 conv, pool 2, the same again: 10 -> 10, 8, 4, 4, 2, 1
+        raise ValueError(f"conv_net needs images of at least 10 x 10 pixels (two unpadded 3x3 convolutions "
+                         f"and two 2x2 max pools), got {h} x {w}")
     c1, c2, fc = max(1, round(32 * width)), max(1, round(64 * width)), max(1, round(512 * width))
 
     def drop(p: float) -> list[nn.Module]:

@@ -880,7 +880,10 @@ def _build(cfg: FsdBenchConfig, data: _Data) -> nn.Module:
         d_model, heads, blocks, d_mlp = _sizes(cfg)
         return vit(image_size=in_shape[1], patch=cfg.patch, channels=in_shape[0], out_features=n_out,
                    d_model=d_model, heads=heads, blocks=blocks, d_mlp=d_mlp)
-    return conv_net(in_shape, n_out, width=cfg.width)
+    try:
+        return conv_net(in_shape, n_out, width=cfg.width)
+    except ValueError as e:
+        raise UsageError(f"--arch cnn on {data.name}: {e}") from None
 
 
 def _head_ce(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[int] | None) -> torch.Tensor:
@@ -1068,13 +1071,13 @@ def run_fsd_bench(cfg: FsdBenchConfig, out_dir: str | Path, force: bool = False,
     data = _load(cfg, gen)
     xa, ya, outputs_a = data.a.x, data.a.y, data.a.outputs
     _check_sizes(cfg, len(xa))
-    out = folder.open()  # (after the data: a refused size leaves nothing behind)
+    model0 = _build(cfg, data)
+    out = folder.open()  # (after the data and the network: a refused size leaves nothing behind)
     in_shape = tuple(xa.shape[1:])
     timings: dict[str, float] = {}
 
     # theta0 on task A
     t0 = time.perf_counter()
-    model0 = _build(cfg, data)
     _train_theta0(cfg, model0, data, gen)
     timings["train_theta0_s"] = time.perf_counter() - t0
     acc_a = _accuracy(model0, xa, ya, outputs_a)
