@@ -267,6 +267,26 @@ def eigh_on_host(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.to(sym.device), evecs.to(sym.device)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes in on ``device``'s type now (None: autocast is off there).
+
+    Values an estimator keeps from one evaluation for the next (theta0's outputs or moments) are kept per
+    autocast state: those computed under autocast hold its precision.
+    """
+    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def in_func_transform() -> bool:
+    """Whether the code runs inside a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...).
+
+    A function traced there (``torch.func.linearize``) belongs to that transform: an estimator neither reads
+    nor keeps such caches inside one.
+    """
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def param_dict(model: nn.Module, detach: bool = False) -> dict[str, torch.Tensor]:
     """Named parameters and buffers of ``model`` (optionally detached clones)."""
     out: dict[str, torch.Tensor] = {}
@@ -367,8 +387,15 @@ def tangent_map(f: Callable[[dict[str, torch.Tensor]], torch.Tensor], primals: d
     the per-call ``torch.func`` bookkeeping (about a third of a ``jvp``'s time on an MLP); the result is
     differentiable in ``v``. Where ``f`` cannot be traced, or has an op without forward-mode AD, a plain
     ``torch.func.jvp`` per product: the same values (that fallback raises what ``jvp`` raises, e.g.
-    ``NotImplementedError``). ``what`` names the products in the log line of the fallback.
+    ``NotImplementedError``). ``what`` names the products in the log line of the fallback. Inside a
+    ``torch.func`` transform the plain products (a traced map is not differentiable there: the transform's
+    gradient through it is zero).
     """
+    def plain(v: dict[str, torch.Tensor]) -> torch.Tensor:
+        return jvp(f, (primals,), (v,))[1]
+
+    if in_func_transform():
+        return plain
     try:
         with warnings.catch_warnings():  # the tracer warns about its own nodes and its use of torch.jit
             warnings.simplefilter("ignore", UserWarning)
@@ -377,10 +404,6 @@ def tangent_map(f: Callable[[dict[str, torch.Tensor]], torch.Tensor], primals: d
         return lin
     except Exception as e:  # noqa: BLE001 (any tracing failure: the untraced products are exact too)
         log.info("%s without linearize (%s: %s)", what, type(e).__name__, e)
-
-        def plain(v: dict[str, torch.Tensor]) -> torch.Tensor:
-            return jvp(f, (primals,), (v,))[1]
-
         return plain
 
 

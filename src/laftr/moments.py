@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._util import in_func_transform
 from .errors import UnsupportedOpError
 
 #: A pair is computed when it is read; a chain of pairs waiting on each other longer than this is computed
@@ -534,7 +535,12 @@ class _Sandwich(torch.autograd.Function):
 
 
 def _sandwich(W: torch.Tensor, A: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
-    """``W A W^T`` for a symmetric ``A`` (a second moment); ``X = W A`` if known (computed differentiably)."""
+    """``W A W^T`` for a symmetric ``A`` (a second moment); ``X = W A`` if known (computed differentiably).
+
+    Inside a ``torch.func`` transform, plain products (the custom backward is autograd's alone).
+    """
+    if in_func_transform():
+        return (W @ A if X is None else X) @ W.mT
     out = _Sandwich.apply(W, A, X)
     assert isinstance(out, torch.Tensor)
     return out

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import distributed as dist_
-from .._util import Data, model_device_dtype, param_dict
+from .._util import Data, autocast_dtype, model_device_dtype, param_dict
 from ..errors import UsageError
 from ..graph import ForwardMode, MomentMode, OwnMode, SampleMode, TracedNet
 from ..inputs import INPUT_MODELS, make_input_model
@@ -479,9 +479,12 @@ class LaftrEstimator(_LaftrBase):
             self._draws[key] = d
         return d
 
-    def _draw_key(self, device: torch.device, dtype: torch.dtype) -> tuple[str, torch.dtype, int]:
-        """Where a kept draw of ``device``/``dtype`` and the current sample stream lives in ``_draws``."""
-        return (str(device), dtype, int(self._gen_seed or 0))
+    def _draw_key(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
+        """Where a kept draw of ``device``/``dtype`` and the current sample stream lives in ``_draws``.
+
+        Draws kept under ``torch.autocast`` are kept apart: theta0's outputs on them hold autocast's precision.
+        """
+        return (str(device), dtype, int(self._gen_seed or 0), autocast_dtype(device))
 
     def _pool(self, net: TracedNet, model: nn.Module, gen: torch.Generator, device: torch.device,
               dtype: torch.dtype) -> _Draw:
@@ -643,7 +646,7 @@ class LaftrExactEstimator(_LaftrBase):
         if old is None or any(a is not b for a, b in zip(old, source, strict=True)):
             self._moment_caches.clear()
             self._moment_cache_source = source
-        key = (str(device), dtype, group, bool(self.cfg.mu_outer))
+        key = (str(device), dtype, group, bool(self.cfg.mu_outer), autocast_dtype(device))
         cache = self._moment_caches.get(key)
         if cache is None:
             cache = self._moment_caches[key] = Theta0Cache()

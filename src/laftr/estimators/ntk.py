@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from .._util import tangent_map
+from .._util import autocast_dtype, in_func_transform, tangent_map
 from ..errors import UnsupportedOpError
 from ..metrics import discrepancy
 from .base import register
@@ -50,9 +50,13 @@ class NtkEstimator(CoresetEstimator):
         ``torch.func.linearize`` (:func:`laftr._util.tangent_map`) skips theta0's forward pass, which every
         evaluation would otherwise repeat; where the model cannot be traced, a ``jvp`` per evaluation.
         """
-        # p0 is theta0 cached for this device and dtype (a new object after a refit or a load)
-        cache = self.__dict__.get("_tangent_cache")
-        if cache is not None and cache[0]() is model and cache[1] is p0 and cache[2] is self.X:
+        # p0 is theta0 cached for this device and dtype (a new object after a refit or a load); what is traced
+        # inside a torch.func transform belongs to it, and what runs under autocast holds its precision
+        keep = not in_func_transform()
+        state = autocast_dtype(next(iter(p0.values())).device) if p0 else None
+        cache = self.__dict__.get("_tangent_cache") if keep else None
+        if (cache is not None and cache[0]() is model and cache[1] is p0 and cache[2] is self.X
+                and cache[5] == state):
             return cache[3], cache[4]
         X = self.inputs_on(model)
 
@@ -63,7 +67,8 @@ class NtkEstimator(CoresetEstimator):
             z0 = f(primals)
         with eval_mode(model):
             lin = tangent_map(f, primals, "ntk products")
-        self.__dict__["_tangent_cache"] = (weakref.ref(model), p0, self.X, z0, lin)
+        if keep:
+            self.__dict__["_tangent_cache"] = (weakref.ref(model), p0, self.X, z0, lin, state)
         return z0, lin
 
     def _distance(self, model: nn.Module) -> torch.Tensor:
