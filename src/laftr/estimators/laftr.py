@@ -482,7 +482,7 @@ class LaftrEstimator(_LaftrBase):
     def _draw_key(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
         """Where a kept draw of ``device``/``dtype`` and the current sample stream lives in ``_draws``.
 
-        Draws kept under ``torch.autocast`` are kept apart: theta0's outputs on them hold autocast's precision.
+        Draws made under ``torch.autocast`` are kept apart: theta0's outputs on them hold its precision.
         """
         return (str(device), dtype, int(self._gen_seed or 0), autocast_dtype(device))
 
