@@ -96,3 +96,24 @@ def test_an_evaluation_under_autocast_leaves_later_full_precision_ones_alone(nam
     got, expected = est(other), twin(other)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["kfac", "diag-fisher"])
+def test_a_layer_frozen_at_fit_and_trainable_later_is_named_by_curvature_estimators(name):
+    """kfac / diag-fisher keep curvature for the parameters trainable at fit: a backbone frozen then and
+    fine-tuned later moved with a penalty of exactly 0 and no gradient. Refused, naming the parameter; frozen
+    again, the estimator runs."""
+    model, (X, Y) = _net(), _data()
+    model[0].requires_grad_(False)
+    est = laftr.make_estimator(name, metric="kl").fit(model, (X, Y))
+    other = _moved(model)
+    assert est(other).item() > 0  # the layers it covers moved too
+    other[0].requires_grad_(True)
+    with pytest.raises(laftr.UsageError, match=r"parameter '0.weight' \(and 1 more\) is trainable now but has no "
+                                              r"curvature.*frozen"):
+        est(other)
+    other[0].weight.requires_grad_(False)
+    with pytest.raises(laftr.UsageError, match=r"parameter '0.bias' is trainable"):
+        est(other)
+    for name_ in ("laftr", "subset"):  # estimators that read the network itself see every parameter
+        assert laftr.make_estimator(name_, metric="kl").fit(model, (X, Y))(other).item() > 0

@@ -429,6 +429,19 @@ class FSDEstimator:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_same_arch(self.arch, model)
         self._check_graph(model)
+        covered = self._covered_params()
+        if covered is not None:
+            missed = [n for n, p in model.named_parameters() if p.requires_grad and n not in covered]
+            if missed:
+                more = f" (and {len(missed) - 1} more)" if len(missed) > 1 else ""
+                raise UsageError(
+                    f"{self.name}: parameter {missed[0]!r}{more} is trainable now but has no curvature in "
+                    f"this estimator (it was frozen, requires_grad=False, when it was fitted): the estimate "
+                    f"would not see it move. Fit the estimator with it trainable, or freeze it again")
+
+    def _covered_params(self) -> frozenset[str] | None:
+        """The parameters whose change the estimate sees (None: all of them; override where fit chooses)."""
+        return None
 
     def _check_graph(self, model: nn.Module, what: str = "the fitted model") -> None:
         """Refuse ``model`` if its forward graph differs from theta0's (see :mod:`laftr.fingerprint`).

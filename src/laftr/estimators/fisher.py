@@ -67,6 +67,10 @@ class DiagFisherEstimator(FSDEstimator):
         check_curvature_config(self.config, ("mc", "exact", "empirical"))
         self.diag: dict[str, torch.Tensor] | None = None
 
+    def _covered_params(self) -> frozenset[str] | None:
+        """The parameters with a Fisher diagonal (those trainable at fit)."""
+        return None if self.diag is None else frozenset(self.diag)
+
     def _fit(self, model: nn.Module, data: Data) -> None:
         c = cast(FisherConfig, self.config)
         names = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -217,6 +217,11 @@ class KfacEstimator(FSDEstimator):
                 cache[key] = (QA, lA.clamp_min(0), QG, lG.clamp_min(0))
         return cast(tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor], cache[key])
 
+    def _covered_params(self) -> frozenset[str] | None:
+        """The parameters with curvature: the layers' weights (biases trainable at fit) and the diagonal."""
+        names = [n for lay in self.layers for n in (lay.weight_name, lay.bias_name if lay.bias else "") if n]
+        return frozenset(names + list(self.diag))
+
     def _damped_solve(self, vectors: dict[str, torch.Tensor], damping: float) -> dict[str, torch.Tensor]:
         # each block's Hessian is V -> G V A (an embedding's: diag(A) V G, a fallback's: diag): solved in the
         # factors' eigenbases, X = Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T
