@@ -542,6 +542,20 @@ def test_fit_examples_fits_each_task_on_its_own_random_subset_and_leaves_trainin
     assert parse_method("laftr[fit_examples=10]").describe()["fit_examples"] == 10
 
 
+def test_estimators_are_fitted_on_output_units_so_label_reading_ones_run_on_later_heads():
+    """The runner fitted on the task's local targets (0, 1 for the head [2, 3]): an empirical Fisher, which
+    reads a label as the output unit, failed on task 2 (audit). Labels now index the output units, as fit's."""
+    from laftr.continual.train import fit_data
+
+    stream = split_tasks(_tiny_dataset(), [[0, 1], [2, 3]], seed=0)
+    _, y = fit_data(stream[1], None, torch.Generator())
+    assert set(y.tolist()) == {2, 3} and torch.equal(y - 2, stream[1].y_train)
+    model_fn = lambda: laftr.models.mlp(64, (16,), stream.num_outputs)
+    cfg = TrainConfig(epochs=2, batch_size=32, progress=False)
+    run = run_method(stream, parse_method("ewc[fisher=empirical]"), model_fn, cfg, seed=1)
+    assert len(run.stored_floats) == 2 and run.history[1]["penalty"][1] > 0
+
+
 def test_joint_scores_each_example_on_its_own_head():
     """Joint training on two tasks with *different* heads must fit both: one shared head would not."""
     ds = _tiny_dataset(n_train=300)

@@ -4,11 +4,11 @@ After each task, fit an :class:`~laftr.FSDEstimator` on that task's data at the 
 (theta_j) and keep it; while training later tasks, add ``lam * mean_j D_j(theta)`` to the loss::
 
     reg = FSDRegularizer(lambda: laftr.make_estimator("laftr", metric="kl", num_samples=40), lam=10.0)
-    for task in tasks:
-        for x, y in task.loader:
-            loss = F.cross_entropy(model(x)[:, task.outputs], y) + reg.penalty(model)
+    for loader, outputs in tasks:        # e.g. outputs [2, 3]; y: class ids 2 and 3 (the output units)
+        for x, y in loader:
+            loss = F.cross_entropy(model(x)[:, outputs], y - outputs[0]) + reg.penalty(model)
             ...
-        reg.after_task(model, task.loader, outputs=task.outputs)
+        reg.after_task(model, loader, outputs=outputs)
 
 The estimators compare only the outputs each task answers with (multi-head), or all outputs when
 ``outputs`` is None (single head).
@@ -137,8 +137,10 @@ class FSDRegularizer:
 
         Args:
             model: the network right after training on the task (theta_j).
-            data: the task's training data: a DataLoader of ``(x, y)`` batches, or an ``(X, Y)`` pair
-                (labels as indices into ``outputs``, needed by class-conditional estimators).
+            data: the task's training data: a DataLoader of ``(x, y)`` batches, or an ``(X, Y)`` pair.
+                Labels, where an estimator reads them (class-conditional input models,
+                ``fisher="empirical"``), index the network's output units, as for
+                :meth:`laftr.FSDEstimator.fit`: class 3 of a head ``outputs=[2, 3]`` is 3, not 1.
             outputs: the output units of the task (multi-head), or None for all outputs.
 
         Returns:

@@ -147,14 +147,21 @@ FIT_SUBSET_STREAM = 7_000_003
 
 
 def fit_data(task: Task, k: int | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The task's training inputs and targets to fit an estimator on: all, or ``k`` of them at random.
+    """The task's training inputs and labels to fit an estimator on: all, or ``k`` of them at random.
 
-    The subset (drawn from ``gen``) keeps the examples in their original order.
+    The subset (drawn from ``gen``) keeps the examples in their original order. The labels are the network's
+    output units (what an estimator's ``fit`` reads, e.g. ``fisher="empirical"``), not local targets.
     """
     if k is None or k >= task.n_train:
-        return task.train_data()
-    idx = torch.randperm(task.n_train, generator=gen)[:k].sort().values
-    return task.train_batch(idx)
+        x, y = task.train_data()
+    else:
+        x, y = task.train_batch(torch.randperm(task.n_train, generator=gen)[:k].sort().values)
+    return x, unit_labels(task, y)
+
+
+def unit_labels(task: Task, y: torch.Tensor) -> torch.Tensor:
+    """The task's local targets (indices into ``task.outputs``) as the network's output units."""
+    return torch.as_tensor(task.outputs, dtype=torch.long, device=y.device)[y]
 
 
 def _estimator_config(spec: MethodSpec, seed: int, task_index: int) -> dict[str, Any]:
@@ -175,7 +182,7 @@ def match_memory(spec: MethodSpec, reference: MethodSpec, model: nn.Module, stre
     task = stream[0]
     est = make_estimator(reference.estimator, **_estimator_config(reference, 0, 0))
     x, y = task.train_batch(torch.arange(min(n_fit, task.n_train)))
-    est.fit(model, (x, y), outputs=task.outputs)
+    est.fit(model, (x, unit_labels(task, y)), outputs=task.outputs)
     floats = int(est.stored_floats())
     d = math.prod(stream.input_shape)
     k = max(1, round(floats / d))
