@@ -117,3 +117,143 @@ def test_a_layer_frozen_at_fit_and_trainable_later_is_named_by_curvature_estimat
         est(other)
     for name_ in ("laftr", "subset"):  # estimators that read the network itself see every parameter
         assert laftr.make_estimator(name_, metric="kl").fit(model, (X, Y))(other).item() > 0
+
+
+# ------------------------------------------------------------------------------------------ FSDRegularizer
+def _wide(seed=0):
+    """Two hidden layers of the same shape (16 -> 16 -> 16): freezing one or the other keeps the shapes."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16),
+                         nn.ReLU(), nn.Linear(16, 4)).double()
+
+
+def _grad_of(model, value):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
+    return {n: g for (n, _), g in zip(named, grads, strict=True) if g is not None}
+
+
+def test_refresh_reestimates_when_the_trainable_layers_change_and_applies_lam_as_it_is_now():
+    """refresh > 1 kept the fresh call's gradient as a list by position: swapping which same-shaped layer is
+    frozen applied layer 2's gradient to layer 0 (cosine -0.18); and ``lam`` was baked in, so a changed lam
+    took effect only at the next fresh call."""
+    from laftr.continual import FSDRegularizer
+
+    model, (X, _) = _wide(), _data()
+    est = laftr.make_estimator("laftr-exact").fit(model, X.double())
+    other = _moved(model, 0.05)
+    reg = FSDRegularizer(None, lam=1.0, refresh=4)
+    reg.add(est)
+    other[2].requires_grad_(False)
+    reg.penalty(other)  # fresh, with layer 2 frozen
+    other[2].requires_grad_(True)
+    other[0].requires_grad_(False)  # the same parameter shapes, other layers
+    pen = reg.penalty(other)
+    want = _grad_of(other, est(other))
+    got = _grad_of(other, pen)
+    assert set(got) == {n for n, p in other.named_parameters() if p.requires_grad}
+    for n, g in got.items():
+        torch.testing.assert_close(g, want[n], rtol=1e-10, atol=0)
+    # lam changed between two calls of a cycle: the expansion is scaled by the new one at once
+    other[0].requires_grad_(True)
+    reg = FSDRegularizer(None, lam=1.0, refresh=4)
+    reg.add(est)
+    first = reg.penalty(other)
+    reg.lam = 100.0
+    second = reg.penalty(other)  # the same parameters: the expansion equals the fresh value
+    assert float(second) == pytest.approx(100.0 * float(first), rel=1e-12)
+    g1, g2 = _grad_of(other, second), _grad_of(other, 100.0 * est(other))
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-10, atol=0)
+
+
+def test_a_logging_call_without_gradients_leaves_later_penalties_alone():
+    """The logging call drew from the task draw and the estimators' sample streams: adding one line of logging
+    changed every later training penalty."""
+    from laftr.continual import FSDRegularizer
+
+    model, (X, Y) = _net(), _data()
+    ests = [laftr.make_estimator("laftr", metric="kl", num_samples=8, seed=s).fit(model, (X, Y)) for s in (1, 2, 3)]
+    other = _moved(model)
+    runs = []
+    for log in (False, True):
+        reg = FSDRegularizer(None, lam=1.0, tasks_per_step=1, seed=7)
+        for e in ests:
+            reg.add(copy.deepcopy(e))
+        vals = []
+        for step in range(6):
+            if log and step % 2 == 0:
+                with torch.no_grad():
+                    assert reg.penalty(other) > 0
+            vals.append(float(reg.penalty(other).detach()))
+        runs.append(vals)
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1
+
+
+@pytest.mark.parametrize("kw", [{"tasks_per_step": 1}, {"every": 2}, {"refresh": 3}])
+def test_a_checkpointed_regularizer_resumes_with_the_penalties_of_the_uninterrupted_run(tmp_path, kw):
+    """state_dict / load_state_dict (there was none: laftr.save per estimator lost the sample streams, the
+    task draw and the every / refresh schedules; with every=2 a resumed run regularized the other steps)."""
+    from laftr.continual import FSDRegularizer
+
+    def make():
+        return laftr.make_estimator("laftr", metric="kl", num_samples=8)
+
+    def train(reg, model, opt, steps):
+        vals = []
+        for _ in range(steps):
+            pen = reg.penalty(model)
+            loss = model(X).pow(2).mean() + pen
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            vals.append(float(pen))
+        return vals
+
+    X, Y = _data()
+    model = _net()
+    reg = FSDRegularizer(make, lam=3.0, seed=5, **kw)
+    for t in range(3):
+        torch.manual_seed(t)
+        reg.after_task(model, (X, Y))
+        with torch.no_grad():
+            model[0].weight.add_(0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    train(reg, model, opt, 3)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "reg": reg.state_dict()}, tmp_path / "c.pt")
+    rest = train(reg, model, opt, 5)
+
+    ck = torch.load(tmp_path / "c.pt", weights_only=True)  # tensors, numbers and strings only
+    model2 = _net(seed=9)
+    model2.load_state_dict(ck["model"])
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05)
+    opt2.load_state_dict(ck["opt"])
+    reg2 = FSDRegularizer(make, lam=1.0)
+    reg2.load_state_dict(ck["reg"])
+    assert len(reg2) == 3 and reg2.lam == 3.0 and reg2.stored_floats() == reg.stored_floats()
+    assert train(reg2, model2, opt2, 5) == rest
+    with pytest.raises(laftr.UsageError, match="what FSDRegularizer.state_dict"):
+        reg2.load_state_dict({"estimators": []})
+    bad = dict(ck["reg"], every=0)
+    with pytest.raises(laftr.UsageError, match="every must be an integer >= 1"):
+        FSDRegularizer(make).load_state_dict(bad)
+
+
+def test_regularizer_settings_are_checked_when_set():
+    from laftr.continual import FSDRegularizer
+
+    for kw, match in (({"seed": "a"}, "seed must be a non-negative integer"), ({"seed": 1.5}, "seed must"),
+                      ({"lam": True}, "lam must be a number"), ({"eval_mode": False}, "eval_mode must be True"),
+                      ({"eval_mode": "no"}, "eval_mode must be True")):
+        with pytest.raises(laftr.UsageError, match=match):
+            FSDRegularizer(None, **kw)
+    reg = FSDRegularizer(None, lam=1.0, every=2)
+    for attr, value, match in (("lam", -5, "lam must be a finite number >= 0"), ("every", 0, "every must be"),
+                               ("refresh", 2, "set one of them"), ("tasks_per_step", 1.5, "tasks_per_step")):
+        with pytest.raises(laftr.UsageError, match=match):
+            setattr(reg, attr, value)
+    assert reg.lam == 1.0 and reg.every == 2 and reg.refresh == 1
+    model, (X, _) = _net(), _data()
+    reg.add(laftr.make_estimator("subset").fit(model, X))
+    with pytest.raises(laftr.UsageError, match=r"which=\[3\]: 3 is not the index of a stored task \(0..0\)"):
+        reg.distances(model, which=[3])

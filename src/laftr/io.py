@@ -43,7 +43,8 @@ _KEYS = {1: _KEYS_V2, 2: _KEYS_V2, 3: _KEYS_V3, 4: _KEYS_V4}
 _MAX_HEADER = 100_000_000
 _PREFIXES = ("theta0/", "state/")
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "SummaryFileError", "atomic_write_bytes", "load", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "SummaryFileError", "atomic_write_bytes", "from_bytes", "load", "save",
+           "to_bytes"]
 
 
 # ---------------------------------------------------------------------------------------------- writing files
@@ -131,14 +132,24 @@ def save(estimator: FSDEstimator, path: str | os.PathLike[str], overwrite: bool 
             ``IsADirectoryError``).
         DataError: a stored statistic is not finite, or theta0 holds NaN (such a file could not be loaded).
     """
-    from safetensors.torch import save as st_save
-
     if not isinstance(estimator, FSDEstimator):
         raise TypeError(f"can only save FSDEstimator objects, got {type(estimator).__name__}")
     if not estimator.fitted:
         raise RuntimeError("cannot save an estimator that has not been fitted")
     path = Path(path)
     _check_target(path, overwrite)
+    atomic_write_bytes(path, to_bytes(estimator))
+    return path
+
+
+def to_bytes(estimator: FSDEstimator) -> bytes:
+    """The bytes of :func:`save`'s file for a fitted ``estimator`` (:func:`from_bytes` reads them back)."""
+    from safetensors.torch import save as st_save
+
+    if not isinstance(estimator, FSDEstimator):
+        raise TypeError(f"can only save FSDEstimator objects, got {type(estimator).__name__}")
+    if not estimator.fitted:
+        raise RuntimeError("cannot save an estimator that has not been fitted")
     fingerprint = getattr(estimator, "graph_fingerprint", None)
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise TypeError(f"graph_fingerprint must be a str or None, got {type(fingerprint).__name__}")
@@ -171,9 +182,7 @@ def save(estimator: FSDEstimator, path: str | os.PathLike[str], overwrite: bool 
     meta = json.loads(json.dumps(meta))
     meta["tensors"] = records
     meta["metadata_sha256"] = _metadata_sha256(meta)
-    blob = st_save(out, metadata={"laftr": json.dumps(meta)})
-    atomic_write_bytes(path, blob)
-    return path
+    return st_save(out, metadata={"laftr": json.dumps(meta)})
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -200,6 +209,14 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None)
     if not path.is_file():
         raise FileNotFoundError(f"no summary file at {path}")
     return _load_bytes(path.read_bytes(), str(path), dev)
+
+
+def from_bytes(raw: bytes, name: str = "summary bytes", device: str | torch.device | None = None,
+               ) -> FSDEstimator:
+    """:func:`load` from the bytes of a file (:func:`to_bytes`); ``name`` names them in error messages."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise TypeError(f"from_bytes takes bytes, got {type(raw).__name__}")
+    return _load_bytes(bytes(raw), name, device)
 
 
 def _load_bytes(raw: bytes, name: str, device: str | torch.device | None = None) -> FSDEstimator:

@@ -38,8 +38,15 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FSDRegularizer"]
 
+_STATE_FORMAT = "laftr.FSDRegularizer"
+_STATE_VERSION = 1
+_STATE_KEYS = frozenset({"format", "version", "lam", "tasks_per_step", "every", "refresh", "distributed",
+                         "calls", "since", "generator", "estimators", "sample_states", "anchor"})
+
 
 def _check_lam(lam: float) -> float:
+    if isinstance(lam, bool):
+        raise UsageError(f"lam must be a number, got {lam!r}")
     try:
         lam = float(lam)
     except (TypeError, ValueError) as e:
@@ -82,14 +89,22 @@ class FSDRegularizer:
             ``refresh - 1`` steps old, at ``1/refresh`` of the estimators' cost (unlike ``every``, which
             leaves the steps in between unregularized). Holds two copies of the trainable parameters
             (``g_r`` and ``theta_r``). At a fresh call the returned value and gradient are the estimate's.
-            With ``every`` or ``refresh``, a call without gradients (under ``torch.no_grad()``, to log the
-            penalty) gets a fresh estimate and leaves the schedule and the expansion as they were.
-        eval_mode: evaluate the estimators with the model in eval mode (dropout off), restoring the mode of
-            each of its submodules.
+            A call without gradients (under ``torch.no_grad()``, to log the penalty) gets a fresh estimate
+            and leaves the schedule, the expansion and the random draws (tasks, samples) as they were: the
+            training calls after it are those of a run without it.
+        eval_mode: True (the only choice): the estimators evaluate the network's deterministic function, as
+            in eval mode (dropout off, batch norm with its running statistics), whatever mode the model is
+            in; each submodule's mode is left as it was. False is refused (no estimator can evaluate the
+            training-mode function).
         distributed: in a ``torch.distributed`` process group (None: when one is initialized), fit each task's
             estimator on the union of the ranks' shards and draw each rank's Monte Carlo samples from its own
             stream (see :meth:`laftr.FSDEstimator.fit` and :meth:`laftr.FSDEstimator.distance`); False: this
             process's data only and the same samples on every rank.
+
+    The settings ``lam``, ``tasks_per_step``, ``every`` and ``refresh`` may be changed between calls (a
+    schedule of ``lam``); they are checked when set. :meth:`state_dict` / :meth:`load_state_dict` checkpoint
+    the regularizer mid-run: the stored tasks, the settings and where its random draws and schedules stand,
+    so that a resumed run continues with the penalties the uninterrupted one would have had.
     """
 
     def __init__(
@@ -110,23 +125,73 @@ class FSDRegularizer:
                              f"laftr.make_estimator('laftr', metric='kl'); got {type(make).__name__} "
                              f"{make!r:.60} (an estimator already fitted goes in with add())")
         self.make = make
-        self.lam = _check_lam(lam)
-        self.tasks_per_step = _check_count("tasks_per_step", tasks_per_step, allow_none=True)
-        self.every = _check_count("every", every)
-        self.refresh = _check_count("refresh", refresh)
-        if self.every > 1 and self.refresh > 1:
-            raise UsageError(f"every={self.every} and refresh={self.refresh} are two ways of estimating the "
-                             "penalty on fewer steps; set one of them")
+        self._every = self._refresh = 1
+        self.lam = lam
+        self.tasks_per_step = tasks_per_step
+        self.every = every
+        self.refresh = refresh
         self._calls = 0
-        # refresh > 1: the last fresh estimate's value, gradient and parameters
-        self._anchor: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
+        # refresh > 1: the last fresh estimate's mean distance (without lam), and its gradient and parameters
+        # by the names of the parameters trainable then
+        self._anchor: tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
         self._since = 0  # calls since that estimate
-        self.eval_mode = eval_mode
+        if eval_mode is not True:
+            raise UsageError(f"eval_mode must be True, got {eval_mode!r}: the estimators evaluate the "
+                             "network's deterministic (eval-mode) function whatever mode it is in")
+        self.eval_mode = True
         if distributed is not None and not isinstance(distributed, bool):
             raise UsageError(f"distributed must be True, False or None, got {distributed!r}")
         self.distributed = distributed
         self.estimators: list[FSDEstimator] = []
-        self._gen = torch.Generator().manual_seed(seed)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
+            raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+        self._gen: torch.Generator = torch.Generator().manual_seed(int(seed))
+
+    # ------------------------------------------------------------------ settings, checked when set
+    @property
+    def lam(self) -> float:
+        """Weight of the penalty (a finite number >= 0)."""
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        self._lam = _check_lam(value)
+
+    @property
+    def tasks_per_step(self) -> int | None:
+        """Old tasks drawn per call (None: all of them)."""
+        return self._tasks_per_step
+
+    @tasks_per_step.setter
+    def tasks_per_step(self, value: int | None) -> None:
+        self._tasks_per_step = _check_count("tasks_per_step", value, allow_none=True)
+
+    @property
+    def every(self) -> int:
+        """The penalty on every ``every``-th call only (see the class)."""
+        return self._every
+
+    @every.setter
+    def every(self, value: int) -> None:
+        self._every = self._exclusive("every", _check_count("every", value), self._refresh)
+
+    @property
+    def refresh(self) -> int:
+        """A fresh estimate on every ``refresh``-th call, its expansion in between (see the class)."""
+        return self._refresh
+
+    @refresh.setter
+    def refresh(self, value: int) -> None:
+        self._refresh = self._exclusive("refresh", _check_count("refresh", value), self._every)
+        self._anchor = None
+
+    @staticmethod
+    def _exclusive(name: str, value: int, other: int) -> int:
+        if value > 1 and other > 1:
+            every, refresh = (value, other) if name == "every" else (other, value)
+            raise UsageError(f"every={every} and refresh={refresh} are two ways of estimating the penalty on "
+                             "fewer steps; set one of them")
+        return value
 
     def __len__(self) -> int:
         """The number of stored tasks (fitted estimators)."""
@@ -168,7 +233,12 @@ class FSDRegularizer:
 
     def distances(self, model: nn.Module, which: Sequence[int] | None = None) -> list[torch.Tensor]:
         """The estimated distance to each stored task (or to the tasks ``which``), differentiable."""
-        idx = range(len(self.estimators)) if which is None else which
+        n = len(self.estimators)
+        idx = range(n) if which is None else list(which)
+        bad = [j for j in idx if isinstance(j, bool) or not isinstance(j, numbers.Integral) or not 0 <= j < n]
+        if bad:
+            raise UsageError(f"which={list(idx)}: {bad[0]!r} is not the index of a stored task "
+                             f"(0..{n - 1})" if n else f"which={list(idx)}: no task is stored yet")
         modes = [(m, m.training) for m in model.modules()]  # each submodule's own (a frozen BatchNorm's eval)
         if self.eval_mode:
             model.eval()
@@ -187,12 +257,12 @@ class FSDRegularizer:
         """
         if not isinstance(model, nn.Module):
             raise UsageError(f"penalty() takes the network (a torch.nn.Module), got {type(model).__name__}")
-        if not torch.is_grad_enabled() and (self.every > 1 or self.refresh > 1):
+        if not torch.is_grad_enabled():
             # a call without gradients (logging the penalty) neither advances the schedule nor becomes the
-            # anchor whose gradient the next steps reuse: it gets a fresh estimate of its own
+            # anchor whose gradient the next steps reuse, nor moves the draws: a fresh estimate of its own
             if not self.estimators or self.lam == 0.0:
                 return self._zero(model)
-            return self.lam * self._fresh(model)
+            return self.lam * self._unmoved(lambda: self._fresh(model))
         skip = False
         if self.estimators and self.every > 1:
             self._calls += 1
@@ -210,6 +280,20 @@ class FSDRegularizer:
         p = next(model.parameters(), None)
         return torch.zeros((), device=None if p is None else p.device, dtype=None if p is None else p.dtype)
 
+    def _unmoved(self, call: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``call()`` with the draws of tasks and the estimators' sample streams restored after it.
+
+        A call that logs the penalty (no gradients) does not change what the training calls draw next.
+        """
+        mine = self._gen.get_state()
+        theirs = [e.sample_state() for e in self.estimators]
+        try:
+            return call()
+        finally:
+            self._gen.set_state(mine)
+            for e, st in zip(self.estimators, theirs, strict=True):
+                e.load_sample_state(st)
+
     def _fresh(self, model: nn.Module) -> torch.Tensor:
         """``mean_j D_j(theta)`` over all stored tasks or ``tasks_per_step`` drawn ones, differentiable."""
         n = len(self.estimators)
@@ -219,30 +303,108 @@ class FSDRegularizer:
         return torch.stack(self.distances(model, which)).mean()
 
     def _expanded(self, model: nn.Module, fresh: bool) -> torch.Tensor:
-        """The penalty's first-order expansion around the latest fresh estimate (made anew if ``fresh``)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        if self._anchor is not None and any(
-                g.dtype != p.dtype or g.device != p.device
-                for g, p in zip(self._anchor[1], params, strict=False)):
-            fresh = True  # the model moved to another dtype or device (model.float()): estimate afresh there
+        """The penalty's first-order expansion around the latest fresh estimate (made anew if ``fresh``).
+
+        Estimated afresh also when the trainable parameters are not those of the fresh estimate (a layer
+        frozen or unfrozen since), or moved to another dtype or device. ``lam`` multiplies the expansion as it
+        is now (a schedule of ``lam`` takes effect at once).
+        """
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if self._anchor is not None:
+            _, grads, _ = self._anchor
+            if grads.keys() != params.keys() or any(
+                    g.dtype != p.dtype or g.device != p.device or g.shape != p.shape
+                    for g, p in zip(grads.values(), (params[n] for n in grads), strict=True)):
+                fresh = True
         if fresh:
-            value = self.lam * self._fresh(model)
-            grads: Sequence[torch.Tensor | None] = (
-                torch.autograd.grad(value, params, allow_unused=True) if value.requires_grad
-                else [None] * len(params))
+            value = self._fresh(model)
+            names = list(params)
+            got: Sequence[torch.Tensor | None] = (
+                torch.autograd.grad(value, [params[n] for n in names], allow_unused=True)
+                if value.requires_grad and names else [None] * len(names))
             self._since = 0
             self._anchor = (value.detach(),
-                            [torch.zeros_like(p) if g is None else g.detach()
-                             for p, g in zip(params, grads, strict=True)],
-                            [p.detach().clone() for p in params])
+                            {n: torch.zeros_like(params[n]) if g is None else g.detach()
+                             for n, g in zip(names, got, strict=True)},
+                            {n: params[n].detach().clone() for n in names})
         assert self._anchor is not None
         value, grads, at = self._anchor
-        if len(grads) != len(params) or any(g.shape != p.shape for g, p in zip(grads, params, strict=False)):
-            raise UsageError("the model's trainable parameters changed since the penalty was last estimated; "
-                             "refresh needs the same parameters on every call")
-        step = sum(((g * (p - p0)).sum() for g, p, p0 in zip(grads, params, at, strict=True)),
-                   torch.zeros_like(value))
-        return value + step
+        step = sum(((g * (params[n] - at[n])).sum() for n, g in grads.items()), torch.zeros_like(value))
+        return self.lam * (value + step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue a run: the stored tasks, the settings and where the draws stand.
+
+        Tensors, numbers and strings only: ``torch.save(reg.state_dict(), f)`` and
+        ``torch.load(f, weights_only=True)`` (no code is unpickled). Each stored estimator is its summary
+        file's bytes (:func:`laftr.save`'s format, with its checks at load). The factory ``make`` is not
+        stored: build the regularizer with it again, then :meth:`load_state_dict`.
+        """
+        from ..io import to_bytes
+
+        anchor = None
+        if self._anchor is not None:
+            value, grads, at = self._anchor
+            anchor = {"value": value.detach().cpu(), "grads": {n: g.cpu() for n, g in grads.items()},
+                      "params": {n: t.cpu() for n, t in at.items()},
+                      "device": str(value.device)}
+        return {
+            "format": _STATE_FORMAT, "version": _STATE_VERSION,
+            "lam": self.lam, "tasks_per_step": self.tasks_per_step, "every": self.every,
+            "refresh": self.refresh, "distributed": self.distributed,
+            "calls": self._calls, "since": self._since, "generator": self._gen.get_state(),
+            "estimators": [torch.frombuffer(bytearray(to_bytes(e)), dtype=torch.uint8)
+                           for e in self.estimators],
+            "sample_states": [e.sample_state() for e in self.estimators],
+            "anchor": anchor,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`: the stored tasks (replacing any), the settings and the draws.
+
+        Raises:
+            UsageError: ``state`` is not a regularizer's state dict, or of another version.
+            laftr.io.SummaryFileError: a stored estimator's bytes are damaged.
+        """
+        from ..io import from_bytes
+
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise UsageError("load_state_dict takes what FSDRegularizer.state_dict() returned (a dict with "
+                             f"format {_STATE_FORMAT!r}); got {type(state).__name__}")
+        if state.get("version") != _STATE_VERSION:
+            raise UsageError(f"regularizer state of version {state.get('version')!r}; this laftr reads "
+                             f"version {_STATE_VERSION}")
+        missing = sorted(_STATE_KEYS - set(state))
+        if missing:
+            raise UsageError(f"regularizer state without {missing}")
+        blobs, samples = state["estimators"], state["sample_states"]
+        if not isinstance(blobs, list) or not isinstance(samples, list) or len(blobs) != len(samples):
+            raise UsageError("regularizer state: estimators and sample_states must be lists of one length")
+        estimators = [from_bytes(t.numpy().tobytes() if isinstance(t, torch.Tensor) else t,
+                                 f"stored task {j} of the regularizer state") for j, t in enumerate(blobs)]
+        for e, st in zip(estimators, samples, strict=True):
+            e.load_sample_state(st)
+        # the settings (checked as when set), then the schedules and the draws
+        self._every = self._refresh = 1
+        self.lam, self.tasks_per_step = state["lam"], state["tasks_per_step"]
+        self.every, self.refresh = state["every"], state["refresh"]
+        if state["distributed"] is not None and not isinstance(state["distributed"], bool):
+            raise UsageError(f"regularizer state: distributed={state['distributed']!r}")
+        self.distributed = state["distributed"]
+        for key in ("calls", "since"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+                raise UsageError(f"regularizer state: {key}={state[key]!r} is not a count")
+        self._gen.set_state(state["generator"])
+        anchor = state["anchor"]
+        if anchor is not None:
+            dev = torch.device(anchor["device"])
+            self._anchor = (anchor["value"].to(dev), {n: g.to(dev) for n, g in anchor["grads"].items()},
+                            {n: t.to(dev) for n, t in anchor["params"].items()})
+        else:
+            self._anchor = None
+        self._calls, self._since = state["calls"], state["since"]
+        self.estimators = estimators
 
     def stored_floats(self) -> list[int]:
         """Floats stored beyond theta_j for each task."""

@@ -387,6 +387,22 @@ class FSDEstimator:
         return {"name": self.name, "config": dataclasses.asdict(self.config),
                 "stored_floats": self.stored_floats()}
 
+    def sample_state(self) -> dict[str, Any] | None:
+        """Where the estimator's random samples stand: None for an estimator that draws nothing between calls.
+
+        A Monte Carlo estimator (``laftr``, ``liftr``) draws fresh samples at every call from a stream that
+        continues across calls; restoring this state (:meth:`load_sample_state`) makes the next call draw
+        what it would have drawn. Used to checkpoint a training run (``FSDRegularizer.state_dict``) and to
+        keep a logging call from moving the stream.
+        """
+        return None
+
+    def load_sample_state(self, state: dict[str, Any] | None) -> None:
+        """Restore a :meth:`sample_state` (None: nothing to restore)."""
+        if state is not None:
+            raise UsageError(f"{self.name} draws no samples between calls; got a sample state "
+                             f"{sorted(state)}")
+
     # ------------------------------------------------------------------ subclass hooks
     def _fit(self, model: nn.Module, data: Data) -> None:
         raise NotImplementedError

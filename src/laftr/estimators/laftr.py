@@ -353,6 +353,30 @@ class _LaftrBase(FSDEstimator):
             self._gen_seed = seed
         return self._gen
 
+    def sample_state(self) -> dict[str, Any] | None:
+        """The sample stream's seed, device and generator state (None before the first evaluation)."""
+        if self._gen is None or self.cfg.fixed_noise:  # (fixed_noise: every call starts from the seed)
+            return None
+        return {"seed": int(self._gen_seed or 0), "device": str(self._gen.device),
+                "generator": self._gen.get_state()}
+
+    def load_sample_state(self, state: dict[str, Any] | None) -> None:
+        """Continue the sample stream where :meth:`sample_state` was taken (None: from the seed afresh)."""
+        if state is None:
+            self._gen, self._gen_seed = None, None
+            return
+        if (not isinstance(state, dict) or sorted(state) != ["device", "generator", "seed"]
+                or not isinstance(state["generator"], torch.Tensor) or not isinstance(state["seed"], int)):
+            raise UsageError(f"{self.name}: not a sample state (a dict of seed, device and generator): "
+                             f"{state!r:.80}")
+        gen = torch.Generator(torch.device(state["device"]))
+        try:
+            gen.set_state(state["generator"].cpu())
+        except RuntimeError as e:
+            raise UsageError(f"{self.name}: the sample state does not fit a generator on "
+                             f"{state['device']}: {e}") from None
+        self._gen, self._gen_seed = gen, state["seed"]
+
     # ------------------------------------------------------------------ memory and persistence
     def stored_floats(self) -> int:
         """The floats of the summary: every site's statistics per group and the input model's.
