@@ -257,3 +257,36 @@ def test_regularizer_settings_are_checked_when_set():
     reg.add(laftr.make_estimator("subset").fit(model, X))
     with pytest.raises(laftr.UsageError, match=r"which=\[3\]: 3 is not the index of a stored task \(0..0\)"):
         reg.distances(model, which=[3])
+
+
+def test_weight_norm_everywhere_runs_in_kfac_diag_and_ntk():
+    """kfac(unsupported="diag") on a network whose every Linear is weight-normed raised autograd's "inputs
+    to grad() cannot be empty" (no layer tapped); ntk raised NotImplementedError (no forward-mode AD for the
+    weight-norm kernel, in the interpreter too): its products now go by reverse mode twice."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from laftr.estimators.ntk import _jvp_by_double_vjp
+
+    torch.manual_seed(0)
+    X, Y = torch.randn(64, 16, dtype=torch.float64), torch.randint(0, 4, (64,))
+    model = nn.Sequential(weight_norm(nn.Linear(16, 32)), nn.Tanh(), weight_norm(nn.Linear(32, 4))).double()
+    est = laftr.make_estimator("kfac", metric="kl", unsupported="diag").fit(model, (X, Y))
+    assert est.layers == [] and len(est.diag) == 6
+    other = _moved(model, 1e-4)
+    ntk = laftr.make_estimator("ntk", metric="kl", coreset_size=64).fit(model, X)
+    got, exact = ntk(other), laftr.exact_fsd(model, other, X, metric="kl")
+    assert got.requires_grad and 0.98 < float(got / exact) < 1.02  # a linearization, exact as theta -> theta0
+    assert 0.5 < float(est(other) / exact) < 2  # K-FAC's diagonal fallback: a quadratic approximation
+    # the double reverse-mode product equals forward mode, value and gradient in the tangent (plain network)
+    net = _net().double()
+    p0 = {n: p.detach() for n, p in net.named_parameters()}
+    v = {n: torch.randn_like(p, requires_grad=True) for n, p in p0.items()}
+    f = lambda p: functional_call(net, p, (X,))  # noqa: E731
+    z0, jv = _jvp_by_double_vjp(f, p0, v)
+    z0_, jv_ = torch.func.jvp(f, (p0,), (v,))
+    torch.testing.assert_close(z0, z0_, rtol=1e-12, atol=0)
+    torch.testing.assert_close(jv, jv_, rtol=1e-10, atol=1e-12)
+    ga = torch.autograd.grad(jv.pow(2).sum(), list(v.values()))
+    gb = torch.autograd.grad(jv_.pow(2).sum(), list(v.values()))
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

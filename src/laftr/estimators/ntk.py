@@ -7,11 +7,13 @@ product, differentiable w.r.t. theta through the tangent: ``torch.func.linearize
 Buffers (batch-norm statistics) stay at theta0's values; the network runs in eval mode. Every parameter is
 linearized (a frozen parameter contributes only if it differs from theta0). Stores ``k * d`` floats. A network
 with an op that has no forward-mode AD (nn.MultiheadAttention's fused kernel) goes through laftr's
-traced interpreter instead, which computes the same function from plain ops.
+traced interpreter instead, which computes the same function from plain ops; where that cannot run it either
+(a weight_norm parametrization), ``J v`` is taken by reverse mode twice.
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any
 
@@ -25,6 +27,26 @@ from ..metrics import discrepancy
 from .base import register
 from .coreset import CoresetConfig, CoresetEstimator
 from .curvature import eval_mode
+
+log = logging.getLogger(__name__)
+
+
+def _jvp_by_double_vjp(f: Any, primals: dict[str, torch.Tensor], tangents: dict[str, torch.Tensor],
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f(primals), J v)`` for ops without forward-mode AD: ``J v = d/du [(J^T u) . v]`` (any ``u``).
+
+    Two reverse passes (``J^T u`` with its graph, then its derivative in ``u``); differentiable in ``v``.
+    """
+    with torch.enable_grad():
+        p = {n: t.detach().requires_grad_(True) for n, t in primals.items()}
+        z = f(p)
+        u = torch.zeros_like(z, requires_grad=True)
+        names = [n for n in p if n in tangents]
+        jtu = torch.autograd.grad(z, [p[n] for n in names], u, create_graph=True, allow_unused=True)
+        dot = sum(((g * tangents[n]).sum() for n, g in zip(names, jtu, strict=True) if g is not None),
+                  torch.zeros((), dtype=z.dtype, device=z.device))
+        (jv,) = torch.autograd.grad(dot, u, create_graph=True)
+    return z.detach(), jv
 
 
 @register("ntk")
@@ -83,17 +105,18 @@ class NtkEstimator(CoresetEstimator):
                 dz = lin(tangents)
         except NotImplementedError as e:
             # an op without forward-mode AD (e.g. MultiheadAttention's fused kernel): the same function
-            # through laftr's interpreter, made of plain ops
+            # through laftr's interpreter, made of plain ops; where that is refused or reaches such an op too
+            # (a weight_norm parametrization), J v by reverse mode twice
+            X = self.inputs_on(model)
             try:
                 net = self._traced(model)
-                X = self.inputs_on(model)
                 with eval_mode(model):
                     z0, dz = jvp(lambda p: net.forward(X, {**p, **rest}), (primals,),  # type: ignore[misc]
                                  (tangents,))
-            except UnsupportedOpError as refused:
-                raise UnsupportedOpError(
-                    f"ntk: the network has an op without forward-mode AD ({e}), and laftr's interpreter, "
-                    f"which would run it through plain ops, cannot run the network either: {refused}"
-                ) from refused
+            except (UnsupportedOpError, NotImplementedError) as refused:
+                log.info("ntk: products by reverse mode twice (%s; %s)", e, refused)
+                with eval_mode(model):
+                    z0, dz = _jvp_by_double_vjp(lambda p: functional_call(model, (p, rest), (X,)), primals,
+                                                tangents)
         z0 = z0.detach()
         return discrepancy(z0, z0 + dz, self.metric, self.outputs).mean()

@@ -365,7 +365,7 @@ class LayerTaps:
             S = W.shape[2]
             for s in range(S):
                 gs = torch.autograd.grad((zs * W[:, :, s]).sum(), outs, retain_graph=s < S - 1,
-                                         allow_unused=True)
+                                         allow_unused=True) if outs else ()  # (no layer tapped)
                 res: dict[str, list[torch.Tensor]] = {tap.name: [] for tap in self.taps}
                 for (tap, lay), g, o in zip(owner, gs, outs, strict=True):
                     g = torch.zeros_like(o) if g is None else g.detach()
