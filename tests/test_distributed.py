@@ -205,6 +205,20 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
             model, X[half], outputs=[0, 1] if rank == 0 else [0]))
         result["exact architecture"] = _error(lambda: laftr.exact_fsd(
             model, make_model(hidden=6 + rank), X[half]))
+        # the same architecture with other values (weights loaded on one rank only) or other frozen layers
+        result["values"] = _error(lambda: laftr.make_estimator("weight").fit(make_model(seed=rank), X[half]))
+        frozen = make_model()
+        if rank == 1:
+            frozen[0].requires_grad_(False)
+        result["trainable"] = _error(lambda: laftr.make_estimator("diag-fisher").fit(frozen, X[half]))
+        result["exact values"] = _error(lambda: laftr.exact_fsd(make_model(seed=rank), model, X[half]))
+        # arguments refused on one rank before the first collective: no wait for the group's timeout
+        result["early outputs"] = _error(lambda: laftr.make_estimator("kfac").fit(
+            model, X[half], outputs=[0, 1] if rank == 0 else [-1]))
+        result["early distributed"] = _error(lambda: laftr.make_estimator("kfac").fit(
+            model, X[half], distributed=None if rank == 0 else "yes"))
+        result["early metric"] = _error(lambda: laftr.exact_fsd(model, model, X[half],
+                                                                metric="l2" if rank == 0 else "L2"))
         # a rank whose data is bad: its own error there, an error naming it on the other
         bad = X[half].clone()
         if rank == 1:
@@ -336,6 +350,31 @@ def test_ranks_that_disagree_fail_on_every_rank(ranks: list[dict[str, Any]], key
     assert ranks[0][key] is not None, f"{key}: no error"
     kind, message = ranks[0][key]
     assert kind == UsageError.__name__ and f"disagree on {words}" in message, message
+
+
+@pytest.mark.parametrize(("key", "words"), [
+    ("values", "the parameter values"), ("trainable", "the trainable parameters"),
+    ("exact values", "model_a's values")])
+def test_ranks_with_other_weights_or_frozen_layers_fail_on_every_rank(ranks: list[dict[str, Any]], key: str,
+                                                                      words: str) -> None:
+    """Ranks holding the same architecture with other values (weights loaded on rank 0 only) were accepted:
+    each kept its own theta0 with statistics summed over both (laftr-exact 0.24 vs 0.75 on one network);
+    ranks freezing different layers gave a Fisher diagonal summed with zeros (audit)."""
+    assert ranks[0][key] == ranks[1][key] and ranks[0][key] is not None, key
+    kind, message = ranks[0][key]
+    assert kind == UsageError.__name__ and f"disagree on {words}" in message, message
+
+
+@pytest.mark.parametrize(("key", "words"), [
+    ("early outputs", "outputs must be non-negative"), ("early distributed", "distributed must be True"),
+    ("early metric", "unknown metric 'L2'")])
+def test_arguments_refused_on_one_rank_fail_every_rank_at_once(ranks: list[dict[str, Any]], key: str,
+                                                               words: str) -> None:
+    """A refusal before the first collective left the other rank waiting for the group's timeout (30 min by
+    default), then a raw gloo error."""
+    assert ranks[1][key] is not None and ranks[1][key][0] == "UsageError" and words in ranks[1][key][1]
+    assert ranks[0][key] is not None and ranks[0][key][0] == "UsageError"
+    assert "rank(s) [1]" in ranks[0][key][1] and words in ranks[0][key][1]
 
 
 @pytest.mark.parametrize("key", ["bad data", "bad data exact"])

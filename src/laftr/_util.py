@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import inspect
 import logging
 import math
@@ -302,6 +303,20 @@ def arch_signature(model: nn.Module) -> list[list[Any]]:
     sig = [[n, list(p.shape)] for n, p in model.named_parameters()]
     sig += [[n, list(b.shape)] for n, b in model.named_buffers()]
     return sig
+
+
+def values_digest(model: nn.Module) -> str:
+    """A SHA-256 of the values of every parameter and buffer (with their names): equal only for equal values.
+
+    Used to check that the ranks of a process group hold the same network (one whose weights were loaded on
+    rank 0 only, or fitted before DistributedDataParallel broadcast them, differs).
+    """
+    h = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def check_same_arch(expected: list[list[Any]], model: nn.Module, what: str = "the fitted model") -> None:

@@ -143,6 +143,19 @@ def agree(local: Callable[[], T], what: str) -> T:
     return result
 
 
+def prechecked(distributed: Any, checks: Callable[[], T], what: str) -> T:
+    """``checks()`` -- a call's checks of its arguments, before its first collective -- agreed over the group.
+
+    When the call takes part in a group (``distributed`` is not False and a group of several ranks is
+    initialized; an invalid ``distributed`` counts, so that its refusal is shared), a rank whose arguments are
+    refused raises its own error and the others a :class:`UsageError` naming it, instead of waiting in the
+    call's first collective until the group's timeout.
+    """
+    if distributed is not False and initialized() and dist.get_world_size() > 1:
+        return agree(checks, what)
+    return checks()
+
+
 def check_consistent(what: str, fingerprint: dict[str, Any]) -> None:
     """Raise :class:`UsageError` on every rank unless all ranks give the same ``fingerprint``.
 

@@ -18,6 +18,7 @@ from ._util import (
     check_runnable,
     iter_batches,
     model_device_dtype,
+    values_digest,
 )
 from .errors import DataError, UsageError
 from .graph import check_deterministic
@@ -86,11 +87,14 @@ def exact_fsd(
     Raises:
         UsageError: in a distributed call, ranks with different models or options (on every rank).
     """
-    check_metric(metric)
-    check_outputs(outputs)
-    check_runnable(model_a, "model_a")
-    check_runnable(model_b, "model_b")
-    on = dist_.active(distributed)
+    def checks() -> bool:
+        check_metric(metric)
+        check_outputs(outputs)
+        check_runnable(model_a, "model_a")
+        check_runnable(model_b, "model_b")
+        return dist_.active(distributed)
+
+    on = dist_.prechecked(distributed, checks, "exact_fsd")
     if on:
         _check_ranks("exact_fsd", model_a, model_b, metric, outputs, grad=grad)
     device, dtype = model_device_dtype(model_b)
@@ -141,7 +145,9 @@ def _check_ranks(what: str, model_a: nn.Module, model_b: nn.Module, metric: str,
     dist_.check_consistent(what, {
         "the metric": metric, "outputs": None if outputs is None else list(outputs), "the options": options,
         "model_a's parameters": arch_signature(model_a), "model_b's parameters": arch_signature(model_b),
-        "model_b's dtype": str(model_device_dtype(model_b)[1])})
+        "model_b's dtype": str(model_device_dtype(model_b)[1]),
+        "model_a's values (a hash)": values_digest(model_a),
+        "model_b's values (a hash)": values_digest(model_b)})
 
 
 def exact_fsd_and_grad(
@@ -167,17 +173,20 @@ def exact_fsd_and_grad(
     Returns:
         ``(distance, {parameter name: gradient})``; the distance is detached.
     """
-    check_metric(metric)
-    check_outputs(outputs)
-    check_runnable(model_a, "model_a")
-    check_runnable(model_b, "model_b")
-    device, dtype = model_device_dtype(model_b)
-    ref = model_device_dtype(model_a)
+    def checks() -> bool:
+        check_metric(metric)
+        check_outputs(outputs)
+        check_runnable(model_a, "model_a")
+        check_runnable(model_b, "model_b")
+        if not any(p.requires_grad for p in model_b.parameters()):
+            raise UsageError("model_b has no trainable parameters")
+        return dist_.active(distributed)
+
+    on = dist_.prechecked(distributed, checks, "exact_fsd_and_grad")
     names = [n for n, p in model_b.named_parameters() if p.requires_grad]
     params = [p for p in model_b.parameters() if p.requires_grad]
-    if not params:
-        raise UsageError("model_b has no trainable parameters")
-    on = dist_.active(distributed)
+    device, dtype = model_device_dtype(model_b)
+    ref = model_device_dtype(model_a)
     if on:
         _check_ranks("exact_fsd_and_grad", model_a, model_b, metric, outputs,
                      trainable=names)

@@ -51,6 +51,7 @@ from .._util import (
     model_device_dtype,
     param_dict,
     registrar,
+    values_digest,
 )
 from ..errors import DataError, OptionError, UsageError
 from ..fingerprint import GraphFingerprint, describe_difference, model_fingerprint
@@ -237,13 +238,17 @@ class FSDEstimator:
                 estimator cannot handle.
         """
         model = dist_.unwrap(model)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        outputs = check_outputs(outputs)
-        check_runnable(model)
-        _refuse_inference_mode("fit")
+
+        def checks() -> tuple[list[int] | None, bool]:
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            checked = check_outputs(outputs)
+            check_runnable(model)
+            _refuse_inference_mode("fit")
+            return checked, dist_.active(distributed)
+
+        outputs, on = dist_.prechecked(distributed, checks, f"{self.name}.fit")
         self._output_width = None
-        on = dist_.active(distributed)
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
@@ -257,6 +262,9 @@ class FSDEstimator:
                 dist_.check_consistent(f"{self.name}.fit", {
                     "the estimator": self.name, "the options": config, "outputs": outputs,
                     "the parameters": arch_signature(model), "the dtype": str(model_device_dtype(model)[1]),
+                    "the trainable parameters": [n for n, p in model.named_parameters() if p.requires_grad],
+                    "the parameter values (a hash; load or broadcast the same weights on every rank)":
+                        values_digest(model),
                     "the forward graph": None if fp is None else fp.text})
             with allow_empty_data(on):
                 if self.uses_network:
