@@ -207,8 +207,10 @@ def fit_summary(
             if model_in.needs_first_pass:
                 if isinstance(data, Iterator):  # a generator or iterator is used up by the first pass
                     raise DataError(f"input model {model_in.name!r} reads the data twice (a k-means sample, "
-                                    "then the sums), and a generator or iterator can be read only once: pass "
-                                    "a list of batches, a DataLoader or an IterableDataset instead")
+                                    "then the sums), and this data can be read only once (a generator, an "
+                                    "iterator, or an iterable whose __iter__ hands out the same generator "
+                                    "every time): pass a list of batches, or a DataLoader or IterableDataset "
+                                    "whose __iter__ starts afresh")
                 model_in.prepare(batches)
             mode = FitMode([theta0], record_pools=record_pools, record_inputs=record_inputs)
             mode.exact = exact

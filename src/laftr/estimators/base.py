@@ -31,11 +31,12 @@ import itertools
 import logging
 import numbers
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
 
 from .. import distributed as dist_
 from .._util import (
@@ -632,16 +633,37 @@ def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | No
     return width
 
 
+def _reads_once(data: Any) -> bool:
+    """Whether ``data`` is an iterable (not an iterator) whose passes continue one another.
+
+    An ``IterableDataset`` (or a DataLoader over one) whose ``__iter__`` hands out the same generator every
+    time (a file, socket or cursor reader): a second pass would start where the probe of the network stopped.
+    """
+    if isinstance(data, (torch.Tensor, tuple, list, dict, Iterator)) or not isinstance(data, Iterable):
+        return False
+    src = data.dataset if isinstance(data, DataLoader) else data
+    if isinstance(data, DataLoader) and not isinstance(src, IterableDataset):
+        return False
+    try:
+        first = iter(src)
+        return first is iter(src)
+    except Exception:  # noqa: BLE001 - not for us to judge here; the data's own pass reports it
+        return False
+
+
 def _first_examples(data: Data, n: int, batch_size: int, device: torch.device, dtype: torch.dtype,
                     ) -> tuple[torch.Tensor | None, Data]:
     """The first ``n`` inputs of ``data`` (fewer if it has fewer), and ``data`` to read from the start again.
 
     The inputs are None when ``data`` has no examples (only possible within ``allow_empty_data``).
 
-    A one-shot iterator is given back with the batches read put in front; a loader is read without changing
+    A one-shot iterator (or an iterable whose passes continue one another, :func:`_reads_once`) is given back
+    with the batches read put in front; a loader is read without changing
     the global random state or its generators (a shuffled loader then shuffles as if it had not been read).
     """
     taken: list[Any] = []
+    if _reads_once(data):  # an iterable whose every pass continues the last one: read as the iterator it is
+        data = iter(data)
     if isinstance(data, Iterator):
         source: Any = data
 
