@@ -80,6 +80,22 @@ def perturbed(model: nn.Module) -> nn.Module:
     return other
 
 
+def token_model() -> nn.Module:
+    """An embedding of a vocabulary of 7 into a small classifier of 5-token sequences."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(15, 6), nn.ReLU(), nn.Linear(6, K)).double()
+
+
+def token_data() -> torch.Tensor:
+    """``(N, 5)`` token ids: the first half below 3, the second half up to 6."""
+    g = torch.Generator().manual_seed(2)
+    return torch.cat([torch.randint(0, 3, (N // 2, 5), generator=g), torch.randint(0, 7, (N // 2, 5), generator=g)])
+
+
+def token_mixture() -> laftr.FSDEstimator:
+    return laftr.make_estimator("laftr", input_model="tokens-mixture", components=2, mixture_sample=16)
+
+
 def state(est: laftr.FSDEstimator) -> dict[str, torch.Tensor]:
     """The fitted estimator's stored tensors (what would be saved), on the CPU."""
     tensors, _ = est._state()
@@ -228,6 +244,8 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         # Monte Carlo estimates in the group: each rank its own stream; DDP with a regularizer
         result["mc"] = mc_checks(model, (X[half], Y[half]))
         result["ddp"] = ddp_checks((X[half], Y[half]))
+        # token sequences whose largest id differs between the shards (rank 0 sees ids 0..2 only)
+        result["tokens-mixture"] = state(token_mixture().fit(token_model(), token_data()[half]))
         # the group still works after every error above
         result["after"] = state(laftr.make_estimator("laftr-exact").fit(model, X[half]))
     except Exception:  # noqa: BLE001 - reported to the test
@@ -350,6 +368,14 @@ def test_ranks_that_disagree_fail_on_every_rank(ranks: list[dict[str, Any]], key
     assert ranks[0][key] is not None, f"{key}: no error"
     kind, message = ranks[0][key]
     assert kind == UsageError.__name__ and f"disagree on {words}" in message, message
+
+
+def test_a_token_mixture_over_shards_of_other_vocabularies_equals_one_process(ranks: list[dict[str, Any]]) -> None:
+    """Each rank took the vocabulary of the k-means sample from its own largest id: the rank whose shard saw
+    ids 0..2 only failed in one_hot on the gathered sample (audit)."""
+    want = state(token_mixture().fit(token_model(), token_data()))
+    for r in ranks:
+        assert_close(r["tokens-mixture"], want, "tokens-mixture")
 
 
 @pytest.mark.parametrize(("key", "words"), [

@@ -1253,6 +1253,10 @@ class TokenMixtureInputs(KMeansOptions, TokenFamily):
             return x.detach().reshape(x.shape[0], -1).to("cpu", torch.int64)
 
         ids = hashed_sample(batches, self.mixture_sample, self.seed, rows)
+        if SAMPLE_GATHER.get() is not None:  # distributed: every rank's sample, every rank's vocabulary
+            from .distributed import all_gather_objects
+
+            top = max(all_gather_objects(top))
         V = self.vocab_size if self.vocab_size is not None else top
         X = F.one_hot(ids, V).reshape(ids.shape[0], -1).to(torch.float64)
         self.centers = kmeans(X, self.components, self.seed, self.kmeans_iters)
