@@ -264,6 +264,10 @@ def test_summarize_force_replaces_an_earlier_summary_only(files, capsys):
     err = capsys.readouterr().err
     assert "not a laftr summary" in err and "Traceback" not in err
     assert notes.read_text() == "these are not tensors\n"  # the user's file is untouched
+    # without --force the same: the hint was "pass --force", which then refused (a circle; audit)
+    assert main(argv[:-1]) == 1
+    err = capsys.readouterr().err
+    assert "not a laftr summary" in err and "pass --force" not in err
     assert main(_summarize(d, *net)) == 0
     assert main(_summarize(d, *net)) == 1 and "pass --force" in capsys.readouterr().err
     assert main(_summarize(d, *net, "--force")) == 0  # an earlier summary is replaced

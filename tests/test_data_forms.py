@@ -289,3 +289,25 @@ def test_an_iterable_that_reads_once_keeps_every_example():
         assert laftr.make_estimator("subset", coreset_size=100).fit(model, make()).X.shape[0] == 41
         with pytest.raises(laftr.DataError, match="'mixture' reads the data twice.*read only once"):
             laftr.make_estimator("laftr", input_model="mixture", components=2).fit(model, make())
+
+
+def test_a_distributed_sampler_that_pads_the_shards_is_named_once():
+    """DistributedSampler(drop_last=False) repeats examples to even out the shards: a distributed fit counted
+    them twice, silently (41 examples on 2 ranks counted 42; documented, now also warned, once per sampler)."""
+    import warnings
+
+    from torch.utils.data import DistributedSampler
+
+    from laftr.models import mlp
+
+    ds = TensorDataset(torch.randn(41, 4))
+    model = mlp(4, (6,), 3)
+    for drop_last, count in ((False, 1), (True, 0)):
+        loader = DataLoader(ds, batch_size=8, sampler=DistributedSampler(ds, num_replicas=2, rank=1,
+                                                                         shuffle=False, drop_last=drop_last))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            laftr.make_estimator("laftr-exact").fit(model, loader, distributed=False)
+            laftr.exact_fsd(model, model, loader, distributed=False)
+        padded = [w for w in caught if "DistributedSampler repeats 1 example" in str(w.message)]
+        assert len(padded) == count

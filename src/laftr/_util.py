@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -166,6 +167,7 @@ def iter_batches(
         source = ((X[i : i + batch_size], Y[i : i + batch_size]) for i in range(0, len(X), batch_size))
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict)):
         source = data
+        _warn_padded_shards(data)
     else:
         raise DataError(
             f"data must be a tensor of inputs, an (X, Y) tuple, a list of batches or a DataLoader; "
@@ -197,6 +199,25 @@ def iter_batches(
         yield x, y
     if not seen and not _ALLOW_EMPTY.get():
         raise DataError(EMPTY_DATA)
+
+
+_WARNED_SAMPLERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _warn_padded_shards(data: Any) -> None:
+    """Warn when a DataLoader's ``DistributedSampler`` repeats examples to even out the ranks' shards."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = getattr(data, "sampler", None) if isinstance(data, DataLoader) else None
+    if not isinstance(sampler, DistributedSampler):
+        return
+    extra = sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
+    if not sampler.drop_last and extra > 0 and sampler not in _WARNED_SAMPLERS:
+        _WARNED_SAMPLERS.add(sampler)  # (once per sampler: the data is read several times)
+        warnings.warn(f"the DataLoader's DistributedSampler repeats {extra} example(s) so that every rank "
+                      f"gets as many (drop_last=False): a distributed fit counts them twice. Shard without "
+                      f"padding (e.g. a Subset of the indices rank::world_size) or pass drop_last=True to "
+                      f"the sampler (which leaves them out)", UserWarning, stacklevel=3)
 
 
 def resolve_device(device: str | torch.device | None, what: str = "device") -> torch.device | None:

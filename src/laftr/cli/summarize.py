@@ -110,11 +110,11 @@ def _check_out_file(out: Path, force: bool) -> None:
     if out.is_dir():
         raise OutputPathError(f"--out {out} is a folder; name the summary file to write, e.g. "
                               f"{out / 'task.laftr'}")
-    if out.exists() and not force:
-        raise OutputPathError(f"{out} exists; pass --force to replace it")
     if out.exists() and not is_laftr_summary(out):
-        raise OutputPathError(f"{out} exists and is not a laftr summary: --force replaces an earlier "
-                              "summary, never another file; choose another --out (or remove the file)")
+        raise OutputPathError(f"{out} exists and is not a laftr summary: choose another --out (or remove the "
+                              "file); --force replaces an earlier summary, never another file")
+    if out.exists() and not force:
+        raise OutputPathError(f"{out} exists (a laftr summary); pass --force to replace it")
     if not out.parent.is_dir():
         what = "is a file, not a folder" if out.parent.exists() else "does not exist"
         raise OutputPathError(f"cannot write {out}: {out.parent} {what}")
