@@ -744,9 +744,10 @@ def test_ntk_traced_products_equal_plain_jvp_and_follow_models_and_refits(monkey
     torch.testing.assert_close(traced(other), truth(other), rtol=1e-12, atol=0)
 
 
-def test_ntk_says_why_when_neither_forward_ad_nor_the_interpreter_runs_the_network(monkeypatch):
-    """Without forward-mode AD ntk runs the network through laftr's interpreter; if that refuses an op too,
-    the message says it is ntk's fallback (not laftr's options for its own estimator)."""
+def test_ntk_without_forward_ad_anywhere_takes_its_products_by_reverse_mode_twice(monkeypatch):
+    """Without forward-mode AD ntk runs the network through laftr's interpreter; where that refuses an op too
+    (here cumprod), the products are taken by reverse mode twice (this was a refusal naming both): the value
+    and gradient of the forward-mode products."""
     from cases import CumprodNet
 
     import laftr.estimators.ntk as ntk_mod
@@ -757,7 +758,13 @@ def test_ntk_says_why_when_neither_forward_ad_nor_the_interpreter_runs_the_netwo
     model = CumprodNet().double()
     X = torch.randn(20, 4, dtype=torch.float64)
     est = _make("ntk", coreset_size=10).fit(model, X)
+    other = perturbed(model, 0.1)
+    want = est(other)
+    want_grad = torch.autograd.grad(want, list(other.parameters()))
     monkeypatch.setattr(ntk_mod, "tangent_map", no_forward_ad)
-    with pytest.raises(laftr.UnsupportedOpError, match=r"ntk: the network has an op without forward-mode AD "
-                       r"\(Trying.*cannot run the network either: node 'cumprod'"):
-        est(perturbed(model, 0.1))
+    with pytest.raises(laftr.UnsupportedOpError, match="node 'cumprod'"):
+        laftr.graph.TracedNet(model)  # (the interpreter's refusal, which the fallback goes around)
+    got = est(other)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    for a, b in zip(torch.autograd.grad(got, list(other.parameters())), want_grad, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)

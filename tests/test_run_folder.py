@@ -91,7 +91,7 @@ def test_interrupted_fsd_bench_keeps_the_earlier_run(tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fsd, "_build", interrupt)  # the first step after the staging folder is opened
+    monkeypatch.setattr(fsd, "_train_theta0", interrupt)  # the first step after the staging folder is opened
     cfg = fsd.FsdBenchConfig.for_arch("mlp", quick=True, progress=False)
     with pytest.raises(KeyboardInterrupt):
         fsd.run_fsd_bench(cfg, tmp_path / "run", force=True)
