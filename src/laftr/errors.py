@@ -92,7 +92,18 @@ class NoLocalMinimumError(FloatingPointError):
     """
 
 
+class ConvergenceError(FloatingPointError):
+    """A linear solve of the classical influence did not reach its tolerance: a numerical outcome.
+
+    Raised by :meth:`laftr.influence.ClassicalInfluence.solve` when conjugate gradient stops above its
+    tolerance (or diverges), typically because ``G + damping I`` is (nearly) singular. Like
+    :class:`NoLocalMinimumError` a ``FloatingPointError`` (the influence benchmarks record it as a failed
+    query), not a :class:`LaftrError`.
+    """
+
+
 __all__ = [
+    "ConvergenceError",
     "DataError",
     "DatasetNotFoundError",
     "FileError",

@@ -60,7 +60,9 @@ def _common_args(p: argparse.ArgumentParser, datasets: tuple[str, ...]) -> None:
     p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     p.add_argument("--quick", action="store_true", help="tiny configuration for smoke tests")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=None, help="training examples used (first N of the split)")
+    p.add_argument("--n-train", type=int, default=None,
+                   help="training examples used: N drawn at random (seeded by --seed) from the split; "
+                        "default: the data set's")
     p.add_argument("--hidden", type=positive_int_list, default=None, help="hidden widths, e.g. 50,50")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)

@@ -3,7 +3,8 @@
 - :class:`PBRF`: the response to removing a training example, with the exact function space distance
   (ground truth) or any fitted :class:`~laftr.estimators.base.FSDEstimator` (``pbrf-<name>``).
 - :class:`ClassicalInfluence`: the first-order influence function with the damped Gauss-Newton matrix
-  (conjugate gradient on ``torch.func`` Gauss-Newton-vector products, or a dense solve for tiny models).
+  (conjugate gradient on ``torch.func`` Gauss-Newton-vector products, or a dense solve for tiny models);
+  a solve that does not converge raises :class:`ConvergenceError`.
 - :class:`Measurement`: the loss on fixed test points, whose change the methods predict.
 - :func:`make_method`: every method behind one interface, by name.
 - :func:`run_influence` and :func:`run_mislabeled`: the experiments of ``laftr influence`` and ``laftr
@@ -14,7 +15,7 @@
 """
 
 from ..stats import curve_area, detection_curve, pearson, spearman
-from .classical import CGInfo, ClassicalInfluence, InfluenceConfig, conjugate_gradient
+from .classical import CGInfo, ClassicalInfluence, ConvergenceError, InfluenceConfig, conjugate_gradient
 from .experiment import (
     CLASSIFICATION_LAFTR_OPTIONS,
     DEFAULT_ESTIMATOR_OPTIONS,
@@ -45,6 +46,7 @@ __all__ = [
     "PBRF",
     "CGInfo",
     "ClassicalInfluence",
+    "ConvergenceError",
     "InfluenceBaseConfig",
     "InfluenceConfig",
     "InfluenceExperimentConfig",

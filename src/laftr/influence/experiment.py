@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from ..models import mlp, num_params
 from ..report import RunFolder, markdown_table, pyplot, run_metadata, write_json_atomic
 from ..stats import curve_area, detection_curve, pearson, spearman
 from ..training import train
+from ._checks import check_bool, check_int, check_positive, is_number
 from .classical import InfluenceConfig
 from .losses import infer_task, per_example_loss
 from .measure import Measurement
@@ -41,9 +43,11 @@ INFLUENCE_DATASETS = ("boston", "autompg", "diabetes", "fashion-mnist", "mnist-s
 #: The classification data sets, those of :func:`run_mislabeled` (labels to flip).
 MISLABELED_DATASETS = ("fashion-mnist", "mnist-sample")
 
-#: Estimator options used unless overridden (only fields the estimator's config has are passed).
+#: Estimator options used unless overridden (only fields the estimator's config has are passed). The Monte
+#: Carlo estimators keep one draw (``fixed_noise``): the PBRF refuses fresh samples at every evaluation.
 DEFAULT_ESTIMATOR_OPTIONS: dict[str, dict[str, Any]] = {
     "laftr": {"fixed_noise": True, "num_samples": 4096},
+    "liftr": {"fixed_noise": True},
     "ntk": {"coreset_size": 100},
     "subset": {"coreset_size": 100},
 }
@@ -102,6 +106,21 @@ def resolve_estimator_options(user: dict[str, dict[str, Any]] | None, task: str,
     return out
 
 
+def _is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_methods(methods: Any) -> None:
+    """Refuse ``methods`` unless it is a list (or tuple) of method names."""
+    if isinstance(methods, str):
+        raise UsageError(f"methods must be a list of method names, e.g. {methods.split(',')!r}, not the "
+                         f"string {methods!r}")
+    if not isinstance(methods, (list, tuple)) or not all(isinstance(m, str) for m in methods):
+        raise UsageError(f"methods must be a list of method names, e.g. ['pbrf', 'influence'], "
+                         f"got {methods!r}")
+
+
 def _unique(methods: list[str]) -> list[str]:
     """``methods`` without repeats, in their first order."""
     seen: list[str] = []
@@ -122,8 +141,8 @@ class InfluenceBaseConfig(ExperimentConfig):
 
     Attributes:
         dataset: the data set (each experiment lists its own).
-        methods: method names (:func:`~laftr.influence.make_method`); repeats are dropped.
-        seed: seed of the model's initialization, the training order and every random choice.
+        methods: a list of method names (:func:`~laftr.influence.make_method`); repeats are dropped.
+        seed: seed of the model's initialization, the training order and every random choice (>= 0).
         quick: a small, fast configuration for smoke tests (not a benchmark).
         n_train: training examples used (a seeded random subset of the split; None: all, unless the
             experiment's default is a subset).
@@ -131,12 +150,13 @@ class InfluenceBaseConfig(ExperimentConfig):
         epochs: training epochs (full-batch steps for regression tables).
         lr: Adam learning rate of training.
         batch_size: training batch size (classification; regression trains full batch).
-        damping: ``lam`` of the PBRF and of the influence function.
+        damping: ``lam`` > 0 of the PBRF and of the influence function (0 is ill-posed: refused).
         epsilon: weight of the removed example (None: ``1/N``), see :class:`~laftr.influence.PBRFConfig`.
         rtol: PBRF stopping tolerance.
         max_iter: the PBRF solver's iteration cap.
         cg_rtol: conjugate-gradient tolerance of the classical influence.
-        estimator_options: per estimator name, options of ``pbrf-<name>`` (merged with defaults).
+        estimator_options: per estimator name, options of ``pbrf-<name>`` (merged with defaults; checked
+            at construction, and a Monte Carlo estimator without ``fixed_noise`` is refused).
         progress: show progress bars.
     """
 
@@ -170,28 +190,57 @@ class InfluenceBaseConfig(ExperimentConfig):
 
     def _resolve(self) -> None:
         """Drop repeated methods; fill the fields left at ``None`` from :meth:`_defaults`."""
+        _check_methods(self.methods)
         self.methods = _unique(list(self.methods))
         self._fill(self._defaults())
 
+    def _task(self) -> str:
+        """``classification`` on the classification sets, else ``regression``."""
+        return "classification" if self.dataset in MISLABELED_DATASETS else "regression"
+
     def _validate(self) -> None:
-        """Check the methods, the model and its training, and the damping (the data set is the subclass's)."""
+        """Check the methods, the model and its training, and the solvers (the data set is the subclass's).
+
+        Sizes are integers (not bools or floats), flags bools, rates and tolerances finite numbers.
+        """
+        _check_methods(self.methods)
         if not self.methods:
             raise UsageError("give at least one method")
         for m in self.methods:
             check_method(m)
-        if self.n_train is not None and self.n_train < 2:
-            raise UsageError(f"n_train must be >= 2, got {self.n_train}")
-        if not self.hidden or any(int(h) < 1 for h in self.hidden):
-            raise UsageError(f"hidden widths must be positive, got {self.hidden}")
+        check_int(self.seed, "seed", minimum=0)
+        check_bool(self.quick, "quick")
+        check_bool(self.progress, "progress")
+        if self.n_train is not None and not (_is_int(self.n_train) and self.n_train >= 2):
+            raise UsageError(f"n_train must be an integer >= 2 (or None: the default), got {self.n_train!r}")
+        if (not isinstance(self.hidden, (tuple, list)) or not self.hidden
+                or not all(_is_int(h) and h >= 1 for h in self.hidden)):
+            raise UsageError(f"hidden widths must be positive integers, e.g. (50, 50), got {self.hidden!r}")
         assert self.epochs is not None and self.lr is not None and self.damping is not None  # _resolve
-        if self.epochs < 0 or not self.lr > 0 or self.batch_size < 1:
-            raise UsageError("epochs must be >= 0, lr > 0 and batch_size >= 1")
-        if not (math.isfinite(self.damping) and self.damping >= 0):
-            raise UsageError(f"damping must be >= 0, got {self.damping}")
-        try:  # the solver's settings, checked now rather than after the network is trained
-            PBRFConfig(damping=self.damping, epsilon=self.epsilon, rtol=self.rtol, max_iter=self.max_iter)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
+        check_int(self.epochs, "epochs", minimum=1)
+        check_positive(self.lr, "lr")
+        check_int(self.batch_size, "batch_size", minimum=1)
+        d = self.damping
+        if not (is_number(d) and math.isfinite(d)):
+            raise UsageError(f"damping must be a finite number > 0, got {d!r}")
+        if d < 0:
+            raise UsageError(f"damping must be >= 0 to weigh the proximity term, and > 0 for a well-posed "
+                             f"PBRF; got {d!r}")
+        if d == 0:
+            raise UsageError("damping must be > 0, got 0: without the proximity term the PBRF of a network "
+                             "with more parameters than the data constrain has no unique minimum, and "
+                             "(G + 0 I)^{-1} of the influence function does not exist; use e.g. 1e-3")
+        if not isinstance(self.estimator_options, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in self.estimator_options.items()):
+            raise UsageError("estimator_options must be a dict {estimator name: {option: value}}, got "
+                             f"{self.estimator_options!r}")
+        # the solvers' settings, checked now rather than after the network is trained
+        PBRFConfig(damping=d, epsilon=self.epsilon, rtol=self.rtol, max_iter=self.max_iter)
+        InfluenceConfig(damping=d, cg_rtol=self.cg_rtol)
+        # the estimators' options (unknown ones, and Monte Carlo draws the PBRF refuses)
+        options = resolve_estimator_options(self.estimator_options, self._task(), self.methods)
+        for m in self.methods:
+            make_method(m, estimator_options=options)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -236,6 +285,8 @@ class InfluenceExperimentConfig(InfluenceBaseConfig):
             raise UsageError(f"unknown data set {self.dataset!r}; choose one of {list(INFLUENCE_DATASETS)}")
         super()._validate()
         assert self.n_queries is not None  # _resolve
+        check_int(self.n_measure, "n_measure")
+        check_int(self.n_queries, "n_queries")
         if self.n_measure < 1 or self.n_queries < 2:
             raise UsageError("n_measure must be >= 1 and n_queries >= 2")
 
@@ -483,31 +534,50 @@ class MislabeledConfig(InfluenceBaseConfig):
                 "epochs": 30, "lr": 1e-3, "damping": 0.1}
 
     def _validate(self) -> None:
-        """Check the data set, the noise and the shared fields."""
+        """Check the data set, the shared fields and the noise (which must flip at least one label)."""
         if self.dataset not in MISLABELED_DATASETS:
             raise UsageError(f"mislabeled detection needs a classification data set: one of "
                              f"{list(MISLABELED_DATASETS)}, got {self.dataset!r}")
-        if not (isinstance(self.noise, (int, float)) and 0 < self.noise < 1):
+        if not (is_number(self.noise) and 0 < self.noise < 1):
             raise UsageError(f"noise must be a fraction in (0, 1), got {self.noise!r}")
         super()._validate()
+        assert self.n_train is not None  # _resolve
+        if round(self.noise * self.n_train) < 1:
+            raise UsageError(f"noise {self.noise!r} flips no label of n_train={self.n_train} examples "
+                             f"(round(noise * n_train) = 0); use noise >= {0.5 / self.n_train:.3g}")
 
 
 def _query_all(meth: Any, name: str, setup_args: tuple[Any, ...], indices: Any, progress: bool, value: str,
                fail_value: float, **query_kw: Any) -> tuple[list[float], dict[str, Any]]:
     """Set up one method and query it at every index, timing both.
 
-    A query whose response has no local minimum (``FloatingPointError``) is recorded as a failure and
-    contributes ``fail_value``. Returns the per-query values (attribute ``value`` of each result) and the
-    method's record: setup and per-query wall/CPU seconds, stored floats, failures, solver statistics.
+    A query that fails numerically (a ``FloatingPointError``: a PBRF without a local minimum,
+    :class:`~laftr.errors.NoLocalMinimumError`, or a conjugate-gradient solve that did not converge,
+    :class:`~laftr.errors.ConvergenceError`), or whose PBRF solve stopped at its iteration cap
+    (status ``max_iter``: not a solution), is recorded as a failure and contributes ``fail_value``; a setup
+    that fails numerically (the measurement's solve of ``influence``) fails every query. Returns
+    the per-query values (attribute ``value`` of each result) and the method's record: setup and per-query
+    wall/CPU seconds, stored floats, failures, solver statistics.
     """
     t0, c0 = time.perf_counter(), time.process_time()
-    meth.setup(*setup_args)
+    setup_error = None
+    try:
+        meth.setup(*setup_args)
+    except FloatingPointError as e:
+        setup_error = f"setup: {e}"
+        log.warning("%s: %s", name, setup_error)
     setup_s, setup_cpu = time.perf_counter() - t0, time.process_time() - c0
     vals, secs, cpus, stats, errors = [], [], [], [], []
-    for i in tqdm(indices, disable=not progress, desc=name):
+    for i in tqdm(indices, disable=not progress or setup_error is not None, desc=name):
         try:
+            if setup_error is not None:
+                raise FloatingPointError(setup_error)
             r = meth.query(i, **query_kw)
-        except FloatingPointError as e:  # an estimator's PBRF without a local minimum
+            if r.stats.get("status") == "max_iter":
+                raise FloatingPointError(
+                    f"the PBRF solve stopped after {r.stats['iterations']} iterations, max|grad| ratio "
+                    f"{r.stats['grad_ratio_max']:.3g} above rtol: increase max_iter or the damping")
+        except FloatingPointError as e:  # no local minimum, or an unconverged solve
             errors.append({"index": i, "error": str(e)})
             vals.append(fail_value)
             continue

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError, UsageError
+
 TASKS = ("regression", "classification")
 
 #: Bregman divergence (a name in :data:`laftr.METRICS`) of each task's loss.
@@ -26,26 +28,41 @@ COMPATIBLE_METRICS = {"regression": frozenset({"mse", "l2"}), "classification": 
 
 
 def check_task(task: str) -> str:
-    """Return ``task`` if known, else raise ``ValueError``."""
+    """Return ``task`` if known, else raise :class:`~laftr.errors.UsageError` (a ``ValueError``)."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+        raise UsageError(f"unknown task {task!r}; choose one of {list(TASKS)}")
     return task
 
 
 def infer_task(y: torch.Tensor) -> str:
-    """``classification`` for integer class labels of shape ``(N,)``, ``regression`` for float ``(N, K)``."""
+    """``classification`` for integer class labels of shape ``(N,)``, ``regression`` for float ``(N, K)``.
+
+    Bool targets are refused (:func:`check_not_bool`).
+    """
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(y).__name__}")
+    check_not_bool(y)
     if y.is_floating_point():
         if y.ndim != 2:
             hint = (" (floating targets are read as regression; class labels stored as floats, from numpy "
                     "or pandas, need y.long(); a single regression target needs y[:, None])"
                     if y.ndim == 1 else "")
-            raise ValueError(f"regression targets must have shape (N, K), got {tuple(y.shape)}{hint}")
+            raise DataError(f"regression targets must have shape (N, K), got {tuple(y.shape)}{hint}")
         return "regression"
     if y.ndim != 1:
-        raise ValueError(f"class labels must have shape (N,), got {tuple(y.shape)}")
+        raise DataError(f"class labels must have shape (N,), got {tuple(y.shape)}")
     return "classification"
+
+
+def check_not_bool(y: torch.Tensor) -> None:
+    """Refuse bool targets (:class:`~laftr.errors.DataError`).
+
+    They are neither class indices nor regression targets as stored: ``y.long()`` makes them the classes 0
+    and 1 (a network with two outputs), ``y.double()[:, None]`` one regression target.
+    """
+    if y.dtype == torch.bool:
+        raise DataError("targets are bool: convert them, y.long() for the classes 0 and 1 (a network with "
+                        "two outputs) or y.double()[:, None] for one regression target")
 
 
 def per_example_loss(z: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
@@ -53,25 +70,28 @@ def per_example_loss(z: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tenso
 
     Args:
         z: network outputs ``(B, K)``.
-        y: targets: ``(B, K)`` floats (regression) or ``(B,)`` class indices (classification).
+        y: targets: ``(B, K)`` floats (regression) or ``(B,)`` class indices (classification) of any integer
+            dtype (``int64``, ``int32``, ``uint8``, ...; bool is refused: :func:`check_not_bool`).
         task: ``regression`` or ``classification``.
     """
     check_task(task)
+    check_not_bool(y)
     z = z.reshape(z.shape[0], -1)
     if task == "regression":
         if y.shape != z.shape:
-            raise ValueError(f"regression targets of shape {tuple(y.shape)} do not match "
-                             f"outputs {tuple(z.shape)}")
+            raise DataError(f"regression targets of shape {tuple(y.shape)} do not match "
+                            f"outputs {tuple(z.shape)}")
         return 0.5 * (z - y.to(z.dtype)).pow(2).sum(-1)
-    if y.ndim != 1 or y.shape[0] != z.shape[0] or y.is_floating_point():
-        raise ValueError(f"class labels must be integers of shape ({z.shape[0]},), got "
-                         f"{tuple(y.shape)} {y.dtype}")
+    if y.ndim != 1 or y.shape[0] != z.shape[0] or y.is_floating_point() or y.is_complex():
+        raise DataError(f"class labels must be integers of shape ({z.shape[0]},), got "
+                        f"{tuple(y.shape)} {y.dtype}")
     lo, hi = (int(v) for v in torch.aminmax(y)) if len(y) else (0, 0)
     if lo < 0 or hi >= z.shape[1]:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"class label {bad} but the network has {z.shape[1]} outputs: labels index them "
-                         f"(0..{z.shape[1] - 1})")
-    return F.cross_entropy(z, y.to(z.device), reduction="none")
+        raise DataError(f"class label {bad} but the network has {z.shape[1]} outputs: labels index them "
+                        f"(0..{z.shape[1] - 1})")
+    # cross_entropy takes int64 (or uint8) class indices only; int32/int16 labels (numpy, pandas) index too
+    return F.cross_entropy(z, y.to(device=z.device, dtype=torch.long), reduction="none")
 
 
 def output_hessian_product(zs: torch.Tensor, v: torch.Tensor, task: str) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ..specs import Spec, check_keys, config_keys, parse_spec
 from .classical import ClassicalInfluence, InfluenceConfig
 from .losses import BREGMAN_METRIC
 from .measure import Measurement
-from .pbrf import PBRF, PBRFConfig
+from .pbrf import PBRF, PBRFConfig, check_deterministic
 
 
 def method_names() -> list[str]:
@@ -137,13 +137,23 @@ class PBRFMethod(InfluenceMethod):
 
     def __init__(self, estimator: str | None = None, estimator_options: dict[str, Any] | None = None,
                  config: PBRFConfig | None = None) -> None:
-        """A PBRF method (see the class for the arguments); refuses an unknown estimator or a metric."""
+        """A PBRF method (see the class for the arguments).
+
+        Refuses an unknown estimator, a metric, and options under which a Monte Carlo estimator draws new
+        samples at every evaluation (``fixed_noise`` False, the estimators' default, or a ``sample_pool``):
+        :func:`~laftr.influence.pbrf.check_deterministic`.
+        """
         if estimator is not None and estimator not in REGISTRY:
-            raise ValueError(f"unknown estimator {estimator!r}; choose one of {available_estimators()}")
+            raise UsageError(f"unknown estimator {estimator!r}; choose one of {available_estimators()}")
         self.estimator_name = estimator
         self.estimator_options = dict(estimator_options or {})
         if "metric" in self.estimator_options:
-            raise ValueError("the estimator's metric is the loss's Bregman divergence; do not set it")
+            raise UsageError("the estimator's metric is the loss's Bregman divergence; do not set it")
+        if estimator is not None:  # refused now rather than after the estimator is fitted
+            defaults = {f.name: f.default for f in dataclasses.fields(REGISTRY[estimator].Config)}
+            if "fixed_noise" in defaults:
+                opts = {**defaults, **self.estimator_options}
+                check_deterministic(estimator, opts["fixed_noise"], opts.get("sample_pool", 0))
         self.config = config or PBRFConfig()
         self.name = "pbrf" if estimator is None else f"pbrf-{estimator}"
         self.est: FSDEstimator | None = None
@@ -160,7 +170,7 @@ class PBRFMethod(InfluenceMethod):
             self.est = make_estimator(self.estimator_name, metric=BREGMAN_METRIC[task],
                                       **self.estimator_options)
         except TypeError as e:
-            raise ValueError(f"bad options {self.estimator_options} for estimator "
+            raise UsageError(f"bad options {self.estimator_options} for estimator "
                              f"{self.estimator_name!r}: {e}") from e
         self.est.fit(model, train)
         self.solver = PBRF(model, fsd=self.est, num_train=int(train[0].shape[0]), task=task,
@@ -248,7 +258,9 @@ def make_method(name: str, *, pbrf: PBRFConfig | None = None, influence: Influen
         pbrf: solver options of the PBRF methods.
         influence: options of the classical influence (its ``solver`` is set by the name).
         estimator_options: per estimator name (or ``<name>@<tag>`` for a tagged variant), the fields of its
-            config; the overrides in brackets replace them.
+            config; the overrides in brackets replace them. A Monte Carlo estimator (``laftr``, ``liftr``)
+            needs ``fixed_noise=True`` here (as in :data:`~laftr.influence.DEFAULT_ESTIMATOR_OPTIONS`): its
+            default, fresh samples at every evaluation, is refused.
     """
     check_method(name)
     if name == "pbrf":

@@ -38,10 +38,12 @@ from torch import nn
 
 from .._util import check_same_arch, model_device_dtype
 from ..errors import NoLocalMinimumError as NoLocalMinimumError  # defined in laftr.errors; importable here
+from ..errors import UsageError
 from ..estimators.base import FSDEstimator
 from ..metrics import discrepancy
+from ._checks import check_int, check_positive, is_number
 from .losses import BREGMAN_METRIC, COMPATIBLE_METRICS, check_task, infer_task, per_example_loss
-from .measure import check_examples
+from .measure import check_examples, check_like, inputs_for, run_model, training_tensors
 from .params import ParamSpace
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,9 @@ class PBRFConfig:
     """Options of the PBRF solver.
 
     Attributes:
-        damping: ``lam``, the weight of the proximity term ``(lam/2) ||theta - theta_s||^2``.
+        damping: ``lam`` > 0, the weight of the proximity term ``(lam/2) ||theta - theta_s||^2`` (0 is
+            refused: the problem is then ill-posed wherever the network has more parameters than the data
+            constrain, and the step cap and trust region below, in units of ``1/lam``, would be off).
         epsilon: weight of the removed example's loss. ``None``: ``1/N`` (the definition). A larger value
             upweights the example and every response is rescaled by ``(1/N)/epsilon`` (linear response).
         rtol: stop when ``max|grad J|`` is below ``rtol`` times ``max|grad L(z_m)|`` (both in the rescaled
@@ -106,28 +110,32 @@ class PBRFConfig:
     history_dtype: str = "float64"
 
     def __post_init__(self) -> None:
-        """Check the damping, epsilon, tolerances and sizes."""
-        if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
-            raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
-        if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise ValueError(f"epsilon must be None or a finite number > 0, got {self.epsilon!r}")
-        if not (self.rtol > 0 and math.isfinite(self.rtol)):
-            raise ValueError(f"rtol must be > 0, got {self.rtol!r}")
-        if self.max_iter < 1 or self.history_size < 1 or self.batch_size < 1:
-            raise ValueError("max_iter, history_size and batch_size must be positive")
-        if not (self.max_step > 0 and self.trust_radius > 0):
-            raise ValueError("max_step and trust_radius must be positive")
+        """Check every field (:class:`~laftr.errors.UsageError` naming the first bad one)."""
+        if not (is_number(self.damping) and math.isfinite(self.damping)):
+            raise UsageError(f"damping must be a finite number > 0, got {self.damping!r}")
+        if not self.damping > 0:
+            raise UsageError(
+                f"damping must be > 0, got {self.damping!r}: without the proximity term the PBRF of a "
+                "network with more parameters than the data constrain has no unique minimum (and the "
+                "solver's step cap and trust region, in units of 1/damping, are off); use e.g. 1e-3")
+        e = self.epsilon
+        if e is not None and not (is_number(e) and math.isfinite(e) and e > 0):
+            raise UsageError(f"epsilon must be None (1/N) or a finite number > 0, got {e!r}")
+        check_positive(self.rtol, "rtol")
+        for name in ("max_iter", "history_size", "batch_size"):
+            check_int(getattr(self, name), name, minimum=1)
+        check_positive(self.max_step, "max_step", finite=False)
+        check_positive(self.trust_radius, "trust_radius", finite=False)
         w = self.stall_window
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-            raise ValueError(f"stall_window must be an integer >= 0 (0: off), got {self.stall_window!r}")
-        if not (isinstance(self.stall_ftol, (int, float)) and math.isfinite(self.stall_ftol)
-                and self.stall_ftol >= 0):
-            raise ValueError(f"stall_ftol must be a finite number >= 0, got {self.stall_ftol!r}")
+            raise UsageError(f"stall_window must be an integer >= 0 (0: off), got {self.stall_window!r}")
+        if not (is_number(self.stall_ftol) and math.isfinite(self.stall_ftol) and self.stall_ftol >= 0):
+            raise UsageError(f"stall_ftol must be a finite number >= 0, got {self.stall_ftol!r}")
         if self.history_dtype not in _STORE_DTYPES:
-            raise ValueError(f"history_dtype must be one of {list(_STORE_DTYPES)}, "
+            raise UsageError(f"history_dtype must be one of {list(_STORE_DTYPES)}, "
                              f"got {self.history_dtype!r}")
         if self.precondition not in ("auto", "none"):
-            raise ValueError(f"precondition must be 'auto' or 'none', got {self.precondition!r}")
+            raise UsageError(f"precondition must be 'auto' or 'none', got {self.precondition!r}")
 
 
 @dataclasses.dataclass
@@ -167,29 +175,57 @@ class PBRFSolution:
                                               "converged", "status", "seconds", "cpu_seconds")}
 
 
+def check_deterministic(name: str, fixed_noise: bool | None, sample_pool: int = 0) -> None:
+    """Refuse a Monte Carlo estimator that draws new samples at every evaluation (:class:`UsageError`).
+
+    The PBRF solver evaluates one fixed objective many times; with fresh samples (``fixed_noise=False``) or
+    a random subset of a ``sample_pool`` per evaluation, the objective changes between evaluations and the
+    answer is noise that depends on the order of the queries. ``fixed_noise`` None: the estimator draws
+    nothing.
+    """
+    if sample_pool:
+        raise UsageError(
+            f"the PBRF needs one fixed objective, but the {name!r} estimator has "
+            f"sample_pool={sample_pool!r}: every evaluation uses another random subset of its pool; use "
+            "sample_pool=0 and fixed_noise=True")
+    if fixed_noise is False:
+        raise UsageError(
+            f"the PBRF needs one fixed objective, but the {name!r} estimator draws fresh Monte Carlo samples "
+            "at every evaluation (fixed_noise=False), so its answers are noise that depends on the order of "
+            f"the queries; make it with fixed_noise=True (make_estimator({name!r}, ..., fixed_noise=True), "
+            f"or pbrf-{name}[fixed_noise=true])")
+
+
 class PBRF:
     """Solve the PBRF at ``theta_s`` = ``model``'s current parameters.
 
     Give either ``train`` (the ground truth, exact FSD over the training set) or ``fsd`` (a fitted
     :class:`FSDEstimator` whose metric is the loss's Bregman divergence, with ``num_train``).
 
+    Inputs: floating inputs are converted to the model's dtype; integer inputs (token ids) keep theirs.
+
     Args:
         model: the trained network (copied; not changed).
-        train: ``(X, Y)`` training tensors, for the exact objective.
-        fsd: an estimator fitted at ``model``'s current parameters (same dtype), for ``pbrf-<name>``.
-        num_train: ``N`` (the removed example's weight is ``1/N``); defaults to ``len(X)`` with ``train``.
+        train: the training data, for the exact objective: an ``(X, Y)`` tuple of tensors, or batches with
+            targets (a DataLoader, a list of ``(x, y)`` batches), concatenated into one ``(X, Y)``.
+        fsd: an estimator fitted at ``model``'s current parameters and buffers, for ``pbrf-<name>``. Its
+            evaluations must be deterministic: a Monte Carlo estimator needs ``fixed_noise=True``.
+        num_train: ``N``, a positive integer (the removed example's weight is ``1/N``); defaults to ``len(X)``
+            with ``train``.
         task: ``regression`` or ``classification`` (inferred from ``Y`` when ``train`` is given).
         config: a :class:`PBRFConfig`; keyword arguments override its fields.
 
     Raises:
-        ValueError: both or neither of ``train``/``fsd``, an estimator with another metric, fitted at other
-            parameters or on another architecture, non-finite data, unknown task.
+        laftr.errors.UsageError: both or neither of ``train``/``fsd``, a bad ``num_train``, an unknown task,
+            an estimator with another metric, not fitted, fitted at other parameters or buffers or on another
+            architecture, or drawing fresh Monte Carlo samples at every evaluation.
+        laftr.errors.DataError: training data in another form, non-finite, or that the network does not take.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        train: tuple[torch.Tensor, torch.Tensor] | None = None,
+        train: Any = None,
         *,
         fsd: FSDEstimator | None = None,
         num_train: int | None = None,
@@ -202,7 +238,9 @@ class PBRF:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.config = dataclasses.replace(config or PBRFConfig(), **kwargs)
         if (train is None) == (fsd is None):
-            raise ValueError("give exactly one of train=(X, Y) (exact PBRF) or fsd=<fitted estimator>")
+            raise UsageError("give exactly one of train=(X, Y) (exact PBRF) or fsd=<fitted estimator>")
+        if num_train is not None:
+            check_int(num_train, "num_train (N, the training set size)", minimum=1)
         self.device, self.dtype = model_device_dtype(model)
         if self.dtype != torch.float64:
             log.warning("PBRF on a %s model: the response is of order 1/N and float64 is advised", self.dtype)
@@ -218,19 +256,20 @@ class PBRF:
         self.X: torch.Tensor | None = None
         self.Zs: torch.Tensor | None = None
         if train is not None:
-            X, Y = train
+            X, Y = training_tensors(train)
             check_examples(X, Y, "training data")
             self.task = check_task(task) if task is not None else infer_task(Y)
             self.num_train = int(X.shape[0]) if num_train is None else int(num_train)
-            self.X = X.to(device=self.device, dtype=self.dtype)
+            self.X = inputs_for(X, self.device, self.dtype)
             with torch.no_grad():
-                self.Zs = torch.cat([self.model(xb) for xb in self.X.split(self.config.batch_size)])
+                self.Zs = torch.cat([run_model(self.model, xb, "training data")
+                                     for xb in self.X.split(self.config.batch_size)])
         else:
             if task is None:
-                raise ValueError("with an FSD estimator, task='regression' or 'classification' is required")
+                raise UsageError("with an FSD estimator, task='regression' or 'classification' is required")
             self.task = check_task(task)
-            if num_train is None or int(num_train) < 1:
-                raise ValueError("with an FSD estimator, num_train (N, the training set size) is required")
+            if num_train is None:
+                raise UsageError("with an FSD estimator, num_train (N, the training set size) is required")
             self.num_train = int(num_train)
             self._check_estimator(fsd, model)
         self.metric = BREGMAN_METRIC[self.task]
@@ -240,24 +279,31 @@ class PBRF:
         if not isinstance(est, FSDEstimator):
             raise TypeError(f"fsd must be an FSDEstimator, got {type(est).__name__}")
         if not est.fitted or est.theta0 is None or est.arch is None:
-            raise ValueError(f"the {est.name!r} estimator is not fitted: call "
+            raise UsageError(f"the {est.name!r} estimator is not fitted: call "
                              "est.fit(model, data) at theta_s first")
         if est.metric not in COMPATIBLE_METRICS[self.task]:
-            raise ValueError(
+            raise UsageError(
                 f"the PBRF of a {self.task} loss needs rho = its Bregman divergence "
                 f"({BREGMAN_METRIC[self.task]!r}); the {est.name!r} estimator uses {est.metric!r}"
             )
         if est.outputs is not None:
-            raise ValueError("the PBRF compares all outputs; fit the estimator with outputs=None")
+            raise UsageError("the PBRF compares all outputs; fit the estimator with outputs=None")
+        cfg = getattr(est, "config", None)
+        check_deterministic(est.name, getattr(cfg, "fixed_noise", None), getattr(cfg, "sample_pool", 0))
         check_same_arch(est.arch, model, what=f"the network the {est.name!r} estimator was fitted on")
+        # theta0 in the model's dtype: an estimator fitted on the float32 model is accepted for its exact
+        # float64 copy (model.double()), whose values are the same
         theta0 = est.theta0_on(model)
-        for n, p in model.named_parameters():
-            if not torch.equal(theta0[n], p.detach()):
-                raise ValueError(
-                    f"the {est.name!r} estimator was fitted at other parameters than theta_s "
-                    f"(parameter {n!r} differs): fit it on this model, in this dtype, "
-                    "before building the PBRF"
-                )
+        for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+            for n, t in named:
+                if n in theta0 and not torch.equal(theta0[n], t.detach()):
+                    why = (", e.g. running statistics updated by a forward pass in train mode"
+                           if kind == "buffer" else "")
+                    raise UsageError(
+                        f"the {est.name!r} estimator was fitted at other parameters than theta_s ({kind} "
+                        f"{n!r} differs{why}): fit it on this model, in its current state, before building "
+                        "the PBRF"
+                    )
 
     # ------------------------------------------------------------------ objective
     @property
@@ -293,12 +339,15 @@ class PBRF:
         return total
 
     def _example(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The removed example(s) on the model's device (floating inputs in its dtype), checked."""
         check_examples(x, y, "removed example")
-        if self.X is not None and tuple(x.shape[1:]) != tuple(self.X.shape[1:]):
-            raise ValueError(f"removed example has input shape {tuple(x.shape[1:])}, training inputs "
-                             f"{tuple(self.X.shape[1:])}")
-        x = x.to(device=self.device, dtype=self.dtype)
+        if self.X is not None:
+            check_like(x, self.X, "removed example")
+        x = inputs_for(x, self.device, self.dtype)
         y = y.to(device=self.device, dtype=self.dtype) if y.is_floating_point() else y.to(self.device)
+        if self.X is None:  # no training inputs to compare with: the network says whether it takes them
+            with torch.no_grad():
+                run_model(self.model, x, "removed example")
         return x, y
 
     def solve(self, x: torch.Tensor, y: torch.Tensor) -> PBRFSolution:
