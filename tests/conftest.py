@@ -39,3 +39,15 @@ def one_thread():
     yield
     torch.set_num_threads(n)
 
+
+
+@pytest.fixture
+def float64_one_thread():
+    """float64 as torch's default dtype and one torch thread (the influence solvers' tiny problems only lose to
+    thread synchronization on a shared machine), both restored afterwards; no seed is set."""
+    old, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    yield
+    torch.set_default_dtype(old)
+    torch.set_num_threads(threads)

@@ -42,15 +42,7 @@ from laftr.metrics import discrepancy
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _float64_one_thread():
-    # one thread: these tiny problems only lose to thread synchronization on a shared machine
-    old, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(DT)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

@@ -35,14 +35,7 @@ from laftr.influence.experiment import _query_all
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _float64_one_thread():
-    old, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(DT)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 def _reg(n=40, d=3, seed=0):

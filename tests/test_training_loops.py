@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from cases import perturbed
 from torch import nn
 from torch.func import functional_call, grad
 
@@ -25,12 +26,7 @@ def _data(n=128, seed=0):
 
 
 def _moved(model, scale=0.1, seed=1):
-    other = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return other
+    return perturbed(model, scale, seed)
 
 
 class _Penalty(nn.Module):
