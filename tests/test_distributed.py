@@ -323,6 +323,14 @@ def test_two_ranks_equal_one_process(ranks: list[dict[str, Any]], reference: dic
     assert_close(ranks[0]["shard"][name], reference[name], name)
 
 
+@pytest.mark.parametrize("name", ["kfac", "diag-fisher"])
+def test_a_distributed_curvature_fit_keeps_one_process_s_order(ranks: list[dict[str, Any]],
+                                                                reference: dict[str, Any], name: str) -> None:
+    """The reduction sorted the parameter names: a distributed diag-fisher's file listed them in another order
+    than one process's, and its distance summed them in that order (audit)."""
+    assert list(ranks[0]["shard"][name]) == list(reference[name])
+
+
 def test_every_rank_holds_identical_state(ranks: list[dict[str, Any]]) -> None:
     for key in ("shard", "empty shard", "empty shard exact", "after"):
         a, b = ranks[0][key], ranks[1][key]

@@ -93,7 +93,7 @@ class DiagFisherEstimator(FSDEstimator):
         acc, count = self._local(local, "the Fisher diagonal")
         if self._distributed:
             acc, count = reduce_sums(acc, count, model)
-        self.diag = {n: v / count for n, v in acc.items()}
+        self.diag = {n: acc[n] / count for n in names if n in acc}  # (the parameters' order, as one process)
         if not all(torch.isfinite(v).all() for v in self.diag.values()):
             raise ValueError("the Fisher diagonal is not finite (does the model produce NaN or inf outputs?)")
         log.info("diag-fisher (%s): %d examples, %d parameters", c.fisher, count, self.stored_floats())

@@ -160,9 +160,10 @@ class KfacEstimator(FSDEstimator):
         G = {k[2:]: v for k, v in sums.items() if k.startswith("G/")}
         diag = {k[5:]: v for k, v in sums.items() if k.startswith("diag/")}
         self.layers = layers
-        self.A = {n: v / count for n, v in A.items()}
-        self.G = {n: v / count for n, v in G.items()}
-        self.diag = {n: v / count for n, v in diag.items()}
+        # (in the layers' and parameters' order, as one process has them: a reduction sorts the names)
+        self.A = {lay.name: A[lay.name] / count for lay in layers if lay.name in A}
+        self.G = {lay.name: G[lay.name] / count for lay in layers if lay.name in G}
+        self.diag = {n: diag[n] / count for n in fallback if n in diag}
         for kind, d in (("A", self.A), ("G", self.G), ("diagonal", self.diag)):
             for n, v in d.items():
                 if not torch.isfinite(v).all():
