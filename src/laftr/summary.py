@@ -10,8 +10,10 @@ a distributed fit is a plain all-reduce.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -73,7 +75,8 @@ class Summary:
         """
         if sorted(self.site_sums) != sorted(other.site_sums):
             raise UsageError("cannot merge summaries of different networks (their sites differ)")
-        if self.theta0 is not None and other.theta0 is not None and self.theta0 != other.theta0:
+        if (self.theta0 is not None and other.theta0 is not None
+                and not same_theta0(self.theta0, other.theta0)):
             raise UsageError("cannot merge summaries fitted at different parameters (theta0): fit every "
                              "shard at the same network")
         inputs = self.inputs.merge(other.inputs)
@@ -81,6 +84,7 @@ class Summary:
         sums = {}
         for site, d in self.site_sums.items():
             o = other.site_sums[site]
+            d, o = _with_optional(d, o), _with_optional(o, d)
             if sorted(d) != sorted(o) or any(v.shape[1:] != o[k].shape[1:] for k, v in d.items()):
                 raise UsageError(f"cannot merge summaries: site {site!r} records different statistics "
                                  "(another network, or other layer widths)")
@@ -191,6 +195,13 @@ def fit_summary(
         inputs = INPUT_MODELS[inputs](**input_options)
     elif input_options:
         raise UsageError("give input-model options to the input model, not to fit_summary")
+    else:
+        if inputs.input_shape is not None or inputs.counts is not None:
+            raise UsageError(f"the {inputs.name!r} input model has already seen data (a fit would add to its "
+                             "sums): give fit_summary an unfitted input model")
+        # a copy: the one given stays unfitted, so the same object (e.g. a mixture with its centres set) can
+        # be given for every shard
+        inputs = copy.deepcopy(inputs)
     if not record_sites and record_inputs is not None:
         raise UsageError("record_inputs needs the network's pass over the data: not with record_sites=False")
     first = next(iter(theta0.values()), None)
@@ -267,6 +278,36 @@ def theta0_fingerprint(params: dict[str, torch.Tensor]) -> dict[str, tuple[Any, 
     moments = torch.stack([torch.stack((v.sum(), v.pow(2).sum())).cpu()  # (parameters may sit on devices)
                            for v in (params[n].detach().to(torch.float64) for n in names)]).tolist()
     return {n: (tuple(params[n].shape), *m) for n, m in zip(names, moments, strict=True)}
+
+
+#: Site statistics recorded only once something is seen (a normalization's input that is exactly zero):
+#: a summary without one has zeros there.
+OPTIONAL_STATS = frozenset({"nu_zero"})
+
+
+def _with_optional(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``mine`` with zeros for the :data:`OPTIONAL_STATS` that only ``theirs`` recorded.
+
+    Put after its own statistics: the first one is the site's law.
+    """
+    extra = {k: torch.zeros_like(v) for k, v in theirs.items() if k in OPTIONAL_STATS and k not in mine}
+    return {**mine, **extra}
+
+
+def same_theta0(a: dict[str, tuple[Any, ...]], b: dict[str, tuple[Any, ...]]) -> bool:
+    """Whether two :func:`theta0_fingerprint` s are of the same parameters.
+
+    The same names and shapes, and sums equal up to the rounding of float64 reductions in another order (on
+    another device).
+    """
+    if a.keys() != b.keys():
+        return False
+    for n, (shape, *m) in a.items():
+        other_shape, *o = b[n]
+        if tuple(shape) != tuple(other_shape) or any(
+                not math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-300) for x, y in zip(m, o, strict=True)):
+            return False
+    return True
 
 
 def _check_sites(net: TracedNet, sums: dict[str, Any], record_pools: bool,

@@ -148,6 +148,8 @@ class EstimatorConfig:
         """Check the metric, the seed and the batch size."""
         check_metric(self.metric)
         check_int(self, "seed")
+        if not -(2 ** 62) <= self.seed < 2 ** 62:  # (torch: 64 bits; ranks add stream offsets)
+            raise UsageError(f"seed must be an integer of magnitude below 2**62, got {self.seed!r}")
         check_int(self, "batch_size", minimum=1)
 
 

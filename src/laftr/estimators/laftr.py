@@ -18,12 +18,12 @@ from .. import distributed as dist_
 from .._util import Data, autocast_dtype, model_device_dtype, param_dict
 from ..errors import UsageError
 from ..graph import ForwardMode, MomentMode, OwnMode, SampleMode, TracedNet
-from ..inputs import INPUT_MODELS, make_input_model
+from ..inputs import INPUT_MODELS, CoresetInputs, make_input_model
 from ..metrics import QUADRATIC_METRICS, discrepancy
 from ..moments import CacheMiss, JointMoments, Theta0Cache
 from ..rules.base import Rule
 from ..rules.gates import GateRule, gate_families
-from ..summary import Summary, fit_summary, theta0_fingerprint
+from ..summary import Summary, fit_summary, same_theta0, theta0_fingerprint
 from .base import EstimatorConfig, FSDEstimator, check_int, register
 
 INPUT_MODEL_NAMES = tuple(sorted(INPUT_MODELS))
@@ -291,8 +291,17 @@ class _LaftrBase(FSDEstimator):
         if summary.inputs.name != self.cfg.input_model:
             raise UsageError(f"the summary has a {summary.inputs.name!r} input model, this estimator is "
                              f"configured for {self.cfg.input_model!r}")
+        mine, theirs = make_input_model(self.cfg.input_model, **self.cfg.input_options()).options(), \
+            summary.inputs.options()
+        if not (summary.inputs.needs_first_pass or isinstance(summary.inputs, CoresetInputs)):
+            mine.pop("seed", None), theirs.pop("seed", None)  # (sums that no random choice shaped)
+        differ = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
+        if differ:
+            raise UsageError("the summary's input model was fitted with other options than this estimator's: "
+                             + ", ".join(f"{k}={theirs.get(k)!r} (estimator: {mine.get(k)!r})"
+                                         for k in differ))
         at = summary.theta0
-        if at is not None and at != theta0_fingerprint(param_dict(model, detach=True)):
+        if at is not None and not same_theta0(at, theta0_fingerprint(param_dict(model, detach=True))):
             raise UsageError("the summary was fitted at other parameters than the model's current ones "
                              "(theta0): fit_summary_only takes the network the summary was fitted at")
         self._set_reference(model, outputs)
@@ -403,6 +412,8 @@ class _LaftrBase(FSDEstimator):
         if "input_model" not in meta.get("summary", {}):
             tensors, meta = _from_format_v1(tensors, meta, self.cfg)
         self.summary = Summary.from_tensors(tensors, meta["summary"])
+        if self.theta0 is not None:  # (the file's theta0, read first): merges and fit_summary_only check it
+            self.summary.theta0 = theta0_fingerprint(self.theta0)
         self._draws.clear()
         if self.summary.inputs.name != self.cfg.input_model:
             raise ValueError(f"the stored input model {self.summary.inputs.name!r} does not match the "

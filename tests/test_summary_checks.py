@@ -1,0 +1,105 @@
+"""Summaries fitted in pieces, loaded, merged and given to estimators: the checks a new-user audit found
+missing (each test fails on the code before)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import laftr
+from laftr._util import param_dict
+from laftr.graph import TracedNet
+from laftr.inputs import make_input_model
+from laftr.summary import fit_summary
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def _mlp(d=4, h=6, k=3):
+    return nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, k))
+
+
+def test_one_input_model_object_for_every_shard_counts_each_example_once():
+    """docs/usage.md: give every shard's fit_summary the mixture whose centres you set. The same object was
+    filled by each fit in turn: the merge counted 400 examples for 200 and halved the ReLU laws (an estimate
+    0.23 for 0.47)."""
+    X = torch.randn(200, 4)
+    model = _mlp()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    net, th = TracedNet(model), param_dict(model, detach=True)
+    mix = make_input_model("mixture", components=3)
+    mix.prepare(lambda: iter([(X, None)]))
+    a, b = fit_summary(net, th, X[:100], mix), fit_summary(net, th, X[100:], mix)
+    assert float(a.counts.sum()) == 100 and mix.counts is None  # the object given stays unfitted
+    merged = a.merge(b)
+    whole_in = make_input_model("mixture", components=3)
+    whole_in.centers = mix.centers.clone()
+    whole = fit_summary(net, th, X, whole_in)
+    torch.testing.assert_close(merged.counts, whole.counts)
+    est = laftr.make_estimator("laftr-exact", input_model="mixture", components=3)
+    ref = laftr.make_estimator("laftr-exact", input_model="mixture", components=3)
+    torch.testing.assert_close(est.fit_summary_only(merged, model)(other), ref.fit_summary_only(whole, model)(other),
+                               rtol=1e-10, atol=0)
+    with pytest.raises(laftr.UsageError, match="has already seen data"):
+        fit_summary(net, th, X, a.inputs)
+
+
+def test_a_loaded_summary_keeps_its_theta0_check(tmp_path):
+    """A summary read from a file had no theta0 fingerprint: merged with a summary fitted at other parameters,
+    or given to fit_summary_only with another network, it was accepted (ReLU laws of theta0 A used at B)."""
+    X = torch.randn(100, 4)
+    A = _mlp()
+    B = copy.deepcopy(A)
+    with torch.no_grad():
+        B[0].bias.sub_(3.0)
+    loaded = laftr.load(laftr.save(laftr.make_estimator("laftr").fit(A, X[:50]), tmp_path / "a.laftr")).summary
+    at_b = fit_summary(TracedNet(B), param_dict(B, detach=True), X[50:])
+    with pytest.raises(laftr.UsageError, match="different parameters"):
+        loaded.merge(at_b)
+    with pytest.raises(laftr.UsageError, match="fitted at other parameters"):
+        laftr.make_estimator("laftr").fit_summary_only(loaded, B)
+    at_a = fit_summary(TracedNet(A), param_dict(A, detach=True), X[50:])
+    assert float(loaded.merge(at_a).counts.sum()) == 100  # the same theta0: merged
+
+
+def test_fit_summary_only_refuses_a_summary_of_other_input_model_options():
+    """Only the input model's name was compared: a rank-1 summary given to a rank-4 estimator was used as
+    rank 1 while its config (and file) said 4."""
+    X = torch.randn(60, 4)
+    model = _mlp()
+    net, th = TracedNet(model), param_dict(model, detach=True)
+    with pytest.raises(laftr.UsageError, match=r"other options than this estimator's: rank=1 \(estimator: 4\)"):
+        laftr.make_estimator("laftr-exact", input_model="lowrank", rank=4).fit_summary_only(
+            fit_summary(net, th, X, "lowrank", rank=1), model)
+    with pytest.raises(laftr.UsageError, match="coreset_size=10 .estimator: 20."):
+        laftr.make_estimator("laftr", input_model="coreset", coreset_size=20).fit_summary_only(
+            fit_summary(net, th, X, "coreset", coreset_size=10), model)
+    # the Gaussian sums do not depend on the seed: another seed is the estimator's sampling stream only
+    est = laftr.make_estimator("laftr", seed=5).fit_summary_only(fit_summary(net, th, X, "gaussian", seed=1), model)
+    assert est(model).item() == 0.0
+
+
+def test_shards_of_a_normalized_network_merge_when_only_one_saw_a_constant_input():
+    """A normalizer records nu_zero only once an input it normalizes is constant: merging a shard with one and
+    a shard without was refused as 'another network'."""
+    model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    X = torch.randn(40, 4)
+    X[3] = 1.0  # LayerNorm centres it to zero
+    net, th = TracedNet(model), param_dict(model, detach=True)
+    merged = fit_summary(net, th, X[:20]).merge(fit_summary(net, th, X[20:]))
+    whole = fit_summary(net, th, X)
+    assert {k: list(v) for k, v in merged.site_sums.items()} == {k: list(v) for k, v in whole.site_sums.items()}
+    for site, d in whole.site_sums.items():
+        for k, v in d.items():
+            torch.testing.assert_close(merged.site_sums[site][k], v, rtol=1e-12, atol=1e-12)
+
+
+def test_seeds_beyond_64_bits_are_refused_at_construction():
+    with pytest.raises(laftr.UsageError, match="seed must be an integer of magnitude below 2\\*\\*62"):
+        laftr.make_estimator("laftr", seed=2 ** 64)
