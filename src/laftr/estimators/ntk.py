@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from .._util import autocast_dtype, in_func_transform, tangent_map
+from .._util import autocast_dtype, in_func_transform, shorten, tangent_map
 from ..errors import UnsupportedOpError
 from ..metrics import discrepancy
 from .base import register
@@ -29,6 +29,29 @@ from .coreset import CoresetConfig, CoresetEstimator
 from .curvature import eval_mode
 
 log = logging.getLogger(__name__)
+
+
+def _reraise_out_of_memory(e: BaseException) -> None:
+    """Out of memory is no missing derivative: raise it as it is."""
+    if isinstance(e, torch.OutOfMemoryError):
+        raise e
+
+
+def _twice_reversed(model: nn.Module, rest: dict[str, torch.Tensor], X: torch.Tensor,
+                    primals: dict[str, torch.Tensor], tangents: dict[str, torch.Tensor],
+                    *failed: BaseException) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last way to ntk's products (:func:`_jvp_by_double_vjp`), or a refusal naming each way's failure."""
+    try:
+        with eval_mode(model):
+            return _jvp_by_double_vjp(lambda p: functional_call(model, (p, rest), (X,)), primals, tangents)
+    except (NotImplementedError, RuntimeError) as last:
+        _reraise_out_of_memory(last)
+        forward, interpreter, final = (shorten((str(f).splitlines() or [type(f).__name__])[0], 200)
+                                       for f in (*failed, last))
+        raise UnsupportedOpError(
+            f"ntk cannot take Jacobian-vector products of this network: forward mode failed ({forward}), "
+            f"laftr's interpreter too ({interpreter}), and reverse mode twice ({final}); "
+            "subset, or laftr with gates='none', compare the real networks") from last
 
 
 def _jvp_by_double_vjp(f: Any, primals: dict[str, torch.Tensor], tangents: dict[str, torch.Tensor],
@@ -103,20 +126,26 @@ class NtkEstimator(CoresetEstimator):
             z0, lin = self._tangent_map(model, p0, primals, rest)
             with eval_mode(model):
                 dz = lin(tangents)
-        except NotImplementedError as e:
+        except (NotImplementedError, RuntimeError) as e:
             # an op without forward-mode AD (e.g. MultiheadAttention's fused kernel): the same function
             # through laftr's interpreter, made of plain ops; where that is refused or reaches such an op too
             # (a weight_norm parametrization), J v by reverse mode twice
+            _reraise_out_of_memory(e)
             X = self.inputs_on(model)
             try:
                 net = self._traced(model)
                 with eval_mode(model):
                     z0, dz = jvp(lambda p: net.forward(X, {**p, **rest}), (primals,),  # type: ignore[misc]
                                  (tangents,))
-            except (UnsupportedOpError, NotImplementedError) as refused:
+            except (UnsupportedOpError, NotImplementedError, RuntimeError) as refused:
+                _reraise_out_of_memory(refused)
                 log.info("ntk: products by reverse mode twice (%s; %s)", e, refused)
-                with eval_mode(model):
-                    z0, dz = _jvp_by_double_vjp(lambda p: functional_call(model, (p, rest), (X,)), primals,
-                                                tangents)
+                z0, dz = _twice_reversed(model, rest, X, primals, tangents, e, refused)
+        finite = all(bool(torch.isfinite(t).all()) for t in tangents.values())
+        if finite and not bool(torch.isfinite(dz).all()):
+            raise UnsupportedOpError(
+                "ntk: the network's Jacobian at theta0 is not finite on the stored inputs (an op whose "
+                "derivative is infinite there, e.g. a square root at 0 in LPPool after a ReLU); the "
+                "linearization does not exist: use subset or laftr")
         z0 = z0.detach()
         return discrepancy(z0, z0 + dz, self.metric, self.outputs).mean()
