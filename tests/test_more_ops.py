@@ -434,3 +434,18 @@ def test_an_op_of_the_drawn_input_alone_runs_exactly_in_the_monte_carlo(kind):
         est = laftr.make_estimator("laftr", input_model="coreset", coreset_size=32, num_samples=samples)
         assert 0.7 < float(est.fit(model, X)(other) / exact) < 1.4
     assert laftr.make_estimator("laftr").fit(model, X)(model).item() == 0.0
+
+
+def test_the_closed_form_names_an_op_of_the_input_alone():
+    """laftr-exact on tanh(x) said the op was 'applied to the integer network input (token ids)' (audit)."""
+
+    class TanhFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(D_IN, D_OUT)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(x))
+
+    with pytest.raises(laftr.UnsupportedOpError, match="applied to the network input alone.*use laftr"):
+        laftr.make_estimator("laftr-exact").fit(TanhFirst(), _data())

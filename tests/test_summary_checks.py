@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from cases import perturbed
 from torch import nn
 
 import laftr
@@ -103,3 +104,30 @@ def test_shards_of_a_normalized_network_merge_when_only_one_saw_a_constant_input
 def test_seeds_beyond_64_bits_are_refused_at_construction():
     with pytest.raises(laftr.UsageError, match="seed must be an integer of magnitude below 2\\*\\*62"):
         laftr.make_estimator("laftr", seed=2 ** 64)
+
+
+@pytest.mark.parametrize("shift", ["scale", "offset"])
+def test_a_float32_closed_form_does_not_lose_the_distance_to_rounding(shift):
+    """Inputs of scale 1e6: in float32 a + b - 2c cancelled to -131072 (scaled) and -1024 (offset) for a
+    distance of 0.15 / 0.12. Such a result is now recomputed in float64; ordinary ones are left in float32."""
+    torch.manual_seed(0)
+    X = torch.randn(200, 4, dtype=torch.float64)
+    X = X * 1e6 if shift == "scale" else X + 1e6
+    lin = nn.Linear(4, 3).double()
+    with torch.no_grad():
+        lin.weight.mul_(1e-6 if shift == "scale" else 1.0)
+    other = copy.deepcopy(lin)
+    with torch.no_grad():
+        other.weight.add_(1e-7 if shift == "scale" else 0.0)
+        other.bias.add_(0.3)
+    truth = laftr.make_estimator("laftr-exact").fit(lin, X)(other)
+    got = laftr.make_estimator("laftr-exact").fit(lin.float(), X.float())(other.float())
+    assert got.dtype == torch.float32 and float(truth) > 0
+    assert abs(float(got) / float(truth) - 1) < 1e-2
+    # an ordinary scale stays in float32, equal to the float64 value to float32's precision
+    net, X = _mlp(), torch.randn(50, 4)
+    small = laftr.make_estimator("laftr-exact").fit(copy.deepcopy(net).float(), X.float())
+    wide = laftr.make_estimator("laftr-exact").fit(net, X)
+    moved = perturbed(net, 0.1)
+    assert small(copy.deepcopy(moved).float()).dtype == torch.float32
+    torch.testing.assert_close(small(copy.deepcopy(moved).float()).double(), wide(moved), rtol=1e-4, atol=0)

@@ -1292,11 +1292,17 @@ class TracedNet:
             if node.name in self.exact_inputs or all(p.fixed for p in sources):
                 return self._exact_from_input(rule, mode, args, kwargs, sources)
             if mode.method == "sample" and all(_floating(p.vals[0]) for p in sources):
-                # an op of the (drawn) network input alone, tanh(x) or 1 + x ** 2: the same in every stream, so
-                # run exactly -- a slope drawn from its law would only add noise (and, under a division,
+                # an op of the (drawn) network input alone, tanh(x) or 1 + x ** 2: the same in every stream,
+                # so run exactly -- a slope drawn from its law would only add noise (and, under a division,
                 # a denominator that a random slope can bring close to zero)
                 return Pair(tuple(rule.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
                                   for s in range(mode.num_streams)), True, fixed=True)
+            if mode.method == "moments" and rule.site:
+                raise UnsupportedOpError(
+                    f"{rule.describe()} is applied to the network input alone: the Monte Carlo (laftr) runs it "
+                    "exactly on the drawn inputs, the same in both streams, which the closed form, working "
+                    "with the input's moments, cannot; use laftr (or apply the op to the data before the "
+                    "network)")
             if rule.site and mode.method != "forward" and all(not _floating(p.vals[0]) for p in sources):
                 raise UnsupportedOpError(
                     f"{rule.describe()} is applied to the integer network input (token ids): its rule "

@@ -500,8 +500,11 @@ class JointMoments:
         b = torch.diagonal(self.pair(r1.block, r1.block))
         c = torch.diagonal(self.pair(r0.block, r1.block))
         d = a + b - 2 * c
+        size = a.abs() + b.abs() + 2 * c.abs()  # what the rounding of a + b - 2c is relative to
         if outputs is not None:
-            d = d[torch.as_tensor(list(outputs), device=d.device)]
+            keep = torch.as_tensor(list(outputs), device=d.device)
+            d, size = d[keep], size[keep]
+        self.last_scale = 0.5 * float(size.detach().sum())
         return 0.5 * d.sum()
 
 

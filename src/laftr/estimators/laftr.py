@@ -636,6 +636,11 @@ class _Draw:
             a is b for a, b in zip(self.source, source, strict=True))
 
 
+#: laftr-exact below float64 is recomputed in float64 when its distance is not above this many units of the
+#: dtype's precision times the outputs' second moments (what the rounding of a + b - 2c is relative to)
+PRECISION_MARGIN = 100.0
+
+
 @register("laftr-exact")
 class LaftrExactEstimator(_LaftrBase):
     """LAFTR in closed form for the ``l2``/``mse`` metric.
@@ -693,9 +698,34 @@ class LaftrExactEstimator(_LaftrBase):
         device, dtype = model_device_dtype(model)
         p0 = self.theta0_on(model)
         p = param_dict(model)
+        if p.keys() == p0.keys() and all(torch.equal(p[n], p0[n]) for n in p0):
+            # theta is theta0 (after the pass, which refuses what the closed form cannot handle): the distance
+            # and its gradient are exactly zero, while the blocks give a + b - 2c with a and b rounded along
+            # different paths (~1e-7 of the outputs' second moment in float32)
+            self._closed_form(net, p, p0, device, dtype)
+            return sum((0.0 * t.sum() for t in p.values() if t.requires_grad), torch.zeros((), device=device,
+                                                                                         dtype=dtype))
+        total, scale = self._closed_form(net, p, p0, device, dtype)
+        floor = PRECISION_MARGIN * torch.finfo(dtype).eps * scale
+        if dtype != torch.float64 and not float(total.detach()) > floor:
+            # in float32 (or less) a + b - 2c lost the distance to rounding: the outputs' second moments are
+            # too large next to it (inputs of scale 1e6 gave -131072 for 0.15). In float64, back in the dtype.
+            def wide(t: torch.Tensor) -> torch.Tensor:
+                return t.double() if t.is_floating_point() else t
+
+            total, _ = self._closed_form(net, {n: wide(t) for n, t in p.items()},
+                                         {n: wide(t) for n, t in p0.items()}, device, torch.float64)
+            total = total.to(dtype)
+        return total
+
+    def _closed_form(self, net: TracedNet, p: dict[str, torch.Tensor], p0: dict[str, torch.Tensor],
+                     device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+        """The closed-form distance in ``dtype``, and the size its rounding is relative to (see ``l2``)."""
+        assert self.summary is not None
         laws = self._site_laws(net, device, dtype)
         inputs = self.summary.inputs
         total = None
+        scale = 0.0
         for g, w in enumerate(inputs.weights().tolist()):
             if w == 0:
                 continue
@@ -703,29 +733,25 @@ class LaftrExactEstimator(_LaftrBase):
             cache = self._moment_cache(net, device, dtype, g)
 
             def run(cache: Theta0Cache, g: int = g, mean: torch.Tensor = mean,
-                    second: torch.Tensor = second) -> torch.Tensor:
+                    second: torch.Tensor = second) -> tuple[torch.Tensor, float]:
                 # one-hot for tokens
                 state = JointMoments(mean, second, inputs.moment_shape, self.cfg.max_state, cache,
                                      inputs.moment_factors(g, device, dtype))
                 out = net.run((None, None), self._moment_mode(net, [p0, p], state, laws, g, device, dtype))
-                return state.l2(out, self.outputs)
+                d = state.l2(out, self.outputs)
+                return d, getattr(state, "last_scale", 0.0)
 
             try:
-                d = run(cache)
+                d, size = run(cache)
             except CacheMiss:  # cannot happen for a fixed network; rebuild the cache rather than fail
                 cache.values.clear()
                 cache.complete = False
-                d = run(cache)
+                d, size = run(cache)
             cache.complete = True
             total = w * d if total is None else total + w * d
+            scale += w * size
         assert total is not None
-        if p.keys() == p0.keys() and all(torch.equal(p[n], p0[n]) for n in p0):
-            # theta is theta0 (after the pass, which refuses what the closed form cannot handle): the distance
-            # and its gradient are exactly zero, while the blocks give a + b - 2c with a and b rounded along
-            # different paths (~1e-7 of the outputs' second moment in float32)
-            return sum((0.0 * t.sum() for t in p.values() if t.requires_grad), torch.zeros((), device=device,
-                                                                                         dtype=dtype))
-        return total
+        return total, scale
 
 
 def _same_signature(a: list[list[Any]], b: list[list[Any]]) -> bool:
