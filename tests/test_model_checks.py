@@ -293,12 +293,16 @@ def test_networks_that_mix_the_examples_are_refused_at_fit(kind):
 
 
 def test_mixing_makes_the_exact_fsd_depend_on_the_batch_size(float64):
-    """Why they are refused: the function space distance is not defined for them."""
+    """Why they are refused: the function space distance is not defined for them (an example's output depends
+    on its batch). exact_fsd refuses them too (it returned a number that depended on batch_size; audit)."""
     torch.manual_seed(0)
     model = Mixer("center")
-    other = perturbed(model, 0.3)
     X = _data()
-    assert abs(laftr.exact_fsd(model, other, X, batch_size=4) - laftr.exact_fsd(model, other, X, batch_size=40)) > 1e-3
+    with torch.no_grad():
+        assert not torch.allclose(model(X[:4]), torch.cat([model(X[:2]), model(X[2:4])]))
+    with pytest.raises(laftr.UnsupportedOpError, match="model_a .Mixer. gives an example other outputs in another "
+                                                       "batch: it mixes the examples"):
+        laftr.exact_fsd(model, perturbed(model, 0.3), X, batch_size=4)
 
 
 def test_untraceable_mixing_is_refused_from_the_output():

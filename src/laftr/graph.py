@@ -1291,18 +1291,19 @@ class TracedNet:
             sources = data_pairs((args, kwargs))
             if node.name in self.exact_inputs or all(p.fixed for p in sources):
                 return self._exact_from_input(rule, mode, args, kwargs, sources)
-            if mode.method == "sample" and all(_floating(p.vals[0]) for p in sources):
-                # an op of the (drawn) network input alone, tanh(x) or 1 + x ** 2: the same in every stream,
+            if mode.method == "sample" and rule.site and all(_floating(p.vals[0]) for p in sources):
+                # a smooth op of the (drawn) network input alone, tanh(x) or x ** 2: the same in every stream,
                 # so run exactly -- a slope drawn from its law would only add noise (and, under a division,
-                # a denominator that a random slope can bring close to zero)
+                # a denominator that a random slope can bring close to zero). (Not marked fixed: the fit,
+                # which recorded its law, saw it as data, and LIFTR anchors what reads it alike in both.)
                 return Pair(tuple(rule.call(mode.params[s], stream_of(args, s), stream_of(kwargs, s))
-                                  for s in range(mode.num_streams)), True, fixed=True)
+                                  for s in range(mode.num_streams)), True)
             if mode.method == "moments" and rule.site:
                 raise UnsupportedOpError(
-                    f"{rule.describe()} is applied to the network input alone: the Monte Carlo (laftr) runs it "
-                    "exactly on the drawn inputs, the same in both streams, which the closed form, working "
-                    "with the input's moments, cannot; use laftr (or apply the op to the data before the "
-                    "network)")
+                    f"{rule.describe()} is applied to the network input alone: the Monte Carlo (laftr) runs "
+                    "it exactly on the drawn inputs, the same in both streams, which the closed form, "
+                    "working with the input's moments, cannot; use laftr (or apply the op to the data before "
+                    "the network)")
             if rule.site and mode.method != "forward" and all(not _floating(p.vals[0]) for p in sources):
                 raise UnsupportedOpError(
                     f"{rule.describe()} is applied to the integer network input (token ids): its rule "
@@ -1546,6 +1547,19 @@ def check_deterministic(model: nn.Module, x: torch.Tensor, what: str = "the mode
         return
     if _differs(first, second):
         raise UnsupportedOpError(f"{what} ({type(model).__name__}) {_RANDOM}")
+    if x.shape[0] < 4 or not isinstance(first, torch.Tensor):
+        return
+    try:  # two halves of the first four examples, each a batch of its own (a batch norm needs two)
+        with torch.no_grad(), full_float32():
+            halves = torch.cat([model(x[i:i + 2].clone()) for i in (0, 2)])
+    except Exception as e:  # noqa: BLE001 (a network that does not run on two examples: not checked)
+        log.debug("%s does not run on two examples (%s: %s)", type(model).__name__, type(e).__name__, e)
+        return
+    if _differs(first[:4], halves):
+        raise UnsupportedOpError(
+            f"{what} ({type(model).__name__}) gives an example other outputs in another batch: it mixes the "
+            "examples of a batch (batch norm without running statistics, a mean over the batch axis), so its "
+            "function, and any distance between two such networks, depends on how the data is batched")
 
 
 _NEEDS = ("; laftr needs a network that maps each example on its own "
