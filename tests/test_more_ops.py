@@ -449,3 +449,19 @@ def test_the_closed_form_names_an_op_of_the_input_alone():
 
     with pytest.raises(laftr.UnsupportedOpError, match="applied to the network input alone.*use laftr"):
         laftr.make_estimator("laftr-exact").fit(TanhFirst(), _data())
+
+
+@pytest.mark.parametrize("pad", ["CircularPad1d", "CircularPad2d", "ReflectionPad3d", "ReplicationPad3d"])
+def test_padding_modules_without_a_rule_before_run_exactly(pad):
+    """nn.CircularPad1d/2d/3d, nn.ReflectionPad3d, nn.ReplicationPad3d had no rule (F.pad's modes did): refused.
+    Padding is linear: the real networks on a coreset of every example give the exact FSD; zero at theta0."""
+    dims = {"1d": 1, "2d": 2, "3d": 3}[pad[-2:]]
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    torch.manual_seed(0)
+    model = nn.Sequential(getattr(nn, pad)(1), conv(1, 2, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(2 * 3 ** dims, 2)).double()
+    X = torch.randn(N, 1, *([3] * dims), dtype=torch.float64)
+    other = perturbed(model, 0.1)
+    est = laftr.make_estimator("laftr", input_model="coreset", coreset_size=N, num_samples=N, gates="none")
+    torch.testing.assert_close(est.fit(model, X)(other), laftr.exact_fsd(model, other, X), rtol=1e-10, atol=0)
+    assert laftr.make_estimator("laftr").fit(model, X)(model).item() == 0.0

@@ -360,7 +360,8 @@ _AFFINE_MODULES = (
     nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
     nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
     nn.ReplicationPad2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.Upsample, nn.ConvTranspose1d,
-    nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Unfold, nn.Fold, nn.ChannelShuffle,
+    nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Unfold, nn.Fold, nn.ChannelShuffle, nn.ReflectionPad3d,
+    nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
 )
 # (products, matmul and einsum: laftr.rules.attention's ProductRule, affine with one data factor)
 _AFFINE_FUNCTIONS = (
