@@ -159,7 +159,7 @@ class FSDRegularizer:
 
     @property
     def tasks_per_step(self) -> int | None:
-        """Old tasks drawn per call (None: all of them)."""
+        """How many old tasks each call draws; None draws all of them."""
         return self._tasks_per_step
 
     @tasks_per_step.setter

@@ -73,9 +73,9 @@ def conjugate_gradient(
     """Solve ``A x = b`` for a symmetric positive definite ``A`` given by ``matvec``.
 
     Stops when ``||b - A x|| <= rtol ||b||`` (the residual is recomputed exactly at the end), after
-    ``max_iter`` iterations, or when the residual diverges (grows beyond :data:`CG_DIVERGED` ``||b||``, or is
+    ``max_iter`` iterations, or when the residual diverges (grows beyond ``CG_DIVERGED`` ``||b||``, or is
     not finite). ``converged`` is whether the final relative residual is within ``10 rtol`` (the recursively
-    updated residual and the recomputed one differ by rounding), or within :data:`CG_FLOOR` times the
+    updated residual and the recomputed one differ by rounding), or within ``CG_FLOOR`` times the
     precision of ``b``'s dtype where that is larger (float32 cannot resolve a residual of 1e-8).
 
     Raises:
@@ -120,7 +120,7 @@ class InfluenceConfig:
             refuses it and conjugate gradient fails to converge (:class:`ConvergenceError`).
         solver: ``cg`` (Gauss-Newton-vector products) or ``exact`` (dense G, tiny models only).
         cg_rtol: relative residual at which conjugate gradient stops, in (0, 1). A solve that ends above
-            ``10 cg_rtol`` (or :data:`CG_FLOOR` times the model dtype's precision, where that is larger: about
+            ``10 cg_rtol`` (or ``CG_FLOOR`` times the model dtype's precision, where that is larger: about
             1.2e-4 in float32) raises :class:`ConvergenceError`.
         cg_max_iter: most conjugate-gradient iterations.
         batch_size: batch size of the Gauss-Newton-vector products.

@@ -37,7 +37,7 @@ def check_task(task: str) -> str:
 def infer_task(y: torch.Tensor) -> str:
     """``classification`` for integer class labels of shape ``(N,)``, ``regression`` for float ``(N, K)``.
 
-    Bool targets are refused (:func:`check_not_bool`).
+    Bool targets are refused (``check_not_bool``).
     """
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(y).__name__}")
@@ -71,7 +71,7 @@ def per_example_loss(z: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tenso
     Args:
         z: network outputs ``(B, K)``.
         y: targets: ``(B, K)`` floats (regression) or ``(B,)`` class indices (classification) of any integer
-            dtype (``int64``, ``int32``, ``uint8``, ...; bool is refused: :func:`check_not_bool`).
+            dtype (``int64``, ``int32``, ``uint8``, ...; bool is refused: ``check_not_bool``).
         task: ``regression`` or ``classification``.
     """
     check_task(task)
