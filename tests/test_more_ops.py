@@ -465,3 +465,28 @@ def test_padding_modules_without_a_rule_before_run_exactly(pad):
     est = laftr.make_estimator("laftr", input_model="coreset", coreset_size=N, num_samples=N, gates="none")
     torch.testing.assert_close(est.fit(model, X)(other), laftr.exact_fsd(model, other, X), rtol=1e-10, atol=0)
     assert laftr.make_estimator("laftr").fit(model, X)(model).item() == 0.0
+
+
+def test_a_division_of_the_input_alone_runs_exactly():
+    """``x / (1 + x ** 2)`` before the first layer was refused as 'two data-dependent tensors combined
+    multiplicatively' (audit): a division of values of the input alone is evaluated exactly, as masks are."""
+
+    class Squashed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(D_IN, H), nn.Linear(H, D_OUT)
+
+        def forward(self, x):
+            return self.l2(F.relu(self.l1(x / (1 + x ** 2))))
+
+    torch.manual_seed(0)
+    model, X = Squashed(), _data()
+    other = perturbed(model, 1e-3)
+    exact = laftr.exact_fsd(model, other, X)
+    def est(**kw):
+        return laftr.make_estimator("laftr", seed=3, input_model="coreset", coreset_size=N, num_samples=N, **kw)
+
+    torch.testing.assert_close(est(gates="none").fit(model, X)(other), exact, rtol=1e-10, atol=0)
+    assert abs(float(est(gates="relu").fit(model, X)(other) / exact) - 1) < 1e-2
+    assert 0.5 < float(est().fit(model, X)(other) / exact) < 2
+    assert float(laftr.make_estimator("ntk", coreset_size=N).fit(model, X)(other) / exact) == pytest.approx(1, abs=1e-2)

@@ -1035,6 +1035,7 @@ class TracedNet:
         data_nodes = {self.input_node.name}
         input_only = {self.input_node.name}
         self.exact_inputs: set[str] = set()
+        self._input_divisions: set[str] = set()  # (floating results of floating inputs, meaningful on draws)
         self.rules: dict[str, Rule] = {}
         #: queries of a data tensor's shape, dtype or device (``B, T, C = x.size()``): plain values, the same
         #: in every stream, so what is computed from them (``C // 2``, ``torch.arange(T)``) is not data either
@@ -1057,6 +1058,13 @@ class TracedNet:
                     input_only.add(node.name)
                     # an op with no rule at all (a rule that refuses, refuses)
                     found = lookup(node, self.gm)
+                    divisor = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+                    if (found is not None and issubclass(found, DivideRule) and isinstance(divisor, fx.Node)
+                            and divisor.name in data_nodes):
+                        # x / (1 + x ** 2): a division by a value of the input alone, evaluated exactly (the
+                        # same in every stream), as masks are; its rule divides by constants only
+                        self._input_divisions.add(node.name)
+                        found = None
                     if found is None or getattr(found, "exact_on_input", False):  # (a comparison: a mask)
                         self.rules[node.name] = Rule(node, self.gm)
                         self.exact_inputs.add(node.name)
@@ -1341,7 +1349,8 @@ class TracedNet:
         # torch.maximum(x, c) and its kin of the input alone: a fixed elementwise function of it, kept whole
         # (laftr.composites.KEPT_WHOLE), meaningful on floating inputs drawn by an input model too
         kept = rule.node.op in ("call_function", "call_method") and rule.node.target in KEPT_WHOLE
-        if not (all(p.fixed for p in sources) or _is_mask(out[0]) or cast or kept
+        division = rule.node.name in self._input_divisions
+        if not (all(p.fixed for p in sources) or _is_mask(out[0]) or cast or kept or division
                 or all(not _floating(p.vals[0]) for p in sources)):
             raise UnsupportedOpError(
                 f"{rule.describe()} turns the floating network input into a non-boolean value without a rule "
