@@ -385,6 +385,10 @@ def test_sort_over_the_batch_and_elementwise_max_are_named():
     lambda s, h: (h - h.amax(-1, keepdim=True)).exp() / (h - h.amax(-1, keepdim=True)).exp().sum(dim=-1,
                                                                                                    keepdim=True),
     lambda s, h: torch.div(h.exp(), torch.sum(h.exp(), 1, keepdim=True)),
+    # guarded denominators and the reciprocal spelling (a review: 8e8 x the exact FSD, not folded)
+    lambda s, h: h.exp() / (h.exp().sum(-1, keepdim=True) + 1e-8),
+    lambda s, h: h.exp() / h.exp().sum(-1, keepdim=True).clamp_min(1e-8),
+    lambda s, h: h.exp() * h.exp().sum(-1, keepdim=True).reciprocal(),
 ])
 def test_a_softmax_written_by_hand_is_the_softmax(spelling):
     """``exp(a) / exp(a).sum(dim, keepdim=True)``: its parts' rules linearized the denominator with random
@@ -405,7 +409,8 @@ def test_a_softmax_written_by_hand_is_the_softmax(spelling):
     assert torch.softmax in ops and "exp" not in ops and torch.exp not in ops
     # not a softmax: another axis summed, or no keepdim (broadcasting differs) -- left as written
     for op in (lambda s, h: torch.exp(h) / torch.exp(h).sum(-1, keepdim=True).mean(),
-               lambda s, h: torch.exp(h) / torch.exp(2 * h).sum(-1, keepdim=True)):
+               lambda s, h: torch.exp(h) / torch.exp(2 * h).sum(-1, keepdim=True),
+               lambda s, h: torch.exp(h) / (torch.exp(h).sum(-1, keepdim=True) + 0.1)):  # (not a small eps)
         ops = [n.target for n in TracedNet(Net(op)).gm.graph.nodes if n.op in ("call_function", "call_method")]
         assert torch.softmax not in ops
 

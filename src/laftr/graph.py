@@ -231,6 +231,33 @@ def _same_value(a: Any, b: Any, depth: int = 8) -> bool:
     return not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and type(a) is type(b) and a == b
 
 
+#: the largest constant a softmax written by hand may add to its denominator, or clamp it to, and still be
+#: folded: after the usual shift by the maximum the sum is at least 1, so the constant changes it by at most
+#: this fraction (the fold drops it)
+SOFTMAX_EPS = 1e-6
+
+
+def _softmax_sum(den: Any) -> Any:
+    """The ``sum`` node a denominator is, or None.
+
+    Through ``+ eps``, ``.clamp_min(eps)`` or ``.clamp(min=eps)`` with a small constant (:data:`SOFTMAX_EPS`).
+    """
+    import operator
+
+    def small(c: Any) -> bool:
+        return isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= SOFTMAX_EPS
+
+    if _calls(den, (operator.add, torch.add), ("add",)) and len(den.args) == 2 and not den.kwargs:
+        a, b = den.args
+        den = a if small(b) else b if small(a) else None
+    elif _calls(den, (torch.clamp_min,), ("clamp_min",)) and len(den.args) == 2 and small(den.args[1]):
+        den = den.args[0]
+    elif (_calls(den, (torch.clamp,), ("clamp",)) and len(den.args) == 1 and set(den.kwargs) == {"min"}
+          and small(den.kwargs["min"])):
+        den = den.args[0]
+    return den if _calls(den, (torch.sum,), ("sum",)) else None
+
+
 def _fold_softmax_by_hand(graph: fx.Graph) -> bool:
     """``exp(a) / exp(a).sum(dim, keepdim=True)`` (a softmax written by hand) as one ``softmax(a, dim)``.
 
@@ -239,28 +266,41 @@ def _fold_softmax_by_hand(graph: fx.Graph) -> bool:
     to zero: the estimate grew without bound with the number of samples (1e6 times the exact FSD at 4,096 on
     an audit's network). The softmax's rule treats the whole (its Jacobian at theta0's logits, its stored
     law). ``a`` is kept as written (``h - h.amax(dim, keepdim=True)``: a softmax is the same for every shift).
-    Returns whether it folded one.
+    Also ``exp(a) * exp(a).sum(...).reciprocal()``, and a denominator guarded by a small constant (``+ 1e-8``,
+    ``.clamp_min(1e-8)``, up to :data:`SOFTMAX_EPS`; the fold drops it). Returns whether it folded one.
     """
     import operator
 
-    exps, sums = (torch.exp,), (torch.sum,)
+    exps = (torch.exp,)
     divs = (operator.truediv, torch.div, torch.true_divide)
+    muls = (operator.mul, torch.mul)
     folded = False
     for node in list(graph.nodes):
-        if not _calls(node, divs, ("div", "true_divide")) or len(node.args) != 2 or node.kwargs:
+        if len(node.args) != 2 or node.kwargs:
             continue
-        num, den = node.args
-        if not (_calls(num, exps, ("exp",)) and _calls(den, sums, ("sum",))):
+        if _calls(node, divs, ("div", "true_divide")):
+            num, den = node.args
+        elif _calls(node, muls, ("mul",)):  # exp(a) * exp(a).sum(...).reciprocal(), in either order
+            a, b = node.args
+            if _calls(a, (torch.reciprocal,), ("reciprocal",)):
+                a, b = b, a
+            if not (_calls(b, (torch.reciprocal,), ("reciprocal",)) and len(b.args) == 1 and not b.kwargs):
+                continue
+            num, den = a, b.args[0]
+        else:
             continue
-        assert isinstance(num, fx.Node) and isinstance(den, fx.Node)
-        inner = den.args[0] if den.args else None
+        total = _softmax_sum(den)
+        if not (_calls(num, exps, ("exp",)) and total is not None):
+            continue
+        assert isinstance(num, fx.Node) and isinstance(total, fx.Node)
+        inner = total.args[0] if total.args else None
         if not (_calls(inner, exps, ("exp",)) and isinstance(inner, fx.Node) and len(num.args) == 1
                 and _same_value(inner, num)):
             continue
-        extra = dict(den.kwargs)
-        dim = extra.pop("dim", den.args[1] if len(den.args) > 1 else None)
-        keepdim = extra.pop("keepdim", den.args[2] if len(den.args) > 2 else False)
-        if extra or len(den.args) > 3 or type(dim) is not int or keepdim is not True:
+        extra = dict(total.kwargs)
+        dim = extra.pop("dim", total.args[1] if len(total.args) > 1 else None)
+        keepdim = extra.pop("keepdim", total.args[2] if len(total.args) > 2 else False)
+        if extra or len(total.args) > 3 or type(dim) is not int or keepdim is not True:
             continue
         with graph.inserting_before(node):
             whole = graph.call_function(torch.softmax, (num.args[0], dim))
