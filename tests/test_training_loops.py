@@ -87,8 +87,8 @@ def test_an_evaluation_under_autocast_leaves_later_full_precision_ones_alone(nam
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = est(other)
     assert torch.isfinite(low)
-    # (sample_pool: the pool of an autocast call is drawn apart, reseeding the stream: est's next call is the
-    # first of a never-autocast twin)
+    if "sample_pool" in kw:  # (the pool of an autocast call is drawn apart; the calls' stream goes on)
+        twin(other)
     got, expected = est(other), twin(other)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
@@ -186,14 +186,16 @@ def test_a_logging_call_without_gradients_leaves_later_penalties_alone():
     assert runs[0] == runs[1] and len(set(runs[0])) > 1
 
 
-@pytest.mark.parametrize("kw", [{"tasks_per_step": 1}, {"every": 2}, {"refresh": 3}])
-def test_a_checkpointed_regularizer_resumes_with_the_penalties_of_the_uninterrupted_run(tmp_path, kw):
+@pytest.mark.parametrize("kw,est_kw", [({"tasks_per_step": 1}, {}), ({"every": 2}, {}), ({"refresh": 3}, {}),
+                                       ({"tasks_per_step": 1}, {"sample_pool": 64})])
+def test_a_checkpointed_regularizer_resumes_with_the_penalties_of_the_uninterrupted_run(tmp_path, kw, est_kw):
     """state_dict / load_state_dict (there was none: laftr.save per estimator lost the sample streams, the
-    task draw and the every / refresh schedules; with every=2 a resumed run regularized the other steps)."""
+    task draw and the every / refresh schedules; with every=2 a resumed run regularized the other steps). A
+    sample pool drawn again after loading reseeded the calls' stream (a review)."""
     from laftr.continual import FSDRegularizer
 
     def make():
-        return laftr.make_estimator("laftr", metric="kl", num_samples=8)
+        return laftr.make_estimator("laftr", metric="kl", num_samples=8, **est_kw)
 
     def train(reg, model, opt, steps):
         vals = []
@@ -286,3 +288,32 @@ def test_weight_norm_everywhere_runs_in_kfac_diag_and_ntk():
     gb = torch.autograd.grad(jv_.pow(2).sum(), list(v.values()))
     for a, b in zip(ga, gb, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_refused_state_dict_leaves_the_regularizer_as_it_was():
+    """load_state_dict took the settings before checking the rest: a refused state left lam 7 / every 4 as
+    lam 2 / every 1; damaged parts gave raw TypeErrors and KeyErrors (a review)."""
+    from laftr.continual import FSDRegularizer
+
+    model, (X, Y) = _net(), _data()
+    src = FSDRegularizer(lambda: laftr.make_estimator("laftr", num_samples=4), lam=2.0, refresh=3)
+    src.after_task(model, (X, Y))
+    src.penalty(_moved(model))  # an anchor
+    good = src.state_dict()
+    damaged = {
+        "generator": (dict(good, generator=torch.zeros(3, dtype=torch.uint8)), "generator state is unreadable"),
+        "anchor": (dict(good, anchor={"value": 1.0}), "refresh anchor is not the dict"),
+        "nan": (dict(good, anchor=dict(good["anchor"], value=torch.tensor(float("nan")))), "anchor's value is nan"),
+        "device": (dict(good, anchor=dict(good["anchor"], device="nodevice")), "cannot use"),
+        "blob": (dict(good, estimators=[3.0]), "stored task 0 is a float"),
+        "extra": (dict(good, surprise=1), "unknown entries \\['surprise'\\]"),
+        "seed": (dict(good, sample_states=[dict(good["sample_states"][0], seed=12345)]), "no stream"),
+    }
+    for name, (state, match) in damaged.items():
+        reg = FSDRegularizer(lambda: laftr.make_estimator("laftr", num_samples=4), lam=7.0, every=4)
+        with pytest.raises(laftr.UsageError, match=match):
+            reg.load_state_dict(state)
+        assert (reg.lam, reg.every, reg.refresh, len(reg)) == (7.0, 4, 1, 0), name
+    est = laftr.make_estimator("laftr", fixed_noise=True).fit(model, X)
+    with pytest.raises(laftr.UsageError, match="fixed_noise draws the same samples"):
+        est.load_sample_state(good["sample_states"][0])

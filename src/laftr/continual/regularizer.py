@@ -69,6 +69,30 @@ def _check_count(name: str, value: Any, allow_none: bool = False) -> Any:
     return int(value)
 
 
+def _read_anchor(anchor: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """``refresh``'s stored estimate from a state dict (None: none), checked."""
+    if anchor is None:
+        return None
+    ok = (isinstance(anchor, dict) and set(anchor) == {"value", "grads", "params", "device"}
+          and isinstance(anchor["value"], torch.Tensor) and anchor["value"].ndim == 0
+          and isinstance(anchor["grads"], dict) and isinstance(anchor["params"], dict)
+          and anchor["grads"].keys() == anchor["params"].keys()
+          and all(isinstance(t, torch.Tensor) for d in (anchor["grads"], anchor["params"])
+                  for t in d.values())
+          and isinstance(anchor["device"], str))
+    if not ok:
+        raise UsageError("regularizer state: the refresh anchor is not the dict state_dict() writes")
+    if not bool(torch.isfinite(anchor["value"])):
+        raise UsageError(f"regularizer state: the refresh anchor's value is {float(anchor['value'])}")
+    try:
+        dev = torch.device(anchor["device"])
+        return (anchor["value"].to(dev), {n: g.to(dev) for n, g in anchor["grads"].items()},
+                {n: t.to(dev) for n, t in anchor["params"].items()})
+    except (RuntimeError, AssertionError) as e:  # (a device this machine lacks)
+        raise UsageError(f"regularizer state: the refresh anchor lives on {anchor['device']!r}, which this "
+                         f"machine cannot use ({e})") from None
+
+
 class FSDRegularizer:
     """``lam * mean_j D_j(theta)`` over the estimators fitted after previous tasks.
 
@@ -363,8 +387,12 @@ class FSDRegularizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`: the stored tasks (replacing any), the settings and the draws.
 
+        The stored settings (``lam``, ``tasks_per_step``, ``every``, ``refresh``, ``distributed``) replace the
+        constructor's; the factory is this regularizer's own (it builds the estimators of later tasks). The
+        whole state is checked before any of it is taken: a refused state leaves the regularizer as it was.
+
         Raises:
-            UsageError: ``state`` is not a regularizer's state dict, or of another version.
+            UsageError: ``state`` is not a regularizer's state dict, of another version, or inconsistent.
             laftr.io.SummaryFileError: a stored estimator's bytes are damaged.
         """
         from ..io import from_bytes
@@ -375,34 +403,43 @@ class FSDRegularizer:
         if state.get("version") != _STATE_VERSION:
             raise UsageError(f"regularizer state of version {state.get('version')!r}; this laftr reads "
                              f"version {_STATE_VERSION}")
-        missing = sorted(_STATE_KEYS - set(state))
-        if missing:
-            raise UsageError(f"regularizer state without {missing}")
+        missing, unknown = sorted(_STATE_KEYS - set(state)), sorted(set(state) - _STATE_KEYS)
+        if missing or unknown:
+            raise UsageError(f"regularizer state without {missing} or with unknown entries {unknown}")
         blobs, samples = state["estimators"], state["sample_states"]
         if not isinstance(blobs, list) or not isinstance(samples, list) or len(blobs) != len(samples):
             raise UsageError("regularizer state: estimators and sample_states must be lists of one length")
-        estimators = [from_bytes(t.numpy().tobytes() if isinstance(t, torch.Tensor) else t,
-                                 f"stored task {j} of the regularizer state") for j, t in enumerate(blobs)]
-        for e, st in zip(estimators, samples, strict=True):
-            e.load_sample_state(st)
-        # the settings (checked as when set), then the schedules and the draws
-        self._every = self._refresh = 1
-        self.lam, self.tasks_per_step = state["lam"], state["tasks_per_step"]
-        self.every, self.refresh = state["every"], state["refresh"]
+        # everything checked into locals first, taken at the end
+        estimators = []
+        for j, (blob, st) in enumerate(zip(blobs, samples, strict=True)):
+            if isinstance(blob, torch.Tensor) and blob.dtype == torch.uint8 and blob.ndim == 1:
+                blob = blob.numpy().tobytes()
+            if not isinstance(blob, (bytes, bytearray)):
+                raise UsageError(f"regularizer state: stored task {j} is a {type(blob).__name__}, not the "
+                                 "bytes of a summary (a uint8 tensor)")
+            est = from_bytes(bytes(blob), f"stored task {j} of the regularizer state")
+            est.load_sample_state(st)
+            estimators.append(est)
+        lam = _check_lam(state["lam"])
+        tasks_per_step = _check_count("tasks_per_step", state["tasks_per_step"], allow_none=True)
+        every, refresh = _check_count("every", state["every"]), _check_count("refresh", state["refresh"])
+        self._exclusive("every", every, refresh)
         if state["distributed"] is not None and not isinstance(state["distributed"], bool):
             raise UsageError(f"regularizer state: distributed={state['distributed']!r}")
-        self.distributed = state["distributed"]
         for key in ("calls", "since"):
             if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
                 raise UsageError(f"regularizer state: {key}={state[key]!r} is not a count")
-        self._gen.set_state(state["generator"])
-        anchor = state["anchor"]
-        if anchor is not None:
-            dev = torch.device(anchor["device"])
-            self._anchor = (anchor["value"].to(dev), {n: g.to(dev) for n, g in anchor["grads"].items()},
-                            {n: t.to(dev) for n, t in anchor["params"].items()})
-        else:
-            self._anchor = None
+        gen = torch.Generator()
+        try:
+            gen.set_state(state["generator"])
+        except (TypeError, RuntimeError) as e:
+            raise UsageError(f"regularizer state: the task draw's generator state is unreadable ({e})"
+                             ) from None
+        anchor = _read_anchor(state["anchor"])
+        self.lam, self.tasks_per_step = lam, tasks_per_step
+        self._every, self._refresh = every, refresh
+        self.distributed = state["distributed"]
+        self._gen, self._anchor = gen, anchor
         self._calls, self._since = state["calls"], state["since"]
         self.estimators = estimators
 

@@ -360,6 +360,7 @@ class _LaftrBase(FSDEstimator):
                 or getattr(self, "_gen_seed", None) != seed):
             self._gen = torch.Generator(device).manual_seed(seed)
             self._gen_seed = seed
+            self._gen_fresh = True  # nothing drawn from it yet (see _pool)
         return self._gen
 
     def sample_state(self) -> dict[str, Any] | None:
@@ -375,16 +376,23 @@ class _LaftrBase(FSDEstimator):
             self._gen, self._gen_seed = None, None
             return
         if (not isinstance(state, dict) or sorted(state) != ["device", "generator", "seed"]
-                or not isinstance(state["generator"], torch.Tensor) or not isinstance(state["seed"], int)):
+                or not isinstance(state["generator"], torch.Tensor) or isinstance(state["seed"], bool)
+                or not isinstance(state["seed"], int) or not isinstance(state["device"], str)):
             raise UsageError(f"{self.name}: not a sample state (a dict of seed, device and generator): "
                              f"{state!r:.80}")
-        gen = torch.Generator(torch.device(state["device"]))
+        if self.cfg.fixed_noise:
+            raise UsageError(f"{self.name} with fixed_noise draws the same samples at every call: it has no "
+                             "sample state to restore")
+        if (state["seed"] - self.cfg.seed) % dist_.STREAM_STRIDE:
+            raise UsageError(f"{self.name}: a sample state of seed {state['seed']}, which is no stream of "
+                             f"this estimator's seed {self.cfg.seed}")
         try:
+            gen = torch.Generator(torch.device(state["device"]))
             gen.set_state(state["generator"].cpu())
-        except RuntimeError as e:
+        except (RuntimeError, TypeError) as e:
             raise UsageError(f"{self.name}: the sample state does not fit a generator on "
-                             f"{state['device']}: {e}") from None
-        self._gen, self._gen_seed = gen, state["seed"]
+                             f"{state['device']} here: {e}") from None
+        self._gen, self._gen_seed, self._gen_fresh = gen, state["seed"], False
 
     # ------------------------------------------------------------------ memory and persistence
     def stored_floats(self) -> int:
@@ -530,8 +538,11 @@ class LaftrEstimator(_LaftrBase):
         pool = self._draws.get(key)
         if pool is not None and pool.made_for(source):
             return pool
-        # the same pool again when only the network object changed: drawn from the seed's stream afresh
-        gen.manual_seed(int(self._gen_seed or 0))
+        # drawn from the seed's stream afresh, by a generator of its own; the calls' stream then continues
+        # after the pool where it was fresh (the first call) or the pool is drawn again for another network
+        # object (the same pool, the same next draws), and where it stands otherwise (a checkpoint restored)
+        fresh = getattr(self, "_gen_fresh", False) or pool is not None
+        gen, calls = torch.Generator(gen.device).manual_seed(int(self._gen_seed or 0)), gen
         P, chunk = self.cfg.sample_pool, max(self.cfg.num_samples, self.cfg.batch_size)
         x, groups = self.summary.inputs.sample(P, gen, device, dtype)
         p0, laws = self.theta0_on(model), self._site_laws(net, device, dtype)
@@ -548,6 +559,8 @@ class LaftrEstimator(_LaftrBase):
         drawn = {site: _cat([r[site] for r in parts]) for site in parts[0]}
         pool = _Draw(x, groups, z0=torch.cat(outs), source=source, drawn=drawn, separable=mode.separable(net))
         self._draws[key] = pool
+        if fresh:
+            calls.set_state(gen.get_state())
         return pool
 
     def _distance(self, model: nn.Module) -> torch.Tensor:
@@ -560,6 +573,7 @@ class LaftrEstimator(_LaftrBase):
             pool = self._pool(net, model, gen, device, dtype)
             assert pool.z0 is not None
             idx = torch.randperm(pool.x.shape[0], generator=gen, device=gen.device)[: self.cfg.num_samples]
+            self._gen_fresh = False
             idx = idx.to(device)
             x, groups = pool.x.index_select(0, idx), pool.groups.index_select(0, idx)
             mode = self._linearizing(SampleMode([p], self._site_laws(net, device, dtype), groups, None, False,
