@@ -403,3 +403,45 @@ def test_embedding_bag_refuses_max_and_offsets():
     # one bag over the whole batch: caught as a batch-mixing op (or, per example, by its offsets)
     with pytest.raises(laftr.UnsupportedOpError, match=r"node 'bag'.*(offsets|mixes the examples)"):
         laftr.make_estimator("laftr", input_model="tokens").fit(Offsets(), _tokens())
+
+
+def test_an_in_place_change_read_again_later_is_refused():
+    """laftr runs every op out of place: ``e = h.exp(); h.add_(1); b(e + h)`` read the old h (0.2-0.5 off
+    the network's own output, silently; a review). Refused by name; in-place ops whose input nothing reads
+    again (``h += 1``, ``nn.ReLU(inplace=True)``, ``out += identity``) keep working."""
+    from torch import nn
+
+    import laftr
+
+    class Observed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            e = h.exp()
+            h.add_(1)
+            return self.b(e + h)
+
+    class Fine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.relu = nn.Linear(4, 5), nn.Linear(5, 2), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            h = self.a(x)
+            h += 1
+            out = self.b(self.relu(h))
+            out += 1
+            return out
+
+    X = torch.randn(20, 4)
+    with pytest.raises(laftr.UnsupportedOpError, match="changes 'a' in place, and 'add' reads it after that"):
+        laftr.make_estimator("laftr").fit(Observed(), X)
+    model = Fine()
+    from laftr._util import param_dict
+    from laftr.graph import TracedNet
+
+    torch.testing.assert_close(TracedNet(model).forward(X, param_dict(model)), model(X))
+    assert laftr.make_estimator("laftr").fit(model, X)(model).item() == 0.0

@@ -312,6 +312,53 @@ def _fold_softmax_by_hand(graph: fx.Graph) -> bool:
     return folded
 
 
+#: in-place tensor methods that change no value
+_METADATA_INPLACE = frozenset({"requires_grad_", "share_memory_", "retain_grad"})
+
+
+def _mutated(node: fx.Node, gm: Any) -> Any:
+    """The value an in-place op changes (its first argument), or None for an op that is not in place."""
+    import operator
+
+    target = node.target
+    first = node.args[0] if node.args else None
+    if node.op == "call_method":
+        name = str(target)
+        in_place = name.endswith("_") and not name.endswith("__") and name not in _METADATA_INPLACE
+    elif node.op == "call_function":
+        name = getattr(target, "__name__", "")
+        in_place = (target in (operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                               operator.ifloordiv, operator.ipow)
+                    or (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace") is True)
+    elif node.op == "call_module":
+        in_place = getattr(gm.get_submodule(str(target)), "inplace", False) is True
+    else:
+        return None
+    return first if in_place and isinstance(first, fx.Node) else None
+
+
+def _refuse_observed_mutation(graph: fx.Graph) -> None:
+    """Refuse an in-place op whose change a later node reads through the old value.
+
+    laftr runs every op out of place (``h.add_(1)`` as ``h + 1``): a node that reads ``h`` after the in-place
+    op would see the value before it, where PyTorch sees the changed one -- a silently different network (a
+    review: 0.2-0.5 off). ``h = h.add_(1)``, ``h += 1`` and ``nn.ReLU(inplace=True)`` whose input nothing else
+    reads are fine.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    gm = graph.owning_module
+    for node in graph.nodes:
+        changed = _mutated(node, gm)
+        if changed is None:
+            continue
+        later = [u for u in changed.users if u is not node and order[u] > order[node]]
+        if later:
+            raise UnsupportedOpError(
+                f"node {node.name!r} changes {changed.name!r} in place, and {later[0].name!r} reads it after "
+                "that: laftr runs every op out of place, so it would read the value before the change; write "
+                "the op out of place (h = h + 1), or without inplace=True")
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model`` in eval mode; raise :class:`UnsupportedOpError` if it cannot be.
 
@@ -1039,6 +1086,7 @@ class TracedNet:
         #: at the first pass that records or draws statistics: :meth:`find_layouts`)
         self.layouts: dict[str, Layout] | None = None
         self.gm = trace(model)
+        _refuse_observed_mutation(self.gm.graph)
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if not placeholders:
             raise UnsupportedOpError(f"{type(model).__name__}.forward takes no input")
