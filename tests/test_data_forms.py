@@ -311,3 +311,19 @@ def test_a_distributed_sampler_that_pads_the_shards_is_named_once():
             laftr.exact_fsd(model, model, loader, distributed=False)
         padded = [w for w in caught if "DistributedSampler repeats 1 example" in str(w.message)]
         assert len(padded) == count
+
+
+def test_a_network_that_returns_one_number_per_batch_is_named():
+    """exact_fsd of a network returning a 0-dim tensor failed with an IndexError inside laftr (a review)."""
+
+    class Total(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.lin(x).sum()
+
+    model = Total()
+    with pytest.raises(UsageError, match="one number for the whole batch"):
+        laftr.exact_fsd(model, copy.deepcopy(model), torch.randn(16, 6))

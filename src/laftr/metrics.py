@@ -90,6 +90,10 @@ def check_outputs(outputs: Any, num_outputs: int | None = None) -> list[int] | N
 def check_network_output(z: Any) -> torch.Tensor:
     """``z`` if it is a tensor; otherwise an error that names what the network returned, and the fix."""
     if isinstance(z, torch.Tensor):
+        if z.ndim == 0:
+            raise UsageError("the network returned one number for the whole batch (a 0-dim tensor): laftr "
+                             "compares the outputs of each example, so the network must return them with the "
+                             "batch as the first axis, e.g. (B,) or (B, K)")
         return z
     what = type(z).__name__
     keys = list(z.keys())[:5] if isinstance(z, dict) else None
