@@ -163,13 +163,15 @@ def test_refresh_reestimates_when_the_trainable_layers_change_and_applies_lam_as
         torch.testing.assert_close(g1[n], g2[n], rtol=1e-10, atol=0)
 
 
-def test_a_logging_call_without_gradients_leaves_later_penalties_alone():
+@pytest.mark.parametrize("est_kw", [{}, {"sample_pool": 64}])
+def test_a_logging_call_without_gradients_leaves_later_penalties_alone(est_kw):
     """The logging call drew from the task draw and the estimators' sample streams: adding one line of logging
-    changed every later training penalty."""
+    changed every later training penalty (with a sample pool, also when the logging call drew the pool)."""
     from laftr.continual import FSDRegularizer
 
     model, (X, Y) = _net(), _data()
-    ests = [laftr.make_estimator("laftr", metric="kl", num_samples=8, seed=s).fit(model, (X, Y)) for s in (1, 2, 3)]
+    ests = [laftr.make_estimator("laftr", metric="kl", num_samples=8, seed=s, **est_kw).fit(model, (X, Y))
+            for s in (1, 2, 3)]
     other = _moved(model)
     runs = []
     for log in (False, True):

@@ -538,10 +538,10 @@ class LaftrEstimator(_LaftrBase):
         pool = self._draws.get(key)
         if pool is not None and pool.made_for(source):
             return pool
-        # drawn from the seed's stream afresh, by a generator of its own; the calls' stream then continues
-        # after the pool where it was fresh (the first call) or the pool is drawn again for another network
-        # object (the same pool, the same next draws), and where it stands otherwise (a checkpoint restored)
-        fresh = getattr(self, "_gen_fresh", False) or pool is not None
+        # drawn from the seed's stream afresh, by a generator of its own; a fresh calls' stream starts where
+        # the pool's ended (see _distance), and so does the stream when the pool is drawn again for another
+        # network object (the same pool, the same next draws); a restored one goes on where it stands
+        again = pool is not None
         gen, calls = torch.Generator(gen.device).manual_seed(int(self._gen_seed or 0)), gen
         P, chunk = self.cfg.sample_pool, max(self.cfg.num_samples, self.cfg.batch_size)
         x, groups = self.summary.inputs.sample(P, gen, device, dtype)
@@ -557,9 +557,10 @@ class LaftrEstimator(_LaftrBase):
                 outs.append(z0)
                 parts.append(rec)
         drawn = {site: _cat([r[site] for r in parts]) for site in parts[0]}
-        pool = _Draw(x, groups, z0=torch.cat(outs), source=source, drawn=drawn, separable=mode.separable(net))
+        pool = _Draw(x, groups, gen.get_state(), z0=torch.cat(outs), source=source, drawn=drawn,
+                     separable=mode.separable(net))
         self._draws[key] = pool
-        if fresh:
+        if again:
             calls.set_state(gen.get_state())
         return pool
 
@@ -571,7 +572,9 @@ class LaftrEstimator(_LaftrBase):
         gen = self._generator(device)
         if self.cfg.sample_pool:
             pool = self._pool(net, model, gen, device, dtype)
-            assert pool.z0 is not None
+            assert pool.z0 is not None and pool.state is not None
+            if getattr(self, "_gen_fresh", False):  # a fresh stream starts where the pool's drawing ended
+                gen.set_state(pool.state)
             idx = torch.randperm(pool.x.shape[0], generator=gen, device=gen.device)[: self.cfg.num_samples]
             self._gen_fresh = False
             idx = idx.to(device)
@@ -628,7 +631,8 @@ class _Draw:
 
     Attributes:
         x: the input samples; groups: their groups.
-        state: ``fixed_noise``: the generator's state right after drawing ``x`` (before the linearizations).
+        state: ``fixed_noise``: the generator's state right after drawing ``x`` (before the linearizations);
+            ``sample_pool``: the pool's generator's state after drawing it (where a fresh stream starts).
         z0: theta0's outputs on them (``fixed_noise``: once known, and only on networks whose streams are
             separable), with ``source``, the traced network and theta0 they were computed with.
         drawn: the linearizations, site name -> the draw (leading axis the sample): the pool's, or
