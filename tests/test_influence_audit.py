@@ -416,3 +416,20 @@ def test_no_local_minimum_is_still_a_floating_point_error():
     assert issubclass(ConvergenceError, FloatingPointError)
     assert not issubclass(ConvergenceError, laftr.LaftrError)
     assert copy.deepcopy(PBRFConfig(damping=0.5)).damping == 0.5
+
+
+def test_a_model_returning_a_tuple_is_named_by_every_method():
+    """A network returning ``(logits, features)`` failed inside the losses with a raw torch error."""
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    X, Y = _reg()
+    for make in (lambda m: PBRF(m, (X, Y)), lambda m: ClassicalInfluence(m, (X, Y))):
+        with pytest.raises(laftr.UsageError, match="returned a tuple of 2, not a tensor.*SelectOutput"):
+            make(Pair())

@@ -9,6 +9,7 @@ from torch import nn
 
 from .._util import data_hint, first_layer, is_shape_error, iter_batches, layer_expects, model_device_dtype
 from ..errors import DataError
+from ..metrics import check_network_output
 from .losses import check_not_bool, check_task, infer_task, per_example_loss
 from .params import ParamSpace
 
@@ -89,7 +90,7 @@ def run_model(model: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
     The message names the examples' shape and dtype, what the first layer takes and, where evident, the fix.
     """
     try:
-        return model(x)
+        return check_network_output(model(x))  # (a tuple or dict of outputs, a 0-dim total: named)
     except RuntimeError as e:
         if not is_shape_error(e):
             raise
