@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import logging
 import math
+import numbers
 import os
 import re
 import secrets
@@ -287,6 +288,20 @@ def eigh_on_host(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     evals, evecs = torch.linalg.eigh(sym.cpu())
     return evals.to(sym.device), evecs.to(sym.device)
+
+
+def is_integer(value: Any) -> bool:
+    """Whether ``value`` is an integer, Python's or NumPy's (not a bool: ``True`` would pass as 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_integer(value: Any, name: str, minimum: int | None = None) -> int:
+    """``value`` as an ``int`` if it is an integer (:func:`is_integer`) >= ``minimum``, else a UsageError."""
+    if not is_integer(value) or (minimum is not None and value < minimum):
+        need = "an integer" if minimum is None else ("a positive integer" if minimum == 1
+                                                     else f"an integer >= {minimum}")
+        raise UsageError(f"{name} must be {need}, got {value!r}")
+    return int(value)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

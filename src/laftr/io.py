@@ -15,14 +15,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import numbers
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._util import atomic_write_bytes, resolve_device
+from ._util import atomic_write_bytes, is_integer, resolve_device
 from .errors import DataError, OptionError, OutputExistsError, OutputIsDirectoryError, SummaryFileError
 from .estimators.base import REGISTRY, FSDEstimator
 
@@ -377,7 +376,7 @@ def _check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], versi
 
 
 def _is_int(v: Any, minimum: int = 0) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= minimum
+    return is_integer(v) and int(v) >= minimum
 
 
 def _build(meta: dict[str, Any], version: int, name: str) -> FSDEstimator:

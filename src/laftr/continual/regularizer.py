@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._util import is_integer
 from ..errors import UsageError
 from ..estimators.base import FSDEstimator
 
@@ -63,7 +63,7 @@ def _check_count(name: str, value: Any, allow_none: bool = False) -> Any:
     """
     if value is None and allow_none:
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_integer(value) or value < 1:
         alt = " or None" if allow_none else ""
         raise UsageError(f"{name} must be an integer >= 1{alt}, got {value!r}")
     return int(value)
@@ -167,7 +167,7 @@ class FSDRegularizer:
             raise UsageError(f"distributed must be True, False or None, got {distributed!r}")
         self.distributed = distributed
         self.estimators: list[FSDEstimator] = []
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
+        if not is_integer(seed) or not 0 <= seed < 2 ** 63:
             raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
         self._gen: torch.Generator = torch.Generator().manual_seed(int(seed))
 
@@ -259,7 +259,7 @@ class FSDRegularizer:
         """The estimated distance to each stored task (or to the tasks ``which``), differentiable."""
         n = len(self.estimators)
         idx = range(n) if which is None else list(which)
-        bad = [j for j in idx if isinstance(j, bool) or not isinstance(j, numbers.Integral) or not 0 <= j < n]
+        bad = [j for j in idx if not is_integer(j) or not 0 <= j < n]
         if bad:
             raise UsageError(f"which={list(idx)}: {bad[0]!r} is not the index of a stored task "
                              f"(0..{n - 1})" if n else f"which={list(idx)}: no task is stored yet")

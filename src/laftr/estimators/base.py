@@ -43,6 +43,7 @@ from .._util import (
     Data,
     allow_empty_data,
     arch_signature,
+    check_integer,
     check_runnable,
     check_same_arch,
     data_hint,
@@ -106,11 +107,7 @@ def _alias_hint(name: str) -> str:
 
 def check_int(config: Any, name: str, minimum: int | None = None) -> None:
     """Raise :class:`UsageError` unless ``config.<name>`` is an integer (not a bool) >= ``minimum``."""
-    v = getattr(config, name)
-    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or (minimum is not None and v < minimum):
-        need = "an integer" if minimum is None else ("a positive integer" if minimum == 1
-                                                     else f"an integer >= {minimum}")
-        raise UsageError(f"{name} must be {need}, got {v!r}")
+    check_integer(getattr(config, name), name, minimum)
 
 
 def check_options(cls: type[EstimatorConfig], options: dict[str, Any], who: str) -> None:

@@ -10,17 +10,10 @@ import math
 import numbers
 from typing import Any
 
+from .._util import check_integer as check_int
 from ..errors import UsageError
 
-
-def check_int(value: Any, name: str, minimum: int | None = None) -> int:
-    """Return ``value`` if it is an integer (not a bool) >= ``minimum``, else raise ``UsageError``."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (
-            minimum is not None and value < minimum):
-        need = "an integer" if minimum is None else ("a positive integer" if minimum == 1
-                                                     else f"an integer >= {minimum}")
-        raise UsageError(f"{name} must be {need}, got {value!r}")
-    return int(value)
+__all__ = ["check_bool", "check_int", "check_positive", "is_number"]
 
 
 def check_bool(value: Any, name: str) -> bool:

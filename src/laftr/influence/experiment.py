@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import numbers
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._util import is_integer
 from ..config import ExperimentConfig
 from ..errors import UsageError
 from ..estimators.base import REGISTRY
@@ -104,11 +104,6 @@ def resolve_estimator_options(user: dict[str, dict[str, Any]] | None, task: str,
             opts[k] = v
         out[key] = opts
     return out
-
-
-def _is_int(value: Any) -> bool:
-    """Whether ``value`` is an integer (not a bool)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_methods(methods: Any) -> None:
@@ -211,10 +206,10 @@ class InfluenceBaseConfig(ExperimentConfig):
         check_int(self.seed, "seed", minimum=0)
         check_bool(self.quick, "quick")
         check_bool(self.progress, "progress")
-        if self.n_train is not None and not (_is_int(self.n_train) and self.n_train >= 2):
+        if self.n_train is not None and not (is_integer(self.n_train) and self.n_train >= 2):
             raise UsageError(f"n_train must be an integer >= 2 (or None: the default), got {self.n_train!r}")
         if (not isinstance(self.hidden, (tuple, list)) or not self.hidden
-                or not all(_is_int(h) and h >= 1 for h in self.hidden)):
+                or not all(is_integer(h) and h >= 1 for h in self.hidden)):
             raise UsageError(f"hidden widths must be positive integers, e.g. (50, 50), got {self.hidden!r}")
         assert self.epochs is not None and self.lr is not None and self.damping is not None  # _resolve
         check_int(self.epochs, "epochs", minimum=1)
