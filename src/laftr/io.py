@@ -131,24 +131,26 @@ def save(estimator: FSDEstimator, path: str | os.PathLike[str], overwrite: bool 
             ``IsADirectoryError``).
         DataError: a stored statistic is not finite, or theta0 holds NaN (such a file could not be loaded).
     """
-    if not isinstance(estimator, FSDEstimator):
-        raise TypeError(f"can only save FSDEstimator objects, got {type(estimator).__name__}")
-    if not estimator.fitted:
-        raise RuntimeError("cannot save an estimator that has not been fitted")
+    _check_saveable(estimator)
     path = Path(path)
     _check_target(path, overwrite)
     atomic_write_bytes(path, to_bytes(estimator))
     return path
 
 
-def to_bytes(estimator: FSDEstimator) -> bytes:
-    """The bytes of :func:`save`'s file for a fitted ``estimator`` (:func:`from_bytes` reads them back)."""
-    from safetensors.torch import save as st_save
-
+def _check_saveable(estimator: Any) -> None:
+    """Refuse what is not a fitted estimator (before :func:`save` looks at its target)."""
     if not isinstance(estimator, FSDEstimator):
         raise TypeError(f"can only save FSDEstimator objects, got {type(estimator).__name__}")
     if not estimator.fitted:
         raise RuntimeError("cannot save an estimator that has not been fitted")
+
+
+def to_bytes(estimator: FSDEstimator) -> bytes:
+    """The bytes of :func:`save`'s file for a fitted ``estimator`` (:func:`from_bytes` reads them back)."""
+    from safetensors.torch import save as st_save
+
+    _check_saveable(estimator)
     fingerprint = getattr(estimator, "graph_fingerprint", None)
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise TypeError(f"graph_fingerprint must be a str or None, got {type(fingerprint).__name__}")
