@@ -23,6 +23,7 @@ import contextlib
 import functools
 import logging
 import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, cast
 
@@ -51,6 +52,8 @@ from .rules.base import (
     is_registered_module,
     lookup,
     make_rule,
+    out_of_place_function,
+    out_of_place_method,
     pairs_in,
     stream_of,
 )
@@ -242,8 +245,6 @@ def _softmax_sum(den: Any) -> Any:
 
     Through ``+ eps``, ``.clamp_min(eps)`` or ``.clamp(min=eps)`` with a small constant (:data:`SOFTMAX_EPS`).
     """
-    import operator
-
     def small(c: Any) -> bool:
         return isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= SOFTMAX_EPS
 
@@ -269,8 +270,6 @@ def _fold_softmax_by_hand(graph: fx.Graph) -> bool:
     Also ``exp(a) * exp(a).sum(...).reciprocal()``, and a denominator guarded by a small constant (``+ 1e-8``,
     ``.clamp_min(1e-8)``, up to :data:`SOFTMAX_EPS`; the fold drops it). Returns whether it folded one.
     """
-    import operator
-
     exps = (torch.exp,)
     divs = (operator.truediv, torch.div, torch.true_divide)
     muls = (operator.mul, torch.mul)
@@ -317,19 +316,19 @@ _METADATA_INPLACE = frozenset({"requires_grad_", "share_memory_", "retain_grad"}
 
 
 def _mutated(node: fx.Node, gm: Any) -> Any:
-    """The value an in-place op changes (its first argument), or None for an op that is not in place."""
-    import operator
+    """The value an op changes in place and the interpreter runs out of place (its first argument), or None.
 
+    The ops :func:`laftr.rules.base.out_of_place_function` / ``out_of_place_method`` give a twin for, those
+    called with ``inplace=True`` and modules with ``inplace`` set -- what :meth:`laftr.rules.Rule.call` and
+    ``module_call`` turn into copies.
+    """
     target = node.target
     first = node.args[0] if node.args else None
     if node.op == "call_method":
         name = str(target)
-        in_place = name.endswith("_") and not name.endswith("__") and name not in _METADATA_INPLACE
+        in_place = out_of_place_method(name) != name and name not in _METADATA_INPLACE
     elif node.op == "call_function":
-        name = getattr(target, "__name__", "")
-        in_place = (target in (operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                               operator.ifloordiv, operator.ipow)
-                    or (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace") is True)
+        in_place = out_of_place_function(target) is not target or node.kwargs.get("inplace") is True
     elif node.op == "call_module":
         in_place = getattr(gm.get_submodule(str(target)), "inplace", False) is True
     else:
