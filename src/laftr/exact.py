@@ -21,7 +21,7 @@ from ._util import (
     values_digest,
 )
 from .errors import DataError, UsageError
-from .graph import check_deterministic
+from .graph import check_deterministic, check_per_example
 from .metrics import check_metric, check_outputs, discrepancy, run_network
 
 
@@ -43,9 +43,14 @@ def _moved(x: torch.Tensor, where: tuple[torch.device, torch.dtype]) -> torch.Te
 
 def _check_deterministic(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor,
                          ref: tuple[torch.device, torch.dtype]) -> None:
-    """Refuse random networks (dropout forced on in eval mode): they have no exact FSD, only draws of one."""
+    """Refuse random networks and networks that mix the examples of a batch: they have no exact FSD.
+
+    Dropout forced on in eval mode gives draws of one; batch norm without running statistics one per batching.
+    """
     check_deterministic(model_a, _moved(x, ref), "model_a")
     check_deterministic(model_b, x, "model_b")
+    check_per_example(model_a, _moved(x, ref))
+    check_per_example(model_b, x)
 
 
 def exact_fsd(
@@ -108,10 +113,10 @@ def exact_fsd(
         with ctx:
             for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress,
                              desc="exact FSD"):
-                if count == 0:
-                    _check_deterministic(model_a, model_b, x, ref)
                 z0 = _reference(model_a, x, ref)
                 z = run_network(model_b, x)
+                if count == 0:  # (after the outputs were found to be tensors of examples)
+                    _check_deterministic(model_a, model_b, x, ref)
                 d = discrepancy(z0.to(z), z, metric, outputs).sum()
                 total = d if total is None else total + d
                 count += x.shape[0]
@@ -198,12 +203,13 @@ def exact_fsd_and_grad(
         count = 0
         for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress,
                          desc="exact FSD+grad"):
-            if count == 0:
-                _check_deterministic(model_a, model_b, x, ref)
             z0 = _reference(model_a, x, ref)
             with torch.enable_grad():
-                d = discrepancy(z0.to(device=device, dtype=dtype), run_network(model_b, x), metric,
-                                outputs).sum()
+                z = run_network(model_b, x)
+            if count == 0:  # (after the outputs were found to be tensors of examples)
+                _check_deterministic(model_a, model_b, x, ref)
+            with torch.enable_grad():
+                d = discrepancy(z0.to(device=device, dtype=dtype), z, metric, outputs).sum()
                 gs = torch.autograd.grad(d, params, allow_unused=True)
             for acc, g in zip(grads, gs, strict=True):
                 if g is not None:

@@ -1643,19 +1643,6 @@ def check_deterministic(model: nn.Module, x: torch.Tensor, what: str = "the mode
         return
     if _differs(first, second):
         raise UnsupportedOpError(f"{what} ({type(model).__name__}) {_RANDOM}")
-    if x.shape[0] < 4 or not isinstance(first, torch.Tensor):
-        return
-    try:  # two halves of the first four examples, each a batch of its own (a batch norm needs two)
-        with torch.no_grad(), full_float32():
-            halves = torch.cat([model(x[i:i + 2].clone()) for i in (0, 2)])
-    except Exception as e:  # noqa: BLE001 (a network that does not run on two examples: not checked)
-        log.debug("%s does not run on two examples (%s: %s)", type(model).__name__, type(e).__name__, e)
-        return
-    if _differs(first[:4], halves):
-        raise UnsupportedOpError(
-            f"{what} ({type(model).__name__}) gives an example other outputs in another batch: it mixes the "
-            "examples of a batch (batch norm without running statistics, a mean over the batch axis), so its "
-            "function, and any distance between two such networks, depends on how the data is batched")
 
 
 _NEEDS = ("; laftr needs a network that maps each example on its own "
