@@ -324,6 +324,17 @@ class InputModel:
         """The options that shaped the stored sums (JSON-able)."""
         return {"seed": self.seed}
 
+    def sums_options(self) -> dict[str, Any]:
+        """:meth:`options` without the seed where no random choice shaped the sums.
+
+        The seed stays for the mixtures' k-means sample and the coreset's hash. What a summary used as
+        fitted (``fit_summary_only``) must match.
+        """
+        out = self.options()
+        if not (self.needs_first_pass or isinstance(self, CoresetInputs)):
+            out.pop("seed", None)
+        return out
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored sums, by name, as written to a summary file."""
         raise NotImplementedError

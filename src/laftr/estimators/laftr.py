@@ -18,7 +18,7 @@ from .. import distributed as dist_
 from .._util import Data, autocast_dtype, model_device_dtype, param_dict
 from ..errors import UsageError
 from ..graph import ForwardMode, MomentMode, OwnMode, SampleMode, TracedNet
-from ..inputs import INPUT_MODELS, CoresetInputs, make_input_model
+from ..inputs import INPUT_MODELS, make_input_model
 from ..metrics import QUADRATIC_METRICS, discrepancy
 from ..moments import CacheMiss, JointMoments, Theta0Cache
 from ..rules.base import Rule
@@ -291,10 +291,8 @@ class _LaftrBase(FSDEstimator):
         if summary.inputs.name != self.cfg.input_model:
             raise UsageError(f"the summary has a {summary.inputs.name!r} input model, this estimator is "
                              f"configured for {self.cfg.input_model!r}")
-        mine, theirs = make_input_model(self.cfg.input_model, **self.cfg.input_options()).options(), \
-            summary.inputs.options()
-        if not (summary.inputs.needs_first_pass or isinstance(summary.inputs, CoresetInputs)):
-            mine.pop("seed", None), theirs.pop("seed", None)  # (sums that no random choice shaped)
+        mine = make_input_model(self.cfg.input_model, **self.cfg.input_options()).sums_options()
+        theirs = summary.inputs.sums_options()
         differ = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
         if differ:
             raise UsageError("the summary's input model was fitted with other options than this estimator's: "
