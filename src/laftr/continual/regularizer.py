@@ -4,7 +4,7 @@ After each task, fit an :class:`~laftr.FSDEstimator` on that task's data at the 
 (theta_j) and keep it; while training later tasks, add ``lam * mean_j D_j(theta)`` to the loss::
 
     reg = FSDRegularizer(lambda: laftr.make_estimator("laftr", metric="kl", num_samples=40), lam=10.0)
-    for loader, outputs in tasks:        # e.g. outputs [2, 3]; y: class ids 2 and 3 (the output units)
+    for outputs, loader in tasks:        # e.g. outputs [2, 3]; y: class ids 2 and 3 (the output units)
         for x, y in loader:
             loss = F.cross_entropy(model(x)[:, outputs], y - outputs[0]) + reg.penalty(model)
             ...
