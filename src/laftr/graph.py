@@ -1049,17 +1049,23 @@ def _mu_outer(gm: GateMoments) -> GateMoments:
     )
 
 
-def _data_rule(node: fx.Node, gm: fx.GraphModule, data_nodes: set[str], fixed: set[str]) -> Rule:
+def _data_rule(node: fx.Node, gm: fx.GraphModule, data_nodes: set[str], fixed: set[str],
+               input_only: set[str]) -> Rule:
     """The rule of a data-dependent node: its registered rule, or a quotient's.
 
     A division whose divisor is data (not a value of the network input alone) is a
-    :class:`laftr.rules.attention.QuotientRule`.
+    :class:`laftr.rules.attention.QuotientRule`. Where the divisor is a function of the input alone
+    (``h / (1 + x ** 2)``), which the Monte Carlo runs exactly and so the same in every stream, the quotient
+    is exact in each stream and keeps no law of its divisor.
     """
     rule = make_rule(node, gm)
     if isinstance(rule, DivideRule):
         divisor = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
         if isinstance(divisor, fx.Node) and divisor.name in data_nodes and divisor.name not in fixed:
-            return QuotientRule(node, gm)
+            quotient = QuotientRule(node, gm)
+            if divisor.name in input_only:
+                quotient.site = False
+            return quotient
     return rule
 
 
@@ -1162,12 +1168,12 @@ class TracedNet:
                         fixed.add(node.name)
                 elif exact_unknown:
                     try:
-                        self.rules[node.name] = _data_rule(node, self.gm, data_nodes, fixed)
+                        self.rules[node.name] = _data_rule(node, self.gm, data_nodes, fixed, input_only)
                     except UnsupportedOpError:  # no rule, or one that refuses the op's constant arguments
                         self.rules[node.name] = Rule(node, self.gm)
                         self.exact_nodes.add(node.name)
                 else:
-                    self.rules[node.name] = _data_rule(node, self.gm, data_nodes, fixed)
+                    self.rules[node.name] = _data_rule(node, self.gm, data_nodes, fixed, input_only)
             else:
                 self.rules[node.name] = _plain_rule(node, self.gm)
                 if node.all_input_nodes and all(a.name in self.shape_nodes or a.name in self._from_shapes

@@ -34,11 +34,12 @@ from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 from torch.utils._pytree import tree_map
 
 from .affine import AffineRule, TappedLayer
-from .base import Pair, Rule, changing_pairs, data_pairs, register, stream_of
+from .base import Pair, Rule, changing_pairs, data_pairs, make_rule, register, stream_of
+from .gates import MomentLaw, _check_units
 
 Tensor = torch.Tensor
 
@@ -472,14 +473,96 @@ class TangentRule(Rule):
 
 
 class QuotientRule(TangentRule):
-    """A division by data (``a / (std + eps)``): :class:`TangentRule`.
+    """A division by data, ``a / d`` (``h / (1 + relu(h))``, ``x / (x.norm(dim=-1, keepdim=True) + eps)``).
 
     A division by a constant, a parameter or a value of the network input alone is affine
     (:class:`laftr.rules.affine.DivideRule`); the traced network picks this rule only where the divisor is
-    data.
+    data. ``gates="relu"`` takes the tangent at theta0's values on each input (:class:`TangentRule`).
+
+    In the Monte Carlo the reciprocal ``1 / d`` is a gate of its own, as the smooth activations are: its
+    tangent at theta0's divisor ``d0`` on the data, ``(c, r) = (-1 / d0**2, 2 / d0)``, has a stored law (the
+    exact moments of ``(c, r)`` per unit of ``d``, 5 floats, sampled by the four-point law of
+    :class:`laftr.rules.gates.SmoothGate`), drawn per unit and shared by the streams; the quotient is then the
+    product ``a * (c d + r)``, linearized at stream 0 as products of two data tensors are. The tangent at the
+    *sampled* stream 0's divisor (what a plain :class:`TangentRule` does) meets divisors near zero that theta0
+    never has on the data -- ``1 + relu(h)`` with a drawn gate open on ``h < -1`` -- and blew estimates up by
+    1e8-1e11 x the exact FSD; the drawn tangents keep theta0's range of ``1 / d``.
+
+    Where the divisor is a normalizer's scale (``x / sqrt(var + eps)``: an elementwise rule that draws one
+    scale, the same in every stream; :class:`laftr.rules.gates.ElementwiseGate`) the quotient is exact in
+    each stream and stores nothing. A rounded division (``rounding_mode``) by data is refused. No closed
+    form.
     """
 
     family = "quotient"
+    site = True
+
+    def setup(self) -> None:
+        """Refuse a rounded division; no site where the divisor is a normalizer's drawn scale."""
+        if self.const_arg(None, "rounding_mode") is not None:
+            raise self.refuse("a rounded division (rounding_mode) by data is piecewise constant: no rule")
+        divisor = self.node.args[1] if len(self.node.args) > 1 else self.node.kwargs.get("other")
+        self.site = not self._normalizer_scale(divisor)
+
+    def _normalizer_scale(self, divisor: Any) -> bool:
+        if not isinstance(divisor, fx.Node) or divisor.op not in ("call_function", "call_method"):
+            return False
+        try:
+            rule = make_rule(divisor, self.gm)
+        except Exception:  # noqa: BLE001 - no rule there (that node refuses later, naming itself)
+            return False
+        return bool(getattr(rule, "normalizer", False) and getattr(rule, "divisor", False))
+
+    def _operands(self, args: Any, kwargs: Any) -> tuple[Any, Pair]:
+        """The numerator (a data pair or a value of every stream) and the divisor's pair."""
+        num = args[0] if args else kwargs.get("input")
+        d = args[1] if len(args) > 1 else kwargs.get("other")
+        if not (isinstance(d, Pair) and d.data):  # (the graph makes this rule for data divisors only)
+            raise self.refuse("its divisor does not depend on the input")
+        return num, d
+
+    def batch_movable(self, layout: tuple[int, int, int], ndim: int) -> bool:
+        """True: elementwise (both operands move together)."""
+        return True
+
+    def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """theta0's exact quotient, recording the moments of the tangent of ``1 / d`` at theta0's divisor."""
+        self._checked(args, kwargs)
+        out = self.call(mode.params[0], stream_of(args, 0), stream_of(kwargs, 0))
+        if not self.site:
+            return Pair((out,), True)
+        _, d = self._operands(args, kwargs)
+        d0 = d.vals[0].to(torch.float64)
+        if not bool(torch.isfinite(d0).all()) or bool((d0 == 0).any()):
+            raise ValueError(f"{self.describe()}: divides by a value that is zero or not finite on some "
+                             "of the data at theta0; keep the divisor away from zero, e.g. with an epsilon")
+        c, r = -(d0 * d0).reciprocal(), 2 * d0.reciprocal()
+        for key, val in (("c", c), ("r", r), ("cc", c * c), ("cr", c * r), ("rr", r * r)):
+            mode.add(self.name, key, val)
+        return Pair((out,), True)
+
+    def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Monte Carlo: ``a * (c d + r)`` with ``(c, r)`` drawn per unit of ``d`` (see the class)."""
+        if not self.site:
+            return self._linearized(mode, args, kwargs)
+        self._checked(args, kwargs)
+        num, d = self._operands(args, kwargs)
+        law: MomentLaw = mode.law(self)
+        d0 = d.vals[0]
+        _check_units("quotient", self.name, law.points_c.shape[2:], d0)
+        c, r = mode.draw(self, law, d0)
+        g = [v * c + r for v in d.vals]
+        if isinstance(num, Pair) and num.data and not num.fixed:  # two data factors: linearized at stream 0
+            a0, g0 = num.vals[0], g[0]
+            outs = [a0 * g0, *(a * g0 + a0 * (gs - g0) for a, gs in zip(num.vals[1:], g[1:], strict=True))]
+        else:
+            outs = [stream_of(num, s) * g[s] for s in range(mode.num_streams)]
+        return Pair(tuple(outs), True)
+
+    def law(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, device: torch.device,
+            dtype: torch.dtype) -> Any:
+        """The stored sums turned into a (private) four-point ``MomentLaw`` of the reciprocal's tangent."""
+        return MomentLaw(sums, counts, device, dtype)
 
 
 class _AxisReduction(TangentRule):
