@@ -579,3 +579,28 @@ def test_a_division_by_data_is_refused_where_it_cannot_be_fitted():
     rounded = Net(lambda s, h: torch.div(h, 1 + torch.relu(h), rounding_mode="floor"))
     with pytest.raises(UnsupportedOpError, match=r"div.*rounded division"):
         laftr.make_estimator("laftr").fit(rounded, _data())
+
+
+def test_a_rounded_division_is_refused_unless_of_the_input_alone():
+    """``torch.div(h, 0.3, rounding_mode="floor")`` is piecewise constant: the closed form took it for the
+    affine ``h / 0.3`` (a silent wrong answer). Refused by every linearizing estimator, naming it; of the input
+    alone it is evaluated exactly in the Monte Carlo, as masks are."""
+    class Rounded(nn.Module):
+        def __init__(self, of_input):
+            super().__init__()
+            self.a, self.b, self.of_input = nn.Linear(D_IN, H), nn.Linear(H, D_OUT), of_input
+
+        def forward(self, x):
+            if self.of_input:
+                return self.b(torch.relu(self.a(torch.div(x, 0.3, rounding_mode="floor"))))
+            return self.b(torch.div(self.a(x), 0.3, rounding_mode="floor"))
+
+    torch.manual_seed(0)
+    X = _data()
+    for method in ("laftr-exact", "laftr", "liftr"):
+        with pytest.raises(UnsupportedOpError, match=r"'div'.*rounded division"):
+            laftr.make_estimator(method).fit(Rounded(False), X)
+    model = Rounded(True)
+    est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=N, num_samples=N)
+    near = perturbed(model, 1e-4)
+    assert float(est.fit(model, X)(near) / laftr.exact_fsd(model, near, X)) == pytest.approx(1, abs=1e-2)

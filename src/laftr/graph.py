@@ -1152,10 +1152,12 @@ class TracedNet:
                     # an op with no rule at all (a rule that refuses, refuses)
                     found = lookup(node, self.gm)
                     divisor = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-                    if (found is not None and issubclass(found, DivideRule) and isinstance(divisor, fx.Node)
-                            and divisor.name in data_nodes):
+                    if (found is not None and issubclass(found, DivideRule)
+                            and ((isinstance(divisor, fx.Node) and divisor.name in data_nodes)
+                                 or node.kwargs.get("rounding_mode") is not None)):
                         # x / (1 + x ** 2): a division by a value of the input alone, evaluated exactly (the
-                        # same in every stream), as masks are; its rule divides by constants only
+                        # same in every stream), as masks are; its rule divides by constants only, and does
+                        # not round (ids // 2 as torch.div(ids, 2, rounding_mode="floor") is exact here too)
                         self._input_divisions.add(node.name)
                         found = None
                     if found is None or getattr(found, "exact_on_input", False):  # (a comparison: a mask)

@@ -87,9 +87,18 @@ class LikeRule(AffineRule):
 
 
 class DivideRule(AffineRule):
-    """Division by a constant or a parameter (never by data)."""
+    """Division by a constant or a parameter (never by data).
+
+    A rounded division (``torch.div(h, 2, rounding_mode="floor")``) is piecewise constant, not affine: refused
+    (of the input alone it is evaluated exactly, as masks are).
+    """
 
     data_free_positions = (1,)
+
+    def setup(self) -> None:
+        """Refuse a rounded division."""
+        if self.const_arg(None, "rounding_mode") is not None:
+            raise self.refuse("a rounded division (rounding_mode) is piecewise constant, not affine: no rule")
 
 
 class SelectRule(SumRule):

@@ -490,17 +490,17 @@ class QuotientRule(TangentRule):
 
     Where the divisor is a normalizer's scale (``x / sqrt(var + eps)``: an elementwise rule that draws one
     scale, the same in every stream; :class:`laftr.rules.gates.ElementwiseGate`) the quotient is exact in
-    each stream and stores nothing. A rounded division (``rounding_mode``) by data is refused. No closed
-    form.
+    each stream and stores nothing. No closed form.
     """
 
     family = "quotient"
     site = True
 
     def setup(self) -> None:
-        """Refuse a rounded division; no site where the divisor is a normalizer's drawn scale."""
-        if self.const_arg(None, "rounding_mode") is not None:
-            raise self.refuse("a rounded division (rounding_mode) by data is piecewise constant: no rule")
+        """No site where the divisor is a normalizer's drawn scale.
+
+        (A rounded division never gets here: its :class:`~laftr.rules.affine.DivideRule` refuses it first.)
+        """
         divisor = self.node.args[1] if len(self.node.args) > 1 else self.node.kwargs.get("other")
         self.site = not self._normalizer_scale(divisor)
 

@@ -170,7 +170,7 @@ def register(*targets: Any, replace: bool = False) -> Callable[[type[Rule]], typ
 
         @laftr.rules.register(MySwish)
         class SwishRule(laftr.rules.SmoothGate):
-            family = "swish"      # stored with summaries of networks that use it; the slope comes from autograd
+            family = "swish"   # stored with summaries of networks that use it; slope: from autograd
 
     Module types are matched through their class hierarchy (a subclass uses its nearest registered base
     class) and are kept as leaves when the network is traced, so a registered module is never traced into.
