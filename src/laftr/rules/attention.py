@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_map
 
 from .affine import AffineRule, TappedLayer
 from .base import Pair, Rule, changing_pairs, data_pairs, make_rule, register, stream_of
-from .gates import MomentLaw, _check_units
+from .gates import MomentLaw, _check_units, reads_reduction
 
 Tensor = torch.Tensor
 
@@ -473,7 +473,7 @@ class TangentRule(Rule):
 
 
 class QuotientRule(TangentRule):
-    """A division by data, ``a / d`` (``h / (1 + relu(h))``, ``x / (x.norm(dim=-1, keepdim=True) + eps)``).
+    """A division by data, ``a / d`` (``h / (1 + relu(h))``, ``h / (2 + torch.tanh(h))``).
 
     A division by a constant, a parameter or a value of the network input alone is affine
     (:class:`laftr.rules.affine.DivideRule`); the traced network picks this rule only where the divisor is
@@ -490,7 +490,11 @@ class QuotientRule(TangentRule):
 
     Where the divisor is a normalizer's scale (``x / sqrt(var + eps)``: an elementwise rule that draws one
     scale, the same in every stream; :class:`laftr.rules.gates.ElementwiseGate`) the quotient is exact in
-    each stream and stores nothing. No closed form.
+    each stream and stores nothing. Where it is a reduction over an axis (``(h - mu) / (h.std(-1,
+    keepdim=True) + eps)``, ``h / (h.norm(dim=-1, keepdim=True) + eps)``: a normalization written by hand),
+    the tangent at the sampled stream stays (:class:`TangentRule`, nothing stored): a statistic of many
+    units keeps away from zero, and on such networks the tangent there measured closer to the exact FSD
+    (1.1-1.4 x) than a drawn one (1.2-2.5 x). No closed form.
     """
 
     family = "quotient"
@@ -502,7 +506,7 @@ class QuotientRule(TangentRule):
         (A rounded division never gets here: its :class:`~laftr.rules.affine.DivideRule` refuses it first.)
         """
         divisor = self.node.args[1] if len(self.node.args) > 1 else self.node.kwargs.get("other")
-        self.site = not self._normalizer_scale(divisor)
+        self.site = not (self._normalizer_scale(divisor) or reads_reduction(divisor))
 
     def _normalizer_scale(self, divisor: Any) -> bool:
         if not isinstance(divisor, fx.Node) or divisor.op not in ("call_function", "call_method"):

@@ -1005,6 +1005,31 @@ def _method_and_inplace(*names: str) -> list[Any]:
     return out
 
 
+#: reductions over an axis that a normalizer's statistic comes from, and the ops it may be read through
+_REDUCTIONS = ("mean", "sum", "var", "std", "norm", "vector_norm", "nansum", "nanmean")
+_THROUGH = ("add", "radd", "sub", "mul", "rmul", "truediv", "div", "clamp", "clamp_min", "clip", "iadd",
+            "imul")
+
+
+def reads_reduction(node: Any) -> bool:
+    """Whether ``node`` is a reduction of data over an axis (``std``, ``norm``, ``mean``, ...).
+
+    Read through additions and multiplications by constants (``h.std(-1, keepdim=True) + eps``): the
+    statistic a normalization written by hand divides or scales by.
+    """
+    for _ in range(8):
+        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+            return False
+        name = _target_name(node)
+        if name in _REDUCTIONS:
+            return True
+        data = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+        if name not in _THROUGH or len(data) != 1:
+            return False
+        node = data[0]
+    return False
+
+
 @register(*_method_and_inplace(*ELEMENTWISE_FUNCTIONS),
           *_fns("erf", "erfc", "expm1", "log1p", module=torch.special))
 class ElementwiseGate(SmoothGate):
@@ -1032,10 +1057,6 @@ class ElementwiseGate(SmoothGate):
     #: elementwise ops that turn a positive statistic into a scale, and reductions they may read through
     #: additions and multiplications by constants
     _SCALE_OPS: ClassVar[tuple[str, ...]] = ("sqrt", "rsqrt", "reciprocal")
-    _REDUCTIONS: ClassVar[tuple[str, ...]] = ("mean", "sum", "var", "std", "norm", "vector_norm", "nansum",
-                                              "nanmean")
-    _THROUGH: ClassVar[tuple[str, ...]] = ("add", "radd", "sub", "mul", "rmul", "truediv", "div", "clamp",
-                                           "clamp_min", "clip", "iadd", "imul")
 
     def setup(self) -> None:
         """Whether the op is a normalizer (see the class)."""
@@ -1045,18 +1066,7 @@ class ElementwiseGate(SmoothGate):
 
     def _reads_reduction(self) -> bool:
         """Whether the data input comes from a reduction over an axis, through constant shifts and scales."""
-        node: Any = self.node.args[0] if self.node.args else self.node.kwargs.get("input")
-        for _ in range(8):
-            if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
-                return False
-            name = _target_name(node)
-            if name in self._REDUCTIONS:
-                return True
-            data = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
-            if name not in self._THROUGH or len(data) != 1:
-                return False
-            node = data[0]
-        return False
+        return reads_reduction(self.node.args[0] if self.node.args else self.node.kwargs.get("input"))
 
     _SCALING: ClassVar[tuple[str, ...]] = ("mul", "rmul", "truediv", "div", "imul", "itruediv")
 
