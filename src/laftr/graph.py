@@ -1121,7 +1121,14 @@ class TracedNet:
                 for tname, plist in mod.parametrizations.items():
                     prefix = f"{mname}.parametrizations.{tname}." if mname else f"parametrizations.{tname}."
                     self.derived[f"{mname}.{tname}" if mname else tname] = (plist, prefix)
-        self.param_names |= set(self.derived)
+        # a tensor pruned with torch.nn.utils.prune (a forward pre-hook sets ``weight = weight_orig *
+        # weight_mask`` before each call): each stream multiplies its own original by the mask buffer
+        self.pruned: dict[str, tuple[str, str]] = {}
+        for mname, mod in model.named_modules():
+            prefix = f"{mname}." if mname else ""
+            for tname in pruned_tensors(mod):
+                self.pruned[prefix + tname] = (f"{prefix}{tname}_orig", f"{prefix}{tname}_mask")
+        self.param_names |= set(self.pruned)
         # which nodes depend on the input: those need a rule; the others are parameter arithmetic. Nodes
         # computed from the input alone (no parameter or buffer on the way) that have no rule -- comparisons,
         # masks -- are evaluated exactly on each stream's input (the same in every stream): ``exact_inputs``
@@ -1226,11 +1233,15 @@ class TracedNet:
         """``params`` with the tensors the modules read under names that are not parameters.
 
         Each tied parameter is also under the names of the modules that share it, and each tensor computed by
-        a parametrization is under the name its module reads (computed from ``params``' originals).
+        a parametrization or a pruning mask is under the name its module reads (computed from ``params``'
+        originals).
         """
-        if all(a in params for a in self.aliases) and all(d in params for d in self.derived):
+        if all(a in params for a in self.aliases) and all(d in params for d in (*self.derived, *self.pruned)):
             return params
         out = {**params, **{a: params[n] for a, n in self.aliases.items() if n in params}}
+        for name, (orig, mask) in self.pruned.items():
+            if orig in params and mask in params:
+                out[name] = params[orig] * params[mask]
         for name, (plist, prefix) in self.derived.items():
             own = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
             training = plist.training
@@ -1248,7 +1259,7 @@ class TracedNet:
         """
         env: dict[str, Any] = {}
         users = dict(self._users)
-        if self.aliases or self.derived:
+        if self.aliases or self.derived or self.pruned:
             mode.params = [self.with_shared(p) for p in mode.params]
         if self.layouts is None and mode.method in _LAID_OUT and isinstance(inputs[0], torch.Tensor):
             self.layouts = self.find_layouts(inputs[0], mode.params[0])
@@ -1631,6 +1642,74 @@ def _differs(a: Any, b: Any) -> bool:
     return any(isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor)
                and (u.shape != v.shape or not _close(u, v))  # the mixing check's tolerance (GPU atomics)
                for u, v in zip(leaves_a, leaves_b, strict=True))
+
+
+def pruned_tensors(module: nn.Module) -> list[str]:
+    """The names of ``module``'s own tensors that ``torch.nn.utils.prune`` computes (``weight``).
+
+    Each is its ``<name>_orig`` parameter times its ``<name>_mask`` buffer, set by a forward pre-hook.
+    """
+    return [h._tensor_name for h in module._forward_pre_hooks.values() if pruned_tensors_hook(h)]
+
+
+def forward_hooks(model: nn.Module) -> list[str]:
+    """The modules of ``model`` with forward hooks or pre-hooks (pruning's excepted).
+
+    ``"every module (global hooks)"`` stands for hooks registered on every module. torch.fx's graph, which
+    the traced estimators run, does not call them.
+    """
+    from torch.nn.modules import module as _module
+
+    out = ["every module (global hooks)"] if (_module._global_forward_hooks
+                                              or _module._global_forward_pre_hooks) else []
+    for name, m in model.named_modules():
+        pre = [h for h in m._forward_pre_hooks.values() if not pruned_tensors_hook(h)]
+        if m._forward_hooks or pre:
+            out.append(name or "(root)")
+    return out
+
+
+def pruned_tensors_hook(hook: Any) -> bool:
+    """Whether a forward pre-hook is ``torch.nn.utils.prune``'s (handled: :func:`pruned_tensors`)."""
+    from torch.nn.utils import prune
+
+    return isinstance(hook, prune.BasePruningMethod)
+
+
+def check_hooks(model: nn.Module, x: torch.Tensor) -> None:
+    """Refuse forward hooks that change what the network computes.
+
+    The traced estimators run the network's torch.fx graph with each stream's parameters; a forward hook or
+    pre-hook is not part of it. A hook that only reads (records activations) is harmless; one that changes
+    an input or output would make every estimate that of another network (a hook scaling a layer's output
+    by 3 gave 0.1 x the exact FSD, silently). So where hooks exist, the traced graph's output on the first
+    examples of ``x`` must equal the model's own; a network that cannot be traced or run is left to the
+    estimator's own pass.
+
+    Raises:
+        UnsupportedOpError: naming the modules with hooks.
+    """
+    hooked = forward_hooks(model)
+    if not hooked:
+        return
+    x = x[:PROBE_EXAMPLES]
+    try:
+        with torch.no_grad(), full_float32():
+            net = TracedNet(model, exact_unknown=True)
+            traced = net.forward(x.clone(), {n: t.detach() for n, t in [*model.named_parameters(),
+                                                                      *model.named_buffers()]})
+            real = model(x.clone())
+    except Exception as e:  # noqa: BLE001 (the estimator's own pass says why)
+        log.debug("could not compare %s with its traced graph (%s: %s)", type(model).__name__,
+                  type(e).__name__, e)
+        return
+    if _differs(real, traced):
+        raise UnsupportedOpError(
+            f"{type(model).__name__} has forward hooks that change what it computes (on "
+            f"{', '.join(hooked)}): laftr runs the network's traced graph with each set of parameters, which "
+            "does not call hooks, so its estimates would be those of the network without them; compute what "
+            "the hook does inside forward (a module of its own), or remove the hook (torch.nn.utils.prune's "
+            "masks are supported)")
 
 
 def check_deterministic(model: nn.Module, x: torch.Tensor, what: str = "the model") -> None:

@@ -57,7 +57,7 @@ from .._util import (
 )
 from ..errors import DataError, OptionError, UsageError
 from ..fingerprint import GraphFingerprint, describe_difference, model_fingerprint
-from ..graph import PROBE_EXAMPLES, check_per_example
+from ..graph import PROBE_EXAMPLES, check_hooks, check_per_example
 from ..metrics import check_metric, check_outputs, check_softmax_outputs, run_network
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,10 @@ class FSDEstimator:
     #: One that does not (``weight``) neither reads the data nor checks it: ``outputs`` is then validated only
     #: as a list of indices, and a network that mixes the examples of a batch is not refused.
     uses_network: ClassVar[bool] = True
+    #: Whether it runs the network's torch.fx graph (with each stream's parameters) rather than the module
+    #: itself; such an estimator refuses forward hooks that change the network's output
+    #: (:func:`laftr.graph.check_hooks`), which the graph does not call.
+    traces: ClassVar[bool] = True
     #: Whether the estimate is a fixed quadratic form of ``theta - theta0`` with a cheap damped inverse
     #: (:meth:`damped_solve`).
     quadratic: ClassVar[bool] = False
@@ -277,6 +281,8 @@ class FSDEstimator:
                             self._output_width = _check_output(model, x[:2], outputs,
                                                                getattr(self.config, "metric", None))
                             check_per_example(model, x, gm, why)
+                            if self.traces:
+                                check_hooks(model, x)
                         return rest
 
                     data = dist_.agree(probe, f"{self.name}.fit") if on else probe()

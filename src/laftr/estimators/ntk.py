@@ -77,10 +77,21 @@ class NtkEstimator(CoresetEstimator):
     """``rho(f0, f0 + J dtheta)`` averaged over ``coreset_size`` stored inputs (linearized network)."""
 
     Config = CoresetConfig
+    traces = False  # differentiates the module itself (its forward hooks included), but for _traced
 
     def _traced(self, model: nn.Module) -> Any:
-        """The traced network (cached per model), used only when the model's own ops lack forward-mode AD."""
-        from ..graph import TracedNet
+        """The traced network (cached per model), used only when the model's own ops lack forward-mode AD.
+
+        Refused where the model has forward hooks, which the traced graph does not call.
+        """
+        from ..graph import TracedNet, forward_hooks
+
+        hooked = forward_hooks(model)
+        if hooked:
+            raise UnsupportedOpError(
+                f"ntk: {type(model).__name__} has ops without forward-mode AD, for which ntk runs its traced "
+                f"graph, and forward hooks (on {', '.join(hooked)}), which that graph does not call; remove "
+                "the hooks or compute what they do inside forward")
 
         # keyed by a weak reference, not id(): a model freed and another allocated at its address is not it
         cache = self.__dict__.get("_net_cache")

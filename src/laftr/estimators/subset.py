@@ -22,6 +22,7 @@ class SubsetEstimator(CoresetEstimator):
     """Exact ``rho(f(x; theta0), f(x; theta))`` averaged over ``coreset_size`` stored inputs."""
 
     Config = CoresetConfig
+    traces = False  # runs the module itself (its forward hooks included)
 
     def _distance(self, model: nn.Module) -> torch.Tensor:
         X = self.inputs_on(model)

@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize
 
 from .._util import param_dict
 from ..errors import UnsupportedOpError
-from ..graph import ForwardMode, Layout, TracedNet, to_batch_first
+from ..graph import ForwardMode, Layout, TracedNet, pruned_tensors, to_batch_first
 from ..metrics import select_outputs
 from .curvature import per_example_square_grads
 
@@ -156,7 +156,12 @@ def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
         owner, _, leaf = mname.rpartition(".")
         parent = model.get_submodule(owner) if mname else None
         why = None
-        if parametrize.is_parametrized(mod) or isinstance(mod, parametrize.ParametrizationList):
+        pruned = pruned_tensors(mod)
+        if pruned:
+            why = (f"its {', '.join(pruned)} is pruned (torch.nn.utils.prune: computed from "
+                   f"{pruned[0]}_orig and a mask); {who} taps a layer's own weight (prune.remove(module, "
+                   f"{pruned[0]!r}) makes the pruned tensor a parameter again)")
+        elif parametrize.is_parametrized(mod) or isinstance(mod, parametrize.ParametrizationList):
             why = ("a parametrization (weight_norm, spectral_norm, ...) computes its "
                    + ("weight" if parametrize.is_parametrized(mod) else "module's tensor")
                    + f"; {who} taps a layer's own weight")
