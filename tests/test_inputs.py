@@ -158,3 +158,28 @@ def test_classwise_labels_must_index_the_networks_outputs():
             laftr.make_estimator("laftr", metric="kl", input_model="classwise").fit(net, (x, bad))
     # input models that do not group by label take any labels
     laftr.make_estimator("laftr", metric="kl", input_model="diag").fit(net, (x, y + 100000))
+
+
+@pytest.mark.parametrize("spec", ["gaussian", "diag", "lowrank", "classwise"])
+def test_shards_fitted_with_other_seeds_merge_where_no_random_choice_shaped_the_sums(spec):
+    """A Gaussian's sums do not depend on the seed: shards fitted with seeds 1 and 2 merge into the sums of
+    the whole (refused before as 'different options'); the merged model keeps the first's seed. Where the
+    seed chose something (a mixture's k-means sample, a coreset's hash) shards of other seeds still refuse."""
+    model = mlp()
+    X, Y = _clusters()
+    net, p0 = TracedNet(model), param_dict(model, detach=True)
+
+    def fit(seed, rows):
+        inp = make_input_model(spec, seed=seed, **({"rank": 3} if spec == "lowrank" else {}))
+        return fit_summary(net, p0, (X[rows], Y[rows]), inp)
+
+    whole = fit(1, slice(None))
+    merged = fit(1, slice(0, 50)).merge(fit(2, slice(50, None)))
+    assert merged.inputs.seed == 1
+    for k, v in whole.tensors().items():
+        torch.testing.assert_close(merged.tensors()[k], v, rtol=1e-12, atol=1e-12, msg=k)
+    for chosen in ("mixture", "coreset"):
+        a = fit_summary(net, p0, X[:50], make_input_model(chosen, seed=1))
+        b = fit_summary(net, p0, X[50:], make_input_model(chosen, seed=2))
+        with pytest.raises(ValueError, match="different options|different sizes or seeds|components differ"):
+            a.merge(b)

@@ -300,13 +300,15 @@ class InputModel:
     def check_mergeable(self, other: InputModel) -> None:
         """Raise :class:`UsageError` unless ``other`` can be merged with this model.
 
-        It must be the same kind of input model, with the same options, of inputs of the same shape.
+        It must be the same kind of input model, with the same options that shaped its sums
+        (:meth:`sums_options`: the seed only where a random choice did), of inputs of the same shape. The
+        merged model keeps this one's seed.
         """
         if type(other) is not type(self):
             raise UsageError(f"cannot merge a {self.name!r} input model with a {other.name!r} one")
-        if self.options() != other.options():
-            raise UsageError(f"cannot merge input models with different options: {self.options()} vs "
-                             f"{other.options()}")
+        if self.sums_options() != other.sums_options():
+            raise UsageError(f"cannot merge input models with different options: {self.sums_options()} vs "
+                             f"{other.sums_options()}")
         if self.input_shape != other.input_shape:
             raise UsageError(f"cannot merge summaries of inputs {self.input_shape} and {other.input_shape}")
 
