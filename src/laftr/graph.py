@@ -1064,7 +1064,7 @@ def _data_rule(node: fx.Node, gm: fx.GraphModule, data_nodes: set[str], fixed: s
         if isinstance(divisor, fx.Node) and divisor.name in data_nodes and divisor.name not in fixed:
             quotient = QuotientRule(node, gm)
             if divisor.name in input_only:
-                quotient.site = False
+                quotient.divisor_of_input_alone()
             return quotient
     return rule
 
@@ -1649,7 +1649,8 @@ def pruned_tensors(module: nn.Module) -> list[str]:
 
     Each is its ``<name>_orig`` parameter times its ``<name>_mask`` buffer, set by a forward pre-hook.
     """
-    return [h._tensor_name for h in module._forward_pre_hooks.values() if pruned_tensors_hook(h)]
+    return [str(cast(Any, h)._tensor_name) for h in module._forward_pre_hooks.values()
+            if pruned_tensors_hook(h)]
 
 
 def forward_hooks(model: nn.Module) -> list[str]:

@@ -172,7 +172,7 @@ class FSDEstimator:
     uses_network: ClassVar[bool] = True
     #: Whether it runs the network's torch.fx graph (with each stream's parameters) rather than the module
     #: itself; such an estimator refuses forward hooks that change the network's output
-    #: (:func:`laftr.graph.check_hooks`), which the graph does not call.
+    #: (``laftr.graph.check_hooks``), which the graph does not call.
     traces: ClassVar[bool] = True
     #: Whether the estimate is a fixed quadratic form of ``theta - theta0`` with a cheap damped inverse
     #: (:meth:`damped_solve`).

@@ -506,7 +506,11 @@ class QuotientRule(TangentRule):
         (A rounded division never gets here: its :class:`~laftr.rules.affine.DivideRule` refuses it first.)
         """
         divisor = self.node.args[1] if len(self.node.args) > 1 else self.node.kwargs.get("other")
-        self.site = not (self._normalizer_scale(divisor) or reads_reduction(divisor))
+        self.site = not (self._normalizer_scale(divisor) or reads_reduction(divisor))  # type: ignore[misc]
+
+    def divisor_of_input_alone(self) -> None:
+        """The divisor is a value of the network input alone, the same in every stream: exact, no law."""
+        self.site = False  # type: ignore[misc]
 
     def _normalizer_scale(self, divisor: Any) -> bool:
         if not isinstance(divisor, fx.Node) or divisor.op not in ("call_function", "call_method"):
