@@ -256,9 +256,11 @@ SEVERAL_INPUTS_FIX = ("laftr supports networks of one input tensor: compute the 
 def check_runnable(model: nn.Module, what: str = "model") -> None:
     """Refuse a model laftr cannot run on one input tensor.
 
-    Its parameters or buffers live on the ``meta`` device (shapes without values), or its ``forward`` needs
-    more than one argument.
+    It is not an ``nn.Module`` (a plain function), its parameters or buffers live on the ``meta`` device
+    (shapes without values), or its ``forward`` needs more than one argument.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
     try:
         sig = inspect.signature(model.forward)
     except (TypeError, ValueError):  # a forward without a signature (a builtin): torch reports what it needs
@@ -322,6 +324,24 @@ def in_func_transform() -> bool:
     nor keeps such caches inside one.
     """
     return torch._C._functorch.maybe_current_level() is not None
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Every module of ``models`` in eval mode inside the block (when ``enabled``).
+
+    Afterwards each submodule gets its own mode back (a BatchNorm frozen in eval mode inside a model in
+    training stays frozen; ``model.train(was)`` would turn it back on).
+    """
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        if enabled:
+            for model in models:
+                model.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def param_dict(model: nn.Module, detach: bool = False) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from ._util import (
     allow_empty_data,
     arch_signature,
     check_runnable,
+    eval_mode,
     iter_batches,
     model_device_dtype,
     values_digest,
@@ -104,8 +105,6 @@ def exact_fsd(
         _check_ranks("exact_fsd", model_a, model_b, metric, outputs, grad=grad)
     device, dtype = model_device_dtype(model_b)
     ref = model_device_dtype(model_a)
-    modes = (model_a.training, model_b.training)
-
     def local() -> tuple[torch.Tensor | None, int]:
         total = None
         count = 0
@@ -122,14 +121,8 @@ def exact_fsd(
                 count += x.shape[0]
         return total, count
 
-    model_a.eval()
-    model_b.eval()
-    try:
-        with allow_empty_data(on):
-            total, count = dist_.agree(local, "exact_fsd") if on else local()
-    finally:
-        model_a.train(modes[0])
-        model_b.train(modes[1])
+    with eval_mode(model_a, model_b), allow_empty_data(on):
+        total, count = dist_.agree(local, "exact_fsd") if on else local()
     if on:
         sums = dist_.all_reduce_sums({"total": torch.zeros(1) if total is None else total.detach().reshape(1),
                                       "count": torch.tensor([float(count)])})
@@ -195,8 +188,6 @@ def exact_fsd_and_grad(
     if on:
         _check_ranks("exact_fsd_and_grad", model_a, model_b, metric, outputs,
                      trainable=names)
-    modes = (model_a.training, model_b.training)
-
     def local() -> tuple[torch.Tensor, list[torch.Tensor], int]:
         grads = [torch.zeros_like(p) for p in params]
         total = torch.zeros((), dtype=torch.float64, device=device)
@@ -218,14 +209,8 @@ def exact_fsd_and_grad(
             count += x.shape[0]
         return total, grads, count
 
-    model_a.eval()
-    model_b.eval()
-    try:
-        with allow_empty_data(on):
-            total, grads, count = dist_.agree(local, "exact_fsd_and_grad") if on else local()
-    finally:
-        model_a.train(modes[0])
-        model_b.train(modes[1])
+    with eval_mode(model_a, model_b), allow_empty_data(on):
+        total, grads, count = dist_.agree(local, "exact_fsd_and_grad") if on else local()
     if on:
         sums = dist_.all_reduce_sums({"total": total.reshape(1), "count": torch.tensor([float(count)]),
                                       **{f"grad/{i}": g for i, g in enumerate(grads)}})

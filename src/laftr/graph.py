@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import math
 import operator
@@ -34,7 +35,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import rules as _rules  # noqa: F401  (importing registers the built-in rules)
-from ._util import SEVERAL_INPUTS_FIX
+from ._util import SEVERAL_INPUTS_FIX, eval_mode
 from .composites import KEPT_WHOLE, traced_forward, traced_function, traced_method
 from .errors import UnsupportedOpError
 from .metrics import check_network_output
@@ -365,40 +366,76 @@ def trace(model: nn.Module) -> fx.GraphModule:
     the graph is traced with every submodule in eval mode, whatever mode the model is in (a model in a
     training loop gives the same graph as at ``fit``); each submodule's own mode is put back afterwards.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedOpError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script / torch.jit.trace), which "
+            "torch.fx cannot trace: pass the original nn.Module")
+    with eval_mode(model):
         try:
-            if isinstance(model, fx.GraphModule) and not is_registered_module(model):
-                graph = _trace_graph_module(_Tracer(), model)
-            else:
-                graph = _Tracer().trace(model)
+            try:
+                fixed = _specialized_defaults(model)
+                if isinstance(model, fx.GraphModule) and not is_registered_module(model):
+                    graph = _trace_graph_module(_Tracer(), model)
+                else:
+                    graph = _Tracer().trace(model, concrete_args=fixed)
+            except UnsupportedOpError:
+                raise
+            except Exception as first:
+                # buffers are read as constants first (graphs, and so the fingerprints of saved summaries, as
+                # they have always been); a forward that slices one by a traced size (nanoGPT's ``bias[:, :,
+                # :T, :T]``) needs them as graph attributes. If that fails too, the first failure is reported.
+                tracer = _Tracer()
+                tracer.proxy_buffer_attributes = True
+                try:
+                    graph = tracer.trace(model, concrete_args=fixed)
+                except Exception:
+                    raise first from None
+            if fixed:
+                _drop_specialization_asserts(graph)
+            gm = fx.GraphModule(model, graph, type(model).__name__)
+            if _fold_softmax_by_hand(gm.graph):
+                gm.recompile()
+            return gm
         except UnsupportedOpError:
             raise
-        except Exception as first:
-            # buffers are read as constants first (graphs, and so the fingerprints of saved summaries, as they
-            # have always been); a forward that slices one by a traced size (nanoGPT's ``bias[:, :, :T, :T]``)
-            # needs them as graph attributes. If that fails too, the first failure is the one to report.
-            tracer = _Tracer()
-            tracer.proxy_buffer_attributes = True
-            try:
-                graph = tracer.trace(model)
-            except Exception:
-                raise first from None
-        gm = fx.GraphModule(model, graph, type(model).__name__)
-        if _fold_softmax_by_hand(gm.graph):
-            gm.recompile()
-        return gm
-    except UnsupportedOpError:
-        raise
-    except Exception as e:
-        raise UnsupportedOpError(
-            f"could not trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
-            + _trace_hint(e)
-        ) from e
-    finally:
-        for m, training in modes:
-            m.training = training
+        except Exception as e:
+            raise UnsupportedOpError(
+                f"could not trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
+                + _trace_hint(e)
+            ) from e
+
+
+def _specialized_defaults(model: nn.Module) -> dict[str, Any] | None:
+    """The forward's arguments after the first whose default is None, a bool or a string, by name.
+
+    laftr calls a network with its one input, so every other argument takes its default; traced as a
+    symbol, ``if mask is not None:`` took the branch the default does not (the symbol is not None) and the
+    graph then failed on ``h * None``, and ``if flag:`` or ``if mode == "x":`` was refused as control flow
+    on data. They are traced as the constants they are. (Numbers keep being read as before.)
+    """
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    named = [p for p in sig.parameters.values()
+             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                           inspect.Parameter.KEYWORD_ONLY)]
+    fixed = {p.name: p.default for p in named[1:]
+             if p.default is None or isinstance(p.default, (bool, str))}
+    return fixed or None
+
+
+def _drop_specialization_asserts(graph: fx.Graph) -> None:
+    """Remove the checks torch.fx adds for arguments traced as constants (they are never passed)."""
+    checks = {torch._assert, fx._symbolic_trace._assert_is_none}
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target in checks and not node.users:
+            graph.erase_node(node)
+    for node in reversed(list(graph.nodes)):  # the comparisons that fed them
+        if node.op == "call_function" and node.target is operator.eq and not node.users and all(
+                isinstance(a, fx.Node) and a.op == "placeholder" or not isinstance(a, fx.Node)
+                for a in node.args):
+            graph.erase_node(node)
 
 
 def _trace_hint(e: Exception) -> str:
@@ -1677,40 +1714,86 @@ def pruned_tensors_hook(hook: Any) -> bool:
     return isinstance(hook, prune.BasePruningMethod)
 
 
-def check_hooks(model: nn.Module, x: torch.Tensor) -> None:
-    """Refuse forward hooks that change what the network computes.
+class _GradOffSeen(torch.overrides.TorchFunctionMode):
+    """Notes whether any torch op of a forward runs with gradients off (a ``torch.no_grad()`` block)."""
 
-    The traced estimators run the network's torch.fx graph with each stream's parameters; a forward hook or
-    pre-hook is not part of it. A hook that only reads (records activations) is harmless; one that changes
-    an input or output would make every estimate that of another network (a hook scaling a layer's output
-    by 3 gave 0.1 x the exact FSD, silently). So where hooks exist, the traced graph's output on the first
-    examples of ``x`` must equal the model's own; a network that cannot be traced or run is left to the
-    estimator's own pass.
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not torch.is_grad_enabled():
+            self.seen = True
+        return func(*args, **(kwargs or {}))
+
+
+def _reached(out: Any) -> set[int]:
+    """The ids of the leaf tensors (parameters) that the autograd graph of ``out`` reaches."""
+    seen: set[int] = set()
+    found: set[int] = set()
+    stack: list[Any] = [t.grad_fn for t in tree_flatten(out)[0]
+                        if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
+        if isinstance(var, torch.Tensor):
+            found.add(id(var))
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+def check_traced_graph(model: nn.Module, x: torch.Tensor, hooks: bool = True) -> None:
+    """Refuse what a forward does that its torch.fx graph does not: hooks that change it, gradients off.
+
+    The traced estimators run the network's graph with each stream's parameters. A forward hook or
+    pre-hook is not part of that graph: one that only reads (records activations) is harmless, one that
+    changes an input or output would make every estimate that of another network (a hook scaling a layer's
+    output by 3 gave 0.1 x the exact FSD, silently). Nor is ``torch.no_grad()`` inside ``forward``: the
+    estimates' gradients reached parameters the model's own forward gives none. So where hooks exist, the
+    graph's output on the first examples of ``x`` must equal the model's; where some op runs with gradients
+    off, the graph's output must reach no parameter the model's does not. A network that cannot be traced
+    or run is left to the estimator's own pass (nothing is checked without hooks or a no-grad region).
+    ``hooks=False``: for an estimator that runs the module itself (its hooks included) but differentiates it
+    by forward mode, which ``torch.no_grad()`` does not stop (``ntk``): the no-grad check only.
 
     Raises:
-        UnsupportedOpError: naming the modules with hooks.
+        UnsupportedOpError: naming the modules with hooks, or the parameters gradients must not reach.
     """
-    hooked = forward_hooks(model)
-    if not hooked:
-        return
+    hooked = forward_hooks(model) if hooks else []
     x = x[:PROBE_EXAMPLES]
+    grad_off = _GradOffSeen()
     try:
-        with torch.no_grad(), full_float32():
+        with torch.enable_grad(), full_float32():
+            with grad_off:
+                real = model(x.clone())
+            if not hooked and not grad_off.seen:
+                return
+            named = [*model.named_parameters(), *model.named_buffers()]
             net = TracedNet(model, exact_unknown=True)
-            traced = net.forward(x.clone(), {n: t.detach() for n, t in [*model.named_parameters(),
-                                                                      *model.named_buffers()]})
-            real = model(x.clone())
+            traced = net.forward(x.clone(), dict(named))
     except Exception as e:  # noqa: BLE001 (the estimator's own pass says why)
         log.debug("could not compare %s with its traced graph (%s: %s)", type(model).__name__,
                   type(e).__name__, e)
         return
-    if _differs(real, traced):
+    if hooked and _differs(real, traced):
         raise UnsupportedOpError(
             f"{type(model).__name__} has forward hooks that change what it computes (on "
             f"{', '.join(hooked)}): laftr runs the network's traced graph with each set of parameters, which "
             "does not call hooks, so its estimates would be those of the network without them; compute what "
             "the hook does inside forward (a module of its own), or remove the hook (torch.nn.utils.prune's "
             "masks are supported)")
+    if grad_off.seen:
+        extra = _reached(traced) - _reached(real)
+        names = [n for n, t in named if id(t) in extra]
+        if names:
+            raise UnsupportedOpError(
+                f"{type(model).__name__} turns gradients off inside its forward (torch.no_grad() or "
+                f"set_grad_enabled(False)) for a part that reads {names[:5]}: laftr's traced graph does not "
+                "record that, so the estimates' gradients would reach parameters the model's own forward "
+                "gives none; detach the values instead (h.detach(), which laftr follows)")
 
 
 def check_deterministic(model: nn.Module, x: torch.Tensor, what: str = "the model") -> None:

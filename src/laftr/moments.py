@@ -6,9 +6,9 @@ Rules update it through these operations (the interpreter in :mod:`laftr.graph` 
 - :meth:`JointMoments.affine`: a new block b = T u with ``E[b u^T] = T M`` and ``E[b b^T] = T M T^T``,
   computed by running the op itself on the columns of M (``torch.vmap``), so any affine op works;
 - :meth:`JointMoments.linear`: the same for ``x -> W x + b`` with the matrix at hand (linear layers): plain
-  matrix products, ``W A W^T`` with a backward pass that uses the symmetry of ``A``, and ``W A`` at the cost
-  of a few columns when the input's second moment is diagonal plus low rank (diagonal and low-rank input
-  models);
+  matrix products, ``W A W^T`` with a backward pass that uses the symmetry of ``A`` (outside autocast), and
+  ``W A`` at the cost of a few columns when the input's second moment is diagonal plus low rank (diagonal and
+  low-rank input models);
 - :meth:`JointMoments.gate`: a random per-unit affine map ``y = c * s + r`` of a pre-activation block s, with
   (c, r) independent of the state and, across units, independent unless they share a randomness group (a
   normalizer is shared by the units of one position). Only first moments and same-group second moments of
@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._util import in_func_transform
+from ._util import autocast_dtype, in_func_transform
 from .errors import UnsupportedOpError
 
 #: A pair is computed when it is read; a chain of pairs waiting on each other longer than this is computed
@@ -540,9 +540,12 @@ class _Sandwich(torch.autograd.Function):
 def _sandwich(W: torch.Tensor, A: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
     """``W A W^T`` for a symmetric ``A`` (a second moment); ``X = W A`` if known (computed differentiably).
 
-    Inside a ``torch.func`` transform, plain products (the custom backward is autograd's alone).
+    Inside a ``torch.func`` transform, plain products (the custom backward is autograd's alone); under
+    autocast for ``W``'s device too (autocast runs the forward's products in a lower precision and not the
+    custom backward's, which would then mix dtypes; autograd's backward of the plain products follows
+    autocast's casts).
     """
-    if in_func_transform():
+    if in_func_transform() or autocast_dtype(W.device) is not None:
         return (W @ A if X is None else X) @ W.mT
     out = _Sandwich.apply(W, A, X)
     assert isinstance(out, torch.Tensor)

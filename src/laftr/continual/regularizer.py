@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._util import is_integer
+from .._util import eval_mode, is_integer
 from ..errors import UsageError
 from ..estimators.base import FSDEstimator
 
@@ -263,14 +263,8 @@ class FSDRegularizer:
         if bad:
             raise UsageError(f"which={list(idx)}: {bad[0]!r} is not the index of a stored task "
                              f"(0..{n - 1})" if n else f"which={list(idx)}: no task is stored yet")
-        modes = [(m, m.training) for m in model.modules()]  # each submodule's own (a frozen BatchNorm's eval)
-        if self.eval_mode:
-            model.eval()
-        try:
+        with eval_mode(model, enabled=self.eval_mode):  # each submodule's own mode back after
             return [self.estimators[j](model, distributed=self.distributed) for j in idx]
-        finally:
-            for m, training in modes:
-                m.training = training
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """``lam * mean_j D_j(theta)``: a 0-dim tensor to add to the loss (zero before any task is stored).

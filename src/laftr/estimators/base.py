@@ -47,6 +47,7 @@ from .._util import (
     check_runnable,
     check_same_arch,
     data_hint,
+    eval_mode,
     first_layer,
     is_input_size_error,
     iter_batches,
@@ -55,10 +56,10 @@ from .._util import (
     registrar,
     values_digest,
 )
-from ..errors import DataError, OptionError, UsageError
+from ..errors import DataError, OptionError, UnsupportedOpError, UsageError
 from ..fingerprint import GraphFingerprint, describe_difference, model_fingerprint
-from ..graph import PROBE_EXAMPLES, check_hooks, check_per_example
-from ..metrics import check_metric, check_outputs, check_softmax_outputs, run_network
+from ..graph import PROBE_EXAMPLES, check_per_example, check_traced_graph
+from ..metrics import check_metric, check_network_output, check_outputs, check_softmax_outputs, run_network
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,11 @@ class FSDEstimator:
     uses_network: ClassVar[bool] = True
     #: Whether it runs the network's torch.fx graph (with each stream's parameters) rather than the module
     #: itself; such an estimator refuses forward hooks that change the network's output
-    #: (``laftr.graph.check_hooks``), which the graph does not call.
+    #: (``laftr.graph.check_traced_graph``), which the graph does not call.
     traces: ClassVar[bool] = True
+    #: Whether it differentiates the module itself by reverse mode (``subset``), which follows a
+    #: ``torch.no_grad()`` block inside its forward; the others refuse such a block where it hides parameters.
+    reverse_mode_module: ClassVar[bool] = False
     #: Whether the estimate is a fixed quadratic form of ``theta - theta0`` with a cheap damped inverse
     #: (:meth:`damped_solve`).
     quadratic: ClassVar[bool] = False
@@ -248,53 +252,57 @@ class FSDEstimator:
                 raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
             checked = check_outputs(outputs)
             check_runnable(model)
+            if self.uses_network and isinstance(model, torch.jit.ScriptModule):
+                raise UnsupportedOpError(f"{self.name}: {type(model).__name__} is a TorchScript module "
+                                         "(torch.jit.script / torch.jit.trace), which the estimators cannot "
+                                         "run with other parameters: pass the original nn.Module")
             _refuse_inference_mode("fit")
             return checked, dist_.active(distributed)
 
         outputs, on = dist_.prechecked(distributed, checks, f"{self.name}.fit")
         self._output_width = None
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
         try:
-            fp, gm, why = model_fingerprint(model)
-            if fp is None:
-                log.info("%s: no graph fingerprint, so later models are not checked to have "
-                         "the same forward: %s",
-                         self.name, why)
-            if on:
-                config = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "progress"}
-                dist_.check_consistent(f"{self.name}.fit", {
-                    "the estimator": self.name, "the options": config, "outputs": outputs,
-                    "the parameters": arch_signature(model), "the dtype": str(model_device_dtype(model)[1]),
-                    "the trainable parameters": [n for n, p in model.named_parameters() if p.requires_grad],
-                    "the parameter values (a hash; load or broadcast the same weights on every rank)":
-                        values_digest(model),
-                    "the forward graph": None if fp is None else fp.text})
-            with allow_empty_data(on):
-                if self.uses_network:
+            with eval_mode(model):  # every submodule's own mode is put back after
+                fp, gm, why = model_fingerprint(model)
+                if fp is None:
+                    log.info("%s: no graph fingerprint, so later models are not checked to have "
+                             "the same forward: %s",
+                             self.name, why)
+                if on:
+                    config = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "progress"}
+                    dist_.check_consistent(f"{self.name}.fit", {
+                        "the estimator": self.name, "the options": config, "outputs": outputs,
+                        "the parameters": arch_signature(model),
+                        "the dtype": str(model_device_dtype(model)[1]),
+                        "the trainable parameters": [n for n, p in model.named_parameters()
+                                                     if p.requires_grad],
+                        "the parameter values (a hash; load or broadcast the same weights on every rank)":
+                            values_digest(model),
+                        "the forward graph": None if fp is None else fp.text})
+                with allow_empty_data(on):
+                    if self.uses_network:
 
-                    def probe() -> Data:
-                        device, dtype = model_device_dtype(model)
-                        x, rest = _first_examples(data, PROBE_EXAMPLES, self.config.batch_size, device, dtype)
-                        if x is not None:  # None: this rank's shard is empty (the others check theirs)
-                            _probe_dtype(model, x[:2])
-                            self._output_width = _check_output(model, x[:2], outputs,
-                                                               getattr(self.config, "metric", None))
-                            check_per_example(model, x, gm, why)
-                            if self.traces:
-                                check_hooks(model, x)
-                        return rest
+                        def probe() -> Data:
+                            device, dtype = model_device_dtype(model)
+                            x, rest = _first_examples(data, PROBE_EXAMPLES, self.config.batch_size, device,
+                                                      dtype)
+                            if x is not None:  # None: this rank's shard is empty (the others check theirs)
+                                _probe_dtype(model, x[:2])
+                                self._output_width = _check_output(model, x[:2], outputs,
+                                                                   getattr(self.config, "metric", None))
+                                check_per_example(model, x, gm, why)
+                                if self.traces or not self.reverse_mode_module:
+                                    check_traced_graph(model, x, hooks=self.traces)
+                            return rest
 
-                    data = dist_.agree(probe, f"{self.name}.fit") if on else probe()
-                self._set_reference(model, outputs, fp)
-                self._distributed = on
-                with torch.enable_grad():  # the curvature fits differentiate (a fit under no_grad works)
-                    self._fit(model, data)
-                    self._after_fit(model)
+                        data = dist_.agree(probe, f"{self.name}.fit") if on else probe()
+                    self._set_reference(model, outputs, fp)
+                    self._distributed = on
+                    with torch.enable_grad():  # the curvature fits differentiate (a fit under no_grad works)
+                        self._fit(model, data)
+                        self._after_fit(model)
         finally:
             self._distributed = False
-            for m, training in modes:
-                m.training = training
         return self
 
     def _after_fit(self, model: nn.Module) -> None:
@@ -629,7 +637,7 @@ def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | No
         if outputs is not None:
             raise UsageError(f"outputs= needs a model that returns a tensor; {type(model).__name__} returns "
                              f"{type(z).__name__}")
-        return None
+        z = check_network_output(z)  # a tuple, dict, named tuple or dataclass: refused, naming the fix
     width = int(z.reshape(z.shape[0], -1).shape[1]) if z.ndim else 1
     if outputs is not None:
         check_outputs(outputs, width)

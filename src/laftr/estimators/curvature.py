@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist_
 from .._util import EMPTY_DATA, Data, iter_batches, model_device_dtype
+from .._util import eval_mode as _eval_mode
 from ..errors import DataError, UsageError
 from ..metrics import check_metric, check_softmax_outputs, run_network, select_outputs
 
@@ -265,10 +266,9 @@ def reduce_sums(sums: dict[str, torch.Tensor], count: int, model: nn.Module,
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily put ``model`` in eval mode (dropout off, batch norm on running statistics)."""
-    was = model.training
-    model.eval()
-    try:
+    """Temporarily put ``model`` in eval mode (dropout off, batch norm on running statistics).
+
+    Each submodule's own mode is put back after (``laftr._util.eval_mode``).
+    """
+    with _eval_mode(model):
         yield model
-    finally:
-        model.train(was)

@@ -23,6 +23,7 @@ class SubsetEstimator(CoresetEstimator):
 
     Config = CoresetConfig
     traces = False  # runs the module itself (its forward hooks included)
+    reverse_mode_module = True  # and differentiates it by reverse mode (its no_grad blocks followed)
 
     def _distance(self, model: nn.Module) -> torch.Tensor:
         X = self.inputs_on(model)

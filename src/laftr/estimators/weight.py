@@ -28,10 +28,13 @@ class WeightConfig(EstimatorConfig):
 
 @register("weight")
 class WeightEstimator(FSDEstimator):
-    """``1/2 * scale * ||theta - theta0||^2`` over the model's trainable parameters.
+    """``1/2 * scale * ||theta - theta0||^2`` over every parameter of theta0.
 
     It needs no data (``fit`` only records theta0) and stores nothing beyond theta0. The metric and the
-    selected outputs do not enter the estimate: weight space knows nothing about outputs.
+    selected outputs do not enter the estimate: weight space knows nothing about outputs. Like the other
+    quadratic estimators, the value does not depend on the parameters' ``requires_grad`` flags when it is
+    evaluated (a frozen parameter that moved still counts; an all-frozen model gives its value, without
+    gradient); gradients reach the parameters that require grad.
     """
 
     Config = WeightConfig
@@ -50,15 +53,18 @@ class WeightEstimator(FSDEstimator):
         log.info("weight estimator: theta0 recorded (%d parameter tensors)", len(list(model.parameters())))
 
     def _distance(self, model: nn.Module) -> torch.Tensor:
+        # the names and shapes were checked against theta0's (check_same_arch); a name that was a buffer
+        # when theta0 was recorded is no parameter of theta0
         p0 = self.theta0_on(model)
+        buffers = self._buffer_names or frozenset()
         total = None
         for n, p in model.named_parameters():
-            if not p.requires_grad:
+            if n in buffers:
                 continue
             t = (p - p0[n]).pow(2).sum()
             total = t if total is None else total + t
         if total is None:
-            raise ValueError("the model has no trainable parameters")
+            raise ValueError("the model has no parameters")
         return 0.5 * float(cast(WeightConfig, self.config).scale) * total
 
     def stored_floats(self) -> int:

@@ -1,0 +1,209 @@
+"""The forms in which users hand over their networks (audit of 2026-11-29): submodule modes, ``torch.no_grad``
+inside ``forward``, optional arguments, named tuples and dataclasses, TorchScript, plain functions."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import perturbed
+from torch import nn
+
+import laftr
+from laftr.errors import UnsupportedOpError, UsageError
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+#: every estimator that runs a network (weight compares parameters only)
+NETWORK = ("laftr", "laftr-exact", "liftr", "kfac", "diag-fisher", "ntk", "subset")
+
+
+def _data(n: int = 40) -> torch.Tensor:
+    return torch.randn(n, 4, generator=torch.Generator().manual_seed(1))
+
+
+def _exact_estimators(n: int):
+    """Estimators that equal the exact FSD on the n fitted examples: the real networks on every one."""
+    return {"laftr[gates=none]": laftr.make_estimator("laftr", gates="none", input_model="coreset",
+                                                      coreset_size=n, num_samples=n),
+            "subset": laftr.make_estimator("subset", coreset_size=n)}
+
+
+def test_every_submodules_mode_is_put_back():
+    """A model in training with one BatchNorm frozen in eval mode (a fine-tuning recipe): exact_fsd,
+    exact_fsd_and_grad and evaluations of subset and ntk turned the frozen BatchNorm back to training
+    (``model.train(was)``), so the next training forward moved its running statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    other = perturbed(model, 0.1)
+    X = _data()
+    for m in (model, other):
+        m.train()
+        m[1].eval()
+    want = [m.training for m in other.modules()]
+    laftr.exact_fsd(model, other, X)
+    laftr.exact_fsd_and_grad(model, other, X)
+    for name in NETWORK:
+        est = laftr.make_estimator(name, **({"unsupported": "diag"} if name == "kfac" else {})).fit(model, X)
+        est(other)
+        assert [m.training for m in model.modules()] == want, name
+        assert [m.training for m in other.modules()] == want, name
+    before = other[1].running_mean.clone()
+    other(X)
+    torch.testing.assert_close(other[1].running_mean, before, rtol=0, atol=0)
+
+
+class _NoGradBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = self.c(x)
+        return self.b(F.relu(self.a(x))) + t
+
+
+class _DetachedBranch(_NoGradBranch):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.relu(self.a(x))) + self.c(x).detach()
+
+
+def test_a_no_grad_block_inside_forward_is_refused_where_it_hides_parameters():
+    """``with torch.no_grad(): t = self.c(x)`` inside forward: the traced graph (and ntk's forward-mode
+    products) ignored it, so the estimates' gradients reached ``c`` (0.34 where the exact FSD's is 0). Refused
+    by name; subset follows it (reverse mode through the module); the same with ``.detach()`` is exact."""
+    torch.manual_seed(0)
+    model, X = _NoGradBranch(), _data()
+    for name in NETWORK:
+        if name == "subset":
+            continue
+        with pytest.raises(UnsupportedOpError, match=r"turns gradients off.*'c.weight'"):
+            laftr.make_estimator(name).fit(model, X)
+    other = perturbed(model, 0.1)
+    d = laftr.make_estimator("subset", coreset_size=len(X)).fit(model, X)(other)
+    assert torch.autograd.grad(d, [other.c.weight], allow_unused=True)[0] is None
+    detached = _DetachedBranch()
+    detached.load_state_dict(model.state_dict())
+    moved = perturbed(detached, 0.1)
+    for name, est in _exact_estimators(len(X)).items():
+        d = est.fit(detached, X)(moved)
+        torch.testing.assert_close(d, laftr.exact_fsd(detached, moved, X), rtol=1e-10, atol=0, msg=name)
+        g = torch.autograd.grad(d, [moved.c.weight], allow_unused=True)[0]
+        assert g is None or float(g.abs().max()) == 0.0, name
+
+
+def test_a_no_grad_block_that_reads_no_parameter_is_accepted():
+    """Gradients off for a part that touches no parameter (a statistic of the input) changes nothing."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                s = 1 + x.abs()
+            return self.b(F.relu(self.a(x / s)))
+
+    torch.manual_seed(0)
+    model, X = Scaled(), _data()
+    other = perturbed(model, 0.1)
+    for name, est in _exact_estimators(len(X)).items():
+        torch.testing.assert_close(est.fit(model, X)(other), laftr.exact_fsd(model, other, X), rtol=1e-10,
+                                   atol=0, msg=name)
+
+
+class _Optional(nn.Module):
+    """A forward with optional arguments the caller never passes (their defaults are the network)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.a, self.b, self.kind = nn.Linear(4, 8), nn.Linear(8, 3), kind
+
+    def forward(self, x, mask=None, temperature=None, return_probs: bool = False, mode: str = "logits",
+                scale: float = 2.0):
+        z = self.b(F.relu(self.a(x))) * scale
+        if mask is not None:
+            z = z * mask
+        z = z if temperature is None else z / temperature
+        if return_probs or mode == "probs":
+            return z.softmax(-1)
+        return z
+
+
+def test_optional_arguments_take_their_defaults():
+    """``if mask is not None:`` was traced as true (the argument was a symbol), and the graph then failed on
+    ``z * None``; ``if return_probs:`` was refused as control flow on data. The defaults are traced as the
+    constants they are: every estimator runs, the exact ones equal the exact FSD."""
+    torch.manual_seed(0)
+    model, X = _Optional("all"), _data()
+    other = perturbed(model, 0.1)
+    exact = laftr.exact_fsd(model, other, X)
+    for name, est in _exact_estimators(len(X)).items():
+        torch.testing.assert_close(est.fit(model, X)(other), exact, rtol=1e-10, atol=0, msg=name)
+    own = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=len(X),
+                               num_samples=len(X)).fit(model, X)
+    near = perturbed(model, 1e-5)
+    assert float(own(near) / laftr.exact_fsd(model, near, X)) == pytest.approx(1, abs=1e-3)
+    for name in NETWORK:
+        assert float(laftr.make_estimator(name).fit(model, X)(other)) > 0, name
+
+
+class _Pair(NamedTuple):
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+@dataclasses.dataclass
+class _Out:
+    logits: torch.Tensor
+
+
+class _Returns(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.a, self.kind = nn.Linear(4, 3), kind
+
+    def forward(self, x: torch.Tensor):
+        z = self.a(x)
+        return _Pair(z, x) if self.kind == "namedtuple" else _Out(z)
+
+
+@pytest.mark.parametrize("kind", ["namedtuple", "dataclass"])
+def test_a_named_tuple_or_dataclass_output_names_the_wrapper(kind):
+    """laftr[gates=none] accepted the fit and failed later ('NT' object has no attribute 'detach'); the
+    linearizing modes blamed a missing rule for the named tuple's constructor. Every estimator now names
+    laftr.SelectOutput, which works."""
+    torch.manual_seed(0)
+    model, X = _Returns(kind), _data()
+    for name in NETWORK:
+        with pytest.raises(UsageError, match="SelectOutput"):
+            laftr.make_estimator(name).fit(model, X)
+    with pytest.raises(UsageError, match="SelectOutput"):
+        laftr.make_estimator("laftr", gates="none").fit(model, X)
+    wrapped = laftr.SelectOutput(model, "logits")
+    other = laftr.SelectOutput(perturbed(model, 0.1), "logits")
+    for name, est in _exact_estimators(len(X)).items():
+        torch.testing.assert_close(est.fit(wrapped, X)(other), laftr.exact_fsd(wrapped, other, X), rtol=1e-10,
+                                   atol=0, msg=name)
+
+
+def test_torchscript_and_plain_functions_are_named():
+    """A TorchScript module: subset failed with torch's 'stateless API can't be used with Jitted modules',
+    the traced estimators blamed data-dependent control flow; now one message says to pass the module. The
+    weight estimator, which runs no network, fits one. exact_fsd given a function said "'function' object
+    has no attribute 'forward'"."""
+    torch.manual_seed(0)
+    model, X = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), _data()
+    scripted = torch.jit.script(model)
+    for name in NETWORK:
+        with pytest.raises(UnsupportedOpError, match="TorchScript module.*pass the original nn.Module"):
+            laftr.make_estimator(name).fit(scripted, X)
+    assert float(laftr.make_estimator("weight").fit(scripted, X)(scripted)) == 0.0
+    for args in ((lambda x: model(x), model), (model, lambda x: model(x))):
+        with pytest.raises(TypeError, match=r"model_[ab] must be a torch.nn.Module, got function"):
+            laftr.exact_fsd(*args, X)
