@@ -426,16 +426,23 @@ def _specialized_defaults(model: nn.Module) -> dict[str, Any] | None:
 
 
 def _drop_specialization_asserts(graph: fx.Graph) -> None:
-    """Remove the checks torch.fx adds for arguments traced as constants (they are never passed)."""
-    checks = {torch._assert, fx._symbolic_trace._assert_is_none}
-    for node in reversed(list(graph.nodes)):
-        if node.op == "call_function" and node.target in checks and not node.users:
+    """Remove the checks torch.fx adds for arguments traced as constants (they are never passed).
+
+    Those are ``_assert_is_none(arg, ...)`` and ``torch._assert(arg == value, ...)`` of a placeholder after
+    the input; a check of the user's own stays.
+    """
+    extra = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not node.args:
+            continue
+        first = node.args[0]
+        if node.target is fx._symbolic_trace._assert_is_none and first in extra:
             graph.erase_node(node)
-    for node in reversed(list(graph.nodes)):  # the comparisons that fed them
-        if node.op == "call_function" and node.target is operator.eq and not node.users and all(
-                isinstance(a, fx.Node) and a.op == "placeholder" or not isinstance(a, fx.Node)
-                for a in node.args):
+        elif (node.target is torch._assert and isinstance(first, fx.Node) and first.target is operator.eq
+              and first.args and first.args[0] in extra):
             graph.erase_node(node)
+            if not first.users:
+                graph.erase_node(first)
 
 
 def _trace_hint(e: Exception) -> str:
