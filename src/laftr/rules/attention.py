@@ -501,7 +501,7 @@ class QuotientRule(TangentRule):
     site = True
 
     def setup(self) -> None:
-        """No site where the divisor is a normalizer's drawn scale.
+        """No site where the divisor is a normalizer's drawn scale or a reduction over an axis.
 
         (A rounded division never gets here: its :class:`~laftr.rules.affine.DivideRule` refuses it first.)
         """
