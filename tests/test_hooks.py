@@ -118,3 +118,32 @@ def test_a_hook_that_only_reads_is_accepted():
     assert seen
     without = {m: float(laftr.make_estimator(m, seed=3).fit(model, X)(other)) for m in TRACED}
     assert with_hook == without
+
+
+def test_ntk_does_not_take_its_traced_path_past_a_hook():
+    """ntk runs the module itself, hooks included, but falls back on the traced graph where an op has no
+    forward mode (MultiheadAttention's fused kernel): with a hook that changes the output that fallback would
+    ignore it. It is not taken; here the last fallback (reverse mode twice) fails too, and the error names
+    the hook among the reasons."""
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att, self.head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y, _ = self.att(x, x, x, need_weights=False)
+            return self.head(y.mean(1))
+
+    torch.manual_seed(0)
+    model, X = Attn(), torch.randn(12, 5, 8, generator=torch.Generator().manual_seed(1))
+    near = perturbed(model, 1e-4)
+    est = laftr.make_estimator("ntk", coreset_size=12).fit(model, X)
+    assert float(est(near) / laftr.exact_fsd(model, near, X)) == pytest.approx(1, abs=1e-2)
+    handle = model.head.register_forward_hook(lambda m, args, out: 3 * out)
+    try:
+        est = laftr.make_estimator("ntk", coreset_size=12).fit(model, X)
+        with pytest.raises(UnsupportedOpError, match=r"forward hooks \(on head\)"):
+            est(perturbed(model, 1e-4))  # (the copy keeps the hook)
+    finally:
+        handle.remove()

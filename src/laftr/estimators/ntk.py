@@ -82,7 +82,8 @@ class NtkEstimator(CoresetEstimator):
     def _traced(self, model: nn.Module) -> Any:
         """The traced network (cached per model), used only when the model's own ops lack forward-mode AD.
 
-        Refused where the model has forward hooks, which the traced graph does not call.
+        Refused where the model has forward hooks, which the traced graph does not call (the products then go
+        by reverse mode twice through the module itself, or the final error names the hooks).
         """
         from ..graph import TracedNet, forward_hooks
 
