@@ -207,3 +207,63 @@ def test_torchscript_and_plain_functions_are_named():
     for args in ((lambda x: model(x), model), (model, lambda x: model(x))):
         with pytest.raises(TypeError, match=r"model_[ab] must be a torch.nn.Module, got function"):
             laftr.exact_fsd(*args, X)
+
+
+class _Tokens(nn.Module):
+    """Token embedding + a positional embedding of a sliced buffer + MultiheadAttention (audit of users'
+    transformers); ``style`` picks the spelling under test."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.emb, self.pos = nn.Embedding(13, 16), nn.Embedding(6, 16)
+        self.register_buffer("position_ids", torch.arange(6)[None])
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        B, L = ids.shape
+        x = self.emb(ids) + self.pos(self.position_ids[:, :L])
+        if self.style == "ones":
+            a, _ = self.attn(x, x, x, attn_mask=torch.triu(torch.ones(L, L, dtype=torch.bool), 1))
+        elif self.style == "finfo":
+            m = (1.0 - (ids != 0)[:, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+            a, _ = self.attn(x, x, x, attn_mask=m.expand(B, L, L).repeat_interleave(2, 0))
+        elif self.style == "weights read":
+            a, w = self.attn(x, x, x)
+            a = a + w.sum(-1, keepdim=True)
+        else:
+            a, _ = self.attn(x, x, x, need_weights=False)
+        return self.head((x + a)[:, 0])
+
+
+def test_trace_errors_name_the_line_in_the_way():
+    """A forward that slices a buffer by a traced size (handled by a second tracing pass) and also has a
+    spelling torch.fx cannot trace was told about the slice and 'control flow that depends on the data';
+    the message now names the spelling (torch.ones(L, L), torch.finfo(x.dtype))."""
+    torch.manual_seed(0)
+    ids = torch.randint(1, 13, (16, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(UnsupportedOpError, match=r"ones\(\) takes 1 positional.*torch.ones\(\(L, L\)\)"):
+        laftr.make_estimator("laftr", input_model="tokens").fit(_Tokens("ones"), ids)
+    with pytest.raises(UnsupportedOpError, match=r"finfo.*use a constant"):
+        laftr.make_estimator("laftr", input_model="tokens").fit(_Tokens("finfo"), ids)
+    assert float(laftr.make_estimator("laftr", input_model="tokens").fit(_Tokens("plain"), ids)(
+        perturbed(_Tokens("plain"), 0.1))) >= 0
+
+
+def test_kfac_names_a_positional_embedding_and_attention_it_cannot_tap():
+    """kfac said a positional embedding of a constant 'is not called in the forward pass' (it is, on a value
+    that does not depend on the data); an attention layer whose weights the network reads ended in torch.cat's
+    error (kfac) and a bare AssertionError (diag-fisher). Now named; diag-fisher takes both diagonally."""
+    torch.manual_seed(0)
+    ids = torch.randint(1, 13, (16, 6), generator=torch.Generator().manual_seed(1))
+    plain, read = _Tokens("plain"), _Tokens("weights read")
+    with pytest.raises(UnsupportedOpError, match=r"layer 'pos'.*input does not depend on the data"):
+        laftr.make_estimator("kfac").fit(plain, ids)
+    read.pos.weight.requires_grad_(False)  # (so that the attention layer is the first refused)
+    with pytest.raises(UnsupportedOpError, match=r"layer 'attn'.*reads its attention weights"):
+        laftr.make_estimator("kfac", unsupported="error").fit(read, ids)
+    for model in (plain, read):
+        for est in (laftr.make_estimator("kfac", unsupported="diag"), laftr.make_estimator("diag-fisher")):
+            d = est.fit(model, ids)(perturbed(model, 0.1))
+            assert bool(torch.isfinite(d)) and float(d) > 0

@@ -383,13 +383,16 @@ def trace(model: nn.Module) -> fx.GraphModule:
             except Exception as first:
                 # buffers are read as constants first (graphs, and so the fingerprints of saved summaries, as
                 # they have always been); a forward that slices one by a traced size (nanoGPT's ``bias[:, :,
-                # :T, :T]``) needs them as graph attributes. If that fails too, the first failure is reported.
+                # :T, :T]``) needs them as graph attributes. If that fails too, the failure that names the
+                # obstacle is reported.
                 tracer = _Tracer()
                 tracer.proxy_buffer_attributes = True
                 try:
                     graph = tracer.trace(model, concrete_args=fixed)
-                except Exception:
-                    raise first from None
+                except Exception as second:
+                    # where the first failure was the buffer slice the retry handles, the retry's names the
+                    # line that is really in the way (torch.ones(L, L), torch.finfo(x.dtype), *x.shape[:-1])
+                    raise (second if "slice indices" in str(first) else first) from None
             if fixed:
                 _drop_specialization_asserts(graph)
             gm = fx.GraphModule(model, graph, type(model).__name__)
@@ -457,6 +460,10 @@ def _trace_hint(e: Exception) -> str:
         return ("a function given sizes read from the input as separate arguments (torch.ones(L, L)) "
                 "cannot be traced: pass them as one tuple, torch.ones((L, L)), or slice a constant buffer to "
                 "size")
+    if "finfo" in text or "iinfo" in text:
+        return ("torch.finfo of a traced tensor's dtype (torch.finfo(x.dtype).min, as in Hugging Face's "
+                "extended attention masks) cannot be traced: use a constant such as -1e9, or "
+                "torch.finfo(torch.float32).min")
     return ("laftr needs a network whose forward torch.fx can trace: no control flow that depends on the "
             "data (an if or a loop over values of a tensor)")
 

@@ -38,6 +38,7 @@ from .._util import param_dict
 from ..errors import UnsupportedOpError
 from ..graph import ForwardMode, Layout, TracedNet, pruned_tensors, to_batch_first
 from ..metrics import select_outputs
+from ..rules.base import make_rule
 from .curvature import per_example_square_grads
 
 #: The kinds of tapped layers.
@@ -97,10 +98,22 @@ def _query_key_value(node: fx.Node) -> list[Any]:
             for i, n in enumerate(("query", "key", "value"))]
 
 
-def _attention_in_proj(mod: nn.MultiheadAttention, calls: list[fx.Node]) -> str | None:
+#: why a layer called on a value that does not depend on the data is not tapped
+_CONSTANT_INPUT = ("its input does not depend on the data (a positional embedding of torch.arange, a layer "
+                   "of a constant or buffer): K-FAC's input factor is a statistic of per-example inputs")
+
+
+def _attention_in_proj(mod: nn.MultiheadAttention, calls: list[fx.Node], net: TracedNet) -> str | None:
     """Why the joint input projection of an attention layer cannot be tapped (None when it can)."""
     if not calls:
         return "it is not called in the forward pass"
+    for node in calls:
+        if node.name in net.exact_nodes:  # run exactly: its attention rule refused the call (the reason)
+            try:
+                make_rule(node, net.gm)
+            except UnsupportedOpError as e:
+                return f"its call is not one the attention rule taps ({e})"
+            return "its call is not one the attention rule taps"
     if not mod._qkv_same_embed_dim:
         return (f"it has separate q/k/v projection weights (kdim={mod.kdim}, vdim={mod.vdim}, "
                 f"embed_dim={mod.embed_dim})")
@@ -130,6 +143,8 @@ def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
     # the taps run the real network: ops without a rule (or refused by theirs) run exactly
     net = TracedNet(model, exact_unknown=True)
     called = {r.prefix for r in net.nodes_with(lambda r: r.module is not None)}
+    # modules the graph calls on values that do not depend on the data (a positional embedding of arange)
+    constant_calls = {str(n.target) for n in net.gm.graph.nodes if n.op == "call_module"} - called
     attention_calls: dict[str, list[fx.Node]] = {}
     for r in net.nodes_with(lambda r: isinstance(r.module, nn.MultiheadAttention)):
         attention_calls.setdefault(r.prefix, []).append(r.node)
@@ -171,6 +186,8 @@ def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
                 why = "its weight is frozen but its bias is trainable"
             elif owner not in attention_calls:
                 why = "its attention layer is not called in the forward pass"
+            elif any(n.name in net.exact_nodes for n in attention_calls[owner]):
+                why = "its attention layer's call is not one the attention rule taps (see that layer)"
             elif any(prefix + n in direct for n, _ in own):
                 why = "its weight is also used directly (tied weights)"
         elif type(mod) in (nn.Linear, nn.Conv2d):
@@ -181,18 +198,22 @@ def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
                 why = f"it has extra parameters {extra}"
             elif isinstance(mod, nn.Conv2d) and mod.groups != 1:
                 why = f"grouped convolution (groups={mod.groups})"
+            elif mname in constant_calls:
+                why = _CONSTANT_INPUT
             elif mname not in called:
                 why = "it is not called in the forward pass (is its weight used directly?)"
         elif type(mod) is nn.Embedding:
             if not mod.weight.requires_grad:  # pragma: no cover - its only parameter
                 why = "its weight is frozen"
+            elif mname in constant_calls:
+                why = _CONSTANT_INPUT
             elif mname not in called:
                 why = "it is not called in the forward pass (is its weight used directly?)"
             elif prefix + "weight" in direct:
                 why = "its weight is also used directly (tied weights)"
         elif isinstance(mod, nn.MultiheadAttention):
             names = [prefix + n for n, _ in own]
-            why = _attention_in_proj(mod, attention_calls.get(mname, []))
+            why = _attention_in_proj(mod, attention_calls.get(mname, []), net)
             if why is None and any(n in direct for n in names):
                 why = "its input projection is also used directly (tied weights)"
             if why is not None:
