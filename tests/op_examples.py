@@ -81,6 +81,12 @@ def _eval_bn(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     return make
 
 
+def _rotated(x: torch.Tensor) -> torch.Tensor:
+    """The pairs of entries of each row of ``x`` (B, 4, 6) rotated by a constant angle per pair, as complex numbers."""
+    turn = torch.polar(torch.ones(3, dtype=x.dtype), torch.arange(3, dtype=x.dtype))
+    return torch.view_as_real(torch.view_as_complex(x.reshape(x.shape[0], 4, 3, 2)) * turn).flatten(2)
+
+
 V = (4, 6)  # a small matrix per example
 IMG = (2, 4, 4)
 VOL = (2, 3, 4, 4)
@@ -140,6 +146,9 @@ AFFINE: dict[Any, Example] = {
     F.fold: lam(lambda x: F.fold(x, (3, 3), 2, stride=1), (8, 4)),
     torch.channel_shuffle: lam(lambda x: torch.channel_shuffle(x, 2), (4, 2, 2)),
     torch.roll: lam(lambda x: torch.roll(x, 2, -1), V),
+    # a rotation of complex pairs by a constant (Meta LLaMA's rotary embeddings): linear over the reals
+    torch.view_as_complex: lam(lambda x: _rotated(x), V),
+    torch.view_as_real: lam(lambda x: _rotated(x), V),
     torch.flip: lam(lambda x: torch.flip(x, (1, 2)), V),
     torch.tile: lam(lambda x: torch.tile(x, (1, 2, 1)), V),
     torch.repeat_interleave: lam(lambda x: torch.repeat_interleave(x, 2, dim=2), V),

@@ -151,6 +151,8 @@ def _affine_net(factory, shape):
 
 #: Examples that move the batch axis (they check affinity on a batch, not a per-example network).
 _BATCH_AXIS = {torch.t, "t", torch.stack}
+#: Affine ops the closed form refuses for a reason of their own (else: returning several tensors)
+_NO_CLOSED_FORM = {torch.view_as_complex: "real moments only", torch.view_as_real: "real moments only"}
 
 
 @pytest.mark.parametrize("target", [t for t in AFFINE if t not in _BATCH_AXIS], ids=_name)
@@ -167,9 +169,10 @@ def test_block_state_equals_dense_state_for_every_affine_op(target, monkeypatch)
             m.setattr(laftr_module, "JointMoments", dense_moments.JointMoments)
             fit()
     except UnsupportedOpError as e:  # ops returning several tensors (chunk, split, unbind): refused by both
-        with pytest.raises(UnsupportedOpError, match="one tensor"):
+        why = _NO_CLOSED_FORM.get(target, "one tensor")
+        with pytest.raises(UnsupportedOpError, match=why):
             fit()
-        assert "one tensor" in str(e)
+        assert why in str(e)
         return
     _check_calls(fit(), perturbed(model, 0.2), monkeypatch, _name(target))
 

@@ -267,3 +267,63 @@ def test_kfac_names_a_positional_embedding_and_attention_it_cannot_tap():
         for est in (laftr.make_estimator("kfac", unsupported="diag"), laftr.make_estimator("diag-fisher")):
             d = est.fit(model, ids)(perturbed(model, 0.1))
             assert bool(torch.isfinite(d)) and float(d) > 0
+
+
+class _Rotary(nn.Module):
+    """Attention with rotary position embeddings, in Meta LLaMA's complex spelling or with real tensors."""
+
+    def __init__(self, complex_form: bool) -> None:
+        super().__init__()
+        self.complex_form = complex_form
+        self.emb = nn.Embedding(13, 8)
+        self.wq, self.wk, self.wv = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+        angles = torch.outer(torch.arange(6.0), 1.0 / 10000 ** (torch.arange(0, 4, 2.0) / 4))  # (T, hd / 2)
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles))
+        self.register_buffer("cos", angles.cos())
+        self.register_buffer("sin", angles.sin())
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, H, hd = x.shape
+        pairs = x.reshape(B, L, H, hd // 2, 2)
+        if self.complex_form:
+            f = self.freqs_cis[:L].view(1, L, 1, hd // 2)
+            return torch.view_as_real(torch.view_as_complex(pairs) * f).flatten(3)
+        a, b = pairs[..., 0], pairs[..., 1]
+        c, s = self.cos[:L].view(1, L, 1, hd // 2), self.sin[:L].view(1, L, 1, hd // 2)
+        return torch.stack([a * c - b * s, a * s + b * c], -1).flatten(3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        B, L = ids.shape
+        x = self.emb(ids)
+        q, k, v = (self._rotate(w(x).view(B, L, 2, 4)) if w is not self.wv else w(x).view(B, L, 2, 4)
+                   for w in (self.wq, self.wk, self.wv))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, L, 8).mean(1))
+
+
+def test_complex_rotary_embeddings_give_what_the_real_spelling_gives():
+    """``view_as_real(view_as_complex(q) * freqs_cis)`` (Meta LLaMA) was refused ('no rule for
+    view_as_complex'); it is a fixed linear map of q, run exactly in each stream: every Monte Carlo estimate
+    equals the real ``rotate_half``-style spelling's with equal weights; the exact cases are exact; liftr,
+    whose stored laws are real, refuses it by name."""
+    torch.manual_seed(0)
+    cplx, real = _Rotary(True), _Rotary(False)
+    real.load_state_dict(cplx.state_dict())
+    ids = torch.randint(0, 13, (16, 6), generator=torch.Generator().manual_seed(1))
+    moved_c = perturbed(cplx, 0.05)
+    moved_r = _Rotary(False)
+    moved_r.load_state_dict(moved_c.state_dict())
+    torch.testing.assert_close(laftr.exact_fsd(cplx, moved_c, ids), laftr.exact_fsd(real, moved_r, ids),
+                               rtol=1e-12, atol=0)
+    every = {"input_model": "coreset", "coreset_size": 16, "num_samples": 16}
+    for kw in ({"input_model": "tokens"}, {"input_model": "tokens", "linearize": "activations"},
+               {"gates": "relu", **every}, {"gates": "none", **every}):
+        got = laftr.make_estimator("laftr", seed=3, **kw).fit(cplx, ids)(moved_c)
+        want = laftr.make_estimator("laftr", seed=3, **kw).fit(real, ids)(moved_r)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=0, msg=str(kw))
+    torch.testing.assert_close(laftr.make_estimator("laftr", gates="none", **every).fit(cplx, ids)(moved_c),
+                               laftr.exact_fsd(cplx, moved_c, ids), rtol=1e-10, atol=0)
+    with pytest.raises(UsageError, match="complex data.*rotate_half"):
+        laftr.make_estimator("liftr", input_model="tokens").fit(cplx, ids)

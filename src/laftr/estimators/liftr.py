@@ -149,6 +149,10 @@ class InputRecorder:
                 continue
             self._seen[id(p)] = p
             x = p.vals[0]
+            if x.is_complex():
+                raise UsageError(f"liftr: {rule.describe()} reads complex data ({x.dtype}) with a parameter "
+                                 "or buffer (complex rotary embeddings): its input's stored law is real; "
+                                 "write the rotation with real tensors (rotate_half), or use laftr")
             if not x.is_floating_point():
                 raise UsageError(f"liftr: {rule.describe()} reads integer data ({x.dtype}) inside the "
                                  "network; only the network input may be token ids")

@@ -155,6 +155,20 @@ class ReshapeRule(AffineRule):
         return mode.reshape(self, args, kwargs)
 
 
+class ComplexViewRule(AffineRule):
+    """``torch.view_as_complex`` / ``view_as_real``: the same numbers seen as complex pairs or real pairs.
+
+    A view, linear over the reals: each stream runs it exactly (Meta LLaMA's rotary embeddings,
+    ``view_as_real(view_as_complex(q) * freqs_cis)``, are then a fixed linear map of ``q``, as the real
+    ``rotate_half`` spelling is). The closed form keeps real moments only: refused.
+    """
+
+    def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
+        """Refused: the closed form's moment state is real."""
+        raise self.refuse("the closed form keeps real moments only; use the Monte Carlo estimators (laftr, "
+                          "liftr), or write the rotation with real tensors (rotate_half)")
+
+
 class CastRule(ReshapeRule):
     """``x.to(dtype)``, ``x.float()``, ``x.double()``, ``x.half()``, ``x.bfloat16()``, ``x.type_as(t)``.
 
@@ -399,6 +413,7 @@ _SHAPE = (torch.numel, len, "size", "dim", "numel", "nelement")
 # (``x += y`` reaches torch.fx as operator.add: a Proxy has no in-place operators)
 register(*_AFFINE_MODULES, *_AFFINE_FUNCTIONS, *_AFFINE_METHODS)(AffineRule)
 register(*_RESHAPE)(ReshapeRule)
+register(torch.view_as_complex, torch.view_as_real)(ComplexViewRule)
 register(*_SUM_FUNCTIONS, *_SUM_METHODS)(SumRule)
 register(*_DIV)(DivideRule)
 register("masked_fill", "masked_fill_", torch.masked_fill, torch.where, "where")(SelectRule)
