@@ -327,3 +327,36 @@ def test_complex_rotary_embeddings_give_what_the_real_spelling_gives():
                                laftr.exact_fsd(cplx, moved_c, ids), rtol=1e-10, atol=0)
     with pytest.raises(UsageError, match="complex data.*rotate_half"):
         laftr.make_estimator("liftr", input_model="tokens").fit(cplx, ids)
+
+
+def test_vmap_over_parameter_sets_names_randomness():
+    """``torch.func.vmap`` over parameter sets refuses random draws by default: laftr ended in torch's
+    'called random operation while in randomness error mode'. Now the message names the way out, which
+    works: ``randomness="same"`` gives every set the same draws, with ``fixed_noise`` those of an ordinary
+    call (its value, to rounding)."""
+    from torch.func import vmap
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    torch.manual_seed(0)
+    model, X = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)), _data()
+    sets = {n: torch.stack([p.detach(), 1.01 * p.detach()]) for n, p in model.named_parameters()}
+    moved = perturbed(model, 0.0)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.mul_(1.01)
+
+    def run(est, randomness):
+        def one(p):
+            with _reparametrize_module(model, p):
+                return est(model)
+        return vmap(one, randomness=randomness)(sets)
+
+    est = laftr.make_estimator("laftr", seed=3).fit(model, X)
+    with pytest.raises(UsageError, match="randomness='same'"):
+        run(est, "error")
+    same = run(est, "same")
+    assert float(same[0]) == 0.0 and float(same[1]) > 0
+    fixed = laftr.make_estimator("laftr", seed=3, fixed_noise=True).fit(model, X)
+    want = float(fixed(moved))
+    got = run(fixed, "same")
+    assert float(got[0]) == 0.0 and float(got[1]) == pytest.approx(want, rel=1e-10)

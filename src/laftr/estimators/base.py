@@ -345,6 +345,13 @@ class FSDEstimator:
         self._stream = stream
         try:
             return self._distance(model)
+        except RuntimeError as e:
+            if "vmap" in str(e) and "random" in str(e):  # torch.func.vmap's default refuses random draws
+                raise UsageError(
+                    f"{self.name} draws random samples when evaluated, which torch.func.vmap refuses by "
+                    "default: pass randomness='same' to vmap (every vmapped call then gets the same draws; "
+                    "with fixed_noise=True, those of an ordinary call)") from e
+            raise
         finally:
             self._stream = 0
 
