@@ -11,6 +11,7 @@ must raise it; expression statements whose comment is a Python literal must eval
 
 from __future__ import annotations
 
+import argparse
 import ast
 import builtins
 import itertools
@@ -239,8 +240,12 @@ COMMANDS = _documented_commands()
 
 
 def _needs_out(argv: list[str]) -> bool:
-    """Whether the subcommand of ``argv`` (after ``-v`` at most) requires ``--out``."""
-    return any(a in ("fsd-bench", "continual", "influence", "mislabeled", "summarize") for a in argv[:2])
+    """Whether the subcommand of ``argv`` (after ``-v`` at most) requires ``--out``, read from its parser."""
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    command = next((a for a in argv[:2] if a in subs), None)
+    return command is not None and any("--out" in a.option_strings and a.required
+                                       for a in subs[command]._actions)
 
 
 class _Parsed(Exception):

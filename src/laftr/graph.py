@@ -35,7 +35,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import rules as _rules  # noqa: F401  (importing registers the built-in rules)
-from ._util import SEVERAL_INPUTS_FIX, eval_mode
+from ._util import SEVERAL_INPUTS_FIX, eval_mode, param_dict
 from .composites import KEPT_WHOLE, traced_forward, traced_function, traced_method
 from .errors import UnsupportedOpError
 from .metrics import check_network_output
@@ -359,6 +359,14 @@ def _refuse_observed_mutation(graph: fx.Graph) -> None:
                 "the op out of place (h = h + 1), or without inplace=True")
 
 
+def refuse_torchscript(model: nn.Module, who: str = "") -> None:
+    """Refuse a TorchScript module, which torch.fx cannot trace nor torch.func run with other parameters."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedOpError(
+            f"{who}{type(model).__name__} is a TorchScript module (torch.jit.script / torch.jit.trace), "
+            "which laftr cannot trace or run with other parameters: pass the original nn.Module")
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model`` in eval mode; raise :class:`UnsupportedOpError` if it cannot be.
 
@@ -366,10 +374,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     the graph is traced with every submodule in eval mode, whatever mode the model is in (a model in a
     training loop gives the same graph as at ``fit``); each submodule's own mode is put back afterwards.
     """
-    if isinstance(model, torch.jit.ScriptModule):
-        raise UnsupportedOpError(
-            f"{type(model).__name__} is a TorchScript module (torch.jit.script / torch.jit.trace), which "
-            "torch.fx cannot trace: pass the original nn.Module")
+    refuse_torchscript(model)
     with eval_mode(model):
         try:
             try:
@@ -1785,9 +1790,9 @@ def check_traced_graph(model: nn.Module, x: torch.Tensor, hooks: bool = True) ->
                 real = model(x.clone())
             if not hooked and not grad_off.seen:
                 return
-            named = [*model.named_parameters(), *model.named_buffers()]
+            named = param_dict(model)
             net = TracedNet(model, exact_unknown=True)
-            traced = net.forward(x.clone(), dict(named))
+            traced = net.forward(x.clone(), named)
     except Exception as e:  # noqa: BLE001 (the estimator's own pass says why)
         log.debug("could not compare %s with its traced graph (%s: %s)", type(model).__name__,
                   type(e).__name__, e)
@@ -1801,7 +1806,7 @@ def check_traced_graph(model: nn.Module, x: torch.Tensor, hooks: bool = True) ->
             "masks are supported)")
     if grad_off.seen:
         extra = _reached(traced) - _reached(real)
-        names = [n for n, t in named if id(t) in extra]
+        names = [n for n, t in named.items() if id(t) in extra]
         if names:
             raise UnsupportedOpError(
                 f"{type(model).__name__} turns gradients off inside its forward (torch.no_grad() or "

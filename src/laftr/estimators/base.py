@@ -56,9 +56,9 @@ from .._util import (
     registrar,
     values_digest,
 )
-from ..errors import DataError, OptionError, UnsupportedOpError, UsageError
+from ..errors import DataError, OptionError, UsageError
 from ..fingerprint import GraphFingerprint, describe_difference, model_fingerprint
-from ..graph import PROBE_EXAMPLES, check_per_example, check_traced_graph
+from ..graph import PROBE_EXAMPLES, check_per_example, check_traced_graph, refuse_torchscript
 from ..metrics import check_metric, check_network_output, check_outputs, check_softmax_outputs, run_network
 
 log = logging.getLogger(__name__)
@@ -252,10 +252,8 @@ class FSDEstimator:
                 raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
             checked = check_outputs(outputs)
             check_runnable(model)
-            if self.uses_network and isinstance(model, torch.jit.ScriptModule):
-                raise UnsupportedOpError(f"{self.name}: {type(model).__name__} is a TorchScript module "
-                                         "(torch.jit.script / torch.jit.trace), which the estimators cannot "
-                                         "run with other parameters: pass the original nn.Module")
+            if self.uses_network:
+                refuse_torchscript(model, f"{self.name}: ")
             _refuse_inference_mode("fit")
             return checked, dist_.active(distributed)
 
