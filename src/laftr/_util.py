@@ -326,6 +326,19 @@ def in_func_transform() -> bool:
     return torch._C._functorch.maybe_current_level() is not None
 
 
+def is_batched(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` is batched by ``torch.func.vmap`` (one value per parameter set): a Python
+    branch on its value (``torch.equal``, ``bool(...)``) is then not defined, and the caller takes the path
+    that is right for every set."""
+    functorch = torch._C._functorch
+    for t in tensors:
+        while functorch.is_functorch_wrapped_tensor(t):  # a grad level may wrap a vmap level
+            if functorch.is_batchedtensor(t):
+                return True
+            t = functorch.get_unwrapped(t)
+    return False
+
+
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Every module of ``models`` in eval mode inside the block (when ``enabled``).

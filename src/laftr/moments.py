@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._util import autocast_dtype, in_func_transform
+from ._util import autocast_dtype, in_func_transform, is_batched
 from .errors import UnsupportedOpError
 
 #: A pair is computed when it is read; a chain of pairs waiting on each other longer than this is computed
@@ -504,7 +504,8 @@ class JointMoments:
         if outputs is not None:
             keep = torch.as_tensor(list(outputs), device=d.device)
             d, size = d[keep], size[keep]
-        self.last_scale = 0.5 * float(size.detach().sum())
+        # no single value under torch.func.vmap (one per parameter set; the caller then works in float64)
+        self.last_scale = float("nan") if is_batched([size]) else 0.5 * float(size.detach().sum())
         return 0.5 * d.sum()
 
 

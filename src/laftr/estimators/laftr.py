@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import distributed as dist_
-from .._util import Data, autocast_dtype, model_device_dtype, param_dict
+from .._util import Data, autocast_dtype, is_batched, model_device_dtype, param_dict
 from ..errors import UsageError
 from ..graph import ForwardMode, MomentMode, OwnMode, SampleMode, TracedNet
 from ..inputs import INPUT_MODELS, make_input_model
@@ -714,16 +714,22 @@ class LaftrExactEstimator(_LaftrBase):
         device, dtype = model_device_dtype(model)
         p0 = self.theta0_on(model)
         p = param_dict(model)
-        if p.keys() == p0.keys() and all(torch.equal(p[n], p0[n]) for n in p0):
+        batched = is_batched(p.values())
+        if not batched and p.keys() == p0.keys() and all(torch.equal(p[n], p0[n]) for n in p0):
             # theta is theta0 (after the pass, which refuses what the closed form cannot handle): the distance
             # and its gradient are exactly zero, while the blocks give a + b - 2c with a and b rounded along
             # different paths (~1e-7 of the outputs' second moment in float32)
             self._closed_form(net, p, p0, device, dtype)
             return sum((0.0 * t.sum() for t in p.values() if t.requires_grad), torch.zeros((), device=device,
                                                                                          dtype=dtype))
-        total, scale = self._closed_form(net, p, p0, device, dtype)
-        floor = PRECISION_MARGIN * torch.finfo(dtype).eps * scale
-        if dtype != torch.float64 and not float(total.detach()) > floor:
+        if batched and dtype != torch.float64:
+            # under torch.func.vmap (one value per parameter set) the rounding check below cannot branch
+            # per set: every set takes the float64 path
+            total = None
+        else:
+            total, scale = self._closed_form(net, p, p0, device, dtype)
+        if total is None or (dtype != torch.float64
+                             and not float(total.detach()) > PRECISION_MARGIN * torch.finfo(dtype).eps * scale):
             # in float32 (or less) a + b - 2c lost the distance to rounding: the outputs' second moments are
             # too large next to it (inputs of scale 1e6 gave -131072 for 0.15). In float64, back in the dtype.
             def wide(t: torch.Tensor) -> torch.Tensor:

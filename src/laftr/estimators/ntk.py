@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from .._util import autocast_dtype, in_func_transform, shorten, tangent_map
+from .._util import autocast_dtype, in_func_transform, is_batched, shorten, tangent_map
 from ..errors import UnsupportedOpError
 from ..metrics import discrepancy
 from .base import register
@@ -153,7 +153,10 @@ class NtkEstimator(CoresetEstimator):
                 _reraise_out_of_memory(refused)
                 log.info("ntk: products by reverse mode twice (%s; %s)", e, refused)
                 z0, dz = _twice_reversed(model, rest, X, primals, tangents, e, refused)
-        finite = all(bool(torch.isfinite(t).all()) for t in tangents.values())
+        # under torch.func.vmap the check cannot branch per parameter set: a non-finite Jacobian then shows as
+        # a non-finite distance of every set
+        finite = not is_batched(tangents.values()) and all(bool(torch.isfinite(t).all())
+                                                          for t in tangents.values())
         if finite and not bool(torch.isfinite(dz).all()):
             raise UnsupportedOpError(
                 "ntk: the network's Jacobian at theta0 is not finite on the stored inputs (an op whose "
