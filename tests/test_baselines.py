@@ -406,6 +406,20 @@ def test_balanced_selection_counts():
     assert counts(15, "random") != [5, 5, 5]  # a uniform sample follows the class frequencies
 
 
+@pytest.mark.parametrize("name", ["subset", "ntk"])
+def test_balanced_selection_refuses_labels_that_are_no_output_units(name):
+    """Labels are the network's output units everywhere (the class-conditional input models refuse others);
+    ``selection="balanced"`` took -1 or 1000 on a 3-output network as classes of their own."""
+    X = torch.randn(20, 5)
+    for y, match in ((torch.full((20,), -1), r"\[-1\] out of range"), (torch.full((20,), 1000), "out of range"),
+                     (torch.full((20,), 0.5), "integer class")):
+        with pytest.raises(laftr.DataError, match=match):
+            _make(name, coreset_size=6, selection="balanced").fit(mlp(), (X, y))
+    with pytest.raises(laftr.DataError, match="not among the compared outputs"):
+        _make(name, coreset_size=6, selection="balanced").fit(mlp(), (X, torch.full((20,), 2)), outputs=[0, 1])
+    _make(name, coreset_size=6, selection="balanced").fit(mlp(), (X, torch.full((20,), 2)))
+
+
 # ---------------------------------------------------------------------- properties of every baseline
 @pytest.mark.parametrize("name", BASELINES)
 def test_save_load_round_trip(tmp_path, name):

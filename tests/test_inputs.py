@@ -183,3 +183,20 @@ def test_shards_fitted_with_other_seeds_merge_where_no_random_choice_shaped_the_
         b = fit_summary(net, p0, X[50:], make_input_model(chosen, seed=2))
         with pytest.raises(ValueError, match="different options|different sizes or seeds|components differ"):
             a.merge(b)
+
+
+def test_inputs_whose_sums_lose_their_variance_are_refused(float64):
+    """Features around 1e8 with a spread of 1: ``E x^2 - (E x)^2`` from float64 sums is rounding (stored
+    variances 0-8, a negative eigenvalue, laftr-exact -0.026 for an exact 0.004, silently). Refused at fit
+    with the fix; an offset of 1e5, or a feature that is a large constant, is fine."""
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(64, 5, generator=g)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    for name in ("laftr", "laftr-exact", "liftr"):
+        with pytest.raises(laftr.DataError, match="mean 1e\\+08.*lose their variance"):
+            laftr.make_estimator(name).fit(model, Z + 1e8)
+    laftr.make_estimator("laftr-exact").fit(model, Z + 1e5)
+    with_constant = Z.clone()
+    with_constant[:, 2] = 1e8 + 0.1
+    est = laftr.make_estimator("laftr-exact").fit(model, with_constant)
+    assert float(est.summary.inputs.group_moments()[1][0, 2]) == 0.0

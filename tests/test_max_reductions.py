@@ -28,6 +28,8 @@ POOLS = {
     "amax": lambda h: h.amax(-1),
     "torch.amax-keepdim": lambda h: torch.amax(h, dim=(2,), keepdim=True),
     "amin": lambda h: h.amin(1),
+    "maxpool2d-ceil": nn.MaxPool2d(3, 2, ceil_mode=True),  # 2 x 2 windows (1 x 1 without ceil_mode)
+    "maxpool1d-ceil-padded": lambda h: F.max_pool1d(h.flatten(2), 3, 2, padding=1, ceil_mode=True),
     "torch.max-dim": lambda h: torch.max(h, 2)[0],  # PointNet's global feature
     "max.values": lambda h: h.max(dim=-1).values,
     "torch.min-keepdim": lambda h: torch.min(h, 1, keepdim=True)[0],
@@ -167,3 +169,26 @@ def test_a_kernel_read_from_the_shape_is_recorded_as_such_and_reloads(tmp_path):
     assert pool["kernel_size"] == "runtime" and pool["stride"] == "runtime"
     back = laftr.load(laftr.save(est, tmp_path / "s.laftr"))
     torch.testing.assert_close(back(other), est(other), rtol=1e-12, atol=1e-15)
+
+
+def test_max_pool_windows_with_ceil_mode_are_torchs():
+    """``ceil_mode=True`` (a last window that runs past the padded input, if it starts inside it) was refused by
+    every laftr selection rule ('not supported by window statistics'), also where the statistics are unused.
+    The windows now are torch's: their maxima equal ``F.max_pool2d`` for every geometry below."""
+    import itertools
+
+    from laftr.rules.pooling import pool_windows
+
+    x = torch.randn(2, 3, 8, 7, generator=torch.Generator().manual_seed(0))
+    checked = 0
+    for H, W, k, s, p, d in itertools.product([5, 6, 8], [5, 7], [2, 3], [1, 2, 3], [0, 1], [1, 2]):
+        if p > k // 2 or d * (k - 1) + 1 > min(H, W) + 2 * p:
+            continue
+        for ceil in (False, True):
+            pool = {"dims": 2, "kernel_size": k, "stride": s, "padding": p, "dilation": d, "ceil_mode": ceil}
+            cols, shape = pool_windows(x[:, :, :H, :W], pool, float("-inf"))
+            want = F.max_pool2d(x[:, :, :H, :W], k, s, p, d, ceil)
+            assert shape == tuple(want.shape), (H, W, k, s, p, d, ceil)
+            assert torch.equal(cols.max(2).values.view(shape), want), (H, W, k, s, p, d, ceil)
+            checked += 1
+    assert checked > 100

@@ -564,3 +564,180 @@ def test_fit_under_no_grad_works_and_inference_mode_is_refused():
         with torch.inference_mode(), pytest.raises(laftr.UsageError, match="use torch.no_grad"):
             est(other)
         assert est(other).requires_grad
+
+
+class _GradModeEncoder(nn.Module):
+    """torch.nn's TransformerEncoder at its defaults (enable_nested_tensor=True) with a padding mask, read by a
+    mean over every position: without gradients torch's fused path returns zeros at the padded positions, with
+    them the standard path returns values there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(self.enc(self.emb(ids), src_key_padding_mask=ids == 0).mean(1))
+
+
+class _GradBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return 2 * h if torch.is_grad_enabled() else h
+
+
+def test_a_forward_that_depends_on_the_gradient_mode_is_refused(float64):
+    """theta0's outputs are computed without gradients and theta's with them: ``subset`` gave 0.046 at theta0 on
+    torch.nn's TransformerEncoder with a padding mask (its fused inference path), silently. Refused at fit by
+    every estimator that runs the network, naming the way out; the same encoder without nested tensors runs."""
+    ids = torch.randint(1, 7, (12, 5), generator=torch.Generator().manual_seed(0))
+    ids[::2, 3:] = 0  # padded sequences
+    model = _GradModeEncoder().eval()
+    with torch.no_grad():
+        off = model(ids)
+    assert (off - model(ids)).abs().max() > 1e-3  # the premise: the two paths differ here
+    for name in ("subset", "ntk"):
+        with pytest.raises(UnsupportedOpError, match="gradients on than with gradients off.*enable_nested_tensor"):
+            _make(name).fit(model, ids)
+    with pytest.raises(UnsupportedOpError, match="gradients on than with gradients off"):
+        _make("subset").fit(_GradBranch(), torch.randn(10, 4))
+    model.enc.enable_nested_tensor = False  # the fast path then keeps the padded positions' values
+    model.enc.use_nested_tensor = False
+    est = _make("subset").fit(model, ids)
+    assert float(est(model)) == pytest.approx(0.0, abs=1e-20)  # the two paths' rounding
+
+
+def test_a_python_branch_that_tracing_resolves_otherwise_is_refused(float64):
+    """``isinstance(z, torch.Tensor)`` is False for a traced value: laftr's graph skipped the branch and gave 1/4
+    of the exact FSD. The traced estimators compare the graph's output with the model's at fit and refuse;
+    those that run the module itself (subset) are exact, and LSTM's ``isinstance(hn, tuple)`` readout no longer
+    makes subset's mixing check read the trace's other output ('does not keep the examples apart')."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            z = self.lin(torch.tanh(x))
+            if isinstance(z, torch.Tensor):
+                z = 2 * z
+            return z
+
+    class Readout(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.rnn, self.head = nn.Embedding(7, 6), nn.LSTM(6, 5, batch_first=True), nn.Linear(5, 3)
+
+        def forward(self, ids):
+            _, hn = self.rnn(self.emb(ids))
+            if isinstance(hn, tuple):  # LSTM: (h_n, c_n); GRU: h_n
+                hn = hn[0]
+            return self.head(hn[-1])
+
+    X = torch.randn(20, 4)
+    model = Scaled()
+    other = perturbed(model, 0.1)
+    for name in ("laftr", "liftr", "kfac", "diag-fisher", "laftr-exact"):
+        with pytest.raises(UnsupportedOpError, match="torch.fx graph.*Python branch"):
+            _make(name).fit(model, X)
+    torch.testing.assert_close(laftr.make_estimator("subset", coreset_size=20).fit(model, X)(other),
+                               laftr.exact_fsd(model, other, X), rtol=1e-12, atol=0)
+    ids = torch.randint(0, 7, (12, 4), generator=torch.Generator().manual_seed(1))
+    rnn = Readout()
+    near = perturbed(rnn, 0.1)
+    torch.testing.assert_close(laftr.make_estimator("subset", coreset_size=12).fit(rnn, ids)(near),
+                               laftr.exact_fsd(rnn, near, ids), rtol=1e-12, atol=0)
+
+
+def test_non_finite_outputs_at_theta0_are_refused_at_fit(float64):
+    """An LPPool of odd norm on signed inputs is NaN on every example: every estimate (and the exact FSD) was
+    NaN, at theta0 too, returned as a value. Refused at fit by every estimator that runs the network; -inf
+    logits (masked classes) stay accepted under a softmax metric."""
+
+    class LP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.pool, self.head = nn.Conv2d(1, 2, 2), nn.LPPool2d(3, 2), nn.Linear(2 * 2 * 2, 3)
+
+        def forward(self, x):
+            return self.head(self.pool(torch.tanh(self.conv(x))).flatten(1))
+
+    X = torch.randn(12, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isnan(LP()(X)).all()  # the premise
+    for name, kw in (("laftr", {"gates": "none"}), ("laftr", {"linearize": "activations"}), ("ntk", {}),
+                     ("subset", {}), ("kfac", {}), ("diag-fisher", {})):
+        with pytest.raises(laftr.DataError, match="NaN or infinite outputs at theta0"):
+            _make(name, **kw).fit(LP(), X)
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x).masked_fill(torch.tensor([False, False, True]), float("-inf"))
+
+    X = torch.randn(10, 4)
+    model = Masked()
+    _make("subset", metric="kl").fit(model, X)
+    with pytest.raises(laftr.DataError, match="NaN or infinite outputs at theta0"):
+        _make("subset", metric="l2").fit(model, X)
+
+
+@pytest.mark.parametrize("name", ["ntk", "kfac", "diag-fisher"])
+def test_an_embedding_with_max_norm_is_refused_where_it_is_not_handled(name, float64):
+    """``nn.Embedding(max_norm=1)`` renormalizes its table in place at every forward: ntk fitted on it gave
+    0.016 at a copy of theta0 taken before the fit (the same function), K-FAC 'torch.cat(): expected a
+    non-empty list'. Refused at fit by name; subset (the module's own outputs) is exact."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(7, 6, max_norm=1.0), nn.Linear(6, 3)
+
+        def forward(self, ids):
+            return self.head(self.emb(ids).mean(1))
+
+    ids = torch.randint(0, 7, (12, 4), generator=torch.Generator().manual_seed(0))
+    model = Net()
+    copy_before = copy.deepcopy(model)
+    with pytest.raises(UnsupportedOpError, match="max_norm"):
+        _make(name).fit(model, ids)
+    assert float(laftr.make_estimator("subset").fit(model, ids)(copy_before)) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_float32_rounding_with_large_inputs_is_not_taken_for_mixing():
+    """A float32 MLP on raw features around 1e4 (the first layer's bias centres them): batched and one-by-one
+    outputs differ by 1e-4 (a product's rounding depends on the batch size), beyond the check's tolerance
+    relative to outputs of size 0.5, and every estimator and the exact FSD refused it as 'mixes the examples
+    of a batch'. A finding in float32 is confirmed on a float64 copy; real mixing stays refused."""
+    torch.manual_seed(0)
+    X = torch.randn(64, 5) + 1e4
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].bias.sub_(model[0].weight.sum(1) * 1e4)
+    other = perturbed(model, 0.01)
+    want = laftr.exact_fsd(model, other, X)
+    got = laftr.make_estimator("subset", coreset_size=64).fit(model, X)(other)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+    laftr.make_estimator("laftr").fit(model, X)
+
+    class Centred(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return h - h.mean(0)
+
+    with pytest.raises(UnsupportedOpError, match="mixes the examples"):
+        laftr.make_estimator("subset").fit(Centred(), X)

@@ -67,3 +67,25 @@ def test_no_way_to_the_products_and_an_infinite_jacobian_are_named():
     X = torch.randn(10, 2, 7, 7)
     with pytest.raises(laftr.UnsupportedOpError, match="Jacobian at theta0 is not finite"):
         laftr.make_estimator("ntk", coreset_size=10).fit(pool, X)(_moved(pool))
+
+
+def test_products_without_a_second_derivative_are_refused_when_differentiated():
+    """``nn.Hardsigmoid`` (MobileNetV3's gate): torch has no derivative of ``hardsigmoid_backward``, so the
+    forward-mode product through it cannot be differentiated: the estimate came back and the user's
+    ``backward()`` failed inside torch. Now the evaluation that would be differentiated is refused by name;
+    without gradients the value is given (the same as the module's linearization by autograd's jvp)."""
+    from laftr.errors import UnsupportedOpError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Hardsigmoid(), nn.Flatten(), nn.Linear(48, 3))
+    X = torch.randn(20, 2, 6, 6)
+    other = _moved(model, 0.1)
+    est = laftr.make_estimator("ntk", coreset_size=20).fit(model, X)
+    with pytest.raises(UnsupportedOpError, match="cannot be differentiated.*hardsigmoid"):
+        est(other)
+    with torch.no_grad():
+        value = est(other)
+    p0 = {n: p.detach() for n, p in model.named_parameters()}
+    v = {n: p.detach() - p0[n] for n, p in other.named_parameters()}
+    z0, dz = torch.func.jvp(lambda p: torch.func.functional_call(model, p, (X,)), (p0,), (v,))
+    torch.testing.assert_close(value, 0.5 * (dz ** 2).sum(1).mean(), rtol=1e-10, atol=0)

@@ -577,15 +577,24 @@ def test_smooth_ops_refuse_the_batch_axis_and_non_finite_tangents():
                 return h / h.std(0, keepdim=True)
             if self.kind == "all":
                 return h / h.norm()
-            return h / (h * 0.0).std(-1, keepdim=True)  # the std of a constant row: infinite slope
+            if self.kind == "sqrt":
+                return h + torch.sqrt(h * 0.0)  # finite outputs, an infinite slope at every input
+            return h / (h * 0.0).std(-1, keepdim=True)  # the std of a constant row: infinite outputs
 
     X = _inputs()
     with pytest.raises(laftr.UnsupportedOpError, match="batch axis"):
         laftr.make_estimator("laftr").fit(Bad("batch"), X)
     with pytest.raises(laftr.UnsupportedOpError, match="norm.*mixes the examples of a batch"):
         laftr.make_estimator("laftr").fit(Bad("all"), X)
-    with pytest.raises(laftr.UnsupportedOpError, match="not finite"):
-        laftr.make_estimator("laftr", gates="relu").fit(Bad("zero"), X)(Bad("zero"))
+    # the network's own outputs are infinite at theta0: refused at fit (was: at the first evaluation)
+    with pytest.raises(laftr.DataError, match="NaN or infinite outputs at theta0"):
+        laftr.make_estimator("laftr", gates="relu").fit(Bad("zero"), X)
+    # finite outputs, an infinite slope: the stored law refuses it at fit; theta0's own slopes, taken at every
+    # sampled input, gave a NaN estimate, now refused at the evaluation
+    with pytest.raises(laftr.UnsupportedOpError, match="node 'sqrt'.*not finite"):
+        laftr.make_estimator("laftr").fit(Bad("sqrt"), X)
+    with pytest.raises(laftr.UnsupportedOpError, match="the estimate is NaN though the network's parameters"):
+        laftr.make_estimator("laftr", gates="relu").fit(Bad("sqrt"), X)(Bad("sqrt"))
 
 
 def test_a_compiled_model_is_its_module():

@@ -327,9 +327,11 @@ def in_func_transform() -> bool:
 
 
 def is_batched(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether any of ``tensors`` is batched by ``torch.func.vmap`` (one value per parameter set): a Python
-    branch on its value (``torch.equal``, ``bool(...)``) is then not defined, and the caller takes the path
-    that is right for every set."""
+    """Whether any of ``tensors`` is batched by ``torch.func.vmap`` (one value per parameter set).
+
+    A Python branch on its value (``torch.equal``, ``bool(...)``) is then not defined, and the caller takes
+    the path that is right for every set.
+    """
     functorch = torch._C._functorch
     for t in tensors:
         while functorch.is_functorch_wrapped_tensor(t):  # a grad level may wrap a vmap level

@@ -20,6 +20,7 @@ rule.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import logging
@@ -469,6 +470,13 @@ def _trace_hint(e: Exception) -> str:
         return ("torch.finfo of a traced tensor's dtype (torch.finfo(x.dtype).min, as in Hugging Face's "
                 "extended attention masks) cannot be traced: use a constant such as -1e9, or "
                 "torch.finfo(torch.float32).min")
+    if "__cuda_array_interface__" in text or "pack_padded_sequence" in text:
+        return ("packed sequences (torch.nn.utils.rnn.pack_padded_sequence) cannot be traced: run the "
+                "recurrent layer on the padded batch and read each sequence's last valid step with a gather "
+                "(or its first, for a right-to-left direction)")
+    if "cannot be interpreted as an integer" in text:
+        return ("a size read from the input cannot be a Python loop's bound (for t in range(x.shape[1])): "
+                "loop over a constant length, or use nn.RNN / nn.GRU / nn.LSTM over the sequence")
     return ("laftr needs a network whose forward torch.fx can trace: no control flow that depends on the "
             "data (an if or a loop over values of a tensor)")
 
@@ -1626,7 +1634,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
         return torch.equal(a, b)
     rtol = max(1e-4, 10 * torch.finfo(a.real.dtype if a.is_complex() else a.dtype).eps)
     wide = torch.complex128 if a.is_complex() else torch.float64
-    a, b = a.to(wide), b.to(wide)
+    a, b = a.detach().to(wide), b.detach().to(wide)
     finite = a[torch.isfinite(a)].abs()
     scale = max(1.0, float(finite.max())) if finite.numel() else 1.0
     return torch.allclose(a, b, rtol=rtol, atol=rtol * scale, equal_nan=True)
@@ -1764,55 +1772,96 @@ def _reached(out: Any) -> set[int]:
     return found
 
 
-def check_traced_graph(model: nn.Module, x: torch.Tensor, hooks: bool = True) -> None:
-    """Refuse what a forward does that its torch.fx graph does not: hooks that change it, gradients off.
+def check_traced_graph(model: nn.Module, x: torch.Tensor, hooks: bool = True, trace: bool | None = None,
+                       grad_off: bool = True) -> None:
+    """Refuse a forward whose value depends on the gradient mode, or that its torch.fx graph does not compute.
 
-    The traced estimators run the network's graph with each stream's parameters. A forward hook or
-    pre-hook is not part of that graph: one that only reads (records activations) is harmless, one that
-    changes an input or output would make every estimate that of another network (a hook scaling a layer's
-    output by 3 gave 0.1 x the exact FSD, silently). Nor is ``torch.no_grad()`` inside ``forward``: the
-    estimates' gradients reached parameters the model's own forward gives none. So where hooks exist, the
-    graph's output on the first examples of ``x`` must equal the model's; where some op runs with gradients
-    off, the graph's output must reach no parameter the model's does not. A network that cannot be traced
-    or run is left to the estimator's own pass (nothing is checked without hooks or a no-grad region).
-    ``hooks=False``: for an estimator that runs the module itself (its hooks included) but differentiates it
-    by forward mode, which ``torch.no_grad()`` does not stop (``ntk``): the no-grad check only.
+    The estimators evaluate theta0's stream without gradients and theta's with them (a regularizer), and the
+    traced ones run the network's graph with each stream's parameters. So the network's output on the first
+    examples of ``x`` must be the same with gradients on and off: torch.nn's fused inference path of
+    ``TransformerEncoder`` (taken without gradients, with ``enable_nested_tensor`` and a padding mask) returns
+    zeros at padded positions where the standard path returns values, and an estimate then compared two
+    networks (``subset`` gave 0.046 at theta0). For the traced estimators (``trace``), the graph's output must
+    equal the model's: a forward hook or pre-hook is not part of the graph (a hook scaling a layer's output by
+    3 gave 0.1 x the exact FSD, silently), nor is a Python branch that tracing resolves otherwise
+    (``isinstance(h, torch.Tensor)`` is False for a traced value: one such branch gave 1/4 of the exact FSD).
+    Where some op runs with gradients off (``torch.no_grad()`` inside ``forward``, ``grad_off``), the graph's
+    output must reach no parameter the model's does not: the estimates' gradients would otherwise reach
+    parameters the model's own forward gives none. A network that cannot be traced or run is left to the
+    estimator's own pass. ``hooks=False`` (``trace`` then defaults to False): an estimator that runs the
+    module itself (its hooks included) but differentiates it by forward mode, which ``torch.no_grad()`` does
+    not stop (``ntk``): the gradient-mode checks only.
 
     Raises:
-        UnsupportedOpError: naming the modules with hooks, or the parameters gradients must not reach.
+        UnsupportedOpError: naming what differs: the gradient mode, the modules with hooks, a Python branch,
+            or the parameters gradients must not reach.
     """
-    hooked = forward_hooks(model) if hooks else []
+    trace = hooks if trace is None else trace
     x = x[:PROBE_EXAMPLES]
-    grad_off = _GradOffSeen()
+    seen = _GradOffSeen()
+    name = type(model).__name__
+    try:
+        with full_float32():
+            with torch.no_grad():
+                plain = model(x.clone())
+            with torch.enable_grad(), seen:
+                real = model(x.clone())
+    except Exception as e:  # noqa: BLE001 (the estimator's own pass says why)
+        log.debug("%s does not run on its data (%s: %s)", name, type(e).__name__, e)
+        return
+
+    def random() -> bool:  # a network that differs from itself: check_per_example names it
+        with torch.no_grad(), full_float32():
+            return _differs(plain, model(x.clone()))
+
+    if _differs(plain, real) and not random():
+        raise UnsupportedOpError(
+            f"{name} computes other outputs with gradients on than with gradients off (torch.no_grad()): "
+            "theta0's outputs are computed without gradients and theta's with them, so every estimate would "
+            "compare two other functions. torch.nn's TransformerEncoder takes a fused inference path "
+            "without gradients that returns zeros at the positions a src_key_padding_mask hides "
+            "(enable_nested_tensor=True, its default): build it with enable_nested_tensor=False, or read no "
+            "padded position in the output; a forward that branches on torch.is_grad_enabled() must compute "
+            "the same value either way")
+    hooked = forward_hooks(model) if hooks else []
+    if not trace and not (grad_off and seen.seen):
+        return
     try:
         with torch.enable_grad(), full_float32():
-            with grad_off:
-                real = model(x.clone())
-            if not hooked and not grad_off.seen:
-                return
             named = param_dict(model)
             net = TracedNet(model, exact_unknown=True)
             traced = net.forward(x.clone(), named)
     except Exception as e:  # noqa: BLE001 (the estimator's own pass says why)
-        log.debug("could not compare %s with its traced graph (%s: %s)", type(model).__name__,
-                  type(e).__name__, e)
+        log.debug("could not compare %s with its traced graph (%s: %s)", name, type(e).__name__, e)
         return
-    if hooked and _differs(real, traced):
+    # (outputs that are not finite are refused by the estimator's fit, naming them: a graph that gives a
+    # finite value where the model divides 0 by 0, a softmax of a row with no visible key, is not the branch)
+    finite = all(bool(torch.isfinite(t).all()) for t in tree_flatten(real)[0]
+                 if isinstance(t, torch.Tensor) and t.is_floating_point())
+    if trace and finite and _differs(real, traced) and not random():
+        if hooked:
+            raise UnsupportedOpError(
+                f"{name} has forward hooks that change what it computes (on {', '.join(hooked)}): laftr runs "
+                "the network's traced graph with each set of parameters, which does not call hooks, so its "
+                "estimates would be those of the network without them; compute what the hook does "
+                "inside forward (a module of its own), or remove the hook (torch.nn.utils.prune's masks are "
+                "supported)")
         raise UnsupportedOpError(
-            f"{type(model).__name__} has forward hooks that change what it computes (on "
-            f"{', '.join(hooked)}): laftr runs the network's traced graph with each set of parameters, which "
-            "does not call hooks, so its estimates would be those of the network without them; compute what "
-            "the hook does inside forward (a module of its own), or remove the hook (torch.nn.utils.prune's "
-            "masks are supported)")
-    if grad_off.seen:
+            f"{name}'s forward and its torch.fx graph, which laftr runs with each set of parameters, give "
+            "other outputs on the first examples: the forward takes a Python branch that tracing resolves "
+            "otherwise (isinstance(h, torch.Tensor) or isinstance(out, tuple) is False for a traced value; a "
+            "value read with .item() or a Python attribute fixed while tracing); write the branch your model "
+            "takes without the test (h, _ = lstm(x); out = out[0]), or use an estimator that runs the module "
+            "itself (subset, ntk)")
+    if grad_off and seen.seen:
         extra = _reached(traced) - _reached(real)
         names = [n for n, t in named.items() if id(t) in extra]
         if names:
             raise UnsupportedOpError(
-                f"{type(model).__name__} turns gradients off inside its forward (torch.no_grad() or "
-                f"set_grad_enabled(False)) for a part that reads {names[:5]}: laftr's traced graph does not "
-                "record that, so the estimates' gradients would reach parameters the model's own forward "
-                "gives none; detach the values instead (h.detach(), which laftr follows)")
+                f"{name} turns gradients off inside its forward (torch.no_grad() or set_grad_enabled(False)) "
+                f"for a part that reads {names[:5]}: laftr's traced graph does not record that, so the "
+                "estimates' gradients would reach parameters the model's own forward gives none; detach the "
+                "values instead (h.detach(), which laftr follows)")
 
 
 def check_deterministic(model: nn.Module, x: torch.Tensor, what: str = "the model") -> None:
@@ -1859,6 +1908,31 @@ def full_float32() -> Iterator[None]:
 
 def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | None = None,
                       untraced: str = "") -> None:
+    """Refuse a network whose output for an example depends on the other examples of its batch.
+
+    See :func:`_check_per_example`. In a float32 (or narrower) network a finding is confirmed on a float64
+    copy, whose output must mix the examples too: the rounding of a product depends on the batch size, and
+    with inputs of a large common offset (raw features around 1e4, centred by the first layer's bias) it
+    exceeded the check's tolerance, relative to the outputs' size, and a network that maps each example on
+    its own was refused.
+    """
+    try:
+        _check_per_example(model, x, gm, untraced)
+    except UnsupportedOpError as refused:
+        floats = [t.dtype for t in (*model.parameters(), *model.buffers(), x) if t.is_floating_point()]
+        if all(dt == torch.float64 for dt in floats):  # (no floats at all: nothing to widen)
+            raise
+        try:
+            wide = copy.deepcopy(model).double()
+            _check_per_example(wide, x.double() if x.is_floating_point() else x)
+        except Exception:  # noqa: BLE001 (mixing in float64 too, or no float64 copy: the finding stands)
+            raise refused from None
+        log.info("%s: the examples' outputs differed in a batch only by float32 rounding (%s)",
+                 type(model).__name__, refused)
+
+
+def _check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | None = None,
+                       untraced: str = "") -> None:
     """Refuse a network whose output for an example depends on the other examples of its batch.
 
     The network runs (in eval mode, without gradients) on the first :data:`PROBE_EXAMPLES` examples of ``x``
@@ -1908,6 +1982,16 @@ def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | No
                     log.debug("could not run the traced graph of %s on real data (%s: %s)",
                               type(model).__name__, type(e).__name__, e)
                     runs = None
+            if runs is not None and gm is not None:
+                out = next(node.name for node in gm.graph.nodes if node.op == "output")
+                # a deterministic graph that is not the model's (a Python branch): the model's output only
+                try:
+                    if not _differs(runs[0][out], runs[1][out]) and _differs(model(x.clone()), runs[0][out]):
+                        runs = None
+                except Exception as e:  # noqa: BLE001 (the estimator's fit says why)
+                    log.debug("%s does not run on its data (%s: %s)", type(model).__name__,
+                              type(e).__name__, e)
+                    return
             if runs is not None and gm is not None:
                 for node in gm.graph.nodes:
                     if node.op in ("placeholder", "get_attr"):

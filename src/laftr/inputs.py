@@ -372,6 +372,32 @@ class _Derived:
     outer: torch.Tensor | None = None
 
 
+def _refuse_lost_variance(xf: torch.Tensor) -> None:
+    """Refuse inputs whose float64 sums of ``x`` and ``x^2`` cannot hold their variance (checked on a batch).
+
+    The Gaussian input models keep sums that merge exactly across shards, and their variance is ``E x^2 -
+    (E x)^2``: with a mean 1e8 times the spread that difference is rounding (the stored variances were 0-8
+    for 1, the covariance had a negative eigenvalue, and ``laftr-exact`` returned -0.026 for 0.004). On the
+    first batch the two-pass variance says what the sums would lose; a feature whose spread is below its
+    mean's own rounding (a constant) is not counted.
+    """
+    n = xf.shape[0]
+    if n < 2:
+        return
+    mean = xf.mean(0)
+    two_pass = ((xf - mean) ** 2).mean(0)
+    one_pass = (xf * xf).mean(0) - mean**2
+    resolvable = two_pass > 1e4 * (torch.finfo(torch.float64).eps * mean.abs()) ** 2
+    lost = resolvable & ((one_pass - two_pass).abs() > 1e-2 * two_pass)
+    if bool(lost.any()):
+        i = int(torch.nonzero(lost)[0])
+        raise DataError(
+            f"{int(lost.sum())} input features have a mean so large next to their spread (feature {i}: mean "
+            f"{float(mean[i]):.4g}, std {float(two_pass[i].sqrt()):.4g}) that the input model's float64 sums "
+            "of x and x^2 lose their variance to rounding; subtract a typical value from the inputs first "
+            "(a normalizing transform of the data, with the network reading the centred inputs)")
+
+
 class GaussianFamily(InputModel):
     """Gaussian input models from float64 sums per group.
 
@@ -424,6 +450,7 @@ class GaussianFamily(InputModel):
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         G = int(group.max()) + 1
         if self.counts is None:
+            _refuse_lost_variance(xf)
             kw: dict[str, Any] = {"dtype": torch.float64, "device": x.device}
             D = xf.shape[1]
             self.counts = torch.zeros(G, **kw)

@@ -49,6 +49,7 @@ from .._util import (
     data_hint,
     eval_mode,
     first_layer,
+    is_batched,
     is_input_size_error,
     iter_batches,
     model_device_dtype,
@@ -56,7 +57,7 @@ from .._util import (
     registrar,
     values_digest,
 )
-from ..errors import DataError, OptionError, UsageError
+from ..errors import DataError, OptionError, UnsupportedOpError, UsageError
 from ..fingerprint import GraphFingerprint, describe_difference, model_fingerprint
 from ..graph import PROBE_EXAMPLES, check_per_example, check_traced_graph, refuse_torchscript
 from ..metrics import check_metric, check_network_output, check_outputs, check_softmax_outputs, run_network
@@ -178,6 +179,12 @@ class FSDEstimator:
     #: Whether it differentiates the module itself by reverse mode (``subset``), which follows a
     #: ``torch.no_grad()`` block inside its forward; the others refuse such a block where it hides parameters.
     reverse_mode_module: ClassVar[bool] = False
+    #: Whether it handles an ``nn.Embedding(max_norm=...)``, which renormalizes rows of its table in place at
+    #: every forward: theta0's stored table is then renormalized while a copy of the weights taken before is
+    #: not, the same function with other weights. ``subset`` (the module's own outputs) and ``laftr`` (its
+    #: rule refuses the node by name) handle it; ``ntk`` (0.016 at a copy of theta0), K-FAC and the diagonal
+    #: Fisher refuse it at ``fit``.
+    renormalized_tables_ok: ClassVar[bool] = True
     #: Whether the estimate is a fixed quadratic form of ``theta - theta0`` with a cheap damped inverse
     #: (:meth:`damped_solve`).
     quadratic: ClassVar[bool] = False
@@ -254,6 +261,15 @@ class FSDEstimator:
             check_runnable(model)
             if self.uses_network:
                 refuse_torchscript(model, f"{self.name}: ")
+            if not self.renormalized_tables_ok:
+                renormed = [n for n, m in model.named_modules()
+                            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+                if renormed:
+                    raise UnsupportedOpError(
+                        f"{self.name}: the embeddings {renormed[:5]} have max_norm, which renormalizes rows "
+                        "of their tables in place at every forward: the weights theta0 is stored with then "
+                        "differ from a copy's of the same function; use subset, or an embedding without "
+                        "max_norm (renormalize the table yourself after each step)")
             _refuse_inference_mode("fit")
             return checked, dist_.active(distributed)
 
@@ -277,27 +293,32 @@ class FSDEstimator:
                         "the parameter values (a hash; load or broadcast the same weights on every rank)":
                             values_digest(model),
                         "the forward graph": None if fp is None else fp.text})
+                nonfinite: str | None = None  # why theta0's outputs are not finite (raised after the fit)
                 with allow_empty_data(on):
                     if self.uses_network:
 
                         def probe() -> Data:
+                            nonlocal nonfinite
                             device, dtype = model_device_dtype(model)
                             x, rest = _first_examples(data, PROBE_EXAMPLES, self.config.batch_size, device,
                                                       dtype)
                             if x is not None:  # None: this rank's shard is empty (the others check theirs)
                                 _probe_dtype(model, x[:2])
-                                self._output_width = _check_output(model, x[:2], outputs,
-                                                                   getattr(self.config, "metric", None))
+                                self._output_width, nonfinite = _check_output(
+                                    model, x, outputs, getattr(self.config, "metric", None))
+                                # the graph first: the mixing check reads the graph, which must be the model's
+                                check_traced_graph(model, x, hooks=self.traces,
+                                                   grad_off=self.traces or not self.reverse_mode_module)
                                 check_per_example(model, x, gm, why)
-                                if self.traces or not self.reverse_mode_module:
-                                    check_traced_graph(model, x, hooks=self.traces)
                             return rest
 
                         data = dist_.agree(probe, f"{self.name}.fit") if on else probe()
                     self._set_reference(model, outputs, fp)
                     self._distributed = on
                     with torch.enable_grad():  # the curvature fits differentiate (a fit under no_grad works)
-                        self._fit(model, data)
+                        self._fit(model, data)  # (its own checks name an op outside its domain first)
+                        if nonfinite is not None:
+                            raise DataError(nonfinite)
                         self._after_fit(model)
         finally:
             self._distributed = False
@@ -342,7 +363,7 @@ class FSDEstimator:
         self._check_ready(model)
         self._stream = stream
         try:
-            return self._distance(model)
+            d = self._distance(model)
         except RuntimeError as e:
             if "vmap" in str(e) and "random" in str(e):  # torch.func.vmap's default refuses random draws
                 raise UsageError(
@@ -352,6 +373,9 @@ class FSDEstimator:
             raise
         finally:
             self._stream = 0
+        if not is_batched([d]) and bool(torch.isnan(d.detach()).any()):
+            _refuse_nan(self.name, model)
+        return d
 
     def stored_floats(self) -> int:
         """Number of floats this estimator stores beyond theta0 (the honest memory cost)."""
@@ -391,19 +415,19 @@ class FSDEstimator:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(model, data) first")
         if (isinstance(damping, bool) or not isinstance(damping, numbers.Real)
                 or not 0 < damping < float("inf")):
-            raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
+            raise UsageError(f"damping must be a finite number > 0, got {damping!r}")
         shapes = {n: list(s) for n, s in self.arch}
         buffers = getattr(self, "_buffer_names", None) or frozenset()
         for n, v in vectors.items():
             if n not in shapes:
-                raise ValueError(f"{n!r} is not a parameter of the fitted network")
+                raise UsageError(f"{n!r} is not a parameter of the fitted network")
             if n in buffers:
-                raise ValueError(f"{n!r} is a buffer of the fitted network, not a parameter: the estimate "
+                raise UsageError(f"{n!r} is a buffer of the fitted network, not a parameter: the estimate "
                                  "has no Hessian in it")
             if not (isinstance(v, torch.Tensor) and v.is_floating_point()):
-                raise ValueError(f"vector {n!r} must be a floating-point tensor, got {type(v).__name__}")
+                raise UsageError(f"vector {n!r} must be a floating-point tensor, got {type(v).__name__}")
             if list(v.shape) != shapes[n]:
-                raise ValueError(f"vector {n!r} has shape {list(v.shape)}; the parameter has {shapes[n]}")
+                raise UsageError(f"vector {n!r} has shape {list(v.shape)}; the parameter has {shapes[n]}")
         return self._damped_solve(vectors, float(damping))
 
     def _damped_solve(self, vectors: dict[str, torch.Tensor], damping: float) -> dict[str, torch.Tensor]:
@@ -614,7 +638,7 @@ def _refuse_inference_mode(what: str) -> None:
 
 
 def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | None,
-                  metric: str | None) -> int | None:
+                  metric: str | None) -> tuple[int | None, str | None]:
     """Check ``model``'s output on its first examples ``x`` against ``outputs`` and the metric (one run).
 
     ``outputs`` must index its output units (flattened); a softmax metric needs one distribution per example
@@ -624,7 +648,7 @@ def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | No
 
     Returns:
         The number of output units per example (flattened), or None when the model does not run here or does
-        not return a tensor.
+        not return a tensor; and why the outputs are not finite (:func:`_nonfinite_outputs`), or None.
     """
     try:
         with torch.no_grad():
@@ -637,7 +661,7 @@ def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | No
                 f"{type(model).__name__} does not run on the data: {str(e).splitlines()[0]} (each example "
                 f"has shape {tuple(x.shape[1:])}, dtype {x.dtype})."
                 + ("" if found is None else data_hint(found[1], x))) from e
-        return None
+        return None, None
     if not isinstance(z, torch.Tensor):
         if outputs is not None:
             raise UsageError(f"outputs= needs a model that returns a tensor; {type(model).__name__} returns "
@@ -648,7 +672,50 @@ def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | No
         check_outputs(outputs, width)
     if metric is not None:
         check_softmax_outputs(z, metric, outputs)
-    return width
+    return width, _nonfinite_outputs(model, z, metric)
+
+
+def _refuse_nan(name: str, model: nn.Module) -> None:
+    """Raise for an estimate that is NaN although ``model``'s parameters are finite (a diverged theta: NaN).
+
+    The NaN then comes from an op evaluated outside its domain on the inputs the estimator runs: theta0's own
+    linearization (``gates="relu"``) takes the slope of ``sqrt(h * 0)`` at 0 on every sampled input (infinite,
+    times a change of 0), a drawn token sequence may have every attention key masked, a network may divide 0
+    by 0 at theta. A NaN returned as a distance would pass for a value in a training loop.
+    """
+    if any(not bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return
+    raise UnsupportedOpError(
+        f"{name}: the estimate is NaN though the network's parameters are finite: an op is evaluated "
+        "outside its domain on the inputs the estimator runs -- the slope of sqrt, log or a power at 0, a "
+        "division by 0 or the standard deviation of a constant row (gates='relu' takes theta0's slope at "
+        "every sampled input), a sampled token sequence whose every attention key is masked "
+        "(input_model='tokens' draws each position on its own), or 0/0 in the network at these weights; "
+        "keep such inputs inside the op's domain (an epsilon), or try gates='bernoulli' or "
+        "input_model='coreset'")
+
+
+def _nonfinite_outputs(model: nn.Module, z: torch.Tensor, metric: str | None) -> str | None:
+    """Why a network whose outputs at theta0 are NaN or infinite on its first examples is refused (or None).
+
+    Every distance from such a reference is NaN (an LPPool of odd ``norm_type`` on signed inputs gave NaN on
+    every example, and every estimate was NaN at theta0 too). A logit of -inf (a class masked out) is a
+    probability of 0 under a softmax metric, and is accepted there. ``fit`` raises it after the estimator's
+    own pass, whose rules name an op outside its domain where they see one.
+    """
+    if not z.is_floating_point() or bool(torch.isfinite(z).all()):
+        return None
+    bad = torch.isnan(z) | (z == float("inf"))
+    if metric not in ("kl", "l2-probs"):
+        bad |= torch.isinf(z)
+    if not bool(bad.any()):
+        return None
+    params = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    why = (f"its parameters {params[:5]} hold NaN or infinite values" if params else
+           "an op gives NaN or infinity there (a power of a negative number, log of 0, 0/0, an overflow)")
+    return (f"{type(model).__name__} gives NaN or infinite outputs at theta0 on the first examples of the "
+            f"data ({int(bad.sum())} of {bad.numel()} output values): {why}, so every distance from it would "
+            "be NaN; fit at weights whose outputs on the data are finite")
 
 
 def _reads_once(data: Any) -> bool:

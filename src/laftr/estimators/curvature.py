@@ -45,7 +45,7 @@ def check_fisher_kind(kind: str, metric: str, allowed: Sequence[str] = FISHER_KI
     if kind not in allowed:
         raise UsageError(f"unknown fisher {kind!r}; choose one of {list(allowed)}")
     if kind == "empirical" and metric != "kl":
-        raise ValueError(
+        raise UsageError(
             f"the empirical Fisher uses the gradient of cross-entropy at the true labels, which matches only "
             f"metric 'kl' (got {metric!r}); use fisher='mc' or 'exact'"
         )
@@ -65,7 +65,7 @@ def output_hessian_factor(z0: torch.Tensor, metric: str) -> torch.Tensor:
     """
     check_metric(metric)
     if z0.ndim != 2:
-        raise ValueError(f"z0 must have shape (B, K), got {tuple(z0.shape)}")
+        raise DataError(f"z0 must have shape (B, K), got {tuple(z0.shape)}")
     B, K = z0.shape
     if metric in ("l2", "mse"):
         return torch.eye(K, dtype=z0.dtype, device=z0.device).expand(B, K, K).clone()
@@ -83,12 +83,12 @@ def labels_to_positions(y: torch.Tensor, outputs: Sequence[int] | None, num_outp
         ValueError: labels that are not integer class indices, or that name an output outside ``outputs``.
     """
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1:
-        raise ValueError(f"labels must be integer class indices of shape (B,), got "
+        raise DataError(f"labels must be integer class indices of shape (B,), got "
                          f"{y.dtype} {tuple(y.shape)}")
     y = y.long()
     if outputs is None:
         if (y < 0).any() or (y >= num_outputs).any():
-            raise ValueError(f"labels {sorted(set(y.tolist()))} out of range for a model with "
+            raise DataError(f"labels {sorted(set(y.tolist()))} out of range for a model with "
                              f"{num_outputs} outputs")
         return y
     table = torch.full((max(num_outputs, int(y.max()) + 1, max(outputs) + 1),), -1, dtype=torch.long,
@@ -96,11 +96,11 @@ def labels_to_positions(y: torch.Tensor, outputs: Sequence[int] | None, num_outp
     kept = torch.as_tensor(list(outputs), device=y.device) % num_outputs
     table[kept] = torch.arange(len(outputs), device=y.device)
     if (y < 0).any():
-        raise ValueError("labels must be non-negative class indices")
+        raise DataError("labels must be non-negative class indices")
     pos = table[y]
     if (pos < 0).any():
         bad = sorted(set(y[pos < 0].tolist()))
-        raise ValueError(f"labels {bad} are not among the compared outputs {list(outputs)}; labels must "
+        raise DataError(f"labels {bad} are not among the compared outputs {list(outputs)}; labels must "
                          "index the model's output units")
     return pos
 
@@ -126,7 +126,7 @@ def output_vectors(
         return output_hessian_factor(z0, metric)
     if fisher == "empirical":
         if labels is None:
-            raise ValueError("the empirical Fisher needs labels: give (x, y) batches")
+            raise DataError("the empirical Fisher needs labels: give (x, y) batches")
         p = F.softmax(z0, dim=-1)
         return (p - F.one_hot(labels, K).to(p.dtype))[:, :, None]
     if fisher != "mc":
@@ -212,7 +212,7 @@ def check_curvature_config(c: Any, allowed: Sequence[str]) -> None:
     for name in ("num_label_samples", "chunk_size", "batch_size"):
         v = getattr(c, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            raise UsageError(f"{name} must be a positive integer, got {v!r}")
 
 
 def curvature_batches(
@@ -236,11 +236,12 @@ def curvature_batches(
         z = z.reshape(z.shape[0], -1)
         z0 = select_outputs(z, outputs)
         if not torch.isfinite(z0).all():
-            raise ValueError("the model produces NaN or infinite outputs on the data")
+            raise DataError("the model gives NaN or infinite outputs at theta0 on the data: every distance "
+                            "from it would be NaN; fit at weights whose outputs on the data are finite")
         labels = None
         if config.fisher == "empirical":
             if y is None:
-                raise ValueError("fisher='empirical' needs labels: give (x, y) batches")
+                raise DataError("fisher='empirical' needs labels: give (x, y) batches")
             labels = labels_to_positions(y, outputs, z.shape[1])
         yield x, output_vectors(z0, config.metric, config.fisher, config.num_label_samples, gen, labels)
 

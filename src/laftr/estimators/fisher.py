@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import distributed as dist_
 from .._util import Data, model_device_dtype
+from ..errors import DataError, UsageError
 from .base import EstimatorConfig, FSDEstimator, register
 from .curvature import check_curvature_config, curvature_batches, reduce_sums
 from .taps import LayerTaps, find_taps, square_grads
@@ -59,6 +60,7 @@ class DiagFisherEstimator(FSDEstimator):
     """
 
     Config = FisherConfig
+    renormalized_tables_ok = False
     quadratic = True  # Hessian diag(F)
 
     def __init__(self, config: FisherConfig | None = None, **kwargs: Any) -> None:
@@ -75,7 +77,7 @@ class DiagFisherEstimator(FSDEstimator):
         c = cast(FisherConfig, self.config)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not names:
-            raise ValueError("the model has no trainable parameters")
+            raise UsageError("the model has no trainable parameters")
         rank = dist_.rank_and_size()[0] if self._distributed else 0
 
         def local() -> tuple[dict[str, torch.Tensor], int]:
@@ -95,7 +97,7 @@ class DiagFisherEstimator(FSDEstimator):
             acc, count = reduce_sums(acc, count, model)
         self.diag = {n: acc[n] / count for n in names if n in acc}  # (the parameters' order, as one process)
         if not all(torch.isfinite(v).all() for v in self.diag.values()):
-            raise ValueError("the Fisher diagonal is not finite (does the model produce NaN or inf outputs?)")
+            raise DataError("the Fisher diagonal is not finite (does the model produce NaN or inf outputs?)")
         log.info("diag-fisher (%s): %d examples, %d parameters", c.fisher, count, self.stored_floats())
 
     def _distance(self, model: nn.Module) -> torch.Tensor:

@@ -56,6 +56,7 @@ from torch import nn
 
 from .. import distributed as dist_
 from .._util import Data, model_device_dtype
+from ..errors import DataError, UsageError
 from .base import EstimatorConfig, FSDEstimator, register
 from .curvature import check_curvature_config, curvature_batches, per_example_square_grads, reduce_sums
 from .taps import TAP_KINDS, LayerTaps, Tap, find_taps, token_counts
@@ -91,13 +92,14 @@ class KfacEstimator(FSDEstimator):
 
     Config = KfacConfig
     quadratic = True  # Hessian: per layer A (x) G (an embedding's diag(A) (x) G), per fallback its diagonal
+    renormalized_tables_ok = False
 
     def __init__(self, config: KfacConfig | None = None, **kwargs: Any) -> None:
         """An unfitted estimator (see :class:`FSDEstimator`); checks the curvature options."""
         super().__init__(config, **kwargs)
         check_curvature_config(self.config, ("mc", "exact", "empirical"))
         if self.cfg.unsupported not in ("error", "diag"):
-            raise ValueError(f"unknown unsupported={self.cfg.unsupported!r}; choose 'error' or 'diag'")
+            raise UsageError(f"unknown unsupported={self.cfg.unsupported!r}; choose 'error' or 'diag'")
         self.layers: list[Tap] = []
         self.A: dict[str, torch.Tensor] = {}
         self.G: dict[str, torch.Tensor] = {}
@@ -167,7 +169,7 @@ class KfacEstimator(FSDEstimator):
         for kind, d in (("A", self.A), ("G", self.G), ("diagonal", self.diag)):
             for n, v in d.items():
                 if not torch.isfinite(v).all():
-                    raise ValueError(f"kfac: the {kind} factor of {n!r} is not finite")
+                    raise DataError(f"kfac: the {kind} factor of {n!r} is not finite")
         log.info("kfac (%s): %d examples, %d layers, %d fallback parameters, %d floats", c.fisher, count,
                  len(layers), len(fallback), self.stored_floats())
 

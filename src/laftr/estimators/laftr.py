@@ -728,8 +728,8 @@ class LaftrExactEstimator(_LaftrBase):
             total = None
         else:
             total, scale = self._closed_form(net, p, p0, device, dtype)
-        if total is None or (dtype != torch.float64
-                             and not float(total.detach()) > PRECISION_MARGIN * torch.finfo(dtype).eps * scale):
+        if total is None or (dtype != torch.float64 and not float(total.detach())
+                             > PRECISION_MARGIN * torch.finfo(dtype).eps * scale):
             # in float32 (or less) a + b - 2c lost the distance to rounding: the outputs' second moments are
             # too large next to it (inputs of scale 1e6 gave -131072 for 0.15). In float64, back in the dtype.
             def wide(t: torch.Tensor) -> torch.Tensor:

@@ -72,12 +72,48 @@ def _jvp_by_double_vjp(f: Any, primals: dict[str, torch.Tensor], tangents: dict[
     return z.detach(), jv
 
 
+def _reverse_checked(lin: Any, primals: dict[str, torch.Tensor]) -> Any:
+    """``lin``, refusing by name a product that would be differentiated where it cannot be.
+
+    The forward-mode products through some ops cannot be differentiated again, by any of ntk's paths
+    (``nn.Hardsigmoid``: 'derivative for aten::hardsigmoid_backward is not implemented' in torch 2.13), which
+    the user's ``backward()`` met after the estimate had been returned. Checked once on a fixed direction;
+    such a map still gives values where no gradient is asked (under ``torch.no_grad()``, or a theta that
+    requires none).
+    """
+    probe = {n: torch.randn(p.shape, generator=torch.Generator(p.device).manual_seed(i), dtype=p.dtype,
+                            device=p.device).requires_grad_(p.is_floating_point())
+             for i, (n, p) in enumerate(primals.items())}
+    leaves = [v for v in probe.values() if v.requires_grad]
+    try:
+        with torch.enable_grad():
+            out = lin(probe)
+            if out.requires_grad and leaves:
+                torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+    except (NotImplementedError, RuntimeError) as e:
+        _reraise_out_of_memory(e)
+        if "derivative for" not in str(e):
+            raise
+        why = str(e).splitlines()[0]
+
+        def values_only(v: dict[str, torch.Tensor]) -> torch.Tensor:
+            if torch.is_grad_enabled() and any(t.requires_grad for t in v.values()):
+                raise UnsupportedOpError(
+                    f"ntk: the network's Jacobian products cannot be differentiated ({why}, an op of torch "
+                    "without a second derivative), so this estimate has no gradient; evaluate it under "
+                    "torch.no_grad(), or use laftr or subset, which differentiate it")
+            return lin(v)
+        return values_only
+    return lin
+
+
 @register("ntk")
 class NtkEstimator(CoresetEstimator):
     """``rho(f0, f0 + J dtheta)`` averaged over ``coreset_size`` stored inputs (linearized network)."""
 
     Config = CoresetConfig
     traces = False  # differentiates the module itself (its forward hooks included), but for _traced
+    renormalized_tables_ok = False
 
     def _traced(self, model: nn.Module) -> Any:
         """The traced network (cached per model), used only when the model's own ops lack forward-mode AD.
@@ -124,6 +160,7 @@ class NtkEstimator(CoresetEstimator):
             z0 = f(primals)
         with eval_mode(model):
             lin = tangent_map(f, primals, "ntk products")
+            lin = _reverse_checked(lin, primals)
         if keep:
             self.__dict__["_tangent_cache"] = (weakref.ref(model), p0, self.X, z0, lin, state)
         return z0, lin

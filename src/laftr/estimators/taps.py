@@ -35,7 +35,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from .._util import param_dict
-from ..errors import UnsupportedOpError
+from ..errors import UnsupportedOpError, UsageError
 from ..graph import ForwardMode, Layout, TracedNet, pruned_tensors, to_batch_first
 from ..metrics import select_outputs
 from ..rules.base import make_rule
@@ -246,7 +246,7 @@ def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
         else:
             refuse(mname, mod, why, list(dict.fromkeys(canonical[id(p)] for _, p in own)))
     if not taps and not fallback:
-        raise ValueError("the model has no trainable parameters")
+        raise UsageError("the model has no trainable parameters")
     return TapSet(net, taps, modules, list(dict.fromkeys(fallback)))
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._util import Data
+from ..errors import UsageError
 from .base import EstimatorConfig, FSDEstimator, register
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class WeightEstimator(FSDEstimator):
         scale = cast(WeightConfig, self.config).scale
         if (not isinstance(scale, (int, float)) or isinstance(scale, bool)
                 or not (scale >= 0 and scale < float("inf"))):
-            raise ValueError(f"scale must be a finite non-negative number, got {scale!r}")
+            raise UsageError(f"scale must be a finite non-negative number, got {scale!r}")
 
     def _fit(self, model: nn.Module, data: Data) -> None:
         log.info("weight estimator: theta0 recorded (%d parameter tensors)", len(list(model.parameters())))
@@ -64,7 +65,7 @@ class WeightEstimator(FSDEstimator):
             t = (p - p0[n]).pow(2).sum()
             total = t if total is None else total + t
         if total is None:
-            raise ValueError("the model has no parameters")
+            raise UsageError("the model has no parameters")
         return 0.5 * float(cast(WeightConfig, self.config).scale) * total
 
     def stored_floats(self) -> int:

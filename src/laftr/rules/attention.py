@@ -15,8 +15,12 @@ Linearized at theta0 (METHOD.md section 6), every op becomes affine in the chang
   0 is ``c s0 + r``): per row of the pattern we store the exact mean pattern ``E[A0]`` and the mean squared
   norm ``E[sum_j A0_j^2]`` and draw from the Dirichlet law with that mean whose expected squared norm is the
   stored one (LIFTR also moment-matches a Dirichlet). Rows that theta0 makes one-hot on every input are drawn
-  as categorical one-hot rows (the Dirichlet's limit). Masked positions (``-inf`` logits, the same in both
-  streams) stay at zero.
+  as categorical one-hot rows (the Dirichlet's limit). Masked positions stay at zero: a key is hidden from a
+  row where theta0's logit is ``-inf`` or so far below the row's largest that its softmax weight is exactly
+  zero (:func:`hidden_keys`: a finite fill, ``-1e9`` or ``torch.finfo(dtype).min``, hides as ``-inf`` does).
+  A row with no visible key (every logit ``-inf``: a sequence that is all padding, which an input model can
+  draw) attends to nothing, in every mode: its pattern is zero, as in ``F.scaled_dot_product_attention``
+  (:func:`softmax_or_zero`).
 - **Attention** (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) is these pieces composed:
   scores ``q k^T * scale (+ mask)`` (bilinear), softmax, ``A v`` (bilinear), all at theta0's values. Its site
   stores the attention pattern law of its heads.
@@ -212,14 +216,54 @@ class PatternSite(Rule):
         raise self.no_closed_form()
 
 
-def _within_mask(a: Tensor, l0: Tensor, dim: int) -> Tensor:
-    """A drawn pattern restricted to the keys this example may attend to (finite logits), renormalized.
+#: how far below its row's largest logit a key's logit must lie to count as hidden by a mask
+#: (:func:`hidden_keys`): beyond it the key's softmax weight is exactly zero even in float64 (``exp(-746)``
+#: underflows to 0)
+HIDDEN_MARGIN: float = 746.0
 
-    The stored law puts no mass on keys a constant mask hides, so this changes nothing then; with a mask
-    computed from each input (padding) the law mixes examples, and a draw must not attend to this one's
-    padding (a row whose drawn mass is all on hidden keys gets the uniform pattern over its visible ones).
+
+def hidden_keys(l0: Tensor, dim: int) -> Tensor:
+    """The keys a mask hides from each row of theta0's logits ``l0`` (softmax along ``dim``): True if hidden.
+
+    A key is hidden where its logit is ``-inf`` or more than :data:`HIDDEN_MARGIN` below its row's largest,
+    where its softmax weight is exactly zero: masks filled with ``-inf`` and with a finite value (``-1e4``,
+    ``-1e9``, ``torch.finfo(dtype).min``, Hugging Face's idiom; a float ``key_padding_mask``) hide the same
+    keys. A fixed margin rather than the underflow of the network's own dtype: in float16 a gap of about 17
+    underflows, and a sharp but unmasked head must not be taken for a mask.
     """
-    hidden = torch.isneginf(l0)
+    l0 = l0.detach()
+    return torch.isneginf(l0) | (l0 - l0.amax(dim, keepdim=True) < -HIDDEN_MARGIN)
+
+
+def softmax_or_zero(logits: Tensor, dim: int, none: Tensor | None = None) -> Tensor:
+    """``softmax(logits)`` along ``dim``, with the zero pattern for a row whose every logit is ``-inf``.
+
+    Such a row has no key to attend to (a sequence that is all padding): torch's softmax gives NaN there, and
+    ``F.scaled_dot_product_attention`` gives zero (in both grad modes; so does ``nn.MultiheadAttention`` with
+    ``need_weights=False`` and gradients on), the convention taken here in every mode.
+    Where the network uses torch's softmax (by hand, or ``nn.MultiheadAttention`` with ``need_weights=True``),
+    its data has no such row (the network would be NaN there), but an input model that draws positions
+    independently (``input_model="tokens"``) draws them, and a NaN there would be every estimate. Elsewhere
+    this is ``torch.softmax`` bit for bit, without a branch on values (vmap-safe); the hidden rows' logits
+    are replaced before the softmax so that no NaN reaches the gradients. ``none``: those rows (keeping the
+    axis), where the caller knows them.
+    """
+    if none is None:
+        none = logits.detach().amax(dim, keepdim=True) == -math.inf
+    return torch.softmax(logits.masked_fill(none, 0), dim).masked_fill(none, 0)
+
+
+def _within_mask(a: Tensor, l0: Tensor, dim: int) -> Tensor:
+    """A drawn pattern restricted to the keys this example may attend to, renormalized.
+
+    The keys hidden are those of :func:`hidden_keys` (``-inf`` logits and finite fills alike: the same network
+    written with either mask gets the same draws). The stored law puts no mass on keys a constant mask hides,
+    so this changes nothing then; with a mask computed from each input (padding) the law mixes examples, and
+    a draw must not attend to this one's padding (a row whose drawn mass is all on hidden keys gets the
+    uniform pattern over its visible ones, and a row with no visible key the zero pattern, as
+    :func:`softmax_or_zero` gives it).
+    """
+    hidden = hidden_keys(l0, dim)
     if not bool((a.masked_fill(~hidden, 0) != 0).any()):
         return a
     a = a.masked_fill(hidden, 0)
@@ -234,13 +278,14 @@ def linearized_softmax(rule: PatternSite, mode: Any, logits: tuple[Tensor, ...],
     """The softmax of each stream's logits, linearized at theta0's pattern.
 
     theta0's pattern ``A0`` is the exact softmax of stream 0 in the ``own`` mode and a draw from the stored
-    law in the ``sample`` mode; the other streams get ``A0 + J(A0)(l_s - l0)``.
+    law in the ``sample`` mode, zero in a row with no visible key in both; the other streams get
+    ``A0 + J(A0)(l_s - l0)``.
     """
     l0 = logits[0]
     if mode.method == "sample":
         a0 = _within_mask(rule.draw(mode, l0, dim), l0, dim)
     else:
-        a0 = torch.softmax(l0, dim)
+        a0 = softmax_or_zero(l0, dim)
     return (a0, *(a0 + softmax_tangent(a0, logit_change(lg, l0), dim) for lg in logits[1:]))
 
 
@@ -634,7 +679,10 @@ class CosineSimilarityRule(TangentRule):
 # ---------------------------------------------------------------------------------------------- softmax
 @register(nn.Softmax, F.softmax, torch.softmax, "softmax")
 class SoftmaxRule(PatternSite):
-    """Softmax over data (attention weights), linearized at theta0's pattern."""
+    """Softmax over data (attention weights), linearized at theta0's pattern.
+
+    A row whose every logit is ``-inf`` gets the zero pattern in every mode (:func:`softmax_or_zero`).
+    """
 
     family = "softmax"
 
@@ -662,8 +710,9 @@ class SoftmaxRule(PatternSite):
             raise self.refuse("a softmax over the batch axis mixes the examples of a batch")
         return d
 
-    #: the op itself (``log_softmax`` for :class:`LogSoftmaxRule`)
-    exact: ClassVar[Callable[..., Tensor]] = staticmethod(torch.softmax)
+    #: the op itself (``log_softmax`` for :class:`LogSoftmaxRule`); a row of ``-inf`` logits gets the zero
+    #: pattern (:func:`softmax_or_zero`), where torch's softmax gives NaN
+    exact: ClassVar[Callable[..., Tensor]] = staticmethod(softmax_or_zero)
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """Every stream's exact op."""
@@ -675,9 +724,9 @@ class SoftmaxRule(PatternSite):
         """theta0's exact op, recording its pattern (the softmax)."""
         x = self.data_input(args, kwargs)
         d = self._dim(x.vals[0])
-        a0 = torch.softmax(x.vals[0], d)
+        a0 = softmax_or_zero(x.vals[0], d)
         self.record(mode, a0, d)
-        return Pair((a0 if self.exact is torch.softmax else self.exact(x.vals[0], d),), True)
+        return Pair((a0 if self.exact is softmax_or_zero else self.exact(x.vals[0], d),), True)
 
     def _linear(self, mode: Any, args: Any, kwargs: Any) -> Any:
         x = self.data_input(args, kwargs)
@@ -796,6 +845,18 @@ def _mask_bias(mask: Tensor | None, like: Tensor) -> Tensor | None:
     return mask.to(like.dtype)
 
 
+def _is_causal_bias(bias: Tensor, L: int, S: int) -> bool:
+    """Whether an additive mask (broadcastable to ``(..., L, S)``) is the causal one.
+
+    It hides exactly the keys after each query (``-inf``, or a finite fill below ``-HIDDEN_MARGIN``, which
+    hides as ``-inf`` does; :func:`hidden_keys`) and adds 0 to the others: the mask torch's ``is_causal``
+    applies (:func:`_causal_bias`), whichever of the two torch uses.
+    """
+    after = torch.ones(L, S, dtype=torch.bool, device=bias.device).triu(1)
+    hides = bias.detach() <= -HIDDEN_MARGIN
+    return bool((hides == after).all()) and bool((bias.detach().masked_fill(after, 0) == 0).all())
+
+
 def _allowed(mask: Tensor | None) -> Tensor | None:
     """A MultiheadAttention mask in SDPA's convention (bool: True takes part).
 
@@ -817,10 +878,15 @@ def attention_core(rule: PatternSite, mode: Any, qs: tuple[Tensor, ...], ks: tup
     # exactly (``linearize="activations"``: the attention is then no site, and records nothing)
     exact = getattr(mode, "exact", None) is not None and mode.exact(rule)
     if mode.method in ("forward", "fit") or exact:
+        # a row with no visible key attends to nothing, as in torch's SDPA (softmax_or_zero): the rows the
+        # mask hides whole (the scores are finite), read off the mask, which never depends on the parameters
+        # (a branch on it is vmap-safe); without such rows, torch's softmax as it is
+        none = None if bias is None else bias.detach().amax(-1, keepdim=True) == -math.inf
+        none = none if none is not None and bool(none.any()) else None
         outs = []
         for s, (q, k, v) in enumerate(zip(qs, ks, vs, strict=True)):
             lg = scores(q, k) if bias is None else scores(q, k) + bias
-            a = torch.softmax(lg, -1)
+            a = torch.softmax(lg, -1) if none is None else softmax_or_zero(lg, -1, none)
             if s == 0 and mode.method == "fit" and not exact:
                 rule.record(mode, a, -1)
             outs.append(a @ v)
@@ -901,9 +967,20 @@ class SdpaRule(PatternSite):
 class MultiheadAttentionRule(PatternSite):
     """``nn.MultiheadAttention``: input projections, attention linearized at theta0, output projection.
 
-    ``batch_first`` either way, ``attn_mask``, ``key_padding_mask``, ``is_causal`` with a mask, and
+    ``batch_first`` either way, ``attn_mask``, ``key_padding_mask``, ``is_causal`` with a causal mask, and
     ``need_weights=False`` (or the default ``True`` with the weights unused). Its projections are tapped as
     linear layers by K-FAC and diag-Fisher.
+
+    ``is_causal=True`` is torch's hint that ``attn_mask`` is the causal mask, and torch acts on it only on
+    some paths: without a mask it refuses the call with gradients on and applies no mask with them off; with
+    a mask that is not causal it applies the mask on some paths and the causal mask on others
+    (``need_weights=False`` without a ``key_padding_mask``, depending on the mask's type and the grad mode).
+    Such a network has no one function, and both calls are refused, naming the flag and the fix; with the
+    causal mask every path agrees and the mask is applied. The mask is checked on its values at every call (a
+    constant, or one computed from the input, whose every batch is then checked). Where a pass runs refused
+    ops through torch itself (``gates="none"``, ``linearize="activations"``), torch's own call stands: its
+    error without a mask, and with a mask the function of its grad mode, which the fit's check of both grad
+    modes refuses where they differ.
     """
 
     family = "multihead_attention"
@@ -942,6 +1019,29 @@ class MultiheadAttentionRule(PatternSite):
         m = self.module
         assert isinstance(m, nn.MultiheadAttention)
         return {"heads": m.num_heads, "batch_first": m.batch_first}
+
+    def _check_causal(self, bias: Tensor | None, L: int, S: int) -> None:
+        """Refuse ``is_causal=True`` with no ``attn_mask`` or with one that is not causal (see the class)."""
+        via = ""
+        if self.prefix.rpartition(".")[2] in ("self_attn", "multihead_attn"):  # torch.nn's layers' names
+            via = (" (in a torch.nn transformer layer: the is_causal / tgt_is_causal / memory_is_causal "
+                   "given to the layer, or to the nn.TransformerEncoder / TransformerDecoder / Transformer "
+                   "around it)")
+        if bias is None:
+            raise self.refuse(
+                f"is_causal=True without an attn_mask{via}: torch refuses this call with gradients on "
+                "('Need attn_mask if specifying the is_causal hint') and applies no mask with them off, so "
+                "the network has no one function; pass the causal mask itself (attn_mask= / mask= / "
+                "src_mask= / tgt_mask=nn.Transformer.generate_square_subsequent_mask(L)), or leave is_causal "
+                "at False if no causal mask is meant")
+        if not _is_causal_bias(bias, L, S):
+            raise self.refuse(
+                f"is_causal=True with an attn_mask that is not the causal mask{via}: is_causal is a hint "
+                "that the mask is causal, and torch applies the given mask on some paths and a causal mask "
+                "in its place on others (need_weights=False without a key_padding_mask, depending on the "
+                "mask's type and on whether gradients are on), so the network has no one function; pass "
+                "is_causal=True only with the causal mask (nn.Transformer.generate_square_subsequent_mask(L))"
+                ", or leave it at False to apply this mask")
 
     def projections(self, params: dict[str, Tensor]) -> tuple[tuple[Tensor, Tensor | None], ...]:
         """``((Wq, bq), (Wk, bk), (Wv, bv), (Wo, bo))`` of one stream."""
@@ -1013,8 +1113,8 @@ class MultiheadAttentionRule(PatternSite):
         bias = _mask_bias(_allowed(stream_of(amask, 0)), like)
         if bias is not None and bias.ndim == 3:  # (B * H, L, S)
             bias = bias.view(-1, H, L, S)
-        if is_causal and bias is None:
-            bias = _causal_bias(L, S, like)
+        if is_causal:
+            self._check_causal(bias, L, S)
         kb = _mask_bias(_allowed(stream_of(kpm, 0)), like)
         if kb is not None:
             kb = kb.view(kb.shape[0], 1, 1, S)

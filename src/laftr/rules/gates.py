@@ -344,9 +344,9 @@ class SmoothGate(GateRule):
         c = self.slope(s0, mode, args, kwargs).to(torch.float64)
         r = a0.to(torch.float64) - c * s0.to(torch.float64)
         if not (torch.isfinite(c).all() and torch.isfinite(r).all()):
-            raise ValueError(f"{self.describe()}: its value or slope at theta0 is not finite on some of "
-                             "the data (an input outside or at the edge of the op's domain, e.g. log(0), "
-                             "sqrt(0), 1/0); keep its input inside the domain, e.g. with an epsilon")
+            raise self.refuse("its value or slope at theta0 is not finite on some of the data (an input "
+                              "outside or at the edge of the op's domain, e.g. log(0), sqrt(0), 1/0); keep "
+                              "its input inside the domain, e.g. with an epsilon")
         for key, val in (("c", c), ("r", r), ("cc", c * c), ("cr", c * r), ("rr", r * r)):
             mode.add(self.name, key, val)
         return Pair((a0,), True)

@@ -38,21 +38,33 @@ def _pool_geometry(pool: dict[str, Any]) -> tuple[tuple[int, int], ...]:
 
 def pool_windows(v: torch.Tensor, pool: dict[str, Any],
                  pad_value: float) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Windows of a max pool as ``(B, C, K, L)`` (K positions per window, L windows) and the output shape."""
-    if pool.get("ceil_mode"):
-        raise UnsupportedOpError("max pooling with ceil_mode=True is not supported by window statistics")
+    """Windows of a max pool as ``(B, C, K, L)`` (K positions per window, L windows) and the output shape.
+
+    Positions outside the input (``padding``, and with ``ceil_mode`` the part of a last window that runs past
+    the padded input) hold ``pad_value``.
+    """
     k, s, p, d = _pool_geometry(pool)
     x = v.unsqueeze(2) if pool["dims"] == 1 else v
     if x.ndim != 4:
         raise UnsupportedOpError(f"max pooling input of shape {tuple(v.shape)} is not supported")
     B, C, H, W = x.shape
-    if p != (0, 0):
-        x = F.pad(x, (p[1], p[1], p[0], p[0]), value=pad_value)
+
+    def windows(size: int, i: int) -> int:  # torch's output size along axis i
+        span = size + 2 * p[i] - d[i] * (k[i] - 1) - 1
+        if not pool.get("ceil_mode"):
+            return span // s[i] + 1
+        n = -(-span // s[i]) + 1
+        return n - 1 if (n - 1) * s[i] >= size + p[i] else n  # the last window must start inside
+
+    Ho, Wo = windows(H, 0), windows(W, 1)
+    # padding, and on the bottom / right what a ceil_mode window reads past it
+    extra = [max(0, (n - 1) * s[i] + d[i] * (k[i] - 1) + 1 - (size + 2 * p[i]))
+             for i, (n, size) in enumerate(((Ho, H), (Wo, W)))]
+    if p != (0, 0) or any(extra):
+        x = F.pad(x, (p[1], p[1] + extra[1], p[0], p[0] + extra[0]), value=pad_value)
     cols = F.unfold(x, k, dilation=d, stride=s)  # (B, C*K, L)
     K = k[0] * k[1]
     cols = cols.view(B, C, K, -1)
-    Ho = (H + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    Wo = (W + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
     out_shape = (B, C, Wo) if pool["dims"] == 1 else (B, C, Ho, Wo)
     return cols, out_shape
 
