@@ -327,3 +327,14 @@ def test_a_network_that_returns_one_number_per_batch_is_named():
     model = Total()
     with pytest.raises(UsageError, match="one number for the whole batch"):
         laftr.exact_fsd(model, copy.deepcopy(model), torch.randn(16, 6))
+
+
+def test_uint8_images_into_a_conv_with_a_bias_are_named_with_the_fix():
+    """A Conv2d with a bias raises 'Input type (unsigned char) and bias type (float) should be the same',
+    which the dtype hint did not recognise (torch's RuntimeError came out of exact_fsd and every fit)."""
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    X = torch.randint(0, 255, (10, 1, 6, 6), dtype=torch.uint8)
+    for run in (lambda: laftr.exact_fsd(m, m, X), lambda: laftr.make_estimator("subset").fit(m, X),
+                lambda: laftr.make_estimator("kfac").fit(m, X)):
+        with pytest.raises(DataError, match=r"uint8.*X.float\(\) / 255"):
+            run()

@@ -221,6 +221,26 @@ def test_solver_stops_at_the_objectives_noise_floor():
     torch.testing.assert_close(u, torch.linalg.solve(A, b), rtol=1e-5, atol=0)
 
 
+def test_solver_takes_a_point_within_the_noise_that_meets_the_tolerance():
+    """Near the tolerance an objective's rounding can hide the decrease to a point whose gradient meets the
+    tolerance: the Armijo test rejected it, the line search backtracked into the noise and the solve ended
+    ``stalled`` beside its solution (a float32-history PBRF solve did, after a change of the KL's rounding of
+    1e-14). Such a point, within ``stall_ftol`` of the objective, ends the solve as ``gradient``."""
+    from laftr.influence.pbrf import _lbfgs
+
+    u0 = torch.full((3,), 1e-6, dtype=DT)
+
+    def bumped(u):  # the quadratic 0.5 |u|^2 plus a bump of 3e-12 (noise) everywhere closer to 0 than u0
+        f = 0.5 * float(u @ u) + (3e-12 if float(u.norm()) < 0.999 * float(u0.norm()) else 0.0)
+        return f, u.clone()
+
+    kw = {"max_iter": 50, "history": 10, "max_step": 10.0, "radius": 1e9}
+    u, it, status = _lbfgs(bumped, u0.clone(), tol=1e-7, **kw)
+    assert status == "gradient" and float(u.abs().max()) <= 1e-7
+    u, it, status = _lbfgs(bumped, u0.clone(), tol=1e-7, stall_window=0, **kw)  # the rule off: no point taken
+    assert status != "gradient"
+
+
 def test_pbrf_with_estimator_is_stationary_for_its_own_objective():
     """pbrf-laftr-exact: the estimated objective's gradient vanishes at the solution (ReLU MLP, smooth D-hat)."""
     model = _relu_net(k=1)

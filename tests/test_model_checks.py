@@ -741,3 +741,18 @@ def test_float32_rounding_with_large_inputs_is_not_taken_for_mixing():
 
     with pytest.raises(UnsupportedOpError, match="mixes the examples"):
         laftr.make_estimator("subset").fit(Centred(), X)
+
+
+def test_the_exact_fsd_with_gradients_refuses_a_forward_that_depends_on_the_gradient_mode(float64):
+    """``exact_fsd(..., grad=True)`` and ``exact_fsd_and_grad`` run model_a without gradients and model_b with
+    them: 0.046 for two copies of torch.nn's TransformerEncoder with a padding mask. Refused; without
+    gradients both run the same path (0 for two copies)."""
+    ids = torch.randint(1, 7, (12, 5), generator=torch.Generator().manual_seed(0))
+    ids[::2, 3:] = 0
+    model = _GradModeEncoder().eval()
+    twin = copy.deepcopy(model)
+    assert float(laftr.exact_fsd(model, twin, ids)) == 0.0
+    with pytest.raises(UnsupportedOpError, match="gradients on than with gradients off"):
+        laftr.exact_fsd(model, twin, ids, grad=True)
+    with pytest.raises(UnsupportedOpError, match="gradients on than with gradients off"):
+        laftr.exact_fsd_and_grad(model, twin, ids)

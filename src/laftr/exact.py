@@ -22,7 +22,7 @@ from ._util import (
     values_digest,
 )
 from .errors import DataError, UsageError
-from .graph import check_deterministic, check_per_example
+from .graph import PROBE_EXAMPLES, check_deterministic, check_per_example, check_traced_graph
 from .metrics import check_metric, check_outputs, discrepancy, run_network
 
 
@@ -42,6 +42,17 @@ def _moved(x: torch.Tensor, where: tuple[torch.device, torch.dtype]) -> torch.Te
     return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
 
 
+def _widened(z0: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z0`` and ``z`` in (at least) float32, for the per-example discrepancies of float16/bfloat16 outputs.
+
+    The outputs' values are kept (every float16 or bfloat16 number is a float32 one); only the discrepancy
+    of each example is computed wider: in float16 a squared difference overflows above 65504, and a KL below
+    float16's normal range (6e-5) keeps few digits.
+    """
+    wide = torch.promote_types(torch.promote_types(z0.dtype, z.dtype), torch.float32)
+    return z0.to(wide), z.to(wide)
+
+
 def _check_deterministic(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor,
                          ref: tuple[torch.device, torch.dtype]) -> None:
     """Refuse random networks and networks that mix the examples of a batch: they have no exact FSD.
@@ -52,6 +63,45 @@ def _check_deterministic(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor
     check_deterministic(model_b, x, "model_b")
     check_per_example(model_a, _moved(x, ref))
     check_per_example(model_b, x)
+
+
+class _Probe:
+    """The first :data:`~laftr.graph.PROBE_EXAMPLES` examples of a pass, gathered across its first batches.
+
+    The checks of :func:`_check_deterministic` need two examples or more in one batch to see a network that
+    mixes them; a loader of batch size 1 (or ``batch_size=1``) gives one per batch, so the check is made once
+    on the first examples of the first batches, during the pass (no second pass over the data, which may be a
+    one-shot stream), holding no more than those few examples.
+    """
+
+    def __init__(self, model_a: nn.Module, model_b: nn.Module, ref: tuple[torch.device, torch.dtype],
+                 grad: bool = False) -> None:
+        self.models = (model_a, model_b)
+        self.ref = ref
+        self.grad = grad  # model_b runs with gradients, model_a without: their functions must agree
+        self.xs: list[torch.Tensor] = []
+        self.count = 0
+        self.done = False
+
+    def add(self, x: torch.Tensor) -> None:
+        """Keep the first examples of batch ``x`` until there are enough; then check them (once)."""
+        if self.done:
+            return
+        self.xs.append(x[: PROBE_EXAMPLES - self.count])
+        self.count += self.xs[-1].shape[0]
+        if self.count >= PROBE_EXAMPLES:
+            self.finish()
+
+    def finish(self) -> None:
+        """Check the examples kept (at the end of the data if it has fewer than the probe's number)."""
+        if self.done or not self.xs:
+            return
+        self.done = True
+        x = self.xs[0] if len(self.xs) == 1 else torch.cat(self.xs)
+        self.xs = []
+        _check_deterministic(*self.models, x, self.ref)
+        if self.grad:  # (TransformerEncoder's fused inference path: 0.046 at model_a == model_b)
+            check_traced_graph(self.models[1], x, hooks=False, grad_off=False)
 
 
 def exact_fsd(
@@ -69,7 +119,9 @@ def exact_fsd(
 
     ``model_a`` is the reference (theta0): ``kl`` is ``KL(p_a || p_b)``. Both models are evaluated
     in eval mode (dropout off, batch norm on running statistics) and put back as they were. Each model reads
-    the inputs in its own floating dtype and on its own device; the discrepancy is computed in ``model_b``'s.
+    the inputs in its own floating dtype and on its own device; the discrepancy is computed from the outputs
+    in ``model_b``'s dtype, in at least float32 for each example, and summed over the examples in float64 (a
+    float16 or bfloat16 running sum overflows or drifts over a large data set).
 
     Args:
         model_a: reference network.
@@ -92,6 +144,9 @@ def exact_fsd(
 
     Raises:
         UsageError: in a distributed call, ranks with different models or options (on every rank).
+        UnsupportedOpError: a random network, or one that mixes the examples of a batch (checked once, on the
+            first examples of the data, gathered across its first batches when they hold fewer, as a loader
+            of batch size 1 does).
     """
     def checks() -> bool:
         check_metric(metric)
@@ -108,17 +163,18 @@ def exact_fsd(
     def local() -> tuple[torch.Tensor | None, int]:
         total = None
         count = 0
+        probe = _Probe(model_a, model_b, ref, grad)
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx:
             for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress,
                              desc="exact FSD"):
                 z0 = _reference(model_a, x, ref)
                 z = run_network(model_b, x)
-                if count == 0:  # (after the outputs were found to be tensors of examples)
-                    _check_deterministic(model_a, model_b, x, ref)
-                d = discrepancy(z0.to(z), z, metric, outputs).sum()
+                probe.add(x)  # (after the outputs were found to be tensors of examples)
+                d = discrepancy(*_widened(z0.to(z), z), metric, outputs).to(torch.float64).sum()
                 total = d if total is None else total + d
                 count += x.shape[0]
+            probe.finish()
         return total, count
 
     with eval_mode(model_a, model_b), allow_empty_data(on):
@@ -131,10 +187,10 @@ def exact_fsd(
             raise DataError(EMPTY_DATA)
         value = (sums["total"][0] / n).to(device=device, dtype=dtype)
         if grad and total is not None:  # this rank's part of the gradient; the value stays the global one
-            value = value + (total - total.detach()) / n
+            value = value + ((total - total.detach()) / n).to(dtype)
         return value
     assert total is not None
-    return total / count
+    return (total / count).to(dtype)
 
 
 def _check_ranks(what: str, model_a: nn.Module, model_b: nn.Module, metric: str,
@@ -168,6 +224,10 @@ def exact_fsd_and_grad(
     and the example count are all-reduced, so every rank returns the distance and the gradient over all the
     ranks' data (the same numbers on every rank). ``distributed=False``: this process's data only.
 
+    The discrepancies are summed in float64 and the gradients in at least float32, each returned in its
+    tensor's dtype. A random network, or one that mixes the examples of a batch, is refused as by
+    :func:`exact_fsd`.
+
     Returns:
         ``(distance, {parameter name: gradient})``; the distance is detached.
     """
@@ -189,24 +249,27 @@ def exact_fsd_and_grad(
         _check_ranks("exact_fsd_and_grad", model_a, model_b, metric, outputs,
                      trainable=names)
     def local() -> tuple[torch.Tensor, list[torch.Tensor], int]:
-        grads = [torch.zeros_like(p) for p in params]
+        # the gradients summed in at least float32: a float16 sum overflows, a bfloat16 one drifts
+        grads = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
         total = torch.zeros((), dtype=torch.float64, device=device)
         count = 0
+        probe = _Probe(model_a, model_b, ref, grad=True)
         for x, _ in tqdm(iter_batches(data, batch_size, device, dtype), disable=not progress,
                          desc="exact FSD+grad"):
             z0 = _reference(model_a, x, ref)
             with torch.enable_grad():
                 z = run_network(model_b, x)
-            if count == 0:  # (after the outputs were found to be tensors of examples)
-                _check_deterministic(model_a, model_b, x, ref)
+            probe.add(x)  # (after the outputs were found to be tensors of examples)
             with torch.enable_grad():
-                d = discrepancy(z0.to(device=device, dtype=dtype), z, metric, outputs).sum()
+                d = discrepancy(*_widened(z0.to(device=device, dtype=dtype), z), metric, outputs)
+                d = d.to(torch.float64).sum()
                 gs = torch.autograd.grad(d, params, allow_unused=True)
             for acc, g in zip(grads, gs, strict=True):
                 if g is not None:
                     acc.add_(g)
-            total += d.detach().to(torch.float64)
+            total += d.detach()
             count += x.shape[0]
+        probe.finish()
         return total, grads, count
 
     with eval_mode(model_a, model_b), allow_empty_data(on):
@@ -220,4 +283,5 @@ def exact_fsd_and_grad(
         value = (sums["total"][0] / n).to(device=device, dtype=dtype)
         return value, {name: (sums[f"grad/{i}"] / n).to(device=p.device, dtype=p.dtype)
                        for i, (name, p) in enumerate(zip(names, params, strict=True))}
-    return (total / count).to(dtype), {n: g / count for n, g in zip(names, grads, strict=True)}
+    return (total / count).to(dtype), {n: (g / count).to(p.dtype)
+                                       for n, g, p in zip(names, grads, params, strict=True)}

@@ -11,6 +11,7 @@ discrepancies of shape ``(B,)``. ``z0`` is always the reference network's output
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._util import is_batched
 from .errors import DataError, UsageError
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -31,10 +33,106 @@ def _l2_probs(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.softmax(z, -1) - F.softmax(z0, -1)).pow(2).sum(-1)
 
 
+#: ``1/(k+2)!`` for k = 0..15: the series ``g(c) = expm1(c) - c = c^2 sum_k c^k / (k+2)!``, whose
+#: remainder is below float64's rounding for ``|c| <= _KL_SERIES`` (float32 needs the first 8 terms).
+_KL_SERIES_COEFFS = tuple(1.0 / math.factorial(k + 2) for k in range(16))
+#: ``|c|`` up to which ``g(c)`` is summed from its series; beyond it ``exp(log p0 + c) - p0 (1 + c)`` cancels
+#: by a factor of ~10 at most (float32 KLs within 5e-6 relative of the true ones in tests; the textbook
+#: form's were up to 60x off on confident examples).
+_KL_SERIES = 0.5
+#: a bound on ``log p0_k + c_k`` under which no term of ``E_p0[exp(c)]`` overflows, even in float32 summed
+#: over ~10^20 classes; an example beyond it has ``KL > _KL_BIG`` and takes the logsumexp form, accurate to
+#: rounding relative to such a KL.
+_KL_BIG = 40.0
+
+
 def _kl(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(z0) || softmax(z))`` per example, free of cancellation (see :func:`_kl_general`).
+
+    With ``d = z - z0``, ``m = E_p0[d]`` (held constant) and ``c = d - m`` the KL is ``log E_p0[exp(c)] -
+    E_p0[c]``, computed as ``log1p(E_p0[expm1(c)]) - E_p0[c]``: ten plain ops, as fast as the textbook
+    form (the general form's series and branches made the metric 3-7x slower, and it is in every step of a
+    KL regularizer), 0 at ``z == z0`` with a gradient of exactly 0 there. Its rounding is relative to the
+    terms ``p0 c``, not to the log-probabilities, and it works in float64 for float64 outputs and for
+    outputs of up to ``_KL_WIDE`` values (where the cost is the ops' overhead), else in float32 (bfloat16 and
+    float16 upcast): in float32 within 1e-3 of the KL at a change of the logits of 1e-4 and 3 % at 1e-6,
+    where the textbook form was off by 2-8x and 10^4x. Masked (-inf) logits and changes that overflow the
+    exponential (an example whose result is not finite) take :func:`_kl_general`, as do values batched by
+    ``torch.func.vmap``, where no branch on values is possible.
+    """
+    if is_batched([z0, z]):
+        return _kl_general(z0, z)
+    out = torch.promote_types(z0.dtype, z.dtype)
+    work = torch.float64 if out == torch.float64 or z.numel() <= _KL_WIDE else torch.float32
+    d = z.to(work) - z0.to(work)
+    p0 = F.softmax(z0.to(work), -1)
+    c = d - (p0 * d).sum(-1, keepdim=True).detach()
+    kl = torch.log1p((p0 * torch.expm1(c)).sum(-1)) - (p0 * c).sum(-1)
+    if not bool(torch.isfinite(kl.detach()).all()):
+        return _kl_general(z0, z)
+    return kl.to(out)
+
+
+#: outputs of up to this many values compute the KL in float64 (see :func:`_kl`)
+_KL_WIDE = 1 << 12
+
+
+def _kl_general(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(z0) || softmax(z))`` per example, free of cancellation, in at least float32.
+
+    The textbook ``sum p0 (log p0 - log p)`` subtracts log-probabilities of size ~1 to find a KL that may be
+    1e-9: its rounding (in bfloat16 and float16 larger than the KL, even negative; in float32 a 4.5x
+    overestimate at a perturbation of 1e-4) swamps it. With ``d = z - z0`` and ``c = d - E_p0[d]`` the KL
+    is ``log E_p0[exp(c)]`` (the log-partition terms cancel exactly), computed here as
+    ``log1p(delta + G) - delta`` with ``delta = E_p0[c]`` (0 but for rounding, whose error this form
+    cancels to second order) and ``G = E_p0[expm1(c) - c]``, a sum of non-negative terms: no cancellation,
+    and exactly 0 with a zero gradient at ``z == z0``. An example whose terms could overflow (some
+    ``log p0_k + c_k`` above ``_KL_BIG``: its KL exceeds it) takes ``logsumexp(log p0 + c) - delta``
+    instead (huge logits), chosen per example with ``torch.where`` on clamped arguments, so that
+    ``torch.func.vmap`` and ``grad`` run it and no gradient is NaN. Classes that ``z0`` gives zero
+    probability (``-inf`` logits, a mask) add no term (the textbook form gives ``0 * inf = NaN``), only
+    through the mass ``z`` gives them, which lowers ``p`` on the others; a class with ``p0 > 0`` that ``z``
+    masks makes the KL ``+inf``. Computed in float64 for float64 outputs, else in float32
+    (bfloat16 and float16 outputs too, and under autocast); returned in the outputs' dtype.
+    """
+    out_dtype = torch.promote_types(z0.dtype, z.dtype)
+    work = torch.promote_types(out_dtype, torch.float32)
+    z0, z = z0.to(work), z.to(work)
     logp0 = F.log_softmax(z0, -1)
-    logp = F.log_softmax(z, -1)
-    return (logp0.exp() * (logp0 - logp)).sum(-1)
+    p0 = logp0.exp()
+    seen = logp0 > -math.inf  # classes z0 gives a probability
+    lost = seen & (z == -math.inf)  # ... that z gives none: KL = +inf
+    d = torch.where(seen & ~lost, z - z0, 0.0)
+    m = (p0 * d).sum(-1, keepdim=True)
+    c = d - m
+    delta = (p0 * c).sum(-1)
+    shifted = logp0 + c  # log(p0 exp(c)); -inf on the classes z0 does not see
+    # p0 (expm1(c) - c) per class: near 0, where that difference cancels, its value from its series (summed
+    # without a graph) and its gradient from expm1(c) - c (p0 expm1(c): no cancellation); elsewhere
+    # exp(log p0 + c) - p0 (1 + c), clamped so that neither branch overflows in an example of the other form
+    near = c.clamp(-_KL_SERIES, _KL_SERIES)
+    coeffs = _KL_SERIES_COEFFS if work == torch.float64 else _KL_SERIES_COEFFS[:8]
+    x = near.detach()
+    poly = torch.full_like(x, coeffs[-1])
+    for coeff in reversed(coeffs[:-1]):
+        poly = poly * x + coeff
+    direct = torch.expm1(near) - near
+    series = (x * x * poly) + (direct - direct.detach())
+    far = torch.exp(shifted.clamp(max=_KL_BIG)) - p0 * (1 + c)
+    terms = torch.where(c.abs() <= _KL_SERIES, p0 * series, far)
+    small = torch.log1p((delta + terms.sum(-1)).clamp(min=-0.5)) - delta
+    large = torch.logsumexp(shifted, -1) - delta
+    kl = torch.where(shifted.amax(-1) > _KL_BIG, large, small)
+    # the mass z gives the classes z0 does not see lowers p on the others: + log(1 + its odds), a softplus of
+    # the difference of the logsumexps of z outside and inside them (inside: LSE(z0) + m + log E_p0[exp(c)]);
+    # outside them, the other classes count as the dtype's lowest number (not -inf: a row without such mass
+    # would give a NaN gradient), and add nothing
+    unseen = ~seen & (z > -math.inf)
+    outside = torch.logsumexp(torch.where(unseen, z, torch.finfo(work).min), -1)
+    inside = z0.amax(-1) - logp0.amax(-1) + m.squeeze(-1) + kl + delta
+    kl = kl + F.softplus(outside - inside)
+    kl = torch.where(lost.any(-1), math.inf, kl)
+    return kl.to(out_dtype)
 
 
 #: The output discrepancies by name. Each maps a pair of output batches ``(z0, z)`` of shape ``(B, K)``,
@@ -107,7 +205,8 @@ def check_network_output(z: Any) -> torch.Tensor:
 #: words of torch's errors for an op given a tensor of the wrong dtype (``mat1 and mat2 must have the same
 #: dtype``, ``expected scalar type Float but found Long``, ``Input type (torch.ByteTensor) and weight
 #: type ...``)
-_DTYPE_WORDS = ("dtype", "scalar type", "Tensor) and weight type", "ByteTensor", "LongTensor")
+_DTYPE_WORDS = ("dtype", "scalar type", "Tensor) and weight type", "and bias type", "ByteTensor",
+                "LongTensor")
 
 
 def run_network(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> torch.Tensor:

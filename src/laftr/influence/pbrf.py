@@ -587,6 +587,14 @@ def _lbfgs(
                         accepted = True
                         break
                     f_new = math.inf
+                elif (stall_window > 0 and gmax <= _NOISE_FLOOR_GTOL * tol and math.isfinite(f_new)
+                      and f_new <= f + stall_ftol * max(1.0, abs(f))):
+                    # near the tolerance, a point whose objective is within the rounding noise of the current
+                    # one cannot show a decrease; where its gradient meets the tolerance it is the solution
+                    # (else one such point was missed and the solve stalled beside it)
+                    g_new = _gradient(g_of)
+                    if float(g_new.abs().max()) <= tol and bool(torch.isfinite(g_new).all()):
+                        return u_new, it, "gradient"
                 if math.isfinite(f_new):  # minimizer of the quadratic through f, gd and f_new, safeguarded
                     den = 2.0 * (f_new - f - t * gd)
                     t_q = -gd * t * t / den if den > 0 else 0.5 * t
