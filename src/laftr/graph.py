@@ -1741,6 +1741,36 @@ def pruned_tensors_hook(hook: Any) -> bool:
     return isinstance(hook, prune.BasePruningMethod)
 
 
+@contextlib.contextmanager
+def _hooks_removed(model: nn.Module) -> Iterator[None]:
+    """Inside the block ``model``'s modules have no forward hooks or pre-hooks (but pruning's), nor globals.
+
+    The traced graph's estimating modes run a ruled layer by its rule, which calls no hook, and its forward
+    mode by the module itself, which would: so the comparison with the model runs the graph as the
+    estimators do. Put back after.
+    """
+    from torch.nn.modules import module as _module
+
+    kept: list[tuple[dict[Any, Any], dict[Any, Any]]] = []
+    globals_ = [_module._global_forward_hooks, _module._global_forward_pre_hooks]
+    for table in globals_:
+        kept.append((table, dict(table)))
+    for m in model.modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks"):
+            table = getattr(m, attr)
+            kept.append((table, dict(table)))
+    try:
+        for table, old in kept:
+            for key, hook in old.items():
+                if not pruned_tensors_hook(hook):
+                    del table[key]
+        yield
+    finally:
+        for table, old in kept:
+            table.clear()
+            table.update(old)
+
+
 class _GradOffSeen(torch.overrides.TorchFunctionMode):
     """Notes whether any torch op of a forward runs with gradients off (a ``torch.no_grad()`` block)."""
 
@@ -1827,7 +1857,7 @@ def check_traced_graph(model: nn.Module, x: torch.Tensor, hooks: bool = True, tr
     if not trace and not (grad_off and seen.seen):
         return
     try:
-        with torch.enable_grad(), full_float32():
+        with torch.enable_grad(), full_float32(), _hooks_removed(model):
             named = param_dict(model)
             net = TracedNet(model, exact_unknown=True)
             traced = net.forward(x.clone(), named)

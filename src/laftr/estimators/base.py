@@ -30,6 +30,7 @@ import dataclasses
 import itertools
 import logging
 import numbers
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -104,6 +105,9 @@ def _alias_hint(name: str) -> str:
     for rows in ROW_SPECS.values():
         if isinstance(name, str) and name in rows:
             return f" ({name!r} is a row of the fsd-bench tables: the spec {rows[name]!r}, S the samples)"
+    base, _, size = name.rpartition("-") if isinstance(name, str) else ("", "", "")
+    if base in ("subset", "ntk") and size.isdigit():  # fsd-bench's method spelling
+        return f" ({name!r} is fsd-bench's spelling of make_estimator({base!r}, coreset_size={size}))"
     return ""
 
 
@@ -150,6 +154,22 @@ class EstimatorConfig:
         if not -(2 ** 62) <= self.seed < 2 ** 62:  # (torch: 64 bits; ranks add stream offsets)
             raise UsageError(f"seed must be an integer of magnitude below 2**62, got {self.seed!r}")
         check_int(self, "batch_size", minimum=1)
+        if not isinstance(self.progress, bool):
+            raise UsageError(f"progress must be True or False, got {self.progress!r}")
+
+    def unused(self, given: Iterable[str]) -> list[str]:
+        """Why each option among ``given`` (set by the caller) has no effect here (empty: none): warned.
+
+        Checked where an estimator is made from options (:func:`make_estimator`, method specs), not when a
+        saved one is read: an option accepted and ignored (``rank`` with a full Gaussian) is a setting the
+        user may believe in, but one set for a sweep over other choices (the same options for every input
+        model) is fine, so it is a warning, not an error.
+        """
+        return []
+
+    def conflicting(self, given: Iterable[str]) -> list[str]:
+        """Why options among ``given`` contradict each other or the estimator (empty: none): refused."""
+        return []
 
 
 class FSDEstimator:
@@ -191,11 +211,18 @@ class FSDEstimator:
 
     def __init__(self, config: EstimatorConfig | None = None, **kwargs: Any) -> None:
         """An unfitted estimator from ``config`` and/or keyword fields of :attr:`Config` (which win)."""
-        check_options(self.Config, kwargs, f"estimator {getattr(self, 'name', type(self).__name__)!r}")
+        who = f"estimator {getattr(self, 'name', type(self).__name__)!r}"
+        check_options(self.Config, kwargs, who)
         if config is None:
             config = self.Config(**kwargs)
         elif kwargs:
             config = dataclasses.replace(config, **kwargs)
+        if isinstance(config, EstimatorConfig):
+            conflicts = config.conflicting(kwargs)
+            if conflicts:
+                raise UsageError(f"{who}: " + "; ".join(conflicts))
+            for why in config.unused(kwargs):
+                warnings.warn(f"{who}: {why} (ignored)", UserWarning, stacklevel=3)
         if not isinstance(config, self.Config):
             raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got "
                             f"{type(config).__name__}")
@@ -393,8 +420,7 @@ class FSDEstimator:
             vectors: ``v``, one tensor per parameter name, shaped like it (the parameters solved for,
                 typically the trainable ones; ``H`` is restricted to them). Parameters the estimate does not
                 depend on have ``H = 0`` there; ``weight``'s ``H`` is ``scale * I`` on every named parameter
-                (its estimate skips the parameters frozen in the model it is evaluated on, which this call
-                does not see: name only the trainable ones).
+                (its estimate sums every parameter, frozen ones too; the solver names the trainable ones).
             damping: ``> 0``.
 
         Returns:

@@ -174,9 +174,9 @@ class CoresetEstimator(FSDEstimator):
         device, dtype = model_device_dtype(model)
         width = self._output_width
 
-        def check_labels(y: torch.Tensor) -> None:  # the output units, as classwise input models need them
+        def check_labels(y: torch.Tensor) -> None:  # output units, as the classwise input models need them
             if width is not None:
-                labels_to_positions(y, self.outputs, width)
+                labels_to_positions(y, None, width)
 
         self.X, _ = select_coreset(data, c.coreset_size, c.selection, c.seed, c.batch_size, device, dtype,
                                    c.progress, distributed=self._distributed, check_labels=check_labels)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 #: How output-space vectors are drawn: Monte Carlo ("true Fisher"), all columns of the factor, or the
 #: gradients of the loss at the true labels (``kl`` only).
 FISHER_KINDS = ("mc", "exact", "empirical")
+
+def unused_label_samples(fisher: str, given: Iterable[str]) -> list[str]:
+    """``num_label_samples`` given with a Fisher that draws no labels (see ``EstimatorConfig.unused``)."""
+    if "num_label_samples" in given and fisher != "mc":
+        return [f"num_label_samples applies to fisher='mc' (sampled labels), not {fisher!r}"]
+    return []
+
 
 def check_fisher_kind(kind: str, metric: str, allowed: Sequence[str] = FISHER_KINDS) -> str:
     """Validate a ``fisher`` option against the metric; returns it."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterable
 from typing import Any, cast
 
 import torch
@@ -18,7 +19,7 @@ from .. import distributed as dist_
 from .._util import Data, model_device_dtype
 from ..errors import DataError, UsageError
 from .base import EstimatorConfig, FSDEstimator, register
-from .curvature import check_curvature_config, curvature_batches, reduce_sums
+from .curvature import check_curvature_config, curvature_batches, reduce_sums, unused_label_samples
 from .taps import LayerTaps, find_taps, square_grads
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ class FisherConfig(EstimatorConfig):
     fisher: str = "mc"
     num_label_samples: int = 1
     chunk_size: int = 32
+
+    def unused(self, given: Iterable[str]) -> list[str]:
+        """``num_label_samples`` with a Fisher that draws no labels."""
+        return unused_label_samples(self.fisher, given)
 
 
 @register("diag-fisher")

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterable
 from typing import Any, cast
 
 import torch
@@ -58,7 +59,13 @@ from .. import distributed as dist_
 from .._util import Data, model_device_dtype
 from ..errors import DataError, UsageError
 from .base import EstimatorConfig, FSDEstimator, register
-from .curvature import check_curvature_config, curvature_batches, per_example_square_grads, reduce_sums
+from .curvature import (
+    check_curvature_config,
+    curvature_batches,
+    per_example_square_grads,
+    reduce_sums,
+    unused_label_samples,
+)
 from .taps import TAP_KINDS, LayerTaps, Tap, find_taps, token_counts
 
 log = logging.getLogger(__name__)
@@ -84,6 +91,10 @@ class KfacConfig(EstimatorConfig):
     num_label_samples: int = 1
     unsupported: str = "error"
     chunk_size: int = 32
+
+    def unused(self, given: Iterable[str]) -> list[str]:
+        """``num_label_samples`` with a Fisher that draws no labels."""
+        return unused_label_samples(self.fisher, given)
 
 
 @register("kfac")

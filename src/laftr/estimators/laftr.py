@@ -7,8 +7,9 @@ on inputs drawn from a stored input model. See METHOD.md sections 2 and 6.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from .. import distributed as dist_
 from .._util import Data, autocast_dtype, is_batched, model_device_dtype, param_dict
-from ..errors import UsageError
+from ..errors import UnsupportedOpError, UsageError
 from ..graph import ForwardMode, MomentMode, OwnMode, SampleMode, TracedNet
 from ..inputs import INPUT_MODELS, make_input_model
 from ..metrics import QUADRATIC_METRICS, discrepancy
@@ -76,6 +77,27 @@ class LaftrBaseConfig(EstimatorConfig):
             check_int(self, name, minimum=1)
         if self.vocab_size is not None:
             check_int(self, "vocab_size", minimum=1)
+
+    def unused(self, given: Iterable[str]) -> list[str]:
+        """Input-model options given for an input model that does not read them (see the base class)."""
+        reads = {"lowrank": {"rank"}, "coreset": {"coreset_size"},
+                 "classwise": {"component_cov", "classwise_cov"},
+                 "mixture": {"component_cov", "classwise_cov", "components", "mixture_sample"},
+                 "tokens": {"vocab_size"}, "tokens-classwise": {"vocab_size"},
+                 "tokens-mixture": {"vocab_size", "components", "mixture_sample"}}
+        owners = {name: sorted(m for m, r in reads.items() if name in r)
+                  for name in ("rank", "coreset_size", "component_cov", "classwise_cov", "components",
+                               "mixture_sample", "vocab_size")}
+        mine = reads.get(self.input_model, set())
+        return [f"{name} applies to input_model {' / '.join(repr(m) for m in owners[name])}, not "
+                f"{self.input_model!r}" for name in given if name in owners and name not in mine]
+
+    def conflicting(self, given: Iterable[str]) -> list[str]:
+        """``component_cov`` and its former name ``classwise_cov`` together (the old name won, silently)."""
+        given = list(given)
+        if "component_cov" in given and "classwise_cov" in given:
+            return ["give component_cov or classwise_cov (its former name), not both"]
+        return []
 
     def input_options(self) -> dict[str, Any]:
         """The options of the chosen input model."""
@@ -180,6 +202,17 @@ class LaftrConfig(LaftrBaseConfig):
         for name in ("shared_masks", "fixed_noise"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def conflicting(self, given: Iterable[str]) -> list[str]:
+        """As the base's, and ``shared_masks`` with theta0's own linearization, which draws none to share.
+
+        (Refused as with ``gates="none"``.)
+        """
+        out = super().conflicting(given)
+        if "shared_masks" in given and self.shared_masks and self.gates == "relu":
+            out.append("gates='relu' takes theta0's own linearization on each input and draws none, so there "
+                       "is no mask to share: shared_masks has no effect")
+        return out
 
     @property
     def pool_mode(self) -> str:
@@ -674,7 +707,31 @@ class LaftrExactEstimator(_LaftrBase):
 
     Config = LaftrExactConfig
 
+    def _fit(self, model: nn.Module, data: Data) -> None:
+        with self._named_as_mine():
+            super()._fit(model, data)
+
     def _after_fit(self, model: nn.Module) -> None:
+        with self._named_as_mine():
+            self._first_pass(model)
+
+    @contextlib.contextmanager
+    def _named_as_mine(self) -> Iterator[None]:
+        """Refusals that the rules word for ``laftr-exact`` name this estimator and its Monte Carlo one.
+
+        (They told a ``liftr-exact`` user to use 'laftr'.)
+        """
+        mc = self.cfg.monte_carlo
+        try:
+            yield
+        except (UnsupportedOpError, MemoryError) as e:
+            if mc == "laftr" or "laftr-exact" not in str(e):
+                raise
+            text = str(e).replace("laftr-exact", f"{mc}-exact")
+            text = text.replace("'laftr' estimator", f"{mc!r} estimator")
+            raise type(e)(text) from e
+
+    def _first_pass(self, model: nn.Module) -> None:
         """One closed-form pass at theta0: an op without a closed form is refused now, not at the first use.
 
         The pass fills the cache of theta0's moments that every evaluation on this device and dtype reads, so
@@ -709,6 +766,10 @@ class LaftrExactEstimator(_LaftrBase):
         return cache
 
     def _distance(self, model: nn.Module) -> torch.Tensor:
+        with self._named_as_mine():
+            return self._closed_distance(model)
+
+    def _closed_distance(self, model: nn.Module) -> torch.Tensor:
         assert self.summary is not None
         net = self._net(model)
         device, dtype = model_device_dtype(model)

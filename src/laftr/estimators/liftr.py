@@ -68,6 +68,11 @@ class LiftrConfig(LaftrConfig):
         if self.sample_pool:
             raise UsageError("liftr has no sample_pool: its re-anchored inputs are drawn during the pass, "
                              "which the pool does not record")
+        if self.linearize != "all":
+            # (it fitted, and every evaluation failed: the anchors of the layers run exactly were not kept)
+            raise UsageError("liftr linearizes every layer step by step from its stored inputs: "
+                             "linearize must be 'all'; laftr[linearize='activations'] is LAFTR's trick on "
+                             "the activations alone")
 
 
 def _check_input_cov(value: Any) -> None:
