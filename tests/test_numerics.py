@@ -350,3 +350,15 @@ def test_kl_gradcheck():
     a, b = z0.requires_grad_(True), z.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x, y: discrepancy(x, y, "kl"), (a, b))
     assert torch.autograd.gradgradcheck(lambda x, y: discrepancy(x, y, "kl"), (a, b))
+
+
+def test_l2_of_float16_outputs_is_computed_wide():
+    """Each example's ``l2`` (and ``l2-probs``) of float16 outputs summed squares in float16: a change of 300
+    in one logit overflowed to inf though the example's value, 45,000, is a float16 number."""
+    z0 = torch.zeros(2, 4, dtype=torch.float16)
+    z = z0.clone()
+    z[0, 0] = 300.0
+    d = discrepancy(z0, z, "l2")
+    assert d.dtype == torch.float16 and float(d[0]) == float(torch.tensor(45000.0).half()) and float(d[1]) == 0
+    p = discrepancy(z0, z, "l2-probs")
+    torch.testing.assert_close(p.double(), discrepancy(z0.double(), z.double(), "l2-probs"), rtol=1e-3, atol=0)

@@ -25,12 +25,24 @@ from .errors import DataError, UsageError
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _wide(z0: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """``z0`` and ``z`` in at least float32, and the dtype to return in.
+
+    (In float16 a squared change of 256 overflows, and a sum of many small terms loses its digits.)
+    """
+    out = torch.promote_types(z0.dtype, z.dtype)
+    work = torch.promote_types(out, torch.float32)
+    return z0.to(work), z.to(work), out
+
+
 def _l2(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (z - z0).pow(2).sum(-1)
+    z0, z, out = _wide(z0, z)
+    return (0.5 * (z - z0).pow(2).sum(-1)).to(out)
 
 
 def _l2_probs(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (F.softmax(z, -1) - F.softmax(z0, -1)).pow(2).sum(-1)
+    z0, z, out = _wide(z0, z)
+    return (0.5 * (F.softmax(z, -1) - F.softmax(z0, -1)).pow(2).sum(-1)).to(out)
 
 
 #: ``1/(k+2)!`` for k = 0..15: the series ``g(c) = expm1(c) - c = c^2 sum_k c^k / (k+2)!``, whose
