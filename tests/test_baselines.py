@@ -407,16 +407,18 @@ def test_balanced_selection_counts():
 
 
 @pytest.mark.parametrize("name", ["subset", "ntk"])
-def test_balanced_selection_refuses_labels_that_are_no_output_units(name):
-    """Labels are the network's output units everywhere (the class-conditional input models refuse others);
-    ``selection="balanced"`` took -1 or 1000 on a 3-output network as classes of their own."""
-    X = torch.randn(20, 5)
-    for y, match in ((torch.full((20,), -1), r"\[-1\] out of range"), (torch.full((20,), 1000), "out of range"),
-                     (torch.full((20,), 0.5), "integer class")):
-        with pytest.raises(laftr.DataError, match=match):
-            _make(name, coreset_size=6, selection="balanced").fit(mlp(), (X, y))
-    # a label outside the compared outputs is still an output unit (a class of the data, as for classwise)
-    _make(name, coreset_size=6, selection="balanced").fit(mlp(), (X, torch.full((20,), 2)), outputs=[0, 1])
+def test_balanced_selection_takes_labels_as_strata(name):
+    """The labels only stratify the selection (then they are dropped): a binary classifier with one logit and
+    labels 0 / 1 is balanced (a check that labels were output units refused it); labels must be integers."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 5, generator=g)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 1))
+    y = (torch.arange(20) % 4 == 0).long()  # 5 of class 1, 15 of class 0
+    est = _make(name, coreset_size=6, selection="balanced", metric="l2").fit(model, (X, y))
+    kept = {int(i) for i in range(20) if any(torch.equal(X[i], r) for r in est.X)}
+    assert sum(int(y[i]) for i in kept) == 3  # 3 of each class
+    with pytest.raises(laftr.DataError, match="integer class"):
+        _make(name, coreset_size=6, selection="balanced").fit(mlp(), (X, torch.full((20,), 0.5)))
 
 
 # ---------------------------------------------------------------------- properties of every baseline

@@ -200,3 +200,9 @@ def test_inputs_whose_sums_lose_their_variance_are_refused(float64):
     with_constant[:, 2] = 1e8 + 0.1
     est = laftr.make_estimator("laftr-exact").fit(model, with_constant)
     assert float(est.summary.inputs.group_moments()[1][0, 2]) == 0.0
+    # time-ordered records (Unix seconds, one a second): the first batch of 8 spans 7 s (a variance of 5, lost
+    # in its own sums), the data 5,000 s (a variance of 2e6, kept): judged on the whole data's sums (a check on
+    # the first batch alone refused it)
+    stamps = torch.randn(5000, 5, generator=g)
+    stamps[:, 0] = 1.7e9 + torch.arange(5000.0)
+    laftr.make_estimator("laftr-exact", batch_size=8).fit(model, stamps)

@@ -712,6 +712,8 @@ def test_an_embedding_with_max_norm_is_refused_where_it_is_not_handled(name, flo
     with pytest.raises(UnsupportedOpError, match="max_norm"):
         _make(name).fit(model, ids)
     assert float(laftr.make_estimator("subset").fit(model, ids)(copy_before)) == pytest.approx(0.0, abs=1e-15)
+    if name == "ntk":  # rows already within max_norm (renormalized, or a bound that never binds): accepted
+        _make(name).fit(model, ids)
 
 
 def test_float32_rounding_with_large_inputs_is_not_taken_for_mixing():
@@ -756,3 +758,49 @@ def test_the_exact_fsd_with_gradients_refuses_a_forward_that_depends_on_the_grad
         laftr.exact_fsd(model, twin, ids, grad=True)
     with pytest.raises(UnsupportedOpError, match="gradients on than with gradients off"):
         laftr.exact_fsd_and_grad(model, twin, ids)
+
+
+def test_review_of_the_new_fit_checks():
+    """Findings of a review of the checks added this session, each a network the first versions judged wrongly:
+    a float32 mixing branch scaled by 0 at theta0 (ReZero) passed, the float64 confirmation reading the output
+    only; a bfloat16 network ending in log_softmax(dtype=float32) was taken for a Python branch (its float32
+    outputs carry bfloat16's rounding); a -inf unit outside the compared outputs was refused under l2."""
+    torch.manual_seed(0)
+
+    class ReZero(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.alpha = nn.Linear(8, 16), nn.Linear(16, 4), nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h + self.alpha * (h - h.mean(0, keepdim=True)))
+
+    X = torch.randn(40, 8)
+    for name in ("laftr", "subset"):
+        with pytest.raises(UnsupportedOpError, match="node 'mean'.*mixes the examples"):
+            _make(name).fit(ReZero(), X)
+
+    class LogProbs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 5)
+
+        def forward(self, x):
+            return F.log_softmax(self.b(torch.relu(self.a(x))), -1, dtype=torch.float32)
+
+    net = LogProbs().bfloat16()
+    for name in ("laftr", "kfac", "subset"):
+        assert float(_make(name, metric="kl").fit(net, X.bfloat16())(net)) == 0.0
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.lin(x).masked_fill(torch.tensor([False, False, True]), float("-inf"))
+
+    masked = Masked()
+    for name in ("laftr", "subset"):
+        assert float(_make(name, metric="l2").fit(masked, X, outputs=[0, 1])(masked)) == 0.0

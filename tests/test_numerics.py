@@ -362,3 +362,29 @@ def test_l2_of_float16_outputs_is_computed_wide():
     assert d.dtype == torch.float16 and float(d[0]) == float(torch.tensor(45000.0).half()) and float(d[1]) == 0
     p = discrepancy(z0, z, "l2-probs")
     torch.testing.assert_close(p.double(), discrepancy(z0.double(), z.double(), "l2-probs"), rtol=1e-3, atol=0)
+
+
+def test_exact_fsd_is_returned_in_the_outputs_dtype():
+    """A float16 network returning float32 logits: the value came back in the parameters' float16 (82,472
+    became inf), undoing the float64 sum; it is in the outputs' dtype, as before."""
+    torch.manual_seed(0)
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.lin(x).float() * 300.0
+
+    m = Head().half()
+    t = copy.deepcopy(m)
+    with torch.no_grad():
+        t.lin.weight.add_(1.0)
+    X = torch.randn(40, 5).half()
+    value = laftr.exact_fsd(m, t, X)
+    assert value.dtype == torch.float32 and bool(torch.isfinite(value))
+    want = discrepancy(m(X).double(), t(X).double(), "l2").mean()
+    torch.testing.assert_close(value.double(), want, rtol=1e-6, atol=0)
+    d, _ = laftr.exact_fsd_and_grad(m, t, X)
+    assert d.dtype == torch.float32 and bool(torch.isfinite(d))

@@ -1117,3 +1117,23 @@ def test_token_ids_reshaped_before_the_embedding_are_the_network_input_for_liftr
         want = laftr.make_estimator(name, input_model="tokens", seed=2).fit(plain, X)(other_p)
         got = laftr.make_estimator(name, input_model="tokens", seed=2).fit(viewed, X)(other_v)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_nan_estimate_of_a_diverged_network_stays_nan():
+    """The refusal of a NaN estimate with finite parameters is for an op outside its domain: where NaN is a
+    training loop's signal it is returned -- NaN running statistics (one bad batch in train mode), a float16
+    network (an overflow)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, H), nn.BatchNorm1d(H), nn.ReLU(), nn.Linear(H, 3))
+    X = _inputs()
+    est = laftr.make_estimator("subset").fit(model, X)
+    bad = copy.deepcopy(model)
+    bad[1].running_mean.fill_(float("nan"))
+    assert torch.isnan(est(bad))
+    half = nn.Sequential(nn.Linear(D_IN, H), nn.ReLU(), nn.Linear(H, 3)).half()
+    est = laftr.make_estimator("subset").fit(half, X.half())
+    big = copy.deepcopy(half)
+    with torch.no_grad():
+        big[2].weight.mul_(6e4)  # outputs beyond float16's range: inf - inf
+        big[2].bias.fill_(0)
+    assert not torch.isfinite(est(big))

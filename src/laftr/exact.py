@@ -160,6 +160,8 @@ def exact_fsd(
         _check_ranks("exact_fsd", model_a, model_b, metric, outputs, grad=grad)
     device, dtype = model_device_dtype(model_b)
     ref = model_device_dtype(model_a)
+    out = [dtype]  # the outputs' dtype (the value's: a float16 network may return float32 logits)
+
     def local() -> tuple[torch.Tensor | None, int]:
         total = None
         count = 0
@@ -171,6 +173,7 @@ def exact_fsd(
                 z0 = _reference(model_a, x, ref)
                 z = run_network(model_b, x)
                 probe.add(x)  # (after the outputs were found to be tensors of examples)
+                out[0] = z.dtype if z.is_floating_point() else dtype
                 d = discrepancy(*_widened(z0.to(z), z), metric, outputs).to(torch.float64).sum()
                 total = d if total is None else total + d
                 count += x.shape[0]
@@ -185,12 +188,12 @@ def exact_fsd(
         n = sums["count"].item()
         if n == 0:
             raise DataError(EMPTY_DATA)
-        value = (sums["total"][0] / n).to(device=device, dtype=dtype)
+        value = (sums["total"][0] / n).to(device=device, dtype=out[0])
         if grad and total is not None:  # this rank's part of the gradient; the value stays the global one
-            value = value + ((total - total.detach()) / n).to(dtype)
+            value = value + ((total - total.detach()) / n).to(out[0])
         return value
     assert total is not None
-    return (total / count).to(dtype)
+    return (total / count).to(out[0])
 
 
 def _check_ranks(what: str, model_a: nn.Module, model_b: nn.Module, metric: str,
@@ -248,6 +251,8 @@ def exact_fsd_and_grad(
     if on:
         _check_ranks("exact_fsd_and_grad", model_a, model_b, metric, outputs,
                      trainable=names)
+    out = [dtype]  # the outputs' dtype (the value's)
+
     def local() -> tuple[torch.Tensor, list[torch.Tensor], int]:
         # the gradients summed in at least float32: a float16 sum overflows, a bfloat16 one drifts
         grads = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
@@ -260,8 +265,9 @@ def exact_fsd_and_grad(
             with torch.enable_grad():
                 z = run_network(model_b, x)
             probe.add(x)  # (after the outputs were found to be tensors of examples)
+            out[0] = z.dtype if z.is_floating_point() else dtype
             with torch.enable_grad():
-                d = discrepancy(*_widened(z0.to(device=device, dtype=dtype), z), metric, outputs)
+                d = discrepancy(*_widened(z0.to(device=device, dtype=z.dtype), z), metric, outputs)
                 d = d.to(torch.float64).sum()
                 gs = torch.autograd.grad(d, params, allow_unused=True)
             for acc, g in zip(grads, gs, strict=True):
@@ -280,8 +286,8 @@ def exact_fsd_and_grad(
         n = sums["count"].item()
         if n == 0:
             raise DataError(EMPTY_DATA)
-        value = (sums["total"][0] / n).to(device=device, dtype=dtype)
+        value = (sums["total"][0] / n).to(device=device, dtype=out[0])
         return value, {name: (sums[f"grad/{i}"] / n).to(device=p.device, dtype=p.dtype)
                        for i, (name, p) in enumerate(zip(names, params, strict=True))}
-    return (total / count).to(dtype), {n: (g / count).to(p.dtype)
+    return (total / count).to(out[0]), {n: (g / count).to(p.dtype)
                                        for n, g, p in zip(names, grads, params, strict=True)}

@@ -1627,12 +1627,13 @@ def _sub_batches(n: int) -> list[list[int]]:
     return [[1], [0]] if n == 2 else [[1, 0], list(range(n - 1, 1, -1))]
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _close(a: torch.Tensor, b: torch.Tensor, like: torch.dtype | None = None) -> bool:
     if a.shape != b.shape:
         return False
     if not (a.is_floating_point() or a.is_complex()):
         return torch.equal(a, b)
-    rtol = max(1e-4, 10 * torch.finfo(a.real.dtype if a.is_complex() else a.dtype).eps)
+    rtol = max(1e-4, 10 * torch.finfo(a.real.dtype if a.is_complex() else a.dtype).eps,
+               10 * torch.finfo(like).eps if like is not None else 0.0)
     wide = torch.complex128 if a.is_complex() else torch.float64
     a, b = a.detach().to(wide), b.detach().to(wide)
     finite = a[torch.isfinite(a)].abs()
@@ -1697,15 +1698,26 @@ _RANDOM = ("gives other values on a second run of the same batch in eval mode: i
            "needs a deterministic network in eval mode")
 
 
-def _differs(a: Any, b: Any) -> bool:
-    """Whether two runs' values differ in structure or in any tensor beyond rounding."""
+def _differs(a: Any, b: Any, like: torch.dtype | None = None) -> bool:
+    """Whether two runs' values differ in structure or in any tensor beyond rounding.
+
+    ``like``: the rounding is at least that of this dtype (a bfloat16 network whose last op returns float32,
+    ``log_softmax(h, -1, dtype=torch.float32)``, carries bfloat16's rounding in its float32 outputs).
+    """
     leaves_a, spec_a = tree_flatten(a)
     leaves_b, spec_b = tree_flatten(b)
     if spec_a != spec_b:
         return True
     return any(isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor)
-               and (u.shape != v.shape or not _close(u, v))  # the mixing check's tolerance (GPU atomics)
+               # (the mixing check's tolerance: GPU atomics)
+               and (u.shape != v.shape or not _close(u, v, like))
                for u, v in zip(leaves_a, leaves_b, strict=True))
+
+
+def _lowest_precision(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of ``model``'s parameters and buffers with the largest rounding (None: none)."""
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    return max(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else None
 
 
 def pruned_tensors(module: nn.Module) -> list[str]:
@@ -1844,7 +1856,8 @@ def check_traced_graph(model: nn.Module, x: torch.Tensor, hooks: bool = True, tr
         with torch.no_grad(), full_float32():
             return _differs(plain, model(x.clone()))
 
-    if _differs(plain, real) and not random():
+    low = _lowest_precision(model)
+    if _differs(plain, real, low) and not random():
         raise UnsupportedOpError(
             f"{name} computes other outputs with gradients on than with gradients off (torch.no_grad()): "
             "theta0's outputs are computed without gradients and theta's with them, so every estimate would "
@@ -1868,7 +1881,7 @@ def check_traced_graph(model: nn.Module, x: torch.Tensor, hooks: bool = True, tr
     # finite value where the model divides 0 by 0, a softmax of a row with no visible key, is not the branch)
     finite = all(bool(torch.isfinite(t).all()) for t in tree_flatten(real)[0]
                  if isinstance(t, torch.Tensor) and t.is_floating_point())
-    if trace and finite and _differs(real, traced) and not random():
+    if trace and finite and _differs(real, traced, low) and not random():
         if hooked:
             raise UnsupportedOpError(
                 f"{name} has forward hooks that change what it computes (on {', '.join(hooked)}): laftr runs "
@@ -1954,7 +1967,12 @@ def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | No
             raise
         try:
             wide = copy.deepcopy(model).double()
-            _check_per_example(wide, x.double() if x.is_floating_point() else x)
+            wide_gm = None
+            # node by node, as the finding was made (a mixing branch scaled by 0 at theta0)
+            if gm is not None:
+                with contextlib.suppress(Exception):
+                    wide_gm = trace(wide)
+            _check_per_example(wide, x.double() if x.is_floating_point() else x, wide_gm, untraced)
         except Exception:  # noqa: BLE001 (mixing in float64 too, or no float64 copy: the finding stands)
             raise refused from None
         log.info("%s: the examples' outputs differed in a batch only by float32 rounding (%s)",

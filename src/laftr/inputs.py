@@ -372,30 +372,39 @@ class _Derived:
     outer: torch.Tensor | None = None
 
 
-def _refuse_lost_variance(xf: torch.Tensor) -> None:
-    """Refuse inputs whose float64 sums of ``x`` and ``x^2`` cannot hold their variance (checked on a batch).
+def _varying(xf: torch.Tensor) -> torch.Tensor:
+    """The features whose spread on the batch ``xf`` (two-pass) is above their mean's own rounding.
+
+    Those are not constant: the sums must keep their variance (see :func:`_refuse_lost_variance`).
+    """
+    mean = xf.mean(0)
+    spread = ((xf - mean) ** 2).mean(0)
+    return spread > 1e4 * (torch.finfo(torch.float64).eps * mean.abs()) ** 2
+
+
+def _refuse_lost_variance(x_sum: torch.Tensor, x_sq: torch.Tensor, n: torch.Tensor,
+                          varying: torch.Tensor) -> None:
+    """Refuse inputs whose float64 sums of ``x`` and ``x^2`` cannot hold their variance.
 
     The Gaussian input models keep sums that merge exactly across shards, and their variance is ``E x^2 -
     (E x)^2``: with a mean 1e8 times the spread that difference is rounding (the stored variances were 0-8
-    for 1, the covariance had a negative eigenvalue, and ``laftr-exact`` returned -0.026 for 0.004). On the
-    first batch the two-pass variance says what the sums would lose; a feature whose spread is below its
-    mean's own rounding (a constant) is not counted.
+    for 1, the covariance had a negative eigenvalue, and ``laftr-exact`` returned -0.026 for 0.004). Its
+    error is a few ``eps * E x^2``; a feature whose variance is below 400 times that (1 % or worse) is refused
+    where it varies (on the first batch: a constant feature's variance is 0 by rounding, and harmless).
+    Judged on the whole data's sums (a first batch of time-ordered records can have a small spread).
     """
-    n = xf.shape[0]
-    if n < 2:
-        return
-    mean = xf.mean(0)
-    two_pass = ((xf - mean) ** 2).mean(0)
-    one_pass = (xf * xf).mean(0) - mean**2
-    resolvable = two_pass > 1e4 * (torch.finfo(torch.float64).eps * mean.abs()) ** 2
-    lost = resolvable & ((one_pass - two_pass).abs() > 1e-2 * two_pass)
+    total = n.sum().clamp_min(1)
+    second = x_sq.sum(0) / total
+    var = second - (x_sum.sum(0) / total) ** 2
+    lost = varying & (var < 400 * torch.finfo(torch.float64).eps * second)
     if bool(lost.any()):
         i = int(torch.nonzero(lost)[0])
+        mean = float(x_sum.sum(0)[i] / total)
         raise DataError(
             f"{int(lost.sum())} input features have a mean so large next to their spread (feature {i}: mean "
-            f"{float(mean[i]):.4g}, std {float(two_pass[i].sqrt()):.4g}) that the input model's float64 sums "
-            "of x and x^2 lose their variance to rounding; subtract a typical value from the inputs first "
-            "(a normalizing transform of the data, with the network reading the centred inputs)")
+            f"{mean:.4g}, variance {float(var[i]):.3g} after rounding) that the input model's float64 sums "
+            "of x and x^2 lose their variance; subtract a typical value from the inputs first (a normalizing "
+            "transform of the data, with the network reading the centred inputs)")
 
 
 class GaussianFamily(InputModel):
@@ -450,7 +459,7 @@ class GaussianFamily(InputModel):
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         G = int(group.max()) + 1
         if self.counts is None:
-            _refuse_lost_variance(xf)
+            self._varying = _varying(xf) if xf.shape[0] > 1 else None
             kw: dict[str, Any] = {"dtype": torch.float64, "device": x.device}
             D = xf.shape[1]
             self.counts = torch.zeros(G, **kw)
@@ -471,7 +480,11 @@ class GaussianFamily(InputModel):
                 self.x_outer[g].addmm_(xg.T, xg)
 
     def finish(self) -> None:
-        """Move the sums to the CPU."""
+        """Check that the sums keep the inputs' variance; move them to the CPU."""
+        varying = self.__dict__.pop("_varying", None)
+        if varying is not None and self.counts is not None:
+            assert self.x_sum is not None and self.x_sq is not None
+            _refuse_lost_variance(self.x_sum, self.x_sq, self.counts, varying.to(self.x_sum.device))
         for name in ("counts", "x_sum", "x_sq", "x_outer"):
             t = getattr(self, name)
             if t is not None:

@@ -44,6 +44,7 @@ from .._util import (
     Data,
     allow_empty_data,
     arch_signature,
+    autocast_dtype,
     check_integer,
     check_runnable,
     check_same_arch,
@@ -61,7 +62,14 @@ from .._util import (
 from ..errors import DataError, OptionError, UnsupportedOpError, UsageError
 from ..fingerprint import GraphFingerprint, describe_difference, model_fingerprint
 from ..graph import PROBE_EXAMPLES, check_per_example, check_traced_graph, refuse_torchscript
-from ..metrics import check_metric, check_network_output, check_outputs, check_softmax_outputs, run_network
+from ..metrics import (
+    check_metric,
+    check_network_output,
+    check_outputs,
+    check_softmax_outputs,
+    run_network,
+    select_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +207,13 @@ class FSDEstimator:
     #: Whether it differentiates the module itself by reverse mode (``subset``), which follows a
     #: ``torch.no_grad()`` block inside its forward; the others refuse such a block where it hides parameters.
     reverse_mode_module: ClassVar[bool] = False
-    #: Whether it handles an ``nn.Embedding(max_norm=...)``, which renormalizes rows of its table in place at
-    #: every forward: theta0's stored table is then renormalized while a copy of the weights taken before is
-    #: not, the same function with other weights. ``subset`` (the module's own outputs) and ``laftr`` (its
-    #: rule refuses the node by name) handle it; ``ntk`` (0.016 at a copy of theta0), K-FAC and the diagonal
-    #: Fisher refuse it at ``fit``.
-    renormalized_tables_ok: ClassVar[bool] = True
+    #: How it takes an ``nn.Embedding(max_norm=...)``, which renormalizes rows of its table in place at every
+    #: forward: theta0's stored table is then renormalized while a copy of the weights taken before is not,
+    #: the same function with other weights. ``"ok"``: ``subset`` (the module's own outputs) and ``laftr``
+    #: (its rule refuses the node by name); ``"binding"``: refused at ``fit`` where a row is above the bound
+    #: (``ntk``: 0.016 at a copy of theta0); ``"refused"``: always (K-FAC and the diagonal Fisher, whose taps
+    #: failed in ``torch.cat``).
+    renormalized_tables: ClassVar[str] = "ok"
     #: Whether the estimate is a fixed quadratic form of ``theta - theta0`` with a cheap damped inverse
     #: (:meth:`damped_solve`).
     quadratic: ClassVar[bool] = False
@@ -288,9 +297,12 @@ class FSDEstimator:
             check_runnable(model)
             if self.uses_network:
                 refuse_torchscript(model, f"{self.name}: ")
-            if not self.renormalized_tables_ok:
+            if self.renormalized_tables != "ok":
+                # (where no row is above max_norm, nothing is renormalized: theta0 is stored as it is)
                 renormed = [n for n, m in model.named_modules()
-                            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+                            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+                            and (self.renormalized_tables == "refused"
+                                 or bool((m.weight.detach().norm(p=m.norm_type, dim=1) > m.max_norm).any()))]
                 if renormed:
                     raise UnsupportedOpError(
                         f"{self.name}: the embeddings {renormed[:5]} have max_norm, which renormalizes rows "
@@ -344,8 +356,13 @@ class FSDEstimator:
                     self._distributed = on
                     with torch.enable_grad():  # the curvature fits differentiate (a fit under no_grad works)
                         self._fit(model, data)  # (its own checks name an op outside its domain first)
-                        if nonfinite is not None:
-                            raise DataError(nonfinite)
+
+                        def finite() -> None:
+                            if nonfinite is not None:
+                                raise DataError(nonfinite)
+
+                        # in a distributed fit, the refusal of one rank's data is every rank's
+                        dist_.agree(finite, f"{self.name}.fit") if on else finite()
                         self._after_fit(model)
         finally:
             self._distributed = False
@@ -698,18 +715,26 @@ def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | No
         check_outputs(outputs, width)
     if metric is not None:
         check_softmax_outputs(z, metric, outputs)
-    return width, _nonfinite_outputs(model, z, metric)
+    return width, _nonfinite_outputs(model, select_outputs(z, outputs) if z.ndim else z, metric)
 
 
 def _refuse_nan(name: str, model: nn.Module) -> None:
-    """Raise for an estimate that is NaN although ``model``'s parameters are finite (a diverged theta: NaN).
+    """Raise for an estimate that is NaN although ``model``'s parameters and buffers are finite.
+
+    Not where the NaN is a training loop's signal: a diverged theta (or NaN running statistics), a float16 /
+    bfloat16 network or autocast (an overflow, whose step a GradScaler skips), or a process group (a raise on
+    one rank would leave the others waiting in DDP's gradient all-reduce): NaN is returned there.
 
     The NaN then comes from an op evaluated outside its domain on the inputs the estimator runs: theta0's own
     linearization (``gates="relu"``) takes the slope of ``sqrt(h * 0)`` at 0 on every sampled input (infinite,
     times a change of 0), a drawn token sequence may have every attention key masked, a network may divide 0
     by 0 at theta. A NaN returned as a distance would pass for a value in a training loop.
     """
-    if any(not bool(torch.isfinite(p).all()) for p in model.parameters()):
+    tensors = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+    if (any(not bool(torch.isfinite(t).all()) for t in tensors)  # a diverged network (or its statistics)
+            or any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)  # an overflow is its NaN
+            or any(autocast_dtype(t.device) is not None for t in tensors[:1])  # GradScaler skips such a step
+            or dist_.active(None)):  # one rank raising would leave the others in DDP's all-reduce
         return
     raise UnsupportedOpError(
         f"{name}: the estimate is NaN though the network's parameters are finite: an op is evaluated "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -16,7 +15,6 @@ from ..errors import DataError, UsageError
 from ..inputs import hash_keys
 from ..metrics import select_outputs
 from .base import EstimatorConfig, FSDEstimator
-from .curvature import labels_to_positions
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +32,6 @@ def select_coreset(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     distributed: bool = False,
-    check_labels: Callable[[torch.Tensor], Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick ``k`` training inputs in one streaming pass, independently of batch size and order.
 
@@ -49,9 +46,6 @@ def select_coreset(
     of the initialized ``torch.distributed`` group: every rank keeps its own candidates (the ``k`` smallest
     keys, per class for ``balanced``), they are all-gathered, and the same rule picks from their union. The
     union holds the global bottom-k, so every rank gets the coreset one process picks from all the data.
-
-    ``check_labels``: called on each batch's labels with ``balanced`` (raising for labels that are not the
-    network's output units, as the class-conditional input models do).
 
     Returns:
         ``(X, Y)``: the inputs ``(k', *input_shape)`` on ``device``/``dtype`` (``k' = min(k, number of
@@ -76,8 +70,6 @@ def select_coreset(
                 if y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1:
                     raise DataError(f"selection='balanced' needs integer class labels of shape (B,), got "
                                     f"{y.dtype} {tuple(y.shape)}")
-                if check_labels is not None:
-                    check_labels(y)
                 ys.append(y.detach().cpu().long())
             keys.append(hash_keys(x, seed))
             xs.append(x.detach().cpu())
@@ -172,14 +164,8 @@ class CoresetEstimator(FSDEstimator):
     def _fit(self, model: nn.Module, data: Data) -> None:
         c = cast(CoresetConfig, self.config)
         device, dtype = model_device_dtype(model)
-        width = self._output_width
-
-        def check_labels(y: torch.Tensor) -> None:  # output units, as the classwise input models need them
-            if width is not None:
-                labels_to_positions(y, None, width)
-
         self.X, _ = select_coreset(data, c.coreset_size, c.selection, c.seed, c.batch_size, device, dtype,
-                                   c.progress, distributed=self._distributed, check_labels=check_labels)
+                                   c.progress, distributed=self._distributed)
         with torch.no_grad():  # fail now, not at the first evaluation, on a model that cannot run on them
             select_outputs(model(self.X[:1]), self.outputs)
         log.info("%s: stored %d inputs of shape %s", self.name, self.X.shape[0], tuple(self.X.shape[1:]))

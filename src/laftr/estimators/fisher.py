@@ -65,7 +65,7 @@ class DiagFisherEstimator(FSDEstimator):
     """
 
     Config = FisherConfig
-    renormalized_tables_ok = False
+    renormalized_tables = "refused"
     quadratic = True  # Hessian diag(F)
 
     def __init__(self, config: FisherConfig | None = None, **kwargs: Any) -> None:

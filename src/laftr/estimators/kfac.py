@@ -103,7 +103,7 @@ class KfacEstimator(FSDEstimator):
 
     Config = KfacConfig
     quadratic = True  # Hessian: per layer A (x) G (an embedding's diag(A) (x) G), per fallback its diagonal
-    renormalized_tables_ok = False
+    renormalized_tables = "refused"
 
     def __init__(self, config: KfacConfig | None = None, **kwargs: Any) -> None:
         """An unfitted estimator (see :class:`FSDEstimator`); checks the curvature options."""

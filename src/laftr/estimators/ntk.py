@@ -113,7 +113,7 @@ class NtkEstimator(CoresetEstimator):
 
     Config = CoresetConfig
     traces = False  # differentiates the module itself (its forward hooks included), but for _traced
-    renormalized_tables_ok = False
+    renormalized_tables = "binding"
 
     def _traced(self, model: nn.Module) -> Any:
         """The traced network (cached per model), used only when the model's own ops lack forward-mode AD.
@@ -160,7 +160,8 @@ class NtkEstimator(CoresetEstimator):
             z0 = f(primals)
         with eval_mode(model):
             lin = tangent_map(f, primals, "ntk products")
-            lin = _reverse_checked(lin, primals)
+            if keep:  # (checked once per traced map; inside a torch.func transform, which keeps none, not)
+                lin = _reverse_checked(lin, primals)
         if keep:
             self.__dict__["_tangent_cache"] = (weakref.ref(model), p0, self.X, z0, lin, state)
         return z0, lin

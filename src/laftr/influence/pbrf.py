@@ -538,7 +538,9 @@ def _lbfgs(
 
     ``fg(u)`` returns the objective and its gradient, or a function computing the gradient: it is then
     called only at the start and at the points the line search accepts (a rejected trial point costs no
-    backward pass), before the next evaluation. ``h0`` (symmetric positive definite) is the initial inverse
+    backward pass; but near the tolerance the first one within the objective's noise of the current point,
+    whose gradient may meet the tolerance: then it is the solution), before the next evaluation.
+    ``h0`` (symmetric positive definite) is the initial inverse
     Hessian, a preconditioner: without it, the usual ``(s^T y / y^T y) I`` of the newest pair (the identity
     before any pair).
 
@@ -573,6 +575,7 @@ def _lbfgs(
             d = steepest(g)
             gd = float(g @ d)
         accepted = False
+        probed = False  # a rejected point within the objective's noise had its gradient computed
         for attempt in range(2):
             dn = float(d.norm())
             if dn > max_step:
@@ -587,11 +590,14 @@ def _lbfgs(
                         accepted = True
                         break
                     f_new = math.inf
-                elif (stall_window > 0 and gmax <= _NOISE_FLOOR_GTOL * tol and math.isfinite(f_new)
-                      and f_new <= f + stall_ftol * max(1.0, abs(f))):
+                elif (not probed and stall_window > 0 and gmax <= _NOISE_FLOOR_GTOL * tol
+                      and math.isfinite(f_new) and f_new <= f + stall_ftol * max(1.0, abs(f))
+                      and float(u_new.norm()) <= radius):
                     # near the tolerance, a point whose objective is within the rounding noise of the current
                     # one cannot show a decrease; where its gradient meets the tolerance it is the solution
-                    # (else one such point was missed and the solve stalled beside it)
+                    # (else one such point was missed and the solve stalled beside it). Its gradient is
+                    # computed for the first such point of a line search only (one backward pass at most).
+                    probed = True
                     g_new = _gradient(g_of)
                     if float(g_new.abs().max()) <= tol and bool(torch.isfinite(g_new).all()):
                         return u_new, it, "gradient"
