@@ -656,6 +656,17 @@ def test_a_python_branch_that_tracing_resolves_otherwise_is_refused(float64):
                                laftr.exact_fsd(rnn, near, ids), rtol=1e-12, atol=0)
 
 
+class _LastUnitMasked(nn.Module):
+    """A Linear to 3 outputs whose last unit is -inf (a class masked out)."""
+
+    def __init__(self, d_in: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d_in, 3)
+
+    def forward(self, x):
+        return self.lin(x).masked_fill(torch.tensor([False, False, True]), float("-inf"))
+
+
 def test_non_finite_outputs_at_theta0_are_refused_at_fit(float64):
     """An LPPool of odd norm on signed inputs is NaN on every example: every estimate (and the exact FSD) was
     NaN, at theta0 too, returned as a value. Refused at fit by every estimator that runs the network; -inf
@@ -677,16 +688,8 @@ def test_non_finite_outputs_at_theta0_are_refused_at_fit(float64):
         with pytest.raises(laftr.DataError, match="NaN or infinite outputs at theta0"):
             _make(name, **kw).fit(LP(), X)
 
-    class Masked(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.lin(x).masked_fill(torch.tensor([False, False, True]), float("-inf"))
-
     X = torch.randn(10, 4)
-    model = Masked()
+    model = _LastUnitMasked(4)
     _make("subset", metric="kl").fit(model, X)
     with pytest.raises(laftr.DataError, match="NaN or infinite outputs at theta0"):
         _make("subset", metric="l2").fit(model, X)
@@ -793,14 +796,6 @@ def test_review_of_the_new_fit_checks():
     for name in ("laftr", "kfac", "subset"):
         assert float(_make(name, metric="kl").fit(net, X.bfloat16())(net)) == 0.0
 
-    class Masked(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.lin(x).masked_fill(torch.tensor([False, False, True]), float("-inf"))
-
-    masked = Masked()
+    masked = _LastUnitMasked(8)
     for name in ("laftr", "subset"):
         assert float(_make(name, metric="l2").fit(masked, X, outputs=[0, 1])(masked)) == 0.0

@@ -465,6 +465,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def probe_direction(primals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fixed pseudo-random direction shaped like ``primals``, seeded per entry (the same on every call).
+
+    A traced linear map is checked once on it.
+    """
+    return {n: torch.randn(p.shape, generator=torch.Generator(p.device).manual_seed(i), dtype=p.dtype,
+                           device=p.device)
+            for i, (n, p) in enumerate(primals.items())}
+
+
 def tangent_map(f: Callable[[dict[str, torch.Tensor]], torch.Tensor], primals: dict[str, torch.Tensor],
                 what: str) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     """``v -> J v``, the Jacobian-vector product of ``f`` at ``primals``, for many ``v``.
@@ -489,9 +499,7 @@ def tangent_map(f: Callable[[dict[str, torch.Tensor]], torch.Tensor], primals: d
             _, lin = linearize(f, primals)
             # a traced map can be wrong where jvp is right (circular padding: the trace reads the padded
             # borders wrongly): checked once against a plain product on a fixed direction
-            probe = {n: torch.randn(p.shape, generator=torch.Generator(p.device).manual_seed(i),
-                                    dtype=p.dtype, device=p.device)
-                     for i, (n, p) in enumerate(primals.items())}
+            probe = probe_direction(primals)
             traced, exact = lin(probe), plain(probe)
         scale = float(exact.abs().max().clamp_min(1e-30))
         if not torch.allclose(traced, exact, rtol=1e-4, atol=1e-6 * scale):

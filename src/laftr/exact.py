@@ -23,7 +23,7 @@ from ._util import (
 )
 from .errors import DataError, UsageError
 from .graph import PROBE_EXAMPLES, check_deterministic, check_per_example, check_traced_graph
-from .metrics import check_metric, check_outputs, discrepancy, run_network
+from .metrics import check_metric, check_outputs, discrepancy, run_network, widened
 
 
 def _reference(model_a: nn.Module, x: torch.Tensor, where: tuple[torch.device, torch.dtype]) -> torch.Tensor:
@@ -40,17 +40,6 @@ def _moved(x: torch.Tensor, where: tuple[torch.device, torch.dtype]) -> torch.Te
     """``x`` on the device ``where[0]``; a floating ``x`` in the dtype ``where[1]`` (ids keep theirs)."""
     device, dtype = where
     return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
-
-
-def _widened(z0: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``z0`` and ``z`` in (at least) float32, for the per-example discrepancies of float16/bfloat16 outputs.
-
-    The outputs' values are kept (every float16 or bfloat16 number is a float32 one); only the discrepancy
-    of each example is computed wider: in float16 a squared difference overflows above 65504, and a KL below
-    float16's normal range (6e-5) keeps few digits.
-    """
-    wide = torch.promote_types(torch.promote_types(z0.dtype, z.dtype), torch.float32)
-    return z0.to(wide), z.to(wide)
 
 
 def _check_deterministic(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor,
@@ -160,9 +149,10 @@ def exact_fsd(
         _check_ranks("exact_fsd", model_a, model_b, metric, outputs, grad=grad)
     device, dtype = model_device_dtype(model_b)
     ref = model_device_dtype(model_a)
-    out = [dtype]  # the outputs' dtype (the value's: a float16 network may return float32 logits)
+    out = dtype  # the outputs' dtype (the value's: a float16 network may return float32 logits)
 
     def local() -> tuple[torch.Tensor | None, int]:
+        nonlocal out
         total = None
         count = 0
         probe = _Probe(model_a, model_b, ref, grad)
@@ -173,8 +163,8 @@ def exact_fsd(
                 z0 = _reference(model_a, x, ref)
                 z = run_network(model_b, x)
                 probe.add(x)  # (after the outputs were found to be tensors of examples)
-                out[0] = z.dtype if z.is_floating_point() else dtype
-                d = discrepancy(*_widened(z0.to(z), z), metric, outputs).to(torch.float64).sum()
+                out = z.dtype if z.is_floating_point() else dtype
+                d = discrepancy(*widened(z0.to(z), z)[:2], metric, outputs).to(torch.float64).sum()
                 total = d if total is None else total + d
                 count += x.shape[0]
             probe.finish()
@@ -188,12 +178,12 @@ def exact_fsd(
         n = sums["count"].item()
         if n == 0:
             raise DataError(EMPTY_DATA)
-        value = (sums["total"][0] / n).to(device=device, dtype=out[0])
+        value = (sums["total"][0] / n).to(device=device, dtype=out)
         if grad and total is not None:  # this rank's part of the gradient; the value stays the global one
-            value = value + ((total - total.detach()) / n).to(out[0])
+            value = value + ((total - total.detach()) / n).to(out)
         return value
     assert total is not None
-    return (total / count).to(out[0])
+    return (total / count).to(out)
 
 
 def _check_ranks(what: str, model_a: nn.Module, model_b: nn.Module, metric: str,
@@ -251,9 +241,10 @@ def exact_fsd_and_grad(
     if on:
         _check_ranks("exact_fsd_and_grad", model_a, model_b, metric, outputs,
                      trainable=names)
-    out = [dtype]  # the outputs' dtype (the value's)
+    out = dtype  # the outputs' dtype (the value's)
 
     def local() -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        nonlocal out
         # the gradients summed in at least float32: a float16 sum overflows, a bfloat16 one drifts
         grads = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
         total = torch.zeros((), dtype=torch.float64, device=device)
@@ -265,9 +256,9 @@ def exact_fsd_and_grad(
             with torch.enable_grad():
                 z = run_network(model_b, x)
             probe.add(x)  # (after the outputs were found to be tensors of examples)
-            out[0] = z.dtype if z.is_floating_point() else dtype
+            out = z.dtype if z.is_floating_point() else dtype
             with torch.enable_grad():
-                d = discrepancy(*_widened(z0.to(device=device, dtype=z.dtype), z), metric, outputs)
+                d = discrepancy(*widened(z0.to(device=device, dtype=z.dtype), z)[:2], metric, outputs)
                 d = d.to(torch.float64).sum()
                 gs = torch.autograd.grad(d, params, allow_unused=True)
             for acc, g in zip(grads, gs, strict=True):
@@ -286,8 +277,8 @@ def exact_fsd_and_grad(
         n = sums["count"].item()
         if n == 0:
             raise DataError(EMPTY_DATA)
-        value = (sums["total"][0] / n).to(device=device, dtype=out[0])
+        value = (sums["total"][0] / n).to(device=device, dtype=out)
         return value, {name: (sums[f"grad/{i}"] / n).to(device=p.device, dtype=p.dtype)
                        for i, (name, p) in enumerate(zip(names, params, strict=True))}
-    return (total / count).to(out[0]), {n: (g / count).to(p.dtype)
+    return (total / count).to(out), {n: (g / count).to(p.dtype)
                                        for n, g, p in zip(names, grads, params, strict=True)}

@@ -25,10 +25,11 @@ from .errors import DataError, UsageError
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _wide(z0: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+def widened(z0: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
     """``z0`` and ``z`` in at least float32, and the dtype to return in.
 
-    (In float16 a squared change of 256 overflows, and a sum of many small terms loses its digits.)
+    (In float16 a squared change of 256 overflows, and a sum of many small terms loses its digits; the exact
+    FSD keeps each example's discrepancy in the wide dtype for its float64 sum.)
     """
     out = torch.promote_types(z0.dtype, z.dtype)
     work = torch.promote_types(out, torch.float32)
@@ -36,12 +37,12 @@ def _wide(z0: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _l2(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    z0, z, out = _wide(z0, z)
+    z0, z, out = widened(z0, z)
     return (0.5 * (z - z0).pow(2).sum(-1)).to(out)
 
 
 def _l2_probs(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    z0, z, out = _wide(z0, z)
+    z0, z, out = widened(z0, z)
     return (0.5 * (F.softmax(z, -1) - F.softmax(z0, -1)).pow(2).sum(-1)).to(out)
 
 

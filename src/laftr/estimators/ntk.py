@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from .._util import autocast_dtype, in_func_transform, is_batched, shorten, tangent_map
+from .._util import autocast_dtype, in_func_transform, is_batched, probe_direction, shorten, tangent_map
 from ..errors import UnsupportedOpError
 from ..metrics import discrepancy
 from .base import register
@@ -81,9 +81,7 @@ def _reverse_checked(lin: Any, primals: dict[str, torch.Tensor]) -> Any:
     such a map still gives values where no gradient is asked (under ``torch.no_grad()``, or a theta that
     requires none).
     """
-    probe = {n: torch.randn(p.shape, generator=torch.Generator(p.device).manual_seed(i), dtype=p.dtype,
-                            device=p.device).requires_grad_(p.is_floating_point())
-             for i, (n, p) in enumerate(primals.items())}
+    probe = {n: v.requires_grad_(v.is_floating_point()) for n, v in probe_direction(primals).items()}
     leaves = [v for v in probe.values() if v.requires_grad]
     try:
         with torch.enable_grad():
