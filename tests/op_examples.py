@@ -425,6 +425,8 @@ NORMS: dict[Any, tuple[Callable[[], nn.Module], str]] = {
     F.group_norm: (lambda: WithParam(lambda x, p: F.group_norm(x, 3, p, None), (6,)), "channel"),
     nn.modules.instancenorm._InstanceNorm: (lambda: nn.InstanceNorm1d(6, affine=True), "channel"),
     F.normalize: (lambda: Lambda(lambda x: F.normalize(x, dim=-1)), "last"),
+    # over the channels (not the last axis): the positions' units interleave
+    "F.normalize(dim=1)": (lambda: Lambda(lambda x: F.normalize(x, dim=1)), "channel"),
 }
 if hasattr(nn, "RMSNorm"):
     NORMS[nn.RMSNorm] = (lambda: nn.RMSNorm(6), "last")

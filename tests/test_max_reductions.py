@@ -1,8 +1,8 @@
-"""Max pooling in its other spellings (laftr.rules.pooling): MaxPool1d with padding, AdaptiveMaxPool1d/2d with an
-output size that divides the input, and amax / amin over one dimension. Each is a max pool over a viewed input,
-so every selection rule (theta0's argmax, each stream's own, positions drawn from the stored frequencies)
-applies; checked against the network, against the exact FSD where the selection cannot change, and for the
-refusals."""
+"""Max pooling in its other spellings (laftr.rules.pooling): MaxPool1d with padding, AdaptiveMaxPool1d/2d, and
+amax / amin over one dimension. Each is a max pool over a viewed input, so every selection rule (theta0's
+argmax, each stream's own, positions drawn from the stored frequencies) applies -- the drawn positions except
+for adaptive windows of unequal sizes; checked against the network, against the exact FSD where the selection
+cannot change, and for the refusals."""
 
 from __future__ import annotations
 
@@ -140,7 +140,6 @@ class _Indices(nn.Module):
 def test_max_reductions_are_refused_where_they_are_not_a_pool():
     X = _data(8)
     cases = [
-        (Net(nn.AdaptiveMaxPool2d(3)), r"output size 3 does not divide the input size 4"),
         (_Indices(), "return_indices"),
         (Net(lambda h: h.amax((2, 3))), "several dimensions"),
         (Net(lambda h: h.amax()), r"dim=None"),
@@ -154,6 +153,8 @@ def test_max_reductions_are_refused_where_they_are_not_a_pool():
             # not run on a batch at all, which fit now names as data that does not fit before reaching them)
             TracedNet(net)
             laftr.make_estimator("laftr").fit(net, X)
+    with pytest.raises(UnsupportedOpError, match=r"output size 3 over an input of size 4 has windows of unequal"):
+        laftr.make_estimator("laftr", maxpool="sample").fit(Net(nn.AdaptiveMaxPool2d(3)), X)
     with pytest.raises(UnsupportedOpError, match="laftr-exact does not handle max pooling"):
         laftr.make_estimator("laftr-exact").fit(Net(POOLS["amax"]), X)(Net(POOLS["amax"]))
 
@@ -192,3 +193,71 @@ def test_max_pool_windows_with_ceil_mode_are_torchs():
             assert torch.equal(cols.max(2).values.view(shape), want), (H, W, k, s, p, d, ceil)
             checked += 1
     assert checked > 100
+
+
+UNEQUAL = {"adaptive2d-unequal": nn.AdaptiveMaxPool2d(3),  # windows of rows / columns [0, 2), [1, 3), [2, 4)
+           "adaptive1d-unequal": lambda h: F.adaptive_max_pool1d(h.flatten(2), 5),  # 16 -> 5: windows of 4 and 5
+           "adaptive2d-mixed": nn.AdaptiveMaxPool2d((3, 2))}  # unequal along the rows, 2-wide along the columns
+
+
+@pytest.mark.parametrize("kind", list(UNEQUAL))
+def test_adaptive_pools_of_unequal_windows_take_theta0s_argmax_or_each_streams_own(kind):
+    """Adaptive windows of unequal sizes (overlapping where the output size does not divide the input size) were
+    refused, also by theta0's own linearization and the real networks, which only need torch's pooling: they run
+    now in every mode but the drawn positions, which are refused at fit (a late refusal was the bug)."""
+    torch.manual_seed(0)
+    model = Net(UNEQUAL[kind]).eval()
+    X = _data()
+    (z,) = TracedNet(model).run((X,), ForwardMode([param_dict(model)]))
+    torch.testing.assert_close(z, model(X), rtol=1e-12, atol=1e-12)
+    other = perturbed(model, 0.2)
+    for opts in ({}, {"maxpool": "separate"}, {"gates": "relu"}, {"gates": "none"},
+                 {"linearize": "activations"}):
+        est = laftr.make_estimator("laftr", metric="kl", num_samples=16, fixed_noise=True, **opts).fit(model, X)
+        assert float(est(model)) == 0.0, opts
+        d = est(other)
+        grads = torch.autograd.grad(d, list(other.parameters()))
+        assert float(d) > 0 and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads), opts
+    with pytest.raises(UnsupportedOpError, match="windows of unequal sizes.*maxpool='argmax0'"):
+        laftr.make_estimator("laftr", maxpool="sample").fit(model, X)
+    for name in ("liftr", "kfac"):
+        est = laftr.make_estimator(name, **({"unsupported": "diag"} if name == "kfac" else {})).fit(model, X)
+        assert float(est(other)) > 0, name
+    est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=40, num_samples=40,
+                               metric="l2").fit(model, X)
+    errors = []
+    for step in (0.1, 0.01, 0.001):
+        near = perturbed(model, step, seed=3)
+        errors.append(abs(float(est(near)) / float(laftr.exact_fsd(model, near, X, metric="l2")) - 1))
+    assert errors[-1] < 1e-2 and errors[-1] <= errors[0]
+
+
+@pytest.mark.parametrize("maxpool", ["argmax0", "separate"])
+def test_unequal_adaptive_windows_with_a_fixed_winner_are_exact(maxpool):
+    """Rows 1 and 2 (and columns 1 and 2) hold the largest values, row 1 above row 2: the windows [0, 2), [1, 3)
+    and [2, 4) of a 4 -> 3 adaptive pool are won by rows 1, 1 and 2 in every stream, so LAFTR on a coreset of
+    all the data with no gates is the exact FSD (a wrong window or gather would not be)."""
+
+    class Affine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 1)
+            with torch.no_grad():
+                self.conv.weight.copy_(torch.tensor([1.0, 2.0]).view(2, 1, 1, 1))
+                self.conv.bias.zero_()
+            self.pool = nn.AdaptiveMaxPool2d(3)
+            self.head = nn.Linear(18, 3)
+
+        def forward(self, x):
+            return self.head(self.pool(self.conv(x)).flatten(1))
+
+    model = Affine().eval()
+    X = 0.1 * torch.rand(30, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    X[:, :, 1, :] += 5.0
+    X[:, :, 2, :] += 4.0
+    X[:, :, :, 1] += 0.5
+    X[:, :, :, 2] += 0.4
+    other = perturbed(model, 0.05, only="head")
+    est = laftr.make_estimator("laftr", metric="kl", input_model="coreset", coreset_size=30, num_samples=30,
+                               maxpool=maxpool).fit(model, X)
+    torch.testing.assert_close(est(other), laftr.exact_fsd(model, other, X, metric="kl"), rtol=1e-10, atol=1e-14)

@@ -456,6 +456,35 @@ def test_subclass_that_overrides_forward_is_not_taken_for_its_base():
     torch.testing.assert_close(net.forward(X, param_dict(model)), model(X))
 
 
+def test_a_linearization_a_rule_lacks_is_refused_at_fit_not_at_the_first_use():
+    """A user's rule with a Monte Carlo linearization and none at theta0's input: ``gates="relu"`` (which reads no
+    stored law at fit) passed the fit and refused at the first evaluation; the fit's probe evaluation refuses it
+    now, and the sampled mode still works. The probe draws from its own generator: the estimates are the same
+    as those of an estimator fitted without it (same seed, same draws)."""
+
+    class SampledOnly(laftr.rules.SmoothGate):
+        family = "swish-sampled-only"
+
+        def own(self, mode, args, kwargs):
+            return laftr.rules.Rule.own(self, mode, args, kwargs)
+
+    model = nn.Sequential(nn.Linear(5, 6), Swish(), nn.Linear(6, 3)).to(DT)
+    X, _ = _data(40)
+    laftr.rules.register(Swish)(SampledOnly)
+    try:
+        with pytest.raises(laftr.UnsupportedOpError, match="defines no linearization at theta0's input"):
+            laftr.make_estimator("laftr", gates="relu").fit(model, X)
+        other = perturbed(model, 0.2)
+        for opts in ({}, {"fixed_noise": True}, {"gates": "none"}):
+            est = laftr.make_estimator("laftr", num_samples=8, seed=4, **opts).fit(model, X)
+            unprobed = laftr.make_estimator("laftr", num_samples=8, seed=4, **opts)
+            unprobed._after_fit = lambda model: None
+            unprobed.fit(model, X)
+            assert [est(other).item() for _ in range(2)] == [unprobed(other).item() for _ in range(2)], opts
+    finally:
+        laftr.rules.unregister(Swish)
+
+
 def test_rule_errors_name_the_node():
     class Bad(nn.Module):
         def __init__(self):
@@ -494,8 +523,10 @@ def test_elementwise_functions_outside_their_domain_and_data_powers_are_named():
 
 def test_normalize_refuses_other_norms_and_dimensions_by_name():
     X = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+    # (another dim than the last is supported: NORMS["F.normalize(dim=1)"]; the batch's is refused)
     for fn, match in ((lambda x: F.normalize(x, p=1.0, dim=-1), r"p=1.0"),
-                      (lambda x: F.normalize(x.view(-1, 2, 3), dim=1).flatten(1), r"dim=1 of a 3-d input.*last")):
+                      (lambda x: F.normalize(x, dim=0), r"normalize.*(batch dimension|mixes the examples)"),
+                      (lambda x: F.normalize(x, dim=-2), r"normalize.*(batch dimension|mixes the examples)")):
         with pytest.raises(laftr.UnsupportedOpError, match=match):
             laftr.make_estimator("laftr").fit(_gate_net(Lambda(fn)), X)
 

@@ -84,6 +84,10 @@ class UnsupportedOpError(LaftrError, TypeError, ValueError):
     The message names the node, the op and the reason.
     """
 
+    #: the op has no one function (``is_causal=True`` without a mask): refused also where other refused ops
+    #: run through torch itself (``gates="none"``, ``linearize="activations"``)
+    final: bool = False
+
 
 class NoLocalMinimumError(FloatingPointError):
     """The PBRF iterates left the trust region around ``theta_s``: no local minimum was found near it.

@@ -1249,8 +1249,10 @@ class TracedNet:
                     self.rules[node.name] = _data_rule(node, self.gm, data_nodes, fixed, input_only)
             else:
                 self.rules[node.name] = _plain_rule(node, self.gm)
-                if node.all_input_nodes and all(a.name in self.shape_nodes or a.name in self._from_shapes
-                                                for a in node.all_input_nodes):
+                # (constants made in the forward, torch.arange(T) or zeros_like(x) + c, are such values too)
+                if (node.all_input_nodes or node.op == "call_function") and all(
+                        a.name in self.shape_nodes or a.name in self._from_shapes or self._constant(a)
+                        for a in node.all_input_nodes):
                     self._from_shapes.add(node.name)
         self.data_nodes = data_nodes
         self.input_only = input_only
@@ -1261,19 +1263,35 @@ class TracedNet:
     def _reads_input_only(self, node: fx.Node, input_only: set[str]) -> bool:
         """Whether ``node`` is a function of the network input alone.
 
-        Its inputs are the input or such nodes (no parameter or buffer), and a module it calls holds none.
+        Its inputs are the input or such nodes (no parameter or floating buffer), and a module it calls holds
+        none. A boolean or integer buffer (a fixed mask, ``self.hidden | (ids == pad)``) is no parameter: no
+        change of the weights moves it smoothly, so an op of it and the input is evaluated exactly in each
+        stream, with that stream's buffer, as an op of the input alone is.
         """
         for a in node.all_input_nodes:
             if a.name in input_only or a.name in self.shape_nodes or a.name in self._from_shapes:
                 continue
-            if a.op == "get_attr" and str(a.target) not in self.param_names:
-                continue  # a constant tensor attribute
+            if self._constant(a):
+                continue  # a constant tensor attribute, or a buffer of booleans or integers
             return False
         if node.op == "call_module":
             mod = self.gm.get_submodule(str(node.target))
             if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
                 return False
         return True
+
+    def _constant(self, node: fx.Node) -> bool:
+        """Whether ``node`` reads a constant tensor attribute or a buffer of booleans or integers."""
+        return node.op == "get_attr" and (str(node.target) not in self.param_names
+                                          or self._discrete_buffer(node))
+
+    def _discrete_buffer(self, node: fx.Node) -> bool:
+        """Whether a ``get_attr`` node reads a buffer of booleans or integers."""
+        try:
+            t = self.gm.get_buffer(str(node.target))
+        except AttributeError:
+            return False
+        return not (t.is_floating_point() or t.is_complex())
 
     def signature(self) -> list[list[Any]]:
         """``[[site name, family, params], ...]``: what a stored summary must match."""
@@ -1496,9 +1514,12 @@ class TracedNet:
                 return Rule.forward(rule, mode, args, kwargs)
             try:
                 return rule.forward(mode, args, kwargs)
-            except UnsupportedOpError:
+            except UnsupportedOpError as e:
                 # the rule refuses what it could not linearize (a division by data, a mask that moves with the
-                # parameters); the real networks need no linearization: each stream runs the op exactly
+                # parameters); the real networks need no linearization: each stream runs the op exactly --
+                # unless the op itself has no one function (``final``: is_causal=True without a mask)
+                if getattr(e, "final", False):
+                    raise
                 self.exact_nodes.add(node.name)
                 return Rule.forward(rule, mode, args, kwargs)
         return getattr(rule, mode.method)(mode, args, kwargs)

@@ -312,9 +312,13 @@ def same_theta0(a: dict[str, tuple[Any, ...]], b: dict[str, tuple[Any, ...]]) ->
 
 def _check_sites(net: TracedNet, sums: dict[str, Any], record_pools: bool,
                  exact: Callable[[Rule], bool] | None = None) -> None:
-    """Refuse a summary in which a site recorded nothing (other than the sites run exactly)."""
+    """Refuse a summary in which a site recorded nothing (other than the sites run exactly).
+
+    A max pool of unequal windows records nothing; an estimator that samples its positions refuses it.
+    """
     missing = [s for s, rule in net.sites.items() if s not in sums
-               and (record_pools or rule.family != "maxpool") and not (exact and exact(rule))]
+               and (record_pools and not getattr(rule, "unequal", None) or rule.family != "maxpool")
+               and not (exact and exact(rule))]
     if missing:
         raise UsageError(f"sites {missing} recorded nothing (is their output unused?)")
 

@@ -347,6 +347,10 @@ class _LaftrBase(FSDEstimator):
         self._drop_unread_sites()
         needed = [s for s, r in net.sites.items() if self._reads_site(r.family)]
         missing = [s for s in needed if s not in self.summary.site_sums]
+        for s in missing:
+            unequal = getattr(net.sites[s], "unequal", None)  # (a max pool of unequal windows records none)
+            if unequal:
+                raise UnsupportedOpError(unequal)
         if missing:
             raise ValueError(f"summary lacks statistics for sites {missing}")
         self._nets = {}
@@ -369,6 +373,10 @@ class _LaftrBase(FSDEstimator):
                 )
             self._nets = {key: net}
         return net
+
+    def _forget_laws(self) -> None:
+        """Drop the laws made from the summary (made again at the next use)."""
+        self._laws.clear()
 
     def _site_laws(self, net: TracedNet, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         """Every site's law on ``device``/``dtype`` (cached)."""
@@ -505,6 +513,29 @@ class LaftrEstimator(_LaftrBase):
 
     def _runs_networks(self) -> bool:
         return self.cfg.gates == "none"
+
+    def _after_fit(self, model: nn.Module) -> None:
+        """One evaluation of two samples at theta0: an op its linearization refuses is refused now.
+
+        (``gates="relu"`` reads no site law at fit, so an op whose linearization at theta0 refused its input
+        passed the fit and failed at the first use.) The probe draws from a generator of its own and keeps no
+        draw and no law: the samples of the evaluations are those without it, and the laws are made from the
+        summary at the first use, as without it.
+        """
+        def probe() -> None:
+            assert self.summary is not None
+            net = self._net(model)
+            device, dtype = model_device_dtype(model)
+            gen = torch.Generator(device).manual_seed(0)
+            x, groups = self.summary.inputs.sample(2, gen, device, dtype)
+            p0 = self.theta0_on(model)
+            try:
+                with torch.no_grad():
+                    net.run((x, x), self._mode(net, [p0, p0], groups, gen, device, dtype))
+            finally:
+                self._forget_laws()
+
+        dist_.agree(probe, f"{self.name}.fit") if self._distributed else probe()
 
     @property
     def pool_mode(self) -> str:

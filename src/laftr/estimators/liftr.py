@@ -275,6 +275,10 @@ class _Anchored:
         super()._load_state(tensors, meta)  # type: ignore[misc]  # a mixin, as above
         self._anchor_laws = {}
 
+    def _forget_laws(self) -> None:
+        super()._forget_laws()  # type: ignore[misc]  # a mixin, as above
+        self._anchor_laws = {}
+
     def _input_recorder(self, net: TracedNet) -> InputRecorder:
         return InputRecorder(anchor_candidates(net), self.cfg.input_cov)
 

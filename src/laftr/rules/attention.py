@@ -978,9 +978,9 @@ class MultiheadAttentionRule(PatternSite):
     Such a network has no one function, and both calls are refused, naming the flag and the fix; with the
     causal mask every path agrees and the mask is applied. The mask is checked on its values at every call (a
     constant, or one computed from the input, whose every batch is then checked). Where a pass runs refused
-    ops through torch itself (``gates="none"``, ``linearize="activations"``), torch's own call stands: its
-    error without a mask, and with a mask the function of its grad mode, which the fit's check of both grad
-    modes refuses where they differ.
+    ops through torch itself (``gates="none"``, ``linearize="activations"``), the call without a mask is
+    refused all the same; with a mask torch's own call stands, the function of its grad mode, which the fit's
+    check of both grad modes refuses where they differ.
     """
 
     family = "multihead_attention"
@@ -1028,12 +1028,14 @@ class MultiheadAttentionRule(PatternSite):
                    "given to the layer, or to the nn.TransformerEncoder / TransformerDecoder / Transformer "
                    "around it)")
         if bias is None:
-            raise self.refuse(
+            err = self.refuse(
                 f"is_causal=True without an attn_mask{via}: torch refuses this call with gradients on "
                 "('Need attn_mask if specifying the is_causal hint') and applies no mask with them off, so "
                 "the network has no one function; pass the causal mask itself (attn_mask= / mask= / "
                 "src_mask= / tgt_mask=nn.Transformer.generate_square_subsequent_mask(L)), or leave is_causal "
                 "at False if no causal mask is meant")
+            err.final = True  # not for torch's own call either (gates="none"), which has no one function
+            raise err
         if not _is_causal_bias(bias, L, S):
             raise self.refuse(
                 f"is_causal=True with an attn_mask that is not the causal mask{via}: is_causal is a hint "

@@ -78,6 +78,10 @@ class NormRule(Rule):
         """``x`` as ``(B, *positions, D)``: the statistics are over the last axis."""
         raise NotImplementedError
 
+    def ungrouped(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A tensor laid out as :meth:`grouped` gives it, back in ``x``'s layout."""
+        return g.reshape(x.shape)
+
     def weight_bias(self, params: dict[str, torch.Tensor], args: Any, kwargs: Any,
                     like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The stream's ``(gamma, beta)``, broadcastable against the input (None where absent)."""
@@ -106,12 +110,12 @@ class NormRule(Rule):
         if not self.centered:
             return x
         g = self.grouped(x)
-        return (g - g.mean(-1, keepdim=True)).reshape(x.shape)
+        return self.ungrouped(g - g.mean(-1, keepdim=True), x)
 
     def scale(self, x: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
         """``x`` with each position's entries multiplied by its scale ``nu`` (``(B, *positions)``)."""
         g = self.grouped(x)
-        return (g * nu.unsqueeze(-1)).reshape(x.shape)
+        return self.ungrouped(g * nu.unsqueeze(-1), x)
 
     def finish(self, v: torch.Tensor, params: dict[str, torch.Tensor], args: Any,
                kwargs: Any) -> torch.Tensor:
@@ -191,7 +195,7 @@ class NormRule(Rule):
             dx = self.grouped(self.center(v - x0))
             dn = nu0 * (dx - n0 * (n0 * dx).sum(-1, keepdim=True) / (D if self.per_entry else 1))
             a, k = stream_of(args, s), stream_of(kwargs, s)
-            outs.append(self.finish((n0 + dn).reshape(x0.shape), mode.params[s], a, k))
+            outs.append(self.finish(self.ungrouped(n0 + dn, x0), mode.params[s], a, k))
         return Pair(tuple(outs), True)
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
@@ -206,8 +210,11 @@ class NormRule(Rule):
         if D * first.numel() != n:
             raise ValueError(f"normalization site {self.name!r}: {first.numel()} stored positions do not "
                              f"divide {n} units")
-        gm = GateMoments(c1=[first.repeat_interleave(D)], c2={(0, 0): second.repeat_interleave(D)},
-                         unit_groups=torch.arange(n, device=like.device) // D)
+        # the position of every unit, in the units' own order (the normalized axis need not be the last)
+        pos = torch.arange(first.numel(), device=like.device).view(1, *law.first.shape[1:], 1)
+        one = like.new_empty((1, *ref.shape))  # (ref: one example's shape)
+        unit_pos = self.ungrouped(pos.expand(*pos.shape[:-1], D), one).reshape(-1)
+        gm = GateMoments(c1=[first[unit_pos]], c2={(0, 0): second[unit_pos]}, unit_groups=unit_pos)
         scaled = mode.gate(pre, gm)
         specific = self.has_params(args, kwargs) or scaled.vals[0].block != scaled.vals[1].block
         streams = [0, 1] if specific else [0]
@@ -353,10 +360,11 @@ class RmsNormRule(LayerNormRule):
 
 @register(F.normalize)
 class NormalizeRule(NormRule):
-    """``F.normalize(x, p=2, dim)`` over the last dimension: ``x / max(||x||, eps)``, a scale per position.
+    """``F.normalize(x, p=2, dim)``: ``x / max(||x||, eps)`` over ``dim``, a scale per position.
 
     Like RMSNorm without its weight, with the norm instead of the root mean square (so no ``1/D`` in its
-    Jacobian). Other ``p`` and a ``dim`` that is not the last are refused.
+    Jacobian); ``dim`` may be any axis but the batch's (the channels of a feature map: ``dim=1``). Other ``p``
+    are refused.
     """
 
     family = "normalize"
@@ -371,6 +379,8 @@ class NormalizeRule(NormRule):
         dim = self.const_arg(2, "dim", 1)
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise self.refuse(f"F.normalize over dim={dim!r}; give one dimension")
+        if dim == 0:
+            raise self.refuse("F.normalize over dim=0, the batch dimension, mixes the examples")
         if self.const_arg(4, "out", None) is not None:
             raise self.refuse("F.normalize with out=")
         self.dim, self.eps = dim, float(self.const_arg(3, "eps", 1e-12))
@@ -380,11 +390,15 @@ class NormalizeRule(NormRule):
         return {"dim": self.dim, "eps": self.eps}
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` itself: the normalized dimension must be the last."""
-        if self.dim % x.ndim != x.ndim - 1:
-            raise self.refuse(f"F.normalize over dim={self.dim} of a {x.ndim}-d input: laftr normalizes the "
-                              "last dimension only (move it last, e.g. with movedim, before normalizing)")
-        return x
+        """``x`` with the normalized dimension moved last."""
+        if x.ndim < 2 or self.dim % x.ndim == 0:
+            raise self.refuse(f"F.normalize over dim={self.dim} of a {x.ndim}-d input: that is the batch "
+                              "dimension (it mixes the examples)")
+        return x.movedim(self.dim, -1)
+
+    def ungrouped(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The normalized dimension moved back."""
+        return g.movedim(-1, self.dim % x.ndim)
 
     def inv_sigma(self, x: torch.Tensor) -> torch.Tensor:
         """``1 / max(||x||, eps)`` of every position."""

@@ -41,8 +41,11 @@ def pool_windows(v: torch.Tensor, pool: dict[str, Any],
     """Windows of a max pool as ``(B, C, K, L)`` (K positions per window, L windows) and the output shape.
 
     Positions outside the input (``padding``, and with ``ceil_mode`` the part of a last window that runs past
-    the padded input) hold ``pad_value``.
+    the padded input) hold ``pad_value``. Windows of unequal sizes (an adaptive pool whose output size does
+    not divide its input's: ``pool["unequal"]`` says so) have no such layout and are refused.
     """
+    if "output_size" in pool:
+        raise UnsupportedOpError(pool["unequal"])
     k, s, p, d = _pool_geometry(pool)
     x = v.unsqueeze(2) if pool["dims"] == 1 else v
     if x.ndim != 4:
@@ -70,7 +73,14 @@ def pool_windows(v: torch.Tensor, pool: dict[str, Any],
 
 
 def max_pool(v: torch.Tensor, pool: dict[str, Any], return_indices: bool = False) -> Any:
-    """Max pooling of ``v`` with the pool's constants (``(out, indices)`` when ``return_indices``)."""
+    """Max pooling of ``v`` with the pool's constants (``(out, indices)`` when ``return_indices``).
+
+    A pool given by ``output_size`` is torch's adaptive max pooling (windows of unequal sizes).
+    """
+    if "output_size" in pool:
+        afn = F.adaptive_max_pool1d if pool["dims"] == 1 else F.adaptive_max_pool2d
+        out, idx = afn(v, pool["output_size"], return_indices=True)
+        return (out, idx) if return_indices else out
     fn = F.max_pool1d if pool["dims"] == 1 else F.max_pool2d
     k, s, p, d = pool["kernel_size"], pool["stride"], pool["padding"], pool["dilation"]
     if return_indices:
@@ -117,6 +127,8 @@ class MaxPoolRule(Rule):
 
     family: ClassVar[str] = "maxpool"
     site: ClassVar[bool] = True
+    #: why the windows have no common layout (an adaptive pool of unequal windows), as seen on the last input
+    unequal: str | None = None
 
     def setup(self) -> None:
         """Read the pool's constants (stride defaults to the kernel size); refuse ``return_indices``."""
@@ -181,7 +193,7 @@ class MaxPoolRule(Rule):
     def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """theta0's exact pooling; records how often each window position is the argmax when asked."""
         s0 = self.pre(args, kwargs).vals[0]
-        if mode.record_pools:
+        if mode.record_pools and "unequal" not in self.pool:  # (unequal windows: no frequencies to record)
             cols, _ = pool_windows(s0, self.pool, float("-inf"))
             win = cols.argmax(2)  # (B, C, L)
             onehot = F.one_hot(win, cols.shape[2]).permute(0, 1, 3, 2)  # (B, C, K, L)
@@ -304,13 +316,13 @@ def _windows(kernel: Any, dims: int) -> dict[str, Any]:
             "dims": dims}
 
 
-def _window(n: int, out: int | None, what: str, rule: Rule) -> int:
+def _window(n: int, out: int | None, what: str, rule: Rule) -> int | None:
+    """The window of an adaptive pool along one axis: input size / output size; None if sizes are unequal."""
     if out is None:
         return 1
-    if out < 1 or n % out:
-        raise rule.refuse(f"{what}: the output size {out} does not divide the input size {n} (adaptive "
-                          "windows of unequal sizes); use an output size that divides it, or nn.MaxPool")
-    return n // out
+    if out < 1:
+        raise rule.refuse(f"{what}: output size {out}")
+    return None if n % out else n // out
 
 
 _ADAPTIVE_FUNCS: dict[Any, int] = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2,
@@ -323,10 +335,13 @@ for _name, _dims in (("adaptive_max_pool1d_with_indices", 1), ("_adaptive_max_po
 
 @register(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, *_ADAPTIVE_FUNCS)
 class AdaptiveMaxPoolRule(_ViewedMaxPool):
-    """``AdaptiveMaxPool1d/2d`` whose output size divides the input size.
+    """``AdaptiveMaxPool1d/2d``.
 
-    That is max pooling with kernel = stride = input size / output size (``output_size=1``: the global max
-    pool of CNN heads).
+    Where the output size divides the input size, max pooling with kernel = stride = input size / output size
+    (``output_size=1``: the global max pool of CNN heads), in every mode. Otherwise torch's windows are of
+    unequal sizes: theta0's argmax and each stream's own max are taken by torch's adaptive pooling itself;
+    positions drawn from stored argmax frequencies (``maxpool="sample"``), which need windows of one size,
+    are refused at fit.
     """
 
     def setup(self) -> None:
@@ -351,6 +366,17 @@ class AdaptiveMaxPoolRule(_ViewedMaxPool):
         sizes: list[int | None] = self.constants["output_size"]
         k = [_window(int(n), o, "adaptive max pooling", self)
              for n, o in zip(v.shape[2:], sizes, strict=True)]
+        if None in k:
+            n, o = next((int(n), o) for n, o, w in zip(v.shape[2:], sizes, k, strict=True) if w is None)
+            why = (f"node {self.name!r}: adaptive max pooling of output size {o} over an input of size {n} "
+                   "has windows of unequal sizes, whose argmax frequencies maxpool='sample' cannot store; "
+                   "use maxpool='argmax0' (the default) or 'separate', or an output size that divides the "
+                   "input size")
+            out = [int(n) if o is None else o for n, o in zip(v.shape[2:], sizes, strict=True)]
+            self.unequal = why
+            return v, {"output_size": out[0] if self.dims == 1 else tuple(out), "dims": self.dims,
+                       "unequal": why}
+        self.unequal = None
         return v, _windows(k[0] if self.dims == 1 else tuple(k), self.dims)
 
     def unview(self, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
