@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 
 import numpy as np
@@ -43,6 +44,23 @@ def test_statistics_match_scipy():
     assert failed["nonfinite"] == 1 and np.isnan(failed["spearman"]) and np.isnan(failed["pearson_log"])
     with pytest.raises(ValueError, match="3 estimates for 2 exact values"):
         agreement([1.0, 2.0, 3.0], [1.0, 2.0])
+    # one theta (or a tracked run of one epoch): correlations undefined, not a crash at the end of a bench
+    # (a ValueError after every estimator had run, no results written)
+    one = agreement([2.0], [1.0])
+    assert np.isnan(one["spearman"]) and np.isnan(one["pearson_log"])
+    assert one["median_abs_log_ratio"] == pytest.approx(np.log(2.0))
+
+
+def test_the_memory_plot_draws_a_bench_of_one_theta(tmp_path):
+    """Its Spearman panel held NaN only, and matplotlib refused to log-scale it (after the whole run)."""
+    from laftr.bench.fsd import plot_memory
+
+    rows = [{"method": m, "family": fam, "estimator": est, "metric": "l2", "stored_floats": floats,
+             "spearman": float("nan"), "median_abs_log_ratio": ratio}
+            for m, fam, est, floats, ratio in (("weight", "parametric", "weight", 0, 2.05),
+                                               ("subset-40", "coreset", "subset", 31360, 0.0))]
+    plot_memory({"config": {"metrics": ["l2"]}, "methods": rows}, tmp_path / "memory.png")
+    assert (tmp_path / "memory.png").stat().st_size > 0
     with pytest.raises(ValueError, match="same length"):
         spearman([1.0, 2.0], [1.0, 2.0, 3.0])
 
@@ -280,3 +298,14 @@ def test_arch_and_dataset_must_match(tmp_path, capsys, one_thread):
                  "--out", str(tmp_path / "c")]) == 2  # 8 x 8 images: too small for the conv net's pools
     assert "conv_net needs images of at least 10 x 10 pixels" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_a_zero_estimate_gradient_has_cosine_zero():
+    """An estimate whose gradient is zero where the exact FSD's is not gives a regularizer no direction: its cosine
+    is 0 (it was NaN, and the median of the others was reported); NaN only where the exact gradient is zero."""
+    from laftr.bench.fsd import _cosine
+
+    b = torch.tensor([1.0, 2.0])
+    assert _cosine(torch.zeros(2), b) == 0.0
+    assert math.isnan(_cosine(b, torch.zeros(2)))
+    assert _cosine(2 * b, b) == pytest.approx(1.0)

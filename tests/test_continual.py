@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from laftr.continual.metrics import mean_std
 from laftr.continual.runner import ContinualSettings, run_benchmark
 from laftr.data import Dataset, DatasetNotFoundError, write_idx
 from laftr.data.tasks import permuted_tasks, split_cifar_tasks, split_tasks
+from laftr.errors import UsageError
 
 # ------------------------------------------------------------------ synthetic data
 
@@ -741,6 +743,12 @@ def test_settings_bad_input():
         ContinualSettings("nope", "none", [0])
     with pytest.raises(ValueError, match="unknown method"):
         run_benchmark(ContinualSettings("split-fmnist", "none,foo", [0]), "never-created")
+    # a bad value of an estimator's option: refused before the first method runs (it was refused when its
+    # method's turn came, after fine-tuning had run and task 1 had trained), naming the method
+    for spec, match in (("laftr[num_samples=8.0]", "num_samples must be a positive integer"),
+                        ("subset[coreset_size=0]", "coreset_size"), ("ewc[fisher=typo]", "fisher")):
+        with pytest.raises(UsageError, match=rf"method '{re.escape(spec)}': .*{match}"):
+            run_benchmark(ContinualSettings("split-fmnist", f"none,{spec}", [0], quick=True), "never-created")
 
 
 def test_loop_rejects_diverging_penalty():

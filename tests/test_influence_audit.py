@@ -97,6 +97,21 @@ def test_experiment_config_refuses_fresh_draws_before_training():
     InfluenceExperimentConfig(dataset="boston", methods=["pbrf-liftr", "pbrf-laftr"], quick=True)
 
 
+def test_experiment_config_refuses_bad_option_values_before_training():
+    """A bad value (not a bad name) of an estimator's option was refused when its method's turn came, after the
+    network was trained and every method before it had answered its queries; refused at construction now. And
+    --est-opt reads values as a method's brackets do (True was the string 'True')."""
+    from laftr.cli.influence import _est_opts
+
+    with pytest.raises(UsageError, match="num_samples must be a positive integer"):
+        InfluenceExperimentConfig(dataset="boston", methods=["pbrf", "pbrf-laftr[num_samples=8.0]"], quick=True)
+    with pytest.raises(UsageError, match="num_samples must be a positive integer"):
+        InfluenceExperimentConfig(dataset="boston", methods=["pbrf", "pbrf-laftr"], quick=True,
+                                  estimator_options={"laftr": {"num_samples": 8.5}})
+    assert _est_opts(["laftr.fixed_noise=True", "laftr.num_samples=64", "kfac.chunk_size=1e3"]) == {
+        "laftr": {"fixed_noise": True, "num_samples": 64}, "kfac": {"chunk_size": 1000.0}}
+
+
 # ---------------------------------------------------------------------------------------------- finding 2
 @pytest.mark.parametrize("damping", [0, 0.0, -1.0, True, float("nan")])
 def test_pbrf_refuses_damping_that_is_not_positive(damping):

@@ -161,6 +161,32 @@ def test_a_replaced_submodule_is_noticed_after_the_first_call():
         est(model)
 
 
+@pytest.mark.parametrize("name", ["laftr", "weight", "kfac", "subset"])
+def test_an_attribute_changed_in_place_after_the_first_call_is_noticed(name, monkeypatch):
+    """``model.c = 3.0`` on the fitted model after a first estimate: the check it passed was remembered by the
+    identity of its submodules only, so the estimators went on with theta0's graph (a constant 2.0) while the
+    model computed with 3.0. A plain attribute's change redoes the check now (one trace); one that leaves the
+    graph as it was passes, and a forward patched on the instance is noticed too."""
+    model = Scaled(2.0)
+    est = laftr.make_estimator(name, **({"num_samples": 4} if name == "laftr" else {})).fit(model, _data())
+    est(model)
+    calls = []
+    real = estimator_base.model_fingerprint
+    monkeypatch.setattr(estimator_base, "model_fingerprint", lambda m: calls.append(m) or real(m))
+    model.note = "unread"  # an attribute the forward does not read: checked again, passes
+    est(model)
+    est(model)
+    assert len(calls) == 1
+    model.c = 3.0
+    with pytest.raises(laftr.UsageError, match=r"fitted `mul\(a, 2.0\)`, this model `mul\(a, 3.0\)`"):
+        est(model)
+    model.c = 2.0
+    est(model)
+    model.forward = lambda x: model.a(x) * 5.0  # torch.fx traces the class's forward, not this one
+    with pytest.raises(laftr.UsageError, match="forward set on the instance"):
+        est(model)
+
+
 def test_the_check_traces_each_model_once(monkeypatch):
     torch.manual_seed(0)
     model = mlp()

@@ -74,10 +74,39 @@ def shorten(text: str, limit: int) -> str:
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """The device and floating dtype of ``model``'s first parameter (CPU/float32 if it has none)."""
+    """The device and dtype of ``model``'s first floating parameter (CPU / the default dtype if it has none).
+
+    (An integer parameter -- a permutation kept as a frozen ``nn.Parameter`` -- is no floating dtype: taken
+    first, it cast the inputs and theta0 to integers.)
+    """
+    devices = []
     for p in model.parameters():
-        return p.device, p.dtype
+        if p.is_floating_point():
+            return p.device, p.dtype
+        devices.append(p.device)
+    if devices:
+        return devices[0], torch.get_default_dtype()
     return torch.device("cpu"), torch.get_default_dtype()
+
+
+def functional_call(module: nn.Module, tensors: Any, args: Any, kwargs: Any = None) -> Any:
+    """``torch.func.functional_call``, with every module's own parameters and buffers put back afterwards.
+
+    torch's call does not put them back on a module registered under two names (``self.again = self.sh``):
+    ``sh.weight`` was left a plain tensor holding the values passed in, so theta's network lost its
+    parameters to theta0's values (subset and ntk on such a network).
+    """
+    kept = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    try:
+        return torch.func.functional_call(module, tensors, args, kwargs)
+    finally:
+        for m, params, buffers in kept:
+            tables: tuple[tuple[dict[str, Any], dict[str, Any]], ...] = (
+                (m._parameters, params), (m._buffers, buffers))
+            for table, own in tables:
+                for k, v in own.items():
+                    if table.get(k) is not v:
+                        table[k] = v
 
 
 def _split_batch(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -205,6 +234,41 @@ def iter_batches(
 _WARNED_SAMPLERS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+def merged_first_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], need: int = 2,
+                         limit: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``batches``, the first ones joined until they hold ``need`` distinct examples (or ``limit`` batches).
+
+    A network's first pass over the data finds where each value keeps its examples (sequence-first blocks,
+    rows of ``batch * positions``) by running it on distinct examples; a first batch of one example (a loader
+    with ``batch_size=1``) cannot show that, and its values were read as if the examples led (K-FAC on a
+    sequence-first network took its positions for examples). Sums over examples do not depend on how the
+    examples are batched.
+    """
+    it = iter(batches)
+    pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for batch in it:
+        pending.append(batch)
+        if len(pending) >= limit or _distinct(torch.cat([b[0] for b in pending]), need):
+            break
+    if pending:
+        ys = [b[1] for b in pending]
+        y = None if any(v is None for v in ys) else torch.cat([v for v in ys if v is not None])
+        yield (torch.cat([b[0] for b in pending]) if len(pending) > 1 else pending[0][0]), y
+    yield from it
+
+
+def _distinct(x: torch.Tensor, need: int) -> bool:
+    """Whether ``x`` holds at least ``need`` distinct examples (looking at its first 64)."""
+    flat = x[:64].reshape(min(64, x.shape[0]), -1)
+    seen: list[torch.Tensor] = []
+    for row in flat:
+        if not any(torch.equal(row, s) for s in seen):
+            seen.append(row)
+            if len(seen) >= need:
+                return True
+    return False
+
+
 def _warn_padded_shards(data: Any) -> None:
     """Warn when a DataLoader's ``DistributedSampler`` repeats examples to even out the ranks' shards."""
     from torch.utils.data import DataLoader, DistributedSampler
@@ -257,7 +321,8 @@ def check_runnable(model: nn.Module, what: str = "model") -> None:
     """Refuse a model laftr cannot run on one input tensor.
 
     It is not an ``nn.Module`` (a plain function), its parameters or buffers live on the ``meta`` device
-    (shapes without values), or its ``forward`` needs more than one argument.
+    (shapes without values) or are a lazy module's not yet made, or its ``forward`` needs more than one
+    argument.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
@@ -272,6 +337,11 @@ def check_runnable(model: nn.Module, what: str = "model") -> None:
             raise UsageError(f"{what}'s forward takes more than one required input ({required[1]!r}); "
                              + SEVERAL_INPUTS_FIX)
     for n, t in [*model.named_parameters(), *model.named_buffers()]:
+        if nn.parameter.is_lazy(t):
+            raise UsageError(
+                f"{what}'s {n!r} belongs to a lazy module (nn.LazyLinear, nn.LazyConv2d, ...) that has not "
+                "run yet, so it has no shape nor values; run the model on one batch (model(x)) before using "
+                "it")
         if t.is_meta:
             raise UsageError(
                 f"{what}'s {n!r} is on the 'meta' device (a shape without values); materialize the model "

@@ -41,8 +41,8 @@ from .composites import KEPT_WHOLE, traced_forward, traced_function, traced_meth
 from .errors import UnsupportedOpError
 from .metrics import check_network_output
 from .moments import GateMoments, JointMoments, Ref
-from .rules.affine import SHAPE_ATTRS, DivideRule, GetattrRule, LikeRule, ShapeRule
-from .rules.attention import QuotientRule
+from .rules.affine import SHAPE_ATTRS, DivideRule, GetattrRule, LikeRule, ReshapeRule, ShapeRule
+from .rules.attention import EmbeddingRule, QuotientRule
 from .rules.base import (
     Pair,
     Rule,
@@ -361,11 +361,40 @@ def _refuse_observed_mutation(graph: fx.Graph) -> None:
 
 
 def refuse_torchscript(model: nn.Module, who: str = "") -> None:
-    """Refuse a TorchScript module, which torch.fx cannot trace nor torch.func run with other parameters."""
+    """Refuse a TorchScript module, which torch.fx cannot trace nor torch.func run with other parameters.
+
+    Also a ``forward`` set on the instance (``model.forward = f``): torch.fx traces the class's forward, so
+    the graph would be another function than the model's.
+    """
     if isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedOpError(
             f"{who}{type(model).__name__} is a TorchScript module (torch.jit.script / torch.jit.trace), "
             "which laftr cannot trace or run with other parameters: pass the original nn.Module")
+    if "forward" in model.__dict__:
+        raise UnsupportedOpError(
+            f"{who}{type(model).__name__} has a forward set on the instance (model.forward = ...), which "
+            "torch.fx does not trace (it traces the class's forward): define the forward in a subclass, or "
+            "wrap the module in one whose forward calls what you need")
+
+
+def _refuse_weight_hooks(model: nn.Module) -> None:
+    """Refuse a module that computes its weight in a forward pre-hook (the old weight_norm / spectral_norm).
+
+    The traced network reads its parameters from each stream and would find no ``weight`` (a KeyError);
+    ``torch.nn.utils.prune``'s masks, computed the same way, are supported (:func:`pruned_tensors`).
+    """
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for name, m in model.named_modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, (WeightNorm, SpectralNorm)):
+                api = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+                raise UnsupportedOpError(
+                    f"module {name or type(m).__name__!r} computes its {hook.name!r} in a forward pre-hook "
+                    f"(torch.nn.utils.{api}, the old API), which laftr does not run with each set of "
+                    f"parameters; use torch.nn.utils.parametrizations.{api}, which it supports (subset, ntk, "
+                    "weight and exact_fsd run the module itself, hook included)")
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -954,6 +983,8 @@ class MomentMode(Mode):
     """
 
     method = "moments"
+    #: the network input is token ids, held as one-hot vectors (only an embedding may read them)
+    tokens = False
 
     def __init__(self, params: Sequence[dict[str, torch.Tensor]], state: JointMoments, laws: dict[str, Any],
                  group: int = 0, mu_outer: bool = False) -> None:
@@ -1187,6 +1218,7 @@ class TracedNet:
                     self.derived[f"{mname}.{tname}" if mname else tname] = (plist, prefix)
         # a tensor pruned with torch.nn.utils.prune (a forward pre-hook sets ``weight = weight_orig *
         # weight_mask`` before each call): each stream multiplies its own original by the mask buffer
+        _refuse_weight_hooks(model)
         self.pruned: dict[str, tuple[str, str]] = {}
         for mname, mod in model.named_modules():
             prefix = f"{mname}." if mname else ""
@@ -1378,6 +1410,10 @@ class TracedNet:
             mode.after_node(env)
         raise AssertionError("graph has no output node")
 
+    def finds_layouts(self, mode: Mode) -> bool:
+        """Whether a pass in ``mode`` would find the layouts on its own input (not known yet, and needed)."""
+        return self.layouts is None and mode.method in _LAID_OUT
+
     def find_layouts(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, Layout] | None:
         """Where the examples sit in every data-dependent value.
 
@@ -1500,6 +1536,14 @@ class TracedNet:
                     "it exactly on the drawn inputs, the same in both streams, which the closed form, "
                     "working with the input's moments, cannot; use laftr (or apply the op to the data before "
                     "the network)")
+            if (mode.method == "moments" and getattr(mode, "tokens", False)
+                    and not isinstance(rule, (ReshapeRule, EmbeddingRule))):
+                # the closed form holds token ids as one-hot vectors: an op on the ids themselves (ids + 3,
+                # ids + self.offset) would be applied to the one-hot vectors (laftr-exact 2.33 for 0.045)
+                raise UnsupportedOpError(
+                    f"{rule.describe()} computes with the token ids before the embedding: the closed form "
+                    "holds the ids as one-hot vectors and reads them only through an embedding (directly or "
+                    "reshaped); use the Monte Carlo estimator, or do this to the ids before the network")
             if rule.site and mode.method != "forward" and all(not _floating(p.vals[0]) for p in sources):
                 raise UnsupportedOpError(
                     f"{rule.describe()} is applied to the integer network input (token ids): its rule "

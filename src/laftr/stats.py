@@ -58,7 +58,7 @@ def agreement(estimates: Sequence[float], exact: Sequence[float]) -> dict[str, f
 
     Non-positive estimates are counted (``nonpositive``) and floored at 1e-30 before taking logs; non-finite
     estimates (an estimator that failed) are counted (``nonfinite``, present only then) and make every score
-    NaN.
+    NaN. With one value the correlations are NaN (undefined), the median |log ratio| that value's.
     """
     est = np.asarray(estimates, dtype=np.float64).reshape(-1)
     ex = _as_vector(exact, "exact")
@@ -71,6 +71,9 @@ def agreement(estimates: Sequence[float], exact: Sequence[float]) -> dict[str, f
         return {"pearson_log": nan, "spearman": nan, "median_abs_log_ratio": nan, "nonpositive": nonpos,
                 "nonfinite": nonfinite}  # (the key is present only when an estimate was not finite)
     le, lx = np.log(np.maximum(est, 1e-30)), np.log(np.maximum(ex, 1e-30))
+    if est.size < 2:  # (one theta, or a tracked run of one epoch: a configuration the bench accepts)
+        return {"pearson_log": float("nan"), "spearman": float("nan"),
+                "median_abs_log_ratio": float(np.median(np.abs(le - lx))), "nonpositive": nonpos}
     return {"pearson_log": pearson(le, lx), "spearman": spearman(est, ex),
             "median_abs_log_ratio": float(np.median(np.abs(le - lx))), "nonpositive": nonpos}
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._util import EMPTY_DATA, Data, allow_empty_data, iter_batches
+from ._util import EMPTY_DATA, Data, allow_empty_data, iter_batches, merged_first_batches
 from .errors import DataError, UsageError
 from .graph import FitMode, TracedNet
 from .inputs import INPUT_MODELS, SAMPLE_GATHER, Candidates, CoresetInputs, InputModel, pad_groups
@@ -209,7 +209,7 @@ def fit_summary(
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.get_default_dtype()
 
     def batches() -> Any:
-        return iter_batches(data, batch_size, device, dtype)
+        return merged_first_batches(iter_batches(data, batch_size, device, dtype))
 
     model_in = inputs
 

@@ -991,9 +991,16 @@ def _flat(grads: dict[str, torch.Tensor] | Sequence[torch.Tensor | None],
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The cosine of an estimate's gradient ``a`` with the exact FSD's ``b``.
+
+    0 where the estimate's gradient is zero and the exact one is not (it points nowhere: a regularizer gets no
+    direction; dropped as NaN, it left the median to the other thetas); NaN where the exact one is zero.
+    """
     na, nb = a.norm(), b.norm()
-    if na == 0 or nb == 0:
+    if nb == 0:
         return float("nan")
+    if na == 0:
+        return 0.0
     return float(a @ b / (na * nb))
 
 
@@ -1254,7 +1261,9 @@ def _run_method(spec: BenchRow, metric: str, cfg: FsdBenchConfig, model0: nn.Mod
         "fit_cpu_s": fit_cpu_s,
         "ms_eval_backward": statistics.median(times) * 1e3,
         "cpu_ms_eval_backward": statistics.median(cpu) * 1e3,
-        "median_grad_cosine": float(np.nanmedian(cosines)) if cosines else float("nan"),
+        "median_grad_cosine": (float(np.nanmedian(cosines)) if cosines and not all(map(math.isnan, cosines))
+                               else float("nan")),
+        "grad_cosines_undefined": sum(map(math.isnan, cosines)),  # (the exact gradient was zero, or NaN)
         "single_call_rel_sd": statistics.median(rel_sd) if rel_sd else 0.0,
         "at_theta0": at_theta0,
         "estimates": values,
@@ -1439,9 +1448,10 @@ def plot_memory(res: dict[str, Any], path: Path) -> None:
     style = _styles(others)
     fig, axes = plt.subplots(2, len(metrics), figsize=(5 * len(metrics), 7.5), squeeze=False)
     for j, metric in enumerate(metrics):
-        rows = [r for r in res["methods"] if r["metric"] == metric]
         for k, key in enumerate(("spearman", "median_abs_log_ratio")):
             ax = axes[k][j]
+            # (a correlation over one theta is NaN: nothing to plot)
+            rows = [r for r in res["methods"] if r["metric"] == metric and np.isfinite(r[key])]
             for fam, ls in (("subset", "-o"), ("ntk", "--s")):
                 pts = sorted((max(r["stored_floats"], 1), r[key]) for r in rows
                              if r["family"] == "coreset" and r["estimator"] == fam)
@@ -1453,8 +1463,9 @@ def plot_memory(res: dict[str, Any], path: Path) -> None:
                     color, marker = style[r["method"]]
                     ax.scatter(max(r["stored_floats"], 1), r[key], color=color, marker=marker,
                                label=r["method"], zorder=3)
-            ax.set_xscale("log")
-            if key == "median_abs_log_ratio":
+            if rows:
+                ax.set_xscale("log")
+            if key == "median_abs_log_ratio" and any(r[key] > 0 for r in rows):  # (all 0: exact rows only)
                 ax.set_yscale("log")
             ax.set_xlabel("stored floats beyond theta0 (log; 1 = none)")
             ax.set_ylabel(key.replace("_", " "))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from ..errors import UsageError
+from ..specs import parse_value
 from .common import (
     EXIT_OK,
     Subcommand,
@@ -26,11 +26,7 @@ def _est_opts(items: list[str] | None) -> dict[str, dict[str, Any]]:
         name, dot, field = key.partition(".")
         if not sep or not dot or not name or not field:
             raise UsageError(f"--est-opt wants ESTIMATOR.FIELD=VALUE, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out.setdefault(name, {})[field] = value
+        out.setdefault(name, {})[field] = parse_value(raw)  # (as a method's brackets read it: True, 1e-3)
     _check_est_opts(out)
     return out
 

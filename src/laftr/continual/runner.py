@@ -20,7 +20,7 @@ from .benchmarks import BenchmarkSpec, build_stream, get_benchmark, load_stream_
 from .methods import MethodSpec, parse_method, parse_methods
 from .metrics import mean_std
 from .regularizer import _check_lam
-from .train import RunResult, TrainConfig, run_method
+from .train import RunResult, TrainConfig, check_estimator_options, run_method
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,8 @@ def _resolve_run(settings: ContinualSettings) -> _Plan:
             raise UsageError(f"method {m.base!r} is not available on {on}: {excluded[m.base]}")
     if settings.lam is not None:
         methods = [m.with_overrides({"lam": settings.lam}) if m.kind == "fsd" else m for m in methods]
+    for m in methods:  # every estimator's options checked now, not when its method's turn comes
+        check_estimator_options(m)
     reference = parse_method("laftr", bench.method_defaults, traits)
     return _Plan(bench, stream_kw, train, methods, reference)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .._util import resolve_device
 from ..data.tasks import Task, TaskStream
-from ..errors import UsageError
+from ..errors import LaftrError, UsageError
 from ..estimators.base import FSDEstimator, check_int, make_estimator
 from ..training import head_loss, train
 from .methods import METHODS, MethodSpec
@@ -168,6 +168,19 @@ def _estimator_config(spec: MethodSpec, seed: int, task_index: int) -> dict[str,
     cfg = dict(spec.config)
     cfg.setdefault("seed", 1000 * seed + task_index)
     return cfg
+
+
+def check_estimator_options(spec: MethodSpec) -> None:
+    """Build ``spec``'s estimator (unfitted), so that a bad option value is refused before the run starts.
+
+    (``laftr[num_samples=8.0]`` was refused when its method's turn came, after the methods before it had run.)
+    """
+    if spec.kind != "fsd" or spec.estimator is None:
+        return
+    try:
+        make_estimator(spec.estimator, **_estimator_config(spec, 0, 0))
+    except LaftrError as e:
+        raise UsageError(f"method {spec.name!r}: {e}") from e
 
 
 def match_memory(spec: MethodSpec, reference: MethodSpec, model: nn.Module, stream: TaskStream,

@@ -247,7 +247,7 @@ class FSDEstimator:
         self._distributed = False  # within fit: whether this fit reduces over a process group
         self._stream = 0  # within distance: the sample stream (a rank; see laftr.distributed.stream_seed)
         # id(model) -> what passed the check
-        self._graph_checked: dict[int, tuple[Any, str, tuple[int, ...]]] = {}
+        self._graph_checked: dict[int, tuple[Any, str, _Structure]] = {}
 
     # ------------------------------------------------------------------ public API
     @property
@@ -530,7 +530,7 @@ class FSDEstimator:
         self.graph_fingerprint = None if not fingerprint else fingerprint.text
         self._graph_checked = {}
         if self.graph_fingerprint is not None:
-            self._graph_checked[id(model)] = (weakref.ref(model), self.graph_fingerprint, _structure(model))
+            self._graph_checked[id(model)] = (weakref.ref(model), self.graph_fingerprint, _Structure(model))
 
     def _check_ready(self, model: nn.Module) -> None:
         if self.theta0 is None or self.arch is None:
@@ -556,17 +556,19 @@ class FSDEstimator:
     def _check_graph(self, model: nn.Module, what: str = "the fitted model") -> None:
         """Refuse ``model`` if its forward graph differs from theta0's (see :mod:`laftr.fingerprint`).
 
-        Checked once per model object: a model that passed is remembered (by a weak reference, and the
-        identity of its submodules), so calling the estimator on it at every training step costs a dictionary
-        lookup and a walk over its submodules. Replacing a submodule (``model.act = nn.Tanh()``) is noticed;
-        changing a module in place afterwards (an attribute its forward reads, a patched ``forward``) is not.
+        Checked once per model object: a model that passed is remembered (by a weak reference, the identity
+        of its submodules and their plain attributes: :class:`_Structure`), so calling the estimator on it at
+        every training step costs a dictionary lookup and a walk over its submodules. Replacing a submodule
+        (``model.act = nn.Tanh()``), changing a plain attribute (``model.temperature = 2.0``) or patching a
+        ``forward`` on an instance redoes the check; changing a constant tensor attribute in place, or a
+        global the forward reads, is not noticed.
         """
         text = self.graph_fingerprint
         if text is None:
             return
         cache = self.__dict__.setdefault("_graph_checked", {})
         hit = cache.get(id(model))
-        if hit is not None and hit[0]() is model and hit[1] == text and hit[2] == _structure(model):
+        if hit is not None and hit[0]() is model and hit[1] == text and hit[2].matches(model):
             return
         mine = getattr(self, "_fingerprint", None)
         fitted = mine if mine is not None and mine.text == text else GraphFingerprint.parse(text)
@@ -586,7 +588,7 @@ class FSDEstimator:
             del cache[key]
         if len(cache) >= 16:
             del cache[next(iter(cache))]
-        cache[id(model)] = (weakref.ref(model), text, _structure(model))
+        cache[id(model)] = (weakref.ref(model), text, _Structure(model))
 
     def __getstate__(self) -> dict[str, Any]:
         """The state to pickle, without the weak references of the graph check (it is redone)."""
@@ -633,22 +635,66 @@ class FSDEstimator:
         cache = self._fit_cache("_theta0_cache")
         key = (str(device), dtype)
         if key not in cache:
-            cache[key] = {n: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-                          for n, t in self.theta0.items()}
+            # each tensor in the dtype of the model's own (a bfloat16 layer in a float32 network stays
+            # bfloat16: cast to one dtype, theta0 was not theta0 and weight gave 9e-6 at theta = theta0)
+            own = {n: t.dtype for n, t in param_dict(model).items() if t.is_floating_point()}
+            cache[key] = {n: t.to(device=device, dtype=own.get(n, dtype) if t.is_floating_point()
+                                  else t.dtype) for n, t in self.theta0.items()}
         return cache[key]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _structure(model: nn.Module) -> tuple[int, ...]:
-    """The identity of ``model`` and of every submodule (cheap: no names are built)."""
-    out = [id(model)]
+#: module attributes whose change does not change the eval-mode function (as :mod:`laftr.fingerprint`'s)
+_STATE_ATTRS = frozenset({"training", "inplace", "momentum"})
+_PLAIN = (bool, int, float, str, type(None))
+
+
+class _Structure:
+    """What a model that passed the graph check was made of: each submodule and its plain attributes.
+
+    A plain attribute (a number, a string, a flag) that a forward reads is a constant of the traced graph, so
+    one changed in place (``model.temperature = 2.0``) calls for the check again; so do a replaced submodule,
+    a ``forward`` patched on an instance and an attribute added or removed. Built by a walk over the modules
+    that reads every attribute; :meth:`matches` walks them again and reads only those it found (a few
+    microseconds: it runs at every estimate).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        """Record every submodule (walk order), its number of attributes and its plain ones."""
+        self.plan: list[tuple[int, int, tuple[tuple[str, Any], ...]]] = []
+        for m in _walk(model):
+            d = m.__dict__
+            plain = tuple((k, v if isinstance(v, _PLAIN) else id(v)) for k, v in d.items()
+                          if k[0] != "_" and k not in _STATE_ATTRS
+                          and (isinstance(v, _PLAIN) or k == "forward"))
+            self.plan.append((id(m), len(d), plain))
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether ``model`` is still made of the same submodules with the same plain attributes."""
+        plan = self.plan
+        i = 0
+        for m in _walk(model):
+            if i >= len(plan):
+                return False
+            ident, n, plain = plan[i]
+            d = m.__dict__
+            if id(m) != ident or len(d) != n:
+                return False
+            for k, v in plain:
+                now = d.get(k)
+                if (now if isinstance(now, _PLAIN) else id(now)) != v:
+                    return False
+            i += 1
+        return i == len(plan)
+
+
+def _walk(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` and every submodule, depth first (cheap: no names are built)."""
     stack = [model]
     while stack:
-        for child in stack.pop()._modules.values():
-            if child is not None:
-                out.append(id(child))
-                stack.append(child)
-    return tuple(out)
+        m = stack.pop()
+        yield m
+        stack.extend(c for c in m._modules.values() if c is not None)
 
 
 def _probe_dtype(model: nn.Module, x: torch.Tensor) -> None:

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import jacrev, vmap
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_
-from .._util import EMPTY_DATA, Data, iter_batches, model_device_dtype
+from .._util import EMPTY_DATA, Data, functional_call, iter_batches, merged_first_batches, model_device_dtype
 from .._util import eval_mode as _eval_mode
 from ..errors import DataError, UsageError
 from ..metrics import check_metric, check_softmax_outputs, run_network, select_outputs
@@ -235,8 +235,8 @@ def curvature_batches(
     """
     device, dtype = model_device_dtype(model)
     gen = torch.Generator(device=device).manual_seed(dist_.stream_seed(config.seed, stream))
-    for x, y in tqdm(iter_batches(data, config.batch_size, device, dtype), disable=not config.progress,
-                     desc=desc):
+    for x, y in tqdm(merged_first_batches(iter_batches(data, config.batch_size, device, dtype)),
+                     disable=not config.progress, desc=desc):
         with torch.no_grad():
             z = run_network(model, x)
         check_softmax_outputs(z, config.metric, outputs)

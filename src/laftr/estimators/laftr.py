@@ -354,7 +354,12 @@ class _LaftrBase(FSDEstimator):
         if missing:
             raise ValueError(f"summary lacks statistics for sites {missing}")
         self._nets = {}
-        self._laws.clear()
+        # where the examples sit in each value, as found on the data (None: not found, e.g. batches of one
+        # example, or no data seen): every traced copy of the network takes them instead of finding them on
+        # its first draws, which may not tell (two drawn sequences of a small vocabulary that are equal)
+        self._layouts = net.layouts
+        self._fit_net = net  # (for the fit's probe: :meth:`_after_fit`)
+        self._forget_laws()
         self._draws.clear()
         self._moment_caches.clear()
         self._gen = None
@@ -365,6 +370,9 @@ class _LaftrBase(FSDEstimator):
         net = self._nets.get(key)
         if net is None:
             net = self._traced(model)
+            layouts = getattr(self, "_layouts", None)
+            if layouts is not None:
+                net.layouts = dict(layouts)
             if not _same_signature(net.signature(), self.site_signature or []):
                 raise ValueError(
                     "this model's sites (gates, normalizers, pools) differ from the ones the summary was "
@@ -518,22 +526,27 @@ class LaftrEstimator(_LaftrBase):
         """One evaluation of two samples at theta0: an op its linearization refuses is refused now.
 
         (``gates="relu"`` reads no site law at fit, so an op whose linearization at theta0 refused its input
-        passed the fit and failed at the first use.) The probe draws from a generator of its own and keeps no
-        draw and no law: the samples of the evaluations are those without it, and the laws are made from the
-        summary at the first use, as without it.
+        passed the fit and failed at the first use.) The probe runs on the fit's own traced network, whose
+        layouts were found on the data (a sampled pass where they were not is skipped: two samples may not
+        tell them; theta0's own linearization and the real networks need none), and draws from a generator
+        of its own: the evaluations' samples and networks are those without it. The
+        laws it makes from the summary are the evaluations' (made at the fit instead of the first use).
         """
+        net = self.__dict__.pop("_fit_net", None)
+
         def probe() -> None:
             assert self.summary is not None
-            net = self._net(model)
+            if net is None:
+                return
             device, dtype = model_device_dtype(model)
             gen = torch.Generator(device).manual_seed(0)
             x, groups = self.summary.inputs.sample(2, gen, device, dtype)
             p0 = self.theta0_on(model)
-            try:
-                with torch.no_grad():
-                    net.run((x, x), self._mode(net, [p0, p0], groups, gen, device, dtype))
-            finally:
-                self._forget_laws()
+            mode = self._mode(net, [p0, p0], groups, gen, device, dtype)
+            if net.finds_layouts(mode):  # (not found on the data: two samples may not tell them)
+                return
+            with torch.no_grad():
+                net.run((x, x), mode)
 
         dist_.agree(probe, f"{self.name}.fit") if self._distributed else probe()
 
@@ -775,7 +788,15 @@ class LaftrExactEstimator(_LaftrBase):
                      laws: dict[str, Any], group: int, device: torch.device,
                      dtype: torch.dtype) -> MomentMode:
         """The interpreter mode propagating the joint second moment of one group."""
-        return MomentMode(params, state, laws, group, self.cfg.mu_outer)
+        mode = MomentMode(params, state, laws, group, self.cfg.mu_outer)
+        mode.tokens = self._one_hot_inputs()
+        return mode
+
+    def _one_hot_inputs(self) -> bool:
+        """Whether the input model holds token ids, as one-hot vectors in the closed form."""
+        assert self.summary is not None
+        inputs = self.summary.inputs
+        return tuple(inputs.moment_shape) != tuple(inputs.input_shape or ())
 
     def _moment_cache(self, net: TracedNet, device: torch.device, dtype: torch.dtype,
                       group: int) -> Theta0Cache:

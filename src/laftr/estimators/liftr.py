@@ -267,10 +267,6 @@ class _Anchored:
         # (device, dtype) -> node / site -> laws
         self._anchor_laws: dict[tuple[str, torch.dtype], dict[str, Any]] = {}
 
-    def _after_summary(self, net: TracedNet) -> None:
-        super()._after_summary(net)  # type: ignore[misc]  # a mixin: the estimator class has it
-        self._anchor_laws = {}
-
     def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         super()._load_state(tensors, meta)  # type: ignore[misc]  # a mixin, as above
         self._anchor_laws = {}
@@ -367,4 +363,6 @@ class LiftrExactEstimator(_Anchored, LaftrExactEstimator):
                      laws: dict[str, Any], group: int, device: torch.device,
                      dtype: torch.dtype) -> StepMomentMode:
         anchors, _ = self._anchors(net, device, dtype)
-        return StepMomentMode(params, state, laws, anchors, group, self.cfg.mu_outer)
+        mode = StepMomentMode(params, state, laws, anchors, group, self.cfg.mu_outer)
+        mode.tokens = self._one_hot_inputs()
+        return mode

@@ -19,9 +19,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 
-from .._util import autocast_dtype, in_func_transform, is_batched, probe_direction, shorten, tangent_map
+from .._util import (
+    autocast_dtype,
+    functional_call,
+    in_func_transform,
+    is_batched,
+    probe_direction,
+    shorten,
+    tangent_map,
+)
 from ..errors import UnsupportedOpError
 from ..metrics import discrepancy
 from .base import register
@@ -166,7 +174,8 @@ class NtkEstimator(CoresetEstimator):
 
     def _distance(self, model: nn.Module) -> torch.Tensor:
         p0 = self.theta0_on(model)
-        params = dict(model.named_parameters())
+        # (an integer parameter -- a frozen permutation -- is no direction: it stays with the constants)
+        params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
         primals = {n: p0[n] for n in params}
         tangents = {n: p - p0[n] if p.requires_grad else (p - p0[n]).detach() for n, p in params.items()}
         rest = {n: t for n, t in p0.items() if n not in params}

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
+from .._util import functional_call
 from ..metrics import discrepancy
 from .base import register
 from .coreset import CoresetConfig, CoresetEstimator

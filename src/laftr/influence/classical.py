@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vjp
+from torch.func import jacrev, vjp
 
-from .._util import model_device_dtype, tangent_map
+from .._util import functional_call, model_device_dtype, tangent_map
 from ..errors import ConvergenceError as ConvergenceError  # defined in laftr.errors; importable here
 from ..errors import UsageError
 from ._checks import check_int, is_number

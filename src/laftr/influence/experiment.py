@@ -33,7 +33,7 @@ from ._checks import check_bool, check_int, check_positive, is_number
 from .classical import InfluenceConfig
 from .losses import infer_task, per_example_loss
 from .measure import Measurement
-from .methods import check_method, make_method, parse_method_name
+from .methods import PBRFMethod, check_method, make_method, parse_method_name
 from .pbrf import PBRFConfig
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,9 @@ class InfluenceBaseConfig(ExperimentConfig):
         # the estimators' options (unknown ones, and Monte Carlo draws the PBRF refuses)
         options = resolve_estimator_options(self.estimator_options, self._task(), self.methods)
         for m in self.methods:
-            make_method(m, estimator_options=options)
+            meth = make_method(m, estimator_options=options)
+            if isinstance(meth, PBRFMethod) and meth.estimator_name is not None:
+                meth.make_estimator(self._task())  # option values, checked before the network is trained
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import LaftrError, UsageError
 from ..estimators.base import REGISTRY, FSDEstimator, available_estimators, make_estimator
 from ..specs import Spec, check_keys, config_keys, parse_spec
 from .classical import ClassicalInfluence, InfluenceConfig
@@ -159,6 +159,15 @@ class PBRFMethod(InfluenceMethod):
         self.est: FSDEstimator | None = None
         self.solver: PBRF | None = None
 
+    def make_estimator(self, task: str) -> FSDEstimator:
+        """The (unfitted) estimator of ``pbrf-<estimator>`` for ``task``; bad option values are refused."""
+        assert self.estimator_name is not None
+        try:
+            return make_estimator(self.estimator_name, metric=BREGMAN_METRIC[task], **self.estimator_options)
+        except (TypeError, LaftrError) as e:
+            raise UsageError(f"bad options {self.estimator_options} for estimator "
+                             f"{self.estimator_name!r}: {e}") from e
+
     def setup(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], task: str,
               measurement: Measurement | None) -> None:
         """Make the PBRF solver, fitting the estimator at ``model`` first for ``pbrf-<estimator>``."""
@@ -166,12 +175,7 @@ class PBRFMethod(InfluenceMethod):
         if self.estimator_name is None:
             self.solver = PBRF(model, train, task=task, config=self.config)
             return
-        try:
-            self.est = make_estimator(self.estimator_name, metric=BREGMAN_METRIC[task],
-                                      **self.estimator_options)
-        except TypeError as e:
-            raise UsageError(f"bad options {self.estimator_options} for estimator "
-                             f"{self.estimator_name!r}: {e}") from e
+        self.est = self.make_estimator(task)
         self.est.fit(model, train)
         self.solver = PBRF(model, fsd=self.est, num_train=int(train[0].shape[0]), task=task,
                            config=self.config)

@@ -380,7 +380,8 @@ class NormalizeRule(NormRule):
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise self.refuse(f"F.normalize over dim={dim!r}; give one dimension")
         if dim == 0:
-            raise self.refuse("F.normalize over dim=0, the batch dimension, mixes the examples")
+            raise self.refuse("F.normalize over dim=0, the axis laftr takes the examples along: it would mix "
+                              "them (a sequence-first value normalized over time: put its batch axis first)")
         if self.const_arg(4, "out", None) is not None:
             raise self.refuse("F.normalize with out=")
         self.dim, self.eps = dim, float(self.const_arg(3, "eps", 1e-12))
@@ -392,8 +393,9 @@ class NormalizeRule(NormRule):
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with the normalized dimension moved last."""
         if x.ndim < 2 or self.dim % x.ndim == 0:
-            raise self.refuse(f"F.normalize over dim={self.dim} of a {x.ndim}-d input: that is the batch "
-                              "dimension (it mixes the examples)")
+            raise self.refuse(f"F.normalize over dim={self.dim} of a {x.ndim}-d input: the axis laftr takes "
+                              "the examples along (it would mix them; a sequence-first value normalized over "
+                              "time: put its batch axis first)")
         return x.movedim(self.dim, -1)
 
     def ungrouped(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
