@@ -825,3 +825,35 @@ def test_review_of_the_new_fit_checks():
     masked = _LastUnitMasked(8)
     for name in ("laftr", "subset"):
         assert float(_make(name, metric="l2").fit(masked, X, outputs=[0, 1])(masked)) == 0.0
+
+
+class BufferScaled(nn.Module):
+    """``a(x) * (self.s * 1.0)`` with ``s`` a buffer: arithmetic on a buffer inside the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 3)
+        self.register_buffer("s", torch.full((5,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x) * (self.s * 1.0))
+
+
+@pytest.mark.usefixtures("float64")
+def test_arithmetic_on_a_buffer_reads_each_streams_buffer():
+    """torch.fx computed ``self.s * 1.0`` while tracing and kept theta0's result as a constant: a theta that changed
+    the buffer alone got 0 from laftr (every gates mode) and -0.35 from laftr-exact, for an exact FSD of 0.137.
+    Buffers are graph nodes now: on a linear network with a coreset of all the data, every traced estimator
+    gives the exact FSD."""
+    model = BufferScaled().eval()
+    theta = copy.deepcopy(model)
+    theta.s.fill_(1.5)
+    X = torch.randn(60, 5, generator=torch.Generator().manual_seed(1))
+    exact = laftr.exact_fsd(model, theta, X).item()
+    assert exact > 0.01
+    coreset = {"input_model": "coreset", "coreset_size": 60}
+    for name, kw in (("laftr", {"gates": "none", "num_samples": 60}), ("laftr", {"num_samples": 60}),
+                     ("laftr", {"gates": "relu", "num_samples": 60}), ("laftr-exact", {}), ("subset", {})):
+        kw = {**kw, **coreset} if name != "subset" else {"coreset_size": 60}
+        assert laftr.make_estimator(name, **kw).fit(model, X)(theta).item() == pytest.approx(exact, rel=1e-9), name

@@ -71,7 +71,13 @@ class _Tracer(fx.Tracer):
 
     A user's registered activation is kept too. torch.nn's transformer modules (:mod:`laftr.composites`) are
     traced through their parts unless a rule is registered for them.
+
+    Buffers are read as graph nodes (``proxy_buffer_attributes``): torch.fx's default computes what a forward
+    does with a buffer (``self.s * 1.0``) while tracing and keeps the result as a constant, so every stream
+    used theta0's buffer there (0 for a theta that changed the buffer alone).
     """
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if is_registered_module(m):
