@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from cases import mlp, perturbed
+from torch import nn
 
 import laftr
 from laftr.bench.fsd import (
@@ -309,3 +310,24 @@ def test_a_zero_estimate_gradient_has_cosine_zero():
     assert _cosine(torch.zeros(2), b) == 0.0
     assert math.isnan(_cosine(b, torch.zeros(2)))
     assert _cosine(2 * b, b) == pytest.approx(1.0)
+
+
+def test_the_activation_pattern_change_is_not_measured_without_activation_modules():
+    """An LSTM has no activation module (its gates are inside it): the fraction of changed patterns was 0 for every
+    theta, so every theta counted as near and the near / far split said nothing. It is NaN (no split) now."""
+    from laftr.bench.fsd import _pattern_change
+
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
+    relu = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    assert 0 < _pattern_change(relu, perturbed(relu, 1.0), x) < 1
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(1, 3, batch_first=True), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x.unsqueeze(-1))[0][:, -1])
+
+    rnn = Recurrent()
+    assert math.isnan(_pattern_change(rnn, perturbed(rnn, 0.5), x))

@@ -225,6 +225,13 @@ def test_adaptive_pools_of_unequal_windows_take_theta0s_argmax_or_each_streams_o
         assert float(d) > 0 and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads), opts
     with pytest.raises(UnsupportedOpError, match="windows of unequal sizes.*maxpool='argmax0'"):
         laftr.make_estimator("laftr", maxpool="sample").fit(model, X)
+    # the same from a summary fitted elsewhere (no pass has seen the windows): named too (a bare ValueError)
+    from laftr.summary import fit_summary
+
+    summary = fit_summary(TracedNet(model), param_dict(model, detach=True), X, "gaussian")
+    with pytest.raises(laftr.UsageError, match=r"max-pool sites \['[a-z0-9_]+'\] recorded no argmax frequencies"):
+        laftr.make_estimator("laftr", maxpool="sample").fit_summary_only(summary, model)
+    assert laftr.make_estimator("laftr").fit_summary_only(summary, model)(model).item() == 0.0
     _other_estimators_and_the_limit(model, X, other)
 
 

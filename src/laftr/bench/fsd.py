@@ -1015,7 +1015,9 @@ def _is_gate(mod: nn.Module) -> bool:
 def _pattern_change(model0: nn.Module, model: nn.Module, x: torch.Tensor, batch: int = 1000) -> float:
     """Fraction of (example, hidden unit) pairs whose activation pattern differs between theta0 and theta.
 
-    The pattern is the sign of the pre-activation of every activation module (ReLU on/off).
+    The pattern is the sign of the pre-activation of every activation module (ReLU on/off). NaN (not
+    measured) for a network with no activation module (an LSTM's gates are inside it): every theta was
+    "near" there, and the split said nothing.
     """
     acts: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
 
@@ -1039,7 +1041,7 @@ def _pattern_change(model0: nn.Module, model: nn.Module, x: torch.Tensor, batch:
     finally:
         for h in hs:
             h.remove()
-    return diff / max(tot, 1)
+    return diff / tot if tot else float("nan")
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -1246,7 +1248,8 @@ def _run_method(spec: BenchRow, metric: str, cfg: FsdBenchConfig, model0: nn.Mod
     for row, v in zip(theta_rows, values, strict=True):
         row.setdefault("estimates", {}).setdefault(spec.label, {})[metric] = v
     far = [r["pattern_change"] for r in theta_rows]
-    cut = statistics.median(far)
+    known = [f for f in far if not math.isnan(f)]  # (no activation module: no split)
+    cut = statistics.median(known) if known else math.nan
     near_idx = [i for i, f in enumerate(far) if f <= cut]
     far_idx = [i for i, f in enumerate(far) if f > cut]
     out = {

@@ -351,6 +351,11 @@ class _LaftrBase(FSDEstimator):
             unequal = getattr(net.sites[s], "unequal", None)  # (a max pool of unequal windows records none)
             if unequal:
                 raise UnsupportedOpError(unequal)
+        pools = [s for s in missing if net.sites[s].family == "maxpool"]
+        if pools:  # (fit_summary_only: no pass has seen the pool's windows)
+            raise UsageError(f"max-pool sites {pools} recorded no argmax frequencies, which maxpool='sample' "
+                             "draws from (an adaptive pool of unequal windows records none); use "
+                             "maxpool='argmax0' (the default) or 'separate'")
         if missing:
             raise ValueError(f"summary lacks statistics for sites {missing}")
         self._nets = {}
