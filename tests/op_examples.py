@@ -224,6 +224,7 @@ AFFINE: dict[Any, Example] = {
     "double": lam(lambda x: x.double(), V),
     "float": lam(lambda x: x.float().double(), V),
     "type_as": lam(lambda x: x.float().type_as(x), V),
+    "type": lam(lambda x: x.float().type(x.dtype), V),
     "half": lam(lambda x: x + (0 * x).half().double(), V),
     "bfloat16": lam(lambda x: x + (0 * x).bfloat16().double(), V),
     "unflatten": lam(lambda x: x.unflatten(2, (3, 2)), V),

@@ -857,3 +857,42 @@ def test_arithmetic_on_a_buffer_reads_each_streams_buffer():
                      ("laftr", {"gates": "relu", "num_samples": 60}), ("laftr-exact", {}), ("subset", {})):
         kw = {**kw, **coreset} if name != "subset" else {"coreset_size": 60}
         assert laftr.make_estimator(name, **kw).fit(model, X)(theta).item() == pytest.approx(exact, rel=1e-9), name
+
+
+class Counted(nn.Module):
+    """A forward that reads a function attribute, a tuple and a dict, and counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(5, 6)
+        self.fn, self.keep, self.cfg, self.calls = torch.tanh, (0, 1, 2), {"scale": 1.0}, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fn(self.a(x))[:, list(self.keep)] * self.cfg["scale"]
+
+
+@pytest.mark.parametrize("change", ["fn", "keep", "cfg"])
+def test_other_attributes_changed_in_place_are_noticed_and_a_counter_costs_one_check(change, monkeypatch):
+    """A function, a tuple or a dict value changed in place after the first estimate was not noticed (the traced
+    graph of the first call went on: 0.013x the exact FSD); it is refused now. A counter the forward updates
+    changes at every call without changing the graph: checked once, then no more."""
+    model = Counted()
+    est = laftr.make_estimator("laftr", num_samples=4).fit(model, _data())
+    est(model)
+    calls = []
+    real = estimator_base.model_fingerprint
+    monkeypatch.setattr(estimator_base, "model_fingerprint", lambda m: calls.append(m) or real(m))
+    for _ in range(5):
+        model(torch.zeros(1, 5))  # the counter moves
+        est(model)
+    assert len(calls) <= 1  # (the first call after the fit may have checked it already)
+    if change == "fn":
+        model.fn = torch.sigmoid
+    elif change == "keep":
+        model.keep = (2, 1, 0)
+    else:
+        model.cfg["scale"] = 3.0
+    with pytest.raises(laftr.UsageError, match="differs from the fitted one"):
+        est(model)

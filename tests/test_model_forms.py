@@ -490,7 +490,7 @@ class LowFirst(nn.Module):
         self.l1, self.l2 = nn.Linear(6, 8).bfloat16(), nn.Linear(8, 4, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.l2(torch.tanh(self.l1(x.bfloat16()).float()))
+        return self.l2(torch.tanh(self.l1(x.to(self.l1.weight.dtype)).float()))
 
 
 def test_theta0_keeps_each_tensors_dtype():
@@ -525,3 +525,22 @@ def test_an_unmade_lazy_module_and_the_old_weight_norm_are_named():
             with pytest.raises(UnsupportedOpError, match=f"forward pre-hook .*parametrizations.{api}"):
                 laftr.make_estimator(name).fit(old, X)
         assert laftr.make_estimator("subset", coreset_size=20).fit(old, X)(old).item() == 0.0
+
+
+def test_mixed_dtypes_and_moved_integer_parameters_are_named():
+    """theta0's cache was keyed by the first parameter's dtype alone: after a float32 copy of a network with a
+    bfloat16 layer, the network itself at theta0 got 1e-6 from subset. K-FAC on mixed dtypes ended in torch's
+    dtype error at the first estimate; ntk gave 0 for a theta that changed an integer parameter alone."""
+    model = LowFirst()
+    X = torch.randn(24, 6, generator=torch.Generator().manual_seed(0))
+    est = laftr.make_estimator("subset", coreset_size=24).fit(model, X)
+    est(copy.deepcopy(model).float())
+    assert est(model).item() == 0.0
+    with pytest.raises(UnsupportedOpError, match="several floating dtypes"):
+        laftr.make_estimator("kfac").fit(model, X)
+    perm = Permuted()
+    moved = copy.deepcopy(perm)
+    moved.perm.data = moved.perm.data.flip(0)
+    est = laftr.make_estimator("ntk", coreset_size=24).fit(perm, X)
+    with pytest.raises(UsageError, match="integer parameters .*perm.* differ"):
+        est(moved)

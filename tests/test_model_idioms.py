@@ -407,8 +407,10 @@ def test_embedding_bag_refuses_max_and_offsets():
 
 def test_an_in_place_change_read_again_later_is_refused():
     """laftr runs every op out of place: ``e = h.exp(); h.add_(1); b(e + h)`` read the old h (0.2-0.5 off
-    the network's own output, silently; a review). Refused by name; in-place ops whose input nothing reads
-    again (``h += 1``, ``nn.ReLU(inplace=True)``, ``out += identity``) keep working."""
+    the network's own output, silently; a review). The later read takes the changed value now (the network's
+    own output, to rounding); a change seen through a view (``h[:, :2].add_(1)`` and then ``h``) is refused by
+    name; in-place ops whose input nothing reads again (``h += 1``, ``nn.ReLU(inplace=True)``, ``out +=
+    identity``) keep working."""
     from torch import nn
 
     import laftr
@@ -436,9 +438,20 @@ def test_an_in_place_change_read_again_later_is_refused():
             out += 1
             return out
 
+    class ThroughView(Observed):
+        def forward(self, x):
+            h = self.a(x)
+            h[:, :2].add_(1)
+            return self.b(h)
+
     X = torch.randn(20, 4)
-    with pytest.raises(laftr.UnsupportedOpError, match="changes 'a' in place, and 'add' reads it after that"):
-        laftr.make_estimator("laftr").fit(Observed(), X)
+    from laftr._util import param_dict as params
+    from laftr.graph import TracedNet as Traced
+
+    observed = Observed()
+    torch.testing.assert_close(Traced(observed).forward(X, params(observed)), observed(X))
+    with pytest.raises(laftr.UnsupportedOpError, match="changes 'getitem' in place, and 'b' reads it after"):
+        laftr.make_estimator("laftr").fit(ThroughView(), X)
     model = Fine()
     from laftr._util import param_dict
     from laftr.graph import TracedNet

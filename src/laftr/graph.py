@@ -41,7 +41,7 @@ from .composites import KEPT_WHOLE, traced_forward, traced_function, traced_meth
 from .errors import UnsupportedOpError
 from .metrics import check_network_output
 from .moments import GateMoments, JointMoments, Ref
-from .rules.affine import SHAPE_ATTRS, DivideRule, GetattrRule, LikeRule, ReshapeRule, ShapeRule
+from .rules.affine import SHAPE_ATTRS, CastRule, DivideRule, GetattrRule, LikeRule, ReshapeRule, ShapeRule
 from .rules.attention import EmbeddingRule, QuotientRule
 from .rules.base import (
     Pair,
@@ -72,9 +72,7 @@ class _Tracer(fx.Tracer):
     A user's registered activation is kept too. torch.nn's transformer modules (:mod:`laftr.composites`) are
     traced through their parts unless a rule is registered for them.
 
-    Buffers are read as graph nodes (``proxy_buffer_attributes``): torch.fx's default computes what a forward
-    does with a buffer (``self.s * 1.0``) while tracing and keeps the result as a constant, so every stream
-    used theta0's buffer there (0 for a theta that changed the buffer alone).
+    Buffers are read as graph nodes first (``proxy_buffer_attributes``, see :func:`trace`).
     """
 
     proxy_buffer_attributes = True
@@ -344,26 +342,63 @@ def _mutated(node: fx.Node, gm: Any) -> Any:
     return first if in_place and isinstance(first, fx.Node) else None
 
 
-def _refuse_observed_mutation(graph: fx.Graph) -> None:
-    """Refuse an in-place op whose change a later node reads through the old value.
+#: ops whose result may share its input's memory (an in-place change of one is seen through the other)
+_VIEWS = frozenset({"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "expand", "expand_as",
+                    "narrow", "select", "unsqueeze", "squeeze", "flatten", "unflatten", "t", "T", "mT",
+                    "as_strided", "contiguous", "detach", "unbind", "chunk", "split", "movedim", "swapaxes",
+                    "diagonal", "real", "imag", "view_as_real", "view_as_complex", "getitem"})
+
+
+def _may_alias(node: fx.Node) -> bool:
+    """Whether ``node``'s value may share memory with another node's, or outlive the call.
+
+    A view (of another node's value), the network input, or a tensor of the module.
+    """
+    if node.op in ("placeholder", "get_attr"):
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and name in _VIEWS
+
+
+def _refuse_observed_mutation(graph: fx.Graph) -> bool:
+    """Point the nodes that read a value after an in-place change of it at the change; refuse where unsafe.
 
     laftr runs every op out of place (``h.add_(1)`` as ``h + 1``): a node that reads ``h`` after the in-place
     op would see the value before it, where PyTorch sees the changed one -- a silently different network (a
-    review: 0.2-0.5 off). ``h = h.add_(1)``, ``h += 1`` and ``nn.ReLU(inplace=True)`` whose input nothing else
-    reads are fine.
+    review: 0.2-0.5 off). Such a read is pointed at the in-place op's result, which is the changed value
+    (Hugging Face's causal mask: ``full = torch.full(...); full.masked_fill_(cond, 0); full.to(dtype)``),
+    where the changed value is no view of another (nor a view taken of it before the change) and not the
+    input or a tensor of the module: there the change would be seen elsewhere too, and it is refused.
+    ``h = h.add_(1)``, ``h += 1`` and ``nn.ReLU(inplace=True)`` whose input nothing else reads need nothing.
+    Returns whether the graph was changed.
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
     gm = graph.owning_module
-    for node in graph.nodes:
+    rewired = False
+    for node in list(graph.nodes):
         changed = _mutated(node, gm)
         if changed is None:
             continue
         later = [u for u in changed.users if u is not node and order[u] > order[node]]
-        if later:
+        # a view changed in place changes its base (g[:, 0].mul_(2) changes g): a base read after the change
+        base = changed
+        while (base.op in ("call_method", "call_function") and _may_alias(base) and base.args
+               and isinstance(base.args[0], fx.Node)):
+            base = base.args[0]
+            later += [u for u in base.users if order[u] > order[node]]
+        if not later:
+            continue
+        views_before = [u for u in changed.users
+                        if u is not node and order[u] < order[node] and _may_alias(u)]
+        if _may_alias(changed) or views_before:
             raise UnsupportedOpError(
                 f"node {node.name!r} changes {changed.name!r} in place, and {later[0].name!r} reads it after "
                 "that: laftr runs every op out of place, so it would read the value before the change; write "
                 "the op out of place (h = h + 1), or without inplace=True")
+        for u in later:
+            u.replace_input_with(changed, node)
+        rewired = True
+    return rewired
 
 
 def refuse_torchscript(model: nn.Module, who: str = "") -> None:
@@ -403,37 +438,47 @@ def _refuse_weight_hooks(model: nn.Module) -> None:
                     "weight and exact_fsd run the module itself, hook included)")
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+def trace(model: nn.Module, buffers_as_nodes: bool = True) -> fx.GraphModule:
     """Symbolically trace ``model`` in eval mode; raise :class:`UnsupportedOpError` if it cannot be.
 
     laftr always evaluates a network as in eval mode (dropout off, batch norm on its running statistics), so
     the graph is traced with every submodule in eval mode, whatever mode the model is in (a model in a
     training loop gives the same graph as at ``fit``); each submodule's own mode is put back afterwards.
+
+    Buffers are read as graph nodes (``buffers_as_nodes``), so that what the forward computes from one
+    (``self.s * 1.0``, ``self.mask[:T, :T]``) is computed from each stream's buffer: torch.fx's default
+    computes it while tracing and keeps the result, theta0's, as a constant (laftr gave 0 for a theta that
+    changed the buffer alone). A forward that reads a buffer in Python (``if self.initialized:``,
+    ``range(self.shifts.shape[0])``) cannot be traced so: it is traced with buffers read as constants then,
+    as it always was (and with ``buffers_as_nodes=False`` the other way round).
     """
     refuse_torchscript(model)
     with eval_mode(model):
         try:
             try:
                 fixed = _specialized_defaults(model)
+                first_tracer = _Tracer()
+                first_tracer.proxy_buffer_attributes = buffers_as_nodes
                 if isinstance(model, fx.GraphModule) and not is_registered_module(model):
-                    graph = _trace_graph_module(_Tracer(), model)
+                    graph = _trace_graph_module(first_tracer, model)
                 else:
-                    graph = _Tracer().trace(model, concrete_args=fixed)
+                    graph = first_tracer.trace(model, concrete_args=fixed)
             except UnsupportedOpError:
                 raise
             except Exception as first:
-                # buffers are read as constants first (graphs, and so the fingerprints of saved summaries, as
-                # they have always been); a forward that slices one by a traced size (nanoGPT's ``bias[:, :,
-                # :T, :T]``) needs them as graph attributes. If that fails too, the failure that names the
-                # obstacle is reported.
+                # the other way of reading buffers (see above); if that fails too, the failure that names the
+                # obstacle is reported
                 tracer = _Tracer()
-                tracer.proxy_buffer_attributes = True
+                tracer.proxy_buffer_attributes = not buffers_as_nodes
                 try:
                     graph = tracer.trace(model, concrete_args=fixed)
                 except Exception as second:
-                    # where the first failure was the buffer slice the retry handles, the retry's names the
-                    # line that is really in the way (torch.ones(L, L), torch.finfo(x.dtype), *x.shape[:-1])
-                    raise (second if "slice indices" in str(first) else first) from None
+                    # where the failure of buffers read as constants was a buffer sliced by a traced size
+                    # (nanoGPT's bias[:, :, :T, :T]), the other's names the line that is really in the way
+                    # (torch.ones(L, L), torch.finfo(x.dtype), *x.shape[:-1])
+                    as_constants = second if buffers_as_nodes else first
+                    as_nodes = first if buffers_as_nodes else second
+                    raise (as_nodes if "slice indices" in str(as_constants) else as_constants) from None
             if fixed:
                 _drop_specialization_asserts(graph)
             gm = fx.GraphModule(model, graph, type(model).__name__)
@@ -1191,8 +1236,27 @@ class TracedNet:
         #: per data-dependent node whose examples are not one per entry of its first axis, their layout (found
         #: at the first pass that records or draws statistics: :meth:`find_layouts`)
         self.layouts: dict[str, Layout] | None = None
-        self.gm = trace(model)
-        _refuse_observed_mutation(self.gm.graph)
+        gm = trace(model)
+        try:
+            self._build(model, gm)
+        except UnsupportedOpError as first:
+            # an op of a buffer that a rule refuses as data (``.item()`` of a buffer as a slope, a float
+            # buffer in a mask): read the buffers as constants, as they always were (theta0's there)
+            if not any(n.op == "get_attr" and str(n.target) in dict(model.named_buffers())
+                       for n in gm.graph.nodes):
+                raise
+            try:
+                constants = trace(model, buffers_as_nodes=False)
+                self.exact_nodes = set()
+                self._build(model, constants)
+            except UnsupportedOpError:
+                raise first from None
+
+    def _build(self, model: nn.Module, gm: fx.GraphModule) -> None:
+        """The rules of every node of ``gm``, ``model``'s traced graph."""
+        self.gm = gm
+        if _refuse_observed_mutation(self.gm.graph):
+            self.gm.recompile()
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if not placeholders:
             raise UnsupportedOpError(f"{type(model).__name__}.forward takes no input")
@@ -1269,15 +1333,28 @@ class TracedNet:
                         # not round (ids // 2 as torch.div(ids, 2, rounding_mode="floor") is exact here too)
                         self._input_divisions.add(node.name)
                         found = None
-                    if found is None or getattr(found, "exact_on_input", False):  # (a comparison: a mask)
+                    made = None
+                    shaped_by = _shape_only_arg(node)  # (mask.expand_as(scores): the scores are data)
+                    if (found is not None and not getattr(found, "exact_on_input", False)
+                            and not (isinstance(shaped_by, fx.Node) and shaped_by.name not in input_only)):
+                        try:
+                            made = make_rule(node, self.gm)
+                        except UnsupportedOpError:
+                            # a cast to bool or an integer dtype, refused on data (not differentiable), runs
+                            # exactly where it computes from the input alone, the same in every stream
+                            # (Hugging Face's inv.masked_fill(inv.to(torch.bool), min))
+                            if not issubclass(found, CastRule):
+                                raise
+                            made = None
+                    if made is None:  # (no rule; a comparison: a mask)
                         self.rules[node.name] = Rule(node, self.gm)
                         self.exact_inputs.add(node.name)
                     else:
-                        self.rules[node.name] = make_rule(node, self.gm)
+                        self.rules[node.name] = made
                     sources = [a.name for a in node.all_input_nodes if a.name in data_nodes]
                     if node.name in self.exact_inputs or all(a in fixed for a in sources):
                         fixed.add(node.name)
-                elif exact_unknown:
+                elif self.exact_unknown:
                     try:
                         self.rules[node.name] = _data_rule(node, self.gm, data_nodes, fixed, input_only)
                     except UnsupportedOpError:  # no rule, or one that refuses the op's constant arguments
@@ -1304,9 +1381,13 @@ class TracedNet:
         Its inputs are the input or such nodes (no parameter or floating buffer), and a module it calls holds
         none. A boolean or integer buffer (a fixed mask, ``self.hidden | (ids == pad)``) is no parameter: no
         change of the weights moves it smoothly, so an op of it and the input is evaluated exactly in each
-        stream, with that stream's buffer, as an op of the input alone is.
+        stream, with that stream's buffer, as an op of the input alone is. ``mask.expand_as(scores)`` reads
+        only the shape of its second argument (and ``type_as`` its dtype): a mask of the input stays one.
         """
+        shape_only = _shape_only_arg(node)
         for a in node.all_input_nodes:
+            if a is shape_only:
+                continue
             if a.name in input_only or a.name in self.shape_nodes or a.name in self._from_shapes:
                 continue
             if self._constant(a):
@@ -1609,6 +1690,15 @@ _LAID_OUT = frozenset({"fit", "sample"})
 
 #: dtype casts: of the (floating) network input to another floating type (``x = x.float() / 255``) they are
 #: the input itself, the same in every stream
+#: methods whose second argument gives only its shape or dtype
+_SHAPE_ONLY_SECOND = frozenset({"expand_as", "view_as", "reshape_as", "type_as"})
+
+
+def _shape_only_arg(node: fx.Node) -> Any:
+    """The argument of ``node`` read for its shape or dtype alone (``mask.expand_as(scores)``: ``scores``)."""
+    if node.op == "call_method" and node.target in _SHAPE_ONLY_SECOND and len(node.args) > 1:
+        return node.args[1]
+    return None
 _CASTS = frozenset({"float", "double", "half", "bfloat16", "to", "type", "type_as"})
 
 

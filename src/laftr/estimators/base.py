@@ -568,8 +568,13 @@ class FSDEstimator:
             return
         cache = self.__dict__.setdefault("_graph_checked", {})
         hit = cache.get(id(model))
-        if hit is not None and hit[0]() is model and hit[1] == text and hit[2].matches(model):
-            return
+        ignore: frozenset[tuple[int, str]] = frozenset()
+        if hit is not None and hit[0]() is model and hit[1] == text:
+            changed = hit[2].changed(model)
+            if changed == []:
+                return
+            if changed:  # checked again below; if the graph is the same, these are not watched any more
+                ignore = hit[2].ignore | frozenset(changed)
         mine = getattr(self, "_fingerprint", None)
         fitted = mine if mine is not None and mine.text == text else GraphFingerprint.parse(text)
         if fitted is None:  # written by another version of laftr: nothing to compare with
@@ -588,7 +593,7 @@ class FSDEstimator:
             del cache[key]
         if len(cache) >= 16:
             del cache[next(iter(cache))]
-        cache[id(model)] = (weakref.ref(model), text, _Structure(model))
+        cache[id(model)] = (weakref.ref(model), text, _Structure(model, ignore))
 
     def __getstate__(self) -> dict[str, Any]:
         """The state to pickle, without the weak references of the graph check (it is redone)."""
@@ -633,7 +638,9 @@ class FSDEstimator:
         assert self.theta0 is not None
         device, dtype = model_device_dtype(model)
         cache = self._fit_cache("_theta0_cache")
-        key = (str(device), dtype)
+        # (with the dtypes of the model's own tensors: a float32 copy of a network with a bfloat16 layer is
+        # another key than the network)
+        key = (str(device), dtype, tuple(p.dtype for p in model.parameters()))
         if key not in cache:
             # each tensor in the dtype of the model's own (a bfloat16 layer in a float32 network stays
             # bfloat16: cast to one dtype, theta0 was not theta0 and weight gave 9e-6 at theta = theta0)
@@ -650,42 +657,67 @@ _PLAIN = (bool, int, float, str, type(None))
 
 
 class _Structure:
-    """What a model that passed the graph check was made of: each submodule and its plain attributes.
+    """What a model that passed the graph check was made of: each submodule and its attributes.
 
-    A plain attribute (a number, a string, a flag) that a forward reads is a constant of the traced graph, so
-    one changed in place (``model.temperature = 2.0``) calls for the check again; so do a replaced submodule,
-    a ``forward`` patched on an instance and an attribute added or removed. Built by a walk over the modules
-    that reads every attribute; :meth:`matches` walks them again and reads only those it found (a few
-    microseconds: it runs at every estimate).
+    An attribute that a forward reads (a number, a string, a flag, a tuple, a small list or dict of such
+    values, a function) is a constant of the traced graph, so one changed in place (``model.temperature =
+    2.0``, ``model.act_fn = torch.sigmoid``) calls for the check again; so do a replaced submodule, a
+    ``forward`` patched on an instance and an attribute added or removed. An attribute that changed while
+    the graph stayed the same (a call counter the forward updates) is not watched after that (``ignore``),
+    so that it does not cost a new check at every call. Built by a walk over the modules that reads every
+    attribute; :meth:`matches` walks them again and reads only those it found (microseconds per estimate).
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        """Record every submodule (walk order), its number of attributes and its plain ones."""
+    def __init__(self, model: nn.Module, ignore: frozenset[tuple[int, str]] = frozenset()) -> None:
+        """Record every submodule (walk order), its number of attributes and the ones it watches."""
+        self.ignore = ignore
         self.plan: list[tuple[int, int, tuple[tuple[str, Any], ...]]] = []
         for m in _walk(model):
             d = m.__dict__
-            plain = tuple((k, v if isinstance(v, _PLAIN) else id(v)) for k, v in d.items()
-                          if k[0] != "_" and k not in _STATE_ATTRS
-                          and (isinstance(v, _PLAIN) or k == "forward"))
-            self.plan.append((id(m), len(d), plain))
+            kept = []
+            for k, v in d.items():
+                if k[0] == "_" or k in _STATE_ATTRS or (id(m), k) in ignore:
+                    continue
+                snap = _snapshot(v)
+                if snap is not _UNWATCHED:
+                    kept.append((k, snap))
+            self.plan.append((id(m), len(d), tuple(kept)))
 
-    def matches(self, model: nn.Module) -> bool:
-        """Whether ``model`` is still made of the same submodules with the same plain attributes."""
-        plan = self.plan
-        i = 0
+    def changed(self, model: nn.Module) -> list[tuple[int, str]] | None:
+        """The watched attributes that changed (``[]``: none); None if the modules or their counts did."""
+        plan, i = self.plan, 0
+        out: list[tuple[int, str]] = []
         for m in _walk(model):
             if i >= len(plan):
-                return False
-            ident, n, plain = plan[i]
+                return None
+            ident, n, kept = plan[i]
             d = m.__dict__
             if id(m) != ident or len(d) != n:
-                return False
-            for k, v in plain:
-                now = d.get(k)
-                if (now if isinstance(now, _PLAIN) else id(now)) != v:
-                    return False
+                return None
+            out.extend((ident, k) for k, v in kept if _snapshot(d.get(k)) != v)
             i += 1
-        return i == len(plan)
+        return out if i == len(plan) else None
+
+
+#: a value :class:`_Structure` does not watch (tensors, modules and other objects)
+_UNWATCHED = object()
+
+
+def _snapshot(v: Any) -> Any:
+    """A comparable copy of an attribute's value, or :data:`_UNWATCHED`.
+
+    Plain values as they are; tuples, and lists / dicts of up to 32 plain values, copied; functions and
+    other callables by identity.
+    """
+    if isinstance(v, _PLAIN):
+        return (type(v), v)
+    if isinstance(v, (tuple, list)) and len(v) <= 32 and all(isinstance(u, _PLAIN) for u in v):
+        return (type(v), tuple(v))
+    if isinstance(v, dict) and len(v) <= 32 and all(isinstance(u, _PLAIN) for u in (*v, *v.values())):
+        return (dict, tuple(v.items()))
+    if callable(v) and not isinstance(v, (nn.Module, torch.Tensor)):
+        return ("callable", id(v))
+    return _UNWATCHED
 
 
 def _walk(model: nn.Module) -> Iterator[nn.Module]:

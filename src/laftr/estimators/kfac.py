@@ -57,7 +57,7 @@ from torch import nn
 
 from .. import distributed as dist_
 from .._util import Data, model_device_dtype
-from ..errors import DataError, UsageError
+from ..errors import DataError, UnsupportedOpError, UsageError
 from .base import EstimatorConfig, FSDEstimator, register
 from .curvature import (
     check_curvature_config,
@@ -124,6 +124,11 @@ class KfacEstimator(FSDEstimator):
     # ------------------------------------------------------------------ fitting
     def _fit(self, model: nn.Module, data: Data) -> None:
         c = self.cfg
+        kinds = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
+        if len(kinds) > 1:  # (its factors are kept in one dtype: torch's dtype error at the first estimate)
+            raise UnsupportedOpError(f"kfac: the network's parameters have several floating dtypes "
+                                     f"({kinds}); K-FAC keeps its factors in one: cast the network to one "
+                                     "dtype")
         found = find_taps(model, "fallback" if c.unsupported == "diag" else "error", "kfac")
         dtype = model_device_dtype(model)[1]
         layers, fallback = found.taps, found.fallback

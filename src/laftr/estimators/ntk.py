@@ -30,7 +30,7 @@ from .._util import (
     shorten,
     tangent_map,
 )
-from ..errors import UnsupportedOpError
+from ..errors import UnsupportedOpError, UsageError
 from ..metrics import discrepancy
 from .base import register
 from .coreset import CoresetConfig, CoresetEstimator
@@ -174,8 +174,14 @@ class NtkEstimator(CoresetEstimator):
 
     def _distance(self, model: nn.Module) -> torch.Tensor:
         p0 = self.theta0_on(model)
-        # (an integer parameter -- a frozen permutation -- is no direction: it stays with the constants)
+        # (an integer parameter -- a frozen permutation -- is no direction: it stays with the constants, and
+        # one that theta changed is refused, as the linearization cannot see it)
         params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
+        moved = [n for n, p in model.named_parameters() if not p.is_floating_point() and not torch.equal(
+            p.detach(), p0[n])]
+        if moved:
+            raise UsageError(f"ntk: integer parameters {moved} differ from theta0's: the network linearized "
+                             "in its floating parameters cannot see that change; use subset or exact_fsd")
         primals = {n: p0[n] for n in params}
         tangents = {n: p - p0[n] if p.requires_grad else (p - p0[n]).detach() for n, p in params.items()}
         rest = {n: t for n, t in p0.items() if n not in params}

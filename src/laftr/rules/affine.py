@@ -170,7 +170,9 @@ class ComplexViewRule(AffineRule):
 
 
 class CastRule(ReshapeRule):
-    """``x.to(dtype)``, ``x.float()``, ``x.double()``, ``x.half()``, ``x.bfloat16()``, ``x.type_as(t)``.
+    """Casts: ``x.to(dtype)``, ``.float()``, ``.double()``, ``.half()``, ``.bfloat16()``, ``.type_as(t)``.
+
+    And ``x.type(dtype)`` (Hugging Face's GPT-2 attention).
 
     A change of floating dtype (or device): the values up to rounding. Each stream runs it exactly, so a block
     that upcasts its softmax and casts back (``F.softmax(s, -1, dtype=torch.float32).to(q.dtype)``, as Hugging
@@ -419,5 +421,5 @@ register(*_DIV)(DivideRule)
 register("masked_fill", "masked_fill_", torch.masked_fill, torch.where, "where")(SelectRule)
 register("expand_as", "view_as", "reshape_as")(LikeRule)
 register(*_IDENTITY)(IdentityRule)
-register("to", "float", "double", "half", "bfloat16", "type_as")(CastRule)
+register("to", "float", "double", "half", "bfloat16", "type_as", "type")(CastRule)
 register(*_SHAPE)(ShapeRule)

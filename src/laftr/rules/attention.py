@@ -695,6 +695,18 @@ class SoftmaxRule(PatternSite):
         if dim is None:
             raise self.refuse("softmax needs an explicit dim")
         self.dim = int(dim)
+        #: ``F.softmax(s, dim, dtype=torch.float32)`` (Hugging Face's upcast): the logits cast first
+        # (F.softmax(x, dim, _stacklevel, dtype); torch.softmax(x, dim, dtype) and the method)
+        at = 3 if self.node.target in (F.softmax, F.log_softmax) else 2
+        self.cast = None if self.module is not None else self.const_arg(at, "dtype", None)
+
+    def logits(self, args: Any, kwargs: Any) -> Pair:
+        """The data input, cast to the op's ``dtype`` where one is given (as torch casts it first)."""
+        x = self.data_input(args, kwargs)
+        cast = getattr(self, "cast", None)  # (logsumexp has no dtype argument)
+        if cast is None:
+            return x
+        return Pair(tuple(v.to(cast) for v in x.vals), x.data, x.fixed)
 
     def params(self) -> dict[str, Any]:
         """The softmax axis, which a stored summary must match."""
@@ -716,20 +728,20 @@ class SoftmaxRule(PatternSite):
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """Every stream's exact op."""
-        x = self.data_input(args, kwargs)
+        x = self.logits(args, kwargs)
         self._dim(x.vals[0])
         return Pair(tuple(self.exact(v, self.dim) for v in x.vals), True)
 
     def fit(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """theta0's exact op, recording its pattern (the softmax)."""
-        x = self.data_input(args, kwargs)
+        x = self.logits(args, kwargs)
         d = self._dim(x.vals[0])
         a0 = softmax_or_zero(x.vals[0], d)
         self.record(mode, a0, d)
         return Pair((a0 if self.exact is softmax_or_zero else self.exact(x.vals[0], d),), True)
 
     def _linear(self, mode: Any, args: Any, kwargs: Any) -> Any:
-        x = self.data_input(args, kwargs)
+        x = self.logits(args, kwargs)
         d = self._dim(x.vals[0])
         return Pair(linearized_softmax(self, mode, x.vals, d), True)
 
@@ -760,7 +772,7 @@ class LogSoftmaxRule(SoftmaxRule):
         ``P`` is theta0's softmax (``own``) or a draw from the stored pattern law (``sample``); the result
         keeps the axis (size 1).
         """
-        x = self.data_input(args, kwargs)
+        x = self.logits(args, kwargs)
         d = self._dim(x.vals[0])
         l0 = x.vals[0]
         p = _within_mask(self.draw(mode, l0, d), l0, d) if mode.method == "sample" else torch.softmax(l0, d)
