@@ -498,3 +498,43 @@ def test_an_in_place_change_seen_through_another_value_is_refused() -> None:
     """laftr runs the change out of place: the base read after it would lack it (PyTorch's network has it)."""
     with pytest.raises(UnsupportedOpError, match="changes .* in place"):
         laftr.make_estimator("laftr", input_model="tokens").fit(ViewChanged("bool"), padded())
+
+
+class LastTokenPooled(nn.Module):
+    """The sequence-classification heads' pooling: each sequence's last non-padding position,
+    ``h[torch.arange(B), last]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.lin = nn.Embedding(V, D), nn.Linear(D, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(torch.tanh(self.emb(x)))
+        last = (x != PAD).sum(-1) - 1
+        return h[torch.arange(x.shape[0], device=x.device), last]
+
+
+def test_each_example_picking_its_own_row_does_not_mix_them() -> None:
+    """``torch.arange(B)`` as the first index (each example picks its own row) was refused by every estimator
+    as 'mixes the examples of a batch' (its value depends on the batch size); the network is per example, and
+    the estimators give the exact FSD where they must."""
+    x = padded()
+    model = LastTokenPooled()
+    other = perturbed(model, 0.1)
+    exact = laftr.exact_fsd(model, other, x).item()
+    assert laftr.make_estimator("subset", coreset_size=40).fit(model, x)(other).item() == pytest.approx(exact, rel=1e-12)
+    none = laftr.make_estimator("laftr", gates="none", input_model="coreset", coreset_size=40, num_samples=40)
+    assert none.fit(model, x)(other).item() == pytest.approx(exact, rel=1e-12)
+    est = laftr.make_estimator("laftr", input_model="tokens", num_samples=16).fit(model, x)
+    assert est(model).item() == 0.0 and est(other).item() > 0
+    own = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=40, num_samples=40)
+    near = perturbed(model, 1e-4)
+    assert own.fit(model, x)(near).item() / laftr.exact_fsd(model, near, x).item() == pytest.approx(1.0, abs=1e-3)
+
+    class ByPosition(LastTokenPooled):  # the position used as a value: the examples are mixed, refused
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(torch.tanh(self.emb(x)))[:, -1] + torch.arange(x.shape[0], device=x.device)[:, None]
+
+    with pytest.raises(UnsupportedOpError, match="mixes the examples"):
+        laftr.make_estimator("subset", coreset_size=40).fit(ByPosition(), x)

@@ -1827,6 +1827,11 @@ def _tensor_mixing(a: torch.Tensor, b: torch.Tensor, n: int, idx: list[int], lea
     if leading and d != 0:
         return f"the examples are along its axis {d}, not its first axis ({shapes})"
     m = whole // n
+    if (a.ndim == 1 and not a.is_floating_point() and torch.equal(a, torch.arange(n, device=a.device))
+            and torch.equal(b, torch.arange(k, device=b.device))):
+        # the examples' own positions (torch.arange(B) of h[torch.arange(B), last]: each example picks its
+        # own row); a use that does mix them (added to the data) shows in the values that read it
+        return None
     sel = torch.as_tensor(idx, device=a.device)
     for outer in [1] if leading else [j for j in range(1, m + 1) if m % j == 0]:
         inner = m // outer
