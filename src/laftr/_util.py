@@ -79,14 +79,11 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     (An integer parameter -- a permutation kept as a frozen ``nn.Parameter`` -- is no floating dtype: taken
     first, it cast the inputs and theta0 to integers.)
     """
-    devices = []
     for p in model.parameters():
         if p.is_floating_point():
             return p.device, p.dtype
-        devices.append(p.device)
-    if devices:
-        return devices[0], torch.get_default_dtype()
-    return torch.device("cpu"), torch.get_default_dtype()
+    first = next(iter(model.parameters()), None)
+    return (first.device if first is not None else torch.device("cpu")), torch.get_default_dtype()
 
 
 def functional_call(module: nn.Module, tensors: Any, args: Any, kwargs: Any = None) -> Any:
@@ -246,14 +243,15 @@ def merged_first_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor | No
     """
     it = iter(batches)
     pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    x = None
     for batch in it:
         pending.append(batch)
-        if len(pending) >= limit or _distinct(torch.cat([b[0] for b in pending]), need):
+        x = torch.cat([b[0] for b in pending]) if len(pending) > 1 else batch[0]
+        if len(pending) >= limit or _distinct(x, need):
             break
-    if pending:
+    if x is not None:
         ys = [b[1] for b in pending]
-        y = None if any(v is None for v in ys) else torch.cat([v for v in ys if v is not None])
-        yield (torch.cat([b[0] for b in pending]) if len(pending) > 1 else pending[0][0]), y
+        yield x, (None if any(v is None for v in ys) else torch.cat([v for v in ys if v is not None]))
     yield from it
 
 

@@ -46,7 +46,7 @@ TAG = "fx1"
 _NODE_DIGITS = 8
 
 #: Leaf-module attributes that do not change what the module computes in eval mode.
-_IGNORED_ATTRS = frozenset({"training", "inplace", "momentum"})
+IGNORED_ATTRS = frozenset({"training", "inplace", "momentum"})
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def _module_attrs(mod: nn.Module) -> str:
     """
     items = []
     for k, v in sorted(vars(mod).items()):
-        if k.startswith("_") or k in _IGNORED_ATTRS:
+        if k.startswith("_") or k in IGNORED_ATTRS:
             continue
         if v is None or isinstance(v, (numbers.Number, str, tuple, list, torch.Size, torch.Tensor,
                                        enum.Enum)):

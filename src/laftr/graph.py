@@ -360,7 +360,7 @@ def _may_alias(node: fx.Node) -> bool:
     return node.op in ("call_method", "call_function") and name in _VIEWS
 
 
-def _refuse_observed_mutation(graph: fx.Graph) -> bool:
+def _follow_in_place_changes(graph: fx.Graph) -> bool:
     """Point the nodes that read a value after an in-place change of it at the change; refuse where unsafe.
 
     laftr runs every op out of place (``h.add_(1)`` as ``h + 1``): a node that reads ``h`` after the in-place
@@ -1242,8 +1242,8 @@ class TracedNet:
         except UnsupportedOpError as first:
             # an op of a buffer that a rule refuses as data (``.item()`` of a buffer as a slope, a float
             # buffer in a mask): read the buffers as constants, as they always were (theta0's there)
-            if not any(n.op == "get_attr" and str(n.target) in dict(model.named_buffers())
-                       for n in gm.graph.nodes):
+            buffers = {name for name, _ in model.named_buffers()}
+            if not any(n.op == "get_attr" and str(n.target) in buffers for n in gm.graph.nodes):
                 raise
             try:
                 constants = trace(model, buffers_as_nodes=False)
@@ -1255,7 +1255,7 @@ class TracedNet:
     def _build(self, model: nn.Module, gm: fx.GraphModule) -> None:
         """The rules of every node of ``gm``, ``model``'s traced graph."""
         self.gm = gm
-        if _refuse_observed_mutation(self.gm.graph):
+        if _follow_in_place_changes(self.gm.graph):
             self.gm.recompile()
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if not placeholders:
@@ -1345,7 +1345,6 @@ class TracedNet:
                             # (Hugging Face's inv.masked_fill(inv.to(torch.bool), min))
                             if not issubclass(found, CastRule):
                                 raise
-                            made = None
                     if made is None:  # (no rule; a comparison: a mask)
                         self.rules[node.name] = Rule(node, self.gm)
                         self.exact_inputs.add(node.name)
@@ -1649,7 +1648,7 @@ class TracedNet:
                 # the rule refuses what it could not linearize (a division by data, a mask that moves with the
                 # parameters); the real networks need no linearization: each stream runs the op exactly --
                 # unless the op itself has no one function (``final``: is_causal=True without a mask)
-                if getattr(e, "final", False):
+                if e.final:
                     raise
                 self.exact_nodes.add(node.name)
                 return Rule.forward(rule, mode, args, kwargs)

@@ -60,7 +60,7 @@ from .._util import (
     values_digest,
 )
 from ..errors import DataError, OptionError, UnsupportedOpError, UsageError
-from ..fingerprint import GraphFingerprint, describe_difference, model_fingerprint
+from ..fingerprint import IGNORED_ATTRS, GraphFingerprint, describe_difference, model_fingerprint
 from ..graph import PROBE_EXAMPLES, check_per_example, check_traced_graph, refuse_torchscript
 from ..metrics import (
     check_metric,
@@ -651,8 +651,6 @@ class FSDEstimator:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-#: module attributes whose change does not change the eval-mode function (as :mod:`laftr.fingerprint`'s)
-_STATE_ATTRS = frozenset({"training", "inplace", "momentum"})
 _PLAIN = (bool, int, float, str, type(None))
 
 
@@ -665,7 +663,7 @@ class _Structure:
     ``forward`` patched on an instance and an attribute added or removed. An attribute that changed while
     the graph stayed the same (a call counter the forward updates) is not watched after that (``ignore``),
     so that it does not cost a new check at every call. Built by a walk over the modules that reads every
-    attribute; :meth:`matches` walks them again and reads only those it found (microseconds per estimate).
+    attribute; :meth:`changed` walks them again and reads only those it found (microseconds per estimate).
     """
 
     def __init__(self, model: nn.Module, ignore: frozenset[tuple[int, str]] = frozenset()) -> None:
@@ -676,7 +674,7 @@ class _Structure:
             d = m.__dict__
             kept = []
             for k, v in d.items():
-                if k[0] == "_" or k in _STATE_ATTRS or (id(m), k) in ignore:
+                if k[0] == "_" or k in IGNORED_ATTRS or (id(m), k) in ignore:
                     continue
                 snap = _snapshot(v)
                 if snap is not _UNWATCHED:

@@ -363,7 +363,6 @@ class _LaftrBase(FSDEstimator):
         # example, or no data seen): every traced copy of the network takes them instead of finding them on
         # its first draws, which may not tell (two drawn sequences of a small vocabulary that are equal)
         self._layouts = net.layouts
-        self._fit_net = net  # (for the fit's probe: :meth:`_after_fit`)
         self._forget_laws()
         self._draws.clear()
         self._moment_caches.clear()
@@ -526,6 +525,10 @@ class LaftrEstimator(_LaftrBase):
 
     def _runs_networks(self) -> bool:
         return self.cfg.gates == "none"
+
+    def _after_summary(self, net: TracedNet) -> None:
+        super()._after_summary(net)
+        self._fit_net = net  # (for the fit's probe, which takes it: :meth:`_after_fit`)
 
     def _after_fit(self, model: nn.Module) -> None:
         """One evaluation of two samples at theta0: an op its linearization refuses is refused now.

@@ -685,6 +685,8 @@ class SoftmaxRule(PatternSite):
     """
 
     family = "softmax"
+    #: ``F.softmax(s, dim, dtype=torch.float32)`` (Hugging Face's upcast): the logits cast first (None: none)
+    cast: Any = None
 
     def setup(self) -> None:
         """Read the softmax axis (it must be given)."""
@@ -695,7 +697,6 @@ class SoftmaxRule(PatternSite):
         if dim is None:
             raise self.refuse("softmax needs an explicit dim")
         self.dim = int(dim)
-        #: ``F.softmax(s, dim, dtype=torch.float32)`` (Hugging Face's upcast): the logits cast first
         # (F.softmax(x, dim, _stacklevel, dtype); torch.softmax(x, dim, dtype) and the method)
         at = 3 if self.node.target in (F.softmax, F.log_softmax) else 2
         self.cast = None if self.module is not None else self.const_arg(at, "dtype", None)
@@ -703,10 +704,9 @@ class SoftmaxRule(PatternSite):
     def logits(self, args: Any, kwargs: Any) -> Pair:
         """The data input, cast to the op's ``dtype`` where one is given (as torch casts it first)."""
         x = self.data_input(args, kwargs)
-        cast = getattr(self, "cast", None)  # (logsumexp has no dtype argument)
-        if cast is None:
+        if self.cast is None:
             return x
-        return Pair(tuple(v.to(cast) for v in x.vals), x.data, x.fixed)
+        return Pair(tuple(v.to(self.cast) for v in x.vals), x.data, x.fixed)
 
     def params(self) -> dict[str, Any]:
         """The softmax axis, which a stored summary must match."""
