@@ -157,6 +157,9 @@ AFFINE: dict[Any, Example] = {
     torch.triu: lam(lambda x: torch.triu(x), V),
     torch.diagonal: lam(lambda x: torch.diagonal(x, 0, 1, 2), V),
     torch.index_select: (lambda: WithIndex(lambda x, i: torch.index_select(x, 2, i)), V),
+    torch.gather: (lambda: WithIndex(lambda x, i: torch.gather(x, 2, i.view(1, 1, 5).expand(x.shape[0], 4, 5))),
+                   V),
+    torch.take_along_dim: (lambda: WithIndex(lambda x, i: torch.take_along_dim(x, i.view(1, 1, 5), 2)), V),
     torch.flatten: lam(lambda x: torch.flatten(x, 1), V),
     torch.reshape: lam(lambda x: torch.reshape(x, (-1, 24)), V),
     torch.squeeze: lam(lambda x: torch.squeeze(x.unsqueeze(1), 1), V),
@@ -246,6 +249,8 @@ AFFINE: dict[Any, Example] = {
     "triu": lam(lambda x: x.triu(1), V),
     "diagonal": lam(lambda x: x.diagonal(1, 1, 2), V),
     "index_select": (lambda: WithIndex(lambda x, i: x.index_select(1, i[:3] % 4)), V),
+    "gather": (lambda: WithIndex(lambda x, i: x.gather(1, (i[:4] % 4).view(1, 4, 1).expand(x.shape[0], 4, 6))), V),
+    "take_along_dim": (lambda: WithIndex(lambda x, i: x.take_along_dim((i % 4).view(1, 5, 1), 1)), V),
     # sums
     operator.add: (lambda: WithParam(lambda x, p: x + p + x, (6,)), V),
     operator.sub: (lambda: WithParam(lambda x, p: x - p - 2 * x, (6,)), V),

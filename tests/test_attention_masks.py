@@ -3,6 +3,7 @@ right, and a row with no visible key (a sequence drawn all padding) attends to n
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -538,3 +539,113 @@ def test_each_example_picking_its_own_row_does_not_mix_them() -> None:
 
     with pytest.raises(UnsupportedOpError, match="mixes the examples"):
         laftr.make_estimator("subset", coreset_size=40).fit(ByPosition(), x)
+
+
+# ------------------------------------------------------------------------- masks and biases of the parameters
+class LearnedBias(nn.Module):
+    """A learned attention bias (T5's position bias, learned ALiBi) given to SDPA or nn.MultiheadAttention as a
+    float ``attn_mask``; ``kind="bool"``: a learned boolean pattern ``self.bias > 0`` (a diagonal kept);
+    ``kind="fill"``: the same pattern as a float mask with -1e9 fills; ``kind="masked_fill"`` / ``"where"``: the
+    pattern applied to scores written by hand."""
+
+    T, D, H = 6, 8, 2
+
+    def __init__(self, kind: str = "float", use_mha: bool = False) -> None:
+        super().__init__()
+        T, D, H = self.T, self.D, self.H
+        self.kind, self.use_mha = kind, use_mha
+        self.emb, self.qkv, self.head = nn.Embedding(11, D), nn.Linear(D, 3 * D), nn.Linear(D, 3)
+        self.bias = nn.Parameter(torch.randn(H, T, T))
+        self.mha = nn.MultiheadAttention(D, H, batch_first=True)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        T, D, H = self.T, self.D, self.H
+        x = self.emb(ids)
+        keep = (self.bias > 0) | torch.eye(T, dtype=torch.bool)
+        if self.kind in ("masked_fill", "where"):
+            q, k, v = self.qkv(x).chunk(3, -1)
+            s = q @ k.transpose(-2, -1)
+            s = s.masked_fill(~keep[0], -1e9) if self.kind == "masked_fill" else torch.where(keep[0], s, -1e9)
+            return self.head((s.softmax(-1) @ v).mean(1))
+        mask = {"float": self.bias, "bool": keep, "fill": torch.zeros(H, T, T).masked_fill(~keep, -1e9)}[self.kind]
+        if self.use_mha:
+            a = self.mha(x, x, x, attn_mask=~mask[0] if self.kind == "bool" else mask.repeat(x.shape[0], 1, 1),
+                         need_weights=False)[0]
+        else:
+            q, k, v = self.qkv(x).view(-1, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(-1, T, D)
+        return self.head(a.mean(1))
+
+
+def _moved_bias(model: nn.Module, step: float, seed: int = 5) -> nn.Module:
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.bias.add_(step * torch.randn(other.bias.shape, generator=torch.Generator().manual_seed(seed)))
+    return other
+
+
+def _coreset(**kw):
+    return laftr.make_estimator("laftr", metric="l2", input_model="coreset", coreset_size=48, num_samples=48,
+                                seed=0, **kw)
+
+
+@pytest.mark.parametrize("use_mha", [False, True])
+def test_a_learned_attention_bias_is_each_streams_own(use_mha: bool) -> None:
+    """A float ``attn_mask`` computed from parameters was theta0's in every stream: every estimate was 0 with
+    only the bias moved (exact 1.1e-3) and no gradient reached it. Each stream adds its own now: the real
+    networks on every example are the exact FSD, gradients included; theta0's linearization tends to it."""
+    torch.manual_seed(0)
+    model, ids = LearnedBias("float", use_mha).eval(), torch.randint(0, 11, (48, 6))
+    other = _moved_bias(model, 0.5)
+    exact = laftr.exact_fsd(model, other, ids, metric="l2", grad=True)
+    want = torch.autograd.grad(exact, other.bias)[0]
+    assert exact.item() > 1e-5
+    for kw in ({"gates": "none"}, {"gates": "relu", "linearize": "activations"}):
+        got = _coreset(**kw).fit(model, ids)(other)
+        torch.testing.assert_close(got, exact, rtol=1e-10, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(got, other.bias)[0], want, rtol=1e-8, atol=1e-14)
+    near = _moved_bias(model, 1e-4)
+    ratio = _coreset(gates="relu").fit(model, ids)(near) / laftr.exact_fsd(model, near, ids, metric="l2")
+    assert abs(ratio.item() - 1) < 1e-3, ratio
+    value = laftr.make_estimator("laftr", metric="l2", input_model="tokens", seed=0).fit(model, ids)(other)
+    assert value.item() > 0 and torch.autograd.grad(value, other.bias)[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize(("kind", "use_mha"), [("masked_fill", False), ("where", False), ("bool", False),
+                                               ("bool", True)])
+def test_a_learned_boolean_mask_is_decided_by_theta0_where_the_network_is_linearized(kind: str,
+                                                                                     use_mha: bool) -> None:
+    """A boolean mask of the parameters alone (``self.bias > 0``) hid theta's keys from the softmax linearized at
+    theta0's logits: 5e14 x the exact FSD with one entry flipped. Where the mode linearizes it is a gate,
+    theta0's in every stream (0 here: nothing else moved); the real networks read each their own (exact)."""
+    torch.manual_seed(0)
+    model, ids = LearnedBias(kind, use_mha).eval(), torch.randint(0, 11, (48, 6))
+    other = copy.deepcopy(model)
+    with torch.no_grad():  # theta hides one key theta0 shows (first head); nothing else moves
+        i, j = next((i, j) for i in range(6) for j in range(6) if i != j and model.bias[0, i, j] > 0)
+        other.bias[:, i, j] = -other.bias[:, i, j]
+    exact = laftr.exact_fsd(model, other, ids, metric="l2")
+    assert exact.item() > 1e-6
+    torch.testing.assert_close(_coreset(gates="none").fit(model, ids)(other), exact, rtol=1e-10, atol=0)
+    for est in (_coreset(gates="relu"), laftr.make_estimator("laftr", input_model="tokens", seed=0),
+                laftr.make_estimator("liftr", input_model="tokens", seed=0)):
+        assert est.fit(model, ids)(other).item() == 0.0
+    # and every other parameter's change is seen as before (the mask is theta0's, the rest each stream's)
+    moved = perturbed(model, 1e-4)
+    ratio = _coreset(gates="relu").fit(model, ids)(moved) / laftr.exact_fsd(model, moved, ids, metric="l2")
+    assert abs(ratio.item() - 1) < 1e-3, ratio
+
+
+def test_a_learned_float_mask_that_hides_other_keys_is_refused_where_linearized() -> None:
+    """A float mask of the parameters that hides other keys in theta than in theta0 (-1e9 fills moved by a
+    learned pattern) is a gate no law decides: refused by the linearizing modes, exact in the real networks."""
+    torch.manual_seed(0)
+    model, ids = LearnedBias("fill").eval(), torch.randint(0, 11, (48, 6))
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.bias[:, 0, 1] = -other.bias[:, 0, 1]
+    exact = laftr.exact_fsd(model, other, ids, metric="l2")
+    torch.testing.assert_close(_coreset(gates="none").fit(model, ids)(other), exact, rtol=1e-10, atol=0)
+    with pytest.raises(UnsupportedOpError, match="learned attention mask hides other keys"):
+        _coreset(gates="relu").fit(model, ids)(other)
+    assert _coreset(gates="relu").fit(model, ids)(model).item() == 0.0

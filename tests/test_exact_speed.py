@@ -152,7 +152,9 @@ def _affine_net(factory, shape):
 #: Examples that move the batch axis (they check affinity on a batch, not a per-example network).
 _BATCH_AXIS = {torch.t, "t", torch.stack}
 #: Affine ops the closed form refuses for a reason of their own (else: returning several tensors)
-_NO_CLOSED_FORM = {torch.view_as_complex: "real moments only", torch.view_as_real: "real moments only"}
+_NO_CLOSED_FORM = {torch.view_as_complex: "real moments only", torch.view_as_real: "real moments only",
+                   **dict.fromkeys((torch.gather, torch.take_along_dim, "gather", "take_along_dim"),
+                                   "no rule for a gather")}
 
 
 @pytest.mark.parametrize("target", [t for t in AFFINE if t not in _BATCH_AXIS], ids=_name)

@@ -896,3 +896,77 @@ def test_other_attributes_changed_in_place_are_noticed_and_a_counter_costs_one_c
         model.cfg["scale"] = 3.0
     with pytest.raises(laftr.UsageError, match="differs from the fitted one"):
         est(model)
+
+
+class _TinyMoE(nn.Module):
+    """A mixture-of-experts layer as Hugging Face's Mixtral writes it: each token routed to its top expert by
+    ``torch.where`` of the routing mask, the expert's output added back per token (``index_add``)."""
+
+    def __init__(self, leak: bool = False) -> None:
+        super().__init__()
+        self.emb, self.router, self.head = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 2)
+        self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.leak = leak
+
+    def forward(self, x):  # (B, T, 4)
+        h = self.emb(x).reshape(-1, 8)
+        w = torch.softmax(self.router(h), -1)
+        top = w.argmax(-1)
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            rows = torch.where(top == e)[0]
+            routed = expert(h[rows]) * w[rows, e:e + 1]
+            if self.leak:  # the routed tokens' mean given to every token: mixes the examples
+                routed = routed + routed.mean(0, keepdim=True)
+            out = out.index_add(0, rows, routed)
+        return self.head(out.reshape(x.shape[0], -1, 8).mean(1))
+
+
+def test_tokens_routed_by_value_are_no_mixing_for_the_estimators_that_run_the_network(float64):
+    """Mixtral's dispatch (a number of tokens per expert that is no multiple of the examples', positions in the
+    batch from ``torch.where``) was refused by every estimator as mixing the examples, though each example's
+    output is its own: ``subset`` and ``ntk`` run the network as a whole and take it (subset on every example
+    = the exact FSD); the estimators with per-example statistics refuse it, naming the two that take it; a
+    value that does mix the routed tokens is still refused."""
+    torch.manual_seed(0)
+    model, X = _TinyMoE(), torch.randn(24, 5, 4)
+    other = perturbed(model, 1e-4)
+    exact = laftr.exact_fsd(model, other, X)
+    torch.testing.assert_close(_make("subset", coreset_size=24).fit(model, X)(other), exact, rtol=1e-10, atol=0)
+    ratio = float(_make("ntk", coreset_size=24).fit(model, X)(other) / exact)
+    assert abs(ratio - 1) < 1e-2, ratio
+    for name in ("laftr", "kfac"):
+        with pytest.raises(UnsupportedOpError, match="mixes the examples.*subset and ntk.*take it"):
+            _make(name).fit(model, X)
+    for name in ("subset", "ntk"):  # (seen in the output, where the routed values are added back)
+        with pytest.raises(UnsupportedOpError, match="does not keep the examples of a batch apart"):
+            _make(name).fit(_TinyMoE(leak=True), X)
+
+
+class _FilledInPlace(nn.Module):
+    """A softmax whose output is filled in place (Hugging Face's traced DeBERTa): its own backward fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.ln, self.b = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+        self.register_buffer("hide", torch.tensor([False, True, False, False, True, False]))
+
+    def forward(self, x):
+        p = torch.softmax(self.ln(self.a(x)), -1)
+        p.masked_fill_(self.hide, 0.0)
+        return self.b(p)
+
+
+def test_a_forward_that_autograd_cannot_differentiate_is_named_by_the_curvature_estimators():
+    """diag-fisher and K-FAC differentiate the network per example; where its forward changes in place a value
+    its backward needs, that was torch's RuntimeError from inside them; named now. laftr runs its own graph
+    (out of place) and takes it."""
+    model, X = _FilledInPlace(), torch.randn(32, 4)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        model(X).sum().backward()
+    for name, kw in (("diag-fisher", {}), ("kfac", {"unsupported": "diag"})):
+        with pytest.raises(UnsupportedOpError, match="changes in place a value that its backward needs"):
+            _make(name, **kw).fit(model, X)
+    other = perturbed(model, 0.1)
+    value = _make("laftr").fit(model, X)(other)
+    assert value.item() > 0 and all(g.abs().sum() > 0 for g in torch.autograd.grad(value, [other.a.weight]))

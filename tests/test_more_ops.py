@@ -69,6 +69,22 @@ def _fmax_data_hand(s, h):
     return b + torch.relu(h - b)
 
 
+def _clamp_mean_hand(s, h):
+    m = h.mean(1, keepdim=True)
+    return m + torch.relu(h - m)
+
+
+def _clamp_hand(s, h):
+    low = -s.w
+    m = low + torch.relu(h - low)
+    return m - torch.relu(m - s.w)
+
+
+def _max_tanh_hand(s, h):
+    t = torch.tanh(h)
+    return t + torch.relu(h - t)
+
+
 #: name -> (op, the same written by hand, extra parameters, nn.Bilinear, whether laftr-exact has a closed form);
 #: every op here is piecewise linear and continuous, or smooth
 CASES: dict[str, tuple[Callable, Callable, tuple[str, ...], bool, bool]] = {
@@ -85,6 +101,33 @@ CASES: dict[str, tuple[Callable, Callable, tuple[str, ...], bool, bool]] = {
         lambda s, h: (s.r + torch.relu(h.view(-1, 2, 3) - s.r)).flatten(1), ("r",), False, True),
     "minimum-method-data": (lambda s, h: h.minimum(torch.tanh(h)), lambda s, h: h - torch.relu(h - torch.tanh(h)),
                             (), False, True),
+    # torch.max / x.min of two tensors: the elementwise forms (OPT's eager attention clamps its scores so)
+    "max-two-tensors": (lambda s, h: torch.max(h, torch.tanh(h)), _max_tanh_hand, (), False, True),
+    "min-method-param": (lambda s, h: h.min(s.p), lambda s, h: h - torch.relu(h - s.p), ("p",), False, True),
+    "max-other-keyword": (lambda s, h: torch.max(h, other=s.p), lambda s, h: s.p + torch.relu(h - s.p), ("p",),
+                          False, True),
+    # a constant operand is not the base: h + relu(c - h), exact where the gate is closed (c + relu(h - c)
+    # rounds every h to 0 against the float64 minimum)
+    "max-huge-constant": (lambda s, h: torch.max(h, torch.tensor(torch.finfo(torch.float64).min)),
+                          lambda s, h: h + torch.relu(torch.tensor(torch.finfo(torch.float64).min) - h), (), False,
+                          False),  # (the closed form's moments overflow on a constant of 1.8e308: refused as NaN)
+    "maximum-huge-constant": (lambda s, h: torch.maximum(h, torch.tensor(-1e300)),
+                              lambda s, h: h + torch.relu(torch.tensor(-1e300) - h), (), False, False),
+    "minimum-constant-first": (lambda s, h: torch.minimum(torch.tensor(0.3), h),
+                               lambda s, h: h - torch.relu(h - torch.tensor(0.3)), (), False, True),
+    # a gather at indices that are the same in every stream (DeBERTa's relative positions): an affine selection
+    "gather-constant-index": (lambda s, h: torch.gather(h, 1, torch.zeros_like(h, dtype=torch.long) + torch.tensor(
+        [2, 0, 1, 5, 4, 3])), lambda s, h: h[:, [2, 0, 1, 5, 4, 3]], (), False, False),
+    "take_along_dim-method": (lambda s, h: h.take_along_dim(torch.tensor([[1, 1, 0, 3, 2, 5]]), 1),
+                              lambda s, h: h[:, [1, 1, 0, 3, 2, 5]], (), False, False),
+    # clamps with bounds of the state (PACT's learned clipping threshold): maximum / minimum of the bounds
+    "clamp-learned-bounds": (lambda s, h: torch.clamp(h, -s.w, s.w), _clamp_hand, ("w",), False, True),
+    "clamp-max-method-param": (lambda s, h: h.clamp(max=s.p), lambda s, h: h - torch.relu(h - s.p), ("p",), False,
+                               True),
+    "clamp-data-bound": (lambda s, h: torch.clamp(h, min=h.mean(1, keepdim=True)), _clamp_mean_hand, (), False,
+                         True),
+    "clamp_min-param": (lambda s, h: torch.clamp_min(h, s.p), lambda s, h: s.p + torch.relu(h - s.p), ("p",),
+                        False, True),
     "lerp-float": (lambda s, h: torch.lerp(h, s.p, 0.3), lambda s, h: h + 0.3 * (s.p - h), ("p",), False, True),
     "lerp-method-param-weight": (lambda s, h: h.lerp(torch.tanh(h), s.w),
                                  lambda s, h: h + s.w * (torch.tanh(h) - h), ("w",), False, True),
@@ -372,12 +415,101 @@ def test_liftr_anchors_the_values_of_a_result_with_indices_where_they_are_read()
         assert est(model).item() == 0.0 and est(perturbed(model, 0.2)).item() > 0
 
 
-def test_sort_over_the_batch_and_elementwise_max_are_named():
-    X = _data(8)
-    for op, match in ((lambda s, h: torch.sort(h, 0).values, "node .sort.*mixes the examples"),
-                      (lambda s, h: torch.max(h, torch.tanh(h)), r"elementwise maximum.*torch.maximum\(a, b\)")):
-        with pytest.raises(UnsupportedOpError, match=match):
-            laftr.make_estimator("laftr").fit(Net(op), X)
+def test_a_gather_at_indices_of_the_data_takes_theta0s_and_the_closed_form_names_it():
+    """Indices that differ between streams (topk's of data, each stream's own) are theta0's in every stream where
+    the network is linearized (the values of topk itself, in theta0's order: draw for draw), each stream's own in
+    the real networks (the exact FSD); the closed form has no gather."""
+    X = _data()
+    torch.manual_seed(0)
+    model = Net(lambda s, h: torch.gather(h, 1, h.topk(6, 1).indices))
+    twin = copy.deepcopy(model)
+    twin.op = lambda s, h: h.topk(6, 1).values
+    other = perturbed(model, 0.2)
+    other_twin = copy.deepcopy(twin)
+    other_twin.load_state_dict(other.state_dict())
+    for kw in ({"gates": "relu"}, {}):
+        a = _est(seed=4, **kw).fit(model, X)(other)
+        b = _est(seed=4, **kw).fit(twin, X)(other_twin)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    exact = laftr.exact_fsd(model, other, X, metric="l2")
+    for kw in ({"gates": "none"}, {"linearize": "activations", "gates": "relu"}):
+        est = laftr.make_estimator("laftr", input_model="coreset", coreset_size=N, num_samples=N, metric="l2",
+                                   **kw)
+        torch.testing.assert_close(est.fit(model, X)(other), exact, rtol=1e-10, atol=0)
+    constant = Net(CASES["gather-constant-index"][0])
+    with pytest.raises(UnsupportedOpError, match="no rule for a gather"):
+        laftr.make_estimator("laftr-exact").fit(constant, X)(perturbed(constant, 0.1))
+
+
+def test_sort_over_the_batch_is_named():
+    with pytest.raises(UnsupportedOpError, match="node .sort.*mixes the examples"):
+        laftr.make_estimator("laftr").fit(Net(lambda s, h: torch.sort(h, 0).values), _data(8))
+
+
+class _ClampedAttention(nn.Module):
+    """Causal attention over the 6 hidden units as positions, its scores clamped as OPT's eager attention does
+    (``torch.max(scores + mask, torch.tensor(finfo.min))``) or not."""
+
+    def __init__(self, clamp: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.clamp = nn.Linear(D_IN, H), nn.Linear(H, D_OUT), clamp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        low = torch.finfo(torch.float64).min
+        scores = h.unsqueeze(-1) * h.unsqueeze(-2) + torch.full((H, H), low).triu(1)
+        if self.clamp:
+            scores = torch.max(scores, torch.tensor(low))
+        return self.b((torch.softmax(scores, -1) @ h.unsqueeze(-1)).flatten(1))
+
+
+def test_scores_clamped_at_the_dtype_minimum_are_the_scores():
+    """OPT's clamp of masked scores (``torch.max`` of the scores and the dtype's minimum): a gate that stays
+    closed, so every estimate on theta0's linearization or the real networks equals the unclamped network's,
+    and the sampled laws' too (the clamp's gate law is never open)."""
+    torch.manual_seed(0)
+    model = _ClampedAttention(True)
+    plain = copy.deepcopy(model)
+    plain.clamp = False
+    X, other = _data(), perturbed(model, 0.2)
+    other_plain = copy.deepcopy(plain)
+    other_plain.load_state_dict(other.state_dict())
+    torch.testing.assert_close(laftr.exact_fsd(model, other, X), laftr.exact_fsd(plain, other_plain, X),
+                               rtol=1e-12, atol=0)
+    for kw in ({"gates": "relu"}, {"gates": "none"}, {"linearize": "activations"}, {}):
+        a = _est(seed=4, **kw).fit(model, X)(other)
+        b = _est(seed=4, **kw).fit(plain, X)(other_plain)
+        assert a.item() > 0, kw
+        torch.testing.assert_close(a, b, rtol=1e-9 if kw else 0.1, atol=0), kw  # (sampled: other draws)
+
+
+@pytest.mark.parametrize("spelling", [
+    lambda s, h: h.view(-1, H, 1).max(dim=-1)[0],
+    lambda s, h: torch.max(h.view(-1, H, 1), dim=2, keepdim=True).values.flatten(1),
+])
+def test_max_over_a_dim_is_still_a_reduction(spelling):
+    """``torch.max(x, dim=...)`` / ``x.max(dim=...)``: the reduction, not the elementwise form (no gate)."""
+    torch.manual_seed(0)
+    model = Net(spelling)
+    twin = copy.deepcopy(model)
+    twin.op = lambda s, h: torch.amax(h.view(-1, H, 1), 2)
+    graph = str(TracedNet(model).gm.graph)
+    assert "maximum" not in graph and "relu" not in graph
+    X, other = _data(), perturbed(model, 0.2)
+    other_twin = copy.deepcopy(twin)
+    other_twin.load_state_dict(other.state_dict())
+    a = _est(seed=4).fit(model, X)(other)
+    b = _est(seed=4).fit(twin, X)(other_twin)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dim", [lambda h: h.dim(), lambda h: h.ndim, lambda h: h.shape[1] // H + 1])
+def test_a_dim_computed_while_tracing_is_named(dim):
+    """A dim computed from shapes while tracing (``x.dim() - 1``) is not taken for a second tensor (which
+    would give the elementwise maximum with a number): refused, naming the dim."""
+    model = Net(lambda s, h: torch.max(h.view(-1, H, 1), dim(h)).values)
+    with pytest.raises(UnsupportedOpError, match=r"dim is computed while tracing.*give it as a number"):
+        laftr.make_estimator("laftr").fit(model, _data(8))
 
 
 @pytest.mark.parametrize("spelling", [
@@ -608,3 +740,37 @@ def test_a_rounded_division_is_refused_unless_of_the_input_alone():
     est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=N, num_samples=N)
     near = perturbed(model, 1e-4)
     assert float(est.fit(model, X)(near) / laftr.exact_fsd(model, near, X)) == pytest.approx(1, abs=1e-2)
+
+
+class _TopRows(nn.Module):
+    """Each example's rows picked by a router's top 2 (``ys[torch.arange(B)[:, None], top]``, a top-k MoE's
+    dispatch written densely)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.r, self.b = nn.Linear(D_IN, 24), nn.Linear(D_IN, 6), nn.Linear(8, D_OUT)
+
+    def forward(self, x):
+        ys = self.a(x).view(-1, 6, 4)
+        top = self.r(x).topk(2, -1).indices
+        return self.b(torch.tanh(ys[torch.arange(x.shape[0])[:, None], top].flatten(1)))
+
+
+def test_rows_picked_by_the_examples_positions_and_a_topk():
+    """``torch.arange(B)[:, None]`` as the first index (each example's own rows) was refused by every estimator
+    as mixing the examples; the real networks give the exact FSD, theta0's linearization tends to it (with
+    theta0's picks, the default, or each network's own, ``maxpool="separate"``)."""
+    torch.manual_seed(0)
+    model, X = _TopRows(), _data()
+    other = perturbed(model, 0.2)
+    exact = laftr.exact_fsd(model, other, X, metric="l2")
+    none = laftr.make_estimator("laftr", gates="none", input_model="coreset", coreset_size=N, num_samples=N,
+                                metric="l2")
+    torch.testing.assert_close(none.fit(model, X)(other), exact, rtol=1e-10, atol=0)
+    near = perturbed(model, 1e-5)
+    for maxpool in ("argmax0", "separate"):
+        own = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=N, num_samples=N,
+                                   maxpool=maxpool)
+        ratio = own.fit(model, X)(near).item() / laftr.exact_fsd(model, near, X).item()
+        assert abs(ratio - 1) < 1e-3, (maxpool, ratio)
+    assert _est().fit(model, X)(other).item() > 0

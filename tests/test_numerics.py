@@ -388,3 +388,73 @@ def test_exact_fsd_is_returned_in_the_outputs_dtype():
     torch.testing.assert_close(value.double(), want, rtol=1e-6, atol=0)
     d, _ = laftr.exact_fsd_and_grad(m, t, X)
     assert d.dtype == torch.float32 and bool(torch.isfinite(d))
+
+
+# ----------------------------------------------------------- float16 networks: the quadratic estimators' sums
+class _Wide(nn.Module):
+    """A ReLU MLP whose hidden values reach ~20 (its K-FAC input factor sums past float16's 65,504)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 5)
+        with torch.no_grad():
+            self.a.weight.mul_(6.0)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_the_quadratic_estimators_of_a_float16_network_square_and_sum_wide():
+    """weight, diag-fisher and K-FAC squared a float16 parameter change in float16: every weight moved by 2^-14
+    (a float16 number) squares to 2^-28, below float16's smallest, and the estimates were 0; K-FAC's sums of
+    outer products overflowed (refused as not finite). Squares and sums are float32 now, the value back in
+    float16: the float32 copy's estimates to float16's rounding."""
+    torch.manual_seed(0)
+    net = _Wide()
+    X = torch.randn(256, 16)
+    small = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(2.0 ** -14)
+    half, small_half = copy.deepcopy(net).half(), copy.deepcopy(small).half()
+    change = sum(float((q.double() - p.double()).pow(2).sum()) for p, q in zip(half.parameters(),
+                                                                               small_half.parameters()))
+    assert change > 0
+    got = laftr.make_estimator("weight").fit(half, X.half())(small_half)
+    assert got.dtype == torch.float16
+    assert abs(float(got) / (0.5 * change) - 1) < 2e-3
+    far = perturbed(net, 3e-2)
+    for name, kw in (("diag-fisher", {}), ("kfac", {})):
+        want = laftr.make_estimator(name, **kw).fit(net, X)
+        have = laftr.make_estimator(name, **kw).fit(half, X.half())
+        for other in (small, far):
+            ratio = float(have(copy.deepcopy(other).half())) / float(want(other))
+            assert abs(ratio - 1) < 2e-2, (name, ratio)
+
+
+def test_laftr_exact_of_a_network_with_a_layer_of_another_dtype():
+    """A float32 network with one bfloat16 layer between casts: the closed form's addmv of a bfloat16 weight and
+    float32 moments failed inside torch; it runs in the model's dtype (the layer's rounded weights)."""
+
+    class Cast(nn.Module):
+        def __init__(self, dtype: torch.dtype) -> None:
+            super().__init__()
+            self.dtype = dtype
+
+        def forward(self, x):
+            return x.to(self.dtype)
+
+    torch.manual_seed(0)
+    a, b, c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+    mixed = nn.Sequential(a, nn.ReLU(), Cast(torch.bfloat16), copy.deepcopy(b).bfloat16(), Cast(torch.float32),
+                          nn.ReLU(), c)
+    plain = nn.Sequential(a, nn.ReLU(), nn.Identity(), copy.deepcopy(b).bfloat16().float(), nn.Identity(),
+                          nn.ReLU(), c)
+    X = torch.randn(128, 8)
+    other_mixed = perturbed(mixed, 0.05)
+    other_plain = copy.deepcopy(plain)
+    other_plain.load_state_dict({k: v.float() for k, v in other_mixed.state_dict().items()})
+    got = laftr.make_estimator("laftr-exact", metric="l2").fit(mixed, X)(other_mixed)
+    want = laftr.make_estimator("laftr-exact", metric="l2").fit(plain, X)(other_plain)
+    # (the gate laws are fitted on the real networks, whose bfloat16 layer rounds its outputs: 1e-4 apart)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=0)

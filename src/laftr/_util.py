@@ -86,6 +86,21 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return (first.device if first is not None else torch.device("cpu")), torch.get_default_dtype()
 
 
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to square and sum values of ``dtype`` in: float32 for float16 / bfloat16, else ``dtype``.
+
+    (A parameter change of 2^-14 squares to 2^-28, below float16's smallest number: the weight and diagonal
+    Fisher estimates of a float16 network were 0; sums of K-FAC's outer products passed its largest.)
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def narrowed(value: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``value``, computed in :func:`wide_dtype`, back in a float16 / bfloat16 model's dtype (else as is)."""
+    dtype = model_device_dtype(model)[1]
+    return value.to(dtype) if wide_dtype(dtype) != dtype else value
+
+
 def functional_call(module: nn.Module, tensors: Any, args: Any, kwargs: Any = None) -> Any:
     """``torch.func.functional_call``, with every module's own parameters and buffers put back afterwards.
 

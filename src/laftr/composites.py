@@ -28,7 +28,10 @@ tensor-method spellings alike):
 
 - ``torch.maximum(a, b)`` / ``torch.fmax`` as ``b + relu(a - b)``, ``torch.minimum(a, b)`` / ``torch.fmin`` as
   ``a - relu(a - b)``: the relu is a gate decided by theta0 (``torch.maximum(h, torch.zeros_like(h))`` is
-  ``torch.relu(h)``, draw for draw). Only where the arguments read both the network input and a parameter or
+  ``torch.relu(h)``, draw for draw); with a constant ``b``, ``a + relu(b - a)`` (:data:`OTHER_BASE`: the same
+  gate on the complementary event, exact where it is closed, not rounded against a large constant). The
+  elementwise ``torch.max(a, b)`` / ``torch.min(a, b)`` of two tensors are recorded as these by the tracer
+  (:mod:`laftr.graph`). Only where the arguments read both the network input and a parameter or
   buffer (see :data:`KEPT_WHOLE`); ``fmax`` / ``fmin`` then lose their treatment of NaN (a NaN propagates).
 - ``torch.lerp(a, b, w)`` as ``a + w * (b - a)``, ``torch.addcmul(a, b, c, value=v)`` as ``a + v * b * c`` and
   ``torch.addcdiv(a, b, c, value=v)`` as ``a + v * b / c``: sums, products and a quotient.
@@ -159,6 +162,27 @@ def maximum(input: Any, other: Any) -> Tensor:
 def minimum(input: Any, other: Any) -> Tensor:
     """``torch.minimum`` / ``torch.fmin``: ``input - relu(input - other)`` (a gate on the difference)."""
     return input - torch.relu(input - other)
+
+
+def maximum_on_input(input: Any, other: Any) -> Tensor:
+    """``torch.maximum`` as ``input + relu(other - input)``: the form for a constant ``other``.
+
+    The same function and the same gate (on the event ``other > input``), with ``input`` as the base: exact in
+    floating point where the gate is closed, where ``other + relu(input - other)`` loses ``input`` to
+    rounding against a large constant (OPT's ``torch.max(scores, torch.tensor(finfo.min))``: every score 0).
+    """
+    return input + torch.relu(other - input)
+
+
+def minimum_on_other(input: Any, other: Any) -> Tensor:
+    """``torch.minimum`` as ``other - relu(other - input)``: the form for a constant ``input``."""
+    return other - torch.relu(other - input)
+
+
+#: the form of each of the composites above whose base is the other operand (used where the first form's
+#: base is a constant: its gate opens where values are typical, and the difference rounds against it)
+OTHER_BASE: dict[Callable[..., Tensor], tuple[Callable[..., Tensor], int]] = {
+    maximum: (maximum_on_input, 1), minimum: (minimum_on_other, 0)}
 
 
 def lerp(input: Any, end: Any, weight: Any) -> Tensor:

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from . import rules as _rules  # noqa: F401  (importing registers the built-in rules)
 from ._util import SEVERAL_INPUTS_FIX, eval_mode, param_dict
-from .composites import KEPT_WHOLE, traced_forward, traced_function, traced_method
+from .composites import KEPT_WHOLE, OTHER_BASE, traced_forward, traced_function, traced_method
 from .errors import UnsupportedOpError
 from .metrics import check_network_output
 from .moments import GateMoments, JointMoments, Ref
@@ -57,8 +57,11 @@ from .rules.base import (
     out_of_place_function,
     out_of_place_method,
     pairs_in,
+    registered_targets,
     stream_of,
 )
+from .rules.gates import ClampGate, ClampMaxGate, ClampMinGate
+from .rules.pooling import MaxDimRule
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +136,20 @@ class _Tracer(fx.Tracer):
 
     def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                      *rest: Any, **options: Any) -> Any:
+        bounds = _tensor_bounds(kind, target, args, kwargs)
+        if bounds is not None:  # clamp(x, lo, hi) with a bound of the state: maximum / minimum, gates on both
+            x, lo, hi = bounds
+            steps = ((lo, torch.maximum, torch.clamp_min), (hi, torch.minimum, torch.clamp_max))
+            for bound, of_tensor, of_number in steps:
+                if bound is not None:
+                    tensor = isinstance(bound, fx.Proxy) and not _int_valued(bound.node)
+                    x = self.create_proxy("call_function", of_tensor if tensor else of_number, (x, bound), {},
+                                          *rest, **options)
+            return x
+        elementwise = _elementwise_max(kind, target, args, kwargs)
+        if elementwise is not None:  # torch.max(a, b) of two tensors: torch.maximum(a, b)
+            return self.create_proxy(kind, elementwise, (args[0], _other_arg(args, kwargs)), {}, *rest,
+                                     **options)
         fn = None
         if kind == "call_function" and not is_registered_function(target):
             fn = traced_function(target)
@@ -140,8 +157,35 @@ class _Tracer(fx.Tracer):
             fn = traced_method(target)
         # F.glu, F.softmin, torch.maximum, torch.lerp, F.bilinear, ...: traced as their parts
         if fn is not None and (target not in KEPT_WHOLE or all(self._reads((args, kwargs)))):
-            return fn(*args, **kwargs)
+            return self._numerically_safe(fn, args, kwargs)(*args, **kwargs)
         return super().create_proxy(kind, target, args, kwargs, *rest, **options)
+
+    def _numerically_safe(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> Callable[..., Any]:
+        """``fn``, or its form with the other operand as the base (:data:`laftr.composites.OTHER_BASE`).
+
+        That form where ``fn``'s own base is a constant and the other operand is not
+        (``torch.maximum(scores, c)``).
+        """
+        if fn not in OTHER_BASE:
+            return fn
+        alternative, base = OTHER_BASE[fn]
+        operands = [args[0] if args else kwargs.get("input"), _other_arg(args, kwargs)]
+        constant = [self._constant(v) for v in operands]
+        return alternative if constant[base] and not constant[1 - base] else fn
+
+    def _constant(self, value: Any) -> bool:
+        """Whether a traced operand is a constant.
+
+        A number, a tensor that is no parameter or buffer, or a value that reads neither the network input
+        nor the state -- except zeros made to a shape (exact in either form: ``torch.maximum(h,
+        torch.zeros_like(h))`` keeps the form of ``torch.relu(h)``).
+        """
+        if isinstance(value, fx.Proxy):
+            node = value.node
+            if node.op in ("call_function", "call_method") and node.target in _ZEROS_LIKE:
+                return False
+        return not any(self._reads(value))
 
     def _reads(self, value: Any) -> tuple[bool, bool]:
         """Whether ``value`` (a call's arguments while tracing) reads the network input; and the state.
@@ -191,6 +235,104 @@ class _Tracer(fx.Tracer):
                 continue
             todo.extend(node.all_input_nodes)
         return reads_input, reads_state
+
+
+#: torch.max / torch.min (function and method) and their elementwise forms of two tensors
+_ELEMENTWISE_FORMS: dict[Any, Any] = {torch.max: torch.maximum, torch.min: torch.minimum, "max": "maximum",
+                                      "min": "minimum"}
+
+#: ops whose result is a Python number computed from shapes (a ``dim`` argument built from them)
+_INT_OPS = frozenset({len, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+                      operator.mod, operator.neg, operator.getitem, "size", "dim", "numel", "ndimension",
+                      "nelement"})
+
+
+#: the clamps (out of place) and where their bounds are: ``(position, keyword)`` of the lower and the upper
+_CLAMPS: dict[Any, tuple[tuple[int, str] | None, tuple[int, str] | None]] = {
+    **dict.fromkeys((torch.clamp, torch.clip, "clamp", "clip"), ((1, "min"), (2, "max"))),
+    **dict.fromkeys((torch.clamp_min, "clamp_min"), ((1, "min"), None)),
+    **dict.fromkeys((torch.clamp_max, "clamp_max"), (None, (1, "max"))),
+}
+
+
+def _tensor_bounds(kind: str, target: Any, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> tuple[Any, Any, Any] | None:
+    """``(x, lower, upper)`` of a clamp whose bounds include a traced tensor (a learned threshold), else None.
+
+    ``x.clamp(max=self.alpha)`` (PACT's learned clipping) is traced as ``torch.minimum(x, self.alpha)``, a
+    number bound beside it as the clamp of that bound: the clamp's rule takes numbers only, and
+    ``torch.maximum`` / ``minimum`` are gates on the difference (:mod:`laftr.composites`). Not for the
+    in-place clamps (their change of ``x`` would be lost), nor where the user registered a rule of their own.
+    """
+    if kind not in ("call_function", "call_method"):
+        return None
+    try:
+        spec = _CLAMPS.get(target)
+    except TypeError:  # unhashable target
+        return None
+    if spec is None or (kind == "call_method") != isinstance(target, str):
+        return None
+    table = registered_targets()["methods" if kind == "call_method" else "functions"]
+    if table.get(target) not in (ClampGate, ClampMinGate, ClampMaxGate):
+        return None
+    lo, hi = (None if at is None else kwargs.get(at[1], args[at[0]] if at[0] < len(args) else None)
+              for at in spec)
+    if not any(isinstance(b, fx.Proxy) and not _int_valued(b.node) for b in (lo, hi)):
+        return None
+    return (args[0] if args else kwargs.get("input")), lo, hi
+
+
+def _other_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The second operand of ``torch.max(input, other)``: positional, or the keyword ``other``."""
+    return args[1] if len(args) > 1 else kwargs.get("other")
+
+
+def _int_valued(node: fx.Node) -> bool:
+    """Whether ``node`` computes a Python number from shapes (``x.dim() - 1``, ``x.shape[1] * 0.1``).
+
+    A shape attribute read (``x.ndim``, ``x.shape``) or a size query, and arithmetic, indexing and ``len`` of
+    those; anything else (a tensor op, a constant tensor) is taken for a tensor.
+    """
+    if node.op == "call_method" and node.target in _INT_OPS:
+        return True
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in SHAPE_ATTRS
+    if node.target not in _INT_OPS:
+        return False
+    if node.target is len:
+        return True
+    return all(_int_valued(a) for a in node.args if isinstance(a, fx.Node)) and any(
+        isinstance(a, fx.Node) for a in node.args)
+
+
+def _elementwise_max(kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The elementwise op a call of ``torch.max`` / ``x.max`` (or ``min``) while tracing stands for, if any.
+
+    ``torch.maximum`` (``"maximum"``, ``torch.minimum``, ...) for the elementwise form of two tensors
+    (``torch.max(scores, torch.tensor(m))``, OPT's eager attention); None for the forms over a dim, for every
+    other call, and where the user registered a rule of their own for ``torch.max`` (it gets the call as
+    written).
+
+    The second operand is a tensor when it is one (a constant), or a traced value that is not an int computed
+    from shapes (:func:`_int_valued`); ``dim=`` given by keyword is the reduction.
+    """
+    if kind not in ("call_function", "call_method"):
+        return None
+    try:
+        form = _ELEMENTWISE_FORMS.get(target)
+    except TypeError:  # unhashable target
+        return None
+    if form is None or (kind == "call_method") != isinstance(target, str) or "dim" in kwargs:
+        return None
+    table = registered_targets()["methods" if kind == "call_method" else "functions"]
+    if table.get(target) is not MaxDimRule:
+        return None
+    other = _other_arg(args, kwargs)
+    if isinstance(other, torch.Tensor) or (isinstance(other, fx.Proxy) and not _int_valued(other.node)):
+        return form
+    return None
 
 
 def _trace_graph_module(tracer: _Tracer, gm: fx.GraphModule) -> fx.Graph:
@@ -1370,9 +1512,36 @@ class TracedNet:
                     self._from_shapes.add(node.name)
         self.data_nodes = data_nodes
         self.input_only = input_only
+        self._mark_learned_args(model)
         self._users = {n.name: len(n.users) for n in self.gm.graph.nodes}  # each run counts them down
         self.sites: dict[str, Rule] = {n: r for n, r in self.rules.items()
                                        if r.site and n in data_nodes and n not in fixed}
+
+    def _mark_learned_args(self, model: nn.Module) -> None:
+        """Tell each rule which of its arguments are computed from trainable parameters without the input.
+
+        Such a value (a learned mask ``self.g > 0``, a learned attention bias) is each stream's own; a rule
+        that reads it as a mask decides it at theta0 where it linearizes (see :attr:`Rule.learned_args`).
+        Buffers do not count: no change of the weights moves them.
+        """
+        buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+        learned: set[str] = set()
+        for node in self.gm.graph.nodes:
+            if node.name in self.data_nodes:
+                continue
+            if node.op == "get_attr":
+                target = str(node.target)
+                if target in self.param_names and target not in buffers:
+                    learned.add(node.name)
+            elif node.op in ("call_module", "call_function", "call_method"):
+                if any(a.name in learned for a in node.all_input_nodes) or (
+                        node.op == "call_module"
+                        and any(True for _ in self.gm.get_submodule(str(node.target)).parameters())):
+                    learned.add(node.name)
+        for rule in self.rules.values():
+            found = frozenset(a.name for a in rule.node.all_input_nodes if a.name in learned)
+            if found:
+                rule.learned_args = found
 
     def _reads_input_only(self, node: fx.Node, input_only: set[str]) -> bool:
         """Whether ``node`` is a function of the network input alone.
@@ -1710,6 +1879,9 @@ def _is_mask(v: Any) -> bool:
 
 
 #: ops that read only the shape, dtype and device of their data argument (``torch.zeros_like(x)``)
+#: zeros made to another tensor's shape
+_ZEROS_LIKE = frozenset({torch.zeros_like, "new_zeros"})
+
 _SHAPE_ONLY = frozenset({torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, "new_zeros",
                          "new_ones", "new_full", "new_empty"})
 
@@ -1801,6 +1973,32 @@ def _close(a: torch.Tensor, b: torch.Tensor, like: torch.dtype | None = None) ->
     return torch.allclose(a, b, rtol=rtol, atol=rtol * scale, equal_nan=True)
 
 
+#: ops that give the positions where a mask holds (``torch.where(mask)`` with the mask alone)
+_MASK_POSITIONS = frozenset({torch.nonzero, "nonzero", torch.argwhere, "argwhere"})
+
+
+def _positions_of_a_mask(node: fx.Node) -> bool:
+    """Whether ``node`` gives the positions where a mask holds, or a part of them (``torch.where(mask)[0]``).
+
+    Positions in the batch, whose values move with the other examples (a mixture-of-experts layer's routing).
+    """
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target is torch.where:
+        return len(node.args) + len(node.kwargs) == 1
+    return node.target in _MASK_POSITIONS
+
+
+class _Unattributed(str):
+    """A reason of :func:`_tensor_mixing` that says only that a value's entries cannot be attributed.
+
+    A number of entries per batch that is not a multiple of the examples' (the tokens a mixture-of-experts
+    layer routes to one expert): not that any example's value changed.
+    """
+
+
 def _tensor_mixing(a: torch.Tensor, b: torch.Tensor, n: int, idx: list[int], leading: bool) -> str | None:
     """Why ``a`` (a batch of ``n``) and ``b`` (its examples ``idx``) show that the op mixes examples.
 
@@ -1822,14 +2020,17 @@ def _tensor_mixing(a: torch.Tensor, b: torch.Tensor, n: int, idx: list[int], lea
     d = varying[0]
     whole, part = a.shape[d], b.shape[d]
     if whole % n or part % k or whole // n != part // k:
-        return f"its axis {d} does not hold the same number of entries for every example ({shapes})"
+        return _Unattributed(f"its axis {d} does not hold the same number of entries for every example "
+                             f"({shapes})")
     if leading and d != 0:
         return f"the examples are along its axis {d}, not its first axis ({shapes})"
     m = whole // n
-    if (a.ndim == 1 and not a.is_floating_point() and torch.equal(a, torch.arange(n, device=a.device))
-            and torch.equal(b, torch.arange(k, device=b.device))):
-        # the examples' own positions (torch.arange(B) of h[torch.arange(B), last]: each example picks its
-        # own row); a use that does mix them (added to the data) shows in the values that read it
+    if (d == 0 and a.numel() == n and b.numel() == k and not a.is_floating_point()
+            and torch.equal(a.reshape(-1), torch.arange(n, device=a.device))
+            and torch.equal(b.reshape(-1), torch.arange(k, device=b.device))):
+        # the examples' own positions (torch.arange(B) of h[torch.arange(B), last], or arange(B)[:, None] of
+        # h[torch.arange(B)[:, None], top]: each example picks its own rows); a use that does mix them (added
+        # to the data) shows in the values that read it
         return None
     sel = torch.as_tensor(idx, device=a.device)
     for outer in [1] if leading else [j for j in range(1, m + 1) if m % j == 0]:
@@ -2115,7 +2316,7 @@ def full_float32() -> Iterator[None]:
 
 
 def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | None = None,
-                      untraced: str = "") -> None:
+                      untraced: str = "", layouts: bool = True) -> None:
     """Refuse a network whose output for an example depends on the other examples of its batch.
 
     See :func:`_check_per_example`. In a float32 (or narrower) network a finding is confirmed on a float64
@@ -2125,7 +2326,7 @@ def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | No
     its own was refused.
     """
     try:
-        _check_per_example(model, x, gm, untraced)
+        _check_per_example(model, x, gm, untraced, layouts)
     except UnsupportedOpError as refused:
         floats = [t.dtype for t in (*model.parameters(), *model.buffers(), x) if t.is_floating_point()]
         if all(dt == torch.float64 for dt in floats):  # (no floats at all: nothing to widen)
@@ -2137,7 +2338,7 @@ def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | No
             if gm is not None:
                 with contextlib.suppress(Exception):
                     wide_gm = trace(wide)
-            _check_per_example(wide, x.double() if x.is_floating_point() else x, wide_gm, untraced)
+            _check_per_example(wide, x.double() if x.is_floating_point() else x, wide_gm, untraced, layouts)
         except Exception:  # noqa: BLE001 (mixing in float64 too, or no float64 copy: the finding stands)
             raise refused from None
         log.info("%s: the examples' outputs differed in a batch only by float32 rounding (%s)",
@@ -2145,7 +2346,7 @@ def check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | No
 
 
 def _check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | None = None,
-                       untraced: str = "") -> None:
+                       untraced: str = "", layouts: bool = True) -> None:
     """Refuse a network whose output for an example depends on the other examples of its batch.
 
     The network runs (in eval mode, without gradients) on the first :data:`PROBE_EXAMPLES` examples of ``x``
@@ -2165,6 +2366,14 @@ def _check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | N
         gm: ``model`` traced by :func:`trace`, to name the op that mixes; None (a model torch.fx cannot
             trace): only the output is checked.
         untraced: why ``model`` could not be traced (for the message), when ``gm`` is None.
+        layouts: whether every value of the graph must keep the examples apart where an estimator can see
+            them (one that runs the graph with per-example statistics: ``laftr``, ``liftr``, the curvature
+            taps). False (``subset``, ``ntk``, which run the network as a whole): a value whose entries
+            cannot be attributed to the examples is passed over -- the tokens a mixture-of-experts layer
+            routes to one expert (a number per batch that is no multiple of the examples'), integer
+            positions in the batch (``torch.where`` of its routing mask), and what is computed from them
+            until a value holds the examples again (the experts' outputs added back per token), which is
+            checked as every value is, and so is the output.
 
     A network that cannot run on ``x`` is not checked here: the estimator's own pass over the data reports
     that.
@@ -2206,6 +2415,7 @@ def _check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | N
                               type(e).__name__, e)
                     return
             if runs is not None and gm is not None:
+                unattributed: set[fx.Node] = set()
                 for node in gm.graph.nodes:
                     if node.op in ("placeholder", "get_attr"):
                         continue
@@ -2216,11 +2426,22 @@ def _check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | N
                         why = _mixing(runs[0][node.name], values[node.name], n, idx, leading)
                         if why is None:
                             continue
+                        if not layouts and not leading and (
+                                isinstance(why, _Unattributed) or _positions_of_a_mask(node)
+                                or any(a in unattributed for a in node.all_input_nodes)):
+                            # routed entries, positions in the batch (torch.where of a routing mask), and
+                            # what is computed from them until a value holds the examples again
+                            unattributed.add(node)
+                            break
                         if leading:
                             raise UnsupportedOpError(f"the output of {type(model).__name__} does not keep "
                                                      f"the examples of a batch apart: {why}{_NEEDS}")
+                        routed = ("; the entries of a value routed by value (a mixture-of-experts layer's "
+                                  "tokens per expert) cannot be attributed to the examples, which this "
+                                  "estimator needs: subset and ntk, which run the network as a whole, take it"
+                                  if isinstance(why, _Unattributed) else "")
                         raise UnsupportedOpError(f"node {node.name!r} ({describe(node, gm)}) mixes the "
-                                                 f"examples of a batch: {why}{_NEEDS}")
+                                                 f"examples of a batch: {why}{_NEEDS}{routed}")
                 return
             try:
                 outs = [model(batch) for batch in [x.clone(), x.clone(), *(x[idx] for idx in subs)]]

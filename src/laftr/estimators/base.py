@@ -348,7 +348,7 @@ class FSDEstimator:
                                 # the graph first: the mixing check reads the graph, which must be the model's
                                 check_traced_graph(model, x, hooks=self.traces,
                                                    grad_off=self.traces or not self.reverse_mode_module)
-                                check_per_example(model, x, gm, why)
+                                check_per_example(model, x, gm, why, layouts=self.traces)
                             return rest
 
                         data = dist_.agree(probe, f"{self.name}.fit") if on else probe()

@@ -29,9 +29,17 @@ from torch.func import jacrev, vmap
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_
-from .._util import EMPTY_DATA, Data, functional_call, iter_batches, merged_first_batches, model_device_dtype
+from .._util import (
+    EMPTY_DATA,
+    Data,
+    functional_call,
+    iter_batches,
+    merged_first_batches,
+    model_device_dtype,
+    wide_dtype,
+)
 from .._util import eval_mode as _eval_mode
-from ..errors import DataError, UsageError
+from ..errors import DataError, UnsupportedOpError, UsageError
 from ..metrics import check_metric, check_softmax_outputs, run_network, select_outputs
 
 log = logging.getLogger(__name__)
@@ -149,6 +157,22 @@ def output_vectors(
     return L @ eps / math.sqrt(S)
 
 
+def _backward_error(model: nn.Module, e: RuntimeError) -> Exception:
+    """The error to raise for a failed per-example backward.
+
+    Named where the network's forward changes in place a value its backward needs (autograd's "modified by
+    an inplace operation"); ``e`` itself otherwise.
+    """
+    if "modified by an inplace operation" not in str(e):
+        return e
+    return UnsupportedOpError(
+        f"{type(model).__name__}'s forward changes in place a value that its backward needs "
+        f"({str(e).splitlines()[0][:160]}): the network cannot be differentiated by reverse mode, which the "
+        "diagonal Fisher and K-FAC do per example (its own loss.backward() fails the same way; Hugging "
+        "Face's traced DeBERTa, which fills its softmax output in place, is one); write that op out of "
+        "place, or use laftr, ntk or subset, which run their own graph or the network without this backward")
+
+
 def per_example_square_grads(
     model: nn.Module,
     x: torch.Tensor,
@@ -190,7 +214,7 @@ def per_example_square_grads(
         return {n: torch.stack([j[n] for j in per]) for n in tp}
 
     jac = vectorized
-    acc = {n: torch.zeros_like(p) for n, p in wrt.items()}
+    acc = {n: torch.zeros_like(p, dtype=wide_dtype(p.dtype)) for n, p in wrt.items()}
     with torch.enable_grad():
         for i in range(0, x.shape[0], max(1, int(chunk_size))):
             xs, ws = x[i : i + chunk_size], W[i : i + chunk_size]
@@ -198,15 +222,18 @@ def per_example_square_grads(
                 J = jac(wrt, xs, ws)
             except RuntimeError as e:
                 if jac is looped:
-                    raise
+                    raise _backward_error(model, e) from e
                 # an op whose vmap batching rule fails (PyTorch 2.13's prelu with a shared slope): the same
                 # per-example Jacobians one example at a time; an error of the network itself recurs here
                 log.info("per-example gradients: torch.func.vmap failed (%s); computing them one example at "
                          "a time", str(e).splitlines()[0][:200])
                 jac = looped
-                J = jac(wrt, xs, ws)
+                try:
+                    J = jac(wrt, xs, ws)
+                except RuntimeError as again:
+                    raise _backward_error(model, again) from again
             for n in acc:
-                acc[n] += J[n].pow(2).sum(dim=(0, 1))
+                acc[n] += J[n].to(acc[n].dtype).pow(2).sum(dim=(0, 1))
     return acc
 
 

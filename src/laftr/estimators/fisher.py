@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import distributed as dist_
-from .._util import Data, model_device_dtype
+from .._util import Data, model_device_dtype, narrowed, wide_dtype
 from ..errors import DataError, UsageError
 from .base import EstimatorConfig, FSDEstimator, register
 from .curvature import check_curvature_config, curvature_batches, reduce_sums, unused_label_samples
@@ -108,14 +108,15 @@ class DiagFisherEstimator(FSDEstimator):
     def _distance(self, model: nn.Module) -> torch.Tensor:
         assert self.diag is not None
         device, dtype = model_device_dtype(model)
+        w = wide_dtype(dtype)  # (squares of float16 changes underflow)
         p0 = self.theta0_on(model)
         params = dict(model.named_parameters())
         total = None
         for n, f in self.diag.items():
-            t = (f.to(device, dtype) * (params[n] - p0[n]).pow(2)).sum()
+            t = (f.to(device, w) * (params[n].to(w) - p0[n].to(w)).pow(2)).sum()
             total = t if total is None else total + t
         assert total is not None
-        return 0.5 * total
+        return narrowed(0.5 * total, model)
 
     def stored_floats(self) -> int:
         """One diagonal Fisher entry per parameter."""

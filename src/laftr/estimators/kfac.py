@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from .. import distributed as dist_
-from .._util import Data, model_device_dtype
+from .._util import Data, model_device_dtype, narrowed, wide_dtype
 from ..errors import DataError, UnsupportedOpError, UsageError
 from .base import EstimatorConfig, FSDEstimator, register
 from .curvature import (
@@ -130,7 +130,7 @@ class KfacEstimator(FSDEstimator):
                                      f"({kinds}); K-FAC keeps its factors in one: cast the network to one "
                                      "dtype")
         found = find_taps(model, "fallback" if c.unsupported == "diag" else "error", "kfac")
-        dtype = model_device_dtype(model)[1]
+        wide = wide_dtype(model_device_dtype(model)[1])  # (sums of float16 outer products overflow)
         layers, fallback = found.taps, found.fallback
         rank = dist_.rank_and_size()[0] if self._distributed else 0
 
@@ -152,7 +152,7 @@ class KfacEstimator(FSDEstimator):
                             if layer.kind == "embedding" and layer.padding_idx is not None}
                     for grads in per_vector:
                         for layer in layers:
-                            g = torch.cat(grads[layer.name], dim=1)  # calls pooled as positions
+                            g = torch.cat(grads[layer.name], dim=1).to(wide)  # calls pooled as positions
                             if layer.name in keep:
                                 g = g * keep[layer.name].to(g)
                             add(f"G/{layer.name}", torch.einsum("bti,btj->ij", g, g))
@@ -160,8 +160,9 @@ class KfacEstimator(FSDEstimator):
                         a = torch.cat(inputs[layer.name], dim=1)
                         # an embedding: the diagonal of the one-hot outer products, per position
                         if layer.kind == "embedding":
-                            aa = token_counts(layer, a, dtype) / a.shape[1]
+                            aa = token_counts(layer, a, wide) / a.shape[1]
                         else:
+                            a = a.to(wide)
                             aa = torch.einsum("bti,btj->ij", a, a) / a.shape[1]
                         add(f"A/{layer.name}", aa)
                     if fallback:  # hooks are idle outside taps.grads
@@ -192,28 +193,32 @@ class KfacEstimator(FSDEstimator):
     # ------------------------------------------------------------------ evaluation
     def _distance(self, model: nn.Module) -> torch.Tensor:
         device, dtype = model_device_dtype(model)
+        wide = wide_dtype(dtype)  # (products of float16 changes underflow)
         p0 = self.theta0_on(model)
         params = dict(model.named_parameters())
+
+        def change(name: str) -> torch.Tensor:
+            return params[name].to(wide) - p0[name].to(wide)
+
         total = None
         for layer in self.layers:
-            A = self.A[layer.name].to(device, dtype)
-            G = self.G[layer.name].to(device, dtype)
+            A = self.A[layer.name].to(device, wide)
+            G = self.G[layer.name].to(device, wide)
             w = layer.weight_name
             if layer.kind == "embedding":  # dW is (V, d); A is the diagonal over the vocabulary
-                dW = params[w] - p0[w]
+                dW = change(w)
                 t = (A[:, None] * (dW @ G) * dW).sum()  # sum_v A_v dW[v] G dW[v]^T
             else:
-                dW = (params[w] - p0[w]).reshape(layer.d_out, -1)
+                dW = change(w).reshape(layer.d_out, -1)
                 if layer.bias:
-                    b = layer.bias_name
-                    dW = torch.cat([dW, (params[b] - p0[b])[:, None]], dim=1)
+                    dW = torch.cat([dW, change(layer.bias_name)[:, None]], dim=1)
                 t = ((G @ dW) * (dW @ A)).sum()  # tr(G dW A dW^T), A and G symmetric
             total = t if total is None else total + t
         for n, f in self.diag.items():
-            t = (f.to(device, dtype) * (params[n] - p0[n]).pow(2)).sum()
+            t = (f.to(device, wide) * change(n).pow(2)).sum()
             total = t if total is None else total + t
         assert total is not None
-        return 0.5 * total
+        return narrowed(0.5 * total, model)
 
     def _eigen(self, layer: Tap, weight: bool, bias: bool) -> tuple[torch.Tensor | None, torch.Tensor,
                                                                       torch.Tensor, torch.Tensor]:

@@ -835,6 +835,13 @@ class LaftrExactEstimator(_LaftrBase):
         device, dtype = model_device_dtype(model)
         p0 = self.theta0_on(model)
         p = param_dict(model)
+        if any(t.is_floating_point() and t.dtype != dtype for t in p.values()):
+            # a layer of another floating dtype (one bfloat16 layer in a float32 network): the joint moment
+            # state has one dtype, the model's (torch's addmv of a bfloat16 weight and float32 moments failed)
+            def same(t: torch.Tensor) -> torch.Tensor:
+                return t.to(dtype) if t.is_floating_point() else t
+
+            p, p0 = {n: same(t) for n, t in p.items()}, {n: same(t) for n, t in p0.items()}
         batched = is_batched(p.values())
         if not batched and p.keys() == p0.keys() and all(torch.equal(p[n], p0[n]) for n in p0):
             # theta is theta0 (after the pass, which refuses what the closed form cannot handle): the distance

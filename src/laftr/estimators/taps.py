@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from .._util import param_dict
+from .._util import param_dict, wide_dtype
 from ..errors import UnsupportedOpError, UsageError
 from ..graph import ForwardMode, Layout, TracedNet, pruned_tensors, to_batch_first
 from ..metrics import select_outputs
@@ -414,12 +414,13 @@ def tapped_square_grads(inputs: list[torch.Tensor], grads: list[torch.Tensor]) -
     Returns:
         ``(d_out, d_in [+1])``.
     """
+    wide = wide_dtype(grads[0].dtype)  # (squares of float16 gradients underflow, their sums overflow)
     if len(inputs) == 1 and inputs[0].shape[1] == 1:
-        a, g = inputs[0][:, 0], grads[0][:, 0]
+        a, g = inputs[0][:, 0].to(wide), grads[0][:, 0].to(wide)
         return (g * g).T @ (a * a)
     per = None
     for a, g in zip(inputs, grads, strict=True):
-        t = torch.einsum("bto,bti->boi", g, a)
+        t = torch.einsum("bto,bti->boi", g.to(wide), a.to(wide))
         per = t if per is None else per + t
     assert per is not None
     return (per * per).sum(0)
@@ -443,6 +444,7 @@ def embedding_square_grads(tap: Tap, inputs: list[torch.Tensor], grads: list[tor
     """
     ids = torch.cat(inputs, dim=1)
     g = torch.cat(grads, dim=1)
+    g = g.to(wide_dtype(g.dtype))
     B, T = ids.shape
     d = g.shape[-1]
     example = torch.arange(B, device=ids.device)[:, None].expand(B, T)

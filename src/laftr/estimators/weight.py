@@ -9,7 +9,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from .._util import Data
+from .._util import Data, narrowed, wide_dtype
 from ..errors import UsageError
 from .base import EstimatorConfig, FSDEstimator, register
 
@@ -62,11 +62,13 @@ class WeightEstimator(FSDEstimator):
         for n, p in model.named_parameters():
             if n in buffers:
                 continue
-            t = (p - p0[n]).pow(2).sum()
+            w = wide_dtype(p.dtype)  # (squares of float16 changes underflow)
+            t = (p.to(w) - p0[n].to(w)).pow(2).sum()
             total = t if total is None else total + t
         if total is None:
             raise UsageError("the model has no parameters")
-        return 0.5 * float(cast(WeightConfig, self.config).scale) * total
+        value = 0.5 * float(cast(WeightConfig, self.config).scale) * total
+        return narrowed(value, model)
 
     def stored_floats(self) -> int:
         """None beyond theta0."""

@@ -878,36 +878,65 @@ def _allowed(mask: Tensor | None) -> Tensor | None:
 
 
 def attention_core(rule: PatternSite, mode: Any, qs: tuple[Tensor, ...], ks: tuple[Tensor, ...],
-                   vs: tuple[Tensor, ...], bias: Tensor | None, scale: float) -> tuple[Tensor, ...]:
+                   vs: tuple[Tensor, ...], bias: Tensor | tuple[Tensor | None, ...] | None,
+                   scale: float) -> tuple[Tensor, ...]:
     """``softmax(q k^T * scale + bias) v`` per stream, in the mode's linearization (see the module docstring).
 
     Shapes ``(B, ..., L, E)``, ``(B, ..., S, E)``, ``(B, ..., S, Ev)``; the pattern is ``(B, ..., L, S)``.
+    ``bias``: one additive mask for every stream, or one per stream (:func:`stream_biases`).
     """
     def scores(q: Tensor, k: Tensor) -> Tensor:
         return (q @ k.transpose(-2, -1)) * scale
 
+    biases = bias if isinstance(bias, tuple) else (bias,) * len(qs)
     # run exactly: in a pass of the real networks, on theta0's data (fitting), and where the mode runs this op
     # exactly (``linearize="activations"``: the attention is then no site, and records nothing)
     exact = getattr(mode, "exact", None) is not None and mode.exact(rule)
     if mode.method in ("forward", "fit") or exact:
-        # a row with no visible key attends to nothing, as in torch's SDPA (softmax_or_zero): the rows the
-        # mask hides whole (the scores are finite), read off the mask, which never depends on the parameters
-        # (a branch on it is vmap-safe); without such rows, torch's softmax as it is
-        none = None if bias is None else bias.detach().amax(-1, keepdim=True) == -math.inf
-        none = none if none is not None and bool(none.any()) else None
         outs = []
-        for s, (q, k, v) in enumerate(zip(qs, ks, vs, strict=True)):
-            lg = scores(q, k) if bias is None else scores(q, k) + bias
+        for s, (q, k, v, b) in enumerate(zip(qs, ks, vs, biases, strict=True)):
+            # a row with no visible key attends to nothing, as in torch's SDPA (softmax_or_zero): the rows the
+            # mask hides whole (the scores are finite), read off the mask, which no data moves (a branch on it
+            # is vmap-safe); without such rows, torch's softmax as it is
+            none = None if b is None else b.detach().amax(-1, keepdim=True) == -math.inf
+            none = none if none is not None and bool(none.any()) else None
+            lg = scores(q, k) if b is None else scores(q, k) + b
             a = torch.softmax(lg, -1) if none is None else softmax_or_zero(lg, -1, none)
             if s == 0 and mode.method == "fit" and not exact:
                 rule.record(mode, a, -1)
             outs.append(a @ v)
         return tuple(outs)
     logits = bilinear_streams(scores, qs, ks)
-    if bias is not None:
-        logits = tuple(lg + bias for lg in logits)
+    logits = tuple(lg if b is None else lg + b for lg, b in zip(logits, biases, strict=True))
     attn = linearized_softmax(rule, mode, logits, logits[0].ndim - 1)
     return bilinear_streams(torch.matmul, attn, vs)
+
+
+def stream_biases(rule: Rule, mode: Any, bias_of: Any, learned: bool,
+                  boolean: bool) -> tuple[Tensor | None, ...]:
+    """The additive attention mask of each stream; ``bias_of(s)`` builds stream ``s``'s from its masks.
+
+    A mask of constants, buffers or the input alone (``learned`` False) is theta0's in every stream, as it
+    always was. A mask computed from trainable parameters alone (``learned``: a T5 position bias, learned
+    ALiBi slopes) is each stream's own where the mode runs the real networks; where it linearizes, a float
+    bias is each stream's own too (it is added to the logits, affine), as long as it hides the same keys
+    as theta0's, and a boolean mask (``boolean``) is theta0's in every stream: a gate, decided by theta0 as
+    the others are. (theta0's mask in every stream froze a learned bias: every estimate 0 where the exact FSD
+    was 1.1e-3, and its parameters got no gradient.)
+    """
+    n = mode.num_streams
+    if not learned or (boolean and not rule.exact_in(mode)):
+        first = bias_of(0)
+        return (first,) * n
+    biases = tuple(bias_of(s) for s in range(n))
+    if not rule.exact_in(mode) and biases[0] is not None:
+        hidden = [b.detach() <= -HIDDEN_MARGIN for b in biases if b is not None]
+        if any(not torch.equal(h, hidden[0]) for h in hidden[1:]):
+            raise rule.refuse("its learned attention mask hides other keys with theta's parameters than "
+                              "with theta0's (a gate that no stored law decides); make the mask boolean "
+                              "(decided by theta0), or use gates='none' or linearize='activations', which "
+                              "run each network's own")
+    return biases
 
 
 @register(F.scaled_dot_product_attention)
@@ -966,11 +995,16 @@ class SdpaRule(PatternSite):
         like = qs[0]
         L, S = like.shape[-2], ks[0].shape[-2]
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(like.shape[-1])
-        bias = _mask_bias(mask.vals[0] if isinstance(mask, Pair) else mask, like)
-        if self.is_causal:
-            causal = _causal_bias(L, S, like)
-            bias = causal if bias is None else bias + causal
-        return Pair(attention_core(self, mode, qs, ks, vs, bias, scale), True)
+        causal = _causal_bias(L, S, like) if self.is_causal else None
+
+        def bias_of(s: int) -> Tensor | None:
+            bias = _mask_bias(stream_of(mask, s), like)
+            return causal if bias is None else bias if causal is None else bias + causal
+
+        learned = self.learned(self.arg_node(3, "attn_mask"))
+        boolean = isinstance(mask, Pair) and mask.vals[0].dtype == torch.bool
+        biases = stream_biases(self, mode, bias_of, learned, boolean)
+        return Pair(attention_core(self, mode, qs, ks, vs, biases, scale), True)
 
     forward = fit = sample = own = run
 
@@ -1123,17 +1157,24 @@ class MultiheadAttentionRule(PatternSite):
         vs = tuple(heads(o[2]) for o in outs_in)
         like = qs[0]
         L, S = like.shape[-2], ks[0].shape[-2]
-        # MultiheadAttention's boolean masks say True where a position may NOT take part (unlike SDPA's)
-        bias = _mask_bias(_allowed(stream_of(amask, 0)), like)
-        if bias is not None and bias.ndim == 3:  # (B * H, L, S)
-            bias = bias.view(-1, H, L, S)
-        if is_causal:
-            self._check_causal(bias, L, S)
-        kb = _mask_bias(_allowed(stream_of(kpm, 0)), like)
-        if kb is not None:
-            kb = kb.view(kb.shape[0], 1, 1, S)
-            bias = kb if bias is None else bias + kb
-        att = attention_core(self, mode, qs, ks, vs, bias, 1.0 / math.sqrt(E // H))
+        def bias_of(s: int) -> Tensor | None:
+            # MultiheadAttention's boolean masks say True where a position may NOT take part (unlike SDPA's)
+            bias = _mask_bias(_allowed(stream_of(amask, s)), like)
+            if bias is not None and bias.ndim == 3:  # (B * H, L, S)
+                bias = bias.view(-1, H, L, S)
+            if is_causal:
+                self._check_causal(bias, L, S)
+            kb = _mask_bias(_allowed(stream_of(kpm, s)), like)
+            if kb is not None:
+                kb = kb.view(kb.shape[0], 1, 1, S)
+                bias = kb if bias is None else bias + kb
+            return bias
+
+        masks = [(amask, self.arg_node(5, "attn_mask")), (kpm, self.arg_node(3, "key_padding_mask"))]
+        learned = [m for m, node in masks if self.learned(node) and isinstance(m, Pair)]
+        boolean = any(m.vals[0].dtype == torch.bool for m in learned)
+        biases = stream_biases(self, mode, bias_of, bool(learned), boolean)
+        att = attention_core(self, mode, qs, ks, vs, biases, 1.0 / math.sqrt(E // H))
         concat = Pair(tuple(o.transpose(1, 2).reshape(o.shape[0], L, E) for o in att), True)
         merged_all = mode.inner(self, "out_proj", concat)
         outs = []

@@ -93,6 +93,30 @@ def stream_of(v: Any, s: int) -> Any:
     return tree_map(lambda a: a.vals[s] if isinstance(a, Pair) else a, v)  # other containers
 
 
+def theta0_discrete(v: Any) -> Any:
+    """``v`` with every pair of integer or boolean values that can differ between streams made theta0's.
+
+    Such values are indices or masks that no input decides: those of a ``topk`` / ``argmax`` of data (each
+    stream's own), a learned mask (``self.g > 0``) or a boolean buffer. Where the network is linearized they
+    are choices decided by theta0, as its gates, sort orders and max-pool positions are; floating values
+    (parameters) and data are left as they are.
+    """
+    if isinstance(v, Pair):
+        first = v.vals[0]
+        if (v.data or v.fixed or not isinstance(first, torch.Tensor) or first.is_floating_point()
+                or first.is_complex()):
+            return v
+        return Pair((first,) * len(v.vals), v.data, v.fixed)
+    t = type(v)
+    if t is tuple:
+        return tuple(theta0_discrete(a) for a in v)
+    if t in _LISTS:
+        return [theta0_discrete(a) for a in v]
+    if t in _DICTS:
+        return {k: theta0_discrete(a) for k, a in v.items()}
+    return v
+
+
 def pairs_in(v: Any) -> list[Pair]:
     """Every :class:`Pair` among the leaves of ``v`` (in :func:`torch.utils._pytree.tree_flatten` order)."""
     out: list[Pair] = []
@@ -403,11 +427,15 @@ class Rule:
         family: a short stable name of the op family, used in signatures and messages.
         affine: the op is affine in its data input(s) given the parameters (checked by the registry test).
         site: the rule records a statistic at theta0 (gates, normalizers, max pools).
+        learned_args: the names of the op's argument nodes computed from trainable parameters without the
+            network input (a learned mask or attention bias), which each stream has its own of; set by
+            :class:`laftr.graph.TracedNet` (empty for a rule made on its own).
     """
 
     family: ClassVar[str] = "op"
     affine: ClassVar[bool] = False
     site: ClassVar[bool] = False
+    learned_args: frozenset[str] = frozenset()
 
     def __init__(self, node: fx.Node, gm: fx.GraphModule) -> None:
         """The rule of ``node`` of the traced module ``gm``; reads the op's constants (:meth:`setup`)."""
@@ -554,6 +582,19 @@ class Rule:
         after the batch axis (override).
         """
         return False
+
+    def exact_in(self, mode: RuleMode) -> bool:
+        """Whether ``mode`` runs this op exactly in each stream.
+
+        A pass of the real networks (``forward``, ``fit``), or a mode that leaves it alone (``laftr``'s
+        ``linearize="activations"``).
+        """
+        exact = getattr(mode, "exact", None)
+        return mode.method in ("forward", "fit") or (exact is not None and bool(exact(self)))
+
+    def learned(self, arg: Any) -> bool:
+        """Whether ``arg`` (an argument as traced) is computed from trainable parameters alone."""
+        return isinstance(arg, fx.Node) and arg.name in self.learned_args
 
     def sample_separable(self, mode: RuleMode) -> bool:
         """Whether :meth:`sample` computes each stream from that stream's values and parameters alone.

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import UnsupportedOpError
-from .base import Pair, Rule, register
+from .base import Pair, Rule, describe, register
 
 
 def _pool_geometry(pool: dict[str, Any]) -> tuple[tuple[int, int], ...]:
@@ -429,8 +429,8 @@ class MaxDimRule(AmaxRule):
 
     The values are :class:`AmaxRule`'s (PointNet's global feature ``torch.max(x, 2)[0]``); the indices are
     each stream's own argmax, not linearized (a value per stream that no parameter's change moves smoothly),
-    for code that reads them. ``torch.max(x)`` over every entry and the elementwise ``torch.max(a, b)`` are
-    refused (the latter naming ``torch.maximum``, which has a rule).
+    for code that reads them. ``torch.max(x)`` over every entry and a dim computed while tracing are refused;
+    the elementwise ``torch.max(a, b)`` of two tensors is traced as ``torch.maximum`` (``laftr.graph``).
     """
 
     #: the op returns ``(values, indices)``, the indices each stream's own
@@ -441,10 +441,10 @@ class MaxDimRule(AmaxRule):
         given = self.node.kwargs.get("dim", self.node.args[1] if len(self.node.args) > 1 else None)
         if given is None:
             raise self.refuse("a max over every entry mixes the examples of a batch; give dim")
-        if isinstance(given, fx.Node):
-            raise self.refuse("torch.max(a, b), the elementwise maximum of two tensors, is read as a max "
-                              "over one dim; write torch.maximum(a, b) (or torch.minimum), which laftr "
-                              "traces as b + relu(a - b)")
+        if isinstance(given, fx.Node):  # (of two tensors the tracer records torch.maximum / minimum)
+            raise self.refuse(f"its dim is computed while tracing (node {given.name!r}, {describe(given)}); "
+                              "laftr reads a reduction's dim when it builds the network: give it as a number "
+                              "(x.max(-1))")
         super().setup()
 
     def _back(self, out: Any) -> Any:
