@@ -415,10 +415,10 @@ def test_liftr_anchors_the_values_of_a_result_with_indices_where_they_are_read()
         assert est(model).item() == 0.0 and est(perturbed(model, 0.2)).item() > 0
 
 
-def test_a_gather_at_indices_of_the_data_takes_theta0s_and_the_closed_form_names_it():
-    """Indices that differ between streams (topk's of data, each stream's own) are theta0's in every stream where
-    the network is linearized (the values of topk itself, in theta0's order: draw for draw), each stream's own in
-    the real networks (the exact FSD); the closed form has no gather."""
+def test_a_gather_at_indices_of_the_data_and_the_closed_form_names_it():
+    """Indices of a topk of data are each stream's own, as the indices such ops return always are: the gather
+    is the values of topk in each stream's own order (``maxpool="separate"``), draw for draw; the real networks
+    give the exact FSD; the closed form has no gather."""
     X = _data()
     torch.manual_seed(0)
     model = Net(lambda s, h: torch.gather(h, 1, h.topk(6, 1).indices))
@@ -429,7 +429,7 @@ def test_a_gather_at_indices_of_the_data_takes_theta0s_and_the_closed_form_names
     other_twin.load_state_dict(other.state_dict())
     for kw in ({"gates": "relu"}, {}):
         a = _est(seed=4, **kw).fit(model, X)(other)
-        b = _est(seed=4, **kw).fit(twin, X)(other_twin)
+        b = _est(seed=4, maxpool="separate", **kw).fit(twin, X)(other_twin)
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     exact = laftr.exact_fsd(model, other, X, metric="l2")
     for kw in ({"gates": "none"}, {"linearize": "activations", "gates": "relu"}):
@@ -758,8 +758,8 @@ class _TopRows(nn.Module):
 
 def test_rows_picked_by_the_examples_positions_and_a_topk():
     """``torch.arange(B)[:, None]`` as the first index (each example's own rows) was refused by every estimator
-    as mixing the examples; the real networks give the exact FSD, theta0's linearization tends to it (with
-    theta0's picks, the default, or each network's own, ``maxpool="separate"``)."""
+    as mixing the examples; the real networks give the exact FSD, theta0's linearization tends to it (each
+    network picks its own rows; the maxpool option changes nothing here)."""
     torch.manual_seed(0)
     model, X = _TopRows(), _data()
     other = perturbed(model, 0.2)
@@ -774,3 +774,40 @@ def test_rows_picked_by_the_examples_positions_and_a_topk():
         ratio = own.fit(model, X)(near).item() / laftr.exact_fsd(model, near, X).item()
         assert abs(ratio - 1) < 1e-3, (maxpool, ratio)
     assert _est().fit(model, X)(other).item() > 0
+
+
+class _ItemDim(nn.Module):
+    """A max over a dim read from a buffer with ``.item()`` (a stable softmax's shift)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D_IN, H), nn.Linear(H, D_OUT)
+        self.register_buffer("d", torch.tensor(1))
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.softmax(h - h.max(self.d.item(), keepdim=True)[0], -1))
+
+
+def test_the_forms_of_torch_max_the_tracer_does_not_rewrite():
+    """A dim from ``.item()`` is a number, not the elementwise form's tensor (the buffer is then read as a
+    constant, as before: exact); ``out=`` is refused (the rewritten call would drop it); of booleans the
+    elementwise max is kept whole: exact in the real networks, refused by name where linearized (it was a
+    bool subtraction inside torch)."""
+    X = _data()
+    torch.manual_seed(0)
+    model = _ItemDim()
+    other = perturbed(model, 1e-4)
+    est = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=N, num_samples=N)
+    ratio = est.fit(model, X)(other).item() / laftr.exact_fsd(model, other, X).item()
+    assert abs(ratio - 1) < 1e-3, ratio
+    for op in (lambda s, h: torch.max(h, s.p, out=h.clone()), lambda s, h: torch.clamp(h, s.p, out=h.clone())):
+        with pytest.raises(UnsupportedOpError, match=r"out=\.\.\.\) writes its result into another tensor"):
+            TracedNet(Net(op, ("p",)))
+    torch.manual_seed(0)
+    both = Net(lambda s, h: h * torch.max(h > 0, torch.tanh(h) > 0.5).to(h.dtype))
+    other = perturbed(both, 0.2)
+    none = laftr.make_estimator("laftr", gates="none", input_model="coreset", coreset_size=N, num_samples=N)
+    torch.testing.assert_close(none.fit(both, X)(other), laftr.exact_fsd(both, other, X), rtol=1e-10, atol=0)
+    with pytest.raises(UnsupportedOpError, match="torch.maximum"):
+        laftr.make_estimator("laftr", gates="relu").fit(both, X)(other)

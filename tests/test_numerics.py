@@ -458,3 +458,35 @@ def test_laftr_exact_of_a_network_with_a_layer_of_another_dtype():
     want = laftr.make_estimator("laftr-exact", metric="l2").fit(plain, X)(other_plain)
     # (the gate laws are fitted on the real networks, whose bfloat16 layer rounds its outputs: 1e-4 apart)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=0)
+
+
+def test_estimates_of_a_network_of_several_floating_dtypes_keep_the_promoted_dtype():
+    """A float16 first layer in a float32 network: laftr-exact ran its closed form in float16 (the first
+    parameter's dtype) and rounded the float32 layers' distance to float16's smallest number (5.96e-8 for
+    3.26e-8); weight returned bfloat16 where the first layer was. Both are float32 now, the all-float32
+    twin's values (the layer's weights rounded)."""
+
+    class Half(nn.Module):
+        def __init__(self, dtype: torch.dtype) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 16).to(dtype), nn.Linear(16, 16), nn.Linear(16, 3)
+            self.dtype = dtype
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x.to(self.dtype))).float())))
+
+    torch.manual_seed(0)
+    X = torch.randn(128, 8)
+    for dtype in (torch.float16, torch.bfloat16):
+        mixed = Half(dtype)
+        twin = copy.deepcopy(mixed).float()
+        twin.dtype = torch.float32
+        other, other_twin = copy.deepcopy(mixed), copy.deepcopy(twin)
+        with torch.no_grad():  # theta moves the float32 layers only
+            for m in (other, other_twin):
+                m.b.weight.add_(1e-4)
+        for name in ("laftr-exact", "weight"):
+            got = laftr.make_estimator(name, metric="l2").fit(mixed, X)(other)
+            want = laftr.make_estimator(name, metric="l2").fit(twin, X)(other_twin)
+            assert got.dtype == torch.float32, (name, dtype)
+            torch.testing.assert_close(got, want, rtol=2e-2 if name == "laftr-exact" else 1e-6, atol=0)

@@ -95,9 +95,22 @@ def wide_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def promoted_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype all of ``model``'s floating parameters promote to (the default dtype if none)."""
+    out: torch.dtype | None = None
+    for p in model.parameters():
+        if p.is_floating_point():
+            out = p.dtype if out is None else torch.promote_types(out, p.dtype)
+    return torch.get_default_dtype() if out is None else out
+
+
 def narrowed(value: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """``value``, computed in :func:`wide_dtype`, back in a float16 / bfloat16 model's dtype (else as is)."""
-    dtype = model_device_dtype(model)[1]
+    """``value``, computed in :func:`wide_dtype`, back in a float16 / bfloat16 model's dtype (else as is).
+
+    A model's dtype here is the one its parameters promote to: a float32 network with a bfloat16 layer keeps
+    float32 values.
+    """
+    dtype = promoted_dtype(model)
     return value.to(dtype) if wide_dtype(dtype) != dtype else value
 
 

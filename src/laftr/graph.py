@@ -136,13 +136,14 @@ class _Tracer(fx.Tracer):
 
     def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                      *rest: Any, **options: Any) -> Any:
+        _refuse_out(kind, target, kwargs)
         bounds = _tensor_bounds(kind, target, args, kwargs)
         if bounds is not None:  # clamp(x, lo, hi) with a bound of the state: maximum / minimum, gates on both
             x, lo, hi = bounds
             steps = ((lo, torch.maximum, torch.clamp_min), (hi, torch.minimum, torch.clamp_max))
             for bound, of_tensor, of_number in steps:
                 if bound is not None:
-                    tensor = isinstance(bound, fx.Proxy) and not _int_valued(bound.node)
+                    tensor = isinstance(bound, fx.Proxy) and not _number_valued(bound.node)
                     x = self.create_proxy("call_function", of_tensor if tensor else of_number, (x, bound), {},
                                           *rest, **options)
             return x
@@ -155,8 +156,10 @@ class _Tracer(fx.Tracer):
             fn = traced_function(target)
         elif kind == "call_method" and not is_registered_method(target):
             fn = traced_method(target)
-        # F.glu, F.softmin, torch.maximum, torch.lerp, F.bilinear, ...: traced as their parts
-        if fn is not None and (target not in KEPT_WHOLE or all(self._reads((args, kwargs)))):
+        # F.glu, F.softmin, torch.maximum, torch.lerp, F.bilinear, ...: traced as their parts; torch.maximum
+        # and its kin (KEPT_WHOLE) only of both the input and the state, not of booleans (their logical or)
+        if fn is not None and (target not in KEPT_WHOLE or (
+                all(self._reads((args, kwargs))) and not any(map(_boolean, (*args, *kwargs.values()))))):
             return self._numerically_safe(fn, args, kwargs)(*args, **kwargs)
         return super().create_proxy(kind, target, args, kwargs, *rest, **options)
 
@@ -241,10 +244,22 @@ class _Tracer(fx.Tracer):
 _ELEMENTWISE_FORMS: dict[Any, Any] = {torch.max: torch.maximum, torch.min: torch.minimum, "max": "maximum",
                                       "min": "minimum"}
 
-#: ops whose result is a Python number computed from shapes (a ``dim`` argument built from them)
-_INT_OPS = frozenset({len, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
-                      operator.mod, operator.neg, operator.getitem, "size", "dim", "numel", "ndimension",
-                      "nelement"})
+#: methods and functions whose result is a Python number (a ``dim`` argument built from them)
+_NUMBER_RESULTS = frozenset({len, int, float, round, math.floor, math.ceil, operator.index, "size", "dim",
+                             "numel", "ndimension", "nelement", "item", "tolist", "__len__", "__index__"})
+
+#: arithmetic, which gives a number of numbers
+_NUMBER_OPS = frozenset({operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+                         operator.mod, operator.neg, operator.pos, operator.abs, operator.getitem, abs, min,
+                         max})
+
+#: ops whose result is boolean (comparisons, logical ops): no arithmetic of theirs is traced
+_BOOLEAN_RESULTS = frozenset({operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
+                              operator.and_, operator.or_, operator.xor, operator.invert, torch.gt, torch.lt,
+                              torch.ge, torch.le, torch.eq, torch.ne, torch.logical_and, torch.logical_or,
+                              torch.logical_xor, torch.logical_not, torch.isnan, torch.isinf, torch.isfinite,
+                              "gt", "lt", "ge", "le", "eq", "ne", "logical_and", "logical_or", "logical_xor",
+                              "logical_not", "bool", "isnan", "isinf", "isfinite"})
 
 
 #: the clamps (out of place) and where their bounds are: ``(position, keyword)`` of the lower and the upper
@@ -277,9 +292,27 @@ def _tensor_bounds(kind: str, target: Any, args: tuple[Any, ...],
         return None
     lo, hi = (None if at is None else kwargs.get(at[1], args[at[0]] if at[0] < len(args) else None)
               for at in spec)
-    if not any(isinstance(b, fx.Proxy) and not _int_valued(b.node) for b in (lo, hi)):
+    if not any(isinstance(b, fx.Proxy) and not _number_valued(b.node) for b in (lo, hi)):
         return None
     return (args[0] if args else kwargs.get("input")), lo, hi
+
+
+def _refuse_out(kind: str, target: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse ``out=`` on the calls the tracer rewrites (``torch.max(a, b, out=t)``, ``torch.clamp``).
+
+    The rewritten call would drop it: the tensor written into keeps its old value in the graph.
+    """
+    if "out" not in kwargs or kind not in ("call_function", "call_method"):
+        return
+    try:
+        rewritten = target in _ELEMENTWISE_FORMS or target in _CLAMPS
+    except TypeError:  # unhashable target
+        return
+    if rewritten:
+        name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+        raise UnsupportedOpError(
+            f"{name}(..., out=...) writes its result into another tensor, which laftr's graph does not "
+            "follow (it runs every op out of place); assign the result instead (y = torch.max(a, b))")
 
 
 def _other_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -287,24 +320,38 @@ def _other_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return args[1] if len(args) > 1 else kwargs.get("other")
 
 
-def _int_valued(node: fx.Node) -> bool:
-    """Whether ``node`` computes a Python number from shapes (``x.dim() - 1``, ``x.shape[1] * 0.1``).
+def _number_valued(node: fx.Node) -> bool:
+    """Whether ``node`` computes a Python number (``x.dim() - 1``, ``x.shape[1] * 0.1``, ``self.d.item()``).
 
-    A shape attribute read (``x.ndim``, ``x.shape``) or a size query, and arithmetic, indexing and ``len`` of
-    those; anything else (a tensor op, a constant tensor) is taken for a tensor.
+    A shape attribute read (``x.ndim``, ``x.shape``), a size query, ``.item()``, and arithmetic, indexing,
+    ``abs`` and ``len`` of those; anything else (a tensor op, a constant tensor) is taken for a tensor.
     """
-    if node.op == "call_method" and node.target in _INT_OPS:
-        return True
+    if node.op == "call_method":
+        return node.target in _NUMBER_RESULTS
     if node.op != "call_function":
         return False
     if node.target is getattr:
         return len(node.args) > 1 and node.args[1] in SHAPE_ATTRS
-    if node.target not in _INT_OPS:
-        return False
-    if node.target is len:
+    if node.target in _NUMBER_RESULTS:
         return True
-    return all(_int_valued(a) for a in node.args if isinstance(a, fx.Node)) and any(
-        isinstance(a, fx.Node) for a in node.args)
+    if node.target not in _NUMBER_OPS:
+        return False
+    nodes = [a for a in node.args if isinstance(a, fx.Node)]
+    return bool(nodes) and all(_number_valued(a) for a in nodes)
+
+
+def _boolean(value: Any) -> bool:
+    """Whether a traced operand is boolean: a comparison, a logical op, a boolean tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool
+    if not isinstance(value, fx.Proxy):
+        return False
+    node = value.node
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target in ("to", "type"):
+        return torch.bool in (*node.args[1:], *node.kwargs.values())
+    return node.target in _BOOLEAN_RESULTS
 
 
 def _elementwise_max(kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -316,7 +363,7 @@ def _elementwise_max(kind: str, target: Any, args: tuple[Any, ...], kwargs: dict
     written).
 
     The second operand is a tensor when it is one (a constant), or a traced value that is not an int computed
-    from shapes (:func:`_int_valued`); ``dim=`` given by keyword is the reduction.
+    from shapes (:func:`_number_valued`); ``dim=`` given by keyword is the reduction.
     """
     if kind not in ("call_function", "call_method"):
         return None
@@ -330,7 +377,7 @@ def _elementwise_max(kind: str, target: Any, args: tuple[Any, ...], kwargs: dict
     if table.get(target) is not MaxDimRule:
         return None
     other = _other_arg(args, kwargs)
-    if isinstance(other, torch.Tensor) or (isinstance(other, fx.Proxy) and not _int_valued(other.node)):
+    if isinstance(other, torch.Tensor) or (isinstance(other, fx.Proxy) and not _number_valued(other.node)):
         return form
     return None
 
@@ -1973,6 +2020,30 @@ def _close(a: torch.Tensor, b: torch.Tensor, like: torch.dtype | None = None) ->
     return torch.allclose(a, b, rtol=rtol, atol=rtol * scale, equal_nan=True)
 
 
+#: ops that order, cut or accumulate along a value's first axis
+_ALONG_FIRST_AXIS = frozenset({torch.narrow, "narrow", torch.topk, "topk", torch.sort, "sort", torch.argsort,
+                               "argsort", torch.cumsum, "cumsum", torch.split, "split", torch.chunk, "chunk"})
+
+
+def _cuts_routed(node: fx.Node, routed: set[fx.Node]) -> bool:
+    """Whether ``node`` cuts, orders or accumulates a routed value along its routed axis.
+
+    ``torch.where(choice == e)[0][:C]`` (the first ``C`` tokens an expert takes: a capacity), a ``narrow``,
+    ``topk``, ``sort`` or ``cumsum`` of routed entries: which entries are kept depends on the other examples.
+    """
+    if node.op not in ("call_function", "call_method") or not isinstance(node.args[0] if node.args else None,
+                                                                          fx.Node):
+        return False
+    source = node.args[0]
+    if source not in routed:
+        return False
+    if node.op == "call_function" and node.target is operator.getitem:
+        index = node.args[1]
+        first = index[0] if isinstance(index, tuple) and index else index
+        return isinstance(first, slice) and first != slice(None)
+    return node.target in _ALONG_FIRST_AXIS
+
+
 #: ops that give the positions where a mask holds (``torch.where(mask)`` with the mask alone)
 _MASK_POSITIONS = frozenset({torch.nonzero, "nonzero", torch.argwhere, "argwhere"})
 
@@ -2429,6 +2500,12 @@ def _check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | N
                         if not layouts and not leading and (
                                 isinstance(why, _Unattributed) or _positions_of_a_mask(node)
                                 or any(a in unattributed for a in node.all_input_nodes)):
+                            if _cuts_routed(node, unattributed):
+                                raise UnsupportedOpError(
+                                    f"node {node.name!r} ({describe(node, gm)}) mixes the examples of a "
+                                    "batch: it cuts values routed by value to a number of entries (a "
+                                    "capacity of tokens per expert), so which tokens are dropped depends on "
+                                    f"the other examples{_NEEDS}")
                             # routed entries, positions in the batch (torch.where of a routing mask), and
                             # what is computed from them until a value holds the examples again
                             unattributed.add(node)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import distributed as dist_
-from .._util import Data, autocast_dtype, is_batched, model_device_dtype, param_dict
+from .._util import Data, autocast_dtype, is_batched, model_device_dtype, param_dict, promoted_dtype
 from ..errors import UnsupportedOpError, UsageError
 from ..graph import ForwardMode, MomentMode, OwnMode, SampleMode, TracedNet
 from ..inputs import INPUT_MODELS, make_input_model
@@ -835,13 +835,21 @@ class LaftrExactEstimator(_LaftrBase):
         device, dtype = model_device_dtype(model)
         p0 = self.theta0_on(model)
         p = param_dict(model)
-        if any(t.is_floating_point() and t.dtype != dtype for t in p.values()):
-            # a layer of another floating dtype (one bfloat16 layer in a float32 network): the joint moment
-            # state has one dtype, the model's (torch's addmv of a bfloat16 weight and float32 moments failed)
+        work = promoted_dtype(model)
+        if any(t.is_floating_point() and t.dtype != work for t in p.values()):
+            # layers of several floating dtypes (one bfloat16 layer in a float32 network): the joint moment
+            # state, and the value, in the one they promote to (torch's addmv of a bfloat16 weight and float32
+            # moments failed; the first parameter's, float16, rounded the float32 layers' distance)
             def same(t: torch.Tensor) -> torch.Tensor:
-                return t.to(dtype) if t.is_floating_point() else t
+                return t.to(work) if t.is_floating_point() else t
 
             p, p0 = {n: same(t) for n, t in p.items()}, {n: same(t) for n, t in p0.items()}
+            return self._closed_value(net, p, p0, device, work)
+        return self._closed_value(net, p, p0, device, dtype)
+
+    def _closed_value(self, net: TracedNet, p: dict[str, torch.Tensor], p0: dict[str, torch.Tensor],
+                      device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The closed-form distance of ``p`` from ``p0`` in ``dtype`` (float64 where it rounds to nothing)."""
         batched = is_batched(p.values())
         if not batched and p.keys() == p0.keys() and all(torch.equal(p[n], p0[n]) for n in p0):
             # theta is theta0 (after the pass, which refuses what the closed form cannot handle): the distance

@@ -17,16 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .base import (
-    Pair,
-    Rule,
-    changing_pairs,
-    data_pairs,
-    out_of_place_method,
-    pairs_in,
-    register,
-    theta0_discrete,
-)
+from .base import Pair, Rule, changing_pairs, data_pairs, out_of_place_method, pairs_in, register
 
 
 class AffineRule(Rule):
@@ -58,16 +49,8 @@ class AffineRule(Rule):
                 raise self.refuse("it divides by a data-dependent tensor")
 
     def forward(self, mode: Any, args: Any, kwargs: Any) -> Any:
-        """Every stream runs the op exactly, after refusing data where it would not be affine.
-
-        Where the mode linearizes, indices and masks that no input decides and that can differ between
-        streams (``h[:, top]`` with a ``topk``'s indices, a learned mask) are theta0's in every stream
-        (:func:`laftr.rules.base.theta0_discrete`), as theta0's sort order and argmax are; the real networks,
-        and ``maxpool="separate"`` (each stream's own order and argmax), read each their own.
-        """
+        """Every stream runs the op exactly, after refusing data where it would not be affine."""
         self.check(args, kwargs)
-        if not self.exact_in(mode) and getattr(mode, "pool_mode", "argmax0") != "separate":
-            args, kwargs = theta0_discrete(args), theta0_discrete(kwargs)
         return Pair(self.call_streams(mode, args, kwargs), True)
 
     def sample(self, mode: Any, args: Any, kwargs: Any) -> Any:
@@ -121,23 +104,12 @@ class DivideRule(AffineRule):
 class GatherRule(AffineRule):
     """``torch.gather`` / ``take_along_dim`` of data: a selection, linear in the data.
 
-    Indices that are the same in every stream (a constant, a buffer, or computed from the network input
-    alone: DeBERTa's relative positions, clamped and expanded over the batch) make it an affine map each
-    stream runs exactly. Indices that can differ between streams (those of a ``topk`` / ``argmax`` of data,
-    or learned ones) are theta0's in every stream where the mode linearizes -- a selection decided by
-    theta0, as ``torch.sort``'s order and max pooling's argmax are -- and each stream's own in the real
-    networks. The closed form, which applies an op to the columns of its joint state at once, cannot give
-    each column the indices of one example: refused.
+    Each stream gathers at its indices, as indexing does: a constant, a buffer, or computed from the network
+    input alone (DeBERTa's relative positions, clamped and expanded over the batch), the same in every
+    stream, make it an affine map; those of a ``topk`` / ``argmax`` of data are each stream's own, as the
+    indices such ops return always are. The closed form, which applies an op to the columns of its joint
+    state at once, cannot give each column the indices of one example: refused.
     """
-
-    def _index_at(self) -> tuple[int, str]:
-        return (1, "indices") if out_of_place_method(str(self.node.target)) == "take_along_dim" or (
-            self.node.target is torch.take_along_dim) else (2, "index")
-
-    def sample_separable(self, mode: Any) -> bool:
-        """False for learned indices (theta0's are read), else True."""
-        pos, key = self._index_at()
-        return not self.learned(self.arg_node(pos, key))
 
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """Refused: the closed form has no per-example indices to gather with."""
@@ -154,9 +126,9 @@ class SelectRule(SumRule):
     (``-inf`` fills included: the softmax after it sees them in both streams). A mask that depends on the
     parameters would be a gate (``h.masked_fill(h < 0, 0)`` is a ReLU) and is refused (usually already at the
     comparison that makes it). A mask of trainable parameters alone (a learned pattern ``self.g > 0``) is
-    theta0's in every stream where the mode linearizes (:meth:`AffineRule.forward`: each stream's own fed
-    theta's -1e9 fills into a softmax linearized at theta0's logits, 5e14 x the exact FSD), each stream's own
-    in the real networks. The closed form needs finite fills.
+    each stream's own, an exact selection in each; a softmax linearized downstream refuses logits whose
+    hidden keys differ from theta0's (:func:`laftr.rules.attention.linearized_softmax`). The closed form
+    needs finite fills.
     """
 
     # per target: the (position, keyword) of the mask (a data-dependent fill value would be a reduction over
@@ -179,14 +151,8 @@ class SelectRule(SumRule):
                               "gate with no stored law; use an activation (relu) or compute the mask from "
                               "the input or a buffer")
 
-    def sample_separable(self, mode: Any) -> bool:
-        """False for a learned mask (theta0's is read), else True."""
-        pos, key = self._mask_at()
-        return not self.learned(self.arg_node(pos, key))
-
     def moments(self, mode: Any, args: Any, kwargs: Any) -> Any:
         """The generic affine closed form, for finite fills only."""
-        args, kwargs = theta0_discrete(args), theta0_discrete(kwargs)
         self.check(args, kwargs)
         for v in tree_flatten((args, kwargs))[0]:
             finite = (not isinstance(v, float) or math.isfinite(v)) and (

@@ -282,6 +282,15 @@ def linearized_softmax(rule: PatternSite, mode: Any, logits: tuple[Tensor, ...],
     ``A0 + J(A0)(l_s - l0)``.
     """
     l0 = logits[0]
+    if len(logits) > 1:
+        hidden = hidden_keys(l0, dim)
+        if any(not torch.equal(hidden_keys(lg, dim), hidden) for lg in logits[1:]):
+            # (a mask that moves with the parameters, self.g > 0 with -1e9 fills: each stream's own mask put
+            # theta's fills into the tangent at theta0's logits, 5e14 x the exact FSD)
+            raise rule.refuse("theta's logits hide other keys than theta0's (a mask that moves with the "
+                              "parameters, or a logit more than 746 below its row's largest in one network "
+                              "only): no linearization at theta0's pattern follows that jump; use "
+                              "gates='none' or linearize='activations', which run each network's own softmax")
     if mode.method == "sample":
         a0 = _within_mask(rule.draw(mode, l0, dim), l0, dim)
     else:
@@ -912,31 +921,20 @@ def attention_core(rule: PatternSite, mode: Any, qs: tuple[Tensor, ...], ks: tup
     return bilinear_streams(torch.matmul, attn, vs)
 
 
-def stream_biases(rule: Rule, mode: Any, bias_of: Any, learned: bool,
-                  boolean: bool) -> tuple[Tensor | None, ...]:
+def stream_biases(mode: Any, bias_of: Any, learned: bool) -> tuple[Tensor | None, ...]:
     """The additive attention mask of each stream; ``bias_of(s)`` builds stream ``s``'s from its masks.
 
     A mask of constants, buffers or the input alone (``learned`` False) is theta0's in every stream, as it
     always was. A mask computed from trainable parameters alone (``learned``: a T5 position bias, learned
-    ALiBi slopes) is each stream's own where the mode runs the real networks; where it linearizes, a float
-    bias is each stream's own too (it is added to the logits, affine), as long as it hides the same keys
-    as theta0's, and a boolean mask (``boolean``) is theta0's in every stream: a gate, decided by theta0 as
-    the others are. (theta0's mask in every stream froze a learned bias: every estimate 0 where the exact FSD
-    was 1.1e-3, and its parameters got no gradient.)
+    ALiBi slopes, a learned boolean pattern) is each stream's own: it is added to the logits, so its change
+    is linearized with the scores' (theta0's mask in every stream froze a learned bias: every estimate 0
+    where the exact FSD was 1.1e-3, and its parameters got no gradient). Where theta's mask hides other keys
+    than theta0's, the linearized softmax refuses it (:func:`linearized_softmax`).
     """
-    n = mode.num_streams
-    if not learned or (boolean and not rule.exact_in(mode)):
+    if not learned:
         first = bias_of(0)
-        return (first,) * n
-    biases = tuple(bias_of(s) for s in range(n))
-    if not rule.exact_in(mode) and biases[0] is not None:
-        hidden = [b.detach() <= -HIDDEN_MARGIN for b in biases if b is not None]
-        if any(not torch.equal(h, hidden[0]) for h in hidden[1:]):
-            raise rule.refuse("its learned attention mask hides other keys with theta's parameters than "
-                              "with theta0's (a gate that no stored law decides); make the mask boolean "
-                              "(decided by theta0), or use gates='none' or linearize='activations', which "
-                              "run each network's own")
-    return biases
+        return (first,) * mode.num_streams
+    return tuple(bias_of(s) for s in range(mode.num_streams))
 
 
 @register(F.scaled_dot_product_attention)
@@ -1001,9 +999,7 @@ class SdpaRule(PatternSite):
             bias = _mask_bias(stream_of(mask, s), like)
             return causal if bias is None else bias if causal is None else bias + causal
 
-        learned = self.learned(self.arg_node(3, "attn_mask"))
-        boolean = isinstance(mask, Pair) and mask.vals[0].dtype == torch.bool
-        biases = stream_biases(self, mode, bias_of, learned, boolean)
+        biases = stream_biases(mode, bias_of, self.learned(self.arg_node(3, "attn_mask")))
         return Pair(attention_core(self, mode, qs, ks, vs, biases, scale), True)
 
     forward = fit = sample = own = run
@@ -1170,10 +1166,9 @@ class MultiheadAttentionRule(PatternSite):
                 bias = kb if bias is None else bias + kb
             return bias
 
-        masks = [(amask, self.arg_node(5, "attn_mask")), (kpm, self.arg_node(3, "key_padding_mask"))]
-        learned = [m for m, node in masks if self.learned(node) and isinstance(m, Pair)]
-        boolean = any(m.vals[0].dtype == torch.bool for m in learned)
-        biases = stream_biases(self, mode, bias_of, bool(learned), boolean)
+        learned = any(self.learned(self.arg_node(i, name))
+                      for i, name in ((5, "attn_mask"), (3, "key_padding_mask")))
+        biases = stream_biases(mode, bias_of, learned)
         att = attention_core(self, mode, qs, ks, vs, biases, 1.0 / math.sqrt(E // H))
         concat = Pair(tuple(o.transpose(1, 2).reshape(o.shape[0], L, E) for o in att), True)
         merged_all = mode.inner(self, "out_proj", concat)

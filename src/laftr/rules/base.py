@@ -93,30 +93,6 @@ def stream_of(v: Any, s: int) -> Any:
     return tree_map(lambda a: a.vals[s] if isinstance(a, Pair) else a, v)  # other containers
 
 
-def theta0_discrete(v: Any) -> Any:
-    """``v`` with every pair of integer or boolean values that can differ between streams made theta0's.
-
-    Such values are indices or masks that no input decides: those of a ``topk`` / ``argmax`` of data (each
-    stream's own), a learned mask (``self.g > 0``) or a boolean buffer. Where the network is linearized they
-    are choices decided by theta0, as its gates, sort orders and max-pool positions are; floating values
-    (parameters) and data are left as they are.
-    """
-    if isinstance(v, Pair):
-        first = v.vals[0]
-        if (v.data or v.fixed or not isinstance(first, torch.Tensor) or first.is_floating_point()
-                or first.is_complex()):
-            return v
-        return Pair((first,) * len(v.vals), v.data, v.fixed)
-    t = type(v)
-    if t is tuple:
-        return tuple(theta0_discrete(a) for a in v)
-    if t in _LISTS:
-        return [theta0_discrete(a) for a in v]
-    if t in _DICTS:
-        return {k: theta0_discrete(a) for k, a in v.items()}
-    return v
-
-
 def pairs_in(v: Any) -> list[Pair]:
     """Every :class:`Pair` among the leaves of ``v`` (in :func:`torch.utils._pytree.tree_flatten` order)."""
     out: list[Pair] = []
