@@ -443,3 +443,68 @@ def test_ctrl_c_of_continual_says_where_the_finished_runs_are(monkeypatch, capsy
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert ".run.partial" in err and "--resume" in err and "Traceback" not in err
+
+
+def test_an_output_folder_where_no_file_can_be_created_is_named_before_the_work(files, monkeypatch, capsys):
+    """``--out`` in a read-only folder: the whole fit ran, then a traceback and "internal error" (audit). The
+    folder is tried first (a file created and removed there); a disk that fails during the run (full,
+    made read-only) is one line too."""
+    import tempfile
+
+    d, _ = files
+    net = ["--model", f"{FACTORY_MODULE}:small", "--weights", str(d / "w.pt")]
+    (d / "ro").mkdir()
+    real = tempfile.TemporaryFile
+
+    def refusing(*args, **kwargs):
+        if str(kwargs.get("dir", "")).endswith("ro"):
+            raise OSError(30, "Read-only file system")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refusing)
+    fitted: list[int] = []
+    monkeypatch.setattr(laftr.estimators.weight.WeightEstimator, "_fit", lambda self, m, data: fitted.append(1))
+    argv = ["summarize", *net, "--tensors", str(d / "data.pt"), "--estimator", "weight", "--no-progress",
+            "--out", str(d / "ro" / "s.laftr")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "no file can be created in" in err and "Read-only file system" in err and "Traceback" not in err
+    assert not fitted
+    assert main(["demo", "--quick", "--out", str(d / "ro" / "demo")]) == 1
+    assert "no file can be created in" in capsys.readouterr().err
+    _fake_run(monkeypatch, OSError(28, "No space left on device", "out/results.json"))
+    assert main(["info", "x.laftr"]) == 1
+    err = capsys.readouterr().err
+    assert "error: No space left on device: out/results.json" in err and "Traceback" not in err
+    _fake_run(monkeypatch, OSError(5, "Input/output error"))  # not the disk's space or permissions: a trace
+    assert main(["info", "x.laftr"]) == 1 and "internal error" in capsys.readouterr().err
+
+
+def test_first_hour_mistakes_get_the_right_answer_or_the_fix(files, tmp_path, monkeypatch, capsys):
+    """An audit of a new user's mistakes: a class of --classes the data lacks was dropped silently (a typo,
+    0,1,22, fitted classes 0 and 1); weights saved from nn.DataParallel were refused with torch's key lists
+    (read without the 'module.' prefix now); a factory that needs arguments named laftr's own file; the working
+    folder stayed first on sys.path, so a safetensors.py there would run in place of the package."""
+    d, model = files
+    net = ["--model", f"{FACTORY_MODULE}:small"]
+    argv = ["summarize", *net, "--weights", str(d / "w.pt"), "--tensors", str(d / "data.pt"), "--estimator",
+            "weight", "--no-progress", "--out", str(d / "c.laftr"), "--classes", "0,1,22"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no examples of class 22 of --classes 0,1,22" in err and "Traceback" not in err
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, d / "dp.pt")
+    loaded = load_model(f"{FACTORY_MODULE}:small", str(d / "dp.pt"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    (d / "needs_args.py").write_text("from torch import nn\n\ndef make(width, depth=2):\n"
+                                     "    return nn.Linear(5, width)\n")
+    with pytest.raises(laftr.UsageError, match=r"called with no arguments, and make needs width"):
+        load_model("needs_args:make")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "here_nets.py").write_text("from torch import nn\n\ndef small():\n    return nn.Linear(5, 3)\n")
+    monkeypatch.chdir(work)
+    monkeypatch.delitem(sys.modules, "here_nets", raising=False)
+    assert str(work) not in sys.path
+    assert isinstance(load_model("here_nets:small"), nn.Linear)
+    assert str(work) not in sys.path

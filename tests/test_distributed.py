@@ -241,6 +241,16 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
             bad[3, 0] = float("nan")
         result["bad data"] = _error(lambda: laftr.make_estimator("diag-fisher").fit(model, bad))
         result["bad data exact"] = _error(lambda: laftr.exact_fsd(model, model, bad))
+        # a one-shot generator on rank 1 only, for an input model that reads the data twice: refused there
+        # inside the k-means sample's collectives, it left rank 0 waiting for the group's timeout (audit)
+        once = iter([X[half]]) if rank == 1 else [X[half]]
+        result["one-shot data"] = _error(lambda: laftr.make_estimator(
+            "laftr", input_model="mixture", components=2).fit(model, once))
+        # examples of another shape on rank 1 (a network that takes both): torch's cat error (audit)
+        wide = torch.cat([X[half], X[half][:, :2]], 1) if rank == 1 else X[half]
+        torch.manual_seed(0)
+        pooled = nn.Sequential(nn.Unflatten(1, (1, -1)), nn.AdaptiveAvgPool1d(4), nn.Flatten(), nn.Linear(4, 3))
+        result["shapes"] = _error(lambda: laftr.make_estimator("subset", coreset_size=6).fit(pooled, wide))
         # Monte Carlo estimates in the group: each rank its own stream; DDP with a regularizer
         result["mc"] = mc_checks(model, (X[half], Y[half]))
         result["ddp"] = ddp_checks((X[half], Y[half]))
@@ -411,11 +421,18 @@ def test_arguments_refused_on_one_rank_fail_every_rank_at_once(ranks: list[dict[
     assert "rank(s) [1]" in ranks[0][key][1] and words in ranks[0][key][1]
 
 
-@pytest.mark.parametrize("key", ["bad data", "bad data exact"])
-def test_a_failing_rank_fails_every_rank(ranks: list[dict[str, Any]], key: str) -> None:
+@pytest.mark.parametrize(("key", "words"), [("bad data", "NaN"), ("bad data exact", "NaN"),
+                                           ("one-shot data", "reads the data twice")])
+def test_a_failing_rank_fails_every_rank(ranks: list[dict[str, Any]], key: str, words: str) -> None:
     assert ranks[1][key] is not None and ranks[1][key][0] == "DataError"
     assert ranks[0][key] is not None and ranks[0][key][0] == "UsageError"
-    assert "rank(s) [1]" in ranks[0][key][1] and "NaN" in ranks[0][key][1]
+    assert "rank(s) [1]" in ranks[0][key][1] and words in ranks[0][key][1]
+
+
+def test_examples_of_other_shapes_on_the_ranks_are_named(ranks: list[dict[str, Any]]) -> None:
+    for r in ranks:
+        assert r["shapes"] is not None and r["shapes"][0] == "UsageError"
+        assert "the ranks' examples differ in shape" in r["shapes"][1]
 
 
 def test_distributed_true_without_a_group() -> None:

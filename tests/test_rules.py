@@ -442,6 +442,10 @@ def test_custom_rule_end_to_end(tmp_path):
         laftr.rules.unregister(Swish)
     # unregistered: traced into again (no Swish leaf)
     assert not TracedNet(model).gm.graph.find_nodes(op="call_module", target="1")
+    # and a summary fitted with the rule names it when the process that uses it lacks it (it said only that
+    # the graph differs: audit)
+    with pytest.raises(laftr.UsageError, match=r"families \['swish'\], which no rule registered"):
+        laftr.load(path)(other)
     assert TracedNet(model).gm.graph.find_nodes(op="call_function", target=operator.mul)
 
 

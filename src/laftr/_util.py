@@ -509,6 +509,21 @@ def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def unwritable(folder: str | os.PathLike[str]) -> str | None:
+    """Why no file can be created in ``folder`` (an existing folder), or None if one can.
+
+    Tried by creating (and removing) an empty file there: permissions and read-only file systems alike, for
+    root too, before a run does its work (a fit ended in a traceback when its summary could not be written).
+    """
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (a temporary file in the same folder, then a rename).
 
@@ -652,10 +667,17 @@ def layer_expects(layer: nn.Module) -> str:
     return "inputs of another shape"
 
 
-def data_hint(layer: nn.Module, x: torch.Tensor) -> str:
-    """A fix for data ``x`` that the first layer ``layer`` does not take (``""`` when none is evident)."""
+def data_hint(layer: nn.Module, x: torch.Tensor, model: nn.Module | None = None) -> str:
+    """A fix for data ``x`` that the first layer ``layer`` (of ``model``) does not take; ``""`` if none.
+
+    A network that has an ``nn.Flatten`` is not told to add one: its data has another size.
+    """
     ex = list(x.shape[1:])
     n = math.prod(ex)
+    flattens = model is not None and any(isinstance(m, nn.Flatten) for m in model.modules())
+    if isinstance(layer, nn.Linear) and len(ex) >= 2 and flattens:  # (adding nn.Flatten() was the hint)
+        return (f" The network flattens the examples to {n} values; its first Linear layer takes "
+                f"{layer.in_features}: data of another size or shape than the network was built for.")
     if not x.is_floating_point() and not isinstance(layer, nn.Embedding):
         return (f" The data is {str(x.dtype).removeprefix('torch.')} but the first layer computes with "
                 "floats: save float inputs, or start the network with nn.Embedding if they are token ids.")

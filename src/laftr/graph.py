@@ -279,22 +279,31 @@ def _tensor_bounds(kind: str, target: Any, args: tuple[Any, ...],
     ``torch.maximum`` / ``minimum`` are gates on the difference (:mod:`laftr.composites`). Not for the
     in-place clamps (their change of ``x`` would be lost), nor where the user registered a rule of their own.
     """
-    if kind not in ("call_function", "call_method"):
-        return None
-    try:
-        spec = _CLAMPS.get(target)
-    except TypeError:  # unhashable target
-        return None
-    if spec is None or (kind == "call_method") != isinstance(target, str):
-        return None
-    table = registered_targets()["methods" if kind == "call_method" else "functions"]
-    if table.get(target) not in (ClampGate, ClampMinGate, ClampMaxGate):
+    spec = _rewritable(kind, target, _CLAMPS, (ClampGate, ClampMinGate, ClampMaxGate))
+    if spec is None:
         return None
     lo, hi = (None if at is None else kwargs.get(at[1], args[at[0]] if at[0] < len(args) else None)
               for at in spec)
     if not any(isinstance(b, fx.Proxy) and not _number_valued(b.node) for b in (lo, hi)):
         return None
     return (args[0] if args else kwargs.get("input")), lo, hi
+
+
+def _rewritable(kind: str, target: Any, table: dict[Any, Any], rules: tuple[type[Rule], ...]) -> Any:
+    """``table[target]`` for a call whose registered rule is still one of laftr's ``rules``, else None.
+
+    ``target``: a function, or a method named by a string. A user's own rule for it gets the call as written.
+    """
+    if kind not in ("call_function", "call_method"):
+        return None
+    try:
+        entry = table.get(target)
+    except TypeError:  # unhashable target
+        return None
+    if entry is None or (kind == "call_method") != isinstance(target, str):
+        return None
+    registered = registered_targets()["methods" if kind == "call_method" else "functions"]
+    return entry if registered.get(target) in rules else None
 
 
 def _refuse_out(kind: str, target: Any, kwargs: dict[str, Any]) -> None:
@@ -365,16 +374,8 @@ def _elementwise_max(kind: str, target: Any, args: tuple[Any, ...], kwargs: dict
     The second operand is a tensor when it is one (a constant), or a traced value that is not an int computed
     from shapes (:func:`_number_valued`); ``dim=`` given by keyword is the reduction.
     """
-    if kind not in ("call_function", "call_method"):
-        return None
-    try:
-        form = _ELEMENTWISE_FORMS.get(target)
-    except TypeError:  # unhashable target
-        return None
-    if form is None or (kind == "call_method") != isinstance(target, str) or "dim" in kwargs:
-        return None
-    table = registered_targets()["methods" if kind == "call_method" else "functions"]
-    if table.get(target) is not MaxDimRule:
+    form = _rewritable(kind, target, _ELEMENTWISE_FORMS, (MaxDimRule,))
+    if form is None or "dim" in kwargs:
         return None
     other = _other_arg(args, kwargs)
     if isinstance(other, torch.Tensor) or (isinstance(other, fx.Proxy) and not _number_valued(other.node)):

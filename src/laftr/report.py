@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ._util import atomic_write_bytes
+from ._util import atomic_write_bytes, unwritable
 from .errors import OutDirError as OutDirError  # defined in laftr.errors; still importable from here
 
 __all__ = ["RunFolder", "git_revision", "markdown_table", "prepare_out_dir", "pyplot", "run_metadata",
@@ -149,6 +149,10 @@ def _check_target(path: Path, force: bool, resume: bool = False) -> None:
     parent = next((q for q in path.absolute().parents if q.exists()), None)
     if parent is not None and not parent.is_dir():
         raise OutDirError(f"cannot write {path}: {parent} is a file, not a folder; choose another --out")
+    why = None if parent is None else unwritable(parent)
+    if why is not None:
+        raise OutDirError(f"cannot write {path}: no file can be created in {parent} ({why}); choose another "
+                          "--out")
     if path.exists() and not path.is_dir():
         raise OutDirError(f"output path {path} exists and is not a folder; choose another --out")
     if path.is_dir() and any(path.iterdir()) and not (force or resume):

@@ -43,6 +43,10 @@ class Summary:
     #: a fingerprint of the parameters it was fitted at (:func:`theta0_fingerprint`; None: not known, as for a
     #: summary read back from a file, whose estimator keeps theta0 itself)
     theta0: dict[str, tuple[Any, ...]] | None = None
+    #: the sites of the network it was fitted on, ``[[name, family, params], ...]``
+    #: (:meth:`TracedNet.signature`; None: not known): summaries of a ReLU and a LeakyReLU network of the same
+    #: weights have the same sites' names and statistics, not the same families
+    signature: list[list[Any]] | None = None
 
     @property
     def counts(self) -> torch.Tensor:
@@ -73,7 +77,8 @@ class Summary:
             UsageError: summaries of different networks (sites, statistics or their shapes differ), or fitted
                 at different parameters (theta0) -- their sums describe different functions.
         """
-        if sorted(self.site_sums) != sorted(other.site_sums):
+        if sorted(self.site_sums) != sorted(other.site_sums) or not same_sites(self.recorded_sites(),
+                                                                               other.recorded_sites()):
             raise UsageError("cannot merge summaries of different networks (their sites differ)")
         if (self.theta0 is not None and other.theta0 is not None
                 and not same_theta0(self.theta0, other.theta0)):
@@ -89,7 +94,17 @@ class Summary:
                 raise UsageError(f"cannot merge summaries: site {site!r} records different statistics "
                                  "(another network, or other layer widths)")
             sums[site] = {k: pad_groups(v, G) + pad_groups(o[k], G) for k, v in d.items()}
-        return Summary(sums, inputs, self.theta0 if self.theta0 is not None else other.theta0)
+        return Summary(sums, inputs, self.theta0 if self.theta0 is not None else other.theta0,
+                       self.signature if self.signature is not None else other.signature)
+
+    def recorded_sites(self, signature: list[list[Any]] | None = None) -> list[list[Any]]:
+        """The entries of ``signature`` of the sites the summary holds statistics of.
+
+        ``signature``: by default the summary's own (none if not known). A summary that records no site
+        (``gates="none"``) is of any network's data.
+        """
+        sig = self.signature if signature is None else signature
+        return [s for s in sig or [] if s[0] in self.site_sums]
 
     # ------------------------------------------------------------------ derived quantities
     def weights(self) -> torch.Tensor:
@@ -213,15 +228,17 @@ def fit_summary(
 
     model_in = inputs
 
+    def readable_twice() -> None:
+        if model_in.needs_first_pass and isinstance(data, Iterator):  # used up by the first pass
+            raise DataError(f"input model {model_in.name!r} reads the data twice (a k-means sample, then the "
+                            "sums), and this data can be read only once (a generator, an iterator, or an "
+                            "iterable whose __iter__ hands out the same generator every time): pass a list "
+                            "of batches, or a DataLoader or IterableDataset whose __iter__ starts afresh")
+
     def local() -> FitMode:
         with torch.no_grad():
             if model_in.needs_first_pass:
-                if isinstance(data, Iterator):  # a generator or iterator is used up by the first pass
-                    raise DataError(f"input model {model_in.name!r} reads the data twice (a k-means sample, "
-                                    "then the sums), and this data can be read only once (a generator, an "
-                                    "iterator, or an iterable whose __iter__ hands out the same generator "
-                                    "every time): pass a list of batches, or a DataLoader or IterableDataset "
-                                    "whose __iter__ starts afresh")
+                readable_twice()
                 model_in.prepare(batches)
             mode = FitMode([theta0], record_pools=record_pools, record_inputs=record_inputs)
             mode.exact = exact
@@ -243,6 +260,9 @@ def fit_summary(
             k, r = dist_.gather_rows([keys if len(keys) else None, rows])
             return (k if k is not None else keys), r
 
+        # (before the k-means sample's own collectives: a rank refusing its data inside them left the others
+        # waiting until the group's timeout)
+        dist_.agree(readable_twice, "fitting the summary")
         token = SAMPLE_GATHER.set(gather)
         try:
             with allow_empty_data():
@@ -262,21 +282,27 @@ def fit_summary(
         _check_sites(net, sums, record_pools, exact)
     assert inputs.counts is not None  # the pass over the data set them
     log.info("LAFTR summary: %d examples, %d groups, %d sites", int(inputs.counts.sum()), G, len(sums))
-    return Summary(sums, inputs, theta0_fingerprint(theta0))
+    return Summary(sums, inputs, theta0_fingerprint(theta0), net.signature())
 
 
 def theta0_fingerprint(params: dict[str, torch.Tensor]) -> dict[str, tuple[Any, ...]]:
-    """Per parameter, its shape and the float64 sum and sum of squares of its values.
+    """Per parameter, its shape and the float64 sum, sum of squares and position-weighted sum of its values.
 
-    Cheap (one pass, a transfer of two numbers per parameter), and enough to tell the parameters a summary was
-    fitted at from others in practice: it guards merging shards and ``fit_summary_only`` against a summary of
-    another theta0.
+    Cheap (one pass, a transfer of three numbers per parameter), and enough to tell the parameters a summary
+    was fitted at from others in practice: it guards merging shards and ``fit_summary_only`` against a summary
+    of another theta0. The sum weighted by ``cos(position)`` tells a permutation of the values (two rows of a
+    weight swapped: a network that computes another function) from the values in place; files written before
+    hold the first two sums alone, and are compared on those.
     """
     names = sorted(params)
     if not names:
         return {}
-    moments = torch.stack([torch.stack((v.sum(), v.pow(2).sum())).cpu()  # (parameters may sit on devices)
-                           for v in (params[n].detach().to(torch.float64) for n in names)]).tolist()
+
+    def sums(v: torch.Tensor) -> torch.Tensor:
+        w = torch.cos(torch.arange(v.numel(), device=v.device, dtype=torch.float64))
+        return torch.stack((v.sum(), v.pow(2).sum(), (v.reshape(-1) * w).sum())).cpu()  # (on devices too)
+
+    moments = torch.stack([sums(params[n].detach().to(torch.float64)) for n in names]).tolist()
     return {n: (tuple(params[n].shape), *m) for n, m in zip(names, moments, strict=True)}
 
 
@@ -294,18 +320,40 @@ def _with_optional(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor
     return {**mine, **extra}
 
 
+def same_sites(a: list[list[Any]], b: list[list[Any]]) -> bool:
+    """Whether two site signatures (:meth:`TracedNet.signature`) are of the same network's sites.
+
+    The same names and families, and the same parameters where both record them (files of format 1 did not).
+    An empty signature (not known) is the same as any.
+    """
+    if not a or not b:
+        return True
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if x[0] != y[0] or x[1] != y[1]:
+            return False
+        if len(x) > 2 and len(y) > 2 and x[2] is not None and y[2] is not None and x[2] != y[2]:
+            return False
+    return True
+
+
 def same_theta0(a: dict[str, tuple[Any, ...]], b: dict[str, tuple[Any, ...]]) -> bool:
     """Whether two :func:`theta0_fingerprint` s are of the same parameters.
 
     The same names and shapes, and sums equal up to the rounding of float64 reductions in another order (on
-    another device).
+    another device); the sums both hold (a file of an earlier version holds two).
     """
     if a.keys() != b.keys():
         return False
     for n, (shape, *m) in a.items():
         other_shape, *o = b[n]
-        if tuple(shape) != tuple(other_shape) or any(
-                not math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-300) for x, y in zip(m, o, strict=True)):
+        if tuple(shape) != tuple(other_shape):
+            return False
+        # (sums of values of both signs cancel: their rounding is relative to sqrt(n * sum of squares))
+        size = math.sqrt(math.prod(shape) * abs(m[1])) if len(m) > 1 else 0.0
+        if any(not math.isclose(x, y, rel_tol=1e-9, abs_tol=max(1e-12 * size, 1e-300))
+               for x, y in zip(m, o, strict=False)):
             return False
     return True
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -112,6 +113,10 @@ def exit_code(error: BaseException) -> int:
     return EXIT_FAIL
 
 
+#: errors that the disk or its permissions cause, not laftr (a full disk, a read-only folder)
+_DISK_FAILURES = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``laftr`` console script; returns the exit code.
 
@@ -150,12 +155,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (interpreter exit flushes stdout into it)
         return EXIT_OK
-    except Exception:  # noqa: BLE001 - a bug or a resource failure: keep everything needed to find it
-        traceback.print_exc(file=sys.stderr)
-        print(f"{prog}: internal error "
-              "(the traceback above; please report it if it is not an out-of-memory or disk problem)",
-              file=sys.stderr)
+    except OSError as e:
+        if e.errno not in _DISK_FAILURES:
+            return _internal_error(prog)
+        # (a disk that filled, or a folder made read-only, during the run: no bug of laftr's)
+        print(f"{prog}: error: {e.strerror}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return EXIT_FAIL
+    except Exception:  # noqa: BLE001 - a bug or a resource failure: keep everything needed to find it
+        return _internal_error(prog)
+
+
+def _internal_error(prog: str) -> int:
+    """The traceback of the exception being handled, and a line that says what it is; the exit code."""
+    traceback.print_exc(file=sys.stderr)
+    print(f"{prog}: internal error "
+          "(the traceback above; please report it if it is not an out-of-memory or disk problem)",
+          file=sys.stderr)
+    return EXIT_FAIL
 
 
 __all__ = [

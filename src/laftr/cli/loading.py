@@ -16,6 +16,8 @@ import ast
 import contextlib
 import importlib
 import importlib.util
+import inspect
+import logging
 import os
 import pickle
 import re
@@ -31,6 +33,8 @@ from torch import nn
 
 from .._util import data_hint, first_layer, is_shape_error, layer_expects
 from ..errors import DataError, InputFileError, LaftrError, UntrustedPickleError, UsageError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ..estimators import FSDEstimator
@@ -184,12 +188,36 @@ def load_model(spec: str, weights: str | None = None, *, trust_pickle: bool = Fa
         raise UsageError(f"--model {spec} gave a {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
         wpath = _existing_file(weights, "weights file")
-        state = load_weights(wpath)
+        state = _unwrapped(load_weights(wpath), model, wpath)
         try:
             model.load_state_dict(state)
         except RuntimeError as e:  # missing / unexpected keys, shape mismatches
             raise InputFileError(f"the weights in {wpath} do not fit {spec}: {e}") from e
     return model.eval()
+
+
+#: prefixes a wrapper puts before every parameter name of a state dict it saves
+_WRAPPER_PREFIXES = {"module.": "nn.DataParallel / DistributedDataParallel", "_orig_mod.": "torch.compile"}
+
+
+def _unwrapped(state: Any, model: nn.Module, path: Path) -> Any:
+    """``state`` without the prefix a wrapper gave every name, where the network has none; else as it is.
+
+    ``module.`` of ``nn.DataParallel`` / ``DistributedDataParallel``, ``_orig_mod.`` of ``torch.compile``:
+    stripped where the network's own names are found after it.
+    """
+    if not isinstance(state, dict) or not state:
+        return state
+    own = set(model.state_dict())
+    for prefix, wrapper in _WRAPPER_PREFIXES.items():
+        if all(isinstance(k, str) and k.startswith(prefix) for k in state) and not any(
+                k.startswith(prefix) for k in own):
+            stripped = {k[len(prefix):]: v for k, v in state.items()}
+            if set(stripped) == own:
+                log.warning("%s: the weights were saved from a %s wrapper (every name starts with %r): read "
+                            "without the prefix", path, wrapper, prefix)
+                return stripped
+    return state
 
 
 def _module_from_file(path: Path, trust_pickle: bool) -> Any:
@@ -227,9 +255,14 @@ def _module_from_factory(spec: str) -> Any:
         raise UsageError(f"--model {spec!r}: expected package.module:factory (or path/to/file.py:factory)")
     if mod_name.endswith(".py") or "/" in mod_name or os.sep in mod_name:
         module = _module_from_source(Path(mod_name), spec)
-    else:
-        if str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))
+        return _call_factory(module, mod_name, attr, spec)
+    # the working folder on the path for the user's module and its factory only: left there, a file in it
+    # named like a package laftr imports later (safetensors.py) would be run in its place
+    cwd = str(Path.cwd())
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
         try:
             with _user_code(spec, f"importing {mod_name}"):
                 module = importlib.import_module(mod_name)
@@ -237,12 +270,30 @@ def _module_from_factory(spec: str) -> Any:
             if isinstance(e.__cause__, ImportError) and not isinstance(e.__cause__, SyntaxError):
                 raise UsageError(f"cannot import {spec!r}: {e.__cause__}") from e.__cause__
             raise
+        return _call_factory(module, mod_name, attr, spec)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _call_factory(module: Any, mod_name: str, attr: str, spec: str) -> Any:
+    """``module.attr()``, or ``module.attr`` itself where it is a module (or not callable)."""
     try:
         factory = getattr(module, attr)
     except AttributeError as e:
         raise UsageError(f"cannot import {spec!r}: module {mod_name!r} has no attribute {attr!r}") from e
     if isinstance(factory, nn.Module) or not callable(factory):
         return factory
+    try:
+        needed = [p.name for p in inspect.signature(factory).parameters.values()
+                  if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                                         p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):  # no signature to read (a builtin): called as it is
+        needed = []
+    if needed:
+        raise UsageError(f"--model {spec}: the factory is called with no arguments, and {attr} needs "
+                         f"{', '.join(needed)}; name a function that builds the network with your settings "
+                         f"(def make(): return {attr}(...) in your module, or functools.partial)")
     with _user_code(spec, f"calling {attr}()"):
         return factory()
 
@@ -400,6 +451,12 @@ def load_data(dataset: str | None, data_dir: str | None, classes: list[int] | No
         keep = torch.isin(y, torch.tensor(classes, dtype=y.dtype))
         if not keep.any():
             raise DataError(f"{source} has no examples of classes {classes}")
+        present = set(torch.unique(y[keep]).tolist())
+        missing = [c for c in classes if c not in present]
+        if missing:  # (--classes 0,1,22 for 0,1,2 fitted classes 0 and 1 alone, silently)
+            raise DataError(f"{source} has no examples of class{'es' if len(missing) > 1 else ''} "
+                            f"{', '.join(map(str, missing))} of --classes {','.join(map(str, classes))} (its "
+                            f"labels run from {int(y.min())} to {int(y.max())})")
         x, y = x[keep], y[keep]
     if limit is not None:
         x, y = x[:limit], (None if y is None else y[:limit])
@@ -467,7 +524,7 @@ def _mismatch(model: nn.Module, x: torch.Tensor, spec: str, e: BaseException) ->
     else:
         name, layer = found
         layer_text = f"; its first layer, {name} ({layer}), expects {layer_expects(layer)}"
-        hint = data_hint(layer, x)
+        hint = data_hint(layer, x, model)
     dtype = str(x.dtype).removeprefix("torch.")
     return (f"{spec} does not accept the data: each example has shape {ex} ({dtype}){layer_text}.{hint} "
             f"(torch: {_first_line(e)})")

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .._util import unwritable
 from ..errors import LaftrError, OutputPathError, UsageError
 from .common import EXIT_OK, Subcommand, int_list, positive_int, process_group, shard
 from .loading import (
@@ -118,6 +119,10 @@ def _check_out_file(out: Path, force: bool) -> None:
     if not out.parent.is_dir():
         what = "is a file, not a folder" if out.parent.exists() else "does not exist"
         raise OutputPathError(f"cannot write {out}: {out.parent} {what}")
+    why = unwritable(out.parent)
+    if why is not None:
+        raise OutputPathError(f"cannot write {out}: no file can be created in {out.parent} ({why}); choose "
+                              "another --out")
 
 
 def _summarize_run(args: argparse.Namespace) -> int:

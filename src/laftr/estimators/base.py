@@ -588,12 +588,16 @@ class FSDEstimator:
             if diff is not None:
                 raise UsageError(f"{diff} (compared with {what}); an estimator takes the model to be "
                                  "theta0's network with other parameters, so it must compute the "
-                                 "same function of them")
+                                 f"same function of them{self._unregistered_rules()}")
         for key in [k for k, v in cache.items() if v[0]() is None]:
             del cache[key]
         if len(cache) >= 16:
             del cache[next(iter(cache))]
         cache[id(model)] = (weakref.ref(model), text, _Structure(model, ignore))
+
+    def _unregistered_rules(self) -> str:
+        """Why a graph may differ from the fitted one: rules the fit used that this process lacks (``""``)."""
+        return ""
 
     def __getstate__(self) -> dict[str, Any]:
         """The state to pickle, without the weak references of the graph check (it is redone)."""
@@ -779,7 +783,7 @@ def _check_output(model: nn.Module, x: torch.Tensor, outputs: Sequence[int] | No
             raise DataError(
                 f"{type(model).__name__} does not run on the data: {str(e).splitlines()[0]} (each example "
                 f"has shape {tuple(x.shape[1:])}, dtype {x.dtype})."
-                + ("" if found is None else data_hint(found[1], x))) from e
+                + ("" if found is None else data_hint(found[1], x, model))) from e
         return None, None
     if not isinstance(z, torch.Tensor):
         if outputs is not None:

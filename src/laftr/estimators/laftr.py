@@ -22,9 +22,9 @@ from ..graph import ForwardMode, MomentMode, OwnMode, SampleMode, TracedNet
 from ..inputs import INPUT_MODELS, make_input_model
 from ..metrics import QUADRATIC_METRICS, discrepancy
 from ..moments import CacheMiss, JointMoments, Theta0Cache
-from ..rules.base import Rule
+from ..rules.base import Rule, registered_targets
 from ..rules.gates import GateRule, gate_families
-from ..summary import Summary, fit_summary, same_theta0, theta0_fingerprint
+from ..summary import Summary, fit_summary, same_sites, same_theta0, theta0_fingerprint
 from .base import EstimatorConfig, FSDEstimator, check_int, register
 
 INPUT_MODEL_NAMES = tuple(sorted(INPUT_MODELS))
@@ -318,6 +318,16 @@ class _LaftrBase(FSDEstimator):
         """An extra recorder for :func:`fit_summary` (LIFTR's per-op input moments); None here."""
         return None
 
+    def _unregistered_rules(self) -> str:
+        """The rule families of the fitted sites that no rule registered in this process has, named."""
+        known = {cls.family for table in registered_targets().values() for cls in table.values()}
+        missing = sorted({fam for _, fam, *_ in self.site_signature or []} - known)
+        if not missing:
+            return ""
+        return (f"; the fit used rules of the families {missing}, which no rule registered in this process "
+                "has: import the module that registers them (laftr.rules.register) before loading or using "
+                "the estimator")
+
     def fit_summary_only(self, summary: Summary, model: nn.Module,
                          outputs: list[int] | None = None) -> _LaftrBase:
         """Use an existing (e.g. merged) summary fitted at ``model``'s current parameters."""
@@ -335,9 +345,15 @@ class _LaftrBase(FSDEstimator):
         if at is not None and not same_theta0(at, theta0_fingerprint(param_dict(model, detach=True))):
             raise UsageError("the summary was fitted at other parameters than the model's current ones "
                              "(theta0): fit_summary_only takes the network the summary was fitted at")
+        net = self._traced(model)
+        fitted, model_sites = summary.recorded_sites(), summary.recorded_sites(net.signature())
+        if fitted and not same_sites(fitted, model_sites):
+            raise UsageError("the summary was fitted on another network than the model (their sites differ: "
+                             f"{[s[:2] for s in fitted]} vs {[s[:2] for s in model_sites]}): "
+                             "fit_summary_only takes the network the summary was fitted at")
         self._set_reference(model, outputs)
         self.summary = summary
-        self._after_summary(self._traced(model))
+        self._after_summary(net)
         self._after_fit(model)
         return self
 
@@ -377,7 +393,7 @@ class _LaftrBase(FSDEstimator):
             layouts = getattr(self, "_layouts", None)
             if layouts is not None:
                 net.layouts = dict(layouts)
-            if not _same_signature(net.signature(), self.site_signature or []):
+            if not same_sites(net.signature(), self.site_signature or []):
                 raise ValueError(
                     "this model's sites (gates, normalizers, pools) differ from the ones the summary was "
                     f"fitted on ({[s[:2] for s in net.signature()]} vs "
@@ -480,6 +496,7 @@ class _LaftrBase(FSDEstimator):
         self._laws.clear()
         self._moment_caches.clear()
         self.site_signature = meta["sites"]
+        self.summary.signature = self.site_signature  # (merges and fit_summary_only compare it)
         self._drop_unread_sites()
         for name, fam, *_ in self.site_signature or []:
             if name not in self.summary.site_sums and self._reads_site(fam):
@@ -910,21 +927,6 @@ class LaftrExactEstimator(_LaftrBase):
             scale += w * size
         assert total is not None
         return total, scale
-
-
-def _same_signature(a: list[list[Any]], b: list[list[Any]]) -> bool:
-    """Whether the sites match in name and family, and in parameters where both record them.
-
-    Files of format 1 did not record parameters.
-    """
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b, strict=True):
-        if x[0] != y[0] or x[1] != y[1]:
-            return False
-        if len(x) > 2 and len(y) > 2 and x[2] is not None and y[2] is not None and x[2] != y[2]:
-            return False
-    return True
 
 
 def _from_format_v1(tensors: dict[str, torch.Tensor], meta: dict[str, Any], cfg: Any,

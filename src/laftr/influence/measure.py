@@ -99,7 +99,7 @@ def run_model(model: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
         raise DataError(
             f"{what}: the network does not run on examples of shape {tuple(x.shape[1:])}, dtype "
             f"{str(x.dtype).removeprefix('torch.')} ({str(e).splitlines()[0]}).{expects}"
-            + ("" if found is None else data_hint(found[1], x))) from e
+            + ("" if found is None else data_hint(found[1], x, model))) from e
 
 
 class Measurement:
