@@ -44,7 +44,7 @@ class Summary:
     #: summary read back from a file, whose estimator keeps theta0 itself)
     theta0: dict[str, tuple[Any, ...]] | None = None
     #: the sites of the network it was fitted on, ``[[name, family, params], ...]``
-    #: (:meth:`TracedNet.signature`; None: not known): summaries of a ReLU and a LeakyReLU network of the same
+    #: (``TracedNet.signature()``; None: not known): summaries of a ReLU and a LeakyReLU network of the same
     #: weights have the same sites' names and statistics, not the same families
     signature: list[list[Any]] | None = None
 
@@ -321,7 +321,7 @@ def _with_optional(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor
 
 
 def same_sites(a: list[list[Any]], b: list[list[Any]]) -> bool:
-    """Whether two site signatures (:meth:`TracedNet.signature`) are of the same network's sites.
+    """Whether two site signatures (``TracedNet.signature()``) are of the same network's sites.
 
     The same names and families, and the same parameters where both record them (files of format 1 did not).
     An empty signature (not known) is the same as any.

@@ -405,7 +405,7 @@ class Rule:
         site: the rule records a statistic at theta0 (gates, normalizers, max pools).
         learned_args: the names of the op's argument nodes computed from trainable parameters without the
             network input (a learned mask or attention bias), which each stream has its own of; set by
-            :class:`laftr.graph.TracedNet` (empty for a rule made on its own).
+            ``laftr.graph.TracedNet`` (empty for a rule made on its own).
     """
 
     family: ClassVar[str] = "op"
