@@ -936,8 +936,11 @@ def test_tokens_routed_by_value_are_no_mixing_for_the_estimators_that_run_the_ne
     ratio = float(_make("ntk", coreset_size=24).fit(model, X)(other) / exact)
     assert abs(ratio - 1) < 1e-2, ratio
     for name in ("laftr", "kfac"):
-        with pytest.raises(UnsupportedOpError, match="mixes the examples.*subset and ntk.*take it"):
+        with pytest.raises(UnsupportedOpError, match="mixes the examples.*subset, ntk and laftr with gates='none'"):
             _make(name).fit(model, X)
+    # gates="none": the real networks on sampled inputs, as wholes -- on every example, the exact FSD
+    none = _make("laftr", gates="none", input_model="coreset", coreset_size=24, num_samples=24)
+    torch.testing.assert_close(none.fit(model, X)(other), exact, rtol=1e-10, atol=0)
     for name in ("subset", "ntk"):  # (seen in the output, where the routed values are added back)
         with pytest.raises(UnsupportedOpError, match="does not keep the examples of a batch apart"):
             _make(name).fit(_TinyMoE(leak=True), X)

@@ -2516,7 +2516,8 @@ def _check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | N
                                                      f"the examples of a batch apart: {why}{_NEEDS}")
                         routed = ("; the entries of a value routed by value (a mixture-of-experts layer's "
                                   "tokens per expert) cannot be attributed to the examples, which this "
-                                  "estimator needs: subset and ntk, which run the network as a whole, take it"
+                                  "estimator needs: subset, ntk and laftr with gates='none', which run the "
+                                  "network as a whole, take it"
                                   if isinstance(why, _Unattributed) else "")
                         raise UnsupportedOpError(f"node {node.name!r} ({describe(node, gm)}) mixes the "
                                                  f"examples of a batch: {why}{_NEEDS}{routed}")

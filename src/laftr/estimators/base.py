@@ -348,7 +348,7 @@ class FSDEstimator:
                                 # the graph first: the mixing check reads the graph, which must be the model's
                                 check_traced_graph(model, x, hooks=self.traces,
                                                    grad_off=self.traces or not self.reverse_mode_module)
-                                check_per_example(model, x, gm, why, layouts=self.traces)
+                                check_per_example(model, x, gm, why, layouts=self._per_example_values())
                             return rest
 
                         data = dist_.agree(probe, f"{self.name}.fit") if on else probe()
@@ -594,6 +594,14 @@ class FSDEstimator:
         if len(cache) >= 16:
             del cache[next(iter(cache))]
         cache[id(model)] = (weakref.ref(model), text, _Structure(model, ignore))
+
+    def _per_example_values(self) -> bool:
+        """Whether the estimator reads the network's values example by example.
+
+        Per-example statistics or draws need their layouts: every value must keep the examples apart. False
+        for those that run the network as a whole (``subset``, ``ntk``), for which the output must.
+        """
+        return self.traces
 
     def _unregistered_rules(self) -> str:
         """Why a graph may differ from the fitted one: rules the fit used that this process lacks (``""``)."""

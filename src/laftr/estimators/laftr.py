@@ -543,6 +543,11 @@ class LaftrEstimator(_LaftrBase):
     def _runs_networks(self) -> bool:
         return self.cfg.gates == "none"
 
+    def _per_example_values(self) -> bool:
+        # gates="none" records no site and draws no linearization: the real networks run on the sampled
+        # inputs as wholes (a mixture-of-experts layer's routed tokens are no example's), as subset's do
+        return not self._runs_networks()
+
     def _after_summary(self, net: TracedNet) -> None:
         super()._after_summary(net)
         self._fit_net = net  # (for the fit's probe, which takes it: :meth:`_after_fit`)
