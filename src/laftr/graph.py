@@ -1568,9 +1568,10 @@ class TracedNet:
     def _mark_learned_args(self, model: nn.Module) -> None:
         """Tell each rule which of its arguments are computed from trainable parameters without the input.
 
-        Such a value (a learned mask ``self.g > 0``, a learned attention bias) is each stream's own; a rule
-        that reads it as a mask decides it at theta0 where it linearizes (see :attr:`Rule.learned_args`).
-        Buffers do not count: no change of the weights moves them.
+        Such a value (a learned mask ``self.g > 0``, a learned attention bias) is each stream's own: the
+        attention rules, which took theta0's mask for every stream, add each stream's own where it is learned
+        (see :attr:`Rule.learned_args`). Buffers do not count: no change of the weights moves them (an
+        attention mask of buffers stays theta0's, as it was).
         """
         buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
         learned: set[str] = set()

@@ -559,15 +559,6 @@ class Rule:
         """
         return False
 
-    def exact_in(self, mode: RuleMode) -> bool:
-        """Whether ``mode`` runs this op exactly in each stream.
-
-        A pass of the real networks (``forward``, ``fit``), or a mode that leaves it alone (``laftr``'s
-        ``linearize="activations"``).
-        """
-        exact = getattr(mode, "exact", None)
-        return mode.method in ("forward", "fit") or (exact is not None and bool(exact(self)))
-
     def learned(self, arg: Any) -> bool:
         """Whether ``arg`` (an argument as traced) is computed from trainable parameters alone."""
         return isinstance(arg, fx.Node) and arg.name in self.learned_args
