@@ -500,6 +500,11 @@ def test_first_hour_mistakes_get_the_right_answer_or_the_fix(files, tmp_path, mo
                                      "    return nn.Linear(5, width)\n")
     with pytest.raises(laftr.UsageError, match=r"called with no arguments, and make needs width"):
         load_model("needs_args:make")
+    (d / "wrapped_factory.py").write_text(  # a decorator that supplies the argument: called, as before
+        "import functools\nfrom torch import nn\n\ndef width(n):\n    def deco(f):\n"
+        "        @functools.wraps(f)\n        def g():\n            return f(n)\n        return g\n    return deco\n\n"
+        "@width(8)\ndef make(w):\n    return nn.Linear(5, w)\n")
+    assert load_model("wrapped_factory:make").out_features == 8
     work = tmp_path / "work"
     work.mkdir()
     (work / "here_nets.py").write_text("from torch import nn\n\ndef small():\n    return nn.Linear(5, 3)\n")

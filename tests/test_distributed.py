@@ -251,6 +251,10 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         torch.manual_seed(0)
         pooled = nn.Sequential(nn.Unflatten(1, (1, -1)), nn.AdaptiveAvgPool1d(4), nn.Flatten(), nn.Linear(4, 3))
         result["shapes"] = _error(lambda: laftr.make_estimator("subset", coreset_size=6).fit(pooled, wide))
+        # token ids of int32 on one rank, int64 on the other: one kind, promoted as torch.cat does
+        ids = token_data()[half]
+        result["id dtypes"] = state(laftr.make_estimator("subset", coreset_size=6).fit(
+            token_model(), ids.int() if rank == 0 else ids))
         # Monte Carlo estimates in the group: each rank its own stream; DDP with a regularizer
         result["mc"] = mc_checks(model, (X[half], Y[half]))
         result["ddp"] = ddp_checks((X[half], Y[half]))
@@ -433,6 +437,7 @@ def test_examples_of_other_shapes_on_the_ranks_are_named(ranks: list[dict[str, A
     for r in ranks:
         assert r["shapes"] is not None and r["shapes"][0] == "UsageError"
         assert "the ranks' examples differ in shape" in r["shapes"][1]
+    assert_identical(ranks[0]["id dtypes"], ranks[1]["id dtypes"], "int32 and int64 ids")
 
 
 def test_distributed_true_without_a_group() -> None:

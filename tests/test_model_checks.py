@@ -907,6 +907,7 @@ class _TinyMoE(nn.Module):
         self.emb, self.router, self.head = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 2)
         self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
         self.leak = leak
+        self.alpha = nn.Parameter(torch.ones(()))
 
     def forward(self, x):  # (B, T, 4)
         h = self.emb(x).reshape(-1, 8)
@@ -917,7 +918,7 @@ class _TinyMoE(nn.Module):
             rows = torch.where(top == e)[0]
             routed = expert(h[rows]) * w[rows, e:e + 1]
             if self.leak:  # the routed tokens' mean given to every token: mixes the examples
-                routed = routed + routed.mean(0, keepdim=True)
+                routed = routed + self.alpha * routed.mean(0, keepdim=True)
             out = out.index_add(0, rows, routed)
         return self.head(out.reshape(x.shape[0], -1, 8).mean(1))
 
@@ -941,9 +942,13 @@ def test_tokens_routed_by_value_are_no_mixing_for_the_estimators_that_run_the_ne
     # gates="none": the real networks on sampled inputs, as wholes -- on every example, the exact FSD
     none = _make("laftr", gates="none", input_model="coreset", coreset_size=24, num_samples=24)
     torch.testing.assert_close(none.fit(model, X)(other), exact, rtol=1e-10, atol=0)
-    for name in ("subset", "ntk"):  # (seen in the output, where the routed values are added back)
-        with pytest.raises(UnsupportedOpError, match="does not keep the examples of a batch apart"):
-            _make(name).fit(_TinyMoE(leak=True), X)
+    leaky = _TinyMoE(leak=True)
+    for alpha in (1.0, 0.0):  # (scaled by a parameter that is 0 at theta0, the output does not show it)
+        with torch.no_grad():
+            leaky.alpha.fill_(alpha)
+        for name, kw in (("subset", {}), ("ntk", {}), ("laftr", {"gates": "none"})):
+            with pytest.raises(UnsupportedOpError, match="reduces values routed by value"):
+                _make(name, **kw).fit(leaky, X)
 
 
 class _FilledInPlace(nn.Module):

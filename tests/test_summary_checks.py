@@ -160,6 +160,16 @@ def test_summaries_of_another_network_or_permuted_weights_are_refused(tmp_path):
         a.merge(c)
     with pytest.raises(laftr.UsageError, match="other parameters"):
         laftr.make_estimator("laftr-exact").fit_summary_only(c, relu)
+    # an estimator that keeps fewer sites (linearize="activations" drops a LayerNorm's) keeps the sites list
+    normed = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3))
+    normed_leaky = copy.deepcopy(normed)
+    normed_leaky[2] = nn.LeakyReLU(0.5)
+    tn = param_dict(normed, detach=True)
+    acts = [laftr.make_estimator("laftr", linearize="activations").fit_summary_only(
+        fit_summary(TracedNet(m), tn, part), m) for m, part in ((normed, X[:100]), (normed_leaky, X[100:]))]
+    assert len(acts[0].summary.site_sums) == 1  # (the LayerNorm's statistics dropped)
+    with pytest.raises(laftr.UsageError, match="different networks"):
+        acts[0].summary.merge(acts[1].summary)
     whole = fit_summary(TracedNet(relu), th, X)
     merged = a.merge(fit_summary(TracedNet(relu), th, X[100:]))  # (the same network: as before)
     for site, d in whole.site_sums.items():

@@ -520,6 +520,8 @@ def unwritable(folder: str | os.PathLike[str]) -> str | None:
     try:
         with tempfile.TemporaryFile(dir=folder):
             return None
+    except FileNotFoundError:  # (an existing folder that holds no files of one's own: /proc)
+        return "it takes no new files"
     except OSError as e:
         return e.strerror or str(e)
 

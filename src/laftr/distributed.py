@@ -230,11 +230,12 @@ def gather_rows(rows: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None
     out: list[torch.Tensor | None] = []
     for i in range(len(rows)):
         parts = [t for r in every if (t := r[i]) is not None]
-        shapes = {(tuple(t.shape[1:]), t.dtype) for t in parts}
+        # (torch.cat promotes dtypes of one kind: int32 and int64 token ids, float32 and float64 rows)
+        shapes = {(tuple(t.shape[1:]), t.is_floating_point()) for t in parts}
         if len(shapes) > 1:  # (every rank gets the same list, so every rank raises: none waits)
             ranks = [(r, tuple(t.shape[1:]), str(t.dtype).removeprefix("torch."))
                      for r, row in enumerate(every) if (t := row[i]) is not None]
-            raise UsageError("the ranks' examples differ in shape or dtype (rank, per-example shape, dtype: "
+            raise UsageError("the ranks' examples differ in shape or kind (rank, per-example shape, dtype: "
                              f"{ranks}); every rank must hold examples of one kind")
         out.append(torch.cat(parts) if parts else None)
     return out

@@ -2027,11 +2027,29 @@ _ALONG_FIRST_AXIS = frozenset({torch.narrow, "narrow", torch.topk, "topk", torch
                                "argsort", torch.cumsum, "cumsum", torch.split, "split", torch.chunk, "chunk"})
 
 
+#: reductions (and a softmax) that combine the entries along the axis they are given (``dim``; every axis
+#: without one)
+_REDUCTIONS = frozenset({torch.sum, "sum", torch.mean, "mean", torch.amax, "amax", torch.amin, "amin",
+                         torch.max, "max", torch.min, "min", torch.prod, "prod", torch.std, "std", torch.var,
+                         "var",
+                         torch.logsumexp, "logsumexp", torch.norm, "norm", torch.softmax, "softmax",
+                         nn.functional.softmax, torch.log_softmax, "log_softmax", nn.functional.log_softmax})
+
+
+def _over_first_axis(node: fx.Node) -> bool:
+    """Whether a reduction ``node`` combines the entries of its first axis (``dim`` 0, or every axis)."""
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return any(d is None or (isinstance(d, int) and d == 0) for d in dims)
+
+
 def _cuts_routed(node: fx.Node, routed: set[fx.Node]) -> bool:
-    """Whether ``node`` cuts, orders or accumulates a routed value along its routed axis.
+    """Whether ``node`` cuts, orders, accumulates or reduces a routed value along its routed axis.
 
     ``torch.where(choice == e)[0][:C]`` (the first ``C`` tokens an expert takes: a capacity), a ``narrow``,
-    ``topk``, ``sort`` or ``cumsum`` of routed entries: which entries are kept depends on the other examples.
+    ``topk``, ``sort`` or ``cumsum`` of routed entries: which entries are kept depends on the other examples;
+    a mean of them over the routed axis (even scaled by a parameter that is zero at theta0, where the output
+    does not show it) combines the tokens of all the examples.
     """
     if node.op not in ("call_function", "call_method") or not isinstance(node.args[0] if node.args else None,
                                                                           fx.Node):
@@ -2043,6 +2061,8 @@ def _cuts_routed(node: fx.Node, routed: set[fx.Node]) -> bool:
         index = node.args[1]
         first = index[0] if isinstance(index, tuple) and index else index
         return isinstance(first, slice) and first != slice(None)
+    if node.target in _REDUCTIONS:
+        return _over_first_axis(node)
     return node.target in _ALONG_FIRST_AXIS
 
 
@@ -2505,9 +2525,9 @@ def _check_per_example(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | N
                             if _cuts_routed(node, unattributed):
                                 raise UnsupportedOpError(
                                     f"node {node.name!r} ({describe(node, gm)}) mixes the examples of a "
-                                    "batch: it cuts values routed by value to a number of entries (a "
-                                    "capacity of tokens per expert), so which tokens are dropped depends on "
-                                    f"the other examples{_NEEDS}")
+                                    "batch: it cuts, orders or reduces values routed by value along the "
+                                    "routed tokens (a capacity of tokens per expert, a mean over them), so "
+                                    f"an example's value depends on the other examples' tokens{_NEEDS}")
                             # routed entries, positions in the batch (torch.where of a routing mask), and
                             # what is computed from them until a value holds the examples again
                             unattributed.add(node)

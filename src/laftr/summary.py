@@ -290,17 +290,19 @@ def theta0_fingerprint(params: dict[str, torch.Tensor]) -> dict[str, tuple[Any, 
 
     Cheap (one pass, a transfer of three numbers per parameter), and enough to tell the parameters a summary
     was fitted at from others in practice: it guards merging shards and ``fit_summary_only`` against a summary
-    of another theta0. The sum weighted by ``cos(position)`` tells a permutation of the values (two rows of a
-    weight swapped: a network that computes another function) from the values in place; files written before
-    hold the first two sums alone, and are compared on those.
+    of another theta0. The sum weighted by a fixed draw per position tells a permutation of the values (two
+    rows of a weight swapped: a network that computes another function) from the values in place;
+    fingerprints of an earlier version hold the first two sums alone, and are compared on those.
     """
     names = sorted(params)
     if not names:
         return {}
 
     def sums(v: torch.Tensor) -> torch.Tensor:
-        w = torch.cos(torch.arange(v.numel(), device=v.device, dtype=torch.float64))
-        return torch.stack((v.sum(), v.pow(2).sum(), (v.reshape(-1) * w).sum())).cpu()  # (on devices too)
+        # (weights drawn from a fixed seed, the same on every device: cos(position) took positions 0 and 710
+        # for the same, 1e-10 apart)
+        w = torch.rand(v.numel(), generator=torch.Generator().manual_seed(17), dtype=torch.float64)
+        return torch.stack((v.sum(), v.pow(2).sum(), (v.reshape(-1) * w.to(v.device)).sum())).cpu()
 
     moments = torch.stack([sums(params[n].detach().to(torch.float64)) for n in names]).tolist()
     return {n: (tuple(params[n].shape), *m) for n, m in zip(names, moments, strict=True)}

@@ -285,7 +285,7 @@ def _call_factory(module: Any, mod_name: str, attr: str, spec: str) -> Any:
     if isinstance(factory, nn.Module) or not callable(factory):
         return factory
     try:
-        needed = [p.name for p in inspect.signature(factory).parameters.values()
+        needed = [p.name for p in inspect.signature(factory, follow_wrapped=False).parameters.values()
                   if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
                                                          p.KEYWORD_ONLY)]
     except (TypeError, ValueError):  # no signature to read (a builtin): called as it is

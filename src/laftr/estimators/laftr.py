@@ -511,14 +511,14 @@ class _LaftrBase(FSDEstimator):
         if self.summary is None or not self.summary.site_sums:
             return
         if not self._reads_sites():
-            self.summary = Summary({}, self.summary.inputs, self.summary.theta0)
+            self.summary = Summary({}, self.summary.inputs, self.summary.theta0, self.summary.signature)
             return
         # linearize="activations": the laws of the ops run exactly (max pools' are kept, as always)
         families = {name: fam for name, fam, *_ in self.site_signature or []}
         keep = {s: d for s, d in self.summary.site_sums.items()
                 if families.get(s) == "maxpool" or self._reads_site(families.get(s, ""))}
         if len(keep) != len(self.summary.site_sums):
-            self.summary = Summary(keep, self.summary.inputs, self.summary.theta0)
+            self.summary = Summary(keep, self.summary.inputs, self.summary.theta0, self.summary.signature)
 
 
 @register("laftr")
