@@ -1928,11 +1928,11 @@ def _is_mask(v: Any) -> bool:
 
 
 #: ops that read only the shape, dtype and device of their data argument (``torch.zeros_like(x)``)
-#: zeros made to another tensor's shape
-_ZEROS_LIKE = frozenset({torch.zeros_like, "new_zeros"})
-
 _SHAPE_ONLY = frozenset({torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, "new_zeros",
                          "new_ones", "new_full", "new_empty"})
+
+#: zeros made to another tensor's shape
+_ZEROS_LIKE = frozenset({torch.zeros_like, "new_zeros"})
 
 
 class _ShapedByData(Rule):
@@ -2031,8 +2031,7 @@ _ALONG_FIRST_AXIS = frozenset({torch.narrow, "narrow", torch.topk, "topk", torch
 #: without one)
 _REDUCTIONS = frozenset({torch.sum, "sum", torch.mean, "mean", torch.amax, "amax", torch.amin, "amin",
                          torch.max, "max", torch.min, "min", torch.prod, "prod", torch.std, "std", torch.var,
-                         "var",
-                         torch.logsumexp, "logsumexp", torch.norm, "norm", torch.softmax, "softmax",
+                         "var", torch.logsumexp, "logsumexp", torch.norm, "norm", torch.softmax, "softmax",
                          nn.functional.softmax, torch.log_softmax, "log_softmax", nn.functional.log_softmax})
 
 
