@@ -693,3 +693,53 @@ def test_a_learned_float_mask_that_hides_other_keys_is_refused_where_linearized(
     with pytest.raises(UnsupportedOpError, match="hide other keys than theta0's"):
         _coreset(gates="relu").fit(model, ids)(other)
     assert _coreset(gates="relu").fit(model, ids)(model).item() == 0.0
+
+
+class MhaExtraKeys(nn.Module):
+    """nn.MultiheadAttention with the keys torch appends (``add_bias_kv``, ``add_zero_attn``), a padding mask,
+    and a causal mask, sequence-first or batch-first."""
+
+    def __init__(self, bias_kv: bool, zero_attn: bool, batch_first: bool) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(V, D), nn.Linear(D, 3)
+        self.att = nn.MultiheadAttention(D, 2, add_bias_kv=bias_kv, add_zero_attn=zero_attn,
+                                         batch_first=batch_first)
+        if bias_kv:
+            with torch.no_grad():
+                self.att.bias_k.normal_()
+                self.att.bias_v.normal_()
+        self.register_buffer("causal", torch.ones(T, T, dtype=torch.bool).triu(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        if not self.att.batch_first:
+            h = h.transpose(0, 1)
+        o = self.att(h, h, h, key_padding_mask=x == PAD, attn_mask=self.causal, need_weights=False)[0]
+        if not self.att.batch_first:
+            o = o.transpose(0, 1)
+        return self.head(torch.tanh(o).mean(1))
+
+
+@pytest.mark.parametrize(("bias_kv", "zero_attn", "batch_first"), [(True, False, True), (False, True, True),
+                                                                   (True, True, False)])
+def test_the_keys_multihead_attention_appends(bias_kv: bool, zero_attn: bool, batch_first: bool) -> None:
+    """``add_bias_kv`` / ``add_zero_attn`` were refused by name: the appended keys (the learned bias_k / bias_v,
+    a zero key and value) are each stream's own, seen by every query whatever the masks. The real networks
+    on every example are the exact FSD; theta0's linearization tends to it; the bias gets its gradient."""
+    torch.manual_seed(0)
+    model, ids = MhaExtraKeys(bias_kv, zero_attn, batch_first).eval(), padded(48)
+    other = perturbed(model, 0.2)
+    exact = laftr.exact_fsd(model, other, ids, metric="l2")
+    none = laftr.make_estimator("laftr", gates="none", input_model="coreset", coreset_size=48, num_samples=48,
+                                metric="l2")
+    torch.testing.assert_close(none.fit(model, ids)(other), exact, rtol=1e-10, atol=0)
+    near = perturbed(model, 1e-4)
+    own = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=48, num_samples=48)
+    ratio = own.fit(model, ids)(near).item() / laftr.exact_fsd(model, near, ids).item()
+    assert abs(ratio - 1) < 1e-3, ratio
+    est = laftr.make_estimator("laftr", input_model="tokens", seed=0).fit(model, ids)
+    assert est(model).item() == 0.0
+    value = est(other)
+    if bias_kv:
+        assert torch.autograd.grad(value, other.att.bias_k)[0].abs().sum() > 0
+    assert laftr.make_estimator("kfac", unsupported="diag").fit(model, ids)(other).item() > 0

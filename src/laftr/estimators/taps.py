@@ -224,6 +224,9 @@ def find_taps(model: nn.Module, unsupported: str, who: str) -> TapSet:
             taps.append(Tap(prefix + "in_proj", "linear", bias, E, 3 * E, prefix + "in_proj_weight",
                             prefix + "in_proj_bias"))
             modules[prefix + "in_proj"] = mod
+            appended = [prefix + n for n, p in own if n in ("bias_k", "bias_v") and p.requires_grad]
+            if appended:  # (add_bias_kv: keys and values of their own, no layer's weights)
+                refuse(mname, mod, "its add_bias_kv keys and values are no layer's weights", appended)
             continue
         else:
             why = (f"{who} supports nn.Linear, nn.Conv2d, nn.Embedding and nn.MultiheadAttention, "

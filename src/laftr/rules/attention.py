@@ -1032,16 +1032,12 @@ class MultiheadAttentionRule(PatternSite):
         return 0 if cast(nn.MultiheadAttention, self.module).batch_first else 1
 
     def setup(self) -> None:
-        """Refuse extra key/value biases, zero attention, and attention weights that the network reads.
+        """Refuse attention weights that the network reads.
 
         With ``need_weights=True`` (the default) the call also returns the averaged attention weights; a
         network that drops them (``out, _ = attn(x, x, x)``, ``attn(x, x, x)[0]``) is fine, one that reads
         them is refused (they are not linearized).
         """
-        mod = self.module
-        assert isinstance(mod, nn.MultiheadAttention)
-        if mod.bias_k is not None or mod.add_zero_attn:
-            raise self.refuse("add_bias_kv / add_zero_attn are not supported")
         need = self.const_arg(4, "need_weights", True)
         if need and self._weights_read():
             raise self.refuse("the network reads its attention weights (need_weights=True, the default), "
@@ -1102,6 +1098,24 @@ class MultiheadAttentionRule(PatternSite):
         bs = (None, None, None) if b is None else (b[:E], b[E: 2 * E], b[2 * E:])
         return (*zip(ws, bs, strict=True), (params[p + "out_proj.weight"], params.get(p + "out_proj.bias")))
 
+    def _appended(self, params: dict[str, Tensor], q: Tensor, k: Tensor,
+                  v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One stream's projected ``(q, k, v)`` (batch first) with the keys and values torch appends.
+
+        ``add_bias_kv``: the stream's ``bias_k`` / ``bias_v``; ``add_zero_attn``: zeros (one per head, as
+        torch appends them after splitting the heads).
+        """
+        m = self.module
+        assert isinstance(m, nn.MultiheadAttention)
+        B, E = k.shape[0], m.embed_dim
+        if m.bias_k is not None:
+            bk, bv = (params[f"{self.prefix}.{name}"].reshape(1, 1, E).expand(B, 1, E)
+                      for name in ("bias_k", "bias_v"))
+            k, v = torch.cat([k, bk], 1), torch.cat([v, bv], 1)
+        if m.add_zero_attn:
+            k, v = torch.cat([k, k.new_zeros(B, 1, E)], 1), torch.cat([v, v.new_zeros(B, 1, E)], 1)
+        return q, k, v
+
     def _inputs(self, args: Any, kwargs: Any) -> tuple[Pair, Pair, Pair, Any, Any, bool]:
         names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
                  "average_attn_weights", "is_causal")
@@ -1148,23 +1162,30 @@ class MultiheadAttentionRule(PatternSite):
             B, T, _ = t.shape
             return t.view(B, T, H, E // H).transpose(1, 2)
 
+        # the keys torch appends to every sequence: the learned bias_k / bias_v (add_bias_kv), then a zero key
+        # and value (add_zero_attn); every mask lets every query see them
+        extra = int(m.bias_k is not None) + int(m.add_zero_attn)
+        if extra:
+            outs_in = [self._appended(mode.params[s], *o) for s, o in enumerate(outs_in)]
         qs = tuple(heads(o[0]) for o in outs_in)
         ks = tuple(heads(o[1]) for o in outs_in)
         vs = tuple(heads(o[2]) for o in outs_in)
         like = qs[0]
         L, S = like.shape[-2], ks[0].shape[-2]
+        S0 = S - extra  # (the sequence's own keys, which the masks cover)
+
         def bias_of(s: int) -> Tensor | None:
             # MultiheadAttention's boolean masks say True where a position may NOT take part (unlike SDPA's)
             bias = _mask_bias(_allowed(stream_of(amask, s)), like)
             if bias is not None and bias.ndim == 3:  # (B * H, L, S)
-                bias = bias.view(-1, H, L, S)
+                bias = bias.view(-1, H, L, S0)
             if is_causal:
-                self._check_causal(bias, L, S)
+                self._check_causal(bias, L, S0)
             kb = _mask_bias(_allowed(stream_of(kpm, s)), like)
             if kb is not None:
-                kb = kb.view(kb.shape[0], 1, 1, S)
+                kb = kb.view(kb.shape[0], 1, 1, S0)
                 bias = kb if bias is None else bias + kb
-            return bias
+            return bias if bias is None or not extra else F.pad(bias, (0, extra))
 
         learned = any(self.learned(self.arg_node(i, name))
                       for i, name in ((5, "attn_mask"), (3, "key_padding_mask")))
