@@ -722,7 +722,8 @@ class MhaExtraKeys(nn.Module):
 
 @pytest.mark.parametrize(("bias_kv", "zero_attn", "batch_first"), [(True, False, True), (False, True, True),
                                                                    (True, True, False)])
-def test_the_keys_multihead_attention_appends(bias_kv: bool, zero_attn: bool, batch_first: bool) -> None:
+def test_the_keys_multihead_attention_appends(bias_kv: bool, zero_attn: bool, batch_first: bool,
+                                             tmp_path) -> None:
     """``add_bias_kv`` / ``add_zero_attn`` were refused by name: the appended keys (the learned bias_k / bias_v,
     a zero key and value) are each stream's own, seen by every query whatever the masks. The real networks
     on every example are the exact FSD; theta0's linearization tends to it; the bias gets its gradient."""
@@ -737,9 +738,11 @@ def test_the_keys_multihead_attention_appends(bias_kv: bool, zero_attn: bool, ba
     own = laftr.make_estimator("laftr", gates="relu", input_model="coreset", coreset_size=48, num_samples=48)
     ratio = own.fit(model, ids)(near).item() / laftr.exact_fsd(model, near, ids).item()
     assert abs(ratio - 1) < 1e-3, ratio
-    est = laftr.make_estimator("laftr", input_model="tokens", seed=0).fit(model, ids)
+    est = laftr.make_estimator("laftr", input_model="tokens", seed=0, fixed_noise=True).fit(model, ids)
     assert est(model).item() == 0.0
     value = est(other)
+    back = laftr.load(laftr.save(est, tmp_path / "extra.laftr"))
+    torch.testing.assert_close(back(other), value, rtol=1e-12, atol=0)
     if bias_kv:
         assert torch.autograd.grad(value, other.att.bias_k)[0].abs().sum() > 0
     assert laftr.make_estimator("kfac", unsupported="diag").fit(model, ids)(other).item() > 0

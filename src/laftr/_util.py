@@ -108,8 +108,12 @@ def narrowed(value: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """``value``, computed in :func:`wide_dtype`, back in a float16 / bfloat16 model's dtype (else as is).
 
     A model's dtype here is the one its parameters promote to: a float32 network with a bfloat16 layer keeps
-    float32 values.
+    float32 values. (Every parameter is read only where the first floating one is float16 / bfloat16: the
+    estimates of other networks, called at every training step, skip the walk.)
     """
+    first = model_device_dtype(model)[1]
+    if wide_dtype(first) == first:  # (then no promotion is float16 / bfloat16 either)
+        return value
     dtype = promoted_dtype(model)
     return value.to(dtype) if wide_dtype(dtype) != dtype else value
 
